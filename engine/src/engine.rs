@@ -1,0 +1,675 @@
+//! The engine: one volume's replication and recovery decisions.
+//!
+//! # Calling order
+//!
+//! The shell (the actor runtime, or a test) drives the engine like this:
+//!
+//! 1. Feed every input that arrived with a `handle_*` method. Each returns
+//!    `Ok(())` or a typed [`EngineError`]; a refused input is also recorded in
+//!    the recovery log.
+//! 2. Advance time with [`Engine::handle_tick`]. Timers (barrier, pin
+//!    reservation, catch-up budget) fire only here, so within one tick
+//!    **messages are handled before timers**. [`Engine::handle_batch`] does
+//!    both steps for one tick and is the explicit form of that rule.
+//! 3. Drain [`Engine::take_commands`] and execute the commands in order.
+//!    Results come back as inputs in a later step 1.
+//!
+//! Getters take `&self` and never change state. The engine does no IO, reads
+//! no clock and uses no randomness: the same inputs give the same commands.
+
+use crate::commit::{check_topology, CommitMode, CommitTracker};
+use crate::error::EngineError;
+use crate::events::{Ack, Assignment, Command, EngineConfig, Input, WalState};
+use crate::history::RetainedHistory;
+use crate::ids::{BarrierId, Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
+use crate::log::RecoveryLog;
+use crate::plan::ResourceGrant;
+use crate::sender::{ReplicaState, Sender};
+use crate::session::{SessionKind, SessionPhase, Stage, Work};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Timer {
+    Barrier(BarrierId),
+    PinReservation {
+        replica: ReplicaId,
+        session: SessionId,
+    },
+    CatchUpBudget {
+        replica: ReplicaId,
+        session: SessionId,
+    },
+}
+
+/// The pure recovery engine of one volume. See the module docs for the calling order.
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) config: EngineConfig,
+    pub(crate) epoch: Epoch,
+    pub(crate) now: Tick,
+    pub(crate) wal: WalState,
+    pub(crate) commit: CommitTracker,
+    pub(crate) senders: BTreeMap<ReplicaId, Sender>,
+    timers: BTreeMap<(Tick, u64), Timer>,
+    next_timer: u64,
+    pub(crate) next_session: u64,
+    pub(crate) commands: Vec<Command>,
+    pub(crate) log: RecoveryLog,
+}
+
+impl Engine {
+    /// A fresh primary: epoch 0, empty WAL, no replicas, best-effort commits.
+    pub fn new(config: EngineConfig) -> Self {
+        Self::build(config, WalState::default(), Lsn::ZERO)
+    }
+
+    /// A restarted primary resuming from its WAL state and last committed LSN.
+    pub fn restore(
+        config: EngineConfig,
+        wal: WalState,
+        committed: Lsn,
+    ) -> Result<Self, EngineError> {
+        RetainedHistory {
+            head: wal.head,
+            tail: wal.tail,
+            committed,
+            checkpoint: wal.checkpoint,
+            checkpoint_trusted: wal.checkpoint_trusted,
+        }
+        .validate()?;
+        Ok(Self::build(config, wal, committed))
+    }
+
+    fn build(config: EngineConfig, wal: WalState, committed: Lsn) -> Self {
+        let log = RecoveryLog::new(config.log_capacity);
+        let commit = CommitTracker::best_effort(committed);
+        Self {
+            config,
+            epoch: Epoch::ZERO,
+            now: Tick::ZERO,
+            wal,
+            commit,
+            senders: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            next_timer: 0,
+            next_session: 1,
+            commands: Vec::new(),
+            log,
+        }
+    }
+
+    // ----- getters -------------------------------------------------------
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The latest tick seen.
+    pub fn now(&self) -> Tick {
+        self.now
+    }
+
+    /// The commit mode in force.
+    pub fn commit_mode(&self) -> CommitMode {
+        self.commit.mode()
+    }
+
+    /// The committed LSN.
+    pub fn committed(&self) -> Lsn {
+        self.commit.committed()
+    }
+
+    /// The highest LSN durable on the set the commit mode requires, from current acks.
+    pub fn durable_by_mode(&self) -> Lsn {
+        self.commit.durable_by_mode()
+    }
+
+    /// What the retained WAL can replay, with the committed LSN.
+    pub fn history(&self) -> RetainedHistory {
+        RetainedHistory {
+            head: self.wal.head,
+            tail: self.wal.tail,
+            committed: self.commit.committed(),
+            checkpoint: self.wal.checkpoint,
+            checkpoint_trusted: self.wal.checkpoint_trusted,
+        }
+    }
+
+    /// Replica ids, in order.
+    pub fn replicas(&self) -> impl Iterator<Item = &ReplicaId> {
+        self.senders.keys()
+    }
+
+    /// A replica's state.
+    pub fn replica_state(&self, replica: &ReplicaId) -> Option<ReplicaState> {
+        self.senders.get(replica).map(Sender::state)
+    }
+
+    /// A replica's endpoint.
+    pub fn endpoint(&self, replica: &ReplicaId) -> Option<&Endpoint> {
+        self.senders.get(replica).map(|s| &s.endpoint)
+    }
+
+    /// A replica's last known durable LSN.
+    pub fn flushed(&self, replica: &ReplicaId) -> Option<Lsn> {
+        self.senders.get(replica).map(|s| s.flushed)
+    }
+
+    /// A replica's active (non-terminal) session.
+    pub fn active_session(&self, replica: &ReplicaId) -> Option<SessionId> {
+        self.senders.get(replica)?.active_session().map(|s| s.id)
+    }
+
+    /// The phase of a replica's latest session, live or terminal.
+    pub fn session_phase(&self, replica: &ReplicaId) -> Option<SessionPhase> {
+        self.senders
+            .get(replica)?
+            .session
+            .as_ref()
+            .map(|s| s.phase())
+    }
+
+    /// Every resource the engine holds on behalf of running plans.
+    pub fn held_resources(&self) -> Vec<ResourceId> {
+        self.senders
+            .values()
+            .filter_map(|s| s.session.as_ref())
+            .flat_map(|session| match &session.stage {
+                Stage::Running { grants, .. } => grants.iter().map(|g| g.id).collect(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The recovery log.
+    pub fn log(&self) -> &RecoveryLog {
+        &self.log
+    }
+
+    /// Drains the commands to execute, in order.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.commands)
+    }
+
+    // ----- shared helpers ------------------------------------------------
+
+    pub(crate) fn record(
+        &mut self,
+        replica: Option<&ReplicaId>,
+        session: Option<SessionId>,
+        event: &'static str,
+        detail: impl Into<String>,
+    ) {
+        self.log.record(self.now, replica, session, event, detail);
+    }
+
+    /// Rejects (and logs) input from any epoch but the current one.
+    pub(crate) fn fence(
+        &mut self,
+        replica: Option<&ReplicaId>,
+        session: Option<SessionId>,
+        got: Epoch,
+        what: &str,
+    ) -> Result<(), EngineError> {
+        if got == self.epoch {
+            return Ok(());
+        }
+        let current = self.epoch;
+        self.record(
+            replica,
+            session,
+            "fenced",
+            format!("{what} from epoch {got}, current {current}"),
+        );
+        Err(EngineError::StaleEpoch { got, current })
+    }
+
+    pub(crate) fn sender(&self, replica: &ReplicaId) -> Result<&Sender, EngineError> {
+        self.senders
+            .get(replica)
+            .ok_or_else(|| EngineError::UnknownReplica(replica.clone()))
+    }
+
+    pub(crate) fn sender_mut(&mut self, replica: &ReplicaId) -> Result<&mut Sender, EngineError> {
+        self.senders
+            .get_mut(replica)
+            .ok_or_else(|| EngineError::UnknownReplica(replica.clone()))
+    }
+
+    /// Rejects (and logs) input naming a session that is not the replica's active one.
+    pub(crate) fn check_session(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        what: &str,
+    ) -> Result<(), EngineError> {
+        let active = self.sender(replica)?.active_session().map(|s| s.id);
+        if active == Some(session) {
+            return Ok(());
+        }
+        let detail = format!("{what} for {session}, active {active:?}");
+        self.record(
+            Some(replica),
+            Some(session),
+            "stale_session_rejected",
+            detail,
+        );
+        Err(EngineError::StaleSession {
+            replica: replica.clone(),
+            got: session,
+            active,
+        })
+    }
+
+    pub(crate) fn schedule(&mut self, at: Tick, timer: Timer) {
+        self.timers.insert((at, self.next_timer), timer);
+        self.next_timer += 1;
+    }
+
+    /// Asks the shell to release `grants`, exactly once, and logs it.
+    pub(crate) fn release(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        grants: Vec<ResourceGrant>,
+        reason: &str,
+    ) {
+        if grants.is_empty() {
+            return;
+        }
+        let resources: Vec<ResourceId> = grants.iter().map(|g| g.id).collect();
+        let names: Vec<String> = resources.iter().map(ToString::to_string).collect();
+        self.record(
+            Some(replica),
+            Some(session),
+            "exec_resources_released",
+            format!("{} ({reason})", names.join(",")),
+        );
+        self.commands.push(Command::ReleaseResources {
+            replica: replica.clone(),
+            session,
+            resources,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Advances committed and resolves the barriers it satisfies.
+    pub(crate) fn advance_commit(&mut self) {
+        for (barrier, committed) in self.commit.advance() {
+            self.commands.push(Command::ResolveBarrier {
+                barrier,
+                outcome: Ok(committed),
+            });
+        }
+    }
+
+    // ----- assignment ------------------------------------------------------
+
+    /// Applies the control plane's assignment: epoch, commit mode and replica set.
+    ///
+    /// An older epoch is fenced. A newer epoch invalidates every session (pins
+    /// released, executions cancelled, barriers failed) and re-handshakes every
+    /// replica. A replica whose endpoint changed keeps its identity and sender;
+    /// its session is invalidated and a `Reassign` session starts. An endpoint
+    /// with an older version is rejected. Nothing changes when the assignment
+    /// is refused.
+    pub fn handle_assignment(&mut self, assignment: Assignment) -> Result<(), EngineError> {
+        self.fence_assignment(assignment.epoch)?;
+        self.validate_assignment(&assignment)?;
+        let bumped = assignment.epoch > self.epoch;
+        if bumped {
+            let detail = format!("{} -> {}", self.epoch, assignment.epoch);
+            self.record(None, None, "epoch_bumped", detail);
+            self.epoch = assignment.epoch;
+            for (barrier, failure) in self.commit.fence_all() {
+                self.commands.push(Command::ResolveBarrier {
+                    barrier,
+                    outcome: Err(failure),
+                });
+            }
+        }
+        let wanted: BTreeMap<ReplicaId, Endpoint> = assignment
+            .replicas
+            .iter()
+            .map(|r| (r.id.clone(), r.endpoint.clone()))
+            .collect();
+        let removed: Vec<ReplicaId> = self
+            .senders
+            .keys()
+            .filter(|id| !wanted.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in removed {
+            self.invalidate(&id, "replica_removed");
+            self.senders.remove(&id);
+            self.record(Some(&id), None, "replica_removed", "left the assignment");
+            self.commands.push(Command::Disconnect {
+                replica: id,
+                reason: "replica_removed".into(),
+            });
+        }
+        if self.commit.mode() != assignment.commit_mode {
+            let detail = format!("{} -> {}", self.commit.mode(), assignment.commit_mode);
+            self.record(None, None, "commit_mode_changed", detail);
+        }
+        self.commit
+            .reconfigure(assignment.commit_mode, wanted.keys().cloned())?;
+        for (id, endpoint) in wanted {
+            self.reconcile_replica(id, endpoint, bumped);
+        }
+        self.advance_commit();
+        Ok(())
+    }
+
+    fn fence_assignment(&mut self, epoch: Epoch) -> Result<(), EngineError> {
+        if epoch >= self.epoch {
+            return Ok(());
+        }
+        self.fence(None, None, epoch, "assignment")
+    }
+
+    fn validate_assignment(&mut self, assignment: &Assignment) -> Result<(), EngineError> {
+        let mut seen = BTreeSet::new();
+        for r in &assignment.replicas {
+            if r.id.volume() != self.config.volume {
+                return Err(EngineError::WrongVolume {
+                    replica: r.id.clone(),
+                    volume: self.config.volume.clone(),
+                });
+            }
+            if !seen.insert(&r.id) {
+                return Err(EngineError::DuplicateReplica(r.id.clone()));
+            }
+            let Some(sender) = self.senders.get(&r.id) else {
+                continue;
+            };
+            let current = sender.endpoint.version;
+            if r.endpoint.version < current {
+                let detail = format!(
+                    "offered {} while {} is in force",
+                    r.endpoint, sender.endpoint
+                );
+                self.record(Some(&r.id), None, "stale_endpoint_rejected", detail);
+                return Err(EngineError::StaleEndpoint {
+                    replica: r.id.clone(),
+                    got: r.endpoint.version,
+                    current,
+                });
+            }
+            if r.endpoint.version == current && r.endpoint != sender.endpoint {
+                return Err(EngineError::EndpointConflict {
+                    replica: r.id.clone(),
+                    version: current,
+                });
+            }
+        }
+        check_topology(assignment.commit_mode, assignment.replicas.len())?;
+        Ok(())
+    }
+
+    fn reconcile_replica(&mut self, id: ReplicaId, endpoint: Endpoint, bumped: bool) {
+        let Some(sender) = self.senders.get_mut(&id) else {
+            let detail = format!("endpoint {endpoint}");
+            self.senders
+                .insert(id.clone(), Sender::new(id.clone(), endpoint, self.now));
+            self.record(Some(&id), None, "replica_added", detail);
+            self.start_session(&id, SessionKind::Bootstrap);
+            return;
+        };
+        let endpoint_changed = sender.endpoint != endpoint;
+        if endpoint_changed {
+            let detail = format!("{} -> {endpoint}, identity kept", sender.endpoint);
+            sender.endpoint = endpoint;
+            self.record(Some(&id), None, "endpoint_changed", detail);
+        }
+        if !(endpoint_changed || bumped) {
+            return;
+        }
+        let reason = if endpoint_changed {
+            "endpoint_changed"
+        } else {
+            "epoch_bumped"
+        };
+        self.leave_sync(&id, reason);
+        self.invalidate(&id, reason);
+        self.start_session(&id, SessionKind::Reassign);
+    }
+
+    /// Stops live shipping to an InSync replica and stops counting it toward commits.
+    pub(crate) fn leave_sync(&mut self, replica: &ReplicaId, reason: &str) {
+        let Some(sender) = self.senders.get_mut(replica) else {
+            return;
+        };
+        let was_in_sync = sender.state() == ReplicaState::InSync;
+        sender.connection_lost();
+        self.commit.set_in_sync(replica, false);
+        if was_in_sync {
+            self.commands.push(Command::StopLiveShipping {
+                replica: replica.clone(),
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    // ----- WAL, durability and barriers -------------------------------------
+
+    /// Records the primary WAL's head, tail and checkpoint.
+    pub fn handle_wal_state(&mut self, wal: WalState) -> Result<(), EngineError> {
+        if wal.head < self.wal.head {
+            return Err(EngineError::HeadRegressed {
+                from: self.wal.head,
+                to: wal.head,
+            });
+        }
+        RetainedHistory {
+            head: wal.head,
+            tail: wal.tail,
+            committed: Lsn::ZERO,
+            checkpoint: wal.checkpoint,
+            checkpoint_trusted: wal.checkpoint_trusted,
+        }
+        .validate()?;
+        self.wal = wal;
+        Ok(())
+    }
+
+    /// Records that the primary made `(from_exclusive, to_inclusive]` durable.
+    pub fn handle_local_durable(&mut self, from_exclusive: Lsn, to_inclusive: Lsn) {
+        self.commit
+            .record_local_durable(from_exclusive, to_inclusive);
+        self.advance_commit();
+    }
+
+    /// Records a replica's durable ack. Stale epochs and acks for timed-out
+    /// barriers are rejected.
+    pub fn handle_ack(&mut self, replica: &ReplicaId, ack: Ack) -> Result<(), EngineError> {
+        self.fence(Some(replica), None, ack.epoch, "ack")?;
+        self.sender(replica)?;
+        if let Err(error) = self.commit.record_ack(replica, ack.durable, ack.barrier) {
+            self.record(Some(replica), None, "late_ack_rejected", error.to_string());
+            return Err(error.into());
+        }
+        let sender = self.sender_mut(replica)?;
+        if sender.state() == ReplicaState::InSync {
+            sender.flushed = sender.flushed.max(ack.durable);
+        }
+        self.advance_commit();
+        Ok(())
+    }
+
+    /// Asks for a barrier at `lsn`. It resolves with a `ResolveBarrier`
+    /// command: at once if already committed, later when committed, or with a
+    /// failure at its deadline.
+    pub fn handle_barrier(&mut self, lsn: Lsn, epoch: Epoch) -> Result<BarrierId, EngineError> {
+        self.fence(None, None, epoch, "barrier")?;
+        let deadline = self.now.after(self.config.barrier_timeout_ticks);
+        let barrier = self.commit.register_barrier(lsn, self.wal.head, deadline)?;
+        self.schedule(deadline, Timer::Barrier(barrier));
+        self.advance_commit();
+        Ok(barrier)
+    }
+
+    // ----- time ------------------------------------------------------------
+
+    /// Advances time to `now` and fires every timer due by then, oldest first.
+    /// A timer whose session or barrier has moved on is ignored and logged,
+    /// never applied.
+    pub fn handle_tick(&mut self, now: Tick) {
+        self.now = self.now.max(now);
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > self.now {
+                break;
+            }
+            let timer = entry.remove();
+            self.fire(timer);
+        }
+    }
+
+    /// Handles one tick's inputs: every message first, in order, then the
+    /// timers due at `now`. Returns each message's result in order.
+    pub fn handle_batch(&mut self, now: Tick, inputs: Vec<Input>) -> Vec<Result<(), EngineError>> {
+        self.now = self.now.max(now);
+        let results = inputs
+            .into_iter()
+            .map(|input| self.handle_input(input))
+            .collect();
+        self.handle_tick(now);
+        results
+    }
+
+    /// Dispatches one input to its `handle_*` method.
+    pub fn handle_input(&mut self, input: Input) -> Result<(), EngineError> {
+        match input {
+            Input::Assignment(a) => self.handle_assignment(a),
+            Input::WalState(w) => self.handle_wal_state(w),
+            Input::LocalDurable {
+                from_exclusive,
+                to_inclusive,
+            } => {
+                self.handle_local_durable(from_exclusive, to_inclusive);
+                Ok(())
+            }
+            Input::Connected { replica, session } => self.handle_connected(&replica, session),
+            Input::Handshake {
+                replica,
+                session,
+                reply,
+            } => self.handle_handshake(&replica, session, reply),
+            Input::ResourcesGranted {
+                replica,
+                session,
+                grants,
+            } => self.handle_resources_granted(&replica, session, grants),
+            Input::ResourcesFailed {
+                replica,
+                session,
+                reason,
+            } => self.handle_resources_failed(&replica, session, &reason),
+            Input::Truncated {
+                replica,
+                session,
+                epoch,
+                to,
+            } => self.handle_truncated(&replica, session, epoch, to),
+            Input::CatchUpProgress {
+                replica,
+                session,
+                epoch,
+                progress,
+            } => self.handle_catchup_progress(&replica, session, epoch, progress),
+            Input::RebuildProgress {
+                replica,
+                session,
+                epoch,
+                progress,
+            } => self.handle_rebuild_progress(&replica, session, epoch, progress),
+            Input::ExecutionFailed {
+                replica,
+                session,
+                failure,
+            } => self.handle_execution_failed(&replica, session, failure),
+            Input::Disconnected { replica, reason } => self.handle_disconnected(&replica, &reason),
+            Input::Heartbeat { replica, epoch } => self.handle_heartbeat(&replica, epoch),
+            Input::Ack { replica, ack } => self.handle_ack(&replica, ack),
+        }
+    }
+
+    fn fire(&mut self, timer: Timer) {
+        match timer {
+            Timer::Barrier(barrier) => match self.commit.expire(barrier) {
+                Some(failure) => {
+                    self.record(None, None, "barrier_timeout", failure.to_string());
+                    self.commands.push(Command::ResolveBarrier {
+                        barrier,
+                        outcome: Err(failure),
+                    });
+                }
+                None => {
+                    let detail = format!("barrier {barrier} already resolved");
+                    self.record(None, None, "stale_timeout_ignored", detail);
+                }
+            },
+            Timer::PinReservation { replica, session } => {
+                let reserving = self
+                    .senders
+                    .get(&replica)
+                    .and_then(|s| s.active_session())
+                    .is_some_and(|s| s.id == session && matches!(s.stage, Stage::Reserving { .. }));
+                if reserving {
+                    self.record(Some(&replica), Some(session), "pin_reservation_timeout", "");
+                    self.fail_reservation(&replica, "pin_reservation_timeout");
+                } else {
+                    self.stale_timer(&replica, session, "pin_reservation");
+                }
+            }
+            Timer::CatchUpBudget { replica, session } => self.check_budget(&replica, session),
+        }
+    }
+
+    pub(crate) fn stale_timer(&mut self, replica: &ReplicaId, session: SessionId, what: &str) {
+        let detail = format!("{what} timer for {session}, which has moved on");
+        self.record(
+            Some(replica),
+            Some(session),
+            "stale_timeout_ignored",
+            detail,
+        );
+    }
+
+    fn check_budget(&mut self, replica: &ReplicaId, session: SessionId) {
+        let now = self.now;
+        let verdict = self
+            .senders
+            .get(replica)
+            .and_then(|s| s.active_session())
+            .filter(|s| s.id == session)
+            .and_then(|s| match &s.stage {
+                Stage::Running {
+                    work: Work::CatchUp { budget, .. },
+                    ..
+                } => Some(budget.check(now).map(|()| budget.next_deadline())),
+                _ => None,
+            });
+        match verdict {
+            None => self.stale_timer(replica, session, "catch_up_budget"),
+            Some(Err(violation)) => self.escalate(replica, &violation.to_string()),
+            Some(Ok(next)) => {
+                if let Some(at) = next.filter(|at| *at > now) {
+                    self.schedule(
+                        at,
+                        Timer::CatchUpBudget {
+                            replica: replica.clone(),
+                            session,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}

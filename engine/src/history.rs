@@ -1,0 +1,377 @@
+//! What the primary's WAL can still replay, and the decisions that follow
+//! from it: handshake classification and rebuild-source selection.
+//!
+//! The WAL retains the entries `(tail, head]`; `tail` is the last recycled
+//! LSN, so retention starts at `tail + 1`. Every decision comes with a
+//! [`RecoverabilityProof`] whose `reason` says, in words an operator can
+//! check, why it was made.
+
+use crate::ids::Lsn;
+use serde::Serialize;
+use std::fmt;
+
+/// The primary's retained WAL, as the engine sees it when it decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct RetainedHistory {
+    /// Highest LSN written to the WAL.
+    pub head: Lsn,
+    /// Last recycled LSN: entries `<= tail` are gone.
+    pub tail: Lsn,
+    /// Highest LSN committed under the volume's commit mode.
+    pub committed: Lsn,
+    /// LSN the extent (and its snapshot) is known to contain.
+    pub checkpoint: Lsn,
+    /// Whether the checkpoint is backed by a valid superblock.
+    pub checkpoint_trusted: bool,
+}
+
+/// A history whose fields contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    /// The tail is past the head.
+    #[error("tail {tail} is past head {head}")]
+    TailPastHead {
+        /// Reported tail.
+        tail: Lsn,
+        /// Reported head.
+        head: Lsn,
+    },
+    /// The committed LSN is past the head: nothing can be committed that was not written.
+    #[error("committed {committed} is past head {head}")]
+    CommittedPastHead {
+        /// Reported committed LSN.
+        committed: Lsn,
+        /// Reported head.
+        head: Lsn,
+    },
+    /// The checkpoint is past the head.
+    #[error("checkpoint {checkpoint} is past head {head}")]
+    CheckpointPastHead {
+        /// Reported checkpoint.
+        checkpoint: Lsn,
+        /// Reported head.
+        head: Lsn,
+    },
+}
+
+impl RetainedHistory {
+    /// Checks that the fields are consistent.
+    pub fn validate(&self) -> Result<(), HistoryError> {
+        let head = self.head;
+        if self.tail > head {
+            return Err(HistoryError::TailPastHead {
+                tail: self.tail,
+                head,
+            });
+        }
+        if self.committed > head {
+            return Err(HistoryError::CommittedPastHead {
+                committed: self.committed,
+                head,
+            });
+        }
+        if self.checkpoint > head {
+            return Err(HistoryError::CheckpointPastHead {
+                checkpoint: self.checkpoint,
+                head,
+            });
+        }
+        Ok(())
+    }
+
+    /// First LSN still retained (`tail + 1`).
+    pub const fn retention_start(&self) -> Lsn {
+        self.tail.next()
+    }
+
+    /// Whether the entries `(start_exclusive, end_inclusive]` can be replayed
+    /// from the retained WAL: the range is contiguous (`start <= end`), starts
+    /// at or after the tail, and ends at or before the head.
+    pub fn is_recoverable(&self, start_exclusive: Lsn, end_inclusive: Lsn) -> bool {
+        start_exclusive <= end_inclusive
+            && start_exclusive >= self.tail
+            && end_inclusive <= self.head
+    }
+
+    fn range_words(&self, start_exclusive: Lsn, end_inclusive: Lsn) -> String {
+        format!(
+            "need {}-{}, tail={} head={}",
+            start_exclusive.next(),
+            end_inclusive,
+            self.tail,
+            self.head
+        )
+    }
+}
+
+/// Which way a handshake went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The replica holds exactly the committed prefix.
+    ZeroGap,
+    /// The missing range is still in the retained WAL.
+    CatchUp,
+    /// The missing range is gone: only a rebuild can help.
+    NeedsRebuild,
+}
+
+/// Why a recovery decision was made, with the numbers it was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoverabilityProof {
+    /// The decision.
+    pub verdict: Verdict,
+    /// Replica's durable (flushed) LSN at handshake.
+    pub flushed: Lsn,
+    /// The history the decision was made against.
+    pub history: RetainedHistory,
+    /// Human-readable reason: `zero_gap`, `gap_within_retention: need a-b, tail=.. head=..`,
+    /// `replica_ahead: ...`, `gap_beyond_retention: ...`.
+    pub reason: String,
+}
+
+impl fmt::Display for RecoverabilityProof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// The result of classifying a handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// Nothing to ship: the replica goes straight to InSync.
+    ZeroGap {
+        /// Why.
+        proof: RecoverabilityProof,
+    },
+    /// Ship `(start, target]` from the retained WAL, after truncating the
+    /// replica to `truncate_to` when it is ahead of committed.
+    CatchUp {
+        /// Last LSN the replica keeps (exclusive start of the range to ship).
+        start: Lsn,
+        /// Committed LSN at handshake time; frozen for the whole catch-up.
+        target: Lsn,
+        /// Set when the replica is ahead of committed and must drop its excess first.
+        truncate_to: Option<Lsn>,
+        /// Why.
+        proof: RecoverabilityProof,
+    },
+    /// The gap is not in the retained WAL.
+    NeedsRebuild {
+        /// Why.
+        proof: RecoverabilityProof,
+    },
+}
+
+impl HandshakeOutcome {
+    /// The proof behind the outcome.
+    pub fn proof(&self) -> &RecoverabilityProof {
+        match self {
+            Self::ZeroGap { proof }
+            | Self::CatchUp { proof, .. }
+            | Self::NeedsRebuild { proof } => proof,
+        }
+    }
+}
+
+/// Classifies a handshake: the replica reports `flushed`, the primary knows `history`.
+///
+/// - zero gap iff `flushed == committed`;
+/// - a replica ahead of committed catches up with a mandatory truncation to committed
+///   (what it holds past committed was never acknowledged and must not be revived);
+/// - catch-up iff `(flushed, committed]` is recoverable from the retained WAL;
+/// - otherwise it needs a rebuild.
+pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeOutcome {
+    let committed = history.committed;
+    let proof = |verdict, reason: String| RecoverabilityProof {
+        verdict,
+        flushed,
+        history: *history,
+        reason,
+    };
+    if flushed == committed {
+        return HandshakeOutcome::ZeroGap {
+            proof: proof(Verdict::ZeroGap, "zero_gap".into()),
+        };
+    }
+    if flushed > committed {
+        let reason = format!(
+            "replica_ahead: flushed={flushed} committed={committed}, truncate to {committed}"
+        );
+        return HandshakeOutcome::CatchUp {
+            start: committed,
+            target: committed,
+            truncate_to: Some(committed),
+            proof: proof(Verdict::CatchUp, reason),
+        };
+    }
+    let words = history.range_words(flushed, committed);
+    if history.is_recoverable(flushed, committed) {
+        HandshakeOutcome::CatchUp {
+            start: flushed,
+            target: committed,
+            truncate_to: None,
+            proof: proof(Verdict::CatchUp, format!("gap_within_retention: {words}")),
+        }
+    } else {
+        HandshakeOutcome::NeedsRebuild {
+            proof: proof(
+                Verdict::NeedsRebuild,
+                format!("gap_beyond_retention: {words}"),
+            ),
+        }
+    }
+}
+
+/// Where a rebuild takes its data from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "source")]
+pub enum RebuildSource {
+    /// The extent image at the trusted checkpoint, then the WAL `(snapshot_lsn, tail_target]`.
+    SnapshotTail {
+        /// Checkpoint LSN the snapshot holds.
+        snapshot_lsn: Lsn,
+        /// Committed LSN the tail replay must reach.
+        tail_target: Lsn,
+    },
+    /// The whole extent at a base LSN of at least `min_base_lsn`.
+    FullBase {
+        /// The base must contain at least this LSN (committed at plan time).
+        min_base_lsn: Lsn,
+        /// Why a snapshot+tail rebuild was not possible.
+        reason: String,
+    },
+}
+
+/// Chooses the rebuild source: snapshot+tail only with a trusted checkpoint whose
+/// tail `(checkpoint, committed]` is still replayable; otherwise full base, with
+/// the causal reason.
+pub fn select_rebuild_source(history: &RetainedHistory) -> RebuildSource {
+    let committed = history.committed;
+    if !history.checkpoint_trusted {
+        return RebuildSource::FullBase {
+            min_base_lsn: committed,
+            reason: format!("checkpoint_untrusted: checkpoint={}", history.checkpoint),
+        };
+    }
+    if history.checkpoint > committed {
+        // The extent holds data past committed; shipping it would revive uncommitted writes.
+        return RebuildSource::FullBase {
+            min_base_lsn: committed,
+            reason: format!(
+                "checkpoint_past_committed: checkpoint={} committed={committed}",
+                history.checkpoint
+            ),
+        };
+    }
+    if history.is_recoverable(history.checkpoint, committed) {
+        RebuildSource::SnapshotTail {
+            snapshot_lsn: history.checkpoint,
+            tail_target: committed,
+        }
+    } else {
+        RebuildSource::FullBase {
+            min_base_lsn: committed,
+            reason: format!(
+                "tail_unreplayable: {}",
+                history.range_words(history.checkpoint, committed)
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(tail: u64, head: u64, committed: u64) -> RetainedHistory {
+        RetainedHistory {
+            head: Lsn(head),
+            tail: Lsn(tail),
+            committed: Lsn(committed),
+            checkpoint: Lsn(tail),
+            checkpoint_trusted: true,
+        }
+    }
+
+    #[test]
+    fn zero_gap_only_on_exact_equality() {
+        let h = history(10, 100, 90);
+        assert!(matches!(
+            classify_handshake(Lsn(90), &h),
+            HandshakeOutcome::ZeroGap { .. }
+        ));
+        assert!(matches!(
+            classify_handshake(Lsn(89), &h),
+            HandshakeOutcome::CatchUp { .. }
+        ));
+        assert!(matches!(
+            classify_handshake(Lsn(91), &h),
+            HandshakeOutcome::CatchUp { .. }
+        ));
+    }
+
+    #[test]
+    fn recoverable_needs_contiguous_range_inside_retention() {
+        let h = history(10, 100, 90);
+        assert!(h.is_recoverable(Lsn(10), Lsn(100)));
+        assert!(!h.is_recoverable(Lsn(9), Lsn(100)));
+        assert!(!h.is_recoverable(Lsn(10), Lsn(101)));
+        assert!(!h.is_recoverable(Lsn(50), Lsn(40)));
+        assert!(h.is_recoverable(Lsn(50), Lsn(50)));
+    }
+
+    #[test]
+    fn proof_reasons_name_the_range_and_bounds() {
+        let h = history(10, 100, 90);
+        let within = classify_handshake(Lsn(10), &h);
+        assert_eq!(
+            within.proof().reason,
+            "gap_within_retention: need 11-90, tail=10 head=100"
+        );
+        let beyond = classify_handshake(Lsn(9), &h);
+        assert_eq!(
+            beyond.proof().reason,
+            "gap_beyond_retention: need 10-90, tail=10 head=100"
+        );
+        assert_eq!(beyond.proof().verdict, Verdict::NeedsRebuild);
+    }
+
+    #[test]
+    fn validate_rejects_contradictions() {
+        assert!(history(10, 100, 90).validate().is_ok());
+        assert!(matches!(
+            history(101, 100, 90).validate(),
+            Err(HistoryError::TailPastHead { .. })
+        ));
+        assert!(matches!(
+            history(10, 100, 101).validate(),
+            Err(HistoryError::CommittedPastHead { .. })
+        ));
+    }
+
+    #[test]
+    fn rebuild_source_prefers_trusted_snapshot_with_replayable_tail() {
+        let mut h = history(10, 100, 90);
+        h.checkpoint = Lsn(40);
+        assert_eq!(
+            select_rebuild_source(&h),
+            RebuildSource::SnapshotTail {
+                snapshot_lsn: Lsn(40),
+                tail_target: Lsn(90)
+            }
+        );
+        h.checkpoint_trusted = false;
+        assert!(matches!(
+            select_rebuild_source(&h),
+            RebuildSource::FullBase { ref reason, .. } if reason.starts_with("checkpoint_untrusted")
+        ));
+        h.checkpoint_trusted = true;
+        h.checkpoint = Lsn(5);
+        assert!(matches!(
+            select_rebuild_source(&h),
+            RebuildSource::FullBase { ref reason, .. }
+                if reason == "tail_unreplayable: need 6-90, tail=10 head=100"
+        ));
+    }
+}

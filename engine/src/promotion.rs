@@ -1,0 +1,256 @@
+//! Choosing a replica to promote when the primary is gone.
+//!
+//! A candidate is eligible only when it is running, in the current epoch, in
+//! an eligible state (InSync or Degraded) and holds the committed prefix
+//! (`flushed >= committed`). Every rejection carries each reason that applies.
+//! Eligible candidates rank by flushed LSN, then freshest heartbeat, then id,
+//! so the choice is deterministic.
+//!
+//! The "desperate" path is separate and explicit: it needs a
+//! [`DataLossAccepted`] token, never considers a replica with a partial image
+//! (NeedsRebuild, Rebuilding), and reports the committed range that is lost.
+
+use crate::ids::{Epoch, Lsn, ReplicaId, Tick};
+use crate::sender::ReplicaState;
+use serde::Serialize;
+
+/// What is known of one replica when choosing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PromotionCandidate {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// Whether its process answers.
+    pub running: bool,
+    /// The epoch it last acknowledged.
+    pub epoch: Epoch,
+    /// Its replication state.
+    pub state: ReplicaState,
+    /// Its durable LSN.
+    pub flushed: Lsn,
+    /// When it was last heard from.
+    pub last_heartbeat: Tick,
+}
+
+/// One reason a candidate cannot be promoted safely.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum Ineligibility {
+    /// The replica does not answer.
+    #[error("not_running")]
+    NotRunning,
+    /// The replica is in another epoch.
+    #[error("epoch_mismatch: candidate={candidate} current={current}")]
+    EpochMismatch {
+        /// Candidate's epoch.
+        candidate: Epoch,
+        /// Current epoch.
+        current: Epoch,
+    },
+    /// The state does not guarantee a consistent image.
+    #[error("state_ineligible: {state:?}")]
+    StateIneligible {
+        /// The state.
+        state: ReplicaState,
+    },
+    /// The replica lacks committed data.
+    #[error("behind_committed: flushed={flushed} committed={committed}")]
+    BehindCommitted {
+        /// Candidate's flushed LSN.
+        flushed: Lsn,
+        /// Committed LSN.
+        committed: Lsn,
+    },
+}
+
+/// The outcome of evaluating every candidate.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct PromotionReport {
+    /// Eligible candidates, best first.
+    pub ranked: Vec<ReplicaId>,
+    /// Rejected candidates with every reason.
+    pub rejected: Vec<(ReplicaId, Vec<Ineligibility>)>,
+}
+
+/// No candidate can be promoted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromotionError {
+    /// Nobody is eligible; the report says why for each.
+    #[error("no eligible promotion candidate: {0:?}")]
+    NoEligibleCandidate(Vec<(ReplicaId, Vec<Ineligibility>)>),
+    /// Not even the desperate path has a candidate.
+    #[error("no running candidate with a complete image")]
+    NoDesperateCandidate,
+}
+
+/// Every reason `candidate` is not safely promotable; empty when it is.
+pub fn ineligibility(
+    candidate: &PromotionCandidate,
+    current_epoch: Epoch,
+    committed: Lsn,
+) -> Vec<Ineligibility> {
+    let mut reasons = Vec::new();
+    if !candidate.running {
+        reasons.push(Ineligibility::NotRunning);
+    }
+    if candidate.epoch != current_epoch {
+        reasons.push(Ineligibility::EpochMismatch {
+            candidate: candidate.epoch,
+            current: current_epoch,
+        });
+    }
+    if !matches!(
+        candidate.state,
+        ReplicaState::InSync | ReplicaState::Degraded
+    ) {
+        reasons.push(Ineligibility::StateIneligible {
+            state: candidate.state,
+        });
+    }
+    if candidate.flushed < committed {
+        reasons.push(Ineligibility::BehindCommitted {
+            flushed: candidate.flushed,
+            committed,
+        });
+    }
+    reasons
+}
+
+fn rank(candidates: &mut [&PromotionCandidate]) {
+    candidates.sort_by(|a, b| {
+        b.flushed
+            .cmp(&a.flushed)
+            .then(b.last_heartbeat.cmp(&a.last_heartbeat))
+            .then(a.replica.cmp(&b.replica))
+    });
+}
+
+/// Evaluates and ranks every candidate.
+pub fn evaluate(
+    candidates: &[PromotionCandidate],
+    current_epoch: Epoch,
+    committed: Lsn,
+) -> PromotionReport {
+    let mut eligible = Vec::new();
+    let mut rejected = Vec::new();
+    for candidate in candidates {
+        let reasons = ineligibility(candidate, current_epoch, committed);
+        if reasons.is_empty() {
+            eligible.push(candidate);
+        } else {
+            rejected.push((candidate.replica.clone(), reasons));
+        }
+    }
+    rank(&mut eligible);
+    PromotionReport {
+        ranked: eligible.into_iter().map(|c| c.replica.clone()).collect(),
+        rejected,
+    }
+}
+
+/// Picks the best safely promotable candidate.
+pub fn select(
+    candidates: &[PromotionCandidate],
+    current_epoch: Epoch,
+    committed: Lsn,
+) -> Result<ReplicaId, PromotionError> {
+    let report = evaluate(candidates, current_epoch, committed);
+    report
+        .ranked
+        .into_iter()
+        .next()
+        .ok_or(PromotionError::NoEligibleCandidate(report.rejected))
+}
+
+/// Proof that the operator accepted losing committed data. Only this path takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataLossAccepted;
+
+/// A promotion made on the desperate path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesperatePromotion {
+    /// The chosen replica.
+    pub replica: ReplicaId,
+    /// Committed LSNs it does not hold: `(flushed, committed]`, empty when none.
+    pub lost_from_exclusive: Lsn,
+    /// End of the lost range.
+    pub lost_to_inclusive: Lsn,
+    /// Why it was not safely eligible.
+    pub waived: Vec<Ineligibility>,
+}
+
+/// Picks the running candidate with the most data, whatever its epoch or lag,
+/// excluding partial images. Says exactly what is lost.
+pub fn select_desperate(
+    candidates: &[PromotionCandidate],
+    current_epoch: Epoch,
+    committed: Lsn,
+    _accepted: DataLossAccepted,
+) -> Result<DesperatePromotion, PromotionError> {
+    let mut usable: Vec<&PromotionCandidate> = candidates
+        .iter()
+        .filter(|c| c.running)
+        .filter(|c| {
+            !matches!(
+                c.state,
+                ReplicaState::NeedsRebuild | ReplicaState::Rebuilding
+            )
+        })
+        .collect();
+    rank(&mut usable);
+    let best = usable.first().ok_or(PromotionError::NoDesperateCandidate)?;
+    Ok(DesperatePromotion {
+        replica: best.replica.clone(),
+        lost_from_exclusive: best.flushed.min(committed),
+        lost_to_inclusive: committed,
+        waived: ineligibility(best, current_epoch, committed),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(name: &str, state: ReplicaState, flushed: u64) -> PromotionCandidate {
+        PromotionCandidate {
+            replica: ReplicaId::new("v", name).unwrap(),
+            running: true,
+            epoch: Epoch(3),
+            state,
+            flushed: Lsn(flushed),
+            last_heartbeat: Tick(10),
+        }
+    }
+
+    #[test]
+    fn ranking_prefers_more_data_then_fresher_heartbeat_then_id() {
+        let mut b = candidate("b", ReplicaState::InSync, 100);
+        b.last_heartbeat = Tick(20);
+        let cands = [
+            candidate("a", ReplicaState::InSync, 100),
+            b,
+            candidate("c", ReplicaState::Degraded, 120),
+        ];
+        let report = evaluate(&cands, Epoch(3), Lsn(100));
+        let names: Vec<&str> = report.ranked.iter().map(|r| r.server()).collect();
+        assert_eq!(names, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn desperate_path_reports_loss_and_skips_partial_images() {
+        let cands = [
+            candidate("a", ReplicaState::CatchingUp, 80),
+            candidate("b", ReplicaState::Rebuilding, 95),
+        ];
+        assert!(matches!(
+            select(&cands, Epoch(3), Lsn(100)),
+            Err(PromotionError::NoEligibleCandidate(_))
+        ));
+        let pick = select_desperate(&cands, Epoch(3), Lsn(100), DataLossAccepted).unwrap();
+        assert_eq!(pick.replica.server(), "a");
+        assert_eq!(
+            (pick.lost_from_exclusive, pick.lost_to_inclusive),
+            (Lsn(80), Lsn(100))
+        );
+        assert_eq!(pick.waived.len(), 2);
+    }
+}

@@ -1,0 +1,705 @@
+//! The recovery flow of one replica, as engine inputs:
+//! connect → handshake → plan → reserve resources → execute → InSync, with
+//! escalation to a rebuild and invalidation on every way out.
+//!
+//! Invariants kept here:
+//! - every input is checked against the replica's active session id and the
+//!   epoch before it touches state;
+//! - a plan's grants are released exactly once: on completion, invalidation,
+//!   failure, or at once when they arrive for a session that moved on;
+//! - NeedsRebuild is left only through a completed rebuild.
+
+use crate::budget::BudgetTracker;
+use crate::engine::{Engine, Timer};
+use crate::error::EngineError;
+use crate::events::{CatchUpProgress, Command, ExecutionFailure, HandshakeReply, RebuildProgress};
+use crate::history::{classify_handshake, select_rebuild_source, HandshakeOutcome, RebuildSource};
+use crate::ids::{Epoch, Lsn, ReplicaId, SessionId};
+use crate::plan::{PlanKind, RecoveryPlan, ResourceGrant};
+use crate::rebuild::RebuildState;
+use crate::sender::ReplicaState;
+use crate::session::{Session, SessionKind, Stage, Truncation, Work};
+
+impl Engine {
+    /// Starts a new session for a replica with no live session.
+    pub(crate) fn start_session(&mut self, replica: &ReplicaId, kind: SessionKind) {
+        let id = SessionId(self.next_session);
+        let (epoch, now) = (self.epoch, self.now);
+        let Some(sender) = self.senders.get_mut(replica) else {
+            return;
+        };
+        debug_assert!(
+            sender.active_session().is_none(),
+            "one live session per sender"
+        );
+        let mut session = Session::new(id, kind, epoch, sender.endpoint.version, now);
+        if session.start_connecting().is_err() {
+            return;
+        }
+        self.next_session += 1;
+        sender.session = Some(session);
+        sender.become_connecting();
+        let endpoint = sender.endpoint.clone();
+        let detail = format!("kind={kind:?} epoch={epoch} endpoint={endpoint}");
+        self.record(Some(replica), Some(id), "session_created", detail);
+        self.commands.push(Command::Connect {
+            replica: replica.clone(),
+            session: id,
+            epoch,
+            endpoint,
+        });
+    }
+
+    /// Invalidates the replica's live session, if any: cancels its execution
+    /// and releases its grants. Returns whether there was one.
+    pub(crate) fn invalidate(&mut self, replica: &ReplicaId, reason: &str) -> bool {
+        let Some(sender) = self.senders.get_mut(replica) else {
+            return false;
+        };
+        let Some(session) = sender.active_session_mut() else {
+            return false;
+        };
+        let id = session.id;
+        let was_rebuild = matches!(
+            session.stage,
+            Stage::Running {
+                work: Work::Rebuild(_),
+                ..
+            }
+        );
+        let Ok((grants, was_running)) = session.invalidate(reason) else {
+            return false;
+        };
+        sender.connection_lost();
+        self.commit.set_in_sync(replica, false);
+        self.record(Some(replica), Some(id), "session_invalidated", reason);
+        if was_running {
+            if was_rebuild {
+                self.record(Some(replica), Some(id), "rebuild_aborted", reason);
+            }
+            self.commands.push(Command::CancelExecution {
+                replica: replica.clone(),
+                session: id,
+                reason: reason.to_owned(),
+            });
+        }
+        self.release(replica, id, grants, reason);
+        true
+    }
+
+    /// Declares the replica's catch-up non-convergent: it needs a rebuild, which starts now.
+    pub(crate) fn escalate(&mut self, replica: &ReplicaId, reason: &str) {
+        let session = self.active_session(replica);
+        self.record(Some(replica), session, "escalated", reason);
+        self.invalidate(replica, &format!("escalated: {reason}"));
+        if let Some(sender) = self.senders.get_mut(replica) {
+            sender.become_needs_rebuild(reason);
+        }
+        self.start_session(replica, SessionKind::Rebuild);
+    }
+
+    /// The shell connected for `session`; the handshake comes next.
+    pub fn handle_connected(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, "connected")?;
+        if let Some(s) = self.sender_mut(replica)?.active_session_mut() {
+            s.connected()?;
+        }
+        self.record(Some(replica), Some(session), "connected", "");
+        Ok(())
+    }
+
+    /// The replica answered the handshake: classify, then go InSync, plan a
+    /// catch-up, or plan a rebuild.
+    pub fn handle_handshake(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        reply: HandshakeReply,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, "handshake")?;
+        self.fence(Some(replica), Some(session), reply.epoch, "handshake")?;
+        if reply.replica != *replica {
+            let detail = format!("peer claims {}", reply.replica);
+            self.record(Some(replica), Some(session), "identity_mismatch", detail);
+            self.invalidate(replica, "identity_mismatch");
+            return Err(EngineError::IdentityMismatch {
+                expected: replica.clone(),
+                claimed: reply.replica,
+            });
+        }
+        let sender = self.sender_mut(replica)?;
+        if let Some(s) = sender.active_session() {
+            s.expect_handshake()?;
+        }
+        sender.flushed = reply.flushed;
+        let sticky = sender.rebuild_need().map(|need| need.reason.clone());
+        let history = self.history();
+        let outcome = classify_handshake(reply.flushed, &history);
+        let detail = format!(
+            "flushed={} committed={}: {}",
+            reply.flushed,
+            history.committed,
+            outcome.proof().reason
+        );
+        self.record(Some(replica), Some(session), "handshake", detail);
+        if let Some(reason) = sticky {
+            let detail = format!("needs_rebuild is sticky: {reason}");
+            self.record(Some(replica), Some(session), "rebuild_required", detail);
+            self.plan_rebuild(replica, session);
+            return Ok(());
+        }
+        match outcome {
+            HandshakeOutcome::ZeroGap { .. } => self.finish_in_sync(replica, reply.flushed, None),
+            HandshakeOutcome::CatchUp {
+                start,
+                target,
+                truncate_to,
+                ..
+            } => {
+                let budget = self.config.budget;
+                if let Err(violation) = BudgetTracker::admit_gap(&budget, start.entries_to(target))
+                {
+                    let reason = violation.to_string();
+                    self.record(Some(replica), Some(session), "escalated", reason.clone());
+                    self.sender_mut(replica)?.become_needs_rebuild(&reason);
+                    self.plan_rebuild(replica, session);
+                    return Ok(());
+                }
+                let kind = PlanKind::CatchUp {
+                    start,
+                    frozen_target: target,
+                    truncate_to,
+                    budget,
+                };
+                self.reserve(replica, session, kind);
+            }
+            HandshakeOutcome::NeedsRebuild { proof } => {
+                self.sender_mut(replica)?
+                    .become_needs_rebuild(&proof.reason);
+                self.plan_rebuild(replica, session);
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_rebuild(&mut self, replica: &ReplicaId, session: SessionId) {
+        let history = self.history();
+        let refused = self
+            .senders
+            .get(replica)
+            .and_then(|s| s.rebuild_need())
+            .and_then(|need| need.snapshot_refused.clone());
+        let source = match refused {
+            Some(reason) => RebuildSource::FullBase {
+                min_base_lsn: history.committed,
+                reason: format!("snapshot_unavailable: {reason}"),
+            },
+            None => select_rebuild_source(&history),
+        };
+        self.reserve(replica, session, PlanKind::Rebuild { source });
+    }
+
+    /// Binds the plan, logs it and asks for its resources (or runs it at once
+    /// when it needs none).
+    fn reserve(&mut self, replica: &ReplicaId, session: SessionId, kind: PlanKind) {
+        let plan = RecoveryPlan {
+            session,
+            replica: replica.clone(),
+            epoch: self.epoch,
+            kind,
+        };
+        let requests = plan.resources();
+        let deadline = self.now.after(self.config.pin_reservation_ticks);
+        self.record(
+            Some(replica),
+            Some(session),
+            plan.event_name(),
+            plan.describe(),
+        );
+        let Some(s) = self
+            .senders
+            .get_mut(replica)
+            .and_then(|s| s.active_session_mut())
+        else {
+            return;
+        };
+        if s.reserve(plan, deadline).is_err() {
+            return;
+        }
+        if requests.is_empty() {
+            self.start_running(replica, session, Vec::new());
+            return;
+        }
+        self.schedule(
+            deadline,
+            Timer::PinReservation {
+                replica: replica.clone(),
+                session,
+            },
+        );
+        self.commands.push(Command::AcquireResources {
+            replica: replica.clone(),
+            session,
+            requests,
+            deadline,
+        });
+    }
+
+    /// The shell pinned the plan's resources. Grants for a session that moved
+    /// on are released at once and refused.
+    pub fn handle_resources_granted(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        grants: Vec<ResourceGrant>,
+    ) -> Result<(), EngineError> {
+        let plan = self
+            .senders
+            .get(replica)
+            .and_then(|s| s.active_session())
+            .filter(|s| s.id == session)
+            .and_then(|s| match &s.stage {
+                Stage::Reserving { plan, .. } => Some(plan.clone()),
+                _ => None,
+            });
+        let Some(plan) = plan else {
+            self.release(replica, session, grants, "stale_grant");
+            self.check_session(replica, session, "grant")?;
+            let phase = self
+                .sender(replica)?
+                .active_session()
+                .map_or("none", |s| s.stage_name());
+            return Err(EngineError::Phase(crate::session::PhaseError {
+                session,
+                input: "grant",
+                phase,
+            }));
+        };
+        if let Err(detail) = plan.check_grants(&grants) {
+            self.release(replica, session, grants, "bad_grants");
+            self.fail_reservation(replica, &format!("bad_grants: {detail}"));
+            return Err(EngineError::BadGrants { session, detail });
+        }
+        self.start_running(replica, session, grants);
+        Ok(())
+    }
+
+    fn start_running(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        grants: Vec<ResourceGrant>,
+    ) {
+        let now = self.now;
+        let Some(sender) = self.senders.get_mut(replica) else {
+            return;
+        };
+        let Some(s) = sender.active_session_mut() else {
+            return;
+        };
+        let Some(plan) = s.plan().cloned() else {
+            return;
+        };
+        let image_lsn = plan.check_grants(&grants).ok().flatten();
+        if s.run(grants.clone(), image_lsn, now).is_err() {
+            self.release(replica, session, grants, "run_refused");
+            return;
+        }
+        let next_budget_check = match &s.stage {
+            Stage::Running {
+                work: Work::CatchUp { budget, .. },
+                ..
+            } => budget.next_deadline(),
+            _ => None,
+        };
+        match plan.kind {
+            PlanKind::CatchUp { .. } => sender.become_catching_up(),
+            PlanKind::Rebuild { .. } => sender.become_rebuilding(),
+        }
+        if let Some(at) = next_budget_check {
+            self.schedule(
+                at,
+                Timer::CatchUpBudget {
+                    replica: replica.clone(),
+                    session,
+                },
+            );
+        }
+        self.record(
+            Some(replica),
+            Some(session),
+            "exec_started",
+            plan.describe(),
+        );
+        self.commands.push(Command::Execute {
+            replica: replica.clone(),
+            session,
+            plan,
+            grants,
+        });
+    }
+
+    /// The shell could not pin the plan's resources. The session is invalidated;
+    /// a failed WAL pin escalates to a rebuild, a failed snapshot pin falls back
+    /// to a full base, a failed full base waits for the next heartbeat.
+    pub fn handle_resources_failed(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, "resources_failed")?;
+        self.fail_reservation(replica, reason);
+        Ok(())
+    }
+
+    pub(crate) fn fail_reservation(&mut self, replica: &ReplicaId, reason: &str) {
+        let Some(plan) = self
+            .senders
+            .get(replica)
+            .and_then(|s| s.active_session())
+            .and_then(|s| s.plan().cloned())
+        else {
+            return;
+        };
+        self.invalidate(replica, &format!("pin_failed: {reason}"));
+        let Some(sender) = self.senders.get_mut(replica) else {
+            return;
+        };
+        match plan.kind {
+            PlanKind::CatchUp { .. } => {
+                sender.become_needs_rebuild(&format!("wal_pin_failed: {reason}"));
+                self.start_session(replica, SessionKind::Rebuild);
+            }
+            PlanKind::Rebuild {
+                source: RebuildSource::SnapshotTail { .. },
+            } => {
+                sender.refuse_snapshot(reason);
+                let detail = format!("snapshot pin failed ({reason}); next plan uses a full base");
+                self.record(
+                    Some(replica),
+                    Some(plan.session),
+                    "rebuild_fallback",
+                    detail,
+                );
+                self.start_session(replica, SessionKind::Rebuild);
+            }
+            PlanKind::Rebuild {
+                source: RebuildSource::FullBase { .. },
+            } => {
+                let detail = format!("full base pin failed ({reason}); retry on next heartbeat");
+                self.record(
+                    Some(replica),
+                    Some(plan.session),
+                    "rebuild_deferred",
+                    detail,
+                );
+            }
+        }
+    }
+
+    fn catch_up_work(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        input: &'static str,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, input)?;
+        self.fence(Some(replica), Some(session), epoch, input)?;
+        let Some(s) = self.sender_mut(replica)?.active_session_mut() else {
+            return Ok(());
+        };
+        match s.work_mut(input)? {
+            Work::CatchUp { .. } => Ok(()),
+            Work::Rebuild(_) => Err(EngineError::WrongWork {
+                session,
+                runs: "rebuild",
+                input,
+            }),
+        }
+    }
+
+    /// The replica truncated to `to`, as the plan required.
+    pub fn handle_truncated(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        to: Lsn,
+    ) -> Result<(), EngineError> {
+        self.catch_up_work(replica, session, epoch, "truncated")?;
+        let sender = self.sender_mut(replica)?;
+        let Some(Work::CatchUp {
+            truncation,
+            applied,
+            target,
+            ..
+        }) = sender
+            .active_session_mut()
+            .and_then(|s| s.work_mut("truncated").ok())
+        else {
+            return Ok(());
+        };
+        let Truncation::Required { to: required } = *truncation else {
+            return Err(EngineError::TruncationNotRequired {
+                replica: replica.clone(),
+            });
+        };
+        if to != required {
+            return Err(EngineError::TruncationMismatch {
+                replica: replica.clone(),
+                required,
+                reported: to,
+            });
+        }
+        *truncation = Truncation::Recorded { to };
+        let done = *applied == *target;
+        sender.flushed = to;
+        self.commit.reset_replica_durable(replica, to);
+        self.record(
+            Some(replica),
+            Some(session),
+            "truncation_recorded",
+            format!("to {to}"),
+        );
+        if done {
+            self.finish_in_sync(replica, to, None);
+        }
+        Ok(())
+    }
+
+    /// Catch-up progress: monotonic, at most the frozen target, after any
+    /// required truncation, within budget. Reaching the target completes the
+    /// session and the replica goes InSync.
+    pub fn handle_catchup_progress(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        progress: CatchUpProgress,
+    ) -> Result<(), EngineError> {
+        self.catch_up_work(replica, session, epoch, "catchup_progress")?;
+        let now = self.now;
+        let sender = self.sender_mut(replica)?;
+        let Some(Work::CatchUp {
+            truncation,
+            applied,
+            target,
+            budget,
+        }) = sender
+            .active_session_mut()
+            .and_then(|s| s.work_mut("catchup_progress").ok())
+        else {
+            return Ok(());
+        };
+        if let Truncation::Required { to } = *truncation {
+            return Err(EngineError::TruncationPending {
+                replica: replica.clone(),
+                to,
+            });
+        }
+        if progress.applied < *applied {
+            return Err(EngineError::NonMonotonicProgress {
+                replica: replica.clone(),
+                from: *applied,
+                to: progress.applied,
+            });
+        }
+        if progress.applied > *target {
+            return Err(EngineError::PastTarget {
+                replica: replica.clone(),
+                reported: progress.applied,
+                target: *target,
+            });
+        }
+        *applied = progress.applied;
+        let done = *applied == *target;
+        let verdict = budget.record(now, progress.entries, progress.bytes);
+        sender.flushed = progress.applied;
+        self.commit.reset_replica_durable(replica, progress.applied);
+        if let Err(violation) = verdict {
+            self.escalate(replica, &violation.to_string());
+            return Ok(());
+        }
+        if done {
+            self.finish_in_sync(replica, progress.applied, None);
+        }
+        Ok(())
+    }
+
+    /// Rebuild progress, checked by the rebuild FSM. Completion is the only way
+    /// out of NeedsRebuild.
+    pub fn handle_rebuild_progress(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        progress: RebuildProgress,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, "rebuild_progress")?;
+        self.fence(Some(replica), Some(session), epoch, "rebuild_progress")?;
+        let sender = self.sender_mut(replica)?;
+        let Some(s) = sender.active_session_mut() else {
+            return Ok(());
+        };
+        let fsm = match s.work_mut("rebuild_progress")? {
+            Work::Rebuild(fsm) => fsm,
+            Work::CatchUp { .. } => {
+                return Err(EngineError::WrongWork {
+                    session,
+                    runs: "catch-up",
+                    input: "rebuild_progress",
+                })
+            }
+        };
+        match progress {
+            RebuildProgress::Transferred { bytes } => fsm.transferred(bytes)?,
+            RebuildProgress::ImageInstalled { at } => fsm.transfer_done(at)?,
+            RebuildProgress::TailReplayed { through } => fsm.tail_replayed(through)?,
+        }
+        let completed = fsm.completed_at();
+        let installed =
+            matches!(progress, RebuildProgress::ImageInstalled { .. }).then(|| fsm.state().clone());
+        if let Some(RebuildState::TailReplay {
+            image_lsn, target, ..
+        }) = installed
+        {
+            let detail = format!(
+                "image at {image_lsn}, replaying {}-{target}",
+                image_lsn.next()
+            );
+            self.record(
+                Some(replica),
+                Some(session),
+                "rebuild_image_installed",
+                detail,
+            );
+        }
+        if let Some(flushed) = completed {
+            self.finish_in_sync(replica, flushed, Some(flushed));
+        }
+        Ok(())
+    }
+
+    /// Completes the active session and puts the replica InSync.
+    /// `rebuilt` is set when a rebuild completed (the only way out of NeedsRebuild).
+    fn finish_in_sync(&mut self, replica: &ReplicaId, flushed: Lsn, rebuilt: Option<Lsn>) {
+        let epoch = self.epoch;
+        let Some(sender) = self.senders.get_mut(replica) else {
+            return;
+        };
+        let Some(s) = sender.active_session_mut() else {
+            return;
+        };
+        let session = s.id;
+        let Ok(grants) = s.complete(flushed) else {
+            return;
+        };
+        match rebuilt {
+            Some(lsn) => sender.rebuild_completed(lsn),
+            None => {
+                if !sender.become_in_sync() {
+                    return;
+                }
+                sender.flushed = flushed;
+            }
+        }
+        let event = if rebuilt.is_some() {
+            "rebuild_completed"
+        } else {
+            "session_completed"
+        };
+        self.record(
+            Some(replica),
+            Some(session),
+            event,
+            format!("in sync at {flushed}"),
+        );
+        self.release(replica, session, grants, "completed");
+        self.commit.reset_replica_durable(replica, flushed);
+        self.commit.set_in_sync(replica, true);
+        self.advance_commit();
+        self.commands.push(Command::StartLiveShipping {
+            replica: replica.clone(),
+            session,
+            epoch,
+            from: flushed,
+        });
+    }
+
+    /// An execution (or connection attempt) of the active session failed.
+    /// Transient failures retry on the next heartbeat; unrecoverable ones
+    /// escalate to a rebuild (or, for a failed rebuild, wait for a heartbeat).
+    pub fn handle_execution_failed(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+        failure: ExecutionFailure,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, "execution_failed")?;
+        match failure {
+            ExecutionFailure::Transient(reason) => {
+                self.invalidate(replica, &format!("transient: {reason}"));
+            }
+            ExecutionFailure::Unrecoverable(reason) => {
+                if self.sender(replica)?.rebuild_need().is_some() {
+                    self.invalidate(replica, &format!("rebuild_failed: {reason}"));
+                } else {
+                    self.escalate(replica, &reason);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection to a replica dropped.
+    pub fn handle_disconnected(
+        &mut self,
+        replica: &ReplicaId,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        self.sender(replica)?;
+        self.leave_sync(replica, reason);
+        self.invalidate(replica, &format!("connection_lost: {reason}"));
+        let state = self.sender(replica)?.state();
+        self.record(
+            Some(replica),
+            None,
+            "disconnected",
+            format!("{reason}; now {state:?}"),
+        );
+        Ok(())
+    }
+
+    /// A replica is reachable in `epoch`. A replica with no live session that
+    /// is not InSync gets a new one (catch-up, or rebuild when it needs one).
+    pub fn handle_heartbeat(
+        &mut self,
+        replica: &ReplicaId,
+        epoch: Epoch,
+    ) -> Result<(), EngineError> {
+        self.fence(Some(replica), None, epoch, "heartbeat")?;
+        let now = self.now;
+        let sender = self.sender_mut(replica)?;
+        sender.last_heartbeat = now;
+        let idle = sender.active_session().is_none()
+            && matches!(
+                sender.state(),
+                ReplicaState::Disconnected | ReplicaState::Degraded | ReplicaState::NeedsRebuild
+            );
+        if idle {
+            let kind = if sender.rebuild_need().is_some() {
+                SessionKind::Rebuild
+            } else {
+                SessionKind::CatchUp
+            };
+            self.start_session(replica, kind);
+        }
+        Ok(())
+    }
+}

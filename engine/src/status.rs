@@ -1,0 +1,145 @@
+//! Serializable snapshots of the engine for operators: registry, senders,
+//! sessions. Built on demand from `&Engine`; nothing here changes state.
+
+use crate::commit::CommitMode;
+use crate::engine::Engine;
+use crate::history::RetainedHistory;
+use crate::ids::{Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
+use crate::plan::RecoveryPlan;
+use crate::sender::{RebuildNeed, ReplicaState};
+use crate::session::{Session, SessionKind, SessionPhase, Stage, Work};
+use serde::Serialize;
+
+/// One session, as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionSnapshot {
+    /// Session id.
+    pub id: SessionId,
+    /// Why it was created.
+    pub kind: SessionKind,
+    /// Its phase.
+    pub phase: SessionPhase,
+    /// Finer stage inside the phase (`reserving`, `running`, ...).
+    pub stage: &'static str,
+    /// Epoch it belongs to.
+    pub epoch: Epoch,
+    /// Endpoint version it was created for.
+    pub endpoint_version: u64,
+    /// When it was created.
+    pub created: Tick,
+    /// Its plan, once planned.
+    pub plan: Option<RecoveryPlan>,
+    /// Execution progress, while running.
+    pub work: Option<Work>,
+    /// Resources it holds.
+    pub held: Vec<ResourceId>,
+    /// Why it was invalidated, if it was.
+    pub invalidated: Option<String>,
+}
+
+impl SessionSnapshot {
+    fn of(session: &Session) -> Self {
+        let (work, held, invalidated) = match &session.stage {
+            Stage::Running { work, grants, .. } => (
+                Some(work.clone()),
+                grants.iter().map(|g| g.id).collect(),
+                None,
+            ),
+            Stage::Invalidated { reason } => (None, Vec::new(), Some(reason.clone())),
+            _ => (None, Vec::new(), None),
+        };
+        Self {
+            id: session.id,
+            kind: session.kind,
+            phase: session.phase(),
+            stage: session.stage_name(),
+            epoch: session.epoch,
+            endpoint_version: session.endpoint_version,
+            created: session.created,
+            plan: session.plan().cloned(),
+            work,
+            held,
+            invalidated,
+        }
+    }
+}
+
+/// One replica's sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SenderStatus {
+    /// Stable identity.
+    pub replica: ReplicaId,
+    /// Current endpoint.
+    pub endpoint: Endpoint,
+    /// Replication state.
+    pub state: ReplicaState,
+    /// Last known durable LSN.
+    pub flushed: Lsn,
+    /// Last heartbeat tick.
+    pub last_heartbeat: Tick,
+    /// Why it needs a rebuild, while it does.
+    pub rebuild_need: Option<RebuildNeed>,
+    /// Latest session, live or terminal.
+    pub session: Option<SessionSnapshot>,
+}
+
+/// The whole registry of one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegistryStatus {
+    /// Volume name.
+    pub volume: String,
+    /// Current epoch.
+    pub epoch: Epoch,
+    /// Latest tick.
+    pub tick: Tick,
+    /// Commit mode.
+    pub commit_mode: CommitMode,
+    /// Retained history with committed LSN.
+    pub history: RetainedHistory,
+    /// Barriers waiting.
+    pub pending_barriers: usize,
+    /// Resources held by running plans.
+    pub held_resources: Vec<ResourceId>,
+    /// Per-replica status.
+    pub senders: Vec<SenderStatus>,
+    /// Events dropped from the recovery log because it was full.
+    pub log_dropped: u64,
+}
+
+impl Engine {
+    /// A serializable snapshot of the registry.
+    pub fn status(&self) -> RegistryStatus {
+        RegistryStatus {
+            volume: self.config.volume.clone(),
+            epoch: self.epoch,
+            tick: self.now,
+            commit_mode: self.commit.mode(),
+            history: self.history(),
+            pending_barriers: self.commit.pending_barriers(),
+            held_resources: self.held_resources(),
+            senders: self
+                .senders
+                .values()
+                .map(|s| SenderStatus {
+                    replica: s.id.clone(),
+                    endpoint: s.endpoint.clone(),
+                    state: s.state(),
+                    flushed: s.flushed,
+                    last_heartbeat: s.last_heartbeat,
+                    rebuild_need: s.rebuild_need().cloned(),
+                    session: s.session.as_ref().map(SessionSnapshot::of),
+                })
+                .collect(),
+            log_dropped: self.log.dropped(),
+        }
+    }
+
+    /// A snapshot of one replica's latest session.
+    pub fn session_snapshot(&self, replica: &ReplicaId) -> Option<SessionSnapshot> {
+        self.senders
+            .get(replica)?
+            .session
+            .as_ref()
+            .map(SessionSnapshot::of)
+    }
+}
