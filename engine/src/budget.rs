@@ -91,12 +91,17 @@ impl BudgetTracker {
         }
     }
 
-    /// Records progress at `now` and checks every limit.
+    /// Records progress at `now` and checks the volume limits (entries, bytes).
+    ///
+    /// Time limits are deliberately not checked here: they fire as timer
+    /// events ([`check`](Self::check) at [`next_deadline`](Self::next_deadline)),
+    /// so progress that arrives in the same tick as a deadline wins the race,
+    /// as every message does over a timer in that tick.
     pub fn record(&mut self, now: Tick, entries: u64, bytes: u64) -> Result<(), BudgetViolation> {
         self.entries = self.entries.saturating_add(entries);
         self.bytes = self.bytes.saturating_add(bytes);
         self.last_progress = self.last_progress.max(now);
-        self.check(now)
+        self.check_volume()
     }
 
     /// Checks every limit at `now` without recording progress.
@@ -108,6 +113,17 @@ impl BudgetTracker {
                 return Err(BudgetViolation::Duration { elapsed, max });
             }
         }
+        if let Some(deadline) = budget.progress_deadline_ticks {
+            let idle = now.since(self.last_progress);
+            if idle > deadline {
+                return Err(BudgetViolation::Stalled { idle, deadline });
+            }
+        }
+        self.check_volume()
+    }
+
+    fn check_volume(&self) -> Result<(), BudgetViolation> {
+        let budget = &self.budget;
         if let Some(max) = budget.max_entries {
             if self.entries > max {
                 return Err(BudgetViolation::Entries {
@@ -122,12 +138,6 @@ impl BudgetTracker {
                     bytes: self.bytes,
                     max,
                 });
-            }
-        }
-        if let Some(deadline) = budget.progress_deadline_ticks {
-            let idle = now.since(self.last_progress);
-            if idle > deadline {
-                return Err(BudgetViolation::Stalled { idle, deadline });
             }
         }
         Ok(())
@@ -203,6 +213,11 @@ mod tests {
         }
         assert_eq!(
             tracker.record(Tick(101), 0, 0),
+            Ok(()),
+            "time limits are the timer's job"
+        );
+        assert_eq!(
+            tracker.check(Tick(101)),
             Err(BudgetViolation::Duration {
                 elapsed: 101,
                 max: 100

@@ -1,0 +1,942 @@
+//! Acceptance criteria A1–A12 and failure classes FC1, FC2, FC4, FC5, FC8,
+//! proved on the engine alone: exact states, commands and log events.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use support::*;
+use walship_engine::*;
+
+const B: (&str, &str, u64) = ("b", "10.0.0.2:7000", 1);
+const C: (&str, &str, u64) = ("c", "10.0.0.3:7000", 1);
+
+/// Primary with WAL (40, 100], trusted checkpoint at 40, one replica `b`, best effort.
+fn primary_with_b() -> Shell {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(40, 100, 40, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell
+}
+
+fn execute_plan(commands: &[Command]) -> Option<&RecoveryPlan> {
+    commands.iter().find_map(|c| match c {
+        Command::Execute { plan, .. } => Some(plan),
+        _ => None,
+    })
+}
+
+#[test]
+fn a1_committed_data_survives_failover() {
+    let mut shell = Shell::new(Shell::config());
+    shell.assign(assignment(1, CommitMode::SyncQuorum, &[B, C]));
+    shell.in_sync("b");
+    shell.in_sync("c");
+    shell.wal(0, 50, 0, true);
+    let barrier = shell.barrier(50);
+    shell.ack("c", 30, None).unwrap();
+    assert_eq!(
+        shell.engine.committed(),
+        Lsn(30),
+        "quorum of 2: primary + c at 30"
+    );
+    assert!(!shell.barriers.contains_key(&barrier));
+    shell.ack("b", 50, Some(barrier)).unwrap();
+    assert_eq!(shell.barriers[&barrier], Ok(Lsn(50)));
+    // The primary dies. Only a candidate holding everything committed may take over.
+    let status = shell.engine.status();
+    let candidates: Vec<PromotionCandidate> = status
+        .senders
+        .iter()
+        .map(|s| PromotionCandidate {
+            replica: s.replica.clone(),
+            running: true,
+            epoch: status.epoch,
+            state: s.state,
+            flushed: s.flushed,
+            last_heartbeat: s.last_heartbeat,
+        })
+        .collect();
+    let chosen = select_promotion(&candidates, status.epoch, shell.engine.committed()).unwrap();
+    assert_eq!(chosen, rid("b"));
+    let report = evaluate_promotion(&candidates, status.epoch, shell.engine.committed());
+    assert_eq!(
+        report.rejected,
+        vec![(
+            rid("c"),
+            vec![Ineligibility::BehindCommitted {
+                flushed: Lsn(30),
+                committed: Lsn(50)
+            }]
+        )]
+    );
+}
+
+#[test]
+fn a2_uncommitted_data_is_not_revived() {
+    let mut shell = primary_with_b();
+    // b holds 110: ten entries past committed that no one acknowledged.
+    let commands = shell.connect_and_handshake("b", 110);
+    let plan = execute_plan(&commands).expect("truncation needs no pin and runs at once");
+    assert!(matches!(
+        plan.kind,
+        PlanKind::CatchUp {
+            start: Lsn(100),
+            frozen_target: Lsn(100),
+            truncate_to: Some(Lsn(100)),
+            ..
+        }
+    ));
+    assert_eq!(
+        shell.event_detail("handshake"),
+        ["flushed=110 committed=100: replica_ahead: flushed=110 committed=100, truncate to 100"]
+    );
+    assert_eq!(
+        shell.progress("b", 100),
+        Err(EngineError::TruncationPending {
+            replica: rid("b"),
+            to: Lsn(100)
+        })
+    );
+    let (s, e) = (shell.session("b"), shell.epoch());
+    assert_eq!(
+        shell.engine.handle_truncated(&rid("b"), s, e, Lsn(105)),
+        Err(EngineError::TruncationMismatch {
+            replica: rid("b"),
+            required: Lsn(100),
+            reported: Lsn(105)
+        })
+    );
+    shell
+        .engine
+        .handle_truncated(&rid("b"), s, e, Lsn(100))
+        .unwrap();
+    shell.pump();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.engine.flushed(&rid("b")), Some(Lsn(100)));
+    assert_eq!(shell.live[&rid("b")], Lsn(100));
+}
+
+#[test]
+fn a3_stale_epoch_traffic_is_fenced() {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(40, 100, 40, true);
+    shell.assign(assignment(1, CommitMode::SyncAll, &[B]));
+    shell.in_sync("b");
+    shell.wal(40, 110, 40, true);
+    let pending = shell.barrier(110);
+    assert!(
+        !shell.barriers.contains_key(&pending),
+        "sync_all waits for b"
+    );
+    shell.assign(assignment(2, CommitMode::SyncAll, &[B]));
+    assert_eq!(
+        shell.barriers[&pending],
+        Err(BarrierFailure::Fenced { lsn: Lsn(110) })
+    );
+    let stale = EngineError::StaleEpoch {
+        got: Epoch(1),
+        current: Epoch(2),
+    };
+    assert_eq!(
+        shell
+            .engine
+            .handle_assignment(assignment(1, CommitMode::SyncAll, &[B])),
+        Err(stale.clone())
+    );
+    assert_eq!(
+        shell.engine.handle_barrier(Lsn(110), Epoch(1)),
+        Err(stale.clone())
+    );
+    let delayed = Ack {
+        epoch: Epoch(1),
+        durable: Lsn(110),
+        barrier: Some(pending),
+    };
+    assert_eq!(
+        shell.engine.handle_ack(&rid("b"), delayed),
+        Err(stale.clone())
+    );
+    shell.connect("b");
+    let s = shell.session("b");
+    let reply = HandshakeReply {
+        replica: rid("b"),
+        epoch: Epoch(1),
+        flushed: Lsn(110),
+    };
+    assert_eq!(
+        shell.engine.handle_handshake(&rid("b"), s, reply),
+        Err(stale)
+    );
+    assert_eq!(shell.event_detail("fenced").len(), 4);
+    assert_eq!(shell.engine.epoch(), Epoch(2));
+    assert_ne!(
+        shell.state("b"),
+        ReplicaState::InSync,
+        "b must re-handshake in epoch 2"
+    );
+}
+
+#[test]
+fn a4_short_gap_recovers_by_catch_up_not_rebuild() {
+    let mut shell = primary_with_b();
+    let commands = shell.connect_and_handshake("b", 70);
+    assert!(matches!(
+        commands.as_slice(),
+        [Command::AcquireResources { requests, .. }] if requests == &[ResourceRequest::WalRetention { from: Lsn(70) }]
+    ));
+    assert_eq!(
+        shell.event_detail("handshake"),
+        ["flushed=70 committed=100: gap_within_retention: need 71-100, tail=40 head=100"]
+    );
+    assert_eq!(shell.event_detail("plan_catchup"), ["ship 71-100"]);
+    shell.grant("b", 0);
+    assert_eq!(shell.state("b"), ReplicaState::CatchingUp);
+    // Writes continue; the catch-up target stays frozen at 100.
+    shell.wal(40, 120, 40, true);
+    shell.progress("b", 85).unwrap();
+    assert!(matches!(
+        shell.progress("b", 80),
+        Err(EngineError::NonMonotonicProgress { .. })
+    ));
+    assert_eq!(
+        shell.progress("b", 101),
+        Err(EngineError::PastTarget {
+            replica: rid("b"),
+            reported: Lsn(101),
+            target: Lsn(100)
+        })
+    );
+    shell.progress("b", 100).unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.live[&rid("b")], Lsn(100));
+    assert!(!shell
+        .events("b")
+        .iter()
+        .any(|e| e.starts_with("plan_rebuild")));
+    assert_eq!(
+        shell.engine.session_phase(&rid("b")),
+        Some(SessionPhase::Completed)
+    );
+    shell.assert_no_pins();
+}
+
+#[test]
+fn a5_non_convergent_catch_up_escalates_to_needs_rebuild() {
+    let mut config = Shell::config();
+    config.budget.max_duration_ticks = Some(50);
+    let mut shell = Shell::new(config);
+    shell.wal(40, 100, 40, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    let old = shell.session("b");
+    shell.tick(30);
+    shell.progress("b", 80).unwrap();
+    assert!(
+        shell.tick(50).is_empty(),
+        "at the limit is still within budget"
+    );
+    let commands = shell.tick(51);
+    assert!(matches!(commands[0], Command::CancelExecution { session, .. } if session == old));
+    assert!(matches!(commands[1], Command::ReleaseResources { .. }));
+    assert!(matches!(commands[2], Command::Connect { .. }));
+    assert_eq!(
+        shell.event_detail("escalated"),
+        ["budget_duration_exceeded: elapsed=51 max=50"]
+    );
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    assert!(
+        !shell.events("b").contains(&"session_completed"),
+        "never a fake success"
+    );
+    shell.assert_no_pins();
+    // Sticky: even a zero-gap handshake now plans a rebuild.
+    shell.connect_and_handshake("b", 100);
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    assert_eq!(
+        shell
+            .events("b")
+            .iter()
+            .filter(|e| **e == "rebuild_required")
+            .count(),
+        1
+    );
+    assert_eq!(
+        shell.event_detail("plan_rebuild_snapshot_tail"),
+        ["snapshot at 40, replay 41-100"]
+    );
+}
+
+#[test]
+fn a5_stalled_catch_up_escalates_and_oversized_gap_is_refused_up_front() {
+    let mut config = Shell::config();
+    config.budget.progress_deadline_ticks = Some(10);
+    config.budget.max_entries = Some(40);
+    let mut shell = Shell::new(config);
+    shell.wal(40, 100, 40, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B, C]));
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    shell.tick(5);
+    shell.progress("b", 75).unwrap();
+    shell.tick(15);
+    assert_eq!(shell.state("b"), ReplicaState::CatchingUp);
+    shell.tick(16);
+    assert_eq!(
+        shell.event_detail("escalated"),
+        ["budget_stalled: no progress for 11 ticks, deadline=10"]
+    );
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    // c is 50 behind with a 40-entry budget: refused before anything ships.
+    shell.connect_and_handshake("c", 50);
+    assert_eq!(shell.state("c"), ReplicaState::NeedsRebuild);
+    assert!(shell
+        .event_detail("escalated")
+        .contains(&"budget_entries_exceeded: entries=50 max=40".to_owned()));
+}
+
+#[test]
+fn a6_recoverability_boundary_is_exact() {
+    for (flushed, expect_rebuild, reason) in [
+        (
+            39,
+            true,
+            "gap_beyond_retention: need 40-100, tail=40 head=100",
+        ),
+        (
+            40,
+            false,
+            "gap_within_retention: need 41-100, tail=40 head=100",
+        ),
+        (
+            41,
+            false,
+            "gap_within_retention: need 42-100, tail=40 head=100",
+        ),
+    ] {
+        let mut shell = primary_with_b();
+        shell.connect_and_handshake("b", flushed);
+        assert_eq!(
+            shell.event_detail("handshake"),
+            [format!("flushed={flushed} committed=100: {reason}")]
+        );
+        let state = shell.state("b");
+        if expect_rebuild {
+            assert_eq!(state, ReplicaState::NeedsRebuild, "flushed={flushed}");
+            assert_eq!(
+                shell.event_detail("plan_rebuild_snapshot_tail"),
+                ["snapshot at 40, replay 41-100"]
+            );
+        } else {
+            assert_eq!(
+                shell.event_detail("plan_catchup"),
+                [format!("ship {}-100", flushed + 1)]
+            );
+        }
+    }
+}
+
+#[test]
+fn a7_snapshot_plus_tail_rebuild_matches_and_gates_tail_replay() {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(60, 100, 80, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let commands = shell.connect_and_handshake("b", 50);
+    assert!(matches!(
+        commands.as_slice(),
+        [Command::AcquireResources { requests, .. }]
+            if requests == &[ResourceRequest::Snapshot { at: Lsn(80) }, ResourceRequest::WalRetention { from: Lsn(80) }]
+    ));
+    shell.grant("b", 0);
+    assert_eq!(shell.state("b"), ReplicaState::Rebuilding);
+    assert_eq!(
+        shell.rebuild("b", RebuildProgress::TailReplayed { through: Lsn(90) }),
+        Err(EngineError::Rebuild(RebuildError::TailBeforeTransfer {
+            image_lsn: Lsn(80)
+        }))
+    );
+    shell
+        .rebuild("b", RebuildProgress::Transferred { bytes: 1 << 20 })
+        .unwrap();
+    assert_eq!(
+        shell.rebuild("b", RebuildProgress::ImageInstalled { at: Lsn(95) }),
+        Err(EngineError::Rebuild(RebuildError::TransferLsnMismatch {
+            expected: Lsn(80),
+            reported: Lsn(95)
+        }))
+    );
+    shell
+        .rebuild("b", RebuildProgress::ImageInstalled { at: Lsn(80) })
+        .unwrap();
+    assert_eq!(
+        shell.event_detail("rebuild_image_installed"),
+        ["image at 80, replaying 81-100"]
+    );
+    shell
+        .rebuild("b", RebuildProgress::TailReplayed { through: Lsn(100) })
+        .unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.event_detail("rebuild_completed"), ["in sync at 100"]);
+    shell.assert_no_pins();
+}
+
+#[test]
+fn a7_old_lsn_cannot_be_rebuilt_from_the_current_extent() {
+    // The extent already holds 95 but only 90 is committed: its image is not the state at 90.
+    let wal = WalState {
+        head: Lsn(100),
+        tail: Lsn(60),
+        checkpoint: Lsn(95),
+        checkpoint_trusted: true,
+    };
+    let mut shell = Shell::new(Shell::config());
+    shell.engine = Engine::restore(Shell::config(), wal, Lsn(90)).unwrap();
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell.connect_and_handshake("b", 50);
+    assert_eq!(
+        shell.event_detail("plan_rebuild_full_base"),
+        ["full base at >= 90; because checkpoint_past_committed: checkpoint=95 committed=90"]
+    );
+    // A base at an older LSN than the plan bound is refused, and released.
+    let s = shell.session("b");
+    let stale_base = shell.make_grants(s, 85);
+    assert!(matches!(
+        shell
+            .engine
+            .handle_resources_granted(&rid("b"), s, stale_base),
+        Err(EngineError::BadGrants { .. })
+    ));
+    shell.pump();
+    shell.assert_no_pins();
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+}
+
+#[test]
+fn a8_sync_all_is_strict() {
+    let mut shell = Shell::new(Shell::config());
+    shell.assign(assignment(1, CommitMode::SyncAll, &[B, C]));
+    shell.in_sync("b");
+    shell.in_sync("c");
+    shell.wal(0, 110, 0, true);
+    let first = shell.barrier(110);
+    shell.ack("b", 110, Some(first)).unwrap();
+    shell.ack("c", 105, Some(first)).unwrap();
+    assert_eq!(shell.engine.committed(), Lsn(105));
+    assert!(!shell.barriers.contains_key(&first));
+    shell.ack("c", 110, Some(first)).unwrap();
+    assert_eq!(shell.barriers[&first], Ok(Lsn(110)));
+    // c is lost: sync_all cannot commit, and says so at the deadline.
+    shell
+        .engine
+        .handle_disconnected(&rid("c"), "peer reset")
+        .unwrap();
+    shell.pump();
+    shell.wal(0, 120, 0, true);
+    let second = shell.barrier(120);
+    shell.ack("b", 120, Some(second)).unwrap();
+    assert_eq!(shell.engine.committed(), Lsn(110));
+    shell.tick(100);
+    assert_eq!(
+        shell.barriers[&second],
+        Err(BarrierFailure::TimedOut {
+            lsn: Lsn(120),
+            committed: Lsn(110),
+            mode: CommitMode::SyncAll,
+            lagging: vec![rid("c")],
+        })
+    );
+}
+
+#[test]
+fn a8_sync_quorum_needs_a_true_durable_quorum() {
+    let mut shell = Shell::new(Shell::config());
+    shell.assign(assignment(1, CommitMode::SyncQuorum, &[B, C]));
+    shell.in_sync("b");
+    shell.wal(0, 40, 0, true);
+    assert_eq!(
+        shell.engine.committed(),
+        Lsn(0),
+        "primary alone is not a quorum of 3"
+    );
+    // c has not handshaken in this epoch: its durable ack does not count.
+    shell.ack("c", 40, None).unwrap();
+    assert_eq!(shell.state("c"), ReplicaState::Connecting);
+    assert_eq!(shell.engine.committed(), Lsn(0));
+    shell.ack("b", 40, None).unwrap();
+    assert_eq!(shell.engine.committed(), Lsn(40));
+}
+
+#[test]
+fn a8_impossible_quorum_topology_is_rejected_and_changes_nothing() {
+    let mut shell = Shell::new(Shell::config());
+    assert_eq!(
+        shell
+            .engine
+            .handle_assignment(assignment(1, CommitMode::SyncQuorum, &[B])),
+        Err(EngineError::Commit(CommitError::ImpossibleQuorum {
+            members: 2,
+            quorum: 2
+        }))
+    );
+    assert_eq!(shell.engine.epoch(), Epoch(0));
+    assert_eq!(shell.engine.replicas().count(), 0);
+    assert!(shell.pump().is_empty());
+}
+
+#[test]
+fn a9_promotion_uses_safe_candidate_eligibility() {
+    let candidate = |server: &str, running, epoch, state, flushed| PromotionCandidate {
+        replica: rid(server),
+        running,
+        epoch: Epoch(epoch),
+        state,
+        flushed: Lsn(flushed),
+        last_heartbeat: Tick(1),
+    };
+    let candidates = [
+        candidate("a", false, 5, ReplicaState::InSync, 100),
+        candidate("b", true, 4, ReplicaState::InSync, 100),
+        candidate("c", true, 5, ReplicaState::Rebuilding, 100),
+        candidate("d", true, 5, ReplicaState::InSync, 99),
+        candidate("e", true, 5, ReplicaState::Degraded, 100),
+    ];
+    let report = evaluate_promotion(&candidates, Epoch(5), Lsn(100));
+    assert_eq!(report.ranked, vec![rid("e")]);
+    assert_eq!(
+        report.rejected,
+        vec![
+            (rid("a"), vec![Ineligibility::NotRunning]),
+            (
+                rid("b"),
+                vec![Ineligibility::EpochMismatch {
+                    candidate: Epoch(4),
+                    current: Epoch(5)
+                }]
+            ),
+            (
+                rid("c"),
+                vec![Ineligibility::StateIneligible {
+                    state: ReplicaState::Rebuilding
+                }]
+            ),
+            (
+                rid("d"),
+                vec![Ineligibility::BehindCommitted {
+                    flushed: Lsn(99),
+                    committed: Lsn(100)
+                }]
+            ),
+        ]
+    );
+    let only_lagging = [candidates[3].clone()];
+    assert!(select_promotion(&only_lagging, Epoch(5), Lsn(100)).is_err());
+    let desperate = select_desperate(&only_lagging, Epoch(5), Lsn(100), DataLossAccepted).unwrap();
+    assert_eq!(
+        (desperate.lost_from_exclusive, desperate.lost_to_inclusive),
+        (Lsn(99), Lsn(100))
+    );
+}
+
+#[test]
+fn a10_changed_address_restart_keeps_identity_and_rejects_stale_endpoint() {
+    let mut shell = primary_with_b();
+    shell.in_sync("b");
+    let commands = shell.assign(assignment(
+        1,
+        CommitMode::BestEffort,
+        &[("b", "10.0.0.9:7000", 2)],
+    ));
+    assert!(
+        matches!(&commands[0], Command::StopLiveShipping { reason, .. } if reason == "endpoint_changed")
+    );
+    assert!(matches!(
+        &commands[1],
+        Command::Connect { replica, endpoint, .. } if *replica == rid("b") && endpoint.data_addr == "10.0.0.9:7000"
+    ));
+    assert_eq!(
+        shell.event_detail("endpoint_changed"),
+        ["10.0.0.2:7000@v1 -> 10.0.0.9:7000@v2, identity kept"]
+    );
+    assert_eq!(
+        shell.engine.session_snapshot(&rid("b")).unwrap().kind,
+        SessionKind::Reassign
+    );
+    shell.connect_and_handshake("b", 100);
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(
+        shell
+            .engine
+            .handle_assignment(assignment(1, CommitMode::BestEffort, &[B])),
+        Err(EngineError::StaleEndpoint {
+            replica: rid("b"),
+            got: 1,
+            current: 2
+        })
+    );
+    assert_eq!(
+        shell.engine.handle_assignment(assignment(
+            1,
+            CommitMode::BestEffort,
+            &[("b", "10.0.0.7:1", 2)]
+        )),
+        Err(EngineError::EndpointConflict {
+            replica: rid("b"),
+            version: 2
+        })
+    );
+    assert_eq!(
+        shell.engine.endpoint(&rid("b")).unwrap().data_addr,
+        "10.0.0.9:7000"
+    );
+    assert_eq!(shell.event_detail("stale_endpoint_rejected").len(), 1);
+}
+
+#[test]
+fn a11_late_ack_after_barrier_timeout_is_rejected() {
+    let mut shell = Shell::new(Shell::config());
+    shell.assign(assignment(1, CommitMode::SyncAll, &[B]));
+    shell.in_sync("b");
+    shell.wal(0, 10, 0, true);
+    let barrier = shell.barrier(10);
+    shell.tick(99);
+    assert!(!shell.barriers.contains_key(&barrier));
+    shell.tick(100);
+    assert!(matches!(
+        shell.barriers[&barrier],
+        Err(BarrierFailure::TimedOut { .. })
+    ));
+    assert_eq!(
+        shell.ack("b", 10, Some(barrier)),
+        Err(EngineError::Commit(CommitError::LateAck {
+            replica: rid("b"),
+            barrier
+        }))
+    );
+    assert!(
+        matches!(
+            shell.barriers[&barrier],
+            Err(BarrierFailure::TimedOut { .. })
+        ),
+        "failure stands"
+    );
+    assert_eq!(shell.event_detail("late_ack_rejected").len(), 1);
+}
+
+#[test]
+fn a11_pin_reservation_timeout_invalidates_and_late_grant_is_released() {
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    let old = shell.session("b");
+    shell.tick(100);
+    assert_eq!(
+        shell.event_detail("session_invalidated"),
+        ["pin_failed: pin_reservation_timeout"]
+    );
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    let late = shell.make_grants(old, 0);
+    let result = shell.engine.handle_resources_granted(&rid("b"), old, late);
+    assert!(matches!(result, Err(EngineError::StaleSession { .. })));
+    shell.pump();
+    shell.assert_no_pins();
+    assert!(shell
+        .event_detail("exec_resources_released")
+        .iter()
+        .any(|d| d.ends_with("(stale_grant)")));
+}
+
+#[test]
+fn a12_within_a_tick_messages_are_handled_before_timers() {
+    let run = |progress_first: bool| {
+        let mut config = Shell::config();
+        config.budget.max_duration_ticks = Some(50);
+        let mut shell = Shell::new(config);
+        shell.wal(40, 100, 40, true);
+        shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+        shell.connect_and_handshake("b", 70);
+        shell.grant("b", 0);
+        let progress = Input::CatchUpProgress {
+            replica: rid("b"),
+            session: shell.session("b"),
+            epoch: Epoch(1),
+            progress: CatchUpProgress {
+                applied: Lsn(100),
+                entries: 30,
+                bytes: 0,
+            },
+        };
+        if progress_first {
+            let results = shell.engine.handle_batch(Tick(51), vec![progress]);
+            assert_eq!(results, vec![Ok(())]);
+        } else {
+            shell.engine.handle_tick(Tick(51));
+            assert!(shell.engine.handle_input(progress).is_err());
+        }
+        shell.pump();
+        shell
+    };
+    let batched = run(true);
+    assert_eq!(batched.state("b"), ReplicaState::InSync);
+    assert_eq!(batched.event_detail("stale_timeout_ignored").len(), 1);
+    let timer_first = run(false);
+    assert_eq!(timer_first.state("b"), ReplicaState::NeedsRebuild);
+}
+
+#[test]
+fn a12_stale_timeout_never_regresses_state() {
+    let mut shell = primary_with_b();
+    shell.in_sync("b");
+    let barrier = shell.barrier(100);
+    assert_eq!(shell.barriers[&barrier], Ok(Lsn(100)));
+    shell.tick(500);
+    assert_eq!(shell.barriers[&barrier], Ok(Lsn(100)));
+    assert_eq!(
+        shell.event_detail("stale_timeout_ignored"),
+        ["barrier b1 already resolved"]
+    );
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+}
+
+#[test]
+fn fc1_changed_address_restart_mid_plan_releases_and_replans() {
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    let old = shell.session("b");
+    let commands = shell.assign(assignment(
+        1,
+        CommitMode::BestEffort,
+        &[("b", "10.0.0.9:7000", 2)],
+    ));
+    assert!(matches!(&commands[0], Command::CancelExecution { session, .. } if *session == old));
+    assert!(
+        matches!(&commands[1], Command::ReleaseResources { reason, .. } if reason == "endpoint_changed")
+    );
+    shell.assert_no_pins();
+    let stale = shell.engine.handle_catchup_progress(
+        &rid("b"),
+        old,
+        Epoch(1),
+        CatchUpProgress {
+            applied: Lsn(80),
+            entries: 1,
+            bytes: 1,
+        },
+    );
+    assert!(matches!(stale, Err(EngineError::StaleSession { got, .. }) if got == old));
+    shell.connect_and_handshake("b", 75);
+    assert_eq!(
+        shell.event_detail("plan_catchup"),
+        ["ship 71-100", "ship 76-100"]
+    );
+    shell.grant("b", 0);
+    shell.progress("b", 100).unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    shell.assert_no_pins();
+}
+
+#[test]
+fn fc2_epoch_bump_mid_execution_releases_pins() {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(60, 100, 80, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell.connect_and_handshake("b", 10);
+    shell.grant("b", 0);
+    assert_eq!(shell.pins.len(), 2);
+    let old = shell.session("b");
+    shell
+        .rebuild("b", RebuildProgress::Transferred { bytes: 4096 })
+        .unwrap();
+    shell.assign(assignment(2, CommitMode::BestEffort, &[B]));
+    shell.assert_no_pins();
+    assert_eq!(shell.cancelled, vec![old]);
+    assert_eq!(
+        shell
+            .events("b")
+            .iter()
+            .filter(|e| **e == "rebuild_aborted")
+            .count(),
+        1
+    );
+    let late = shell.engine.handle_rebuild_progress(
+        &rid("b"),
+        old,
+        Epoch(1),
+        RebuildProgress::Transferred { bytes: 8192 },
+    );
+    assert!(matches!(late, Err(EngineError::StaleSession { .. })));
+    assert_eq!(
+        shell.state("b"),
+        ReplicaState::NeedsRebuild,
+        "still needs its rebuild"
+    );
+    shell.connect_and_handshake("b", 10);
+    shell.grant("b", 0);
+    shell
+        .rebuild("b", RebuildProgress::ImageInstalled { at: Lsn(80) })
+        .unwrap();
+    shell
+        .rebuild("b", RebuildProgress::TailReplayed { through: Lsn(100) })
+        .unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    shell.assert_no_pins();
+}
+
+#[test]
+fn fc4_unrecoverable_gap_after_recycle_needs_rebuild_with_proof() {
+    let mut shell = primary_with_b();
+    shell.wal(90, 100, 90, true);
+    shell.connect_and_handshake("b", 70);
+    assert_eq!(
+        shell.event_detail("handshake"),
+        ["flushed=70 committed=100: gap_beyond_retention: need 71-100, tail=90 head=100"]
+    );
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    let need = shell.engine.status().senders[0]
+        .rebuild_need
+        .clone()
+        .unwrap();
+    assert_eq!(
+        need.reason,
+        "gap_beyond_retention: need 71-100, tail=90 head=100"
+    );
+}
+
+#[test]
+fn fc4_wal_recycled_under_a_running_catch_up_escalates() {
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    let s = shell.session("b");
+    let failure = ExecutionFailure::Unrecoverable("wal_recycled: lsn 71 below tail 90".into());
+    shell
+        .engine
+        .handle_execution_failed(&rid("b"), s, failure)
+        .unwrap();
+    shell.pump();
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    assert_eq!(
+        shell.event_detail("escalated"),
+        ["wal_recycled: lsn 71 below tail 90"]
+    );
+    assert_ne!(shell.session("b"), s);
+    shell.assert_no_pins();
+}
+
+#[test]
+fn fc5_trusted_base_with_unreplayable_tail_uses_full_base() {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(60, 100, 50, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let commands = shell.connect_and_handshake("b", 20);
+    assert!(matches!(
+        commands.as_slice(),
+        [Command::AcquireResources { requests, .. }] if requests == &[ResourceRequest::FullBase { at_least: Lsn(100) }]
+    ));
+    assert_eq!(
+        shell.event_detail("plan_rebuild_full_base"),
+        ["full base at >= 100; because tail_unreplayable: need 51-100, tail=60 head=100"]
+    );
+    shell.grant("b", 100);
+    shell
+        .rebuild("b", RebuildProgress::ImageInstalled { at: Lsn(100) })
+        .unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    shell.assert_no_pins();
+}
+
+#[test]
+fn fc8_snapshot_pin_failure_falls_back_to_full_base() {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(60, 100, 80, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell.connect_and_handshake("b", 10);
+    let s = shell.session("b");
+    shell
+        .engine
+        .handle_resources_failed(&rid("b"), s, "snapshot image evicted")
+        .unwrap();
+    shell.pump();
+    assert_eq!(
+        shell.event_detail("session_invalidated"),
+        ["pin_failed: snapshot image evicted"]
+    );
+    assert_eq!(shell.event_detail("rebuild_fallback").len(), 1);
+    shell.connect_and_handshake("b", 10);
+    assert_eq!(
+        shell.event_detail("plan_rebuild_full_base"),
+        ["full base at >= 100; because snapshot_unavailable: snapshot image evicted"]
+    );
+    shell.grant("b", 100);
+    shell
+        .rebuild("b", RebuildProgress::ImageInstalled { at: Lsn(100) })
+        .unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert!(shell.engine.status().senders[0].rebuild_need.is_none());
+    shell.assert_no_pins();
+}
+
+#[test]
+fn fc8_untrusted_checkpoint_uses_full_base() {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(60, 100, 80, false);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell.connect_and_handshake("b", 10);
+    assert_eq!(
+        shell.event_detail("plan_rebuild_full_base"),
+        ["full base at >= 100; because checkpoint_untrusted: checkpoint=80"]
+    );
+}
+
+#[test]
+fn a_peer_claiming_another_identity_is_rejected_and_its_session_dropped() {
+    let mut shell = primary_with_b();
+    shell.connect("b");
+    let s = shell.session("b");
+    let reply = HandshakeReply {
+        replica: rid("mallory"),
+        epoch: Epoch(1),
+        flushed: Lsn(100),
+    };
+    assert_eq!(
+        shell.engine.handle_handshake(&rid("b"), s, reply),
+        Err(EngineError::IdentityMismatch {
+            expected: rid("b"),
+            claimed: rid("mallory")
+        })
+    );
+    assert_eq!(shell.engine.active_session(&rid("b")), None);
+    assert_eq!(shell.state("b"), ReplicaState::Disconnected);
+    shell.engine.handle_heartbeat(&rid("b"), Epoch(1)).unwrap();
+    assert!(
+        matches!(shell.pump().as_slice(), [Command::Connect { .. }]),
+        "retried on heartbeat"
+    );
+}
+
+#[test]
+fn removing_a_replica_releases_its_pins_and_disconnects_it() {
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    let commands = shell.assign(assignment(1, CommitMode::BestEffort, &[]));
+    assert!(
+        matches!(commands.last(), Some(Command::Disconnect { reason, .. }) if reason == "replica_removed")
+    );
+    shell.assert_no_pins();
+    assert_eq!(shell.engine.replicas().count(), 0);
+}
+
+#[test]
+fn status_serializes_with_sessions_and_plans() {
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    let json = serde_json::to_value(shell.engine.status()).unwrap();
+    assert_eq!(json["senders"][0]["state"], "catching_up");
+    assert_eq!(json["senders"][0]["session"]["phase"], "catch_up");
+    assert_eq!(
+        json["senders"][0]["session"]["plan"]["kind"]["frozen_target"],
+        100
+    );
+    assert_eq!(json["held_resources"].as_array().unwrap().len(), 1);
+}
