@@ -106,6 +106,10 @@ impl Shell {
         commands
     }
 
+    pub fn pump_unit(&mut self) {
+        self.pump();
+    }
+
     pub fn assign(&mut self, a: Assignment) -> Vec<Command> {
         self.engine.handle_assignment(a).unwrap();
         self.pump()

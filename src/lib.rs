@@ -1,0 +1,18 @@
+//! # walship
+//!
+//! Replicates a block volume's write-ahead log from a primary to its replicas
+//! and brings lagging or returning replicas back in sync: by catch-up from the
+//! retained WAL when it still covers the gap, by rebuild when it does not.
+//!
+//! This facade re-exports the parts:
+//! - [`engine`]: the pure recovery engine (decisions, no IO);
+//! - [`io`]: storage and IO (WAL, log reader, extent store, wire codec);
+//! - [`actors`]: the actor runtime that binds them.
+
+#![forbid(unsafe_code)]
+
+pub use walship_actors as actors;
+pub use walship_engine as engine;
+pub use walship_io as io;
+
+pub mod demo;
