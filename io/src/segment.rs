@@ -1,0 +1,190 @@
+//! Segment files: naming, and scanning one segment at open.
+//!
+//! A segment is named `<generation>-<first lsn>.wal` (both zero-padded
+//! decimal) and holds frames with consecutive LSNs starting at its first
+//! LSN. The generation changes when a replica installs a new base: segments
+//! of an older generation belong to a discarded history.
+//!
+//! Scanning decides between a torn tail and corruption: a bad or short frame
+//! with no valid frame anywhere after it, in the last segment, is a torn
+//! write and is cut off; anything else is corruption and an error.
+
+use crate::frame::{self, Frame, FrameError, HEADER_LEN};
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+
+/// File name of a segment.
+pub(crate) fn segment_name(generation: u64, first_lsn: u64) -> String {
+    format!("{generation:010}-{first_lsn:020}.wal")
+}
+
+/// Parses a segment file name into (generation, first lsn).
+pub(crate) fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".wal")?;
+    let (generation, first) = stem.split_once('-')?;
+    if generation.len() != 10 || first.len() != 20 {
+        return None;
+    }
+    Some((generation.parse().ok()?, first.parse().ok()?))
+}
+
+/// In-memory index of one segment.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    pub(crate) path: PathBuf,
+    pub(crate) first: u64,
+    /// Start offset of each frame: `offsets[i]` holds LSN `first + i`.
+    pub(crate) offsets: Vec<u64>,
+    pub(crate) bytes: u64,
+}
+
+impl Segment {
+    pub(crate) fn empty(path: PathBuf, first: u64) -> Self {
+        Self {
+            path,
+            first,
+            offsets: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Last LSN held, `first - 1` when empty.
+    pub(crate) fn last(&self) -> u64 {
+        self.first + self.offsets.len() as u64 - 1
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// Byte offset where `lsn` starts (or the end, for `last + 1`).
+    pub(crate) fn offset_of(&self, lsn: u64) -> u64 {
+        let index = (lsn - self.first) as usize;
+        self.offsets.get(index).copied().unwrap_or(self.bytes)
+    }
+
+    /// Bytes of frames with LSN greater than `lsn`.
+    pub(crate) fn bytes_after(&self, lsn: u64) -> u64 {
+        if lsn < self.first {
+            self.bytes
+        } else if lsn >= self.last() {
+            0
+        } else {
+            self.bytes - self.offset_of(lsn + 1)
+        }
+    }
+}
+
+/// What scanning one segment found.
+#[derive(Debug)]
+pub(crate) enum ScanEnd {
+    /// Every byte belongs to a valid frame.
+    Clean,
+    /// A torn write starts at `offset`; nothing valid follows.
+    Torn { offset: u64 },
+}
+
+/// Why a segment could not be trusted.
+#[derive(Debug)]
+pub(crate) struct ScanFailure {
+    pub(crate) offset: u64,
+    pub(crate) lsn: u64,
+    pub(crate) error: FrameError,
+}
+
+/// Scans `data`, the whole content of a segment whose first LSN is `first`.
+/// `may_be_torn` is true for the last non-empty segment.
+pub(crate) fn scan(
+    path: &Path,
+    first: u64,
+    data: &Bytes,
+    may_be_torn: bool,
+) -> Result<(Segment, ScanEnd), ScanFailure> {
+    let mut segment = Segment::empty(path.to_path_buf(), first);
+    let mut at = 0usize;
+    while at < data.len() {
+        let expected = first + segment.offsets.len() as u64;
+        let failure = match Frame::decode(&data.slice(at..)) {
+            Ok((frame, len)) if frame.lsn == expected => {
+                segment.offsets.push(at as u64);
+                at += len;
+                continue;
+            }
+            Ok((frame, _)) => FrameError::Discontinuity {
+                expected,
+                found: frame.lsn,
+            },
+            Err(error) => error,
+        };
+        let is_discontinuity = matches!(failure, FrameError::Discontinuity { .. });
+        if may_be_torn && !is_discontinuity && !valid_frame_after(data, at + 1, expected) {
+            segment.bytes = at as u64;
+            return Ok((segment, ScanEnd::Torn { offset: at as u64 }));
+        }
+        return Err(ScanFailure {
+            offset: at as u64,
+            lsn: expected,
+            error: failure,
+        });
+    }
+    segment.bytes = at as u64;
+    Ok((segment, ScanEnd::Clean))
+}
+
+/// Whether any valid frame with a plausible LSN (at or after `expected`)
+/// starts at or after `from`. Used to tell a torn tail from corruption.
+fn valid_frame_after(data: &Bytes, from: usize, expected: u64) -> bool {
+    const PLAUSIBLE_LSN_WINDOW: u64 = 1 << 24;
+    let mut at = from;
+    while at + HEADER_LEN <= data.len() {
+        let plausible = frame::peek_lsn(&data[at..])
+            .is_some_and(|lsn| lsn >= expected && lsn < expected + PLAUSIBLE_LSN_WINDOW);
+        if plausible && Frame::decode(&data.slice(at..)).is_ok() {
+            return true;
+        }
+        at += 1;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn frames(first: u64, count: u64) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for lsn in first..first + count {
+            Frame::write(lsn, 1, lsn, Bytes::from(vec![lsn as u8; 4096])).encode(&mut buf);
+        }
+        buf
+    }
+
+    #[test]
+    fn names_round_trip_and_reject_strangers() {
+        let name = segment_name(3, 1025);
+        assert_eq!(name, "0000000003-00000000000000001025.wal");
+        assert_eq!(parse_segment_name(&name), Some((3, 1025)));
+        assert_eq!(parse_segment_name("notes.txt"), None);
+        assert_eq!(parse_segment_name("3-1025.wal"), None);
+    }
+
+    #[test]
+    fn short_last_frame_is_a_torn_tail() {
+        let mut buf = frames(10, 3);
+        let full = buf.len();
+        buf.truncate(full - 100);
+        let (segment, end) = scan(Path::new("x"), 10, &buf.freeze(), true).unwrap();
+        assert_eq!(segment.last(), 11);
+        assert!(matches!(end, ScanEnd::Torn { offset } if offset == segment.bytes));
+    }
+
+    #[test]
+    fn corruption_followed_by_valid_frames_is_an_error() {
+        let mut buf = frames(10, 3);
+        buf[HEADER_LEN + 5] ^= 0xff; // payload of lsn 10
+        let failure = scan(Path::new("x"), 10, &buf.freeze(), true).unwrap_err();
+        assert_eq!((failure.offset, failure.lsn), (0, 10));
+        assert!(matches!(failure.error, FrameError::Checksum { .. }));
+    }
+}

@@ -1,0 +1,875 @@
+//! The segmented write-ahead log.
+//!
+//! - **Append** assigns LSNs (primary) or checks them (replica), encodes
+//!   frames and writes them to the active segment under one lock.
+//! - **Group commit**: [`Wal::sync_to`] lets one caller fsync for everyone;
+//!   callers arriving while a sync runs wait for it and usually find their LSN
+//!   covered. The durable LSN is published on a watch channel.
+//! - **Rotation** syncs the full segment, creates the next and fsyncs the
+//!   directory, so a durable LSN never depends on an unsynced older segment.
+//! - **Poisoning**: after a failed fsync the WAL refuses every write and sync.
+//!   The kernel may have dropped the dirty pages, so nothing past the last
+//!   good sync is ever acknowledged.
+//! - **Retention**: the tail advances to min(checkpoint, every live pin);
+//!   [`Wal::recycle`] deletes whole segments below that floor.
+
+use crate::frame::{self, Frame, FrameError, FrameKind};
+use crate::pins::{PinInfo, PinTable, WalPin};
+use crate::segment::{self, ScanEnd, Segment};
+use bytes::{Bytes, BytesMut};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use tokio::sync::watch;
+
+/// How appends are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `fdatasync`.
+    Data,
+    /// `fsync`.
+    Full,
+    /// No sync at all: durable means written. For tests and benchmarks only.
+    None,
+}
+
+/// WAL configuration.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// Target segment size; a segment rotates before it would exceed this.
+    pub segment_bytes: u64,
+    /// How durability is achieved.
+    pub sync: SyncMode,
+    /// Generation of this WAL's history (see the segment docs).
+    pub generation: u64,
+    /// For an empty WAL: the first LSN will be `start_after + 1`.
+    pub start_after: u64,
+    /// Retained bytes above which [`Wal::retention`] reports pressure.
+    pub max_retained_bytes: Option<u64>,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            sync: SyncMode::Data,
+            generation: 1,
+            start_after: 0,
+            max_retained_bytes: None,
+        }
+    }
+}
+
+/// A WAL operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// A filesystem call failed.
+    #[error("wal {op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A frame that is not the last thing in the log is damaged. Nothing was truncated.
+    #[error("wal corrupt at {path}:{offset} (lsn {lsn}): {error}")]
+    Corrupt {
+        /// Segment file.
+        path: PathBuf,
+        /// Byte offset of the bad frame.
+        offset: u64,
+        /// LSN expected there.
+        lsn: u64,
+        /// What was wrong.
+        error: FrameError,
+    },
+    /// Segments do not follow each other.
+    #[error("wal segments not contiguous: {path} starts at {found}, expected {expected}")]
+    SegmentGap {
+        /// The segment.
+        path: PathBuf,
+        /// LSN expected.
+        expected: u64,
+        /// LSN its name gives.
+        found: u64,
+    },
+    /// A segment of a newer generation exists than the one being opened.
+    #[error("wal holds generation {found} newer than the expected {expected}")]
+    NewerGeneration {
+        /// Generation requested.
+        expected: u64,
+        /// Generation found on disk.
+        found: u64,
+    },
+    /// A previous fsync failed; the WAL refuses all writes and syncs.
+    #[error("wal poisoned by a failed sync: {0}")]
+    Poisoned(String),
+    /// A replicated frame does not carry the next LSN.
+    #[error("append out of order: expected lsn {expected}, got {got}")]
+    OutOfOrder {
+        /// Next LSN.
+        expected: u64,
+        /// LSN offered.
+        got: u64,
+    },
+    /// A frame offered for append is malformed.
+    #[error("invalid frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Truncation below the checkpoint would drop data already in the extent.
+    #[error("cannot truncate after {lsn}: checkpoint {checkpoint} is already applied")]
+    BelowCheckpoint {
+        /// Requested point.
+        lsn: u64,
+        /// The checkpoint.
+        checkpoint: u64,
+    },
+    /// The range starts below the tail: those entries were recycled.
+    #[error("range after {from} was recycled: wal tail is {tail}")]
+    Recycled {
+        /// Exclusive start requested.
+        from: u64,
+        /// Current tail.
+        tail: u64,
+    },
+    /// The range ends past the head.
+    #[error("range ends at {to}, past the head {head}")]
+    BeyondHead {
+        /// Inclusive end requested.
+        to: u64,
+        /// Current head.
+        head: u64,
+    },
+    /// A pin below the tail cannot protect anything.
+    #[error("cannot pin from {lsn}: entries up to the tail {tail} are recycled")]
+    PinBelowTail {
+        /// Requested pin point.
+        lsn: u64,
+        /// Current tail.
+        tail: u64,
+    },
+}
+
+/// What opening the WAL found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments kept.
+    pub segments: usize,
+    /// First retained LSN minus one.
+    pub tail: u64,
+    /// Highest LSN.
+    pub head: u64,
+    /// Bytes cut off a torn last frame.
+    pub torn_bytes_dropped: u64,
+    /// Segment files of older generations deleted.
+    pub stale_segments_removed: usize,
+}
+
+/// What one recycle pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecycleReport {
+    /// Segments deleted.
+    pub segments_deleted: usize,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+    /// The new tail.
+    pub tail: u64,
+    /// The floor: min(checkpoint, pins).
+    pub floor: u64,
+}
+
+/// One pin's share of the retained WAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinReport {
+    /// The pin.
+    pub pin: PinInfo,
+    /// WAL bytes after the pin that the checkpoint alone would not keep.
+    pub bytes_held: u64,
+}
+
+/// Retention state and pressure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Bytes of retained frames.
+    pub retained_bytes: u64,
+    /// The configured bound.
+    pub max_bytes: Option<u64>,
+    /// Whether `retained_bytes` is over the bound.
+    pub over_limit: bool,
+    /// Tail, checkpoint and head.
+    pub tail: u64,
+    /// Checkpoint LSN.
+    pub checkpoint: u64,
+    /// Head LSN.
+    pub head: u64,
+    /// Pins, oldest LSN first.
+    pub pins: Vec<PinReport>,
+}
+
+/// Pin table summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinStats {
+    /// Live pins.
+    pub count: usize,
+    /// Lowest pinned LSN.
+    pub oldest_from: Option<u64>,
+    /// WAL bytes held beyond the checkpoint by the oldest pin.
+    pub bytes_held: u64,
+}
+
+/// A contiguous part of one segment to read: whole frames only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadChunk {
+    /// Segment file.
+    pub path: Arc<PathBuf>,
+    /// Byte offset of the first frame.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: usize,
+    /// LSN of the first frame.
+    pub first_lsn: u64,
+    /// LSN of the last frame.
+    pub last_lsn: u64,
+}
+
+struct Writer {
+    segments: Vec<Segment>,
+    active: Arc<File>,
+    head: u64,
+    tail: u64,
+    checkpoint: u64,
+    poisoned: Option<String>,
+    scratch: BytesMut,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    durable: u64,
+    syncing: bool,
+    poisoned: Option<String>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    options: WalOptions,
+    writer: Mutex<Writer>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    durable_tx: watch::Sender<u64>,
+    pins: Arc<PinTable>,
+    fail_next_sync: AtomicBool,
+    syncs: AtomicU64,
+}
+
+/// A handle to one WAL. Clones share it.
+#[derive(Clone)]
+pub struct Wal {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WalError {
+    let path = path.to_path_buf();
+    move |source| WalError::Io { op, path, source }
+}
+
+/// Fsyncs a directory so renames, creations and deletions in it are durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir`, recovering from a crash: a torn
+    /// last frame is cut off and reported; corruption anywhere else is an error
+    /// and nothing is truncated.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: WalOptions,
+    ) -> Result<(Wal, RecoveryReport), WalError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let mut stale = 0;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let name = entry.file_name();
+            let Some((generation, first)) = name.to_str().and_then(segment::parse_segment_name)
+            else {
+                continue;
+            };
+            if generation > options.generation {
+                return Err(WalError::NewerGeneration {
+                    expected: options.generation,
+                    found: generation,
+                });
+            }
+            if generation < options.generation {
+                fs::remove_file(entry.path()).map_err(io_err("remove stale", &entry.path()))?;
+                stale += 1;
+                continue;
+            }
+            found.push((first, entry.path()));
+        }
+        found.sort();
+        if stale > 0 {
+            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+        }
+        let (segments, torn) = Self::scan_all(&found)?;
+        let mut segments = segments;
+        if segments.is_empty() {
+            let first = options.start_after + 1;
+            let path = dir.join(segment::segment_name(options.generation, first));
+            File::create(&path).map_err(io_err("create", &path))?;
+            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+            segments.push(Segment::empty(path, first));
+        }
+        let tail = segments[0].first - 1;
+        let head = segments.last().map_or(tail, Segment::last);
+        let active_path = segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        let active = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&active_path)
+            .map_err(io_err("open", &active_path))?;
+        let report = RecoveryReport {
+            segments: segments.len(),
+            tail,
+            head,
+            torn_bytes_dropped: torn,
+            stale_segments_removed: stale,
+        };
+        let (durable_tx, _) = watch::channel(head);
+        let wal = Wal {
+            inner: Arc::new(Inner {
+                dir,
+                options,
+                writer: Mutex::new(Writer {
+                    segments,
+                    active: Arc::new(active),
+                    head,
+                    tail,
+                    checkpoint: tail,
+                    poisoned: None,
+                    scratch: BytesMut::new(),
+                }),
+                sync: Mutex::new(SyncState {
+                    durable: head,
+                    ..SyncState::default()
+                }),
+                synced: Condvar::new(),
+                durable_tx,
+                pins: Arc::new(PinTable::default()),
+                fail_next_sync: AtomicBool::new(false),
+                syncs: AtomicU64::new(0),
+            }),
+        };
+        Ok((wal, report))
+    }
+
+    /// Scans every segment; cuts a torn tail off the last non-empty one.
+    fn scan_all(found: &[(u64, PathBuf)]) -> Result<(Vec<Segment>, u64), WalError> {
+        let last_non_empty = found
+            .iter()
+            .rposition(|(_, path)| fs::metadata(path).map(|m| m.len() > 0).unwrap_or(true));
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut torn_bytes = 0;
+        for (index, (first, path)) in found.iter().enumerate() {
+            if let Some(previous) = segments.last() {
+                if *first != previous.last() + 1 {
+                    return Err(WalError::SegmentGap {
+                        path: path.clone(),
+                        expected: previous.last() + 1,
+                        found: *first,
+                    });
+                }
+            }
+            let data = Bytes::from(fs::read(path).map_err(io_err("read", path))?);
+            let may_be_torn = Some(index) == last_non_empty;
+            let (segment, end) =
+                segment::scan(path, *first, &data, may_be_torn).map_err(|f| WalError::Corrupt {
+                    path: path.clone(),
+                    offset: f.offset,
+                    lsn: f.lsn,
+                    error: f.error,
+                })?;
+            if let ScanEnd::Torn { offset } = end {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io_err("open", path))?;
+                file.set_len(offset)
+                    .map_err(io_err("truncate torn tail", path))?;
+                file.sync_all().map_err(io_err("sync", path))?;
+                torn_bytes += data.len() as u64 - offset;
+            }
+            segments.push(segment);
+        }
+        Ok((segments, torn_bytes))
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        lock(&self.inner.writer)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Highest LSN written.
+    pub fn head(&self) -> u64 {
+        self.writer().head
+    }
+
+    /// Last recycled LSN.
+    pub fn tail(&self) -> u64 {
+        self.writer().tail
+    }
+
+    /// Checkpoint LSN recorded for retention.
+    pub fn checkpoint(&self) -> u64 {
+        self.writer().checkpoint
+    }
+
+    /// Highest LSN known durable.
+    pub fn durable(&self) -> u64 {
+        lock(&self.inner.sync).durable
+    }
+
+    /// Number of file syncs issued so far (group commit makes this smaller
+    /// than the number of synced appends).
+    pub fn sync_count(&self) -> u64 {
+        self.inner.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Why the WAL is poisoned, if it is.
+    pub fn poisoned(&self) -> Option<String> {
+        self.writer().poisoned.clone()
+    }
+
+    /// A receiver that sees every new durable LSN.
+    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+        self.inner.durable_tx.subscribe()
+    }
+
+    /// Appends one record as the primary, assigning the next LSN.
+    pub fn append(
+        &self,
+        epoch: u64,
+        kind: FrameKind,
+        lba: u64,
+        payload: Bytes,
+    ) -> Result<u64, WalError> {
+        let mut writer = self.writer();
+        let lsn = writer.head + 1;
+        let frame = Frame {
+            lsn,
+            epoch,
+            kind,
+            flags: 0,
+            lba,
+            payload,
+        };
+        frame.validate()?;
+        writer.scratch.clear();
+        frame.encode(&mut writer.scratch);
+        self.write_encoded(&mut writer, lsn, &[frame.encoded_len()])?;
+        Ok(lsn)
+    }
+
+    /// Appends frames received from the primary; the first must carry `head + 1`
+    /// and the rest follow it. `raw` is their encoded form, written as is.
+    pub fn append_replicated(&self, raw: &Bytes) -> Result<u64, WalError> {
+        let mut writer = self.writer();
+        let expected = writer.head + 1;
+        let frames = frame::decode_all(raw, expected).map_err(|(_, e)| match e {
+            FrameError::Discontinuity { found, .. } => WalError::OutOfOrder {
+                expected,
+                got: found,
+            },
+            other => WalError::Frame(other),
+        })?;
+        if frames.is_empty() {
+            return Ok(writer.head);
+        }
+        let lens: Vec<usize> = frames.iter().map(Frame::encoded_len).collect();
+        writer.scratch.clear();
+        writer.scratch.extend_from_slice(raw);
+        self.write_encoded(&mut writer, expected, &lens)?;
+        Ok(writer.head)
+    }
+
+    /// Writes `writer.scratch` (frames of `lens` bytes, from `first_lsn`) to the active segment.
+    fn write_encoded(
+        &self,
+        writer: &mut Writer,
+        first_lsn: u64,
+        lens: &[usize],
+    ) -> Result<(), WalError> {
+        if let Some(reason) = &writer.poisoned {
+            return Err(WalError::Poisoned(reason.clone()));
+        }
+        let total = writer.scratch.len() as u64;
+        let needs_rotation = writer
+            .segments
+            .last()
+            .is_some_and(|s| !s.is_empty() && s.bytes + total > self.inner.options.segment_bytes);
+        if needs_rotation {
+            self.rotate(writer, first_lsn)?;
+        }
+        let Writer {
+            segments,
+            active,
+            scratch,
+            head,
+            ..
+        } = writer;
+        let Some(segment) = segments.last_mut() else {
+            return Err(WalError::Poisoned("no active segment".into()));
+        };
+        active
+            .write_all_at(scratch, segment.bytes)
+            .map_err(io_err("write", &segment.path))?;
+        let mut offset = segment.bytes;
+        for len in lens {
+            segment.offsets.push(offset);
+            offset += *len as u64;
+        }
+        segment.bytes = offset;
+        *head = first_lsn + lens.len() as u64 - 1;
+        Ok(())
+    }
+
+    fn rotate(&self, writer: &mut Writer, next_first: u64) -> Result<(), WalError> {
+        let old_path = writer
+            .segments
+            .last()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
+        if let Err(error) = self.sync_file(&writer.active) {
+            let reason = format!("sync before rotation of {}: {error}", old_path.display());
+            writer.poisoned = Some(reason.clone());
+            lock(&self.inner.sync).poisoned = Some(reason.clone());
+            return Err(WalError::Poisoned(reason));
+        }
+        let path = self.inner.dir.join(segment::segment_name(
+            self.inner.options.generation,
+            next_first,
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+        writer.active = Arc::new(file);
+        writer.segments.push(Segment::empty(path, next_first));
+        Ok(())
+    }
+
+    fn sync_file(&self, file: &File) -> std::io::Result<()> {
+        self.inner.syncs.fetch_add(1, Ordering::Relaxed);
+        if self.inner.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        match self.inner.options.sync {
+            SyncMode::Data => file.sync_data(),
+            SyncMode::Full => file.sync_all(),
+            SyncMode::None => Ok(()),
+        }
+    }
+
+    /// Makes the next sync fail with EIO, as a disk error would. For tests of
+    /// the poisoning path.
+    #[doc(hidden)]
+    pub fn inject_sync_failure(&self) {
+        self.inner.fail_next_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Returns once every LSN up to `lsn` is durable. One caller syncs for all
+    /// waiting callers (group commit).
+    ///
+    /// Lock order is writer → sync everywhere; this function never holds the
+    /// sync lock while taking the writer lock.
+    pub fn sync_to(&self, lsn: u64) -> Result<u64, WalError> {
+        loop {
+            let mut state = lock(&self.inner.sync);
+            if let Some(reason) = &state.poisoned {
+                return Err(WalError::Poisoned(reason.clone()));
+            }
+            if state.durable >= lsn {
+                return Ok(state.durable);
+            }
+            if state.syncing {
+                drop(
+                    self.inner
+                        .synced
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+                continue;
+            }
+            state.syncing = true;
+            drop(state);
+            let (target, file) = {
+                let writer = self.writer();
+                (writer.head, Arc::clone(&writer.active))
+            };
+            let result = self.sync_file(&file);
+            let reason = result.err().map(|error| format!("fdatasync: {error}"));
+            if let Some(reason) = &reason {
+                self.writer().poisoned = Some(reason.clone());
+            }
+            let mut state = lock(&self.inner.sync);
+            state.syncing = false;
+            match reason {
+                None => {
+                    state.durable = state.durable.max(target);
+                    self.inner.durable_tx.send_replace(state.durable);
+                }
+                Some(reason) => state.poisoned = Some(reason),
+            }
+            self.inner.synced.notify_all();
+            if state.poisoned.is_none() && target < lsn {
+                return Err(WalError::BeyondHead {
+                    to: lsn,
+                    head: target,
+                });
+            }
+        }
+    }
+
+    /// Records the checkpoint: entries up to it are in the extent.
+    pub fn set_checkpoint(&self, lsn: u64) {
+        let mut writer = self.writer();
+        writer.checkpoint = writer.checkpoint.max(lsn.min(writer.head));
+    }
+
+    /// Pins the WAL after `lsn`: nothing after it is recycled while the pin lives.
+    pub fn pin_from(&self, lsn: u64, label: &str) -> Result<WalPin, WalError> {
+        let writer = self.writer();
+        if lsn < writer.tail {
+            return Err(WalError::PinBelowTail {
+                lsn,
+                tail: writer.tail,
+            });
+        }
+        Ok(self.inner.pins.add(lsn, label))
+    }
+
+    /// Deletes whole segments at or below min(checkpoint, every pin).
+    /// The active segment is never deleted.
+    pub fn recycle(&self) -> Result<RecycleReport, WalError> {
+        let mut writer = self.writer();
+        let floor = self
+            .inner
+            .pins
+            .min_from()
+            .map_or(writer.checkpoint, |p| p.min(writer.checkpoint));
+        let mut report = RecycleReport {
+            segments_deleted: 0,
+            bytes_freed: 0,
+            tail: writer.tail,
+            floor,
+        };
+        while writer.segments.len() > 1 && writer.segments[0].last() <= floor {
+            let segment = writer.segments.remove(0);
+            fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+            writer.tail = segment.last();
+            report.segments_deleted += 1;
+            report.bytes_freed += segment.bytes;
+        }
+        if report.segments_deleted > 0 {
+            sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+        }
+        report.tail = writer.tail;
+        Ok(report)
+    }
+
+    /// Drops every entry after `lsn` (a replica ahead of committed). Refused
+    /// below the checkpoint, whose entries are already in the extent.
+    pub fn truncate_after(&self, lsn: u64) -> Result<(), WalError> {
+        let mut writer = self.writer();
+        if let Some(reason) = &writer.poisoned {
+            return Err(WalError::Poisoned(reason.clone()));
+        }
+        if lsn < writer.checkpoint {
+            return Err(WalError::BelowCheckpoint {
+                lsn,
+                checkpoint: writer.checkpoint,
+            });
+        }
+        if lsn >= writer.head {
+            return Ok(());
+        }
+        if lsn < writer.tail {
+            return Err(WalError::Recycled {
+                from: lsn,
+                tail: writer.tail,
+            });
+        }
+        while writer.segments.len() > 1 && writer.segments.last().is_some_and(|s| s.first > lsn + 1)
+        {
+            if let Some(segment) = writer.segments.pop() {
+                fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+            }
+        }
+        let Some(segment) = writer.segments.last_mut() else {
+            return Err(WalError::Poisoned("no active segment".into()));
+        };
+        let cut = segment.offset_of(lsn + 1);
+        segment.offsets.truncate((lsn + 1 - segment.first) as usize);
+        segment.bytes = cut;
+        let path = segment.path.clone();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        file.set_len(cut).map_err(io_err("truncate", &path))?;
+        file.sync_all().map_err(io_err("sync", &path))?;
+        sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+        writer.active = Arc::new(file);
+        writer.head = lsn;
+        let mut state = lock(&self.inner.sync);
+        state.durable = state.durable.min(lsn);
+        self.inner.durable_tx.send_replace(state.durable);
+        Ok(())
+    }
+
+    /// Splits `(from, to]` into reads of whole frames, each at most `chunk_bytes`
+    /// (or one frame, if a frame is larger).
+    pub fn plan_read(
+        &self,
+        from: u64,
+        to: u64,
+        chunk_bytes: usize,
+    ) -> Result<Vec<ReadChunk>, WalError> {
+        let writer = self.writer();
+        if from < writer.tail {
+            return Err(WalError::Recycled {
+                from,
+                tail: writer.tail,
+            });
+        }
+        if to > writer.head {
+            return Err(WalError::BeyondHead {
+                to,
+                head: writer.head,
+            });
+        }
+        let mut chunks = Vec::new();
+        for segment in &writer.segments {
+            if segment.is_empty() || segment.last() <= from || segment.first > to {
+                continue;
+            }
+            let path = Arc::new(segment.path.clone());
+            let mut lsn = (from + 1).max(segment.first);
+            let end = to.min(segment.last());
+            while lsn <= end {
+                let start = segment.offset_of(lsn);
+                let limit = start + chunk_bytes as u64;
+                // Last frame that ends within the limit; at least one frame.
+                let first_index = (lsn - segment.first) as usize;
+                let end_index = (end - segment.first) as usize;
+                let fits = segment.offsets[first_index + 1..=end_index]
+                    .partition_point(|&offset| offset <= limit);
+                let mut last = lsn + fits as u64;
+                if segment.offset_of(last + 1) > limit && last > lsn {
+                    last -= 1;
+                }
+                let stop = segment.offset_of(last + 1);
+                chunks.push(ReadChunk {
+                    path: Arc::clone(&path),
+                    offset: start,
+                    len: (stop - start) as usize,
+                    first_lsn: lsn,
+                    last_lsn: last,
+                });
+                lsn = last + 1;
+            }
+        }
+        Ok(chunks)
+    }
+
+    /// Reads `(from, to]` with positional reads on the calling thread.
+    pub fn read_frames(&self, from: u64, to: u64) -> Result<Vec<Frame>, WalError> {
+        let mut frames = Vec::new();
+        for chunk in self.plan_read(from, to, 4 << 20)? {
+            let file = File::open(chunk.path.as_ref()).map_err(io_err("open", &chunk.path))?;
+            let mut buf = vec![0u8; chunk.len];
+            file.read_exact_at(&mut buf, chunk.offset)
+                .map_err(io_err("read", &chunk.path))?;
+            let decoded =
+                frame::decode_all(&Bytes::from(buf), chunk.first_lsn).map_err(|(lsn, error)| {
+                    WalError::Corrupt {
+                        path: chunk.path.to_path_buf(),
+                        offset: chunk.offset,
+                        lsn,
+                        error,
+                    }
+                })?;
+            frames.extend(decoded);
+        }
+        Ok(frames)
+    }
+
+    /// Bytes of retained frames after `lsn`.
+    fn bytes_after(writer: &Writer, lsn: u64) -> u64 {
+        writer.segments.iter().map(|s| s.bytes_after(lsn)).sum()
+    }
+
+    /// Retention and pin pressure.
+    pub fn retention(&self) -> RetentionReport {
+        let writer = self.writer();
+        let retained_bytes = Self::bytes_after(&writer, writer.tail);
+        let beyond_checkpoint = Self::bytes_after(&writer, writer.checkpoint);
+        let pins = self
+            .inner
+            .pins
+            .list()
+            .into_iter()
+            .map(|pin| {
+                let bytes_held =
+                    Self::bytes_after(&writer, pin.from).saturating_sub(beyond_checkpoint);
+                PinReport { pin, bytes_held }
+            })
+            .collect();
+        let max_bytes = self.inner.options.max_retained_bytes;
+        RetentionReport {
+            retained_bytes,
+            max_bytes,
+            over_limit: max_bytes.is_some_and(|max| retained_bytes > max),
+            tail: writer.tail,
+            checkpoint: writer.checkpoint,
+            head: writer.head,
+            pins,
+        }
+    }
+
+    /// Pin table summary.
+    pub fn pin_stats(&self) -> PinStats {
+        let report = self.retention();
+        PinStats {
+            count: self.inner.pins.len(),
+            oldest_from: report.pins.first().map(|p| p.pin.from),
+            bytes_held: report.pins.first().map_or(0, |p| p.bytes_held),
+        }
+    }
+}

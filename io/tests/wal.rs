@@ -1,0 +1,364 @@
+//! WAL behaviour on real files: crash-style reopen, torn tails, corruption,
+//! group commit, poisoning, truncation, retention pins.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use bytes::Bytes;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use walship_io::*;
+
+fn block(lsn: u64) -> Bytes {
+    Bytes::from(vec![(lsn % 251) as u8; BLOCK_SIZE])
+}
+
+fn options(segment_bytes: u64) -> WalOptions {
+    WalOptions {
+        segment_bytes,
+        ..WalOptions::default()
+    }
+}
+
+fn write_n(wal: &Wal, n: u64) -> u64 {
+    let mut last = 0;
+    for _ in 0..n {
+        let lsn = wal.head() + 1;
+        last = wal.append(1, FrameKind::Write, lsn, block(lsn)).unwrap();
+    }
+    wal.sync_to(last).unwrap();
+    last
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    files.sort();
+    files
+}
+
+const FRAME: u64 = 30 + 4096 + 4;
+
+#[test]
+fn crash_style_reopen_sees_every_synced_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    write_n(&wal, 35);
+    drop(wal); // no close, no final sync beyond what sync_to did
+    let (wal, report) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    assert_eq!(
+        (report.head, report.tail, report.torn_bytes_dropped),
+        (35, 0, 0)
+    );
+    assert_eq!(report.segments, 4);
+    let frames = wal.read_frames(0, 35).unwrap();
+    assert_eq!(frames.len(), 35);
+    for (i, frame) in frames.iter().enumerate() {
+        assert_eq!(frame.lsn, i as u64 + 1);
+        assert_eq!(frame.payload, block(frame.lsn));
+    }
+    assert_eq!(
+        wal.append(1, FrameKind::Barrier, 0, Bytes::new()).unwrap(),
+        36
+    );
+}
+
+#[test]
+fn torn_tail_mid_frame_is_truncated_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 5);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    let file = OpenOptions::new().write(true).open(&seg).unwrap();
+    file.set_len(4 * FRAME + 1000).unwrap();
+    let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!(report.head, 4);
+    assert_eq!(report.torn_bytes_dropped, 1000);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 4 * FRAME);
+    assert_eq!(write_n(&wal, 1), 5, "the next append reuses the torn LSN");
+}
+
+#[test]
+fn garbage_appended_after_the_last_frame_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 3);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[0xAB; 777])
+        .unwrap();
+    let (_, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!((report.head, report.torn_bytes_dropped), (3, 777));
+}
+
+#[test]
+fn flipped_byte_before_valid_frames_is_an_error_and_nothing_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 5);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    let mut data = fs::read(&seg).unwrap();
+    let len = data.len();
+    data[(2 * FRAME + 100) as usize] ^= 0x01; // payload of lsn 3
+    fs::write(&seg, &data).unwrap();
+    let error = Wal::open(dir.path(), options(1 << 20)).unwrap_err();
+    assert!(
+        matches!(error, WalError::Corrupt { lsn: 3, offset, .. } if offset == 2 * FRAME),
+        "{error}"
+    );
+    assert_eq!(fs::metadata(&seg).unwrap().len() as usize, len);
+}
+
+#[test]
+fn corruption_in_an_earlier_segment_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(3 * FRAME)).unwrap();
+    write_n(&wal, 7);
+    drop(wal);
+    let first = segments(dir.path()).remove(0);
+    let file = OpenOptions::new().write(true).open(&first).unwrap();
+    file.set_len(2 * FRAME + 10).unwrap(); // torn, but not the last segment
+    assert!(matches!(
+        Wal::open(dir.path(), options(3 * FRAME)),
+        Err(WalError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_deleted_middle_segment_is_a_gap_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(3 * FRAME)).unwrap();
+    write_n(&wal, 9);
+    drop(wal);
+    fs::remove_file(&segments(dir.path())[1]).unwrap();
+    assert!(matches!(
+        Wal::open(dir.path(), options(3 * FRAME)),
+        Err(WalError::SegmentGap {
+            expected: 4,
+            found: 7,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn failed_sync_poisons_and_nothing_more_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 2);
+    let lsn = wal.append(1, FrameKind::Write, 0, block(0)).unwrap();
+    wal.inject_sync_failure();
+    assert!(matches!(wal.sync_to(lsn), Err(WalError::Poisoned(_))));
+    assert_eq!(wal.durable(), 2, "lsn 3 was never acknowledged");
+    assert!(matches!(
+        wal.append(1, FrameKind::Write, 0, block(0)),
+        Err(WalError::Poisoned(_))
+    ));
+    assert!(matches!(wal.sync_to(3), Err(WalError::Poisoned(_))));
+    assert!(wal.poisoned().unwrap().contains("Input/output error"));
+}
+
+#[test]
+fn concurrent_appends_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(64 << 20)).unwrap();
+    let mut durable = wal.subscribe_durable();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let wal = wal.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let lsn = wal.append(1, FrameKind::Write, 0, block(1)).unwrap();
+                    assert!(wal.sync_to(lsn).unwrap() >= lsn);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(wal.durable(), 320);
+    assert!(
+        wal.sync_count() < 320,
+        "group commit: {} syncs for 320 appends",
+        wal.sync_count()
+    );
+    assert_eq!(*durable.borrow_and_update(), 320);
+}
+
+#[test]
+fn truncate_after_is_refused_below_the_checkpoint_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(4 * FRAME)).unwrap();
+    write_n(&wal, 10);
+    wal.set_checkpoint(3);
+    assert!(matches!(
+        wal.truncate_after(2),
+        Err(WalError::BelowCheckpoint {
+            lsn: 2,
+            checkpoint: 3
+        })
+    ));
+    wal.truncate_after(5).unwrap();
+    assert_eq!(wal.head(), 5);
+    assert_eq!(write_n(&wal, 1), 6);
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), options(4 * FRAME)).unwrap();
+    assert_eq!(report.head, 6);
+    assert_eq!(wal.read_frames(4, 6).unwrap().len(), 2);
+}
+
+#[test]
+fn replicated_appends_must_carry_the_next_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    let mut raw = bytes::BytesMut::new();
+    Frame::write(1, 4, 0, block(1)).encode(&mut raw);
+    Frame::write(2, 4, 1, block(2)).encode(&mut raw);
+    assert_eq!(wal.append_replicated(&raw.clone().freeze()).unwrap(), 2);
+    assert!(matches!(
+        wal.append_replicated(&raw.freeze()),
+        Err(WalError::OutOfOrder {
+            expected: 3,
+            got: 1
+        })
+    ));
+    let mut bad = bytes::BytesMut::new();
+    Frame::write(3, 4, 0, block(3)).encode(&mut bad);
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        wal.append_replicated(&bad.freeze()),
+        Err(WalError::Frame(_))
+    ));
+    assert_eq!(wal.head(), 2);
+}
+
+#[test]
+fn retention_follows_checkpoint_and_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(4 * FRAME);
+    opts.max_retained_bytes = Some(10 * FRAME);
+    let (wal, _) = Wal::open(dir.path(), opts).unwrap();
+    write_n(&wal, 20);
+    let pin = wal.pin_from(6, "replica b catch-up").unwrap();
+    wal.set_checkpoint(16);
+    let report = wal.recycle().unwrap();
+    assert_eq!(
+        (report.floor, report.tail, report.segments_deleted),
+        (6, 4, 1)
+    );
+    let retention = wal.retention();
+    assert!(
+        retention.over_limit,
+        "{} retained",
+        retention.retained_bytes
+    );
+    assert_eq!(
+        retention.pins[0].bytes_held,
+        10 * FRAME,
+        "lsns 7..=16 kept only by the pin"
+    );
+    assert_eq!(wal.pin_stats().count, 1);
+    assert!(matches!(
+        wal.pin_from(3, "too old"),
+        Err(WalError::PinBelowTail { lsn: 3, tail: 4 })
+    ));
+    drop(pin);
+    assert_eq!(wal.pin_stats().count, 0);
+    assert_eq!(wal.recycle().unwrap().tail, 16);
+    assert!(matches!(
+        wal.plan_read(10, 20, 1 << 20),
+        Err(WalError::Recycled { from: 10, tail: 16 })
+    ));
+}
+
+#[test]
+fn pins_are_released_on_early_return_and_on_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 4);
+    let early = |wal: &Wal| -> Result<(), WalError> {
+        let _pin = wal.pin_from(1, "early")?;
+        wal.plan_read(0, 99, 1024)?; // fails: beyond head
+        Ok(())
+    };
+    assert!(early(&wal).is_err());
+    assert_eq!(wal.pin_stats().count, 0);
+    let shared = Arc::new(wal.clone());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _pin = shared.pin_from(2, "panicking").unwrap();
+        panic!("executor crashed");
+    }));
+    assert!(result.is_err());
+    assert_eq!(wal.pin_stats().count, 0);
+}
+
+#[test]
+fn older_generations_are_removed_and_newer_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(
+        dir.path(),
+        WalOptions {
+            generation: 1,
+            ..options(1 << 20)
+        },
+    )
+    .unwrap();
+    write_n(&wal, 3);
+    drop(wal);
+    let opts = WalOptions {
+        generation: 2,
+        start_after: 100,
+        ..options(1 << 20)
+    };
+    let (wal, report) = Wal::open(dir.path(), opts).unwrap();
+    assert_eq!(
+        (report.stale_segments_removed, report.head, report.tail),
+        (1, 100, 100)
+    );
+    assert_eq!(write_n(&wal, 1), 101);
+    drop(wal);
+    assert!(matches!(
+        Wal::open(
+            dir.path(),
+            WalOptions {
+                generation: 1,
+                ..options(1 << 20)
+            }
+        ),
+        Err(WalError::NewerGeneration {
+            expected: 1,
+            found: 2
+        })
+    ));
+}
+
+#[test]
+fn read_plan_cuts_at_frame_boundaries_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(5 * FRAME)).unwrap();
+    write_n(&wal, 12);
+    let chunks = wal.plan_read(2, 11, (2 * FRAME) as usize).unwrap();
+    let ranges: Vec<(u64, u64)> = chunks.iter().map(|c| (c.first_lsn, c.last_lsn)).collect();
+    assert_eq!(
+        ranges,
+        vec![(3, 4), (5, 5), (6, 7), (8, 9), (10, 10), (11, 11)]
+    );
+    assert!(chunks
+        .iter()
+        .all(|c| c.len as u64 == (c.last_lsn - c.first_lsn + 1) * FRAME));
+    assert!(matches!(
+        wal.plan_read(0, 13, 1024),
+        Err(WalError::BeyondHead { to: 13, head: 12 })
+    ));
+}
