@@ -6,19 +6,28 @@
 //! - [`frame`]: the checksummed WAL frame format (on disk and on the wire);
 //! - [`Wal`]: segmented WAL with group commit, crash recovery, retention pins;
 //! - [`LogReader`]: frame batches from io_uring or positional reads;
+//! - [`Store`]: extent + superblock + WAL, checkpointer, snapshots, base install;
 
+mod extent;
 pub mod frame;
 mod pins;
 mod reader;
 mod segment;
+mod store;
+mod superblock;
 mod wal;
 
+pub use extent::{ExtentError, ExtentFile};
 pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
 pub use pins::{PinInfo, WalPin};
 pub use reader::{
     probe_uring, Backend, BackendChoice, BackendRequest, FrameBatch, FrameStream, LogReader,
     ReaderError, ReaderOptions, ReaderStats,
 };
+pub use store::{
+    BaseInstall, CheckpointOutcome, SnapshotPin, Store, StoreError, StoreOptions, StoreReport,
+};
+pub use superblock::{Superblock, SuperblockError};
 pub use wal::{
     sync_dir, PinReport, PinStats, ReadChunk, RecoveryReport, RecycleReport, RetentionReport,
     SyncMode, Wal, WalError, WalOptions,

@@ -494,24 +494,41 @@ impl Wal {
 
     /// Appends frames received from the primary; the first must carry `head + 1`
     /// and the rest follow it. `raw` is their encoded form, written as is.
-    pub fn append_replicated(&self, raw: &Bytes) -> Result<u64, WalError> {
-        let mut writer = self.writer();
-        let expected = writer.head + 1;
-        let frames = frame::decode_all(raw, expected).map_err(|(_, e)| match e {
-            FrameError::Discontinuity { found, .. } => WalError::OutOfOrder {
+    /// Returns the frames, sliced from `raw`.
+    pub fn append_replicated(&self, raw: &Bytes) -> Result<Vec<Frame>, WalError> {
+        let frames = Self::decode_replicated(raw, self.head() + 1)?;
+        self.append_decoded(raw, &frames)?;
+        Ok(frames)
+    }
+
+    /// Decodes a replicated batch expected to start at `first`.
+    pub(crate) fn decode_replicated(raw: &Bytes, first: u64) -> Result<Vec<Frame>, WalError> {
+        frame::decode_all(raw, first).map_err(|(_, e)| match e {
+            FrameError::Discontinuity { expected, found } => WalError::OutOfOrder {
                 expected,
                 got: found,
             },
             other => WalError::Frame(other),
-        })?;
-        if frames.is_empty() {
-            return Ok(writer.head);
+        })
+    }
+
+    /// Appends `raw`, already decoded into `frames`; the first LSN is checked
+    /// again under the lock.
+    pub(crate) fn append_decoded(&self, raw: &Bytes, frames: &[Frame]) -> Result<(), WalError> {
+        let Some(first) = frames.first() else {
+            return Ok(());
+        };
+        let mut writer = self.writer();
+        if first.lsn != writer.head + 1 {
+            return Err(WalError::OutOfOrder {
+                expected: writer.head + 1,
+                got: first.lsn,
+            });
         }
         let lens: Vec<usize> = frames.iter().map(Frame::encoded_len).collect();
         writer.scratch.clear();
         writer.scratch.extend_from_slice(raw);
-        self.write_encoded(&mut writer, expected, &lens)?;
-        Ok(writer.head)
+        self.write_encoded(&mut writer, first.lsn, &lens)
     }
 
     /// Writes `writer.scratch` (frames of `lens` bytes, from `first_lsn`) to the active segment.

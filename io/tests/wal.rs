@@ -224,7 +224,11 @@ fn replicated_appends_must_carry_the_next_lsn() {
     let mut raw = bytes::BytesMut::new();
     Frame::write(1, 4, 0, block(1)).encode(&mut raw);
     Frame::write(2, 4, 1, block(2)).encode(&mut raw);
-    assert_eq!(wal.append_replicated(&raw.clone().freeze()).unwrap(), 2);
+    assert_eq!(
+        wal.append_replicated(&raw.clone().freeze()).unwrap().len(),
+        2
+    );
+    assert_eq!(wal.head(), 2);
     assert!(matches!(
         wal.append_replicated(&raw.freeze()),
         Err(WalError::OutOfOrder {

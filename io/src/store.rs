@@ -1,0 +1,704 @@
+//! A node's local volume: WAL + extent + superblock, and the checkpointer.
+//!
+//! Directory layout: `superblock`, `extent.<generation>`, `wal/`.
+//!
+//! - Writes go to the WAL; the newest version of every block written since
+//!   the checkpoint is kept in a dirty map, so reads return the latest data
+//!   even for blocks still only in the WAL.
+//! - [`Store::checkpoint`] applies WAL frames in LSN order to the extent,
+//!   fsyncs it, commits the superblock, then lets retention advance. A crash
+//!   at any point reopens to the same content: re-applying frames is
+//!   idempotent and the superblock is replaced atomically.
+//! - Snapshots: a [`SnapshotPin`] **pauses the checkpointer** while it lives,
+//!   so the extent file stays exactly at the pin's LSN and is read in chunks
+//!   while writes continue into the WAL (which the pin also retains).
+//! - A replica installs a base into a staging file; the switch is the atomic
+//!   superblock commit that names the new generation. Extent files and WAL
+//!   segments of other generations are removed on open.
+
+use crate::extent::{check_range, ExtentError, ExtentFile};
+use crate::frame::{Frame, FrameKind, BLOCK_SIZE};
+use crate::pins::WalPin;
+use crate::superblock::{new_uuid, Superblock, SuperblockError};
+use crate::wal::{sync_dir, RecycleReport, SyncMode, Wal, WalError, WalOptions};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Store configuration.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Volume size in 4 KiB blocks.
+    pub block_count: u64,
+    /// WAL segment size.
+    pub segment_bytes: u64,
+    /// WAL durability.
+    pub sync: SyncMode,
+    /// Retained WAL bytes above which retention reports pressure.
+    pub max_retained_bytes: Option<u64>,
+}
+
+impl StoreOptions {
+    /// Defaults for a volume of `block_count` blocks.
+    pub fn new(block_count: u64) -> Self {
+        Self {
+            block_count,
+            segment_bytes: 64 << 20,
+            sync: SyncMode::Data,
+            max_retained_bytes: None,
+        }
+    }
+}
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// WAL failure.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// Extent failure.
+    #[error(transparent)]
+    Extent(#[from] ExtentError),
+    /// Superblock failure.
+    #[error(transparent)]
+    Superblock(#[from] SuperblockError),
+    /// The volume on disk has another size than configured.
+    #[error("volume has {on_disk} blocks, configured {configured}")]
+    SizeMismatch {
+        /// Blocks on disk.
+        on_disk: u64,
+        /// Blocks configured.
+        configured: u64,
+    },
+    /// The WAL ends before the checkpoint: the directory was tampered with.
+    #[error("wal head {head} is below the checkpoint {checkpoint}")]
+    WalBehindCheckpoint {
+        /// WAL head.
+        head: u64,
+        /// Checkpoint.
+        checkpoint: u64,
+    },
+    /// Base chunks must arrive in order.
+    #[error("base chunk at offset {got}, expected {expected}")]
+    ChunkOutOfOrder {
+        /// Offset expected.
+        expected: u64,
+        /// Offset received.
+        got: u64,
+    },
+    /// The base is not complete.
+    #[error("base incomplete: {received} of {expected} bytes")]
+    BaseIncomplete {
+        /// Bytes received.
+        received: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// The received base does not match the sender's checksum.
+    #[error("base checksum mismatch: sender {expected:#010x}, received {actual:#010x}")]
+    BaseChecksum {
+        /// Sender's crc.
+        expected: u32,
+        /// Crc of what arrived.
+        actual: u32,
+    },
+    /// A filesystem call failed.
+    #[error("store {op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// What opening found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreReport {
+    /// Whether the store was created now.
+    pub created: bool,
+    /// The trusted checkpoint.
+    pub checkpoint: u64,
+    /// WAL head.
+    pub head: u64,
+    /// Torn bytes the WAL cut off.
+    pub torn_bytes_dropped: u64,
+    /// Frames replayed into the dirty map.
+    pub replayed_frames: u64,
+}
+
+/// What a checkpoint did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointOutcome {
+    /// Frames `(from, to]` are in the extent and the superblock says so.
+    Done {
+        /// Previous checkpoint.
+        from: u64,
+        /// New checkpoint.
+        to: u64,
+        /// Retention pass after it.
+        recycled: RecycleReport,
+    },
+    /// Nothing new was durable.
+    UpToDate,
+    /// Snapshot pins are held; the checkpointer is paused.
+    Paused {
+        /// Pins held.
+        pins: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct DirtyBlock {
+    lsn: u64,
+    data: Bytes,
+}
+
+#[derive(Debug)]
+struct State {
+    superblock: Superblock,
+    extent: Arc<ExtentFile>,
+    wal: Wal,
+}
+
+/// One node's volume. Share it in an `Arc`.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    options: StoreOptions,
+    state: RwLock<State>,
+    dirty: Mutex<BTreeMap<u64, DirtyBlock>>,
+    snapshot_pins: Arc<AtomicUsize>,
+    checkpointing: Mutex<()>,
+}
+
+fn zero_block() -> Bytes {
+    static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+    Bytes::from_static(&ZEROS)
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating it if empty.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: StoreOptions,
+    ) -> Result<(Store, StoreReport), StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let (superblock, created) = match Superblock::load(&dir) {
+            Ok(sb) => (sb, false),
+            Err(SuperblockError::Missing(_)) => {
+                let uuid = new_uuid().map_err(io_err("uuid", Path::new("/dev/urandom")))?;
+                let sb = Superblock {
+                    uuid,
+                    block_count: options.block_count,
+                    checkpoint: 0,
+                    epoch: 0,
+                    generation: 1,
+                };
+                sb.store(&dir)?;
+                (sb, true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if superblock.block_count != options.block_count {
+            return Err(StoreError::SizeMismatch {
+                on_disk: superblock.block_count,
+                configured: options.block_count,
+            });
+        }
+        Self::remove_other_extents(&dir, superblock.generation)?;
+        let extent = ExtentFile::open(
+            &ExtentFile::path(&dir, superblock.generation),
+            options.block_count,
+        )?;
+        let (wal, recovery) = Wal::open(dir.join("wal"), Self::wal_options(&options, &superblock))?;
+        if recovery.head < superblock.checkpoint {
+            return Err(StoreError::WalBehindCheckpoint {
+                head: recovery.head,
+                checkpoint: superblock.checkpoint,
+            });
+        }
+        wal.set_checkpoint(superblock.checkpoint);
+        let store = Store {
+            dir,
+            options,
+            state: RwLock::new(State {
+                superblock,
+                extent: Arc::new(extent),
+                wal,
+            }),
+            dirty: Mutex::new(BTreeMap::new()),
+            snapshot_pins: Arc::new(AtomicUsize::new(0)),
+            checkpointing: Mutex::new(()),
+        };
+        let replayed_frames = store.rebuild_dirty()?;
+        let report = StoreReport {
+            created,
+            checkpoint: superblock.checkpoint,
+            head: recovery.head,
+            torn_bytes_dropped: recovery.torn_bytes_dropped,
+            replayed_frames,
+        };
+        Ok((store, report))
+    }
+
+    fn wal_options(options: &StoreOptions, superblock: &Superblock) -> WalOptions {
+        WalOptions {
+            segment_bytes: options.segment_bytes,
+            sync: options.sync,
+            generation: superblock.generation,
+            start_after: superblock.checkpoint,
+            max_retained_bytes: options.max_retained_bytes,
+        }
+    }
+
+    fn remove_other_extents(dir: &Path, generation: u64) -> Result<(), StoreError> {
+        let keep = format!("extent.{generation}");
+        let mut removed = false;
+        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+            let entry = entry.map_err(io_err("list", dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("extent.") && name != keep {
+                fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(dir).map_err(io_err("sync", dir))?;
+        }
+        Ok(())
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn dirty(&self) -> MutexGuard<'_, BTreeMap<u64, DirtyBlock>> {
+        self.dirty.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replays `(checkpoint, head]` into the dirty map. Returns the frames replayed.
+    fn rebuild_dirty(&self) -> Result<u64, StoreError> {
+        let (wal, checkpoint) = {
+            let state = self.read_state();
+            (state.wal.clone(), state.superblock.checkpoint)
+        };
+        let frames = wal.read_frames(checkpoint, wal.head())?;
+        let mut dirty = self.dirty();
+        dirty.clear();
+        for frame in &frames {
+            Self::note_dirty(&mut dirty, frame);
+        }
+        Ok(frames.len() as u64)
+    }
+
+    fn note_dirty(dirty: &mut BTreeMap<u64, DirtyBlock>, frame: &Frame) {
+        let blocks = frame.block_count();
+        for i in 0..blocks {
+            let data = match frame.kind {
+                FrameKind::Write => {
+                    let at = i as usize * BLOCK_SIZE;
+                    frame.payload.slice(at..at + BLOCK_SIZE)
+                }
+                _ => zero_block(),
+            };
+            let entry = dirty.entry(frame.lba + i).or_insert(DirtyBlock {
+                lsn: 0,
+                data: zero_block(),
+            });
+            if frame.lsn > entry.lsn {
+                *entry = DirtyBlock {
+                    lsn: frame.lsn,
+                    data,
+                };
+            }
+        }
+    }
+
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<(), StoreError> {
+        Ok(check_range(lba, blocks, self.options.block_count)?)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The current WAL (a replica's changes when it installs a base).
+    pub fn wal(&self) -> Wal {
+        self.read_state().wal.clone()
+    }
+
+    /// The superblock as last committed.
+    pub fn superblock(&self) -> Superblock {
+        self.read_state().superblock
+    }
+
+    /// Blocks in the volume.
+    pub fn block_count(&self) -> u64 {
+        self.options.block_count
+    }
+
+    /// Snapshot pins held (the checkpointer is paused while this is non-zero).
+    pub fn snapshot_pins(&self) -> usize {
+        self.snapshot_pins.load(Ordering::Acquire)
+    }
+
+    /// Writes whole blocks at `lba` as the primary. Durable after `sync_to(lsn)`.
+    pub fn write(&self, epoch: u64, lba: u64, data: Bytes) -> Result<u64, StoreError> {
+        self.check_range(lba, (data.len() / BLOCK_SIZE) as u64)?;
+        let wal = self.wal();
+        let lsn = wal.append(epoch, FrameKind::Write, lba, data.clone())?;
+        let frame = Frame::write(lsn, epoch, lba, data);
+        Self::note_dirty(&mut self.dirty(), &frame);
+        Ok(lsn)
+    }
+
+    /// Zeroes `count` blocks at `lba` as the primary.
+    pub fn trim(&self, epoch: u64, lba: u64, count: u64) -> Result<u64, StoreError> {
+        self.check_range(lba, count)?;
+        let frame = Frame::trim(0, epoch, lba, count);
+        let lsn = self
+            .wal()
+            .append(epoch, FrameKind::Trim, lba, frame.payload.clone())?;
+        Self::note_dirty(&mut self.dirty(), &Frame { lsn, ..frame });
+        Ok(lsn)
+    }
+
+    /// Appends frames shipped by the primary (encoded, LSNs following the head).
+    pub fn apply_replicated(&self, raw: &Bytes) -> Result<u64, StoreError> {
+        let wal = self.wal();
+        let frames = Wal::decode_replicated(raw, wal.head() + 1)?;
+        for frame in &frames {
+            self.check_range(frame.lba, frame.block_count())?;
+        }
+        wal.append_decoded(raw, &frames)?;
+        let mut dirty = self.dirty();
+        for frame in &frames {
+            Self::note_dirty(&mut dirty, frame);
+        }
+        Ok(wal.head())
+    }
+
+    /// Waits until everything up to `lsn` is durable (group commit).
+    pub fn sync_to(&self, lsn: u64) -> Result<u64, StoreError> {
+        Ok(self.wal().sync_to(lsn)?)
+    }
+
+    /// Reads `blocks` blocks at `lba`: the newest data, from the WAL or the extent.
+    pub fn read(&self, lba: u64, blocks: u64) -> Result<Bytes, StoreError> {
+        self.check_range(lba, blocks)?;
+        let extent = Arc::clone(&self.read_state().extent);
+        let mut out = extent.read(lba, blocks)?;
+        let dirty = self.dirty();
+        for (block, entry) in dirty.range(lba..lba + blocks) {
+            let at = ((block - lba) as usize) * BLOCK_SIZE;
+            out[at..at + BLOCK_SIZE].copy_from_slice(&entry.data);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Applies the WAL up to `up_to` (at most the durable LSN) to the extent,
+    /// fsyncs it, commits the superblock and recycles the WAL.
+    pub fn checkpoint(&self, up_to: u64) -> Result<CheckpointOutcome, StoreError> {
+        let _serial = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let pins = self.snapshot_pins();
+        if pins > 0 {
+            return Ok(CheckpointOutcome::Paused { pins });
+        }
+        let (wal, extent, superblock) = {
+            let state = self.read_state();
+            (
+                state.wal.clone(),
+                Arc::clone(&state.extent),
+                state.superblock,
+            )
+        };
+        let from = superblock.checkpoint;
+        let to = up_to.min(wal.durable());
+        if to <= from {
+            return Ok(CheckpointOutcome::UpToDate);
+        }
+        for frame in wal.read_frames(from, to)? {
+            extent.apply(&frame)?;
+        }
+        extent.sync()?;
+        let next = Superblock {
+            checkpoint: to,
+            ..superblock
+        };
+        next.store(&self.dir)?;
+        self.write_state().superblock = next;
+        wal.set_checkpoint(to);
+        self.dirty().retain(|_, block| block.lsn > to);
+        let recycled = wal.recycle()?;
+        Ok(CheckpointOutcome::Done { from, to, recycled })
+    }
+
+    /// Persists the epoch in the superblock now (fencing must survive restarts).
+    pub fn persist_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        let _serial = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.write_state();
+        let next = Superblock {
+            epoch,
+            ..state.superblock
+        };
+        next.store(&self.dir)?;
+        state.superblock = next;
+        Ok(())
+    }
+
+    /// Drops WAL entries after `lsn` (a replica ahead of committed).
+    pub fn truncate_after(&self, lsn: u64) -> Result<(), StoreError> {
+        self.wal().truncate_after(lsn)?;
+        self.rebuild_dirty()?;
+        Ok(())
+    }
+
+    /// Pins the extent image at the current checkpoint (see the module docs).
+    pub fn snapshot_pin(&self, label: &str) -> Result<SnapshotPin, StoreError> {
+        let _serial = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let state = self.read_state();
+        let lsn = state.superblock.checkpoint;
+        let wal_pin = state.wal.pin_from(lsn, label)?;
+        self.snapshot_pins.fetch_add(1, Ordering::AcqRel);
+        Ok(SnapshotPin {
+            lsn,
+            extent: Arc::clone(&state.extent),
+            image_bytes: self.options.block_count * BLOCK_SIZE as u64,
+            gate: Arc::clone(&self.snapshot_pins),
+            _wal_pin: wal_pin,
+        })
+    }
+
+    /// Checkpoints everything durable, then pins that image: a full base at a
+    /// known LSN, with the WAL after it retained.
+    pub fn full_base_pin(&self, label: &str) -> Result<SnapshotPin, StoreError> {
+        let durable = self.wal().durable();
+        self.checkpoint(durable)?;
+        self.snapshot_pin(label)
+    }
+
+    /// A crc32c of the whole readable volume (WAL included), for comparing replicas.
+    pub fn content_checksum(&self) -> Result<u32, StoreError> {
+        const STEP: u64 = 256;
+        let mut crc = 0u32;
+        let mut lba = 0;
+        while lba < self.options.block_count {
+            let blocks = STEP.min(self.options.block_count - lba);
+            crc = crc32c::crc32c_append(crc, &self.read(lba, blocks)?);
+            lba += blocks;
+        }
+        Ok(crc)
+    }
+
+    /// Starts receiving a base image of this volume's size at `image_lsn`.
+    pub fn begin_install(&self, image_lsn: u64) -> Result<BaseInstall, StoreError> {
+        let generation = self.read_state().superblock.generation + 1;
+        let final_path = ExtentFile::path(&self.dir, generation);
+        let staging = self.dir.join(format!("extent.{generation}.staging"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&staging)
+            .map_err(io_err("create", &staging))?;
+        let image_bytes = self.options.block_count * BLOCK_SIZE as u64;
+        file.set_len(image_bytes)
+            .map_err(io_err("size", &staging))?;
+        Ok(BaseInstall {
+            file,
+            staging,
+            final_path,
+            generation,
+            image_lsn,
+            image_bytes,
+            received: 0,
+            crc: 0,
+        })
+    }
+
+    /// Switches to a fully received base: the superblock commit naming the new
+    /// generation is the atomic point. The WAL restarts after the image LSN.
+    pub fn commit_install(
+        &self,
+        install: BaseInstall,
+        expected_crc: u32,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
+        if install.received != install.image_bytes {
+            return Err(StoreError::BaseIncomplete {
+                received: install.received,
+                expected: install.image_bytes,
+            });
+        }
+        if install.crc != expected_crc {
+            let _ = fs::remove_file(&install.staging);
+            return Err(StoreError::BaseChecksum {
+                expected: expected_crc,
+                actual: install.crc,
+            });
+        }
+        install
+            .file
+            .sync_all()
+            .map_err(io_err("sync", &install.staging))?;
+        fs::rename(&install.staging, &install.final_path)
+            .map_err(io_err("rename", &install.final_path))?;
+        sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
+        let _serial = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.write_state();
+        let old_extent = state.extent.file_path().to_path_buf();
+        let next = Superblock {
+            generation: install.generation,
+            checkpoint: install.image_lsn,
+            epoch,
+            ..state.superblock
+        };
+        next.store(&self.dir)?;
+        let (wal, _) = Wal::open(
+            self.dir.join("wal"),
+            Self::wal_options(&self.options, &next),
+        )?;
+        wal.set_checkpoint(next.checkpoint);
+        state.extent = Arc::new(ExtentFile::open(
+            &install.final_path,
+            self.options.block_count,
+        )?);
+        state.wal = wal;
+        state.superblock = next;
+        self.dirty().clear();
+        drop(state);
+        let _ = fs::remove_file(old_extent);
+        Ok(())
+    }
+}
+
+/// Keeps the extent image at `lsn` readable, and the WAL after it.
+///
+/// Dropping it resumes the checkpointer and releases the WAL pin; neither
+/// blocks or panics.
+#[must_use = "a SnapshotPin releases the image as soon as it is dropped"]
+#[derive(Debug)]
+pub struct SnapshotPin {
+    lsn: u64,
+    extent: Arc<ExtentFile>,
+    image_bytes: u64,
+    gate: Arc<AtomicUsize>,
+    _wal_pin: WalPin,
+}
+
+impl SnapshotPin {
+    /// The LSN the image holds.
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+
+    /// Size of the image.
+    pub fn image_bytes(&self) -> u64 {
+        self.image_bytes
+    }
+
+    /// Reads `len` bytes of the image at `offset`.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        Ok(Bytes::from(self.extent.read_bytes(offset, len)?))
+    }
+
+    /// crc32c of the whole image.
+    pub fn checksum(&self) -> Result<u32, StoreError> {
+        const STEP: u64 = 1 << 20;
+        let mut crc = 0;
+        let mut offset = 0;
+        while offset < self.image_bytes {
+            let len = STEP.min(self.image_bytes - offset) as usize;
+            crc = crc32c::crc32c_append(crc, &self.read(offset, len)?);
+            offset += len as u64;
+        }
+        Ok(crc)
+    }
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        self.gate.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A base image being received into a staging file. Dropping it without
+/// committing leaves the staging file, which the next open removes.
+#[derive(Debug)]
+pub struct BaseInstall {
+    file: File,
+    staging: PathBuf,
+    final_path: PathBuf,
+    generation: u64,
+    image_lsn: u64,
+    image_bytes: u64,
+    received: u64,
+    crc: u32,
+}
+
+impl BaseInstall {
+    /// Writes the next chunk; chunks arrive in order.
+    pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        if offset != self.received {
+            return Err(StoreError::ChunkOutOfOrder {
+                expected: self.received,
+                got: offset,
+            });
+        }
+        if offset + data.len() as u64 > self.image_bytes {
+            return Err(StoreError::BaseIncomplete {
+                received: offset + data.len() as u64,
+                expected: self.image_bytes,
+            });
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_err("write", &self.staging))?;
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.received += data.len() as u64;
+        Ok(())
+    }
+
+    /// The image LSN.
+    pub fn image_lsn(&self) -> u64 {
+        self.image_lsn
+    }
+
+    /// Bytes received.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+}

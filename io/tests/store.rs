@@ -1,0 +1,310 @@
+//! The local store: reads of the newest data, checkpoints, crash points,
+//! snapshot and full-base pins, atomic base install.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::{Bytes, BytesMut};
+use std::fs;
+use std::path::Path;
+use walship_io::*;
+
+const BLOCKS: u64 = 256;
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        segment_bytes: 16 * 4130,
+        ..StoreOptions::new(BLOCKS)
+    }
+}
+
+fn block(fill: u8) -> Bytes {
+    Bytes::from(vec![fill; BLOCK_SIZE])
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, options()).unwrap().0
+}
+
+/// Writes `count` blocks with a pattern and syncs; returns the last LSN.
+fn fill(store: &Store, count: u64, seed: u8) -> u64 {
+    let mut last = 0;
+    for i in 0..count {
+        last = store
+            .write(1, (i * 7) % BLOCKS, block(seed.wrapping_add(i as u8)))
+            .unwrap();
+    }
+    store.sync_to(last).unwrap();
+    last
+}
+
+#[test]
+fn reads_return_the_newest_data_including_blocks_only_in_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let lsn = store.write(1, 5, block(0xA)).unwrap();
+    assert_eq!(store.read(5, 1).unwrap(), block(0xA));
+    store.sync_to(lsn).unwrap();
+    assert!(matches!(
+        store.checkpoint(lsn).unwrap(),
+        CheckpointOutcome::Done { to: 1, .. }
+    ));
+    store.write(1, 5, block(0xB)).unwrap();
+    let two = store.read(4, 3).unwrap();
+    assert_eq!(&two[..BLOCK_SIZE], &[0u8; BLOCK_SIZE][..]);
+    assert_eq!(&two[BLOCK_SIZE..2 * BLOCK_SIZE], &block(0xB)[..]);
+    store.trim(1, 5, 1).unwrap();
+    assert_eq!(
+        store.read(5, 1).unwrap(),
+        Bytes::from(vec![0u8; BLOCK_SIZE])
+    );
+    assert!(matches!(
+        store.write(1, BLOCKS, block(1)),
+        Err(StoreError::Extent(ExtentError::OutOfRange { .. }))
+    ));
+}
+
+#[test]
+fn checkpoint_persists_and_lets_retention_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let last = fill(&store, 100, 1);
+    let before = store.content_checksum().unwrap();
+    let CheckpointOutcome::Done { from, to, recycled } = store.checkpoint(u64::MAX).unwrap() else {
+        panic!("checkpoint did nothing");
+    };
+    assert_eq!((from, to), (0, last));
+    assert!(recycled.segments_deleted >= 5, "{recycled:?}");
+    assert_eq!(store.superblock().checkpoint, last);
+    assert_eq!(store.wal().tail(), recycled.tail);
+    assert_eq!(store.content_checksum().unwrap(), before);
+    drop(store);
+    let (store, report) = Store::open(dir.path(), options()).unwrap();
+    assert_eq!((report.checkpoint, report.replayed_frames), (last, 0));
+    assert_eq!(store.content_checksum().unwrap(), before);
+}
+
+#[test]
+fn unsynced_writes_beyond_durable_are_never_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let synced = fill(&store, 3, 1);
+    store.write(1, 9, block(9)).unwrap();
+    assert!(
+        matches!(store.checkpoint(u64::MAX).unwrap(), CheckpointOutcome::Done { to, .. } if to == synced)
+    );
+}
+
+#[test]
+fn a_crash_at_any_point_reopens_to_the_same_content() {
+    // 1. Crash after WAL sync, before any checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, 40, 3);
+    let expected = store.content_checksum().unwrap();
+    drop(store);
+    assert_eq!(open(dir.path()).content_checksum().unwrap(), expected);
+
+    // 2. Crash mid-checkpoint: some frames already in the extent, superblock not yet committed.
+    let store = open(dir.path());
+    let wal = store.wal();
+    let frames = wal.read_frames(0, 20).unwrap();
+    let generation = store.superblock().generation;
+    drop(store);
+    let extent = ExtentFile::open(&ExtentFile::path(dir.path(), generation), BLOCKS).unwrap();
+    for frame in &frames {
+        extent.apply(frame).unwrap();
+    }
+    extent.sync().unwrap();
+    drop(extent);
+    assert_eq!(open(dir.path()).content_checksum().unwrap(), expected);
+
+    // 3. Crash after the superblock commit, before recycling.
+    let store = open(dir.path());
+    store.checkpoint(u64::MAX).unwrap();
+    drop(store);
+    assert_eq!(open(dir.path()).content_checksum().unwrap(), expected);
+
+    // 4. Crash with a torn, unsynced write at the tail: the synced content survives.
+    let store = open(dir.path());
+    store.write(1, 1, block(0xEE)).unwrap();
+    drop(store);
+    let wal_dir = dir.path().join("wal");
+    let mut segments: Vec<_> = fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    let last = segments.last().unwrap();
+    let len = fs::metadata(last).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let (store, report) = Store::open(dir.path(), options()).unwrap();
+    assert!(report.torn_bytes_dropped > 0);
+    assert_eq!(store.content_checksum().unwrap(), expected);
+}
+
+#[test]
+fn a_snapshot_pin_keeps_its_image_while_writes_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    fill(&store, 30, 1);
+    store.checkpoint(u64::MAX).unwrap();
+    let image_before = store.content_checksum().unwrap();
+    let pin = store.snapshot_pin("rebuild r2").unwrap();
+    fill(&store, 30, 90);
+    assert_eq!(
+        store.checkpoint(u64::MAX).unwrap(),
+        CheckpointOutcome::Paused { pins: 1 }
+    );
+    assert_eq!(pin.checksum().unwrap(), image_before);
+    assert_ne!(store.content_checksum().unwrap(), image_before);
+    assert_eq!(store.wal().pin_stats().count, 1);
+    drop(pin);
+    assert_eq!(store.wal().pin_stats().count, 0);
+    assert!(matches!(
+        store.checkpoint(u64::MAX).unwrap(),
+        CheckpointOutcome::Done { .. }
+    ));
+}
+
+fn transfer(pin: &SnapshotPin, install: &mut BaseInstall) {
+    let mut offset = 0;
+    while offset < pin.image_bytes() {
+        let len = (64 * 1024).min(pin.image_bytes() - offset) as usize;
+        install
+            .write_chunk(offset, &pin.read(offset, len).unwrap())
+            .unwrap();
+        offset += len as u64;
+    }
+}
+
+#[test]
+fn a_full_base_installs_atomically_and_the_tail_replays_on_top() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let primary = open(primary_dir.path());
+    let replica = open(replica_dir.path());
+    fill(&replica, 10, 0x55); // stale history the base replaces
+    fill(&primary, 50, 7);
+    let pin = primary.full_base_pin("base for r2").unwrap();
+    assert_eq!(pin.lsn(), 50);
+    let base_checksum = primary.content_checksum().unwrap();
+    let tail_end = fill(&primary, 20, 200);
+    let mut install = replica.begin_install(pin.lsn()).unwrap();
+    transfer(&pin, &mut install);
+    replica
+        .commit_install(install, pin.checksum().unwrap(), 3)
+        .unwrap();
+    drop(pin);
+    assert_eq!(replica.content_checksum().unwrap(), base_checksum);
+    assert_eq!(
+        (replica.wal().head(), replica.superblock().checkpoint),
+        (50, 50)
+    );
+    for frames in primary.wal().plan_read(50, tail_end, 1 << 16).unwrap() {
+        let raw = Bytes::from(fs::read(frames.path.as_ref()).unwrap())
+            .slice(frames.offset as usize..frames.offset as usize + frames.len);
+        replica.apply_replicated(&raw).unwrap();
+    }
+    replica.sync_to(tail_end).unwrap();
+    assert_eq!(
+        replica.content_checksum().unwrap(),
+        primary.content_checksum().unwrap()
+    );
+    drop(replica);
+    let replica = open(replica_dir.path());
+    assert_eq!(
+        replica.content_checksum().unwrap(),
+        primary.content_checksum().unwrap()
+    );
+    assert_eq!(replica.superblock().generation, 2);
+}
+
+#[test]
+fn a_bad_or_interrupted_base_changes_nothing() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let primary = open(primary_dir.path());
+    let replica = open(replica_dir.path());
+    fill(&primary, 20, 7);
+    fill(&replica, 5, 1);
+    let before = replica.content_checksum().unwrap();
+    let pin = primary.full_base_pin("base").unwrap();
+    let mut install = replica.begin_install(pin.lsn()).unwrap();
+    assert!(matches!(
+        install.write_chunk(4096, &[0; 10]),
+        Err(StoreError::ChunkOutOfOrder {
+            expected: 0,
+            got: 4096
+        })
+    ));
+    transfer(&pin, &mut install);
+    let wrong = pin.checksum().unwrap() ^ 1;
+    assert!(matches!(
+        replica.commit_install(install, wrong, 3),
+        Err(StoreError::BaseChecksum { .. })
+    ));
+    assert_eq!(replica.content_checksum().unwrap(), before);
+    // Interrupted: staging written, never committed, then a restart.
+    let mut install = replica.begin_install(pin.lsn()).unwrap();
+    transfer(&pin, &mut install);
+    drop(install);
+    drop(replica);
+    let replica = open(replica_dir.path());
+    assert_eq!(replica.content_checksum().unwrap(), before);
+    assert!(!replica_dir.path().join("extent.2.staging").exists());
+}
+
+#[test]
+fn truncation_drops_uncommitted_blocks_and_is_refused_below_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let committed = fill(&store, 5, 1);
+    let before = store.content_checksum().unwrap();
+    fill(&store, 5, 100);
+    store.truncate_after(committed).unwrap();
+    assert_eq!(store.content_checksum().unwrap(), before);
+    store.checkpoint(u64::MAX).unwrap();
+    assert!(matches!(
+        store.truncate_after(committed - 1),
+        Err(StoreError::Wal(WalError::BelowCheckpoint { .. }))
+    ));
+}
+
+#[test]
+fn a_replicated_frame_outside_the_volume_is_refused_before_it_reaches_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut raw = BytesMut::new();
+    Frame::write(1, 1, 0, block(1)).encode(&mut raw);
+    Frame::write(2, 1, BLOCKS + 10, block(2)).encode(&mut raw);
+    assert!(matches!(
+        store.apply_replicated(&raw.freeze()),
+        Err(StoreError::Extent(ExtentError::OutOfRange { .. }))
+    ));
+    assert_eq!(store.wal().head(), 0);
+}
+
+#[test]
+fn a_corrupt_superblock_or_wrong_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    assert!(matches!(
+        Store::open(dir.path(), StoreOptions::new(BLOCKS * 2)),
+        Err(StoreError::SizeMismatch {
+            on_disk: BLOCKS,
+            ..
+        })
+    ));
+    let path = dir.path().join("superblock");
+    let mut data = fs::read(&path).unwrap();
+    data[41] ^= 1;
+    fs::write(&path, data).unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), options()),
+        Err(StoreError::Superblock(SuperblockError::Corrupt { .. }))
+    ));
+}
