@@ -7,6 +7,7 @@
 //! - [`Wal`]: segmented WAL with group commit, crash recovery, retention pins;
 //! - [`LogReader`]: frame batches from io_uring or positional reads;
 //! - [`Store`]: extent + superblock + WAL, checkpointer, snapshots, base install;
+//! - [`WireCodec`]: the replication protocol's messages over TCP.
 
 mod extent;
 pub mod frame;
@@ -16,6 +17,7 @@ mod segment;
 mod store;
 mod superblock;
 mod wal;
+mod wire;
 
 pub use extent::{ExtentError, ExtentFile};
 pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
@@ -31,4 +33,7 @@ pub use superblock::{Superblock, SuperblockError};
 pub use wal::{
     sync_dir, PinReport, PinStats, ReadChunk, RecoveryReport, RecycleReport, RetentionReport,
     SyncMode, Wal, WalError, WalOptions,
+};
+pub use wire::{
+    Envelope, ImageKind, Message, WireCodec, WireError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };

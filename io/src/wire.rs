@@ -1,0 +1,706 @@
+//! The replication protocol's wire format: a tokio-util codec.
+//!
+//! Every message is one frame:
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 4 | `len`: bytes after this field, little-endian |
+//! | 4 | 1 | protocol version ([`PROTOCOL_VERSION`]) |
+//! | 5 | 1 | message type |
+//! | 6 | 8 | epoch of the sender |
+//! | 14 | `len - 10` | body |
+//!
+//! `len` is checked against the codec's maximum before any buffer is grown,
+//! so a hostile length costs nothing. Strings are u16-length-prefixed UTF-8;
+//! byte blobs are u32-length-prefixed and decoded as zero-copy slices of the
+//! received frame. A frame must be consumed exactly: trailing bytes are an
+//! error. Every failure is a typed [`WireError`]; the caller closes the
+//! connection.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Version spoken by this build.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Default largest frame accepted: a 16 MiB WAL batch plus headers.
+pub const DEFAULT_MAX_FRAME: usize = 17 << 20;
+const HEADER: usize = 10;
+const MAX_STRING: usize = 1024;
+
+/// What a rebuild transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    /// The extent at a trusted checkpoint; a WAL tail follows.
+    Snapshot,
+    /// The whole extent at a base LSN.
+    FullBase,
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Primary → replica: open a session with the replica the primary believes it is talking to.
+    Hello {
+        /// Cluster name.
+        cluster: String,
+        /// Volume name.
+        volume: String,
+        /// Replica identity (`volume/server`).
+        replica: String,
+        /// Engine session id.
+        session: u64,
+    },
+    /// Replica → primary: who it is and what it holds.
+    HelloAck {
+        /// Replica identity.
+        replica: String,
+        /// Durable LSN.
+        flushed: u64,
+        /// Checkpoint LSN.
+        checkpoint: u64,
+    },
+    /// Encoded WAL frames `first_lsn..=last_lsn`, exactly as on disk.
+    WalBatch {
+        /// Session the batch belongs to (0 for live shipping).
+        session: u64,
+        /// First LSN.
+        first_lsn: u64,
+        /// Last LSN.
+        last_lsn: u64,
+        /// Primary's committed LSN when sent.
+        committed: u64,
+        /// The frames.
+        frames: Bytes,
+    },
+    /// Primary → replica: ack once everything up to `lsn` is durable.
+    Barrier {
+        /// Barrier id.
+        id: u64,
+        /// LSN.
+        lsn: u64,
+    },
+    /// Replica → primary: everything up to `durable` is durable.
+    DurableAck {
+        /// Contiguous durable LSN.
+        durable: u64,
+        /// The barrier answered, if any.
+        barrier: Option<u64>,
+    },
+    /// Liveness probe with the primary's committed LSN.
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+        /// Committed LSN.
+        committed: u64,
+    },
+    /// Answer to a heartbeat.
+    HeartbeatAck {
+        /// Sequence echoed.
+        seq: u64,
+        /// Durable LSN.
+        durable: u64,
+    },
+    /// A rebuild image follows.
+    RebuildBegin {
+        /// Session.
+        session: u64,
+        /// Image kind.
+        kind: ImageKind,
+        /// LSN the image holds.
+        image_lsn: u64,
+        /// Image size.
+        image_bytes: u64,
+    },
+    /// One chunk of the image.
+    RebuildChunk {
+        /// Session.
+        session: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Data.
+        data: Bytes,
+    },
+    /// The image is complete; `checksum` is its crc32c.
+    RebuildDone {
+        /// Session.
+        session: u64,
+        /// LSN the image holds.
+        image_lsn: u64,
+        /// crc32c of the whole image.
+        checksum: u32,
+    },
+    /// Replica → primary: the image is installed.
+    RebuildInstalled {
+        /// Session.
+        session: u64,
+        /// LSN installed.
+        image_lsn: u64,
+    },
+    /// Primary → replica: drop everything after `to`.
+    Truncate {
+        /// Session.
+        session: u64,
+        /// Last LSN kept.
+        to: u64,
+    },
+    /// Replica → primary: truncated.
+    Truncated {
+        /// Session.
+        session: u64,
+        /// Last LSN kept.
+        to: u64,
+    },
+    /// The receiver's epoch is newer: the peer is fenced.
+    Fence {
+        /// The newer epoch.
+        current_epoch: u64,
+    },
+    /// The peer refused something; the connection closes after this.
+    Error {
+        /// Machine-readable code.
+        code: u16,
+        /// Human-readable message.
+        message: String,
+    },
+}
+
+/// A message with the sender's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Sender's epoch.
+    pub epoch: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// A frame that cannot be decoded or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Declared length over the maximum; refused before allocating.
+    #[error("frame of {len} bytes exceeds the maximum {max}")]
+    TooLarge {
+        /// Declared length.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// Declared length shorter than the header.
+    #[error("frame of {0} bytes is shorter than its header")]
+    TooShort(usize),
+    /// Unsupported protocol version.
+    #[error("protocol version {0} not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    /// Unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// The body ended inside a field.
+    #[error("message body truncated in {0}")]
+    Truncated(&'static str),
+    /// The body has bytes after its last field.
+    #[error("{0} trailing bytes after the message body")]
+    Trailing(usize),
+    /// A string is not UTF-8.
+    #[error("field {0} is not UTF-8")]
+    BadUtf8(&'static str),
+    /// A string longer than the protocol allows.
+    #[error("field {field} is {len} bytes, more than {MAX_STRING}")]
+    StringTooLong {
+        /// Field.
+        field: &'static str,
+        /// Length.
+        len: usize,
+    },
+    /// An enum byte out of range.
+    #[error("field {field} has invalid value {value}")]
+    BadValue {
+        /// Field.
+        field: &'static str,
+        /// Value.
+        value: u8,
+    },
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The codec. `max_frame` bounds what is accepted and sent.
+#[derive(Debug, Clone, Copy)]
+pub struct WireCodec {
+    max_frame: usize,
+}
+
+impl Default for WireCodec {
+    fn default() -> Self {
+        Self {
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl WireCodec {
+    /// A codec accepting frames up to `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        Self { max_frame }
+    }
+}
+
+struct Reader {
+    body: Bytes,
+}
+
+impl Reader {
+    fn need(&self, n: usize, what: &'static str) -> Result<(), WireError> {
+        if self.body.remaining() < n {
+            return Err(WireError::Truncated(what));
+        }
+        Ok(())
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        self.need(1, what)?;
+        Ok(self.body.get_u8())
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        self.need(2, what)?;
+        Ok(self.body.get_u16_le())
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        self.need(4, what)?;
+        Ok(self.body.get_u32_le())
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        self.need(8, what)?;
+        Ok(self.body.get_u64_le())
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, WireError> {
+        let len = self.u16(what)? as usize;
+        if len > MAX_STRING {
+            return Err(WireError::StringTooLong { field: what, len });
+        }
+        self.need(len, what)?;
+        let raw = self.body.split_to(len);
+        String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadUtf8(what))
+    }
+
+    fn blob(&mut self, what: &'static str) -> Result<Bytes, WireError> {
+        let len = self.u32(what)? as usize;
+        self.need(len, what)?;
+        Ok(self.body.split_to(len))
+    }
+
+    fn finish(self) -> Result<(), WireError> {
+        match self.body.remaining() {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+}
+
+fn put_string(dst: &mut BytesMut, value: &str) {
+    let bytes = &value.as_bytes()[..value.len().min(MAX_STRING)];
+    dst.put_u16_le(bytes.len() as u16);
+    dst.put_slice(bytes);
+}
+
+fn put_blob(dst: &mut BytesMut, value: &Bytes) {
+    dst.put_u32_le(value.len() as u32);
+    dst.put_slice(value);
+}
+
+impl Message {
+    fn type_byte(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => 1,
+            Self::HelloAck { .. } => 2,
+            Self::WalBatch { .. } => 3,
+            Self::Barrier { .. } => 4,
+            Self::DurableAck { .. } => 5,
+            Self::Heartbeat { .. } => 6,
+            Self::HeartbeatAck { .. } => 7,
+            Self::RebuildBegin { .. } => 8,
+            Self::RebuildChunk { .. } => 9,
+            Self::RebuildDone { .. } => 10,
+            Self::RebuildInstalled { .. } => 11,
+            Self::Truncate { .. } => 12,
+            Self::Truncated { .. } => 13,
+            Self::Fence { .. } => 14,
+            Self::Error { .. } => 15,
+        }
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Self::Hello {
+                cluster,
+                volume,
+                replica,
+                session,
+            } => {
+                put_string(dst, cluster);
+                put_string(dst, volume);
+                put_string(dst, replica);
+                dst.put_u64_le(*session);
+            }
+            Self::HelloAck {
+                replica,
+                flushed,
+                checkpoint,
+            } => {
+                put_string(dst, replica);
+                dst.put_u64_le(*flushed);
+                dst.put_u64_le(*checkpoint);
+            }
+            Self::WalBatch {
+                session,
+                first_lsn,
+                last_lsn,
+                committed,
+                frames,
+            } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*first_lsn);
+                dst.put_u64_le(*last_lsn);
+                dst.put_u64_le(*committed);
+                put_blob(dst, frames);
+            }
+            Self::Barrier { id, lsn } => {
+                dst.put_u64_le(*id);
+                dst.put_u64_le(*lsn);
+            }
+            Self::DurableAck { durable, barrier } => {
+                dst.put_u64_le(*durable);
+                dst.put_u8(u8::from(barrier.is_some()));
+                dst.put_u64_le(barrier.unwrap_or(0));
+            }
+            Self::Heartbeat { seq, committed } => {
+                dst.put_u64_le(*seq);
+                dst.put_u64_le(*committed);
+            }
+            Self::HeartbeatAck { seq, durable } => {
+                dst.put_u64_le(*seq);
+                dst.put_u64_le(*durable);
+            }
+            Self::RebuildBegin {
+                session,
+                kind,
+                image_lsn,
+                image_bytes,
+            } => {
+                dst.put_u64_le(*session);
+                dst.put_u8(match kind {
+                    ImageKind::Snapshot => 1,
+                    ImageKind::FullBase => 2,
+                });
+                dst.put_u64_le(*image_lsn);
+                dst.put_u64_le(*image_bytes);
+            }
+            Self::RebuildChunk {
+                session,
+                offset,
+                data,
+            } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*offset);
+                put_blob(dst, data);
+            }
+            Self::RebuildDone {
+                session,
+                image_lsn,
+                checksum,
+            } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*image_lsn);
+                dst.put_u32_le(*checksum);
+            }
+            Self::RebuildInstalled { session, image_lsn } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*image_lsn);
+            }
+            Self::Truncate { session, to } | Self::Truncated { session, to } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*to);
+            }
+            Self::Fence { current_epoch } => dst.put_u64_le(*current_epoch),
+            Self::Error { code, message } => {
+                dst.put_u16_le(*code);
+                put_string(dst, message);
+            }
+        }
+    }
+
+    fn decode_body(kind: u8, r: &mut Reader) -> Result<Self, WireError> {
+        Ok(match kind {
+            1 => Self::Hello {
+                cluster: r.string("cluster")?,
+                volume: r.string("volume")?,
+                replica: r.string("replica")?,
+                session: r.u64("session")?,
+            },
+            2 => Self::HelloAck {
+                replica: r.string("replica")?,
+                flushed: r.u64("flushed")?,
+                checkpoint: r.u64("checkpoint")?,
+            },
+            3 => Self::WalBatch {
+                session: r.u64("session")?,
+                first_lsn: r.u64("first_lsn")?,
+                last_lsn: r.u64("last_lsn")?,
+                committed: r.u64("committed")?,
+                frames: r.blob("frames")?,
+            },
+            4 => Self::Barrier {
+                id: r.u64("id")?,
+                lsn: r.u64("lsn")?,
+            },
+            5 => {
+                let durable = r.u64("durable")?;
+                let has_barrier = r.u8("barrier flag")?;
+                let barrier = r.u64("barrier")?;
+                let barrier = match has_barrier {
+                    0 => None,
+                    1 => Some(barrier),
+                    value => {
+                        return Err(WireError::BadValue {
+                            field: "barrier flag",
+                            value,
+                        })
+                    }
+                };
+                Self::DurableAck { durable, barrier }
+            }
+            6 => Self::Heartbeat {
+                seq: r.u64("seq")?,
+                committed: r.u64("committed")?,
+            },
+            7 => Self::HeartbeatAck {
+                seq: r.u64("seq")?,
+                durable: r.u64("durable")?,
+            },
+            8 => {
+                let session = r.u64("session")?;
+                let kind = match r.u8("image kind")? {
+                    1 => ImageKind::Snapshot,
+                    2 => ImageKind::FullBase,
+                    value => {
+                        return Err(WireError::BadValue {
+                            field: "image kind",
+                            value,
+                        })
+                    }
+                };
+                Self::RebuildBegin {
+                    session,
+                    kind,
+                    image_lsn: r.u64("image_lsn")?,
+                    image_bytes: r.u64("image_bytes")?,
+                }
+            }
+            9 => Self::RebuildChunk {
+                session: r.u64("session")?,
+                offset: r.u64("offset")?,
+                data: r.blob("data")?,
+            },
+            10 => Self::RebuildDone {
+                session: r.u64("session")?,
+                image_lsn: r.u64("image_lsn")?,
+                checksum: r.u32("checksum")?,
+            },
+            11 => Self::RebuildInstalled {
+                session: r.u64("session")?,
+                image_lsn: r.u64("image_lsn")?,
+            },
+            12 => Self::Truncate {
+                session: r.u64("session")?,
+                to: r.u64("to")?,
+            },
+            13 => Self::Truncated {
+                session: r.u64("session")?,
+                to: r.u64("to")?,
+            },
+            14 => Self::Fence {
+                current_epoch: r.u64("current_epoch")?,
+            },
+            15 => Self::Error {
+                code: r.u16("code")?,
+                message: r.string("message")?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        })
+    }
+}
+
+impl Decoder for WireCodec {
+    type Item = Envelope;
+    type Error = WireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Envelope>, WireError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max_frame {
+            return Err(WireError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if len < HEADER {
+            return Err(WireError::TooShort(len));
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let mut frame = src.split_to(len).freeze();
+        let version = frame.get_u8();
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let kind = frame.get_u8();
+        let epoch = frame.get_u64_le();
+        let mut reader = Reader { body: frame };
+        let message = Message::decode_body(kind, &mut reader)?;
+        reader.finish()?;
+        Ok(Some(Envelope { epoch, message }))
+    }
+}
+
+impl Encoder<Envelope> for WireCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, item: Envelope, dst: &mut BytesMut) -> Result<(), WireError> {
+        let start = dst.len();
+        dst.put_u32_le(0);
+        dst.put_u8(PROTOCOL_VERSION);
+        dst.put_u8(item.message.type_byte());
+        dst.put_u64_le(item.epoch);
+        item.message.encode_body(dst);
+        let len = dst.len() - start - 4;
+        if len > self.max_frame {
+            dst.truncate(start);
+            return Err(WireError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(message: Message) {
+        let mut codec = WireCodec::default();
+        let mut buf = BytesMut::new();
+        let envelope = Envelope { epoch: 9, message };
+        codec.encode(envelope.clone(), &mut buf).unwrap();
+        // Byte by byte: Incomplete until the last byte, then exactly one message.
+        let mut partial = BytesMut::new();
+        let encoded = buf.clone();
+        for (i, byte) in encoded.iter().enumerate() {
+            partial.put_u8(*byte);
+            let decoded = codec.decode(&mut partial).unwrap();
+            if i + 1 < encoded.len() {
+                assert!(decoded.is_none());
+            } else {
+                assert_eq!(decoded, Some(envelope.clone()));
+            }
+        }
+        assert!(partial.is_empty());
+    }
+
+    #[test]
+    fn every_message_round_trips_even_byte_by_byte() {
+        round_trip(Message::Hello {
+            cluster: "c".into(),
+            volume: "v".into(),
+            replica: "v/r".into(),
+            session: 3,
+        });
+        round_trip(Message::DurableAck {
+            durable: 5,
+            barrier: Some(2),
+        });
+        round_trip(Message::DurableAck {
+            durable: 5,
+            barrier: None,
+        });
+        round_trip(Message::WalBatch {
+            session: 1,
+            first_lsn: 2,
+            last_lsn: 3,
+            committed: 1,
+            frames: Bytes::from_static(b"frames"),
+        });
+        round_trip(Message::RebuildBegin {
+            session: 1,
+            kind: ImageKind::FullBase,
+            image_lsn: 7,
+            image_bytes: 8,
+        });
+        round_trip(Message::Error {
+            code: 4,
+            message: "stale epoch".into(),
+        });
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut codec = WireCodec::new(1024);
+        let mut buf = BytesMut::from(&(u32::MAX).to_le_bytes()[..]);
+        let capacity = buf.capacity();
+        assert!(
+            matches!(codec.decode(&mut buf), Err(WireError::TooLarge { len, max: 1024 }) if len == u32::MAX as usize)
+        );
+        assert_eq!(buf.capacity(), capacity);
+    }
+
+    #[test]
+    fn malformed_frames_get_typed_errors() {
+        let mut codec = WireCodec::default();
+        let frame = |version: u8, kind: u8, body: &[u8]| {
+            let mut buf = BytesMut::new();
+            buf.put_u32_le((HEADER + body.len()) as u32);
+            buf.put_u8(version);
+            buf.put_u8(kind);
+            buf.put_u64_le(1);
+            buf.put_slice(body);
+            buf
+        };
+        assert!(matches!(
+            codec.decode(&mut frame(2, 1, &[])),
+            Err(WireError::Version(2))
+        ));
+        assert!(matches!(
+            codec.decode(&mut frame(1, 99, &[])),
+            Err(WireError::UnknownType(99))
+        ));
+        assert!(matches!(
+            codec.decode(&mut frame(1, 4, &[0; 15])),
+            Err(WireError::Truncated("lsn"))
+        ));
+        assert!(matches!(
+            codec.decode(&mut frame(1, 4, &[0; 17])),
+            Err(WireError::Trailing(1))
+        ));
+        assert!(matches!(
+            codec.decode(&mut frame(1, 2, &[2, 0, 0xff, 0xfe])),
+            Err(WireError::BadUtf8("replica"))
+        ));
+        let mut short = BytesMut::new();
+        short.put_u32_le(3);
+        short.put_slice(&[1, 2, 3]);
+        assert!(matches!(
+            codec.decode(&mut short),
+            Err(WireError::TooShort(3))
+        ));
+    }
+}
