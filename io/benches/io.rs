@@ -1,1 +1,252 @@
-fn main() {}
+//! walship-io benchmarks. Every figure comes with a baseline from the same run
+//! and the ratios are printed at the end.
+//!
+//! - `scan`: sequential scan of a WAL of `WALSHIP_BENCH_SCAN_MB` MiB (default
+//!   1024) with a cold page cache (`posix_fadvise(DONTNEED)` before each
+//!   iteration): raw `read_at` loop (no parsing) vs pread reader vs io_uring
+//!   reader. Targets: uring >= 1.1x pread reader, >= 0.9x raw loop.
+//! - `append_4k`: 4 KiB appends, each waiting for durability, at 1, 8 and 64
+//!   writers with group commit vs a raw `write` + `fdatasync` loop.
+//!
+//! Run: `cargo bench -p walship-io --bench io` (knobs: `WALSHIP_BENCH_SCAN_MB`,
+//! `WALSHIP_BENCH_CHUNK_KB`, `WALSHIP_BENCH_QD`, `WALSHIP_BENCH_WARM=1` to keep the cache).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use walship_io::*;
+
+const CHUNK: usize = 1 << 20;
+
+fn scan_mb() -> u64 {
+    std::env::var("WALSHIP_BENCH_SCAN_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn evict(dir: &Path) {
+    for path in segments(dir) {
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let rc = fadvise_dontneed(&file);
+        assert_eq!(rc, 0, "posix_fadvise failed on {}", path.display());
+    }
+}
+
+#[allow(unsafe_code)]
+fn fadvise_dontneed(file: &File) -> i32 {
+    // SAFETY: the fd is valid for the call; DONTNEED only drops clean cached pages.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }
+}
+
+fn build_wal(dir: &Path, mb: u64) -> (Wal, u64, u64) {
+    let options = WalOptions {
+        segment_bytes: 64 << 20,
+        sync: SyncMode::None,
+        ..WalOptions::default()
+    };
+    let (wal, _) = Wal::open(dir, options).unwrap();
+    let block = Bytes::from(vec![0x5A; BLOCK_SIZE]);
+    let frames = mb * (1 << 20) / BLOCK_SIZE as u64;
+    for lba in 0..frames {
+        wal.append(1, FrameKind::Write, lba, block.clone()).unwrap();
+    }
+    let bytes: u64 = segments(dir)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    (wal, frames, bytes)
+}
+
+fn raw_scan(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut buf = vec![0u8; CHUNK];
+    for path in segments(dir) {
+        let file = File::open(&path).unwrap();
+        let mut offset = 0;
+        loop {
+            let n = file.read_at(&mut buf, offset).unwrap();
+            if n == 0 {
+                break;
+            }
+            offset += n as u64;
+            total += n as u64;
+        }
+    }
+    total
+}
+
+fn reader_scan(reader: &LogReader, head: u64) -> u64 {
+    let mut stream = reader.stream(0, head).unwrap();
+    let mut frames = 0;
+    while let Some(batch) = stream.blocking_next() {
+        frames += batch.unwrap().frames.len() as u64;
+    }
+    assert_eq!(frames, head);
+    frames
+}
+
+fn scan(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, head, bytes) = build_wal(dir.path(), scan_mb());
+    let options = ReaderOptions {
+        chunk_bytes: CHUNK,
+        queue_depth: 8,
+        stream_buffer: 8,
+        uring_disabled: None,
+    };
+    let pread = LogReader::open(wal.clone(), BackendRequest::Pread, options.clone()).unwrap();
+    let uring = LogReader::open(wal.clone(), BackendRequest::Uring, options).unwrap();
+    let mut group = c.benchmark_group("scan");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .throughput(Throughput::Bytes(bytes));
+    let cold = |dir: &Path, run: &dyn Fn() -> u64, iters: u64| {
+        let mut spent = Duration::ZERO;
+        let warm = std::env::var_os("WALSHIP_BENCH_WARM").is_some();
+        for _ in 0..iters {
+            if !warm {
+                evict(dir);
+            }
+            let start = Instant::now();
+            std::hint::black_box(run());
+            spent += start.elapsed();
+        }
+        spent
+    };
+    group.bench_function("raw_read_at", |b| {
+        b.iter_custom(|n| cold(dir.path(), &|| raw_scan(dir.path()), n))
+    });
+    group.bench_function("pread_reader", |b| {
+        b.iter_custom(|n| cold(dir.path(), &|| reader_scan(&pread, head), n))
+    });
+    group.bench_function("uring_reader", |b| {
+        b.iter_custom(|n| cold(dir.path(), &|| reader_scan(&uring, head), n))
+    });
+    group.finish();
+}
+
+fn raw_fdatasync(dir: &Path, ops: u64) -> Duration {
+    let path = dir.join("raw.dat");
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let block = vec![0x33u8; BLOCK_SIZE + 34];
+    let start = Instant::now();
+    for i in 0..ops {
+        file.write_all_at(&block, i * block.len() as u64).unwrap();
+        file.sync_data().unwrap();
+    }
+    start.elapsed()
+}
+
+fn group_commit(dir: &Path, writers: u64, ops: u64) -> Duration {
+    let sub = dir.join(format!(
+        "wal-{writers}-{}",
+        Instant::now().elapsed().as_nanos()
+    ));
+    let (wal, _) = Wal::open(&sub, WalOptions::default()).unwrap();
+    let wal = Arc::new(wal);
+    let per_writer = ops / writers;
+    let start = Instant::now(); // after open: setup is not measured
+    let threads: Vec<_> = (0..writers)
+        .map(|_| {
+            let wal = Arc::clone(&wal);
+            std::thread::spawn(move || {
+                let block = Bytes::from(vec![0x44u8; BLOCK_SIZE]);
+                for _ in 0..per_writer {
+                    let lsn = wal.append(1, FrameKind::Write, 0, block.clone()).unwrap();
+                    wal.sync_to(lsn).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let spent = start.elapsed();
+    drop(wal);
+    let _ = fs::remove_dir_all(sub);
+    spent
+}
+
+fn append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    const OPS: u64 = 1024;
+    let mut group = c.benchmark_group("append_4k");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(OPS));
+    group.bench_function("raw_write_fdatasync", |b| {
+        b.iter_custom(|n| (0..n).map(|_| raw_fdatasync(dir.path(), OPS)).sum())
+    });
+    for writers in [1u64, 8, 64] {
+        group.bench_with_input(
+            BenchmarkId::new("group_commit", writers),
+            &writers,
+            |b, &w| b.iter_custom(|n| (0..n).map(|_| group_commit(dir.path(), w, OPS)).sum()),
+        );
+    }
+    group.finish();
+}
+
+/// Mean time per iteration from criterion's saved estimates, in ns.
+fn mean_ns(group: &str, function: &str) -> Option<f64> {
+    let root = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = root
+        .join("criterion")
+        .join(group)
+        .join(function)
+        .join("new/estimates.json");
+    let json: serde_json::Value = serde_json::from_str(&fs::read_to_string(path).ok()?).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn report() {
+    println!("\n== ratios (same run) ==");
+    let ratio = |group: &str, a: &str, b: &str| match (mean_ns(group, a), mean_ns(group, b)) {
+        (Some(ta), Some(tb)) => println!("{group}: {a} / {b} = {:.2}x throughput", tb / ta),
+        _ => println!("{group}: {a} or {b} not measured in this run"),
+    };
+    ratio("scan", "uring_reader", "pread_reader");
+    ratio("scan", "uring_reader", "raw_read_at");
+    ratio("scan", "pread_reader", "raw_read_at");
+    for writers in ["1", "8", "64"] {
+        ratio(
+            "append_4k",
+            &format!("group_commit/{writers}"),
+            "raw_write_fdatasync",
+        );
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    scan(&mut c);
+    append(&mut c);
+    c.final_summary();
+    report();
+}

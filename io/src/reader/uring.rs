@@ -141,10 +141,6 @@ struct ActiveStream {
 }
 
 impl ActiveStream {
-    fn pending(&self) -> usize {
-        self.inflight + self.ready.len() + usize::from(self.unsent.is_some())
-    }
-
     fn finished(&self) -> bool {
         let all_sent = self.next_emit == self.job.chunks.len() && self.unsent.is_none();
         self.inflight == 0 && (self.stopped || all_sent)
@@ -175,6 +171,9 @@ impl Worker {
             if !self.intake(&rx) {
                 break;
             }
+            // Refill the ring first, so reads are in flight while the
+            // completed chunks are checked and sent.
+            self.submit();
             self.emit();
             self.submit();
             self.retire();
@@ -286,7 +285,9 @@ impl Worker {
                     break;
                 }
                 let more = stream.next_submit < stream.job.chunks.len();
-                if stream.stopped || !more || stream.pending() >= self.depth {
+                let waiting = stream.ready.len() + usize::from(stream.unsent.is_some());
+                if stream.stopped || !more || stream.inflight >= self.depth || waiting >= self.depth
+                {
                     continue;
                 }
                 let index = stream.next_submit;
