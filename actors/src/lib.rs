@@ -1,1 +1,30 @@
-//! placeholder
+//! # walship-actors
+//!
+//! The actor runtime that binds the pure engine (`walship-engine`) to storage
+//! and IO (`walship-io`): a [`Runtime`] running actix on its own thread, a
+//! `VolumeActor` per primary volume, a `SenderActor` per replica, a
+//! `ReceiverActor` on replicas, executor futures that stream WAL frames over
+//! TCP, and mailbox metrics for every actor.
+//!
+//! It is the only crate that knows both the engine and io.
+
+mod config;
+mod error;
+mod executor;
+pub mod metrics;
+mod receiver;
+mod resources;
+mod runtime;
+mod sender;
+mod volume;
+
+pub use config::{PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
+pub use error::{ExecError, VolumeError};
+pub use metrics::{MailboxMetrics, MailboxSnapshot};
+pub use receiver::{
+    ReplicaStatus, CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_SUPERSEDED, CODE_TRUNCATE_REFUSED,
+    CODE_WIRE,
+};
+pub use runtime::{NodeStatus, Runtime, VolumeHandle};
+pub use sender::SenderActor;
+pub use volume::{VolumeActor, VolumeStatus};

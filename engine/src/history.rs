@@ -176,11 +176,14 @@ impl HandshakeOutcome {
 
 /// Classifies a handshake: the replica reports `flushed`, the primary knows `history`.
 ///
-/// - zero gap iff `flushed == committed`;
+/// - zero gap iff `flushed == committed` and the WAL still holds
+///   `(committed, head]`, which live shipping will send next;
 /// - a replica ahead of committed catches up with a mandatory truncation to committed
 ///   (what it holds past committed was never acknowledged and must not be revived);
 /// - catch-up iff `(flushed, committed]` is recoverable from the retained WAL;
-/// - otherwise it needs a rebuild.
+/// - otherwise it needs a rebuild. A replica at or ahead of committed whose
+///   live tail `(committed, head]` was recycled also needs one
+///   (`live_tail_beyond_retention`).
 pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeOutcome {
     let committed = history.committed;
     let proof = |verdict, reason: String| RecoverabilityProof {
@@ -189,6 +192,18 @@ pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeO
         history: *history,
         reason,
     };
+    // Whatever the gap, an InSync replica is then live-shipped from committed
+    // on: (committed, head] must still be in the WAL.
+    let live_tail_retained = history.is_recoverable(committed.min(flushed), history.head);
+    if flushed >= committed && !live_tail_retained {
+        let reason = format!(
+            "live_tail_beyond_retention: {}",
+            history.range_words(committed, history.head)
+        );
+        return HandshakeOutcome::NeedsRebuild {
+            proof: proof(Verdict::NeedsRebuild, reason),
+        };
+    }
     if flushed == committed {
         return HandshakeOutcome::ZeroGap {
             proof: proof(Verdict::ZeroGap, "zero_gap".into()),
@@ -335,6 +350,22 @@ mod tests {
             "gap_beyond_retention: need 10-90, tail=10 head=100"
         );
         assert_eq!(beyond.proof().verdict, Verdict::NeedsRebuild);
+    }
+
+    #[test]
+    fn zero_gap_needs_the_live_tail_in_the_wal() {
+        // Committed stalled at 10 (sync_all, a replica lost) while the WAL recycled to 105.
+        let h = history(105, 200, 10);
+        let outcome = classify_handshake(Lsn(10), &h);
+        assert_eq!(
+            outcome.proof().reason,
+            "live_tail_beyond_retention: need 11-200, tail=105 head=200"
+        );
+        assert_eq!(outcome.proof().verdict, Verdict::NeedsRebuild);
+        assert!(matches!(
+            classify_handshake(Lsn(12), &h),
+            HandshakeOutcome::NeedsRebuild { .. }
+        ));
     }
 
     #[test]

@@ -825,6 +825,27 @@ impl Wal {
         Ok(chunks)
     }
 
+    /// Reads the encoded frames after `from`, up to `to`, as one buffer of at
+    /// most `max_bytes` (at least one frame). Returns the bytes and the last
+    /// LSN they hold. Frames are not decoded: whoever applies them checks them.
+    pub fn read_raw(&self, from: u64, to: u64, max_bytes: usize) -> Result<(Bytes, u64), WalError> {
+        let chunks = self.plan_read(from, to, max_bytes)?;
+        let mut buf = BytesMut::new();
+        let mut last = from;
+        for chunk in chunks {
+            if !buf.is_empty() && buf.len() + chunk.len > max_bytes {
+                break;
+            }
+            let file = File::open(chunk.path.as_ref()).map_err(io_err("open", &chunk.path))?;
+            let start = buf.len();
+            buf.resize(start + chunk.len, 0);
+            file.read_exact_at(&mut buf[start..], chunk.offset)
+                .map_err(io_err("read", &chunk.path))?;
+            last = chunk.last_lsn;
+        }
+        Ok((buf.freeze(), last))
+    }
+
     /// Reads `(from, to]` with positional reads on the calling thread.
     pub fn read_frames(&self, from: u64, to: u64) -> Result<Vec<Frame>, WalError> {
         let mut frames = Vec::new();

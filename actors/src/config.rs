@@ -1,0 +1,114 @@
+//! Configuration of a volume spawned into the runtime.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use walship_engine::{CatchUpBudget, CommitMode};
+use walship_io::{BackendRequest, StoreOptions};
+
+/// One replica of a primary's assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSpec {
+    /// Server name; the replica id is `<volume>/<server>`.
+    pub server: String,
+    /// Data address (`host:port`).
+    pub addr: String,
+    /// Endpoint version; bump it when the address changes.
+    pub version: u64,
+}
+
+/// Tuning shared by primaries.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Length of one engine tick.
+    pub tick: Duration,
+    /// Barrier timeout, in ticks.
+    pub barrier_timeout_ticks: u64,
+    /// Pin reservation timeout, in ticks.
+    pub pin_reservation_ticks: u64,
+    /// Every this many ticks, idle replicas are retried.
+    pub heartbeat_every_ticks: u64,
+    /// Catch-up budget.
+    pub budget: CatchUpBudget,
+    /// Unacknowledged bytes an executor may have in flight.
+    pub max_inflight_bytes: usize,
+    /// Largest WAL batch sent at once.
+    pub batch_bytes: usize,
+    /// Rebuild image chunk size.
+    pub image_chunk_bytes: usize,
+    /// Checkpoint when this many LSNs are durable past the checkpoint.
+    pub checkpoint_every_lsns: u64,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// A connection with no traffic from the peer for this long is dead.
+    pub peer_timeout: Duration,
+    /// Log reader backend.
+    pub backend: BackendRequest,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(10),
+            barrier_timeout_ticks: 500,
+            pin_reservation_ticks: 500,
+            heartbeat_every_ticks: 20,
+            budget: CatchUpBudget::default(),
+            max_inflight_bytes: 8 << 20,
+            batch_bytes: 1 << 20,
+            image_chunk_bytes: 1 << 20,
+            checkpoint_every_lsns: 16 * 1024,
+            connect_timeout: Duration::from_secs(2),
+            peer_timeout: Duration::from_secs(5),
+            backend: BackendRequest::Auto,
+        }
+    }
+}
+
+/// A primary volume.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// Cluster name, sent in every hello.
+    pub cluster: String,
+    /// Volume name.
+    pub volume: String,
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Store options.
+    pub store: StoreOptions,
+    /// Epoch of the first assignment.
+    pub epoch: u64,
+    /// Commit mode.
+    pub commit_mode: CommitMode,
+    /// Replicas.
+    pub replicas: Vec<ReplicaSpec>,
+    /// Tuning.
+    pub tuning: Tuning,
+}
+
+/// A replica volume.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Cluster name.
+    pub cluster: String,
+    /// Volume name.
+    pub volume: String,
+    /// This server's name; the replica id is `<volume>/<server>`.
+    pub server: String,
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Store options.
+    pub store: StoreOptions,
+    /// Address to listen on (`127.0.0.1:0` picks a port).
+    pub listen: String,
+    /// Checkpoint when this many committed LSNs are past the checkpoint.
+    pub checkpoint_every_lsns: u64,
+}
+
+/// What to spawn.
+#[derive(Debug, Clone)]
+pub enum VolumeConfig {
+    /// A primary.
+    Primary(PrimaryConfig),
+    /// A replica.
+    Replica(ReplicaConfig),
+}

@@ -1,0 +1,88 @@
+//! The runtime's errors.
+
+use walship_engine::{BarrierFailure, EngineError};
+use walship_io::{ReaderError, StoreError, WalError, WireError};
+
+/// A volume operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine refused.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The log reader could not start.
+    #[error(transparent)]
+    Reader(#[from] ReaderError),
+    /// The barrier failed; the write is not committed under the volume's mode.
+    #[error("barrier failed: {0}")]
+    Barrier(BarrierFailure),
+    /// The operation needs a primary.
+    #[error("this volume is a replica")]
+    NotPrimary,
+    /// The volume's actor has stopped.
+    #[error("volume actor stopped")]
+    Stopped,
+    /// The WAL refused writes after a failed sync.
+    #[error("volume poisoned: {0}")]
+    Poisoned(String),
+    /// Starting the runtime or a listener failed.
+    #[error("runtime: {0}")]
+    Runtime(String),
+}
+
+/// Why an executor or connection stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The socket failed or the peer sent bytes that do not decode.
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+    /// The peer closed the connection.
+    #[error("peer closed the connection")]
+    Closed,
+    /// The peer went silent.
+    #[error("peer silent for {0:?}")]
+    Timeout(std::time::Duration),
+    /// The peer refused.
+    #[error("peer error {code}: {message}")]
+    Peer {
+        /// Code.
+        code: u16,
+        /// Message.
+        message: String,
+    },
+    /// The peer is in a newer epoch: we are fenced.
+    #[error("fenced by peer epoch {0}")]
+    Fenced(u64),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Reading the WAL failed.
+    #[error(transparent)]
+    Reader(#[from] ReaderError),
+    /// Reading the WAL failed.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// Reading the image failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The executor state machine refused.
+    #[error(transparent)]
+    Executor(#[from] walship_engine::ExecutorError),
+}
+
+impl ExecError {
+    /// Whether retrying from a new session cannot help (the replica needs a rebuild).
+    pub fn is_unrecoverable(&self) -> bool {
+        matches!(
+            self,
+            Self::Reader(ReaderError::Range(WalError::Recycled { .. }))
+                | Self::Wal(WalError::Recycled { .. })
+                | Self::Peer {
+                    code: crate::receiver::CODE_TRUNCATE_REFUSED,
+                    ..
+                }
+        )
+    }
+}

@@ -1,0 +1,495 @@
+//! Executor futures run by a `SenderActor`: connect + hello, catch-up,
+//! rebuild, live shipping. They consume only plan-bound values, step through
+//! the engine's executor state machines, stream WAL frames from the log
+//! reader with bounded unacknowledged bytes, and report progress to the
+//! volume actor. Each ends by returning the connection (or an error, which
+//! closes it).
+
+use crate::error::ExecError;
+use crate::sender::SenderContext;
+use crate::volume::SenderEvent;
+use crate::volume::LIVE_PIN_PREFIX;
+use futures::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use walship_engine::{
+    Ack, CatchUpExecutor, CatchUpProgress, Endpoint, Epoch, HandshakeReply, Lsn, PlanKind,
+    RebuildExecutor, RebuildProgress, RebuildSource, RecoveryPlan, ReplicaId, ResourceGrant,
+    SessionId, Step,
+};
+use walship_io::{Envelope, ImageKind, Message, SnapshotPin, WalPin, WireCodec};
+
+/// A connection to a replica.
+pub(crate) type Conn = Framed<TcpStream, WireCodec>;
+
+/// LSNs per executor step; the log reader cuts them into reads anyway.
+const STEP_ENTRIES: u64 = 1 << 20;
+
+async fn recv(conn: &mut Conn, limit: Duration) -> Result<Envelope, ExecError> {
+    let envelope = match tokio::time::timeout(limit, conn.next()).await {
+        Err(_) => return Err(ExecError::Timeout(limit)),
+        Ok(None) => return Err(ExecError::Closed),
+        Ok(Some(frame)) => frame?,
+    };
+    match envelope.message {
+        Message::Fence { current_epoch } => Err(ExecError::Fenced(current_epoch)),
+        Message::Error { code, message } => Err(ExecError::Peer { code, message }),
+        _ => Ok(envelope),
+    }
+}
+
+/// Connects, says hello, returns the connection and the replica's answer.
+pub(crate) async fn connect_and_hello(
+    c: &SenderContext,
+    session: SessionId,
+    epoch: u64,
+    endpoint: &Endpoint,
+) -> Result<(Conn, HandshakeReply), ExecError> {
+    let limit = c.tuning.connect_timeout;
+    let stream = tokio::time::timeout(limit, TcpStream::connect(&endpoint.data_addr))
+        .await
+        .map_err(|_| ExecError::Timeout(limit))?
+        .map_err(|e| ExecError::Wire(e.into()))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| ExecError::Wire(e.into()))?;
+    let mut conn = Framed::new(stream, WireCodec::default());
+    let hello = Message::Hello {
+        cluster: c.cluster.clone(),
+        volume: c.replica.volume().to_owned(),
+        replica: c.replica.as_str().to_owned(),
+        session: session.get(),
+    };
+    conn.send(Envelope {
+        epoch,
+        message: hello,
+    })
+    .await?;
+    let answer = recv(&mut conn, c.tuning.peer_timeout).await?;
+    match answer.message {
+        Message::HelloAck {
+            replica, flushed, ..
+        } => {
+            let replica = ReplicaId::parse(&replica)
+                .map_err(|e| ExecError::Protocol(format!("hello ack: {e}")))?;
+            let reply = HandshakeReply {
+                replica,
+                epoch: Epoch(answer.epoch),
+                flushed: Lsn(flushed),
+            };
+            Ok((conn, reply))
+        }
+        other => Err(ExecError::Protocol(format!(
+            "expected hello ack, got {other:?}"
+        ))),
+    }
+}
+
+/// Streams WAL ranges with a bound on unacknowledged bytes.
+struct Shipper<'a> {
+    conn: &'a mut Conn,
+    c: &'a SenderContext,
+    session: u64,
+    epoch: u64,
+    acked: u64,
+    inflight: VecDeque<(u64, usize)>,
+    inflight_bytes: usize,
+}
+
+impl<'a> Shipper<'a> {
+    fn new(conn: &'a mut Conn, c: &'a SenderContext, session: u64, epoch: u64, acked: u64) -> Self {
+        Self {
+            conn,
+            c,
+            session,
+            epoch,
+            acked,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+        }
+    }
+
+    /// Waits for the next durable ack; `on_ack(durable, entries, bytes)` reports it.
+    async fn await_ack(&mut self, on_ack: &mut impl FnMut(u64, u64, u64)) -> Result<(), ExecError> {
+        loop {
+            let envelope = recv(self.conn, self.c.tuning.peer_timeout).await?;
+            match envelope.message {
+                Message::DurableAck { durable, .. } => {
+                    let mut bytes = 0;
+                    while self
+                        .inflight
+                        .front()
+                        .is_some_and(|(last, _)| *last <= durable)
+                    {
+                        if let Some((_, len)) = self.inflight.pop_front() {
+                            self.inflight_bytes -= len;
+                            bytes += len as u64;
+                        }
+                    }
+                    if durable > self.acked {
+                        on_ack(durable, durable - self.acked, bytes);
+                        self.acked = durable;
+                    }
+                    return Ok(());
+                }
+                Message::HeartbeatAck { .. } => {}
+                other => {
+                    return Err(ExecError::Protocol(format!(
+                        "expected durable ack, got {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn ship(
+        &mut self,
+        from: u64,
+        to: u64,
+        on_ack: &mut impl FnMut(u64, u64, u64),
+    ) -> Result<(), ExecError> {
+        let mut stream = self.c.reader.stream(from, to)?;
+        while let Some(batch) = stream.next_batch().await {
+            let batch = batch?;
+            let len = batch.raw.len();
+            while !self.inflight.is_empty()
+                && self.inflight_bytes + len > self.c.tuning.max_inflight_bytes
+            {
+                self.await_ack(on_ack).await?;
+            }
+            let message = Message::WalBatch {
+                session: self.session,
+                first_lsn: batch.first_lsn,
+                last_lsn: batch.last_lsn,
+                committed: *self.c.committed_rx.borrow(),
+                frames: batch.raw,
+            };
+            self.conn
+                .send(Envelope {
+                    epoch: self.epoch,
+                    message,
+                })
+                .await?;
+            self.inflight.push_back((batch.last_lsn, len));
+            self.inflight_bytes += len;
+        }
+        Ok(())
+    }
+
+    async fn drain(
+        &mut self,
+        until: u64,
+        on_ack: &mut impl FnMut(u64, u64, u64),
+    ) -> Result<(), ExecError> {
+        while self.acked < until {
+            self.await_ack(on_ack).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a catch-up or rebuild plan to its end.
+pub(crate) async fn run_plan(
+    conn: &mut Conn,
+    c: &SenderContext,
+    session: SessionId,
+    plan: &RecoveryPlan,
+    grants: &[ResourceGrant],
+    image: Option<Arc<SnapshotPin>>,
+) -> Result<(), ExecError> {
+    match &plan.kind {
+        PlanKind::CatchUp { start, .. } => catch_up(conn, c, session, plan, start.get()).await,
+        PlanKind::Rebuild { source } => {
+            let image =
+                image.ok_or_else(|| ExecError::Protocol("rebuild without an image pin".into()))?;
+            let kind = match source {
+                RebuildSource::SnapshotTail { .. } => ImageKind::Snapshot,
+                RebuildSource::FullBase { .. } => ImageKind::FullBase,
+            };
+            rebuild(conn, c, session, plan, grants, image, kind).await
+        }
+    }
+}
+
+async fn catch_up(
+    conn: &mut Conn,
+    c: &SenderContext,
+    session: SessionId,
+    plan: &RecoveryPlan,
+    start: u64,
+) -> Result<(), ExecError> {
+    let epoch = plan.epoch;
+    let replica = c.replica.clone();
+    let mut exec = CatchUpExecutor::from_plan(plan, STEP_ENTRIES)?;
+    let mut report = |durable: u64, entries: u64, bytes: u64| {
+        let progress = CatchUpProgress {
+            applied: Lsn(durable),
+            entries,
+            bytes,
+        };
+        c.report(SenderEvent::CatchUp {
+            replica: replica.clone(),
+            session,
+            epoch,
+            progress,
+        });
+    };
+    let mut shipper = Shipper::new(conn, c, session.get(), epoch.get(), start);
+    loop {
+        match exec.next_step()? {
+            Step::Truncate { to } => {
+                let message = Message::Truncate {
+                    session: session.get(),
+                    to: to.get(),
+                };
+                shipper
+                    .conn
+                    .send(Envelope {
+                        epoch: epoch.get(),
+                        message,
+                    })
+                    .await?;
+                let answer = recv(shipper.conn, c.tuning.peer_timeout).await?;
+                match answer.message {
+                    Message::Truncated { to: done, .. } if done == to.get() => {
+                        shipper.acked = done;
+                        c.report(SenderEvent::Truncated {
+                            replica: replica.clone(),
+                            session,
+                            epoch,
+                            to,
+                        });
+                    }
+                    other => {
+                        return Err(ExecError::Protocol(format!(
+                            "expected truncated, got {other:?}"
+                        )))
+                    }
+                }
+            }
+            Step::ShipWal {
+                from_exclusive,
+                to_inclusive,
+            } => {
+                shipper
+                    .ship(from_exclusive.get(), to_inclusive.get(), &mut report)
+                    .await?;
+            }
+            Step::Done { flushed } => return shipper.drain(flushed.get(), &mut report).await,
+            other => return Err(ExecError::Protocol(format!("catch-up step {other:?}"))),
+        }
+    }
+}
+
+async fn rebuild(
+    conn: &mut Conn,
+    c: &SenderContext,
+    session: SessionId,
+    plan: &RecoveryPlan,
+    grants: &[ResourceGrant],
+    image: Arc<SnapshotPin>,
+    kind: ImageKind,
+) -> Result<(), ExecError> {
+    let epoch = plan.epoch;
+    let replica = c.replica.clone();
+    let tuning = &c.tuning;
+    let mut exec = RebuildExecutor::from_plan(
+        plan,
+        grants,
+        image.image_bytes(),
+        tuning.image_chunk_bytes as u64,
+        STEP_ENTRIES,
+    )?;
+    let image_lsn = exec.image_lsn().get();
+    let begin = Message::RebuildBegin {
+        session: session.get(),
+        kind,
+        image_lsn,
+        image_bytes: image.image_bytes(),
+    };
+    conn.send(Envelope {
+        epoch: epoch.get(),
+        message: begin,
+    })
+    .await?;
+    let send_progress = |progress: RebuildProgress| {
+        c.report(SenderEvent::Rebuild {
+            replica: replica.clone(),
+            session,
+            epoch,
+            progress,
+        });
+    };
+    let mut report = |durable: u64, _: u64, _: u64| {
+        send_progress(RebuildProgress::TailReplayed {
+            through: Lsn(durable),
+        })
+    };
+    let mut crc = 0u32;
+    let mut shipper = Shipper::new(conn, c, session.get(), epoch.get(), image_lsn);
+    loop {
+        match exec.next_step()? {
+            Step::TransferImage { offset, len } => {
+                let pin = Arc::clone(&image);
+                let data = tokio::task::spawn_blocking(move || pin.read(offset, len as usize))
+                    .await
+                    .map_err(|e| ExecError::Protocol(format!("image read task: {e}")))??;
+                crc = crc32c::crc32c_append(crc, &data);
+                let message = Message::RebuildChunk {
+                    session: session.get(),
+                    offset,
+                    data,
+                };
+                shipper
+                    .conn
+                    .send(Envelope {
+                        epoch: epoch.get(),
+                        message,
+                    })
+                    .await?;
+                send_progress(RebuildProgress::Transferred {
+                    bytes: offset + len,
+                });
+            }
+            Step::FinishImage { image_lsn } => {
+                let message = Message::RebuildDone {
+                    session: session.get(),
+                    image_lsn: image_lsn.get(),
+                    checksum: crc,
+                };
+                shipper
+                    .conn
+                    .send(Envelope {
+                        epoch: epoch.get(),
+                        message,
+                    })
+                    .await?;
+                let answer = recv(
+                    shipper.conn,
+                    tuning.peer_timeout.max(Duration::from_secs(30)),
+                )
+                .await?;
+                match answer.message {
+                    Message::RebuildInstalled {
+                        image_lsn: done, ..
+                    } if done == image_lsn.get() => {
+                        send_progress(RebuildProgress::ImageInstalled { at: image_lsn });
+                    }
+                    other => {
+                        return Err(ExecError::Protocol(format!(
+                            "expected rebuild installed, got {other:?}"
+                        )))
+                    }
+                }
+            }
+            Step::ShipWal {
+                from_exclusive,
+                to_inclusive,
+            } => {
+                shipper
+                    .ship(from_exclusive.get(), to_inclusive.get(), &mut report)
+                    .await?;
+            }
+            Step::Done { flushed } => return shipper.drain(flushed.get(), &mut report).await,
+            other => return Err(ExecError::Protocol(format!("rebuild step {other:?}"))),
+        }
+    }
+}
+
+/// Ships new WAL frames to an InSync replica as they are written, relays its
+/// durable acks, and probes it when idle. Returns why it stopped.
+pub(crate) async fn live_ship(
+    conn: Conn,
+    c: SenderContext,
+    from: u64,
+    epoch: u64,
+    pin: WalPin,
+) -> ExecError {
+    match live_loop(conn, &c, from, epoch, pin).await {
+        Ok(never) => match never {},
+        Err(error) => error,
+    }
+}
+
+enum Never {}
+
+/// `pin` keeps the WAL after the replica's acknowledged LSN; it moves forward
+/// with the acks and is released when the loop ends.
+async fn live_loop(
+    conn: Conn,
+    c: &SenderContext,
+    from: u64,
+    epoch: u64,
+    mut pin: WalPin,
+) -> Result<Never, ExecError> {
+    let (mut sink, mut stream) = conn.split();
+    let mut head_rx = c.head_rx.clone();
+    let wal = c.store.wal();
+    let mut shipped = from;
+    let mut inflight: VecDeque<(u64, usize)> = VecDeque::new();
+    let mut inflight_bytes = 0usize;
+    let mut last_heard = Instant::now();
+    let mut probe = tokio::time::interval(c.tuning.peer_timeout / 4);
+    let mut seq = 0u64;
+    loop {
+        let head = *head_rx.borrow_and_update();
+        while shipped < head && inflight_bytes < c.tuning.max_inflight_bytes {
+            let (frames, last) = wal.read_raw(shipped, head, c.tuning.batch_bytes)?;
+            let len = frames.len();
+            let message = Message::WalBatch {
+                session: 0,
+                first_lsn: shipped + 1,
+                last_lsn: last,
+                committed: *c.committed_rx.borrow(),
+                frames,
+            };
+            sink.send(Envelope { epoch, message }).await?;
+            inflight.push_back((last, len));
+            inflight_bytes += len;
+            shipped = last;
+        }
+        tokio::select! {
+            changed = head_rx.changed() => {
+                if changed.is_err() {
+                    return Err(ExecError::Closed);
+                }
+            }
+            frame = stream.next() => {
+                let envelope = match frame {
+                    None => return Err(ExecError::Closed),
+                    Some(frame) => frame?,
+                };
+                last_heard = Instant::now();
+                match envelope.message {
+                    Message::DurableAck { durable, barrier } => {
+                        while inflight.front().is_some_and(|(last, _)| *last <= durable) {
+                            if let Some((_, len)) = inflight.pop_front() {
+                                inflight_bytes -= len;
+                            }
+                        }
+                        if durable > pin.from() {
+                            pin = wal.pin_from(durable, &format!("{LIVE_PIN_PREFIX}{}", c.replica))?;
+                        }
+                        let ack = Ack { epoch: Epoch(envelope.epoch), durable: Lsn(durable), barrier: barrier.map(walship_engine::BarrierId) };
+                        c.report(SenderEvent::LiveAck { replica: c.replica.clone(), ack });
+                    }
+                    Message::HeartbeatAck { .. } => {}
+                    Message::Fence { current_epoch } => return Err(ExecError::Fenced(current_epoch)),
+                    Message::Error { code, message } => return Err(ExecError::Peer { code, message }),
+                    other => return Err(ExecError::Protocol(format!("unexpected {other:?} while live"))),
+                }
+            }
+            _ = probe.tick() => {
+                if last_heard.elapsed() > c.tuning.peer_timeout {
+                    return Err(ExecError::Timeout(c.tuning.peer_timeout));
+                }
+                seq += 1;
+                let message = Message::Heartbeat { seq, committed: *c.committed_rx.borrow() };
+                sink.send(Envelope { epoch, message }).await?;
+            }
+        }
+    }
+}

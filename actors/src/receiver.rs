@@ -1,0 +1,514 @@
+//! The replica side: `ReceiverActor` and its TCP listener.
+//!
+//! The receiver runs on an arbiter (thread) of its own: appends, fsyncs,
+//! truncations and base installs block there, never on the shared arbiter.
+//! Stopping it drops the store and stops that arbiter.
+//! Each connection is a task that decodes frames and asks the receiver what
+//! to answer. The receiver checks, in order: identity (volume and replica id),
+//! epoch (older → `Fence`; newer → persisted before anything else), that the
+//! connection is the current primary's, and LSN order. Anything wrong gets a
+//! typed `Error` message and the connection closes; the replica keeps serving.
+
+use crate::metered;
+use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
+use actix::prelude::*;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::codec::Framed;
+use walship_io::{
+    BaseInstall, Envelope, Message, Store, StoreError, WalError, WireCodec, BLOCK_SIZE,
+};
+
+/// The peer claims another volume or replica.
+pub const CODE_IDENTITY: u16 = 1;
+/// A newer primary connection took over.
+pub const CODE_SUPERSEDED: u16 = 2;
+/// A batch does not start right after the replica's head.
+pub const CODE_OUT_OF_ORDER: u16 = 3;
+/// Truncation below the checkpoint: the replica needs a rebuild.
+pub const CODE_TRUNCATE_REFUSED: u16 = 4;
+/// A base transfer failed (size, order, checksum).
+pub const CODE_BASE: u16 = 5;
+/// The store refused (bad frame, IO error).
+pub const CODE_STORE: u16 = 6;
+/// A message that makes no sense here.
+pub const CODE_UNEXPECTED: u16 = 7;
+/// Bytes that do not decode.
+pub const CODE_WIRE: u16 = 8;
+
+/// A replica's state, for operators.
+#[derive(Debug, Clone, Serialize, MessageResponse)]
+pub struct ReplicaStatus {
+    /// Role.
+    pub role: &'static str,
+    /// Replica id.
+    pub replica: String,
+    /// Epoch it accepts.
+    pub epoch: u64,
+    /// WAL head.
+    pub head: u64,
+    /// Durable LSN.
+    pub durable: u64,
+    /// Checkpoint.
+    pub checkpoint: u64,
+    /// Store generation (bumps on each base install).
+    pub generation: u64,
+    /// Whether a primary connection is active.
+    pub connected: bool,
+    /// Mailbox metrics.
+    pub mailbox: MailboxSnapshot,
+}
+
+/// Receives and applies a primary's stream.
+pub struct ReceiverActor {
+    store: Arc<Store>,
+    volume: String,
+    identity: String,
+    epoch: u64,
+    active_conn: Option<u64>,
+    install: Option<BaseInstall>,
+    checkpoint_every: u64,
+    committed: u64,
+    metrics: Arc<MailboxMetrics>,
+}
+
+impl std::fmt::Debug for ReceiverActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverActor")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Actor for ReceiverActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        Arbiter::current().stop();
+    }
+}
+
+impl Metered for ReceiverActor {
+    fn mailbox(&self) -> &MailboxMetrics {
+        &self.metrics
+    }
+}
+
+metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, StopReceiver);
+
+/// What a connection task must send back, and whether to close after.
+#[derive(Debug, Default, MessageResponse)]
+pub(crate) struct Reply {
+    pub(crate) send: Vec<Envelope>,
+    pub(crate) close: bool,
+}
+
+fn error(epoch: u64, code: u16, message: impl Into<String>) -> Reply {
+    Reply {
+        send: vec![Envelope {
+            epoch,
+            message: Message::Error {
+                code,
+                message: message.into(),
+            },
+        }],
+        close: true,
+    }
+}
+
+impl ReceiverActor {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        volume: String,
+        identity: String,
+        checkpoint_every: u64,
+        metrics: Arc<MailboxMetrics>,
+    ) -> Self {
+        let epoch = store.superblock().epoch;
+        Self {
+            store,
+            volume,
+            identity,
+            epoch,
+            active_conn: None,
+            install: None,
+            checkpoint_every,
+            committed: 0,
+            metrics,
+        }
+    }
+
+    fn answer(&self, message: Message) -> Reply {
+        Reply {
+            send: vec![Envelope {
+                epoch: self.epoch,
+                message,
+            }],
+            close: false,
+        }
+    }
+
+    fn hello(&mut self, conn: u64, epoch: u64, volume: &str, replica: &str) -> Reply {
+        if volume != self.volume || replica != self.identity {
+            self.metrics.reject();
+            let why = format!(
+                "this is {} of volume {}, not {replica} of {volume}",
+                self.identity, self.volume
+            );
+            return error(self.epoch, CODE_IDENTITY, why);
+        }
+        if epoch < self.epoch {
+            self.metrics.fence();
+            return Reply {
+                send: vec![Envelope {
+                    epoch: self.epoch,
+                    message: Message::Fence {
+                        current_epoch: self.epoch,
+                    },
+                }],
+                close: true,
+            };
+        }
+        if epoch > self.epoch {
+            if let Err(e) = self.store.persist_epoch(epoch) {
+                return error(self.epoch, CODE_STORE, format!("persist epoch: {e}"));
+            }
+            self.epoch = epoch;
+        }
+        self.active_conn = Some(conn);
+        self.install = None;
+        let wal = self.store.wal();
+        self.answer(Message::HelloAck {
+            replica: self.identity.clone(),
+            flushed: wal.durable(),
+            checkpoint: self.store.superblock().checkpoint,
+        })
+    }
+
+    fn batch(&mut self, first_lsn: u64, last_lsn: u64, committed: u64, frames: &Bytes) -> Reply {
+        let head = self.store.wal().head();
+        if first_lsn != head + 1 {
+            self.metrics.reject();
+            return error(
+                self.epoch,
+                CODE_OUT_OF_ORDER,
+                format!("batch starts at {first_lsn}, head is {head}"),
+            );
+        }
+        let applied = self.store.apply_replicated(frames).and_then(|new_head| {
+            if new_head != last_lsn {
+                return Err(StoreError::Wal(WalError::OutOfOrder {
+                    expected: last_lsn,
+                    got: new_head,
+                }));
+            }
+            self.store.sync_to(new_head)
+        });
+        match applied {
+            Ok(durable) => {
+                self.committed = self.committed.max(committed);
+                self.maybe_checkpoint(durable);
+                self.answer(Message::DurableAck {
+                    durable,
+                    barrier: None,
+                })
+            }
+            Err(e) => {
+                self.metrics.reject();
+                error(self.epoch, CODE_STORE, e.to_string())
+            }
+        }
+    }
+
+    /// Checkpoints only up to what the primary says is committed, so a later
+    /// truncation of uncommitted entries stays possible.
+    fn maybe_checkpoint(&mut self, durable: u64) {
+        let checkpoint = self.store.superblock().checkpoint;
+        let target = durable.min(self.committed);
+        if target.saturating_sub(checkpoint) >= self.checkpoint_every {
+            if let Err(e) = self.store.checkpoint(target) {
+                tracing::error!(error = %e, "replica checkpoint failed");
+            }
+        }
+    }
+
+    fn rebuild(&mut self, message: Message) -> Reply {
+        let epoch = self.epoch;
+        match message {
+            Message::RebuildBegin {
+                image_lsn,
+                image_bytes,
+                ..
+            } => {
+                let expected = self.store.block_count() * BLOCK_SIZE as u64;
+                if image_bytes != expected {
+                    return error(
+                        epoch,
+                        CODE_BASE,
+                        format!("image of {image_bytes} bytes, volume is {expected}"),
+                    );
+                }
+                match self.store.begin_install(image_lsn) {
+                    Ok(install) => {
+                        self.install = Some(install);
+                        Reply::default()
+                    }
+                    Err(e) => error(epoch, CODE_BASE, e.to_string()),
+                }
+            }
+            Message::RebuildChunk { offset, data, .. } => match self.install.as_mut() {
+                Some(install) => match install.write_chunk(offset, &data) {
+                    Ok(()) => Reply::default(),
+                    Err(e) => error(epoch, CODE_BASE, e.to_string()),
+                },
+                None => error(epoch, CODE_UNEXPECTED, "rebuild chunk without begin"),
+            },
+            Message::RebuildDone {
+                session,
+                image_lsn,
+                checksum,
+            } => match self.install.take() {
+                Some(install) if install.image_lsn() == image_lsn => {
+                    match self.store.commit_install(install, checksum, epoch) {
+                        Ok(()) => self.answer(Message::RebuildInstalled { session, image_lsn }),
+                        Err(e) => error(epoch, CODE_BASE, e.to_string()),
+                    }
+                }
+                _ => error(
+                    epoch,
+                    CODE_UNEXPECTED,
+                    "rebuild done without a matching begin",
+                ),
+            },
+            _ => error(epoch, CODE_UNEXPECTED, "not a rebuild message"),
+        }
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Reply")]
+pub(crate) struct Inbound {
+    pub(crate) conn: u64,
+    pub(crate) envelope: Envelope,
+}
+
+impl Handler<Inbound> for ReceiverActor {
+    type Result = Reply;
+
+    fn handle(&mut self, msg: Inbound, _: &mut Context<Self>) -> Self::Result {
+        let Envelope { epoch, message } = msg.envelope;
+        if let Message::Hello {
+            volume, replica, ..
+        } = &message
+        {
+            return self.hello(msg.conn, epoch, volume, replica);
+        }
+        if epoch < self.epoch {
+            self.metrics.fence();
+            let fence = Envelope {
+                epoch: self.epoch,
+                message: Message::Fence {
+                    current_epoch: self.epoch,
+                },
+            };
+            return Reply {
+                send: vec![fence],
+                close: true,
+            };
+        }
+        if self.active_conn != Some(msg.conn) || epoch != self.epoch {
+            self.metrics.reject();
+            return error(
+                self.epoch,
+                CODE_SUPERSEDED,
+                "not the current primary connection; say hello",
+            );
+        }
+        let reply = match message {
+            Message::WalBatch {
+                first_lsn,
+                last_lsn,
+                committed,
+                frames,
+                ..
+            } => self.batch(first_lsn, last_lsn, committed, &frames),
+            Message::Barrier { id, lsn } => {
+                let head = self.store.wal().head();
+                match self.store.sync_to(lsn.min(head)) {
+                    Ok(durable) => self.answer(Message::DurableAck {
+                        durable,
+                        barrier: Some(id),
+                    }),
+                    Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
+                }
+            }
+            Message::Heartbeat { seq, committed } => {
+                self.committed = self.committed.max(committed);
+                self.answer(Message::HeartbeatAck {
+                    seq,
+                    durable: self.store.wal().durable(),
+                })
+            }
+            Message::Truncate { session, to } => match self.store.truncate_after(to) {
+                Ok(()) => self.answer(Message::Truncated { session, to }),
+                Err(StoreError::Wal(WalError::BelowCheckpoint { .. })) => error(
+                    self.epoch,
+                    CODE_TRUNCATE_REFUSED,
+                    format!("cannot truncate to {to}: below the checkpoint"),
+                ),
+                Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
+            },
+            message @ (Message::RebuildBegin { .. }
+            | Message::RebuildChunk { .. }
+            | Message::RebuildDone { .. }) => self.rebuild(message),
+            other => error(
+                self.epoch,
+                CODE_UNEXPECTED,
+                format!("unexpected message {other:?}"),
+            ),
+        };
+        reply
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct ConnClosed(pub(crate) u64);
+
+impl Handler<ConnClosed> for ReceiverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnClosed, _: &mut Context<Self>) {
+        if self.active_conn == Some(msg.0) {
+            self.active_conn = None;
+            self.install = None;
+        }
+    }
+}
+
+/// A replica status snapshot.
+#[derive(Debug, Message)]
+#[rtype(result = "ReplicaStatus")]
+pub struct GetReplicaStatus;
+
+impl Handler<GetReplicaStatus> for ReceiverActor {
+    type Result = ReplicaStatus;
+
+    fn handle(&mut self, _: GetReplicaStatus, _: &mut Context<Self>) -> Self::Result {
+        let wal = self.store.wal();
+        let superblock = self.store.superblock();
+        ReplicaStatus {
+            role: "replica",
+            replica: self.identity.clone(),
+            epoch: self.epoch,
+            head: wal.head(),
+            durable: wal.durable(),
+            checkpoint: superblock.checkpoint,
+            generation: superblock.generation,
+            connected: self.active_conn.is_some(),
+            mailbox: self.metrics.snapshot(),
+        }
+    }
+}
+
+/// Reads blocks from the replica's store.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Bytes, StoreError>")]
+pub struct ReplicaRead {
+    /// First block.
+    pub lba: u64,
+    /// Blocks.
+    pub blocks: u64,
+}
+
+impl Handler<ReplicaRead> for ReceiverActor {
+    type Result = Result<Bytes, StoreError>;
+
+    fn handle(&mut self, msg: ReplicaRead, _: &mut Context<Self>) -> Self::Result {
+        self.store.read(msg.lba, msg.blocks)
+    }
+}
+
+/// crc32c of the replica's readable volume.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u32, StoreError>")]
+pub struct ReplicaChecksum;
+
+impl Handler<ReplicaChecksum> for ReceiverActor {
+    type Result = Result<u32, StoreError>;
+
+    fn handle(&mut self, _: ReplicaChecksum, _: &mut Context<Self>) -> Self::Result {
+        self.store.content_checksum()
+    }
+}
+
+/// Stops the receiver.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopReceiver;
+
+impl Handler<StopReceiver> for ReceiverActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopReceiver, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    receiver: MeteredAddr<ReceiverActor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut next_conn = 0u64;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    next_conn += 1;
+                    actix::spawn(serve(stream, receiver.clone(), next_conn));
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u64) {
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, WireCodec::default());
+    while let Some(frame) = framed.next().await {
+        let envelope = match frame {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                receiver.metrics().reject();
+                let message = Message::Error {
+                    code: CODE_WIRE,
+                    message: e.to_string(),
+                };
+                let _ = framed.send(Envelope { epoch: 0, message }).await;
+                break;
+            }
+        };
+        let Ok(reply) = receiver.send(Inbound { conn, envelope }).await else {
+            break;
+        };
+        let mut failed = false;
+        for envelope in reply.send {
+            if framed.send(envelope).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed || reply.close {
+            break;
+        }
+    }
+    receiver.do_send(ConnClosed(conn));
+}

@@ -1,0 +1,307 @@
+//! The runtime: an actix system on its own thread, so any tokio service (or
+//! plain thread) can embed it, and the handles to the volumes spawned in it.
+
+use crate::config::VolumeConfig;
+use crate::error::VolumeError;
+use crate::metrics::{MailboxMetrics, MeteredAddr};
+use crate::receiver::{
+    self, GetReplicaStatus, ReceiverActor, ReplicaChecksum, ReplicaRead, ReplicaStatus,
+    StopReceiver,
+};
+use crate::volume::{self, VolumeActor, VolumeStatus};
+use actix::prelude::*;
+use bytes::Bytes;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::{oneshot, watch};
+use walship_engine::{Assignment, RecoveryEvent, ReplicaId};
+use walship_io::Store;
+
+/// The actix system running walship's actors. Dropping it stops every volume.
+#[derive(Debug)]
+pub struct Runtime {
+    system: System,
+    arbiter: ArbiterHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Starts the actix system on a dedicated thread.
+    pub fn start() -> Result<Self, VolumeError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("walship-actix".into())
+            .spawn(move || {
+                let system = System::new();
+                let handles = system.block_on(async { (System::current(), Arbiter::current()) });
+                let _ = tx.send(handles);
+                let _ = system.run();
+            })
+            .map_err(|e| VolumeError::Runtime(format!("spawn actix thread: {e}")))?;
+        let (system, arbiter) = rx
+            .recv()
+            .map_err(|_| VolumeError::Runtime("actix system did not start".into()))?;
+        Ok(Self {
+            system,
+            arbiter,
+            thread: Some(thread),
+        })
+    }
+
+    /// Spawns a primary or replica volume and returns its handle.
+    pub async fn spawn_volume(&self, config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.arbiter.spawn(async move {
+            let _ = tx.send(start_volume(config).await);
+        });
+        if !sent {
+            return Err(VolumeError::Stopped);
+        }
+        rx.await.map_err(|_| VolumeError::Stopped)?
+    }
+
+    /// [`spawn_volume`](Self::spawn_volume) for callers outside async code.
+    pub fn spawn_volume_blocking(&self, config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self.arbiter.spawn(async move {
+            let _ = tx.send(start_volume(config).await);
+        });
+        if !sent {
+            return Err(VolumeError::Stopped);
+        }
+        rx.recv().map_err(|_| VolumeError::Stopped)?
+    }
+
+    /// Stops every actor and joins the system thread.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+async fn start_volume(config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
+    match config {
+        VolumeConfig::Primary(config) => {
+            let actor = VolumeActor::open(config)?;
+            let metrics = actor.metrics_arc();
+            let addr = actor.start();
+            Ok(VolumeHandle {
+                inner: Inner::Primary(MeteredAddr::new(addr, metrics)),
+            })
+        }
+        VolumeConfig::Replica(config) => {
+            let id = ReplicaId::new(&config.volume, &config.server)
+                .map_err(|e| VolumeError::Runtime(e.to_string()))?;
+            let (store, _) = Store::open(&config.dir, config.store.clone())?;
+            let store = Arc::new(store);
+            let metrics = MailboxMetrics::new("receiver", id.as_str());
+            let actor = ReceiverActor::new(
+                store,
+                config.volume.clone(),
+                id.as_str().to_owned(),
+                config.checkpoint_every_lsns,
+                Arc::clone(&metrics),
+            );
+            let arbiter = Arbiter::new();
+            let addr = ReceiverActor::start_in_arbiter(&arbiter.handle(), move |_| actor);
+            let receiver = MeteredAddr::new(addr, metrics);
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .map_err(|e| VolumeError::Runtime(format!("listen on {}: {e}", config.listen)))?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| VolumeError::Runtime(e.to_string()))?;
+            let (shutdown, shutdown_rx) = watch::channel(false);
+            actix::spawn(receiver::accept_loop(
+                listener,
+                receiver.clone(),
+                shutdown_rx,
+            ));
+            Ok(VolumeHandle {
+                inner: Inner::Replica {
+                    receiver,
+                    listen: local,
+                    shutdown: Arc::new(shutdown),
+                },
+            })
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Primary(MeteredAddr<VolumeActor>),
+    Replica {
+        receiver: MeteredAddr<ReceiverActor>,
+        listen: SocketAddr,
+        shutdown: Arc<watch::Sender<bool>>,
+    },
+}
+
+/// A volume's status, primary or replica.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum NodeStatus {
+    /// A primary.
+    Primary(Box<VolumeStatus>),
+    /// A replica.
+    Replica(ReplicaStatus),
+}
+
+/// The handle to a spawned volume. Cheap to clone; usable from any thread.
+#[derive(Debug, Clone)]
+pub struct VolumeHandle {
+    inner: Inner,
+}
+
+fn stopped<T>(_: T) -> VolumeError {
+    VolumeError::Stopped
+}
+
+impl VolumeHandle {
+    fn primary(&self) -> Result<&MeteredAddr<VolumeActor>, VolumeError> {
+        match &self.inner {
+            Inner::Primary(addr) => Ok(addr),
+            Inner::Replica { .. } => Err(VolumeError::NotPrimary),
+        }
+    }
+
+    /// Whether this is a primary.
+    pub fn is_primary(&self) -> bool {
+        matches!(self.inner, Inner::Primary(_))
+    }
+
+    /// Where a replica listens.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        match &self.inner {
+            Inner::Replica { listen, .. } => Some(*listen),
+            Inner::Primary(_) => None,
+        }
+    }
+
+    /// Writes whole 4 KiB blocks at `lba`; returns the LSN (not yet committed).
+    pub async fn write(&self, lba: u64, data: Bytes) -> Result<u64, VolumeError> {
+        self.primary()?
+            .send(volume::Write { lba, data })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// Resolves when everything written so far is committed under the volume's mode.
+    pub async fn barrier(&self) -> Result<u64, VolumeError> {
+        self.primary()?
+            .send(volume::Barrier { lsn: None })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// Resolves when `lsn` is committed under the volume's mode.
+    pub async fn barrier_at(&self, lsn: u64) -> Result<u64, VolumeError> {
+        self.primary()?
+            .send(volume::Barrier { lsn: Some(lsn) })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// Same as [`barrier`](Self::barrier).
+    pub async fn flush(&self) -> Result<u64, VolumeError> {
+        self.barrier().await
+    }
+
+    /// Reads `blocks` blocks at `lba`: the newest data.
+    pub async fn read(&self, lba: u64, blocks: u64) -> Result<Bytes, VolumeError> {
+        match &self.inner {
+            Inner::Primary(addr) => addr
+                .send(volume::Read { lba, blocks })
+                .await
+                .map_err(stopped)?,
+            Inner::Replica { receiver, .. } => Ok(receiver
+                .send(ReplicaRead { lba, blocks })
+                .await
+                .map_err(stopped)??),
+        }
+    }
+
+    /// Applies a new assignment (primary).
+    pub async fn apply_assignment(&self, assignment: Assignment) -> Result<(), VolumeError> {
+        self.primary()?
+            .send(volume::ApplyAssignment(assignment))
+            .await
+            .map_err(stopped)?
+    }
+
+    /// Retries idle replicas now (primary).
+    pub async fn heartbeat(&self) -> Result<(), VolumeError> {
+        self.primary()?
+            .send(volume::Heartbeat)
+            .await
+            .map_err(stopped)
+    }
+
+    /// The status, serializable to JSON.
+    pub async fn status(&self) -> Result<NodeStatus, VolumeError> {
+        match &self.inner {
+            Inner::Primary(addr) => Ok(NodeStatus::Primary(Box::new(
+                addr.send(volume::GetStatus).await.map_err(stopped)?,
+            ))),
+            Inner::Replica { receiver, .. } => Ok(NodeStatus::Replica(
+                receiver.send(GetReplicaStatus).await.map_err(stopped)?,
+            )),
+        }
+    }
+
+    /// The recovery log (primary; empty on replicas).
+    pub async fn recovery_log(&self) -> Result<Vec<RecoveryEvent>, VolumeError> {
+        match &self.inner {
+            Inner::Primary(addr) => addr.send(volume::GetRecoveryLog).await.map_err(stopped)?,
+            Inner::Replica { .. } => Ok(Vec::new()),
+        }
+    }
+
+    /// Checkpoints everything durable now (primary).
+    pub async fn checkpoint(&self) -> Result<(), VolumeError> {
+        self.primary()?
+            .send(volume::Checkpoint)
+            .await
+            .map_err(stopped)?
+    }
+
+    /// crc32c of the whole readable volume.
+    pub async fn content_checksum(&self) -> Result<u32, VolumeError> {
+        match &self.inner {
+            Inner::Primary(addr) => addr.send(volume::ContentChecksum).await.map_err(stopped)?,
+            Inner::Replica { receiver, .. } => {
+                Ok(receiver.send(ReplicaChecksum).await.map_err(stopped)??)
+            }
+        }
+    }
+
+    /// Stops the volume: its actors, connections and listener.
+    pub async fn stop(&self) {
+        match &self.inner {
+            Inner::Primary(addr) => {
+                let _ = addr.send(volume::Stop).await;
+            }
+            Inner::Replica {
+                receiver, shutdown, ..
+            } => {
+                let _ = shutdown.send(true);
+                let _ = receiver.send(StopReceiver).await;
+            }
+        }
+    }
+}

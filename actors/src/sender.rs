@@ -1,0 +1,334 @@
+//! `SenderActor`: one per replica on the primary.
+//!
+//! It owns the connection to its replica and runs one task at a time in its
+//! context: connect + hello, a recovery executor, or live shipping. Each task
+//! is a future that owns the connection while it runs and hands it back when
+//! it ends well. `Cancel` (epoch bump, endpoint change) calls
+//! `ctx.cancel_future`: the future is dropped on the actor's next poll, which
+//! closes the connection and drops the executor's `Lease`, releasing its pins.
+
+use crate::config::Tuning;
+use crate::error::ExecError;
+use crate::executor::{self, Conn};
+use crate::metered;
+use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
+use crate::resources::Lease;
+use crate::volume::{SenderEvent, VolumeActor};
+use actix::prelude::*;
+use std::sync::Arc;
+use tokio::sync::watch;
+use walship_engine::{
+    Endpoint, ExecutionFailure, RecoveryPlan, ReplicaId, ResourceGrant, SessionId,
+};
+use walship_io::{LogReader, SnapshotPin, Store, WalPin};
+
+/// What a sender needs from its volume.
+#[derive(Debug, Clone)]
+pub(crate) struct SenderContext {
+    pub(crate) replica: ReplicaId,
+    pub(crate) cluster: String,
+    pub(crate) volume_addr: MeteredAddr<VolumeActor>,
+    pub(crate) reader: Arc<LogReader>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) head_rx: watch::Receiver<u64>,
+    pub(crate) committed_rx: watch::Receiver<u64>,
+    pub(crate) tuning: Tuning,
+}
+
+impl SenderContext {
+    pub(crate) fn report(&self, event: SenderEvent) {
+        self.volume_addr.do_send(event);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskKind {
+    Connect(SessionId),
+    Execute(SessionId),
+    Live,
+}
+
+/// Ships one replica's WAL and runs its recovery executors.
+pub struct SenderActor {
+    context: SenderContext,
+    conn: Option<Conn>,
+    task: Option<(TaskKind, SpawnHandle)>,
+    pending_live: Option<StartLive>,
+    metrics: Arc<MailboxMetrics>,
+}
+
+impl std::fmt::Debug for SenderActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SenderActor")
+            .field("replica", &self.context.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Actor for SenderActor {
+    type Context = Context<Self>;
+}
+
+impl Metered for SenderActor {
+    fn mailbox(&self) -> &MailboxMetrics {
+        &self.metrics
+    }
+}
+
+metered!(SenderActor: Connect, Execute, Cancel, StartLive, StopLive, Shutdown);
+
+impl SenderActor {
+    pub(crate) fn new(context: SenderContext, metrics: Arc<MailboxMetrics>) -> Self {
+        Self {
+            context,
+            conn: None,
+            task: None,
+            pending_live: None,
+            metrics,
+        }
+    }
+
+    fn cancel_task(&mut self, ctx: &mut Context<Self>) {
+        if let Some((_, handle)) = self.task.take() {
+            ctx.cancel_future(handle);
+        }
+    }
+
+    fn failure(error: &ExecError) -> ExecutionFailure {
+        if error.is_unrecoverable() {
+            ExecutionFailure::Unrecoverable(error.to_string())
+        } else {
+            ExecutionFailure::Transient(error.to_string())
+        }
+    }
+
+    fn start_live(&mut self, live: StartLive, ctx: &mut Context<Self>) {
+        let StartLive { from, epoch, pin } = live;
+        let Some(conn) = self.conn.take() else {
+            let replica = self.context.replica.clone();
+            self.context.report(SenderEvent::LiveLost {
+                replica,
+                reason: "no connection".into(),
+            });
+            return;
+        };
+        let context = self.context.clone();
+        let fut = async move { executor::live_ship(conn, context, from, epoch, pin).await };
+        let handle = ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(fut).map(|error, act, _| {
+                act.task = None;
+                let replica = act.context.replica.clone();
+                act.context.report(SenderEvent::LiveLost {
+                    replica,
+                    reason: error.to_string(),
+                });
+            }),
+        );
+        self.task = Some((TaskKind::Live, handle));
+    }
+}
+
+/// Connect (or reconnect) for `session` and say hello.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Connect {
+    /// Engine session.
+    pub session: SessionId,
+    /// Epoch to present.
+    pub epoch: u64,
+    /// Where.
+    pub endpoint: Endpoint,
+}
+
+impl Handler<Connect> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) {
+        self.cancel_task(ctx);
+        self.conn = None;
+        self.pending_live = None;
+        let context = self.context.clone();
+        let Connect {
+            session,
+            epoch,
+            endpoint,
+        } = msg;
+        let fut =
+            async move { executor::connect_and_hello(&context, session, epoch, &endpoint).await };
+        let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(fut).map(
+            move |result, act, _| {
+                act.task = None;
+                let replica = act.context.replica.clone();
+                match result {
+                    Ok((conn, reply)) => {
+                        act.conn = Some(conn);
+                        act.context.report(SenderEvent::Handshaked {
+                            replica,
+                            session,
+                            reply,
+                        });
+                    }
+                    Err(error) => {
+                        let failure = ExecutionFailure::Transient(format!("connect: {error}"));
+                        act.context.report(SenderEvent::Failed {
+                            replica,
+                            session,
+                            failure,
+                        });
+                    }
+                }
+            },
+        ));
+        self.task = Some((TaskKind::Connect(session), handle));
+    }
+}
+
+/// Run a recovery plan.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Execute {
+    pub(crate) session: SessionId,
+    pub(crate) plan: RecoveryPlan,
+    pub(crate) grants: Vec<ResourceGrant>,
+    pub(crate) image: Option<Arc<SnapshotPin>>,
+    pub(crate) lease: Lease,
+}
+
+impl Handler<Execute> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Execute, ctx: &mut Context<Self>) {
+        let Execute {
+            session,
+            plan,
+            grants,
+            image,
+            lease,
+        } = msg;
+        let Some(mut conn) = self.conn.take() else {
+            drop(lease);
+            let replica = self.context.replica.clone();
+            let failure = ExecutionFailure::Transient("no connection for the plan".into());
+            self.context.report(SenderEvent::Failed {
+                replica,
+                session,
+                failure,
+            });
+            return;
+        };
+        self.cancel_task(ctx);
+        let context = self.context.clone();
+        let fut = async move {
+            let result =
+                executor::run_plan(&mut conn, &context, session, &plan, &grants, image).await;
+            drop(lease);
+            (conn, result)
+        };
+        let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(fut).map(
+            move |(conn, result), act, ctx| {
+                act.task = None;
+                match result {
+                    Ok(()) => {
+                        act.conn = Some(conn);
+                        if let Some(live) = act.pending_live.take() {
+                            act.start_live(live, ctx);
+                        }
+                    }
+                    Err(error) => {
+                        let replica = act.context.replica.clone();
+                        let failure = Self::failure(&error);
+                        act.context.report(SenderEvent::Failed {
+                            replica,
+                            session,
+                            failure,
+                        });
+                    }
+                }
+            },
+        ));
+        self.task = Some((TaskKind::Execute(session), handle));
+    }
+}
+
+/// Stop the session's task now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Cancel {
+    pub(crate) session: SessionId,
+    pub(crate) reason: String,
+}
+
+impl Handler<Cancel> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) {
+        let running = self.task.map(|(kind, _)| kind);
+        if matches!(running, Some(TaskKind::Execute(s) | TaskKind::Connect(s)) if s == msg.session)
+        {
+            tracing::debug!(replica = %self.context.replica, session = %msg.session, reason = %msg.reason, "cancel");
+            self.cancel_task(ctx);
+            self.conn = None;
+        } else {
+            self.metrics.reject();
+        }
+    }
+}
+
+/// Start live shipping from `from`, keeping the WAL after it with `pin`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct StartLive {
+    pub(crate) from: u64,
+    pub(crate) epoch: u64,
+    pub(crate) pin: WalPin,
+}
+
+impl Handler<StartLive> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StartLive, ctx: &mut Context<Self>) {
+        match self.task.map(|(kind, _)| kind) {
+            // The executor hands the connection back when its future ends.
+            Some(TaskKind::Execute(_)) => self.pending_live = Some(msg),
+            _ => {
+                self.cancel_task(ctx);
+                self.start_live(msg, ctx);
+            }
+        }
+    }
+}
+
+/// Stop live shipping.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct StopLive {
+    pub(crate) reason: String,
+}
+
+impl Handler<StopLive> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopLive, ctx: &mut Context<Self>) {
+        if matches!(self.task, Some((TaskKind::Live, _))) {
+            tracing::debug!(replica = %self.context.replica, reason = %msg.reason, "stop live shipping");
+            self.cancel_task(ctx);
+            self.conn = None;
+        }
+        self.pending_live = None;
+    }
+}
+
+/// Stop the actor (the replica left the assignment, or the volume stops).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Shutdown;
+
+impl Handler<Shutdown> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        self.cancel_task(ctx);
+        self.conn = None;
+        ctx.stop();
+    }
+}

@@ -1,0 +1,810 @@
+//! The primary's `VolumeActor`: owns the store (WAL writer), the engine and
+//! the resource table; executes the engine's commands and feeds results back
+//! as events. Durability runs on a syncer thread (group commit) so the
+//! actor never waits on an fsync.
+
+use crate::config::PrimaryConfig;
+use crate::error::VolumeError;
+use crate::metered;
+use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
+use crate::resources::{Held, ResourceTable};
+use crate::sender::{self, SenderActor, SenderContext};
+use actix::prelude::*;
+use bytes::Bytes;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{oneshot, watch};
+use walship_engine::{
+    Ack, Assignment, BarrierFailure, BarrierId, CatchUpProgress, Command, Endpoint, Engine,
+    EngineConfig, Epoch, ExecutionFailure, GrantedResource, HandshakeReply, Lsn, RebuildProgress,
+    RecoveryEvent, RegistryStatus, ReplicaAssignment, ReplicaId, ResourceGrant, ResourceId,
+    ResourceRequest, SessionId, Tick, WalState,
+};
+use walship_io::{BackendChoice, LogReader, ReaderOptions, Store};
+
+/// Label prefix of the WAL pins that keep a live replica's unacknowledged tail.
+pub(crate) const LIVE_PIN_PREFIX: &str = "live ";
+
+/// Everything an operator sees of a primary.
+#[derive(Debug, Clone, Serialize, MessageResponse)]
+pub struct VolumeStatus {
+    /// Role.
+    pub role: &'static str,
+    /// Engine registry: senders, sessions, plans, history.
+    pub registry: RegistryStatus,
+    /// WAL head.
+    pub head: u64,
+    /// Locally durable LSN.
+    pub durable: u64,
+    /// Checkpoint LSN.
+    pub checkpoint: u64,
+    /// WAL tail.
+    pub tail: u64,
+    /// WAL pins held by recovery plans (zero when no recovery runs).
+    pub recovery_pins: usize,
+    /// WAL pins held by live replicas at their acknowledged LSN.
+    pub live_pins: usize,
+    /// Snapshot pins (the checkpointer pauses while any is held).
+    pub snapshot_pins: usize,
+    /// Engine resources held by the runtime.
+    pub held_resources: usize,
+    /// Log reader backend and why.
+    pub reader_backend: String,
+    /// Mailbox metrics: the volume actor, then each sender.
+    pub mailboxes: Vec<MailboxSnapshot>,
+}
+
+/// The primary volume actor.
+pub struct VolumeActor {
+    config: PrimaryConfig,
+    store: Arc<Store>,
+    reader: Arc<LogReader>,
+    engine: Engine,
+    senders: HashMap<ReplicaId, MeteredAddr<SenderActor>>,
+    resources: ResourceTable,
+    next_resource: u64,
+    head_tx: watch::Sender<u64>,
+    committed_tx: watch::Sender<u64>,
+    barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
+    syncer: Option<std::sync::mpsc::Sender<u64>>,
+    durable_seen: u64,
+    ticks: u64,
+    poisoned: Option<String>,
+    metrics: Arc<MailboxMetrics>,
+    me: Option<MeteredAddr<VolumeActor>>,
+}
+
+impl std::fmt::Debug for VolumeActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeActor")
+            .field("volume", &self.config.volume)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Actor for VolumeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let me = MeteredAddr::new(ctx.address(), Arc::clone(&self.metrics));
+        self.me = Some(me.clone());
+        self.syncer = Some(spawn_syncer(Arc::clone(&self.store), me));
+        ctx.run_interval(self.config.tuning.tick, |act, _| act.on_tick());
+        let assignment = self.assignment(self.config.epoch);
+        if let Err(error) = self.engine.handle_assignment(assignment) {
+            tracing::error!(%error, "initial assignment refused");
+        }
+        self.run_commands(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        for sender in self.senders.values() {
+            sender.do_send(sender::Shutdown);
+        }
+        for (_, waiter) in self.barriers.drain() {
+            let _ = waiter.send(Err(BarrierFailure::Fenced { lsn: Lsn::ZERO }));
+        }
+    }
+}
+
+impl Metered for VolumeActor {
+    fn mailbox(&self) -> &MailboxMetrics {
+        &self.metrics
+    }
+}
+
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, Stop, RunCommands, LocalDurable, SenderEvent);
+
+/// A dedicated thread that makes the WAL durable: requests coalesce, one
+/// group-commit sync serves them all, the result goes back to the actor.
+fn spawn_syncer(
+    store: Arc<Store>,
+    volume: MeteredAddr<VolumeActor>,
+) -> std::sync::mpsc::Sender<u64> {
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let spawned = std::thread::Builder::new()
+        .name("walship-syncer".into())
+        .spawn(move || {
+            while let Ok(mut target) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    target = target.max(more);
+                }
+                let result = store.sync_to(target).map_err(|e| e.to_string());
+                volume.do_send(LocalDurable { result });
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the syncer thread");
+    }
+    tx
+}
+
+impl VolumeActor {
+    /// Opens the store and prepares the actor (started by the runtime).
+    pub(crate) fn open(config: PrimaryConfig) -> Result<Self, VolumeError> {
+        let (store, report) = Store::open(&config.dir, config.store.clone())?;
+        let store = Arc::new(store);
+        let reader = LogReader::open(store.wal(), config.tuning.backend, ReaderOptions::default())?;
+        let mut engine_config = EngineConfig::new(config.volume.clone());
+        engine_config.budget = config.tuning.budget;
+        engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;
+        engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
+        let wal = store.wal();
+        // After a restart the primary resumes from its durable WAL. What it
+        // holds past the replicas is shipped from its WAL; nothing is revived
+        // on a replica that the primary does not hold.
+        let committed = wal.durable();
+        let engine = Engine::restore(engine_config, Self::wal_state(&store), Lsn(committed))?;
+        tracing::info!(volume = %config.volume, ?report, backend = ?reader.choice(), "primary opened");
+        let (head_tx, _) = watch::channel(wal.head());
+        let (committed_tx, _) = watch::channel(committed);
+        Ok(Self {
+            metrics: MailboxMetrics::new("volume", config.volume.clone()),
+            config,
+            store,
+            reader: Arc::new(reader),
+            engine,
+            senders: HashMap::new(),
+            resources: ResourceTable::default(),
+            next_resource: 1,
+            head_tx,
+            committed_tx,
+            barriers: HashMap::new(),
+            syncer: None,
+            durable_seen: committed,
+            ticks: 0,
+            poisoned: None,
+            me: None,
+        })
+    }
+
+    pub(crate) fn metrics_arc(&self) -> Arc<MailboxMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    fn wal_state(store: &Store) -> WalState {
+        let wal = store.wal();
+        WalState {
+            head: Lsn(wal.head()),
+            tail: Lsn(wal.tail()),
+            checkpoint: Lsn(store.superblock().checkpoint),
+            checkpoint_trusted: true,
+        }
+    }
+
+    fn assignment(&self, epoch: u64) -> Assignment {
+        Assignment {
+            epoch: Epoch(epoch),
+            commit_mode: self.config.commit_mode,
+            replicas: self
+                .config
+                .replicas
+                .iter()
+                .filter_map(|spec| {
+                    let id = ReplicaId::new(&self.config.volume, &spec.server).ok()?;
+                    Some(ReplicaAssignment {
+                        id,
+                        endpoint: Endpoint::new(spec.addr.clone(), spec.version),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn refresh_wal_state(&mut self) {
+        if let Err(error) = self.engine.handle_wal_state(Self::wal_state(&self.store)) {
+            tracing::error!(%error, "wal state refused by the engine");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        let tuning = &self.config.tuning;
+        if self.ticks % tuning.heartbeat_every_ticks == 0 {
+            let epoch = self.engine.epoch();
+            let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
+            for replica in replicas {
+                let _ = self.engine.handle_heartbeat(&replica, epoch);
+            }
+            self.maybe_checkpoint();
+        }
+        self.engine.handle_tick(Tick(self.ticks));
+        if let Some(me) = self.me.clone() {
+            me.do_send(RunCommands);
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        let checkpoint = self.store.superblock().checkpoint;
+        let durable = self.store.wal().durable();
+        if durable.saturating_sub(checkpoint) < self.config.tuning.checkpoint_every_lsns {
+            return;
+        }
+        match self.store.checkpoint(durable) {
+            Ok(outcome) => tracing::debug!(?outcome, "checkpoint"),
+            Err(error) => tracing::error!(%error, "checkpoint failed"),
+        }
+        self.refresh_wal_state();
+    }
+
+    fn sender_context(&self, replica: &ReplicaId) -> Option<SenderContext> {
+        Some(SenderContext {
+            replica: replica.clone(),
+            cluster: self.config.cluster.clone(),
+            volume_addr: self.me.clone()?,
+            reader: Arc::clone(&self.reader),
+            store: Arc::clone(&self.store),
+            head_rx: self.head_tx.subscribe(),
+            committed_rx: self.committed_tx.subscribe(),
+            tuning: self.config.tuning.clone(),
+        })
+    }
+
+    fn sender_for(&mut self, replica: &ReplicaId) -> Option<MeteredAddr<SenderActor>> {
+        if let Some(sender) = self.senders.get(replica).filter(|s| s.connected()) {
+            return Some(sender.clone());
+        }
+        let context = self.sender_context(replica)?;
+        let metrics = MailboxMetrics::new("sender", replica.as_str());
+        let addr = SenderActor::new(context, Arc::clone(&metrics)).start();
+        let sender = MeteredAddr::new(addr, metrics);
+        self.senders.insert(replica.clone(), sender.clone());
+        Some(sender)
+    }
+
+    /// Executes every command the engine emits, including those that
+    /// executing commands produces.
+    fn run_commands(&mut self, _ctx: &mut Context<Self>) {
+        loop {
+            let commands = self.engine.take_commands();
+            if commands.is_empty() {
+                break;
+            }
+            for command in commands {
+                self.execute(command);
+            }
+        }
+        self.committed_tx
+            .send_replace(self.engine.committed().get());
+    }
+
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Connect {
+                replica,
+                session,
+                epoch,
+                endpoint,
+            } => {
+                if let Some(sender) = self.sender_for(&replica) {
+                    sender.do_send(sender::Connect {
+                        session,
+                        epoch: epoch.get(),
+                        endpoint,
+                    });
+                }
+            }
+            Command::Disconnect { replica, .. } => {
+                if let Some(sender) = self.senders.remove(&replica) {
+                    sender.do_send(sender::Shutdown);
+                }
+            }
+            Command::AcquireResources {
+                replica,
+                session,
+                requests,
+                ..
+            } => {
+                self.acquire(&replica, session, &requests);
+            }
+            Command::ReleaseResources { resources, .. } => self.resources.release(&resources),
+            Command::Execute {
+                replica,
+                session,
+                plan,
+                grants,
+            } => {
+                let ids: Vec<ResourceId> = grants.iter().map(|g| g.id).collect();
+                let image = self.resources.image(&ids);
+                let lease = self.resources.lease(ids);
+                if let Some(sender) = self.sender_for(&replica) {
+                    sender.do_send(sender::Execute {
+                        session,
+                        plan,
+                        grants,
+                        image,
+                        lease,
+                    });
+                }
+            }
+            Command::CancelExecution {
+                replica,
+                session,
+                reason,
+            } => {
+                if let Some(sender) = self.senders.get(&replica) {
+                    sender.do_send(sender::Cancel { session, reason });
+                }
+            }
+            Command::StartLiveShipping {
+                replica,
+                epoch,
+                from,
+                ..
+            } => {
+                // Pinned here, in the same turn as the plan's pins are released,
+                // so no checkpoint can recycle what the live replica needs next.
+                match self
+                    .store
+                    .wal()
+                    .pin_from(from.get(), &format!("{LIVE_PIN_PREFIX}{replica}"))
+                {
+                    Ok(pin) => {
+                        if let Some(sender) = self.sender_for(&replica) {
+                            sender.do_send(sender::StartLive {
+                                from: from.get(),
+                                epoch: epoch.get(),
+                                pin,
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        let _ = self
+                            .engine
+                            .handle_disconnected(&replica, &format!("live tail: {error}"));
+                    }
+                }
+            }
+            Command::StopLiveShipping { replica, reason } => {
+                if let Some(sender) = self.senders.get(&replica) {
+                    sender.do_send(sender::StopLive { reason });
+                }
+            }
+            Command::ResolveBarrier { barrier, outcome } => {
+                if let Some(waiter) = self.barriers.remove(&barrier) {
+                    let _ = waiter.send(outcome.map(|lsn| lsn.get()));
+                }
+            }
+        }
+    }
+
+    /// Pins every requested resource, or none: a failure drops what was taken.
+    fn acquire(&mut self, replica: &ReplicaId, session: SessionId, requests: &[ResourceRequest]) {
+        let label = format!("{replica} {session}");
+        let mut taken: Vec<(ResourceGrant, Held)> = Vec::new();
+        let mut failure = None;
+        for request in requests {
+            let pinned = match *request {
+                ResourceRequest::WalRetention { from } => self
+                    .store
+                    .wal()
+                    .pin_from(from.get(), &label)
+                    .map(|pin| (GrantedResource::WalRetention { from }, Held::Wal(pin)))
+                    .map_err(|e| e.to_string()),
+                ResourceRequest::Snapshot { at } => match self.store.snapshot_pin(&label) {
+                    Ok(pin) if pin.lsn() == at.get() => {
+                        Ok((GrantedResource::Snapshot { at }, Held::Image(Arc::new(pin))))
+                    }
+                    Ok(pin) => Err(format!(
+                        "snapshot moved: checkpoint is {} not {at}",
+                        pin.lsn()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                },
+                ResourceRequest::FullBase { .. } => self
+                    .store
+                    .full_base_pin(&label)
+                    .map(|pin| {
+                        let base_lsn = Lsn(pin.lsn());
+                        (
+                            GrantedResource::FullBase { base_lsn },
+                            Held::Image(Arc::new(pin)),
+                        )
+                    })
+                    .map_err(|e| e.to_string()),
+            };
+            match pinned {
+                Ok((granted, held)) => {
+                    let id = ResourceId(self.next_resource);
+                    self.next_resource += 1;
+                    taken.push((ResourceGrant { id, granted }, held));
+                }
+                Err(reason) => {
+                    failure = Some(reason);
+                    break;
+                }
+            }
+        }
+        self.refresh_wal_state();
+        if let Some(reason) = failure {
+            drop(taken);
+            let _ = self
+                .engine
+                .handle_resources_failed(replica, session, &reason);
+            return;
+        }
+        let mut grants = Vec::new();
+        for (grant, held) in taken {
+            self.resources.insert(grant.id, held);
+            grants.push(grant);
+        }
+        if self
+            .engine
+            .handle_resources_granted(replica, session, grants.clone())
+            .is_err()
+        {
+            // The engine released them already (stale grant); make sure the guards go too.
+            let ids: Vec<ResourceId> = grants.iter().map(|g| g.id).collect();
+            self.resources.release(&ids);
+        }
+    }
+
+    fn status(&self) -> VolumeStatus {
+        let wal = self.store.wal();
+        let retention = wal.retention();
+        let live_pins = retention
+            .pins
+            .iter()
+            .filter(|p| p.pin.label.starts_with(LIVE_PIN_PREFIX))
+            .count();
+        let choice: &BackendChoice = self.reader.choice();
+        let mut mailboxes = vec![self.metrics.snapshot()];
+        let mut senders: Vec<_> = self.senders.iter().collect();
+        senders.sort_by(|a, b| a.0.cmp(b.0));
+        mailboxes.extend(senders.into_iter().map(|(_, s)| s.metrics().snapshot()));
+        VolumeStatus {
+            role: "primary",
+            registry: self.engine.status(),
+            head: wal.head(),
+            durable: wal.durable(),
+            checkpoint: self.store.superblock().checkpoint,
+            tail: wal.tail(),
+            recovery_pins: retention.pins.len() - live_pins,
+            live_pins,
+            snapshot_pins: self.store.snapshot_pins(),
+            held_resources: self.resources.len(),
+            reader_backend: format!("{:?}: {}", choice.backend, choice.reason),
+            mailboxes,
+        }
+    }
+}
+
+// ----- messages from the handle ------------------------------------------
+
+/// Write whole blocks; returns the LSN.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, VolumeError>")]
+pub struct Write {
+    /// First block.
+    pub lba: u64,
+    /// Whole blocks.
+    pub data: Bytes,
+}
+
+impl Handler<Write> for VolumeActor {
+    type Result = Result<u64, VolumeError>;
+
+    fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(reason) = &self.poisoned {
+            return Err(VolumeError::Poisoned(reason.clone()));
+        }
+        let lsn = self
+            .store
+            .write(self.engine.epoch().get(), msg.lba, msg.data)?;
+        self.head_tx.send_replace(lsn);
+        self.refresh_wal_state();
+        if let Some(syncer) = &self.syncer {
+            let _ = syncer.send(lsn);
+        }
+        self.run_commands(ctx);
+        Ok(lsn)
+    }
+}
+
+/// Resolves when `lsn` (or the head) is committed under the volume's mode.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, VolumeError>")]
+pub struct Barrier {
+    /// LSN to wait for; the current head when `None`.
+    pub lsn: Option<u64>,
+}
+
+impl Handler<Barrier> for VolumeActor {
+    type Result = ResponseFuture<Result<u64, VolumeError>>;
+
+    fn handle(&mut self, msg: Barrier, ctx: &mut Context<Self>) -> Self::Result {
+        let lsn = msg.lsn.unwrap_or_else(|| self.store.wal().head());
+        let epoch = self.engine.epoch();
+        let registered = self.engine.handle_barrier(Lsn(lsn), epoch);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(barrier) = registered {
+            self.barriers.insert(barrier, tx);
+        }
+        self.run_commands(ctx);
+        Box::pin(async move {
+            registered?;
+            match rx.await {
+                Ok(Ok(committed)) => Ok(committed),
+                Ok(Err(failure)) => Err(VolumeError::Barrier(failure)),
+                Err(_) => Err(VolumeError::Stopped),
+            }
+        })
+    }
+}
+
+/// Reads blocks (the newest data, WAL included).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Bytes, VolumeError>")]
+pub struct Read {
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+}
+
+impl Handler<Read> for VolumeActor {
+    type Result = Result<Bytes, VolumeError>;
+
+    fn handle(&mut self, msg: Read, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.store.read(msg.lba, msg.blocks)?)
+    }
+}
+
+/// Applies a new assignment (epoch, mode, replicas).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct ApplyAssignment(pub Assignment);
+
+impl Handler<ApplyAssignment> for VolumeActor {
+    type Result = Result<(), VolumeError>;
+
+    fn handle(&mut self, msg: ApplyAssignment, ctx: &mut Context<Self>) -> Self::Result {
+        let result = self.engine.handle_assignment(msg.0);
+        if result.is_err() {
+            self.metrics.reject();
+        }
+        self.run_commands(ctx);
+        Ok(result?)
+    }
+}
+
+/// Retries every idle replica now.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Heartbeat;
+
+impl Handler<Heartbeat> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Heartbeat, ctx: &mut Context<Self>) {
+        let epoch = self.engine.epoch();
+        let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
+        for replica in replicas {
+            let _ = self.engine.handle_heartbeat(&replica, epoch);
+        }
+        self.run_commands(ctx);
+    }
+}
+
+/// A status snapshot.
+#[derive(Debug, Message)]
+#[rtype(result = "VolumeStatus")]
+pub struct GetStatus;
+
+impl Handler<GetStatus> for VolumeActor {
+    type Result = VolumeStatus;
+
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        self.status()
+    }
+}
+
+/// The recovery log.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<RecoveryEvent>, VolumeError>")]
+pub struct GetRecoveryLog;
+
+impl Handler<GetRecoveryLog> for VolumeActor {
+    type Result = Result<Vec<RecoveryEvent>, VolumeError>;
+
+    fn handle(&mut self, _: GetRecoveryLog, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.engine.log().events().cloned().collect())
+    }
+}
+
+/// Checkpoints everything durable now.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct Checkpoint;
+
+impl Handler<Checkpoint> for VolumeActor {
+    type Result = Result<(), VolumeError>;
+
+    fn handle(&mut self, _: Checkpoint, _: &mut Context<Self>) -> Self::Result {
+        self.store.checkpoint(self.store.wal().durable())?;
+        self.refresh_wal_state();
+        Ok(())
+    }
+}
+
+/// crc32c of the readable volume.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u32, VolumeError>")]
+pub struct ContentChecksum;
+
+impl Handler<ContentChecksum> for VolumeActor {
+    type Result = Result<u32, VolumeError>;
+
+    fn handle(&mut self, _: ContentChecksum, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.store.content_checksum()?)
+    }
+}
+
+/// Stops the volume.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+// ----- internal events ------------------------------------------------------
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct RunCommands;
+
+impl Handler<RunCommands> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: RunCommands, ctx: &mut Context<Self>) {
+        self.run_commands(ctx);
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct LocalDurable {
+    pub(crate) result: Result<u64, String>,
+}
+
+impl Handler<LocalDurable> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LocalDurable, ctx: &mut Context<Self>) {
+        match msg.result {
+            Ok(durable) if durable > self.durable_seen => {
+                self.engine
+                    .handle_local_durable(Lsn(self.durable_seen), Lsn(durable));
+                self.durable_seen = durable;
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::error!(%reason, "wal poisoned; refusing writes");
+                self.poisoned = Some(reason);
+            }
+        }
+        self.run_commands(ctx);
+    }
+}
+
+/// What a sender reports about its replica.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) enum SenderEvent {
+    Handshaked {
+        replica: ReplicaId,
+        session: SessionId,
+        reply: HandshakeReply,
+    },
+    Truncated {
+        replica: ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        to: Lsn,
+    },
+    CatchUp {
+        replica: ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        progress: CatchUpProgress,
+    },
+    Rebuild {
+        replica: ReplicaId,
+        session: SessionId,
+        epoch: Epoch,
+        progress: RebuildProgress,
+    },
+    Failed {
+        replica: ReplicaId,
+        session: SessionId,
+        failure: ExecutionFailure,
+    },
+    LiveAck {
+        replica: ReplicaId,
+        ack: Ack,
+    },
+    LiveLost {
+        replica: ReplicaId,
+        reason: String,
+    },
+}
+
+impl Handler<SenderEvent> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SenderEvent, ctx: &mut Context<Self>) {
+        let engine = &mut self.engine;
+        let result = match msg {
+            SenderEvent::Handshaked {
+                replica,
+                session,
+                reply,
+            } => engine
+                .handle_connected(&replica, session)
+                .and_then(|()| engine.handle_handshake(&replica, session, reply)),
+            SenderEvent::Truncated {
+                replica,
+                session,
+                epoch,
+                to,
+            } => engine.handle_truncated(&replica, session, epoch, to),
+            SenderEvent::CatchUp {
+                replica,
+                session,
+                epoch,
+                progress,
+            } => engine.handle_catchup_progress(&replica, session, epoch, progress),
+            SenderEvent::Rebuild {
+                replica,
+                session,
+                epoch,
+                progress,
+            } => engine.handle_rebuild_progress(&replica, session, epoch, progress),
+            SenderEvent::Failed {
+                replica,
+                session,
+                failure,
+            } => engine.handle_execution_failed(&replica, session, failure),
+            SenderEvent::LiveAck { replica, ack } => engine.handle_ack(&replica, ack),
+            SenderEvent::LiveLost { replica, reason } => {
+                engine.handle_disconnected(&replica, &reason)
+            }
+        };
+        match result {
+            Err(walship_engine::EngineError::StaleEpoch { .. }) => self.metrics.fence(),
+            Err(error) => {
+                tracing::debug!(%error, "sender event refused");
+                self.metrics.reject();
+            }
+            Ok(()) => {}
+        }
+        self.run_commands(ctx);
+    }
+}

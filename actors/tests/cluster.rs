@@ -1,0 +1,295 @@
+//! System tests on loopback TCP and real files, named after the acceptance
+//! criteria they prove. After every flow: replica content equals the
+//! primary's and no pin is left.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+use walship_actors::*;
+use walship_engine::{BarrierFailure, CommitMode, EngineError, ReplicaState};
+
+const LONG: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_replication_reads_and_status() {
+    let cluster = Cluster::start(CommitMode::SyncAll, &["r1", "r2"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    let lsn = cluster.write_blocks(0, 40).await;
+    assert_eq!(cluster.primary.barrier().await.unwrap(), lsn);
+    assert_eq!(cluster.primary.read(3, 1).await.unwrap(), block(3));
+    assert_eq!(cluster.replica("r1").read(3, 1).await.unwrap(), block(3));
+    cluster.wait_converged(LONG).await;
+    let json = serde_json::to_value(cluster.primary.status().await.unwrap()).unwrap();
+    assert_eq!(json["role"], "primary");
+    let mailboxes = json["mailboxes"].as_array().unwrap();
+    assert_eq!(mailboxes.len(), 3, "volume + two senders");
+    assert!(mailboxes[0]["handled"].as_u64().unwrap() > 40);
+    assert!(mailboxes
+        .iter()
+        .all(|m| m["latency_p99_us"].as_u64().is_some()));
+    let replica = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
+    assert_eq!(replica["head"].as_u64(), Some(lsn));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a4_short_gap_recovers_by_catch_up_over_tcp() {
+    let mut cluster = Cluster::start(CommitMode::BestEffort, &["r1", "r2"]).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 30).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(30, 30).await;
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    assert!(cluster.has_event("r2", "plan_catchup").await);
+    assert!(!cluster.has_event("r2", "plan_rebuild").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
+    let mut cluster = Cluster::start(CommitMode::BestEffort, &["r1", "r2"]).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 20).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(20, 400).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.primary.checkpoint().await.unwrap();
+    cluster.write_blocks(420, 10).await;
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    let events = cluster.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("handshake") && e.contains("gap_beyond_retention")),
+        "{events:#?}"
+    );
+    assert!(cluster.has_event("r2", "plan_rebuild_snapshot_tail").await);
+    assert!(cluster.has_event("r2", "rebuild_completed").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a8_sync_all_fails_clearly_when_a_replica_is_lost_then_full_base_brings_it_back() {
+    let mut cluster = Cluster::start(CommitMode::SyncAll, &["r1", "r2"]).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 10).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(10, 100).await;
+    let error = cluster.primary.barrier().await.unwrap_err();
+    assert!(
+        matches!(&error, VolumeError::Barrier(BarrierFailure::TimedOut { lagging, .. }) if lagging.iter().any(|r| r.server() == "r2")),
+        "{error}"
+    );
+    // The checkpoint moves past what sync_all committed, so r2 needs a full base.
+    cluster.primary.checkpoint().await.unwrap();
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    assert!(cluster.has_event("r2", "plan_rebuild_full_base").await);
+    cluster.write_blocks(110, 5).await;
+    cluster.primary.barrier().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a8_sync_quorum_commits_with_one_replica_lost() {
+    let mut cluster = Cluster::start(CommitMode::SyncQuorum, &["r1", "r2"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.stop_replica("r2").await;
+    let lsn = cluster.write_blocks(0, 20).await;
+    assert!(cluster.primary.barrier().await.unwrap() >= lsn);
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a5_non_convergent_catch_up_escalates_to_rebuild() {
+    let mut tuning = tuning();
+    tuning.budget.max_entries = Some(50);
+    tuning.checkpoint_every_lsns = 1 << 20; // keep the WAL: the gap stays catch-up-able
+    let mut cluster = Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], tuning).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(0, 200).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    let events = cluster.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("escalated budget_entries_exceeded")),
+        "{events:#?}"
+    );
+    assert!(cluster.has_event("r2", "rebuild_completed").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a10_changed_address_restart_keeps_identity_and_rejects_stale_endpoint() {
+    let mut cluster = Cluster::start(CommitMode::BestEffort, &["r1", "r2"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 20).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.stop_replica("r1").await;
+    cluster.write_blocks(20, 10).await;
+    cluster.restart_replica("r1", true).await;
+    cluster
+        .primary
+        .apply_assignment(cluster.assignment())
+        .await
+        .unwrap();
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    assert!(cluster.has_event("r1", "endpoint_changed").await);
+    let mut stale = cluster.assignment();
+    stale.replicas[0].endpoint.version -= 1;
+    let error = cluster.primary.apply_assignment(stale).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            VolumeError::Engine(EngineError::StaleEndpoint { .. })
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch() {
+    let mut slow = tuning();
+    slow.batch_bytes = 4 * 1024;
+    slow.max_inflight_bytes = 4 * 1024; // one frame per round trip: a catch-up that takes a while
+    slow.checkpoint_every_lsns = 1 << 20; // keep the WAL: the gap stays catch-up-able
+    let mut cluster = Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], slow).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(0, 3000).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.restart_replica("r2", false).await;
+    cluster
+        .wait_state("r2", ReplicaState::CatchingUp, LONG)
+        .await;
+    cluster.epoch += 1;
+    cluster
+        .primary
+        .apply_assignment(cluster.assignment())
+        .await
+        .unwrap();
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    let events = cluster.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("vol1/r2 session_invalidated epoch_bumped")),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("vol1/r2 exec_resources_released")
+                && e.ends_with("(epoch_bumped)")),
+        "{events:#?}"
+    );
+    cluster.epoch -= 1;
+    let error = cluster
+        .primary
+        .apply_assignment(cluster.assignment())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, VolumeError::Engine(EngineError::StaleEpoch { .. })),
+        "{error}"
+    );
+    let replica = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
+    assert_eq!(replica["epoch"], 2, "the replica persisted the new epoch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fc1_restart_on_a_new_address_mid_catch_up_recovers_with_identity_kept() {
+    let mut slow = tuning();
+    slow.batch_bytes = 4 * 1024;
+    slow.max_inflight_bytes = 4 * 1024; // one frame per round trip: a catch-up that takes a while
+    slow.checkpoint_every_lsns = 1 << 20; // keep the WAL: the gap stays catch-up-able
+    let mut cluster = Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], slow).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(0, 3000).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.restart_replica("r2", false).await;
+    cluster
+        .wait_state("r2", ReplicaState::CatchingUp, LONG)
+        .await;
+    cluster.stop_replica("r2").await;
+    cluster.restart_replica("r2", true).await;
+    cluster
+        .primary
+        .apply_assignment(cluster.assignment())
+        .await
+        .unwrap();
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    assert!(cluster.has_event("r2", "endpoint_changed").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1_committed_data_survives_failover_to_a_replica() {
+    let mut cluster = Cluster::start(CommitMode::SyncQuorum, &["r1", "r2"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    let lsn = cluster.write_blocks(0, 50).await;
+    assert!(cluster.primary.barrier().await.unwrap() >= lsn);
+    cluster.wait_converged(LONG).await;
+    let expected = cluster.primary.content_checksum().await.unwrap();
+    // The primary dies; r1 is promoted in epoch 2 with r2 as its replica.
+    cluster.primary.stop().await;
+    cluster.stop_replica("r1").await;
+    let r1_dir = cluster.node("r1").dir.clone();
+    cluster.replicas.retain(|n| n.server != "r1");
+    cluster.epoch = 2;
+    let config = Cluster::primary_config(
+        &r1_dir,
+        2,
+        CommitMode::BestEffort,
+        &cluster.replicas,
+        cluster.tuning.clone(),
+    );
+    cluster.primary = cluster.rt.spawn_volume(config).await.unwrap();
+    assert_eq!(cluster.primary.content_checksum().await.unwrap(), expected);
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(50, 5).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.wait_converged(LONG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_restart_resumes_replication() {
+    let mut cluster = Cluster::start(CommitMode::SyncAll, &["r1", "r2"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 30).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.primary.stop().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let config = Cluster::primary_config(
+        &cluster.primary_dir,
+        1,
+        CommitMode::SyncAll,
+        &cluster.replicas,
+        cluster.tuning.clone(),
+    );
+    cluster.primary = cluster.rt.spawn_volume(config).await.unwrap();
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(30, 10).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.wait_converged(LONG).await;
+}

@@ -1,0 +1,309 @@
+//! A cluster on loopback for system tests: one primary, replicas that can be
+//! stopped and restarted on the same or a new port, real files, real fsync.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use walship_actors::*;
+use walship_engine::{
+    Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
+};
+use walship_io::{StoreOptions, BLOCK_SIZE};
+
+pub const VOLUME: &str = "vol1";
+pub const BLOCKS: u64 = 2048;
+
+pub fn tuning() -> Tuning {
+    Tuning {
+        tick: Duration::from_millis(5),
+        barrier_timeout_ticks: 300,
+        pin_reservation_ticks: 400,
+        heartbeat_every_ticks: 4,
+        connect_timeout: Duration::from_millis(500),
+        peer_timeout: Duration::from_secs(2),
+        checkpoint_every_lsns: 64,
+        ..Tuning::default()
+    }
+}
+
+pub fn store_options() -> StoreOptions {
+    StoreOptions {
+        segment_bytes: 64 * 1024,
+        ..StoreOptions::new(BLOCKS)
+    }
+}
+
+pub fn block(seed: u64) -> Bytes {
+    Bytes::from(vec![(seed % 251) as u8 + 1; BLOCK_SIZE])
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub server: String,
+    pub dir: PathBuf,
+    pub handle: Option<VolumeHandle>,
+    pub addr: String,
+    pub version: u64,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub rt: Runtime,
+    pub tmp: tempfile::TempDir,
+    pub primary: VolumeHandle,
+    pub primary_dir: PathBuf,
+    pub replicas: Vec<Node>,
+    pub epoch: u64,
+    pub mode: CommitMode,
+    pub tuning: Tuning,
+}
+
+pub fn replica_config(server: &str, dir: &Path, listen: &str) -> VolumeConfig {
+    VolumeConfig::Replica(ReplicaConfig {
+        cluster: "test".into(),
+        volume: VOLUME.into(),
+        server: server.into(),
+        dir: dir.to_path_buf(),
+        store: store_options(),
+        listen: listen.into(),
+        checkpoint_every_lsns: 64,
+    })
+}
+
+impl Cluster {
+    pub async fn start(mode: CommitMode, servers: &[&str]) -> Self {
+        Self::start_with(mode, servers, tuning()).await
+    }
+
+    pub async fn start_with(mode: CommitMode, servers: &[&str], tuning: Tuning) -> Self {
+        let rt = Runtime::start().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut replicas = Vec::new();
+        for server in servers {
+            let dir = tmp.path().join(server);
+            let handle = rt
+                .spawn_volume(replica_config(server, &dir, "127.0.0.1:0"))
+                .await
+                .unwrap();
+            let addr = handle.listen_addr().unwrap().to_string();
+            replicas.push(Node {
+                server: server.to_string(),
+                dir,
+                handle: Some(handle),
+                addr,
+                version: 1,
+            });
+        }
+        let primary_dir = tmp.path().join("primary");
+        let primary = rt
+            .spawn_volume(Self::primary_config(
+                &primary_dir,
+                1,
+                mode,
+                &replicas,
+                tuning.clone(),
+            ))
+            .await
+            .unwrap();
+        Self {
+            rt,
+            tmp,
+            primary,
+            primary_dir,
+            replicas,
+            epoch: 1,
+            mode,
+            tuning,
+        }
+    }
+
+    pub fn primary_config(
+        dir: &Path,
+        epoch: u64,
+        mode: CommitMode,
+        replicas: &[Node],
+        tuning: Tuning,
+    ) -> VolumeConfig {
+        VolumeConfig::Primary(PrimaryConfig {
+            cluster: "test".into(),
+            volume: VOLUME.into(),
+            dir: dir.to_path_buf(),
+            store: store_options(),
+            epoch,
+            commit_mode: mode,
+            replicas: replicas
+                .iter()
+                .map(|n| ReplicaSpec {
+                    server: n.server.clone(),
+                    addr: n.addr.clone(),
+                    version: n.version,
+                })
+                .collect(),
+            tuning,
+        })
+    }
+
+    pub fn assignment(&self) -> Assignment {
+        Assignment {
+            epoch: Epoch(self.epoch),
+            commit_mode: self.mode,
+            replicas: self
+                .replicas
+                .iter()
+                .map(|n| ReplicaAssignment {
+                    id: ReplicaId::new(VOLUME, &n.server).unwrap(),
+                    endpoint: Endpoint::new(n.addr.clone(), n.version),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn node(&mut self, server: &str) -> &mut Node {
+        self.replicas
+            .iter_mut()
+            .find(|n| n.server == server)
+            .unwrap()
+    }
+
+    pub fn replica(&self, server: &str) -> &VolumeHandle {
+        self.replicas
+            .iter()
+            .find(|n| n.server == server)
+            .unwrap()
+            .handle
+            .as_ref()
+            .unwrap()
+    }
+
+    pub async fn stop_replica(&mut self, server: &str) {
+        let node = self.node(server);
+        if let Some(handle) = node.handle.take() {
+            handle.stop().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Restarts on the same address (or a new one with `new_port`).
+    pub async fn restart_replica(&mut self, server: &str, new_port: bool) {
+        let (dir, addr) = {
+            let node = self.node(server);
+            (
+                node.dir.clone(),
+                if new_port {
+                    "127.0.0.1:0".to_owned()
+                } else {
+                    node.addr.clone()
+                },
+            )
+        };
+        let mut handle = None;
+        for _ in 0..50 {
+            match self
+                .rt
+                .spawn_volume(replica_config(server, &dir, &addr))
+                .await
+            {
+                Ok(h) => {
+                    handle = Some(h);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let handle = handle.expect("replica restarted");
+        let node = self.node(server);
+        if new_port {
+            node.addr = handle.listen_addr().unwrap().to_string();
+            node.version += 1;
+        }
+        node.handle = Some(handle);
+    }
+
+    pub async fn write_blocks(&self, from: u64, count: u64) -> u64 {
+        let mut lsn = 0;
+        for i in from..from + count {
+            lsn = self.primary.write(i % BLOCKS, block(i)).await.unwrap();
+        }
+        lsn
+    }
+
+    pub async fn status(&self) -> VolumeStatus {
+        match self.primary.status().await.unwrap() {
+            NodeStatus::Primary(status) => *status,
+            NodeStatus::Replica(_) => panic!("primary reported as replica"),
+        }
+    }
+
+    pub async fn state(&self, server: &str) -> Option<ReplicaState> {
+        let id = ReplicaId::new(VOLUME, server).unwrap();
+        self.status()
+            .await
+            .registry
+            .senders
+            .iter()
+            .find(|s| s.replica == id)
+            .map(|s| s.state)
+    }
+
+    pub async fn wait_state(&self, server: &str, want: ReplicaState, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let state = self.state(server).await;
+            if state == Some(want) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = self.events().await.join("\n");
+                panic!("{server} is {state:?}, wanted {want:?}\nrecovery log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until every replica holds the primary's content and no pin is left.
+    pub async fn wait_converged(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let primary = self.primary.content_checksum().await.unwrap();
+            let status = self.status().await;
+            let mut same = status.recovery_pins == 0
+                && status.snapshot_pins == 0
+                && status.held_resources == 0;
+            for node in &self.replicas {
+                if let Some(handle) = &node.handle {
+                    same &= handle.content_checksum().await.unwrap() == primary;
+                }
+            }
+            if same {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = self.events().await.join("\n");
+                panic!(
+                    "not converged: pins={} snaps={} held={}\n{log}",
+                    status.recovery_pins, status.snapshot_pins, status.held_resources
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn events(&self) -> Vec<String> {
+        self.primary
+            .recovery_log()
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let replica = e.replica.as_ref().map_or("-".to_owned(), |r| r.to_string());
+                format!("{} {} {}", replica, e.event, e.detail)
+            })
+            .collect()
+    }
+
+    pub async fn has_event(&self, server: &str, event: &str) -> bool {
+        let prefix = format!("{VOLUME}/{server} {event}");
+        self.events().await.iter().any(|e| e.starts_with(&prefix))
+    }
+}
