@@ -1,0 +1,244 @@
+//! Hostile and broken peers, on real loopback sockets. Each is refused with a
+//! typed error and the volume keeps serving everyone else.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use futures::{SinkExt, StreamExt};
+use std::time::Duration;
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+use walship_actors::*;
+use walship_engine::{CommitMode, ReplicaState};
+use walship_io::{Envelope, Message, WireCodec};
+
+const LONG: Duration = Duration::from_secs(20);
+
+async fn raw(addr: &str) -> Framed<TcpStream, WireCodec> {
+    Framed::new(
+        TcpStream::connect(addr).await.unwrap(),
+        WireCodec::default(),
+    )
+}
+
+async fn next(conn: &mut Framed<TcpStream, WireCodec>) -> Option<Envelope> {
+    tokio::time::timeout(Duration::from_secs(5), conn.next())
+        .await
+        .unwrap()
+        .map(|r| r.unwrap())
+}
+
+fn hello(epoch: u64, replica: &str) -> Envelope {
+    Envelope {
+        epoch,
+        message: Message::Hello {
+            cluster: "test".into(),
+            volume: VOLUME.into(),
+            replica: replica.into(),
+            session: 99,
+        },
+    }
+}
+
+/// After each attack the real primary still replicates to the replica.
+async fn still_replicating(cluster: &Cluster, from: u64) {
+    cluster.write_blocks(from, 5).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.wait_converged(LONG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keeps_serving() {
+    let cluster = Cluster::start(CommitMode::SyncAll, &["r1"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    let addr = cluster.replicas[0].addr.clone();
+
+    // Garbage: a length that parses, then a version byte that does not.
+    let mut garbage = TcpStream::connect(&addr).await.unwrap();
+    garbage
+        .write_all(&[
+            16, 0, 0, 0, 0xEE, 0xEE, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+        ])
+        .await
+        .unwrap();
+    let mut garbage = Framed::new(garbage, WireCodec::default());
+    let reply = next(&mut garbage).await.unwrap();
+    assert!(
+        matches!(reply.message, Message::Error { code: CODE_WIRE, ref message } if message.contains("protocol version 238")),
+        "{reply:?}"
+    );
+    assert!(next(&mut garbage).await.is_none(), "closed after the error");
+
+    // Oversized: refused from the length alone.
+    let mut huge = TcpStream::connect(&addr).await.unwrap();
+    huge.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+    let mut huge = Framed::new(huge, WireCodec::default());
+    let reply = next(&mut huge).await.unwrap();
+    assert!(
+        matches!(reply.message, Message::Error { code: CODE_WIRE, ref message } if message.contains("exceeds the maximum")),
+        "{reply:?}"
+    );
+
+    // Disconnect mid-frame.
+    let mut cut = TcpStream::connect(&addr).await.unwrap();
+    cut.write_all(&[200, 0, 0, 0, 1, 1, 0, 0]).await.unwrap();
+    drop(cut);
+
+    still_replicating(&cluster, 0).await;
+    let status = serde_json::to_value(cluster.replica("r1").status().await.unwrap()).unwrap();
+    assert!(status["mailbox"]["rejected"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epoch_wrong_identity_and_hijacking_are_refused() {
+    let cluster = Cluster::start(CommitMode::SyncAll, &["r1"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    let addr = cluster.replicas[0].addr.clone();
+
+    let mut stale = raw(&addr).await;
+    stale.send(hello(0, "vol1/r1")).await.unwrap();
+    let reply = next(&mut stale).await.unwrap();
+    assert_eq!(reply.message, Message::Fence { current_epoch: 1 });
+
+    let mut stranger = raw(&addr).await;
+    stranger.send(hello(1, "vol1/r9")).await.unwrap();
+    let reply = next(&mut stranger).await.unwrap();
+    assert!(
+        matches!(
+            reply.message,
+            Message::Error {
+                code: CODE_IDENTITY,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+
+    // Frames without a hello on this connection: not the current primary's.
+    let mut hijack = raw(&addr).await;
+    let batch = Message::WalBatch {
+        session: 0,
+        first_lsn: 1,
+        last_lsn: 1,
+        committed: 0,
+        frames: bytes::Bytes::new(),
+    };
+    hijack
+        .send(Envelope {
+            epoch: 1,
+            message: batch,
+        })
+        .await
+        .unwrap();
+    let reply = next(&mut hijack).await.unwrap();
+    assert!(
+        matches!(
+            reply.message,
+            Message::Error {
+                code: CODE_SUPERSEDED,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+
+    still_replicating(&cluster, 0).await;
+    let status = serde_json::to_value(cluster.replica("r1").status().await.unwrap()).unwrap();
+    assert_eq!(status["mailbox"]["fenced"], 1);
+}
+
+/// A fake replica that answers every hello as someone else.
+async fn impostor() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut conn = Framed::new(stream, WireCodec::default());
+                while let Some(Ok(envelope)) = conn.next().await {
+                    if let Message::Hello { .. } = envelope.message {
+                        let ack = Message::HelloAck {
+                            replica: "vol1/r1".into(),
+                            flushed: 0,
+                            checkpoint: 0,
+                        };
+                        let _ = conn
+                            .send(Envelope {
+                                epoch: envelope.epoch,
+                                message: ack,
+                            })
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_another_replicas_identity_is_rejected_and_others_keep_working() {
+    let rt = Runtime::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let r1_dir = tmp.path().join("r1");
+    let r1 = rt
+        .spawn_volume(replica_config("r1", &r1_dir, "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let replicas = vec![
+        Node {
+            server: "r1".into(),
+            dir: r1_dir,
+            addr: r1.listen_addr().unwrap().to_string(),
+            handle: Some(r1),
+            version: 1,
+        },
+        Node {
+            server: "r2".into(),
+            dir: tmp.path().join("unused"),
+            addr: impostor().await,
+            handle: None,
+            version: 1,
+        },
+    ];
+    let primary_dir = tmp.path().join("primary");
+    let config =
+        Cluster::primary_config(&primary_dir, 1, CommitMode::BestEffort, &replicas, tuning());
+    let primary = rt.spawn_volume(config).await.unwrap();
+    let cluster = Cluster {
+        rt,
+        tmp,
+        primary,
+        primary_dir,
+        replicas,
+        epoch: 1,
+        mode: CommitMode::BestEffort,
+        tuning: tuning(),
+    };
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    let deadline = std::time::Instant::now() + LONG;
+    while !cluster.has_event("r2", "identity_mismatch").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "impostor not detected: {:#?}",
+            cluster.events().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(cluster.state("r2").await, Some(ReplicaState::InSync));
+    cluster.write_blocks(0, 10).await;
+    cluster.primary.barrier().await.unwrap();
+    let primary = cluster.primary.content_checksum().await.unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    while cluster.replica("r1").content_checksum().await.unwrap() != primary {
+        assert!(std::time::Instant::now() < deadline, "r1 stopped receiving");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = cluster.status().await;
+    assert!(
+        status.mailboxes[0].rejected > 0,
+        "the refused handshakes are counted"
+    );
+}
