@@ -43,6 +43,10 @@ pub struct Tuning {
     pub peer_timeout: Duration,
     /// Log reader backend.
     pub backend: BackendRequest,
+    /// Whether rebuilds may use a snapshot of the extent at the checkpoint.
+    /// When false, snapshot pins are refused and every rebuild falls back to a
+    /// full base (for extents where pausing the checkpointer is too costly).
+    pub snapshot_rebuilds: bool,
 }
 
 impl Default for Tuning {
@@ -60,6 +64,7 @@ impl Default for Tuning {
             connect_timeout: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(5),
             backend: BackendRequest::Auto,
+            snapshot_rebuilds: true,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `SenderActor`: one per replica on the primary.
 //!
-//! It owns the connection to its replica and runs one task at a time in its
+//! It receives `Assignment`, `Heartbeat`, `EpochChanged` and `EndpointChanged`
+//! from its volume, owns the connection to its replica and runs one task at a time in its
 //! context: connect + hello, a recovery executor, or live shipping. Each task
 //! is a future that owns the connection while it runs and hands it back when
 //! it ends well. `Cancel` (epoch bump, endpoint change) calls
@@ -54,6 +55,7 @@ pub struct SenderActor {
     conn: Option<Conn>,
     task: Option<(TaskKind, SpawnHandle)>,
     pending_live: Option<StartLive>,
+    epoch: u64,
     metrics: Arc<MailboxMetrics>,
 }
 
@@ -75,7 +77,7 @@ impl Metered for SenderActor {
     }
 }
 
-metered!(SenderActor: Connect, Execute, Cancel, StartLive, StopLive, Shutdown);
+metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, EpochChanged, EndpointChanged, Heartbeat, Shutdown);
 
 impl SenderActor {
     pub(crate) fn new(context: SenderContext, metrics: Arc<MailboxMetrics>) -> Self {
@@ -84,6 +86,7 @@ impl SenderActor {
             conn: None,
             task: None,
             pending_live: None,
+            epoch: 0,
             metrics,
         }
     }
@@ -92,6 +95,14 @@ impl SenderActor {
         if let Some((_, handle)) = self.task.take() {
             ctx.cancel_future(handle);
         }
+    }
+
+    /// Cancels the task (its future, connection and lease are dropped on the
+    /// actor's next poll) and forgets any connection and pending live start.
+    fn drop_connection(&mut self, ctx: &mut Context<Self>) {
+        self.cancel_task(ctx);
+        self.conn = None;
+        self.pending_live = None;
     }
 
     fn failure(error: &ExecError) -> ExecutionFailure {
@@ -128,10 +139,11 @@ impl SenderActor {
     }
 }
 
-/// Connect (or reconnect) for `session` and say hello.
+/// The engine assigned a session: connect (or reconnect) to `endpoint` in
+/// `epoch` and say hello. Any running task is cancelled first.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Connect {
+pub struct Assignment {
     /// Engine session.
     pub session: SessionId,
     /// Epoch to present.
@@ -140,15 +152,14 @@ pub struct Connect {
     pub endpoint: Endpoint,
 }
 
-impl Handler<Connect> for SenderActor {
+impl Handler<Assignment> for SenderActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) {
-        self.cancel_task(ctx);
-        self.conn = None;
-        self.pending_live = None;
+    fn handle(&mut self, msg: Assignment, ctx: &mut Context<Self>) {
+        self.drop_connection(ctx);
+        self.epoch = self.epoch.max(msg.epoch);
         let context = self.context.clone();
-        let Connect {
+        let Assignment {
             session,
             epoch,
             endpoint,
@@ -268,8 +279,6 @@ impl Handler<Cancel> for SenderActor {
             tracing::debug!(replica = %self.context.replica, session = %msg.session, reason = %msg.reason, "cancel");
             self.cancel_task(ctx);
             self.conn = None;
-        } else {
-            self.metrics.reject();
         }
     }
 }
@@ -318,6 +327,73 @@ impl Handler<StopLive> for SenderActor {
     }
 }
 
+/// The volume moved to a newer epoch: whatever runs belongs to the old one
+/// and stops now, before the engine's new assignment arrives.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct EpochChanged {
+    /// The new epoch.
+    pub epoch: u64,
+}
+
+impl Handler<EpochChanged> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: EpochChanged, ctx: &mut Context<Self>) {
+        if msg.epoch <= self.epoch {
+            self.metrics.fence();
+            return;
+        }
+        self.epoch = msg.epoch;
+        self.drop_connection(ctx);
+    }
+}
+
+/// The replica moved: the connection to the old address is dropped (its
+/// identity is unchanged; the engine assigns a session to the new address).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct EndpointChanged {
+    /// The new endpoint.
+    pub endpoint: Endpoint,
+}
+
+impl Handler<EndpointChanged> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndpointChanged, ctx: &mut Context<Self>) {
+        tracing::debug!(replica = %self.context.replica, endpoint = %msg.endpoint, "endpoint changed");
+        self.drop_connection(ctx);
+    }
+}
+
+/// Periodic liveness tick from the volume. An idle sender reports it, so the
+/// engine can retry a replica that has no session.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Heartbeat {
+    /// The volume's epoch.
+    pub epoch: u64,
+}
+
+impl Handler<Heartbeat> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) {
+        if msg.epoch < self.epoch {
+            self.metrics.fence();
+            return;
+        }
+        if self.task.is_none() {
+            let replica = self.context.replica.clone();
+            self.context.report(SenderEvent::Idle {
+                replica,
+                epoch: msg.epoch,
+            });
+        }
+    }
+}
+
 /// Stop the actor (the replica left the assignment, or the volume stops).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -327,8 +403,7 @@ impl Handler<Shutdown> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
-        self.cancel_task(ctx);
-        self.conn = None;
+        self.drop_connection(ctx);
         ctx.stop();
     }
 }

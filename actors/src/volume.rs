@@ -222,16 +222,23 @@ impl VolumeActor {
         self.ticks += 1;
         let tuning = &self.config.tuning;
         if self.ticks % tuning.heartbeat_every_ticks == 0 {
-            let epoch = self.engine.epoch();
-            let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
-            for replica in replicas {
-                let _ = self.engine.handle_heartbeat(&replica, epoch);
-            }
+            self.heartbeat_senders();
             self.maybe_checkpoint();
         }
         self.engine.handle_tick(Tick(self.ticks));
         if let Some(me) = self.me.clone() {
             me.do_send(RunCommands);
+        }
+    }
+
+    /// Heartbeats every replica's sender; idle ones answer and get retried.
+    fn heartbeat_senders(&mut self) {
+        let epoch = self.engine.epoch().get();
+        let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
+        for replica in replicas {
+            if let Some(sender) = self.sender_for(&replica) {
+                sender.do_send(sender::Heartbeat { epoch });
+            }
         }
     }
 
@@ -298,7 +305,7 @@ impl VolumeActor {
                 endpoint,
             } => {
                 if let Some(sender) = self.sender_for(&replica) {
-                    sender.do_send(sender::Connect {
+                    sender.do_send(sender::Assignment {
                         session,
                         epoch: epoch.get(),
                         endpoint,
@@ -402,6 +409,9 @@ impl VolumeActor {
                     .pin_from(from.get(), &label)
                     .map(|pin| (GrantedResource::WalRetention { from }, Held::Wal(pin)))
                     .map_err(|e| e.to_string()),
+                ResourceRequest::Snapshot { .. } if !self.config.tuning.snapshot_rebuilds => {
+                    Err("snapshot rebuilds disabled by configuration".to_owned())
+                }
                 ResourceRequest::Snapshot { at } => match self.store.snapshot_pin(&label) {
                     Ok(pin) if pin.lsn() == at.get() => {
                         Ok((GrantedResource::Snapshot { at }, Held::Image(Arc::new(pin))))
@@ -580,12 +590,37 @@ impl Handler<ApplyAssignment> for VolumeActor {
     type Result = Result<(), VolumeError>;
 
     fn handle(&mut self, msg: ApplyAssignment, ctx: &mut Context<Self>) -> Self::Result {
-        let result = self.engine.handle_assignment(msg.0);
-        if result.is_err() {
-            self.metrics.reject();
+        let old_epoch = self.engine.epoch();
+        let old_endpoints: HashMap<ReplicaId, Endpoint> = self
+            .engine
+            .replicas()
+            .filter_map(|r| Some((r.clone(), self.engine.endpoint(r)?.clone())))
+            .collect();
+        if let Err(error) = self.engine.handle_assignment(msg.0) {
+            match error {
+                walship_engine::EngineError::StaleEpoch { .. } => self.metrics.fence(),
+                _ => self.metrics.reject(),
+            }
+            return Err(error.into());
+        }
+        // Stop old-epoch and old-address work at once, then run the engine's
+        // new assignments.
+        let epoch = self.engine.epoch();
+        for (replica, sender) in &self.senders {
+            if epoch > old_epoch {
+                sender.do_send(sender::EpochChanged { epoch: epoch.get() });
+            }
+            let endpoint = self.engine.endpoint(replica);
+            if let (Some(old), Some(new)) = (old_endpoints.get(replica), endpoint) {
+                if old != new {
+                    sender.do_send(sender::EndpointChanged {
+                        endpoint: new.clone(),
+                    });
+                }
+            }
         }
         self.run_commands(ctx);
-        Ok(result?)
+        Ok(())
     }
 }
 
@@ -598,11 +633,7 @@ impl Handler<Heartbeat> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, _: Heartbeat, ctx: &mut Context<Self>) {
-        let epoch = self.engine.epoch();
-        let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
-        for replica in replicas {
-            let _ = self.engine.handle_heartbeat(&replica, epoch);
-        }
+        self.heartbeat_senders();
         self.run_commands(ctx);
     }
 }
@@ -754,6 +785,10 @@ pub(crate) enum SenderEvent {
         replica: ReplicaId,
         reason: String,
     },
+    Idle {
+        replica: ReplicaId,
+        epoch: u64,
+    },
 }
 
 impl Handler<SenderEvent> for VolumeActor {
@@ -796,6 +831,7 @@ impl Handler<SenderEvent> for VolumeActor {
             SenderEvent::LiveLost { replica, reason } => {
                 engine.handle_disconnected(&replica, &reason)
             }
+            SenderEvent::Idle { replica, epoch } => engine.handle_heartbeat(&replica, Epoch(epoch)),
         };
         match result {
             Err(walship_engine::EngineError::StaleEpoch { .. }) => self.metrics.fence(),

@@ -293,3 +293,87 @@ async fn primary_restart_resumes_replication() {
     cluster.primary.barrier().await.unwrap();
     cluster.wait_converged(LONG).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2_uncommitted_data_is_not_revived_after_failover() {
+    let mut keep_wal = tuning();
+    keep_wal.checkpoint_every_lsns = 1 << 20;
+    let mut cluster = Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], keep_wal).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 20).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.wait_converged(LONG).await;
+    // r1 misses the next writes; r2 receives them; then the primary dies.
+    cluster.stop_replica("r1").await;
+    let ahead = cluster.write_blocks(1000, 20).await;
+    cluster.primary.barrier().await.unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let status = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
+        if status["durable"].as_u64() == Some(ahead) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "r2 never received the writes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.primary.stop().await;
+    // r1 is promoted with what it has; r2 holds 20 entries r1 never had.
+    let r1_dir = cluster.node("r1").dir.clone();
+    cluster.replicas.retain(|n| n.server != "r1");
+    cluster.epoch = 2;
+    let config = Cluster::primary_config(
+        &r1_dir,
+        2,
+        CommitMode::BestEffort,
+        &cluster.replicas,
+        cluster.tuning.clone(),
+    );
+    cluster.primary = cluster.rt.spawn_volume(config).await.unwrap();
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    let events = cluster.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("replica_ahead: flushed=40 committed=20")),
+        "{events:#?}"
+    );
+    assert!(cluster.has_event("r2", "truncation_recorded").await);
+    assert_eq!(
+        cluster.replica("r2").read(1000 % BLOCKS, 1).await.unwrap(),
+        bytes::Bytes::from(vec![0u8; 4096])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
+    let mut no_snapshots = tuning();
+    no_snapshots.snapshot_rebuilds = false;
+    let mut cluster =
+        Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], no_snapshots).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(0, 400).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.primary.checkpoint().await.unwrap();
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    let events = cluster.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("session_invalidated pin_failed: snapshot rebuilds disabled")),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("plan_rebuild_full_base") && e.contains("snapshot_unavailable")),
+        "{events:#?}"
+    );
+}
