@@ -173,6 +173,7 @@ impl<'a> Shipper<'a> {
                     message,
                 })
                 .await?;
+            self.c.count_sent(len);
             self.inflight.push_back((batch.last_lsn, len));
             self.inflight_bytes += len;
         }
@@ -338,6 +339,7 @@ async fn rebuild(
                     .await
                     .map_err(|e| ExecError::Protocol(format!("image read task: {e}")))??;
                 crc = crc32c::crc32c_append(crc, &data);
+                c.count_sent(data.len());
                 let message = Message::RebuildChunk {
                     session: session.get(),
                     offset,
@@ -447,6 +449,7 @@ async fn live_loop(
                 frames,
             };
             sink.send(Envelope { epoch, message }).await?;
+            c.count_sent(len);
             inflight.push_back((last, len));
             inflight_bytes += len;
             shipped = last;

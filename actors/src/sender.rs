@@ -16,6 +16,7 @@ use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
 use crate::resources::Lease;
 use crate::volume::{SenderEvent, VolumeActor};
 use actix::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 use walship_engine::{
@@ -34,9 +35,15 @@ pub(crate) struct SenderContext {
     pub(crate) head_rx: watch::Receiver<u64>,
     pub(crate) committed_rx: watch::Receiver<u64>,
     pub(crate) tuning: Tuning,
+    /// Bytes this sender put on the wire (WAL batches and image chunks).
+    pub(crate) bytes_sent: Arc<AtomicU64>,
 }
 
 impl SenderContext {
+    pub(crate) fn count_sent(&self, bytes: usize) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn report(&self, event: SenderEvent) {
         self.volume_addr.do_send(event);
     }

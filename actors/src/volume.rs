@@ -13,6 +13,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use walship_engine::{
@@ -51,6 +52,8 @@ pub struct VolumeStatus {
     pub held_resources: usize,
     /// Log reader backend and why.
     pub reader_backend: String,
+    /// Bytes each replica's sender has put on the wire, by replica.
+    pub bytes_sent: Vec<(ReplicaId, u64)>,
     /// Mailbox metrics: the volume actor, then each sender.
     pub mailboxes: Vec<MailboxSnapshot>,
 }
@@ -62,6 +65,7 @@ pub struct VolumeActor {
     reader: Arc<LogReader>,
     engine: Engine,
     senders: HashMap<ReplicaId, MeteredAddr<SenderActor>>,
+    bytes_sent: HashMap<ReplicaId, Arc<AtomicU64>>,
     resources: ResourceTable,
     next_resource: u64,
     head_tx: watch::Sender<u64>,
@@ -166,6 +170,7 @@ impl VolumeActor {
             reader: Arc::new(reader),
             engine,
             senders: HashMap::new(),
+            bytes_sent: HashMap::new(),
             resources: ResourceTable::default(),
             next_resource: 1,
             head_tx,
@@ -265,6 +270,7 @@ impl VolumeActor {
             head_rx: self.head_tx.subscribe(),
             committed_rx: self.committed_tx.subscribe(),
             tuning: self.config.tuning.clone(),
+            bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
         })
     }
 
@@ -272,6 +278,7 @@ impl VolumeActor {
         if let Some(sender) = self.senders.get(replica).filter(|s| s.connected()) {
             return Some(sender.clone());
         }
+        self.bytes_sent.entry(replica.clone()).or_default();
         let context = self.sender_context(replica)?;
         let metrics = MailboxMetrics::new("sender", replica.as_str());
         let addr = SenderActor::new(context, Arc::clone(&metrics)).start();
@@ -495,6 +502,15 @@ impl VolumeActor {
             snapshot_pins: self.store.snapshot_pins(),
             held_resources: self.resources.len(),
             reader_backend: format!("{:?}: {}", choice.backend, choice.reason),
+            bytes_sent: {
+                let mut sent: Vec<(ReplicaId, u64)> = self
+                    .bytes_sent
+                    .iter()
+                    .map(|(r, n)| (r.clone(), n.load(Ordering::Relaxed)))
+                    .collect();
+                sent.sort();
+                sent
+            },
             mailboxes,
         }
     }
