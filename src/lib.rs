@@ -15,4 +15,5 @@ pub use walship_actors as actors;
 pub use walship_engine as engine;
 pub use walship_io as io;
 
+pub mod bench;
 pub mod demo;

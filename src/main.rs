@@ -29,6 +29,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Whole-system benchmarks against same-run baselines (P1 catch-up,
+    /// P2 full-base rebuild, P4 replication tax, P5 mailbox).
+    Bench {
+        /// Which: p1, p2, p4, p5 (default: all).
+        #[arg(value_delimiter = ',')]
+        which: Vec<String>,
+        /// Data size for P1 and P2, MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Write+barrier operations per P4 run at QD1 (x4 at QD32).
+        #[arg(long, default_value_t = 5000)]
+        p4_ops: u64,
+        /// Messages per P5 run.
+        #[arg(long, default_value_t = 1_000_000)]
+        p5_messages: u64,
+        /// Keep the data here instead of a temp dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -38,6 +57,27 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo { quick, dir, json } => {
             let options = walship::demo::DemoOptions { quick, dir, json };
             walship::demo::run(options, &mut std::io::stdout()).await
+        }
+        Command::Bench {
+            which,
+            size_mib,
+            p4_ops,
+            p5_messages,
+            dir,
+        } => {
+            let which = if which.is_empty() {
+                ["p1", "p2", "p4", "p5"].map(String::from).to_vec()
+            } else {
+                which
+            };
+            let options = walship::bench::BenchOptions {
+                which,
+                size_mib,
+                p4_ops,
+                p5_messages,
+                dir,
+            };
+            walship::bench::run(options, &mut std::io::stdout()).await
         }
     }
 }

@@ -20,11 +20,12 @@ mod volume;
 
 pub use config::{PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
 pub use error::{ExecError, VolumeError};
+pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
 pub use receiver::{
     ReplicaStatus, CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_SUPERSEDED, CODE_TRUNCATE_REFUSED,
     CODE_WIRE,
 };
 pub use runtime::{NodeStatus, Runtime, VolumeHandle};
-pub use sender::SenderActor;
+pub use sender::{Heartbeat as SenderHeartbeat, SenderActor};
 pub use volume::{VolumeActor, VolumeStatus};

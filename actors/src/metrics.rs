@@ -11,40 +11,39 @@
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Handler, MailboxError, Message};
 use serde::Serialize;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 /// Upper bounds of the latency histogram buckets, in microseconds.
 pub const LATENCY_BUCKETS_US: [u64; 12] =
     [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 5_000, 20_000];
 
+/// A lock-free latency histogram.
 #[derive(Debug, Default)]
 struct Histogram {
-    buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
-    count: u64,
-    sum_us: u64,
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    count: AtomicU64,
+    sum_us: AtomicU64,
 }
 
 impl Histogram {
-    fn record(&mut self, elapsed: Duration) {
-        let us = elapsed.as_micros() as u64;
+    fn record(&self, us: u64) {
         let index = LATENCY_BUCKETS_US
             .iter()
             .position(|b| us <= *b)
             .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.buckets[index] += 1;
-        self.count += 1;
-        self.sum_us += us;
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     /// Upper bound of the bucket holding quantile `q`.
     fn quantile(&self, q: f64) -> u64 {
-        let rank = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let count = self.count.load(Ordering::Relaxed);
+        let rank = ((count as f64) * q).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
+            seen += n.load(Ordering::Relaxed);
             if seen >= rank {
                 return LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX);
             }
@@ -53,17 +52,42 @@ impl Histogram {
     }
 }
 
+/// Enqueue timestamps kept for the oldest-message age and the wait histogram.
+/// Beyond this many queued messages the age is a lower bound.
+const STAMP_RING: usize = 1024;
+
 /// The metrics of one actor.
-#[derive(Debug)]
+///
+/// The send path costs two atomic operations and a clock read: enqueue times
+/// go into a ring indexed by sequence number (messages are handled in FIFO
+/// order), and the `metrics` handles are registered once.
 pub struct MailboxMetrics {
     kind: &'static str,
     instance: String,
+    clock: quanta::Clock,
+    stamps: Box<[AtomicU64]>,
     sent: AtomicU64,
+    dequeued: AtomicU64,
     handled: AtomicU64,
+    lost: AtomicU64,
     rejected: AtomicU64,
     fenced: AtomicU64,
-    queue: Mutex<VecDeque<Instant>>,
-    latency: Mutex<Histogram>,
+    latency: Histogram,
+    sent_total: metrics::Counter,
+    rejected_total: metrics::Counter,
+    fenced_total: metrics::Counter,
+    wait_seconds: metrics::Histogram,
+    handler_seconds: metrics::Histogram,
+    depth_gauge: metrics::Gauge,
+}
+
+impl std::fmt::Debug for MailboxMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailboxMetrics")
+            .field("kind", &self.kind)
+            .field("instance", &self.instance)
+            .finish()
+    }
 }
 
 /// A serializable view of one actor's mailbox.
@@ -83,7 +107,8 @@ pub struct MailboxSnapshot {
     pub rejected: u64,
     /// Messages refused for a stale epoch.
     pub fenced: u64,
-    /// Age of the oldest queued message, microseconds.
+    /// Age of the oldest queued message, microseconds (a lower bound beyond
+    /// 1024 queued messages).
     pub oldest_age_us: u64,
     /// Handler latency: count, mean, p50 and p99 bucket bounds (microseconds).
     pub latency_count: u64,
@@ -95,96 +120,107 @@ pub struct MailboxSnapshot {
     pub latency_p99_us: u64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl MailboxMetrics {
     /// Metrics for one actor.
     pub fn new(kind: &'static str, instance: impl Into<String>) -> Arc<Self> {
+        let instance = instance.into();
+        let labels = [("actor", kind.to_owned()), ("instance", instance.clone())];
         Arc::new(Self {
             kind,
-            instance: instance.into(),
+            clock: quanta::Clock::new(),
+            stamps: (0..STAMP_RING).map(|_| AtomicU64::new(0)).collect(),
             sent: AtomicU64::new(0),
+            dequeued: AtomicU64::new(0),
             handled: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             fenced: AtomicU64::new(0),
-            queue: Mutex::new(VecDeque::new()),
-            latency: Mutex::new(Histogram::default()),
+            latency: Histogram::default(),
+            sent_total: metrics::counter!("walship_mailbox_sent_total", &labels),
+            rejected_total: metrics::counter!("walship_mailbox_rejected_total", &labels),
+            fenced_total: metrics::counter!("walship_mailbox_fenced_total", &labels),
+            wait_seconds: metrics::histogram!("walship_mailbox_wait_seconds", &labels),
+            handler_seconds: metrics::histogram!("walship_handler_seconds", &labels),
+            depth_gauge: metrics::gauge!("walship_mailbox_depth", &labels),
+            instance,
         })
     }
 
-    fn labels(&self) -> [(&'static str, String); 2] {
-        [
-            ("actor", self.kind.to_owned()),
-            ("instance", self.instance.clone()),
-        ]
+    /// A raw clock reading (TSC where available: a few ns, no syscall).
+    fn now(&self) -> u64 {
+        self.clock.raw()
     }
 
     pub(crate) fn on_send(&self) {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        lock(&self.queue).push_back(Instant::now());
-        metrics::counter!("walship_mailbox_sent_total", &self.labels()).increment(1);
+        let seq = self.sent.fetch_add(1, Ordering::AcqRel);
+        self.stamps[seq as usize % STAMP_RING].store(self.now(), Ordering::Release);
+        self.sent_total.increment(1);
     }
 
     fn on_lost(&self) {
-        lock(&self.queue).pop_back();
+        self.lost.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn on_dequeue(&self) -> Instant {
-        let enqueued = lock(&self.queue).pop_front();
-        let now = Instant::now();
-        if let Some(at) = enqueued {
-            metrics::histogram!("walship_mailbox_wait_seconds", &self.labels())
-                .record(now.duration_since(at).as_secs_f64());
-        }
+    /// Returns the dequeue time, to pass to [`on_handled`](Self::on_handled).
+    pub(crate) fn on_dequeue(&self) -> u64 {
+        let seq = self.dequeued.fetch_add(1, Ordering::AcqRel);
+        let enqueued = self.stamps[seq as usize % STAMP_RING].load(Ordering::Acquire);
+        let now = self.now();
+        let waited = self.clock.delta_as_nanos(enqueued.min(now), now);
+        self.wait_seconds.record(waited as f64 / 1e9);
         now
     }
 
-    pub(crate) fn on_handled(&self, started: Instant) {
-        let elapsed = started.elapsed();
+    pub(crate) fn on_handled(&self, started: u64) {
+        let nanos = self.clock.delta_as_nanos(started, self.now());
         self.handled.fetch_add(1, Ordering::Relaxed);
-        lock(&self.latency).record(elapsed);
-        metrics::histogram!("walship_handler_seconds", &self.labels())
-            .record(elapsed.as_secs_f64());
+        self.latency.record(nanos / 1000);
+        self.handler_seconds.record(nanos as f64 / 1e9);
     }
 
     /// Counts a refused message.
     pub fn reject(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("walship_mailbox_rejected_total", &self.labels()).increment(1);
+        self.rejected_total.increment(1);
     }
 
     /// Counts a message refused for its epoch.
     pub fn fence(&self) {
         self.fenced.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("walship_mailbox_fenced_total", &self.labels()).increment(1);
+        self.fenced_total.increment(1);
     }
 
     /// A snapshot; also publishes the depth gauge.
     pub fn snapshot(&self) -> MailboxSnapshot {
-        let (depth, oldest) = {
-            let queue = lock(&self.queue);
-            (
-                queue.len() as u64,
-                queue
-                    .front()
-                    .map_or(0, |at| at.elapsed().as_micros() as u64),
-            )
+        let sent = self.sent.load(Ordering::Acquire);
+        let dequeued = self.dequeued.load(Ordering::Acquire);
+        let lost = self.lost.load(Ordering::Relaxed);
+        let depth = sent.saturating_sub(dequeued).saturating_sub(lost);
+        let oldest_age_us = if depth > 0 {
+            let stamp = self.stamps[dequeued as usize % STAMP_RING].load(Ordering::Acquire);
+            let now = self.now();
+            self.clock.delta_as_nanos(stamp.min(now), now) / 1000
+        } else {
+            0
         };
-        metrics::gauge!("walship_mailbox_depth", &self.labels()).set(depth as f64);
-        let latency = lock(&self.latency);
+        self.depth_gauge.set(depth as f64);
+        let latency = &self.latency;
+        let count = latency.count.load(Ordering::Relaxed);
         MailboxSnapshot {
             kind: self.kind,
             instance: self.instance.clone(),
             depth,
-            sent: self.sent.load(Ordering::Relaxed),
+            sent,
             handled: self.handled.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             fenced: self.fenced.load(Ordering::Relaxed),
-            oldest_age_us: oldest,
-            latency_count: latency.count,
-            latency_mean_us: latency.sum_us.checked_div(latency.count).unwrap_or(0),
+            oldest_age_us,
+            latency_count: count,
+            latency_mean_us: latency
+                .sum_us
+                .load(Ordering::Relaxed)
+                .checked_div(count)
+                .unwrap_or(0),
             latency_p50_us: latency.quantile(0.5),
             latency_p99_us: latency.quantile(0.99),
         }

@@ -74,6 +74,12 @@ impl Runtime {
         rx.recv().map_err(|_| VolumeError::Stopped)?
     }
 
+    /// The arbiter walship's actors run on, for services that want their own
+    /// actors on the same system (and for benchmarks comparing against them).
+    pub fn arbiter(&self) -> &ArbiterHandle {
+        &self.arbiter
+    }
+
     /// Stops every actor and joins the system thread.
     pub fn shutdown(mut self) {
         self.stop_and_join();
@@ -288,6 +294,20 @@ impl VolumeHandle {
                 Ok(receiver.send(ReplicaChecksum).await.map_err(stopped)??)
             }
         }
+    }
+
+    /// The metered address of a replica's sender on a primary. For benchmarks
+    /// and diagnostics that drive the sender's mailbox directly.
+    #[doc(hidden)]
+    pub async fn sender(
+        &self,
+        replica: ReplicaId,
+    ) -> Option<MeteredAddr<crate::sender::SenderActor>> {
+        self.primary()
+            .ok()?
+            .send(volume::GetSender(replica))
+            .await
+            .ok()?
     }
 
     /// Stops the volume: its actors, connections and listener.

@@ -118,7 +118,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, Stop, RunCommands, LocalDurable, SenderEvent);
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, GetSender, Stop, RunCommands, LocalDurable, SenderEvent);
 
 /// A dedicated thread that makes the WAL durable: requests coalesce, one
 /// group-commit sync serves them all, the result goes back to the actor.
@@ -705,6 +705,19 @@ impl Handler<ContentChecksum> for VolumeActor {
 
     fn handle(&mut self, _: ContentChecksum, _: &mut Context<Self>) -> Self::Result {
         Ok(self.store.content_checksum()?)
+    }
+}
+
+/// The sender of one replica (benchmarks drive its mailbox directly).
+#[derive(Debug, Message)]
+#[rtype(result = "Option<MeteredAddr<SenderActor>>")]
+pub struct GetSender(pub ReplicaId);
+
+impl Handler<GetSender> for VolumeActor {
+    type Result = Option<MeteredAddr<SenderActor>>;
+
+    fn handle(&mut self, msg: GetSender, _: &mut Context<Self>) -> Self::Result {
+        self.senders.get(&msg.0).cloned()
     }
 }
 

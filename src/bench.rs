@@ -1,0 +1,581 @@
+//! `walship bench`: whole-system benchmarks, each against a baseline measured
+//! in the same run, reported as a ratio with its target.
+//!
+//! - P1 catch-up of a replica N MiB behind vs a raw pipeline over the same
+//!   WAL files (pread 1 MiB → loopback TCP → write + fdatasync every 16 MiB).
+//! - P2 full-base rebuild of an N MiB volume vs the same raw pipeline over the
+//!   extent file.
+//! - P4 replication tax: 4 KiB write+barrier at QD 1 and QD 32, sync_all with
+//!   two replicas vs the same workload on a local unreplicated volume.
+//! - P5 mailbox: SenderActor heartbeat throughput vs a bare actix actor and a
+//!   bare tokio mpsc channel.
+
+use anyhow::{bail, ensure, Context as _};
+use bytes::Bytes;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use walship_actors::{
+    NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, SenderHeartbeat, Tuning,
+    VolumeConfig, VolumeHandle,
+};
+use walship_engine::{CommitMode, ReplicaId, ReplicaState};
+use walship_io::{StoreOptions, BLOCK_SIZE};
+
+/// Which benchmarks, and how big.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Benchmarks to run: p1, p2, p4, p5.
+    pub which: Vec<String>,
+    /// Data size for P1/P2 in MiB.
+    pub size_mib: u64,
+    /// Operations per P4 run.
+    pub p4_ops: u64,
+    /// Messages per P5 run.
+    pub p5_messages: u64,
+    /// Where to put the data.
+    pub dir: Option<PathBuf>,
+}
+
+fn mib_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+}
+
+/// Pushes `files` (whole, or `limit` bytes of the single file) through a
+/// loopback socket to a receiver that writes and fdatasyncs every 16 MiB.
+fn raw_pipeline(files: &[PathBuf], sink_dir: &Path) -> anyhow::Result<(u64, Duration)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sink_path = sink_dir.join("raw-sink.dat");
+    let receiver = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let (mut stream, _) = listener.accept()?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&sink_path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut total, mut since_sync) = (0u64, 0u64);
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            file.write_all_at(&buf[..n], total)?;
+            total += n as u64;
+            since_sync += n as u64;
+            if since_sync >= 16 << 20 {
+                file.sync_data()?;
+                since_sync = 0;
+            }
+        }
+        file.sync_data()?;
+        Ok(total)
+    });
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        let file = File::open(path)?;
+        let mut offset = 0;
+        loop {
+            let n = file.read_at(&mut buf, offset)?;
+            if n == 0 {
+                break;
+            }
+            stream.write_all(&buf[..n])?;
+            offset += n as u64;
+        }
+    }
+    drop(stream);
+    let total = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok((total, start.elapsed()))
+}
+
+struct Setup {
+    rt: Runtime,
+    primary: VolumeHandle,
+    replicas: Vec<(String, VolumeHandle, String)>,
+    dir: PathBuf,
+    store: StoreOptions,
+}
+
+fn replica_config(dir: &Path, server: &str, listen: &str, store: &StoreOptions) -> VolumeConfig {
+    VolumeConfig::Replica(ReplicaConfig {
+        cluster: "bench".into(),
+        volume: "bench".into(),
+        server: server.into(),
+        dir: dir.join(server),
+        store: store.clone(),
+        listen: listen.into(),
+        checkpoint_every_lsns: u64::MAX,
+    })
+}
+
+impl Setup {
+    async fn start(
+        dir: &Path,
+        mode: CommitMode,
+        servers: &[&str],
+        blocks: u64,
+        tuning: Tuning,
+    ) -> anyhow::Result<Self> {
+        let rt = Runtime::start()?;
+        let store = StoreOptions {
+            segment_bytes: 64 << 20,
+            ..StoreOptions::new(blocks)
+        };
+        let mut replicas = Vec::new();
+        let mut specs = Vec::new();
+        for server in servers {
+            let handle = rt
+                .spawn_volume(replica_config(dir, server, "127.0.0.1:0", &store))
+                .await?;
+            let addr = handle.listen_addr().context("listen address")?.to_string();
+            specs.push(ReplicaSpec {
+                server: server.to_string(),
+                addr: addr.clone(),
+                version: 1,
+            });
+            replicas.push((server.to_string(), handle, addr));
+        }
+        let primary = rt
+            .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
+                cluster: "bench".into(),
+                volume: "bench".into(),
+                dir: dir.join("primary"),
+                store: store.clone(),
+                epoch: 1,
+                commit_mode: mode,
+                replicas: specs,
+                tuning,
+            }))
+            .await?;
+        let setup = Self {
+            rt,
+            primary,
+            replicas,
+            dir: dir.to_path_buf(),
+            store,
+        };
+        for server in servers {
+            setup.wait_in_sync(server).await?;
+        }
+        Ok(setup)
+    }
+
+    async fn state(&self, server: &str) -> anyhow::Result<Option<ReplicaState>> {
+        match self.primary.status().await? {
+            NodeStatus::Primary(s) => Ok(s
+                .registry
+                .senders
+                .iter()
+                .find(|x| x.replica.server() == server)
+                .map(|x| x.state)),
+            NodeStatus::Replica(_) => bail!("not a primary"),
+        }
+    }
+
+    async fn bytes_sent(&self, server: &str) -> anyhow::Result<u64> {
+        match self.primary.status().await? {
+            NodeStatus::Primary(s) => Ok(s
+                .bytes_sent
+                .iter()
+                .find(|(r, _)| r.server() == server)
+                .map_or(0, |(_, n)| *n)),
+            NodeStatus::Replica(_) => bail!("not a primary"),
+        }
+    }
+
+    async fn wait_in_sync(&self, server: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while self.state(server).await? != Some(ReplicaState::InSync) {
+            ensure!(Instant::now() < deadline, "{server} never got in sync");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    async fn fill(&self, blocks: u64, volume_blocks: u64) -> anyhow::Result<()> {
+        let data = Bytes::from(vec![0xA5u8; BLOCK_SIZE]);
+        let mut next = 0;
+        while next < blocks {
+            let batch = (blocks - next).min(64);
+            let writes =
+                (next..next + batch).map(|i| self.primary.write(i % volume_blocks, data.clone()));
+            futures::future::try_join_all(writes).await?;
+            next += batch;
+        }
+        self.primary.barrier().await?;
+        Ok(())
+    }
+
+    async fn stop_replica(&mut self, server: &str) -> anyhow::Result<()> {
+        let (_, handle, _) = self
+            .replicas
+            .iter()
+            .find(|r| r.0 == server)
+            .context("replica")?;
+        handle.stop().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+
+    /// Restarts `server` on its address and times its recovery.
+    async fn recover(&mut self, server: &str) -> anyhow::Result<(u64, Duration)> {
+        let addr = self
+            .replicas
+            .iter()
+            .find(|r| r.0 == server)
+            .context("replica")?
+            .2
+            .clone();
+        let before = self.bytes_sent(server).await?;
+        let start = Instant::now();
+        let mut handle = None;
+        for _ in 0..100 {
+            if let Ok(h) = self
+                .rt
+                .spawn_volume(replica_config(&self.dir, server, &addr, &self.store))
+                .await
+            {
+                handle = Some(h);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let handle = handle.context("replica restart")?;
+        self.primary.heartbeat().await?;
+        self.wait_in_sync(server).await?;
+        let took = start.elapsed();
+        let bytes = self.bytes_sent(server).await? - before;
+        if let Some(slot) = self.replicas.iter_mut().find(|r| r.0 == server) {
+            slot.1 = handle;
+        }
+        ensure!(
+            self.primary.content_checksum().await?
+                == self
+                    .replicas
+                    .iter()
+                    .find(|r| r.0 == server)
+                    .context("replica")?
+                    .1
+                    .content_checksum()
+                    .await?,
+            "{server} differs after recovery"
+        );
+        Ok((bytes, took))
+    }
+
+    async fn stop(self) {
+        self.primary.stop().await;
+        for (_, handle, _) in &self.replicas {
+            handle.stop().await;
+        }
+        self.rt.shutdown();
+    }
+}
+
+fn segment_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn report(
+    name: &str,
+    ours: f64,
+    base: f64,
+    unit: &str,
+    target: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    writeln!(out, "{name}: walship {ours:.1} {unit}, baseline {base:.1} {unit}, ratio {:.2}x (target {target})", ours / base)?;
+    Ok(())
+}
+
+async fn p1(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let blocks = options.size_mib * 256;
+    let volume_blocks = blocks.min(256 * 256);
+    let tuning = Tuning {
+        checkpoint_every_lsns: u64::MAX,
+        ..Tuning::default()
+    };
+    let mut setup =
+        Setup::start(dir, CommitMode::BestEffort, &["r1"], volume_blocks, tuning).await?;
+    setup.stop_replica("r1").await?;
+    setup.fill(blocks, volume_blocks).await?;
+    let files = segment_files(&dir.join("primary/wal"))?;
+    let (raw_bytes, raw_took) = raw_pipeline(&files, dir)?;
+    let (bytes, took) = setup.recover("r1").await?;
+    writeln!(
+        out,
+        "P1 catch-up: {:.0} MiB moved in {:.2}s; raw pipeline {:.0} MiB in {:.2}s",
+        bytes as f64 / 1048576.0,
+        took.as_secs_f64(),
+        raw_bytes as f64 / 1048576.0,
+        raw_took.as_secs_f64()
+    )?;
+    report(
+        "P1 catch-up",
+        mib_per_s(bytes, took),
+        mib_per_s(raw_bytes, raw_took),
+        "MiB/s",
+        ">= 0.9x",
+        out,
+    )?;
+    setup.stop().await;
+    Ok(())
+}
+
+async fn p2(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let blocks = options.size_mib * 256;
+    let tuning = Tuning {
+        checkpoint_every_lsns: u64::MAX,
+        snapshot_rebuilds: false,
+        ..Tuning::default()
+    };
+    let mut setup = Setup::start(dir, CommitMode::BestEffort, &["r1"], blocks, tuning).await?;
+    setup.stop_replica("r1").await?;
+    fs::remove_dir_all(dir.join("r1"))?; // a replaced disk: nothing left
+    setup.fill(blocks, blocks).await?;
+    setup.primary.checkpoint().await?;
+    let extent = fs::read_dir(dir.join("primary"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("extent."))
+        })
+        .context("extent file")?;
+    let (raw_bytes, raw_took) = raw_pipeline(&[extent], dir)?;
+    let (bytes, took) = setup.recover("r1").await?;
+    let log = setup.primary.recovery_log().await?;
+    ensure!(
+        log.iter().any(|e| e.event == "plan_rebuild_full_base"),
+        "P2 did not run a full-base rebuild"
+    );
+    writeln!(
+        out,
+        "P2 full-base rebuild: {:.0} MiB moved in {:.2}s; raw pipeline {:.0} MiB in {:.2}s",
+        bytes as f64 / 1048576.0,
+        took.as_secs_f64(),
+        raw_bytes as f64 / 1048576.0,
+        raw_took.as_secs_f64()
+    )?;
+    report(
+        "P2 full base",
+        mib_per_s(bytes, took),
+        mib_per_s(raw_bytes, raw_took),
+        "MiB/s",
+        ">= 0.9x",
+        out,
+    )?;
+    setup.stop().await;
+    Ok(())
+}
+
+struct Latencies {
+    iops: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn write_barrier_load(
+    primary: &VolumeHandle,
+    ops: u64,
+    depth: u64,
+) -> anyhow::Result<Latencies> {
+    let per_task = ops / depth;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..depth)
+        .map(|task| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let data = Bytes::from(vec![0x11u8; BLOCK_SIZE]);
+                let mut latencies = Vec::with_capacity(per_task as usize);
+                for i in 0..per_task {
+                    let t = Instant::now();
+                    let lsn = primary
+                        .write((task * per_task + i) % 4096, data.clone())
+                        .await?;
+                    primary.barrier_at(lsn).await?;
+                    latencies.push(t.elapsed());
+                }
+                Ok::<_, walship_actors::VolumeError>(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let took = start.elapsed();
+    all.sort();
+    Ok(Latencies {
+        iops: all.len() as f64 / took.as_secs_f64(),
+        p50: all[all.len() / 2],
+        p99: all[(all.len() * 99 / 100).min(all.len() - 1)],
+    })
+}
+
+async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    for depth in [1u64, 32] {
+        let ops = options.p4_ops * if depth == 1 { 1 } else { 4 };
+        let local_dir = dir.join(format!("p4-local-{depth}"));
+        let local = Setup::start(
+            &local_dir,
+            CommitMode::SyncAll,
+            &[],
+            4096,
+            Tuning::default(),
+        )
+        .await?;
+        let base = write_barrier_load(&local.primary, ops, depth).await?;
+        local.stop().await;
+        let repl_dir = dir.join(format!("p4-repl-{depth}"));
+        let replicated = Setup::start(
+            &repl_dir,
+            CommitMode::SyncAll,
+            &["r1", "r2"],
+            4096,
+            Tuning::default(),
+        )
+        .await?;
+        let ours = write_barrier_load(&replicated.primary, ops, depth).await?;
+        replicated.stop().await;
+        writeln!(
+            out,
+            "P4 QD{depth}: replicated {:.0} IOPS p50 {:?} p99 {:?}; local {:.0} IOPS p50 {:?} p99 {:?}; tax {:.0}% (target <= 25%)",
+            ours.iops, ours.p50, ours.p99, base.iops, base.p50, base.p99, (1.0 - ours.iops / base.iops) * 100.0
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Count(u64);
+
+impl actix::Actor for Count {
+    type Context = actix::Context<Self>;
+}
+
+#[derive(Debug, actix::Message)]
+#[rtype(result = "u64")]
+struct Ping;
+
+impl actix::Handler<Ping> for Count {
+    type Result = u64;
+    fn handle(&mut self, _: Ping, _: &mut actix::Context<Self>) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+async fn p5(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let n = options.p5_messages;
+    // Bare tokio mpsc.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let start = Instant::now();
+    let consumer = tokio::spawn(async move {
+        let mut seen = 0;
+        while rx.recv().await.is_some() {
+            seen += 1;
+        }
+        seen
+    });
+    for i in 0..n {
+        tx.send(i)?;
+    }
+    drop(tx);
+    ensure!(consumer.await? == n, "mpsc lost messages");
+    let mpsc = start.elapsed();
+
+    let setup = Setup::start(
+        dir,
+        CommitMode::BestEffort,
+        &["r1"],
+        1024,
+        Tuning::default(),
+    )
+    .await?;
+    // Bare actix actor on the same system.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = setup.rt.arbiter().spawn(async move {
+        let _ = tx.send(actix::Actor::start(Count(0)));
+    });
+    let addr = if spawned {
+        rx.await?
+    } else {
+        bail!("no actix system on this thread")
+    };
+    let start = Instant::now();
+    for _ in 0..n {
+        addr.do_send(Ping);
+    }
+    ensure!(addr.send(Ping).await? == n + 1, "actix lost messages");
+    let bare = start.elapsed();
+    // The SenderActor of an InSync replica, through its metered mailbox.
+    let sender = setup
+        .primary
+        .sender(ReplicaId::new("bench", "r1")?)
+        .await
+        .context("sender")?;
+    let before = sender.metrics().snapshot().handled;
+    let start = Instant::now();
+    for _ in 0..n {
+        sender.do_send(SenderHeartbeat { epoch: 1 });
+    }
+    sender.send(SenderHeartbeat { epoch: 1 }).await?;
+    let ours = start.elapsed();
+    let handled = sender.metrics().snapshot().handled - before;
+    ensure!(handled >= n + 1, "sender handled {handled} of {}", n + 1);
+    let rate = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
+    writeln!(out, "P5 mailbox: SenderActor {:.2} M msg/s, bare actix {:.2} M msg/s, bare tokio mpsc {:.2} M msg/s", rate(ours), rate(bare), rate(mpsc))?;
+    report(
+        "P5 vs bare actix",
+        rate(ours),
+        rate(bare),
+        "M msg/s",
+        ">= 0.8x",
+        out,
+    )?;
+    setup.stop().await;
+    Ok(())
+}
+
+/// Runs the selected benchmarks.
+pub async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let root = options
+        .dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    writeln!(
+        out,
+        "walship bench on {} cores; data in {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        root.display()
+    )?;
+    for which in &options.which {
+        let dir = root.join(which);
+        fs::create_dir_all(&dir)?;
+        match which.as_str() {
+            "p1" => p1(&options, &dir, out).await?,
+            "p2" => p2(&options, &dir, out).await?,
+            "p4" => p4(&options, &dir, out).await?,
+            "p5" => p5(&options, &dir, out).await?,
+            other => bail!("unknown benchmark {other}: expected p1, p2, p4, p5"),
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
