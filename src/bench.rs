@@ -114,7 +114,9 @@ fn replica_config(dir: &Path, server: &str, listen: &str, store: &StoreOptions) 
         dir: dir.join(server),
         store: store.clone(),
         listen: listen.into(),
-        checkpoint_every_lsns: u64::MAX,
+        // As in production: the replica checkpoints what is committed every
+        // 64 MiB, which also bounds the blocks it keeps in memory.
+        checkpoint_every_lsns: 16 * 1024,
     })
 }
 

@@ -13,7 +13,7 @@ use crate::metered;
 use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
 use actix::prelude::*;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -182,6 +182,11 @@ impl ReceiverActor {
         self.active_conn = Some(conn);
         self.install = None;
         let wal = self.store.wal();
+        // Frames appended before a connection broke may not be synced yet:
+        // report only what is durable, after making the head durable.
+        if let Err(e) = self.store.sync_to(wal.head()) {
+            return error(self.epoch, CODE_STORE, format!("sync before hello: {e}"));
+        }
         self.answer(Message::HelloAck {
             replica: self.identity.clone(),
             flushed: wal.durable(),
@@ -189,7 +194,16 @@ impl ReceiverActor {
         })
     }
 
-    fn batch(&mut self, first_lsn: u64, last_lsn: u64, committed: u64, frames: &Bytes) -> Reply {
+    /// Appends a batch without syncing; `unsynced` remembers that a sync
+    /// (and one ack for everything appended) is owed.
+    fn batch(
+        &mut self,
+        first_lsn: u64,
+        last_lsn: u64,
+        committed: u64,
+        frames: &Bytes,
+        unsynced: &mut bool,
+    ) -> Reply {
         let head = self.store.wal().head();
         if first_lsn != head + 1 {
             self.metrics.reject();
@@ -199,29 +213,44 @@ impl ReceiverActor {
                 format!("batch starts at {first_lsn}, head is {head}"),
             );
         }
-        let applied = self.store.apply_replicated(frames).and_then(|new_head| {
-            if new_head != last_lsn {
-                return Err(StoreError::Wal(WalError::OutOfOrder {
-                    expected: last_lsn,
-                    got: new_head,
-                }));
-            }
-            self.store.sync_to(new_head)
-        });
-        match applied {
-            Ok(durable) => {
+        match self.store.apply_replicated(frames) {
+            Ok(new_head) if new_head == last_lsn => {
                 self.committed = self.committed.max(committed);
-                self.maybe_checkpoint(durable);
-                self.answer(Message::DurableAck {
-                    durable,
-                    barrier: None,
-                })
+                *unsynced = true;
+                Reply::default()
+            }
+            Ok(new_head) => {
+                self.metrics.reject();
+                error(
+                    self.epoch,
+                    CODE_STORE,
+                    format!("batch claimed last lsn {last_lsn}, frames end at {new_head}"),
+                )
             }
             Err(e) => {
                 self.metrics.reject();
                 error(self.epoch, CODE_STORE, e.to_string())
             }
         }
+    }
+
+    /// Syncs everything appended (one fsync for every batch since the last)
+    /// and acknowledges the durable LSN.
+    fn flush(&mut self, unsynced: &mut bool) -> Option<Reply> {
+        if !std::mem::take(unsynced) {
+            return None;
+        }
+        let head = self.store.wal().head();
+        Some(match self.store.sync_to(head) {
+            Ok(durable) => {
+                self.maybe_checkpoint(durable);
+                self.answer(Message::DurableAck {
+                    durable,
+                    barrier: None,
+                })
+            }
+            Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
+        })
     }
 
     /// Checkpoints only up to what the primary says is committed, so a later
@@ -293,19 +322,49 @@ impl ReceiverActor {
 #[rtype(result = "Reply")]
 pub(crate) struct Inbound {
     pub(crate) conn: u64,
-    pub(crate) envelope: Envelope,
+    /// Frames that arrived together: consecutive WAL batches share one fsync.
+    pub(crate) envelopes: Vec<Envelope>,
 }
 
 impl Handler<Inbound> for ReceiverActor {
     type Result = Reply;
 
     fn handle(&mut self, msg: Inbound, _: &mut Context<Self>) -> Self::Result {
-        let Envelope { epoch, message } = msg.envelope;
+        let mut out = Reply::default();
+        let mut unsynced = false;
+        for envelope in msg.envelopes {
+            if !matches!(envelope.message, Message::WalBatch { .. }) {
+                if let Some(ack) = self.flush(&mut unsynced) {
+                    out.send.extend(ack.send);
+                    out.close |= ack.close;
+                }
+            }
+            if out.close {
+                return out;
+            }
+            let reply = self.one(msg.conn, envelope, &mut unsynced);
+            out.send.extend(reply.send);
+            if reply.close {
+                out.close = true;
+                return out;
+            }
+        }
+        if let Some(ack) = self.flush(&mut unsynced) {
+            out.send.extend(ack.send);
+            out.close |= ack.close;
+        }
+        out
+    }
+}
+
+impl ReceiverActor {
+    fn one(&mut self, conn: u64, envelope: Envelope, unsynced: &mut bool) -> Reply {
+        let Envelope { epoch, message } = envelope;
         if let Message::Hello {
             volume, replica, ..
         } = &message
         {
-            return self.hello(msg.conn, epoch, volume, replica);
+            return self.hello(conn, epoch, volume, replica);
         }
         if epoch < self.epoch {
             self.metrics.fence();
@@ -320,7 +379,7 @@ impl Handler<Inbound> for ReceiverActor {
                 close: true,
             };
         }
-        if self.active_conn != Some(msg.conn) || epoch != self.epoch {
+        if self.active_conn != Some(conn) || epoch != self.epoch {
             self.metrics.reject();
             return error(
                 self.epoch,
@@ -335,7 +394,7 @@ impl Handler<Inbound> for ReceiverActor {
                 committed,
                 frames,
                 ..
-            } => self.batch(first_lsn, last_lsn, committed, &frames),
+            } => self.batch(first_lsn, last_lsn, committed, &frames, unsynced),
             Message::Barrier { id, lsn } => {
                 let head = self.store.wal().head();
                 match self.store.sync_to(lsn.min(head)) {
@@ -481,32 +540,45 @@ pub(crate) async fn accept_loop(
 }
 
 async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u64) {
+    /// Frames handed to the receiver at once (they share one fsync).
+    const DRAIN: usize = 64;
     let _ = stream.set_nodelay(true);
     let mut framed = Framed::new(stream, WireCodec::default());
-    while let Some(frame) = framed.next().await {
-        let envelope = match frame {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                receiver.metrics().reject();
-                let message = Message::Error {
-                    code: CODE_WIRE,
-                    message: e.to_string(),
-                };
-                let _ = framed.send(Envelope { epoch: 0, message }).await;
-                break;
+    'conn: while let Some(frame) = framed.next().await {
+        let mut envelopes = Vec::new();
+        let mut broken = None;
+        match frame {
+            Ok(envelope) => envelopes.push(envelope),
+            Err(e) => broken = Some(e),
+        }
+        // Take whatever else is already here without waiting.
+        while broken.is_none() && envelopes.len() < DRAIN {
+            match framed.next().now_or_never() {
+                Some(Some(Ok(envelope))) => envelopes.push(envelope),
+                Some(Some(Err(e))) => broken = Some(e),
+                _ => break,
             }
-        };
-        let Ok(reply) = receiver.send(Inbound { conn, envelope }).await else {
-            break;
-        };
-        let mut failed = false;
-        for envelope in reply.send {
-            if framed.send(envelope).await.is_err() {
-                failed = true;
+        }
+        if !envelopes.is_empty() {
+            let Ok(reply) = receiver.send(Inbound { conn, envelopes }).await else {
+                break;
+            };
+            for envelope in reply.send {
+                if framed.send(envelope).await.is_err() {
+                    break 'conn;
+                }
+            }
+            if reply.close {
                 break;
             }
         }
-        if failed || reply.close {
+        if let Some(e) = broken {
+            receiver.metrics().reject();
+            let message = Message::Error {
+                code: CODE_WIRE,
+                message: e.to_string(),
+            };
+            let _ = framed.send(Envelope { epoch: 0, message }).await;
             break;
         }
     }

@@ -488,7 +488,7 @@ impl Wal {
         frame.validate()?;
         writer.scratch.clear();
         frame.encode(&mut writer.scratch);
-        self.write_encoded(&mut writer, lsn, &[frame.encoded_len()])?;
+        self.write_encoded(&mut writer, lsn, &[frame.encoded_len()], None)?;
         Ok(lsn)
     }
 
@@ -526,22 +526,22 @@ impl Wal {
             });
         }
         let lens: Vec<usize> = frames.iter().map(Frame::encoded_len).collect();
-        writer.scratch.clear();
-        writer.scratch.extend_from_slice(raw);
-        self.write_encoded(&mut writer, first.lsn, &lens)
+        self.write_encoded(&mut writer, first.lsn, &lens, Some(raw))
     }
 
-    /// Writes `writer.scratch` (frames of `lens` bytes, from `first_lsn`) to the active segment.
+    /// Writes encoded frames (of `lens` bytes, from `first_lsn`) to the active
+    /// segment: `raw` as received, or the primary's freshly encoded `scratch`.
     fn write_encoded(
         &self,
         writer: &mut Writer,
         first_lsn: u64,
         lens: &[usize],
+        raw: Option<&Bytes>,
     ) -> Result<(), WalError> {
         if let Some(reason) = &writer.poisoned {
             return Err(WalError::Poisoned(reason.clone()));
         }
-        let total = writer.scratch.len() as u64;
+        let total = raw.map_or(writer.scratch.len(), Bytes::len) as u64;
         let needs_rotation = writer
             .segments
             .last()
@@ -559,8 +559,12 @@ impl Wal {
         let Some(segment) = segments.last_mut() else {
             return Err(WalError::Poisoned("no active segment".into()));
         };
+        let data: &[u8] = match raw {
+            Some(raw) => raw,
+            None => scratch,
+        };
         active
-            .write_all_at(scratch, segment.bytes)
+            .write_all_at(data, segment.bytes)
             .map_err(io_err("write", &segment.path))?;
         let mut offset = segment.bytes;
         for len in lens {
