@@ -72,8 +72,32 @@ pub struct ReceiverActor {
     active_conn: Option<u64>,
     install: Option<BaseInstall>,
     checkpoint_every: u64,
+    checkpoint_requested: u64,
+    checkpointer: std::sync::mpsc::Sender<u64>,
     committed: u64,
     metrics: Arc<MailboxMetrics>,
+}
+
+/// The replica's checkpointer: applies what is committed to the extent in the
+/// background. It ends when the receiver (the only sender) is dropped.
+fn spawn_checkpointer(store: Arc<Store>) -> std::sync::mpsc::Sender<u64> {
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let spawned = std::thread::Builder::new()
+        .name("walship-ckpt".into())
+        .spawn(move || {
+            while let Ok(mut target) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    target = target.max(more);
+                }
+                if let Err(e) = store.checkpoint(target) {
+                    tracing::error!(error = %e, "replica checkpoint failed");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the replica checkpointer");
+    }
+    tx
 }
 
 impl std::fmt::Debug for ReceiverActor {
@@ -130,6 +154,7 @@ impl ReceiverActor {
     ) -> Self {
         let epoch = store.superblock().epoch;
         Self {
+            checkpointer: spawn_checkpointer(Arc::clone(&store)),
             store,
             volume,
             identity,
@@ -137,6 +162,7 @@ impl ReceiverActor {
             active_conn: None,
             install: None,
             checkpoint_every,
+            checkpoint_requested: 0,
             committed: 0,
             metrics,
         }
@@ -255,13 +281,19 @@ impl ReceiverActor {
 
     /// Checkpoints only up to what the primary says is committed, so a later
     /// truncation of uncommitted entries stays possible.
+    ///
+    /// The checkpoint itself runs on the replica's checkpointer thread, off
+    /// the ack path; requests coalesce.
     fn maybe_checkpoint(&mut self, durable: u64) {
-        let checkpoint = self.store.superblock().checkpoint;
+        let floor = self
+            .store
+            .superblock()
+            .checkpoint
+            .max(self.checkpoint_requested);
         let target = durable.min(self.committed);
-        if target.saturating_sub(checkpoint) >= self.checkpoint_every {
-            if let Err(e) = self.store.checkpoint(target) {
-                tracing::error!(error = %e, "replica checkpoint failed");
-            }
+        if target.saturating_sub(floor) >= self.checkpoint_every {
+            self.checkpoint_requested = target;
+            let _ = self.checkpointer.send(target);
         }
     }
 
