@@ -162,8 +162,9 @@ async fn a10_changed_address_restart_keeps_identity_and_rejects_stale_endpoint()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch() {
+/// A cluster whose r2 is in the middle of a slow catch-up (one frame per
+/// round trip, 3000 frames behind, WAL kept).
+async fn r2_mid_catch_up() -> Cluster {
     let mut slow = tuning();
     slow.batch_bytes = 4 * 1024;
     slow.max_inflight_bytes = 4 * 1024; // one frame per round trip: a catch-up that takes a while
@@ -177,6 +178,12 @@ async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch()
     cluster
         .wait_state("r2", ReplicaState::CatchingUp, LONG)
         .await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch() {
+    let mut cluster = r2_mid_catch_up().await;
     cluster.epoch += 1;
     cluster
         .primary
@@ -215,19 +222,7 @@ async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fc1_restart_on_a_new_address_mid_catch_up_recovers_with_identity_kept() {
-    let mut slow = tuning();
-    slow.batch_bytes = 4 * 1024;
-    slow.max_inflight_bytes = 4 * 1024; // one frame per round trip: a catch-up that takes a while
-    slow.checkpoint_every_lsns = 1 << 20; // keep the WAL: the gap stays catch-up-able
-    let mut cluster = Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], slow).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.stop_replica("r2").await;
-    cluster.write_blocks(0, 3000).await;
-    cluster.primary.barrier().await.unwrap();
-    cluster.restart_replica("r2", false).await;
-    cluster
-        .wait_state("r2", ReplicaState::CatchingUp, LONG)
-        .await;
+    let mut cluster = r2_mid_catch_up().await;
     cluster.stop_replica("r2").await;
     cluster.restart_replica("r2", true).await;
     cluster
