@@ -8,8 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 use walship::actors::{
-    NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig,
-    VolumeHandle,
+    PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig, VolumeHandle,
 };
 use walship::engine::{CommitMode, ReplicaState};
 use walship::io::{StoreOptions, BLOCK_SIZE};
@@ -28,25 +27,10 @@ fn replica_config(server: &str, dir: &Path, listen: &str) -> VolumeConfig {
     })
 }
 
-async fn state(primary: &VolumeHandle, server: &str) -> Option<ReplicaState> {
-    match primary.status().await.ok()? {
-        NodeStatus::Primary(status) => status
-            .registry
-            .senders
-            .iter()
-            .find(|s| s.replica.server() == server)
-            .map(|s| s.state),
-        NodeStatus::Replica(_) => None,
-    }
-}
-
 async fn wait_in_sync(primary: &VolumeHandle, server: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while state(primary, server).await != Some(ReplicaState::InSync) {
-        anyhow::ensure!(Instant::now() < deadline, "{server} never got in sync");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
+    Ok(primary
+        .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(600))
+        .await?)
 }
 
 async fn cluster(

@@ -20,8 +20,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use walship_actors::{
-    NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, SenderHeartbeat, Tuning,
-    VolumeConfig, VolumeHandle,
+    PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, SenderHeartbeat, Tuning, VolumeConfig,
+    VolumeHandle,
 };
 use walship_engine::{CommitMode, ReplicaId, ReplicaState};
 use walship_io::{StoreOptions, BLOCK_SIZE};
@@ -184,36 +184,11 @@ impl Setup {
         Ok(setup)
     }
 
-    async fn state(&self, server: &str) -> anyhow::Result<Option<ReplicaState>> {
-        match self.primary.status().await? {
-            NodeStatus::Primary(s) => Ok(s
-                .registry
-                .senders
-                .iter()
-                .find(|x| x.replica.server() == server)
-                .map(|x| x.state)),
-            NodeStatus::Replica(_) => bail!("not a primary"),
-        }
-    }
-
-    async fn bytes_sent(&self, server: &str) -> anyhow::Result<u64> {
-        match self.primary.status().await? {
-            NodeStatus::Primary(s) => Ok(s
-                .bytes_sent
-                .iter()
-                .find(|(r, _)| r.server() == server)
-                .map_or(0, |(_, n)| *n)),
-            NodeStatus::Replica(_) => bail!("not a primary"),
-        }
-    }
-
     async fn wait_in_sync(&self, server: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(3600);
-        while self.state(server).await? != Some(ReplicaState::InSync) {
-            ensure!(Instant::now() < deadline, "{server} never got in sync");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
+        Ok(self
+            .primary
+            .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(3600))
+            .await?)
     }
 
     async fn fill(&self, blocks: u64, volume_blocks: u64) -> anyhow::Result<()> {
@@ -250,7 +225,7 @@ impl Setup {
             .context("replica")?
             .2
             .clone();
-        let before = self.bytes_sent(server).await?;
+        let before = self.primary.bytes_sent(server).await?;
         let start = Instant::now();
         let mut handle = None;
         for _ in 0..100 {
@@ -268,7 +243,7 @@ impl Setup {
         self.primary.heartbeat().await?;
         self.wait_in_sync(server).await?;
         let took = start.elapsed();
-        let bytes = self.bytes_sent(server).await? - before;
+        let bytes = self.primary.bytes_sent(server).await? - before;
         if let Some(slot) = self.replicas.iter_mut().find(|r| r.0 == server) {
             slot.1 = handle;
         }

@@ -189,29 +189,10 @@ impl Demo {
         }
     }
 
-    async fn state(&self, server: &str) -> anyhow::Result<Option<ReplicaState>> {
-        let status = self.status().await?;
-        Ok(status
-            .registry
-            .senders
-            .iter()
-            .find(|s| s.replica.server() == server)
-            .map(|s| s.state))
-    }
-
-    async fn bytes_sent(&self, server: &str) -> anyhow::Result<u64> {
-        let status = self.status().await?;
-        Ok(status
-            .bytes_sent
-            .iter()
-            .find(|(r, _)| r.server() == server)
-            .map_or(0, |(_, n)| *n))
-    }
-
     async fn wait_in_sync(&self, server: &str, spinner: &ProgressBar) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(1800);
         loop {
-            let state = self.state(server).await?;
+            let state = self.primary.replica_state(server).await?;
             if state == Some(ReplicaState::InSync) {
                 return Ok(());
             }
@@ -274,7 +255,7 @@ impl Demo {
             .context("no such replica")?;
         // Measured from before the restart: a heartbeat may start the recovery
         // as soon as the replica listens.
-        let before = self.bytes_sent(server).await?;
+        let before = self.primary.bytes_sent(server).await?;
         let start = Instant::now();
         let listen = if new_address {
             "127.0.0.1:0".to_owned()
@@ -311,7 +292,7 @@ impl Demo {
         self.wait_in_sync(server, &spinner).await?;
         spinner.finish_and_clear();
         let took = start.elapsed();
-        let bytes = self.bytes_sent(server).await? - before;
+        let bytes = self.primary.bytes_sent(server).await? - before;
         self.recoveries
             .entry(server.to_owned())
             .or_default()

@@ -15,8 +15,9 @@ use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
-use walship_engine::{Assignment, RecoveryEvent, ReplicaId};
+use walship_engine::{Assignment, RecoveryEvent, ReplicaId, ReplicaState};
 use walship_io::Store;
 
 /// The actix system running walship's actors. Dropping it stops every volume.
@@ -268,6 +269,57 @@ impl VolumeHandle {
                 receiver.send(GetReplicaStatus).await.map_err(stopped)?,
             )),
         }
+    }
+
+    /// The replication state of the replica on `server`, as the primary sees it.
+    pub async fn replica_state(&self, server: &str) -> Result<Option<ReplicaState>, VolumeError> {
+        let status = self
+            .primary()?
+            .send(volume::GetStatus)
+            .await
+            .map_err(stopped)?;
+        Ok(status
+            .registry
+            .senders
+            .iter()
+            .find(|s| s.replica.server() == server)
+            .map(|s| s.state))
+    }
+
+    /// Waits until the replica on `server` is in `state`, polling every millisecond.
+    pub async fn wait_replica_state(
+        &self,
+        server: &str,
+        state: ReplicaState,
+        limit: Duration,
+    ) -> Result<(), VolumeError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = self.replica_state(server).await?;
+            if now == Some(state) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(VolumeError::Runtime(format!(
+                    "{server} is {now:?} after {limit:?}, wanted {state:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Bytes the primary's sender has put on the wire for the replica on `server`.
+    pub async fn bytes_sent(&self, server: &str) -> Result<u64, VolumeError> {
+        let status = self
+            .primary()?
+            .send(volume::GetStatus)
+            .await
+            .map_err(stopped)?;
+        Ok(status
+            .bytes_sent
+            .iter()
+            .find(|(r, _)| r.server() == server)
+            .map_or(0, |(_, n)| *n))
     }
 
     /// The recovery log (primary; empty on replicas).

@@ -236,14 +236,7 @@ impl Cluster {
     }
 
     pub async fn state(&self, server: &str) -> Option<ReplicaState> {
-        let id = ReplicaId::new(VOLUME, server).unwrap();
-        self.status()
-            .await
-            .registry
-            .senders
-            .iter()
-            .find(|s| s.replica == id)
-            .map(|s| s.state)
+        self.primary.replica_state(server).await.unwrap()
     }
 
     pub async fn wait_state(&self, server: &str, want: ReplicaState, limit: Duration) {
