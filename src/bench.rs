@@ -10,6 +10,8 @@
 //!   two replicas vs the same workload on a local unreplicated volume.
 //! - P5 mailbox: SenderActor heartbeat throughput vs a bare actix actor and a
 //!   bare tokio mpsc channel.
+//! - P6 scale: idle volumes x 2 replicas in one process: RSS and threads per
+//!   volume, CPU of 1 Hz heartbeats (at a scale the per-volume threads allow).
 
 use anyhow::{bail, ensure, Context as _};
 use bytes::Bytes;
@@ -37,6 +39,8 @@ pub struct BenchOptions {
     pub p4_ops: u64,
     /// Messages per P5 run.
     pub p5_messages: u64,
+    /// Idle volumes for P6.
+    pub p6_volumes: u64,
     /// Where to put the data.
     pub dir: Option<PathBuf>,
 }
@@ -541,6 +545,110 @@ async fn p5(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     Ok(())
 }
 
+/// Resident set size and thread count of this process, from /proc.
+fn rss_and_threads() -> anyhow::Result<(u64, u64)> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .context("proc status field")?;
+        Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+    };
+    Ok((field("VmRSS:")? * 1024, field("Threads:")?))
+}
+
+/// CPU time (user + system) this process has used.
+fn cpu_time() -> anyhow::Result<Duration> {
+    let stat = fs::read_to_string("/proc/self/stat")?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
+}
+
+async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let volumes = options.p6_volumes;
+    let rt = Runtime::start()?;
+    let (rss_before, threads_before) = rss_and_threads()?;
+    let tuning = Tuning {
+        heartbeat_every_ticks: 100, // 1 Hz with 10 ms ticks
+        backend: walship_io::BackendRequest::Pread,
+        ..Tuning::default()
+    };
+    let store = StoreOptions {
+        segment_bytes: 1 << 20,
+        ..StoreOptions::new(256)
+    };
+    let mut handles = Vec::new();
+    for v in 0..volumes {
+        let vdir = dir.join(format!("v{v}"));
+        let mut specs = Vec::new();
+        for server in ["r1", "r2"] {
+            let handle = rt
+                .spawn_volume(VolumeConfig::Replica(ReplicaConfig {
+                    cluster: "bench".into(),
+                    volume: format!("v{v}"),
+                    server: server.into(),
+                    dir: vdir.join(server),
+                    store: store.clone(),
+                    listen: "127.0.0.1:0".into(),
+                    checkpoint_every_lsns: 16 * 1024,
+                }))
+                .await?;
+            specs.push(ReplicaSpec {
+                server: server.into(),
+                addr: handle.listen_addr().context("addr")?.to_string(),
+                version: 1,
+            });
+            handles.push(handle);
+        }
+        let primary = rt
+            .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
+                cluster: "bench".into(),
+                volume: format!("v{v}"),
+                dir: vdir.join("primary"),
+                store: store.clone(),
+                epoch: 1,
+                commit_mode: CommitMode::BestEffort,
+                replicas: specs,
+                tuning: tuning.clone(),
+            }))
+            .await?;
+        handles.push(primary);
+    }
+    for primary in handles.iter().filter(|h| h.is_primary()) {
+        for server in ["r1", "r2"] {
+            primary
+                .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(600))
+                .await?;
+        }
+    }
+    let (rss_after, threads_after) = rss_and_threads()?;
+    let cpu_before = cpu_time()?;
+    let idle = Duration::from_secs(10);
+    tokio::time::sleep(idle).await;
+    let cpu = cpu_time()? - cpu_before;
+    let per_volume = (rss_after - rss_before) / volumes;
+    writeln!(
+        out,
+        "P6 scale: {volumes} idle volumes x 2 replicas in one process: {:.0} KiB RSS and {:.1} threads per volume (with its 2 senders and 2 receivers), {:.1}% of one core for 1 Hz heartbeats over {idle:?}",
+        per_volume as f64 / 1024.0,
+        (threads_after - threads_before) as f64 / volumes as f64,
+        cpu.as_secs_f64() / idle.as_secs_f64() * 100.0
+    )?;
+    writeln!(out, "P6 target: <= 4 KiB RSS per sender actor at 10,000 volumes: not reachable as built (per-volume threads; see docs/BENCHMARKS.md)")?;
+    for handle in &handles {
+        handle.stop().await;
+    }
+    rt.shutdown();
+    Ok(())
+}
+
 /// Runs the selected benchmarks.
 pub async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
@@ -562,7 +670,8 @@ pub async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<
             "p2" => p2(&options, &dir, out).await?,
             "p4" => p4(&options, &dir, out).await?,
             "p5" => p5(&options, &dir, out).await?,
-            other => bail!("unknown benchmark {other}: expected p1, p2, p4, p5"),
+            "p6" => p6(&options, &dir, out).await?,
+            other => bail!("unknown benchmark {other}: expected p1, p2, p4, p5, p6"),
         }
         let _ = fs::remove_dir_all(&dir);
     }

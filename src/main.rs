@@ -30,7 +30,7 @@ enum Command {
         json: bool,
     },
     /// Whole-system benchmarks against same-run baselines (P1 catch-up,
-    /// P2 full-base rebuild, P4 replication tax, P5 mailbox).
+    /// P2 full-base rebuild, P4 replication tax, P5 mailbox, P6 scale).
     Bench {
         /// Which: p1, p2, p4, p5 (default: all).
         #[arg(value_delimiter = ',')]
@@ -44,6 +44,9 @@ enum Command {
         /// Messages per P5 run.
         #[arg(long, default_value_t = 1_000_000)]
         p5_messages: u64,
+        /// Idle volumes (each with 2 replicas) for P6.
+        #[arg(long, default_value_t = 200)]
+        p6_volumes: u64,
         /// Keep the data here instead of a temp dir.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -63,10 +66,11 @@ async fn main() -> anyhow::Result<()> {
             size_mib,
             p4_ops,
             p5_messages,
+            p6_volumes,
             dir,
         } => {
             let which = if which.is_empty() {
-                ["p1", "p2", "p4", "p5"].map(String::from).to_vec()
+                ["p1", "p2", "p4", "p5", "p6"].map(String::from).to_vec()
             } else {
                 which
             };
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 size_mib,
                 p4_ops,
                 p5_messages,
+                p6_volumes,
                 dir,
             };
             walship::bench::run(options, &mut std::io::stdout()).await
