@@ -247,17 +247,7 @@ async fn a1_committed_data_survives_failover_to_a_replica() {
     // The primary dies; r1 is promoted in epoch 2 with r2 as its replica.
     cluster.primary.stop().await;
     cluster.stop_replica("r1").await;
-    let r1_dir = cluster.node("r1").dir.clone();
-    cluster.replicas.retain(|n| n.server != "r1");
-    cluster.epoch = 2;
-    let config = Cluster::primary_config(
-        &r1_dir,
-        2,
-        CommitMode::BestEffort,
-        &cluster.replicas,
-        cluster.tuning.clone(),
-    );
-    cluster.primary = cluster.rt.spawn_volume(config).await.unwrap();
+    cluster.promote("r1", CommitMode::BestEffort).await;
     assert_eq!(cluster.primary.content_checksum().await.unwrap(), expected);
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.write_blocks(50, 5).await;
@@ -317,17 +307,7 @@ async fn a2_uncommitted_data_is_not_revived_after_failover() {
     }
     cluster.primary.stop().await;
     // r1 is promoted with what it has; r2 holds 20 entries r1 never had.
-    let r1_dir = cluster.node("r1").dir.clone();
-    cluster.replicas.retain(|n| n.server != "r1");
-    cluster.epoch = 2;
-    let config = Cluster::primary_config(
-        &r1_dir,
-        2,
-        CommitMode::BestEffort,
-        &cluster.replicas,
-        cluster.tuning.clone(),
-    );
-    cluster.primary = cluster.rt.spawn_volume(config).await.unwrap();
+    cluster.promote("r1", CommitMode::BestEffort).await;
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;

@@ -220,6 +220,18 @@ impl Cluster {
         node.handle = Some(handle);
     }
 
+    /// The primary is gone: the stopped replica `server` becomes the primary
+    /// of the next epoch, with the remaining replicas.
+    pub async fn promote(&mut self, server: &str, mode: CommitMode) {
+        let dir = self.node(server).dir.clone();
+        self.replicas.retain(|n| n.server != server);
+        self.epoch += 1;
+        self.mode = mode;
+        let config =
+            Self::primary_config(&dir, self.epoch, mode, &self.replicas, self.tuning.clone());
+        self.primary = self.rt.spawn_volume(config).await.unwrap();
+    }
+
     pub async fn write_blocks(&self, from: u64, count: u64) -> u64 {
         let mut lsn = 0;
         for i in from..from + count {
