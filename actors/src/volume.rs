@@ -73,7 +73,9 @@ pub struct VolumeActor {
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
     syncer: Option<std::sync::mpsc::Sender<u64>>,
     durable_seen: u64,
-    ticks: u64,
+    started: std::time::Instant,
+    last_heartbeat: u64,
+    wake: Option<(u64, SpawnHandle)>,
     poisoned: Option<String>,
     metrics: Arc<MailboxMetrics>,
     me: Option<MeteredAddr<VolumeActor>>,
@@ -94,7 +96,6 @@ impl Actor for VolumeActor {
         let me = MeteredAddr::new(ctx.address(), Arc::clone(&self.metrics));
         self.me = Some(me.clone());
         self.syncer = Some(spawn_syncer(Arc::clone(&self.store), me));
-        ctx.run_interval(self.config.tuning.tick, |act, _| act.on_tick());
         let assignment = self.assignment(self.config.epoch);
         if let Err(error) = self.engine.handle_assignment(assignment) {
             tracing::error!(%error, "initial assignment refused");
@@ -118,7 +119,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, GetSender, Stop, RunCommands, LocalDurable, SenderEvent);
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
 
 /// A dedicated thread that makes the WAL durable: requests coalesce, one
 /// group-commit sync serves them all, the result goes back to the actor.
@@ -178,7 +179,9 @@ impl VolumeActor {
             barriers: HashMap::new(),
             syncer: None,
             durable_seen: committed,
-            ticks: 0,
+            started: std::time::Instant::now(),
+            last_heartbeat: 0,
+            wake: None,
             poisoned: None,
             me: None,
         })
@@ -223,17 +226,53 @@ impl VolumeActor {
         }
     }
 
-    fn on_tick(&mut self) {
-        self.ticks += 1;
-        let tuning = &self.config.tuning;
-        if self.ticks % tuning.heartbeat_every_ticks == 0 {
+    /// Engine time: ticks elapsed since the actor started.
+    fn now_ticks(&self) -> u64 {
+        let tick = self.config.tuning.tick.as_nanos().max(1);
+        (self.started.elapsed().as_nanos() / tick) as u64
+    }
+
+    /// Moves the engine's clock to now before it handles a message (timers
+    /// that fell due fire after the message, in `run_commands`).
+    fn clock(&mut self) {
+        self.engine.advance_clock(Tick(self.now_ticks()));
+    }
+
+    /// Wakes for the next armed engine timer or heartbeat, whichever is first.
+    /// An idle volume wakes once per heartbeat interval, not every tick.
+    fn on_wake(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now_ticks();
+        if now >= self.last_heartbeat + self.config.tuning.heartbeat_every_ticks {
+            self.last_heartbeat = now;
             self.heartbeat_senders();
             self.maybe_checkpoint();
         }
-        self.engine.handle_tick(Tick(self.ticks));
-        if let Some(me) = self.me.clone() {
-            me.do_send(RunCommands);
+        self.run_commands(ctx);
+    }
+
+    fn reschedule(&mut self, ctx: &mut Context<Self>) {
+        let heartbeat = self.last_heartbeat + self.config.tuning.heartbeat_every_ticks;
+        let target = self
+            .engine
+            .next_timer()
+            .map_or(heartbeat, |t| t.get().min(heartbeat));
+        if self.wake.is_some_and(|(at, _)| at <= target) {
+            return;
         }
+        if let Some((_, handle)) = self.wake.take() {
+            ctx.cancel_future(handle);
+        }
+        let at = self
+            .config
+            .tuning
+            .tick
+            .saturating_mul(u32::try_from(target).unwrap_or(u32::MAX));
+        let delay = at.saturating_sub(self.started.elapsed());
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.wake = None;
+            act.on_wake(ctx);
+        });
+        self.wake = Some((target, handle));
     }
 
     /// Heartbeats every replica's sender; idle ones answer and get retried.
@@ -289,7 +328,11 @@ impl VolumeActor {
 
     /// Executes every command the engine emits, including those that
     /// executing commands produces.
-    fn run_commands(&mut self, _ctx: &mut Context<Self>) {
+    /// Fires the timers due by now (after whatever message was just handled),
+    /// executes every command the engine emits, and re-arms the wake-up.
+    fn run_commands(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now_ticks();
+        self.engine.handle_tick(Tick(now));
         loop {
             let commands = self.engine.take_commands();
             if commands.is_empty() {
@@ -301,6 +344,7 @@ impl VolumeActor {
         }
         self.committed_tx
             .send_replace(self.engine.committed().get());
+        self.reschedule(ctx);
     }
 
     fn execute(&mut self, command: Command) {
@@ -532,6 +576,7 @@ impl Handler<Write> for VolumeActor {
     type Result = Result<u64, VolumeError>;
 
     fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
         if let Some(reason) = &self.poisoned {
             return Err(VolumeError::Poisoned(reason.clone()));
         }
@@ -560,6 +605,7 @@ impl Handler<Barrier> for VolumeActor {
     type Result = ResponseFuture<Result<u64, VolumeError>>;
 
     fn handle(&mut self, msg: Barrier, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
         let lsn = msg.lsn.unwrap_or_else(|| self.store.wal().head());
         let epoch = self.engine.epoch();
         let registered = self.engine.handle_barrier(Lsn(lsn), epoch);
@@ -606,6 +652,7 @@ impl Handler<ApplyAssignment> for VolumeActor {
     type Result = Result<(), VolumeError>;
 
     fn handle(&mut self, msg: ApplyAssignment, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
         let old_epoch = self.engine.epoch();
         let old_endpoints: HashMap<ReplicaId, Endpoint> = self
             .engine
@@ -649,6 +696,7 @@ impl Handler<Heartbeat> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, _: Heartbeat, ctx: &mut Context<Self>) {
+        self.clock();
         self.heartbeat_senders();
         self.run_commands(ctx);
     }
@@ -738,18 +786,6 @@ impl Handler<Stop> for VolumeActor {
 
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub(crate) struct RunCommands;
-
-impl Handler<RunCommands> for VolumeActor {
-    type Result = ();
-
-    fn handle(&mut self, _: RunCommands, ctx: &mut Context<Self>) {
-        self.run_commands(ctx);
-    }
-}
-
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
 pub(crate) struct LocalDurable {
     pub(crate) result: Result<u64, String>,
 }
@@ -758,6 +794,7 @@ impl Handler<LocalDurable> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, msg: LocalDurable, ctx: &mut Context<Self>) {
+        self.clock();
         match msg.result {
             Ok(durable) if durable > self.durable_seen => {
                 self.engine
@@ -824,6 +861,7 @@ impl Handler<SenderEvent> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, msg: SenderEvent, ctx: &mut Context<Self>) {
+        self.clock();
         let engine = &mut self.engine;
         let result = match msg {
             SenderEvent::Handshaked {

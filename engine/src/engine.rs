@@ -192,6 +192,12 @@ impl Engine {
         &self.log
     }
 
+    /// The earliest armed timer, if any: a shell that sleeps between ticks
+    /// must wake by then.
+    pub fn next_timer(&self) -> Option<Tick> {
+        self.timers.keys().next().map(|(at, _)| *at)
+    }
+
     /// Drains the commands to execute, in order.
     pub fn take_commands(&mut self) -> Vec<Command> {
         std::mem::take(&mut self.commands)
@@ -516,6 +522,13 @@ impl Engine {
     }
 
     // ----- time ------------------------------------------------------------
+
+    /// Moves the clock to `now` without firing timers, so the messages that
+    /// follow are handled at the right time; the next [`handle_tick`](Self::handle_tick)
+    /// fires what fell due (messages first, then timers, as within a batch).
+    pub fn advance_clock(&mut self, now: Tick) {
+        self.now = self.now.max(now);
+    }
 
     /// Advances time to `now` and fires every timer due by then, oldest first.
     /// A timer whose session or barrier has moved on is ignored and logged,

@@ -940,3 +940,24 @@ fn status_serializes_with_sessions_and_plans() {
     );
     assert_eq!(json["held_resources"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a12_advancing_the_clock_keeps_messages_before_timers() {
+    let mut config = Shell::config();
+    config.budget.max_duration_ticks = Some(50);
+    let mut shell = Shell::new(config);
+    shell.wal(40, 100, 40, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    shell.connect_and_handshake("b", 70);
+    shell.grant("b", 0);
+    assert_eq!(shell.engine.next_timer(), Some(Tick(51)));
+    // A shell that slept past the deadline: the clock moves, the message is
+    // handled at the new time, and only then does the timer fire (stale).
+    shell.engine.advance_clock(Tick(60));
+    shell.progress("b", 100).unwrap();
+    shell.tick(60);
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.event_detail("stale_timeout_ignored").len(), 1);
+    // The pin-reservation timer is still armed; when it fires it is ignored as stale.
+    assert_eq!(shell.engine.next_timer(), Some(Tick(100)));
+}
