@@ -12,6 +12,7 @@ mod config;
 mod error;
 mod executor;
 pub mod metrics;
+mod pool;
 mod receiver;
 mod resources;
 mod runtime;

@@ -1,8 +1,8 @@
 //! The replica side: `ReceiverActor` and its TCP listener.
 //!
-//! The receiver runs on an arbiter (thread) of its own: appends, fsyncs,
-//! truncations and base installs block there, never on the shared arbiter.
-//! Stopping it drops the store and stops that arbiter.
+//! The receiver runs on one of the runtime's receiver arbiters: appends,
+//! fsyncs, truncations and base installs block there, never on the arbiter
+//! that runs primaries and senders. Checkpoints run on the blocking pool.
 //! Each connection is a task that decodes frames and asks the receiver what
 //! to answer. The receiver checks, in order: identity (volume and replica id),
 //! epoch (older → `Fence`; newer → persisted before anything else), that the
@@ -11,6 +11,7 @@
 
 use crate::metered;
 use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
+use crate::pool::BlockingPool;
 use actix::prelude::*;
 use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -73,31 +74,9 @@ pub struct ReceiverActor {
     install: Option<BaseInstall>,
     checkpoint_every: u64,
     checkpoint_requested: u64,
-    checkpointer: std::sync::mpsc::Sender<u64>,
+    blocking: BlockingPool,
     committed: u64,
     metrics: Arc<MailboxMetrics>,
-}
-
-/// The replica's checkpointer: applies what is committed to the extent in the
-/// background. It ends when the receiver (the only sender) is dropped.
-fn spawn_checkpointer(store: Arc<Store>) -> std::sync::mpsc::Sender<u64> {
-    let (tx, rx) = std::sync::mpsc::channel::<u64>();
-    let spawned = std::thread::Builder::new()
-        .name("walship-ckpt".into())
-        .spawn(move || {
-            while let Ok(mut target) = rx.recv() {
-                while let Ok(more) = rx.try_recv() {
-                    target = target.max(more);
-                }
-                if let Err(e) = store.checkpoint(target) {
-                    tracing::error!(error = %e, "replica checkpoint failed");
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the replica checkpointer");
-    }
-    tx
 }
 
 impl std::fmt::Debug for ReceiverActor {
@@ -110,10 +89,6 @@ impl std::fmt::Debug for ReceiverActor {
 
 impl Actor for ReceiverActor {
     type Context = Context<Self>;
-
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        Arbiter::current().stop();
-    }
 }
 
 impl Metered for ReceiverActor {
@@ -151,10 +126,11 @@ impl ReceiverActor {
         identity: String,
         checkpoint_every: u64,
         metrics: Arc<MailboxMetrics>,
+        blocking: BlockingPool,
     ) -> Self {
         let epoch = store.superblock().epoch;
         Self {
-            checkpointer: spawn_checkpointer(Arc::clone(&store)),
+            blocking,
             store,
             volume,
             identity,
@@ -282,8 +258,8 @@ impl ReceiverActor {
     /// Checkpoints only up to what the primary says is committed, so a later
     /// truncation of uncommitted entries stays possible.
     ///
-    /// The checkpoint itself runs on the replica's checkpointer thread, off
-    /// the ack path; requests coalesce.
+    /// The checkpoint itself runs on the runtime's blocking pool, off the ack
+    /// path; a new one is asked for only every `checkpoint_every` LSNs.
     fn maybe_checkpoint(&mut self, durable: u64) {
         let floor = self
             .store
@@ -293,7 +269,12 @@ impl ReceiverActor {
         let target = durable.min(self.committed);
         if target.saturating_sub(floor) >= self.checkpoint_every {
             self.checkpoint_requested = target;
-            let _ = self.checkpointer.send(target);
+            let store = Arc::clone(&self.store);
+            self.blocking.run(move || {
+                if let Err(e) = store.checkpoint(target) {
+                    tracing::error!(error = %e, "replica checkpoint failed");
+                }
+            });
         }
     }
 

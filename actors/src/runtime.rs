@@ -4,6 +4,7 @@
 use crate::config::VolumeConfig;
 use crate::error::VolumeError;
 use crate::metrics::{MailboxMetrics, MeteredAddr};
+use crate::pool::{ArbiterPool, BlockingPool, Pools};
 use crate::receiver::{
     self, GetReplicaStatus, ReceiverActor, ReplicaChecksum, ReplicaRead, ReplicaStatus,
     StopReceiver,
@@ -25,6 +26,7 @@ use walship_io::Store;
 pub struct Runtime {
     system: System,
     arbiter: ArbiterHandle,
+    pools: Pools,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -36,17 +38,28 @@ impl Runtime {
             .name("walship-actix".into())
             .spawn(move || {
                 let system = System::new();
-                let handles = system.block_on(async { (System::current(), Arbiter::current()) });
+                let handles = system.block_on(async {
+                    let blocking =
+                        BlockingPool::new("walship-blocking", BLOCKING_THREADS).map(|blocking| {
+                            Pools {
+                                blocking,
+                                receivers: ArbiterPool::new(RECEIVER_ARBITERS),
+                            }
+                        });
+                    (System::current(), Arbiter::current(), blocking)
+                });
                 let _ = tx.send(handles);
                 let _ = system.run();
             })
             .map_err(|e| VolumeError::Runtime(format!("spawn actix thread: {e}")))?;
-        let (system, arbiter) = rx
+        let (system, arbiter, pools) = rx
             .recv()
             .map_err(|_| VolumeError::Runtime("actix system did not start".into()))?;
+        let pools = pools.map_err(|e| VolumeError::Runtime(format!("start blocking pool: {e}")))?;
         Ok(Self {
             system,
             arbiter,
+            pools,
             thread: Some(thread),
         })
     }
@@ -54,8 +67,9 @@ impl Runtime {
     /// Spawns a primary or replica volume and returns its handle.
     pub async fn spawn_volume(&self, config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
         let (tx, rx) = oneshot::channel();
+        let pools = self.pools.clone();
         let sent = self.arbiter.spawn(async move {
-            let _ = tx.send(start_volume(config).await);
+            let _ = tx.send(start_volume(config, pools).await);
         });
         if !sent {
             return Err(VolumeError::Stopped);
@@ -66,8 +80,9 @@ impl Runtime {
     /// [`spawn_volume`](Self::spawn_volume) for callers outside async code.
     pub fn spawn_volume_blocking(&self, config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let pools = self.pools.clone();
         let sent = self.arbiter.spawn(async move {
-            let _ = tx.send(start_volume(config).await);
+            let _ = tx.send(start_volume(config, pools).await);
         });
         if !sent {
             return Err(VolumeError::Stopped);
@@ -100,10 +115,15 @@ impl Drop for Runtime {
     }
 }
 
-async fn start_volume(config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
+/// Threads running WAL syncs and checkpoints for every volume of a runtime.
+const BLOCKING_THREADS: usize = 4;
+/// Arbiters shared by replica receivers.
+const RECEIVER_ARBITERS: usize = 2;
+
+async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle, VolumeError> {
     match config {
         VolumeConfig::Primary(config) => {
-            let actor = VolumeActor::open(config)?;
+            let actor = VolumeActor::open(config, pools)?;
             let metrics = actor.metrics_arc();
             let addr = actor.start();
             Ok(VolumeHandle {
@@ -122,9 +142,9 @@ async fn start_volume(config: VolumeConfig) -> Result<VolumeHandle, VolumeError>
                 id.as_str().to_owned(),
                 config.checkpoint_every_lsns,
                 Arc::clone(&metrics),
+                pools.blocking.clone(),
             );
-            let arbiter = Arbiter::new();
-            let addr = ReceiverActor::start_in_arbiter(&arbiter.handle(), move |_| actor);
+            let addr = ReceiverActor::start_in_arbiter(pools.receivers.pick(), move |_| actor);
             let receiver = MeteredAddr::new(addr, metrics);
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await

@@ -1,12 +1,13 @@
 //! The primary's `VolumeActor`: owns the store (WAL writer), the engine and
 //! the resource table; executes the engine's commands and feeds results back
-//! as events. Durability runs on a syncer thread (group commit) so the
+//! as events. Durability runs on the runtime's blocking pool (group commit) so the
 //! actor never waits on an fsync.
 
 use crate::config::PrimaryConfig;
 use crate::error::VolumeError;
 use crate::metered;
 use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
+use crate::pool::Pools;
 use crate::resources::{Held, ResourceTable};
 use crate::sender::{self, SenderActor, SenderContext};
 use actix::prelude::*;
@@ -71,7 +72,11 @@ pub struct VolumeActor {
     head_tx: watch::Sender<u64>,
     committed_tx: watch::Sender<u64>,
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
-    syncer: Option<std::sync::mpsc::Sender<u64>>,
+    pools: Pools,
+    /// A sync runs on the runtime's blocking pool; at most one per volume.
+    sync_in_flight: bool,
+    /// Highest LSN a writer is waiting to see durable.
+    sync_wanted: u64,
     durable_seen: u64,
     started: std::time::Instant,
     last_heartbeat: u64,
@@ -95,7 +100,6 @@ impl Actor for VolumeActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let me = MeteredAddr::new(ctx.address(), Arc::clone(&self.metrics));
         self.me = Some(me.clone());
-        self.syncer = Some(spawn_syncer(Arc::clone(&self.store), me));
         let assignment = self.assignment(self.config.epoch);
         if let Err(error) = self.engine.handle_assignment(assignment) {
             tracing::error!(%error, "initial assignment refused");
@@ -121,33 +125,9 @@ impl Metered for VolumeActor {
 
 metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
 
-/// A dedicated thread that makes the WAL durable: requests coalesce, one
-/// group-commit sync serves them all, the result goes back to the actor.
-fn spawn_syncer(
-    store: Arc<Store>,
-    volume: MeteredAddr<VolumeActor>,
-) -> std::sync::mpsc::Sender<u64> {
-    let (tx, rx) = std::sync::mpsc::channel::<u64>();
-    let spawned = std::thread::Builder::new()
-        .name("walship-syncer".into())
-        .spawn(move || {
-            while let Ok(mut target) = rx.recv() {
-                while let Ok(more) = rx.try_recv() {
-                    target = target.max(more);
-                }
-                let result = store.sync_to(target).map_err(|e| e.to_string());
-                volume.do_send(LocalDurable { result });
-            }
-        });
-    if let Err(error) = spawned {
-        tracing::error!(%error, "cannot start the syncer thread");
-    }
-    tx
-}
-
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
-    pub(crate) fn open(config: PrimaryConfig) -> Result<Self, VolumeError> {
+    pub(crate) fn open(config: PrimaryConfig, pools: Pools) -> Result<Self, VolumeError> {
         let (store, report) = Store::open(&config.dir, config.store.clone())?;
         let store = Arc::new(store);
         let reader = LogReader::open(store.wal(), config.tuning.backend, ReaderOptions::default())?;
@@ -177,7 +157,9 @@ impl VolumeActor {
             head_tx,
             committed_tx,
             barriers: HashMap::new(),
-            syncer: None,
+            pools,
+            sync_in_flight: false,
+            sync_wanted: 0,
             durable_seen: committed,
             started: std::time::Instant::now(),
             last_heartbeat: 0,
@@ -224,6 +206,23 @@ impl VolumeActor {
         if let Err(error) = self.engine.handle_wal_state(Self::wal_state(&self.store)) {
             tracing::error!(%error, "wal state refused by the engine");
         }
+    }
+
+    /// Asks for `lsn` to become durable. One group-commit sync at a time runs
+    /// on the runtime's blocking pool; requests made meanwhile are served by
+    /// the next one.
+    fn want_sync(&mut self, lsn: u64) {
+        self.sync_wanted = self.sync_wanted.max(lsn);
+        if self.sync_in_flight || self.sync_wanted <= self.durable_seen {
+            return;
+        }
+        let Some(me) = self.me.clone() else { return };
+        self.sync_in_flight = true;
+        let (store, target) = (Arc::clone(&self.store), self.sync_wanted);
+        self.pools.blocking.run(move || {
+            let result = store.sync_to(target).map_err(|e| e.to_string());
+            me.do_send(LocalDurable { result });
+        });
     }
 
     /// Engine time: ticks elapsed since the actor started.
@@ -585,9 +584,7 @@ impl Handler<Write> for VolumeActor {
             .write(self.engine.epoch().get(), msg.lba, msg.data)?;
         self.head_tx.send_replace(lsn);
         self.refresh_wal_state();
-        if let Some(syncer) = &self.syncer {
-            let _ = syncer.send(lsn);
-        }
+        self.want_sync(lsn);
         self.run_commands(ctx);
         Ok(lsn)
     }
@@ -795,6 +792,7 @@ impl Handler<LocalDurable> for VolumeActor {
 
     fn handle(&mut self, msg: LocalDurable, ctx: &mut Context<Self>) {
         self.clock();
+        self.sync_in_flight = false;
         match msg.result {
             Ok(durable) if durable > self.durable_seen => {
                 self.engine
@@ -806,6 +804,9 @@ impl Handler<LocalDurable> for VolumeActor {
                 tracing::error!(%reason, "wal poisoned; refusing writes");
                 self.poisoned = Some(reason);
             }
+        }
+        if self.poisoned.is_none() {
+            self.want_sync(self.sync_wanted);
         }
         self.run_commands(ctx);
     }
