@@ -577,7 +577,6 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     let (rss_before, threads_before) = rss_and_threads()?;
     let tuning = Tuning {
         heartbeat_every_ticks: 100, // 1 Hz with 10 ms ticks
-        backend: walship_io::BackendRequest::Pread,
         ..Tuning::default()
     };
     let store = StoreOptions {

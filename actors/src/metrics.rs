@@ -52,9 +52,10 @@ impl Histogram {
     }
 }
 
-/// Enqueue timestamps kept for the oldest-message age and the wait histogram.
-/// Beyond this many queued messages the age is a lower bound.
-const STAMP_RING: usize = 1024;
+/// Enqueue timestamps kept for the oldest-message age and the wait histogram
+/// (8 bytes each, per actor). Beyond this many queued messages the age is a
+/// lower bound and the wait is measured against a newer message.
+const STAMP_RING: usize = 64;
 
 /// The metrics of one actor.
 ///
@@ -108,7 +109,7 @@ pub struct MailboxSnapshot {
     /// Messages refused for a stale epoch.
     pub fenced: u64,
     /// Age of the oldest queued message, microseconds (a lower bound beyond
-    /// 1024 queued messages).
+    /// 64 queued messages).
     pub oldest_age_us: u64,
     /// Handler latency: count, mean, p50 and p99 bucket bounds (microseconds).
     pub latency_count: u64,

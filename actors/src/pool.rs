@@ -6,9 +6,11 @@
 //! per volume), so a queue never holds more than one job per volume and kind.
 
 use actix::{Arbiter, ArbiterHandle};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use walship_io::{BackendRequest, ReaderError, ReaderOptions, ReaderService};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -71,4 +73,30 @@ impl ArbiterPool {
 pub(crate) struct Pools {
     pub(crate) blocking: BlockingPool,
     pub(crate) receivers: ArbiterPool,
+    /// One log reader service (one io_uring worker) per backend request.
+    pub(crate) readers: Arc<Mutex<HashMap<BackendRequest, Arc<ReaderService>>>>,
+}
+
+impl Pools {
+    pub(crate) fn new(blocking: BlockingPool, receivers: ArbiterPool) -> Self {
+        Self {
+            blocking,
+            receivers,
+            readers: Arc::default(),
+        }
+    }
+
+    /// The runtime's reader service for `request`, started on first use.
+    pub(crate) fn reader(
+        &self,
+        request: BackendRequest,
+    ) -> Result<Arc<ReaderService>, ReaderError> {
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(service) = readers.get(&request) {
+            return Ok(Arc::clone(service));
+        }
+        let service = ReaderService::start(request, ReaderOptions::default())?;
+        readers.insert(request, Arc::clone(&service));
+        Ok(service)
+    }
 }

@@ -39,13 +39,8 @@ impl Runtime {
             .spawn(move || {
                 let system = System::new();
                 let handles = system.block_on(async {
-                    let blocking =
-                        BlockingPool::new("walship-blocking", BLOCKING_THREADS).map(|blocking| {
-                            Pools {
-                                blocking,
-                                receivers: ArbiterPool::new(RECEIVER_ARBITERS),
-                            }
-                        });
+                    let blocking = BlockingPool::new("walship-blocking", BLOCKING_THREADS)
+                        .map(|blocking| Pools::new(blocking, ArbiterPool::new(RECEIVER_ARBITERS)));
                     (System::current(), Arbiter::current(), blocking)
                 });
                 let _ = tx.send(handles);

@@ -23,7 +23,7 @@ use walship_engine::{
     RecoveryEvent, RegistryStatus, ReplicaAssignment, ReplicaId, ResourceGrant, ResourceId,
     ResourceRequest, SessionId, Tick, WalState,
 };
-use walship_io::{BackendChoice, LogReader, ReaderOptions, Store};
+use walship_io::{BackendChoice, LogReader, Store};
 
 /// Label prefix of the WAL pins that keep a live replica's unacknowledged tail.
 pub(crate) const LIVE_PIN_PREFIX: &str = "live ";
@@ -130,7 +130,7 @@ impl VolumeActor {
     pub(crate) fn open(config: PrimaryConfig, pools: Pools) -> Result<Self, VolumeError> {
         let (store, report) = Store::open(&config.dir, config.store.clone())?;
         let store = Arc::new(store);
-        let reader = LogReader::open(store.wal(), config.tuning.backend, ReaderOptions::default())?;
+        let reader = LogReader::with_service(store.wal(), pools.reader(config.tuning.backend)?);
         let mut engine_config = EngineConfig::new(config.volume.clone());
         engine_config.budget = config.tuning.budget;
         engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;

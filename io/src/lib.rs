@@ -24,7 +24,7 @@ pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
 pub use pins::{PinInfo, WalPin};
 pub use reader::{
     probe_uring, Backend, BackendChoice, BackendRequest, FrameBatch, FrameStream, LogReader,
-    ReaderError, ReaderOptions, ReaderStats,
+    ReaderError, ReaderOptions, ReaderService, ReaderStats,
 };
 pub use store::{
     BaseInstall, CheckpointOutcome, SnapshotPin, Store, StoreError, StoreOptions, StoreReport,

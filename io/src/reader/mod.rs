@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 pub use uring::probe_uring;
 
 /// Which backend to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendRequest {
     /// io_uring if the probe succeeds, else pread.
     Auto,
@@ -248,9 +248,10 @@ enum Engine {
     Pread,
 }
 
-/// Reads WAL ranges with the chosen backend.
-pub struct LogReader {
-    wal: Wal,
+/// The reading machinery (backend thread, buffer pool, counters), shareable
+/// by the readers of many WALs: a runtime with many volumes runs one io_uring
+/// worker, not one per volume.
+pub struct ReaderService {
     options: ReaderOptions,
     choice: BackendChoice,
     engine: Engine,
@@ -258,21 +259,20 @@ pub struct LogReader {
     counters: Arc<ReaderCounters>,
 }
 
-impl std::fmt::Debug for LogReader {
+impl std::fmt::Debug for ReaderService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogReader")
+        f.debug_struct("ReaderService")
             .field("choice", &self.choice)
             .finish_non_exhaustive()
     }
 }
 
-impl LogReader {
-    /// A reader over `wal` with the requested backend.
-    pub fn open(
-        wal: Wal,
+impl ReaderService {
+    /// Starts the requested backend (probing io_uring for `Auto`).
+    pub fn start(
         request: BackendRequest,
         options: ReaderOptions,
-    ) -> Result<Self, ReaderError> {
+    ) -> Result<Arc<Self>, ReaderError> {
         let probe = || match &options.uring_disabled {
             Some(reason) => Err(reason.clone()),
             None => probe_uring(),
@@ -312,14 +312,13 @@ impl LogReader {
             )?),
             Backend::Pread => Engine::Pread,
         };
-        Ok(Self {
-            wal,
+        Ok(Arc::new(Self {
             options,
             choice,
             engine,
             pool,
             counters,
-        })
+        }))
     }
 
     /// Which backend runs and why.
@@ -327,9 +326,20 @@ impl LogReader {
         &self.choice
     }
 
-    /// Streams the frames `(from, to]`. A recycled or out-of-range request fails here.
-    pub fn stream(&self, from: u64, to: u64) -> Result<FrameStream, ReaderError> {
-        let chunks = self.wal.plan_read(from, to, self.options.chunk_bytes)?;
+    /// Counters for leak checks; also returns unused lent buffers to the pool.
+    pub fn stats(&self) -> ReaderStats {
+        self.pool.reclaim();
+        ReaderStats {
+            inflight_reads: self.counters.inflight.load(Ordering::Acquire),
+            active_streams: self.counters.streams.load(Ordering::Acquire),
+            threads: self.counters.threads.load(Ordering::Acquire),
+            buffers_lent: self.pool.lent(),
+            buffers_free: self.pool.free(),
+        }
+    }
+
+    fn stream(&self, wal: &Wal, from: u64, to: u64) -> Result<FrameStream, ReaderError> {
+        let chunks = wal.plan_read(from, to, self.options.chunk_bytes)?;
         let (out, rx) = mpsc::channel(self.options.stream_buffer.max(1));
         let cancel = Arc::new(AtomicBool::new(false));
         let job = StreamJob {
@@ -343,16 +353,45 @@ impl LogReader {
         }
         Ok(FrameStream { rx, cancel })
     }
+}
 
-    /// Counters for leak checks; also returns unused lent buffers to the pool.
+/// Reads one WAL's ranges through a [`ReaderService`].
+#[derive(Debug)]
+pub struct LogReader {
+    wal: Wal,
+    service: Arc<ReaderService>,
+}
+
+impl LogReader {
+    /// A reader over `wal` with a service of its own.
+    pub fn open(
+        wal: Wal,
+        request: BackendRequest,
+        options: ReaderOptions,
+    ) -> Result<Self, ReaderError> {
+        Ok(Self::with_service(
+            wal,
+            ReaderService::start(request, options)?,
+        ))
+    }
+
+    /// A reader over `wal` sharing `service` with other readers.
+    pub fn with_service(wal: Wal, service: Arc<ReaderService>) -> Self {
+        Self { wal, service }
+    }
+
+    /// Which backend runs and why.
+    pub fn choice(&self) -> &BackendChoice {
+        self.service.choice()
+    }
+
+    /// Streams the frames `(from, to]`. A recycled or out-of-range request fails here.
+    pub fn stream(&self, from: u64, to: u64) -> Result<FrameStream, ReaderError> {
+        self.service.stream(&self.wal, from, to)
+    }
+
+    /// The service's counters (shared with its other readers).
     pub fn stats(&self) -> ReaderStats {
-        self.pool.reclaim();
-        ReaderStats {
-            inflight_reads: self.counters.inflight.load(Ordering::Acquire),
-            active_streams: self.counters.streams.load(Ordering::Acquire),
-            threads: self.counters.threads.load(Ordering::Acquire),
-            buffers_lent: self.pool.lent(),
-            buffers_free: self.pool.free(),
-        }
+        self.service.stats()
     }
 }
