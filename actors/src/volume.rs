@@ -77,6 +77,7 @@ pub struct VolumeActor {
     sync_in_flight: bool,
     /// Highest LSN a writer is waiting to see durable.
     sync_wanted: u64,
+    checkpoint_in_flight: bool,
     durable_seen: u64,
     started: std::time::Instant,
     last_heartbeat: u64,
@@ -123,7 +124,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
@@ -160,6 +161,7 @@ impl VolumeActor {
             pools,
             sync_in_flight: false,
             sync_wanted: 0,
+            checkpoint_in_flight: false,
             durable_seen: committed,
             started: std::time::Instant::now(),
             last_heartbeat: 0,
@@ -288,14 +290,32 @@ impl VolumeActor {
     fn maybe_checkpoint(&mut self) {
         let checkpoint = self.store.superblock().checkpoint;
         let durable = self.store.wal().durable();
-        if durable.saturating_sub(checkpoint) < self.config.tuning.checkpoint_every_lsns {
+        if self.checkpoint_in_flight
+            || durable.saturating_sub(checkpoint) < self.config.tuning.checkpoint_every_lsns
+        {
             return;
         }
-        match self.store.checkpoint(durable) {
-            Ok(outcome) => tracing::debug!(?outcome, "checkpoint"),
-            Err(error) => tracing::error!(%error, "checkpoint failed"),
-        }
-        self.refresh_wal_state();
+        self.start_checkpoint(durable, None);
+    }
+
+    /// Checkpoints up to `target` on the blocking pool (the actix thread
+    /// shared by every sender must not wait on it); `reply` hears the outcome.
+    fn start_checkpoint(
+        &mut self,
+        target: u64,
+        reply: Option<oneshot::Sender<Result<(), VolumeError>>>,
+    ) {
+        let Some(me) = self.me.clone() else { return };
+        self.checkpoint_in_flight = true;
+        let store = Arc::clone(&self.store);
+        self.pools.blocking.run(move || {
+            let result = store.checkpoint(target);
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            me.do_send(CheckpointDone { outcome });
+            if let Some(reply) = reply {
+                let _ = reply.send(result.map(|_| ()).map_err(VolumeError::from));
+            }
+        });
     }
 
     fn sender_context(&self, replica: &ReplicaId) -> Option<SenderContext> {
@@ -731,12 +751,33 @@ impl Handler<GetRecoveryLog> for VolumeActor {
 pub struct Checkpoint;
 
 impl Handler<Checkpoint> for VolumeActor {
-    type Result = Result<(), VolumeError>;
+    type Result = ResponseFuture<Result<(), VolumeError>>;
 
     fn handle(&mut self, _: Checkpoint, _: &mut Context<Self>) -> Self::Result {
-        self.store.checkpoint(self.store.wal().durable())?;
+        let (tx, rx) = oneshot::channel();
+        self.start_checkpoint(self.store.wal().durable(), Some(tx));
+        Box::pin(async move { rx.await.map_err(|_| VolumeError::Stopped)? })
+    }
+}
+
+/// A pool checkpoint finished.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct CheckpointDone {
+    outcome: Result<(), String>,
+}
+
+impl Handler<CheckpointDone> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CheckpointDone, ctx: &mut Context<Self>) {
+        self.clock();
+        self.checkpoint_in_flight = false;
+        if let Err(error) = msg.outcome {
+            tracing::error!(%error, "checkpoint failed");
+        }
         self.refresh_wal_state();
-        Ok(())
+        self.run_commands(ctx);
     }
 }
 

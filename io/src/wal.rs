@@ -697,29 +697,38 @@ impl Wal {
     /// Deletes whole segments at or below min(checkpoint, every pin).
     /// The active segment is never deleted.
     pub fn recycle(&self) -> Result<RecycleReport, WalError> {
-        let mut writer = self.writer();
-        let floor = self
-            .inner
-            .pins
-            .min_from()
-            .map_or(writer.checkpoint, |p| p.min(writer.checkpoint));
-        let mut report = RecycleReport {
-            segments_deleted: 0,
-            bytes_freed: 0,
-            tail: writer.tail,
-            floor,
+        // The index changes under the lock; the files go after it is released,
+        // so appends never wait on unlink and directory fsync.
+        let (removed, report) = {
+            let mut writer = self.writer();
+            let floor = self
+                .inner
+                .pins
+                .min_from()
+                .map_or(writer.checkpoint, |p| p.min(writer.checkpoint));
+            let mut report = RecycleReport {
+                segments_deleted: 0,
+                bytes_freed: 0,
+                tail: writer.tail,
+                floor,
+            };
+            let mut removed = Vec::new();
+            while writer.segments.len() > 1 && writer.segments[0].last() <= floor {
+                let segment = writer.segments.remove(0);
+                writer.tail = segment.last();
+                report.segments_deleted += 1;
+                report.bytes_freed += segment.bytes;
+                removed.push(segment.path);
+            }
+            report.tail = writer.tail;
+            (removed, report)
         };
-        while writer.segments.len() > 1 && writer.segments[0].last() <= floor {
-            let segment = writer.segments.remove(0);
-            fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
-            writer.tail = segment.last();
-            report.segments_deleted += 1;
-            report.bytes_freed += segment.bytes;
+        for path in &removed {
+            fs::remove_file(path).map_err(io_err("remove", path))?;
         }
-        if report.segments_deleted > 0 {
+        if !removed.is_empty() {
             sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         }
-        report.tail = writer.tail;
         Ok(report)
     }
 
