@@ -286,13 +286,16 @@ impl VolumeHandle {
         }
     }
 
-    /// The replication state of the replica on `server`, as the primary sees it.
-    pub async fn replica_state(&self, server: &str) -> Result<Option<ReplicaState>, VolumeError> {
-        let status = self
-            .primary()?
+    async fn primary_status(&self) -> Result<VolumeStatus, VolumeError> {
+        self.primary()?
             .send(volume::GetStatus)
             .await
-            .map_err(stopped)?;
+            .map_err(stopped)
+    }
+
+    /// The replication state of the replica on `server`, as the primary sees it.
+    pub async fn replica_state(&self, server: &str) -> Result<Option<ReplicaState>, VolumeError> {
+        let status = self.primary_status().await?;
         Ok(status
             .registry
             .senders
@@ -325,11 +328,7 @@ impl VolumeHandle {
 
     /// Bytes the primary's sender has put on the wire for the replica on `server`.
     pub async fn bytes_sent(&self, server: &str) -> Result<u64, VolumeError> {
-        let status = self
-            .primary()?
-            .send(volume::GetStatus)
-            .await
-            .map_err(stopped)?;
+        let status = self.primary_status().await?;
         Ok(status
             .bytes_sent
             .iter()

@@ -64,12 +64,9 @@ async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.contains("handshake") && e.contains("gap_beyond_retention")),
-        "{events:#?}"
-    );
+    assert_logged(&events, |e| {
+        e.contains("handshake") && e.contains("gap_beyond_retention")
+    });
     assert!(cluster.has_event("r2", "plan_rebuild_snapshot_tail").await);
     assert!(cluster.has_event("r2", "rebuild_completed").await);
 }
@@ -124,12 +121,7 @@ async fn a5_non_convergent_catch_up_escalates_to_rebuild() {
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.contains("escalated budget_entries_exceeded")),
-        "{events:#?}"
-    );
+    assert_logged(&events, |e| e.contains("escalated budget_entries_exceeded"));
     assert!(cluster.has_event("r2", "rebuild_completed").await);
 }
 
@@ -193,19 +185,12 @@ async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch()
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("vol1/r2 session_invalidated epoch_bumped")),
-        "{events:#?}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("vol1/r2 exec_resources_released")
-                && e.ends_with("(epoch_bumped)")),
-        "{events:#?}"
-    );
+    assert_logged(&events, |e| {
+        e.starts_with("vol1/r2 session_invalidated epoch_bumped")
+    });
+    assert_logged(&events, |e| {
+        e.starts_with("vol1/r2 exec_resources_released") && e.ends_with("(epoch_bumped)")
+    });
     cluster.epoch -= 1;
     let error = cluster
         .primary
@@ -311,12 +296,9 @@ async fn a2_uncommitted_data_is_not_revived_after_failover() {
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.contains("replica_ahead: flushed=40 committed=20")),
-        "{events:#?}"
-    );
+    assert_logged(&events, |e| {
+        e.contains("replica_ahead: flushed=40 committed=20")
+    });
     assert!(cluster.has_event("r2", "truncation_recorded").await);
     assert_eq!(
         cluster.replica("r2").read(1000 % BLOCKS, 1).await.unwrap(),
@@ -339,16 +321,10 @@ async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.contains("session_invalidated pin_failed: snapshot rebuilds disabled")),
-        "{events:#?}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.contains("plan_rebuild_full_base") && e.contains("snapshot_unavailable")),
-        "{events:#?}"
-    );
+    assert_logged(&events, |e| {
+        e.contains("session_invalidated pin_failed: snapshot rebuilds disabled")
+    });
+    assert_logged(&events, |e| {
+        e.contains("plan_rebuild_full_base") && e.contains("snapshot_unavailable")
+    });
 }

@@ -203,20 +203,7 @@ async fn a_peer_claiming_another_replicas_identity_is_rejected_and_others_keep_w
             version: 1,
         },
     ];
-    let primary_dir = tmp.path().join("primary");
-    let config =
-        Cluster::primary_config(&primary_dir, 1, CommitMode::BestEffort, &replicas, tuning());
-    let primary = rt.spawn_volume(config).await.unwrap();
-    let cluster = Cluster {
-        rt,
-        tmp,
-        primary,
-        primary_dir,
-        replicas,
-        epoch: 1,
-        mode: CommitMode::BestEffort,
-        tuning: tuning(),
-    };
+    let cluster = Cluster::with_primary(rt, tmp, replicas, CommitMode::BestEffort, tuning()).await;
     cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
     let deadline = std::time::Instant::now() + LONG;
     while !cluster.has_event("r2", "identity_mismatch").await {

@@ -12,8 +12,13 @@ const C: (&str, &str, u64) = ("c", "10.0.0.3:7000", 1);
 
 /// Primary with WAL (40, 100], trusted checkpoint at 40, one replica `b`, best effort.
 fn primary_with_b() -> Shell {
+    primary_with_b_and_wal(40, 100, 40, true)
+}
+
+/// Primary with WAL (tail, head], a checkpoint, one replica `b`, best effort.
+fn primary_with_b_and_wal(tail: u64, head: u64, checkpoint: u64, trusted: bool) -> Shell {
     let mut shell = Shell::new(Shell::config());
-    shell.wal(40, 100, 40, true);
+    shell.wal(tail, head, checkpoint, trusted);
     shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
     shell
 }
@@ -338,9 +343,7 @@ fn a6_recoverability_boundary_is_exact() {
 
 #[test]
 fn a7_snapshot_plus_tail_rebuild_matches_and_gates_tail_replay() {
-    let mut shell = Shell::new(Shell::config());
-    shell.wal(60, 100, 80, true);
-    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let mut shell = primary_with_b_and_wal(60, 100, 80, true);
     let commands = shell.connect_and_handshake("b", 50);
     assert!(matches!(
         commands.as_slice(),
@@ -736,9 +739,7 @@ fn fc1_changed_address_restart_mid_plan_releases_and_replans() {
 
 #[test]
 fn fc2_epoch_bump_mid_execution_releases_pins() {
-    let mut shell = Shell::new(Shell::config());
-    shell.wal(60, 100, 80, true);
-    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let mut shell = primary_with_b_and_wal(60, 100, 80, true);
     shell.connect_and_handshake("b", 10);
     shell.grant("b", 0);
     assert_eq!(shell.pins.len(), 2);
@@ -824,9 +825,7 @@ fn fc4_wal_recycled_under_a_running_catch_up_escalates() {
 
 #[test]
 fn fc5_trusted_base_with_unreplayable_tail_uses_full_base() {
-    let mut shell = Shell::new(Shell::config());
-    shell.wal(60, 100, 50, true);
-    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let mut shell = primary_with_b_and_wal(60, 100, 50, true);
     let commands = shell.connect_and_handshake("b", 20);
     assert!(matches!(
         commands.as_slice(),
@@ -846,9 +845,7 @@ fn fc5_trusted_base_with_unreplayable_tail_uses_full_base() {
 
 #[test]
 fn fc8_snapshot_pin_failure_falls_back_to_full_base() {
-    let mut shell = Shell::new(Shell::config());
-    shell.wal(60, 100, 80, true);
-    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let mut shell = primary_with_b_and_wal(60, 100, 80, true);
     shell.connect_and_handshake("b", 10);
     let s = shell.session("b");
     shell
@@ -877,9 +874,7 @@ fn fc8_snapshot_pin_failure_falls_back_to_full_base() {
 
 #[test]
 fn fc8_untrusted_checkpoint_uses_full_base() {
-    let mut shell = Shell::new(Shell::config());
-    shell.wal(60, 100, 80, false);
-    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    let mut shell = primary_with_b_and_wal(60, 100, 80, false);
     shell.connect_and_handshake("b", 10);
     assert_eq!(
         shell.event_detail("plan_rebuild_full_base"),

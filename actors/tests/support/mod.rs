@@ -34,6 +34,11 @@ pub fn store_options() -> StoreOptions {
     }
 }
 
+/// Fails with the whole log unless some event satisfies `matches`.
+pub fn assert_logged(events: &[String], matches: impl Fn(&String) -> bool) {
+    assert!(events.iter().any(matches), "{events:#?}");
+}
+
 pub fn block(seed: u64) -> Bytes {
     Bytes::from(vec![(seed % 251) as u8 + 1; BLOCK_SIZE])
 }
@@ -95,17 +100,21 @@ impl Cluster {
                 version: 1,
             });
         }
+        Self::with_primary(rt, tmp, replicas, mode, tuning).await
+    }
+
+    /// Spawns the primary for `replicas` (already listening, or impostors) and
+    /// assembles the cluster.
+    pub async fn with_primary(
+        rt: Runtime,
+        tmp: tempfile::TempDir,
+        replicas: Vec<Node>,
+        mode: CommitMode,
+        tuning: Tuning,
+    ) -> Self {
         let primary_dir = tmp.path().join("primary");
-        let primary = rt
-            .spawn_volume(Self::primary_config(
-                &primary_dir,
-                1,
-                mode,
-                &replicas,
-                tuning.clone(),
-            ))
-            .await
-            .unwrap();
+        let config = Self::primary_config(&primary_dir, 1, mode, &replicas, tuning.clone());
+        let primary = rt.spawn_volume(config).await.unwrap();
         Self {
             rt,
             tmp,
