@@ -9,6 +9,7 @@ use crate::error::ExecError;
 use crate::sender::SenderContext;
 use crate::volume::SenderEvent;
 use crate::volume::LIVE_PIN_PREFIX;
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -285,6 +286,68 @@ async fn catch_up(
     }
 }
 
+type ImageRead = tokio::task::JoinHandle<Result<BytesMut, walship_io::StoreError>>;
+
+/// Reads a pinned image for transfer: one chunk ahead of the sender, so the
+/// read overlaps the send, into recycled buffers, so a transfer touches no
+/// fresh memory per chunk.
+struct ImageReader {
+    image: Arc<SnapshotPin>,
+    chunk: u64,
+    /// The read of the chunk expected next: (offset, len, task).
+    ahead: Option<(u64, u64, ImageRead)>,
+    spare: Vec<BytesMut>,
+}
+
+impl ImageReader {
+    fn new(image: Arc<SnapshotPin>, chunk: u64) -> Self {
+        Self {
+            image,
+            chunk: chunk.max(1),
+            ahead: None,
+            spare: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, offset: u64, len: u64) -> ImageRead {
+        let pin = Arc::clone(&self.image);
+        let mut buf = self.spare.pop().unwrap_or_default();
+        tokio::task::spawn_blocking(move || {
+            pin.read_into(offset, len as usize, &mut buf)?;
+            Ok(buf)
+        })
+    }
+
+    /// The chunk at `offset`; starts reading the one after it.
+    async fn read(&mut self, offset: u64, len: u64) -> Result<Bytes, ExecError> {
+        let task = match self.ahead.take() {
+            Some((o, l, task)) if o == offset && l == len => task,
+            // Not the chunk guessed: a detached read finishes on its own.
+            _ => self.start(offset, len),
+        };
+        let buf = task
+            .await
+            .map_err(|e| ExecError::Protocol(format!("image read task: {e}")))??;
+        let next = offset + len;
+        let total = self.image.image_bytes();
+        if next < total {
+            let next_len = self.chunk.min(total - next);
+            let task = self.start(next, next_len);
+            self.ahead = Some((next, next_len, task));
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Takes a sent chunk's buffer back once nothing else holds it.
+    fn recycle(&mut self, data: Bytes) {
+        if let Ok(buf) = data.try_into_mut() {
+            if self.spare.len() < 2 {
+                self.spare.push(buf);
+            }
+        }
+    }
+}
+
 async fn rebuild(
     conn: &mut Conn,
     c: &SenderContext,
@@ -330,20 +393,18 @@ async fn rebuild(
         })
     };
     let mut crc = 0u32;
+    let mut images = ImageReader::new(image, tuning.image_chunk_bytes as u64);
     let mut shipper = Shipper::new(conn, c, session.get(), epoch.get(), image_lsn);
     loop {
         match exec.next_step()? {
             Step::TransferImage { offset, len } => {
-                let pin = Arc::clone(&image);
-                let data = tokio::task::spawn_blocking(move || pin.read(offset, len as usize))
-                    .await
-                    .map_err(|e| ExecError::Protocol(format!("image read task: {e}")))??;
+                let data = images.read(offset, len).await?;
                 crc = crc32c::crc32c_append(crc, &data);
                 c.count_sent(data.len());
                 let message = Message::RebuildChunk {
                     session: session.get(),
                     offset,
-                    data,
+                    data: data.clone(),
                 };
                 shipper
                     .conn
@@ -352,6 +413,8 @@ async fn rebuild(
                         message,
                     })
                     .await?;
+                // The codec copied it into the connection's write buffer.
+                images.recycle(data);
                 send_progress(RebuildProgress::Transferred {
                     bytes: offset + len,
                 });

@@ -127,13 +127,12 @@ impl ExtentFile {
         Ok(buf)
     }
 
-    /// Reads raw bytes of the image (for snapshot and base transfer).
-    pub fn read_bytes(&self, offset: u64, len: usize) -> Result<Vec<u8>, ExtentError> {
-        let mut buf = vec![0u8; len];
+    /// Fills `buf` with raw bytes of the image at `offset` (for snapshot and
+    /// base transfer, which recycle their buffers).
+    pub fn read_bytes_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExtentError> {
         self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(self.io("read"))?;
-        Ok(buf)
+            .read_exact_at(buf, offset)
+            .map_err(self.io("read"))
     }
 
     /// Applies one WAL frame.

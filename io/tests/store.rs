@@ -170,13 +170,21 @@ fn a_snapshot_pin_keeps_its_image_while_writes_continue() {
     ));
 }
 
+/// Transfers the image as a sender does: one recycled buffer for every chunk.
 fn transfer(pin: &SnapshotPin, install: &mut BaseInstall) {
+    let mut buf = bytes::BytesMut::new();
+    let mut allocation = None;
     let mut offset = 0;
     while offset < pin.image_bytes() {
         let len = (64 * 1024).min(pin.image_bytes() - offset) as usize;
-        install
-            .write_chunk(offset, &pin.read(offset, len).unwrap())
-            .unwrap();
+        pin.read_into(offset, len, &mut buf).unwrap();
+        assert_eq!(buf.len(), len);
+        assert_eq!(&buf[..], &pin.read(offset, len).unwrap()[..]);
+        // Equal-sized chunks land in the same allocation.
+        if len == 64 * 1024 {
+            assert_eq!(*allocation.get_or_insert(buf.as_ptr()), buf.as_ptr());
+        }
+        install.write_chunk(offset, &buf).unwrap();
         offset += len as u64;
     }
 }
