@@ -26,6 +26,19 @@ use walship_io::{Envelope, ImageKind, Message, SnapshotPin, WalPin, WireCodec};
 /// A connection to a replica.
 pub(crate) type Conn = Framed<TcpStream, WireCodec>;
 
+/// Initial capacity of a connection's read and write buffers. They grow to
+/// the traffic (the decoder reserves a whole frame once its length is
+/// known) and keep that size; an idle connection, of which a node may hold
+/// tens of thousands, stays this small instead of tokio-util's 8 KiB each.
+const CONN_BUFFER: usize = 256;
+
+/// Frames a TCP stream with the wire codec, both ends of a connection.
+pub(crate) fn framed(stream: TcpStream) -> Conn {
+    let mut conn = Framed::with_capacity(stream, WireCodec::default(), CONN_BUFFER);
+    *conn.write_buffer_mut() = bytes::BytesMut::with_capacity(CONN_BUFFER);
+    conn
+}
+
 /// LSNs per executor step; the log reader cuts them into reads anyway.
 const STEP_ENTRIES: u64 = 1 << 20;
 
@@ -57,7 +70,7 @@ pub(crate) async fn connect_and_hello(
     stream
         .set_nodelay(true)
         .map_err(|e| ExecError::Wire(e.into()))?;
-    let mut conn = Framed::new(stream, WireCodec::default());
+    let mut conn = framed(stream);
     let hello = Message::Hello {
         cluster: c.cluster.clone(),
         volume: c.replica.volume().to_owned(),

@@ -19,10 +19,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::codec::Framed;
-use walship_io::{
-    BaseInstall, Envelope, Message, Store, StoreError, WalError, WireCodec, BLOCK_SIZE,
-};
+use walship_io::{BaseInstall, Envelope, Message, Store, StoreError, WalError, BLOCK_SIZE};
 
 /// The peer claims another volume or replica.
 pub const CODE_IDENTITY: u16 = 1;
@@ -556,7 +553,7 @@ async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u6
     /// Frames handed to the receiver at once (they share one fsync).
     const DRAIN: usize = 64;
     let _ = stream.set_nodelay(true);
-    let mut framed = Framed::new(stream, WireCodec::default());
+    let mut framed = crate::executor::framed(stream);
     'conn: while let Some(frame) = framed.next().await {
         let mut envelopes = Vec::new();
         let mut broken = None;
