@@ -25,7 +25,9 @@ use walship_actors::{
     PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, SenderHeartbeat, Tuning, VolumeConfig,
     VolumeHandle,
 };
-use walship_engine::{CommitMode, ReplicaId, ReplicaState};
+use walship_engine::{
+    Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
+};
 use walship_io::{StoreOptions, BLOCK_SIZE};
 
 /// Which benchmarks, and how big.
@@ -646,10 +648,53 @@ fn cpu_time() -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
 }
 
+/// Open file descriptors of this process.
+fn open_fds() -> anyhow::Result<u64> {
+    Ok(fs::read_dir("/proc/self/fd")?.count() as u64)
+}
+
+/// Raises this process's open-file limit to at least `want`: the soft limit
+/// up to the hard one, and the hard one too where permitted (root).
+fn raise_fd_limit(want: u64) -> anyhow::Result<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if want <= soft {
+        return Ok(soft);
+    }
+    if want > hard && rlimit::Resource::NOFILE.set(want, want).is_ok() {
+        return Ok(want);
+    }
+    let raised = rlimit::increase_nofile_limit(want)?;
+    ensure!(
+        raised >= want,
+        "needs {want} open files, the limit is {raised} (hard {hard}); raise `ulimit -n` or run as root"
+    );
+    Ok(raised)
+}
+
+/// P6 volumes' replica config.
+fn p6_replica(dir: &Path, volume: u64, server: &str, store: &StoreOptions) -> VolumeConfig {
+    VolumeConfig::Replica(ReplicaConfig {
+        cluster: "bench".into(),
+        volume: format!("v{volume}"),
+        server: server.into(),
+        dir: dir.join(format!("v{volume}")).join(server),
+        store: store.clone(),
+        listen: "127.0.0.1:0".into(),
+        checkpoint_every_lsns: 16 * 1024,
+    })
+}
+
+/// Idle volumes, measured in three steps so the senders' share is visible:
+/// replicas (receivers and their stores), then primaries without replicas
+/// (volume actors and stores), then the assignment that creates each
+/// primary's two senders, which connect and go live.
 async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    const SERVERS: [&str; 2] = ["r1", "r2"];
     let volumes = options.p6_volumes;
+    // 12 descriptors per volume: 3 stores with a WAL segment and an extent
+    // each, 2 replica listeners, 2 connections with both ends here.
+    let limit = raise_fd_limit(volumes * 12 + 512)?;
     let rt = Runtime::start()?;
-    let (rss_before, threads_before) = rss_and_threads()?;
     let tuning = Tuning {
         heartbeat_every_ticks: 100, // 1 Hz with 10 ms ticks
         ..Tuning::default()
@@ -658,65 +703,115 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
         segment_bytes: 1 << 20,
         ..StoreOptions::new(256)
     };
-    let mut handles = Vec::new();
+    let (rss_start, threads_start) = rss_and_threads()?;
+    let (fds_start, started) = (open_fds()?, Instant::now());
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
     for v in 0..volumes {
-        let vdir = dir.join(format!("v{v}"));
-        let mut specs = Vec::new();
-        for server in ["r1", "r2"] {
-            let handle = rt
-                .spawn_volume(VolumeConfig::Replica(ReplicaConfig {
-                    cluster: "bench".into(),
-                    volume: format!("v{v}"),
-                    server: server.into(),
-                    dir: vdir.join(server),
-                    store: store.clone(),
-                    listen: "127.0.0.1:0".into(),
-                    checkpoint_every_lsns: 16 * 1024,
-                }))
-                .await?;
-            specs.push(ReplicaSpec {
-                server: server.into(),
-                addr: handle.listen_addr().context("addr")?.to_string(),
-                version: 1,
-            });
-            handles.push(handle);
+        for server in SERVERS {
+            let handle = rt.spawn_volume(p6_replica(dir, v, server, &store)).await?;
+            addrs.push(handle.listen_addr().context("addr")?.to_string());
+            replicas.push(handle);
         }
+    }
+    let (rss_replicas, _) = rss_and_threads()?;
+    let mut primaries = Vec::new();
+    for v in 0..volumes {
         let primary = rt
             .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
                 cluster: "bench".into(),
                 volume: format!("v{v}"),
-                dir: vdir.join("primary"),
+                dir: dir.join(format!("v{v}")).join("primary"),
                 store: store.clone(),
                 epoch: 1,
                 commit_mode: CommitMode::BestEffort,
-                replicas: specs,
+                replicas: Vec::new(),
                 tuning: tuning.clone(),
             }))
             .await?;
-        handles.push(primary);
+        primaries.push(primary);
     }
-    for primary in handles.iter().filter(|h| h.is_primary()) {
-        for server in ["r1", "r2"] {
+    let (rss_primaries, _) = rss_and_threads()?;
+    for (v, primary) in primaries.iter().enumerate() {
+        let replicas = SERVERS
+            .iter()
+            .zip(&addrs[v * 2..v * 2 + 2])
+            .map(|(server, addr)| {
+                Ok(ReplicaAssignment {
+                    id: ReplicaId::new(&format!("v{v}"), server)?,
+                    endpoint: Endpoint::new(addr.clone(), 1),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        primary
+            .apply_assignment(Assignment {
+                epoch: Epoch(1),
+                commit_mode: CommitMode::BestEffort,
+                replicas,
+            })
+            .await?;
+    }
+    for primary in &primaries {
+        for server in SERVERS {
             primary
-                .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(600))
+                .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(1800))
                 .await?;
         }
     }
-    let (rss_after, threads_after) = rss_and_threads()?;
+    let setup_took = started.elapsed();
+    let (rss_live, threads_live) = rss_and_threads()?;
+    let log = primaries[0].recovery_log().await?;
+    let log_bytes: usize = log
+        .iter()
+        .map(|e| {
+            std::mem::size_of_val(e)
+                + e.detail.capacity()
+                + e.replica.as_ref().map_or(0, |r| r.as_str().len())
+        })
+        .sum();
+    let fds = open_fds()? - fds_start;
     let cpu_before = cpu_time()?;
     let idle = Duration::from_secs(10);
     tokio::time::sleep(idle).await;
     let cpu = cpu_time()? - cpu_before;
-    let per_volume = (rss_after - rss_before) / volumes;
+    let (rss_idle, _) = rss_and_threads()?;
+    let kib = |bytes: u64, per: u64| bytes as f64 / 1024.0 / per as f64;
+    let senders = volumes * 2;
     writeln!(
         out,
-        "P6 scale: {volumes} idle volumes x 2 replicas in one process: {:.0} KiB RSS and {:.1} threads per volume (with its 2 senders and 2 receivers), {:.1}% of one core for 1 Hz heartbeats over {idle:?}",
-        per_volume as f64 / 1024.0,
-        (threads_after - threads_before) as f64 / volumes as f64,
-        cpu.as_secs_f64() / idle.as_secs_f64() * 100.0
+        "P6 scale: {volumes} idle volumes x 2 replicas in one process (set up in {setup_took:.0?}; {fds} fds, limit {limit}; {} threads added in all)",
+        threads_live - threads_start
     )?;
-    writeln!(out, "P6 target: <= 4 KiB RSS per sender actor at 10,000 volumes: not reachable as built (per-volume threads; see docs/BENCHMARKS.md)")?;
-    for handle in &handles {
+    writeln!(
+        out,
+        "P6 RSS: {:.1} KiB per replica (receiver + store), {:.1} KiB per primary volume (actor + store), {:.1} KiB per sender (actor, mailbox, its live connection at both ends); {:.1} KiB per volume in all, {:.1} after {idle:?} idle",
+        kib(rss_replicas.saturating_sub(rss_start), senders),
+        kib(rss_primaries.saturating_sub(rss_replicas), volumes),
+        kib(rss_live.saturating_sub(rss_primaries), senders),
+        kib(rss_live.saturating_sub(rss_start), volumes),
+        kib(rss_idle.saturating_sub(rss_start), volumes),
+    )?;
+    writeln!(
+        out,
+        "P6 decision trail: {} recovery log events per volume, {:.1} KiB (counted in the senders' share)",
+        log.len(),
+        kib(log_bytes as u64, 1)
+    )?;
+    writeln!(
+        out,
+        "P6 CPU: {:.1}% of one core for {senders} senders' 1 Hz heartbeats and live probes, {:.1} us per sender per second",
+        cpu.as_secs_f64() / idle.as_secs_f64() * 100.0,
+        cpu.as_secs_f64() * 1e6 / idle.as_secs_f64() / senders as f64,
+    )?;
+    report(
+        "P6 RSS per sender",
+        kib(rss_live.saturating_sub(rss_primaries), senders),
+        4.0,
+        "KiB",
+        "<= 4 KiB, i.e. ratio <= 1.0",
+        out,
+    )?;
+    for handle in primaries.iter().chain(&replicas) {
         handle.stop().await;
     }
     rt.shutdown();
