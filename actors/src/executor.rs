@@ -572,3 +572,68 @@ async fn live_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walship_io::{Store, StoreOptions, BLOCK_SIZE};
+
+    /// A pinned full base of 64 blocks, each filled with its own number.
+    fn pinned_image(dir: &std::path::Path) -> (Store, Arc<SnapshotPin>) {
+        let (store, _) = Store::open(dir, StoreOptions::new(64)).unwrap();
+        let mut last = 0;
+        for lba in 0..64u64 {
+            let data = Bytes::from(vec![lba as u8; BLOCK_SIZE]);
+            last = store.write(1, lba, data).unwrap();
+        }
+        store.sync_to(last).unwrap();
+        let pin = store.full_base_pin("test").unwrap();
+        (store, Arc::new(pin))
+    }
+
+    fn expected(offset: u64, len: u64) -> Vec<u8> {
+        (offset..offset + len)
+            .map(|at| (at / BLOCK_SIZE as u64) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn image_reader_reads_ahead_recycles_and_survives_a_wrong_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, image) = pinned_image(dir.path());
+        let chunk = 3 * BLOCK_SIZE as u64; // the last chunk is shorter
+        let total = image.image_bytes();
+        let mut reader = ImageReader::new(Arc::clone(&image), chunk);
+        let mut buffers = std::collections::BTreeSet::new();
+        let mut offset = 0;
+        while offset < total {
+            let len = chunk.min(total - offset);
+            let data = reader.read(offset, len).await.unwrap();
+            assert_eq!(&data[..], &expected(offset, len)[..], "chunk at {offset}");
+            buffers.insert(data.as_ptr() as usize);
+            reader.recycle(data);
+            // Back in the pool: the read ahead took the other one.
+            assert_eq!(reader.spare.len(), 1);
+            offset += len;
+        }
+        // Nothing read past the end; two buffers served every chunk.
+        assert!(reader.ahead.is_none());
+        assert!(buffers.len() <= 2, "{} buffers", buffers.len());
+        drop(reader);
+        // Out of order (the executor restarted the transfer): the guessed
+        // read is abandoned and the right bytes come back.
+        let mut reader = ImageReader::new(Arc::clone(&image), chunk);
+        let _ = reader.read(0, chunk).await.unwrap();
+        let data = reader.read(10 * chunk, chunk).await.unwrap();
+        assert_eq!(&data[..], &expected(10 * chunk, chunk)[..]);
+        drop(reader);
+        // An abandoned read lets go of its pin when it finishes.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while Arc::strong_count(&image) > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+}
