@@ -9,11 +9,12 @@ use crate::error::ExecError;
 use crate::sender::SenderContext;
 use crate::volume::SenderEvent;
 use crate::volume::LIVE_PIN_PREFIX;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use walship_engine::{
@@ -53,6 +54,21 @@ async fn recv(conn: &mut Conn, limit: Duration) -> Result<Envelope, ExecError> {
         Message::Error { code, message } => Err(ExecError::Peer { code, message }),
         _ => Ok(envelope),
     }
+}
+
+/// Sends a bulk message (`WalBatch`, `RebuildChunk`) with its payload
+/// written straight from its buffer, vectored after the head, instead of
+/// copied into the connection's write buffer: one memcpy less per byte
+/// shipped. Anything the framed sink holds goes first, so order is kept.
+async fn send_bulk(conn: &mut Conn, envelope: Envelope) -> Result<(), ExecError> {
+    conn.flush().await?;
+    let mut head = BytesMut::with_capacity(64);
+    let payload = conn.codec().encode_head(envelope, &mut head)?;
+    let mut wire = head.freeze().chain(payload.unwrap_or_default());
+    conn.get_mut()
+        .write_all_buf(&mut wire)
+        .await
+        .map_err(|e| ExecError::Wire(e.into()))
 }
 
 /// Connects, says hello, returns the connection and the replica's answer.
@@ -181,12 +197,14 @@ impl<'a> Shipper<'a> {
                 committed: *self.c.committed_rx.borrow(),
                 frames: batch.raw,
             };
-            self.conn
-                .send(Envelope {
+            send_bulk(
+                self.conn,
+                Envelope {
                     epoch: self.epoch,
                     message,
-                })
-                .await?;
+                },
+            )
+            .await?;
             self.c.count_sent(len);
             self.inflight.push_back((batch.last_lsn, len));
             self.inflight_bytes += len;
@@ -419,14 +437,15 @@ async fn rebuild(
                     offset,
                     data: data.clone(),
                 };
-                shipper
-                    .conn
-                    .send(Envelope {
+                send_bulk(
+                    shipper.conn,
+                    Envelope {
                         epoch: epoch.get(),
                         message,
-                    })
-                    .await?;
-                // The codec copied it into the connection's write buffer.
+                    },
+                )
+                .await?;
+                // Written: nothing but `data` holds the buffer now.
                 images.recycle(data);
                 send_progress(RebuildProgress::Transferred {
                     bytes: offset + len,

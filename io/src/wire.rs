@@ -570,6 +570,46 @@ impl Decoder for WireCodec {
     }
 }
 
+impl WireCodec {
+    /// Encodes `item` into `dst` like [`Encoder::encode`], except for the
+    /// payload of a `WalBatch` or `RebuildChunk`, which it returns instead of
+    /// copying: the caller writes `dst` and then the payload (vectored), and
+    /// the bytes on the wire are the same. Other messages are encoded whole
+    /// and return `None`.
+    pub fn encode_head(
+        &self,
+        item: Envelope,
+        dst: &mut BytesMut,
+    ) -> Result<Option<Bytes>, WireError> {
+        let Envelope { epoch, mut message } = item;
+        let payload = match &mut message {
+            Message::WalBatch { frames, .. } => std::mem::take(frames),
+            Message::RebuildChunk { data, .. } => std::mem::take(data),
+            _ => {
+                let mut codec = *self;
+                codec.encode(Envelope { epoch, message }, dst)?;
+                return Ok(None);
+            }
+        };
+        let start = dst.len();
+        let mut codec = *self;
+        codec.encode(Envelope { epoch, message }, dst)?;
+        // The blob is the body's last field: its u32 length ends the head.
+        let len = dst.len() - start - 4 + payload.len();
+        if len > self.max_frame {
+            dst.truncate(start);
+            return Err(WireError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        let end = dst.len();
+        dst[end - 4..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        Ok(Some(payload))
+    }
+}
+
 impl Encoder<Envelope> for WireCodec {
     type Error = WireError;
 
@@ -650,6 +690,65 @@ mod tests {
             code: 4,
             message: "stale epoch".into(),
         });
+    }
+
+    #[test]
+    fn a_head_plus_its_payload_is_the_whole_frame() {
+        let payload = Bytes::from(vec![0xA5u8; 3000]);
+        let messages = [
+            Message::WalBatch {
+                session: 1,
+                first_lsn: 2,
+                last_lsn: 3,
+                committed: 1,
+                frames: payload.clone(),
+            },
+            Message::RebuildChunk {
+                session: 4,
+                offset: 8192,
+                data: payload.clone(),
+            },
+            Message::Heartbeat {
+                seq: 9,
+                committed: 2,
+            },
+        ];
+        for message in messages {
+            let envelope = Envelope { epoch: 6, message };
+            let mut whole = BytesMut::new();
+            WireCodec::default()
+                .encode(envelope.clone(), &mut whole)
+                .unwrap();
+            let mut head = BytesMut::new();
+            let rest = WireCodec::default()
+                .encode_head(envelope.clone(), &mut head)
+                .unwrap();
+            if matches!(envelope.message, Message::Heartbeat { .. }) {
+                assert!(rest.is_none());
+            } else {
+                // The payload is not copied: the very same bytes come back.
+                assert_eq!(rest.as_ref().unwrap().as_ptr(), payload.as_ptr());
+            }
+            head.extend_from_slice(&rest.unwrap_or_default());
+            assert_eq!(head, whole);
+            let decoded = WireCodec::default().decode(&mut head).unwrap();
+            assert_eq!(decoded, Some(envelope));
+        }
+        // The frame limit counts the payload.
+        let big = Envelope {
+            epoch: 1,
+            message: Message::RebuildChunk {
+                session: 1,
+                offset: 0,
+                data: Bytes::from(vec![0u8; 2048]),
+            },
+        };
+        let mut head = BytesMut::new();
+        assert!(matches!(
+            WireCodec::new(1024).encode_head(big, &mut head),
+            Err(WireError::TooLarge { max: 1024, .. })
+        ));
+        assert!(head.is_empty());
     }
 
     #[test]
