@@ -139,20 +139,31 @@ async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle
                 Arc::clone(&metrics),
                 pools.blocking.clone(),
             );
-            let addr = ReceiverActor::start_in_arbiter(pools.receivers.pick(), move |_| actor);
+            let listen_error = |e: std::io::Error| {
+                VolumeError::Runtime(format!("listen on {}: {e}", config.listen))
+            };
+            let listener = std::net::TcpListener::bind(&config.listen).map_err(listen_error)?;
+            listener.set_nonblocking(true).map_err(listen_error)?;
+            let local = listener.local_addr().map_err(listen_error)?;
+            // The receiver, its accept loop and its connection tasks share
+            // one arbiter: the connection task's socket reads then run beside
+            // the receiver's writes instead of on the thread of the primaries
+            // and senders (which, in one process, also does their sends).
+            let arbiter = pools.receivers.pick();
+            let addr = ReceiverActor::start_in_arbiter(arbiter, move |_| actor);
             let receiver = MeteredAddr::new(addr, metrics);
-            let listener = tokio::net::TcpListener::bind(&config.listen)
-                .await
-                .map_err(|e| VolumeError::Runtime(format!("listen on {}: {e}", config.listen)))?;
-            let local = listener
-                .local_addr()
-                .map_err(|e| VolumeError::Runtime(e.to_string()))?;
             let (shutdown, shutdown_rx) = watch::channel(false);
-            actix::spawn(receiver::accept_loop(
-                listener,
-                receiver.clone(),
-                shutdown_rx,
-            ));
+            let accepting = receiver.clone();
+            let spawned = arbiter.spawn(async move {
+                // Registered with the arbiter's reactor, where it is polled.
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => receiver::accept_loop(listener, accepting, shutdown_rx).await,
+                    Err(e) => tracing::error!(error = %e, "replica listener"),
+                }
+            });
+            if !spawned {
+                return Err(VolumeError::Runtime("receiver arbiter stopped".into()));
+            }
             Ok(VolumeHandle {
                 inner: Inner::Replica {
                     receiver,
