@@ -124,7 +124,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
@@ -467,67 +467,58 @@ impl VolumeActor {
     }
 
     /// Pins every requested resource, or none: a failure drops what was taken.
+    /// Pins what a plan asks for. A full base checkpoints first (writes and
+    /// fsyncs the dirty blocks), so it is pinned on the blocking pool and
+    /// granted when `ResourcesPinned` comes back: the actix thread that every
+    /// volume and sender shares must not wait on it. The engine's reservation
+    /// timer covers the wait; a grant arriving after the session moved on is
+    /// released (`stale_grant`).
     fn acquire(&mut self, replica: &ReplicaId, session: SessionId, requests: &[ResourceRequest]) {
         let label = format!("{replica} {session}");
-        let mut taken: Vec<(ResourceGrant, Held)> = Vec::new();
-        let mut failure = None;
-        for request in requests {
-            let pinned = match *request {
-                ResourceRequest::WalRetention { from } => self
-                    .store
-                    .wal()
-                    .pin_from(from.get(), &label)
-                    .map(|pin| (GrantedResource::WalRetention { from }, Held::Wal(pin)))
-                    .map_err(|e| e.to_string()),
-                ResourceRequest::Snapshot { .. } if !self.config.tuning.snapshot_rebuilds => {
-                    Err("snapshot rebuilds disabled by configuration".to_owned())
-                }
-                ResourceRequest::Snapshot { at } => match self.store.snapshot_pin(&label) {
-                    Ok(pin) if pin.lsn() == at.get() => {
-                        Ok((GrantedResource::Snapshot { at }, Held::Image(Arc::new(pin))))
-                    }
-                    Ok(pin) => Err(format!(
-                        "snapshot moved: checkpoint is {} not {at}",
-                        pin.lsn()
-                    )),
-                    Err(e) => Err(e.to_string()),
-                },
-                ResourceRequest::FullBase { .. } => self
-                    .store
-                    .full_base_pin(&label)
-                    .map(|pin| {
-                        let base_lsn = Lsn(pin.lsn());
-                        (
-                            GrantedResource::FullBase { base_lsn },
-                            Held::Image(Arc::new(pin)),
-                        )
-                    })
-                    .map_err(|e| e.to_string()),
-            };
-            match pinned {
-                Ok((granted, held)) => {
-                    let id = ResourceId(self.next_resource);
-                    self.next_resource += 1;
-                    taken.push((ResourceGrant { id, granted }, held));
-                }
-                Err(reason) => {
-                    failure = Some(reason);
-                    break;
-                }
+        let snapshots = self.config.tuning.snapshot_rebuilds;
+        let slow = requests
+            .iter()
+            .any(|r| matches!(r, ResourceRequest::FullBase { .. }));
+        match self.me.clone() {
+            Some(me) if slow => {
+                let store = Arc::clone(&self.store);
+                let requests = requests.to_vec();
+                let replica = replica.clone();
+                self.pools.blocking.run(move || {
+                    let pinned = pin_resources(&store, snapshots, &label, &requests);
+                    // If the volume stopped meanwhile, the pins drop with the message.
+                    me.do_send(ResourcesPinned {
+                        replica,
+                        session,
+                        pinned,
+                    });
+                });
+            }
+            _ => {
+                let pinned = pin_resources(&self.store, snapshots, &label, requests);
+                self.grant(replica, session, pinned);
             }
         }
+    }
+
+    /// Hands pinned resources (or why they could not be) to the engine.
+    fn grant(&mut self, replica: &ReplicaId, session: SessionId, pinned: Pinned) {
         self.refresh_wal_state();
-        if let Some(reason) = failure {
-            drop(taken);
-            let _ = self
-                .engine
-                .handle_resources_failed(replica, session, &reason);
-            return;
-        }
+        let taken = match pinned {
+            Ok(taken) => taken,
+            Err(reason) => {
+                let _ = self
+                    .engine
+                    .handle_resources_failed(replica, session, &reason);
+                return;
+            }
+        };
         let mut grants = Vec::new();
-        for (grant, held) in taken {
-            self.resources.insert(grant.id, held);
-            grants.push(grant);
+        for (granted, held) in taken {
+            let id = ResourceId(self.next_resource);
+            self.next_resource += 1;
+            self.resources.insert(id, held);
+            grants.push(ResourceGrant { id, granted });
         }
         if self
             .engine
@@ -757,6 +748,70 @@ impl Handler<Checkpoint> for VolumeActor {
         let (tx, rx) = oneshot::channel();
         self.start_checkpoint(self.store.wal().durable(), Some(tx));
         Box::pin(async move { rx.await.map_err(|_| VolumeError::Stopped)? })
+    }
+}
+
+/// Resources pinned for one plan, or why not.
+type Pinned = Result<Vec<(GrantedResource, Held)>, String>;
+
+/// Pins `requests` in order; on the first failure, drops what it took.
+fn pin_resources(
+    store: &Store,
+    snapshot_rebuilds: bool,
+    label: &str,
+    requests: &[ResourceRequest],
+) -> Pinned {
+    requests
+        .iter()
+        .map(|request| match *request {
+            ResourceRequest::WalRetention { from } => store
+                .wal()
+                .pin_from(from.get(), label)
+                .map(|pin| (GrantedResource::WalRetention { from }, Held::Wal(pin)))
+                .map_err(|e| e.to_string()),
+            ResourceRequest::Snapshot { .. } if !snapshot_rebuilds => {
+                Err("snapshot rebuilds disabled by configuration".to_owned())
+            }
+            ResourceRequest::Snapshot { at } => match store.snapshot_pin(label) {
+                Ok(pin) if pin.lsn() == at.get() => {
+                    Ok((GrantedResource::Snapshot { at }, Held::Image(Arc::new(pin))))
+                }
+                Ok(pin) => Err(format!(
+                    "snapshot moved: checkpoint is {} not {at}",
+                    pin.lsn()
+                )),
+                Err(e) => Err(e.to_string()),
+            },
+            ResourceRequest::FullBase { .. } => store
+                .full_base_pin(label)
+                .map(|pin| {
+                    let base_lsn = Lsn(pin.lsn());
+                    (
+                        GrantedResource::FullBase { base_lsn },
+                        Held::Image(Arc::new(pin)),
+                    )
+                })
+                .map_err(|e| e.to_string()),
+        })
+        .collect()
+}
+
+/// Resources pinned on the blocking pool for `session`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct ResourcesPinned {
+    replica: ReplicaId,
+    session: SessionId,
+    pinned: Pinned,
+}
+
+impl Handler<ResourcesPinned> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ResourcesPinned, ctx: &mut Context<Self>) {
+        self.clock();
+        self.grant(&msg.replica, msg.session, msg.pinned);
+        self.run_commands(ctx);
     }
 }
 
