@@ -422,21 +422,6 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
         let replica_checksum = handle.content_checksum().await?;
         identical &= replica_checksum == checksum;
         let recoveries = demo.recoveries.get(server).cloned().unwrap_or_default();
-        for r in &recoveries {
-            let rate = if r.took.is_zero() {
-                0.0
-            } else {
-                mib(r.bytes) / r.took.as_secs_f64()
-            };
-            writeln!(
-                out,
-                "  {server} {:<12} {:>8.1} MiB in {:>7.3}s = {:>7.1} MiB/s",
-                r.what,
-                mib(r.bytes),
-                r.took.as_secs_f64(),
-                rate
-            )?;
-        }
         let outcome = recoveries
             .iter()
             .map(|r| r.what.as_str())
@@ -463,6 +448,25 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
             took.as_secs_f64(),
             rate
         )?;
+        // One line per recovery under the replica's row, same columns.
+        if recoveries.len() > 1 {
+            for r in &recoveries {
+                let rate = if r.took.is_zero() {
+                    0.0
+                } else {
+                    mib(r.bytes) / r.took.as_secs_f64()
+                };
+                writeln!(
+                    out,
+                    "{:<8} {:<34} {:>12.1} {:>9.2}s {:>12.1}",
+                    "",
+                    format!("  {}", r.what),
+                    mib(r.bytes),
+                    r.took.as_secs_f64(),
+                    rate
+                )?;
+            }
+        }
     }
     let status = demo.status().await?;
     let pins = status.recovery_pins + status.snapshot_pins + status.held_resources;
