@@ -497,6 +497,80 @@ async fn write_barrier_load(
     })
 }
 
+/// One raw replica for the P4 device baseline: reads 4 KiB writes, writes
+/// and fdatasyncs each, acks it with one byte.
+fn raw_ack_receiver(listener: TcpListener, path: PathBuf) -> anyhow::Result<()> {
+    let (mut stream, _) = listener.accept()?;
+    stream.set_nodelay(true)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    let mut block = vec![0u8; BLOCK_SIZE];
+    let mut slot = 0u64;
+    while stream.read_exact(&mut block).is_ok() {
+        file.write_all_at(&block, (slot % 4096) * BLOCK_SIZE as u64)?;
+        file.sync_data()?;
+        stream.write_all(&[1])?;
+        slot += 1;
+    }
+    Ok(())
+}
+
+/// The smallest synchronous 3-way replication, hand-written: each 4 KiB
+/// write goes to two raw replicas over loopback while the writer writes and
+/// fdatasyncs it locally, and completes when all three are durable. Same
+/// disk, same fsync count as walship's sync_all at QD1, nothing else; the
+/// gap between it and the local run is what the one disk costs.
+fn raw_replicated_qd1(dir: &Path, ops: u64) -> anyhow::Result<Latencies> {
+    let mut streams = Vec::new();
+    let mut receivers = Vec::new();
+    for r in 0..2 {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let path = dir.join(format!("p4-raw-replica-{r}.dat"));
+        receivers.push(std::thread::spawn(move || raw_ack_receiver(listener, path)));
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        streams.push(stream);
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.join("p4-raw-primary.dat"))?;
+    let block = vec![0x11u8; BLOCK_SIZE];
+    let mut latencies = Vec::with_capacity(ops as usize);
+    let start = Instant::now();
+    for i in 0..ops {
+        let t = Instant::now();
+        for stream in &mut streams {
+            stream.write_all(&block)?;
+        }
+        file.write_all_at(&block, (i % 4096) * BLOCK_SIZE as u64)?;
+        file.sync_data()?;
+        let mut ack = [0u8; 1];
+        for stream in &mut streams {
+            stream.read_exact(&mut ack)?;
+        }
+        latencies.push(t.elapsed());
+    }
+    let took = start.elapsed();
+    drop(streams);
+    for receiver in receivers {
+        receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("raw replica panicked"))??;
+    }
+    latencies.sort();
+    Ok(Latencies {
+        iops: ops as f64 / took.as_secs_f64(),
+        p50: latencies[latencies.len() / 2],
+        p99: latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)],
+    })
+}
+
 async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     for depth in [1u64, 32] {
         let ops = options.p4_ops * if depth == 1 { 1 } else { 4 };
@@ -527,6 +601,14 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
             "P4 QD{depth}: replicated {:.0} IOPS p50 {:?} p99 {:?}; local {:.0} IOPS p50 {:?} p99 {:?}; tax {:.0}% (target <= 25%)",
             ours.iops, ours.p50, ours.p99, base.iops, base.p50, base.p99, (1.0 - ours.iops / base.iops) * 100.0
         )?;
+        if depth == 1 {
+            let raw = raw_replicated_qd1(dir, ops)?;
+            writeln!(
+                out,
+                "P4 QD1 device baseline: hand-written 3-way sync replication {:.0} IOPS p50 {:?} p99 {:?} (its own tax vs local {:.0}%); walship vs it: {:.2}x IOPS",
+                raw.iops, raw.p50, raw.p99, (1.0 - raw.iops / base.iops) * 100.0, ours.iops / raw.iops
+            )?;
+        }
     }
     Ok(())
 }
