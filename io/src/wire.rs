@@ -25,6 +25,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Default largest frame accepted: a 16 MiB WAL batch plus headers.
 pub const DEFAULT_MAX_FRAME: usize = 17 << 20;
 const HEADER: usize = 10;
+/// Bytes the decoder keeps room for beyond what it knows it needs: one
+/// read then brings in a frame's header (and acks and heartbeats whole)
+/// without making idle connections' buffers large.
+const READ_AHEAD: usize = 256;
 const MAX_STRING: usize = 1024;
 
 /// What a rebuild transfers.
@@ -539,6 +543,9 @@ impl Decoder for WireCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Envelope>, WireError> {
         if src.len() < 4 {
+            // Room for a header and a small message, so the next read takes
+            // them in one call rather than a byte or a few at a time.
+            src.reserve(READ_AHEAD);
             return Ok(None);
         }
         let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
@@ -552,7 +559,8 @@ impl Decoder for WireCodec {
             return Err(WireError::TooShort(len));
         }
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            // The whole frame, and room after it for the next header.
+            src.reserve(4 + len - src.len() + READ_AHEAD);
             return Ok(None);
         }
         src.advance(4);
