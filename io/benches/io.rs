@@ -8,6 +8,9 @@
 //! - `append_4k`: 4 KiB appends, each waiting for durability, at 1, 8 and 64
 //!   writers with group commit vs a raw `write` + `fdatasync` loop.
 //!
+//! - `checkpoint`: the checkpointer's extent pass over 64 MiB of 4 KiB frames
+//!   cycling over a 16 MiB hot set, then a sync: frame by frame vs coalesced.
+//!
 //! Run: `cargo bench -p walship-io --bench io` (knobs: `WALSHIP_BENCH_SCAN_MB`,
 //! `WALSHIP_BENCH_CHUNK_KB`, `WALSHIP_BENCH_QD`, `WALSHIP_BENCH_WARM=1` to keep the cache).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -211,6 +214,61 @@ fn append(c: &mut Criterion) {
     group.finish();
 }
 
+/// A checkpoint's worth of P4-like frames: `frames` 4 KiB writes cycling
+/// over a hot set of `hot` blocks.
+fn hot_frames(frames: u64, hot: u64) -> Vec<Frame> {
+    (0..frames)
+        .map(|i| Frame {
+            lsn: i + 1,
+            epoch: 1,
+            kind: FrameKind::Write,
+            flags: 0,
+            lba: (i * 7) % hot,
+            payload: Bytes::from(vec![i as u8; BLOCK_SIZE]),
+        })
+        .collect()
+}
+
+/// Applies `frames` to a fresh extent and syncs it, as a checkpoint does.
+fn checkpoint_apply(dir: &Path, frames: &[Frame], blocks: u64, coalesce: bool) -> Duration {
+    let path = dir.join("extent.bench");
+    let _ = fs::remove_file(&path);
+    let extent = ExtentFile::open(&path, blocks).unwrap();
+    let start = Instant::now();
+    if coalesce {
+        extent.apply_all(frames).unwrap();
+    } else {
+        for frame in frames {
+            extent.apply(frame).unwrap();
+        }
+    }
+    extent.sync().unwrap();
+    start.elapsed()
+}
+
+/// The checkpointer's extent pass: 64 MiB of 4 KiB frames over a 16 MiB hot
+/// set, frame by frame (the baseline) vs coalesced.
+fn checkpoint(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    const BLOCKS: u64 = 4096;
+    let frames = hot_frames(16 * 1024, BLOCKS);
+    let mut group = c.benchmark_group("checkpoint");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Bytes(frames.len() as u64 * BLOCK_SIZE as u64));
+    for (name, coalesce) in [("frame_by_frame", false), ("coalesced", true)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| checkpoint_apply(dir.path(), &frames, BLOCKS, coalesce))
+                    .sum()
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Mean time per iteration from criterion's saved estimates, in ns.
 fn mean_ns(group: &str, function: &str) -> Option<f64> {
     let root = std::env::var("CARGO_TARGET_DIR")
@@ -234,6 +292,7 @@ fn report() {
     ratio("scan", "uring_reader", "pread_reader");
     ratio("scan", "uring_reader", "raw_read_at");
     ratio("scan", "pread_reader", "raw_read_at");
+    ratio("checkpoint", "coalesced", "frame_by_frame");
     for writers in ["1", "8", "64"] {
         ratio(
             "append_4k",
@@ -247,6 +306,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     scan(&mut c);
     append(&mut c);
+    checkpoint(&mut c);
     c.final_summary();
     report();
 }

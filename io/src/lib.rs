@@ -19,7 +19,7 @@ mod superblock;
 mod wal;
 mod wire;
 
-pub use extent::{ExtentError, ExtentFile};
+pub use extent::{ApplyStats, ExtentError, ExtentFile, COALESCE_BYTES};
 pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
 pub use pins::{PinInfo, WalPin};
 pub use reader::{

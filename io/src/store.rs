@@ -440,9 +440,7 @@ impl Store {
         if to <= from {
             return Ok(CheckpointOutcome::UpToDate);
         }
-        for frame in wal.read_frames(from, to)? {
-            extent.apply(&frame)?;
-        }
+        extent.apply_all(&wal.read_frames(from, to)?)?;
         extent.sync()?;
         let next = Superblock {
             checkpoint: to,
