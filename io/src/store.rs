@@ -440,7 +440,10 @@ impl Store {
         if to <= from {
             return Ok(CheckpointOutcome::UpToDate);
         }
-        extent.apply_all(&wal.read_frames(from, to)?)?;
+        wal.read_frames_batched(from, to, CHECKPOINT_BATCH_BYTES, |frames| {
+            extent.apply_all(&frames)?;
+            Ok::<_, StoreError>(())
+        })?;
         extent.sync()?;
         let next = Superblock {
             checkpoint: to,
@@ -684,6 +687,10 @@ pub struct BaseInstall {
     unsynced: u64,
     crc: u32,
 }
+
+/// A checkpoint reads and coalesces the WAL this many bytes at a time: its
+/// memory is bounded by this, not by how far the checkpoint is behind.
+const CHECKPOINT_BATCH_BYTES: usize = 64 << 20;
 
 /// A base install syncs its staging file every this many bytes, so dirty
 /// page cache stays bounded (no writeback throttling stalls for the node's

@@ -863,22 +863,50 @@ impl Wal {
     pub fn read_frames(&self, from: u64, to: u64) -> Result<Vec<Frame>, WalError> {
         let mut frames = Vec::new();
         for chunk in self.plan_read(from, to, 4 << 20)? {
-            let file = File::open(chunk.path.as_ref()).map_err(io_err("open", &chunk.path))?;
-            let mut buf = vec![0u8; chunk.len];
-            file.read_exact_at(&mut buf, chunk.offset)
-                .map_err(io_err("read", &chunk.path))?;
-            let decoded =
-                frame::decode_all(&Bytes::from(buf), chunk.first_lsn).map_err(|(lsn, error)| {
-                    WalError::Corrupt {
-                        path: chunk.path.to_path_buf(),
-                        offset: chunk.offset,
-                        lsn,
-                        error,
-                    }
-                })?;
-            frames.extend(decoded);
+            frames.extend(Self::read_chunk_frames(&chunk)?);
         }
         Ok(frames)
+    }
+
+    /// Reads `(from, to]` like [`Wal::read_frames`], handing the frames to
+    /// `f` in batches of about `batch_bytes`, so a caller walking a long log
+    /// (a checkpoint after a long pause) holds one batch, not the log.
+    pub fn read_frames_batched<E: From<WalError>>(
+        &self,
+        from: u64,
+        to: u64,
+        batch_bytes: usize,
+        mut f: impl FnMut(Vec<Frame>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for chunk in self.plan_read(from, to, 4 << 20)? {
+            batch.extend(Self::read_chunk_frames(&chunk)?);
+            bytes += chunk.len;
+            if bytes >= batch_bytes {
+                f(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            f(batch)?;
+        }
+        Ok(())
+    }
+
+    fn read_chunk_frames(chunk: &ReadChunk) -> Result<Vec<Frame>, WalError> {
+        let file = File::open(chunk.path.as_ref()).map_err(io_err("open", &chunk.path))?;
+        let mut buf = vec![0u8; chunk.len];
+        file.read_exact_at(&mut buf, chunk.offset)
+            .map_err(io_err("read", &chunk.path))?;
+        frame::decode_all(&Bytes::from(buf), chunk.first_lsn).map_err(|(lsn, error)| {
+            WalError::Corrupt {
+                path: chunk.path.to_path_buf(),
+                offset: chunk.offset,
+                lsn,
+                error,
+            }
+        })
     }
 
     /// Bytes of retained frames after `lsn`.

@@ -366,3 +366,30 @@ fn read_plan_cuts_at_frame_boundaries_across_segments() {
         Err(WalError::BeyondHead { to: 13, head: 12 })
     ));
 }
+
+#[test]
+fn batched_reads_hand_over_the_log_in_bounded_batches_and_stop_on_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    write_n(&wal, 35); // 4 segments: a read chunk never crosses one
+    let mut batches = Vec::new();
+    wal.read_frames_batched(3, 35, 2 * FRAME as usize, |frames| {
+        batches.push(frames.iter().map(|f| f.lsn).collect::<Vec<_>>());
+        Ok::<_, WalError>(())
+    })
+    .unwrap();
+    let lsns: Vec<u64> = batches.iter().flatten().copied().collect();
+    assert_eq!(lsns, (4..=35).collect::<Vec<_>>());
+    // A batch closes once it reaches the budget: at most one chunk (here one
+    // segment's frames) past it.
+    assert!(batches.len() >= 4, "{} batches", batches.len());
+    assert!(batches.iter().all(|b| b.len() <= 2 + 10), "{batches:?}");
+    // An error from the consumer ends the walk.
+    let mut seen = 0;
+    let result = wal.read_frames_batched(0, 35, 1, |_| {
+        seen += 1;
+        Err(WalError::Poisoned("consumer gave up".into()))
+    });
+    assert!(result.is_err());
+    assert_eq!(seen, 1);
+}
