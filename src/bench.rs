@@ -662,6 +662,9 @@ impl actix::Handler<Ping> for Count {
     }
 }
 
+/// Alternating runs of each P5 mailbox.
+const P5_RUNS: usize = 7;
+
 async fn p5(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     let n = options.p5_messages;
     // Bare tokio mpsc.
@@ -699,36 +702,64 @@ async fn p5(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     } else {
         bail!("no actix system on this thread")
     };
-    let start = Instant::now();
-    for _ in 0..n {
-        addr.do_send(Ping);
-    }
-    ensure!(addr.send(Ping).await? == n + 1, "actix lost messages");
-    let bare = start.elapsed();
     // The SenderActor of an InSync replica, through its metered mailbox.
     let sender = setup
         .primary
         .sender(ReplicaId::new("bench", "r1")?)
         .await
         .context("sender")?;
-    let before = sender.metrics().snapshot().handled;
-    let start = Instant::now();
-    for _ in 0..n {
-        sender.do_send(SenderHeartbeat { epoch: 1 });
+    // Runs of each, alternating: one run of either can lose or gain 2-4x
+    // on this VM (1.4 to 9.8 M msg/s seen within one bench).
+    let (mut bares, mut ourses) = (Vec::new(), Vec::new());
+    let mut expected = 0;
+    for _ in 0..P5_RUNS {
+        let start = Instant::now();
+        for _ in 0..n {
+            addr.do_send(Ping);
+        }
+        expected += n + 1;
+        ensure!(addr.send(Ping).await? == expected, "actix lost messages");
+        bares.push(start.elapsed());
+        let before = sender.metrics().snapshot().handled;
+        let start = Instant::now();
+        for _ in 0..n {
+            sender.do_send(SenderHeartbeat { epoch: 1 });
+        }
+        sender.send(SenderHeartbeat { epoch: 1 }).await?;
+        ourses.push(start.elapsed());
+        let handled = sender.metrics().snapshot().handled - before;
+        ensure!(handled > n, "sender handled {handled} of {}", n + 1);
     }
-    sender.send(SenderHeartbeat { epoch: 1 }).await?;
-    let ours = start.elapsed();
-    let handled = sender.metrics().snapshot().handled - before;
-    ensure!(handled > n, "sender handled {handled} of {}", n + 1);
-    let rate = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
-    writeln!(out, "P5 mailbox: SenderActor {:.2} M msg/s, bare actix {:.2} M msg/s, bare tokio mpsc {:.2} M msg/s", rate(ours), rate(bare), rate(mpsc))?;
-    report(
-        "P5 vs bare actix",
-        rate(ours),
-        rate(bare),
-        "M msg/s",
-        ">= 0.8x",
+    let list = |runs: &[Duration]| {
+        runs.iter()
+            .map(|d| format!("{:.2}", n as f64 / d.as_secs_f64() / 1e6))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    writeln!(
         out,
+        "P5 runs, M msg/s: SenderActor {}; bare actix {}",
+        list(&ourses),
+        list(&bares)
+    )?;
+    // Each SenderActor run against the bare run just before it: neighbours
+    // share the machine's mood; the median of those ratios is the figure.
+    let pair_ratio = median(
+        bares
+            .iter()
+            .zip(&ourses)
+            .map(|(bare, ours)| bare.as_secs_f64() / ours.as_secs_f64())
+            .collect(),
+    );
+    bares.sort();
+    ourses.sort();
+    let (bare, ours) = (bares[bares.len() / 2], ourses[ourses.len() / 2]);
+    let rate = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
+    writeln!(out, "P5 mailbox (medians of {P5_RUNS} alternating runs): SenderActor {:.2} M msg/s, bare actix {:.2} M msg/s, bare tokio mpsc {:.2} M msg/s", rate(ours), rate(bare), rate(mpsc))?;
+    writeln!(
+        out,
+        "P5 vs bare actix: median of paired ratios {pair_ratio:.2}x (target >= 0.8x); ratio of medians {:.2}x",
+        rate(ours) / rate(bare)
     )?;
     setup.stop().await;
     Ok(())
