@@ -124,7 +124,7 @@ impl ExtentFile {
 
     /// Writes whole blocks at `lba`.
     pub fn write(&self, lba: u64, data: &[u8]) -> Result<(), ExtentError> {
-        if data.len() % BLOCK_SIZE != 0 {
+        if !data.len().is_multiple_of(BLOCK_SIZE) {
             return Err(ExtentError::Unaligned(data.len()));
         }
         self.check(lba, (data.len() / BLOCK_SIZE) as u64)?;
@@ -187,7 +187,7 @@ impl ExtentFile {
         for frame in frames {
             match frame.kind {
                 FrameKind::Write => {
-                    if frame.payload.len() % BLOCK_SIZE != 0 {
+                    if !frame.payload.len().is_multiple_of(BLOCK_SIZE) {
                         return Err(ExtentError::Unaligned(frame.payload.len()));
                     }
                     let blocks = (frame.payload.len() / BLOCK_SIZE) as u64;

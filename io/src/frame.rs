@@ -226,7 +226,7 @@ impl Frame {
     pub fn validate(&self) -> Result<(), FrameError> {
         let len = self.payload.len();
         let ok = match self.kind {
-            FrameKind::Write => len > 0 && len % BLOCK_SIZE == 0,
+            FrameKind::Write => len > 0 && len.is_multiple_of(BLOCK_SIZE),
             FrameKind::Trim => len == 8,
             FrameKind::Barrier => len == 0,
         };

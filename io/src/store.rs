@@ -23,11 +23,12 @@ use crate::superblock::{new_uuid, Superblock, SuperblockError};
 use crate::wal::{sync_dir, RecycleReport, SyncMode, Wal, WalError, WalOptions};
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 /// Store configuration.
 #[derive(Debug, Clone)]
@@ -40,6 +41,10 @@ pub struct StoreOptions {
     pub sync: SyncMode,
     /// Retained WAL bytes above which retention reports pressure.
     pub max_retained_bytes: Option<u64>,
+    /// How long [`Store::open`] waits for another instance on the same
+    /// directory (one stopping, whose last checkpoint is still running) to
+    /// let go before failing with [`StoreError::Locked`].
+    pub lock_wait: Duration,
 }
 
 impl StoreOptions {
@@ -50,6 +55,7 @@ impl StoreOptions {
             segment_bytes: 64 << 20,
             sync: SyncMode::Data,
             max_retained_bytes: None,
+            lock_wait: Duration::from_secs(10),
         }
     }
 }
@@ -106,6 +112,9 @@ pub enum StoreError {
         /// Crc of what arrived.
         actual: u32,
     },
+    /// Another open store holds the directory.
+    #[error("store {0} is in use by another instance")]
+    Locked(PathBuf),
     /// A filesystem call failed.
     #[error("store {op} {path}: {source}")]
     Io {
@@ -182,6 +191,10 @@ pub struct Store {
     dirty: Mutex<BTreeMap<u64, DirtyBlock>>,
     snapshot_pins: Arc<AtomicUsize>,
     checkpointing: Mutex<()>,
+    /// The directory's `LOCK` file, locked for the life of this instance: two
+    /// instances on one directory would checkpoint and recycle under each
+    /// other (one deleting segments the other still lists).
+    _lock: File,
 }
 
 fn zero_block() -> Bytes {
@@ -197,6 +210,7 @@ impl Store {
     ) -> Result<(Store, StoreReport), StoreError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let lock = Self::lock(&dir, options.lock_wait)?;
         let (superblock, created) = match Superblock::load(&dir) {
             Ok(sb) => (sb, false),
             Err(SuperblockError::Missing(_)) => {
@@ -243,6 +257,7 @@ impl Store {
             dirty: Mutex::new(BTreeMap::new()),
             snapshot_pins: Arc::new(AtomicUsize::new(0)),
             checkpointing: Mutex::new(()),
+            _lock: lock,
         };
         let replayed_frames = store.rebuild_dirty()?;
         let report = StoreReport {
@@ -253,6 +268,29 @@ impl Store {
             replayed_frames,
         };
         Ok((store, report))
+    }
+
+    /// Locks `dir/LOCK` exclusively, waiting up to `wait` for a previous
+    /// instance (the lock is the kernel's: a crashed process holds nothing).
+    fn lock(dir: &Path, wait: Duration) -> Result<File, StoreError> {
+        let path = dir.join("LOCK");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TryLockError::WouldBlock) => return Err(StoreError::Locked(dir.to_path_buf())),
+                Err(TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+            }
+        }
     }
 
     fn wal_options(options: &StoreOptions, superblock: &Superblock) -> WalOptions {

@@ -316,3 +316,29 @@ fn a_corrupt_superblock_or_wrong_size_is_refused() {
         Err(StoreError::Superblock(SuperblockError::Corrupt { .. }))
     ));
 }
+
+#[test]
+fn a_second_instance_on_the_same_directory_waits_then_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    let wait = std::time::Duration::from_millis(50);
+    let started = std::time::Instant::now();
+    let second = Store::open(
+        dir.path(),
+        StoreOptions {
+            lock_wait: wait,
+            ..options()
+        },
+    )
+    .map(|_| ());
+    assert!(matches!(second, Err(StoreError::Locked(_))), "{second:?}");
+    assert!(started.elapsed() >= wait);
+    // An open that waits long enough gets the directory once the first
+    // instance is gone.
+    let path = dir.path().to_path_buf();
+    let opener = std::thread::spawn(move || Store::open(&path, options()).map(|_| ()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!opener.is_finished());
+    drop(first);
+    opener.join().unwrap().unwrap();
+}
