@@ -1,8 +1,10 @@
 //! The replica side: `ReceiverActor` and its TCP listener.
 //!
-//! The receiver runs on one of the runtime's receiver arbiters: appends,
-//! fsyncs, truncations and base installs block there, never on the arbiter
-//! that runs primaries and senders. Checkpoints run on the blocking pool.
+//! The receiver runs on one of the runtime's receiver arbiters, with its
+//! listener and connection tasks: appends, fsyncs and truncations block
+//! there, never on the arbiter that runs primaries and senders. Checkpoints
+//! run on the blocking pool; a base image being received is written by a
+//! thread of its own.
 //! Each connection is a task that decodes frames and asks the receiver what
 //! to answer. The receiver checks, in order: identity (volume and replica id),
 //! epoch (older → `Fence`; newer → persisted before anything else), that the
@@ -68,7 +70,7 @@ pub struct ReceiverActor {
     identity: String,
     epoch: u64,
     active_conn: Option<u64>,
-    install: Option<BaseInstall>,
+    install: Option<InstallWriter>,
     checkpoint_every: u64,
     checkpoint_requested: u64,
     blocking: BlockingPool,
@@ -293,14 +295,14 @@ impl ReceiverActor {
                 }
                 match self.store.begin_install(image_lsn) {
                     Ok(install) => {
-                        self.install = Some(install);
+                        self.install = Some(InstallWriter::start(install));
                         Reply::default()
                     }
                     Err(e) => error(epoch, CODE_BASE, e.to_string()),
                 }
             }
             Message::RebuildChunk { offset, data, .. } => match self.install.as_mut() {
-                Some(install) => match install.write_chunk(offset, &data) {
+                Some(install) => match install.write(offset, data) {
                     Ok(()) => Reply::default(),
                     Err(e) => error(epoch, CODE_BASE, e.to_string()),
                 },
@@ -310,8 +312,9 @@ impl ReceiverActor {
                 session,
                 image_lsn,
                 checksum,
-            } => match self.install.take() {
-                Some(install) if install.image_lsn() == image_lsn => {
+            } => match self.install.take().map(InstallWriter::finish) {
+                Some(Err(e)) => error(epoch, CODE_BASE, e.to_string()),
+                Some(Ok(install)) if install.image_lsn() == image_lsn => {
                     match self.store.commit_install(install, checksum, epoch) {
                         Ok(()) => self.answer(Message::RebuildInstalled { session, image_lsn }),
                         Err(e) => error(epoch, CODE_BASE, e.to_string()),
@@ -324,6 +327,82 @@ impl ReceiverActor {
                 ),
             },
             _ => error(epoch, CODE_UNEXPECTED, "not a rebuild message"),
+        }
+    }
+}
+
+/// Chunks a base install may have queued for its writer (1 MiB each).
+const INSTALL_QUEUE: usize = 8;
+
+/// Writes a base image on its own thread, in arrival order, so the arbiter
+/// goes back to reading the socket while the page cache takes the previous
+/// chunk: on P2 the replica's one thread did both and was the bottleneck.
+/// The queue is bounded (the arbiter waits when the writer is behind), and
+/// a write error surfaces on the next chunk or at `finish`.
+#[derive(Debug)]
+struct InstallWriter {
+    chunks: Option<std::sync::mpsc::SyncSender<(u64, Bytes)>>,
+    thread: Option<std::thread::JoinHandle<Result<BaseInstall, StoreError>>>,
+}
+
+impl InstallWriter {
+    fn start(mut install: BaseInstall) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(INSTALL_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("walship-install".into())
+            .spawn(move || {
+                for (offset, data) in rx {
+                    install.write_chunk(offset, &data)?;
+                }
+                Ok(install)
+            });
+        match thread {
+            Ok(thread) => Self {
+                chunks: Some(tx),
+                thread: Some(thread),
+            },
+            // No thread to be had: fail the install at its first chunk.
+            Err(e) => {
+                tracing::error!(error = %e, "install writer thread");
+                Self {
+                    chunks: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: Bytes) -> Result<(), StoreError> {
+        let sent = self
+            .chunks
+            .as_ref()
+            .is_some_and(|tx| tx.send((offset, data)).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The writer stopped: its error says why.
+        self.finish_now().map(|_| ())
+    }
+
+    /// Waits for every queued chunk; returns the install to commit.
+    fn finish(mut self) -> Result<BaseInstall, StoreError> {
+        self.finish_now()
+    }
+
+    fn finish_now(&mut self) -> Result<BaseInstall, StoreError> {
+        self.chunks = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(StoreError::Io {
+                op: "install",
+                path: "writer thread".into(),
+                source: std::io::Error::other("install writer panicked"),
+            }),
+            None => Err(StoreError::Io {
+                op: "install",
+                path: "writer thread".into(),
+                source: std::io::Error::other("install writer not running"),
+            }),
         }
     }
 }
