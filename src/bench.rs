@@ -320,9 +320,16 @@ impl Run {
     }
 }
 
+/// The median; for an even count, the mean of the middle two (the upper
+/// one alone would favour whichever side had one fast outlier).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
 }
 
 /// Alternates the raw pipeline with walship recovering each of `servers`
