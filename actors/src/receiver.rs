@@ -673,3 +673,41 @@ async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u6
     }
     receiver.do_send(ConnClosed(conn));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walship_io::StoreOptions;
+
+    fn chunk(fill: u8) -> Bytes {
+        Bytes::from(vec![fill; BLOCK_SIZE])
+    }
+
+    #[test]
+    fn the_install_writer_writes_in_order_and_reports_a_bad_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), StoreOptions::new(4)).unwrap();
+        // In order: everything lands, finish hands the install back.
+        let mut writer = InstallWriter::start(store.begin_install(0).unwrap());
+        for i in 0..4u8 {
+            writer
+                .write(u64::from(i) * BLOCK_SIZE as u64, chunk(i))
+                .unwrap();
+        }
+        let install = writer.finish().unwrap();
+        let crc = (0..4u8).fold(0, |crc, i| crc32c::crc32c_append(crc, &chunk(i)));
+        store.commit_install(install, crc, 1).unwrap();
+        assert_eq!(store.read(2, 1).unwrap(), chunk(2));
+        // Out of order: the writer stops; the error comes back at the latest
+        // at finish, and no chunk after it is accepted.
+        let mut writer = InstallWriter::start(store.begin_install(0).unwrap());
+        writer.write(0, chunk(9)).unwrap();
+        let _ = writer.write(3 * BLOCK_SIZE as u64, chunk(9));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(writer.write(BLOCK_SIZE as u64, chunk(9)).is_err());
+        assert!(matches!(
+            writer.finish(),
+            Err(StoreError::ChunkOutOfOrder { .. } | StoreError::Io { .. })
+        ));
+    }
+}
