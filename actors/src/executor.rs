@@ -317,7 +317,8 @@ async fn catch_up(
     }
 }
 
-type ImageRead = tokio::task::JoinHandle<Result<BytesMut, walship_io::StoreError>>;
+/// A chunk read on a blocking thread, with its crc32c computed there too.
+type ImageRead = tokio::task::JoinHandle<Result<(BytesMut, u32), walship_io::StoreError>>;
 
 /// Reads a pinned image for transfer: one chunk ahead of the sender, so the
 /// read overlaps the send, into recycled buffers, so a transfer touches no
@@ -345,18 +346,19 @@ impl ImageReader {
         let mut buf = self.spare.pop().unwrap_or_default();
         tokio::task::spawn_blocking(move || {
             pin.read_into(offset, len as usize, &mut buf)?;
-            Ok(buf)
+            let crc = crc32c::crc32c(&buf);
+            Ok((buf, crc))
         })
     }
 
-    /// The chunk at `offset`; starts reading the one after it.
-    async fn read(&mut self, offset: u64, len: u64) -> Result<Bytes, ExecError> {
+    /// The chunk at `offset` and its crc32c; starts reading the one after it.
+    async fn read(&mut self, offset: u64, len: u64) -> Result<(Bytes, u32), ExecError> {
         let task = match self.ahead.take() {
             Some((o, l, task)) if o == offset && l == len => task,
             // Not the chunk guessed: a detached read finishes on its own.
             _ => self.start(offset, len),
         };
-        let buf = task
+        let (buf, crc) = task
             .await
             .map_err(|e| ExecError::Protocol(format!("image read task: {e}")))??;
         let next = offset + len;
@@ -366,7 +368,7 @@ impl ImageReader {
             let task = self.start(next, next_len);
             self.ahead = Some((next, next_len, task));
         }
-        Ok(buf.freeze())
+        Ok((buf.freeze(), crc))
     }
 
     /// Takes a sent chunk's buffer back once nothing else holds it.
@@ -429,8 +431,8 @@ async fn rebuild(
     loop {
         match exec.next_step()? {
             Step::TransferImage { offset, len } => {
-                let data = images.read(offset, len).await?;
-                crc = crc32c::crc32c_append(crc, &data);
+                let (data, chunk_crc) = images.read(offset, len).await?;
+                crc = crc32c::crc32c_combine(crc, chunk_crc, data.len());
                 c.count_sent(data.len());
                 let message = Message::RebuildChunk {
                     session: session.get(),
@@ -624,11 +626,14 @@ mod tests {
         let total = image.image_bytes();
         let mut reader = ImageReader::new(Arc::clone(&image), chunk);
         let mut buffers = std::collections::BTreeSet::new();
+        let mut whole = 0;
         let mut offset = 0;
         while offset < total {
             let len = chunk.min(total - offset);
-            let data = reader.read(offset, len).await.unwrap();
+            let (data, crc) = reader.read(offset, len).await.unwrap();
             assert_eq!(&data[..], &expected(offset, len)[..], "chunk at {offset}");
+            assert_eq!(crc, crc32c::crc32c(&data));
+            whole = crc32c::crc32c_combine(whole, crc, data.len());
             buffers.insert(data.as_ptr() as usize);
             reader.recycle(data);
             // Back in the pool; the read ahead, if any, holds the other one.
@@ -636,6 +641,8 @@ mod tests {
             assert_eq!(reader.spare.len() + ahead, 2);
             offset += len;
         }
+        // The chunks' crcs combine into the image's.
+        assert_eq!(whole, image.checksum().unwrap());
         // Nothing read past the end; two buffers served every chunk.
         assert!(reader.ahead.is_none());
         assert!(buffers.len() <= 2, "{} buffers", buffers.len());
@@ -644,7 +651,7 @@ mod tests {
         // read is abandoned and the right bytes come back.
         let mut reader = ImageReader::new(Arc::clone(&image), chunk);
         let _ = reader.read(0, chunk).await.unwrap();
-        let data = reader.read(10 * chunk, chunk).await.unwrap();
+        let (data, _) = reader.read(10 * chunk, chunk).await.unwrap();
         assert_eq!(&data[..], &expected(10 * chunk, chunk)[..]);
         drop(reader);
         // An abandoned read lets go of its pin when it finishes.
