@@ -5,6 +5,7 @@
 //! volume actor. Each ends by returning the connection (or an error, which
 //! closes it).
 
+use crate::adapt;
 use crate::error::ExecError;
 use crate::sender::SenderContext;
 use crate::volume::SenderEvent;
@@ -19,8 +20,8 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use walship_engine::{
     Ack, CatchUpExecutor, CatchUpProgress, Endpoint, Epoch, HandshakeReply, Lsn, PlanKind,
-    RebuildExecutor, RebuildProgress, RebuildSource, RecoveryPlan, ReplicaId, ResourceGrant,
-    SessionId, Step,
+    RebuildExecutor, RebuildProgress, RebuildSource, RecoveryPlan, ReplicaId, ReplicaLog,
+    ResourceGrant, SessionId, Step,
 };
 use walship_io::{Envelope, ImageKind, Message, SnapshotPin, WalPin, WireCodec};
 
@@ -101,14 +102,23 @@ pub(crate) async fn connect_and_hello(
     let answer = recv(&mut conn, c.tuning.peer_timeout).await?;
     match answer.message {
         Message::HelloAck {
-            replica, flushed, ..
+            replica,
+            flushed,
+            checkpoint,
+            epochs,
         } => {
             let replica = ReplicaId::parse(&replica)
+                .map_err(|e| ExecError::Protocol(format!("hello ack: {e}")))?;
+            let epochs = adapt::engine_epochs(&epochs)
                 .map_err(|e| ExecError::Protocol(format!("hello ack: {e}")))?;
             let reply = HandshakeReply {
                 replica,
                 epoch: Epoch(answer.epoch),
-                flushed: Lsn(flushed),
+                log: ReplicaLog {
+                    flushed: Lsn(flushed),
+                    checkpoint: Lsn(checkpoint),
+                    epochs,
+                },
             };
             Ok((conn, reply))
         }
@@ -454,10 +464,14 @@ async fn rebuild(
                 });
             }
             Step::FinishImage { image_lsn } => {
+                // The replica's history becomes ours up to the image.
+                let mut epochs = c.store.wal().epochs();
+                epochs.retain(|e| e.first_lsn <= image_lsn.get());
                 let message = Message::RebuildDone {
                     session: session.get(),
                     image_lsn: image_lsn.get(),
                     checksum: crc,
+                    epochs,
                 };
                 shipper
                     .conn

@@ -192,6 +192,7 @@ impl ReceiverActor {
             replica: self.identity.clone(),
             flushed: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,
+            epochs: wal.epochs(),
         })
     }
 
@@ -312,10 +313,11 @@ impl ReceiverActor {
                 session,
                 image_lsn,
                 checksum,
+                epochs,
             } => match self.install.take().map(InstallWriter::finish) {
                 Some(Err(e)) => error(epoch, CODE_BASE, e.to_string()),
                 Some(Ok(install)) if install.image_lsn() == image_lsn => {
-                    match self.store.commit_install(install, checksum, epoch) {
+                    match self.store.commit_install(install, checksum, epoch, &epochs) {
                         Ok(()) => self.answer(Message::RebuildInstalled { session, image_lsn }),
                         Err(e) => error(epoch, CODE_BASE, e.to_string()),
                     }
@@ -696,7 +698,7 @@ mod tests {
         }
         let install = writer.finish().unwrap();
         let crc = (0..4u8).fold(0, |crc, i| crc32c::crc32c_append(crc, &chunk(i)));
-        store.commit_install(install, crc, 1).unwrap();
+        store.commit_install(install, crc, 1, &[]).unwrap();
         assert_eq!(store.read(2, 1).unwrap(), chunk(2));
         // Out of order: the writer stops; the error comes back at the latest
         // at finish, and no chunk after it is accepted.

@@ -3,6 +3,7 @@
 //! as events. Durability runs on the runtime's blocking pool (group commit) so the
 //! actor never waits on an fsync.
 
+use crate::adapt;
 use crate::config::PrimaryConfig;
 use crate::error::VolumeError;
 use crate::metered;
@@ -141,7 +142,14 @@ impl VolumeActor {
         // holds past the replicas is shipped from its WAL; nothing is revived
         // on a replica that the primary does not hold.
         let committed = wal.durable();
-        let engine = Engine::restore(engine_config, Self::wal_state(&store), Lsn(committed))?;
+        let epochs =
+            adapt::engine_epochs(&wal.epochs()).map_err(walship_engine::EngineError::from)?;
+        let engine = Engine::restore(
+            engine_config,
+            Self::wal_state(&store),
+            epochs,
+            Lsn(committed),
+        )?;
         tracing::info!(volume = %config.volume, ?report, backend = ?reader.choice(), "primary opened");
         let (head_tx, _) = watch::channel(wal.head());
         let (committed_tx, _) = watch::channel(committed);
@@ -182,6 +190,7 @@ impl VolumeActor {
             tail: Lsn(wal.tail()),
             checkpoint: Lsn(store.superblock().checkpoint),
             checkpoint_trusted: true,
+            newest_epoch: wal.newest_epoch().map(adapt::engine_epoch),
         }
     }
 

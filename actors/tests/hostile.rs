@@ -163,6 +163,7 @@ async fn impostor() -> String {
                             replica: "vol1/r1".into(),
                             flushed: 0,
                             checkpoint: 0,
+                            epochs: Vec::new(),
                         };
                         let _ = conn
                             .send(Envelope {

@@ -34,6 +34,10 @@ fn primary() -> Engine {
         tail: Lsn(1000),
         checkpoint: Lsn(1000),
         checkpoint_trusted: true,
+        newest_epoch: Some(EpochStart {
+            epoch: Epoch(1),
+            first: Lsn(1),
+        }),
     };
     engine.handle_wal_state(wal).unwrap();
     engine.handle_local_durable(Lsn(0), Lsn(1_000_000));
@@ -51,7 +55,7 @@ fn assignment_to_plan(mut engine: Engine) -> Vec<Command> {
     let reply = HandshakeReply {
         replica: b.clone(),
         epoch: Epoch(1),
-        flushed: Lsn(900_000),
+        log: ReplicaLog::single_epoch(Lsn(900_000), Epoch(1)),
     };
     engine.handle_handshake(&b, s, reply).unwrap();
     engine.take_commands()
@@ -69,7 +73,7 @@ fn running_catch_up() -> (Engine, SessionId) {
     let reply = HandshakeReply {
         replica: b.clone(),
         epoch: Epoch(1),
-        flushed: Lsn(500_000),
+        log: ReplicaLog::single_epoch(Lsn(500_000), Epoch(1)),
     };
     engine.handle_handshake(&b, s, reply).unwrap();
     let grant = ResourceGrant {
@@ -84,9 +88,11 @@ fn running_catch_up() -> (Engine, SessionId) {
 fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("plan");
     group.bench_function("baseline_bare_decision", |bench| {
-        let history = primary().history();
+        let primary = primary();
+        let history = primary.history();
+        let log = ReplicaLog::single_epoch(Lsn(900_000), Epoch(1));
         bench.iter(|| {
-            let outcome = classify_handshake(black_box(Lsn(900_000)), &history);
+            let outcome = classify_handshake(black_box(&log), &history, primary.epochs());
             let plan = match outcome {
                 HandshakeOutcome::CatchUp {
                     start,
@@ -145,7 +151,7 @@ fn benches(c: &mut Criterion) {
             let reply = HandshakeReply {
                 replica: id.clone(),
                 epoch: Epoch(1),
-                flushed: Lsn(1_000_000),
+                log: ReplicaLog::single_epoch(Lsn(1_000_000), Epoch(1)),
             };
             engine.handle_handshake(&id, s, reply).unwrap();
         }

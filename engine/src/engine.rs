@@ -18,6 +18,7 @@
 //! no clock and uses no randomness: the same inputs give the same commands.
 
 use crate::commit::{check_topology, CommitMode, CommitTracker};
+use crate::epochs::EpochHistory;
 use crate::error::EngineError;
 use crate::events::{Ack, Assignment, Command, EngineConfig, Input, WalState};
 use crate::history::RetainedHistory;
@@ -48,6 +49,8 @@ pub struct Engine {
     pub(crate) epoch: Epoch,
     pub(crate) now: Tick,
     pub(crate) wal: WalState,
+    /// The primary's epoch history: which epoch wrote which part of its log.
+    pub(crate) epochs: EpochHistory,
     pub(crate) commit: CommitTracker,
     /// Boxed: a `Sender` holds its session inline (hundreds of bytes), and
     /// a B-tree leaf reserves room for 11 values, which for a volume with two
@@ -63,13 +66,15 @@ pub struct Engine {
 impl Engine {
     /// A fresh primary: epoch 0, empty WAL, no replicas, best-effort commits.
     pub fn new(config: EngineConfig) -> Self {
-        Self::build(config, WalState::default(), Lsn::ZERO)
+        Self::build(config, WalState::default(), EpochHistory::new(), Lsn::ZERO)
     }
 
-    /// A restarted primary resuming from its WAL state and last committed LSN.
+    /// A restarted primary (or a replica promoted to primary) resuming from
+    /// its WAL state, its epoch history and its last committed LSN.
     pub fn restore(
         config: EngineConfig,
         wal: WalState,
+        epochs: EpochHistory,
         committed: Lsn,
     ) -> Result<Self, EngineError> {
         RetainedHistory {
@@ -80,10 +85,14 @@ impl Engine {
             checkpoint_trusted: wal.checkpoint_trusted,
         }
         .validate()?;
-        Ok(Self::build(config, wal, committed))
+        let mut engine = Self::build(config, wal, epochs, committed);
+        if let Some(newest) = wal.newest_epoch {
+            engine.epochs.record(newest)?;
+        }
+        Ok(engine)
     }
 
-    fn build(config: EngineConfig, wal: WalState, committed: Lsn) -> Self {
+    fn build(config: EngineConfig, wal: WalState, epochs: EpochHistory, committed: Lsn) -> Self {
         let log = RecoveryLog::new(config.log_capacity);
         let commit = CommitTracker::best_effort(committed);
         Self {
@@ -91,6 +100,7 @@ impl Engine {
             epoch: Epoch::ZERO,
             now: Tick::ZERO,
             wal,
+            epochs,
             commit,
             senders: BTreeMap::new(),
             timers: BTreeMap::new(),
@@ -142,6 +152,11 @@ impl Engine {
             checkpoint: self.wal.checkpoint,
             checkpoint_trusted: self.wal.checkpoint_trusted,
         }
+    }
+
+    /// The primary's epoch history.
+    pub fn epochs(&self) -> &EpochHistory {
+        &self.epochs
     }
 
     /// Replica ids, in order.
@@ -472,7 +487,7 @@ impl Engine {
 
     // ----- WAL, durability and barriers -------------------------------------
 
-    /// Records the primary WAL's head, tail and checkpoint.
+    /// Records the primary WAL's head, tail, checkpoint and newest epoch.
     pub fn handle_wal_state(&mut self, wal: WalState) -> Result<(), EngineError> {
         if wal.head < self.wal.head {
             return Err(EngineError::HeadRegressed {
@@ -488,6 +503,14 @@ impl Engine {
             checkpoint_trusted: wal.checkpoint_trusted,
         }
         .validate()?;
+        if let Some(newest) = wal
+            .newest_epoch
+            .filter(|n| Some(*n) != self.epochs.newest())
+        {
+            self.epochs.record(newest)?;
+            let detail = format!("epoch {} starts at {}", newest.epoch.get(), newest.first);
+            self.record(None, None, "epoch_started", detail);
+        }
         self.wal = wal;
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! engine's state is unchanged by a refused input unless the variant says so.
 
 use crate::commit::CommitError;
+use crate::epochs::EpochOrderError;
 use crate::history::HistoryError;
 use crate::ids::{Epoch, Lsn, ReplicaId, SessionId};
 use crate::rebuild::RebuildError;
@@ -142,6 +143,9 @@ pub enum EngineError {
     /// The WAL state reported by the shell is inconsistent.
     #[error(transparent)]
     History(#[from] HistoryError),
+    /// The reported epoch history does not follow the one known.
+    #[error(transparent)]
+    Epochs(#[from] EpochOrderError),
     /// The head moved backwards.
     #[error("wal head moved backwards: {from} -> {to}")]
     HeadRegressed {

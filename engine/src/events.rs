@@ -3,6 +3,8 @@
 
 use crate::budget::CatchUpBudget;
 use crate::commit::{BarrierFailure, CommitMode};
+use crate::epochs::EpochStart;
+use crate::history::ReplicaLog;
 use crate::ids::{BarrierId, Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
 use crate::plan::{RecoveryPlan, ResourceGrant, ResourceRequest};
 use serde::Serialize;
@@ -66,6 +68,9 @@ pub struct WalState {
     pub checkpoint: Lsn,
     /// Whether the checkpoint is backed by a valid superblock.
     pub checkpoint_trusted: bool,
+    /// The epoch of the newest entry and the first LSN written in it; a new
+    /// one extends the primary's epoch history.
+    pub newest_epoch: Option<EpochStart>,
 }
 
 /// A replica's answer to the handshake.
@@ -75,8 +80,8 @@ pub struct HandshakeReply {
     pub replica: ReplicaId,
     /// Epoch the peer is in.
     pub epoch: Epoch,
-    /// The peer's durable LSN.
-    pub flushed: Lsn,
+    /// What the peer's log holds: durable LSN, checkpoint, epoch history.
+    pub log: ReplicaLog,
 }
 
 /// Catch-up progress from an executor.

@@ -1,11 +1,15 @@
 //! What the primary's WAL can still replay, and the decisions that follow
 //! from it: handshake classification and rebuild-source selection.
+//! A handshake first matches the replica's log against the primary's by
+//! epoch (see [`crate::epochs`]): LSNs are compared only up to the
+//! divergence point.
 //!
 //! The WAL retains the entries `(tail, head]`; `tail` is the last recycled
 //! LSN, so retention starts at `tail + 1`. Every decision comes with a
 //! [`RecoverabilityProof`] whose `reason` says, in words an operator can
 //! check, why it was made.
 
+use crate::epochs::{divergence, Divergence, EpochHistory};
 use crate::ids::Lsn;
 use serde::Serialize;
 use std::fmt;
@@ -94,13 +98,39 @@ impl RetainedHistory {
     }
 
     fn range_words(&self, start_exclusive: Lsn, end_inclusive: Lsn) -> String {
-        format!(
-            "need {}-{}, tail={} head={}",
-            start_exclusive.next(),
-            end_inclusive,
-            self.tail,
-            self.head
-        )
+        let need = if start_exclusive < end_inclusive {
+            format!("need {}-{}", start_exclusive.next(), end_inclusive)
+        } else {
+            "need none".to_owned()
+        };
+        format!("{need}, tail={} head={}", self.tail, self.head)
+    }
+}
+
+/// What a replica says of its log in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ReplicaLog {
+    /// Its durable LSN.
+    pub flushed: Lsn,
+    /// Its checkpoint: entries up to here are in its extent and cannot be
+    /// truncated away.
+    pub checkpoint: Lsn,
+    /// Which epoch wrote which part of its log.
+    pub epochs: EpochHistory,
+}
+
+impl ReplicaLog {
+    /// A log written in one epoch from LSN 1 up to `flushed`, nothing checkpointed.
+    pub fn single_epoch(flushed: Lsn, epoch: crate::ids::Epoch) -> Self {
+        Self {
+            flushed,
+            checkpoint: Lsn::ZERO,
+            epochs: if flushed > Lsn::ZERO {
+                EpochHistory::single(epoch)
+            } else {
+                EpochHistory::new()
+            },
+        }
     }
 }
 
@@ -123,10 +153,12 @@ pub struct RecoverabilityProof {
     pub verdict: Verdict,
     /// Replica's durable (flushed) LSN at handshake.
     pub flushed: Lsn,
+    /// Where the replica's log stops matching the primary's.
+    pub divergence: Divergence,
     /// The history the decision was made against.
     pub history: RetainedHistory,
     /// Human-readable reason: `zero_gap`, `gap_within_retention: need a-b, tail=.. head=..`,
-    /// `replica_ahead: ...`, `gap_beyond_retention: ...`.
+    /// `replica_ahead: ...`, `divergent_tail: ...`, `gap_beyond_retention: ...`.
     pub reason: String,
 }
 
@@ -145,13 +177,14 @@ pub enum HandshakeOutcome {
         proof: RecoverabilityProof,
     },
     /// Ship `(start, target]` from the retained WAL, after truncating the
-    /// replica to `truncate_to` when it is ahead of committed.
+    /// replica to `truncate_to` when it holds entries past `start` (ahead of
+    /// committed, or of another epoch than the primary's).
     CatchUp {
         /// Last LSN the replica keeps (exclusive start of the range to ship).
         start: Lsn,
         /// Committed LSN at handshake time; frozen for the whole catch-up.
         target: Lsn,
-        /// Set when the replica is ahead of committed and must drop its excess first.
+        /// Set when the replica must drop what it holds after `start` first.
         truncate_to: Option<Lsn>,
         /// Why.
         proof: RecoverabilityProof,
@@ -174,8 +207,14 @@ impl HandshakeOutcome {
     }
 }
 
-/// Classifies a handshake: the replica reports `flushed`, the primary knows `history`.
+/// Classifies a handshake: the replica reports its `log`, the primary knows
+/// its retained `history` and its epoch history `epochs`.
 ///
+/// - First the logs are matched by epoch: a replica holding entries of
+///   another epoch than the primary's at the same LSNs has a divergent tail.
+///   It keeps `min(divergence point, committed)`, must truncate to it, and
+///   catches up from there (`divergent_tail: ...`), or needs a rebuild when
+///   that point is below its own checkpoint or below the WAL's retention;
 /// - zero gap iff `flushed == committed` and the WAL still holds
 ///   `(committed, head]`, which live shipping will send next;
 /// - a replica ahead of committed catches up with a mandatory truncation to committed
@@ -184,14 +223,46 @@ impl HandshakeOutcome {
 /// - otherwise it needs a rebuild. A replica at or ahead of committed whose
 ///   live tail `(committed, head]` was recycled also needs one
 ///   (`live_tail_beyond_retention`).
-pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeOutcome {
+pub fn classify_handshake(
+    log: &ReplicaLog,
+    history: &RetainedHistory,
+    epochs: &EpochHistory,
+) -> HandshakeOutcome {
     let committed = history.committed;
+    let flushed = log.flushed;
+    let divergence = divergence(epochs, history.head, &log.epochs, flushed);
     let proof = |verdict, reason: String| RecoverabilityProof {
         verdict,
         flushed,
+        divergence,
         history: *history,
         reason,
     };
+    let rebuild = |reason: String| HandshakeOutcome::NeedsRebuild {
+        proof: proof(Verdict::NeedsRebuild, reason),
+    };
+    if let Some(conflict) = divergence.conflict {
+        let keep = divergence.point.min(committed);
+        let prefix = format!("divergent_tail: {conflict}: truncate to {keep}");
+        if keep < log.checkpoint {
+            return rebuild(format!(
+                "{prefix}, below the replica's checkpoint {}",
+                log.checkpoint
+            ));
+        }
+        // What it keeps must be followed by the WAL up to the head: the
+        // catch-up ships (keep, committed], live shipping the rest.
+        let words = history.range_words(keep, committed);
+        if !history.is_recoverable(keep, history.head) {
+            return rebuild(format!("{prefix}, gap_beyond_retention: {words}"));
+        }
+        return HandshakeOutcome::CatchUp {
+            start: keep,
+            target: committed,
+            truncate_to: Some(keep),
+            proof: proof(Verdict::CatchUp, format!("{prefix}, {words}")),
+        };
+    }
     // Whatever the gap, an InSync replica is then live-shipped from committed
     // on: (committed, head] must still be in the WAL.
     let live_tail_retained = history.is_recoverable(committed.min(flushed), history.head);
@@ -200,9 +271,7 @@ pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeO
             "live_tail_beyond_retention: {}",
             history.range_words(committed, history.head)
         );
-        return HandshakeOutcome::NeedsRebuild {
-            proof: proof(Verdict::NeedsRebuild, reason),
-        };
+        return rebuild(reason);
     }
     if flushed == committed {
         return HandshakeOutcome::ZeroGap {
@@ -213,6 +282,12 @@ pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeO
         let reason = format!(
             "replica_ahead: flushed={flushed} committed={committed}, truncate to {committed}"
         );
+        if committed < log.checkpoint {
+            return rebuild(format!(
+                "{reason}, below the replica's checkpoint {}",
+                log.checkpoint
+            ));
+        }
         return HandshakeOutcome::CatchUp {
             start: committed,
             target: committed,
@@ -229,12 +304,7 @@ pub fn classify_handshake(flushed: Lsn, history: &RetainedHistory) -> HandshakeO
             proof: proof(Verdict::CatchUp, format!("gap_within_retention: {words}")),
         }
     } else {
-        HandshakeOutcome::NeedsRebuild {
-            proof: proof(
-                Verdict::NeedsRebuild,
-                format!("gap_beyond_retention: {words}"),
-            ),
-        }
+        rebuild(format!("gap_beyond_retention: {words}"))
     }
 }
 
@@ -298,6 +368,36 @@ pub fn select_rebuild_source(history: &RetainedHistory) -> RebuildSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::epochs::EpochStart;
+    use crate::ids::Epoch;
+
+    /// A replica and a primary that both wrote only in epoch 1.
+    fn classify(flushed: Lsn, h: &RetainedHistory) -> HandshakeOutcome {
+        let log = ReplicaLog::single_epoch(flushed, Epoch(1));
+        classify_handshake(&log, h, &EpochHistory::single(Epoch(1)))
+    }
+
+    /// The issue's failover: the primary ended epoch 1 at 200 and wrote
+    /// 201-500 in epoch 2; the replica holds epoch 1 up to 300.
+    fn divergent(checkpoint: u64, tail: u64, committed: u64) -> HandshakeOutcome {
+        let primary = EpochHistory::from_entries(vec![
+            EpochStart {
+                epoch: Epoch(1),
+                first: Lsn(1),
+            },
+            EpochStart {
+                epoch: Epoch(2),
+                first: Lsn(201),
+            },
+        ])
+        .unwrap();
+        let log = ReplicaLog {
+            flushed: Lsn(300),
+            checkpoint: Lsn(checkpoint),
+            epochs: EpochHistory::single(Epoch(1)),
+        };
+        classify_handshake(&log, &history(tail, 500, committed), &primary)
+    }
 
     fn history(tail: u64, head: u64, committed: u64) -> RetainedHistory {
         RetainedHistory {
@@ -313,15 +413,15 @@ mod tests {
     fn zero_gap_only_on_exact_equality() {
         let h = history(10, 100, 90);
         assert!(matches!(
-            classify_handshake(Lsn(90), &h),
+            classify(Lsn(90), &h),
             HandshakeOutcome::ZeroGap { .. }
         ));
         assert!(matches!(
-            classify_handshake(Lsn(89), &h),
+            classify(Lsn(89), &h),
             HandshakeOutcome::CatchUp { .. }
         ));
         assert!(matches!(
-            classify_handshake(Lsn(91), &h),
+            classify(Lsn(91), &h),
             HandshakeOutcome::CatchUp { .. }
         ));
     }
@@ -339,12 +439,12 @@ mod tests {
     #[test]
     fn proof_reasons_name_the_range_and_bounds() {
         let h = history(10, 100, 90);
-        let within = classify_handshake(Lsn(10), &h);
+        let within = classify(Lsn(10), &h);
         assert_eq!(
             within.proof().reason,
             "gap_within_retention: need 11-90, tail=10 head=100"
         );
-        let beyond = classify_handshake(Lsn(9), &h);
+        let beyond = classify(Lsn(9), &h);
         assert_eq!(
             beyond.proof().reason,
             "gap_beyond_retention: need 10-90, tail=10 head=100"
@@ -356,14 +456,14 @@ mod tests {
     fn zero_gap_needs_the_live_tail_in_the_wal() {
         // Committed stalled at 10 (sync_all, a replica lost) while the WAL recycled to 105.
         let h = history(105, 200, 10);
-        let outcome = classify_handshake(Lsn(10), &h);
+        let outcome = classify(Lsn(10), &h);
         assert_eq!(
             outcome.proof().reason,
             "live_tail_beyond_retention: need 11-200, tail=105 head=200"
         );
         assert_eq!(outcome.proof().verdict, Verdict::NeedsRebuild);
         assert!(matches!(
-            classify_handshake(Lsn(12), &h),
+            classify(Lsn(12), &h),
             HandshakeOutcome::NeedsRebuild { .. }
         ));
     }
@@ -404,5 +504,83 @@ mod tests {
             RebuildSource::FullBase { ref reason, .. }
                 if reason == "tail_unreplayable: need 6-90, tail=10 head=100"
         ));
+    }
+
+    #[test]
+    fn a_divergent_tail_is_truncated_to_the_divergence_point_then_caught_up() {
+        let outcome = divergent(150, 0, 500);
+        assert_eq!(
+            outcome.proof().reason,
+            "divergent_tail: replica epoch 1 ends at 300, primary epoch 2 starts at 201: \
+             truncate to 200, need 201-500, tail=0 head=500"
+        );
+        assert_eq!(
+            outcome,
+            HandshakeOutcome::CatchUp {
+                start: Lsn(200),
+                target: Lsn(500),
+                truncate_to: Some(Lsn(200)),
+                proof: outcome.proof().clone(),
+            }
+        );
+        assert_eq!(outcome.proof().divergence.point, Lsn(200));
+        // Committed below the divergence point: keep only what is committed.
+        let outcome = divergent(0, 0, 150);
+        assert!(matches!(
+            outcome,
+            HandshakeOutcome::CatchUp {
+                start: Lsn(150),
+                target: Lsn(150),
+                truncate_to: Some(Lsn(150)),
+                ..
+            }
+        ));
+        assert!(outcome
+            .proof()
+            .reason
+            .ends_with("truncate to 150, need none, tail=0 head=500"));
+    }
+
+    #[test]
+    fn a_divergent_tail_rebuilds_at_the_boundaries() {
+        // The replica's checkpoint is exactly the divergence point: truncation works.
+        assert!(matches!(
+            divergent(200, 0, 500),
+            HandshakeOutcome::CatchUp { .. }
+        ));
+        // One past it: the replica cannot drop what its extent holds.
+        let outcome = divergent(201, 0, 500);
+        assert_eq!(outcome.proof().verdict, Verdict::NeedsRebuild);
+        assert!(outcome
+            .proof()
+            .reason
+            .ends_with("truncate to 200, below the replica's checkpoint 201"));
+        // The WAL still holds 201 on: catch-up. Recycled through 201: rebuild.
+        assert!(matches!(
+            divergent(0, 200, 500),
+            HandshakeOutcome::CatchUp { .. }
+        ));
+        let outcome = divergent(0, 201, 500);
+        assert_eq!(
+            outcome.proof().reason,
+            "divergent_tail: replica epoch 1 ends at 300, primary epoch 2 starts at 201: \
+             truncate to 200, gap_beyond_retention: need 201-500, tail=201 head=500"
+        );
+    }
+
+    #[test]
+    fn a_replica_ahead_of_committed_cannot_truncate_below_its_checkpoint() {
+        let h = history(10, 100, 90);
+        let log = ReplicaLog {
+            flushed: Lsn(100),
+            checkpoint: Lsn(95),
+            epochs: EpochHistory::single(Epoch(1)),
+        };
+        let outcome = classify_handshake(&log, &h, &EpochHistory::single(Epoch(1)));
+        assert_eq!(
+            outcome.proof().reason,
+            "replica_ahead: flushed=100 committed=90, truncate to 90, below the replica's checkpoint 95"
+        );
+        assert_eq!(outcome.proof().verdict, Verdict::NeedsRebuild);
     }
 }

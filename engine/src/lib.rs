@@ -11,7 +11,15 @@
 //!
 //! let mut engine = Engine::new(EngineConfig::new("vol1"));
 //! let replica = ReplicaId::new("vol1", "b").unwrap();
-//! engine.handle_wal_state(WalState { head: Lsn(100), tail: Lsn(40), ..WalState::default() }).unwrap();
+//! let written_in_epoch_1 = EpochStart { epoch: Epoch(1), first: Lsn(1) };
+//! engine
+//!     .handle_wal_state(WalState {
+//!         head: Lsn(100),
+//!         tail: Lsn(40),
+//!         newest_epoch: Some(written_in_epoch_1),
+//!         ..WalState::default()
+//!     })
+//!     .unwrap();
 //! engine.handle_local_durable(Lsn(0), Lsn(100));
 //! engine
 //!     .handle_assignment(Assignment {
@@ -23,7 +31,11 @@
 //! let session = engine.active_session(&replica).unwrap();
 //! engine.handle_connected(&replica, session).unwrap();
 //! // The replica is 30 entries behind; they are still in the retained WAL.
-//! let reply = HandshakeReply { replica: replica.clone(), epoch: Epoch(1), flushed: Lsn(70) };
+//! let reply = HandshakeReply {
+//!     replica: replica.clone(),
+//!     epoch: Epoch(1),
+//!     log: ReplicaLog::single_epoch(Lsn(70), Epoch(1)),
+//! };
 //! engine.handle_handshake(&replica, session, reply).unwrap();
 //! let commands = engine.take_commands();
 //! assert!(matches!(
@@ -35,7 +47,8 @@
 //! assert_eq!(plan.detail, "ship 71-100");
 //! ```
 //!
-//! Modules: identifiers ([`ids`]), recoverability ([`history`]), budgets,
+//! Modules: identifiers ([`ids`]), epoch histories and divergence,
+//! recoverability ([`history`]), budgets,
 //! the rebuild FSM, plans and executors, commit modes, promotion, the
 //! recovery log and status snapshots. [`Engine`] ties them together; its
 //! module docs state the calling order.
@@ -45,6 +58,7 @@
 mod budget;
 mod commit;
 mod engine;
+mod epochs;
 mod error;
 mod events;
 mod executor;
@@ -62,6 +76,7 @@ mod status;
 pub use budget::{BudgetTracker, BudgetViolation, CatchUpBudget};
 pub use commit::{check_topology, BarrierFailure, CommitError, CommitMode, CommitTracker};
 pub use engine::Engine;
+pub use epochs::{divergence, Conflict, Divergence, EpochHistory, EpochOrderError, EpochStart};
 pub use error::EngineError;
 pub use events::{
     Ack, Assignment, CatchUpProgress, Command, EngineConfig, ExecutionFailure, HandshakeReply,
@@ -72,7 +87,7 @@ pub use executor::{
 };
 pub use history::{
     classify_handshake, select_rebuild_source, HandshakeOutcome, HistoryError, RebuildSource,
-    RecoverabilityProof, RetainedHistory, Verdict,
+    RecoverabilityProof, ReplicaLog, RetainedHistory, Verdict,
 };
 pub use ids::{
     BarrierId, Endpoint, Epoch, InvalidReplicaId, Lsn, ReplicaId, ResourceId, SessionId, Tick,

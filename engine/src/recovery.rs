@@ -135,13 +135,13 @@ impl Engine {
         if let Some(s) = sender.active_session() {
             s.expect_handshake()?;
         }
-        sender.flushed = reply.flushed;
+        let flushed = reply.log.flushed;
+        sender.flushed = flushed;
         let sticky = sender.rebuild_need().map(|need| need.reason.clone());
         let history = self.history();
-        let outcome = classify_handshake(reply.flushed, &history);
+        let outcome = classify_handshake(&reply.log, &history, &self.epochs);
         let detail = format!(
-            "flushed={} committed={}: {}",
-            reply.flushed,
+            "flushed={flushed} committed={}: {}",
             history.committed,
             outcome.proof().reason
         );
@@ -153,7 +153,7 @@ impl Engine {
             return Ok(());
         }
         match outcome {
-            HandshakeOutcome::ZeroGap { .. } => self.finish_in_sync(replica, reply.flushed, None),
+            HandshakeOutcome::ZeroGap { .. } => self.finish_in_sync(replica, flushed, None),
             HandshakeOutcome::CatchUp {
                 start,
                 target,

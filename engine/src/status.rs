@@ -3,6 +3,7 @@
 
 use crate::commit::CommitMode;
 use crate::engine::Engine;
+use crate::epochs::EpochHistory;
 use crate::history::RetainedHistory;
 use crate::ids::{Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
 use crate::plan::RecoveryPlan;
@@ -96,6 +97,8 @@ pub struct RegistryStatus {
     pub commit_mode: CommitMode,
     /// Retained history with committed LSN.
     pub history: RetainedHistory,
+    /// The primary's epoch history.
+    pub epochs: EpochHistory,
     /// Barriers waiting.
     pub pending_barriers: usize,
     /// Resources held by running plans.
@@ -115,6 +118,7 @@ impl Engine {
             tick: self.now,
             commit_mode: self.commit.mode(),
             history: self.history(),
+            epochs: self.epochs.clone(),
             pending_barriers: self.commit.pending_barriers(),
             held_resources: self.held_resources(),
             senders: self

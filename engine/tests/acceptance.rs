@@ -166,7 +166,7 @@ fn a3_stale_epoch_traffic_is_fenced() {
     let reply = HandshakeReply {
         replica: rid("b"),
         epoch: Epoch(1),
-        flushed: Lsn(110),
+        log: ReplicaLog::single_epoch(Lsn(110), Epoch(1)),
     };
     assert_eq!(
         shell.engine.handle_handshake(&rid("b"), s, reply),
@@ -391,9 +391,11 @@ fn a7_old_lsn_cannot_be_rebuilt_from_the_current_extent() {
         tail: Lsn(60),
         checkpoint: Lsn(95),
         checkpoint_trusted: true,
+        newest_epoch: None,
     };
     let mut shell = Shell::new(Shell::config());
-    shell.engine = Engine::restore(Shell::config(), wal, Lsn(90)).unwrap();
+    shell.epochs = EpochHistory::single(Epoch(1));
+    shell.engine = Engine::restore(Shell::config(), wal, shell.epochs.clone(), Lsn(90)).unwrap();
     shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
     shell.connect_and_handshake("b", 50);
     assert_eq!(
@@ -890,7 +892,7 @@ fn a_peer_claiming_another_identity_is_rejected_and_its_session_dropped() {
     let reply = HandshakeReply {
         replica: rid("mallory"),
         epoch: Epoch(1),
-        flushed: Lsn(100),
+        log: ReplicaLog::single_epoch(Lsn(100), Epoch(1)),
     };
     assert_eq!(
         shell.engine.handle_handshake(&rid("b"), s, reply),
@@ -955,4 +957,114 @@ fn a12_advancing_the_clock_keeps_messages_before_timers() {
     assert_eq!(shell.event_detail("stale_timeout_ignored").len(), 1);
     // The pin-reservation timer is still armed; when it fires it is ignored as stale.
     assert_eq!(shell.engine.next_timer(), Some(Tick(100)));
+}
+
+/// The failover of the divergence issue, on the engine alone: the new
+/// primary ended epoch 1 at 200 and wrote 201-500 in epoch 2; `b` holds
+/// epoch 1 up to 300 and has checkpointed up to `checkpoint`.
+fn promoted_primary_and_divergent_b(mode: CommitMode, checkpoint: u64) -> (Shell, ReplicaLog) {
+    let mut shell = Shell::new(Shell::config());
+    shell.wal(0, 200, 0, true);
+    shell.assign(assignment(2, mode, &[B]));
+    shell.wal(0, 500, 0, true);
+    assert_eq!(shell.engine.epochs().to_string(), "[1@1, 2@201]");
+    let b = ReplicaLog {
+        flushed: Lsn(300),
+        checkpoint: Lsn(checkpoint),
+        epochs: EpochHistory::single(Epoch(1)),
+    };
+    (shell, b)
+}
+
+#[test]
+fn a_divergent_tail_is_truncated_to_the_divergence_point_before_anything_is_shipped() {
+    let (mut shell, b) = promoted_primary_and_divergent_b(CommitMode::BestEffort, 150);
+    shell.connect("b");
+    shell.handshake_with("b", b);
+    assert_eq!(
+        shell.event_detail("handshake"),
+        [
+            "flushed=300 committed=500: divergent_tail: replica epoch 1 ends at 300, \
+          primary epoch 2 starts at 201: truncate to 200, need 201-500, tail=0 head=500"
+        ]
+    );
+    assert_eq!(
+        shell.event_detail("plan_catchup"),
+        ["ship 201-500, truncate to 200"]
+    );
+    let commands = shell.grant("b", 0);
+    let plan = execute_plan(&commands).unwrap();
+    assert!(matches!(
+        plan.kind,
+        PlanKind::CatchUp {
+            start: Lsn(200),
+            frozen_target: Lsn(500),
+            truncate_to: Some(Lsn(200)),
+            ..
+        }
+    ));
+    // Nothing counts before the divergent tail is gone.
+    assert_eq!(
+        shell.progress("b", 300),
+        Err(EngineError::TruncationPending {
+            replica: rid("b"),
+            to: Lsn(200)
+        })
+    );
+    let (s, e) = (shell.session("b"), shell.epoch());
+    shell
+        .engine
+        .handle_truncated(&rid("b"), s, e, Lsn(200))
+        .unwrap();
+    shell.pump();
+    assert_eq!(shell.engine.flushed(&rid("b")), Some(Lsn(200)));
+    shell.progress("b", 500).unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.live[&rid("b")], Lsn(500));
+    shell.assert_no_pins();
+}
+
+#[test]
+fn a_divergent_tail_below_the_replicas_checkpoint_is_rebuilt() {
+    let (mut shell, b) = promoted_primary_and_divergent_b(CommitMode::SyncAll, 250);
+    shell.connect("b");
+    shell.handshake_with("b", b);
+    assert_eq!(
+        shell.event_detail("handshake"),
+        [
+            "flushed=300 committed=200: divergent_tail: replica epoch 1 ends at 300, \
+          primary epoch 2 starts at 201: truncate to 200, below the replica's checkpoint 250"
+        ]
+    );
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    assert_eq!(shell.event_detail("plan_rebuild_snapshot_tail").len(), 1);
+}
+
+#[test]
+fn a_divergent_tail_under_sync_all_keeps_only_what_was_committed() {
+    // Committed stalled at 200 while b was away: nothing to ship after the
+    // truncation, live shipping sends 201-500.
+    let (mut shell, b) = promoted_primary_and_divergent_b(CommitMode::SyncAll, 0);
+    shell.connect("b");
+    let commands = shell.handshake_with("b", b);
+    let plan = execute_plan(&commands).expect("a truncation alone pins nothing");
+    assert!(matches!(
+        plan.kind,
+        PlanKind::CatchUp {
+            start: Lsn(200),
+            frozen_target: Lsn(200),
+            truncate_to: Some(Lsn(200)),
+            ..
+        }
+    ));
+    let (s, e) = (shell.session("b"), shell.epoch());
+    shell
+        .engine
+        .handle_truncated(&rid("b"), s, e, Lsn(200))
+        .unwrap();
+    shell.pump();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.live[&rid("b")], Lsn(200));
+    shell.ack("b", 500, None).unwrap();
+    assert_eq!(shell.engine.committed(), Lsn(500));
 }

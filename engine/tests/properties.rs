@@ -153,7 +153,11 @@ impl Model {
                     let reply = HandshakeReply {
                         replica: id.clone(),
                         epoch,
-                        flushed,
+                        log: ReplicaLog {
+                            flushed,
+                            checkpoint: Lsn::ZERO,
+                            epochs: self.shell.epochs.through(flushed),
+                        },
                     };
                     if e.handle_handshake(&id, s, reply).is_ok() {
                         self.report(&id, flushed);
@@ -293,7 +297,11 @@ impl Model {
                         let reply = HandshakeReply {
                             replica: id.clone(),
                             epoch,
-                            flushed,
+                            log: ReplicaLog {
+                                flushed,
+                                checkpoint: Lsn::ZERO,
+                                epochs: self.shell.epochs.through(flushed),
+                            },
                         };
                         if e.handle_handshake(&id, s, reply).is_ok() {
                             self.report(&id, flushed);

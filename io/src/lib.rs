@@ -9,6 +9,7 @@
 //! - [`Store`]: extent + superblock + WAL, checkpointer, snapshots, base install;
 //! - [`WireCodec`]: the replication protocol's messages over TCP.
 
+mod epochs;
 mod extent;
 pub mod frame;
 mod pins;
@@ -19,6 +20,7 @@ mod superblock;
 mod wal;
 mod wire;
 
+pub use epochs::{EpochError, EpochStart, MAX_EPOCHS};
 pub use extent::{ApplyStats, ExtentError, ExtentFile, COALESCE_BYTES};
 pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
 pub use pins::{PinInfo, WalPin};

@@ -93,12 +93,14 @@ pub(crate) struct ScanFailure {
 }
 
 /// Scans `data`, the whole content of a segment whose first LSN is `first`.
-/// `may_be_torn` is true for the last non-empty segment.
+/// `may_be_torn` is true for the last non-empty segment. `on_frame` sees
+/// every frame kept, in order.
 pub(crate) fn scan(
     path: &Path,
     first: u64,
     data: &Bytes,
     may_be_torn: bool,
+    mut on_frame: impl FnMut(&Frame),
 ) -> Result<(Segment, ScanEnd), ScanFailure> {
     let mut segment = Segment::empty(path.to_path_buf(), first);
     let mut at = 0usize;
@@ -106,6 +108,7 @@ pub(crate) fn scan(
         let expected = first + segment.offsets.len() as u64;
         let failure = match Frame::decode(&data.slice(at..)) {
             Ok((frame, len)) if frame.lsn == expected => {
+                on_frame(&frame);
                 segment.offsets.push(at as u64);
                 at += len;
                 continue;
@@ -174,7 +177,7 @@ mod tests {
         let mut buf = frames(10, 3);
         let full = buf.len();
         buf.truncate(full - 100);
-        let (segment, end) = scan(Path::new("x"), 10, &buf.freeze(), true).unwrap();
+        let (segment, end) = scan(Path::new("x"), 10, &buf.freeze(), true, |_| {}).unwrap();
         assert_eq!(segment.last(), 11);
         assert!(matches!(end, ScanEnd::Torn { offset } if offset == segment.bytes));
     }
@@ -183,7 +186,7 @@ mod tests {
     fn corruption_followed_by_valid_frames_is_an_error() {
         let mut buf = frames(10, 3);
         buf[HEADER_LEN + 5] ^= 0xff; // payload of lsn 10
-        let failure = scan(Path::new("x"), 10, &buf.freeze(), true).unwrap_err();
+        let failure = scan(Path::new("x"), 10, &buf.freeze(), true, |_| {}).unwrap_err();
         assert_eq!((failure.offset, failure.lsn), (0, 10));
         assert!(matches!(failure.error, FrameError::Checksum { .. }));
     }

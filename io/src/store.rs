@@ -16,6 +16,7 @@
 //!   superblock commit that names the new generation. Extent files and WAL
 //!   segments of other generations are removed on open.
 
+use crate::epochs::{self, EpochStart};
 use crate::extent::{check_range, ExtentError, ExtentFile};
 use crate::frame::{Frame, FrameKind, BLOCK_SIZE};
 use crate::pins::WalPin;
@@ -587,12 +588,15 @@ impl Store {
     }
 
     /// Switches to a fully received base: the superblock commit naming the new
-    /// generation is the atomic point. The WAL restarts after the image LSN.
+    /// generation is the atomic point. The WAL restarts after the image LSN,
+    /// with `epochs` (the sender's epoch history up to the image) as its
+    /// history, written before the commit so both switch together.
     pub fn commit_install(
         &self,
         install: BaseInstall,
         expected_crc: u32,
         epoch: u64,
+        epochs: &[EpochStart],
     ) -> Result<(), StoreError> {
         if install.received != install.image_bytes {
             return Err(StoreError::BaseIncomplete {
@@ -607,10 +611,15 @@ impl Store {
                 actual: install.crc,
             });
         }
+        epochs::validate(epochs).map_err(WalError::from)?;
+        let mut history = epochs.to_vec();
+        epochs::cut_after(&mut history, install.image_lsn);
         install
             .file
             .sync_all()
             .map_err(io_err("sync", &install.staging))?;
+        epochs::store(&self.dir.join("wal"), install.generation, &history)
+            .map_err(WalError::from)?;
         fs::rename(&install.staging, &install.final_path)
             .map_err(io_err("rename", &install.final_path))?;
         sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;

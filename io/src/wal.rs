@@ -12,7 +12,11 @@
 //!   good sync is ever acknowledged.
 //! - **Retention**: the tail advances to min(checkpoint, every live pin);
 //!   [`Wal::recycle`] deletes whole segments below that floor.
+//! - **Epoch history**: the first LSN of every epoch the log holds, kept
+//!   durably beside the segments (see [`EpochStart`]); an append in a newer
+//!   epoch records it before its frame is written, an older epoch is refused.
 
+use crate::epochs::{self, EpochError, EpochStart};
 use crate::frame::{self, Frame, FrameError, FrameKind};
 use crate::pins::{PinInfo, PinTable, WalPin};
 use crate::segment::{self, ScanEnd, Segment};
@@ -144,6 +148,10 @@ pub enum WalError {
         /// Current head.
         head: u64,
     },
+    /// The epoch history refused: an older epoch than the log's newest, or
+    /// a history file that cannot be read or written.
+    #[error(transparent)]
+    Epochs(#[from] EpochError),
     /// A pin below the tail cannot protect anything.
     #[error("cannot pin from {lsn}: entries up to the tail {tail} are recycled")]
     PinBelowTail {
@@ -244,6 +252,8 @@ struct Writer {
     checkpoint: u64,
     poisoned: Option<String>,
     scratch: BytesMut,
+    /// The epoch history, as persisted in `epochs.<generation>`.
+    epochs: Vec<EpochStart>,
 }
 
 #[derive(Debug, Default)]
@@ -326,10 +336,11 @@ impl Wal {
             found.push((first, entry.path()));
         }
         found.sort();
-        if stale > 0 {
+        let stale_history = epochs::remove_others(&dir, options.generation)?;
+        if stale > 0 || stale_history {
             sync_dir(&dir).map_err(io_err("sync", &dir))?;
         }
-        let (segments, torn) = Self::scan_all(&found)?;
+        let (segments, torn, frame_epochs) = Self::scan_all(&found)?;
         let mut segments = segments;
         if segments.is_empty() {
             let first = options.start_after + 1;
@@ -340,6 +351,11 @@ impl Wal {
         }
         let tail = segments[0].first - 1;
         let head = segments.last().map_or(tail, Segment::last);
+        let persisted = epochs::load(&dir, options.generation)?;
+        let history = Self::reconcile_epochs(persisted.clone(), tail, head, &frame_epochs)?;
+        if history != persisted {
+            epochs::store(&dir, options.generation, &history)?;
+        }
         let active_path = segments.last().map(|s| s.path.clone()).unwrap_or_default();
         let active = OpenOptions::new()
             .read(true)
@@ -366,6 +382,7 @@ impl Wal {
                     checkpoint: tail,
                     poisoned: None,
                     scratch: BytesMut::new(),
+                    epochs: history,
                 }),
                 sync: Mutex::new(SyncState {
                     durable: head,
@@ -381,13 +398,42 @@ impl Wal {
         Ok((wal, report))
     }
 
+    /// The history to trust after a crash: persisted entries up to the
+    /// tail (their frames may be recycled), then what the frames after the
+    /// tail say. Entries for frames a crash took are dropped; frames whose
+    /// epoch contradicts the persisted history are an error.
+    fn reconcile_epochs(
+        mut history: Vec<EpochStart>,
+        tail: u64,
+        head: u64,
+        frame_epochs: &[EpochStart],
+    ) -> Result<Vec<EpochStart>, EpochError> {
+        epochs::cut_after(&mut history, tail.min(head));
+        for start in frame_epochs.iter().filter(|e| e.first_lsn > tail) {
+            epochs::note(&mut history, start.first_lsn, start.epoch)?;
+        }
+        Ok(history)
+    }
+
     /// Scans every segment; cuts a torn tail off the last non-empty one.
-    fn scan_all(found: &[(u64, PathBuf)]) -> Result<(Vec<Segment>, u64), WalError> {
+    /// Also returns where each run of one epoch starts among the frames kept.
+    fn scan_all(
+        found: &[(u64, PathBuf)],
+    ) -> Result<(Vec<Segment>, u64, Vec<EpochStart>), WalError> {
         let last_non_empty = found
             .iter()
             .rposition(|(_, path)| fs::metadata(path).map(|m| m.len() > 0).unwrap_or(true));
         let mut segments: Vec<Segment> = Vec::new();
         let mut torn_bytes = 0;
+        let mut runs: Vec<EpochStart> = Vec::new();
+        let mut note_run = |frame: &Frame| {
+            if runs.last().is_none_or(|run| run.epoch != frame.epoch) {
+                runs.push(EpochStart {
+                    epoch: frame.epoch,
+                    first_lsn: frame.lsn,
+                });
+            }
+        };
         for (index, (first, path)) in found.iter().enumerate() {
             if let Some(previous) = segments.last() {
                 if *first != previous.last() + 1 {
@@ -400,8 +446,8 @@ impl Wal {
             }
             let data = Bytes::from(fs::read(path).map_err(io_err("read", path))?);
             let may_be_torn = Some(index) == last_non_empty;
-            let (segment, end) =
-                segment::scan(path, *first, &data, may_be_torn).map_err(|f| WalError::Corrupt {
+            let (segment, end) = segment::scan(path, *first, &data, may_be_torn, &mut note_run)
+                .map_err(|f| WalError::Corrupt {
                     path: path.clone(),
                     offset: f.offset,
                     lsn: f.lsn,
@@ -419,7 +465,7 @@ impl Wal {
             }
             segments.push(segment);
         }
-        Ok((segments, torn_bytes))
+        Ok((segments, torn_bytes, runs))
     }
 
     fn writer(&self) -> MutexGuard<'_, Writer> {
@@ -486,10 +532,55 @@ impl Wal {
             payload,
         };
         frame.validate()?;
+        self.record_epochs(&mut writer, [(lsn, epoch)])?;
         writer.scratch.clear();
         frame.encode(&mut writer.scratch);
         self.write_encoded(&mut writer, lsn, &[frame.encoded_len()], None)?;
         Ok(lsn)
+    }
+
+    /// Records the epochs of frames `(lsn, epoch)` about to be written after
+    /// the head: a newer epoch is persisted before its first frame is
+    /// written; an older one is refused and nothing is written. Entries a
+    /// failed write left past the head are dropped first.
+    fn record_epochs(
+        &self,
+        writer: &mut Writer,
+        frames: impl IntoIterator<Item = (u64, u64)> + Clone,
+    ) -> Result<(), WalError> {
+        let head = writer.head;
+        let newest = writer.epochs.last().copied();
+        let unchanged = newest.is_some_and(|e| e.first_lsn <= head)
+            && frames
+                .clone()
+                .into_iter()
+                .all(|(_, epoch)| newest.is_some_and(|e| e.epoch == epoch));
+        if unchanged {
+            return Ok(());
+        }
+        if let Some(reason) = &writer.poisoned {
+            return Err(WalError::Poisoned(reason.clone()));
+        }
+        let mut history = writer.epochs.clone();
+        epochs::cut_after(&mut history, head);
+        for (lsn, epoch) in frames {
+            epochs::note(&mut history, lsn, epoch)?;
+        }
+        if history != writer.epochs {
+            epochs::store(&self.inner.dir, self.inner.options.generation, &history)?;
+            writer.epochs = history;
+        }
+        Ok(())
+    }
+
+    /// The epoch history: the first LSN of each epoch the log holds, oldest first.
+    pub fn epochs(&self) -> Vec<EpochStart> {
+        self.writer().epochs.clone()
+    }
+
+    /// The newest epoch in the log and its first LSN.
+    pub fn newest_epoch(&self) -> Option<EpochStart> {
+        self.writer().epochs.last().copied()
     }
 
     /// Appends frames received from the primary; the first must carry `head + 1`
@@ -525,6 +616,7 @@ impl Wal {
                 got: first.lsn,
             });
         }
+        self.record_epochs(&mut writer, frames.iter().map(|f| (f.lsn, f.epoch)))?;
         let lens: Vec<usize> = frames.iter().map(Frame::encoded_len).collect();
         self.write_encoded(&mut writer, first.lsn, &lens, Some(raw))
     }
@@ -777,6 +869,11 @@ impl Wal {
         sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         writer.active = Arc::new(file);
         writer.head = lsn;
+        let mut history = writer.epochs.clone();
+        if epochs::cut_after(&mut history, lsn) {
+            epochs::store(&self.inner.dir, self.inner.options.generation, &history)?;
+            writer.epochs = history;
+        }
         let mut state = lock(&self.inner.sync);
         state.durable = state.durable.min(lsn);
         self.inner.durable_tx.send_replace(state.durable);

@@ -13,15 +13,18 @@
 //! `len` is checked against the codec's maximum before any buffer is grown,
 //! so a hostile length costs nothing. Strings are u16-length-prefixed UTF-8;
 //! byte blobs are u32-length-prefixed and decoded as zero-copy slices of the
-//! received frame. A frame must be consumed exactly: trailing bytes are an
-//! error. Every failure is a typed [`WireError`]; the caller closes the
+//! received frame. An epoch history is a u32 count (at most
+//! [`MAX_EPOCHS`]) of (epoch u64, first lsn u64) pairs. A frame must be
+//! consumed exactly: trailing bytes are an error. Every failure is a typed [`WireError`]; the caller closes the
 //! connection.
 
+use crate::epochs::{EpochStart, MAX_EPOCHS};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-/// Version spoken by this build.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version spoken by this build. 2: the hello ack and the end of a rebuild
+/// carry an epoch history.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Default largest frame accepted: a 16 MiB WAL batch plus headers.
 pub const DEFAULT_MAX_FRAME: usize = 17 << 20;
 const HEADER: usize = 10;
@@ -60,8 +63,10 @@ pub enum Message {
         replica: String,
         /// Durable LSN.
         flushed: u64,
-        /// Checkpoint LSN.
+        /// Checkpoint LSN: the replica cannot truncate below it.
         checkpoint: u64,
+        /// The replica's epoch history: which epoch wrote each part of its log.
+        epochs: Vec<EpochStart>,
     },
     /// Encoded WAL frames `first_lsn..=last_lsn`, exactly as on disk.
     WalBatch {
@@ -132,6 +137,9 @@ pub enum Message {
         image_lsn: u64,
         /// crc32c of the whole image.
         checksum: u32,
+        /// The sender's epoch history up to the image: the replica's history
+        /// once it installs it.
+        epochs: Vec<EpochStart>,
     },
     /// Replica → primary: the image is installed.
     RebuildInstalled {
@@ -214,6 +222,9 @@ pub enum WireError {
         /// Length.
         len: usize,
     },
+    /// An epoch history longer than the protocol allows.
+    #[error("epoch history of {0} entries, more than {MAX_EPOCHS}")]
+    TooManyEpochs(usize),
     /// An enum byte out of range.
     #[error("field {field} has invalid value {value}")]
     BadValue {
@@ -290,6 +301,20 @@ impl Reader {
         String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadUtf8(what))
     }
 
+    fn epochs(&mut self, what: &'static str) -> Result<Vec<EpochStart>, WireError> {
+        let count = self.u32(what)? as usize;
+        if count > MAX_EPOCHS {
+            return Err(WireError::TooManyEpochs(count));
+        }
+        self.need(16 * count, what)?;
+        Ok((0..count)
+            .map(|_| EpochStart {
+                epoch: self.body.get_u64_le(),
+                first_lsn: self.body.get_u64_le(),
+            })
+            .collect())
+    }
+
     fn blob(&mut self, what: &'static str) -> Result<Bytes, WireError> {
         let len = self.u32(what)? as usize;
         self.need(len, what)?;
@@ -308,6 +333,15 @@ fn put_string(dst: &mut BytesMut, value: &str) {
     let bytes = &value.as_bytes()[..value.len().min(MAX_STRING)];
     dst.put_u16_le(bytes.len() as u16);
     dst.put_slice(bytes);
+}
+
+fn put_epochs(dst: &mut BytesMut, epochs: &[EpochStart]) {
+    let epochs = &epochs[..epochs.len().min(MAX_EPOCHS)];
+    dst.put_u32_le(epochs.len() as u32);
+    for entry in epochs {
+        dst.put_u64_le(entry.epoch);
+        dst.put_u64_le(entry.first_lsn);
+    }
 }
 
 fn put_blob(dst: &mut BytesMut, value: &Bytes) {
@@ -353,10 +387,12 @@ impl Message {
                 replica,
                 flushed,
                 checkpoint,
+                epochs,
             } => {
                 put_string(dst, replica);
                 dst.put_u64_le(*flushed);
                 dst.put_u64_le(*checkpoint);
+                put_epochs(dst, epochs);
             }
             Self::WalBatch {
                 session,
@@ -415,10 +451,12 @@ impl Message {
                 session,
                 image_lsn,
                 checksum,
+                epochs,
             } => {
                 dst.put_u64_le(*session);
                 dst.put_u64_le(*image_lsn);
                 dst.put_u32_le(*checksum);
+                put_epochs(dst, epochs);
             }
             Self::RebuildInstalled { session, image_lsn } => {
                 dst.put_u64_le(*session);
@@ -448,6 +486,7 @@ impl Message {
                 replica: r.string("replica")?,
                 flushed: r.u64("flushed")?,
                 checkpoint: r.u64("checkpoint")?,
+                epochs: r.epochs("epochs")?,
             },
             3 => Self::WalBatch {
                 session: r.u64("session")?,
@@ -512,6 +551,7 @@ impl Message {
                 session: r.u64("session")?,
                 image_lsn: r.u64("image_lsn")?,
                 checksum: r.u32("checksum")?,
+                epochs: r.epochs("epochs")?,
             },
             11 => Self::RebuildInstalled {
                 session: r.u64("session")?,
@@ -698,6 +738,28 @@ mod tests {
             code: 4,
             message: "stale epoch".into(),
         });
+        let epochs = vec![
+            EpochStart {
+                epoch: 1,
+                first_lsn: 1,
+            },
+            EpochStart {
+                epoch: 2,
+                first_lsn: 201,
+            },
+        ];
+        round_trip(Message::HelloAck {
+            replica: "v/r".into(),
+            flushed: 300,
+            checkpoint: 100,
+            epochs: epochs.clone(),
+        });
+        round_trip(Message::RebuildDone {
+            session: 4,
+            image_lsn: 250,
+            checksum: 0xdead_beef,
+            epochs,
+        });
     }
 
     #[test]
@@ -782,25 +844,44 @@ mod tests {
             buf.put_slice(body);
             buf
         };
+        const V: u8 = PROTOCOL_VERSION;
         assert!(matches!(
-            codec.decode(&mut frame(2, 1, &[])),
-            Err(WireError::Version(2))
+            codec.decode(&mut frame(1, 1, &[])),
+            Err(WireError::Version(1))
         ));
         assert!(matches!(
-            codec.decode(&mut frame(1, 99, &[])),
+            codec.decode(&mut frame(V, 99, &[])),
             Err(WireError::UnknownType(99))
         ));
         assert!(matches!(
-            codec.decode(&mut frame(1, 4, &[0; 15])),
+            codec.decode(&mut frame(V, 4, &[0; 15])),
             Err(WireError::Truncated("lsn"))
         ));
         assert!(matches!(
-            codec.decode(&mut frame(1, 4, &[0; 17])),
+            codec.decode(&mut frame(V, 4, &[0; 17])),
             Err(WireError::Trailing(1))
         ));
         assert!(matches!(
-            codec.decode(&mut frame(1, 2, &[2, 0, 0xff, 0xfe])),
+            codec.decode(&mut frame(V, 2, &[2, 0, 0xff, 0xfe])),
             Err(WireError::BadUtf8("replica"))
+        ));
+        // A hello ack claiming more epochs than the protocol allows is
+        // refused before anything is allocated for them; fewer bytes than
+        // the count says is a truncation.
+        let mut body = vec![1, 0, b'r'];
+        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            codec.decode(&mut frame(V, 2, &body)),
+            Err(WireError::TooManyEpochs(n)) if n == u32::MAX as usize
+        ));
+        let mut body = vec![1, 0, b'r'];
+        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&2u32.to_le_bytes());
+        body.extend_from_slice(&[0; 24]);
+        assert!(matches!(
+            codec.decode(&mut frame(V, 2, &body)),
+            Err(WireError::Truncated("epochs"))
         ));
         let mut short = BytesMut::new();
         short.put_u32_le(3);

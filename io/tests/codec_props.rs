@@ -32,6 +32,15 @@ fn blob() -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from)
 }
 
+fn epochs() -> impl Strategy<Value = Vec<EpochStart>> {
+    proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8).prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(epoch, first_lsn)| EpochStart { epoch, first_lsn })
+            .collect()
+    })
+}
+
 fn message() -> impl Strategy<Value = Message> {
     let n = any::<u64>;
     prop_oneof![
@@ -43,10 +52,13 @@ fn message() -> impl Strategy<Value = Message> {
                 session,
             }
         }),
-        (text(), n(), n()).prop_map(|(replica, flushed, checkpoint)| Message::HelloAck {
-            replica,
-            flushed,
-            checkpoint
+        (text(), n(), n(), epochs()).prop_map(|(replica, flushed, checkpoint, epochs)| {
+            Message::HelloAck {
+                replica,
+                flushed,
+                checkpoint,
+                epochs,
+            }
         }),
         (n(), n(), n(), n(), blob()).prop_map(
             |(session, first_lsn, last_lsn, committed, frames)| Message::WalBatch {
@@ -79,10 +91,13 @@ fn message() -> impl Strategy<Value = Message> {
             offset,
             data
         }),
-        (n(), n(), any::<u32>()).prop_map(|(session, image_lsn, checksum)| Message::RebuildDone {
-            session,
-            image_lsn,
-            checksum
+        (n(), n(), any::<u32>(), epochs()).prop_map(|(session, image_lsn, checksum, epochs)| {
+            Message::RebuildDone {
+                session,
+                image_lsn,
+                checksum,
+                epochs,
+            }
         }),
         (n(), n())
             .prop_map(|(session, image_lsn)| Message::RebuildInstalled { session, image_lsn }),

@@ -24,12 +24,17 @@ fn open(dir: &Path) -> Store {
     Store::open(dir, options()).unwrap().0
 }
 
-/// Writes `count` blocks with a pattern and syncs; returns the last LSN.
+/// Writes `count` blocks with a pattern in epoch 1 and syncs; returns the last LSN.
 fn fill(store: &Store, count: u64, seed: u8) -> u64 {
+    fill_in(store, 1, count, seed)
+}
+
+/// [`fill`] in `epoch`.
+fn fill_in(store: &Store, epoch: u64, count: u64, seed: u8) -> u64 {
     let mut last = 0;
     for i in 0..count {
         last = store
-            .write(1, (i * 7) % BLOCKS, block(seed.wrapping_add(i as u8)))
+            .write(epoch, (i * 7) % BLOCKS, block(seed.wrapping_add(i as u8)))
             .unwrap();
     }
     store.sync_to(last).unwrap();
@@ -131,6 +136,7 @@ fn a_crash_at_any_point_reopens_to_the_same_content() {
     let mut segments: Vec<_> = fs::read_dir(&wal_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
         .collect();
     segments.sort();
     let last = segments.last().unwrap();
@@ -195,22 +201,45 @@ fn a_full_base_installs_atomically_and_the_tail_replays_on_top() {
     let replica_dir = tempfile::tempdir().unwrap();
     let primary = open(primary_dir.path());
     let replica = open(replica_dir.path());
-    fill(&replica, 10, 0x55); // stale history the base replaces
-    fill(&primary, 50, 7);
+    // Stale history the base replaces, written in an epoch the primary never had.
+    let stale = replica.write(5, 1, block(0x55)).unwrap();
+    replica.sync_to(stale).unwrap();
+    fill(&primary, 30, 7);
+    let epoch_two = primary.write(2, 3, block(9)).unwrap();
+    let base_lsn = fill_in(&primary, 2, 19, 17);
     let pin = primary.full_base_pin("base for r2").unwrap();
-    assert_eq!(pin.lsn(), 50);
+    assert_eq!(pin.lsn(), base_lsn);
     let base_checksum = primary.content_checksum().unwrap();
-    let tail_end = fill(&primary, 20, 200);
+    let tail_end = fill_in(&primary, 2, 20, 200);
     let mut install = replica.begin_install(pin.lsn()).unwrap();
     transfer(&pin, &mut install);
+    let history = primary.wal().epochs();
+    assert_eq!(
+        history,
+        [
+            EpochStart {
+                epoch: 1,
+                first_lsn: 1
+            },
+            EpochStart {
+                epoch: 2,
+                first_lsn: epoch_two
+            }
+        ]
+    );
     replica
-        .commit_install(install, pin.checksum().unwrap(), 3)
+        .commit_install(install, pin.checksum().unwrap(), 3, &history)
         .unwrap();
     drop(pin);
     assert_eq!(replica.content_checksum().unwrap(), base_checksum);
     assert_eq!(
         (replica.wal().head(), replica.superblock().checkpoint),
         (50, 50)
+    );
+    assert_eq!(
+        replica.wal().epochs(),
+        history,
+        "the image's history, not the stale one"
     );
     for frames in primary.wal().plan_read(50, tail_end, 1 << 16).unwrap() {
         let raw = Bytes::from(fs::read(frames.path.as_ref()).unwrap())
@@ -229,6 +258,12 @@ fn a_full_base_installs_atomically_and_the_tail_replays_on_top() {
         primary.content_checksum().unwrap()
     );
     assert_eq!(replica.superblock().generation, 2);
+    assert_eq!(
+        replica.wal().epochs(),
+        history,
+        "the history survives a reopen"
+    );
+    assert!(!replica_dir.path().join("wal/epochs.1").exists());
 }
 
 #[test]
@@ -252,7 +287,7 @@ fn a_bad_or_interrupted_base_changes_nothing() {
     transfer(&pin, &mut install);
     let wrong = pin.checksum().unwrap() ^ 1;
     assert!(matches!(
-        replica.commit_install(install, wrong, 3),
+        replica.commit_install(install, wrong, 3, &primary.wal().epochs()),
         Err(StoreError::BaseChecksum { .. })
     ));
     assert_eq!(replica.content_checksum().unwrap(), before);

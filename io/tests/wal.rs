@@ -393,3 +393,117 @@ fn batched_reads_hand_over_the_log_in_bounded_batches_and_stop_on_error() {
     assert!(result.is_err());
     assert_eq!(seen, 1);
 }
+
+fn start(epoch: u64, first_lsn: u64) -> EpochStart {
+    EpochStart { epoch, first_lsn }
+}
+
+fn write_in(wal: &Wal, epoch: u64, n: u64) -> u64 {
+    let mut last = 0;
+    for _ in 0..n {
+        let lsn = wal.head() + 1;
+        last = wal
+            .append(epoch, FrameKind::Write, lsn, block(lsn))
+            .unwrap();
+    }
+    wal.sync_to(last).unwrap();
+    last
+}
+
+#[test]
+fn the_epoch_history_is_kept_durably_and_outlives_recycled_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(5 * FRAME)).unwrap();
+    write_in(&wal, 1, 12);
+    write_in(&wal, 3, 8);
+    assert_eq!(wal.epochs(), [start(1, 1), start(3, 13)]);
+    assert_eq!(wal.newest_epoch(), Some(start(3, 13)));
+    // An append from an older epoch is refused and writes nothing.
+    assert!(matches!(
+        wal.append(2, FrameKind::Write, 0, block(0)),
+        Err(WalError::Epochs(EpochError::Regressed {
+            lsn: 21,
+            epoch: 2,
+            newest: 3
+        }))
+    ));
+    assert_eq!(wal.head(), 20);
+    // The segments holding epoch 1's first frames go; the history stays.
+    wal.set_checkpoint(15);
+    assert!(wal.recycle().unwrap().tail >= 10);
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), options(5 * FRAME)).unwrap();
+    assert!(report.tail >= 10);
+    assert_eq!(wal.epochs(), [start(1, 1), start(3, 13)]);
+    // Truncation drops the epochs that start after the cut.
+    wal.truncate_after(15).unwrap();
+    assert_eq!(wal.epochs(), [start(1, 1), start(3, 13)]);
+    wal.set_checkpoint(10);
+    drop(wal);
+    let (wal, _) = Wal::open(dir.path(), options(5 * FRAME)).unwrap();
+    assert_eq!(wal.epochs(), [start(1, 1), start(3, 13)]);
+}
+
+#[test]
+fn truncation_below_an_epoch_forgets_it_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_in(&wal, 1, 5);
+    write_in(&wal, 2, 5);
+    wal.truncate_after(5).unwrap();
+    assert_eq!(wal.epochs(), [start(1, 1)]);
+    // The next epoch's frames take the truncated LSNs.
+    write_in(&wal, 4, 2);
+    assert_eq!(wal.epochs(), [start(1, 1), start(4, 6)]);
+    drop(wal);
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!(wal.epochs(), [start(1, 1), start(4, 6)]);
+}
+
+#[test]
+fn after_a_crash_the_history_is_checked_against_the_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_in(&wal, 1, 3);
+    write_in(&wal, 2, 3);
+    drop(wal);
+    // A crash before the history was written: the frames say it.
+    fs::remove_file(dir.path().join("epochs.1")).unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!(wal.epochs(), [start(1, 1), start(2, 4)]);
+    drop(wal);
+    assert!(dir.path().join("epochs.1").exists(), "rewritten on open");
+    // A crash that took epoch 2's frames: its entry goes with them.
+    let segment = segments(dir.path()).pop().unwrap();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.set_len(3 * FRAME).unwrap();
+    let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!(report.head, 3);
+    assert_eq!(wal.epochs(), [start(1, 1)]);
+    // A damaged history file is an error, not a silent reset.
+    drop(wal);
+    let path = dir.path().join("epochs.1");
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[12] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    assert!(matches!(
+        Wal::open(dir.path(), options(1 << 20)),
+        Err(WalError::Epochs(EpochError::Corrupt { .. }))
+    ));
+}
+
+#[test]
+fn replicated_batches_record_every_epoch_they_carry() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let (primary, _) = Wal::open(primary_dir.path(), options(1 << 20)).unwrap();
+    let (replica, _) = Wal::open(replica_dir.path(), options(1 << 20)).unwrap();
+    write_in(&primary, 2, 4);
+    write_in(&primary, 5, 4);
+    write_in(&primary, 6, 1);
+    let (raw, last) = primary.read_raw(0, 9, 1 << 20).unwrap();
+    assert_eq!(last, 9);
+    replica.append_replicated(&raw).unwrap();
+    assert_eq!(replica.epochs(), primary.epochs());
+    assert_eq!(replica.epochs(), [start(2, 1), start(5, 5), start(6, 9)]);
+}

@@ -62,9 +62,23 @@ pub struct Cluster {
     pub epoch: u64,
     pub mode: CommitMode,
     pub tuning: Tuning,
+    /// Replicas checkpoint every this many committed LSNs.
+    pub replica_checkpoint_every: u64,
 }
 
+/// Replicas checkpoint this often unless a test says otherwise.
+pub const REPLICA_CHECKPOINT_EVERY: u64 = 64;
+
 pub fn replica_config(server: &str, dir: &Path, listen: &str) -> VolumeConfig {
+    replica_config_with(server, dir, listen, REPLICA_CHECKPOINT_EVERY)
+}
+
+pub fn replica_config_with(
+    server: &str,
+    dir: &Path,
+    listen: &str,
+    checkpoint_every_lsns: u64,
+) -> VolumeConfig {
     VolumeConfig::Replica(ReplicaConfig {
         cluster: "test".into(),
         volume: VOLUME.into(),
@@ -72,7 +86,7 @@ pub fn replica_config(server: &str, dir: &Path, listen: &str) -> VolumeConfig {
         dir: dir.to_path_buf(),
         store: store_options(),
         listen: listen.into(),
-        checkpoint_every_lsns: 64,
+        checkpoint_every_lsns,
     })
 }
 
@@ -82,15 +96,23 @@ impl Cluster {
     }
 
     pub async fn start_with(mode: CommitMode, servers: &[&str], tuning: Tuning) -> Self {
+        Self::start_checkpointing(mode, servers, tuning, REPLICA_CHECKPOINT_EVERY).await
+    }
+
+    /// A cluster whose replicas checkpoint every `replica_checkpoint_every` committed LSNs.
+    pub async fn start_checkpointing(
+        mode: CommitMode,
+        servers: &[&str],
+        tuning: Tuning,
+        replica_checkpoint_every: u64,
+    ) -> Self {
         let rt = Runtime::start().unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let mut replicas = Vec::new();
         for server in servers {
             let dir = tmp.path().join(server);
-            let handle = rt
-                .spawn_volume(replica_config(server, &dir, "127.0.0.1:0"))
-                .await
-                .unwrap();
+            let config = replica_config_with(server, &dir, "127.0.0.1:0", replica_checkpoint_every);
+            let handle = rt.spawn_volume(config).await.unwrap();
             let addr = handle.listen_addr().unwrap().to_string();
             replicas.push(Node {
                 server: server.to_string(),
@@ -100,7 +122,9 @@ impl Cluster {
                 version: 1,
             });
         }
-        Self::with_primary(rt, tmp, replicas, mode, tuning).await
+        let mut cluster = Self::with_primary(rt, tmp, replicas, mode, tuning).await;
+        cluster.replica_checkpoint_every = replica_checkpoint_every;
+        cluster
     }
 
     /// Spawns the primary for `replicas` (already listening, or impostors) and
@@ -124,6 +148,7 @@ impl Cluster {
             epoch: 1,
             mode,
             tuning,
+            replica_checkpoint_every: REPLICA_CHECKPOINT_EVERY,
         }
     }
 
@@ -208,11 +233,8 @@ impl Cluster {
         };
         let mut handle = None;
         for _ in 0..50 {
-            match self
-                .rt
-                .spawn_volume(replica_config(server, &dir, &addr))
-                .await
-            {
+            let config = replica_config_with(server, &dir, &addr, self.replica_checkpoint_every);
+            match self.rt.spawn_volume(config).await {
                 Ok(h) => {
                     handle = Some(h);
                     break;
@@ -300,6 +322,23 @@ impl Cluster {
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the replica on `server` has `lsn` durable.
+    pub async fn wait_durable(&self, server: &str, lsn: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status =
+                serde_json::to_value(self.replica(server).status().await.unwrap()).unwrap();
+            if status["durable"].as_u64() == Some(lsn) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{server} never made {lsn} durable: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Shell {
     pub live: BTreeMap<ReplicaId, Lsn>,
     pub barriers: BTreeMap<BarrierId, Result<Lsn, BarrierFailure>>,
     pub all_commands: Vec<Command>,
+    /// The primary's epoch history as its WAL would report it.
+    pub epochs: EpochHistory,
 }
 
 impl Shell {
@@ -52,6 +54,7 @@ impl Shell {
             live: BTreeMap::new(),
             barriers: BTreeMap::new(),
             all_commands: Vec::new(),
+            epochs: EpochHistory::new(),
         }
     }
 
@@ -115,15 +118,25 @@ impl Shell {
         self.pump()
     }
 
-    /// Writes up to `head`, durable on the primary, with the given retention.
+    /// Writes up to `head` in the current epoch (epoch 1 before any
+    /// assignment), durable on the primary, with the given retention.
     pub fn wal(&mut self, tail: u64, head: u64, checkpoint: u64, trusted: bool) {
         let prev = self.engine.history().head;
+        let epoch = self.engine.epoch().max(Epoch(1));
+        if head > prev.get() && self.epochs.newest().map(|e| e.epoch) != Some(epoch) {
+            let start = EpochStart {
+                epoch,
+                first: prev.next(),
+            };
+            self.epochs.record(start).unwrap();
+        }
         self.engine
             .handle_wal_state(WalState {
                 head: Lsn(head),
                 tail: Lsn(tail),
                 checkpoint: Lsn(checkpoint),
                 checkpoint_trusted: trusted,
+                newest_epoch: self.epochs.newest(),
             })
             .unwrap();
         self.engine.handle_local_durable(prev, Lsn(head));
@@ -146,12 +159,24 @@ impl Shell {
         self.pump();
     }
 
+    /// The replica answers with a log that is a prefix of the primary's
+    /// (or runs past its head in the primary's newest epoch).
     pub fn handshake(&mut self, server: &str, flushed: u64) -> Vec<Command> {
+        let log = ReplicaLog {
+            flushed: Lsn(flushed),
+            checkpoint: Lsn::ZERO,
+            epochs: self.epochs.through(Lsn(flushed)),
+        };
+        self.handshake_with(server, log)
+    }
+
+    /// The replica answers with `log`.
+    pub fn handshake_with(&mut self, server: &str, log: ReplicaLog) -> Vec<Command> {
         let s = self.session(server);
         let reply = HandshakeReply {
             replica: rid(server),
             epoch: self.epoch(),
-            flushed: Lsn(flushed),
+            log,
         };
         self.engine
             .handle_handshake(&rid(server), s, reply)
