@@ -29,7 +29,10 @@ use crate::sender::{ReplicaState, Sender};
 use crate::session::{SessionKind, SessionPhase, Stage, Work};
 use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A timeout the engine is waiting for. Each is armed at most once: arming
+/// it again moves it, and a timer whose reason went away (a resolved
+/// barrier, a finished session) is cancelled rather than left to fire.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     Barrier(BarrierId),
     PinReservation {
@@ -57,6 +60,8 @@ pub struct Engine {
     /// replicas cost 5.6 KiB (heaptrack, P6).
     pub(crate) senders: BTreeMap<ReplicaId, Box<Sender>>,
     timers: BTreeMap<(Tick, u64), Timer>,
+    /// Where each armed timer sits in `timers`, to cancel it.
+    armed: BTreeMap<Timer, (Tick, u64)>,
     next_timer: u64,
     pub(crate) next_session: u64,
     pub(crate) commands: Vec<Command>,
@@ -104,6 +109,7 @@ impl Engine {
             commit,
             senders: BTreeMap::new(),
             timers: BTreeMap::new(),
+            armed: BTreeMap::new(),
             next_timer: 0,
             next_session: 1,
             commands: Vec::new(),
@@ -294,8 +300,29 @@ impl Engine {
     }
 
     pub(crate) fn schedule(&mut self, at: Tick, timer: Timer) {
-        self.timers.insert((at, self.next_timer), timer);
+        let key = (at, self.next_timer);
         self.next_timer += 1;
+        if let Some(old) = self.armed.insert(timer.clone(), key) {
+            self.timers.remove(&old);
+        }
+        self.timers.insert(key, timer);
+    }
+
+    /// Disarms `timer` if it is armed.
+    pub(crate) fn cancel(&mut self, timer: &Timer) {
+        if let Some(key) = self.armed.remove(timer) {
+            self.timers.remove(&key);
+        }
+    }
+
+    /// Disarms the timers of a session that ended or moved on.
+    pub(crate) fn cancel_session_timers(&mut self, replica: &ReplicaId, session: SessionId) {
+        let replica = replica.clone();
+        self.cancel(&Timer::PinReservation {
+            replica: replica.clone(),
+            session,
+        });
+        self.cancel(&Timer::CatchUpBudget { replica, session });
     }
 
     /// Asks the shell to release `grants`, exactly once, and logs it.
@@ -328,6 +355,7 @@ impl Engine {
     /// Advances committed and resolves the barriers it satisfies.
     pub(crate) fn advance_commit(&mut self) {
         for (barrier, committed) in self.commit.advance() {
+            self.cancel(&Timer::Barrier(barrier));
             self.commands.push(Command::ResolveBarrier {
                 barrier,
                 outcome: Ok(committed),
@@ -354,6 +382,7 @@ impl Engine {
             self.record(None, None, "epoch_bumped", detail);
             self.epoch = assignment.epoch;
             for (barrier, failure) in self.commit.fence_all() {
+                self.cancel(&Timer::Barrier(barrier));
                 self.commands.push(Command::ResolveBarrier {
                     barrier,
                     outcome: Err(failure),
@@ -570,6 +599,7 @@ impl Engine {
                 break;
             }
             let timer = entry.remove();
+            self.armed.remove(&timer);
             self.fire(timer);
         }
     }

@@ -71,6 +71,7 @@ impl Engine {
             return false;
         };
         sender.connection_lost();
+        self.cancel_session_timers(replica, id);
         self.commit.set_in_sync(replica, false);
         self.record(Some(replica), Some(id), "session_invalidated", reason);
         if was_running {
@@ -309,6 +310,11 @@ impl Engine {
             self.release(replica, session, grants, "run_refused");
             return;
         }
+        // The reservation is over: its timeout has nothing left to guard.
+        let reservation = Timer::PinReservation {
+            replica: replica.clone(),
+            session,
+        };
         let next_budget_check = match &s.stage {
             Stage::Running {
                 work: Work::CatchUp { budget, .. },
@@ -320,6 +326,7 @@ impl Engine {
             PlanKind::CatchUp { .. } => sender.become_catching_up(),
             PlanKind::Rebuild { .. } => sender.become_rebuilding(),
         }
+        self.cancel(&reservation);
         if let Some(at) = next_budget_check {
             self.schedule(
                 at,
@@ -609,6 +616,7 @@ impl Engine {
                 sender.flushed = flushed;
             }
         }
+        self.cancel_session_timers(replica, session);
         let event = if rebuilt.is_some() {
             "rebuild_completed"
         } else {

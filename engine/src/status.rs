@@ -105,8 +105,10 @@ pub struct RegistryStatus {
     pub held_resources: Vec<ResourceId>,
     /// Per-replica status.
     pub senders: Vec<SenderStatus>,
-    /// Events dropped from the recovery log because it was full.
+    /// Events dropped from the recovery log because their class was full.
     pub log_dropped: u64,
+    /// Of those, decisions (zero unless decisions alone overflowed the log).
+    pub decisions_dropped: u64,
 }
 
 impl Engine {
@@ -135,6 +137,7 @@ impl Engine {
                 })
                 .collect(),
             log_dropped: self.log.dropped(),
+            decisions_dropped: self.log.decisions_dropped(),
         }
     }
 

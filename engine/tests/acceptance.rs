@@ -681,7 +681,12 @@ fn a12_within_a_tick_messages_are_handled_before_timers() {
     };
     let batched = run(true);
     assert_eq!(batched.state("b"), ReplicaState::InSync);
-    assert_eq!(batched.event_detail("stale_timeout_ignored").len(), 1);
+    assert!(batched.event_detail("stale_timeout_ignored").is_empty());
+    assert_eq!(
+        batched.engine.next_timer(),
+        None,
+        "the budget timer went with the session"
+    );
     let timer_first = run(false);
     assert_eq!(timer_first.state("b"), ReplicaState::NeedsRebuild);
 }
@@ -692,13 +697,23 @@ fn a12_stale_timeout_never_regresses_state() {
     shell.in_sync("b");
     let barrier = shell.barrier(100);
     assert_eq!(shell.barriers[&barrier], Ok(Lsn(100)));
+    // Resolving the barrier disarmed its timer: nothing fires later, and
+    // nothing is logged for it (a resolved barrier is not an event).
+    assert_eq!(shell.engine.next_timer(), None);
     shell.tick(500);
     assert_eq!(shell.barriers[&barrier], Ok(Lsn(100)));
-    assert_eq!(
-        shell.event_detail("stale_timeout_ignored"),
-        ["barrier b1 already resolved"]
-    );
+    assert!(shell.event_detail("stale_timeout_ignored").is_empty());
     assert_eq!(shell.state("b"), ReplicaState::InSync);
+    // Many barriers later, the log holds only what was decided.
+    let before = shell.engine.log().len();
+    for lsn in 101..=1100 {
+        shell.wal(40, lsn, 40, true);
+        shell.ack("b", lsn, None).unwrap();
+        let b = shell.barrier(lsn);
+        assert_eq!(shell.barriers[&b], Ok(Lsn(lsn)));
+    }
+    shell.tick(2000);
+    assert_eq!(shell.engine.log().len(), before);
 }
 
 #[test]
@@ -949,14 +964,14 @@ fn a12_advancing_the_clock_keeps_messages_before_timers() {
     shell.grant("b", 0);
     assert_eq!(shell.engine.next_timer(), Some(Tick(51)));
     // A shell that slept past the deadline: the clock moves, the message is
-    // handled at the new time, and only then does the timer fire (stale).
+    // handled at the new time, and the session it completes takes its timer
+    // with it: nothing fires, nothing stale is logged.
     shell.engine.advance_clock(Tick(60));
     shell.progress("b", 100).unwrap();
     shell.tick(60);
     assert_eq!(shell.state("b"), ReplicaState::InSync);
-    assert_eq!(shell.event_detail("stale_timeout_ignored").len(), 1);
-    // The pin-reservation timer is still armed; when it fires it is ignored as stale.
-    assert_eq!(shell.engine.next_timer(), Some(Tick(100)));
+    assert!(shell.event_detail("stale_timeout_ignored").is_empty());
+    assert_eq!(shell.engine.next_timer(), None);
 }
 
 /// The failover of the divergence issue, on the engine alone: the new
