@@ -424,9 +424,12 @@ async fn p1(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
 
 async fn p2(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     let blocks = options.size_mib * 256;
+    // Replaced disks hold nothing: no retention hold keeps the WAL for them,
+    // so the checkpoint below recycles it and each comes back by full base.
     let tuning = Tuning {
         checkpoint_every_lsns: u64::MAX,
         snapshot_rebuilds: false,
+        retention_max_bytes: Some(0),
         ..Tuning::default()
     };
     let servers = TRANSFER_REPLICAS;

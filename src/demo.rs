@@ -1,9 +1,11 @@
 //! `walship demo`: a primary and two replicas in one process, on loopback,
 //! with real files, playing the recovery story:
 //!
-//! 1. replica 2 is cut off, writes continue, it comes back: **catch-up**;
-//! 2. replica 2 is cut off while the checkpointer recycles the WAL past it:
-//!    **rebuild** (snapshot + tail, since the checkpoint is trusted);
+//! 1. replica 2 is cut off, writes continue, it comes back: **catch-up**
+//!    (its retention hold kept the WAL it needs);
+//! 2. replica 2 is cut off for longer than its retention budget: the hold is
+//!    released, the checkpointer recycles the WAL past it, and it comes back
+//!    by **rebuild** (snapshot + tail, since the checkpoint is trusted);
 //! 3. replica 1 restarts on a new address under an **epoch bump**: its
 //!    identity is kept.
 //!
@@ -153,9 +155,12 @@ impl Demo {
             });
             replicas.insert(server.to_owned(), (handle, addr, 1));
         }
-        // The demo checkpoints explicitly, so the story decides when the WAL recycles.
+        // The demo checkpoints explicitly, so the story decides when the WAL
+        // recycles. An away replica may hold twice the catch-up gap: the
+        // first outage stays within it, the second goes past it.
         let tuning = Tuning {
             checkpoint_every_lsns: u64::MAX,
+            retention_max_bytes: Some(2 * plan.catch_up_gap * BLOCK_SIZE as u64),
             ..Tuning::default()
         };
         let primary = rt
@@ -352,7 +357,10 @@ fn plan_events(log: &[walship_engine::RecoveryEvent], server: &str) -> Vec<Strin
     log.iter()
         .filter(|e| e.replica.as_ref().is_some_and(|r| r.server() == server))
         .filter(|e| {
-            e.event.starts_with("plan_") || e.event == "handshake" || e.event == "endpoint_changed"
+            e.event.starts_with("plan_")
+                || e.event == "handshake"
+                || e.event == "endpoint_changed"
+                || e.event == "retention_budget_exceeded"
         })
         .map(|e| format!("    {} {}", e.event, e.detail))
         .collect()
@@ -389,7 +397,7 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
 
     writeln!(
         out,
-        "2. r2 cut off; the checkpointer recycles the WAL past it"
+        "2. r2 cut off past its retention budget; the checkpointer recycles the WAL past it"
     )?;
     demo.cut_off("r2").await?;
     demo.write("writes while r2 is away", plan.rebuild_gap)

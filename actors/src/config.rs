@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use walship_engine::{CatchUpBudget, CommitMode};
+use walship_engine::{CatchUpBudget, CommitMode, RetentionBudget};
 use walship_io::{BackendRequest, StoreOptions};
 
 /// One replica of a primary's assignment.
@@ -29,6 +29,11 @@ pub struct Tuning {
     pub heartbeat_every_ticks: u64,
     /// Catch-up budget.
     pub budget: CatchUpBudget,
+    /// WAL bytes an away replica's retention hold may keep (after its last
+    /// durable LSN) before it is released; `None` is unbounded.
+    pub retention_max_bytes: Option<u64>,
+    /// How long an away replica's retention hold may last; `None` is unbounded.
+    pub retention_max_away: Option<Duration>,
     /// Unacknowledged bytes an executor may have in flight.
     pub max_inflight_bytes: usize,
     /// Largest WAL batch sent at once.
@@ -57,6 +62,8 @@ impl Default for Tuning {
             pin_reservation_ticks: 500,
             heartbeat_every_ticks: 20,
             budget: CatchUpBudget::default(),
+            retention_max_bytes: Some(1 << 30),
+            retention_max_away: Some(Duration::from_secs(15 * 60)),
             max_inflight_bytes: 8 << 20,
             batch_bytes: 1 << 20,
             image_chunk_bytes: 1 << 20,
@@ -65,6 +72,22 @@ impl Default for Tuning {
             peer_timeout: Duration::from_secs(5),
             backend: BackendRequest::Auto,
             snapshot_rebuilds: true,
+        }
+    }
+}
+
+impl Tuning {
+    /// Ticks in `duration`, rounded up.
+    pub fn ticks(&self, duration: Duration) -> u64 {
+        let tick = self.tick.as_nanos().max(1);
+        u64::try_from(duration.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX)
+    }
+
+    /// The retention budget in the engine's terms.
+    pub fn retention_budget(&self) -> RetentionBudget {
+        RetentionBudget {
+            max_bytes: self.retention_max_bytes,
+            max_away_ticks: self.retention_max_away.map(|d| self.ticks(d)),
         }
     }
 }

@@ -9,7 +9,6 @@ use crate::adapt;
 use crate::error::ExecError;
 use crate::sender::SenderContext;
 use crate::volume::SenderEvent;
-use crate::volume::LIVE_PIN_PREFIX;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
@@ -23,7 +22,7 @@ use walship_engine::{
     RebuildExecutor, RebuildProgress, RebuildSource, RecoveryPlan, ReplicaId, ReplicaLog,
     ResourceGrant, SessionId, Step,
 };
-use walship_io::{Envelope, ImageKind, Message, SnapshotPin, WalPin, WireCodec};
+use walship_io::{Envelope, ImageKind, Message, SnapshotPin, WireCodec};
 
 /// A connection to a replica.
 pub(crate) type Conn = Framed<TcpStream, WireCodec>;
@@ -514,14 +513,8 @@ async fn rebuild(
 
 /// Ships new WAL frames to an InSync replica as they are written, relays its
 /// durable acks, and probes it when idle. Returns why it stopped.
-pub(crate) async fn live_ship(
-    conn: Conn,
-    c: SenderContext,
-    from: u64,
-    epoch: u64,
-    pin: WalPin,
-) -> ExecError {
-    match live_loop(conn, &c, from, epoch, pin).await {
+pub(crate) async fn live_ship(conn: Conn, c: SenderContext, from: u64, epoch: u64) -> ExecError {
+    match live_loop(conn, &c, from, epoch).await {
         Ok(never) => match never {},
         Err(error) => error,
     }
@@ -529,14 +522,13 @@ pub(crate) async fn live_ship(
 
 enum Never {}
 
-/// `pin` keeps the WAL after the replica's acknowledged LSN; it moves forward
-/// with the acks and is released when the loop ends.
+/// The replica's retention hold (the volume's) keeps the WAL after what it
+/// acknowledged, so what is shipped next is never recycled under the loop.
 async fn live_loop(
     conn: Conn,
     c: &SenderContext,
     from: u64,
     epoch: u64,
-    mut pin: WalPin,
 ) -> Result<Never, ExecError> {
     let (mut sink, mut stream) = conn.split();
     let mut head_rx = c.head_rx.clone();
@@ -583,9 +575,6 @@ async fn live_loop(
                             if let Some((_, len)) = inflight.pop_front() {
                                 inflight_bytes -= len;
                             }
-                        }
-                        if durable > pin.from() {
-                            pin = wal.pin_from(durable, &format!("{LIVE_PIN_PREFIX}{}", c.replica))?;
                         }
                         let ack = Ack { epoch: Epoch(envelope.epoch), durable: Lsn(durable), barrier: barrier.map(walship_engine::BarrierId) };
                         c.report(SenderEvent::LiveAck { replica: c.replica.clone(), ack });

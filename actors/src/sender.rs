@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use walship_engine::{
     Endpoint, ExecutionFailure, RecoveryPlan, ReplicaId, ResourceGrant, SessionId,
 };
-use walship_io::{LogReader, SnapshotPin, Store, WalPin};
+use walship_io::{LogReader, SnapshotPin, Store};
 
 /// What a sender needs from its volume.
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ impl SenderActor {
     }
 
     fn start_live(&mut self, live: StartLive, ctx: &mut Context<Self>) {
-        let StartLive { from, epoch, pin } = live;
+        let StartLive { from, epoch } = live;
         let Some(conn) = self.conn.take() else {
             let replica = self.context.replica.clone();
             self.context.report(SenderEvent::LiveLost {
@@ -131,7 +131,7 @@ impl SenderActor {
             return;
         };
         let context = self.context.clone();
-        let fut = async move { executor::live_ship(conn, context, from, epoch, pin).await };
+        let fut = async move { executor::live_ship(conn, context, from, epoch).await };
         let handle = ctx.spawn(
             actix::fut::wrap_future::<_, Self>(fut).map(|error, act, _| {
                 act.task = None;
@@ -290,13 +290,13 @@ impl Handler<Cancel> for SenderActor {
     }
 }
 
-/// Start live shipping from `from`, keeping the WAL after it with `pin`.
+/// Start live shipping from `from` (the replica's retention hold keeps the
+/// WAL after it).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct StartLive {
     pub(crate) from: u64,
     pub(crate) epoch: u64,
-    pub(crate) pin: WalPin,
 }
 
 impl Handler<StartLive> for SenderActor {

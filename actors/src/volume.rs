@@ -24,10 +24,10 @@ use walship_engine::{
     RecoveryEvent, RegistryStatus, ReplicaAssignment, ReplicaId, ResourceGrant, ResourceId,
     ResourceRequest, SessionId, Tick, WalState,
 };
-use walship_io::{BackendChoice, LogReader, Store};
+use walship_io::{BackendChoice, LogReader, Store, WalPin};
 
-/// Label prefix of the WAL pins that keep a live replica's unacknowledged tail.
-pub(crate) const LIVE_PIN_PREFIX: &str = "live ";
+/// Label prefix of the WAL pins that are replicas' retention holds.
+const HOLD_PIN_PREFIX: &str = "hold ";
 
 /// Everything an operator sees of a primary.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
@@ -46,8 +46,8 @@ pub struct VolumeStatus {
     pub tail: u64,
     /// WAL pins held by recovery plans (zero when no recovery runs).
     pub recovery_pins: usize,
-    /// WAL pins held by live replicas at their acknowledged LSN.
-    pub live_pins: usize,
+    /// Replicas' retention holds (one per replica that has one).
+    pub retention_holds: usize,
     /// Snapshot pins (the checkpointer pauses while any is held).
     pub snapshot_pins: usize,
     /// Engine resources held by the runtime.
@@ -70,6 +70,8 @@ pub struct VolumeActor {
     bytes_sent: HashMap<ReplicaId, Arc<AtomicU64>>,
     resources: ResourceTable,
     next_resource: u64,
+    /// Each replica's retention hold, as the engine placed it.
+    holds: HashMap<ReplicaId, WalPin>,
     head_tx: watch::Sender<u64>,
     committed_tx: watch::Sender<u64>,
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
@@ -135,6 +137,7 @@ impl VolumeActor {
         let reader = LogReader::with_service(store.wal(), pools.reader(config.tuning.backend)?);
         let mut engine_config = EngineConfig::new(config.volume.clone());
         engine_config.budget = config.tuning.budget;
+        engine_config.retention = config.tuning.retention_budget();
         engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;
         engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
         let wal = store.wal();
@@ -163,6 +166,7 @@ impl VolumeActor {
             bytes_sent: HashMap::new(),
             resources: ResourceTable::default(),
             next_resource: 1,
+            holds: HashMap::new(),
             head_tx,
             committed_tx,
             barriers: HashMap::new(),
@@ -255,6 +259,8 @@ impl VolumeActor {
         if now >= self.last_heartbeat + self.config.tuning.heartbeat_every_ticks {
             self.last_heartbeat = now;
             self.heartbeat_senders();
+            // Holds over budget go before the checkpointer recycles.
+            self.report_retention(ctx);
             self.maybe_checkpoint();
         }
         self.run_commands(ctx);
@@ -294,6 +300,22 @@ impl VolumeActor {
                 sender.do_send(sender::Heartbeat { epoch });
             }
         }
+    }
+
+    /// Tells the engine how much WAL each retention hold keeps, and carries
+    /// out what it decides (holds released over budget, or moved up).
+    fn report_retention(&mut self, ctx: &mut Context<Self>) {
+        if self.holds.is_empty() {
+            return;
+        }
+        let wal = self.store.wal();
+        let usage: Vec<(ReplicaId, u64)> = self
+            .holds
+            .iter()
+            .map(|(replica, pin)| (replica.clone(), wal.retained_after(pin.from())))
+            .collect();
+        self.engine.handle_retention_usage(&usage);
+        self.run_commands(ctx);
     }
 
     fn maybe_checkpoint(&mut self) {
@@ -439,27 +461,32 @@ impl VolumeActor {
                 from,
                 ..
             } => {
-                // Pinned here, in the same turn as the plan's pins are released,
-                // so no checkpoint can recycle what the live replica needs next.
-                match self
-                    .store
-                    .wal()
-                    .pin_from(from.get(), &format!("{LIVE_PIN_PREFIX}{replica}"))
-                {
+                if let Some(sender) = self.sender_for(&replica) {
+                    sender.do_send(sender::StartLive {
+                        from: from.get(),
+                        epoch: epoch.get(),
+                    });
+                }
+            }
+            Command::HoldRetention { replica, from } => {
+                let label = format!("{HOLD_PIN_PREFIX}{replica}");
+                // The new pin is in place before the old one drops.
+                match self.store.wal().pin_from(from.get(), &label) {
                     Ok(pin) => {
-                        if let Some(sender) = self.sender_for(&replica) {
-                            sender.do_send(sender::StartLive {
-                                from: from.get(),
-                                epoch: epoch.get(),
-                                pin,
-                            });
-                        }
+                        self.holds.insert(replica, pin);
                     }
                     Err(error) => {
+                        self.holds.remove(&replica);
+                        tracing::warn!(%replica, %error, "retention hold not placed");
                         let _ = self
                             .engine
-                            .handle_disconnected(&replica, &format!("live tail: {error}"));
+                            .handle_retention_failed(&replica, &error.to_string());
                     }
+                }
+            }
+            Command::ReleaseRetention { replica, reason } => {
+                if self.holds.remove(&replica).is_some() {
+                    tracing::info!(%replica, %reason, "retention hold released");
                 }
             }
             Command::StopLiveShipping { replica, reason } => {
@@ -543,10 +570,10 @@ impl VolumeActor {
     fn status(&self) -> VolumeStatus {
         let wal = self.store.wal();
         let retention = wal.retention();
-        let live_pins = retention
+        let retention_holds = retention
             .pins
             .iter()
-            .filter(|p| p.pin.label.starts_with(LIVE_PIN_PREFIX))
+            .filter(|p| p.pin.label.starts_with(HOLD_PIN_PREFIX))
             .count();
         let choice: &BackendChoice = self.reader.choice();
         let mut mailboxes = vec![self.metrics.snapshot()];
@@ -560,8 +587,8 @@ impl VolumeActor {
             durable: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,
             tail: wal.tail(),
-            recovery_pins: retention.pins.len() - live_pins,
-            live_pins,
+            recovery_pins: retention.pins.len() - retention_holds,
+            retention_holds,
             snapshot_pins: self.store.snapshot_pins(),
             held_resources: self.resources.len(),
             reader_backend: format!("{:?}: {}", choice.backend, choice.reason),
@@ -753,7 +780,9 @@ pub struct Checkpoint;
 impl Handler<Checkpoint> for VolumeActor {
     type Result = ResponseFuture<Result<(), VolumeError>>;
 
-    fn handle(&mut self, _: Checkpoint, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Checkpoint, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
+        self.report_retention(ctx);
         let (tx, rx) = oneshot::channel();
         self.start_checkpoint(self.store.wal().durable(), Some(tx));
         Box::pin(async move { rx.await.map_err(|_| VolumeError::Stopped)? })

@@ -51,7 +51,12 @@ async fn a4_short_gap_recovers_by_catch_up_over_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
-    let mut cluster = Cluster::start(CommitMode::BestEffort, &["r1", "r2"]).await;
+    let mut cluster = Cluster::start_with(
+        CommitMode::BestEffort,
+        &["r1", "r2"],
+        tuning_without_holds(),
+    )
+    .await;
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.write_blocks(0, 20).await;
     cluster.primary.barrier().await.unwrap();
@@ -65,7 +70,9 @@ async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
     assert_logged(&events, |e| {
-        e.contains("handshake") && e.contains("gap_beyond_retention")
+        e.contains("handshake")
+            && e.contains("gap_beyond_retention")
+            && e.contains("(its retention hold was released: retention_budget_exceeded: holds")
     });
     assert!(cluster.has_event("r2", "plan_rebuild_snapshot_tail").await);
     assert!(cluster.has_event("r2", "rebuild_completed").await);
@@ -73,7 +80,8 @@ async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a8_sync_all_fails_clearly_when_a_replica_is_lost_then_full_base_brings_it_back() {
-    let mut cluster = Cluster::start(CommitMode::SyncAll, &["r1", "r2"]).await;
+    let mut cluster =
+        Cluster::start_with(CommitMode::SyncAll, &["r1", "r2"], tuning_without_holds()).await;
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.write_blocks(0, 10).await;
     cluster.primary.barrier().await.unwrap();
@@ -308,7 +316,7 @@ async fn a2_uncommitted_data_is_not_revived_after_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
-    let mut no_snapshots = tuning();
+    let mut no_snapshots = tuning_without_holds();
     no_snapshots.snapshot_rebuilds = false;
     let mut cluster =
         Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], no_snapshots).await;

@@ -43,6 +43,9 @@ pub(crate) enum Timer {
         replica: ReplicaId,
         session: SessionId,
     },
+    RetentionHold {
+        replica: ReplicaId,
+    },
 }
 
 /// The pure recovery engine of one volume. See the module docs for the calling order.
@@ -402,6 +405,7 @@ impl Engine {
             .collect();
         for id in removed {
             self.invalidate(&id, "replica_removed");
+            self.release_retention(&id, "replica_removed");
             self.senders.remove(&id);
             self.record(Some(&id), None, "replica_removed", "left the assignment");
             self.commands.push(Command::Disconnect {
@@ -476,6 +480,9 @@ impl Engine {
                 Box::new(Sender::new(id.clone(), endpoint, self.now)),
             );
             self.record(Some(&id), None, "replica_added", detail);
+            // Where it stands is unknown until it answers: keep everything.
+            let tail = self.wal.tail;
+            self.hold_retention(&id, tail, true);
             self.start_session(&id, SessionKind::Bootstrap);
             return;
         };
@@ -505,6 +512,7 @@ impl Engine {
         };
         let was_in_sync = sender.state() == ReplicaState::InSync;
         sender.connection_lost();
+        self.hold_while_away(replica);
         self.commit.set_in_sync(replica, false);
         if was_in_sync {
             self.commands.push(Command::StopLiveShipping {
@@ -670,6 +678,13 @@ impl Engine {
             Input::Disconnected { replica, reason } => self.handle_disconnected(&replica, &reason),
             Input::Heartbeat { replica, epoch } => self.handle_heartbeat(&replica, epoch),
             Input::Ack { replica, ack } => self.handle_ack(&replica, ack),
+            Input::RetentionUsage { usage } => {
+                self.handle_retention_usage(&usage);
+                Ok(())
+            }
+            Input::RetentionFailed { replica, reason } => {
+                self.handle_retention_failed(&replica, &reason)
+            }
         }
     }
 
@@ -702,6 +717,7 @@ impl Engine {
                 }
             }
             Timer::CatchUpBudget { replica, session } => self.check_budget(&replica, session),
+            Timer::RetentionHold { replica } => self.fire_retention_timer(&replica),
         }
     }
 

@@ -7,6 +7,7 @@ use crate::epochs::EpochStart;
 use crate::history::ReplicaLog;
 use crate::ids::{BarrierId, Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
 use crate::plan::{RecoveryPlan, ResourceGrant, ResourceRequest};
+use crate::retention::RetentionBudget;
 use serde::Serialize;
 
 /// Static configuration of one volume's engine.
@@ -16,6 +17,8 @@ pub struct EngineConfig {
     pub volume: String,
     /// Budget for every catch-up.
     pub budget: CatchUpBudget,
+    /// How much WAL, for how long, an away replica's retention hold may keep.
+    pub retention: RetentionBudget,
     /// Ticks the shell has to grant a plan's resources.
     pub pin_reservation_ticks: u64,
     /// Ticks a barrier may wait before it fails.
@@ -25,11 +28,13 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// Defaults for `volume`: no budget limits, 100-tick pin reservation and barrier timeouts.
+    /// Defaults for `volume`: no budget limits (catch-up or retention),
+    /// 100-tick pin reservation and barrier timeouts.
     pub fn new(volume: impl Into<String>) -> Self {
         Self {
             volume: volume.into(),
             budget: CatchUpBudget::default(),
+            retention: RetentionBudget::default(),
             pin_reservation_ticks: 100,
             barrier_timeout_ticks: 100,
             log_capacity: 4096,
@@ -249,6 +254,18 @@ pub enum Input {
         /// The ack.
         ack: Ack,
     },
+    /// See [`Engine::handle_retention_usage`](crate::Engine::handle_retention_usage).
+    RetentionUsage {
+        /// WAL bytes each replica's hold keeps.
+        usage: Vec<(ReplicaId, u64)>,
+    },
+    /// See [`Engine::handle_retention_failed`](crate::Engine::handle_retention_failed).
+    RetentionFailed {
+        /// Replica.
+        replica: ReplicaId,
+        /// Why the hold could not be placed.
+        reason: String,
+    },
 }
 
 /// What the engine asks the shell to do. Drained with
@@ -335,6 +352,22 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+    /// Keep the WAL after `from` for the replica, replacing its previous hold
+    /// (place the new one before dropping the old). Report a failure with
+    /// `handle_retention_failed`.
+    HoldRetention {
+        /// Replica.
+        replica: ReplicaId,
+        /// Exclusive start of the WAL to keep.
+        from: Lsn,
+    },
+    /// Drop the replica's retention hold.
+    ReleaseRetention {
+        /// Replica.
+        replica: ReplicaId,
+        /// Why.
+        reason: String,
+    },
     /// A barrier finished: committed LSN on success, the failure otherwise.
     ResolveBarrier {
         /// Barrier.
@@ -355,7 +388,9 @@ impl Command {
             | Self::Execute { replica, .. }
             | Self::CancelExecution { replica, .. }
             | Self::StartLiveShipping { replica, .. }
-            | Self::StopLiveShipping { replica, .. } => Some(replica),
+            | Self::StopLiveShipping { replica, .. }
+            | Self::HoldRetention { replica, .. }
+            | Self::ReleaseRetention { replica, .. } => Some(replica),
             Self::ResolveBarrier { .. } => None,
         }
     }

@@ -69,6 +69,7 @@ mod plan;
 mod promotion;
 mod rebuild;
 mod recovery;
+mod retention;
 mod sender;
 mod session;
 mod status;
@@ -100,6 +101,7 @@ pub use promotion::{
     PromotionReport,
 };
 pub use rebuild::{RebuildError, RebuildFsm, RebuildState};
+pub use retention::{RetentionBudget, RetentionHold};
 pub use sender::{RebuildNeed, ReplicaState};
 pub use session::{PhaseError, SessionKind, SessionPhase, Truncation, Work};
 pub use status::{RegistryStatus, SenderStatus, SessionSnapshot};

@@ -17,6 +17,7 @@ use crate::history::{classify_handshake, select_rebuild_source, HandshakeOutcome
 use crate::ids::{Epoch, Lsn, ReplicaId, SessionId};
 use crate::plan::{PlanKind, RecoveryPlan, ResourceGrant};
 use crate::rebuild::RebuildState;
+use crate::retention::RetentionHold;
 use crate::sender::ReplicaState;
 use crate::session::{Session, SessionKind, Stage, Truncation, Work};
 
@@ -72,6 +73,7 @@ impl Engine {
         };
         sender.connection_lost();
         self.cancel_session_timers(replica, id);
+        self.hold_while_away(replica);
         self.commit.set_in_sync(replica, false);
         self.record(Some(replica), Some(id), "session_invalidated", reason);
         if was_running {
@@ -93,10 +95,17 @@ impl Engine {
         let session = self.active_session(replica);
         self.record(Some(replica), session, "escalated", reason);
         self.invalidate(replica, &format!("escalated: {reason}"));
+        self.needs_rebuild(replica, reason);
+        self.start_session(replica, SessionKind::Rebuild);
+    }
+
+    /// Marks the replica as needing a rebuild (sticky). It holds no WAL
+    /// any more: no catch-up will use it.
+    pub(crate) fn needs_rebuild(&mut self, replica: &ReplicaId, reason: &str) {
         if let Some(sender) = self.senders.get_mut(replica) {
             sender.become_needs_rebuild(reason);
         }
-        self.start_session(replica, SessionKind::Rebuild);
+        self.release_retention(replica, &format!("needs_rebuild: {reason}"));
     }
 
     /// The shell connected for `session`; the handshake comes next.
@@ -139,13 +148,21 @@ impl Engine {
         let flushed = reply.log.flushed;
         sender.flushed = flushed;
         let sticky = sender.rebuild_need().map(|need| need.reason.clone());
+        let released = match &sender.hold {
+            RetentionHold::Released { reason } => Some(reason.clone()),
+            _ => None,
+        };
         let history = self.history();
         let outcome = classify_handshake(&reply.log, &history, &self.epochs);
-        let detail = format!(
+        let mut detail = format!(
             "flushed={flushed} committed={}: {}",
             history.committed,
             outcome.proof().reason
         );
+        if let (HandshakeOutcome::NeedsRebuild { .. }, Some(released)) = (&outcome, released) {
+            // Why the WAL it needed is gone.
+            detail.push_str(&format!(" (its retention hold was released: {released})"));
+        }
         self.record(Some(replica), Some(session), "handshake", detail);
         if let Some(reason) = sticky {
             let detail = format!("needs_rebuild is sticky: {reason}");
@@ -166,7 +183,7 @@ impl Engine {
                 {
                     let reason = violation.to_string();
                     self.record(Some(replica), Some(session), "escalated", reason.clone());
-                    self.sender_mut(replica)?.become_needs_rebuild(&reason);
+                    self.needs_rebuild(replica, &reason);
                     self.plan_rebuild(replica, session);
                     return Ok(());
                 }
@@ -179,8 +196,7 @@ impl Engine {
                 self.reserve(replica, session, kind);
             }
             HandshakeOutcome::NeedsRebuild { proof } => {
-                self.sender_mut(replica)?
-                    .become_needs_rebuild(&proof.reason);
+                self.needs_rebuild(replica, &proof.reason);
                 self.plan_rebuild(replica, session);
             }
         }
@@ -374,14 +390,16 @@ impl Engine {
             return;
         };
         self.invalidate(replica, &format!("pin_failed: {reason}"));
+        if matches!(plan.kind, PlanKind::CatchUp { .. }) {
+            self.needs_rebuild(replica, &format!("wal_pin_failed: {reason}"));
+            self.start_session(replica, SessionKind::Rebuild);
+            return;
+        }
         let Some(sender) = self.senders.get_mut(replica) else {
             return;
         };
         match plan.kind {
-            PlanKind::CatchUp { .. } => {
-                sender.become_needs_rebuild(&format!("wal_pin_failed: {reason}"));
-                self.start_session(replica, SessionKind::Rebuild);
-            }
+            PlanKind::CatchUp { .. } => {}
             PlanKind::Rebuild {
                 source: RebuildSource::SnapshotTail { .. },
             } => {
@@ -628,6 +646,8 @@ impl Engine {
             event,
             format!("in sync at {flushed}"),
         );
+        // The hold takes over from the plan's pins before they go.
+        self.hold_retention(replica, flushed, false);
         self.release(replica, session, grants, "completed");
         self.commit.reset_replica_durable(replica, flushed);
         self.commit.set_in_sync(replica, true);

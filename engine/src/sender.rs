@@ -7,6 +7,7 @@
 //! `NeedsRebuild` (or `Rebuilding` while a rebuild runs).
 
 use crate::ids::{Endpoint, Lsn, ReplicaId, Tick};
+use crate::retention::RetentionHold;
 use crate::session::Session;
 use serde::Serialize;
 
@@ -49,6 +50,7 @@ pub(crate) struct Sender {
     pub(crate) session: Option<Session>,
     pub(crate) flushed: Lsn,
     pub(crate) last_heartbeat: Tick,
+    pub(crate) hold: RetentionHold,
 }
 
 impl Sender {
@@ -61,6 +63,7 @@ impl Sender {
             session: None,
             flushed: Lsn::ZERO,
             last_heartbeat: now,
+            hold: RetentionHold::None,
         }
     }
 

@@ -7,6 +7,7 @@ use crate::epochs::EpochHistory;
 use crate::history::RetainedHistory;
 use crate::ids::{Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
 use crate::plan::RecoveryPlan;
+use crate::retention::RetentionHold;
 use crate::sender::{RebuildNeed, ReplicaState};
 use crate::session::{Session, SessionKind, SessionPhase, Stage, Work};
 use serde::Serialize;
@@ -80,6 +81,8 @@ pub struct SenderStatus {
     pub last_heartbeat: Tick,
     /// Why it needs a rebuild, while it does.
     pub rebuild_need: Option<RebuildNeed>,
+    /// The WAL kept for it.
+    pub retention: RetentionHold,
     /// Latest session, live or terminal.
     pub session: Option<SessionSnapshot>,
 }
@@ -133,6 +136,7 @@ impl Engine {
                     flushed: s.flushed,
                     last_heartbeat: s.last_heartbeat,
                     rebuild_need: s.rebuild_need().cloned(),
+                    retention: s.hold.clone(),
                     session: s.session.as_ref().map(SessionSnapshot::of),
                 })
                 .collect(),

@@ -244,7 +244,11 @@ fn a5_non_convergent_catch_up_escalates_to_needs_rebuild() {
     let commands = shell.tick(51);
     assert!(matches!(commands[0], Command::CancelExecution { session, .. } if session == old));
     assert!(matches!(commands[1], Command::ReleaseResources { .. }));
-    assert!(matches!(commands[2], Command::Connect { .. }));
+    assert!(
+        matches!(&commands[2], Command::ReleaseRetention { reason, .. } if reason.starts_with("needs_rebuild: budget_duration_exceeded")),
+        "a replica that needs a rebuild holds no WAL"
+    );
+    assert!(matches!(commands[3], Command::Connect { .. }));
     assert_eq!(
         shell.event_detail("escalated"),
         ["budget_duration_exceeded: elapsed=51 max=50"]
@@ -347,7 +351,7 @@ fn a7_snapshot_plus_tail_rebuild_matches_and_gates_tail_replay() {
     let commands = shell.connect_and_handshake("b", 50);
     assert!(matches!(
         commands.as_slice(),
-        [Command::AcquireResources { requests, .. }]
+        [Command::ReleaseRetention { .. }, Command::AcquireResources { requests, .. }]
             if requests == &[ResourceRequest::Snapshot { at: Lsn(80) }, ResourceRequest::WalRetention { from: Lsn(80) }]
     ));
     shell.grant("b", 0);
@@ -846,7 +850,7 @@ fn fc5_trusted_base_with_unreplayable_tail_uses_full_base() {
     let commands = shell.connect_and_handshake("b", 20);
     assert!(matches!(
         commands.as_slice(),
-        [Command::AcquireResources { requests, .. }] if requests == &[ResourceRequest::FullBase { at_least: Lsn(100) }]
+        [Command::ReleaseRetention { .. }, Command::AcquireResources { requests, .. }] if requests == &[ResourceRequest::FullBase { at_least: Lsn(100) }]
     ));
     assert_eq!(
         shell.event_detail("plan_rebuild_full_base"),
@@ -1082,4 +1086,158 @@ fn a_divergent_tail_under_sync_all_keeps_only_what_was_committed() {
     assert_eq!(shell.live[&rid("b")], Lsn(200));
     shell.ack("b", 500, None).unwrap();
     assert_eq!(shell.engine.committed(), Lsn(500));
+}
+
+/// `b` in sync at 100 with its hold there, then away from tick 10.
+fn b_away_at_100(retention: RetentionBudget) -> Shell {
+    let mut config = Shell::config();
+    config.retention = retention;
+    let mut shell = Shell::new(config);
+    shell.wal(40, 100, 40, true);
+    shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    assert_eq!(
+        shell.holds[&rid("b")],
+        Lsn(40),
+        "unknown position: the whole WAL"
+    );
+    shell.in_sync("b");
+    assert_eq!(
+        shell.holds[&rid("b")],
+        Lsn(100),
+        "in sync: at what it holds"
+    );
+    shell.tick(10);
+    shell
+        .engine
+        .handle_disconnected(&rid("b"), "peer reset")
+        .unwrap();
+    shell.pump();
+    assert_eq!(
+        shell.engine.status().senders[0].retention,
+        RetentionHold::Held {
+            from: Lsn(100),
+            away_since: Some(Tick(10))
+        }
+    );
+    shell
+}
+
+#[test]
+fn a4_a_replica_away_within_budget_keeps_its_hold_and_returns_by_catch_up() {
+    let mut shell = b_away_at_100(RetentionBudget {
+        max_bytes: Some(4096),
+        max_away_ticks: Some(50),
+    });
+    shell.wal(40, 140, 40, true);
+    // Exactly at both budgets: kept.
+    shell.engine.handle_retention_usage(&[(rid("b"), 4096)]);
+    shell.tick(59);
+    assert_eq!(shell.holds[&rid("b")], Lsn(100));
+    assert!(shell.event_detail("retention_budget_exceeded").is_empty());
+    // The checkpointer can only recycle up to the hold.
+    shell.wal(100, 140, 100, true);
+    shell.heartbeat("b");
+    shell.connect_and_handshake("b", 100);
+    assert_eq!(
+        shell.event_detail("handshake").last().unwrap(),
+        "flushed=100 committed=140: gap_within_retention: need 101-140, tail=100 head=140"
+    );
+    shell.grant("b", 0);
+    shell.progress("b", 140).unwrap();
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.holds[&rid("b")], Lsn(140));
+    shell.assert_no_pins();
+}
+
+#[test]
+fn a6_a_replica_away_past_its_byte_budget_loses_its_hold_and_rebuilds() {
+    let mut shell = b_away_at_100(RetentionBudget {
+        max_bytes: Some(4096),
+        max_away_ticks: None,
+    });
+    shell.wal(40, 140, 40, true);
+    shell.engine.handle_retention_usage(&[(rid("b"), 4097)]);
+    shell.pump();
+    assert!(!shell.holds.contains_key(&rid("b")));
+    assert_eq!(
+        shell.event_detail("retention_budget_exceeded"),
+        [
+            "holds 4097 bytes of WAL after 100, budget 4096 bytes; hold released, \
+          the replica will rebuild unless it returns before the WAL is recycled"
+        ]
+    );
+    // Released, the checkpointer recycles past it; the return says why.
+    shell.wal(120, 140, 120, true);
+    shell.heartbeat("b");
+    shell.connect_and_handshake("b", 100);
+    assert_eq!(
+        shell.event_detail("handshake").last().unwrap(),
+        "flushed=100 committed=140: gap_beyond_retention: need 101-140, tail=120 head=140 \
+         (its retention hold was released: retention_budget_exceeded: holds 4097 bytes of WAL \
+         after 100, budget 4096 bytes)"
+    );
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+}
+
+#[test]
+fn a11_a_replica_away_past_its_time_budget_loses_its_hold() {
+    let mut shell = b_away_at_100(RetentionBudget {
+        max_bytes: None,
+        max_away_ticks: Some(50),
+    });
+    shell.tick(59);
+    assert!(shell.holds.contains_key(&rid("b")));
+    let commands = shell.tick(60);
+    assert!(matches!(
+        commands.as_slice(),
+        [Command::ReleaseRetention { reason, .. }] if reason.starts_with("retention_budget_exceeded: away for 50 ticks")
+    ));
+    assert!(!shell.holds.contains_key(&rid("b")));
+    // Back by catch-up while the WAL still happens to be there: the hold returns.
+    shell.heartbeat("b");
+    shell.connect_and_handshake("b", 100);
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(shell.holds[&rid("b")], Lsn(100));
+    assert_eq!(
+        shell.engine.next_timer(),
+        None,
+        "in sync: no time budget runs"
+    );
+}
+
+#[test]
+fn in_sync_holds_follow_acks_and_an_unplaceable_hold_is_released() {
+    let mut shell = primary_with_b();
+    shell.in_sync("b");
+    shell.wal(40, 130, 40, true);
+    shell.ack("b", 120, None).unwrap();
+    assert_eq!(
+        shell.holds[&rid("b")],
+        Lsn(100),
+        "moved lazily, not per ack"
+    );
+    let commands = {
+        shell.engine.handle_retention_usage(&[(rid("b"), 1 << 30)]);
+        shell.pump()
+    };
+    assert!(matches!(
+        commands.as_slice(),
+        [Command::HoldRetention { from: Lsn(120), .. }]
+    ));
+    assert!(
+        shell.event_detail("retention_budget_exceeded").is_empty(),
+        "no budget applies while in sync"
+    );
+    shell
+        .engine
+        .handle_retention_failed(&rid("b"), "cannot pin from 120: tail is 125")
+        .unwrap();
+    shell.pump();
+    assert!(!shell.holds.contains_key(&rid("b")));
+    assert_eq!(
+        shell.engine.status().senders[0].retention,
+        RetentionHold::Released {
+            reason: "hold_failed: cannot pin from 120: tail is 125".into()
+        }
+    );
 }

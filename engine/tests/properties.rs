@@ -3,7 +3,10 @@
 //!   (the test shell panics on a double or unknown release);
 //! - no session makes progress after its epoch or endpoint was superseded;
 //! - committed never decreases and never exceeds what the mode's durable set holds;
-//! - NeedsRebuild stays until a rebuild completes.
+//! - NeedsRebuild stays until a rebuild completes;
+//! - the shell holds exactly the retention holds the engine reports, an
+//!   in-sync replica always has one at or below what it acknowledged, and
+//!   one that needs a rebuild has none.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -35,6 +38,7 @@ enum Op {
     Barrier,
     Tick(u64),
     StaleInput(usize, u64),
+    RetentionUsage(u64),
     /// The next correct step for the replica's live session, whatever its phase.
     Drive(usize, u64),
 }
@@ -60,6 +64,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Barrier),
         2 => (1..40u64).prop_map(Op::Tick),
         2 => (r.clone(), 0..8u64).prop_map(|(i, k)| Op::StaleInput(i, k)),
+        2 => (0..2000u64).prop_map(Op::RetentionUsage),
         12 => (r, 0..100u64).prop_map(|(i, v)| Op::Drive(i, v)),
     ]
 }
@@ -71,7 +76,7 @@ struct Model {
     superseded: Vec<(ReplicaId, SessionId, Epoch)>,
     last_session: BTreeMap<ReplicaId, SessionId>,
     max_reported: BTreeMap<ReplicaId, Lsn>,
-    sticky_since: BTreeMap<ReplicaId, usize>,
+    sticky_since: BTreeMap<ReplicaId, u64>,
     last_committed: Lsn,
     now: u64,
 }
@@ -83,6 +88,10 @@ impl Model {
         config.budget.progress_deadline_ticks = Some(60);
         config.pin_reservation_ticks = 30;
         config.barrier_timeout_ticks = 50;
+        config.retention = RetentionBudget {
+            max_bytes: Some(1000),
+            max_away_ticks: Some(150),
+        };
         let shell = Shell::new(config);
         let mut model = Self {
             shell,
@@ -364,6 +373,15 @@ impl Model {
                     _ => {}
                 }
             }
+            Op::RetentionUsage(bytes) => {
+                let usage: Vec<(ReplicaId, u64)> = self
+                    .shell
+                    .holds
+                    .keys()
+                    .map(|r| (r.clone(), bytes))
+                    .collect();
+                e.handle_retention_usage(&usage);
+            }
             Op::StaleInput(i, k) => {
                 let id = rid(SERVERS[i]);
                 let stale: Vec<_> = self
@@ -441,6 +459,36 @@ impl Model {
             committed <= bound,
             "committed {committed} beyond durable bound {bound}"
         );
+        // Retention holds: the shell holds what the engine says, where it says.
+        for sender in engine.status().senders {
+            let shell_hold = self.shell.holds.get(&sender.replica).copied();
+            match &sender.retention {
+                RetentionHold::Held { from, away_since } => {
+                    assert_eq!(shell_hold, Some(*from), "{}", sender.replica);
+                    if sender.state == ReplicaState::InSync {
+                        assert!(away_since.is_none() && *from <= sender.flushed);
+                    }
+                }
+                _ => assert_eq!(
+                    shell_hold, None,
+                    "{} holds WAL it should not",
+                    sender.replica
+                ),
+            }
+            match sender.state {
+                ReplicaState::NeedsRebuild | ReplicaState::Rebuilding => assert!(
+                    !matches!(sender.retention, RetentionHold::Held { .. }),
+                    "{} needs a rebuild yet holds WAL",
+                    sender.replica
+                ),
+                ReplicaState::InSync => assert!(
+                    matches!(sender.retention, RetentionHold::Held { .. }),
+                    "{} in sync without a hold",
+                    sender.replica
+                ),
+                _ => {}
+            }
+        }
         // NeedsRebuild is sticky until a rebuild completes.
         for replica in SERVERS.iter().map(|s| rid(s)) {
             let state = engine.replica_state(&replica).unwrap();
@@ -448,7 +496,8 @@ impl Model {
                 .log()
                 .events()
                 .filter(|e| e.event == "rebuild_completed" && e.replica.as_ref() == Some(&replica))
-                .count();
+                .map(|e| 1 + e.repeats)
+                .sum::<u64>();
             match self.sticky_since.get(&replica) {
                 Some(&since) if rebuilds == since => assert!(
                     matches!(state, ReplicaState::NeedsRebuild | ReplicaState::Rebuilding),
@@ -488,5 +537,6 @@ proptest! {
         // Removing every replica releases everything still pinned.
         model.shell.assign(assignment(model.shell.epoch().get(), CommitMode::BestEffort, &[]));
         model.shell.assert_no_pins();
+        prop_assert!(model.shell.holds.is_empty(), "holds left: {:?}", model.shell.holds);
     }
 }

@@ -1011,6 +1011,12 @@ impl Wal {
         writer.segments.iter().map(|s| s.bytes_after(lsn)).sum()
     }
 
+    /// Bytes of retained frames after `lsn`: what a pin at `lsn` keeps
+    /// from being recycled, at most.
+    pub fn retained_after(&self, lsn: u64) -> u64 {
+        Self::bytes_after(&self.writer(), lsn)
+    }
+
     /// Retention and pin pressure.
     pub fn retention(&self) -> RetentionReport {
         let writer = self.writer();

@@ -27,6 +27,15 @@ pub fn tuning() -> Tuning {
     }
 }
 
+/// A tuning whose away replicas lose their retention hold at once: the
+/// checkpointer then recycles past them, as tests of rebuilds need.
+pub fn tuning_without_holds() -> Tuning {
+    Tuning {
+        retention_max_bytes: Some(0),
+        ..tuning()
+    }
+}
+
 pub fn store_options() -> StoreOptions {
     StoreOptions {
         segment_bytes: 64 * 1024,
@@ -353,6 +362,18 @@ impl Cluster {
                 format!("{} {} {}", replica, e.event, e.detail)
             })
             .collect()
+    }
+
+    /// Waits until the primary logged `event` for `server`.
+    pub async fn wait_event(&self, server: &str, event: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.has_event(server, event).await {
+            if Instant::now() > deadline {
+                let log = self.events().await.join("\n");
+                panic!("no {event} for {server} after {limit:?}\nrecovery log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn has_event(&self, server: &str, event: &str) -> bool {

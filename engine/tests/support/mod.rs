@@ -39,6 +39,8 @@ pub struct Shell {
     pub all_commands: Vec<Command>,
     /// The primary's epoch history as its WAL would report it.
     pub epochs: EpochHistory,
+    /// Retention holds the shell keeps, by replica.
+    pub holds: BTreeMap<ReplicaId, Lsn>,
 }
 
 impl Shell {
@@ -55,6 +57,7 @@ impl Shell {
             barriers: BTreeMap::new(),
             all_commands: Vec::new(),
             epochs: EpochHistory::new(),
+            holds: BTreeMap::new(),
         }
     }
 
@@ -101,6 +104,12 @@ impl Shell {
                 }
                 Command::ResolveBarrier { barrier, outcome } => {
                     self.barriers.insert(*barrier, outcome.clone());
+                }
+                Command::HoldRetention { replica, from } => {
+                    self.holds.insert(replica.clone(), *from);
+                }
+                Command::ReleaseRetention { replica, .. } => {
+                    assert!(self.holds.remove(replica).is_some(), "release of no hold");
                 }
                 Command::Connect { .. } => {}
             }
@@ -304,6 +313,13 @@ impl Shell {
         let b = self.engine.handle_barrier(Lsn(lsn), self.epoch()).unwrap();
         self.pump();
         b
+    }
+
+    /// The replica is reachable again: an idle one gets a session.
+    pub fn heartbeat(&mut self, server: &str) -> Vec<Command> {
+        let epoch = self.epoch();
+        self.engine.handle_heartbeat(&rid(server), epoch).unwrap();
+        self.pump()
     }
 
     pub fn tick(&mut self, t: u64) -> Vec<Command> {
