@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use walship_engine::{
     Ack, CatchUpExecutor, CatchUpProgress, Endpoint, Epoch, HandshakeReply, Lsn, PlanKind,
@@ -513,8 +514,14 @@ async fn rebuild(
 
 /// Ships new WAL frames to an InSync replica as they are written, relays its
 /// durable acks, and probes it when idle. Returns why it stopped.
-pub(crate) async fn live_ship(conn: Conn, c: SenderContext, from: u64, epoch: u64) -> ExecError {
-    match live_loop(conn, &c, from, epoch).await {
+pub(crate) async fn live_ship(
+    conn: Conn,
+    c: SenderContext,
+    from: u64,
+    epoch: u64,
+    barriers: mpsc::UnboundedReceiver<BarrierRequest>,
+) -> ExecError {
+    match live_loop(conn, &c, from, epoch, barriers).await {
         Ok(never) => match never {},
         Err(error) => error,
     }
@@ -522,13 +529,19 @@ pub(crate) async fn live_ship(conn: Conn, c: SenderContext, from: u64, epoch: u6
 
 enum Never {}
 
+/// A barrier the replica is asked to acknowledge by id: (barrier id, lsn).
+pub(crate) type BarrierRequest = (u64, u64);
+
 /// The replica's retention hold (the volume's) keeps the WAL after what it
 /// acknowledged, so what is shipped next is never recycled under the loop.
+/// A barrier request goes out once the WAL up to its LSN is shipped, so the
+/// ack that names it covers that LSN.
 async fn live_loop(
     conn: Conn,
     c: &SenderContext,
     from: u64,
     epoch: u64,
+    mut barriers: mpsc::UnboundedReceiver<BarrierRequest>,
 ) -> Result<Never, ExecError> {
     let (mut sink, mut stream) = conn.split();
     let mut head_rx = c.head_rx.clone();
@@ -539,6 +552,8 @@ async fn live_loop(
     let mut last_heard = Instant::now();
     let mut probe = tokio::time::interval(c.tuning.peer_timeout / 4);
     let mut seq = 0u64;
+    let mut waiting: VecDeque<BarrierRequest> = VecDeque::new();
+    let mut barriers_open = true;
     loop {
         let head = *head_rx.borrow_and_update();
         while shipped < head && inflight_bytes < c.tuning.max_inflight_bytes {
@@ -557,7 +572,19 @@ async fn live_loop(
             inflight_bytes += len;
             shipped = last;
         }
+        while let Some(&(id, lsn)) = waiting.front().filter(|(_, lsn)| *lsn <= shipped) {
+            waiting.pop_front();
+            sink.send(Envelope {
+                epoch,
+                message: Message::Barrier { id, lsn },
+            })
+            .await?;
+        }
         tokio::select! {
+            request = barriers.recv(), if barriers_open => match request {
+                Some(request) => waiting.push_back(request),
+                None => barriers_open = false,
+            },
             changed = head_rx.changed() => {
                 if changed.is_err() {
                     return Err(ExecError::Closed);

@@ -424,7 +424,11 @@ impl Handler<Inbound> for ReceiverActor {
         let mut out = Reply::default();
         let mut unsynced = false;
         for envelope in msg.envelopes {
-            if !matches!(envelope.message, Message::WalBatch { .. }) {
+            // A barrier's own ack covers what the batches before it owe.
+            if !matches!(
+                envelope.message,
+                Message::WalBatch { .. } | Message::Barrier { .. }
+            ) {
                 if let Some(ack) = self.flush(&mut unsynced) {
                     out.send.extend(ack.send);
                     out.close |= ack.close;
@@ -486,13 +490,19 @@ impl ReceiverActor {
                 frames,
                 ..
             } => self.batch(first_lsn, last_lsn, committed, &frames, unsynced),
-            Message::Barrier { id, lsn } => {
+            Message::Barrier { id, .. } => {
+                // Everything appended so far, the barrier's LSN included (the
+                // primary asks once it has shipped it): one sync, one ack.
+                *unsynced = false;
                 let head = self.store.wal().head();
-                match self.store.sync_to(lsn.min(head)) {
-                    Ok(durable) => self.answer(Message::DurableAck {
-                        durable,
-                        barrier: Some(id),
-                    }),
+                match self.store.sync_to(head) {
+                    Ok(durable) => {
+                        self.maybe_checkpoint(durable);
+                        self.answer(Message::DurableAck {
+                            durable,
+                            barrier: Some(id),
+                        })
+                    }
                     Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
                 }
             }

@@ -10,7 +10,7 @@
 
 use crate::config::Tuning;
 use crate::error::ExecError;
-use crate::executor::{self, Conn};
+use crate::executor::{self, BarrierRequest, Conn};
 use crate::metered;
 use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
 use crate::resources::Lease;
@@ -18,7 +18,7 @@ use crate::volume::{SenderEvent, VolumeActor};
 use actix::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use walship_engine::{
     Endpoint, ExecutionFailure, RecoveryPlan, ReplicaId, ResourceGrant, SessionId,
 };
@@ -62,6 +62,8 @@ pub struct SenderActor {
     conn: Option<Conn>,
     task: Option<(TaskKind, SpawnHandle)>,
     pending_live: Option<StartLive>,
+    /// Barrier requests for the live task, while one runs.
+    live_barriers: Option<mpsc::UnboundedSender<BarrierRequest>>,
     epoch: u64,
     metrics: Arc<MailboxMetrics>,
 }
@@ -84,7 +86,7 @@ impl Metered for SenderActor {
     }
 }
 
-metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, EpochChanged, EndpointChanged, Heartbeat, Shutdown);
+metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, SendBarrier, EpochChanged, EndpointChanged, Heartbeat, Shutdown);
 
 impl SenderActor {
     pub(crate) fn new(context: SenderContext, metrics: Arc<MailboxMetrics>) -> Self {
@@ -93,6 +95,7 @@ impl SenderActor {
             conn: None,
             task: None,
             pending_live: None,
+            live_barriers: None,
             epoch: 0,
             metrics,
         }
@@ -102,6 +105,7 @@ impl SenderActor {
         if let Some((_, handle)) = self.task.take() {
             ctx.cancel_future(handle);
         }
+        self.live_barriers = None;
     }
 
     /// Cancels the task (its future, connection and lease are dropped on the
@@ -131,10 +135,13 @@ impl SenderActor {
             return;
         };
         let context = self.context.clone();
-        let fut = async move { executor::live_ship(conn, context, from, epoch).await };
+        let (barriers, requests) = mpsc::unbounded_channel();
+        self.live_barriers = Some(barriers);
+        let fut = async move { executor::live_ship(conn, context, from, epoch, requests).await };
         let handle = ctx.spawn(
             actix::fut::wrap_future::<_, Self>(fut).map(|error, act, _| {
                 act.task = None;
+                act.live_barriers = None;
                 let replica = act.context.replica.clone();
                 act.context.report(SenderEvent::LiveLost {
                     replica,
@@ -310,6 +317,26 @@ impl Handler<StartLive> for SenderActor {
                 self.cancel_task(ctx);
                 self.start_live(msg, ctx);
             }
+        }
+    }
+}
+
+/// Ask the in-sync replica for a durable ack naming barrier `id` once the
+/// WAL up to `lsn` is shipped. Dropped when nothing ships live: the barrier
+/// then waits on the replica's next session, or times out.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct SendBarrier {
+    pub(crate) id: u64,
+    pub(crate) lsn: u64,
+}
+
+impl Handler<SendBarrier> for SenderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SendBarrier, _: &mut Context<Self>) {
+        if let Some(barriers) = &self.live_barriers {
+            let _ = barriers.send((msg.id, msg.lsn));
         }
     }
 }

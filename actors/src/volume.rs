@@ -468,6 +468,18 @@ impl VolumeActor {
                     });
                 }
             }
+            Command::SendBarrier {
+                replica,
+                barrier,
+                lsn,
+            } => {
+                if let Some(sender) = self.senders.get(&replica) {
+                    sender.do_send(sender::SendBarrier {
+                        id: barrier.get(),
+                        lsn: lsn.get(),
+                    });
+                }
+            }
             Command::HoldRetention { replica, from } => {
                 let label = format!("{HOLD_PIN_PREFIX}{replica}");
                 // The new pin is in place before the old one drops.

@@ -336,3 +336,44 @@ async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
         e.contains("plan_rebuild_full_base") && e.contains("snapshot_unavailable")
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a11_a_barrier_ack_that_arrives_after_the_timeout_is_rejected_over_the_wire() {
+    let mut short = tuning();
+    short.barrier_timeout_ticks = 40; // 200 ms
+    let mut cluster = Cluster::start_with(CommitMode::SyncAll, &["r1"], short).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    // Put a relay between the primary and r1 (a new endpoint for it).
+    let relay = Relay::start(&cluster.node("r1").addr.clone()).await;
+    let node = cluster.node("r1");
+    node.addr = relay.addr.clone();
+    node.version += 1;
+    cluster
+        .primary
+        .apply_assignment(cluster.assignment())
+        .await
+        .unwrap();
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 1).await;
+    cluster.primary.barrier().await.unwrap();
+    // r1 persists the next write and acks the barrier by id, but the ack is
+    // held on the wire past the barrier's deadline.
+    relay.hold_replies(true);
+    let lsn = cluster.write_blocks(1, 1).await;
+    let error = cluster.primary.barrier().await.unwrap_err();
+    assert!(
+        matches!(&error, VolumeError::Barrier(BarrierFailure::TimedOut { lsn: l, .. }) if l.get() == lsn),
+        "{error}"
+    );
+    cluster.wait_durable("r1", lsn, LONG).await;
+    relay.hold_replies(false);
+    cluster.wait_event("r1", "late_ack_rejected", LONG).await;
+    let events = cluster.events().await;
+    assert_logged(&events, |e| {
+        e.starts_with("vol1/r1 late_ack_rejected late ack from vol1/r1 for barrier b")
+            && e.ends_with("which already timed out")
+    });
+    // The failure stands; the next barrier, acked in time, commits the write.
+    assert!(cluster.primary.barrier().await.unwrap() >= lsn);
+    cluster.wait_converged(LONG).await;
+}

@@ -339,6 +339,11 @@ impl CommitTracker {
         Ok(id)
     }
 
+    /// Whether a barrier is still waiting.
+    pub fn is_pending(&self, id: BarrierId) -> bool {
+        self.barriers.contains_key(&id)
+    }
+
     /// The deadline of a pending barrier.
     pub fn barrier_deadline(&self, id: BarrierId) -> Option<Tick> {
         self.barriers.get(&id).map(|b| b.deadline)

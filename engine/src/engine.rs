@@ -578,13 +578,30 @@ impl Engine {
 
     /// Asks for a barrier at `lsn`. It resolves with a `ResolveBarrier`
     /// command: at once if already committed, later when committed, or with a
-    /// failure at its deadline.
+    /// failure at its deadline. While it waits on replicas, each in-sync one
+    /// is asked (`SendBarrier`) for a durable ack naming it, so an ack that
+    /// arrives after the deadline can be told apart and refused.
     pub fn handle_barrier(&mut self, lsn: Lsn, epoch: Epoch) -> Result<BarrierId, EngineError> {
         self.fence(None, None, epoch, "barrier")?;
         let deadline = self.now.after(self.config.barrier_timeout_ticks);
         let barrier = self.commit.register_barrier(lsn, self.wal.head, deadline)?;
         self.schedule(deadline, Timer::Barrier(barrier));
         self.advance_commit();
+        if self.commit.is_pending(barrier) && self.commit.mode() != CommitMode::BestEffort {
+            let in_sync: Vec<ReplicaId> = self
+                .senders
+                .values()
+                .filter(|s| s.state() == ReplicaState::InSync)
+                .map(|s| s.id.clone())
+                .collect();
+            for replica in in_sync {
+                self.commands.push(Command::SendBarrier {
+                    replica,
+                    barrier,
+                    lsn,
+                });
+            }
+        }
         Ok(barrier)
     }
 

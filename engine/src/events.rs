@@ -352,6 +352,16 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+    /// Ask the in-sync replica for a durable ack of everything up to `lsn`
+    /// that names `barrier` (after the WAL up to `lsn` is shipped to it).
+    SendBarrier {
+        /// Replica.
+        replica: ReplicaId,
+        /// The barrier its ack answers.
+        barrier: BarrierId,
+        /// What must be durable.
+        lsn: Lsn,
+    },
     /// Keep the WAL after `from` for the replica, replacing its previous hold
     /// (place the new one before dropping the old). Report a failure with
     /// `handle_retention_failed`.
@@ -389,6 +399,7 @@ impl Command {
             | Self::CancelExecution { replica, .. }
             | Self::StartLiveShipping { replica, .. }
             | Self::StopLiveShipping { replica, .. }
+            | Self::SendBarrier { replica, .. }
             | Self::HoldRetention { replica, .. }
             | Self::ReleaseRetention { replica, .. } => Some(replica),
             Self::ResolveBarrier { .. } => None,

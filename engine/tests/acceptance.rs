@@ -607,6 +607,11 @@ fn a11_late_ack_after_barrier_timeout_is_rejected() {
     shell.in_sync("b");
     shell.wal(0, 10, 0, true);
     let barrier = shell.barrier(10);
+    assert_eq!(
+        shell.barrier_requests,
+        [(rid("b"), barrier)],
+        "the replica is asked for an ack naming the barrier"
+    );
     shell.tick(99);
     assert!(!shell.barriers.contains_key(&barrier));
     shell.tick(100);
@@ -701,6 +706,10 @@ fn a12_stale_timeout_never_regresses_state() {
     shell.in_sync("b");
     let barrier = shell.barrier(100);
     assert_eq!(shell.barriers[&barrier], Ok(Lsn(100)));
+    assert!(
+        shell.barrier_requests.is_empty(),
+        "resolved at once (and best effort): no replica is asked"
+    );
     // Resolving the barrier disarmed its timer: nothing fires later, and
     // nothing is logged for it (a resolved barrier is not an event).
     assert_eq!(shell.engine.next_timer(), None);

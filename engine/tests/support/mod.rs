@@ -41,6 +41,8 @@ pub struct Shell {
     pub epochs: EpochHistory,
     /// Retention holds the shell keeps, by replica.
     pub holds: BTreeMap<ReplicaId, Lsn>,
+    /// Barriers the shell was asked to send, in order.
+    pub barrier_requests: Vec<(ReplicaId, BarrierId)>,
 }
 
 impl Shell {
@@ -58,6 +60,7 @@ impl Shell {
             all_commands: Vec::new(),
             epochs: EpochHistory::new(),
             holds: BTreeMap::new(),
+            barrier_requests: Vec::new(),
         }
     }
 
@@ -104,6 +107,11 @@ impl Shell {
                 }
                 Command::ResolveBarrier { barrier, outcome } => {
                     self.barriers.insert(*barrier, outcome.clone());
+                }
+                Command::SendBarrier {
+                    replica, barrier, ..
+                } => {
+                    self.barrier_requests.push((replica.clone(), *barrier));
                 }
                 Command::HoldRetention { replica, from } => {
                     self.holds.insert(replica.clone(), *from);
