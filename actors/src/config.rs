@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use walship_engine::{CatchUpBudget, CommitMode, RetentionBudget};
+use walship_engine::{Backoff, CatchUpBudget, CommitMode, RetentionBudget, RetryPolicy};
 use walship_io::{BackendRequest, StoreOptions};
 
 /// One replica of a primary's assignment.
@@ -14,6 +14,15 @@ pub struct ReplicaSpec {
     pub addr: String,
     /// Endpoint version; bump it when the address changes.
     pub version: u64,
+}
+
+/// An exponential backoff: `first`, doubling per failure in a row, at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffTuning {
+    /// Delay after the first failure.
+    pub first: Duration,
+    /// The cap.
+    pub max: Duration,
 }
 
 /// Tuning shared by primaries.
@@ -34,6 +43,12 @@ pub struct Tuning {
     pub retention_max_bytes: Option<u64>,
     /// How long an away replica's retention hold may last; `None` is unbounded.
     pub retention_max_away: Option<Duration>,
+    /// Backoff before retrying a replica whose connection failed.
+    pub network_retry: BackoffTuning,
+    /// Backoff before retrying a replica whose storage failed.
+    pub storage_retry: BackoffTuning,
+    /// Backoff before retrying a failed rebuild.
+    pub rebuild_retry: BackoffTuning,
     /// Unacknowledged bytes an executor may have in flight.
     pub max_inflight_bytes: usize,
     /// Largest WAL batch sent at once.
@@ -64,6 +79,18 @@ impl Default for Tuning {
             budget: CatchUpBudget::default(),
             retention_max_bytes: Some(1 << 30),
             retention_max_away: Some(Duration::from_secs(15 * 60)),
+            network_retry: BackoffTuning {
+                first: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+            storage_retry: BackoffTuning {
+                first: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            rebuild_retry: BackoffTuning {
+                first: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
             max_inflight_bytes: 8 << 20,
             batch_bytes: 1 << 20,
             image_chunk_bytes: 1 << 20,
@@ -81,6 +108,19 @@ impl Tuning {
     pub fn ticks(&self, duration: Duration) -> u64 {
         let tick = self.tick.as_nanos().max(1);
         u64::try_from(duration.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX)
+    }
+
+    /// The retry backoffs in the engine's terms.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        let backoff = |b: BackoffTuning| Backoff {
+            first_ticks: self.ticks(b.first),
+            max_ticks: self.ticks(b.max),
+        };
+        RetryPolicy {
+            network: backoff(self.network_retry),
+            storage: backoff(self.storage_retry),
+            rebuild: backoff(self.rebuild_retry),
+        }
     }
 
     /// The retention budget in the engine's terms.
@@ -133,6 +173,9 @@ pub struct ReplicaConfig {
 }
 
 /// What to spawn.
+// Built once per volume and moved into the runtime: its size does not matter,
+// and boxing the primary's would only make it clumsier to write.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum VolumeConfig {
     /// A primary.

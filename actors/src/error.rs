@@ -73,6 +73,17 @@ pub enum ExecError {
 }
 
 impl ExecError {
+    /// Whether the replica said its storage failed (it cannot take writes).
+    pub fn is_replica_storage(&self) -> bool {
+        matches!(
+            self,
+            Self::Peer {
+                code: crate::receiver::CODE_STORAGE,
+                ..
+            }
+        )
+    }
+
     /// Whether retrying from a new session cannot help (the replica needs a rebuild).
     pub fn is_unrecoverable(&self) -> bool {
         matches!(

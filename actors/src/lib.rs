@@ -20,13 +20,13 @@ mod runtime;
 mod sender;
 mod volume;
 
-pub use config::{PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
+pub use config::{BackoffTuning, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
 pub use receiver::{
-    ReplicaStatus, CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_SUPERSEDED, CODE_TRUNCATE_REFUSED,
-    CODE_WIRE,
+    ReplicaStatus, CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_STORAGE, CODE_SUPERSEDED,
+    CODE_TRUNCATE_REFUSED, CODE_WIRE,
 };
 pub use runtime::{NodeStatus, Runtime, VolumeHandle};
 pub use sender::{Heartbeat as SenderHeartbeat, SenderActor};

@@ -39,6 +39,13 @@ pub const CODE_STORE: u16 = 6;
 pub const CODE_UNEXPECTED: u16 = 7;
 /// Bytes that do not decode.
 pub const CODE_WIRE: u16 = 8;
+/// The replica's storage failed (ENOSPC, EIO, a poisoned WAL): it cannot
+/// take writes until its disk is fixed. The message carries the cause.
+pub const CODE_STORAGE: u16 = 9;
+
+/// How long a connection closed after an error keeps reading (and dropping)
+/// what the primary still sends, so the error reaches it.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A replica's state, for operators.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
@@ -96,7 +103,7 @@ impl Metered for ReceiverActor {
     }
 }
 
-metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, StopReceiver);
+metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, InjectStorageFailure, StopReceiver);
 
 /// What a connection task must send back, and whether to close after.
 #[derive(Debug, Default, MessageResponse)]
@@ -143,6 +150,22 @@ impl ReceiverActor {
         }
     }
 
+    /// The store refused what the primary asked. A storage failure (the
+    /// disk, not the input) is said loudly here and sent to the primary
+    /// under its own code, with the cause, before the connection closes;
+    /// anything else gets `otherwise`.
+    fn store_failed(&self, what: &str, e: &StoreError, otherwise: u16) -> Reply {
+        if e.is_storage_failure() {
+            tracing::error!(replica = %self.identity, error = %e, "replica storage failed: {what}");
+            return error(
+                self.epoch,
+                CODE_STORAGE,
+                format!("storage failure: {what}: {e}"),
+            );
+        }
+        error(self.epoch, otherwise, format!("{what}: {e}"))
+    }
+
     fn answer(&self, message: Message) -> Reply {
         Reply {
             send: vec![Envelope {
@@ -176,7 +199,7 @@ impl ReceiverActor {
         }
         if epoch > self.epoch {
             if let Err(e) = self.store.persist_epoch(epoch) {
-                return error(self.epoch, CODE_STORE, format!("persist epoch: {e}"));
+                return self.store_failed("persist epoch", &e, CODE_STORE);
             }
             self.epoch = epoch;
         }
@@ -186,7 +209,7 @@ impl ReceiverActor {
         // Frames appended before a connection broke may not be synced yet:
         // report only what is durable, after making the head durable.
         if let Err(e) = self.store.sync_to(wal.head()) {
-            return error(self.epoch, CODE_STORE, format!("sync before hello: {e}"));
+            return self.store_failed("sync before hello", &e, CODE_STORE);
         }
         self.answer(Message::HelloAck {
             replica: self.identity.clone(),
@@ -231,7 +254,7 @@ impl ReceiverActor {
             }
             Err(e) => {
                 self.metrics.reject();
-                error(self.epoch, CODE_STORE, e.to_string())
+                self.store_failed("append", &e, CODE_STORE)
             }
         }
     }
@@ -251,7 +274,7 @@ impl ReceiverActor {
                     barrier: None,
                 })
             }
-            Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
+            Err(e) => self.store_failed("sync", &e, CODE_STORE),
         })
     }
 
@@ -299,13 +322,13 @@ impl ReceiverActor {
                         self.install = Some(InstallWriter::start(install));
                         Reply::default()
                     }
-                    Err(e) => error(epoch, CODE_BASE, e.to_string()),
+                    Err(e) => self.store_failed("begin install", &e, CODE_BASE),
                 }
             }
             Message::RebuildChunk { offset, data, .. } => match self.install.as_mut() {
                 Some(install) => match install.write(offset, data) {
                     Ok(()) => Reply::default(),
-                    Err(e) => error(epoch, CODE_BASE, e.to_string()),
+                    Err(e) => self.store_failed("install chunk", &e, CODE_BASE),
                 },
                 None => error(epoch, CODE_UNEXPECTED, "rebuild chunk without begin"),
             },
@@ -315,11 +338,11 @@ impl ReceiverActor {
                 checksum,
                 epochs,
             } => match self.install.take().map(InstallWriter::finish) {
-                Some(Err(e)) => error(epoch, CODE_BASE, e.to_string()),
+                Some(Err(e)) => self.store_failed("install", &e, CODE_BASE),
                 Some(Ok(install)) if install.image_lsn() == image_lsn => {
                     match self.store.commit_install(install, checksum, epoch, &epochs) {
                         Ok(()) => self.answer(Message::RebuildInstalled { session, image_lsn }),
-                        Err(e) => error(epoch, CODE_BASE, e.to_string()),
+                        Err(e) => self.store_failed("commit install", &e, CODE_BASE),
                     }
                 }
                 _ => error(
@@ -503,7 +526,7 @@ impl ReceiverActor {
                             barrier: Some(id),
                         })
                     }
-                    Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
+                    Err(e) => self.store_failed("sync", &e, CODE_STORE),
                 }
             }
             Message::Heartbeat { seq, committed } => {
@@ -520,7 +543,7 @@ impl ReceiverActor {
                     CODE_TRUNCATE_REFUSED,
                     format!("cannot truncate to {to}: below the checkpoint"),
                 ),
-                Err(e) => error(self.epoch, CODE_STORE, e.to_string()),
+                Err(e) => self.store_failed("truncate", &e, CODE_STORE),
             },
             message @ (Message::RebuildBegin { .. }
             | Message::RebuildChunk { .. }
@@ -606,6 +629,20 @@ impl Handler<ReplicaChecksum> for ReceiverActor {
     }
 }
 
+/// Makes the replica's next WAL sync fail with EIO, as a failing disk would
+/// (the WAL is then poisoned). For tests of the storage-failure path.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct InjectStorageFailure;
+
+impl Handler<InjectStorageFailure> for ReceiverActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectStorageFailure, _: &mut Context<Self>) {
+        self.store.wal().inject_sync_failure();
+    }
+}
+
 /// Stops the receiver.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -670,6 +707,7 @@ async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u6
                 }
             }
             if reply.close {
+                linger(&mut framed).await;
                 break;
             }
         }
@@ -680,10 +718,31 @@ async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u6
                 message: e.to_string(),
             };
             let _ = framed.send(Envelope { epoch: 0, message }).await;
+            linger(&mut framed).await;
             break;
         }
     }
     receiver.do_send(ConnClosed(conn));
+}
+
+/// Ends a connection after an error message so that the message arrives:
+/// closing a socket with unread bytes makes the kernel reset the connection,
+/// and a reset discards what the primary had not read yet (the error with
+/// it). So the write side is shut (after the error) and whatever the primary
+/// still sends is read and dropped until it closes, for at most [`LINGER`].
+async fn linger(framed: &mut crate::executor::Conn) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = framed.get_mut();
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0u8; 64 * 1024];
+    let drain = async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 #[cfg(test)]

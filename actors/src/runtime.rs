@@ -387,6 +387,19 @@ impl VolumeHandle {
             .ok()?
     }
 
+    /// Makes a replica's next WAL sync fail with EIO, as a failing disk
+    /// would. For tests of the storage-failure path.
+    #[doc(hidden)]
+    pub async fn inject_storage_failure(&self) -> Result<(), VolumeError> {
+        match &self.inner {
+            Inner::Replica { receiver, .. } => receiver
+                .send(receiver::InjectStorageFailure)
+                .await
+                .map_err(stopped),
+            Inner::Primary(_) => Err(VolumeError::NotPrimary),
+        }
+    }
+
     /// Stops the volume: its actors, connections and listener.
     pub async fn stop(&self) {
         match &self.inner {

@@ -116,11 +116,17 @@ impl SenderActor {
         self.pending_live = None;
     }
 
-    fn failure(error: &ExecError) -> ExecutionFailure {
+    /// How the engine should take `error` (from `what`: connect, a plan,
+    /// live shipping). A replica whose storage failed is said loudly here.
+    fn failure(&self, what: &str, error: &ExecError) -> ExecutionFailure {
+        let reason = format!("{what}: {error}");
         if error.is_unrecoverable() {
-            ExecutionFailure::Unrecoverable(error.to_string())
+            ExecutionFailure::Unrecoverable(reason)
+        } else if error.is_replica_storage() {
+            tracing::error!(replica = %self.context.replica, %reason, "replica storage failed");
+            ExecutionFailure::ReplicaStorage(reason)
         } else {
-            ExecutionFailure::Transient(error.to_string())
+            ExecutionFailure::Transient(reason)
         }
     }
 
@@ -130,7 +136,7 @@ impl SenderActor {
             let replica = self.context.replica.clone();
             self.context.report(SenderEvent::LiveLost {
                 replica,
-                reason: "no connection".into(),
+                failure: ExecutionFailure::Transient("live: no connection".into()),
             });
             return;
         };
@@ -143,10 +149,9 @@ impl SenderActor {
                 act.task = None;
                 act.live_barriers = None;
                 let replica = act.context.replica.clone();
-                act.context.report(SenderEvent::LiveLost {
-                    replica,
-                    reason: error.to_string(),
-                });
+                let failure = act.failure("live", &error);
+                act.context
+                    .report(SenderEvent::LiveLost { replica, failure });
             }),
         );
         self.task = Some((TaskKind::Live, handle));
@@ -194,7 +199,7 @@ impl Handler<Assignment> for SenderActor {
                         });
                     }
                     Err(error) => {
-                        let failure = ExecutionFailure::Transient(format!("connect: {error}"));
+                        let failure = act.failure("connect", &error);
                         act.context.report(SenderEvent::Failed {
                             replica,
                             session,
@@ -261,7 +266,7 @@ impl Handler<Execute> for SenderActor {
                     }
                     Err(error) => {
                         let replica = act.context.replica.clone();
-                        let failure = Self::failure(&error);
+                        let failure = act.failure("plan", &error);
                         act.context.report(SenderEvent::Failed {
                             replica,
                             session,

@@ -138,6 +138,7 @@ impl VolumeActor {
         let mut engine_config = EngineConfig::new(config.volume.clone());
         engine_config.budget = config.tuning.budget;
         engine_config.retention = config.tuning.retention_budget();
+        engine_config.retry = config.tuning.retry_policy();
         engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;
         engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
         let wal = store.wal();
@@ -743,7 +744,7 @@ impl Handler<ApplyAssignment> for VolumeActor {
     }
 }
 
-/// Retries every idle replica now.
+/// Retries every idle replica now, skipping their backoff once.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Heartbeat;
@@ -753,6 +754,10 @@ impl Handler<Heartbeat> for VolumeActor {
 
     fn handle(&mut self, _: Heartbeat, ctx: &mut Context<Self>) {
         self.clock();
+        let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
+        for replica in &replicas {
+            let _ = self.engine.handle_retry_now(replica);
+        }
         self.heartbeat_senders();
         self.run_commands(ctx);
     }
@@ -996,7 +1001,7 @@ pub(crate) enum SenderEvent {
     },
     LiveLost {
         replica: ReplicaId,
-        reason: String,
+        failure: ExecutionFailure,
     },
     Idle {
         replica: ReplicaId,
@@ -1042,8 +1047,8 @@ impl Handler<SenderEvent> for VolumeActor {
                 failure,
             } => engine.handle_execution_failed(&replica, session, failure),
             SenderEvent::LiveAck { replica, ack } => engine.handle_ack(&replica, ack),
-            SenderEvent::LiveLost { replica, reason } => {
-                engine.handle_disconnected(&replica, &reason)
+            SenderEvent::LiveLost { replica, failure } => {
+                engine.handle_disconnected(&replica, &failure)
             }
             SenderEvent::Idle { replica, epoch } => engine.handle_heartbeat(&replica, Epoch(epoch)),
         };

@@ -89,7 +89,7 @@ async fn a8_sync_all_fails_clearly_when_a_replica_is_lost_then_full_base_brings_
     cluster.write_blocks(10, 100).await;
     let error = cluster.primary.barrier().await.unwrap_err();
     assert!(
-        matches!(&error, VolumeError::Barrier(BarrierFailure::TimedOut { lagging, .. }) if lagging.iter().any(|r| r.server() == "r2")),
+        matches!(&error, VolumeError::Barrier(BarrierFailure::TimedOut { lagging, .. }) if lagging.iter().any(|r| r.replica.server() == "r2")),
         "{error}"
     );
     // The checkpoint moves past what sync_all committed, so r2 needs a full base.

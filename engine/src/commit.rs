@@ -15,6 +15,7 @@
 //! into a success.
 
 use crate::ids::{BarrierId, Lsn, ReplicaId, Tick};
+use crate::sender::ReplicaState;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -63,12 +64,51 @@ impl FromStr for CommitMode {
     }
 }
 
+/// A replica a timed-out barrier waited on, with what is known of why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lagging {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// Its replication state when the barrier failed.
+    pub state: ReplicaState,
+    /// Why it is not in sync, when its last session failed.
+    pub cause: Option<String>,
+}
+
+impl fmt::Display for Lagging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({:?}", self.replica, self.state)?;
+        if let Some(cause) = &self.cause {
+            write!(f, ", {cause}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+struct LaggingList<'a>(&'a [Lagging]);
+
+impl fmt::Display for LaggingList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, lagging) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{lagging}")?;
+        }
+        f.write_str("]")
+    }
+}
+
 /// Why a barrier failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[serde(rename_all = "snake_case", tag = "failure")]
 pub enum BarrierFailure {
     /// The deadline passed before `lsn` was committed.
-    #[error("barrier at {lsn} timed out ({mode}): committed={committed}, lagging={lagging:?}")]
+    #[error(
+        "barrier at {lsn} timed out ({mode}): committed={committed}, lagging={}",
+        LaggingList(lagging)
+    )]
     TimedOut {
         /// The barrier's LSN.
         lsn: Lsn,
@@ -76,8 +116,8 @@ pub enum BarrierFailure {
         committed: Lsn,
         /// The mode in force.
         mode: CommitMode,
-        /// Replicas that were not InSync or not durable at `lsn`.
-        lagging: Vec<ReplicaId>,
+        /// Replicas that were not InSync or not durable at `lsn`, with why.
+        lagging: Vec<Lagging>,
     },
     /// The epoch changed while the barrier waited; the new primary decides.
     #[error("barrier at {lsn} fenced by an epoch change")]
@@ -368,15 +408,20 @@ impl CommitTracker {
     }
 
     /// Fails a barrier whose deadline passed. Returns `None` if it already
-    /// resolved (a stale timer); its id is remembered so late acks are rejected.
-    pub fn expire(&mut self, id: BarrierId) -> Option<BarrierFailure> {
+    /// resolved (a stale timer); its id is remembered so late acks are
+    /// rejected. `describe` says what is known of each lagging replica.
+    pub fn expire(
+        &mut self,
+        id: BarrierId,
+        describe: impl Fn(&ReplicaId) -> Lagging,
+    ) -> Option<BarrierFailure> {
         let barrier = self.barriers.remove(&id)?;
         self.remember_timed_out(id);
         let lagging = self
             .replicas
             .iter()
             .filter(|(_, r)| !r.in_sync || r.durable < barrier.lsn)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| describe(id))
             .collect();
         Some(BarrierFailure::TimedOut {
             lsn: barrier.lsn,
@@ -494,8 +539,19 @@ mod tests {
         t.record_local_durable(Lsn(0), Lsn(3));
         let b = t.register_barrier(Lsn(3), Lsn(3), Tick(10)).unwrap();
         assert!(t.advance().is_empty());
-        let failure = t.expire(b).unwrap();
-        assert!(matches!(failure, BarrierFailure::TimedOut { ref lagging, .. } if lagging == &r));
+        let describe = |replica: &ReplicaId| Lagging {
+            replica: replica.clone(),
+            state: ReplicaState::InSync,
+            cause: None,
+        };
+        let failure = t.expire(b, describe).unwrap();
+        assert!(
+            matches!(failure, BarrierFailure::TimedOut { ref lagging, .. } if lagging[0].replica == r[0])
+        );
+        assert_eq!(
+            failure.to_string(),
+            "barrier at 3 timed out (sync_all): committed=0, lagging=[v/a (InSync)]"
+        );
         assert_eq!(
             t.record_ack(&r[0], Lsn(3), Some(b)),
             Err(CommitError::LateAck {
@@ -503,7 +559,7 @@ mod tests {
                 barrier: b
             })
         );
-        assert_eq!(t.expire(b), None, "a second expiry is stale");
+        assert_eq!(t.expire(b, describe), None, "a second expiry is stale");
         assert_eq!(
             t.register_barrier(Lsn(4), Lsn(3), Tick(10)),
             Err(CommitError::BarrierPastHead {

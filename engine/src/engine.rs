@@ -17,7 +17,7 @@
 //! Getters take `&self` and never change state. The engine does no IO, reads
 //! no clock and uses no randomness: the same inputs give the same commands.
 
-use crate::commit::{check_topology, CommitMode, CommitTracker};
+use crate::commit::{check_topology, CommitMode, CommitTracker, Lagging};
 use crate::epochs::EpochHistory;
 use crate::error::EngineError;
 use crate::events::{Ack, Assignment, Command, EngineConfig, Input, WalState};
@@ -570,6 +570,11 @@ impl Engine {
         }
         let sender = self.sender_mut(replica)?;
         if sender.state() == ReplicaState::InSync {
+            if ack.durable > sender.flushed {
+                // It took writes: whatever failed before is over. (Going in
+                // sync is not proof enough: a full disk still says hello.)
+                sender.failure = None;
+            }
             sender.flushed = sender.flushed.max(ack.durable);
         }
         self.advance_commit();
@@ -692,7 +697,10 @@ impl Engine {
                 session,
                 failure,
             } => self.handle_execution_failed(&replica, session, failure),
-            Input::Disconnected { replica, reason } => self.handle_disconnected(&replica, &reason),
+            Input::Disconnected { replica, failure } => {
+                self.handle_disconnected(&replica, &failure)
+            }
+            Input::RetryNow { replica } => self.handle_retry_now(&replica),
             Input::Heartbeat { replica, epoch } => self.handle_heartbeat(&replica, epoch),
             Input::Ack { replica, ack } => self.handle_ack(&replica, ack),
             Input::RetentionUsage { usage } => {
@@ -707,7 +715,16 @@ impl Engine {
 
     fn fire(&mut self, timer: Timer) {
         match timer {
-            Timer::Barrier(barrier) => match self.commit.expire(barrier) {
+            Timer::Barrier(barrier) => match self.commit.expire(barrier, |replica| {
+                let sender = self.senders.get(replica);
+                Lagging {
+                    replica: replica.clone(),
+                    state: sender.map_or(ReplicaState::Disconnected, |s| s.state()),
+                    cause: sender
+                        .and_then(|s| s.failure.as_ref())
+                        .map(ToString::to_string),
+                }
+            }) {
                 Some(failure) => {
                     self.record(None, None, "barrier_timeout", failure.to_string());
                     self.commands.push(Command::ResolveBarrier {

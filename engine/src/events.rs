@@ -8,6 +8,7 @@ use crate::history::ReplicaLog;
 use crate::ids::{BarrierId, Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
 use crate::plan::{RecoveryPlan, ResourceGrant, ResourceRequest};
 use crate::retention::RetentionBudget;
+use crate::retry::RetryPolicy;
 use serde::Serialize;
 
 /// Static configuration of one volume's engine.
@@ -19,6 +20,8 @@ pub struct EngineConfig {
     pub budget: CatchUpBudget,
     /// How much WAL, for how long, an away replica's retention hold may keep.
     pub retention: RetentionBudget,
+    /// How soon a replica is retried after a failure, per cause.
+    pub retry: RetryPolicy,
     /// Ticks the shell has to grant a plan's resources.
     pub pin_reservation_ticks: u64,
     /// Ticks a barrier may wait before it fails.
@@ -35,6 +38,7 @@ impl EngineConfig {
             volume: volume.into(),
             budget: CatchUpBudget::default(),
             retention: RetentionBudget::default(),
+            retry: RetryPolicy::default(),
             pin_reservation_ticks: 100,
             barrier_timeout_ticks: 100,
             log_capacity: 4096,
@@ -127,6 +131,9 @@ pub enum RebuildProgress {
 pub enum ExecutionFailure {
     /// Retry later from a new session (connection reset, peer restart).
     Transient(String),
+    /// The replica cannot write (ENOSPC, EIO, a poisoned WAL) and said so:
+    /// retry much later.
+    ReplicaStorage(String),
     /// The plan cannot succeed (WAL recycled under the reader, truncation refused):
     /// the replica needs a rebuild.
     Unrecoverable(String),
@@ -238,7 +245,12 @@ pub enum Input {
         /// Replica.
         replica: ReplicaId,
         /// Why.
-        reason: String,
+        failure: ExecutionFailure,
+    },
+    /// See [`Engine::handle_retry_now`](crate::Engine::handle_retry_now).
+    RetryNow {
+        /// Replica.
+        replica: ReplicaId,
     },
     /// See [`Engine::handle_heartbeat`](crate::Engine::handle_heartbeat).
     Heartbeat {

@@ -70,12 +70,13 @@ mod promotion;
 mod rebuild;
 mod recovery;
 mod retention;
+mod retry;
 mod sender;
 mod session;
 mod status;
 
 pub use budget::{BudgetTracker, BudgetViolation, CatchUpBudget};
-pub use commit::{check_topology, BarrierFailure, CommitError, CommitMode, CommitTracker};
+pub use commit::{check_topology, BarrierFailure, CommitError, CommitMode, CommitTracker, Lagging};
 pub use engine::Engine;
 pub use epochs::{divergence, Conflict, Divergence, EpochHistory, EpochOrderError, EpochStart};
 pub use error::EngineError;
@@ -102,6 +103,7 @@ pub use promotion::{
 };
 pub use rebuild::{RebuildError, RebuildFsm, RebuildState};
 pub use retention::{RetentionBudget, RetentionHold};
+pub use retry::{Backoff, FailureCause, FailureRecord, RetryPolicy};
 pub use sender::{RebuildNeed, ReplicaState};
 pub use session::{PhaseError, SessionKind, SessionPhase, Truncation, Work};
 pub use status::{RegistryStatus, SenderStatus, SessionSnapshot};

@@ -18,6 +18,7 @@ use crate::ids::{Epoch, Lsn, ReplicaId, SessionId};
 use crate::plan::{PlanKind, RecoveryPlan, ResourceGrant};
 use crate::rebuild::RebuildState;
 use crate::retention::RetentionHold;
+use crate::retry::FailureCause;
 use crate::sender::ReplicaState;
 use crate::session::{Session, SessionKind, Stage, Truncation, Work};
 
@@ -416,13 +417,15 @@ impl Engine {
             PlanKind::Rebuild {
                 source: RebuildSource::FullBase { .. },
             } => {
-                let detail = format!("full base pin failed ({reason}); retry on next heartbeat");
+                let detail = format!("full base pin failed ({reason}); retried after a backoff");
                 self.record(
                     Some(replica),
                     Some(plan.session),
                     "rebuild_deferred",
                     detail,
                 );
+                let reason = format!("full base pin failed: {reason}");
+                self.record_failure(replica, FailureCause::Rebuild, &reason);
             }
         }
     }
@@ -661,8 +664,9 @@ impl Engine {
     }
 
     /// An execution (or connection attempt) of the active session failed.
-    /// Transient failures retry on the next heartbeat; unrecoverable ones
-    /// escalate to a rebuild (or, for a failed rebuild, wait for a heartbeat).
+    /// The replica is retried after a backoff for the failure's cause;
+    /// unrecoverable failures escalate to a rebuild at once (or, for a
+    /// failed rebuild, wait like the others).
     pub fn handle_execution_failed(
         &mut self,
         replica: &ReplicaId,
@@ -670,30 +674,37 @@ impl Engine {
         failure: ExecutionFailure,
     ) -> Result<(), EngineError> {
         self.check_session(replica, session, "execution_failed")?;
-        match failure {
+        match &failure {
             ExecutionFailure::Transient(reason) => {
                 self.invalidate(replica, &format!("transient: {reason}"));
             }
+            ExecutionFailure::ReplicaStorage(reason) => {
+                self.invalidate(replica, &format!("replica_storage_failed: {reason}"));
+            }
             ExecutionFailure::Unrecoverable(reason) => {
-                if self.sender(replica)?.rebuild_need().is_some() {
-                    self.invalidate(replica, &format!("rebuild_failed: {reason}"));
-                } else {
-                    self.escalate(replica, &reason);
+                if self.sender(replica)?.rebuild_need().is_none() {
+                    self.escalate(replica, reason);
+                    return Ok(());
                 }
+                self.invalidate(replica, &format!("rebuild_failed: {reason}"));
             }
         }
+        self.record_failure(replica, failure.cause(), failure.reason());
         Ok(())
     }
 
-    /// The connection to a replica dropped.
+    /// The connection to a replica dropped (live shipping or an idle
+    /// connection), for `failure`.
     pub fn handle_disconnected(
         &mut self,
         replica: &ReplicaId,
-        reason: &str,
+        failure: &ExecutionFailure,
     ) -> Result<(), EngineError> {
         self.sender(replica)?;
+        let reason = failure.reason();
         self.leave_sync(replica, reason);
         self.invalidate(replica, &format!("connection_lost: {reason}"));
+        self.record_failure(replica, failure.cause(), reason);
         let state = self.sender(replica)?.state();
         self.record(
             Some(replica),
@@ -720,7 +731,10 @@ impl Engine {
                 sender.state(),
                 ReplicaState::Disconnected | ReplicaState::Degraded | ReplicaState::NeedsRebuild
             );
-        if idle {
+        if idle && self.may_retry(replica) {
+            let Ok(sender) = self.sender(replica) else {
+                return Ok(());
+            };
             let kind = if sender.rebuild_need().is_some() {
                 SessionKind::Rebuild
             } else {

@@ -8,6 +8,7 @@
 
 use crate::ids::{Endpoint, Lsn, ReplicaId, Tick};
 use crate::retention::RetentionHold;
+use crate::retry::FailureRecord;
 use crate::session::Session;
 use serde::Serialize;
 
@@ -51,6 +52,8 @@ pub(crate) struct Sender {
     pub(crate) flushed: Lsn,
     pub(crate) last_heartbeat: Tick,
     pub(crate) hold: RetentionHold,
+    /// Failures since it was last in sync, and when it may be retried.
+    pub(crate) failure: Option<FailureRecord>,
 }
 
 impl Sender {
@@ -64,6 +67,7 @@ impl Sender {
             flushed: Lsn::ZERO,
             last_heartbeat: now,
             hold: RetentionHold::None,
+            failure: None,
         }
     }
 

@@ -8,6 +8,7 @@ use crate::history::RetainedHistory;
 use crate::ids::{Endpoint, Epoch, Lsn, ReplicaId, ResourceId, SessionId, Tick};
 use crate::plan::RecoveryPlan;
 use crate::retention::RetentionHold;
+use crate::retry::FailureRecord;
 use crate::sender::{RebuildNeed, ReplicaState};
 use crate::session::{Session, SessionKind, SessionPhase, Stage, Work};
 use serde::Serialize;
@@ -83,6 +84,8 @@ pub struct SenderStatus {
     pub rebuild_need: Option<RebuildNeed>,
     /// The WAL kept for it.
     pub retention: RetentionHold,
+    /// Its failures since it was last in sync, the last cause, when it is retried.
+    pub failure: Option<FailureRecord>,
     /// Latest session, live or terminal.
     pub session: Option<SessionSnapshot>,
 }
@@ -137,6 +140,7 @@ impl Engine {
                     last_heartbeat: s.last_heartbeat,
                     rebuild_need: s.rebuild_need().cloned(),
                     retention: s.hold.clone(),
+                    failure: s.failure.clone(),
                     session: s.session.as_ref().map(SessionSnapshot::of),
                 })
                 .collect(),

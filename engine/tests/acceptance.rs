@@ -437,7 +437,7 @@ fn a8_sync_all_is_strict() {
     // c is lost: sync_all cannot commit, and says so at the deadline.
     shell
         .engine
-        .handle_disconnected(&rid("c"), "peer reset")
+        .handle_disconnected(&rid("c"), &ExecutionFailure::Transient("peer reset".into()))
         .unwrap();
     shell.pump();
     shell.wal(0, 120, 0, true);
@@ -451,8 +451,16 @@ fn a8_sync_all_is_strict() {
             lsn: Lsn(120),
             committed: Lsn(110),
             mode: CommitMode::SyncAll,
-            lagging: vec![rid("c")],
+            lagging: vec![Lagging {
+                replica: rid("c"),
+                state: ReplicaState::Degraded,
+                cause: Some("network: peer reset".into()),
+            }],
         })
+    );
+    assert_eq!(
+        shell.barriers[&second].clone().unwrap_err().to_string(),
+        "barrier at 120 timed out (sync_all): committed=110, lagging=[vol1/c (Degraded, network: peer reset)]"
     );
 }
 
@@ -1118,7 +1126,7 @@ fn b_away_at_100(retention: RetentionBudget) -> Shell {
     shell.tick(10);
     shell
         .engine
-        .handle_disconnected(&rid("b"), "peer reset")
+        .handle_disconnected(&rid("b"), &ExecutionFailure::Transient("peer reset".into()))
         .unwrap();
     shell.pump();
     assert_eq!(
@@ -1177,6 +1185,7 @@ fn a6_a_replica_away_past_its_byte_budget_loses_its_hold_and_rebuilds() {
     );
     // Released, the checkpointer recycles past it; the return says why.
     shell.wal(120, 140, 120, true);
+    shell.tick(30); // past the reconnect backoff
     shell.heartbeat("b");
     shell.connect_and_handshake("b", 100);
     assert_eq!(
@@ -1249,4 +1258,108 @@ fn in_sync_holds_follow_acks_and_an_unplaceable_hold_is_released() {
             reason: "hold_failed: cannot pin from 120: tail is 125".into()
         }
     );
+}
+
+/// Sessions the engine started for `server` so far (repeats included).
+fn sessions_created(shell: &Shell, server: &str) -> u64 {
+    let id = rid(server);
+    shell
+        .engine
+        .log()
+        .events()
+        .filter(|e| e.event == "session_created" && e.replica.as_ref() == Some(&id))
+        .map(|e| 1 + e.repeats)
+        .sum()
+}
+
+#[test]
+fn a_replica_whose_storage_fails_is_retried_with_backoff_and_named_by_barriers() {
+    let mut config = Shell::config();
+    config.retry = RetryPolicy {
+        network: Backoff {
+            first_ticks: 2,
+            max_ticks: 20,
+        },
+        storage: Backoff {
+            first_ticks: 20,
+            max_ticks: 200,
+        },
+        rebuild: Backoff {
+            first_ticks: 20,
+            max_ticks: 200,
+        },
+    };
+    config.barrier_timeout_ticks = 50;
+    let mut shell = Shell::new(config);
+    shell.assign(assignment(1, CommitMode::SyncAll, &[B]));
+    shell.in_sync("b");
+    shell.wal(0, 10, 0, true);
+    let before = sessions_created(&shell, "b");
+    let enospc = "storage failure: wal write: No space left on device (os error 28)";
+    shell
+        .engine
+        .handle_disconnected(&rid("b"), &ExecutionFailure::ReplicaStorage(enospc.into()))
+        .unwrap();
+    shell.pump();
+    let barrier = shell.barrier(10);
+    // The replica answers every heartbeat, and every hello says the same.
+    for t in 1..=1000 {
+        shell.engine.handle_tick(Tick(t));
+        shell.pump();
+        shell.heartbeat("b");
+        if let Some(s) = shell.engine.active_session(&rid("b")) {
+            let failure = ExecutionFailure::ReplicaStorage(enospc.into());
+            shell
+                .engine
+                .handle_execution_failed(&rid("b"), s, failure)
+                .unwrap();
+            shell.pump();
+        }
+    }
+    // Retried at 20, 60, 140, 300, 500, 700, 900 ticks: not once per heartbeat.
+    let retries = sessions_created(&shell, "b") - before;
+    assert_eq!(
+        retries,
+        7,
+        "{:#?}",
+        shell.engine.log().events().collect::<Vec<_>>()
+    );
+    let failure = shell.engine.status().senders[0].failure.clone().unwrap();
+    assert_eq!(
+        (failure.cause, failure.attempts, failure.retry_at),
+        (FailureCause::ReplicaStorage, 8, Tick(1100))
+    );
+    // Writes fail with the real reason.
+    let error = shell.barriers[&barrier].clone().unwrap_err().to_string();
+    assert_eq!(
+        error,
+        format!(
+            "barrier at 10 timed out (sync_all): committed=0, lagging=[vol1/b (Disconnected, \
+             replica storage failed: {enospc})]"
+        )
+    );
+    // Loudly, once per failure, folded into one line.
+    let logged: Vec<_> = shell
+        .engine
+        .log()
+        .decisions()
+        .filter(|e| e.event == "replica_storage_failed")
+        .collect();
+    assert!(!logged.is_empty() && logged.len() <= 8, "{logged:#?}");
+    // An operator may retry at once. In sync is not enough to forget the
+    // failures (a full disk still answers hellos); acknowledged writes are.
+    shell.engine.handle_retry_now(&rid("b")).unwrap();
+    shell.heartbeat("b");
+    shell.connect_and_handshake("b", 0);
+    assert_eq!(shell.state("b"), ReplicaState::InSync);
+    assert_eq!(
+        shell.engine.status().senders[0]
+            .failure
+            .as_ref()
+            .unwrap()
+            .attempts,
+        8
+    );
+    shell.ack("b", 10, None).unwrap();
+    assert_eq!(shell.engine.status().senders[0].failure, None);
 }

@@ -31,7 +31,7 @@ enum Op {
     Progress(usize, u64),
     Truncate(usize),
     RebuildStep(usize, u8, u64),
-    Fail(usize, bool),
+    Fail(usize, u8),
     Disconnect(usize),
     Heartbeat(usize),
     Ack(usize, u64),
@@ -57,7 +57,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (r.clone(), 0..120u64).prop_map(|(i, p)| Op::Progress(i, p)),
         2 => r.clone().prop_map(Op::Truncate),
         4 => (r.clone(), 0..3u8, 0..120u64).prop_map(|(i, k, v)| Op::RebuildStep(i, k, v)),
-        1 => (r.clone(), any::<bool>()).prop_map(|(i, u)| Op::Fail(i, u)),
+        1 => (r.clone(), 0..3u8).prop_map(|(i, k)| Op::Fail(i, k)),
         1 => r.clone().prop_map(Op::Disconnect),
         2 => r.clone().prop_map(Op::Heartbeat),
         3 => (r.clone(), 0..200u64).prop_map(|(i, l)| Op::Ack(i, l)),
@@ -254,19 +254,20 @@ impl Model {
                     }
                 }
             }
-            Op::Fail(i, unrecoverable) => {
+            Op::Fail(i, kind) => {
                 let id = rid(SERVERS[i]);
                 if let Some(s) = e.active_session(&id) {
-                    let failure = if unrecoverable {
-                        ExecutionFailure::Unrecoverable("boom".into())
-                    } else {
-                        ExecutionFailure::Transient("reset".into())
+                    let failure = match kind {
+                        0 => ExecutionFailure::Unrecoverable("boom".into()),
+                        1 => ExecutionFailure::ReplicaStorage("No space left on device".into()),
+                        _ => ExecutionFailure::Transient("reset".into()),
                     };
                     let _ = e.handle_execution_failed(&id, s, failure);
                 }
             }
             Op::Disconnect(i) => {
-                let _ = e.handle_disconnected(&rid(SERVERS[i]), "reset");
+                let failure = ExecutionFailure::Transient("reset".into());
+                let _ = e.handle_disconnected(&rid(SERVERS[i]), &failure);
             }
             Op::Heartbeat(i) => {
                 let _ = e.handle_heartbeat(&rid(SERVERS[i]), epoch);

@@ -129,6 +129,28 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the local storage failed (an OS error such as ENOSPC or EIO,
+    /// a WAL poisoned by one, damaged files), as opposed to input the store
+    /// refused (an out-of-order frame or chunk, a bad checksum, a range
+    /// outside the volume). A node whose storage failed cannot take writes
+    /// until someone frees space or replaces the disk.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            Self::Wal(error) => error.is_storage_failure(),
+            Self::Extent(error) => matches!(error, ExtentError::Io { .. }),
+            Self::Superblock(_)
+            | Self::Io { .. }
+            | Self::SizeMismatch { .. }
+            | Self::WalBehindCheckpoint { .. } => true,
+            Self::ChunkOutOfOrder { .. }
+            | Self::BaseIncomplete { .. }
+            | Self::BaseChecksum { .. }
+            | Self::Locked(_) => false,
+        }
+    }
+}
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_path_buf();
     move |source| StoreError::Io { op, path, source }

@@ -289,6 +289,23 @@ impl std::fmt::Debug for Wal {
     }
 }
 
+impl WalError {
+    /// Whether the disk failed (an OS error, or a WAL poisoned by one)
+    /// rather than the input (see [`StoreError::is_storage_failure`](crate::StoreError::is_storage_failure)).
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            Self::Io { .. }
+            | Self::Poisoned(_)
+            | Self::Corrupt { .. }
+            | Self::SegmentGap { .. } => true,
+            Self::Epochs(error) => {
+                matches!(error, EpochError::Io { .. } | EpochError::Corrupt { .. })
+            }
+            _ => false,
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

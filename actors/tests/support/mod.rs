@@ -23,6 +23,18 @@ pub fn tuning() -> Tuning {
         connect_timeout: Duration::from_millis(500),
         peer_timeout: Duration::from_secs(2),
         checkpoint_every_lsns: 64,
+        network_retry: BackoffTuning {
+            first: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        storage_retry: BackoffTuning {
+            first: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        },
+        rebuild_retry: BackoffTuning {
+            first: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        },
         ..Tuning::default()
     }
 }
@@ -115,11 +127,26 @@ impl Cluster {
         tuning: Tuning,
         replica_checkpoint_every: u64,
     ) -> Self {
+        Self::start_in(mode, servers, tuning, replica_checkpoint_every, &[]).await
+    }
+
+    /// [`start_checkpointing`](Self::start_checkpointing) with some replicas'
+    /// data in directories of the test's choosing (`(server, dir)`).
+    pub async fn start_in(
+        mode: CommitMode,
+        servers: &[&str],
+        tuning: Tuning,
+        replica_checkpoint_every: u64,
+        dirs: &[(&str, PathBuf)],
+    ) -> Self {
         let rt = Runtime::start().unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let mut replicas = Vec::new();
         for server in servers {
-            let dir = tmp.path().join(server);
+            let dir = dirs
+                .iter()
+                .find(|(s, _)| s == server)
+                .map_or_else(|| tmp.path().join(server), |(_, d)| d.clone());
             let config = replica_config_with(server, &dir, "127.0.0.1:0", replica_checkpoint_every);
             let handle = rt.spawn_volume(config).await.unwrap();
             let addr = handle.listen_addr().unwrap().to_string();
@@ -374,6 +401,30 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The primary's view of `server`: its sender status.
+    pub async fn sender_status(&self, server: &str) -> walship_engine::SenderStatus {
+        self.status()
+            .await
+            .registry
+            .senders
+            .into_iter()
+            .find(|s| s.replica.server() == server)
+            .unwrap()
+    }
+
+    /// Sessions the primary started for `server` so far (repeats included).
+    pub async fn sessions_created(&self, server: &str) -> u64 {
+        self.primary
+            .recovery_log()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event == "session_created")
+            .filter(|e| e.replica.as_ref().is_some_and(|r| r.server() == server))
+            .map(|e| 1 + e.repeats)
+            .sum()
     }
 
     pub async fn has_event(&self, server: &str, event: &str) -> bool {
