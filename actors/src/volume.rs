@@ -1014,6 +1014,11 @@ impl Handler<SenderEvent> for VolumeActor {
 
     fn handle(&mut self, msg: SenderEvent, ctx: &mut Context<Self>) {
         self.clock();
+        if matches!(msg, SenderEvent::Handshaked { .. }) {
+            // Plan against the WAL as it is now: a checkpoint that finished
+            // on the pool meanwhile moved the snapshot a plan would bind.
+            self.refresh_wal_state();
+        }
         let engine = &mut self.engine;
         let result = match msg {
             SenderEvent::Handshaked {

@@ -361,6 +361,23 @@ impl Cluster {
         }
     }
 
+    /// Waits until the replica on `server` has made `more` LSNs durable past
+    /// what it had when called.
+    pub async fn wait_durable_past(&self, server: &str, more: u64, limit: Duration) {
+        let durable = |status: serde_json::Value| status["durable"].as_u64().unwrap();
+        let status = self.replica(server).status().await.unwrap();
+        let target = durable(serde_json::to_value(status).unwrap()) + more;
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = self.replica(server).status().await.unwrap();
+            if durable(serde_json::to_value(status).unwrap()) >= target {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{server} stalled below {target}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until the replica on `server` has `lsn` durable.
     pub async fn wait_durable(&self, server: &str, lsn: u64, limit: Duration) {
         let deadline = Instant::now() + limit;
