@@ -377,3 +377,45 @@ async fn a11_a_barrier_ack_that_arrives_after_the_timeout_is_rejected_over_the_w
     assert!(cluster.primary.barrier().await.unwrap() >= lsn);
     cluster.wait_converged(LONG).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_log_keeps_its_decisions_through_barriers_and_refused_reconnects() {
+    let mut cluster = Cluster::start(CommitMode::SyncQuorum, &["r1", "r2"]).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    // r2 refuses every reconnect while a thousand barriers resolve.
+    cluster.stop_replica("r2").await;
+    let sessions = cluster.sessions_created("r2").await;
+    for i in 0..1000 {
+        cluster.write_blocks(i, 1).await;
+        cluster.primary.barrier().await.unwrap();
+    }
+    assert!(
+        cluster.sessions_created("r2").await > sessions + 2,
+        "r2 was retried meanwhile"
+    );
+    cluster.restart_replica("r2", false).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    let log = cluster.primary.recovery_log().await.unwrap();
+    let events = cluster.events().await;
+    assert!(
+        log.iter().all(|e| e.event != "stale_timeout_ignored"),
+        "{events:#?}"
+    );
+    // Every decision is still there, from the first handshakes on.
+    assert_logged(&events, |e| {
+        e == "vol1/r1 handshake flushed=0 committed=0: zero_gap"
+    });
+    assert_logged(&events, |e| {
+        e == "vol1/r2 handshake flushed=0 committed=0: zero_gap"
+    });
+    assert!(cluster.has_event("r2", "plan_catchup").await);
+    // The refused reconnects are one line each, with a count.
+    let refused = log
+        .iter()
+        .find(|e| e.event == "session_invalidated" && e.detail.contains("Connection refused"))
+        .unwrap();
+    assert!(refused.repeats > 0, "{refused:?}");
+    assert!(log.len() < 60, "{} events:\n{events:#?}", log.len());
+    assert_eq!(cluster.status().await.registry.log_dropped, 0);
+}

@@ -384,6 +384,11 @@ impl CommitTracker {
         self.barriers.contains_key(&id)
     }
 
+    /// The newest barrier still waiting, with its LSN.
+    pub fn newest_pending(&self) -> Option<(BarrierId, Lsn)> {
+        self.barriers.last_key_value().map(|(id, b)| (*id, b.lsn))
+    }
+
     /// The deadline of a pending barrier.
     pub fn barrier_deadline(&self, id: BarrierId) -> Option<Tick> {
         self.barriers.get(&id).map(|b| b.deadline)

@@ -359,10 +359,23 @@ impl Engine {
     pub(crate) fn advance_commit(&mut self) {
         for (barrier, committed) in self.commit.advance() {
             self.cancel(&Timer::Barrier(barrier));
+            self.barrier_done(barrier);
             self.commands.push(Command::ResolveBarrier {
                 barrier,
                 outcome: Ok(committed),
             });
+        }
+        self.request_barrier_acks();
+    }
+
+    /// A barrier resolved or failed: a request naming it has done its work
+    /// (its ack, whenever it comes, is judged by the barrier's outcome), so
+    /// the replica may be asked about a newer one.
+    fn barrier_done(&mut self, barrier: BarrierId) {
+        for sender in self.senders.values_mut() {
+            if sender.barrier_requested == Some(barrier) {
+                sender.barrier_requested = None;
+            }
         }
     }
 
@@ -386,6 +399,7 @@ impl Engine {
             self.epoch = assignment.epoch;
             for (barrier, failure) in self.commit.fence_all() {
                 self.cancel(&Timer::Barrier(barrier));
+                self.barrier_done(barrier);
                 self.commands.push(Command::ResolveBarrier {
                     barrier,
                     outcome: Err(failure),
@@ -512,6 +526,7 @@ impl Engine {
         };
         let was_in_sync = sender.state() == ReplicaState::InSync;
         sender.connection_lost();
+        sender.barrier_requested = None;
         self.hold_while_away(replica);
         self.commit.set_in_sync(replica, false);
         if was_in_sync {
@@ -563,9 +578,13 @@ impl Engine {
     /// barriers are rejected.
     pub fn handle_ack(&mut self, replica: &ReplicaId, ack: Ack) -> Result<(), EngineError> {
         self.fence(Some(replica), None, ack.epoch, "ack")?;
-        self.sender(replica)?;
+        let sender = self.sender_mut(replica)?;
+        if ack.barrier.is_some() && ack.barrier == sender.barrier_requested {
+            sender.barrier_requested = None;
+        }
         if let Err(error) = self.commit.record_ack(replica, ack.durable, ack.barrier) {
             self.record(Some(replica), None, "late_ack_rejected", error.to_string());
+            self.request_barrier_acks();
             return Err(error.into());
         }
         let sender = self.sender_mut(replica)?;
@@ -583,8 +602,8 @@ impl Engine {
 
     /// Asks for a barrier at `lsn`. It resolves with a `ResolveBarrier`
     /// command: at once if already committed, later when committed, or with a
-    /// failure at its deadline. While it waits on replicas, each in-sync one
-    /// is asked (`SendBarrier`) for a durable ack naming it, so an ack that
+    /// failure at its deadline. While it waits on replicas, in-sync ones are
+    /// asked (`SendBarrier`) for a durable ack naming it, so that an ack that
     /// arrives after the deadline can be told apart and refused.
     pub fn handle_barrier(&mut self, lsn: Lsn, epoch: Epoch) -> Result<BarrierId, EngineError> {
         self.fence(None, None, epoch, "barrier")?;
@@ -592,22 +611,31 @@ impl Engine {
         let barrier = self.commit.register_barrier(lsn, self.wal.head, deadline)?;
         self.schedule(deadline, Timer::Barrier(barrier));
         self.advance_commit();
-        if self.commit.is_pending(barrier) && self.commit.mode() != CommitMode::BestEffort {
-            let in_sync: Vec<ReplicaId> = self
-                .senders
-                .values()
-                .filter(|s| s.state() == ReplicaState::InSync)
-                .map(|s| s.id.clone())
-                .collect();
-            for replica in in_sync {
+        Ok(barrier)
+    }
+
+    /// Asks each in-sync replica that has no request in flight for an ack
+    /// naming the newest waiting barrier. One request at a time per replica
+    /// is enough: the acks of its flushes are what commits, and a request's
+    /// ack covers every LSN up to its barrier; it names one so that it can
+    /// be refused if it comes after that barrier's deadline.
+    fn request_barrier_acks(&mut self) {
+        if self.commit.mode() == CommitMode::BestEffort {
+            return;
+        }
+        let Some((barrier, lsn)) = self.commit.newest_pending() else {
+            return;
+        };
+        for sender in self.senders.values_mut() {
+            if sender.state() == ReplicaState::InSync && sender.barrier_requested.is_none() {
+                sender.barrier_requested = Some(barrier);
                 self.commands.push(Command::SendBarrier {
-                    replica,
+                    replica: sender.id.clone(),
                     barrier,
                     lsn,
                 });
             }
         }
-        Ok(barrier)
     }
 
     // ----- time ------------------------------------------------------------
@@ -715,28 +743,11 @@ impl Engine {
 
     fn fire(&mut self, timer: Timer) {
         match timer {
-            Timer::Barrier(barrier) => match self.commit.expire(barrier, |replica| {
-                let sender = self.senders.get(replica);
-                Lagging {
-                    replica: replica.clone(),
-                    state: sender.map_or(ReplicaState::Disconnected, |s| s.state()),
-                    cause: sender
-                        .and_then(|s| s.failure.as_ref())
-                        .map(ToString::to_string),
-                }
-            }) {
-                Some(failure) => {
-                    self.record(None, None, "barrier_timeout", failure.to_string());
-                    self.commands.push(Command::ResolveBarrier {
-                        barrier,
-                        outcome: Err(failure),
-                    });
-                }
-                None => {
-                    let detail = format!("barrier {barrier} already resolved");
-                    self.record(None, None, "stale_timeout_ignored", detail);
-                }
-            },
+            Timer::Barrier(barrier) => {
+                self.barrier_done(barrier);
+                self.expire_barrier(barrier);
+                self.request_barrier_acks();
+            }
             Timer::PinReservation { replica, session } => {
                 let reserving = self
                     .senders
@@ -752,6 +763,35 @@ impl Engine {
             }
             Timer::CatchUpBudget { replica, session } => self.check_budget(&replica, session),
             Timer::RetentionHold { replica } => self.fire_retention_timer(&replica),
+        }
+    }
+
+    /// Fails a barrier at its deadline, naming each lagging replica with
+    /// its state and the cause of its last failure.
+    fn expire_barrier(&mut self, barrier: BarrierId) {
+        let senders = &self.senders;
+        let expired = self.commit.expire(barrier, |replica| {
+            let sender = senders.get(replica);
+            Lagging {
+                replica: replica.clone(),
+                state: sender.map_or(ReplicaState::Disconnected, |s| s.state()),
+                cause: sender
+                    .and_then(|s| s.failure.as_ref())
+                    .map(ToString::to_string),
+            }
+        });
+        match expired {
+            Some(failure) => {
+                self.record(None, None, "barrier_timeout", failure.to_string());
+                self.commands.push(Command::ResolveBarrier {
+                    barrier,
+                    outcome: Err(failure),
+                });
+            }
+            None => {
+                let detail = format!("barrier {barrier} already resolved");
+                self.record(None, None, "stale_timeout_ignored", detail);
+            }
         }
     }
 

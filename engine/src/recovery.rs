@@ -651,6 +651,9 @@ impl Engine {
         );
         // The hold takes over from the plan's pins before they go.
         self.hold_retention(replica, flushed, false);
+        if let Some(sender) = self.senders.get_mut(replica) {
+            sender.barrier_requested = None;
+        }
         self.release(replica, session, grants, "completed");
         self.commit.reset_replica_durable(replica, flushed);
         self.commit.set_in_sync(replica, true);

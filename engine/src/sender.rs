@@ -6,7 +6,7 @@
 //! ([`Sender::rebuild_completed`]). While it is sticky, the state stays
 //! `NeedsRebuild` (or `Rebuilding` while a rebuild runs).
 
-use crate::ids::{Endpoint, Lsn, ReplicaId, Tick};
+use crate::ids::{BarrierId, Endpoint, Lsn, ReplicaId, Tick};
 use crate::retention::RetentionHold;
 use crate::retry::FailureRecord;
 use crate::session::Session;
@@ -54,6 +54,8 @@ pub(crate) struct Sender {
     pub(crate) hold: RetentionHold,
     /// Failures since it was last in sync, and when it may be retried.
     pub(crate) failure: Option<FailureRecord>,
+    /// The barrier its ack was last asked to name, until that ack comes.
+    pub(crate) barrier_requested: Option<BarrierId>,
 }
 
 impl Sender {
@@ -68,6 +70,7 @@ impl Sender {
             last_heartbeat: now,
             hold: RetentionHold::None,
             failure: None,
+            barrier_requested: None,
         }
     }
 

@@ -1363,3 +1363,42 @@ fn a_replica_whose_storage_fails_is_retried_with_backoff_and_named_by_barriers()
     shell.ack("b", 10, None).unwrap();
     assert_eq!(shell.engine.status().senders[0].failure, None);
 }
+
+#[test]
+fn a11_one_barrier_request_is_in_flight_per_replica() {
+    let mut shell = Shell::new(Shell::config());
+    shell.assign(assignment(1, CommitMode::SyncAll, &[B]));
+    shell.in_sync("b");
+    shell.wal(0, 10, 0, true);
+    let first = shell.barrier(10);
+    shell.wal(0, 20, 0, true);
+    let second = shell.barrier(20);
+    let third = shell.barrier(20);
+    assert_eq!(shell.barrier_requests, [(rid("b"), first)]);
+    // Its ack commits what it covers and frees the slot for the newest waiting.
+    shell.ack("b", 10, Some(first)).unwrap();
+    assert_eq!(shell.barriers[&first], Ok(Lsn(10)));
+    assert_eq!(shell.barrier_requests[1..], [(rid("b"), third)]);
+    // Plain acks commit too; a barrier resolved without its named ack frees
+    // the slot all the same (the ack, when it comes, changes nothing).
+    shell.ack("b", 20, None).unwrap();
+    assert_eq!(shell.barriers[&second], Ok(Lsn(20)));
+    assert_eq!(shell.barriers[&third], Ok(Lsn(20)));
+    shell.wal(0, 30, 0, true);
+    let fourth = shell.barrier(30);
+    assert_eq!(shell.barrier_requests[2..], [(rid("b"), fourth)]);
+    shell.wal(0, 31, 0, true);
+    let fifth = shell.barrier(31);
+    assert_eq!(shell.barrier_requests.len(), 3, "fourth is still in flight");
+    // Both time out (fifth is asked about as fourth fails, then fails too);
+    // a new barrier is asked about at once.
+    shell.tick(100);
+    assert!(shell.barriers[&fourth].is_err() && shell.barriers[&fifth].is_err());
+    shell.ack("b", 31, Some(third)).unwrap();
+    shell.wal(0, 32, 0, true);
+    let sixth = shell.barrier(32);
+    assert_eq!(
+        shell.barrier_requests[3..],
+        [(rid("b"), fifth), (rid("b"), sixth)]
+    );
+}
