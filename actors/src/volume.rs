@@ -306,9 +306,6 @@ impl VolumeActor {
     /// Tells the engine how much WAL each retention hold keeps, and carries
     /// out what it decides (holds released over budget, or moved up).
     fn report_retention(&mut self, ctx: &mut Context<Self>) {
-        if self.holds.is_empty() {
-            return;
-        }
         let wal = self.store.wal();
         let usage: Vec<(ReplicaId, u64)> = self
             .holds

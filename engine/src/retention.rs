@@ -139,8 +139,19 @@ impl Engine {
 
     /// The shell's periodic report of how many WAL bytes each hold keeps
     /// (the bytes after its LSN). An away replica over the byte budget loses
-    /// its hold; an in-sync one has its hold moved up to what it acknowledged.
+    /// its hold; an in-sync one has its hold moved up to what it acknowledged
+    /// (or placed again, if it could not be placed before).
     pub fn handle_retention_usage(&mut self, usage: &[(ReplicaId, u64)]) {
+        let unheld: Vec<(ReplicaId, Lsn)> = self
+            .senders
+            .values()
+            .filter(|s| s.state() == ReplicaState::InSync)
+            .filter(|s| !matches!(s.hold, RetentionHold::Held { .. }))
+            .map(|s| (s.id.clone(), s.flushed))
+            .collect();
+        for (replica, flushed) in unheld {
+            self.hold_retention(&replica, flushed, false);
+        }
         for (replica, bytes) in usage {
             let Some(sender) = self.senders.get(replica) else {
                 continue;

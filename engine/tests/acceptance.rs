@@ -1258,6 +1258,11 @@ fn in_sync_holds_follow_acks_and_an_unplaceable_hold_is_released() {
             reason: "hold_failed: cannot pin from 120: tail is 125".into()
         }
     );
+    // In sync, it gets one again at the next report.
+    shell.ack("b", 130, None).unwrap();
+    shell.engine.handle_retention_usage(&[]);
+    shell.pump();
+    assert_eq!(shell.holds[&rid("b")], Lsn(130));
 }
 
 /// Sessions the engine started for `server` so far (repeats included).
