@@ -42,9 +42,7 @@ async fn a4_short_gap_recovers_by_catch_up_over_tcp() {
     cluster.primary.barrier().await.unwrap();
     cluster.stop_replica("r2").await;
     cluster.write_blocks(30, 30).await;
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     assert!(cluster.has_event("r2", "plan_catchup").await);
     assert!(!cluster.has_event("r2", "plan_rebuild").await);
 }
@@ -65,9 +63,7 @@ async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
     cluster.primary.barrier().await.unwrap();
     cluster.primary.checkpoint().await.unwrap();
     cluster.write_blocks(420, 10).await;
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     let events = cluster.events().await;
     assert_logged(&events, |e| {
         e.contains("handshake")
@@ -94,9 +90,7 @@ async fn a8_sync_all_fails_clearly_when_a_replica_is_lost_then_full_base_brings_
     );
     // The checkpoint moves past what sync_all committed, so r2 needs a full base.
     cluster.primary.checkpoint().await.unwrap();
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     assert!(cluster.has_event("r2", "plan_rebuild_full_base").await);
     cluster.write_blocks(110, 5).await;
     cluster.primary.barrier().await.unwrap();
@@ -110,9 +104,7 @@ async fn a8_sync_quorum_commits_with_one_replica_lost() {
     cluster.stop_replica("r2").await;
     let lsn = cluster.write_blocks(0, 20).await;
     assert!(cluster.primary.barrier().await.unwrap() >= lsn);
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,9 +117,7 @@ async fn a5_non_convergent_catch_up_escalates_to_rebuild() {
     cluster.stop_replica("r2").await;
     cluster.write_blocks(0, 200).await;
     cluster.primary.barrier().await.unwrap();
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     let events = cluster.events().await;
     assert_logged(&events, |e| e.contains("escalated budget_entries_exceeded"));
     assert!(cluster.has_event("r2", "rebuild_completed").await);
@@ -325,9 +315,7 @@ async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
     cluster.write_blocks(0, 400).await;
     cluster.primary.barrier().await.unwrap();
     cluster.primary.checkpoint().await.unwrap();
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     let events = cluster.events().await;
     assert_logged(&events, |e| {
         e.contains("session_invalidated pin_failed: snapshot rebuilds disabled")

@@ -88,9 +88,7 @@ async fn a6_an_outage_within_the_byte_budget_catches_up_and_one_past_it_rebuilds
         .wait_event("r2", "retention_budget_exceeded", LONG)
         .await;
     cluster.primary.checkpoint().await.unwrap();
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     let events = cluster.events().await;
     assert_logged(&events, |e| {
         e.starts_with("vol1/r2 retention_budget_exceeded holds ")
@@ -126,9 +124,7 @@ async fn a6_an_outage_past_the_time_budget_rebuilds() {
     cluster.write_blocks(30, 100).await;
     cluster.primary.barrier().await.unwrap();
     cluster.primary.checkpoint().await.unwrap();
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.bring_back("r2", LONG).await;
     let events = cluster.events().await;
     assert_logged(&events, |e| {
         e.starts_with("vol1/r2 retention_budget_exceeded away for ")

@@ -1047,12 +1047,7 @@ fn a_divergent_tail_is_truncated_to_the_divergence_point_before_anything_is_ship
             to: Lsn(200)
         })
     );
-    let (s, e) = (shell.session("b"), shell.epoch());
-    shell
-        .engine
-        .handle_truncated(&rid("b"), s, e, Lsn(200))
-        .unwrap();
-    shell.pump();
+    shell.truncated("b", 200).unwrap();
     assert_eq!(shell.engine.flushed(&rid("b")), Some(Lsn(200)));
     shell.progress("b", 500).unwrap();
     assert_eq!(shell.state("b"), ReplicaState::InSync);
@@ -1093,12 +1088,7 @@ fn a_divergent_tail_under_sync_all_keeps_only_what_was_committed() {
             ..
         }
     ));
-    let (s, e) = (shell.session("b"), shell.epoch());
-    shell
-        .engine
-        .handle_truncated(&rid("b"), s, e, Lsn(200))
-        .unwrap();
-    shell.pump();
+    shell.truncated("b", 200).unwrap();
     assert_eq!(shell.state("b"), ReplicaState::InSync);
     assert_eq!(shell.live[&rid("b")], Lsn(200));
     shell.ack("b", 500, None).unwrap();

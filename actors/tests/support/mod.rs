@@ -287,6 +287,14 @@ impl Cluster {
         node.handle = Some(handle);
     }
 
+    /// Restarts `server` where it was and waits until it is in sync and
+    /// every replica holds the primary's content, with no pin left.
+    pub async fn bring_back(&mut self, server: &str, limit: Duration) {
+        self.restart_replica(server, false).await;
+        self.wait_state(server, ReplicaState::InSync, limit).await;
+        self.wait_converged(limit).await;
+    }
+
     /// The primary is gone: the stopped replica `server` becomes the primary
     /// of the next epoch, with the remaining replicas.
     pub async fn promote(&mut self, server: &str, mode: CommitMode) {

@@ -256,6 +256,14 @@ impl Shell {
         result
     }
 
+    /// The replica reports it truncated to `to`.
+    pub fn truncated(&mut self, server: &str, to: u64) -> Result<(), EngineError> {
+        let (s, e) = (self.session(server), self.epoch());
+        let result = self.engine.handle_truncated(&rid(server), s, e, Lsn(to));
+        self.pump();
+        result
+    }
+
     pub fn rebuild(&mut self, server: &str, progress: RebuildProgress) -> Result<(), EngineError> {
         let s = self.session(server);
         let result = self
