@@ -313,26 +313,29 @@ impl CommitTracker {
     }
 
     /// Records a replica's durable ack, optionally naming the barrier it answers.
+    ///
+    /// An ack naming a barrier that already timed out is refused as an answer
+    /// (`LateAck`: that barrier's failure stands), but what it says about the
+    /// replica's disk is still true and is recorded first: it may commit later
+    /// writes and resolve barriers that are still waiting.
     pub fn record_ack(
         &mut self,
         replica: &ReplicaId,
         durable: Lsn,
         barrier: Option<BarrierId>,
     ) -> Result<(), CommitError> {
-        if let Some(barrier) = barrier {
-            if self.timed_out_set.contains(&barrier) {
-                return Err(CommitError::LateAck {
-                    replica: replica.clone(),
-                    barrier,
-                });
-            }
-        }
         let r = self
             .replicas
             .get_mut(replica)
             .ok_or_else(|| CommitError::UnknownReplica(replica.clone()))?;
         r.durable = r.durable.max(durable);
-        Ok(())
+        match barrier {
+            Some(barrier) if self.timed_out_set.contains(&barrier) => Err(CommitError::LateAck {
+                replica: replica.clone(),
+                barrier,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The highest LSN durable on the set the mode requires, from current acks.
@@ -564,6 +567,12 @@ mod tests {
                 barrier: b
             })
         );
+        assert_eq!(
+            t.advance(),
+            [],
+            "nothing waits, yet the late ack's durability is recorded"
+        );
+        assert_eq!(t.durable_by_mode(), Lsn(3));
         assert_eq!(t.expire(b, describe), None, "a second expiry is stale");
         assert_eq!(
             t.register_barrier(Lsn(4), Lsn(3), Tick(10)),

@@ -17,7 +17,7 @@
 //! Getters take `&self` and never change state. The engine does no IO, reads
 //! no clock and uses no randomness: the same inputs give the same commands.
 
-use crate::commit::{check_topology, CommitMode, CommitTracker, Lagging};
+use crate::commit::{check_topology, CommitError, CommitMode, CommitTracker, Lagging};
 use crate::epochs::EpochHistory;
 use crate::error::EngineError;
 use crate::events::{Ack, Assignment, Command, EngineConfig, Input, WalState};
@@ -527,7 +527,7 @@ impl Engine {
         let was_in_sync = sender.state() == ReplicaState::InSync;
         sender.connection_lost();
         sender.barrier_requested = None;
-        self.hold_while_away(replica);
+        self.hold_while_away(replica, was_in_sync);
         self.commit.set_in_sync(replica, false);
         if was_in_sync {
             self.commands.push(Command::StopLiveShipping {
@@ -574,19 +574,21 @@ impl Engine {
         self.advance_commit();
     }
 
-    /// Records a replica's durable ack. Stale epochs and acks for timed-out
-    /// barriers are rejected.
+    /// Records a replica's durable ack. Stale epochs are rejected outright. An
+    /// ack naming a barrier that already timed out is rejected as that
+    /// barrier's answer (its failure stands), though the durability it
+    /// reports still counts toward later commits.
     pub fn handle_ack(&mut self, replica: &ReplicaId, ack: Ack) -> Result<(), EngineError> {
         self.fence(Some(replica), None, ack.epoch, "ack")?;
         let sender = self.sender_mut(replica)?;
         if ack.barrier.is_some() && ack.barrier == sender.barrier_requested {
             sender.barrier_requested = None;
         }
-        if let Err(error) = self.commit.record_ack(replica, ack.durable, ack.barrier) {
-            self.record(Some(replica), None, "late_ack_rejected", error.to_string());
-            self.request_barrier_acks();
-            return Err(error.into());
-        }
+        let late = match self.commit.record_ack(replica, ack.durable, ack.barrier) {
+            Ok(()) => None,
+            Err(error @ CommitError::LateAck { .. }) => Some(error),
+            Err(error) => return Err(error.into()),
+        };
         let sender = self.sender_mut(replica)?;
         if sender.state() == ReplicaState::InSync {
             if ack.durable > sender.flushed {
@@ -597,7 +599,13 @@ impl Engine {
             sender.flushed = sender.flushed.max(ack.durable);
         }
         self.advance_commit();
-        Ok(())
+        match late {
+            None => Ok(()),
+            Some(error) => {
+                self.record(Some(replica), None, "late_ack_rejected", error.to_string());
+                Err(error.into())
+            }
+        }
     }
 
     /// Asks for a barrier at `lsn`. It resolves with a `ResolveBarrier`

@@ -74,7 +74,7 @@ impl Engine {
         };
         sender.connection_lost();
         self.cancel_session_timers(replica, id);
-        self.hold_while_away(replica);
+        self.hold_while_away(replica, false);
         self.commit.set_in_sync(replica, false);
         self.record(Some(replica), Some(id), "session_invalidated", reason);
         if was_running {

@@ -84,13 +84,21 @@ impl Engine {
         self.arm_away_timer(replica, away_since);
     }
 
-    /// The replica left sync: its hold stays where it is and its time away starts.
-    pub(crate) fn hold_while_away(&mut self, replica: &ReplicaId) {
+    /// The replica went away: its hold stays where it is and its time away
+    /// starts. One that leaves sync without a hold (it could not be placed,
+    /// or it went in sync since the last usage report) gets one at what it
+    /// acknowledged; one that was already away keeps what it has, so a hold
+    /// released past the budget stays released.
+    pub(crate) fn hold_while_away(&mut self, replica: &ReplicaId, was_in_sync: bool) {
         let now = self.now;
         let Some(sender) = self.senders.get_mut(replica) else {
             return;
         };
         let RetentionHold::Held { away_since, .. } = &mut sender.hold else {
+            if was_in_sync {
+                let flushed = sender.flushed;
+                self.hold_retention(replica, flushed, true);
+            }
             return;
         };
         if away_since.is_some() {

@@ -153,8 +153,9 @@ impl Engine {
             retry_at,
         });
         if cause == FailureCause::ReplicaStorage {
-            let detail = format!("{reason}; retry at {retry_at} (attempt {attempts})");
-            self.record(Some(replica), None, "replica_storage_failed", detail);
+            // The reason alone, so that repeats fold into one line with a
+            // count; the attempt and retry tick are in the replica's status.
+            self.record(Some(replica), None, "replica_storage_failed", reason);
         }
     }
 

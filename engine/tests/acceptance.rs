@@ -614,6 +614,7 @@ fn a11_late_ack_after_barrier_timeout_is_rejected() {
     shell.assign(assignment(1, CommitMode::SyncAll, &[B]));
     shell.in_sync("b");
     shell.wal(0, 10, 0, true);
+    shell.engine.handle_local_durable(Lsn(0), Lsn(10));
     let barrier = shell.barrier(10);
     assert_eq!(
         shell.barrier_requests,
@@ -642,6 +643,13 @@ fn a11_late_ack_after_barrier_timeout_is_rejected() {
         "failure stands"
     );
     assert_eq!(shell.event_detail("late_ack_rejected").len(), 1);
+    assert_eq!(
+        shell.engine.committed(),
+        Lsn(10),
+        "what the late ack says of the replica's disk still counts"
+    );
+    let after = shell.barrier(10);
+    assert_eq!(shell.barriers[&after], Ok(Lsn(10)));
 }
 
 #[test]
@@ -1188,7 +1196,7 @@ fn a6_a_replica_away_past_its_byte_budget_loses_its_hold_and_rebuilds() {
 }
 
 #[test]
-fn a11_a_replica_away_past_its_time_budget_loses_its_hold() {
+fn a6_a_replica_away_past_its_time_budget_loses_its_hold() {
     let mut shell = b_away_at_100(RetentionBudget {
         max_bytes: None,
         max_away_ticks: Some(50),
@@ -1248,11 +1256,64 @@ fn in_sync_holds_follow_acks_and_an_unplaceable_hold_is_released() {
             reason: "hold_failed: cannot pin from 120: tail is 125".into()
         }
     );
-    // In sync, it gets one again at the next report.
+    // Leaving sync before the next report: it is held where it acknowledged.
+    shell.tick(5);
+    shell.ack("b", 130, None).unwrap();
+    shell
+        .engine
+        .handle_disconnected(&rid("b"), &ExecutionFailure::Transient("peer reset".into()))
+        .unwrap();
+    shell.pump();
+    assert_eq!(shell.holds[&rid("b")], Lsn(130));
+    assert_eq!(
+        shell.engine.status().senders[0].retention,
+        RetentionHold::Held {
+            from: Lsn(130),
+            away_since: Some(Tick(5))
+        },
+        "away: its time budget runs"
+    );
+}
+
+#[test]
+fn an_in_sync_replica_without_a_hold_gets_one_at_the_next_report() {
+    let mut shell = primary_with_b();
+    shell.in_sync("b");
+    shell.wal(40, 130, 40, true);
+    shell
+        .engine
+        .handle_retention_failed(&rid("b"), "cannot pin from 100: tail is 105")
+        .unwrap();
+    shell.pump();
+    assert!(!shell.holds.contains_key(&rid("b")));
     shell.ack("b", 130, None).unwrap();
     shell.engine.handle_retention_usage(&[]);
     shell.pump();
     assert_eq!(shell.holds[&rid("b")], Lsn(130));
+}
+
+#[test]
+fn a_hold_released_past_the_budget_stays_released_while_away() {
+    let mut shell = b_away_at_100(RetentionBudget {
+        max_bytes: Some(4096),
+        max_away_ticks: None,
+    });
+    shell.engine.handle_retention_usage(&[(rid("b"), 4097)]);
+    shell.pump();
+    assert!(!shell.holds.contains_key(&rid("b")));
+    // Failed reconnects do not bring it back.
+    shell.tick(30);
+    shell.heartbeat("b");
+    shell
+        .engine
+        .handle_disconnected(&rid("b"), &ExecutionFailure::Transient("refused".into()))
+        .unwrap();
+    shell.pump();
+    assert!(!shell.holds.contains_key(&rid("b")));
+    assert!(matches!(
+        shell.engine.status().senders[0].retention,
+        RetentionHold::Released { .. }
+    ));
 }
 
 /// Sessions the engine started for `server` so far (repeats included).
@@ -1340,7 +1401,9 @@ fn a_replica_whose_storage_fails_is_retried_with_backoff_and_named_by_barriers()
         .decisions()
         .filter(|e| e.event == "replica_storage_failed")
         .collect();
-    assert!(!logged.is_empty() && logged.len() <= 8, "{logged:#?}");
+    assert_eq!(logged.len(), 1, "{logged:#?}");
+    assert_eq!(logged[0].detail, enospc);
+    assert_eq!(logged[0].repeats, 7, "8 failures, one line");
     // An operator may retry at once. In sync is not enough to forget the
     // failures (a full disk still answers hellos); acknowledged writes are.
     shell.engine.handle_retry_now(&rid("b")).unwrap();
