@@ -71,6 +71,15 @@ pub enum EpochError {
         /// The newest epoch in the log.
         newest: u64,
     },
+    /// The history already holds [`MAX_EPOCHS`] entries: a new epoch cannot
+    /// be written into this log (rebuild the volume from a fresh base).
+    #[error("epoch history full: {MAX_EPOCHS} epochs, cannot start epoch {epoch} at lsn {lsn}")]
+    Full {
+        /// The epoch that could not start.
+        epoch: u64,
+        /// Its first LSN.
+        lsn: u64,
+    },
     /// A filesystem call failed.
     #[error("epoch history {op} {path}: {source}")]
     Io {
@@ -84,8 +93,15 @@ pub enum EpochError {
     },
 }
 
-/// Checks that `entries` increase strictly in both epoch and first LSN.
+/// Checks that `entries` increase strictly in both epoch and first LSN, and
+/// that there are no more than [`MAX_EPOCHS`].
 pub fn validate(entries: &[EpochStart]) -> Result<(), EpochError> {
+    if let Some(first_over) = entries.get(MAX_EPOCHS) {
+        return Err(EpochError::Full {
+            epoch: first_over.epoch,
+            lsn: first_over.first_lsn,
+        });
+    }
     for pair in entries.windows(2) {
         if pair[1].epoch <= pair[0].epoch || pair[1].first_lsn <= pair[0].first_lsn {
             return Err(EpochError::OutOfOrder {
@@ -112,6 +128,7 @@ pub(crate) fn note(
             epoch,
             newest: last.epoch,
         }),
+        _ if entries.len() >= MAX_EPOCHS => Err(EpochError::Full { epoch, lsn }),
         _ => {
             entries.push(EpochStart {
                 epoch,
@@ -297,5 +314,28 @@ mod tests {
         let mut reversed = entries();
         reversed.reverse();
         assert!(validate(&reversed).is_err());
+    }
+
+    #[test]
+    fn a_full_history_refuses_another_epoch() {
+        let mut history: Vec<EpochStart> = (1..=MAX_EPOCHS as u64)
+            .map(|e| EpochStart {
+                epoch: e,
+                first_lsn: e,
+            })
+            .collect();
+        assert!(validate(&history).is_ok());
+        let last = MAX_EPOCHS as u64;
+        assert!(!note(&mut history, last + 1, last).unwrap(), "same epoch");
+        assert!(matches!(
+            note(&mut history, last + 1, last + 1),
+            Err(EpochError::Full { epoch, lsn }) if epoch == last + 1 && lsn == last + 1
+        ));
+        assert_eq!(history.len(), MAX_EPOCHS);
+        history.push(EpochStart {
+            epoch: last + 1,
+            first_lsn: last + 1,
+        });
+        assert!(matches!(validate(&history), Err(EpochError::Full { .. })));
     }
 }

@@ -329,19 +329,29 @@ impl Reader {
     }
 }
 
+/// Writes a string, cut to [`MAX_STRING`] bytes at a character boundary
+/// (only free text such as an error's detail can be that long).
 fn put_string(dst: &mut BytesMut, value: &str) {
-    let bytes = &value.as_bytes()[..value.len().min(MAX_STRING)];
-    dst.put_u16_le(bytes.len() as u16);
-    dst.put_slice(bytes);
+    let mut len = value.len().min(MAX_STRING);
+    while !value.is_char_boundary(len) {
+        len -= 1;
+    }
+    dst.put_u16_le(len as u16);
+    dst.put_slice(&value.as_bytes()[..len]);
 }
 
-fn put_epochs(dst: &mut BytesMut, epochs: &[EpochStart]) {
-    let epochs = &epochs[..epochs.len().min(MAX_EPOCHS)];
+/// Writes an epoch history. One longer than [`MAX_EPOCHS`] is refused, not
+/// cut: a history missing its newest epochs would match the wrong log.
+fn put_epochs(dst: &mut BytesMut, epochs: &[EpochStart]) -> Result<(), WireError> {
+    if epochs.len() > MAX_EPOCHS {
+        return Err(WireError::TooManyEpochs(epochs.len()));
+    }
     dst.put_u32_le(epochs.len() as u32);
     for entry in epochs {
         dst.put_u64_le(entry.epoch);
         dst.put_u64_le(entry.first_lsn);
     }
+    Ok(())
 }
 
 fn put_blob(dst: &mut BytesMut, value: &Bytes) {
@@ -370,7 +380,7 @@ impl Message {
         }
     }
 
-    fn encode_body(&self, dst: &mut BytesMut) {
+    fn encode_body(&self, dst: &mut BytesMut) -> Result<(), WireError> {
         match self {
             Self::Hello {
                 cluster,
@@ -392,7 +402,7 @@ impl Message {
                 put_string(dst, replica);
                 dst.put_u64_le(*flushed);
                 dst.put_u64_le(*checkpoint);
-                put_epochs(dst, epochs);
+                put_epochs(dst, epochs)?;
             }
             Self::WalBatch {
                 session,
@@ -456,7 +466,7 @@ impl Message {
                 dst.put_u64_le(*session);
                 dst.put_u64_le(*image_lsn);
                 dst.put_u32_le(*checksum);
-                put_epochs(dst, epochs);
+                put_epochs(dst, epochs)?;
             }
             Self::RebuildInstalled { session, image_lsn } => {
                 dst.put_u64_le(*session);
@@ -472,6 +482,7 @@ impl Message {
                 put_string(dst, message);
             }
         }
+        Ok(())
     }
 
     fn decode_body(kind: u8, r: &mut Reader) -> Result<Self, WireError> {
@@ -667,7 +678,10 @@ impl Encoder<Envelope> for WireCodec {
         dst.put_u8(PROTOCOL_VERSION);
         dst.put_u8(item.message.type_byte());
         dst.put_u64_le(item.epoch);
-        item.message.encode_body(dst);
+        if let Err(error) = item.message.encode_body(dst) {
+            dst.truncate(start);
+            return Err(error);
+        }
         let len = dst.len() - start - 4;
         if len > self.max_frame {
             dst.truncate(start);
@@ -883,6 +897,41 @@ mod tests {
             codec.decode(&mut frame(V, 2, &body)),
             Err(WireError::Truncated("epochs"))
         ));
+        // Nor is one encoded: it is refused whole, and nothing is left behind.
+        let mut buf = BytesMut::from(&b"kept"[..]);
+        let too_many = vec![
+            EpochStart {
+                epoch: 1,
+                first_lsn: 1
+            };
+            MAX_EPOCHS + 1
+        ];
+        let ack = Message::HelloAck {
+            replica: "r".into(),
+            flushed: 0,
+            checkpoint: 0,
+            epochs: too_many,
+        };
+        assert!(matches!(
+            codec.encode(Envelope { epoch: 1, message: ack }, &mut buf),
+            Err(WireError::TooManyEpochs(n)) if n == MAX_EPOCHS + 1
+        ));
+        assert_eq!(&buf[..], b"kept");
+        // A long free-text field is cut at a character boundary, still UTF-8.
+        let mut buf = BytesMut::new();
+        let message = Message::Error {
+            code: 1,
+            message: "é".repeat(MAX_STRING),
+        };
+        codec
+            .encode(Envelope { epoch: 1, message }, &mut buf)
+            .unwrap();
+        match codec.decode(&mut buf).unwrap().unwrap().message {
+            Message::Error { message, .. } => {
+                assert_eq!(message.len(), MAX_STRING - MAX_STRING % 2);
+            }
+            other => panic!("{other:?}"),
+        }
         let mut short = BytesMut::new();
         short.put_u32_le(3);
         short.put_slice(&[1, 2, 3]);
