@@ -143,7 +143,11 @@ pub struct PrimaryConfig {
     pub dir: PathBuf,
     /// Store options.
     pub store: StoreOptions,
-    /// Epoch of the first assignment.
+    /// Epoch of the first assignment. It must be newer than any epoch the
+    /// directory's WAL holds ([`VolumeError::EpochNotNewer`] otherwise): each
+    /// time a primary opens, restarted or promoted, is a new epoch.
+    ///
+    /// [`VolumeError::EpochNotNewer`]: crate::VolumeError::EpochNotNewer
     pub epoch: u64,
     /// Commit mode.
     pub commit_mode: CommitMode,

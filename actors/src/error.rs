@@ -27,6 +27,19 @@ pub enum VolumeError {
     /// The WAL refused writes after a failed sync.
     #[error("volume poisoned: {0}")]
     Poisoned(String),
+    /// A primary must open in an epoch newer than any its WAL holds. One
+    /// reopened in the same epoch after a crash could write new data at LSNs
+    /// it had shipped to replicas but lost itself, and no handshake could
+    /// tell the two apart.
+    #[error(
+        "epoch {assigned} is not newer than epoch {wal} already in the WAL:          a primary that opens needs a new epoch from its control plane"
+    )]
+    EpochNotNewer {
+        /// The epoch the primary was given.
+        assigned: u64,
+        /// The newest epoch its WAL holds.
+        wal: u64,
+    },
     /// Starting the runtime or a listener failed.
     #[error("runtime: {0}")]
     Runtime(String),

@@ -341,7 +341,11 @@ impl ReceiverActor {
                 Some(Err(e)) => self.store_failed("install", &e, CODE_BASE),
                 Some(Ok(install)) if install.image_lsn() == image_lsn => {
                     match self.store.commit_install(install, checksum, epoch, &epochs) {
-                        Ok(()) => self.answer(Message::RebuildInstalled { session, image_lsn }),
+                        Ok(()) => {
+                            // As after a truncation: only this primary's word counts past the image.
+                            self.committed = self.committed.min(image_lsn);
+                            self.answer(Message::RebuildInstalled { session, image_lsn })
+                        }
                         Err(e) => self.store_failed("commit install", &e, CODE_BASE),
                     }
                 }
@@ -537,7 +541,13 @@ impl ReceiverActor {
                 })
             }
             Message::Truncate { session, to } => match self.store.truncate_after(to) {
-                Ok(()) => self.answer(Message::Truncated { session, to }),
+                Ok(()) => {
+                    // What an earlier primary called committed past `to` is
+                    // gone: the LSNs after it will be another epoch's writes,
+                    // not committed until this primary says so.
+                    self.committed = self.committed.min(to);
+                    self.answer(Message::Truncated { session, to })
+                }
                 Err(StoreError::Wal(WalError::BelowCheckpoint { .. })) => error(
                     self.epoch,
                     CODE_TRUNCATE_REFUSED,

@@ -133,6 +133,17 @@ impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
     pub(crate) fn open(config: PrimaryConfig, pools: Pools) -> Result<Self, VolumeError> {
         let (store, report) = Store::open(&config.dir, config.store.clone())?;
+        // Epochs are the primary's incarnations: LSNs written in one must
+        // never be written again with other data, and a crash may have lost
+        // entries that replicas already hold.
+        if let Some(newest) = store.wal().newest_epoch() {
+            if newest.epoch >= config.epoch {
+                return Err(VolumeError::EpochNotNewer {
+                    assigned: config.epoch,
+                    wal: newest.epoch,
+                });
+            }
+        }
         let store = Arc::new(store);
         let reader = LogReader::with_service(store.wal(), pools.reader(config.tuning.backend)?);
         let mut engine_config = EngineConfig::new(config.volume.clone());

@@ -157,3 +157,72 @@ async fn a_divergent_tail_already_checkpointed_is_rebuilt() {
     });
     assert!(cluster.has_event("s2", "rebuild_completed").await);
 }
+
+/// A primary that crashed after shipping entries it had not made durable
+/// itself comes back without them, while replicas hold them. It must open
+/// in a new epoch: the LSNs it writes again then carry that epoch, and a
+/// replica holding the lost entries is told apart and truncated, not
+/// caught up on top of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
+    let mut keep_wal = tuning();
+    keep_wal.checkpoint_every_lsns = 1 << 20;
+    let mut cluster = Cluster::start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.write_blocks(0, 30).await;
+    assert_eq!(cluster.primary.barrier().await.unwrap(), 30);
+    // 31-35 reach both replicas...
+    for i in 0..5 {
+        cluster
+            .primary
+            .write(100 + i, block(7000 + i))
+            .await
+            .unwrap();
+    }
+    cluster.wait_durable("r1", 35, LONG).await;
+    cluster.wait_durable("r2", 35, LONG).await;
+    cluster.stop_replica("r1").await;
+    // ...and the primary loses them (as a crash before its own fsync would).
+    cluster.primary.stop().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    {
+        let (store, _) = walship_io::Store::open(&cluster.primary_dir, store_options()).unwrap();
+        store.truncate_after(30).unwrap();
+    }
+    assert!(matches!(
+        cluster.reopen_primary(1).await,
+        Err(walship_actors::VolumeError::EpochNotNewer { .. })
+    ));
+    cluster.reopen_primary(2).await.unwrap();
+    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    // Other data at the same LSNs, acknowledged by the primary and r2.
+    for i in 0..10 {
+        let lsn = cluster
+            .primary
+            .write(100 + i, block(8000 + i))
+            .await
+            .unwrap();
+        assert_eq!(lsn, 31 + i);
+    }
+    assert_eq!(cluster.primary.barrier().await.unwrap(), 40);
+    cluster.restart_replica("r1", false).await;
+    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    cluster.wait_converged(LONG).await;
+    for i in 0..10 {
+        assert_eq!(
+            cluster.replica("r1").read(100 + i, 1).await.unwrap(),
+            block(8000 + i)
+        );
+    }
+    let events = cluster.events().await;
+    assert_logged(&events, |e| {
+        e.starts_with("vol1/r2 handshake flushed=35 committed=30: replica_ahead")
+    });
+    assert_logged(&events, |e| {
+        e.starts_with(
+            "vol1/r1 handshake flushed=35 committed=40: divergent_tail: replica epoch 1 ends at 35, \
+             primary epoch 2 starts at 31: truncate to 30",
+        )
+    });
+}

@@ -52,14 +52,20 @@ impl Load {
         };
         let barriers = {
             let primary = primary.clone();
+            let mut stopped = stopped;
             tokio::spawn(async move {
                 let (mut acked, mut failed) = (0, 0);
                 while !*stopped.borrow() {
                     match primary.barrier().await {
                         Ok(committed) => acked = acked.max(committed),
                         // sync_all waits for the recovering replica: a
-                        // barrier may time out; the writes go on.
-                        Err(_) => failed += 1,
+                        // barrier may time out; the writes go on. One that
+                        // fails at once is not asked again in a tight loop.
+                        Err(_) => {
+                            failed += 1;
+                            let pause = Duration::from_millis(10);
+                            let _ = tokio::time::timeout(pause, stopped.changed()).await;
+                        }
                     }
                 }
                 (acked, failed)

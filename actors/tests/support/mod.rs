@@ -307,6 +307,21 @@ impl Cluster {
         self.primary = self.rt.spawn_volume(config).await.unwrap();
     }
 
+    /// Opens the primary again, on its own directory, in `epoch` (the old
+    /// one must have been stopped).
+    pub async fn reopen_primary(&mut self, epoch: u64) -> Result<(), VolumeError> {
+        let config = Self::primary_config(
+            &self.primary_dir,
+            epoch,
+            self.mode,
+            &self.replicas,
+            self.tuning.clone(),
+        );
+        self.primary = self.rt.spawn_volume(config).await?;
+        self.epoch = epoch;
+        Ok(())
+    }
+
     pub async fn write_blocks(&self, from: u64, count: u64) -> u64 {
         let mut lsn = 0;
         for i in from..from + count {
