@@ -99,8 +99,7 @@ async fn a8_sync_all_fails_clearly_when_a_replica_is_lost_then_full_base_brings_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a8_sync_quorum_commits_with_one_replica_lost() {
     let mut cluster = Cluster::start(CommitMode::SyncQuorum, &["r1", "r2"]).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     cluster.stop_replica("r2").await;
     let lsn = cluster.write_blocks(0, 20).await;
     assert!(cluster.primary.barrier().await.unwrap() >= lsn);
@@ -221,8 +220,7 @@ async fn fc1_restart_on_a_new_address_mid_catch_up_recovers_with_identity_kept()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a1_committed_data_survives_failover_to_a_replica() {
     let mut cluster = Cluster::start(CommitMode::SyncQuorum, &["r1", "r2"]).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     let lsn = cluster.write_blocks(0, 50).await;
     assert!(cluster.primary.barrier().await.unwrap() >= lsn);
     cluster.wait_converged(LONG).await;
@@ -241,8 +239,7 @@ async fn a1_committed_data_survives_failover_to_a_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_restart_resumes_replication() {
     let mut cluster = Cluster::start(CommitMode::SyncAll, &["r1", "r2"]).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     cluster.write_blocks(0, 30).await;
     cluster.primary.barrier().await.unwrap();
     cluster.primary.stop().await;
@@ -256,8 +253,7 @@ async fn primary_restart_resumes_replication() {
         })
     ));
     cluster.reopen_primary(2).await.unwrap();
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     cluster.write_blocks(30, 10).await;
     cluster.primary.barrier().await.unwrap();
     cluster.wait_converged(LONG).await;
@@ -268,8 +264,7 @@ async fn a2_uncommitted_data_is_not_revived_after_failover() {
     let mut keep_wal = tuning();
     keep_wal.checkpoint_every_lsns = 1 << 20;
     let mut cluster = Cluster::start_with(CommitMode::BestEffort, &["r1", "r2"], keep_wal).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     cluster.write_blocks(0, 20).await;
     cluster.primary.barrier().await.unwrap();
     cluster.wait_converged(LONG).await;
@@ -370,8 +365,7 @@ async fn a11_a_barrier_ack_that_arrives_after_the_timeout_is_rejected_over_the_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recovery_log_keeps_its_decisions_through_barriers_and_refused_reconnects() {
     let mut cluster = Cluster::start(CommitMode::SyncQuorum, &["r1", "r2"]).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     // r2 refuses every reconnect while a thousand barriers resolve.
     cluster.stop_replica("r2").await;
     let sessions = cluster.sessions_created("r2").await;

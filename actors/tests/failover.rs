@@ -44,9 +44,7 @@ async fn failover_past_a_divergent_replica(
         replica_checkpoint_every,
     )
     .await;
-    for server in ["s1", "s2", "s3"] {
-        cluster.wait_state(server, ReplicaState::InSync, LONG).await;
-    }
+    cluster.wait_all_in_sync(LONG).await;
     assert_eq!(cluster.write_blocks(0, 200).await, 200);
     assert_eq!(cluster.primary.barrier().await.unwrap(), 200);
     cluster.wait_converged(LONG).await;
@@ -168,8 +166,7 @@ async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
     let mut keep_wal = tuning();
     keep_wal.checkpoint_every_lsns = 1 << 20;
     let mut cluster = Cluster::start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     cluster.write_blocks(0, 30).await;
     assert_eq!(cluster.primary.barrier().await.unwrap(), 30);
     // 31-35 reach both replicas...

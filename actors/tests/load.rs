@@ -97,8 +97,7 @@ async fn recover_under_load(
     expected: &str,
 ) {
     let mut cluster = Cluster::start_with(mode, &["r1", "r2"], tuning).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.wait_all_in_sync(LONG).await;
     cluster.write_blocks(0, 20).await;
     cluster.primary.barrier().await.unwrap();
     take_down(&mut cluster).await;

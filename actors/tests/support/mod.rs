@@ -357,6 +357,16 @@ impl Cluster {
     }
 
     /// Waits until every replica holds the primary's content and no pin is left.
+    /// Waits until every running replica is in sync.
+    pub async fn wait_all_in_sync(&self, limit: Duration) {
+        for node in &self.replicas {
+            if node.handle.is_some() {
+                self.wait_state(&node.server, ReplicaState::InSync, limit)
+                    .await;
+            }
+        }
+    }
+
     pub async fn wait_converged(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
