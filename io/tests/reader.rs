@@ -6,6 +6,9 @@ use std::fs;
 use std::time::{Duration, Instant};
 use walship_io::*;
 
+mod common;
+use common::segments;
+
 const FRAME: u64 = 30 + 4096 + 4;
 
 fn payload(lsn: u64) -> Bytes {
@@ -25,17 +28,6 @@ fn wal_with(count: u64, per_segment: u64) -> (tempfile::TempDir, Wal) {
     }
     wal.sync_to(count).unwrap();
     (dir, wal)
-}
-
-/// The WAL's segment files, in LSN order.
-fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-        .collect();
-    files.sort();
-    files
 }
 
 fn reader(wal: &Wal, backend: BackendRequest, chunk_frames: u64) -> LogReader {
@@ -146,7 +138,7 @@ macro_rules! backend_suite {
                 let mut stream = reader.stream(0, 30).unwrap();
                 let first = stream.blocking_next().unwrap().unwrap();
                 assert_eq!(first.first_lsn, 1);
-                let mut segments = segment_files(dir.path());
+                let mut segments = segments(dir.path());
                 segments.sort();
                 fs::remove_file(&segments[2]).unwrap();
                 let error = collect(&mut stream).unwrap_err();
@@ -157,7 +149,7 @@ macro_rules! backend_suite {
             #[test]
             fn segment_corrupted_mid_read_is_a_typed_error() {
                 let (dir, wal) = wal_with(20, 10);
-                let mut segments = segment_files(dir.path());
+                let mut segments = segments(dir.path());
                 segments.sort();
                 let mut data = fs::read(&segments[1]).unwrap();
                 data[(4 * FRAME + 200) as usize] ^= 0x10; // lsn 15
@@ -171,7 +163,7 @@ macro_rules! backend_suite {
             fn segment_truncated_under_the_reader_is_a_short_read() {
                 let (dir, wal) = wal_with(10, 10);
                 let reader = reader(&wal, $backend, 10);
-                let segment = segment_files(dir.path()).remove(0);
+                let segment = segments(dir.path()).remove(0);
                 fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(5 * FRAME).unwrap();
                 let error = collect(&mut reader.stream(0, 10).unwrap()).unwrap_err();
                 assert!(matches!(error, ReaderError::ShortRead { got, .. } if got == (5 * FRAME) as usize), "{error}");

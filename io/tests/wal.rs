@@ -5,9 +5,11 @@
 use bytes::Bytes;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use walship_io::*;
+
+mod common;
+use common::segments;
 
 fn block(lsn: u64) -> Bytes {
     Bytes::from(vec![(lsn % 251) as u8; BLOCK_SIZE])
@@ -28,16 +30,6 @@ fn write_n(wal: &Wal, n: u64) -> u64 {
     }
     wal.sync_to(last).unwrap();
     last
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-        .collect();
-    files.sort();
-    files
 }
 
 const FRAME: u64 = 30 + 4096 + 4;
