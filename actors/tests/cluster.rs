@@ -131,11 +131,7 @@ async fn a10_changed_address_restart_keeps_identity_and_rejects_stale_endpoint()
     cluster.stop_replica("r1").await;
     cluster.write_blocks(20, 10).await;
     cluster.restart_replica("r1", true).await;
-    cluster
-        .primary
-        .apply_assignment(cluster.assignment())
-        .await
-        .unwrap();
+    cluster.reassign().await;
     cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     assert!(cluster.has_event("r1", "endpoint_changed").await);
@@ -174,11 +170,7 @@ async fn r2_mid_catch_up() -> Cluster {
 async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch() {
     let mut cluster = r2_mid_catch_up().await;
     cluster.epoch += 1;
-    cluster
-        .primary
-        .apply_assignment(cluster.assignment())
-        .await
-        .unwrap();
+    cluster.reassign().await;
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     let events = cluster.events().await;
@@ -207,11 +199,7 @@ async fn fc1_restart_on_a_new_address_mid_catch_up_recovers_with_identity_kept()
     let mut cluster = r2_mid_catch_up().await;
     cluster.stop_replica("r2").await;
     cluster.restart_replica("r2", true).await;
-    cluster
-        .primary
-        .apply_assignment(cluster.assignment())
-        .await
-        .unwrap();
+    cluster.reassign().await;
     cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
     cluster.wait_converged(LONG).await;
     assert!(cluster.has_event("r2", "endpoint_changed").await);
@@ -332,11 +320,7 @@ async fn a11_a_barrier_ack_that_arrives_after_the_timeout_is_rejected_over_the_w
     let node = cluster.node("r1");
     node.addr = relay.addr.clone();
     node.version += 1;
-    cluster
-        .primary
-        .apply_assignment(cluster.assignment())
-        .await
-        .unwrap();
+    cluster.reassign().await;
     cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
     cluster.write_blocks(0, 1).await;
     cluster.primary.barrier().await.unwrap();

@@ -229,6 +229,15 @@ impl Cluster {
         }
     }
 
+    /// Sends the primary the cluster's current assignment (after a change
+    /// to its epoch or to a replica's endpoint).
+    pub async fn reassign(&self) {
+        self.primary
+            .apply_assignment(self.assignment())
+            .await
+            .unwrap();
+    }
+
     pub fn node(&mut self, server: &str) -> &mut Node {
         self.replicas
             .iter_mut()
