@@ -8,12 +8,14 @@
 //! - [`engine`]: the pure recovery engine (decisions, no IO);
 //! - [`io`]: storage and IO (WAL, log reader, extent store, wire codec);
 //! - [`actors`]: the actor runtime that binds them.
+//!
+//! The `walship` command (`demo`, `bench`) is a separate binary behind the
+//! default `cli` feature: an embedder depending on `walship` with
+//! `default-features = false` gets the library alone, without the command
+//! line's crates (clap, indicatif, anyhow, rlimit, tempfile).
 
 #![forbid(unsafe_code)]
 
 pub use walship_actors as actors;
 pub use walship_engine as engine;
 pub use walship_io as io;
-
-pub mod bench;
-pub mod demo;

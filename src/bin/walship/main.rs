@@ -1,5 +1,8 @@
 //! The `walship` command line.
 
+mod bench;
+mod demo;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -58,8 +61,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo { quick, dir, json } => {
-            let options = walship::demo::DemoOptions { quick, dir, json };
-            walship::demo::run(options, &mut std::io::stdout()).await
+            let options = demo::DemoOptions { quick, dir, json };
+            demo::run(options, &mut std::io::stdout()).await
         }
         Command::Bench {
             which,
@@ -74,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 which
             };
-            let options = walship::bench::BenchOptions {
+            let options = bench::BenchOptions {
                 which,
                 size_mib,
                 p4_ops,
@@ -82,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
                 p6_volumes,
                 dir,
             };
-            walship::bench::run(options, &mut std::io::stdout()).await
+            bench::run(options, &mut std::io::stdout()).await
         }
     }
 }
