@@ -525,7 +525,8 @@ fn mode() -> impl Strategy<Value = CommitMode> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    // The default persistence replays `properties.proptest-regressions` first.
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
     fn invariants_hold_over_random_event_sequences(mode in mode(), ops in proptest::collection::vec(op(), 1..150)) {
