@@ -4,12 +4,13 @@
 
 mod support;
 
+use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Encoder, Framed};
 use walship_actors::*;
 use walship_engine::{CommitMode, ReplicaState};
 use walship_io::{Envelope, Message, WireCodec};
@@ -81,14 +82,53 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
         "{reply:?}"
     );
 
-    // Disconnect mid-frame.
+    // Disconnect in the middle of a WAL batch that would change a block.
+    let replica = cluster.replica("r1");
+    let status = |replica: &VolumeHandle| {
+        let replica = replica.clone();
+        async move { serde_json::to_value(replica.status().await.unwrap()).unwrap() }
+    };
+    let before = status(replica).await;
+    let rejected = before["mailbox"]["rejected"].as_u64().unwrap();
+    assert!(rejected >= 2, "{before}");
+    let durable = before["durable"].as_u64().unwrap();
+    let checksum = replica.content_checksum().await.unwrap();
+    let next_lsn = durable + 1;
+    let batch = Envelope {
+        epoch: 1,
+        message: Message::WalBatch {
+            session: 0,
+            first_lsn: next_lsn,
+            last_lsn: next_lsn,
+            committed: next_lsn,
+            frames: block(424242),
+        },
+    };
+    let mut encoded = BytesMut::new();
+    WireCodec::default().encode(batch, &mut encoded).unwrap();
     let mut cut = TcpStream::connect(&addr).await.unwrap();
-    cut.write_all(&[200, 0, 0, 0, 1, 1, 0, 0]).await.unwrap();
+    cut.write_all(&encoded[..encoded.len() - 100])
+        .await
+        .unwrap();
     drop(cut);
+    // The replica counts the broken connection once it has seen its end...
+    let deadline = std::time::Instant::now() + LONG;
+    let after = loop {
+        let now = status(replica).await;
+        if now["mailbox"]["rejected"].as_u64().unwrap() > rejected {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut connection was never refused: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // ...and nothing of the half batch was applied.
+    assert_eq!(after["durable"].as_u64().unwrap(), durable);
+    assert_eq!(replica.content_checksum().await.unwrap(), checksum);
 
     still_replicating(&cluster, 0).await;
-    let status = serde_json::to_value(cluster.replica("r1").status().await.unwrap()).unwrap();
-    assert!(status["mailbox"]["rejected"].as_u64().unwrap() >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
