@@ -24,14 +24,81 @@ async fn live_replication_reads_and_status() {
     cluster.wait_converged(LONG).await;
     let json = serde_json::to_value(cluster.primary.status().await.unwrap()).unwrap();
     assert_eq!(json["role"], "primary");
-    let mailboxes = json["mailboxes"].as_array().unwrap();
-    assert_eq!(mailboxes.len(), 3, "volume + two senders");
-    assert!(mailboxes[0]["handled"].as_u64().unwrap() > 40);
-    assert!(mailboxes
+    assert_eq!(json["head"], lsn);
+    assert_eq!(json["durable"], lsn);
+    for gauge in ["recovery_pins", "snapshot_pins", "held_resources"] {
+        assert_eq!(json[gauge], 0, "{gauge}");
+    }
+    assert_eq!(json["retention_holds"], 2);
+    let registry = &json["registry"];
+    assert_eq!(registry["commit_mode"], "sync_all");
+    assert_eq!(registry["epoch"], 1);
+    assert_eq!(
+        registry["epochs"],
+        serde_json::json!([{"epoch": 1, "first": 1}])
+    );
+    assert_eq!(registry["history"]["committed"], lsn);
+    assert_eq!(registry["pending_barriers"], 0);
+    let senders = registry["senders"].as_array().unwrap();
+    assert_eq!(senders.len(), 2);
+    for (sender, server) in senders.iter().zip(["vol1/r1", "vol1/r2"]) {
+        assert_eq!(sender["replica"], server);
+        assert_eq!(sender["state"], "in_sync");
+        assert_eq!(sender["flushed"], lsn);
+        assert_eq!(sender["failure"], serde_json::Value::Null);
+        assert_eq!(
+            sender["retention"],
+            serde_json::json!({"hold": "held", "from": lsn, "away_since": null})
+        );
+        assert_eq!(sender["session"]["kind"], "bootstrap");
+        assert_eq!(sender["session"]["phase"], "completed");
+    }
+    // 40 frames of 4 KiB went to each replica, with their headers.
+    for (server, bytes) in json["bytes_sent"]
+        .as_array()
+        .unwrap()
         .iter()
-        .all(|m| m["latency_p99_us"].as_u64().is_some()));
+        .map(|pair| (pair[0].as_str().unwrap(), pair[1].as_u64().unwrap()))
+    {
+        assert!(
+            (lsn * 4096..lsn * 4096 * 2).contains(&bytes),
+            "{server}: {bytes} bytes"
+        );
+    }
+    let mailboxes = json["mailboxes"].as_array().unwrap();
+    let kinds: Vec<(&str, &str)> = mailboxes
+        .iter()
+        .map(|m| (m["kind"].as_str().unwrap(), m["instance"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("volume", "vol1"),
+            ("sender", "vol1/r1"),
+            ("sender", "vol1/r2")
+        ]
+    );
+    assert!(
+        mailboxes[0]["handled"].as_u64().unwrap() > 40,
+        "40 writes at least"
+    );
+    for m in mailboxes {
+        assert_eq!(m["rejected"], 0, "{m}");
+        assert_eq!(m["fenced"], 0, "{m}");
+        assert!(
+            m["latency_p50_us"].as_u64() <= m["latency_p99_us"].as_u64(),
+            "{m}"
+        );
+    }
     let replica = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
-    assert_eq!(replica["head"].as_u64(), Some(lsn));
+    assert_eq!(replica["role"], "replica");
+    assert_eq!(replica["replica"], "vol1/r2");
+    assert_eq!(replica["epoch"], 1);
+    assert_eq!(replica["head"], lsn);
+    assert_eq!(replica["durable"], lsn);
+    assert_eq!(replica["connected"], true);
+    assert_eq!(replica["mailbox"]["kind"], "receiver");
+    assert_eq!(replica["mailbox"]["rejected"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
