@@ -91,7 +91,7 @@ impl ExecError {
         matches!(
             self,
             Self::Peer {
-                code: crate::receiver::CODE_STORAGE,
+                code: walship_io::CODE_STORAGE,
                 ..
             }
         )
@@ -104,7 +104,7 @@ impl ExecError {
             Self::Reader(ReaderError::Range(WalError::Recycled { .. }))
                 | Self::Wal(WalError::Recycled { .. })
                 | Self::Peer {
-                    code: crate::receiver::CODE_TRUNCATE_REFUSED,
+                    code: walship_io::CODE_TRUNCATE_REFUSED,
                     ..
                 }
         )

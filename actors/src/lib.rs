@@ -24,10 +24,7 @@ pub use config::{BackoffTuning, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tunin
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
-pub use receiver::{
-    ReplicaStatus, CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_STORAGE, CODE_SUPERSEDED,
-    CODE_TRUNCATE_REFUSED, CODE_WIRE,
-};
+pub use receiver::ReplicaStatus;
 pub use runtime::{NodeStatus, Runtime, VolumeHandle};
 pub use sender::{Heartbeat as SenderHeartbeat, SenderActor};
 pub use volume::{VolumeActor, VolumeStatus};

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Encoder, Framed};
 use walship_actors::*;
 use walship_engine::{CommitMode, ReplicaState};
-use walship_io::{Envelope, Message, WireCodec};
+use walship_io::{Envelope, Message, WireCodec, CODE_IDENTITY, CODE_SUPERSEDED, CODE_WIRE};
 
 const LONG: Duration = Duration::from_secs(20);
 

@@ -37,5 +37,7 @@ pub use wal::{
     SyncMode, Wal, WalError, WalOptions,
 };
 pub use wire::{
-    Envelope, ImageKind, Message, WireCodec, WireError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Envelope, ImageKind, Message, WireCodec, WireError, CODE_BASE, CODE_IDENTITY,
+    CODE_OUT_OF_ORDER, CODE_STORAGE, CODE_STORE, CODE_SUPERSEDED, CODE_TRUNCATE_REFUSED,
+    CODE_UNEXPECTED, CODE_WIRE, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };

@@ -34,6 +34,28 @@ const HEADER: usize = 10;
 const READ_AHEAD: usize = 256;
 const MAX_STRING: usize = 1024;
 
+// Codes of `Message::Error`, the reasons a peer refuses and closes.
+
+/// The peer claims another volume or replica.
+pub const CODE_IDENTITY: u16 = 1;
+/// A newer primary connection took over.
+pub const CODE_SUPERSEDED: u16 = 2;
+/// A batch does not start right after the replica's head.
+pub const CODE_OUT_OF_ORDER: u16 = 3;
+/// Truncation below the checkpoint: the replica needs a rebuild.
+pub const CODE_TRUNCATE_REFUSED: u16 = 4;
+/// A base transfer failed (size, order, checksum).
+pub const CODE_BASE: u16 = 5;
+/// The store refused (bad frame, IO error).
+pub const CODE_STORE: u16 = 6;
+/// A message that makes no sense here.
+pub const CODE_UNEXPECTED: u16 = 7;
+/// Bytes that do not decode.
+pub const CODE_WIRE: u16 = 8;
+/// The replica's storage failed (ENOSPC, EIO, a poisoned WAL): it cannot
+/// take writes until its disk is fixed. The message carries the cause.
+pub const CODE_STORAGE: u16 = 9;
+
 /// What a rebuild transfers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageKind {
