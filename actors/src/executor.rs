@@ -8,69 +8,24 @@
 use crate::adapt;
 use crate::error::ExecError;
 use crate::sender::SenderContext;
+use crate::transport::{framed, recv, send_bulk, Conn};
 use crate::volume::SenderEvent;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
 use walship_engine::{
     Ack, CatchUpExecutor, CatchUpProgress, Endpoint, Epoch, HandshakeReply, Lsn, PlanKind,
     RebuildExecutor, RebuildProgress, RebuildSource, RecoveryPlan, ReplicaId, ReplicaLog,
     ResourceGrant, SessionId, Step,
 };
-use walship_io::{Envelope, ImageKind, Message, SnapshotPin, WireCodec};
-
-/// A connection to a replica.
-pub(crate) type Conn = Framed<TcpStream, WireCodec>;
-
-/// Initial capacity of a connection's read and write buffers. They grow to
-/// the traffic (the decoder reserves a whole frame once its length is
-/// known) and keep that size; an idle connection, of which a node may hold
-/// tens of thousands, stays this small instead of tokio-util's 8 KiB each.
-const CONN_BUFFER: usize = 256;
-
-/// Frames a TCP stream with the wire codec, both ends of a connection.
-pub(crate) fn framed(stream: TcpStream) -> Conn {
-    let mut conn = Framed::with_capacity(stream, WireCodec::default(), CONN_BUFFER);
-    *conn.write_buffer_mut() = bytes::BytesMut::with_capacity(CONN_BUFFER);
-    conn
-}
+use walship_io::{Envelope, ImageKind, Message, SnapshotPin};
 
 /// LSNs per executor step; the log reader cuts them into reads anyway.
 const STEP_ENTRIES: u64 = 1 << 20;
-
-async fn recv(conn: &mut Conn, limit: Duration) -> Result<Envelope, ExecError> {
-    let envelope = match tokio::time::timeout(limit, conn.next()).await {
-        Err(_) => return Err(ExecError::Timeout(limit)),
-        Ok(None) => return Err(ExecError::Closed),
-        Ok(Some(frame)) => frame?,
-    };
-    match envelope.message {
-        Message::Fence { current_epoch } => Err(ExecError::Fenced(current_epoch)),
-        Message::Error { code, message } => Err(ExecError::Peer { code, message }),
-        _ => Ok(envelope),
-    }
-}
-
-/// Sends a bulk message (`WalBatch`, `RebuildChunk`) with its payload
-/// written straight from its buffer, vectored after the head, instead of
-/// copied into the connection's write buffer: one memcpy less per byte
-/// shipped. Anything the framed sink holds goes first, so order is kept.
-async fn send_bulk(conn: &mut Conn, envelope: Envelope) -> Result<(), ExecError> {
-    conn.flush().await?;
-    let mut head = BytesMut::with_capacity(64);
-    let payload = conn.codec().encode_head(envelope, &mut head)?;
-    let mut wire = head.freeze().chain(payload.unwrap_or_default());
-    conn.get_mut()
-        .write_all_buf(&mut wire)
-        .await
-        .map_err(|e| ExecError::Wire(e.into()))
-}
 
 /// Connects, says hello, returns the connection and the replica's answer.
 pub(crate) async fn connect_and_hello(

@@ -18,6 +18,7 @@ mod receiver;
 mod resources;
 mod runtime;
 mod sender;
+mod transport;
 mod volume;
 
 pub use config::{BackoffTuning, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};

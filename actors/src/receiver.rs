@@ -14,6 +14,7 @@
 use crate::metered;
 use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
 use crate::pool::BlockingPool;
+use crate::transport::{self, linger};
 use actix::prelude::*;
 use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -26,10 +27,6 @@ use walship_io::{
     CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_STORAGE, CODE_STORE, CODE_SUPERSEDED,
     CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED, CODE_WIRE,
 };
-
-/// How long a connection closed after an error keeps reading (and dropping)
-/// what the primary still sends, so the error reaches it.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A replica's state, for operators.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
@@ -675,7 +672,7 @@ async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u6
     /// Frames handed to the receiver at once (they share one fsync).
     const DRAIN: usize = 64;
     let _ = stream.set_nodelay(true);
-    let mut framed = crate::executor::framed(stream);
+    let mut framed = transport::framed(stream);
     'conn: while let Some(frame) = framed.next().await {
         let mut envelopes = Vec::new();
         let mut broken = None;
@@ -717,26 +714,6 @@ async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u6
         }
     }
     receiver.do_send(ConnClosed(conn));
-}
-
-/// Ends a connection after an error message so that the message arrives:
-/// closing a socket with unread bytes makes the kernel reset the connection,
-/// and a reset discards what the primary had not read yet (the error with
-/// it). So the write side is shut (after the error) and whatever the primary
-/// still sends is read and dropped until it closes, for at most [`LINGER`].
-async fn linger(framed: &mut crate::executor::Conn) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let stream = framed.get_mut();
-    let _ = stream.shutdown().await;
-    let mut sink = vec![0u8; 64 * 1024];
-    let drain = async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                return;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@
 
 use crate::config::Tuning;
 use crate::error::ExecError;
-use crate::executor::{self, BarrierRequest, Conn};
+use crate::executor::{self, BarrierRequest};
 use crate::metered;
 use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
 use crate::resources::Lease;
+use crate::transport::Conn;
 use crate::volume::{SenderEvent, VolumeActor};
 use actix::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
