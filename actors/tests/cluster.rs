@@ -90,7 +90,7 @@ async fn live_replication_reads_and_status() {
             "{m}"
         );
     }
-    let replica = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
+    let replica = cluster.replica_json("r2").await;
     assert_eq!(replica["role"], "replica");
     assert_eq!(replica["replica"], "vol1/r2");
     assert_eq!(replica["epoch"], 1);
@@ -257,7 +257,7 @@ async fn a3_fc2_epoch_bump_mid_catch_up_releases_pins_and_fences_the_old_epoch()
         matches!(error, VolumeError::Engine(EngineError::StaleEpoch { .. })),
         "{error}"
     );
-    let replica = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
+    let replica = cluster.replica_json("r2").await;
     assert_eq!(replica["epoch"], 2, "the replica persisted the new epoch");
 }
 
@@ -297,8 +297,8 @@ async fn primary_restart_resumes_replication() {
     cluster.wait_all_in_sync(LONG).await;
     cluster.write_blocks(0, 30).await;
     cluster.primary.barrier().await.unwrap();
+    // Reopening waits for the old instance's store lock.
     cluster.primary.stop().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     // Not in the epoch it wrote: it may have lost entries it had shipped.
     assert!(matches!(
         cluster.reopen_primary(1).await,
@@ -327,18 +327,7 @@ async fn a2_uncommitted_data_is_not_revived_after_failover() {
     cluster.stop_replica("r1").await;
     let ahead = cluster.write_blocks(1000, 20).await;
     cluster.primary.barrier().await.unwrap();
-    let deadline = std::time::Instant::now() + LONG;
-    loop {
-        let status = serde_json::to_value(cluster.replica("r2").status().await.unwrap()).unwrap();
-        if status["durable"].as_u64() == Some(ahead) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "r2 never received the writes"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    cluster.wait_durable("r2", ahead, LONG).await;
     cluster.primary.stop().await;
     // r1 is promoted with what it has; r2 holds 20 entries r1 never had.
     cluster.promote("r1", CommitMode::BestEffort).await;

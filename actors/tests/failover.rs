@@ -182,8 +182,8 @@ async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
     cluster.stop_replica("r1").await;
     // ...and the primary loses them (as a crash before its own fsync would).
     cluster.primary.stop().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
     {
+        // Waits (up to its lock_wait) for the stopped primary's store lock.
         let (store, _) = walship_io::Store::open(&cluster.primary_dir, store_options()).unwrap();
         store.truncate_after(30).unwrap();
     }

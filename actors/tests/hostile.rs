@@ -84,11 +84,7 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
 
     // Disconnect in the middle of a WAL batch that would change a block.
     let replica = cluster.replica("r1");
-    let status = |replica: &VolumeHandle| {
-        let replica = replica.clone();
-        async move { serde_json::to_value(replica.status().await.unwrap()).unwrap() }
-    };
-    let before = status(replica).await;
+    let before = cluster.replica_json("r1").await;
     let rejected = before["mailbox"]["rejected"].as_u64().unwrap();
     assert!(rejected >= 2, "{before}");
     let durable = before["durable"].as_u64().unwrap();
@@ -112,18 +108,11 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
         .unwrap();
     drop(cut);
     // The replica counts the broken connection once it has seen its end...
-    let deadline = std::time::Instant::now() + LONG;
-    let after = loop {
-        let now = status(replica).await;
-        if now["mailbox"]["rejected"].as_u64().unwrap() > rejected {
-            break now;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cut connection was never refused: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let refused = within(LONG, || async {
+        let now = cluster.replica_json("r1").await;
+        (now["mailbox"]["rejected"].as_u64().unwrap() > rejected).then_some(now)
+    });
+    let after = refused.await.expect("the cut connection was never refused");
     // ...and nothing of the half batch was applied.
     assert_eq!(after["durable"].as_u64().unwrap(), durable);
     assert_eq!(replica.content_checksum().await.unwrap(), checksum);
@@ -185,7 +174,7 @@ async fn stale_epoch_wrong_identity_and_hijacking_are_refused() {
     );
 
     still_replicating(&cluster, 0).await;
-    let status = serde_json::to_value(cluster.replica("r1").status().await.unwrap()).unwrap();
+    let status = cluster.replica_json("r1").await;
     assert_eq!(status["mailbox"]["fenced"], 1);
 }
 
@@ -246,24 +235,15 @@ async fn a_peer_claiming_another_replicas_identity_is_rejected_and_others_keep_w
     ];
     let cluster = Cluster::with_primary(rt, tmp, replicas, CommitMode::BestEffort, tuning()).await;
     cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    let deadline = std::time::Instant::now() + LONG;
-    while !cluster.has_event("r2", "identity_mismatch").await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "impostor not detected: {:#?}",
-            cluster.events().await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster.wait_event("r2", "identity_mismatch", LONG).await;
     assert_ne!(cluster.state("r2").await, Some(ReplicaState::InSync));
     cluster.write_blocks(0, 10).await;
     cluster.primary.barrier().await.unwrap();
     let primary = cluster.primary.content_checksum().await.unwrap();
-    let deadline = std::time::Instant::now() + LONG;
-    while cluster.replica("r1").content_checksum().await.unwrap() != primary {
-        assert!(std::time::Instant::now() < deadline, "r1 stopped receiving");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let caught_up = within(LONG, || async {
+        (cluster.replica("r1").content_checksum().await.unwrap() == primary).then_some(())
+    });
+    assert!(caught_up.await.is_some(), "r1 stopped receiving");
     let status = cluster.status().await;
     assert!(
         status.mailboxes[0].rejected > 0,

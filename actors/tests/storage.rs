@@ -32,18 +32,18 @@ async fn wait_storage_failures(
     attempts: u32,
     start: Instant,
 ) -> Duration {
-    loop {
+    let failed = within(LONG, || async {
         let status = cluster.sender_status(server).await;
-        if let Some(failure) = &status.failure {
-            if failure.cause == FailureCause::ReplicaStorage && failure.attempts >= attempts {
-                return start.elapsed();
-            }
+        let failure = status.failure?;
+        (failure.cause == FailureCause::ReplicaStorage && failure.attempts >= attempts)
+            .then(|| start.elapsed())
+    });
+    match failed.await {
+        Some(took) => took,
+        None => {
+            let status = cluster.sender_status(server).await;
+            panic!("{server} never failed {attempts} times: {status:?}")
         }
-        assert!(
-            start.elapsed() < LONG,
-            "{server} never failed {attempts} times: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -55,6 +55,24 @@ pub fn store_options() -> StoreOptions {
     }
 }
 
+/// Asks `check` every 10 ms until it answers `Some`, for at most `limit`;
+/// `None` when it never did (the caller fails with what it knows).
+pub async fn within<T, Fut>(limit: Duration, mut check: impl FnMut() -> Fut) -> Option<T>
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Fails with the whole log unless some event satisfies `matches`.
 pub fn assert_logged(events: &[String], matches: impl Fn(&String) -> bool) {
     assert!(events.iter().any(matches), "{events:#?}");
@@ -351,21 +369,16 @@ impl Cluster {
     }
 
     pub async fn wait_state(&self, server: &str, want: ReplicaState, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
+        let reached = within(limit, || async {
+            (self.state(server).await == Some(want)).then_some(())
+        });
+        if reached.await.is_none() {
             let state = self.state(server).await;
-            if state == Some(want) {
-                return;
-            }
-            if Instant::now() > deadline {
-                let log = self.events().await.join("\n");
-                panic!("{server} is {state:?}, wanted {want:?}\nrecovery log:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let log = self.events().await.join("\n");
+            panic!("{server} is {state:?}, wanted {want:?}\nrecovery log:\n{log}");
         }
     }
 
-    /// Waits until every replica holds the primary's content and no pin is left.
     /// Waits until every running replica is in sync.
     pub async fn wait_all_in_sync(&self, limit: Duration) {
         for node in &self.replicas {
@@ -376,9 +389,9 @@ impl Cluster {
         }
     }
 
+    /// Waits until every replica holds the primary's content and no pin is left.
     pub async fn wait_converged(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
+        let converged = within(limit, || async {
             let primary = self.primary.content_checksum().await.unwrap();
             let status = self.status().await;
             let mut same = status.recovery_pins == 0
@@ -389,51 +402,42 @@ impl Cluster {
                     same &= handle.content_checksum().await.unwrap() == primary;
                 }
             }
-            if same {
-                return;
-            }
-            if Instant::now() > deadline {
-                let log = self.events().await.join("\n");
-                panic!(
-                    "not converged: pins={} snaps={} held={}\n{log}",
-                    status.recovery_pins, status.snapshot_pins, status.held_resources
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            same.then_some(())
+        });
+        if converged.await.is_none() {
+            let status = self.status().await;
+            let log = self.events().await.join("\n");
+            panic!(
+                "not converged: pins={} snaps={} held={}\n{log}",
+                status.recovery_pins, status.snapshot_pins, status.held_resources
+            );
         }
+    }
+
+    /// The replica on `server`'s status, as JSON.
+    pub async fn replica_json(&self, server: &str) -> serde_json::Value {
+        serde_json::to_value(self.replica(server).status().await.unwrap()).unwrap()
     }
 
     /// Waits until the replica on `server` has made `more` LSNs durable past
     /// what it had when called.
     pub async fn wait_durable_past(&self, server: &str, more: u64, limit: Duration) {
-        let durable = |status: serde_json::Value| status["durable"].as_u64().unwrap();
-        let status = self.replica(server).status().await.unwrap();
-        let target = durable(serde_json::to_value(status).unwrap()) + more;
-        let deadline = Instant::now() + limit;
-        loop {
-            let status = self.replica(server).status().await.unwrap();
-            if durable(serde_json::to_value(status).unwrap()) >= target {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{server} stalled below {target}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let durable = async || self.replica_json(server).await["durable"].as_u64().unwrap();
+        let target = durable().await + more;
+        let reached = within(limit, || async {
+            (durable().await >= target).then_some(())
+        });
+        assert!(reached.await.is_some(), "{server} stalled below {target}");
     }
 
     /// Waits until the replica on `server` has `lsn` durable.
     pub async fn wait_durable(&self, server: &str, lsn: u64, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let status =
-                serde_json::to_value(self.replica(server).status().await.unwrap()).unwrap();
-            if status["durable"].as_u64() == Some(lsn) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{server} never made {lsn} durable: {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let reached = within(limit, || async {
+            (self.replica_json(server).await["durable"].as_u64() == Some(lsn)).then_some(())
+        });
+        if reached.await.is_none() {
+            let status = self.replica_json(server).await;
+            panic!("{server} never made {lsn} durable: {status}");
         }
     }
 
@@ -452,13 +456,12 @@ impl Cluster {
 
     /// Waits until the primary logged `event` for `server`.
     pub async fn wait_event(&self, server: &str, event: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while !self.has_event(server, event).await {
-            if Instant::now() > deadline {
-                let log = self.events().await.join("\n");
-                panic!("no {event} for {server} after {limit:?}\nrecovery log:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let logged = within(limit, || async {
+            self.has_event(server, event).await.then_some(())
+        });
+        if logged.await.is_none() {
+            let log = self.events().await.join("\n");
+            panic!("no {event} for {server} after {limit:?}\nrecovery log:\n{log}");
         }
     }
 
