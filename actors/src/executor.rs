@@ -9,7 +9,6 @@ use crate::adapt;
 use crate::error::ExecError;
 use crate::sender::SenderContext;
 use crate::transport::{framed, recv, send_bulk, Conn};
-use crate::volume::SenderEvent;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use walship_engine::{
-    Ack, CatchUpExecutor, CatchUpProgress, Endpoint, Epoch, HandshakeReply, Lsn, PlanKind,
+    Ack, CatchUpExecutor, CatchUpProgress, Endpoint, Epoch, HandshakeReply, Input, Lsn, PlanKind,
     RebuildExecutor, RebuildProgress, RebuildSource, RecoveryPlan, ReplicaId, ReplicaLog,
     ResourceGrant, SessionId, Step,
 };
@@ -228,7 +227,7 @@ async fn catch_up(
             entries,
             bytes,
         };
-        c.report(SenderEvent::CatchUp {
+        c.report(Input::CatchUpProgress {
             replica: replica.clone(),
             session,
             epoch,
@@ -254,7 +253,7 @@ async fn catch_up(
                 match answer.message {
                     Message::Truncated { to: done, .. } if done == to.get() => {
                         shipper.acked = done;
-                        c.report(SenderEvent::Truncated {
+                        c.report(Input::Truncated {
                             replica: replica.clone(),
                             session,
                             epoch,
@@ -378,7 +377,7 @@ async fn rebuild(
     })
     .await?;
     let send_progress = |progress: RebuildProgress| {
-        c.report(SenderEvent::Rebuild {
+        c.report(Input::RebuildProgress {
             replica: replica.clone(),
             session,
             epoch,
@@ -559,7 +558,7 @@ async fn live_loop(
                             }
                         }
                         let ack = Ack { epoch: Epoch(envelope.epoch), durable: Lsn(durable), barrier: barrier.map(walship_engine::BarrierId) };
-                        c.report(SenderEvent::LiveAck { replica: c.replica.clone(), ack });
+                        c.report(Input::Ack { replica: c.replica.clone(), ack });
                     }
                     Message::HeartbeatAck { .. } => {}
                     Message::Fence { current_epoch } => return Err(ExecError::Fenced(current_epoch)),

@@ -1,12 +1,17 @@
 //! `SenderActor`: one per replica on the primary.
 //!
-//! It receives `Assignment`, `Heartbeat`, `EpochChanged` and `EndpointChanged`
-//! from its volume, owns the connection to its replica and runs one task at a time in its
-//! context: connect + hello, a recovery executor, or live shipping. Each task
-//! is a future that owns the connection while it runs and hands it back when
-//! it ends well. `Cancel` (epoch bump, endpoint change) calls
-//! `ctx.cancel_future`: the future is dropped on the actor's next poll, which
-//! closes the connection and drops the executor's `Lease`, releasing its pins.
+//! It carries out the engine's commands for its replica (connect, execute a
+//! plan, cancel, start and stop live shipping, barriers) and reports what
+//! happened as engine inputs. It decides nothing: the engine cancels every
+//! session it invalidates, so the sender never compares epochs or endpoints.
+//!
+//! Its [`Link`] is the connection's lifecycle: `Idle` (none), `Ready` (greeted
+//! for a session, waiting for its plan or live start) or `Busy` (a task owns
+//! it). A task is a future spawned in the actor's context that owns the
+//! connection while it runs and hands it back when it ends well. Cancelling
+//! calls `ctx.cancel_future`: the future is dropped on the actor's next poll,
+//! which closes the connection and drops the executor's `Lease`, releasing
+//! its pins.
 
 use crate::config::Tuning;
 use crate::error::ExecError;
@@ -15,13 +20,13 @@ use crate::metered;
 use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
 use crate::resources::Lease;
 use crate::transport::Conn;
-use crate::volume::{SenderEvent, VolumeActor};
+use crate::volume::{EngineInput, VolumeActor};
 use actix::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use walship_engine::{
-    Endpoint, ExecutionFailure, RecoveryPlan, ReplicaId, ResourceGrant, SessionId,
+    Endpoint, Epoch, ExecutionFailure, Input, RecoveryPlan, ReplicaId, ResourceGrant, SessionId,
 };
 use walship_io::{LogReader, SnapshotPin, Store};
 
@@ -45,27 +50,74 @@ impl SenderContext {
         self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn report(&self, event: SenderEvent) {
-        self.volume_addr.do_send(event);
+    /// Hands `input` to the volume's engine.
+    pub(crate) fn report(&self, input: Input) {
+        self.volume_addr.do_send(EngineInput(input));
+    }
+
+    /// Reports that the session's connect or plan failed.
+    fn failed(&self, session: SessionId, failure: ExecutionFailure) {
+        let replica = self.replica.clone();
+        self.report(Input::ExecutionFailed {
+            replica,
+            session,
+            failure,
+        });
+    }
+
+    /// Reports that the live connection is gone.
+    fn disconnected(&self, failure: ExecutionFailure) {
+        let replica = self.replica.clone();
+        self.report(Input::Disconnected { replica, failure });
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TaskKind {
+/// The connection to the replica, and who owns it.
+#[derive(Debug)]
+enum Link {
+    /// No connection.
+    Idle,
+    /// Connected and greeted for `session`: waits for its plan or live start.
+    Ready { session: SessionId, conn: Conn },
+    /// A task owns the connection.
+    Busy { task: Task, handle: SpawnHandle },
+}
+
+/// What owns the connection while the link is busy.
+#[derive(Debug)]
+enum Task {
+    /// Connecting and saying hello for a session.
     Connect(SessionId),
-    Execute(SessionId),
-    Live,
+    /// Running the session's plan; live shipping follows when the engine
+    /// asked for it before the plan's future handed the connection back.
+    Execute {
+        session: SessionId,
+        then_live: Option<StartLive>,
+    },
+    /// Shipping live; barrier requests go to the task.
+    Live {
+        barriers: mpsc::UnboundedSender<BarrierRequest>,
+    },
+}
+
+impl Link {
+    /// The session the link works for, if it is one's.
+    fn session(&self) -> Option<SessionId> {
+        match self {
+            Self::Ready { session, .. }
+            | Self::Busy {
+                task: Task::Connect(session) | Task::Execute { session, .. },
+                ..
+            } => Some(*session),
+            Self::Idle | Self::Busy { .. } => None,
+        }
+    }
 }
 
 /// Ships one replica's WAL and runs its recovery executors.
 pub struct SenderActor {
     context: SenderContext,
-    conn: Option<Conn>,
-    task: Option<(TaskKind, SpawnHandle)>,
-    pending_live: Option<StartLive>,
-    /// Barrier requests for the live task, while one runs.
-    live_barriers: Option<mpsc::UnboundedSender<BarrierRequest>>,
-    epoch: u64,
+    link: Link,
     metrics: Arc<MailboxMetrics>,
 }
 
@@ -73,6 +125,7 @@ impl std::fmt::Debug for SenderActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SenderActor")
             .field("replica", &self.context.replica)
+            .field("link", &self.link)
             .finish_non_exhaustive()
     }
 }
@@ -87,34 +140,23 @@ impl Metered for SenderActor {
     }
 }
 
-metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, SendBarrier, EpochChanged, EndpointChanged, Heartbeat, Shutdown);
+metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, SendBarrier, Heartbeat, Shutdown);
 
 impl SenderActor {
     pub(crate) fn new(context: SenderContext, metrics: Arc<MailboxMetrics>) -> Self {
         Self {
             context,
-            conn: None,
-            task: None,
-            pending_live: None,
-            live_barriers: None,
-            epoch: 0,
+            link: Link::Idle,
             metrics,
         }
     }
 
-    fn cancel_task(&mut self, ctx: &mut Context<Self>) {
-        if let Some((_, handle)) = self.task.take() {
+    /// Drops the link: a running task's future (with its connection and
+    /// lease) is dropped on the actor's next poll, a held connection now.
+    fn drop_link(&mut self, ctx: &mut Context<Self>) {
+        if let Link::Busy { handle, .. } = std::mem::replace(&mut self.link, Link::Idle) {
             ctx.cancel_future(handle);
         }
-        self.live_barriers = None;
-    }
-
-    /// Cancels the task (its future, connection and lease are dropped on the
-    /// actor's next poll) and forgets any connection and pending live start.
-    fn drop_connection(&mut self, ctx: &mut Context<Self>) {
-        self.cancel_task(ctx);
-        self.conn = None;
-        self.pending_live = None;
     }
 
     /// How the engine should take `error` (from `what`: connect, a plan,
@@ -131,31 +173,22 @@ impl SenderActor {
         }
     }
 
-    fn start_live(&mut self, live: StartLive, ctx: &mut Context<Self>) {
-        let StartLive { from, epoch } = live;
-        let Some(conn) = self.conn.take() else {
-            let replica = self.context.replica.clone();
-            self.context.report(SenderEvent::LiveLost {
-                replica,
-                failure: ExecutionFailure::Transient("live: no connection".into()),
-            });
-            return;
-        };
+    fn start_live(&mut self, conn: Conn, live: StartLive, ctx: &mut Context<Self>) {
+        let StartLive { from, epoch, .. } = live;
         let context = self.context.clone();
         let (barriers, requests) = mpsc::unbounded_channel();
-        self.live_barriers = Some(barriers);
         let fut = async move { executor::live_ship(conn, context, from, epoch, requests).await };
         let handle = ctx.spawn(
             actix::fut::wrap_future::<_, Self>(fut).map(|error, act, _| {
-                act.task = None;
-                act.live_barriers = None;
-                let replica = act.context.replica.clone();
+                act.link = Link::Idle;
                 let failure = act.failure("live", &error);
-                act.context
-                    .report(SenderEvent::LiveLost { replica, failure });
+                act.context.disconnected(failure);
             }),
         );
-        self.task = Some((TaskKind::Live, handle));
+        self.link = Link::Busy {
+            task: Task::Live { barriers },
+            handle,
+        };
     }
 }
 
@@ -176,8 +209,7 @@ impl Handler<Assignment> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: Assignment, ctx: &mut Context<Self>) {
-        self.drop_connection(ctx);
-        self.epoch = self.epoch.max(msg.epoch);
+        self.drop_link(ctx);
         let context = self.context.clone();
         let Assignment {
             session,
@@ -187,30 +219,31 @@ impl Handler<Assignment> for SenderActor {
         let fut =
             async move { executor::connect_and_hello(&context, session, epoch, &endpoint).await };
         let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(fut).map(
-            move |result, act, _| {
-                act.task = None;
-                let replica = act.context.replica.clone();
-                match result {
-                    Ok((conn, reply)) => {
-                        act.conn = Some(conn);
-                        act.context.report(SenderEvent::Handshaked {
-                            replica,
-                            session,
-                            reply,
-                        });
-                    }
-                    Err(error) => {
-                        let failure = act.failure("connect", &error);
-                        act.context.report(SenderEvent::Failed {
-                            replica,
-                            session,
-                            failure,
-                        });
-                    }
+            move |result, act, _| match result {
+                Ok((conn, reply)) => {
+                    act.link = Link::Ready { session, conn };
+                    let replica = act.context.replica.clone();
+                    act.context.report(Input::Connected {
+                        replica: replica.clone(),
+                        session,
+                    });
+                    act.context.report(Input::Handshake {
+                        replica,
+                        session,
+                        reply,
+                    });
+                }
+                Err(error) => {
+                    act.link = Link::Idle;
+                    let failure = act.failure("connect", &error);
+                    act.context.failed(session, failure);
                 }
             },
         ));
-        self.task = Some((TaskKind::Connect(session), handle));
+        self.link = Link::Busy {
+            task: Task::Connect(session),
+            handle,
+        };
     }
 }
 
@@ -236,18 +269,16 @@ impl Handler<Execute> for SenderActor {
             image,
             lease,
         } = msg;
-        let Some(mut conn) = self.conn.take() else {
-            drop(lease);
-            let replica = self.context.replica.clone();
-            let failure = ExecutionFailure::Transient("no connection for the plan".into());
-            self.context.report(SenderEvent::Failed {
-                replica,
-                session,
-                failure,
-            });
-            return;
+        let mut conn = match std::mem::replace(&mut self.link, Link::Idle) {
+            Link::Ready { session: s, conn } if s == session => conn,
+            other => {
+                self.link = other;
+                drop(lease);
+                let failure = ExecutionFailure::Transient("no connection for the plan".into());
+                self.context.failed(session, failure);
+                return;
+            }
         };
-        self.cancel_task(ctx);
         let context = self.context.clone();
         let fut = async move {
             let result =
@@ -257,27 +288,32 @@ impl Handler<Execute> for SenderActor {
         };
         let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(fut).map(
             move |(conn, result), act, ctx| {
-                act.task = None;
+                let then_live = match std::mem::replace(&mut act.link, Link::Idle) {
+                    Link::Busy {
+                        task: Task::Execute { then_live, .. },
+                        ..
+                    } => then_live,
+                    _ => None,
+                };
                 match result {
-                    Ok(()) => {
-                        act.conn = Some(conn);
-                        if let Some(live) = act.pending_live.take() {
-                            act.start_live(live, ctx);
-                        }
-                    }
+                    Ok(()) => match then_live {
+                        Some(live) => act.start_live(conn, live, ctx),
+                        None => act.link = Link::Ready { session, conn },
+                    },
                     Err(error) => {
-                        let replica = act.context.replica.clone();
                         let failure = act.failure("plan", &error);
-                        act.context.report(SenderEvent::Failed {
-                            replica,
-                            session,
-                            failure,
-                        });
+                        act.context.failed(session, failure);
                     }
                 }
             },
         ));
-        self.task = Some((TaskKind::Execute(session), handle));
+        self.link = Link::Busy {
+            task: Task::Execute {
+                session,
+                then_live: None,
+            },
+            handle,
+        };
     }
 }
 
@@ -293,21 +329,19 @@ impl Handler<Cancel> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) {
-        let running = self.task.map(|(kind, _)| kind);
-        if matches!(running, Some(TaskKind::Execute(s) | TaskKind::Connect(s)) if s == msg.session)
-        {
+        if self.link.session() == Some(msg.session) {
             tracing::debug!(replica = %self.context.replica, session = %msg.session, reason = %msg.reason, "cancel");
-            self.cancel_task(ctx);
-            self.conn = None;
+            self.drop_link(ctx);
         }
     }
 }
 
-/// Start live shipping from `from` (the replica's retention hold keeps the
-/// WAL after it).
+/// Start live shipping from `from` on the connection the session brought
+/// in sync (the replica's retention hold keeps the WAL after `from`).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct StartLive {
+    pub(crate) session: SessionId,
     pub(crate) from: u64,
     pub(crate) epoch: u64,
 }
@@ -316,12 +350,33 @@ impl Handler<StartLive> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: StartLive, ctx: &mut Context<Self>) {
-        match self.task.map(|(kind, _)| kind) {
+        match std::mem::replace(&mut self.link, Link::Idle) {
             // The executor hands the connection back when its future ends.
-            Some(TaskKind::Execute(_)) => self.pending_live = Some(msg),
-            _ => {
-                self.cancel_task(ctx);
-                self.start_live(msg, ctx);
+            Link::Busy {
+                task: Task::Execute { session, .. },
+                handle,
+            } if session == msg.session => {
+                self.link = Link::Busy {
+                    task: Task::Execute {
+                        session,
+                        then_live: Some(msg),
+                    },
+                    handle,
+                };
+            }
+            Link::Ready { session, conn } if session == msg.session => {
+                self.start_live(conn, msg, ctx);
+            }
+            other => {
+                self.link = other;
+                if self.link.session().is_some() {
+                    // Another session owns the link: this start is stale.
+                    tracing::debug!(replica = %self.context.replica, session = %msg.session, "stale live start ignored");
+                    return;
+                }
+                self.drop_link(ctx);
+                let failure = ExecutionFailure::Transient("live: no connection".into());
+                self.context.disconnected(failure);
             }
         }
     }
@@ -341,7 +396,11 @@ impl Handler<SendBarrier> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: SendBarrier, _: &mut Context<Self>) {
-        if let Some(barriers) = &self.live_barriers {
+        if let Link::Busy {
+            task: Task::Live { barriers },
+            ..
+        } = &self.link
+        {
             let _ = barriers.send((msg.id, msg.lsn));
         }
     }
@@ -358,57 +417,26 @@ impl Handler<StopLive> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: StopLive, ctx: &mut Context<Self>) {
-        if matches!(self.task, Some((TaskKind::Live, _))) {
-            tracing::debug!(replica = %self.context.replica, reason = %msg.reason, "stop live shipping");
-            self.cancel_task(ctx);
-            self.conn = None;
+        match &mut self.link {
+            Link::Busy {
+                task: Task::Live { .. },
+                ..
+            } => {
+                tracing::debug!(replica = %self.context.replica, reason = %msg.reason, "stop live shipping");
+                self.drop_link(ctx);
+            }
+            Link::Busy {
+                task: Task::Execute { then_live, .. },
+                ..
+            } => *then_live = None,
+            _ => {}
         }
-        self.pending_live = None;
     }
 }
 
-/// The volume moved to a newer epoch: whatever runs belongs to the old one
-/// and stops now, before the engine's new assignment arrives.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct EpochChanged {
-    /// The new epoch.
-    pub epoch: u64,
-}
-
-impl Handler<EpochChanged> for SenderActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: EpochChanged, ctx: &mut Context<Self>) {
-        if msg.epoch <= self.epoch {
-            self.metrics.fence();
-            return;
-        }
-        self.epoch = msg.epoch;
-        self.drop_connection(ctx);
-    }
-}
-
-/// The replica moved: the connection to the old address is dropped (its
-/// identity is unchanged; the engine assigns a session to the new address).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct EndpointChanged {
-    /// The new endpoint.
-    pub endpoint: Endpoint,
-}
-
-impl Handler<EndpointChanged> for SenderActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: EndpointChanged, ctx: &mut Context<Self>) {
-        tracing::debug!(replica = %self.context.replica, endpoint = %msg.endpoint, "endpoint changed");
-        self.drop_connection(ctx);
-    }
-}
-
-/// Periodic liveness tick from the volume. An idle sender reports it, so the
-/// engine can retry a replica that has no session.
+/// Periodic liveness tick from the volume. A sender with no task running
+/// reports it, so the engine can retry a replica that has no session (the
+/// engine fences an old epoch's).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Heartbeat {
@@ -420,15 +448,11 @@ impl Handler<Heartbeat> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) {
-        if msg.epoch < self.epoch {
-            self.metrics.fence();
-            return;
-        }
-        if self.task.is_none() {
+        if !matches!(self.link, Link::Busy { .. }) {
             let replica = self.context.replica.clone();
-            self.context.report(SenderEvent::Idle {
+            self.context.report(Input::Heartbeat {
                 replica,
-                epoch: msg.epoch,
+                epoch: Epoch(msg.epoch),
             });
         }
     }
@@ -443,7 +467,7 @@ impl Handler<Shutdown> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
-        self.drop_connection(ctx);
+        self.drop_link(ctx);
         ctx.stop();
     }
 }

@@ -19,10 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use walship_engine::{
-    Ack, Assignment, BarrierFailure, BarrierId, CatchUpProgress, Command, Endpoint, Engine,
-    EngineConfig, Epoch, ExecutionFailure, GrantedResource, HandshakeReply, Lsn, RebuildProgress,
-    RecoveryEvent, RegistryStatus, ReplicaAssignment, ReplicaId, ResourceGrant, ResourceId,
-    ResourceRequest, SessionId, Tick, WalState,
+    Assignment, BarrierFailure, BarrierId, Command, Endpoint, Engine, EngineConfig, Epoch,
+    GrantedResource, Input, Lsn, RecoveryEvent, RegistryStatus, ReplicaAssignment, ReplicaId,
+    ResourceGrant, ResourceId, ResourceRequest, SessionId, Tick, WalState,
 };
 use walship_io::{BackendChoice, LogReader, Store, WalPin};
 
@@ -127,7 +126,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, GetSender, Stop, LocalDurable, SenderEvent);
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, GetSender, Stop, LocalDurable, EngineInput);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
@@ -466,12 +465,13 @@ impl VolumeActor {
             }
             Command::StartLiveShipping {
                 replica,
+                session,
                 epoch,
                 from,
-                ..
             } => {
                 if let Some(sender) = self.sender_for(&replica) {
                     sender.do_send(sender::StartLive {
+                        session,
                         from: from.get(),
                         epoch: epoch.get(),
                     });
@@ -718,34 +718,14 @@ impl Handler<ApplyAssignment> for VolumeActor {
 
     fn handle(&mut self, msg: ApplyAssignment, ctx: &mut Context<Self>) -> Self::Result {
         self.clock();
-        let old_epoch = self.engine.epoch();
-        let old_endpoints: HashMap<ReplicaId, Endpoint> = self
-            .engine
-            .replicas()
-            .filter_map(|r| Some((r.clone(), self.engine.endpoint(r)?.clone())))
-            .collect();
+        // The engine cancels every session the assignment invalidates
+        // (epoch bump, endpoint change, removal); its commands say so.
         if let Err(error) = self.engine.handle_assignment(msg.0) {
             match error {
                 walship_engine::EngineError::StaleEpoch { .. } => self.metrics.fence(),
                 _ => self.metrics.reject(),
             }
             return Err(error.into());
-        }
-        // Stop old-epoch and old-address work at once, then run the engine's
-        // new assignments.
-        let epoch = self.engine.epoch();
-        for (replica, sender) in &self.senders {
-            if epoch > old_epoch {
-                sender.do_send(sender::EpochChanged { epoch: epoch.get() });
-            }
-            let endpoint = self.engine.endpoint(replica);
-            if let (Some(old), Some(new)) = (old_endpoints.get(replica), endpoint) {
-                if old != new {
-                    sender.do_send(sender::EndpointChanged {
-                        endpoint: new.clone(),
-                    });
-                }
-            }
         }
         self.run_commands(ctx);
         Ok(())
@@ -971,104 +951,26 @@ impl Handler<LocalDurable> for VolumeActor {
     }
 }
 
-/// What a sender reports about its replica.
+/// What a sender or its executor reports about its replica: an engine input,
+/// handed to the engine as is (the engine fences stale sessions and epochs).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub(crate) enum SenderEvent {
-    Handshaked {
-        replica: ReplicaId,
-        session: SessionId,
-        reply: HandshakeReply,
-    },
-    Truncated {
-        replica: ReplicaId,
-        session: SessionId,
-        epoch: Epoch,
-        to: Lsn,
-    },
-    CatchUp {
-        replica: ReplicaId,
-        session: SessionId,
-        epoch: Epoch,
-        progress: CatchUpProgress,
-    },
-    Rebuild {
-        replica: ReplicaId,
-        session: SessionId,
-        epoch: Epoch,
-        progress: RebuildProgress,
-    },
-    Failed {
-        replica: ReplicaId,
-        session: SessionId,
-        failure: ExecutionFailure,
-    },
-    LiveAck {
-        replica: ReplicaId,
-        ack: Ack,
-    },
-    LiveLost {
-        replica: ReplicaId,
-        failure: ExecutionFailure,
-    },
-    Idle {
-        replica: ReplicaId,
-        epoch: u64,
-    },
-}
+pub(crate) struct EngineInput(pub(crate) Input);
 
-impl Handler<SenderEvent> for VolumeActor {
+impl Handler<EngineInput> for VolumeActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SenderEvent, ctx: &mut Context<Self>) {
+    fn handle(&mut self, EngineInput(input): EngineInput, ctx: &mut Context<Self>) {
         self.clock();
-        if matches!(msg, SenderEvent::Handshaked { .. }) {
+        if matches!(input, Input::Handshake { .. }) {
             // Plan against the WAL as it is now: a checkpoint that finished
             // on the pool meanwhile moved the snapshot a plan would bind.
             self.refresh_wal_state();
         }
-        let engine = &mut self.engine;
-        let result = match msg {
-            SenderEvent::Handshaked {
-                replica,
-                session,
-                reply,
-            } => engine
-                .handle_connected(&replica, session)
-                .and_then(|()| engine.handle_handshake(&replica, session, reply)),
-            SenderEvent::Truncated {
-                replica,
-                session,
-                epoch,
-                to,
-            } => engine.handle_truncated(&replica, session, epoch, to),
-            SenderEvent::CatchUp {
-                replica,
-                session,
-                epoch,
-                progress,
-            } => engine.handle_catchup_progress(&replica, session, epoch, progress),
-            SenderEvent::Rebuild {
-                replica,
-                session,
-                epoch,
-                progress,
-            } => engine.handle_rebuild_progress(&replica, session, epoch, progress),
-            SenderEvent::Failed {
-                replica,
-                session,
-                failure,
-            } => engine.handle_execution_failed(&replica, session, failure),
-            SenderEvent::LiveAck { replica, ack } => engine.handle_ack(&replica, ack),
-            SenderEvent::LiveLost { replica, failure } => {
-                engine.handle_disconnected(&replica, &failure)
-            }
-            SenderEvent::Idle { replica, epoch } => engine.handle_heartbeat(&replica, Epoch(epoch)),
-        };
-        match result {
+        match self.engine.handle_input(input) {
             Err(walship_engine::EngineError::StaleEpoch { .. }) => self.metrics.fence(),
             Err(error) => {
-                tracing::debug!(%error, "sender event refused");
+                tracing::debug!(%error, "sender report refused");
                 self.metrics.reject();
             }
             Ok(()) => {}

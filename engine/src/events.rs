@@ -337,7 +337,11 @@ pub enum Command {
         /// Its grants.
         grants: Vec<ResourceGrant>,
     },
-    /// Stop the session's execution now.
+    /// The session is invalidated (epoch bump, endpoint change, supersede,
+    /// removal, escalation): stop whatever it has under way now, whether a
+    /// connect, a handshake, a connection held for its plan or the plan
+    /// itself, and drop its connection. Emitted for every live session the
+    /// engine invalidates, so the shell never compares epochs or endpoints.
     CancelExecution {
         /// Replica.
         replica: ReplicaId,

@@ -52,8 +52,9 @@ impl Engine {
         });
     }
 
-    /// Invalidates the replica's live session, if any: cancels its execution
-    /// and releases its grants. Returns whether there was one.
+    /// Invalidates the replica's live session, if any: tells the shell to
+    /// cancel whatever the session has under way (`CancelExecution`, in every
+    /// stage) and releases its grants. Returns whether there was one.
     pub(crate) fn invalidate(&mut self, replica: &ReplicaId, reason: &str) -> bool {
         let Some(sender) = self.senders.get_mut(replica) else {
             return false;
@@ -77,16 +78,16 @@ impl Engine {
         self.hold_while_away(replica, false);
         self.commit.set_in_sync(replica, false);
         self.record(Some(replica), Some(id), "session_invalidated", reason);
-        if was_running {
-            if was_rebuild {
-                self.record(Some(replica), Some(id), "rebuild_aborted", reason);
-            }
-            self.commands.push(Command::CancelExecution {
-                replica: replica.clone(),
-                session: id,
-                reason: reason.to_owned(),
-            });
+        if was_running && was_rebuild {
+            self.record(Some(replica), Some(id), "rebuild_aborted", reason);
         }
+        // Whatever the session has under way in the shell (a connect, a
+        // handshake, a held connection, a plan) is stale from now on.
+        self.commands.push(Command::CancelExecution {
+            replica: replica.clone(),
+            session: id,
+            reason: reason.to_owned(),
+        });
         self.release(replica, id, grants, reason);
         true
     }

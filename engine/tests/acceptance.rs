@@ -947,6 +947,10 @@ fn a_peer_claiming_another_identity_is_rejected_and_its_session_dropped() {
     );
     assert_eq!(shell.engine.active_session(&rid("b")), None);
     assert_eq!(shell.state("b"), ReplicaState::Disconnected);
+    assert!(
+        matches!(shell.pump().as_slice(), [Command::CancelExecution { session, .. }] if *session == s),
+        "the impostor's connection is dropped"
+    );
     shell.engine.handle_heartbeat(&rid("b"), Epoch(1)).unwrap();
     assert!(
         matches!(shell.pump().as_slice(), [Command::Connect { .. }]),
@@ -1458,5 +1462,57 @@ fn a11_one_barrier_request_is_in_flight_per_replica() {
     assert_eq!(
         shell.barrier_requests[3..],
         [(rid("b"), fifth), (rid("b"), sixth)]
+    );
+}
+
+/// Every live session an assignment invalidates is cancelled by command, in
+/// every stage, so the shell never compares epochs or endpoints itself.
+#[test]
+fn an_assignment_cancels_every_session_it_invalidates() {
+    let cancelled = |commands: &[Command], s: SessionId, why: &str| {
+        commands.iter().any(|c| {
+            matches!(c, Command::CancelExecution { session, reason, .. } if *session == s && reason == why)
+        })
+    };
+    // Connecting, in a new epoch.
+    let mut shell = primary_with_b();
+    let s = shell.session("b");
+    let commands = shell.assign(assignment(2, CommitMode::BestEffort, &[B]));
+    assert!(cancelled(&commands, s, "epoch_bumped"), "{commands:?}");
+    assert!(
+        matches!(
+            commands.last(),
+            Some(Command::Connect {
+                epoch: Epoch(2),
+                ..
+            })
+        ),
+        "the cancel comes before the new session's connect: {commands:?}"
+    );
+    // Connected, waiting for a handshake, at a new address.
+    let mut shell = primary_with_b();
+    shell.connect("b");
+    let s = shell.session("b");
+    let commands = shell.assign(assignment(
+        1,
+        CommitMode::BestEffort,
+        &[("b", "10.0.0.9:7000", 2)],
+    ));
+    assert!(cancelled(&commands, s, "endpoint_changed"), "{commands:?}");
+    // Waiting for its grants, removed from the assignment.
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    let s = shell.session("b");
+    let commands = shell.assign(assignment(1, CommitMode::BestEffort, &[]));
+    assert!(cancelled(&commands, s, "replica_removed"), "{commands:?}");
+    // Unchanged: nothing is cancelled.
+    let mut shell = primary_with_b();
+    shell.connect_and_handshake("b", 70);
+    let commands = shell.assign(assignment(1, CommitMode::BestEffort, &[B]));
+    assert!(
+        !commands
+            .iter()
+            .any(|c| matches!(c, Command::CancelExecution { .. })),
+        "{commands:?}"
     );
 }
