@@ -8,24 +8,19 @@
 //!
 //! It is the only crate that knows both the engine and io.
 
-mod adapt;
 mod config;
 mod error;
-mod executor;
 pub mod metrics;
 mod pool;
-mod receiver;
-mod resources;
+mod primary;
+mod replica;
 mod runtime;
-mod sender;
 mod transport;
-mod volume;
 
 pub use config::{BackoffTuning, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
-pub use receiver::ReplicaStatus;
+pub use primary::{SenderActor, SenderHeartbeat, VolumeActor, VolumeStatus};
+pub use replica::ReplicaStatus;
 pub use runtime::{NodeStatus, Runtime, VolumeHandle};
-pub use sender::{Heartbeat as SenderHeartbeat, SenderActor};
-pub use volume::{VolumeActor, VolumeStatus};

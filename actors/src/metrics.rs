@@ -9,7 +9,7 @@
 //! the actor kind and instance, so any installed recorder exports them.
 
 use actix::dev::ToEnvelope;
-use actix::{Actor, Addr, Handler, MailboxError, Message};
+use actix::{Actor, Addr, Handler, MailboxError, Message, Recipient};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -338,5 +338,74 @@ impl<A: Actor> MeteredAddr<A> {
             self.metrics.on_lost();
         }
         result
+    }
+}
+
+/// A metered address that knows only the one message it takes, not the
+/// actor: lets a part report to an actor without depending on its type (a
+/// sender's executors report to their volume this way).
+pub struct MeteredRecipient<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    recipient: Recipient<Tracked<M>>,
+    metrics: Arc<MailboxMetrics>,
+}
+
+impl<M> std::fmt::Debug for MeteredRecipient<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredRecipient")
+            .field("metrics", &self.metrics)
+            .finish()
+    }
+}
+
+impl<M> Clone for MeteredRecipient<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    fn clone(&self) -> Self {
+        Self {
+            recipient: self.recipient.clone(),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+impl<M> MeteredRecipient<M>
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+{
+    /// Sends without waiting; dropped if the actor stopped (as
+    /// [`MeteredAddr::do_send`]).
+    pub fn do_send(&self, msg: M) {
+        if !self.recipient.connected() {
+            return;
+        }
+        self.metrics.on_send();
+        self.recipient.do_send(Tracked(msg));
+    }
+}
+
+impl<A: Actor> MeteredAddr<A> {
+    /// This address, for message `M` alone.
+    pub fn recipient<M>(&self) -> MeteredRecipient<M>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        A: Handler<Tracked<M>>,
+        A::Context: ToEnvelope<A, Tracked<M>>,
+    {
+        MeteredRecipient {
+            recipient: self.addr.clone().recipient(),
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 }

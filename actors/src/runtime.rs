@@ -5,11 +5,12 @@ use crate::config::VolumeConfig;
 use crate::error::VolumeError;
 use crate::metrics::{MailboxMetrics, MeteredAddr};
 use crate::pool::{ArbiterPool, BlockingPool, Pools};
-use crate::receiver::{
+use crate::primary::{self as volume, SenderActor, VolumeActor, VolumeStatus};
+use crate::replica::listener;
+use crate::replica::receiver::{
     self, GetReplicaStatus, ReceiverActor, ReplicaChecksum, ReplicaRead, ReplicaStatus,
     StopReceiver,
 };
-use crate::volume::{self, VolumeActor, VolumeStatus};
 use actix::prelude::*;
 use bytes::Bytes;
 use serde::Serialize;
@@ -157,7 +158,7 @@ async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle
             let spawned = arbiter.spawn(async move {
                 // Registered with the arbiter's reactor, where it is polled.
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => receiver::accept_loop(listener, accepting, shutdown_rx).await,
+                    Ok(listener) => listener::accept_loop(listener, accepting, shutdown_rx).await,
                     Err(e) => tracing::error!(error = %e, "replica listener"),
                 }
             });
@@ -376,10 +377,7 @@ impl VolumeHandle {
     /// The metered address of a replica's sender on a primary. For benchmarks
     /// and diagnostics that drive the sender's mailbox directly.
     #[doc(hidden)]
-    pub async fn sender(
-        &self,
-        replica: ReplicaId,
-    ) -> Option<MeteredAddr<crate::sender::SenderActor>> {
+    pub async fn sender(&self, replica: ReplicaId) -> Option<MeteredAddr<SenderActor>> {
         self.primary()
             .ok()?
             .send(volume::GetSender(replica))

@@ -2,6 +2,10 @@
 //! vectored bulk sends, and a closing that lets an error message arrive.
 //! Both ends use it: the primary's executors and the replica's connection
 //! tasks.
+//!
+//! It is also the one place where io's types (the wire's and the WAL's)
+//! become the engine's: LSNs and epochs are plain integers in io, newtypes
+//! in the engine.
 
 use crate::error::ExecError;
 use bytes::{Buf, BytesMut};
@@ -10,6 +14,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
+use walship_engine::{
+    Ack, BarrierId, Epoch, EpochHistory, EpochOrderError, EpochStart, HandshakeReply, Lsn,
+    ReplicaId, ReplicaLog,
+};
 use walship_io::{Envelope, Message, WireCodec};
 
 /// A framed connection, either end.
@@ -79,4 +87,57 @@ pub(crate) async fn linger(framed: &mut Conn) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// io's epoch history (from a WAL or the wire) as the engine's.
+pub(crate) fn engine_epochs(
+    entries: &[walship_io::EpochStart],
+) -> Result<EpochHistory, EpochOrderError> {
+    EpochHistory::from_entries(entries.iter().copied().map(engine_epoch).collect())
+}
+
+/// One io epoch start as the engine's.
+pub(crate) fn engine_epoch(entry: walship_io::EpochStart) -> EpochStart {
+    EpochStart {
+        epoch: Epoch(entry.epoch),
+        first: Lsn(entry.first_lsn),
+    }
+}
+
+/// The replica's answer to hello as the engine's handshake reply.
+pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecError> {
+    let Message::HelloAck {
+        replica,
+        flushed,
+        checkpoint,
+        epochs,
+    } = answer.message
+    else {
+        return Err(ExecError::Protocol(format!(
+            "expected hello ack, got {:?}",
+            answer.message
+        )));
+    };
+    let replica =
+        ReplicaId::parse(&replica).map_err(|e| ExecError::Protocol(format!("hello ack: {e}")))?;
+    let epochs =
+        engine_epochs(&epochs).map_err(|e| ExecError::Protocol(format!("hello ack: {e}")))?;
+    Ok(HandshakeReply {
+        replica,
+        epoch: Epoch(answer.epoch),
+        log: ReplicaLog {
+            flushed: Lsn(flushed),
+            checkpoint: Lsn(checkpoint),
+            epochs,
+        },
+    })
+}
+
+/// A durable ack received in `epoch` as the engine's.
+pub(crate) fn engine_ack(epoch: u64, durable: u64, barrier: Option<u64>) -> Ack {
+    Ack {
+        epoch: Epoch(epoch),
+        durable: Lsn(durable),
+        barrier: barrier.map(BarrierId),
+    }
 }

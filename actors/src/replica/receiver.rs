@@ -1,31 +1,24 @@
-//! The replica side: `ReceiverActor` and its TCP listener.
+//! The replica's `ReceiverActor`: applies a primary's stream to its store.
 //!
-//! The receiver runs on one of the runtime's receiver arbiters, with its
-//! listener and connection tasks: appends, fsyncs and truncations block
-//! there, never on the arbiter that runs primaries and senders. Checkpoints
-//! run on the blocking pool; a base image being received is written by a
-//! thread of its own.
-//! Each connection is a task that decodes frames and asks the receiver what
-//! to answer. The receiver checks, in order: identity (volume and replica id),
-//! epoch (older → `Fence`; newer → persisted before anything else), that the
-//! connection is the current primary's, and LSN order. Anything wrong gets a
-//! typed `Error` message and the connection closes; the replica keeps serving.
+//! It runs on one of the runtime's receiver arbiters, with its listener and
+//! connection tasks: appends, fsyncs and truncations block there, never on
+//! the arbiter that runs primaries and senders. Checkpoints run on the
+//! blocking pool; a base image being received is written by a thread of its
+//! own ([`InstallWriter`]). Every frame passes [`admission`] first; a refusal
+//! gets a typed message and the connection closes; the replica keeps serving.
 
+use super::admission::{self, Identity, Refusal};
+use super::install::InstallWriter;
 use crate::metered;
-use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered, MeteredAddr};
+use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered};
 use crate::pool::BlockingPool;
-use crate::transport::{self, linger};
 use actix::prelude::*;
 use bytes::Bytes;
-use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use walship_io::{
-    BaseInstall, Envelope, Message, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE,
-    CODE_IDENTITY, CODE_OUT_OF_ORDER, CODE_STORAGE, CODE_STORE, CODE_SUPERSEDED,
-    CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED, CODE_WIRE,
+    Envelope, Message, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE, CODE_STORAGE,
+    CODE_STORE, CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED,
 };
 
 /// A replica's state, for operators.
@@ -54,8 +47,7 @@ pub struct ReplicaStatus {
 /// Receives and applies a primary's stream.
 pub struct ReceiverActor {
     store: Arc<Store>,
-    volume: String,
-    identity: String,
+    identity: Identity,
     epoch: u64,
     active_conn: Option<u64>,
     install: Option<InstallWriter>,
@@ -69,7 +61,7 @@ pub struct ReceiverActor {
 impl std::fmt::Debug for ReceiverActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReceiverActor")
-            .field("identity", &self.identity)
+            .field("identity", &self.identity.replica)
             .finish_non_exhaustive()
     }
 }
@@ -119,8 +111,10 @@ impl ReceiverActor {
         Self {
             blocking,
             store,
-            volume,
-            identity,
+            identity: Identity {
+                volume,
+                replica: identity,
+            },
             epoch,
             active_conn: None,
             install: None,
@@ -137,7 +131,7 @@ impl ReceiverActor {
     /// anything else gets `otherwise`.
     fn store_failed(&self, what: &str, e: &StoreError, otherwise: u16) -> Reply {
         if e.is_storage_failure() {
-            tracing::error!(replica = %self.identity, error = %e, "replica storage failed: {what}");
+            tracing::error!(replica = %self.identity.replica, error = %e, "replica storage failed: {what}");
             return error(
                 self.epoch,
                 CODE_STORAGE,
@@ -157,27 +151,27 @@ impl ReceiverActor {
         }
     }
 
-    fn hello(&mut self, conn: u64, epoch: u64, volume: &str, replica: &str) -> Reply {
-        if volume != self.volume || replica != self.identity {
-            self.metrics.reject();
-            let why = format!(
-                "this is {} of volume {}, not {replica} of {volume}",
-                self.identity, self.volume
-            );
-            return error(self.epoch, CODE_IDENTITY, why);
-        }
-        if epoch < self.epoch {
+    /// Counts the refusal and closes the connection with what says why.
+    fn refuse(&self, refusal: &Refusal) -> Reply {
+        if refusal.is_fence() {
             self.metrics.fence();
-            return Reply {
-                send: vec![Envelope {
-                    epoch: self.epoch,
-                    message: Message::Fence {
-                        current_epoch: self.epoch,
-                    },
-                }],
-                close: true,
-            };
+        } else {
+            self.metrics.reject();
         }
+        Reply {
+            send: vec![Envelope {
+                epoch: self.epoch,
+                message: refusal.message(),
+            }],
+            close: true,
+        }
+    }
+
+    fn hello(&mut self, conn: u64, epoch: u64, volume: &str, replica: &str) -> Reply {
+        let epoch = match admission::hello(&self.identity, self.epoch, volume, replica, epoch) {
+            Ok(epoch) => epoch,
+            Err(refusal) => return self.refuse(&refusal),
+        };
         if epoch > self.epoch {
             if let Err(e) = self.store.persist_epoch(epoch) {
                 return self.store_failed("persist epoch", &e, CODE_STORE);
@@ -193,7 +187,7 @@ impl ReceiverActor {
             return self.store_failed("sync before hello", &e, CODE_STORE);
         }
         self.answer(Message::HelloAck {
-            replica: self.identity.clone(),
+            replica: self.identity.replica.clone(),
             flushed: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,
             epochs: wal.epochs(),
@@ -210,14 +204,8 @@ impl ReceiverActor {
         frames: &Bytes,
         unsynced: &mut bool,
     ) -> Reply {
-        let head = self.store.wal().head();
-        if first_lsn != head + 1 {
-            self.metrics.reject();
-            return error(
-                self.epoch,
-                CODE_OUT_OF_ORDER,
-                format!("batch starts at {first_lsn}, head is {head}"),
-            );
+        if let Err(refusal) = admission::batch(self.store.wal().head(), first_lsn) {
+            return self.refuse(&refusal);
         }
         match self.store.apply_replicated(frames) {
             Ok(new_head) if new_head == last_lsn => {
@@ -341,82 +329,6 @@ impl ReceiverActor {
     }
 }
 
-/// Chunks a base install may have queued for its writer (1 MiB each).
-const INSTALL_QUEUE: usize = 8;
-
-/// Writes a base image on its own thread, in arrival order, so the arbiter
-/// goes back to reading the socket while the page cache takes the previous
-/// chunk: on P2 the replica's one thread did both and was the bottleneck.
-/// The queue is bounded (the arbiter waits when the writer is behind), and
-/// a write error surfaces on the next chunk or at `finish`.
-#[derive(Debug)]
-struct InstallWriter {
-    chunks: Option<std::sync::mpsc::SyncSender<(u64, Bytes)>>,
-    thread: Option<std::thread::JoinHandle<Result<BaseInstall, StoreError>>>,
-}
-
-impl InstallWriter {
-    fn start(mut install: BaseInstall) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(INSTALL_QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("walship-install".into())
-            .spawn(move || {
-                for (offset, data) in rx {
-                    install.write_chunk(offset, &data)?;
-                }
-                Ok(install)
-            });
-        match thread {
-            Ok(thread) => Self {
-                chunks: Some(tx),
-                thread: Some(thread),
-            },
-            // No thread to be had: fail the install at its first chunk.
-            Err(e) => {
-                tracing::error!(error = %e, "install writer thread");
-                Self {
-                    chunks: None,
-                    thread: None,
-                }
-            }
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: Bytes) -> Result<(), StoreError> {
-        let sent = self
-            .chunks
-            .as_ref()
-            .is_some_and(|tx| tx.send((offset, data)).is_ok());
-        if sent {
-            return Ok(());
-        }
-        // The writer stopped: its error says why.
-        self.finish_now().map(|_| ())
-    }
-
-    /// Waits for every queued chunk; returns the install to commit.
-    fn finish(mut self) -> Result<BaseInstall, StoreError> {
-        self.finish_now()
-    }
-
-    fn finish_now(&mut self) -> Result<BaseInstall, StoreError> {
-        self.chunks = None;
-        match self.thread.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(StoreError::Io {
-                op: "install",
-                path: "writer thread".into(),
-                source: std::io::Error::other("install writer panicked"),
-            }),
-            None => Err(StoreError::Io {
-                op: "install",
-                path: "writer thread".into(),
-                source: std::io::Error::other("install writer not running"),
-            }),
-        }
-    }
-}
-
 #[derive(Debug, Message)]
 #[rtype(result = "Reply")]
 pub(crate) struct Inbound {
@@ -469,26 +381,8 @@ impl ReceiverActor {
         {
             return self.hello(conn, epoch, volume, replica);
         }
-        if epoch < self.epoch {
-            self.metrics.fence();
-            let fence = Envelope {
-                epoch: self.epoch,
-                message: Message::Fence {
-                    current_epoch: self.epoch,
-                },
-            };
-            return Reply {
-                send: vec![fence],
-                close: true,
-            };
-        }
-        if self.active_conn != Some(conn) || epoch != self.epoch {
-            self.metrics.reject();
-            return error(
-                self.epoch,
-                CODE_SUPERSEDED,
-                "not the current primary connection; say hello",
-            );
+        if let Err(refusal) = admission::frame(self.epoch, self.active_conn, conn, epoch) {
+            return self.refuse(&refusal);
         }
         let reply = match message {
             Message::WalBatch {
@@ -577,7 +471,7 @@ impl Handler<GetReplicaStatus> for ReceiverActor {
         let superblock = self.store.superblock();
         ReplicaStatus {
             role: "replica",
-            replica: self.identity.clone(),
+            replica: self.identity.replica.clone(),
             epoch: self.epoch,
             head: wal.head(),
             durable: wal.durable(),
@@ -644,112 +538,5 @@ impl Handler<StopReceiver> for ReceiverActor {
 
     fn handle(&mut self, _: StopReceiver, ctx: &mut Context<Self>) {
         ctx.stop();
-    }
-}
-
-/// Accepts connections until `shutdown` turns true.
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    receiver: MeteredAddr<ReceiverActor>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut next_conn = 0u64;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    next_conn += 1;
-                    actix::spawn(serve(stream, receiver.clone(), next_conn));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            },
-            _ = shutdown.changed() => return,
-        }
-    }
-}
-
-async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u64) {
-    /// Frames handed to the receiver at once (they share one fsync).
-    const DRAIN: usize = 64;
-    let _ = stream.set_nodelay(true);
-    let mut framed = transport::framed(stream);
-    'conn: while let Some(frame) = framed.next().await {
-        let mut envelopes = Vec::new();
-        let mut broken = None;
-        match frame {
-            Ok(envelope) => envelopes.push(envelope),
-            Err(e) => broken = Some(e),
-        }
-        // Take whatever else is already here without waiting.
-        while broken.is_none() && envelopes.len() < DRAIN {
-            match framed.next().now_or_never() {
-                Some(Some(Ok(envelope))) => envelopes.push(envelope),
-                Some(Some(Err(e))) => broken = Some(e),
-                _ => break,
-            }
-        }
-        if !envelopes.is_empty() {
-            let Ok(reply) = receiver.send(Inbound { conn, envelopes }).await else {
-                break;
-            };
-            for envelope in reply.send {
-                if framed.send(envelope).await.is_err() {
-                    break 'conn;
-                }
-            }
-            if reply.close {
-                linger(&mut framed).await;
-                break;
-            }
-        }
-        if let Some(e) = broken {
-            receiver.metrics().reject();
-            let message = Message::Error {
-                code: CODE_WIRE,
-                message: e.to_string(),
-            };
-            let _ = framed.send(Envelope { epoch: 0, message }).await;
-            linger(&mut framed).await;
-            break;
-        }
-    }
-    receiver.do_send(ConnClosed(conn));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use walship_io::StoreOptions;
-
-    fn chunk(fill: u8) -> Bytes {
-        Bytes::from(vec![fill; BLOCK_SIZE])
-    }
-
-    #[test]
-    fn the_install_writer_writes_in_order_and_reports_a_bad_chunk() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), StoreOptions::new(4)).unwrap();
-        // In order: everything lands, finish hands the install back.
-        let mut writer = InstallWriter::start(store.begin_install(0).unwrap());
-        for i in 0..4u8 {
-            writer
-                .write(u64::from(i) * BLOCK_SIZE as u64, chunk(i))
-                .unwrap();
-        }
-        let install = writer.finish().unwrap();
-        let crc = (0..4u8).fold(0, |crc, i| crc32c::crc32c_append(crc, &chunk(i)));
-        store.commit_install(install, crc, 1, &[]).unwrap();
-        assert_eq!(store.read(2, 1).unwrap(), chunk(2));
-        // Out of order: the writer stops; the error comes back at the latest
-        // at finish, and no chunk after it is accepted.
-        let mut writer = InstallWriter::start(store.begin_install(0).unwrap());
-        writer.write(0, chunk(9)).unwrap();
-        let _ = writer.write(3 * BLOCK_SIZE as u64, chunk(9));
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(writer.write(BLOCK_SIZE as u64, chunk(9)).is_err());
-        assert!(matches!(
-            writer.finish(),
-            Err(StoreError::ChunkOutOfOrder { .. } | StoreError::Io { .. })
-        ));
     }
 }

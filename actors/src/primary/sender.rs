@@ -13,64 +13,20 @@
 //! which closes the connection and drops the executor's `Lease`, releasing
 //! its pins.
 
-use crate::config::Tuning;
+use super::context::SenderContext;
+use super::resources::Lease;
+use super::ship::{self as executor, BarrierRequest};
 use crate::error::ExecError;
-use crate::executor::{self, BarrierRequest};
 use crate::metered;
-use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
-use crate::resources::Lease;
+use crate::metrics::{MailboxMetrics, Metered};
 use crate::transport::Conn;
-use crate::volume::{EngineInput, VolumeActor};
 use actix::prelude::*;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use walship_engine::{
-    Endpoint, Epoch, ExecutionFailure, Input, RecoveryPlan, ReplicaId, ResourceGrant, SessionId,
+    Endpoint, Epoch, ExecutionFailure, Input, RecoveryPlan, ResourceGrant, SessionId,
 };
-use walship_io::{LogReader, SnapshotPin, Store};
-
-/// What a sender needs from its volume.
-#[derive(Debug, Clone)]
-pub(crate) struct SenderContext {
-    pub(crate) replica: ReplicaId,
-    pub(crate) cluster: String,
-    pub(crate) volume_addr: MeteredAddr<VolumeActor>,
-    pub(crate) reader: Arc<LogReader>,
-    pub(crate) store: Arc<Store>,
-    pub(crate) head_rx: watch::Receiver<u64>,
-    pub(crate) committed_rx: watch::Receiver<u64>,
-    pub(crate) tuning: Tuning,
-    /// Bytes this sender put on the wire (WAL batches and image chunks).
-    pub(crate) bytes_sent: Arc<AtomicU64>,
-}
-
-impl SenderContext {
-    pub(crate) fn count_sent(&self, bytes: usize) {
-        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
-    }
-
-    /// Hands `input` to the volume's engine.
-    pub(crate) fn report(&self, input: Input) {
-        self.volume_addr.do_send(EngineInput(input));
-    }
-
-    /// Reports that the session's connect or plan failed.
-    fn failed(&self, session: SessionId, failure: ExecutionFailure) {
-        let replica = self.replica.clone();
-        self.report(Input::ExecutionFailed {
-            replica,
-            session,
-            failure,
-        });
-    }
-
-    /// Reports that the live connection is gone.
-    fn disconnected(&self, failure: ExecutionFailure) {
-        let replica = self.replica.clone();
-        self.report(Input::Disconnected { replica, failure });
-    }
-}
+use walship_io::SnapshotPin;
 
 /// The connection to the replica, and who owns it.
 #[derive(Debug)]

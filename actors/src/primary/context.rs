@@ -1,0 +1,60 @@
+//! What a sender and its executors share with their volume: the WAL, the
+//! volume's head and committed LSN, tuning, and where to report. Reports are
+//! engine inputs, handed to the volume's engine as they are.
+
+use crate::config::Tuning;
+use crate::metrics::MeteredRecipient;
+use actix::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+use walship_engine::{ExecutionFailure, Input, ReplicaId, SessionId};
+use walship_io::{LogReader, Store};
+
+/// What a sender or its executor reports about its replica: an engine input,
+/// handed to the engine as is (the engine fences stale sessions and epochs).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct EngineInput(pub(crate) Input);
+
+/// What a sender needs from its volume.
+#[derive(Debug, Clone)]
+pub(crate) struct SenderContext {
+    pub(crate) replica: ReplicaId,
+    pub(crate) cluster: String,
+    pub(crate) volume: MeteredRecipient<EngineInput>,
+    pub(crate) reader: Arc<LogReader>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) head_rx: watch::Receiver<u64>,
+    pub(crate) committed_rx: watch::Receiver<u64>,
+    pub(crate) tuning: Tuning,
+    /// Bytes this sender put on the wire (WAL batches and image chunks).
+    pub(crate) bytes_sent: Arc<AtomicU64>,
+}
+
+impl SenderContext {
+    pub(crate) fn count_sent(&self, bytes: usize) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Hands `input` to the volume's engine.
+    pub(crate) fn report(&self, input: Input) {
+        self.volume.do_send(EngineInput(input));
+    }
+
+    /// Reports that the session's connect or plan failed.
+    pub(crate) fn failed(&self, session: SessionId, failure: ExecutionFailure) {
+        let replica = self.replica.clone();
+        self.report(Input::ExecutionFailed {
+            replica,
+            session,
+            failure,
+        });
+    }
+
+    /// Reports that the live connection is gone.
+    pub(crate) fn disconnected(&self, failure: ExecutionFailure) {
+        let replica = self.replica.clone();
+        self.report(Input::Disconnected { replica, failure });
+    }
+}

@@ -1,0 +1,17 @@
+//! The primary: its [`VolumeActor`] (store, engine, resources, durability)
+//! and, per replica, a [`SenderActor`] that carries out the engine's
+//! commands by running the shipping futures in [`ship`].
+//!
+//! Dependencies point one way: `volume` → `sender` → `ship` → `context`;
+//! senders and executors report to the volume through `context`'s
+//! [`EngineInput`](context::EngineInput), never by naming the volume.
+
+mod context;
+mod resources;
+mod sender;
+mod ship;
+mod volume;
+
+pub use sender::{Heartbeat as SenderHeartbeat, SenderActor};
+pub use volume::api::*;
+pub use volume::VolumeActor;

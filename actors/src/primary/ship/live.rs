@@ -1,0 +1,120 @@
+//! Live shipping to an in-sync replica: new WAL as it is written, barrier
+//! requests once what they cover is shipped, the replica's durable acks back
+//! to the engine, probes when idle.
+
+use super::window::AckWindow;
+use super::SenderContext;
+use crate::error::ExecError;
+use crate::transport::{self, Conn};
+use futures::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use walship_engine::Input;
+use walship_io::{Envelope, Message};
+
+/// Ships new WAL frames to an InSync replica as they are written, relays its
+/// durable acks, and probes it when idle. Returns why it stopped.
+pub(crate) async fn live_ship(
+    conn: Conn,
+    c: SenderContext,
+    from: u64,
+    epoch: u64,
+    barriers: mpsc::UnboundedReceiver<BarrierRequest>,
+) -> ExecError {
+    match live_loop(conn, &c, from, epoch, barriers).await {
+        Ok(never) => match never {},
+        Err(error) => error,
+    }
+}
+
+enum Never {}
+
+/// A barrier the replica is asked to acknowledge by id: (barrier id, lsn).
+pub(crate) type BarrierRequest = (u64, u64);
+
+/// The replica's retention hold (the volume's) keeps the WAL after what it
+/// acknowledged, so what is shipped next is never recycled under the loop.
+/// A barrier request goes out once the WAL up to its LSN is shipped, so the
+/// ack that names it covers that LSN.
+async fn live_loop(
+    conn: Conn,
+    c: &SenderContext,
+    from: u64,
+    epoch: u64,
+    mut barriers: mpsc::UnboundedReceiver<BarrierRequest>,
+) -> Result<Never, ExecError> {
+    let (mut sink, mut stream) = conn.split();
+    let mut head_rx = c.head_rx.clone();
+    let wal = c.store.wal();
+    let mut shipped = from;
+    let mut window = AckWindow::new(c.tuning.max_inflight_bytes);
+    let mut last_heard = Instant::now();
+    let mut probe = tokio::time::interval(c.tuning.peer_timeout / 4);
+    let mut seq = 0u64;
+    let mut waiting: VecDeque<BarrierRequest> = VecDeque::new();
+    let mut barriers_open = true;
+    loop {
+        let head = *head_rx.borrow_and_update();
+        while shipped < head && !window.is_full() {
+            let (frames, last) = wal.read_raw(shipped, head, c.tuning.batch_bytes)?;
+            let len = frames.len();
+            let message = Message::WalBatch {
+                session: 0,
+                first_lsn: shipped + 1,
+                last_lsn: last,
+                committed: *c.committed_rx.borrow(),
+                frames,
+            };
+            sink.send(Envelope { epoch, message }).await?;
+            c.count_sent(len);
+            window.shipped(last, len);
+            shipped = last;
+        }
+        while let Some(&(id, lsn)) = waiting.front().filter(|(_, lsn)| *lsn <= shipped) {
+            waiting.pop_front();
+            sink.send(Envelope {
+                epoch,
+                message: Message::Barrier { id, lsn },
+            })
+            .await?;
+        }
+        tokio::select! {
+            request = barriers.recv(), if barriers_open => match request {
+                Some(request) => waiting.push_back(request),
+                None => barriers_open = false,
+            },
+            changed = head_rx.changed() => {
+                if changed.is_err() {
+                    return Err(ExecError::Closed);
+                }
+            }
+            frame = stream.next() => {
+                let envelope = match frame {
+                    None => return Err(ExecError::Closed),
+                    Some(frame) => frame?,
+                };
+                last_heard = Instant::now();
+                match envelope.message {
+                    Message::DurableAck { durable, barrier } => {
+                        window.acked(durable);
+                        let ack = transport::engine_ack(envelope.epoch, durable, barrier);
+                        c.report(Input::Ack { replica: c.replica.clone(), ack });
+                    }
+                    Message::HeartbeatAck { .. } => {}
+                    Message::Fence { current_epoch } => return Err(ExecError::Fenced(current_epoch)),
+                    Message::Error { code, message } => return Err(ExecError::Peer { code, message }),
+                    other => return Err(ExecError::Protocol(format!("unexpected {other:?} while live"))),
+                }
+            }
+            _ = probe.tick() => {
+                if last_heard.elapsed() > c.tuning.peer_timeout {
+                    return Err(ExecError::Timeout(c.tuning.peer_timeout));
+                }
+                seq += 1;
+                let message = Message::Heartbeat { seq, committed: *c.committed_rx.borrow() };
+                sink.send(Envelope { epoch, message }).await?;
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Shipping to one replica, as futures a `SenderActor` runs: connect and
+//! hello, catch-up, rebuild, live shipping. They consume only plan-bound
+//! values, step through the engine's executor state machines, stream WAL
+//! from the log reader through one bounded [`window`] of unacknowledged
+//! bytes, and report progress as engine inputs. Each ends by returning the
+//! connection (or an error, which closes it). Dropping one mid-way (a
+//! cancel) closes its connection and releases whatever it holds.
+
+mod live;
+mod rebuild;
+mod window;
+
+pub(crate) use live::{live_ship, BarrierRequest};
+
+use super::context::SenderContext;
+use crate::error::ExecError;
+use crate::transport::{self, framed, recv, Conn};
+use futures::SinkExt;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use walship_engine::{
+    CatchUpExecutor, CatchUpProgress, Endpoint, HandshakeReply, Input, Lsn, PlanKind,
+    RebuildSource, RecoveryPlan, ResourceGrant, SessionId, Step,
+};
+use walship_io::{Envelope, ImageKind, Message, SnapshotPin};
+use window::Shipper;
+
+/// LSNs per executor step; the log reader cuts them into reads anyway.
+const STEP_ENTRIES: u64 = 1 << 20;
+
+/// Connects, says hello, returns the connection and the replica's answer.
+pub(crate) async fn connect_and_hello(
+    c: &SenderContext,
+    session: SessionId,
+    epoch: u64,
+    endpoint: &Endpoint,
+) -> Result<(Conn, HandshakeReply), ExecError> {
+    let limit = c.tuning.connect_timeout;
+    let stream = tokio::time::timeout(limit, TcpStream::connect(&endpoint.data_addr))
+        .await
+        .map_err(|_| ExecError::Timeout(limit))?
+        .map_err(|e| ExecError::Wire(e.into()))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| ExecError::Wire(e.into()))?;
+    let mut conn = framed(stream);
+    let hello = Message::Hello {
+        cluster: c.cluster.clone(),
+        volume: c.replica.volume().to_owned(),
+        replica: c.replica.as_str().to_owned(),
+        session: session.get(),
+    };
+    conn.send(Envelope {
+        epoch,
+        message: hello,
+    })
+    .await?;
+    let answer = recv(&mut conn, c.tuning.peer_timeout).await?;
+    Ok((conn, transport::handshake_reply(answer)?))
+}
+
+/// Runs a catch-up or rebuild plan to its end.
+pub(crate) async fn run_plan(
+    conn: &mut Conn,
+    c: &SenderContext,
+    session: SessionId,
+    plan: &RecoveryPlan,
+    grants: &[ResourceGrant],
+    image: Option<Arc<SnapshotPin>>,
+) -> Result<(), ExecError> {
+    match &plan.kind {
+        PlanKind::CatchUp { start, .. } => catch_up(conn, c, session, plan, start.get()).await,
+        PlanKind::Rebuild { source } => {
+            let image =
+                image.ok_or_else(|| ExecError::Protocol("rebuild without an image pin".into()))?;
+            let kind = match source {
+                RebuildSource::SnapshotTail { .. } => ImageKind::Snapshot,
+                RebuildSource::FullBase { .. } => ImageKind::FullBase,
+            };
+            rebuild::rebuild(conn, c, session, plan, grants, image, kind).await
+        }
+    }
+}
+
+async fn catch_up(
+    conn: &mut Conn,
+    c: &SenderContext,
+    session: SessionId,
+    plan: &RecoveryPlan,
+    start: u64,
+) -> Result<(), ExecError> {
+    let epoch = plan.epoch;
+    let replica = c.replica.clone();
+    let mut exec = CatchUpExecutor::from_plan(plan, STEP_ENTRIES)?;
+    let mut report = |durable: u64, entries: u64, bytes: u64| {
+        let progress = CatchUpProgress {
+            applied: Lsn(durable),
+            entries,
+            bytes,
+        };
+        c.report(Input::CatchUpProgress {
+            replica: replica.clone(),
+            session,
+            epoch,
+            progress,
+        });
+    };
+    let mut shipper = Shipper::new(conn, c, session.get(), epoch.get(), start);
+    loop {
+        match exec.next_step()? {
+            Step::Truncate { to } => {
+                let message = Message::Truncate {
+                    session: session.get(),
+                    to: to.get(),
+                };
+                shipper
+                    .conn
+                    .send(Envelope {
+                        epoch: epoch.get(),
+                        message,
+                    })
+                    .await?;
+                let answer = recv(shipper.conn, c.tuning.peer_timeout).await?;
+                match answer.message {
+                    Message::Truncated { to: done, .. } if done == to.get() => {
+                        shipper.acked = done;
+                        c.report(Input::Truncated {
+                            replica: replica.clone(),
+                            session,
+                            epoch,
+                            to,
+                        });
+                    }
+                    other => {
+                        return Err(ExecError::Protocol(format!(
+                            "expected truncated, got {other:?}"
+                        )))
+                    }
+                }
+            }
+            Step::ShipWal {
+                from_exclusive,
+                to_inclusive,
+            } => {
+                shipper
+                    .ship(from_exclusive.get(), to_inclusive.get(), &mut report)
+                    .await?;
+            }
+            Step::Done { flushed } => return shipper.drain(flushed.get(), &mut report).await,
+            other => return Err(ExecError::Protocol(format!("catch-up step {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! What the volume's handle asks of it: writes, barriers, reads,
+//! assignments, status, checkpoints, stop.
+
+use super::{VolumeActor, HOLD_PIN_PREFIX};
+use crate::error::VolumeError;
+use crate::metrics::{MailboxSnapshot, MeteredAddr};
+use crate::primary::sender::SenderActor;
+use actix::prelude::*;
+use bytes::Bytes;
+use serde::Serialize;
+use std::sync::atomic::Ordering;
+use tokio::sync::oneshot;
+use walship_engine::{Assignment, Lsn, RecoveryEvent, RegistryStatus, ReplicaId};
+use walship_io::BackendChoice;
+
+/// Everything an operator sees of a primary.
+#[derive(Debug, Clone, Serialize, MessageResponse)]
+pub struct VolumeStatus {
+    /// Role.
+    pub role: &'static str,
+    /// Engine registry: senders, sessions, plans, history.
+    pub registry: RegistryStatus,
+    /// WAL head.
+    pub head: u64,
+    /// Locally durable LSN.
+    pub durable: u64,
+    /// Checkpoint LSN.
+    pub checkpoint: u64,
+    /// WAL tail.
+    pub tail: u64,
+    /// WAL pins held by recovery plans (zero when no recovery runs).
+    pub recovery_pins: usize,
+    /// Replicas' retention holds (one per replica that has one).
+    pub retention_holds: usize,
+    /// Snapshot pins (the checkpointer pauses while any is held).
+    pub snapshot_pins: usize,
+    /// Engine resources held by the runtime.
+    pub held_resources: usize,
+    /// Log reader backend and why.
+    pub reader_backend: String,
+    /// Bytes each replica's sender has put on the wire, by replica.
+    pub bytes_sent: Vec<(ReplicaId, u64)>,
+    /// Mailbox metrics: the volume actor, then each sender.
+    pub mailboxes: Vec<MailboxSnapshot>,
+}
+
+impl VolumeActor {
+    pub(super) fn status(&self) -> VolumeStatus {
+        let wal = self.store.wal();
+        let retention = wal.retention();
+        let retention_holds = retention
+            .pins
+            .iter()
+            .filter(|p| p.pin.label.starts_with(HOLD_PIN_PREFIX))
+            .count();
+        let choice: &BackendChoice = self.reader.choice();
+        let mut mailboxes = vec![self.metrics.snapshot()];
+        let mut senders: Vec<_> = self.senders.iter().collect();
+        senders.sort_by(|a, b| a.0.cmp(b.0));
+        mailboxes.extend(senders.into_iter().map(|(_, s)| s.metrics().snapshot()));
+        VolumeStatus {
+            role: "primary",
+            registry: self.engine.status(),
+            head: wal.head(),
+            durable: wal.durable(),
+            checkpoint: self.store.superblock().checkpoint,
+            tail: wal.tail(),
+            recovery_pins: retention.pins.len() - retention_holds,
+            retention_holds,
+            snapshot_pins: self.store.snapshot_pins(),
+            held_resources: self.resources.len(),
+            reader_backend: format!("{:?}: {}", choice.backend, choice.reason),
+            bytes_sent: {
+                let mut sent: Vec<(ReplicaId, u64)> = self
+                    .bytes_sent
+                    .iter()
+                    .map(|(r, n)| (r.clone(), n.load(Ordering::Relaxed)))
+                    .collect();
+                sent.sort();
+                sent
+            },
+            mailboxes,
+        }
+    }
+}
+
+/// Write whole blocks; returns the LSN.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, VolumeError>")]
+pub struct Write {
+    /// First block.
+    pub lba: u64,
+    /// Whole blocks.
+    pub data: Bytes,
+}
+
+impl Handler<Write> for VolumeActor {
+    type Result = Result<u64, VolumeError>;
+
+    fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
+        if let Some(reason) = &self.poisoned {
+            return Err(VolumeError::Poisoned(reason.clone()));
+        }
+        let lsn = self
+            .store
+            .write(self.engine.epoch().get(), msg.lba, msg.data)?;
+        self.head_tx.send_replace(lsn);
+        self.refresh_wal_state();
+        self.want_sync(lsn);
+        self.run_commands(ctx);
+        Ok(lsn)
+    }
+}
+
+/// Resolves when `lsn` (or the head) is committed under the volume's mode.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, VolumeError>")]
+pub struct Barrier {
+    /// LSN to wait for; the current head when `None`.
+    pub lsn: Option<u64>,
+}
+
+impl Handler<Barrier> for VolumeActor {
+    type Result = ResponseFuture<Result<u64, VolumeError>>;
+
+    fn handle(&mut self, msg: Barrier, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
+        let lsn = msg.lsn.unwrap_or_else(|| self.store.wal().head());
+        let epoch = self.engine.epoch();
+        let registered = self.engine.handle_barrier(Lsn(lsn), epoch);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(barrier) = registered {
+            self.barriers.insert(barrier, tx);
+        }
+        self.run_commands(ctx);
+        Box::pin(async move {
+            registered?;
+            match rx.await {
+                Ok(Ok(committed)) => Ok(committed),
+                Ok(Err(failure)) => Err(VolumeError::Barrier(failure)),
+                Err(_) => Err(VolumeError::Stopped),
+            }
+        })
+    }
+}
+
+/// Reads blocks (the newest data, WAL included).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Bytes, VolumeError>")]
+pub struct Read {
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+}
+
+impl Handler<Read> for VolumeActor {
+    type Result = Result<Bytes, VolumeError>;
+
+    fn handle(&mut self, msg: Read, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.store.read(msg.lba, msg.blocks)?)
+    }
+}
+
+/// Applies a new assignment (epoch, mode, replicas).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct ApplyAssignment(pub Assignment);
+
+impl Handler<ApplyAssignment> for VolumeActor {
+    type Result = Result<(), VolumeError>;
+
+    fn handle(&mut self, msg: ApplyAssignment, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
+        // The engine cancels every session the assignment invalidates
+        // (epoch bump, endpoint change, removal); its commands say so.
+        if let Err(error) = self.engine.handle_assignment(msg.0) {
+            match error {
+                walship_engine::EngineError::StaleEpoch { .. } => self.metrics.fence(),
+                _ => self.metrics.reject(),
+            }
+            return Err(error.into());
+        }
+        self.run_commands(ctx);
+        Ok(())
+    }
+}
+
+/// Retries every idle replica now, skipping their backoff once.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Heartbeat;
+
+impl Handler<Heartbeat> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Heartbeat, ctx: &mut Context<Self>) {
+        self.clock();
+        let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
+        for replica in &replicas {
+            let _ = self.engine.handle_retry_now(replica);
+        }
+        self.heartbeat_senders();
+        self.run_commands(ctx);
+    }
+}
+
+/// A status snapshot.
+#[derive(Debug, Message)]
+#[rtype(result = "VolumeStatus")]
+pub struct GetStatus;
+
+impl Handler<GetStatus> for VolumeActor {
+    type Result = VolumeStatus;
+
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        self.status()
+    }
+}
+
+/// The recovery log.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<RecoveryEvent>, VolumeError>")]
+pub struct GetRecoveryLog;
+
+impl Handler<GetRecoveryLog> for VolumeActor {
+    type Result = Result<Vec<RecoveryEvent>, VolumeError>;
+
+    fn handle(&mut self, _: GetRecoveryLog, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.engine.log().events().cloned().collect())
+    }
+}
+
+/// Checkpoints everything durable now.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), VolumeError>")]
+pub struct Checkpoint;
+
+impl Handler<Checkpoint> for VolumeActor {
+    type Result = ResponseFuture<Result<(), VolumeError>>;
+
+    fn handle(&mut self, _: Checkpoint, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock();
+        self.report_retention(ctx);
+        let (tx, rx) = oneshot::channel();
+        self.start_checkpoint(self.store.wal().durable(), Some(tx));
+        Box::pin(async move { rx.await.map_err(|_| VolumeError::Stopped)? })
+    }
+}
+
+/// crc32c of the readable volume.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u32, VolumeError>")]
+pub struct ContentChecksum;
+
+impl Handler<ContentChecksum> for VolumeActor {
+    type Result = Result<u32, VolumeError>;
+
+    fn handle(&mut self, _: ContentChecksum, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.store.content_checksum()?)
+    }
+}
+
+/// The sender of one replica (benchmarks drive its mailbox directly).
+#[derive(Debug, Message)]
+#[rtype(result = "Option<MeteredAddr<SenderActor>>")]
+pub struct GetSender(pub ReplicaId);
+
+impl Handler<GetSender> for VolumeActor {
+    type Result = Option<MeteredAddr<SenderActor>>;
+
+    fn handle(&mut self, msg: GetSender, _: &mut Context<Self>) -> Self::Result {
+        self.senders.get(&msg.0).cloned()
+    }
+}
+
+/// Stops the volume.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,113 @@
+//! Local durability and checkpoints: one group-commit sync at a time on the
+//! runtime's blocking pool, and checkpoints there too, so the actix thread
+//! never waits on an fsync.
+
+use super::VolumeActor;
+use crate::error::VolumeError;
+use actix::prelude::*;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use walship_engine::Lsn;
+
+impl VolumeActor {
+    /// Asks for `lsn` to become durable. One group-commit sync at a time runs
+    /// on the runtime's blocking pool; requests made meanwhile are served by
+    /// the next one.
+    pub(super) fn want_sync(&mut self, lsn: u64) {
+        self.sync_wanted = self.sync_wanted.max(lsn);
+        if self.sync_in_flight || self.sync_wanted <= self.durable_seen {
+            return;
+        }
+        let Some(me) = self.me.clone() else { return };
+        self.sync_in_flight = true;
+        let (store, target) = (Arc::clone(&self.store), self.sync_wanted);
+        self.pools.blocking.run(move || {
+            let result = store.sync_to(target).map_err(|e| e.to_string());
+            me.do_send(LocalDurable { result });
+        });
+    }
+
+    pub(super) fn maybe_checkpoint(&mut self) {
+        let checkpoint = self.store.superblock().checkpoint;
+        let durable = self.store.wal().durable();
+        if self.checkpoint_in_flight
+            || durable.saturating_sub(checkpoint) < self.config.tuning.checkpoint_every_lsns
+        {
+            return;
+        }
+        self.start_checkpoint(durable, None);
+    }
+
+    /// Checkpoints up to `target` on the blocking pool (the actix thread
+    /// shared by every sender must not wait on it); `reply` hears the outcome.
+    pub(super) fn start_checkpoint(
+        &mut self,
+        target: u64,
+        reply: Option<oneshot::Sender<Result<(), VolumeError>>>,
+    ) {
+        let Some(me) = self.me.clone() else { return };
+        self.checkpoint_in_flight = true;
+        let store = Arc::clone(&self.store);
+        self.pools.blocking.run(move || {
+            let result = store.checkpoint(target);
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            me.do_send(CheckpointDone { outcome });
+            if let Some(reply) = reply {
+                let _ = reply.send(result.map(|_| ()).map_err(VolumeError::from));
+            }
+        });
+    }
+}
+
+/// A pool checkpoint finished.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct CheckpointDone {
+    outcome: Result<(), String>,
+}
+
+impl Handler<CheckpointDone> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CheckpointDone, ctx: &mut Context<Self>) {
+        self.clock();
+        self.checkpoint_in_flight = false;
+        if let Err(error) = msg.outcome {
+            tracing::error!(%error, "checkpoint failed");
+        }
+        self.refresh_wal_state();
+        self.run_commands(ctx);
+    }
+}
+
+/// A group-commit sync finished: the durable LSN, or why the WAL failed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct LocalDurable {
+    pub(crate) result: Result<u64, String>,
+}
+
+impl Handler<LocalDurable> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LocalDurable, ctx: &mut Context<Self>) {
+        self.clock();
+        self.sync_in_flight = false;
+        match msg.result {
+            Ok(durable) if durable > self.durable_seen => {
+                self.engine
+                    .handle_local_durable(Lsn(self.durable_seen), Lsn(durable));
+                self.durable_seen = durable;
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::error!(%reason, "wal poisoned; refusing writes");
+                self.poisoned = Some(reason);
+            }
+        }
+        if self.poisoned.is_none() {
+            self.want_sync(self.sync_wanted);
+        }
+        self.run_commands(ctx);
+    }
+}

@@ -1,0 +1,478 @@
+//! The primary's `VolumeActor`: owns the store (WAL writer), the engine and
+//! the resource table; executes the engine's commands and feeds results back
+//! as events.
+//!
+//! - [`api`]: what the volume's handle asks (writes, barriers, reads, ...).
+//! - [`durability`]: group commit and checkpoints on the blocking pool, so
+//!   the actor never waits on an fsync.
+//! - [`pins`]: pinning what the engine's plans ask for.
+
+pub(crate) mod api;
+mod durability;
+mod pins;
+
+use super::context::{EngineInput, SenderContext};
+use super::resources::ResourceTable;
+use super::sender::{self, SenderActor};
+use crate::config::PrimaryConfig;
+use crate::error::VolumeError;
+use crate::metered;
+use crate::metrics::{MailboxMetrics, Metered, MeteredAddr};
+use crate::pool::Pools;
+use crate::transport;
+use actix::prelude::*;
+use api::*;
+use durability::{CheckpointDone, LocalDurable};
+use pins::ResourcesPinned;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::sync::{oneshot, watch};
+use walship_engine::{
+    Assignment, BarrierFailure, BarrierId, Command, Endpoint, Engine, EngineConfig, Epoch, Input,
+    Lsn, ReplicaAssignment, ReplicaId, ResourceId, Tick, WalState,
+};
+use walship_io::{LogReader, Store, WalPin};
+
+/// Label prefix of the WAL pins that are replicas' retention holds.
+const HOLD_PIN_PREFIX: &str = "hold ";
+
+/// Everything an operator sees of a primary.
+/// The primary volume actor.
+pub struct VolumeActor {
+    config: PrimaryConfig,
+    store: Arc<Store>,
+    reader: Arc<LogReader>,
+    engine: Engine,
+    senders: HashMap<ReplicaId, MeteredAddr<SenderActor>>,
+    bytes_sent: HashMap<ReplicaId, Arc<AtomicU64>>,
+    resources: ResourceTable,
+    next_resource: u64,
+    /// Each replica's retention hold, as the engine placed it.
+    holds: HashMap<ReplicaId, WalPin>,
+    head_tx: watch::Sender<u64>,
+    committed_tx: watch::Sender<u64>,
+    barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
+    pools: Pools,
+    /// A sync runs on the runtime's blocking pool; at most one per volume.
+    sync_in_flight: bool,
+    /// Highest LSN a writer is waiting to see durable.
+    sync_wanted: u64,
+    checkpoint_in_flight: bool,
+    durable_seen: u64,
+    started: std::time::Instant,
+    last_heartbeat: u64,
+    wake: Option<(u64, SpawnHandle)>,
+    poisoned: Option<String>,
+    metrics: Arc<MailboxMetrics>,
+    me: Option<MeteredAddr<VolumeActor>>,
+}
+
+impl std::fmt::Debug for VolumeActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeActor")
+            .field("volume", &self.config.volume)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Actor for VolumeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let me = MeteredAddr::new(ctx.address(), Arc::clone(&self.metrics));
+        self.me = Some(me.clone());
+        let assignment = self.assignment(self.config.epoch);
+        if let Err(error) = self.engine.handle_assignment(assignment) {
+            tracing::error!(%error, "initial assignment refused");
+        }
+        self.run_commands(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        for sender in self.senders.values() {
+            sender.do_send(sender::Shutdown);
+        }
+        for (_, waiter) in self.barriers.drain() {
+            let _ = waiter.send(Err(BarrierFailure::Fenced { lsn: Lsn::ZERO }));
+        }
+    }
+}
+
+impl Metered for VolumeActor {
+    fn mailbox(&self) -> &MailboxMetrics {
+        &self.metrics
+    }
+}
+
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, GetSender, Stop, LocalDurable, EngineInput);
+
+impl VolumeActor {
+    /// Opens the store and prepares the actor (started by the runtime).
+    pub(crate) fn open(config: PrimaryConfig, pools: Pools) -> Result<Self, VolumeError> {
+        let (store, report) = Store::open(&config.dir, config.store.clone())?;
+        // Epochs are the primary's incarnations: LSNs written in one must
+        // never be written again with other data, and a crash may have lost
+        // entries that replicas already hold.
+        if let Some(newest) = store.wal().newest_epoch() {
+            if newest.epoch >= config.epoch {
+                return Err(VolumeError::EpochNotNewer {
+                    assigned: config.epoch,
+                    wal: newest.epoch,
+                });
+            }
+        }
+        let store = Arc::new(store);
+        let reader = LogReader::with_service(store.wal(), pools.reader(config.tuning.backend)?);
+        let mut engine_config = EngineConfig::new(config.volume.clone());
+        engine_config.budget = config.tuning.budget;
+        engine_config.retention = config.tuning.retention_budget();
+        engine_config.retry = config.tuning.retry_policy();
+        engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;
+        engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
+        let wal = store.wal();
+        // After a restart the primary resumes from its durable WAL. What it
+        // holds past the replicas is shipped from its WAL; nothing is revived
+        // on a replica that the primary does not hold.
+        let committed = wal.durable();
+        let epochs =
+            transport::engine_epochs(&wal.epochs()).map_err(walship_engine::EngineError::from)?;
+        let engine = Engine::restore(
+            engine_config,
+            Self::wal_state(&store),
+            epochs,
+            Lsn(committed),
+        )?;
+        tracing::info!(volume = %config.volume, ?report, backend = ?reader.choice(), "primary opened");
+        let (head_tx, _) = watch::channel(wal.head());
+        let (committed_tx, _) = watch::channel(committed);
+        Ok(Self {
+            metrics: MailboxMetrics::new("volume", config.volume.clone()),
+            config,
+            store,
+            reader: Arc::new(reader),
+            engine,
+            senders: HashMap::new(),
+            bytes_sent: HashMap::new(),
+            resources: ResourceTable::default(),
+            next_resource: 1,
+            holds: HashMap::new(),
+            head_tx,
+            committed_tx,
+            barriers: HashMap::new(),
+            pools,
+            sync_in_flight: false,
+            sync_wanted: 0,
+            checkpoint_in_flight: false,
+            durable_seen: committed,
+            started: std::time::Instant::now(),
+            last_heartbeat: 0,
+            wake: None,
+            poisoned: None,
+            me: None,
+        })
+    }
+
+    pub(crate) fn metrics_arc(&self) -> Arc<MailboxMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    fn wal_state(store: &Store) -> WalState {
+        let wal = store.wal();
+        WalState {
+            head: Lsn(wal.head()),
+            tail: Lsn(wal.tail()),
+            checkpoint: Lsn(store.superblock().checkpoint),
+            checkpoint_trusted: true,
+            newest_epoch: wal.newest_epoch().map(transport::engine_epoch),
+        }
+    }
+
+    fn assignment(&self, epoch: u64) -> Assignment {
+        Assignment {
+            epoch: Epoch(epoch),
+            commit_mode: self.config.commit_mode,
+            replicas: self
+                .config
+                .replicas
+                .iter()
+                .filter_map(|spec| {
+                    let id = ReplicaId::new(&self.config.volume, &spec.server).ok()?;
+                    Some(ReplicaAssignment {
+                        id,
+                        endpoint: Endpoint::new(spec.addr.clone(), spec.version),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn refresh_wal_state(&mut self) {
+        if let Err(error) = self.engine.handle_wal_state(Self::wal_state(&self.store)) {
+            tracing::error!(%error, "wal state refused by the engine");
+        }
+    }
+
+    /// Engine time: ticks elapsed since the actor started.
+    fn now_ticks(&self) -> u64 {
+        let tick = self.config.tuning.tick.as_nanos().max(1);
+        (self.started.elapsed().as_nanos() / tick) as u64
+    }
+
+    /// Moves the engine's clock to now before it handles a message (timers
+    /// that fell due fire after the message, in `run_commands`).
+    fn clock(&mut self) {
+        self.engine.advance_clock(Tick(self.now_ticks()));
+    }
+
+    /// Wakes for the next armed engine timer or heartbeat, whichever is first.
+    /// An idle volume wakes once per heartbeat interval, not every tick.
+    fn on_wake(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now_ticks();
+        if now >= self.last_heartbeat + self.config.tuning.heartbeat_every_ticks {
+            self.last_heartbeat = now;
+            self.heartbeat_senders();
+            // Holds over budget go before the checkpointer recycles.
+            self.report_retention(ctx);
+            self.maybe_checkpoint();
+        }
+        self.run_commands(ctx);
+    }
+
+    fn reschedule(&mut self, ctx: &mut Context<Self>) {
+        let heartbeat = self.last_heartbeat + self.config.tuning.heartbeat_every_ticks;
+        let target = self
+            .engine
+            .next_timer()
+            .map_or(heartbeat, |t| t.get().min(heartbeat));
+        if self.wake.is_some_and(|(at, _)| at <= target) {
+            return;
+        }
+        if let Some((_, handle)) = self.wake.take() {
+            ctx.cancel_future(handle);
+        }
+        let at = self
+            .config
+            .tuning
+            .tick
+            .saturating_mul(u32::try_from(target).unwrap_or(u32::MAX));
+        let delay = at.saturating_sub(self.started.elapsed());
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.wake = None;
+            act.on_wake(ctx);
+        });
+        self.wake = Some((target, handle));
+    }
+
+    /// Heartbeats every replica's sender; idle ones answer and get retried.
+    fn heartbeat_senders(&mut self) {
+        let epoch = self.engine.epoch().get();
+        let replicas: Vec<ReplicaId> = self.engine.replicas().cloned().collect();
+        for replica in replicas {
+            if let Some(sender) = self.sender_for(&replica) {
+                sender.do_send(sender::Heartbeat { epoch });
+            }
+        }
+    }
+
+    /// Tells the engine how much WAL each retention hold keeps, and carries
+    /// out what it decides (holds released over budget, or moved up).
+    fn report_retention(&mut self, ctx: &mut Context<Self>) {
+        let wal = self.store.wal();
+        let usage: Vec<(ReplicaId, u64)> = self
+            .holds
+            .iter()
+            .map(|(replica, pin)| (replica.clone(), wal.retained_after(pin.from())))
+            .collect();
+        self.engine.handle_retention_usage(&usage);
+        self.run_commands(ctx);
+    }
+
+    fn sender_context(&self, replica: &ReplicaId) -> Option<SenderContext> {
+        Some(SenderContext {
+            replica: replica.clone(),
+            cluster: self.config.cluster.clone(),
+            volume: self.me.as_ref()?.recipient(),
+            reader: Arc::clone(&self.reader),
+            store: Arc::clone(&self.store),
+            head_rx: self.head_tx.subscribe(),
+            committed_rx: self.committed_tx.subscribe(),
+            tuning: self.config.tuning.clone(),
+            bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
+        })
+    }
+
+    fn sender_for(&mut self, replica: &ReplicaId) -> Option<MeteredAddr<SenderActor>> {
+        if let Some(sender) = self.senders.get(replica).filter(|s| s.connected()) {
+            return Some(sender.clone());
+        }
+        self.bytes_sent.entry(replica.clone()).or_default();
+        let context = self.sender_context(replica)?;
+        let metrics = MailboxMetrics::new("sender", replica.as_str());
+        let addr = SenderActor::new(context, Arc::clone(&metrics)).start();
+        let sender = MeteredAddr::new(addr, metrics);
+        self.senders.insert(replica.clone(), sender.clone());
+        Some(sender)
+    }
+
+    /// Executes every command the engine emits, including those that
+    /// executing commands produces.
+    /// Fires the timers due by now (after whatever message was just handled),
+    /// executes every command the engine emits, and re-arms the wake-up.
+    fn run_commands(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now_ticks();
+        self.engine.handle_tick(Tick(now));
+        loop {
+            let commands = self.engine.take_commands();
+            if commands.is_empty() {
+                break;
+            }
+            for command in commands {
+                self.execute(command);
+            }
+        }
+        self.committed_tx
+            .send_replace(self.engine.committed().get());
+        self.reschedule(ctx);
+    }
+
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Connect {
+                replica,
+                session,
+                epoch,
+                endpoint,
+            } => {
+                if let Some(sender) = self.sender_for(&replica) {
+                    sender.do_send(sender::Assignment {
+                        session,
+                        epoch: epoch.get(),
+                        endpoint,
+                    });
+                }
+            }
+            Command::Disconnect { replica, .. } => {
+                if let Some(sender) = self.senders.remove(&replica) {
+                    sender.do_send(sender::Shutdown);
+                }
+            }
+            Command::AcquireResources {
+                replica,
+                session,
+                requests,
+                ..
+            } => {
+                self.acquire(&replica, session, &requests);
+            }
+            Command::ReleaseResources { resources, .. } => self.resources.release(&resources),
+            Command::Execute {
+                replica,
+                session,
+                plan,
+                grants,
+            } => {
+                let ids: Vec<ResourceId> = grants.iter().map(|g| g.id).collect();
+                let image = self.resources.image(&ids);
+                let lease = self.resources.lease(ids);
+                if let Some(sender) = self.sender_for(&replica) {
+                    sender.do_send(sender::Execute {
+                        session,
+                        plan,
+                        grants,
+                        image,
+                        lease,
+                    });
+                }
+            }
+            Command::CancelExecution {
+                replica,
+                session,
+                reason,
+            } => {
+                if let Some(sender) = self.senders.get(&replica) {
+                    sender.do_send(sender::Cancel { session, reason });
+                }
+            }
+            Command::StartLiveShipping {
+                replica,
+                session,
+                epoch,
+                from,
+            } => {
+                if let Some(sender) = self.sender_for(&replica) {
+                    sender.do_send(sender::StartLive {
+                        session,
+                        from: from.get(),
+                        epoch: epoch.get(),
+                    });
+                }
+            }
+            Command::SendBarrier {
+                replica,
+                barrier,
+                lsn,
+            } => {
+                if let Some(sender) = self.senders.get(&replica) {
+                    sender.do_send(sender::SendBarrier {
+                        id: barrier.get(),
+                        lsn: lsn.get(),
+                    });
+                }
+            }
+            Command::HoldRetention { replica, from } => {
+                let label = format!("{HOLD_PIN_PREFIX}{replica}");
+                // The new pin is in place before the old one drops.
+                match self.store.wal().pin_from(from.get(), &label) {
+                    Ok(pin) => {
+                        self.holds.insert(replica, pin);
+                    }
+                    Err(error) => {
+                        self.holds.remove(&replica);
+                        tracing::warn!(%replica, %error, "retention hold not placed");
+                        let _ = self
+                            .engine
+                            .handle_retention_failed(&replica, &error.to_string());
+                    }
+                }
+            }
+            Command::ReleaseRetention { replica, reason } => {
+                if self.holds.remove(&replica).is_some() {
+                    tracing::info!(%replica, %reason, "retention hold released");
+                }
+            }
+            Command::StopLiveShipping { replica, reason } => {
+                if let Some(sender) = self.senders.get(&replica) {
+                    sender.do_send(sender::StopLive { reason });
+                }
+            }
+            Command::ResolveBarrier { barrier, outcome } => {
+                if let Some(waiter) = self.barriers.remove(&barrier) {
+                    let _ = waiter.send(outcome.map(|lsn| lsn.get()));
+                }
+            }
+        }
+    }
+}
+
+impl Handler<EngineInput> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, EngineInput(input): EngineInput, ctx: &mut Context<Self>) {
+        self.clock();
+        if matches!(input, Input::Handshake { .. }) {
+            // Plan against the WAL as it is now: a checkpoint that finished
+            // on the pool meanwhile moved the snapshot a plan would bind.
+            self.refresh_wal_state();
+        }
+        match self.engine.handle_input(input) {
+            Err(walship_engine::EngineError::StaleEpoch { .. }) => self.metrics.fence(),
+            Err(error) => {
+                tracing::debug!(%error, "sender report refused");
+                self.metrics.reject();
+            }
+            Ok(()) => {}
+        }
+        self.run_commands(ctx);
+    }
+}

@@ -1,0 +1,12 @@
+//! The replica: its [`ReceiverActor`](receiver::ReceiverActor), the
+//! [`admission`] checks every frame passes (pure functions), base-image
+//! [`install`], and the [`listener`] whose connection tasks feed it.
+//!
+//! Dependencies point one way: `listener` → `receiver` → `admission`, `install`.
+
+mod admission;
+mod install;
+pub(crate) mod listener;
+pub(crate) mod receiver;
+
+pub use receiver::ReplicaStatus;
