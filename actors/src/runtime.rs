@@ -385,7 +385,7 @@ impl VolumeHandle {
             .ok()?
     }
 
-    /// Makes a replica's next WAL sync fail with EIO, as a failing disk
+    /// Makes the volume's next WAL sync fail with EIO, as a failing disk
     /// would. For tests of the storage-failure path.
     #[doc(hidden)]
     pub async fn inject_storage_failure(&self) -> Result<(), VolumeError> {
@@ -394,7 +394,10 @@ impl VolumeHandle {
                 .send(receiver::InjectStorageFailure)
                 .await
                 .map_err(stopped),
-            Inner::Primary(_) => Err(VolumeError::NotPrimary),
+            Inner::Primary(addr) => addr
+                .send(volume::InjectStorageFailure)
+                .await
+                .map_err(stopped),
         }
     }
 

@@ -197,3 +197,35 @@ async fn a_replica_out_of_space_on_a_real_tmpfs_says_so_and_nobody_storms_it() {
     drop(cluster);
     drop(disk);
 }
+
+/// A primary whose WAL sync fails refuses every write after it, and neither
+/// reports the unsynced write durable nor commits it.
+#[tokio::test]
+async fn a_primary_whose_sync_fails_refuses_writes_and_commits_nothing_more() {
+    let cluster = Cluster::start_with(CommitMode::BestEffort, &[], tuning_for_failures()).await;
+    let good = cluster.write_blocks(0, 4).await;
+    assert_eq!(cluster.primary.barrier().await.unwrap(), good);
+    cluster.primary.inject_storage_failure().await.unwrap();
+    let lost = cluster.primary.write(10, block(10)).await.unwrap();
+    // The failed sync runs on the pool; once it is back, writes are refused.
+    let reason = within(LONG, || async {
+        match cluster.primary.write(11, block(11)).await {
+            Err(VolumeError::Poisoned(reason)) => Some(reason),
+            Ok(_) => None,
+            Err(other) => panic!("expected a poisoned volume, got {other}"),
+        }
+    })
+    .await
+    .expect("writes refused once the sync failed");
+    assert!(reason.contains("fdatasync"), "{reason}");
+    assert!(matches!(
+        cluster.primary.barrier_at(lost).await,
+        Err(VolumeError::Barrier(_))
+    ));
+    let status = cluster.status().await;
+    assert_eq!(
+        status.durable, good,
+        "nothing past the last good sync is durable"
+    );
+    assert_eq!(status.registry.history.committed.get(), good);
+}

@@ -250,7 +250,6 @@ struct Writer {
     head: u64,
     tail: u64,
     checkpoint: u64,
-    poisoned: Option<String>,
     scratch: BytesMut,
     /// The epoch history, as persisted in `epochs.<generation>`.
     epochs: Vec<EpochStart>,
@@ -260,7 +259,6 @@ struct Writer {
 struct SyncState {
     durable: u64,
     syncing: bool,
-    poisoned: Option<String>,
 }
 
 struct Inner {
@@ -273,6 +271,11 @@ struct Inner {
     pins: Arc<PinTable>,
     fail_next_sync: AtomicBool,
     syncs: AtomicU64,
+    /// Why the WAL refuses everything, once a sync failed: after a failed
+    /// fsync the page cache may have dropped what it could not write, so
+    /// nothing written since the last good sync can be trusted. One state,
+    /// read by the writer and the sync path alike; the first reason stays.
+    poison: std::sync::OnceLock<String>,
 }
 
 /// A handle to one WAL. Clones share it.
@@ -397,7 +400,6 @@ impl Wal {
                     head,
                     tail,
                     checkpoint: tail,
-                    poisoned: None,
                     scratch: BytesMut::new(),
                     epochs: history,
                 }),
@@ -410,6 +412,7 @@ impl Wal {
                 pins: Arc::new(PinTable::default()),
                 fail_next_sync: AtomicBool::new(false),
                 syncs: AtomicU64::new(0),
+                poison: std::sync::OnceLock::new(),
             }),
         };
         Ok((wal, report))
@@ -522,7 +525,7 @@ impl Wal {
 
     /// Why the WAL is poisoned, if it is.
     pub fn poisoned(&self) -> Option<String> {
-        self.writer().poisoned.clone()
+        self.inner.poison.get().cloned()
     }
 
     /// A receiver that sees every new durable LSN.
@@ -575,7 +578,7 @@ impl Wal {
         if unchanged {
             return Ok(());
         }
-        if let Some(reason) = &writer.poisoned {
+        if let Some(reason) = self.inner.poison.get() {
             return Err(WalError::Poisoned(reason.clone()));
         }
         let mut history = writer.epochs.clone();
@@ -647,7 +650,7 @@ impl Wal {
         lens: &[usize],
         raw: Option<&Bytes>,
     ) -> Result<(), WalError> {
-        if let Some(reason) = &writer.poisoned {
+        if let Some(reason) = self.inner.poison.get() {
             return Err(WalError::Poisoned(reason.clone()));
         }
         let total = raw.map_or(writer.scratch.len(), Bytes::len) as u64;
@@ -693,9 +696,7 @@ impl Wal {
             .unwrap_or_default();
         if let Err(error) = self.sync_file(&writer.active) {
             let reason = format!("sync before rotation of {}: {error}", old_path.display());
-            writer.poisoned = Some(reason.clone());
-            lock(&self.inner.sync).poisoned = Some(reason.clone());
-            return Err(WalError::Poisoned(reason));
+            return Err(self.poison(reason));
         }
         let path = self.inner.dir.join(segment::segment_name(
             self.inner.options.generation,
@@ -740,7 +741,7 @@ impl Wal {
     pub fn sync_to(&self, lsn: u64) -> Result<u64, WalError> {
         loop {
             let mut state = lock(&self.inner.sync);
-            if let Some(reason) = &state.poisoned {
+            if let Some(reason) = self.inner.poison.get() {
                 return Err(WalError::Poisoned(reason.clone()));
             }
             if state.durable >= lsn {
@@ -762,27 +763,30 @@ impl Wal {
                 (writer.head, Arc::clone(&writer.active))
             };
             let result = self.sync_file(&file);
-            let reason = result.err().map(|error| format!("fdatasync: {error}"));
-            if let Some(reason) = &reason {
-                self.writer().poisoned = Some(reason.clone());
-            }
+            let failed = result
+                .err()
+                .map(|error| self.poison(format!("fdatasync: {error}")));
             let mut state = lock(&self.inner.sync);
             state.syncing = false;
-            match reason {
-                None => {
-                    state.durable = state.durable.max(target);
-                    self.inner.durable_tx.send_replace(state.durable);
-                }
-                Some(reason) => state.poisoned = Some(reason),
+            if failed.is_none() {
+                state.durable = state.durable.max(target);
+                self.inner.durable_tx.send_replace(state.durable);
             }
             self.inner.synced.notify_all();
-            if state.poisoned.is_none() && target < lsn {
+            // Waiters (and this caller, on the next turn) see the poison.
+            if failed.is_none() && target < lsn {
                 return Err(WalError::BeyondHead {
                     to: lsn,
                     head: target,
                 });
             }
         }
+    }
+
+    /// Poisons the WAL (the first reason stays) and returns the error that says so.
+    fn poison(&self, reason: String) -> WalError {
+        let _ = self.inner.poison.set(reason);
+        WalError::Poisoned(self.poisoned().unwrap_or_default())
     }
 
     /// Records the checkpoint: entries up to it are in the extent.
@@ -845,7 +849,7 @@ impl Wal {
     /// below the checkpoint, whose entries are already in the extent.
     pub fn truncate_after(&self, lsn: u64) -> Result<(), WalError> {
         let mut writer = self.writer();
-        if let Some(reason) = &writer.poisoned {
+        if let Some(reason) = self.inner.poison.get() {
             return Err(WalError::Poisoned(reason.clone()));
         }
         if lsn < writer.checkpoint {

@@ -99,8 +99,8 @@ impl Handler<Write> for VolumeActor {
 
     fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
         self.clock();
-        if let Some(reason) = &self.poisoned {
-            return Err(VolumeError::Poisoned(reason.clone()));
+        if let Some(reason) = self.poisoned() {
+            return Err(VolumeError::Poisoned(reason));
         }
         let lsn = self
             .store
@@ -285,5 +285,19 @@ impl Handler<Stop> for VolumeActor {
 
     fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+/// Makes the WAL's next sync fail with EIO, as a failing disk would. For
+/// tests of the poisoning path.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct InjectStorageFailure;
+
+impl Handler<InjectStorageFailure> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectStorageFailure, _: &mut Context<Self>) {
+        self.store.wal().inject_sync_failure();
     }
 }

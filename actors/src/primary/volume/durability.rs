@@ -9,22 +9,49 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use walship_engine::Lsn;
 
+/// The volume's local durability: one group-commit sync at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// No sync runs; the WAL is durable up to `durable`.
+    Idle { durable: u64 },
+    /// A sync runs on the blocking pool. `wanted` is the highest LSN a
+    /// writer asked for since; the next sync serves what this one does not.
+    Syncing { durable: u64, wanted: u64 },
+    /// A sync failed: the volume refuses writes for good. Why is the WAL's
+    /// own poison ([`walship_io::Wal::poisoned`]), not kept here again.
+    Poisoned,
+}
+
 impl VolumeActor {
     /// Asks for `lsn` to become durable. One group-commit sync at a time runs
     /// on the runtime's blocking pool; requests made meanwhile are served by
     /// the next one.
     pub(super) fn want_sync(&mut self, lsn: u64) {
-        self.sync_wanted = self.sync_wanted.max(lsn);
-        if self.sync_in_flight || self.sync_wanted <= self.durable_seen {
-            return;
+        match &mut self.durability {
+            Durability::Poisoned => {}
+            Durability::Syncing { wanted, .. } => *wanted = (*wanted).max(lsn),
+            Durability::Idle { durable } if lsn <= *durable => {}
+            Durability::Idle { durable } => {
+                let Some(me) = self.me.clone() else { return };
+                self.durability = Durability::Syncing {
+                    durable: *durable,
+                    wanted: lsn,
+                };
+                let store = Arc::clone(&self.store);
+                self.pools.blocking.run(move || {
+                    let result = store.sync_to(lsn).map_err(|e| e.to_string());
+                    me.do_send(LocalDurable { result });
+                });
+            }
         }
-        let Some(me) = self.me.clone() else { return };
-        self.sync_in_flight = true;
-        let (store, target) = (Arc::clone(&self.store), self.sync_wanted);
-        self.pools.blocking.run(move || {
-            let result = store.sync_to(target).map_err(|e| e.to_string());
-            me.do_send(LocalDurable { result });
-        });
+    }
+
+    /// Why the volume refuses writes, if it does: the WAL's poison, which a
+    /// failed sync or a failed segment rotation sets.
+    pub(super) fn poisoned(&mut self) -> Option<String> {
+        let reason = self.store.wal().poisoned()?;
+        self.durability = Durability::Poisoned;
+        Some(reason)
     }
 
     pub(super) fn maybe_checkpoint(&mut self) {
@@ -92,21 +119,23 @@ impl Handler<LocalDurable> for VolumeActor {
 
     fn handle(&mut self, msg: LocalDurable, ctx: &mut Context<Self>) {
         self.clock();
-        self.sync_in_flight = false;
+        let Durability::Syncing { durable, wanted } = self.durability else {
+            return;
+        };
         match msg.result {
-            Ok(durable) if durable > self.durable_seen => {
-                self.engine
-                    .handle_local_durable(Lsn(self.durable_seen), Lsn(durable));
-                self.durable_seen = durable;
+            Ok(now) => {
+                if now > durable {
+                    self.engine.handle_local_durable(Lsn(durable), Lsn(now));
+                }
+                self.durability = Durability::Idle {
+                    durable: durable.max(now),
+                };
+                self.want_sync(wanted);
             }
-            Ok(_) => {}
             Err(reason) => {
                 tracing::error!(%reason, "wal poisoned; refusing writes");
-                self.poisoned = Some(reason);
+                self.durability = Durability::Poisoned;
             }
-        }
-        if self.poisoned.is_none() {
-            self.want_sync(self.sync_wanted);
         }
         self.run_commands(ctx);
     }

@@ -22,7 +22,7 @@ use crate::pool::Pools;
 use crate::transport;
 use actix::prelude::*;
 use api::*;
-use durability::{CheckpointDone, LocalDurable};
+use durability::{CheckpointDone, Durability, LocalDurable};
 use pins::ResourcesPinned;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -54,16 +54,11 @@ pub struct VolumeActor {
     committed_tx: watch::Sender<u64>,
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
     pools: Pools,
-    /// A sync runs on the runtime's blocking pool; at most one per volume.
-    sync_in_flight: bool,
-    /// Highest LSN a writer is waiting to see durable.
-    sync_wanted: u64,
+    durability: Durability,
     checkpoint_in_flight: bool,
-    durable_seen: u64,
     started: std::time::Instant,
     last_heartbeat: u64,
     wake: Option<(u64, SpawnHandle)>,
-    poisoned: Option<String>,
     metrics: Arc<MailboxMetrics>,
     me: Option<MeteredAddr<VolumeActor>>,
 }
@@ -105,7 +100,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, GetSender, Stop, LocalDurable, EngineInput);
+metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, GetSender, Stop, LocalDurable, EngineInput, InjectStorageFailure);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
@@ -161,14 +156,11 @@ impl VolumeActor {
             committed_tx,
             barriers: HashMap::new(),
             pools,
-            sync_in_flight: false,
-            sync_wanted: 0,
+            durability: Durability::Idle { durable: committed },
             checkpoint_in_flight: false,
-            durable_seen: committed,
             started: std::time::Instant::now(),
             last_heartbeat: 0,
             wake: None,
-            poisoned: None,
             me: None,
         })
     }
