@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 use walship::actors::{PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig};
-use walship::engine::CommitMode;
+use walship::engine::{CommitMode, ReplicaState};
 use walship::io::{StoreOptions, BLOCK_SIZE};
 
 #[tokio::main]
@@ -48,25 +48,17 @@ async fn main() -> anyhow::Result<()> {
         }))
         .await?;
 
-    // The first barrier waits until r1 handshakes and acknowledges.
-    let mut committed = 0;
-    for attempt in 0..50 {
-        let lsn = primary
-            .write(attempt % 1024, bytes::Bytes::from(vec![7u8; BLOCK_SIZE]))
-            .await?;
-        match primary.barrier().await {
-            Ok(c) => {
-                committed = c;
-                println!("lsn {lsn} committed under sync_all (committed={c})");
-                break;
-            }
-            Err(e) => {
-                println!("not yet committed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    anyhow::ensure!(committed > 0, "never committed");
+    // Under sync_all a write commits once r1 holds it durably: wait until
+    // r1 has said hello and is in sync, then write and wait for the barrier.
+    primary
+        .wait_replica_state("r1", ReplicaState::InSync, Duration::from_secs(10))
+        .await?;
+    let lsn = primary
+        .write(0, bytes::Bytes::from(vec![7u8; BLOCK_SIZE]))
+        .await?;
+    let committed = primary.barrier().await?;
+    anyhow::ensure!(committed >= lsn, "committed {committed} < lsn {lsn}");
+    println!("lsn {lsn} committed under sync_all (committed={committed})");
     let status = primary.status().await?;
     println!("{}", serde_json::to_string_pretty(&status)?);
     primary.stop().await;

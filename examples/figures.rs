@@ -115,7 +115,6 @@ async fn main() -> anyhow::Result<()> {
         primary.write(i, block.clone()).await?;
     }
     primary.barrier().await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     replicas[0] = rt
         .spawn_volume(replica_config("r1", dir.path(), &addr))

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use tokio_util::task::TaskTracker;
 use walship_io::{BackendRequest, ReaderError, ReaderOptions, ReaderService};
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -39,9 +40,15 @@ impl BlockingPool {
         Ok(Self { tx })
     }
 
-    /// Runs `job` on a pool thread. Dropped if the pool has shut down.
-    pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) {
-        let _ = self.tx.send(Box::new(job));
+    /// Runs `job` on a pool thread for a volume whose stop waits for it
+    /// (`tasks`): the job holds one of its tokens until it ends. Dropped if
+    /// the pool has shut down.
+    pub(crate) fn run(&self, tasks: &TaskTracker, job: impl FnOnce() + Send + 'static) {
+        let alive = tasks.token();
+        let _ = self.tx.send(Box::new(move || {
+            job();
+            drop(alive);
+        }));
     }
 }
 

@@ -15,10 +15,11 @@ use actix::prelude::*;
 use bytes::Bytes;
 use serde::Serialize;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
+use tokio_util::task::TaskTracker;
 use walship_engine::{Assignment, RecoveryEvent, ReplicaId, ReplicaState};
 use walship_io::Store;
 
@@ -29,6 +30,8 @@ pub struct Runtime {
     arbiter: ArbiterHandle,
     pools: Pools,
     thread: Option<JoinHandle<()>>,
+    /// Each spawned volume's tasks, for a shutdown that waits for them.
+    volumes: Mutex<Vec<TaskTracker>>,
 }
 
 impl Runtime {
@@ -57,15 +60,16 @@ impl Runtime {
             arbiter,
             pools,
             thread: Some(thread),
+            volumes: Mutex::default(),
         })
     }
 
     /// Spawns a primary or replica volume and returns its handle.
     pub async fn spawn_volume(&self, config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
         let (tx, rx) = oneshot::channel();
-        let pools = self.pools.clone();
+        let (pools, tasks) = (self.pools.clone(), self.volume_tasks());
         let sent = self.arbiter.spawn(async move {
-            let _ = tx.send(start_volume(config, pools).await);
+            let _ = tx.send(start_volume(config, pools, tasks).await);
         });
         if !sent {
             return Err(VolumeError::Stopped);
@@ -76,9 +80,9 @@ impl Runtime {
     /// [`spawn_volume`](Self::spawn_volume) for callers outside async code.
     pub fn spawn_volume_blocking(&self, config: VolumeConfig) -> Result<VolumeHandle, VolumeError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let pools = self.pools.clone();
+        let (pools, tasks) = (self.pools.clone(), self.volume_tasks());
         let sent = self.arbiter.spawn(async move {
-            let _ = tx.send(start_volume(config, pools).await);
+            let _ = tx.send(start_volume(config, pools, tasks).await);
         });
         if !sent {
             return Err(VolumeError::Stopped);
@@ -92,15 +96,35 @@ impl Runtime {
         &self.arbiter
     }
 
-    /// Stops every actor and joins the system thread.
+    /// A new volume's task tracker, kept for shutdown (stopped volumes'
+    /// trackers are let go here).
+    fn volume_tasks(&self) -> TaskTracker {
+        let tasks = TaskTracker::new();
+        let mut volumes = self.volumes.lock().unwrap_or_else(PoisonError::into_inner);
+        volumes.retain(|t| !(t.is_closed() && t.is_empty()));
+        volumes.push(tasks.clone());
+        tasks
+    }
+
+    /// Stops every actor and returns once every volume has stopped as
+    /// [`VolumeHandle::stop`] says: listeners closed, connections and
+    /// executor tasks ended, stores and their locks released.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
+        // Stopping the system stops its arbiters, which drops every actor
+        // and task on them; jobs on the blocking pool finish on their own.
         self.system.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        let volumes =
+            std::mem::take(&mut *self.volumes.lock().unwrap_or_else(PoisonError::into_inner));
+        for tasks in volumes {
+            tasks.close();
+            futures::executor::block_on(tasks.wait());
         }
     }
 }
@@ -116,14 +140,19 @@ const BLOCKING_THREADS: usize = 4;
 /// Arbiters shared by replica receivers.
 const RECEIVER_ARBITERS: usize = 2;
 
-async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle, VolumeError> {
+async fn start_volume(
+    config: VolumeConfig,
+    pools: Pools,
+    tasks: TaskTracker,
+) -> Result<VolumeHandle, VolumeError> {
     match config {
         VolumeConfig::Primary(config) => {
-            let actor = VolumeActor::open(config, pools)?;
+            let actor = VolumeActor::open(config, pools, tasks.clone())?;
             let metrics = actor.metrics_arc();
             let addr = actor.start();
             Ok(VolumeHandle {
                 inner: Inner::Primary(MeteredAddr::new(addr, metrics)),
+                tasks,
             })
         }
         VolumeConfig::Replica(config) => {
@@ -139,6 +168,7 @@ async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle
                 config.checkpoint_every_lsns,
                 Arc::clone(&metrics),
                 pools.blocking.clone(),
+                tasks.clone(),
             );
             let listen_error = |e: std::io::Error| {
                 VolumeError::Runtime(format!("listen on {}: {e}", config.listen))
@@ -155,13 +185,16 @@ async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle
             let receiver = MeteredAddr::new(addr, metrics);
             let (shutdown, shutdown_rx) = watch::channel(false);
             let accepting = receiver.clone();
-            let spawned = arbiter.spawn(async move {
+            let connections = tasks.clone();
+            let spawned = arbiter.spawn(tasks.track_future(async move {
                 // Registered with the arbiter's reactor, where it is polled.
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => listener::accept_loop(listener, accepting, shutdown_rx).await,
+                    Ok(listener) => {
+                        listener::accept_loop(listener, accepting, shutdown_rx, connections).await;
+                    }
                     Err(e) => tracing::error!(error = %e, "replica listener"),
                 }
-            });
+            }));
             if !spawned {
                 return Err(VolumeError::Runtime("receiver arbiter stopped".into()));
             }
@@ -171,6 +204,7 @@ async fn start_volume(config: VolumeConfig, pools: Pools) -> Result<VolumeHandle
                     listen: local,
                     shutdown: Arc::new(shutdown),
                 },
+                tasks,
             })
         }
     }
@@ -200,6 +234,9 @@ pub enum NodeStatus {
 #[derive(Debug, Clone)]
 pub struct VolumeHandle {
     inner: Inner,
+    /// Everything that holds the volume's store or a connection holds a
+    /// token of it: [`stop`](VolumeHandle::stop) waits for the last one.
+    tasks: TaskTracker,
 }
 
 fn stopped<T>(_: T) -> VolumeError {
@@ -401,7 +438,10 @@ impl VolumeHandle {
         }
     }
 
-    /// Stops the volume: its actors, connections and listener.
+    /// Stops the volume and returns once it has stopped: its listener is
+    /// closed, every connection and executor task has ended, every job it
+    /// had on the blocking pool is done, and its store (with the directory's
+    /// lock) is released, so the volume can be opened again at once.
     pub async fn stop(&self) {
         match &self.inner {
             Inner::Primary(addr) => {
@@ -414,5 +454,7 @@ impl VolumeHandle {
                 let _ = receiver.send(StopReceiver).await;
             }
         }
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }

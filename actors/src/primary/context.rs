@@ -8,6 +8,7 @@ use actix::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use walship_engine::{ExecutionFailure, Input, ReplicaId, SessionId};
 use walship_io::{LogReader, Store};
 
@@ -30,6 +31,9 @@ pub(crate) struct SenderContext {
     pub(crate) tuning: Tuning,
     /// Bytes this sender put on the wire (WAL batches and image chunks).
     pub(crate) bytes_sent: Arc<AtomicU64>,
+    /// Held by the sender and every executor future (each has a clone of
+    /// the context): the volume's stop waits until all of them are gone.
+    pub(crate) _alive: Arc<TaskTrackerToken>,
 }
 
 impl SenderContext {

@@ -8,25 +8,37 @@ use crate::transport::{self, linger};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use walship_io::{Envelope, Message, CODE_WIRE};
 
-/// Accepts connections until `shutdown` turns true.
+/// Accepts connections until `shutdown` turns true. The loop and every
+/// connection task it starts are tracked by `tasks`, and every connection
+/// closes at shutdown, so the replica's stop can wait for all of them.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     receiver: MeteredAddr<ReceiverActor>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    tasks: TaskTracker,
 ) {
     let mut next_conn = 0u64;
+    let mut stop = shutdown.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     next_conn += 1;
-                    actix::spawn(serve(stream, receiver.clone(), next_conn));
+                    let connection = serve(stream, receiver.clone(), next_conn);
+                    let mut stop = shutdown.clone();
+                    actix::spawn(tasks.track_future(async move {
+                        tokio::select! {
+                            () = connection => {}
+                            _ = stop.wait_for(|stopped| *stopped) => {}
+                        }
+                    }));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
-            _ = shutdown.changed() => return,
+            _ = stop.wait_for(|stopped| *stopped) => return,
         }
     }
 }

@@ -16,6 +16,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::Arc;
+use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 use walship_io::{
     Envelope, Message, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE, CODE_STORAGE,
     CODE_STORE, CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED,
@@ -54,6 +55,10 @@ pub struct ReceiverActor {
     checkpoint_every: u64,
     checkpoint_requested: u64,
     blocking: BlockingPool,
+    /// What the replica's stop waits for: this actor, the listener, every
+    /// connection task and checkpoint job hold a token.
+    tasks: TaskTracker,
+    _alive: TaskTrackerToken,
     committed: u64,
     metrics: Arc<MailboxMetrics>,
 }
@@ -106,10 +111,13 @@ impl ReceiverActor {
         checkpoint_every: u64,
         metrics: Arc<MailboxMetrics>,
         blocking: BlockingPool,
+        tasks: TaskTracker,
     ) -> Self {
         let epoch = store.superblock().epoch;
         Self {
             blocking,
+            _alive: tasks.token(),
+            tasks,
             store,
             identity: Identity {
                 volume,
@@ -262,7 +270,7 @@ impl ReceiverActor {
         if target.saturating_sub(floor) >= self.checkpoint_every {
             self.checkpoint_requested = target;
             let store = Arc::clone(&self.store);
-            self.blocking.run(move || {
+            self.blocking.run(&self.tasks, move || {
                 if let Err(e) = store.checkpoint(target) {
                     tracing::error!(error = %e, "replica checkpoint failed");
                 }

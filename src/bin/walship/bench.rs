@@ -216,8 +216,8 @@ impl Setup {
             .iter()
             .find(|r| r.0 == server)
             .context("replica")?;
+        // Returns with its listener closed and its store released.
         handle.stop().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
         Ok(())
     }
 
@@ -234,19 +234,11 @@ impl Setup {
         let before = self.primary.bytes_sent(server).await?;
         let start = Instant::now();
         let cpu = cpu_time()?;
-        let mut handle = None;
-        for _ in 0..100 {
-            if let Ok(h) = self
-                .rt
-                .spawn_volume(replica_config(&self.dir, server, &addr, &self.store))
-                .await
-            {
-                handle = Some(h);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let handle = handle.context("replica restart")?;
+        let handle = self
+            .rt
+            .spawn_volume(replica_config(&self.dir, server, &addr, &self.store))
+            .await
+            .context("replica restart")?;
         self.primary.heartbeat().await?;
         self.wait_in_sync(server).await?;
         let took = start.elapsed();

@@ -241,8 +241,8 @@ impl Demo {
 
     async fn cut_off(&mut self, server: &str) -> anyhow::Result<()> {
         let (handle, _, _) = self.replicas.get(server).context("no such replica")?;
+        // Returns with its listener closed and its store released.
         handle.stop().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
         Ok(())
     }
 
@@ -267,21 +267,11 @@ impl Demo {
         } else {
             addr.clone()
         };
-        let mut handle = None;
-        for _ in 0..100 {
-            match self
-                .rt
-                .spawn_volume(replica_config(&self.plan, &self.dir, server, &listen))
-                .await
-            {
-                Ok(h) => {
-                    handle = Some(h);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        let handle = handle.context("replica did not restart")?;
+        let handle = self
+            .rt
+            .spawn_volume(replica_config(&self.plan, &self.dir, server, &listen))
+            .await
+            .context("replica did not restart")?;
         let addr = handle.listen_addr().context("replica address")?.to_string();
         let version = if new_address { version + 1 } else { version };
         self.replicas

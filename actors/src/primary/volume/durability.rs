@@ -38,7 +38,7 @@ impl VolumeActor {
                     wanted: lsn,
                 };
                 let store = Arc::clone(&self.store);
-                self.pools.blocking.run(move || {
+                self.pools.blocking.run(&self.tasks, move || {
                     let result = store.sync_to(lsn).map_err(|e| e.to_string());
                     me.do_send(LocalDurable { result });
                 });
@@ -75,7 +75,7 @@ impl VolumeActor {
         let Some(me) = self.me.clone() else { return };
         self.checkpoint_in_flight = true;
         let store = Arc::clone(&self.store);
-        self.pools.blocking.run(move || {
+        self.pools.blocking.run(&self.tasks, move || {
             let result = store.checkpoint(target);
             let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
             me.do_send(CheckpointDone { outcome });

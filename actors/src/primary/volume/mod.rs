@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
+use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 use walship_engine::{
     Assignment, BarrierFailure, BarrierId, Command, Endpoint, Engine, EngineConfig, Epoch, Input,
     Lsn, ReplicaAssignment, ReplicaId, ResourceId, Tick, WalState,
@@ -61,6 +62,10 @@ pub struct VolumeActor {
     wake: Option<(u64, SpawnHandle)>,
     metrics: Arc<MailboxMetrics>,
     me: Option<MeteredAddr<VolumeActor>>,
+    /// What the volume's stop waits for: this actor, its senders and their
+    /// executors, its jobs on the blocking pool each hold a token.
+    tasks: TaskTracker,
+    _alive: TaskTrackerToken,
 }
 
 impl std::fmt::Debug for VolumeActor {
@@ -104,7 +109,11 @@ metered!(VolumeActor: Write, Barrier, Read, ApplyAssignment, Heartbeat, GetStatu
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
-    pub(crate) fn open(config: PrimaryConfig, pools: Pools) -> Result<Self, VolumeError> {
+    pub(crate) fn open(
+        config: PrimaryConfig,
+        pools: Pools,
+        tasks: TaskTracker,
+    ) -> Result<Self, VolumeError> {
         let (store, report) = Store::open(&config.dir, config.store.clone())?;
         // Epochs are the primary's incarnations: LSNs written in one must
         // never be written again with other data, and a crash may have lost
@@ -162,6 +171,8 @@ impl VolumeActor {
             last_heartbeat: 0,
             wake: None,
             me: None,
+            _alive: tasks.token(),
+            tasks,
         })
     }
 
@@ -291,6 +302,7 @@ impl VolumeActor {
             committed_rx: self.committed_tx.subscribe(),
             tuning: self.config.tuning.clone(),
             bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
+            _alive: Arc::new(self.tasks.token()),
         })
     }
 

@@ -34,7 +34,7 @@ impl VolumeActor {
                 let store = Arc::clone(&self.store);
                 let requests = requests.to_vec();
                 let replica = replica.clone();
-                self.pools.blocking.run(move || {
+                self.pools.blocking.run(&self.tasks, move || {
                     let pinned = pin_resources(&store, snapshots, &label, &requests);
                     // If the volume stopped meanwhile, the pins drop with the message.
                     me.do_send(ResourcesPinned {
