@@ -10,6 +10,9 @@ mod live;
 mod rebuild;
 mod window;
 
+#[cfg(test)]
+mod cancel;
+
 pub(crate) use live::{live_ship, BarrierRequest};
 
 use super::context::SenderContext;

@@ -9,7 +9,7 @@
 
 pub(crate) mod api;
 mod durability;
-mod pins;
+pub(in crate::primary) mod pins;
 
 use super::context::{EngineInput, SenderContext};
 use super::resources::ResourceTable;

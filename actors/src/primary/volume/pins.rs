@@ -83,10 +83,10 @@ impl VolumeActor {
 }
 
 /// Resources pinned for one plan, or why not.
-type Pinned = Result<Vec<(GrantedResource, Held)>, String>;
+pub(in crate::primary) type Pinned = Result<Vec<(GrantedResource, Held)>, String>;
 
 /// Pins `requests` in order; on the first failure, drops what it took.
-fn pin_resources(
+pub(in crate::primary) fn pin_resources(
     store: &Store,
     snapshot_rebuilds: bool,
     label: &str,
