@@ -32,7 +32,7 @@ pub enum VolumeError {
     /// it had shipped to replicas but lost itself, and no handshake could
     /// tell the two apart.
     #[error(
-        "epoch {assigned} is not newer than epoch {wal} already in the WAL:          a primary that opens needs a new epoch from its control plane"
+        "epoch {assigned} is not newer than epoch {wal} already in the WAL: a primary that opens needs a new epoch from its control plane"
     )]
     EpochNotNewer {
         /// The epoch the primary was given.
