@@ -186,14 +186,10 @@ pub(super) async fn rebuild(
                 }
             }
             Step::ShipWal {
-                from_exclusive,
-                to_inclusive,
-            } => {
-                shipper
-                    .ship(from_exclusive.get(), to_inclusive.get(), &mut report)
-                    .await?;
-            }
-            Step::Done { flushed } => return shipper.drain(flushed.get(), &mut report).await,
+                from_exclusive: from,
+                to_inclusive: to,
+            } => shipper.ship(from, to, &mut report).await?,
+            Step::Done { flushed } => return shipper.drain(flushed, &mut report).await,
             other => return Err(ExecError::Protocol(format!("rebuild step {other:?}"))),
         }
     }

@@ -6,6 +6,7 @@ use super::SenderContext;
 use crate::error::ExecError;
 use crate::transport::{recv, send_bulk, Conn};
 use std::collections::VecDeque;
+use walship_engine::Lsn;
 use walship_io::{Envelope, Message};
 
 /// Batches shipped and not yet acknowledged, bounded in bytes.
@@ -115,11 +116,11 @@ impl<'a> Shipper<'a> {
     /// Ships the WAL in (`from`, `to`].
     pub(super) async fn ship(
         &mut self,
-        from: u64,
-        to: u64,
+        from: Lsn,
+        to: Lsn,
         on_ack: &mut impl FnMut(u64, u64, u64),
     ) -> Result<(), ExecError> {
-        let mut stream = self.c.reader.stream(from, to)?;
+        let mut stream = self.c.reader.stream(from.get(), to.get())?;
         while let Some(batch) = stream.next_batch().await {
             let batch = batch?;
             let len = batch.raw.len();
@@ -147,10 +148,10 @@ impl<'a> Shipper<'a> {
     /// Waits until the replica holds everything up to `until`.
     pub(super) async fn drain(
         &mut self,
-        until: u64,
+        until: Lsn,
         on_ack: &mut impl FnMut(u64, u64, u64),
     ) -> Result<(), ExecError> {
-        while self.acked < until {
+        while self.acked < until.get() {
             self.await_ack(on_ack).await?;
         }
         Ok(())

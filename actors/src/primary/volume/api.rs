@@ -1,6 +1,7 @@
 //! What the volume's handle asks of it: writes, barriers, reads,
 //! assignments, status, checkpoints, stop.
 
+use super::durability::Durability;
 use super::{VolumeActor, HOLD_PIN_PREFIX};
 use crate::error::VolumeError;
 use crate::metrics::{MailboxSnapshot, MeteredAddr};
@@ -99,12 +100,18 @@ impl Handler<Write> for VolumeActor {
 
     fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
         self.clock();
-        if let Some(reason) = self.poisoned() {
-            return Err(VolumeError::Poisoned(reason));
+        if self.durability == Durability::Poisoned {
+            return Err(self.refusal());
         }
-        let lsn = self
+        // The WAL's poison is read only when a write fails, off the hot path.
+        let lsn = match self
             .store
-            .write(self.engine.epoch().get(), msg.lba, msg.data)?;
+            .write(self.engine.epoch().get(), msg.lba, msg.data)
+        {
+            Ok(lsn) => lsn,
+            Err(_) if self.store.wal().poisoned().is_some() => return Err(self.refusal()),
+            Err(error) => return Err(error.into()),
+        };
         self.head_tx.send_replace(lsn);
         self.refresh_wal_state();
         self.want_sync(lsn);

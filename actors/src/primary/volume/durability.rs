@@ -46,12 +46,11 @@ impl VolumeActor {
         }
     }
 
-    /// Why the volume refuses writes, if it does: the WAL's poison, which a
-    /// failed sync or a failed segment rotation sets.
-    pub(super) fn poisoned(&mut self) -> Option<String> {
-        let reason = self.store.wal().poisoned()?;
+    /// The volume refuses writes for good: the error says why, in the WAL's
+    /// words (a failed sync or a failed segment rotation poisons it).
+    pub(super) fn refusal(&mut self) -> VolumeError {
         self.durability = Durability::Poisoned;
-        Some(reason)
+        VolumeError::Poisoned(self.store.wal().poisoned().unwrap_or_default())
     }
 
     pub(super) fn maybe_checkpoint(&mut self) {
