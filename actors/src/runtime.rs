@@ -393,7 +393,8 @@ impl VolumeHandle {
         }
     }
 
-    /// Checkpoints everything durable now (primary).
+    /// Checkpoints everything written before the call (primary), waiting
+    /// for the WAL to hold it durably first.
     pub async fn checkpoint(&self) -> Result<(), VolumeError> {
         self.primary()?
             .send(volume::Checkpoint)

@@ -228,4 +228,22 @@ async fn a_primary_whose_sync_fails_refuses_writes_and_commits_nothing_more() {
         "nothing past the last good sync is durable"
     );
     assert_eq!(status.registry.history.committed.get(), good);
+    assert!(matches!(
+        cluster.primary.checkpoint().await,
+        Err(VolumeError::Poisoned(_))
+    ));
+}
+
+/// A checkpoint asked for right after a write covers it, though the write
+/// returned before its sync did: the checkpoint waits for the WAL.
+#[tokio::test]
+async fn a_checkpoint_covers_every_write_before_it() {
+    let cluster = Cluster::start_with(CommitMode::BestEffort, &[], tuning()).await;
+    for round in 0..8 {
+        let last = cluster.write_blocks(round * 4, 4).await;
+        cluster.primary.checkpoint().await.unwrap();
+        let status = cluster.status().await;
+        assert_eq!(status.checkpoint, last, "round {round}");
+        assert!(status.durable >= last);
+    }
 }

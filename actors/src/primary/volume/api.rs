@@ -239,7 +239,8 @@ impl Handler<GetRecoveryLog> for VolumeActor {
     }
 }
 
-/// Checkpoints everything durable now.
+/// Checkpoints everything written before it, once the primary's WAL holds
+/// it durably (a quorum may have committed it before the primary's own sync).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), VolumeError>")]
 pub struct Checkpoint;
@@ -251,7 +252,7 @@ impl Handler<Checkpoint> for VolumeActor {
         self.clock();
         self.report_retention(ctx);
         let (tx, rx) = oneshot::channel();
-        self.start_checkpoint(self.store.wal().durable(), Some(tx));
+        self.checkpoint_written(tx);
         Box::pin(async move { rx.await.map_err(|_| VolumeError::Stopped)? })
     }
 }

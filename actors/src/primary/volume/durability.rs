@@ -64,13 +64,50 @@ impl VolumeActor {
         self.start_checkpoint(durable, None);
     }
 
+    /// Checkpoints everything written so far: now if the WAL is durable that
+    /// far, else once the sync it asks for gets there.
+    pub(super) fn checkpoint_written(&mut self, reply: CheckpointReply) {
+        let target = self.store.wal().head();
+        match self.durability {
+            Durability::Poisoned => {
+                let _ = reply.send(Err(self.refusal()));
+            }
+            Durability::Idle { durable } | Durability::Syncing { durable, .. }
+                if target <= durable =>
+            {
+                self.start_checkpoint(target, Some(reply));
+            }
+            Durability::Idle { .. } | Durability::Syncing { .. } => {
+                self.checkpoints_waiting.push((target, reply));
+                self.want_sync(target);
+            }
+        }
+    }
+
+    /// Starts the waiting checkpoints the WAL is now durable for; when it is
+    /// poisoned, tells them why they never will be.
+    fn release_checkpoints(&mut self) {
+        let durable = match self.durability {
+            Durability::Poisoned => {
+                for (_, reply) in std::mem::take(&mut self.checkpoints_waiting) {
+                    let _ = reply.send(Err(self.refusal()));
+                }
+                return;
+            }
+            Durability::Idle { durable } | Durability::Syncing { durable, .. } => durable,
+        };
+        let (ready, waiting) = std::mem::take(&mut self.checkpoints_waiting)
+            .into_iter()
+            .partition(|(target, _)| *target <= durable);
+        self.checkpoints_waiting = waiting;
+        for (target, reply) in ready {
+            self.start_checkpoint(target, Some(reply));
+        }
+    }
+
     /// Checkpoints up to `target` on the blocking pool (the actix thread
     /// shared by every sender must not wait on it); `reply` hears the outcome.
-    pub(super) fn start_checkpoint(
-        &mut self,
-        target: u64,
-        reply: Option<oneshot::Sender<Result<(), VolumeError>>>,
-    ) {
+    pub(super) fn start_checkpoint(&mut self, target: u64, reply: Option<CheckpointReply>) {
         let Some(me) = self.me.clone() else { return };
         self.checkpoint_in_flight = true;
         let store = Arc::clone(&self.store);
@@ -84,6 +121,9 @@ impl VolumeActor {
         });
     }
 }
+
+/// Where an operator's checkpoint hears how it went.
+pub(super) type CheckpointReply = oneshot::Sender<Result<(), VolumeError>>;
 
 /// A pool checkpoint finished.
 #[derive(Debug, Message)]
@@ -136,6 +176,7 @@ impl Handler<LocalDurable> for VolumeActor {
                 self.durability = Durability::Poisoned;
             }
         }
+        self.release_checkpoints();
         self.run_commands(ctx);
     }
 }

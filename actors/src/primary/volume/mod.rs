@@ -22,7 +22,7 @@ use crate::pool::Pools;
 use crate::transport;
 use actix::prelude::*;
 use api::*;
-use durability::{CheckpointDone, Durability, LocalDurable};
+use durability::{CheckpointDone, CheckpointReply, Durability, LocalDurable};
 use pins::ResourcesPinned;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -57,6 +57,9 @@ pub struct VolumeActor {
     pools: Pools,
     durability: Durability,
     checkpoint_in_flight: bool,
+    /// Operators' checkpoints waiting for the WAL to be durable up to their
+    /// target (a quorum may commit before the primary's own sync finishes).
+    checkpoints_waiting: Vec<(u64, CheckpointReply)>,
     started: std::time::Instant,
     last_heartbeat: u64,
     wake: Option<(u64, SpawnHandle)>,
@@ -167,6 +170,7 @@ impl VolumeActor {
             pools,
             durability: Durability::Idle { durable: committed },
             checkpoint_in_flight: false,
+            checkpoints_waiting: Vec::new(),
             started: std::time::Instant::now(),
             last_heartbeat: 0,
             wake: None,
