@@ -15,12 +15,16 @@ mod pool;
 mod primary;
 mod replica;
 mod runtime;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod transport;
 
 pub use config::{BackoffTuning, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
-pub use primary::{SenderActor, SenderHeartbeat, VolumeActor, VolumeStatus};
+#[cfg(feature = "testing")]
+pub use primary::SenderHeartbeat;
+pub use primary::{SenderActor, VolumeActor, VolumeStatus};
 pub use replica::ReplicaStatus;
 pub use runtime::{NodeStatus, Runtime, VolumeHandle};

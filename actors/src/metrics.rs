@@ -256,8 +256,9 @@ pub trait Metered {
 #[macro_export]
 #[doc(hidden)]
 macro_rules! metered {
-    ($actor:ty: $($message:ty),+ $(,)?) => {
+    ($actor:ty: $($(#[$attr:meta])* $message:ty),+ $(,)?) => {
         $(
+            $(#[$attr])*
             impl actix::Handler<$crate::metrics::Tracked<$message>> for $actor {
                 type Result = <$actor as actix::Handler<$message>>::Result;
 

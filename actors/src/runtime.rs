@@ -5,11 +5,10 @@ use crate::config::VolumeConfig;
 use crate::error::VolumeError;
 use crate::metrics::{MailboxMetrics, MeteredAddr};
 use crate::pool::{ArbiterPool, BlockingPool, Pools};
-use crate::primary::{self as volume, SenderActor, VolumeActor, VolumeStatus};
+use crate::primary::{self as volume, VolumeActor, VolumeStatus};
 use crate::replica::listener;
 use crate::replica::receiver::{
-    self, GetReplicaStatus, ReceiverActor, ReplicaChecksum, ReplicaRead, ReplicaStatus,
-    StopReceiver,
+    GetReplicaStatus, ReceiverActor, ReplicaChecksum, ReplicaRead, ReplicaStatus, StopReceiver,
 };
 use actix::prelude::*;
 use bytes::Bytes;
@@ -413,9 +412,9 @@ impl VolumeHandle {
     }
 
     /// The metered address of a replica's sender on a primary. For benchmarks
-    /// and diagnostics that drive the sender's mailbox directly.
-    #[doc(hidden)]
-    pub async fn sender(&self, replica: ReplicaId) -> Option<MeteredAddr<SenderActor>> {
+    /// that drive the sender's mailbox directly (feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn sender(&self, replica: ReplicaId) -> Option<MeteredAddr<crate::SenderActor>> {
         self.primary()
             .ok()?
             .send(volume::GetSender(replica))
@@ -424,12 +423,12 @@ impl VolumeHandle {
     }
 
     /// Makes the volume's next WAL sync fail with EIO, as a failing disk
-    /// would. For tests of the storage-failure path.
-    #[doc(hidden)]
+    /// would. For tests of the storage-failure path (feature `testing`).
+    #[cfg(feature = "testing")]
     pub async fn inject_storage_failure(&self) -> Result<(), VolumeError> {
         match &self.inner {
             Inner::Replica { receiver, .. } => receiver
-                .send(receiver::InjectStorageFailure)
+                .send(crate::replica::receiver::InjectStorageFailure)
                 .await
                 .map_err(stopped),
             Inner::Primary(addr) => addr

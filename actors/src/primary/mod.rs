@@ -12,6 +12,8 @@ mod sender;
 mod ship;
 mod volume;
 
-pub use sender::{Heartbeat as SenderHeartbeat, SenderActor};
+#[cfg(feature = "testing")]
+pub use sender::Heartbeat as SenderHeartbeat;
+pub use sender::SenderActor;
 pub use volume::api::*;
 pub use volume::VolumeActor;

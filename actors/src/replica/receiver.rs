@@ -81,7 +81,7 @@ impl Metered for ReceiverActor {
     }
 }
 
-metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, InjectStorageFailure, StopReceiver);
+metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, #[cfg(feature = "testing")] InjectStorageFailure, StopReceiver);
 
 /// What a connection task must send back, and whether to close after.
 #[derive(Debug, Default, MessageResponse)]
@@ -524,10 +524,12 @@ impl Handler<ReplicaChecksum> for ReceiverActor {
 
 /// Makes the replica's next WAL sync fail with EIO, as a failing disk would
 /// (the WAL is then poisoned). For tests of the storage-failure path.
+#[cfg(feature = "testing")]
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct InjectStorageFailure;
 
+#[cfg(feature = "testing")]
 impl Handler<InjectStorageFailure> for ReceiverActor {
     type Result = ();
 

@@ -4,8 +4,7 @@
 use super::durability::Durability;
 use super::{VolumeActor, HOLD_PIN_PREFIX};
 use crate::error::VolumeError;
-use crate::metrics::{MailboxSnapshot, MeteredAddr};
-use crate::primary::sender::SenderActor;
+use crate::metrics::MailboxSnapshot;
 use actix::prelude::*;
 use bytes::Bytes;
 use serde::Serialize;
@@ -271,12 +270,14 @@ impl Handler<ContentChecksum> for VolumeActor {
 }
 
 /// The sender of one replica (benchmarks drive its mailbox directly).
+#[cfg(feature = "testing")]
 #[derive(Debug, Message)]
-#[rtype(result = "Option<MeteredAddr<SenderActor>>")]
+#[rtype(result = "Option<crate::MeteredAddr<crate::SenderActor>>")]
 pub struct GetSender(pub ReplicaId);
 
+#[cfg(feature = "testing")]
 impl Handler<GetSender> for VolumeActor {
-    type Result = Option<MeteredAddr<SenderActor>>;
+    type Result = Option<crate::MeteredAddr<crate::SenderActor>>;
 
     fn handle(&mut self, msg: GetSender, _: &mut Context<Self>) -> Self::Result {
         self.senders.get(&msg.0).cloned()
@@ -298,10 +299,12 @@ impl Handler<Stop> for VolumeActor {
 
 /// Makes the WAL's next sync fail with EIO, as a failing disk would. For
 /// tests of the poisoning path.
+#[cfg(feature = "testing")]
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct InjectStorageFailure;
 
+#[cfg(feature = "testing")]
 impl Handler<InjectStorageFailure> for VolumeActor {
     type Result = ();
 

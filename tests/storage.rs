@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
-use walship_actors::{Tuning, VolumeError};
-use walship_engine::{BarrierFailure, CommitMode, FailureCause, ReplicaState};
+use walship::actors::{Tuning, VolumeError};
+use walship::engine::{BarrierFailure, CommitMode, FailureCause, ReplicaState};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -33,7 +33,7 @@ async fn wait_storage_failures(
     start: Instant,
 ) -> Duration {
     let failed = within(LONG, || async {
-        let status = cluster.sender_status(server).await;
+        let status = cluster.sender_status(server).await.unwrap();
         let failure = status.failure?;
         (failure.cause == FailureCause::ReplicaStorage && failure.attempts >= attempts)
             .then(|| start.elapsed())
@@ -41,7 +41,7 @@ async fn wait_storage_failures(
     match failed.await {
         Some(took) => took,
         None => {
-            let status = cluster.sender_status(server).await;
+            let status = cluster.sender_status(server).await.unwrap();
             panic!("{server} never failed {attempts} times: {status:?}")
         }
     }
@@ -67,11 +67,16 @@ async fn assert_barrier_names_the_cause(cluster: &Cluster, server: &str, cause: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_disk_fails_says_so_and_is_retried_with_backoff() {
-    let mut cluster =
-        Cluster::start_with(CommitMode::SyncAll, &["r1", "r2"], tuning_for_failures()).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
-    cluster.write_blocks(0, 10).await;
+    let mut cluster = start_with(CommitMode::SyncAll, &["r1", "r2"], tuning_for_failures()).await;
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    cluster.write_blocks(0, 10).await.unwrap();
     cluster.primary.barrier().await.unwrap();
     // r2's next fsync fails with EIO: its WAL is poisoned.
     let start = Instant::now();
@@ -80,12 +85,13 @@ async fn a_replica_whose_disk_fails_says_so_and_is_retried_with_backoff() {
         .inject_storage_failure()
         .await
         .unwrap();
-    let sessions = cluster.sessions_created("r2").await;
-    cluster.write_blocks(10, 1).await;
+    let sessions = cluster.sessions_created("r2").await.unwrap();
+    cluster.write_blocks(10, 1).await.unwrap();
     assert_barrier_names_the_cause(&cluster, "r2", "Input/output error").await;
     cluster
         .wait_event("r2", "replica_storage_failed", LONG)
-        .await;
+        .await
+        .unwrap();
     // Every hello fails the same way (the WAL stays poisoned): retried after
     // 200, 400 and 800 ms, not at every 20 ms heartbeat.
     let took = wait_storage_failures(&cluster, "r2", 4, start).await;
@@ -93,15 +99,15 @@ async fn a_replica_whose_disk_fails_says_so_and_is_retried_with_backoff() {
         took >= Duration::from_millis(1400),
         "4 failures in {took:?}"
     );
-    let retries = cluster.sessions_created("r2").await - sessions;
+    let retries = cluster.sessions_created("r2").await.unwrap() - sessions;
     assert!(
         (3..=5).contains(&retries),
         "{retries} sessions for 4 failures"
     );
-    let status = cluster.sender_status("r2").await;
+    let status = cluster.sender_status("r2").await.unwrap();
     let failure = status.failure.unwrap();
     assert!(failure.reason.contains("os error 5"), "{}", failure.reason);
-    let events = cluster.events().await;
+    let events = cluster.events().await.unwrap();
     assert_logged(&events, |e| {
         e.starts_with("vol1/r2 replica_storage_failed")
             && e.contains("storage failure: sync")
@@ -110,12 +116,15 @@ async fn a_replica_whose_disk_fails_says_so_and_is_retried_with_backoff() {
     // A new disk (here: a restart, which reopens the store): back in sync,
     // the failure forgotten, the writes committed.
     cluster.stop_replica("r2").await;
-    cluster.restart_replica("r2", false).await;
+    cluster.restart_replica("r2", false).await.unwrap();
     cluster.primary.heartbeat().await.unwrap();
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     assert!(cluster.primary.barrier().await.unwrap() >= 11);
-    cluster.wait_converged(LONG).await;
-    assert_eq!(cluster.sender_status("r2").await.failure, None);
+    cluster.wait_converged(LONG).await.unwrap();
+    assert_eq!(cluster.sender_status("r2").await.unwrap().failure, None);
 }
 
 /// A small tmpfs mounted for one test, unmounted when dropped.
@@ -158,20 +167,20 @@ async fn a_replica_out_of_space_on_a_real_tmpfs_says_so_and_nobody_storms_it() {
         );
         return;
     };
-    let dirs = [("r2", disk.path().join("r2"))];
-    let mut cluster = Cluster::start_in(
-        CommitMode::SyncAll,
-        &["r1", "r2"],
-        tuning_for_failures(),
-        REPLICA_CHECKPOINT_EVERY,
-        &dirs,
-    )
-    .await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    let mut cluster = Cluster::start(ClusterOptions {
+        replica_dirs: vec![("r2".into(), disk.path().join("r2"))],
+        ..options(CommitMode::SyncAll, &["r1", "r2"], tuning_for_failures())
+    })
+    .await
+    .unwrap();
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut lba = 0;
     let error = loop {
-        cluster.write_blocks(lba, 16).await;
+        cluster.write_blocks(lba, 16).await.unwrap();
         lba += 16;
         if let Err(error) = cluster.primary.barrier().await {
             break error;
@@ -186,11 +195,11 @@ async fn a_replica_out_of_space_on_a_real_tmpfs_says_so_and_nobody_storms_it() {
     );
     let took = wait_storage_failures(&cluster, "r2", 3, failed_at).await;
     assert!(took >= Duration::from_millis(500), "3 failures in {took:?}");
-    let events = cluster.events().await;
+    let events = cluster.events().await.unwrap();
     assert_logged(&events, |e| {
         e.starts_with("vol1/r2 replica_storage_failed") && e.contains("No space left on device")
     });
-    let sessions = cluster.sessions_created("r2").await;
+    let sessions = cluster.sessions_created("r2").await.unwrap();
     assert!(sessions <= 8, "{sessions} sessions: a storm\n{events:#?}");
     assert_barrier_names_the_cause(&cluster, "r2", "No space left on device").await;
     cluster.stop_replica("r2").await;
@@ -202,8 +211,8 @@ async fn a_replica_out_of_space_on_a_real_tmpfs_says_so_and_nobody_storms_it() {
 /// reports the unsynced write durable nor commits it.
 #[tokio::test]
 async fn a_primary_whose_sync_fails_refuses_writes_and_commits_nothing_more() {
-    let cluster = Cluster::start_with(CommitMode::BestEffort, &[], tuning_for_failures()).await;
-    let good = cluster.write_blocks(0, 4).await;
+    let cluster = start_with(CommitMode::BestEffort, &[], tuning_for_failures()).await;
+    let good = cluster.write_blocks(0, 4).await.unwrap();
     assert_eq!(cluster.primary.barrier().await.unwrap(), good);
     cluster.primary.inject_storage_failure().await.unwrap();
     let lost = cluster.primary.write(10, block(10)).await.unwrap();
@@ -222,7 +231,7 @@ async fn a_primary_whose_sync_fails_refuses_writes_and_commits_nothing_more() {
         cluster.primary.barrier_at(lost).await,
         Err(VolumeError::Barrier(_))
     ));
-    let status = cluster.status().await;
+    let status = cluster.status().await.unwrap();
     assert_eq!(
         status.durable, good,
         "nothing past the last good sync is durable"
@@ -238,11 +247,11 @@ async fn a_primary_whose_sync_fails_refuses_writes_and_commits_nothing_more() {
 /// returned before its sync did: the checkpoint waits for the WAL.
 #[tokio::test]
 async fn a_checkpoint_covers_every_write_before_it() {
-    let cluster = Cluster::start_with(CommitMode::BestEffort, &[], tuning()).await;
+    let cluster = start_with(CommitMode::BestEffort, &[], tuning()).await;
     for round in 0..8 {
-        let last = cluster.write_blocks(round * 4, 4).await;
+        let last = cluster.write_blocks(round * 4, 4).await.unwrap();
         cluster.primary.checkpoint().await.unwrap();
-        let status = cluster.status().await;
+        let status = cluster.status().await.unwrap();
         assert_eq!(status.checkpoint, last, "round {round}");
         assert!(status.durable >= last);
     }

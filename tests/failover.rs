@@ -9,7 +9,7 @@ mod support;
 use bytes::Bytes;
 use std::time::Duration;
 use support::*;
-use walship_engine::{CommitMode, ReplicaState};
+use walship::engine::{CommitMode, ReplicaState};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -37,17 +37,16 @@ async fn failover_past_a_divergent_replica(
 ) -> Cluster {
     // The checkpointer runs every 64 LSNs: only retention holds keep the
     // new primary's WAL for the replicas it has not seen yet.
-    let mut cluster = Cluster::start_checkpointing(
-        mode,
-        &["s1", "s2", "s3"],
-        tuning(),
+    let mut cluster = Cluster::start(ClusterOptions {
         replica_checkpoint_every,
-    )
-    .await;
-    cluster.wait_all_in_sync(LONG).await;
-    assert_eq!(cluster.write_blocks(0, 200).await, 200);
+        ..options(mode, &["s1", "s2", "s3"], tuning())
+    })
+    .await
+    .unwrap();
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    assert_eq!(cluster.write_blocks(0, 200).await.unwrap(), 200);
     assert_eq!(cluster.primary.barrier().await.unwrap(), 200);
-    cluster.wait_converged(LONG).await;
+    cluster.wait_converged(LONG).await.unwrap();
     cluster.stop_replica("s1").await;
     cluster.stop_replica("s3").await;
     let mut last = 0;
@@ -59,12 +58,15 @@ async fn failover_past_a_divergent_replica(
             .unwrap();
     }
     assert_eq!(last, 300);
-    cluster.wait_durable("s2", 300, LONG).await;
+    cluster.wait_durable("s2", 300, LONG).await.unwrap();
     cluster.primary.stop().await;
     cluster.stop_replica("s2").await;
-    cluster.promote("s1", mode).await;
-    cluster.restart_replica("s3", false).await;
-    cluster.wait_state("s3", ReplicaState::InSync, LONG).await;
+    cluster.promote("s1", mode).await.unwrap();
+    cluster.restart_replica("s3", false).await.unwrap();
+    cluster
+        .wait_state("s3", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     for i in 0..300 {
         let lsn = cluster
             .primary
@@ -77,10 +79,13 @@ async fn failover_past_a_divergent_replica(
         // Acknowledged while s2 is away.
         assert_eq!(cluster.primary.barrier().await.unwrap(), 500);
     }
-    cluster.restart_replica("s2", false).await;
-    cluster.wait_state("s2", ReplicaState::InSync, LONG).await;
+    cluster.restart_replica("s2", false).await.unwrap();
+    cluster
+        .wait_state("s2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     assert_eq!(cluster.primary.barrier().await.unwrap(), 500);
-    cluster.wait_converged(LONG).await;
+    cluster.wait_converged(LONG).await.unwrap();
     cluster
 }
 
@@ -114,7 +119,7 @@ async fn divergent_tail_is_truncated_then_caught_up(mode: CommitMode, need: &str
     // Replicas that never checkpoint past 200 can always truncate to it.
     let cluster = failover_past_a_divergent_replica(mode, 1 << 20).await;
     assert_s2_matches_the_new_primary(&cluster).await;
-    let events = cluster.events().await;
+    let events = cluster.events().await.unwrap();
     let proof =
         format!(
         "vol1/s2 handshake flushed=300 committed={}: divergent_tail: replica epoch 1 ends at 300, \
@@ -123,7 +128,7 @@ async fn divergent_tail_is_truncated_then_caught_up(mode: CommitMode, need: &str
     );
     assert_logged(&events, |e| e.starts_with(&proof));
     assert_logged(&events, |e| e == "vol1/s2 truncation_recorded to 200");
-    assert!(!cluster.has_event("s2", "plan_rebuild").await);
+    assert!(!cluster.has_event("s2", "plan_rebuild").await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,11 +154,11 @@ async fn a_divergent_tail_already_checkpointed_is_rebuilt() {
     // so s2 checkpoints into its divergent tail and cannot truncate it.
     let cluster = failover_past_a_divergent_replica(CommitMode::BestEffort, 16).await;
     assert_s2_matches_the_new_primary(&cluster).await;
-    let events = cluster.events().await;
+    let events = cluster.events().await.unwrap();
     assert_logged(&events, |e| {
         e.starts_with("vol1/s2 handshake flushed=300 committed=500: divergent_tail: replica epoch 1 ends at 300, primary epoch 2 starts at 201: truncate to 200, below the replica's checkpoint")
     });
-    assert!(cluster.has_event("s2", "rebuild_completed").await);
+    assert!(cluster.has_event("s2", "rebuild_completed").await.unwrap());
 }
 
 /// A primary that crashed after shipping entries it had not made durable
@@ -165,9 +170,9 @@ async fn a_divergent_tail_already_checkpointed_is_rebuilt() {
 async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
     let mut keep_wal = tuning();
     keep_wal.checkpoint_every_lsns = 1 << 20;
-    let mut cluster = Cluster::start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
-    cluster.wait_all_in_sync(LONG).await;
-    cluster.write_blocks(0, 30).await;
+    let mut cluster = start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    cluster.write_blocks(0, 30).await.unwrap();
     assert_eq!(cluster.primary.barrier().await.unwrap(), 30);
     // 31-35 reach both replicas...
     for i in 0..5 {
@@ -177,22 +182,25 @@ async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
             .await
             .unwrap();
     }
-    cluster.wait_durable("r1", 35, LONG).await;
-    cluster.wait_durable("r2", 35, LONG).await;
+    cluster.wait_durable("r1", 35, LONG).await.unwrap();
+    cluster.wait_durable("r2", 35, LONG).await.unwrap();
     cluster.stop_replica("r1").await;
     // ...and the primary loses them (as a crash before its own fsync would).
     cluster.primary.stop().await;
     {
         // The stop returned with the store's lock released.
-        let (store, _) = walship_io::Store::open(&cluster.primary_dir, store_options()).unwrap();
+        let (store, _) = walship::io::Store::open(&cluster.primary_dir, store_options()).unwrap();
         store.truncate_after(30).unwrap();
     }
     assert!(matches!(
         cluster.reopen_primary(1).await,
-        Err(walship_actors::VolumeError::EpochNotNewer { .. })
+        Err(walship::actors::VolumeError::EpochNotNewer { .. })
     ));
     cluster.reopen_primary(2).await.unwrap();
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     // Other data at the same LSNs, acknowledged by the primary and r2.
     for i in 0..10 {
         let lsn = cluster
@@ -203,16 +211,19 @@ async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
         assert_eq!(lsn, 31 + i);
     }
     assert_eq!(cluster.primary.barrier().await.unwrap(), 40);
-    cluster.restart_replica("r1", false).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_converged(LONG).await;
+    cluster.restart_replica("r1", false).await.unwrap();
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    cluster.wait_converged(LONG).await.unwrap();
     for i in 0..10 {
         assert_eq!(
             cluster.replica("r1").read(100 + i, 1).await.unwrap(),
             block(8000 + i)
         );
     }
-    let events = cluster.events().await;
+    let events = cluster.events().await.unwrap();
     assert_logged(&events, |e| {
         e.starts_with("vol1/r2 handshake flushed=35 committed=30: replica_ahead")
     });

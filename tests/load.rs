@@ -13,8 +13,8 @@ use std::time::Duration;
 use support::*;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use walship_actors::{Tuning, VolumeHandle};
-use walship_engine::{CommitMode, ReplicaState};
+use walship::actors::{Tuning, VolumeHandle};
+use walship::engine::{CommitMode, ReplicaState};
 
 const LONG: Duration = Duration::from_secs(30);
 /// Blocks written before the load, from LBA 0; the load writes after them.
@@ -96,25 +96,28 @@ async fn recover_under_load(
     take_down: impl AsyncFnOnce(&mut Cluster),
     expected: &str,
 ) {
-    let mut cluster = Cluster::start_with(mode, &["r1", "r2"], tuning).await;
-    cluster.wait_all_in_sync(LONG).await;
-    cluster.write_blocks(0, 20).await;
+    let mut cluster = start_with(mode, &["r1", "r2"], tuning).await;
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    cluster.write_blocks(0, 20).await.unwrap();
     cluster.primary.barrier().await.unwrap();
     take_down(&mut cluster).await;
     let load = Load::start(&cluster.primary, BEFORE);
-    cluster.restart_replica("r2", false).await;
-    cluster.wait_state("r2", ReplicaState::InSync, LONG).await;
+    cluster.restart_replica("r2", false).await.unwrap();
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     // Some writes land after it is back in sync too.
-    cluster.wait_durable_past("r2", 50, LONG).await;
+    cluster.wait_durable_past("r2", 50, LONG).await.unwrap();
     let (writes, acked_under_load) = load.stop().await;
     let last = writes.last().unwrap().0;
     assert!(cluster.primary.barrier().await.unwrap() >= last);
-    cluster.wait_converged(LONG).await;
-    let events = cluster.events().await;
+    cluster.wait_converged(LONG).await.unwrap();
+    let events = cluster.events().await.unwrap();
     assert_logged(&events, |e| e.starts_with(&format!("vol1/r2 {expected}")));
     if !expected.starts_with("plan_rebuild") {
         assert!(
-            !cluster.has_event("r2", "plan_rebuild").await,
+            !cluster.has_event("r2", "plan_rebuild").await.unwrap(),
             "{events:#?}"
         );
     }
@@ -142,12 +145,12 @@ async fn recover_under_load(
 /// (the checkpoint is the snapshot a rebuild can use), the WAL recycled
 /// past where the new disk starts.
 async fn r2_loses_its_disk(cluster: &mut Cluster) {
-    let last = cluster.write_blocks(20, BEFORE - 20).await;
+    let last = cluster.write_blocks(20, BEFORE - 20).await.unwrap();
     cluster.primary.barrier().await.unwrap();
     // Under sync_quorum the barrier may return before the primary's own
     // sync does; the checkpoint still covers every write before it.
     cluster.primary.checkpoint().await.unwrap();
-    assert_eq!(cluster.status().await.checkpoint, last);
+    assert_eq!(cluster.status().await.unwrap().checkpoint, last);
     cluster.stop_replica("r2").await;
     std::fs::remove_dir_all(&cluster.node("r2").dir).unwrap();
 }
@@ -155,7 +158,7 @@ async fn r2_loses_its_disk(cluster: &mut Cluster) {
 async fn catch_up_under_load(mode: CommitMode, expected: &str) {
     let away = async |cluster: &mut Cluster| {
         cluster.stop_replica("r2").await;
-        cluster.write_blocks(20, BEFORE - 20).await;
+        cluster.write_blocks(20, BEFORE - 20).await.unwrap();
     };
     recover_under_load(mode, tuning(), away, expected).await;
 }

@@ -11,9 +11,8 @@ use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Encoder, Framed};
-use walship_actors::*;
-use walship_engine::{CommitMode, ReplicaState};
-use walship_io::{Envelope, Message, WireCodec, CODE_IDENTITY, CODE_SUPERSEDED, CODE_WIRE};
+use walship::engine::{CommitMode, ReplicaState};
+use walship::io::{Envelope, Message, WireCodec, CODE_IDENTITY, CODE_SUPERSEDED, CODE_WIRE};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -45,15 +44,18 @@ fn hello(epoch: u64, replica: &str) -> Envelope {
 
 /// After each attack the real primary still replicates to the replica.
 async fn still_replicating(cluster: &Cluster, from: u64) {
-    cluster.write_blocks(from, 5).await;
+    cluster.write_blocks(from, 5).await.unwrap();
     cluster.primary.barrier().await.unwrap();
-    cluster.wait_converged(LONG).await;
+    cluster.wait_converged(LONG).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keeps_serving() {
-    let cluster = Cluster::start(CommitMode::SyncAll, &["r1"]).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    let cluster = start(CommitMode::SyncAll, &["r1"]).await;
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     let addr = cluster.replicas[0].addr.clone();
 
     // Garbage: a length that parses, then a version byte that does not.
@@ -84,7 +86,7 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
 
     // Disconnect in the middle of a WAL batch that would change a block.
     let replica = cluster.replica("r1");
-    let before = cluster.replica_json("r1").await;
+    let before = replica_json(&cluster, "r1").await;
     let rejected = before["mailbox"]["rejected"].as_u64().unwrap();
     assert!(rejected >= 2, "{before}");
     let durable = before["durable"].as_u64().unwrap();
@@ -109,7 +111,7 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
     drop(cut);
     // The replica counts the broken connection once it has seen its end...
     let refused = within(LONG, || async {
-        let now = cluster.replica_json("r1").await;
+        let now = replica_json(&cluster, "r1").await;
         (now["mailbox"]["rejected"].as_u64().unwrap() > rejected).then_some(now)
     });
     let after = refused.await.expect("the cut connection was never refused");
@@ -122,8 +124,11 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epoch_wrong_identity_and_hijacking_are_refused() {
-    let cluster = Cluster::start(CommitMode::SyncAll, &["r1"]).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
+    let cluster = start(CommitMode::SyncAll, &["r1"]).await;
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
     let addr = cluster.replicas[0].addr.clone();
 
     let mut stale = raw(&addr).await;
@@ -174,7 +179,7 @@ async fn stale_epoch_wrong_identity_and_hijacking_are_refused() {
     );
 
     still_replicating(&cluster, 0).await;
-    let status = cluster.replica_json("r1").await;
+    let status = replica_json(&cluster, "r1").await;
     assert_eq!(status["mailbox"]["fenced"], 1);
 }
 
@@ -210,41 +215,32 @@ async fn impostor() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_claiming_another_replicas_identity_is_rejected_and_others_keep_working() {
-    let rt = Runtime::start().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let r1_dir = tmp.path().join("r1");
-    let r1 = rt
-        .spawn_volume(replica_config("r1", &r1_dir, "127.0.0.1:0"))
+    let cluster = Cluster::start(ClusterOptions {
+        outsiders: vec![("r2".into(), impostor().await)],
+        ..options(CommitMode::BestEffort, &["r1"], tuning())
+    })
+    .await
+    .unwrap();
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
         .await
         .unwrap();
-    let replicas = vec![
-        Node {
-            server: "r1".into(),
-            dir: r1_dir,
-            addr: r1.listen_addr().unwrap().to_string(),
-            handle: Some(r1),
-            version: 1,
-        },
-        Node {
-            server: "r2".into(),
-            dir: tmp.path().join("unused"),
-            addr: impostor().await,
-            handle: None,
-            version: 1,
-        },
-    ];
-    let cluster = Cluster::with_primary(rt, tmp, replicas, CommitMode::BestEffort, tuning()).await;
-    cluster.wait_state("r1", ReplicaState::InSync, LONG).await;
-    cluster.wait_event("r2", "identity_mismatch", LONG).await;
-    assert_ne!(cluster.state("r2").await, Some(ReplicaState::InSync));
-    cluster.write_blocks(0, 10).await;
+    cluster
+        .wait_event("r2", "identity_mismatch", LONG)
+        .await
+        .unwrap();
+    assert_ne!(
+        cluster.state("r2").await.unwrap(),
+        Some(ReplicaState::InSync)
+    );
+    cluster.write_blocks(0, 10).await.unwrap();
     cluster.primary.barrier().await.unwrap();
     let primary = cluster.primary.content_checksum().await.unwrap();
     let caught_up = within(LONG, || async {
         (cluster.replica("r1").content_checksum().await.unwrap() == primary).then_some(())
     });
     assert!(caught_up.await.is_some(), "r1 stopped receiving");
-    let status = cluster.status().await;
+    let status = cluster.status().await.unwrap();
     assert!(
         status.mailboxes[0].rejected > 0,
         "the refused handshakes are counted"
