@@ -1,80 +1,35 @@
 //! Quick figures for the runtime on this machine (real files, real fsync,
 //! loopback TCP): 4 KiB sync_all write+barrier latency with two replicas, and
 //! catch-up throughput for a replica 256 MiB behind. The formal benchmarks
-//! with same-run baselines live with the benchmark suite.
+//! with same-run baselines are `cargo bench --bench system`.
 //!
 //! Run: `cargo run --release --example figures`
 
-use std::path::Path;
 use std::time::{Duration, Instant};
-use walship::actors::{
-    PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig, VolumeHandle,
-};
+use walship::actors::testing::{ClusterOptions, LoopbackCluster};
+use walship::actors::Tuning;
 use walship::engine::{CommitMode, ReplicaState};
 use walship::io::{StoreOptions, BLOCK_SIZE};
 
 const BLOCKS: u64 = 65536; // 256 MiB volume
+const PATIENCE: Duration = Duration::from_secs(600);
 
-fn replica_config(server: &str, dir: &Path, listen: &str) -> VolumeConfig {
-    VolumeConfig::Replica(ReplicaConfig {
+/// A cluster that never checkpoints on its own, every replica in sync.
+async fn cluster(mode: CommitMode, servers: &[&str]) -> anyhow::Result<LoopbackCluster> {
+    let cluster = LoopbackCluster::start(ClusterOptions {
         cluster: "figures".into(),
-        volume: "vol".into(),
-        server: server.into(),
-        dir: dir.join(server),
+        mode,
+        tuning: Tuning {
+            checkpoint_every_lsns: 1 << 30,
+            ..Tuning::default()
+        },
         store: StoreOptions::new(BLOCKS),
-        listen: listen.into(),
-        checkpoint_every_lsns: 1 << 30,
+        replica_checkpoint_every: 1 << 30,
+        ..ClusterOptions::new("vol", BLOCKS).with_replicas(servers)
     })
-}
-
-async fn wait_in_sync(primary: &VolumeHandle, server: &str) -> anyhow::Result<()> {
-    Ok(primary
-        .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(600))
-        .await?)
-}
-
-async fn cluster(
-    rt: &Runtime,
-    dir: &Path,
-    mode: CommitMode,
-    servers: &[&str],
-) -> anyhow::Result<(VolumeHandle, Vec<VolumeHandle>)> {
-    let mut replicas = Vec::new();
-    let mut specs = Vec::new();
-    for server in servers {
-        let handle = rt
-            .spawn_volume(replica_config(server, dir, "127.0.0.1:0"))
-            .await?;
-        specs.push(ReplicaSpec {
-            server: server.to_string(),
-            addr: handle
-                .listen_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            version: 1,
-        });
-        replicas.push(handle);
-    }
-    let tuning = Tuning {
-        checkpoint_every_lsns: 1 << 30,
-        ..Tuning::default()
-    };
-    let primary = rt
-        .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-            cluster: "figures".into(),
-            volume: "vol".into(),
-            dir: dir.join("primary"),
-            store: StoreOptions::new(BLOCKS),
-            epoch: 1,
-            commit_mode: mode,
-            replicas: specs,
-            tuning,
-        }))
-        .await?;
-    for server in servers {
-        wait_in_sync(&primary, server).await?;
-    }
-    Ok((primary, replicas))
+    .await?;
+    cluster.wait_all_in_sync(PATIENCE).await?;
+    Ok(cluster)
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -83,16 +38,14 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rt = Runtime::start()?;
     let block = bytes::Bytes::from(vec![0x5Au8; BLOCK_SIZE]);
 
-    let dir = tempfile::tempdir()?;
-    let (primary, _replicas) = cluster(&rt, dir.path(), CommitMode::SyncAll, &["r1", "r2"]).await?;
+    let sync_all = cluster(CommitMode::SyncAll, &["r1", "r2"]).await?;
     let mut latencies = Vec::new();
     for i in 0..3000u64 {
         let start = Instant::now();
-        primary.write(i % BLOCKS, block.clone()).await?;
-        primary.barrier().await?;
+        sync_all.primary.write(i % BLOCKS, block.clone()).await?;
+        sync_all.primary.barrier().await?;
         latencies.push(start.elapsed());
     }
     latencies.sort();
@@ -102,42 +55,34 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99)
     );
-    primary.stop().await;
+    sync_all.shutdown().await;
 
-    let dir = tempfile::tempdir()?;
-    let (primary, mut replicas) = cluster(&rt, dir.path(), CommitMode::BestEffort, &["r1"]).await?;
-    let addr = replicas[0]
-        .listen_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    replicas[0].stop().await;
+    let mut behind = cluster(CommitMode::BestEffort, &["r1"]).await?;
+    behind.stop_replica("r1").await;
     for i in 0..BLOCKS {
-        primary.write(i, block.clone()).await?;
+        behind.primary.write(i, block.clone()).await?;
     }
-    primary.barrier().await?;
+    behind.primary.barrier().await?;
     let start = Instant::now();
-    replicas[0] = rt
-        .spawn_volume(replica_config("r1", dir.path(), &addr))
+    behind.restart_replica("r1", false).await?;
+    behind.primary.heartbeat().await?;
+    behind
+        .wait_state("r1", ReplicaState::InSync, PATIENCE)
         .await?;
-    primary.heartbeat().await?;
-    wait_in_sync(&primary, "r1").await?;
     let elapsed = start.elapsed();
     let mib = (BLOCKS * BLOCK_SIZE as u64) as f64 / (1 << 20) as f64;
     println!(
         "catch-up of {mib:.0} MiB over loopback: {elapsed:?} = {:.0} MiB/s",
         mib / elapsed.as_secs_f64()
     );
-    let log = primary.recovery_log().await?;
+    let log = behind.primary.recovery_log().await?;
     let plan = log
         .iter()
         .find(|e| e.event.starts_with("plan_"))
         .map(|e| format!("{} {}", e.event, e.detail));
     println!("plan: {}", plan.unwrap_or_default());
-    anyhow::ensure!(
-        primary.content_checksum().await? == replicas[0].content_checksum().await?,
-        "content differs"
-    );
-    primary.stop().await;
-    rt.shutdown();
+    let converged = behind.wait_converged(PATIENCE).await?;
+    println!("converged at lsn {}", converged.lsn);
+    behind.shutdown().await;
     Ok(())
 }

@@ -13,21 +13,15 @@
 //! checksum and that no recovery pin is left, prints one row per replica, and
 //! ends with `verified: all replicas identical at lsn N`.
 
-use anyhow::{bail, ensure, Context as _};
-use bytes::Bytes;
-use futures::future::try_join_all;
+use anyhow::{ensure, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use walship_actors::{
-    NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig,
-    VolumeHandle, VolumeStatus,
-};
-use walship_engine::{
-    Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
-};
+use walship_actors::testing::{ClusterOptions, Converged, LoopbackCluster};
+use walship_actors::Tuning;
+use walship_engine::{CommitMode, ReplicaState};
 use walship_io::{StoreOptions, BLOCK_SIZE};
 
 /// Demo options.
@@ -97,64 +91,20 @@ struct Recovery {
 }
 
 struct Demo {
-    rt: Runtime,
-    dir: PathBuf,
-    plan: Plan,
-    primary: VolumeHandle,
-    replicas: BTreeMap<String, (VolumeHandle, String, u64)>,
-    epoch: u64,
+    cluster: LoopbackCluster,
     next_block: u64,
     recoveries: BTreeMap<String, Vec<Recovery>>,
 }
 
-const VOLUME: &str = "demo";
-
-fn block(index: u64) -> Bytes {
-    let mut data = vec![(index % 251) as u8; BLOCK_SIZE];
-    data[..8].copy_from_slice(&index.to_le_bytes());
-    Bytes::from(data)
-}
-
-fn store_options(plan: &Plan) -> StoreOptions {
-    StoreOptions {
-        segment_bytes: plan.segment_bytes,
-        ..StoreOptions::new(plan.volume_blocks)
-    }
-}
-
-fn replica_config(plan: &Plan, dir: &Path, server: &str, listen: &str) -> VolumeConfig {
-    VolumeConfig::Replica(ReplicaConfig {
-        cluster: "demo".into(),
-        volume: VOLUME.into(),
-        server: server.into(),
-        dir: dir.join(server),
-        store: store_options(plan),
-        listen: listen.into(),
-        checkpoint_every_lsns: 16 * 1024,
-    })
-}
+/// Long enough for the full-size story on a slow disk.
+const PATIENCE: Duration = Duration::from_secs(1800);
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
 impl Demo {
-    async fn start(plan: Plan, dir: PathBuf) -> anyhow::Result<Self> {
-        let rt = Runtime::start()?;
-        let mut replicas = BTreeMap::new();
-        let mut specs = Vec::new();
-        for server in ["r1", "r2"] {
-            let handle = rt
-                .spawn_volume(replica_config(&plan, &dir, server, "127.0.0.1:0"))
-                .await?;
-            let addr = handle.listen_addr().context("replica address")?.to_string();
-            specs.push(ReplicaSpec {
-                server: server.into(),
-                addr: addr.clone(),
-                version: 1,
-            });
-            replicas.insert(server.to_owned(), (handle, addr, 1));
-        }
+    async fn start(plan: Plan, dir: Option<PathBuf>) -> anyhow::Result<Self> {
         // The demo checkpoints explicitly, so the story decides when the WAL
         // recycles. An away replica may hold twice the catch-up gap: the
         // first outage stays within it, the second goes past it.
@@ -163,51 +113,35 @@ impl Demo {
             retention_max_bytes: Some(2 * plan.catch_up_gap * BLOCK_SIZE as u64),
             ..Tuning::default()
         };
-        let primary = rt
-            .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-                cluster: "demo".into(),
-                volume: VOLUME.into(),
-                dir: dir.join("primary"),
-                store: store_options(&plan),
-                epoch: 1,
-                commit_mode: CommitMode::BestEffort,
-                replicas: specs,
-                tuning,
-            }))
-            .await?;
-        Ok(Self {
-            rt,
+        let cluster = LoopbackCluster::start(ClusterOptions {
+            cluster: "demo".into(),
+            mode: CommitMode::BestEffort,
+            tuning,
+            store: StoreOptions {
+                segment_bytes: plan.segment_bytes,
+                ..StoreOptions::new(plan.volume_blocks)
+            },
             dir,
-            plan,
-            primary,
-            replicas,
-            epoch: 1,
+            ..ClusterOptions::new("demo", plan.volume_blocks).with_replicas(&["r1", "r2"])
+        })
+        .await?;
+        Ok(Self {
+            cluster,
             next_block: 0,
             recoveries: BTreeMap::new(),
         })
     }
 
-    async fn status(&self) -> anyhow::Result<VolumeStatus> {
-        match self.primary.status().await? {
-            NodeStatus::Primary(status) => Ok(*status),
-            NodeStatus::Replica(_) => bail!("primary reported as a replica"),
-        }
-    }
-
-    async fn wait_in_sync(&self, server: &str, spinner: &ProgressBar) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(1800);
-        loop {
-            let state = self.primary.replica_state(server).await?;
-            if state == Some(ReplicaState::InSync) {
-                return Ok(());
-            }
-            spinner.set_message(format!("{server}: {state:?}"));
-            ensure!(
-                Instant::now() < deadline,
-                "{server} did not get back in sync"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    /// Waits for `server` to be in sync, a spinner saying so meanwhile.
+    async fn wait_in_sync(&self, server: &str) -> anyhow::Result<()> {
+        let spinner = ProgressBar::new_spinner();
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        spinner.set_message(format!("waiting for {server} to be in sync"));
+        self.cluster
+            .wait_state(server, ReplicaState::InSync, PATIENCE)
+            .await?;
+        spinner.finish_and_clear();
+        Ok(())
     }
 
     /// Writes `count` blocks, 64 in flight, with a progress bar.
@@ -220,74 +154,44 @@ impl Demo {
             .progress_chars("=> "),
         );
         bar.set_message(label.to_owned());
-        let mut last = 0;
-        let end = self.next_block + count;
-        while self.next_block < end {
-            let batch = (end - self.next_block).min(64);
-            let writes = (self.next_block..self.next_block + batch)
-                .map(|i| self.primary.write(i % self.plan.volume_blocks, block(i)));
-            last = try_join_all(writes)
-                .await?
-                .into_iter()
-                .max()
-                .unwrap_or(last);
-            self.next_block += batch;
-            bar.inc(batch * BLOCK_SIZE as u64);
-        }
-        self.primary.barrier().await?;
+        let last = self
+            .cluster
+            .write_blocks_in_flight(self.next_block, count, 64, |n| {
+                bar.inc(n * BLOCK_SIZE as u64)
+            })
+            .await?;
+        self.next_block += count;
+        self.cluster.primary.barrier().await?;
         bar.finish();
         Ok(last)
     }
 
-    async fn cut_off(&mut self, server: &str) -> anyhow::Result<()> {
-        let (handle, _, _) = self.replicas.get(server).context("no such replica")?;
-        // Returns with its listener closed and its store released.
-        handle.stop().await;
-        Ok(())
-    }
-
-    /// Restarts a replica (on a new port if `new_address`) and measures its recovery.
+    /// Restarts a replica (on a new port if `new_address`, which comes with
+    /// an epoch bump) and measures its recovery.
     async fn bring_back(
         &mut self,
         server: &str,
         new_address: bool,
         what: &str,
     ) -> anyhow::Result<()> {
-        let (_, addr, version) = self
-            .replicas
-            .get(server)
-            .cloned()
-            .context("no such replica")?;
+        let primary = self.cluster.primary.clone();
         // Measured from before the restart: a heartbeat may start the recovery
         // as soon as the replica listens.
-        let before = self.primary.bytes_sent(server).await?;
+        let before = primary.bytes_sent(server).await?;
         let start = Instant::now();
-        let listen = if new_address {
-            "127.0.0.1:0".to_owned()
-        } else {
-            addr.clone()
-        };
-        let handle = self
-            .rt
-            .spawn_volume(replica_config(&self.plan, &self.dir, server, &listen))
+        self.cluster
+            .restart_replica(server, new_address)
             .await
             .context("replica did not restart")?;
-        let addr = handle.listen_addr().context("replica address")?.to_string();
-        let version = if new_address { version + 1 } else { version };
-        self.replicas
-            .insert(server.to_owned(), (handle, addr, version));
         if new_address {
-            self.epoch += 1;
-            self.primary.apply_assignment(self.assignment()?).await?;
+            self.cluster.epoch += 1;
+            self.cluster.reassign().await?;
         } else {
-            self.primary.heartbeat().await?;
+            primary.heartbeat().await?;
         }
-        let spinner = ProgressBar::new_spinner();
-        spinner.enable_steady_tick(Duration::from_millis(100));
-        self.wait_in_sync(server, &spinner).await?;
-        spinner.finish_and_clear();
+        self.wait_in_sync(server).await?;
         let took = start.elapsed();
-        let bytes = self.primary.bytes_sent(server).await? - before;
+        let bytes = primary.bytes_sent(server).await? - before;
         self.recoveries
             .entry(server.to_owned())
             .or_default()
@@ -297,49 +201,6 @@ impl Demo {
                 took,
             });
         Ok(())
-    }
-
-    fn assignment(&self) -> anyhow::Result<Assignment> {
-        let mut replicas = Vec::new();
-        for (server, (_, addr, version)) in &self.replicas {
-            replicas.push(ReplicaAssignment {
-                id: ReplicaId::new(VOLUME, server)?,
-                endpoint: Endpoint::new(addr.clone(), *version),
-            });
-        }
-        Ok(Assignment {
-            epoch: Epoch(self.epoch),
-            commit_mode: CommitMode::BestEffort,
-            replicas,
-        })
-    }
-
-    /// Waits until every replica holds the primary's head and no recovery pin is left.
-    async fn converge(&self) -> anyhow::Result<(u64, u32)> {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let status = self.status().await?;
-            let mut caught_up = status.recovery_pins == 0
-                && status.snapshot_pins == 0
-                && status.held_resources == 0;
-            for (handle, _, _) in self.replicas.values() {
-                if let NodeStatus::Replica(r) = handle.status().await? {
-                    caught_up &= r.durable == status.head;
-                }
-            }
-            if caught_up {
-                let checksum = self.primary.content_checksum().await?;
-                return Ok((status.head, checksum));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "replicas did not converge: recovery pins {}, snapshot pins {}, held {}",
-                status.recovery_pins,
-                status.snapshot_pins,
-                status.held_resources
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -359,28 +220,21 @@ fn plan_events(log: &[walship_engine::RecoveryEvent], server: &str) -> Vec<Strin
 /// Plays the story; returns an error on any mismatch or leaked pin.
 pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     let plan = Plan::new(options.quick);
-    let temp = tempfile::tempdir()?;
-    let dir = options
-        .dir
-        .clone()
-        .unwrap_or_else(|| temp.path().to_path_buf());
+    let mut demo = Demo::start(plan, options.dir.clone()).await?;
     writeln!(
         out,
         "walship demo: primary + 2 replicas on loopback, real files in {}; {} MiB volume, {} MiB of 4 KiB writes",
-        dir.display(),
+        demo.cluster.dir.display(),
         mib(plan.volume_blocks * BLOCK_SIZE as u64),
         mib(plan.total_blocks() * BLOCK_SIZE as u64)
     )?;
-    let mut demo = Demo::start(plan, dir).await?;
-    let startup = ProgressBar::new_spinner();
-    demo.wait_in_sync("r1", &startup).await?;
-    demo.wait_in_sync("r2", &startup).await?;
-    startup.finish_and_clear();
+    demo.wait_in_sync("r1").await?;
+    demo.wait_in_sync("r2").await?;
     demo.write("fill", plan.fill).await?;
-    demo.primary.checkpoint().await?;
+    demo.cluster.primary.checkpoint().await?;
 
     writeln!(out, "1. r2 cut off; writes continue; r2 comes back")?;
-    demo.cut_off("r2").await?;
+    demo.cluster.stop_replica("r2").await;
     demo.write("writes while r2 is away", plan.catch_up_gap)
         .await?;
     demo.bring_back("r2", false, "catch-up").await?;
@@ -389,21 +243,21 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
         out,
         "2. r2 cut off past its retention budget; the checkpointer recycles the WAL past it"
     )?;
-    demo.cut_off("r2").await?;
+    demo.cluster.stop_replica("r2").await;
     demo.write("writes while r2 is away", plan.rebuild_gap)
         .await?;
-    demo.primary.checkpoint().await?;
+    demo.cluster.primary.checkpoint().await?;
     demo.write("writes after the checkpoint", plan.tail_after_checkpoint)
         .await?;
     demo.bring_back("r2", false, "rebuild").await?;
 
     writeln!(out, "3. epoch bump with an endpoint change for r1")?;
-    demo.cut_off("r1").await?;
+    demo.cluster.stop_replica("r1").await;
     demo.bring_back("r1", true, "reassigned").await?;
     demo.write("writes in epoch 2", plan.after_reassign).await?;
 
-    let (lsn, checksum) = demo.converge().await?;
-    let log = demo.primary.recovery_log().await?;
+    let Converged { lsn, checksum } = demo.cluster.wait_converged(PATIENCE).await?;
+    let log = demo.cluster.primary.recovery_log().await?;
     for server in ["r1", "r2"] {
         writeln!(out, "  {server} decisions:")?;
         for line in plan_events(&log, server) {
@@ -416,7 +270,9 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
         "replica", "outcome", "moved MiB", "time", "MiB/s"
     )?;
     let mut identical = true;
-    for (server, (handle, _, _)) in &demo.replicas {
+    for node in &demo.cluster.replicas {
+        let server = &node.server;
+        let handle = node.handle.as_ref().context("a replica is not running")?;
         let replica_checksum = handle.content_checksum().await?;
         identical &= replica_checksum == checksum;
         let recoveries = demo.recoveries.get(server).cloned().unwrap_or_default();
@@ -466,7 +322,7 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
             }
         }
     }
-    let status = demo.status().await?;
+    let status = demo.cluster.status().await?;
     let pins = status.recovery_pins + status.snapshot_pins + status.held_resources;
     writeln!(
         out,
@@ -486,11 +342,7 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
         log.iter().any(|e| e.event.starts_with("plan_rebuild")),
         "the story did not rebuild"
     );
-    demo.primary.stop().await;
-    for (handle, _, _) in demo.replicas.values() {
-        handle.stop().await;
-    }
-    demo.rt.shutdown();
+    demo.cluster.shutdown().await;
     writeln!(out, "verified: all replicas identical at lsn {lsn}")?;
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! `walship bench`: whole-system benchmarks, each against a baseline measured
-//! in the same run, reported as a ratio with its target.
+//! Whole-system benchmarks, each against a baseline measured in the same
+//! run, reported as a ratio with its target. Run them with
+//! `cargo bench --bench system` (all) or `cargo bench --bench system -- p4`;
+//! `-- --help` lists the sizes to change.
 //!
 //! - P1 catch-up of a replica N MiB behind vs a raw pipeline over the same
 //!   WAL files (pread 1 MiB → loopback TCP → write + fdatasync every 16 MiB;
@@ -15,36 +17,48 @@
 
 use anyhow::{bail, ensure, Context as _};
 use bytes::Bytes;
+use clap::Parser;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use walship_actors::{
-    PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, SenderHeartbeat, Tuning, VolumeConfig,
-    VolumeHandle,
+use walship::actors::testing::{ClusterOptions, LoopbackCluster};
+use walship::actors::{
+    PrimaryConfig, ReplicaConfig, Runtime, SenderHeartbeat, Tuning, VolumeConfig, VolumeHandle,
 };
-use walship_engine::{
+use walship::engine::{
     Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
 };
-use walship_io::{StoreOptions, BLOCK_SIZE};
+use walship::io::{StoreOptions, BLOCK_SIZE};
 
-/// Which benchmarks, and how big.
-#[derive(Debug, Clone)]
-pub struct BenchOptions {
-    /// Benchmarks to run: p1, p2, p4, p5.
-    pub which: Vec<String>,
-    /// Data size for P1/P2 in MiB.
-    pub size_mib: u64,
-    /// Operations per P4 run.
-    pub p4_ops: u64,
+/// Whole-system benchmarks against same-run baselines: P1 catch-up, P2
+/// full-base rebuild, P4 replication tax, P5 mailbox, P6 scale.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "system")]
+struct BenchOptions {
+    /// Which: p1, p2, p4, p5, p6 (default: all).
+    #[arg(value_delimiter = ',')]
+    which: Vec<String>,
+    /// Data size for P1 and P2, MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Write+barrier operations per P4 run at QD1 (x4 at QD32).
+    #[arg(long, default_value_t = 5000)]
+    p4_ops: u64,
     /// Messages per P5 run.
-    pub p5_messages: u64,
-    /// Idle volumes for P6.
-    pub p6_volumes: u64,
-    /// Where to put the data.
-    pub dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1_000_000)]
+    p5_messages: u64,
+    /// Idle volumes (each with 2 replicas) for P6.
+    #[arg(long, default_value_t = 200)]
+    p6_volumes: u64,
+    /// Keep the data here instead of a temp dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn mib_per_s(bytes: u64, took: Duration) -> f64 {
@@ -115,27 +129,13 @@ fn raw_pipeline(files: &[PathBuf], sink_path: PathBuf) -> anyhow::Result<Run> {
     })
 }
 
+/// A loopback cluster for one benchmark, its data in a directory of its own.
 struct Setup {
-    rt: Runtime,
-    primary: VolumeHandle,
-    replicas: Vec<(String, VolumeHandle, String)>,
-    dir: PathBuf,
-    store: StoreOptions,
+    cluster: LoopbackCluster,
 }
 
-fn replica_config(dir: &Path, server: &str, listen: &str, store: &StoreOptions) -> VolumeConfig {
-    VolumeConfig::Replica(ReplicaConfig {
-        cluster: "bench".into(),
-        volume: "bench".into(),
-        server: server.into(),
-        dir: dir.join(server),
-        store: store.clone(),
-        listen: listen.into(),
-        // As in production: the replica checkpoints what is committed every
-        // 64 MiB, which also bounds the blocks it keeps in memory.
-        checkpoint_every_lsns: 16 * 1024,
-    })
-}
+/// A wait no benchmark should reach.
+const PATIENCE: Duration = Duration::from_secs(3600);
 
 impl Setup {
     async fn start(
@@ -145,129 +145,66 @@ impl Setup {
         blocks: u64,
         tuning: Tuning,
     ) -> anyhow::Result<Self> {
-        let rt = Runtime::start()?;
-        let store = StoreOptions {
-            segment_bytes: 64 << 20,
-            ..StoreOptions::new(blocks)
-        };
-        let mut replicas = Vec::new();
-        let mut specs = Vec::new();
-        for server in servers {
-            let handle = rt
-                .spawn_volume(replica_config(dir, server, "127.0.0.1:0", &store))
-                .await?;
-            let addr = handle.listen_addr().context("listen address")?.to_string();
-            specs.push(ReplicaSpec {
-                server: server.to_string(),
-                addr: addr.clone(),
-                version: 1,
-            });
-            replicas.push((server.to_string(), handle, addr));
-        }
-        let primary = rt
-            .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-                cluster: "bench".into(),
-                volume: "bench".into(),
-                dir: dir.join("primary"),
-                store: store.clone(),
-                epoch: 1,
-                commit_mode: mode,
-                replicas: specs,
-                tuning,
-            }))
+        let cluster = LoopbackCluster::start(ClusterOptions {
+            cluster: "bench".into(),
+            mode,
+            tuning,
+            store: StoreOptions {
+                segment_bytes: 64 << 20,
+                ..StoreOptions::new(blocks)
+            },
+            // As in production: the replica checkpoints what is committed every
+            // 64 MiB, which also bounds the blocks it keeps in memory.
+            replica_checkpoint_every: 16 * 1024,
+            dir: Some(dir.to_path_buf()),
+            ..ClusterOptions::new("bench", blocks).with_replicas(servers)
+        })
+        .await?;
+        cluster.wait_all_in_sync(PATIENCE).await?;
+        Ok(Self { cluster })
+    }
+
+    fn primary(&self) -> &VolumeHandle {
+        &self.cluster.primary
+    }
+
+    /// Writes `blocks` blocks, 64 in flight, and waits for their commit.
+    async fn fill(&self, blocks: u64) -> anyhow::Result<()> {
+        self.cluster
+            .write_blocks_in_flight(0, blocks, 64, |_| {})
             .await?;
-        let setup = Self {
-            rt,
-            primary,
-            replicas,
-            dir: dir.to_path_buf(),
-            store,
-        };
-        for server in servers {
-            setup.wait_in_sync(server).await?;
-        }
-        Ok(setup)
-    }
-
-    async fn wait_in_sync(&self, server: &str) -> anyhow::Result<()> {
-        Ok(self
-            .primary
-            .wait_replica_state(server, ReplicaState::InSync, Duration::from_secs(3600))
-            .await?)
-    }
-
-    async fn fill(&self, blocks: u64, volume_blocks: u64) -> anyhow::Result<()> {
-        let data = Bytes::from(vec![0xA5u8; BLOCK_SIZE]);
-        let mut next = 0;
-        while next < blocks {
-            let batch = (blocks - next).min(64);
-            let writes =
-                (next..next + batch).map(|i| self.primary.write(i % volume_blocks, data.clone()));
-            futures::future::try_join_all(writes).await?;
-            next += batch;
-        }
-        self.primary.barrier().await?;
-        Ok(())
-    }
-
-    async fn stop_replica(&mut self, server: &str) -> anyhow::Result<()> {
-        let (_, handle, _) = self
-            .replicas
-            .iter()
-            .find(|r| r.0 == server)
-            .context("replica")?;
-        // Returns with its listener closed and its store released.
-        handle.stop().await;
+        self.primary().barrier().await?;
         Ok(())
     }
 
     /// Restarts `server` on its address and times its recovery (then checks
     /// its content, untimed).
     async fn recover(&mut self, server: &str) -> anyhow::Result<Run> {
-        let addr = self
-            .replicas
-            .iter()
-            .find(|r| r.0 == server)
-            .context("replica")?
-            .2
-            .clone();
-        let before = self.primary.bytes_sent(server).await?;
+        let primary = self.primary().clone();
+        let before = primary.bytes_sent(server).await?;
         let start = Instant::now();
         let cpu = cpu_time()?;
-        let handle = self
-            .rt
-            .spawn_volume(replica_config(&self.dir, server, &addr, &self.store))
+        self.cluster
+            .restart_replica(server, false)
             .await
             .context("replica restart")?;
-        self.primary.heartbeat().await?;
-        self.wait_in_sync(server).await?;
+        primary.heartbeat().await?;
+        self.cluster
+            .wait_state(server, ReplicaState::InSync, PATIENCE)
+            .await?;
         let took = start.elapsed();
         let cpu = cpu_time()? - cpu;
-        let bytes = self.primary.bytes_sent(server).await? - before;
-        if let Some(slot) = self.replicas.iter_mut().find(|r| r.0 == server) {
-            slot.1 = handle;
-        }
+        let bytes = primary.bytes_sent(server).await? - before;
         ensure!(
-            self.primary.content_checksum().await?
-                == self
-                    .replicas
-                    .iter()
-                    .find(|r| r.0 == server)
-                    .context("replica")?
-                    .1
-                    .content_checksum()
-                    .await?,
+            primary.content_checksum().await?
+                == self.cluster.replica(server).content_checksum().await?,
             "{server} differs after recovery"
         );
         Ok(Run { bytes, took, cpu })
     }
 
     async fn stop(self) {
-        self.primary.stop().await;
-        for (_, handle, _) in &self.replicas {
-            handle.stop().await;
-        }
-        self.rt.shutdown();
+        self.cluster.shutdown().await;
     }
 }
 
@@ -404,10 +341,10 @@ async fn p1(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     let mut setup =
         Setup::start(dir, CommitMode::BestEffort, &servers, volume_blocks, tuning).await?;
     for server in servers {
-        setup.stop_replica(server).await?;
+        setup.cluster.stop_replica(server).await;
     }
-    setup.fill(blocks, volume_blocks).await?;
-    let files = segment_files(&dir.join("primary/wal"))?;
+    setup.fill(blocks).await?;
+    let files = segment_files(&setup.cluster.primary_dir.join("wal"))?;
     let (raw, ours) = alternate(&mut setup, &servers, &files, dir).await?;
     report_transfer("P1 catch-up", &raw, &ours, out)?;
     setup.stop().await;
@@ -427,12 +364,13 @@ async fn p2(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     let servers = TRANSFER_REPLICAS;
     let mut setup = Setup::start(dir, CommitMode::BestEffort, &servers, blocks, tuning).await?;
     for server in servers {
-        setup.stop_replica(server).await?;
-        fs::remove_dir_all(dir.join(server))?; // a replaced disk: nothing left
+        setup.cluster.stop_replica(server).await;
+        // A replaced disk: nothing left.
+        fs::remove_dir_all(&setup.cluster.node(server).dir)?;
     }
-    setup.fill(blocks, blocks).await?;
-    setup.primary.checkpoint().await?;
-    let extent = fs::read_dir(dir.join("primary"))?
+    setup.fill(blocks).await?;
+    setup.primary().checkpoint().await?;
+    let extent = fs::read_dir(&setup.cluster.primary_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name()
@@ -440,7 +378,7 @@ async fn p2(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
         })
         .context("extent file")?;
     let (raw, ours) = alternate(&mut setup, &servers, &[extent], dir).await?;
-    let log = setup.primary.recovery_log().await?;
+    let log = setup.primary().recovery_log().await?;
     let full_bases = log
         .iter()
         .filter(|e| e.event == "plan_rebuild_full_base")
@@ -619,8 +557,8 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
             for k in 0..runs {
                 let which = (round as usize + k) % runs;
                 let samples = match which {
-                    0 => write_barrier_load(&local.primary, per_round, depth).await?,
-                    1 => write_barrier_load(&replicated.primary, per_round, depth).await?,
+                    0 => write_barrier_load(local.primary(), per_round, depth).await?,
+                    1 => write_barrier_load(replicated.primary(), per_round, depth).await?,
                     _ => raw_replicated_qd1(dir, per_round)?,
                 };
                 results[which].merge(samples);
@@ -696,7 +634,7 @@ async fn p5(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     .await?;
     // Bare actix actor on the same system.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = setup.rt.arbiter().spawn(async move {
+    let spawned = setup.cluster.rt.arbiter().spawn(async move {
         let _ = tx.send(actix::Actor::start(Count(0)));
     });
     let addr = if spawned {
@@ -706,7 +644,7 @@ async fn p5(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     };
     // The SenderActor of an InSync replica, through its metered mailbox.
     let sender = setup
-        .primary
+        .primary()
         .sender(ReplicaId::new("bench", "r1")?)
         .await
         .context("sender")?;
@@ -963,8 +901,17 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     Ok(())
 }
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut options = BenchOptions::parse();
+    if options.which.is_empty() {
+        options.which = ["p1", "p2", "p4", "p5", "p6"].map(String::from).to_vec();
+    }
+    run(options, &mut std::io::stdout()).await
+}
+
 /// Runs the selected benchmarks.
-pub async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<()> {
+async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let root = options
         .dir
@@ -972,7 +919,7 @@ pub async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<
         .unwrap_or_else(|| temp.path().to_path_buf());
     writeln!(
         out,
-        "walship bench on {} cores; data in {}",
+        "walship system benchmarks on {} cores; data in {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         root.display()
     )?;
