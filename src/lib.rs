@@ -9,10 +9,11 @@
 //! - [`io`]: storage and IO (WAL, log reader, extent store, wire codec);
 //! - [`actors`]: the actor runtime that binds them.
 //!
-//! The `walship` command (`demo`, `bench`) is a separate binary behind the
-//! default `cli` feature: an embedder depending on `walship` with
+//! The `walship` command (`demo`) is a separate binary behind the default
+//! `cli` feature: an embedder depending on `walship` with
 //! `default-features = false` gets the library alone, without the command
-//! line's crates (clap, indicatif, anyhow, rlimit, tempfile).
+//! line's crates (clap, indicatif, anyhow, tempfile) or the loopback test
+//! harness (`walship::actors::testing`).
 
 #![forbid(unsafe_code)]
 

@@ -4,13 +4,12 @@
 
 mod support;
 
-use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{Encoder, Framed};
+use tokio_util::codec::Framed;
 use walship::engine::{CommitMode, ReplicaState};
 use walship::io::{Envelope, Message, WireCodec, CODE_IDENTITY, CODE_SUPERSEDED, CODE_WIRE};
 
@@ -50,7 +49,7 @@ async fn still_replicating(cluster: &Cluster, from: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keeps_serving() {
+async fn garbage_and_oversized_frames_are_refused_and_the_replica_keeps_serving() {
     let cluster = start(CommitMode::SyncAll, &["r1"]).await;
     cluster
         .wait_state("r1", ReplicaState::InSync, LONG)
@@ -84,42 +83,66 @@ async fn garbage_oversized_and_truncated_frames_are_refused_and_the_replica_keep
         "{reply:?}"
     );
 
-    // Disconnect in the middle of a WAL batch that would change a block.
-    let replica = cluster.replica("r1");
-    let before = replica_json(&cluster, "r1").await;
-    let rejected = before["mailbox"]["rejected"].as_u64().unwrap();
-    assert!(rejected >= 2, "{before}");
-    let durable = before["durable"].as_u64().unwrap();
-    let checksum = replica.content_checksum().await.unwrap();
-    let next_lsn = durable + 1;
-    let batch = Envelope {
-        epoch: 1,
-        message: Message::WalBatch {
-            session: 0,
-            first_lsn: next_lsn,
-            last_lsn: next_lsn,
-            committed: next_lsn,
-            frames: block(424242),
-        },
-    };
-    let mut encoded = BytesMut::new();
-    WireCodec::default().encode(batch, &mut encoded).unwrap();
-    let mut cut = TcpStream::connect(&addr).await.unwrap();
-    cut.write_all(&encoded[..encoded.len() - 100])
+    still_replicating(&cluster, 0).await;
+}
+
+/// The primary's stream is cut in the middle of a WAL batch carrying a
+/// block: the replica applies nothing of it, the primary keeps taking
+/// writes, and once the link is back the replica recovers the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_cut_mid_frame_applies_nothing_and_the_replica_recovers() {
+    let mut cluster = start(CommitMode::SyncAll, &["r1"]).await;
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
         .await
         .unwrap();
-    drop(cut);
-    // The replica counts the broken connection once it has seen its end...
-    let refused = within(LONG, || async {
-        let now = replica_json(&cluster, "r1").await;
-        (now["mailbox"]["rejected"].as_u64().unwrap() > rejected).then_some(now)
-    });
-    let after = refused.await.expect("the cut connection was never refused");
-    // ...and nothing of the half batch was applied.
-    assert_eq!(after["durable"].as_u64().unwrap(), durable);
-    assert_eq!(replica.content_checksum().await.unwrap(), checksum);
+    let relay = Relay::start(&cluster.node("r1").addr.clone())
+        .await
+        .unwrap();
+    let node = cluster.node_mut("r1");
+    node.addr = relay.addr.clone();
+    node.version += 1;
+    cluster.reassign().await.unwrap();
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    cluster.write_blocks(0, 10).await.unwrap();
+    cluster.primary.barrier().await.unwrap();
+    let before = cluster.wait_converged(LONG).await.unwrap();
+    let rejected = |status: &serde_json::Value| status["mailbox"]["rejected"].as_u64().unwrap();
+    let rejected_before = rejected(&replica_json(&cluster, "r1").await);
 
-    still_replicating(&cluster, 0).await;
+    relay.cut_next_batch();
+    let lsn = cluster.primary.write(100, block(4242)).await.unwrap();
+    // r1 sees a stream that ends inside a frame (a wire error, counted as
+    // a rejection; a clean close is not), and the connection gone.
+    let cut = within(LONG, || async {
+        let status = replica_json(&cluster, "r1").await;
+        (relay.is_cut() && status["connected"] == false && rejected(&status) > rejected_before)
+            .then_some(status)
+    });
+    let after = cut
+        .await
+        .expect("the batch was never cut mid-frame, or r1 never saw it");
+    // Nothing of the half batch: not in the WAL, not in the volume.
+    assert_eq!(after["head"].as_u64(), Some(before.lsn), "{after}");
+    assert_eq!(after["durable"].as_u64(), Some(before.lsn), "{after}");
+    let r1 = cluster.replica("r1");
+    assert_eq!(r1.content_checksum().await.unwrap(), before.checksum);
+    assert_ne!(r1.read(100, 1).await.unwrap(), block(4242));
+    // The primary keeps serving meanwhile.
+    let more = cluster.primary.write(101, block(4343)).await.unwrap();
+    assert_eq!(cluster.primary.read(100, 1).await.unwrap(), block(4242));
+
+    // The whole batch, once the link is back.
+    relay.resume();
+    let converged = cluster.wait_converged(LONG).await.unwrap();
+    assert!(converged.lsn >= more && more > lsn, "{converged:?}");
+    assert!(cluster.primary.barrier().await.unwrap() >= more);
+    let r1 = cluster.replica("r1");
+    assert_eq!(r1.read(100, 1).await.unwrap(), block(4242));
+    assert_eq!(r1.read(101, 1).await.unwrap(), block(4343));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,7 +121,9 @@ async fn a6_an_outage_within_the_byte_budget_catches_up_and_one_past_it_rebuilds
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a6_an_outage_past_the_time_budget_rebuilds() {
     let tuning = Tuning {
-        retention_max_away: Some(Duration::from_secs(2)),
+        // Wide enough that the first outage (~100 ms here) stays within it
+        // on a loaded CI machine too; the second waits it out.
+        retention_max_away: Some(Duration::from_secs(4)),
         ..eager_checkpoints()
     };
     let mut cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], tuning).await;
@@ -129,7 +131,7 @@ async fn a6_an_outage_past_the_time_budget_rebuilds() {
         .wait_state("r2", ReplicaState::InSync, LONG)
         .await
         .unwrap();
-    // Back well within 2 s (a restart on loopback): catch-up.
+    // Back well within 4 s (a restart on loopback): catch-up.
     away_and_back(&mut cluster, "r2", 0, 20).await;
     assert!(!cluster
         .has_event("r2", "retention_budget_exceeded")
@@ -150,7 +152,7 @@ async fn a6_an_outage_past_the_time_budget_rebuilds() {
     let events = cluster.events().await.unwrap();
     assert_logged(&events, |e| {
         e.starts_with("vol1/r2 retention_budget_exceeded away for ")
-            && e.contains("budget 400 ticks")
+            && e.contains("budget 800 ticks")
     });
     assert!(cluster.has_event("r2", "rebuild_completed").await.unwrap());
 }

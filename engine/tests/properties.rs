@@ -12,6 +12,7 @@
 mod support;
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use std::collections::{BTreeMap, BTreeSet};
 use support::*;
 use walship_engine::*;
@@ -525,8 +526,14 @@ fn mode() -> impl Strategy<Value = CommitMode> {
 }
 
 proptest! {
-    // The default persistence replays `properties.proptest-regressions` first.
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Replays `properties.proptest-regressions` (beside this file) first:
+    // named here, because the default looks for a lib.rs or main.rs above
+    // the test and only falls back to this with a warning.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn invariants_hold_over_random_event_sequences(mode in mode(), ops in proptest::collection::vec(op(), 1..150)) {

@@ -727,8 +727,8 @@ impl Wal {
     }
 
     /// Makes the next sync fail with EIO, as a disk error would. For tests of
-    /// the poisoning path.
-    #[doc(hidden)]
+    /// the poisoning path (feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn inject_sync_failure(&self) {
         self.inner.fail_next_sync.store(true, Ordering::SeqCst);
     }

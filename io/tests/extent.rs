@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use walship_io::{ExtentFile, Frame, FrameKind, BLOCK_SIZE, COALESCE_BYTES};
 
 const BLOCKS: u64 = 600; // more than one coalesced write (256 blocks) wide
@@ -68,7 +69,12 @@ fn contents(extent: &ExtentFile) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    // Replays `extent.proptest-regressions` (beside this file) first.
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn coalesced_apply_equals_frame_by_frame(ops in proptest::collection::vec(op(), 1..120)) {

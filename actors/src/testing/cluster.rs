@@ -344,7 +344,11 @@ impl LoopbackCluster {
         }
         let Self { rt, temp, .. } = self;
         // The runtime's shutdown joins its thread: not on an async worker.
-        let _ = tokio::task::spawn_blocking(move || rt.shutdown()).await;
+        if let Err(error) = tokio::task::spawn_blocking(move || rt.shutdown()).await {
+            if error.is_panic() {
+                std::panic::resume_unwind(error.into_panic());
+            }
+        }
         drop(temp);
     }
 }

@@ -62,15 +62,18 @@ pub fn block(seed: u64) -> Bytes {
     Bytes::from(vec![(seed % 251) as u8 + 1; BLOCK_SIZE])
 }
 
-/// Asks `check` every 10 ms until it answers `Some`, for at most `limit`;
-/// `None` when it never did (the caller fails with what it knows).
+/// Asks `check` every 10 ms until it answers `Some`, for at most `limit`
+/// (a `check` still running at the deadline is dropped); `None` when it
+/// never did (the caller fails with what it knows).
 pub async fn within<T, Fut>(limit: Duration, mut check: impl FnMut() -> Fut) -> Option<T>
 where
     Fut: Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(value) = check().await {
+        if let Ok(Some(value)) =
+            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), check()).await
+        {
             return Some(value);
         }
         if Instant::now() > deadline {

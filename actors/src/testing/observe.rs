@@ -4,7 +4,7 @@
 use super::{within, HarnessError, LoopbackCluster, Result};
 use crate::{NodeStatus, ReplicaStatus, VolumeStatus};
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use walship_engine::{ReplicaState, SenderStatus};
 
 /// What [`LoopbackCluster::wait_converged`] saw.
@@ -106,7 +106,10 @@ impl LoopbackCluster {
             return answer;
         }
         let what = what().await;
-        let log = self.events().await.unwrap_or_default().join("\n");
+        let log = match self.events().await {
+            Ok(events) => events.join("\n"),
+            Err(error) => format!("(unavailable: {error})"),
+        };
         Err(HarnessError::TimedOut { what, limit, log })
     }
 
@@ -128,17 +131,20 @@ impl LoopbackCluster {
         .await
     }
 
-    /// Waits until every running replica is in sync.
+    /// Waits until every running replica is in sync, all within `limit`.
     pub async fn wait_all_in_sync(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
         for node in self.replicas.iter().filter(|n| n.handle.is_some()) {
-            self.wait_state(&node.server, ReplicaState::InSync, limit)
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.wait_state(&node.server, ReplicaState::InSync, left)
                 .await?;
         }
         Ok(())
     }
 
-    /// Waits until every running replica holds the primary's head and its
-    /// content, and the primary holds no pin and no engine resource.
+    /// Waits until the primary sees every running replica in sync, each
+    /// holds the primary's head and its content, and the primary holds no
+    /// pin and no engine resource.
     pub async fn wait_converged(&self, limit: Duration) -> Result<Converged> {
         self.wait_for(
             limit,
@@ -155,7 +161,8 @@ impl LoopbackCluster {
     }
 
     /// Whether the cluster has converged, and on what. Checksums are read
-    /// only once every replica holds the head: they read whole volumes.
+    /// only once every replica is in sync and holds the head: they read
+    /// whole volumes. A write meanwhile (the head moved) means not yet.
     async fn converged(&self) -> Result<Option<Converged>> {
         let status = self.status().await?;
         if status.recovery_pins + status.snapshot_pins + status.held_resources > 0 {
@@ -167,7 +174,12 @@ impl LoopbackCluster {
             .filter(|n| n.handle.is_some())
             .collect();
         for node in &running {
-            if self.replica_status(&node.server).await?.durable < status.head {
+            let in_sync = status
+                .registry
+                .senders
+                .iter()
+                .any(|s| s.replica.server() == node.server && s.state == ReplicaState::InSync);
+            if !in_sync || self.replica_status(&node.server).await?.durable < status.head {
                 return Ok(None);
             }
         }
@@ -176,6 +188,9 @@ impl LoopbackCluster {
             if self.replica(&node.server).content_checksum().await? != checksum {
                 return Ok(None);
             }
+        }
+        if self.status().await?.head != status.head {
+            return Ok(None);
         }
         Ok(Some(Converged {
             lsn: status.head,
