@@ -425,13 +425,7 @@ async fn a11_a_barrier_ack_that_arrives_after_the_timeout_is_rejected_over_the_w
         .await
         .unwrap();
     // Put a relay between the primary and r1 (a new endpoint for it).
-    let relay = Relay::start(&cluster.node("r1").addr.clone())
-        .await
-        .unwrap();
-    let node = cluster.node_mut("r1");
-    node.addr = relay.addr.clone();
-    node.version += 1;
-    cluster.reassign().await.unwrap();
+    let relay = cluster.relay("r1").await.unwrap();
     cluster
         .wait_state("r1", ReplicaState::InSync, LONG)
         .await

@@ -96,13 +96,7 @@ async fn a_batch_cut_mid_frame_applies_nothing_and_the_replica_recovers() {
         .wait_state("r1", ReplicaState::InSync, LONG)
         .await
         .unwrap();
-    let relay = Relay::start(&cluster.node("r1").addr.clone())
-        .await
-        .unwrap();
-    let node = cluster.node_mut("r1");
-    node.addr = relay.addr.clone();
-    node.version += 1;
-    cluster.reassign().await.unwrap();
+    let relay = cluster.relay("r1").await.unwrap();
     cluster
         .wait_state("r1", ReplicaState::InSync, LONG)
         .await

@@ -1,6 +1,6 @@
 //! The cluster: how it is built, its replicas' lifecycles, writes.
 
-use super::{block, Converged, HarnessError, Result};
+use super::{block, Converged, HarnessError, Relay, Result};
 use crate::{
     PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig, VolumeError,
     VolumeHandle,
@@ -259,6 +259,17 @@ impl LoopbackCluster {
         }
         node.handle = Some(handle);
         Ok(())
+    }
+
+    /// Puts a [`Relay`] between the primary and the replica on `server`: a
+    /// new endpoint for it (version bumped), sent to the primary.
+    pub async fn relay(&mut self, server: &str) -> Result<Relay> {
+        let relay = Relay::start(&self.node(server).addr).await?;
+        let node = self.node_mut(server);
+        node.addr = relay.addr.clone();
+        node.version += 1;
+        self.reassign().await?;
+        Ok(relay)
     }
 
     /// Restarts `server` where it was and waits until it is in sync and

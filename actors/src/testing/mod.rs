@@ -89,9 +89,10 @@ pub enum HarnessError {
     /// A volume operation failed.
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    /// Setting up the cluster's directories failed.
-    #[error("cluster directory: {0}")]
-    Dir(#[from] std::io::Error),
+    /// The harness's own IO failed: the cluster's directories, a relay's
+    /// socket.
+    #[error("harness io: {0}")]
+    Io(#[from] std::io::Error),
     /// A wait reached its deadline.
     #[error("{what} after {limit:?}\nrecovery log:\n{log}")]
     TimedOut {
