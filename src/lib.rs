@@ -7,7 +7,9 @@
 //! This facade re-exports the parts:
 //! - [`engine`]: the pure recovery engine (decisions, no IO);
 //! - [`io`]: storage and IO (WAL, log reader, extent store, wire codec);
-//! - [`actors`]: the actor runtime that binds them.
+//! - [`actors`]: the actor runtime that binds them;
+//! - [`node`]: a node hosting many volumes from a TOML config, with one
+//!   replication listener and NBD exports (what `walship serve` runs).
 //!
 //! The `walship` command (`demo`) is a separate binary behind the default
 //! `cli` feature: an embedder depending on `walship` with
@@ -20,3 +22,4 @@
 pub use walship_actors as actors;
 pub use walship_engine as engine;
 pub use walship_io as io;
+pub use walship_node as node;

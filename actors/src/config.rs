@@ -1,5 +1,6 @@
 //! Configuration of a volume spawned into the runtime.
 
+use crate::replica::ReplicationListener;
 use std::path::PathBuf;
 use std::time::Duration;
 use walship_engine::{Backoff, CatchUpBudget, CommitMode, RetentionBudget, RetryPolicy};
@@ -170,10 +171,32 @@ pub struct ReplicaConfig {
     pub dir: PathBuf,
     /// Store options.
     pub store: StoreOptions,
-    /// Address to listen on (`127.0.0.1:0` picks a port).
-    pub listen: String,
+    /// Where it takes its primary's connections.
+    pub listen: Listen,
     /// Checkpoint when this many committed LSNs are past the checkpoint.
     pub checkpoint_every_lsns: u64,
+}
+
+/// Where a replica takes its primary's connections.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A listener of its own on this address (`127.0.0.1:0` picks a port).
+    Addr(String),
+    /// A node's listener, shared by all its replica volumes, which hands
+    /// each connection to the volume its hello names.
+    Shared(ReplicationListener),
+}
+
+impl From<&str> for Listen {
+    fn from(addr: &str) -> Self {
+        Self::Addr(addr.to_owned())
+    }
+}
+
+impl From<String> for Listen {
+    fn from(addr: String) -> Self {
+        Self::Addr(addr)
+    }
 }
 
 /// What to spawn.

@@ -19,12 +19,14 @@ mod runtime;
 pub mod testing;
 mod transport;
 
-pub use config::{BackoffTuning, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig};
+pub use config::{
+    BackoffTuning, Listen, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig,
+};
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
 #[cfg(feature = "testing")]
 pub use primary::SenderHeartbeat;
 pub use primary::{SenderActor, VolumeActor, VolumeStatus};
-pub use replica::ReplicaStatus;
+pub use replica::{ReplicaStatus, ReplicationListener};
 pub use runtime::{NodeStatus, Runtime, VolumeHandle};

@@ -1,12 +1,12 @@
 //! The runtime: an actix system on its own thread, so any tokio service (or
 //! plain thread) can embed it, and the handles to the volumes spawned in it.
 
-use crate::config::VolumeConfig;
+use crate::config::{Listen, VolumeConfig};
 use crate::error::VolumeError;
 use crate::metrics::{MailboxMetrics, MeteredAddr};
 use crate::pool::{ArbiterPool, BlockingPool, Pools};
 use crate::primary::{self as volume, VolumeActor, VolumeStatus};
-use crate::replica::listener;
+use crate::replica::listener::{self, ReplicationListener};
 use crate::replica::receiver::{
     GetReplicaStatus, ReceiverActor, ReplicaChecksum, ReplicaRead, ReplicaStatus, StopReceiver,
 };
@@ -89,6 +89,24 @@ impl Runtime {
         rx.recv().map_err(|_| VolumeError::Stopped)?
     }
 
+    /// Starts a node's replication listener for `cluster` on `listen`:
+    /// replicas spawned with [`Listen::Shared`] take their connections
+    /// from it, routed by the volume each hello names.
+    pub fn replication_listener(
+        &self,
+        cluster: &str,
+        listen: &str,
+    ) -> Result<ReplicationListener, VolumeError> {
+        let listen_error =
+            |e: std::io::Error| VolumeError::Runtime(format!("listen on {listen}: {e}"));
+        let (listener, run) =
+            ReplicationListener::new(cluster.to_owned(), bind(listen)?).map_err(listen_error)?;
+        if !self.pools.receivers.pick().spawn(run) {
+            return Err(VolumeError::Stopped);
+        }
+        Ok(listener)
+    }
+
     /// The arbiter walship's actors run on, for services that want their own
     /// actors on the same system (and for benchmarks comparing against them).
     pub fn arbiter(&self) -> &ArbiterHandle {
@@ -169,12 +187,6 @@ async fn start_volume(
                 pools.blocking.clone(),
                 tasks.clone(),
             );
-            let listen_error = |e: std::io::Error| {
-                VolumeError::Runtime(format!("listen on {}: {e}", config.listen))
-            };
-            let listener = std::net::TcpListener::bind(&config.listen).map_err(listen_error)?;
-            listener.set_nonblocking(true).map_err(listen_error)?;
-            let local = listener.local_addr().map_err(listen_error)?;
             // The receiver, its accept loop and its connection tasks share
             // one arbiter: the connection task's socket reads then run beside
             // the receiver's writes instead of on the thread of the primaries
@@ -183,30 +195,60 @@ async fn start_volume(
             let addr = ReceiverActor::start_in_arbiter(arbiter, move |_| actor);
             let receiver = MeteredAddr::new(addr, metrics);
             let (shutdown, shutdown_rx) = watch::channel(false);
-            let accepting = receiver.clone();
-            let connections = tasks.clone();
-            let spawned = arbiter.spawn(tasks.track_future(async move {
-                // Registered with the arbiter's reactor, where it is polled.
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => {
-                        listener::accept_loop(listener, accepting, shutdown_rx, connections).await;
+            let route = listener::Route {
+                receiver: receiver.clone(),
+                tasks: tasks.clone(),
+                shutdown: shutdown_rx,
+            };
+            let (listen, shared) = match config.listen {
+                Listen::Addr(listen) => {
+                    let listener = bind(&listen)?;
+                    let local = listener
+                        .local_addr()
+                        .map_err(|e| VolumeError::Runtime(format!("listen on {listen}: {e}")))?;
+                    let spawned = arbiter.spawn(tasks.track_future(async move {
+                        // Registered with the arbiter's reactor, where it is polled.
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => listener::accept_loop(listener, route).await,
+                            Err(e) => tracing::error!(error = %e, "replica listener"),
+                        }
+                    }));
+                    if !spawned {
+                        return Err(VolumeError::Runtime("receiver arbiter stopped".into()));
                     }
-                    Err(e) => tracing::error!(error = %e, "replica listener"),
+                    (local, None)
                 }
-            }));
-            if !spawned {
-                return Err(VolumeError::Runtime("receiver arbiter stopped".into()));
-            }
+                Listen::Shared(shared) => {
+                    if !shared.register(&config.volume, route) {
+                        receiver.do_send(StopReceiver);
+                        return Err(VolumeError::Runtime(format!(
+                            "the node already hosts a replica of volume {}",
+                            config.volume
+                        )));
+                    }
+                    (shared.local_addr(), Some((shared, config.volume)))
+                }
+            };
             Ok(VolumeHandle {
                 inner: Inner::Replica {
                     receiver,
-                    listen: local,
+                    listen,
                     shutdown: Arc::new(shutdown),
+                    shared: shared.map(Arc::new),
                 },
                 tasks,
             })
         }
     }
+}
+
+/// Binds a nonblocking std listener, to be registered with the reactor of
+/// the arbiter that polls it.
+fn bind(listen: &str) -> Result<std::net::TcpListener, VolumeError> {
+    let listen_error = |e: std::io::Error| VolumeError::Runtime(format!("listen on {listen}: {e}"));
+    let listener = std::net::TcpListener::bind(listen).map_err(listen_error)?;
+    listener.set_nonblocking(true).map_err(listen_error)?;
+    Ok(listener)
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +258,8 @@ enum Inner {
         receiver: MeteredAddr<ReceiverActor>,
         listen: SocketAddr,
         shutdown: Arc<watch::Sender<bool>>,
+        /// The node's listener routing to it, and the volume it routes by.
+        shared: Option<Arc<(ReplicationListener, String)>>,
     },
 }
 
@@ -267,6 +311,14 @@ impl VolumeHandle {
     pub async fn write(&self, lba: u64, data: Bytes) -> Result<u64, VolumeError> {
         self.primary()?
             .send(volume::Write { lba, data })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// Zeroes `blocks` whole blocks at `lba`; returns the LSN (not yet committed).
+    pub async fn trim(&self, lba: u64, blocks: u64) -> Result<u64, VolumeError> {
+        self.primary()?
+            .send(volume::Trim { lba, blocks })
             .await
             .map_err(stopped)?
     }
@@ -448,8 +500,15 @@ impl VolumeHandle {
                 let _ = addr.send(volume::Stop).await;
             }
             Inner::Replica {
-                receiver, shutdown, ..
+                receiver,
+                shutdown,
+                shared,
+                ..
             } => {
+                if let Some(shared) = shared {
+                    let (listener, volume) = &**shared;
+                    listener.unregister(volume);
+                }
                 let _ = shutdown.send(true);
                 let _ = receiver.send(StopReceiver).await;
             }

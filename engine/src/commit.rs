@@ -16,13 +16,13 @@
 
 use crate::ids::{BarrierId, Lsn, ReplicaId, Tick};
 use crate::sender::ReplicaState;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
 /// How many members must hold a write before it is committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommitMode {
     /// Durable on the primary.

@@ -1,40 +1,61 @@
-//! The replica's listener: accepts connections and runs one task per
-//! connection that decodes frames, asks the receiver what to answer, and
-//! sends it.
+//! Replica listeners: accept connections and run one task per connection
+//! that decodes frames, asks the receiver what to answer, and sends it.
+//!
+//! A replica either listens on an address of its own, or takes its
+//! connections from a node's [`ReplicationListener`], which reads each
+//! connection's hello and hands it to the receiver of the volume it names.
+//! Either way a connection task is tracked by its volume's tasks and ends
+//! when its volume stops, so the volume's stop waits for it.
 
 use super::receiver::{ConnClosed, Inbound, ReceiverActor};
 use crate::metrics::MeteredAddr;
-use crate::transport::{self, linger};
+use crate::transport::{self, linger, Conn};
 use futures::{FutureExt, SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use walship_io::{Envelope, Message, CODE_WIRE};
+use walship_io::{Envelope, Message, CODE_IDENTITY, CODE_UNEXPECTED, CODE_WIRE};
 
-/// Accepts connections until `shutdown` turns true. The loop and every
-/// connection task it starts are tracked by `tasks`, and every connection
-/// closes at shutdown, so the replica's stop can wait for all of them.
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    receiver: MeteredAddr<ReceiverActor>,
-    shutdown: watch::Receiver<bool>,
-    tasks: TaskTracker,
-) {
+/// Where one replica volume's connections go: its receiver, the tasks its
+/// stop waits for, and the signal that ends its connections.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) receiver: MeteredAddr<ReceiverActor>,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Route {
+    /// Serves `framed` (whose first frame, already read, is `first`) until
+    /// it closes or the volume stops, tracked by the volume's tasks.
+    fn spawn(&self, framed: Conn, first: Option<Envelope>, conn: u64) {
+        let connection = serve(framed, first, self.receiver.clone(), conn);
+        let mut stop = self.shutdown.clone();
+        actix::spawn(self.tasks.track_future(async move {
+            tokio::select! {
+                () = connection => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
+            }
+        }));
+    }
+}
+
+/// Accepts connections for one replica until it stops. The loop is
+/// tracked by the replica's tasks, like every connection it starts.
+pub(crate) async fn accept_loop(listener: TcpListener, route: Route) {
     let mut next_conn = 0u64;
-    let mut stop = shutdown.clone();
+    let mut stop = route.shutdown.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     next_conn += 1;
-                    let connection = serve(stream, receiver.clone(), next_conn);
-                    let mut stop = shutdown.clone();
-                    actix::spawn(tasks.track_future(async move {
-                        tokio::select! {
-                            () = connection => {}
-                            _ = stop.wait_for(|stopped| *stopped) => {}
-                        }
-                    }));
+                    route.spawn(framed(stream), None, next_conn);
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
@@ -43,12 +64,190 @@ pub(crate) async fn accept_loop(
     }
 }
 
-async fn serve(stream: TcpStream, receiver: MeteredAddr<ReceiverActor>, conn: u64) {
+fn framed(stream: TcpStream) -> Conn {
+    let _ = stream.set_nodelay(true);
+    transport::framed(stream)
+}
+
+/// How long a connection to a node's listener may take to say hello.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+
+/// A node's one replication listener: every replica volume of the node
+/// takes its connections here, routed by the volume the hello names.
+/// Cheap to clone; [`close`](Self::close) stops accepting.
+#[derive(Debug, Clone)]
+pub struct ReplicationListener {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cluster: String,
+    local: SocketAddr,
+    routes: Mutex<HashMap<String, Route>>,
+    next_conn: AtomicU64,
+    closed: watch::Sender<bool>,
+    /// The accept loop and the tasks reading hellos.
+    tasks: TaskTracker,
+}
+
+impl ReplicationListener {
+    /// Binds `listener` for `cluster`; the caller spawns the returned
+    /// future (the accept loop) where it should run.
+    pub(crate) fn new(
+        cluster: String,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<(Self, impl std::future::Future<Output = ()>)> {
+        let local = listener.local_addr()?;
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            cluster,
+            local,
+            routes: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+            closed,
+            tasks: TaskTracker::new(),
+        });
+        let accepting = Arc::clone(&shared);
+        let run = shared.tasks.track_future(async move {
+            // Registered with the reactor of the arbiter it is spawned on.
+            match TcpListener::from_std(listener) {
+                Ok(listener) => accepting.accept_loop(listener).await,
+                Err(e) => tracing::error!(error = %e, "replication listener"),
+            }
+        });
+        Ok((Self { shared }, run))
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+
+    /// The cluster whose hellos it takes.
+    pub fn cluster(&self) -> &str {
+        &self.shared.cluster
+    }
+
+    /// Stops accepting and returns once the accept loop and every
+    /// connection still saying hello have ended. Connections already
+    /// handed to a volume end with the volume.
+    pub async fn close(&self) {
+        let _ = self.shared.closed.send(true);
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+    }
+
+    /// Routes `volume`'s connections to `route`; false if another
+    /// replica of that volume is already routed here.
+    pub(crate) fn register(&self, volume: &str, route: Route) -> bool {
+        let mut routes = self.shared.routes();
+        if routes.contains_key(volume) {
+            return false;
+        }
+        routes.insert(volume.to_owned(), route);
+        true
+    }
+
+    /// Stops routing `volume`'s connections.
+    pub(crate) fn unregister(&self, volume: &str) {
+        self.shared.routes().remove(volume);
+    }
+}
+
+impl Shared {
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
+        self.routes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut closed = self.closed.subscribe();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let routing = Arc::clone(&self);
+                        let mut closed = self.closed.subscribe();
+                        actix::spawn(self.tasks.track_future(async move {
+                            tokio::select! {
+                                () = routing.route(framed(stream)) => {}
+                                _ = closed.wait_for(|closed| *closed) => {}
+                            }
+                        }));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                },
+                _ = closed.wait_for(|closed| *closed) => return,
+            }
+        }
+    }
+
+    /// Reads the hello and hands the connection to the volume it names;
+    /// anything else gets a typed error and the connection closes.
+    async fn route(&self, mut framed: Conn) {
+        let refusal = match tokio::time::timeout(HELLO_WAIT, framed.next()).await {
+            Err(_) | Ok(None) => return,
+            Ok(Some(Err(e))) => (CODE_WIRE, e.to_string()),
+            Ok(Some(Ok(envelope))) => {
+                let named = match &envelope.message {
+                    Message::Hello {
+                        cluster, volume, ..
+                    } => Some((cluster.clone(), volume.clone())),
+                    _ => None,
+                };
+                match named {
+                    None => (
+                        CODE_UNEXPECTED,
+                        "a replication connection starts with hello".to_owned(),
+                    ),
+                    Some((cluster, _)) if cluster != self.cluster => (
+                        CODE_IDENTITY,
+                        format!(
+                            "hello for cluster {cluster}, this node is in {}",
+                            self.cluster
+                        ),
+                    ),
+                    Some((_, volume)) => {
+                        let route = self.routes().get(&volume).cloned();
+                        let Some(route) = route else {
+                            let refusal = format!("this node has no replica of volume {volume}");
+                            return self.refuse(framed, CODE_IDENTITY, refusal).await;
+                        };
+                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+                        route.spawn(framed, Some(envelope), conn);
+                        return;
+                    }
+                }
+            }
+        };
+        self.refuse(framed, refusal.0, refusal.1).await;
+    }
+
+    async fn refuse(&self, mut framed: Conn, code: u16, message: String) {
+        tracing::warn!(code, %message, "replication connection refused");
+        let message = Message::Error { code, message };
+        let _ = framed.send(Envelope { epoch: 0, message }).await;
+        linger(&mut framed).await;
+    }
+}
+
+async fn serve(
+    mut framed: Conn,
+    first: Option<Envelope>,
+    receiver: MeteredAddr<ReceiverActor>,
+    conn: u64,
+) {
     /// Frames handed to the receiver at once (they share one fsync).
     const DRAIN: usize = 64;
-    let _ = stream.set_nodelay(true);
-    let mut framed = transport::framed(stream);
-    'conn: while let Some(frame) = framed.next().await {
+    let mut first = first.map(Ok);
+    'conn: loop {
+        let frame = match first.take() {
+            Some(frame) => frame,
+            None => match framed.next().await {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
         let mut envelopes = Vec::new();
         let mut broken = None;
         match frame {

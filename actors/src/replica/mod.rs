@@ -9,4 +9,5 @@ mod install;
 pub(crate) mod listener;
 pub(crate) mod receiver;
 
+pub use listener::ReplicationListener;
 pub use receiver::ReplicaStatus;

@@ -1,6 +1,7 @@
 //! The `walship` command line.
 
 mod demo;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -31,6 +32,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a node: the volumes of a TOML config, replicated and exported
+    /// over NBD, until SIGTERM or SIGINT. Logs follow RUST_LOG (default info).
+    Serve {
+        /// The node's config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Data directory (overrides the config's data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -41,5 +52,20 @@ async fn main() -> anyhow::Result<()> {
             let options = demo::DemoOptions { quick, dir, json };
             demo::run(options, &mut std::io::stdout()).await
         }
+        Command::Serve { config, data_dir } => {
+            init_logs();
+            serve::run(&config, data_dir.as_deref()).await
+        }
     }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (`info` when unset).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }

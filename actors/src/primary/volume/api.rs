@@ -11,7 +11,7 @@ use serde::Serialize;
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 use walship_engine::{Assignment, Lsn, RecoveryEvent, RegistryStatus, ReplicaId};
-use walship_io::BackendChoice;
+use walship_io::{BackendChoice, Store, StoreError};
 
 /// Everything an operator sees of a primary.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
@@ -98,15 +98,43 @@ impl Handler<Write> for VolumeActor {
     type Result = Result<u64, VolumeError>;
 
     fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
+        let epoch = self.engine.epoch().get();
+        self.append(ctx, |store| store.write(epoch, msg.lba, msg.data))
+    }
+}
+
+/// Zero whole blocks (a trim frame in the WAL); returns the LSN.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, VolumeError>")]
+pub struct Trim {
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+}
+
+impl Handler<Trim> for VolumeActor {
+    type Result = Result<u64, VolumeError>;
+
+    fn handle(&mut self, msg: Trim, ctx: &mut Context<Self>) -> Self::Result {
+        let epoch = self.engine.epoch().get();
+        self.append(ctx, |store| store.trim(epoch, msg.lba, msg.blocks))
+    }
+}
+
+impl VolumeActor {
+    /// Appends one frame to the WAL and ships it: a write or a trim.
+    fn append(
+        &mut self,
+        ctx: &mut Context<Self>,
+        append: impl FnOnce(&Store) -> Result<u64, StoreError>,
+    ) -> Result<u64, VolumeError> {
         self.clock();
         if self.durability == Durability::Poisoned {
             return Err(self.refusal());
         }
         // The WAL's poison is read only when a write fails, off the hot path.
-        let lsn = match self
-            .store
-            .write(self.engine.epoch().get(), msg.lba, msg.data)
-        {
+        let lsn = match append(&self.store) {
             Ok(lsn) => lsn,
             Err(_) if self.store.wal().poisoned().is_some() => return Err(self.refusal()),
             Err(error) => return Err(error.into()),

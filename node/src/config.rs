@@ -1,0 +1,536 @@
+//! The node's configuration: a TOML file, read with serde and checked as a
+//! whole before anything starts. A refusal names the line and what is wrong.
+//!
+//! ```toml
+//! node = "node1"                      # this node's name, a server name in replica ids
+//! cluster = "walship"                 # sent in every hello; nodes of one cluster agree
+//! data_dir = "/var/lib/walship"       # or --data-dir
+//! replication = "127.0.0.1:7401"      # the one replication listener
+//! admin = "127.0.0.1:9401"            # admin HTTP (optional)
+//! nbd = "127.0.0.1:10809"             # NBD exports (optional)
+//!
+//! [[volume]]
+//! name = "vol0"
+//! size = "256MiB"                     # or bytes; a multiple of the block size
+//! block_size = 4096                   # the only block size
+//! commit_mode = "sync_all"            # best_effort | sync_all | sync_quorum
+//! epoch = 1                           # the assignment's epoch
+//! primary = "node1"
+//! replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
+//! export_replicas = true              # replicas export it read-only over NBD
+//! ```
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+use walship_engine::{CommitMode, ReplicaId};
+use walship_io::BLOCK_SIZE;
+
+/// A configuration the node refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for a node, or a value is wrong: the line
+    /// (1-based; 0 when the whole file is meant) and what is wrong.
+    #[error("{file}:{line}: {what}")]
+    Invalid {
+        /// The file, as given.
+        file: String,
+        /// The line.
+        line: usize,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// A node's configuration, checked.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where it was read from (for messages).
+    pub file: String,
+    /// This node's name: the server name in replica ids (`<volume>/<node>`).
+    pub node: String,
+    /// Cluster name, in every hello.
+    pub cluster: String,
+    /// Data directory: one directory per volume below it.
+    pub data_dir: PathBuf,
+    /// The replication listener's address.
+    pub replication: SocketAddr,
+    /// The admin HTTP address, if any.
+    pub admin: Option<SocketAddr>,
+    /// The NBD address, if any.
+    pub nbd: Option<SocketAddr>,
+    /// The volumes.
+    pub volumes: Vec<VolumeSpec>,
+    /// Tuning for every primary of the node.
+    pub tuning: TuningSpec,
+}
+
+/// One volume of the node's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Name; also its NBD export name.
+    pub name: String,
+    /// Size in bytes, a multiple of 4 KiB.
+    pub size: u64,
+    /// Commit mode.
+    pub commit_mode: CommitMode,
+    /// The assignment's epoch.
+    pub epoch: u64,
+    /// The primary's node.
+    pub primary: String,
+    /// Replicas: node name → that node's replication address.
+    pub replicas: BTreeMap<String, String>,
+    /// Whether replicas export the volume read-only over NBD.
+    pub export_replicas: bool,
+    /// Line of the volume's `name`, for messages.
+    pub line: usize,
+    /// Line of its `size`, for a size the store on disk contradicts.
+    pub size_line: usize,
+}
+
+impl VolumeSpec {
+    /// Size in 4 KiB blocks.
+    pub fn blocks(&self) -> u64 {
+        self.size / BLOCK_SIZE as u64
+    }
+}
+
+/// Tuning that operators may change (`[tuning]`); the rest keeps the
+/// runtime's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TuningSpec {
+    /// A barrier not committed within this long fails (the client's
+    /// FLUSH/FUA gets an error).
+    pub barrier_timeout_ms: u64,
+    /// A peer silent for this long is dead.
+    pub peer_timeout_ms: u64,
+    /// The longest wait before retrying a replica that went away.
+    pub network_retry_max_ms: u64,
+    /// WAL segment size.
+    pub segment_bytes: u64,
+}
+
+impl Default for TuningSpec {
+    fn default() -> Self {
+        Self {
+            barrier_timeout_ms: 5_000,
+            peer_timeout_ms: 5_000,
+            network_retry_max_ms: 2_000,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+impl TuningSpec {
+    /// The runtime's tuning with these values.
+    pub fn tuning(&self) -> walship_actors::Tuning {
+        let mut tuning = walship_actors::Tuning::default();
+        tuning.barrier_timeout_ticks = tuning.ticks(Duration::from_millis(self.barrier_timeout_ms));
+        tuning.peer_timeout = Duration::from_millis(self.peer_timeout_ms);
+        tuning.network_retry.max =
+            Duration::from_millis(self.network_retry_max_ms).max(tuning.network_retry.first);
+        tuning
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    node: Spanned<String>,
+    #[serde(default = "default_cluster")]
+    cluster: String,
+    data_dir: Option<PathBuf>,
+    replication: Spanned<String>,
+    admin: Option<Spanned<String>>,
+    nbd: Option<Spanned<String>>,
+    #[serde(default)]
+    tuning: TuningSpec,
+    #[serde(rename = "volume", default)]
+    volumes: Vec<RawVolume>,
+}
+
+fn default_cluster() -> String {
+    "walship".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Spanned<String>,
+    size: Spanned<RawSize>,
+    block_size: Option<Spanned<u64>>,
+    commit_mode: Spanned<String>,
+    #[serde(default = "first_epoch")]
+    epoch: Spanned<u64>,
+    primary: Spanned<String>,
+    #[serde(default = "no_replicas")]
+    replicas: Spanned<BTreeMap<String, String>>,
+    #[serde(default)]
+    export_replicas: bool,
+}
+
+fn no_replicas() -> Spanned<BTreeMap<String, String>> {
+    Spanned::new(0..0, BTreeMap::new())
+}
+
+fn first_epoch() -> Spanned<u64> {
+    Spanned::new(0..0, 1)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Reads and checks a node's config; `data_dir` (from the command line)
+/// wins over the file's.
+pub fn load(path: &Path, data_dir: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&path.display().to_string(), &text, data_dir)
+}
+
+/// Parses and checks a node's config from `text` (named `file` in messages).
+pub fn parse(file: &str, text: &str, data_dir: Option<&Path>) -> Result<NodeConfig, ConfigError> {
+    let source = Source { file, text };
+    let at = |span: Span, what: String| source.refuse(span, what);
+    let raw: RawNode = toml::from_str(text)
+        .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim_end().to_owned()))?;
+    let node = server_name(&raw.node, "node").map_err(|what| at(raw.node.span(), what))?;
+    let address = |value: &Spanned<String>, key: &str| {
+        value
+            .get_ref()
+            .parse::<SocketAddr>()
+            .map_err(|e| at(value.span(), format!("{key} = {:?}: {e}", value.get_ref())))
+    };
+    let replication = address(&raw.replication, "replication")?;
+    let admin = raw
+        .admin
+        .as_ref()
+        .map(|a| address(a, "admin"))
+        .transpose()?;
+    let nbd = raw.nbd.as_ref().map(|a| address(a, "nbd")).transpose()?;
+    let data_dir = match (data_dir, raw.data_dir) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Some(dir)) => dir,
+        (None, None) => {
+            return Err(at(
+                0..0,
+                "no data_dir: set it in the file or pass --data-dir".into(),
+            ))
+        }
+    };
+    let mut names = HashSet::new();
+    let mut volumes = Vec::new();
+    for raw in raw.volumes {
+        let name_at = raw.name.span();
+        let volume = check_volume(raw, &node, &source)?;
+        if !names.insert(volume.name.clone()) {
+            return Err(at(
+                name_at,
+                format!("volume {} is configured twice", volume.name),
+            ));
+        }
+        volumes.push(volume);
+    }
+    Ok(NodeConfig {
+        file: file.to_owned(),
+        node,
+        cluster: raw.cluster,
+        data_dir,
+        replication,
+        admin,
+        nbd,
+        volumes,
+        tuning: raw.tuning,
+    })
+}
+
+type Span = std::ops::Range<usize>;
+
+/// The text being parsed, to turn byte spans into lines.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    /// 1-based line of the span's start.
+    fn line(&self, span: Span) -> usize {
+        let offset = span.start.min(self.text.len());
+        self.text.as_bytes()[..offset]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn refuse(&self, span: Span, what: String) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: self.line(span),
+            what,
+        }
+    }
+}
+
+fn check_volume(
+    raw: RawVolume,
+    node: &str,
+    source: &Source<'_>,
+) -> Result<VolumeSpec, ConfigError> {
+    let at = |span: Span, what: String| source.refuse(span, what);
+    let name = raw.name.get_ref().clone();
+    // A volume name is the first half of every replica id and an export name.
+    if let Err(e) = ReplicaId::new(&name, node) {
+        return Err(at(raw.name.span(), format!("volume name {name:?}: {e}")));
+    }
+    let size = match raw.size.get_ref() {
+        RawSize::Bytes(bytes) => Some(*bytes),
+        RawSize::Text(text) => parse_size(text),
+    };
+    let block = BLOCK_SIZE as u64;
+    let size = match size {
+        Some(size) if size > 0 && size % block == 0 => size,
+        _ => {
+            return Err(at(
+                raw.size.span(),
+                format!(
+                    "volume {name}: size must be a positive multiple of {block} bytes (\"256MiB\", \"1GiB\" or bytes)"
+                ),
+            ))
+        }
+    };
+    if let Some(block_size) = &raw.block_size {
+        if *block_size.get_ref() != block {
+            return Err(at(
+                block_size.span(),
+                format!("volume {name}: block_size must be {block}"),
+            ));
+        }
+    }
+    let commit_mode = raw
+        .commit_mode
+        .get_ref()
+        .parse::<CommitMode>()
+        .map_err(|e| {
+            at(
+                raw.commit_mode.span(),
+                format!("volume {name}: commit_mode: {e}"),
+            )
+        })?;
+    if *raw.epoch.get_ref() == 0 {
+        return Err(at(
+            raw.epoch.span(),
+            format!("volume {name}: epochs start at 1"),
+        ));
+    }
+    let primary =
+        server_name(&raw.primary, "primary").map_err(|what| at(raw.primary.span(), what))?;
+    let replicas = raw.replicas.get_ref().clone();
+    let replicas_at = raw.replicas.span();
+    for (server, addr) in &replicas {
+        if *server == primary {
+            return Err(at(
+                replicas_at,
+                format!("volume {name}: {server} is its primary and cannot also be a replica"),
+            ));
+        }
+        if let Err(e) = ReplicaId::new(&name, server) {
+            return Err(at(
+                replicas_at,
+                format!("volume {name}: replica {server:?}: {e}"),
+            ));
+        }
+        if let Err(e) = addr.parse::<SocketAddr>() {
+            return Err(at(
+                replicas_at,
+                format!("volume {name}: replica {server} at {addr:?}: {e}"),
+            ));
+        }
+    }
+    if primary != node && !replicas.contains_key(node) {
+        return Err(at(
+            raw.name.span(),
+            format!(
+                "volume {name}: this node ({node}) is neither its primary nor one of its replicas"
+            ),
+        ));
+    }
+    Ok(VolumeSpec {
+        line: source.line(raw.name.span()),
+        size_line: source.line(raw.size.span()),
+        name,
+        size,
+        commit_mode,
+        epoch: *raw.epoch.get_ref(),
+        primary,
+        replicas,
+        export_replicas: raw.export_replicas,
+    })
+}
+
+fn server_name(value: &Spanned<String>, key: &str) -> Result<String, String> {
+    let name = value.get_ref();
+    ReplicaId::new("v", name).map_err(|e| format!("{key} = {name:?}: {e}"))?;
+    Ok(name.clone())
+}
+
+/// `"256MiB"`, `"1 GiB"`, `"4096"`, `"64KiB"` → bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE1: &str = r#"node = "node1"
+data_dir = "/tmp/walship-node1"
+replication = "127.0.0.1:7401"
+admin = "127.0.0.1:9401"
+nbd = "127.0.0.1:10809"
+
+[[volume]]
+name = "vol0"
+size = "256MiB"
+block_size = 4096
+commit_mode = "sync_all"
+primary = "node1"
+replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
+"#;
+
+    fn refusal(text: &str) -> (usize, String) {
+        match parse("node.toml", text, None) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(ConfigError::Invalid { line, what, .. }) => (line, what),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_three_node_volume_parses() {
+        let config = parse("node1.toml", NODE1, None).unwrap();
+        assert_eq!(config.node, "node1");
+        assert_eq!(config.cluster, "walship");
+        assert_eq!(config.nbd, Some("127.0.0.1:10809".parse().unwrap()));
+        let volume = &config.volumes[0];
+        assert_eq!(volume.size, 256 << 20);
+        assert_eq!(volume.blocks(), 65536);
+        assert_eq!(volume.commit_mode, CommitMode::SyncAll);
+        assert_eq!(volume.epoch, 1);
+        assert_eq!(volume.replicas.len(), 2);
+        assert_eq!((volume.line, volume.size_line), (8, 9));
+        assert!(!volume.export_replicas);
+    }
+
+    #[test]
+    fn the_command_line_data_dir_wins() {
+        let config = parse("n", NODE1, Some(Path::new("/elsewhere"))).unwrap();
+        assert_eq!(config.data_dir, Path::new("/elsewhere"));
+        let without = NODE1.replace("data_dir = \"/tmp/walship-node1\"\n", "");
+        let (line, what) = refusal(&without);
+        assert_eq!(line, 1);
+        assert!(what.contains("--data-dir"), "{what}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_line() {
+        // Inside the volume's table: the volume refuses it.
+        let (line, what) = refusal(&format!("{NODE1}colour = \"blue\"\n"));
+        assert_eq!(line, 14);
+        assert!(what.contains("unknown field `colour`"), "{what}");
+        let (line, what) = refusal(&NODE1.replace("nbd =", "nbd_listen ="));
+        assert_eq!(line, 5);
+        assert!(what.contains("nbd_listen"), "{what}");
+    }
+
+    #[test]
+    fn a_replica_on_the_primarys_own_node_is_refused() {
+        let text = NODE1.replace("node3 = \"127.0.0.1:7403\"", "node1 = \"127.0.0.1:7401\"");
+        let (line, what) = refusal(&text);
+        assert_eq!(line, 13);
+        assert!(what.contains("node1 is its primary"), "{what}");
+    }
+
+    #[test]
+    fn a_duplicate_volume_is_refused_at_its_second_line() {
+        let volume = &NODE1[NODE1.find("[[volume]]").unwrap()..];
+        let (line, what) = refusal(&format!("{NODE1}\n{volume}"));
+        assert_eq!(line, 16);
+        assert!(what.contains("vol0 is configured twice"), "{what}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_line() {
+        for (from, to, line, says) in [
+            ("\"256MiB\"", "\"256MB\"", 9, "size must be"),
+            ("\"256MiB\"", "1000", 9, "size must be"),
+            (
+                "block_size = 4096",
+                "block_size = 512",
+                10,
+                "block_size must be 4096",
+            ),
+            ("\"sync_all\"", "\"sync_most\"", 11, "commit_mode"),
+            (
+                "\"127.0.0.1:7401\"\nadmin",
+                "\"localhost\"\nadmin",
+                3,
+                "replication",
+            ),
+            ("\"127.0.0.1:7402\"", "\"nowhere\"", 13, "replica node2"),
+            (
+                "primary = \"node1\"",
+                "primary = \"node4\"",
+                8,
+                "neither its primary",
+            ),
+            ("name = \"vol0\"", "name = \"a/b\"", 8, "volume name"),
+        ] {
+            assert!(NODE1.contains(from), "{from}");
+            let (got, what) = refusal(&NODE1.replacen(from, to, 1));
+            assert_eq!(got, line, "{to}: {what}");
+            assert!(what.contains(says), "{to}: {what}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("256MiB"), Some(256 << 20));
+        assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12MB"), None);
+        assert_eq!(parse_size("MiB"), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! # walship-node
+//!
+//! A node: one process hosting many replicated volumes, primary for some
+//! and replica for others, from a TOML config ([`config`]). It wraps the
+//! actor runtime (`walship-actors`) with what a deployed server needs: one
+//! replication listener routing connections by volume, NBD exports for
+//! block clients ([`nbd`]), persisted assignments, and a stop that answers
+//! every in-flight request before it returns.
+
+pub mod assignment;
+pub mod config;
+pub mod nbd;
+mod node;
+
+pub use assignment::{Applied, ReplicaEndpoint};
+pub use config::{ConfigError, NodeConfig, TuningSpec, VolumeSpec};
+pub use node::{Node, NodeError, VolumeReport};

@@ -1,0 +1,142 @@
+//! The NBD export: block clients (fio, qemu, nbdcopy, the kernel's
+//! nbd-client) read and write a volume over the NBD protocol.
+//!
+//! - [`handshake`]: fixed newstyle; `NBD_OPT_GO`, `INFO`, `LIST`,
+//!   `EXPORT_NAME`, `ABORT`; every other option gets `NBD_REP_ERR_UNSUP`.
+//! - [`transmission`]: READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES, DISC,
+//!   pipelined, answered out of order with simple replies.
+//!
+//! Durability: a WRITE is answered once the volume's WAL holds it; FLUSH,
+//! and any command with FUA, only once it is committed under the volume's
+//! commit mode (under sync_all: durable on every in-sync replica). A write
+//! the volume cannot take gets an error reply, never a silent drop.
+//!
+//! Alignment: the minimum block size is 4096 and it is advertised in every
+//! `NBD_INFO_BLOCK_SIZE`; a request that is not 4 KiB-aligned gets
+//! `NBD_EINVAL` and changes nothing (clients that negotiated block sizes,
+//! like qemu, align on their side).
+
+mod handshake;
+mod proto;
+mod transmission;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use walship_actors::VolumeHandle;
+
+/// One export: a volume, its size, and whether clients may write.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// Export name (the volume's name).
+    pub name: String,
+    /// The volume.
+    pub volume: VolumeHandle,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether writes are refused (`NBD_EPERM`).
+    pub read_only: bool,
+}
+
+/// What clients can open, asked at each handshake (so an export follows
+/// its volume's role changes).
+pub trait Exports: Send + Sync + 'static {
+    /// Every export's name, for `NBD_OPT_LIST`.
+    fn names(&self) -> Vec<String>;
+    /// The export called `name`, if there is one.
+    fn export(&self, name: &str) -> Option<Export>;
+}
+
+/// A running NBD server. [`stop`](NbdServer::stop) stops accepting,
+/// answers every request already read, and returns once every connection
+/// has ended.
+#[derive(Debug)]
+pub struct NbdServer {
+    local: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: TaskTracker,
+}
+
+impl NbdServer {
+    /// Serves `exports` to the clients of `listener`.
+    pub fn start(listener: TcpListener, exports: Arc<dyn Exports>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let tasks = TaskTracker::new();
+        tokio::spawn(tasks.track_future(accept_loop(listener, exports, stopped, tasks.clone())));
+        Ok(Self { local, stop, tasks })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Stops accepting; connections still negotiating close, connections
+    /// transmitting stop reading requests, answer the ones they read, and
+    /// close. Returns when the last one has.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    exports: Arc<dyn Exports>,
+    stopped: watch::Receiver<bool>,
+    tasks: TaskTracker,
+) {
+    let mut stop = stopped.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let exports = Arc::clone(&exports);
+                    let stopped = stopped.clone();
+                    tokio::spawn(tasks.track_future(async move {
+                        if let Err(e) = serve(stream, exports, stopped).await {
+                            tracing::info!(%peer, error = %e, "nbd connection closed");
+                        }
+                    }));
+                }
+                Err(e) => tracing::warn!(error = %e, "nbd accept failed"),
+            },
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+async fn serve(
+    stream: tokio::net::TcpStream,
+    exports: Arc<dyn Exports>,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), NbdError> {
+    let (read, write) = stream.into_split();
+    let mut read = tokio::io::BufReader::new(read);
+    let mut write = tokio::io::BufWriter::new(write);
+    let mut stop = stopped.clone();
+    let negotiated = tokio::select! {
+        negotiated = handshake::negotiate(&mut read, &mut write, exports.as_ref()) => negotiated?,
+        _ = stop.wait_for(|stop| *stop) => return Ok(()),
+    };
+    match negotiated {
+        Some(export) => transmission::serve(read, write, export, stopped).await,
+        None => Ok(()),
+    }
+}
+
+/// Why a connection ended before its client said goodbye.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NbdError {
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The client broke the protocol; the connection is closed.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,497 @@
+//! The [`Node`]: the volumes of one config on one runtime, behind one
+//! replication listener, exported over NBD.
+//!
+//! Each volume lives in `<data_dir>/<volume>/`: its store in `store/`, the
+//! assignment applied last in `assignment.json`. A new assignment is
+//! persisted before it is carried out, and one that is not newer than the
+//! last is fenced, so the node never goes back to an older epoch.
+
+use crate::assignment::{self, Applied};
+use crate::config::{ConfigError, NodeConfig, VolumeSpec};
+use crate::nbd::{Export, Exports, NbdServer};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use walship_actors::{
+    Listen, NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicationListener, Runtime,
+    VolumeConfig, VolumeError, VolumeHandle,
+};
+use walship_engine::RecoveryEvent;
+use walship_io::{StoreError, StoreOptions};
+
+/// Why a node, or a change to it, was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The config is inconsistent (with itself or with the stores on disk).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file or socket could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A volume refused.
+    #[error("volume {volume}: {source}")]
+    Volume {
+        /// The volume.
+        volume: String,
+        /// Its refusal.
+        source: VolumeError,
+    },
+    /// The node hosts no such volume.
+    #[error("no volume named {0}")]
+    NoSuchVolume(String),
+    /// The assignment is not newer than the one applied.
+    #[error(
+        "volume {volume}: assignment epoch {offered} is not newer than the applied epoch {applied}"
+    )]
+    Fenced {
+        /// The volume.
+        volume: String,
+        /// The epoch applied.
+        applied: u64,
+        /// The epoch offered.
+        offered: u64,
+    },
+    /// The assignment makes no sense for this node.
+    #[error("volume {volume}: {what}")]
+    BadAssignment {
+        /// The volume.
+        volume: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// A volume the node hosts.
+#[derive(Debug, Clone)]
+struct Hosted {
+    spec: VolumeSpec,
+    applied: Applied,
+    handle: VolumeHandle,
+}
+
+/// The volumes, looked up by NBD handshakes and the admin API.
+#[derive(Debug, Default)]
+struct Table {
+    volumes: RwLock<BTreeMap<String, Hosted>>,
+}
+
+impl Table {
+    fn get(&self, name: &str) -> Option<Hosted> {
+        let volumes = self.volumes.read().unwrap_or_else(PoisonError::into_inner);
+        volumes.get(name).cloned()
+    }
+
+    fn all(&self) -> Vec<Hosted> {
+        let volumes = self.volumes.read().unwrap_or_else(PoisonError::into_inner);
+        volumes.values().cloned().collect()
+    }
+
+    fn put(&self, hosted: Hosted) {
+        let mut volumes = self.volumes.write().unwrap_or_else(PoisonError::into_inner);
+        volumes.insert(hosted.spec.name.clone(), hosted);
+    }
+}
+
+/// What NBD clients see: every volume this node is primary for, read-write,
+/// and the replicas whose config asks for it, read-only.
+#[derive(Debug)]
+struct NodeExports {
+    node: String,
+    table: Arc<Table>,
+}
+
+impl NodeExports {
+    fn exported(&self, hosted: &Hosted) -> Option<Export> {
+        let primary = hosted.applied.is_primary(&self.node);
+        (primary || hosted.spec.export_replicas).then(|| Export {
+            name: hosted.spec.name.clone(),
+            volume: hosted.handle.clone(),
+            size: hosted.spec.size,
+            read_only: !primary,
+        })
+    }
+}
+
+impl Exports for NodeExports {
+    fn names(&self) -> Vec<String> {
+        self.table
+            .all()
+            .iter()
+            .filter_map(|hosted| self.exported(hosted))
+            .map(|export| export.name)
+            .collect()
+    }
+
+    fn export(&self, name: &str) -> Option<Export> {
+        self.exported(&self.table.get(name)?)
+    }
+}
+
+/// One volume's state, for operators.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeReport {
+    /// Name.
+    pub name: String,
+    /// `primary` or `replica`.
+    pub role: &'static str,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether it is exported over NBD, and how.
+    pub export: Option<&'static str>,
+    /// The assignment applied.
+    pub assignment: Applied,
+    /// The runtime's status of it.
+    pub status: NodeStatus,
+    /// The most recent recovery decisions, with their proofs (primaries).
+    pub recent_recovery: Vec<RecoveryEvent>,
+}
+
+/// Recovery events a report carries.
+const RECENT_RECOVERY: usize = 32;
+
+/// A node: volumes from a config, served to replicas and clients.
+/// [`stop`](Node::stop) it; dropping it stops the runtime without
+/// answering clients first. Share it (`Arc<Node>`) with what serves it.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    /// Taken by the stop; the last clone's drop ends the runtime.
+    runtime: Mutex<Option<Arc<Runtime>>>,
+    listener: ReplicationListener,
+    table: Arc<Table>,
+    /// Serialises changes of assignment (and the stop, after them).
+    changing: tokio::sync::Mutex<()>,
+    nbd: Mutex<Option<Arc<NbdServer>>>,
+    nbd_addr: Option<SocketAddr>,
+}
+
+impl Node {
+    /// Starts every volume of `config`, the replication listener and the
+    /// NBD server. Refuses a config the stores on disk contradict.
+    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(io(format!("create {}", config.data_dir.display())))?;
+        let runtime = Runtime::start().map_err(|source| NodeError::Volume {
+            volume: "(runtime)".into(),
+            source,
+        })?;
+        let listener = runtime
+            .replication_listener(&config.cluster, &config.replication.to_string())
+            .map_err(|source| NodeError::Volume {
+                volume: "(replication listener)".into(),
+                source,
+            })?;
+        let mut node = Self {
+            runtime: Mutex::new(Some(Arc::new(runtime))),
+            listener,
+            table: Arc::default(),
+            changing: tokio::sync::Mutex::new(()),
+            nbd: Mutex::new(None),
+            nbd_addr: None,
+            config,
+        };
+        for spec in node.config.volumes.clone() {
+            let dir = node.volume_dir(&spec.name);
+            let starting = assignment::start(&dir, &node.config.node, &spec)
+                .map_err(io(format!("assignment of {}", spec.name)))?;
+            tracing::info!(volume = %spec.name, epoch = starting.applied.epoch,
+                primary = %starting.applied.primary, "assignment: {}", starting.reason);
+            let handle = match node.open(&spec, &starting.applied).await {
+                Ok(handle) => handle,
+                Err(e) => {
+                    node.stop().await;
+                    return Err(e);
+                }
+            };
+            node.table.put(Hosted {
+                spec,
+                applied: starting.applied,
+                handle,
+            });
+        }
+        if let Some(addr) = node.config.nbd {
+            let exports = Arc::new(NodeExports {
+                node: node.config.node.clone(),
+                table: Arc::clone(&node.table),
+            });
+            let started = match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => NbdServer::start(listener, exports),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(server) => {
+                    node.nbd_addr = Some(server.local_addr());
+                    node.nbd = Mutex::new(Some(Arc::new(server)));
+                }
+                Err(e) => {
+                    node.stop().await;
+                    return Err(io(format!("nbd listener on {addr}"))(e));
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.config.data_dir.join(volume)
+    }
+
+    fn runtime(&self) -> Result<Arc<Runtime>, VolumeError> {
+        let runtime = self.runtime.lock().unwrap_or_else(PoisonError::into_inner);
+        runtime.clone().ok_or(VolumeError::Stopped)
+    }
+
+    /// Opens `spec`'s volume in the role `applied` gives this node.
+    async fn open(&self, spec: &VolumeSpec, applied: &Applied) -> Result<VolumeHandle, NodeError> {
+        let config = &self.config;
+        let store = StoreOptions {
+            segment_bytes: config.tuning.segment_bytes,
+            ..StoreOptions::new(spec.blocks())
+        };
+        let dir = self.volume_dir(&spec.name).join("store");
+        let volume = if applied.is_primary(&config.node) {
+            VolumeConfig::Primary(PrimaryConfig {
+                cluster: config.cluster.clone(),
+                volume: spec.name.clone(),
+                dir,
+                store,
+                epoch: applied.epoch,
+                commit_mode: applied.commit_mode,
+                replicas: applied
+                    .replicas
+                    .iter()
+                    .map(|(server, endpoint)| ReplicaSpec {
+                        server: server.clone(),
+                        addr: endpoint.addr.clone(),
+                        version: endpoint.version,
+                    })
+                    .collect(),
+                tuning: config.tuning.tuning(),
+            })
+        } else {
+            VolumeConfig::Replica(ReplicaConfig {
+                cluster: config.cluster.clone(),
+                volume: spec.name.clone(),
+                server: config.node.clone(),
+                dir,
+                store,
+                listen: Listen::Shared(self.listener.clone()),
+                checkpoint_every_lsns: config.tuning.tuning().checkpoint_every_lsns,
+            })
+        };
+        let spawned = match self.runtime() {
+            Ok(runtime) => runtime.spawn_volume(volume).await,
+            Err(e) => Err(e),
+        };
+        spawned.map_err(|source| match source {
+            VolumeError::Store(StoreError::SizeMismatch {
+                on_disk,
+                configured,
+            }) => NodeError::Config(ConfigError::Invalid {
+                file: config.file.clone(),
+                line: spec.size_line,
+                what: format!(
+                    "volume {}: size {} bytes, but its store on disk holds {} bytes",
+                    spec.name,
+                    configured * walship_io::BLOCK_SIZE as u64,
+                    on_disk * walship_io::BLOCK_SIZE as u64
+                ),
+            }),
+            source => NodeError::Volume {
+                volume: spec.name.clone(),
+                source,
+            },
+        })
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.config.node
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Where the replication listener listens.
+    pub fn replication_addr(&self) -> SocketAddr {
+        self.listener.local_addr()
+    }
+
+    /// Where the NBD server listens, if it runs.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.nbd_addr
+    }
+
+    /// The handle of volume `name`.
+    pub fn volume(&self, name: &str) -> Option<VolumeHandle> {
+        self.table.get(name).map(|hosted| hosted.handle)
+    }
+
+    /// Every volume's state.
+    pub async fn report(&self) -> Vec<VolumeReport> {
+        let mut reports = Vec::new();
+        for hosted in self.table.all() {
+            if let Ok(report) = self.volume_report(&hosted).await {
+                reports.push(report);
+            }
+        }
+        reports
+    }
+
+    /// Volume `name`'s state.
+    pub async fn volume_status(&self, name: &str) -> Result<VolumeReport, NodeError> {
+        let hosted = self
+            .table
+            .get(name)
+            .ok_or_else(|| NodeError::NoSuchVolume(name.into()))?;
+        self.volume_report(&hosted).await
+    }
+
+    async fn volume_report(&self, hosted: &Hosted) -> Result<VolumeReport, NodeError> {
+        let failed = |source| NodeError::Volume {
+            volume: hosted.spec.name.clone(),
+            source,
+        };
+        let status = hosted.handle.status().await.map_err(failed)?;
+        let mut recent_recovery = hosted.handle.recovery_log().await.map_err(failed)?;
+        let keep = recent_recovery.len().saturating_sub(RECENT_RECOVERY);
+        recent_recovery.drain(..keep);
+        let primary = hosted.applied.is_primary(&self.config.node);
+        Ok(VolumeReport {
+            name: hosted.spec.name.clone(),
+            role: if primary { "primary" } else { "replica" },
+            size: hosted.spec.size,
+            export: match (
+                self.nbd_addr.is_some(),
+                primary,
+                hosted.spec.export_replicas,
+            ) {
+                (false, _, _) | (true, false, false) => None,
+                (true, true, _) => Some("read-write"),
+                (true, false, true) => Some("read-only"),
+            },
+            assignment: hosted.applied.clone(),
+            status,
+            recent_recovery,
+        })
+    }
+
+    /// Applies a new assignment to volume `name`: fenced unless its epoch
+    /// is newer than the one applied; persisted before it is carried out;
+    /// a role change reopens the volume's store in its new role.
+    pub async fn apply_assignment(&self, name: &str, next: Applied) -> Result<(), NodeError> {
+        let _one_at_a_time = self.changing.lock().await;
+        let hosted = self
+            .table
+            .get(name)
+            .ok_or_else(|| NodeError::NoSuchVolume(name.into()))?;
+        if next.epoch <= hosted.applied.epoch {
+            return Err(NodeError::Fenced {
+                volume: name.into(),
+                applied: hosted.applied.epoch,
+                offered: next.epoch,
+            });
+        }
+        let node = &self.config.node;
+        let bad = |what: String| NodeError::BadAssignment {
+            volume: name.into(),
+            what,
+        };
+        if next.replicas.contains_key(&next.primary) {
+            return Err(bad(format!(
+                "{} cannot be primary and replica",
+                next.primary
+            )));
+        }
+        if !next.is_primary(node) && !next.replicas.contains_key(node) {
+            return Err(bad(format!("it leaves out this node ({node})")));
+        }
+        let next = hosted.applied.successor(next);
+        let engine = next
+            .engine(name)
+            .map_err(|e| bad(format!("replica id: {e}")))?;
+        assignment::save(&self.volume_dir(name), &next)
+            .map_err(io(format!("persist the assignment of {name}")))?;
+        let was_primary = hosted.applied.is_primary(node);
+        let handle = match (was_primary, next.is_primary(node)) {
+            (true, true) => {
+                hosted
+                    .handle
+                    .apply_assignment(engine)
+                    .await
+                    .map_err(|source| NodeError::Volume {
+                        volume: name.into(),
+                        source,
+                    })?;
+                hosted.handle
+            }
+            // A replica learns its new epoch from its primary's hello.
+            (false, false) => hosted.handle,
+            // A role change: the store reopens in the new role.
+            _ => {
+                hosted.handle.stop().await;
+                self.open(&hosted.spec, &next).await?
+            }
+        };
+        tracing::info!(volume = name, epoch = next.epoch, primary = %next.primary,
+            "assignment applied");
+        self.table.put(Hosted {
+            spec: hosted.spec,
+            applied: next,
+            handle,
+        });
+        Ok(())
+    }
+
+    /// Stops the node: the NBD server stops accepting and answers every
+    /// request it read, each primary checkpoints what it holds (an fsync),
+    /// then every volume stops, the replication listener closes, and the
+    /// runtime ends. Returns when all of it has.
+    pub async fn stop(&self) {
+        let _no_more_changes = self.changing.lock().await;
+        let nbd = self
+            .nbd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(nbd) = nbd {
+            nbd.stop().await;
+        }
+        let volumes = self.table.all();
+        for hosted in &volumes {
+            if hosted.handle.is_primary() {
+                if let Err(e) = hosted.handle.checkpoint().await {
+                    tracing::warn!(volume = %hosted.spec.name, error = %e, "final checkpoint");
+                }
+            }
+        }
+        self.listener.close().await;
+        for hosted in &volumes {
+            hosted.handle.stop().await;
+        }
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(runtime) = runtime {
+            // The last clone's drop joins the runtime's thread: not on an
+            // async worker.
+            let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
+        }
+    }
+}
