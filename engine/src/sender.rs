@@ -32,6 +32,32 @@ pub enum ReplicaState {
     Rebuilding,
 }
 
+impl ReplicaState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [ReplicaState; 7] = [
+        ReplicaState::Disconnected,
+        ReplicaState::Connecting,
+        ReplicaState::CatchingUp,
+        ReplicaState::InSync,
+        ReplicaState::Degraded,
+        ReplicaState::NeedsRebuild,
+        ReplicaState::Rebuilding,
+    ];
+
+    /// The state's name as in status JSON (`in_sync`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Disconnected => "disconnected",
+            ReplicaState::Connecting => "connecting",
+            ReplicaState::CatchingUp => "catching_up",
+            ReplicaState::InSync => "in_sync",
+            ReplicaState::Degraded => "degraded",
+            ReplicaState::NeedsRebuild => "needs_rebuild",
+            ReplicaState::Rebuilding => "rebuilding",
+        }
+    }
+}
+
 /// Why a replica needs a rebuild, kept while the need lasts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RebuildNeed {

@@ -7,11 +7,13 @@
 //! block clients ([`nbd`]), persisted assignments, and a stop that answers
 //! every in-flight request before it returns.
 
+pub mod admin;
 pub mod assignment;
 pub mod config;
 pub mod nbd;
 mod node;
 
+pub use admin::{AdminClientError, AdminServer, AssignmentRequest, StatusReport};
 pub use assignment::{Applied, ReplicaEndpoint};
 pub use config::{ConfigError, NodeConfig, TuningSpec, VolumeSpec};
 pub use node::{Node, NodeError, VolumeReport};

@@ -6,6 +6,7 @@
 //! persisted before it is carried out, and one that is not newer than the
 //! last is fenced, so the node never goes back to an older epoch.
 
+use crate::admin::AdminServer;
 use crate::assignment::{self, Applied};
 use crate::config::{ConfigError, NodeConfig, VolumeSpec};
 use crate::nbd::{Export, Exports, NbdServer};
@@ -66,6 +67,10 @@ pub enum NodeError {
         /// What is wrong.
         what: String,
     },
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -175,12 +180,20 @@ pub struct Node {
     changing: tokio::sync::Mutex<()>,
     nbd: Mutex<Option<Arc<NbdServer>>>,
     nbd_addr: Option<SocketAddr>,
+    /// The admin endpoint holds the node: the stop takes it, which ends
+    /// the cycle.
+    admin: Mutex<Option<Arc<AdminServer>>>,
+    admin_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl Node {
     /// Starts every volume of `config`, the replication listener and the
     /// NBD server. Refuses a config the stores on disk contradict.
-    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+    pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        if config.admin.is_some() {
+            // Before any actor registers a metric with the recorder.
+            crate::admin::prometheus();
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(io(format!("create {}", config.data_dir.display())))?;
         let runtime = Runtime::start().map_err(|source| NodeError::Volume {
@@ -200,6 +213,8 @@ impl Node {
             changing: tokio::sync::Mutex::new(()),
             nbd: Mutex::new(None),
             nbd_addr: None,
+            admin: Mutex::new(None),
+            admin_addr: Mutex::new(None),
             config,
         };
         for spec in node.config.volumes.clone() {
@@ -241,6 +256,23 @@ impl Node {
                 }
             }
         }
+        let node = Arc::new(node);
+        if let Some(addr) = node.config.admin {
+            let started = match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => AdminServer::start(listener, Arc::clone(&node)),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(server) => {
+                    *lock(&node.admin_addr) = Some(server.local_addr());
+                    *lock(&node.admin) = Some(Arc::new(server));
+                }
+                Err(e) => {
+                    node.stop().await;
+                    return Err(io(format!("admin listener on {addr}"))(e));
+                }
+            }
+        }
         Ok(node)
     }
 
@@ -249,8 +281,7 @@ impl Node {
     }
 
     fn runtime(&self) -> Result<Arc<Runtime>, VolumeError> {
-        let runtime = self.runtime.lock().unwrap_or_else(PoisonError::into_inner);
-        runtime.clone().ok_or(VolumeError::Stopped)
+        lock(&self.runtime).clone().ok_or(VolumeError::Stopped)
     }
 
     /// Opens `spec`'s volume in the role `applied` gives this node.
@@ -334,6 +365,11 @@ impl Node {
     /// Where the NBD server listens, if it runs.
     pub fn nbd_addr(&self) -> Option<SocketAddr> {
         self.nbd_addr
+    }
+
+    /// Where the admin endpoint listens, if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.admin_addr)
     }
 
     /// The handle of volume `name`.
@@ -457,17 +493,17 @@ impl Node {
         Ok(())
     }
 
-    /// Stops the node: the NBD server stops accepting and answers every
+    /// Stops the node: the admin endpoint stops, the NBD server stops accepting and answers every
     /// request it read, each primary checkpoints what it holds (an fsync),
     /// then every volume stops, the replication listener closes, and the
     /// runtime ends. Returns when all of it has.
     pub async fn stop(&self) {
+        let admin = lock(&self.admin).take();
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
         let _no_more_changes = self.changing.lock().await;
-        let nbd = self
-            .nbd
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let nbd = lock(&self.nbd).take();
         if let Some(nbd) = nbd {
             nbd.stop().await;
         }
@@ -483,11 +519,7 @@ impl Node {
         for hosted in &volumes {
             hosted.handle.stop().await;
         }
-        let runtime = self
-            .runtime
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let runtime = lock(&self.runtime).take();
         if let Some(runtime) = runtime {
             // The last clone's drop joins the runtime's thread: not on an
             // async worker.

@@ -2,6 +2,7 @@
 
 mod demo;
 mod serve;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -42,6 +43,15 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// A running node's volumes, roles, epochs, replica states and lag.
+    Status {
+        /// The node's admin address (`host:port`).
+        #[arg(long)]
+        admin: String,
+        /// Print the JSON the node answered instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -56,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
             init_logs();
             serve::run(&config, data_dir.as_deref()).await
         }
+        Command::Status { admin, json } => status::run(&admin, json, &mut std::io::stdout()).await,
     }
 }
 

@@ -16,6 +16,7 @@ pub async fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<
         node = node.name(),
         replication = %node.replication_addr(),
         nbd = ?node.nbd_addr(),
+        admin = ?node.admin_addr(),
         volumes = node.config().volumes.len(),
         "serving"
     );

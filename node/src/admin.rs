@@ -1,0 +1,334 @@
+//! The admin HTTP endpoint (HTTP/1.1, hyper):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /status` | the node and every volume: roles, epochs, replica states, lag, pins, mailboxes, recent recovery decisions (JSON) |
+//! | `GET /volumes/{name}` | one volume, the same way |
+//! | `POST /volumes/{name}/assignment` | applies a new assignment ([`AssignmentRequest`] as JSON); 409 when fenced |
+//! | `GET /metrics` | Prometheus text: mailboxes per actor, per-volume LSNs, lag, states, pins, bytes shipped |
+
+use crate::assignment::{Applied, ReplicaEndpoint};
+use crate::node::{Node, NodeError, VolumeReport};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use walship_actors::NodeStatus;
+use walship_engine::CommitMode;
+
+/// A new assignment, as `POST /volumes/{name}/assignment` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentRequest {
+    /// Epoch: newer than the applied one, or the request is fenced.
+    pub epoch: u64,
+    /// The primary's node.
+    pub primary: String,
+    /// Commit mode.
+    pub commit_mode: CommitMode,
+    /// Replicas: node name → its replication address.
+    pub replicas: BTreeMap<String, String>,
+}
+
+impl AssignmentRequest {
+    /// As an assignment to apply (endpoint versions are the node's to set).
+    pub fn applied(&self) -> Applied {
+        Applied {
+            epoch: self.epoch,
+            primary: self.primary.clone(),
+            commit_mode: self.commit_mode,
+            replicas: self
+                .replicas
+                .iter()
+                .map(|(server, addr)| {
+                    let endpoint = ReplicaEndpoint {
+                        addr: addr.clone(),
+                        version: 1,
+                    };
+                    (server.clone(), endpoint)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Node name.
+    pub node: String,
+    /// Cluster.
+    pub cluster: String,
+    /// Replication listener.
+    pub replication: String,
+    /// NBD listener.
+    pub nbd: Option<String>,
+    /// The volumes.
+    pub volumes: Vec<VolumeReport>,
+}
+
+/// The process's Prometheus recorder: installed by the first node, before
+/// any actor registers a metric; `None` when the embedder installed
+/// another recorder first.
+pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}
+
+/// A running admin endpoint; [`stop`](Self::stop) waits for its requests.
+#[derive(Debug)]
+pub struct AdminServer {
+    local: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: TaskTracker,
+}
+
+impl AdminServer {
+    /// Serves `node` to the clients of `listener`.
+    pub fn start(listener: TcpListener, node: Arc<Node>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let tasks = TaskTracker::new();
+        let accepting = tasks.clone();
+        tasks.spawn(async move {
+            let mut stop = stopped.clone();
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            continue;
+                        }
+                    },
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                let node = Arc::clone(&node);
+                let mut stop = stopped.clone();
+                accepting.spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let node = Arc::clone(&node);
+                        async move { Ok::<_, std::convert::Infallible>(route(&node, request).await) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service);
+                    tokio::pin!(connection);
+                    let stopping = async {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    };
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = stopping => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { local, stop, tasks })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Stops accepting, lets requests being answered finish, and returns
+    /// when every connection has closed.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Largest request body taken (an assignment is a few hundred bytes).
+const MAX_BODY: usize = 64 << 10;
+
+async fn route(node: &Node, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (request.method(), parts.as_slice()) {
+        (&Method::GET, ["status"]) => json(StatusCode::OK, &status(node).await),
+        (&Method::GET, ["volumes", name]) => match node.volume_status(name).await {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(e) => refusal(&e),
+        },
+        (&Method::POST, ["volumes", name, "assignment"]) => {
+            let name = (*name).to_owned();
+            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+            };
+            let wanted: AssignmentRequest = match serde_json::from_slice(&body) {
+                Ok(wanted) => wanted,
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("assignment: {e}\n")),
+            };
+            match node.apply_assignment(&name, wanted.applied()).await {
+                Ok(()) => match node.volume_status(&name).await {
+                    Ok(report) => json(StatusCode::OK, &report),
+                    Err(e) => refusal(&e),
+                },
+                Err(e) => refusal(&e),
+            }
+        }
+        (&Method::GET, ["metrics"]) => text(StatusCode::OK, metrics(node).await),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no route {} {path}\n", request.method()),
+        ),
+    }
+}
+
+/// The node's status report.
+pub async fn status(node: &Node) -> StatusReport {
+    StatusReport {
+        node: node.name().to_owned(),
+        cluster: node.config().cluster.clone(),
+        replication: node.replication_addr().to_string(),
+        nbd: node.nbd_addr().map(|a| a.to_string()),
+        volumes: node.report().await,
+    }
+}
+
+fn refusal(error: &NodeError) -> Response<Full<Bytes>> {
+    let status = match error {
+        NodeError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
+        NodeError::Fenced { .. } => StatusCode::CONFLICT,
+        NodeError::BadAssignment { .. } | NodeError::Config(_) => StatusCode::BAD_REQUEST,
+        NodeError::Volume { .. } | NodeError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text(status, format!("{error}\n"))
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => respond(status, "application/json", body),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+fn respond(status: StatusCode, kind: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    response
+}
+
+/// Sets the per-volume gauges from a fresh status of each volume, then
+/// renders everything the recorder holds (mailboxes included).
+async fn metrics(node: &Node) -> String {
+    let Some(prometheus) = prometheus() else {
+        return "# another metrics recorder was installed before the node\n".into();
+    };
+    for report in node.report().await {
+        let volume = report.name.clone();
+        let gauge = |name: &'static str, value: u64| {
+            metrics::gauge!(name, "volume" => volume.clone()).set(value as f64);
+        };
+        match &report.status {
+            NodeStatus::Primary(status) => {
+                let history = &status.registry.history;
+                gauge("walship_volume_head_lsn", status.head);
+                gauge("walship_volume_durable_lsn", status.durable);
+                gauge("walship_volume_committed_lsn", history.committed.get());
+                gauge("walship_volume_tail_lsn", status.tail);
+                gauge("walship_volume_checkpoint_lsn", status.checkpoint);
+                gauge("walship_volume_epoch", status.registry.epoch.get());
+                gauge("walship_volume_recovery_pins", status.recovery_pins as u64);
+                gauge(
+                    "walship_volume_retention_holds",
+                    status.retention_holds as u64,
+                );
+                gauge("walship_volume_snapshot_pins", status.snapshot_pins as u64);
+                for sender in &status.registry.senders {
+                    let labels = [
+                        ("volume", volume.clone()),
+                        ("replica", sender.replica.to_string()),
+                    ];
+                    let lag = status.head.saturating_sub(sender.flushed.get());
+                    metrics::gauge!("walship_replica_lag_lsns", &labels).set(lag as f64);
+                    for state in walship_engine::ReplicaState::ALL {
+                        let mut labels = labels.to_vec();
+                        labels.push(("state", state.as_str().to_owned()));
+                        let on = f64::from(u8::from(sender.state == state));
+                        metrics::gauge!("walship_replica_state", &labels).set(on);
+                    }
+                }
+                for (replica, sent) in &status.bytes_sent {
+                    let labels = [("volume", volume.clone()), ("replica", replica.to_string())];
+                    metrics::gauge!("walship_replica_bytes_shipped", &labels).set(*sent as f64);
+                }
+            }
+            NodeStatus::Replica(status) => {
+                gauge("walship_volume_head_lsn", status.head);
+                gauge("walship_volume_durable_lsn", status.durable);
+                gauge("walship_volume_checkpoint_lsn", status.checkpoint);
+                gauge("walship_volume_epoch", status.epoch);
+            }
+        }
+    }
+    prometheus.render()
+}
+
+/// A client's request to a node's admin endpoint: `GET` when `body` is
+/// `None`, else `POST` with the JSON body. Returns the status and body.
+pub async fn request(
+    addr: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<(StatusCode, String), AdminClientError> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(connection);
+    let builder = Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, addr);
+    let request = match body {
+        None => builder.method(Method::GET).body(Full::new(Bytes::new())),
+        Some(body) => builder
+            .method(Method::POST)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body))),
+    }
+    .map_err(|e| AdminClientError::Request(e.to_string()))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    driver.abort();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Why an admin request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    /// The node could not be reached.
+    #[error("connect: {0}")]
+    Connect(#[from] std::io::Error),
+    /// HTTP failed.
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built.
+    #[error("request: {0}")]
+    Request(String),
+}

@@ -1,0 +1,122 @@
+//! `walship status --admin ADDR`: a node's status as a table for a person,
+//! or its JSON (`--json`) for machines.
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use std::fmt::Write as _;
+use walship::node::admin;
+
+/// Prints the status of the node whose admin endpoint is `addr`.
+pub async fn run(addr: &str, json: bool, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let (status, body) = admin::request(addr, "/status", None)
+        .await
+        .with_context(|| format!("GET http://{addr}/status"))?;
+    if !status.is_success() {
+        bail!("GET http://{addr}/status: {status}: {body}");
+    }
+    if json {
+        writeln!(out, "{body}")?;
+        return Ok(());
+    }
+    let report: Value = serde_json::from_str(&body).context("status JSON")?;
+    out.write_all(render(&report).as_bytes())?;
+    Ok(())
+}
+
+/// The table: one block per volume, one line per replica of a primary.
+pub fn render(report: &Value) -> String {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node {}  cluster {}  replication {}  nbd {}",
+        text(&report["node"]),
+        text(&report["cluster"]),
+        text(&report["replication"]),
+        text(&report["nbd"]),
+    );
+    let volumes = report["volumes"].as_array().cloned().unwrap_or_default();
+    let [v, r, e, h, c, d, t, p, x] = [
+        "VOLUME",
+        "ROLE",
+        "EPOCH",
+        "HEAD",
+        "COMMITTED",
+        "DURABLE",
+        "TAIL",
+        "PINS",
+        "EXPORT",
+    ];
+    let _ = writeln!(
+        out,
+        "\n{v:<12} {r:<8} {e:>6} {h:>10} {c:>10} {d:>10} {t:>10} {p:>5}  {x}"
+    );
+    for volume in &volumes {
+        let status = &volume["status"];
+        let primary = volume["role"] == "primary";
+        let committed = if primary {
+            text(&status["registry"]["history"]["committed"])
+        } else {
+            "-".into()
+        };
+        let pins = if primary {
+            let count = |key: &str| status[key].as_u64().unwrap_or(0);
+            (count("recovery_pins") + count("retention_holds") + count("snapshot_pins")).to_string()
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>5}  {}",
+            text(&volume["name"]),
+            text(&volume["role"]),
+            text(&volume["assignment"]["epoch"]),
+            text(&status["head"]),
+            committed,
+            text(&status["durable"]),
+            if primary {
+                text(&status["tail"])
+            } else {
+                "-".into()
+            },
+            pins,
+            text(&volume["export"]),
+        );
+    }
+    for volume in volumes.iter().filter(|v| v["role"] == "primary") {
+        let status = &volume["status"];
+        let head = status["head"].as_u64().unwrap_or(0);
+        let senders = status["registry"]["senders"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if senders.is_empty() {
+            continue;
+        }
+        let [r, e, s, f, l, w] = ["REPLICA", "ENDPOINT", "STATE", "FLUSHED", "LAG", "WHY"];
+        let _ = writeln!(out, "\n{r:<16} {e:<22} {s:<14} {f:>10} {l:>8}  {w}");
+        for sender in &senders {
+            let flushed = sender["flushed"].as_u64().unwrap_or(0);
+            let why = match (&sender["rebuild_need"], &sender["failure"]) {
+                (need, _) if !need.is_null() => text(&need["reason"]),
+                (_, failure) if !failure.is_null() => text(&failure["reason"]),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<22} {:<14} {:>10} {:>8}  {}",
+                text(&sender["replica"]),
+                text(&sender["endpoint"]["data_addr"]),
+                text(&sender["state"]),
+                flushed,
+                head.saturating_sub(flushed),
+                why,
+            );
+        }
+    }
+    out
+}
