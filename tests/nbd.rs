@@ -1,0 +1,451 @@
+//! The NBD export against a raw client that says exactly what the test
+//! wants, hostile input included: every bad option or request gets its
+//! typed error (or the connection closes), and other clients and volumes
+//! keep serving. A node in this process (`walship::node::Node`) hosts:
+//! - `fast`, `other`: primaries without replicas (best_effort);
+//! - `strict`: a sync_all primary whose one replica never answers;
+//! - `mirror`: a replica (its primary is elsewhere), exported read-only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use walship::node::{config, Node};
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_WRITE_ZEROES: u16 = 6;
+const FLAG_FUA: u16 = 1;
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ESHUTDOWN: u32 = 108;
+const MIB: u64 = 1 << 20;
+
+async fn start_node(dir: &std::path::Path) -> Arc<Node> {
+    let text = r#"
+node = "solo"
+cluster = "test"
+replication = "127.0.0.1:0"
+nbd = "127.0.0.1:0"
+
+[tuning]
+barrier_timeout_ms = 400
+network_retry_max_ms = 200
+
+[[volume]]
+name = "fast"
+size = "16MiB"
+commit_mode = "best_effort"
+primary = "solo"
+
+[[volume]]
+name = "other"
+size = "4MiB"
+commit_mode = "best_effort"
+primary = "solo"
+
+[[volume]]
+name = "strict"
+size = "4MiB"
+commit_mode = "sync_all"
+primary = "solo"
+replicas = { ghost = "127.0.0.1:9" }
+
+[[volume]]
+name = "mirror"
+size = "4MiB"
+commit_mode = "sync_all"
+primary = "elsewhere"
+replicas = { solo = "127.0.0.1:0" }
+export_replicas = true
+"#;
+    let config = config::parse("test.toml", text, Some(dir)).unwrap();
+    Node::start(config).await.unwrap()
+}
+
+/// A connection in the option phase.
+struct Haggle(TcpStream);
+
+impl Haggle {
+    async fn connect(node: &Node) -> Self {
+        let mut stream = TcpStream::connect(node.nbd_addr().unwrap()).await.unwrap();
+        assert_eq!(stream.read_u64().await.unwrap(), 0x4e42_444d_4147_4943);
+        assert_eq!(stream.read_u64().await.unwrap(), IHAVEOPT);
+        assert_eq!(stream.read_u16().await.unwrap(), 0b11);
+        stream.write_u32(0b11).await.unwrap();
+        Self(stream)
+    }
+
+    async fn send(&mut self, option: u32, data: &[u8]) {
+        self.0.write_u64(IHAVEOPT).await.unwrap();
+        self.0.write_u32(option).await.unwrap();
+        self.0.write_u32(data.len() as u32).await.unwrap();
+        self.0.write_all(data).await.unwrap();
+    }
+
+    /// Every reply to `option` up to the final one (ACK or an error).
+    async fn ask(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        self.send(option, data).await;
+        let mut replies = Vec::new();
+        loop {
+            assert_eq!(self.0.read_u64().await.unwrap(), REPLY_MAGIC);
+            assert_eq!(self.0.read_u32().await.unwrap(), option);
+            let kind = self.0.read_u32().await.unwrap();
+            let mut data = vec![0; self.0.read_u32().await.unwrap() as usize];
+            self.0.read_exact(&mut data).await.unwrap();
+            replies.push((kind, data));
+            if kind != REP_SERVER && kind != REP_INFO {
+                return replies;
+            }
+        }
+    }
+
+    /// Goes into transmission on `export`.
+    async fn go(mut self, export: &str) -> Client {
+        let replies = self.ask(OPT_GO, &info_request(export, &[3])).await;
+        assert_eq!(replies.last().unwrap().0, REP_ACK, "{replies:?}");
+        Client(self.0)
+    }
+
+    /// Whether the server closed the connection (reads EOF soon).
+    async fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.0.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+fn info_request(export: &str, infos: &[u16]) -> Vec<u8> {
+    let mut data = (export.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for info in infos {
+        data.extend_from_slice(&info.to_be_bytes());
+    }
+    data
+}
+
+/// A connection in transmission.
+struct Client(TcpStream);
+
+impl Client {
+    async fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+    ) {
+        let mut header = Vec::with_capacity(28 + data.len());
+        header.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        header.extend_from_slice(&flags.to_be_bytes());
+        header.extend_from_slice(&kind.to_be_bytes());
+        header.extend_from_slice(&handle.to_be_bytes());
+        header.extend_from_slice(&offset.to_be_bytes());
+        header.extend_from_slice(&length.to_be_bytes());
+        header.extend_from_slice(data);
+        self.0.write_all(&header).await.unwrap();
+    }
+
+    /// The next reply: (error, handle).
+    async fn reply(&mut self) -> (u32, u64) {
+        let magic = tokio::time::timeout(Duration::from_secs(10), self.0.read_u32())
+            .await
+            .expect("a reply within 10 s")
+            .unwrap();
+        assert_eq!(magic, SIMPLE_REPLY_MAGIC);
+        let error = self.0.read_u32().await.unwrap();
+        (error, self.0.read_u64().await.unwrap())
+    }
+
+    /// One request and its reply's error.
+    async fn call(&mut self, kind: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> u32 {
+        self.send(kind, flags, 7, offset, length, data).await;
+        let (error, handle) = self.reply().await;
+        assert_eq!(handle, 7);
+        error
+    }
+
+    async fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
+        self.call(CMD_WRITE, flags, offset, data.len() as u32, data)
+            .await
+    }
+
+    async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
+        match self.call(CMD_READ, 0, offset, length, &[]).await {
+            0 => {
+                let mut data = vec![0; length as usize];
+                self.0.read_exact(&mut data).await.unwrap();
+                Ok(data)
+            }
+            error => Err(error),
+        }
+    }
+
+    async fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.0.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_get_typed_replies_and_the_handshake_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut haggle = Haggle::connect(&node).await;
+
+    let unsupported = haggle.ask(OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(unsupported.len(), 1);
+    assert_eq!(unsupported[0].0, REP_ERR_UNSUP);
+    assert_eq!(haggle.ask(OPT_LIST, b"junk").await[0].0, REP_ERR_INVALID);
+    let listed = haggle.ask(OPT_LIST, &[]).await;
+    let names: BTreeSet<String> = listed
+        .iter()
+        .filter(|(kind, _)| *kind == REP_SERVER)
+        .map(|(_, data)| String::from_utf8(data[4..].to_vec()).unwrap())
+        .collect();
+    let expected = ["fast", "mirror", "other", "strict"].map(String::from);
+    assert_eq!(names, BTreeSet::from(expected));
+    assert_eq!(listed.last().unwrap().0, REP_ACK);
+
+    // Malformed INFO data (a name longer than the data), an unknown export.
+    let mut long_name = 40u32.to_be_bytes().to_vec();
+    long_name.extend_from_slice(b"fast\0\0");
+    assert_eq!(haggle.ask(OPT_INFO, &long_name).await[0].0, REP_ERR_INVALID);
+    let unknown = haggle.ask(OPT_INFO, &info_request("nope", &[])).await;
+    assert_eq!(unknown[0].0, REP_ERR_UNKNOWN);
+
+    // INFO: the size and flags, the 4 KiB minimum block size, then ACK.
+    let info = haggle.ask(OPT_INFO, &info_request("fast", &[3])).await;
+    assert_eq!(info.len(), 3, "{info:?}");
+    let export = &info[0].1;
+    assert_eq!(u16::from_be_bytes([export[0], export[1]]), 0);
+    assert_eq!(
+        u64::from_be_bytes(export[2..10].try_into().unwrap()),
+        16 * MIB
+    );
+    let flags = u16::from_be_bytes([export[10], export[11]]);
+    assert_eq!(flags & 0b10, 0, "read-write");
+    assert_ne!(flags & (1 << 3), 0, "FUA");
+    let sizes = &info[1].1;
+    let size = |at: usize| u32::from_be_bytes(sizes[at..at + 4].try_into().unwrap());
+    assert_eq!((size(2), size(6), size(10)), (4096, 4096, 32 << 20));
+    let mirror = haggle.ask(OPT_INFO, &info_request("mirror", &[])).await;
+    let mirror_flags = u16::from_be_bytes([mirror[0].1[10], mirror[0].1[11]]);
+    assert_ne!(mirror_flags & 0b10, 0, "a replica's export is read-only");
+
+    // After all that, GO works and so does the volume.
+    let mut client = haggle.go("fast").await;
+    assert_eq!(client.write(0, &[9u8; 4096], FLAG_FUA).await, 0);
+    assert_eq!(client.read(0, 4096).await.unwrap(), vec![9u8; 4096]);
+    client.send(CMD_DISC, 0, 1, 0, 0, &[]).await;
+    assert!(client.closed().await);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_handshake_closes_that_connection_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut other = Haggle::connect(&node).await.go("other").await;
+
+    let mut bad_magic = Haggle::connect(&node).await;
+    bad_magic.0.write_all(&[0xee; 16]).await.unwrap();
+    assert!(bad_magic.closed().await, "a bad option magic closes");
+
+    let mut huge = Haggle::connect(&node).await;
+    huge.0.write_u64(IHAVEOPT).await.unwrap();
+    huge.0.write_u32(OPT_GO).await.unwrap();
+    huge.0.write_u32(1 << 30).await.unwrap();
+    assert!(huge.closed().await, "a 1 GiB option closes");
+
+    let mut flags = TcpStream::connect(node.nbd_addr().unwrap()).await.unwrap();
+    let mut greeting = [0u8; 18];
+    flags.read_exact(&mut greeting).await.unwrap();
+    flags.write_u32(1 << 7).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        flags.read(&mut byte).await.unwrap_or(0),
+        0,
+        "unknown client flags close"
+    );
+
+    // The client that negotiated properly never noticed.
+    assert_eq!(other.write(4096, &[3u8; 8192], 0).await, 0);
+    assert_eq!(other.read(4096, 8192).await.unwrap(), vec![3u8; 8192]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errors_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut client = Haggle::connect(&node).await.go("fast").await;
+    assert_eq!(client.write(0, &[1u8; 8192], 0).await, 0);
+
+    // Unaligned: refused, its payload consumed, nothing changed.
+    assert_eq!(client.write(100, &[2u8; 4096], 0).await, EINVAL);
+    assert_eq!(client.write(4096, &[2u8; 1000], 0).await, EINVAL);
+    assert_eq!(client.read(0, 8192).await.unwrap(), vec![1u8; 8192]);
+    assert_eq!(client.read(512, 4096).await, Err(EINVAL));
+    // Past the end: ENOSPC for writes and zeroes, EINVAL for reads.
+    assert_eq!(client.write(16 * MIB, &[2u8; 4096], 0).await, ENOSPC);
+    assert_eq!(
+        client
+            .call(CMD_WRITE_ZEROES, 0, 16 * MIB - 4096, 8192, &[])
+            .await,
+        ENOSPC
+    );
+    assert_eq!(client.read(16 * MIB - 4096, 8192).await, Err(EINVAL));
+    assert_eq!(client.read(u64::MAX - 4095, 4096).await, Err(EINVAL));
+    // Oversized, unknown command, unknown flag.
+    assert_eq!(client.call(CMD_READ, 0, 0, 33 << 20, &[]).await, EINVAL);
+    assert_eq!(client.call(42, 0, 0, 0, &[]).await, EINVAL);
+    assert_eq!(client.call(CMD_READ, 1 << 9, 0, 4096, &[]).await, EINVAL);
+    // WRITE_ZEROES zeroes; FLUSH commits.
+    assert_eq!(
+        client
+            .call(CMD_WRITE_ZEROES, FLAG_FUA, 4096, 4096, &[])
+            .await,
+        0
+    );
+    assert_eq!(
+        client.read(0, 8192).await.unwrap(),
+        [vec![1u8; 4096], vec![0u8; 4096]].concat()
+    );
+    assert_eq!(client.call(CMD_FLUSH, 0, 0, 0, &[]).await, 0);
+
+    // Pipelined: 32 writes and 32 reads in flight, every reply matched by handle.
+    for i in 0..32u64 {
+        let data = vec![i as u8; 4096];
+        client
+            .send(CMD_WRITE, 0, 1000 + i, (64 + i) * 4096, 4096, &data)
+            .await;
+    }
+    let mut handles = BTreeSet::new();
+    for _ in 0..32 {
+        let (error, handle) = client.reply().await;
+        assert_eq!(error, 0);
+        handles.insert(handle);
+    }
+    assert_eq!(handles, (1000..1032).collect());
+    for i in 0..32u64 {
+        assert_eq!(
+            client.read((64 + i) * 4096, 4096).await.unwrap(),
+            vec![i as u8; 4096]
+        );
+    }
+
+    // A read-only export refuses writes and zeroes with EPERM, reads fine.
+    let mut mirror = Haggle::connect(&node).await.go("mirror").await;
+    assert_eq!(mirror.write(0, &[5u8; 4096], 0).await, EPERM);
+    assert_eq!(mirror.call(CMD_WRITE_ZEROES, 0, 0, 4096, &[]).await, EPERM);
+    assert_eq!(mirror.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+
+    // A bad request magic, or a write payload past 32 MiB, closes the
+    // connection; the others keep serving.
+    client.0.write_all(&[0xab; 28]).await.unwrap();
+    assert!(client.closed().await);
+    let mut huge = Haggle::connect(&node).await.go("fast").await;
+    huge.send(CMD_WRITE, 0, 9, 0, 64 << 20, &[]).await;
+    assert!(huge.closed().await);
+    assert_eq!(mirror.read(4096, 4096).await.unwrap(), vec![0u8; 4096]);
+    let mut again = Haggle::connect(&node).await.go("fast").await;
+    assert_eq!(again.read(64 * 4096, 4096).await.unwrap(), vec![0u8; 4096]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_volume_cannot_commit_gets_an_error_never_a_silent_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+
+    // sync_all with its replica away past the barrier timeout: the write
+    // is in the WAL, but FUA and FLUSH must not say it is committed.
+    let mut strict = Haggle::connect(&node).await.go("strict").await;
+    assert_eq!(strict.write(0, &[1u8; 4096], FLAG_FUA).await, EIO);
+    assert_eq!(strict.call(CMD_FLUSH, 0, 0, 0, &[]).await, EIO);
+
+    // A poisoned WAL: the write itself is refused.
+    let mut other = Haggle::connect(&node).await.go("other").await;
+    assert_eq!(other.write(0, &[1u8; 4096], FLAG_FUA).await, 0);
+    node.volume("other")
+        .unwrap()
+        .inject_storage_failure()
+        .await
+        .unwrap();
+    assert_eq!(other.write(4096, &[2u8; 4096], FLAG_FUA).await, EIO);
+    assert_eq!(other.write(8192, &[2u8; 4096], 0).await, EIO);
+
+    // Fenced: a newer assignment makes this node a replica of `fast`; the
+    // client still connected to the old primary gets errors.
+    let mut fast = Haggle::connect(&node).await.go("fast").await;
+    assert_eq!(fast.write(0, &[1u8; 4096], FLAG_FUA).await, 0);
+    let demoted = walship::node::Applied {
+        epoch: 7,
+        primary: "elsewhere".into(),
+        commit_mode: walship::engine::CommitMode::BestEffort,
+        replicas: [(
+            "solo".to_owned(),
+            walship::node::ReplicaEndpoint {
+                addr: node.replication_addr().to_string(),
+                version: 1,
+            },
+        )]
+        .into(),
+    };
+    node.apply_assignment("fast", demoted.clone())
+        .await
+        .unwrap();
+    let refused = fast.write(4096, &[2u8; 4096], FLAG_FUA).await;
+    assert!(refused == ESHUTDOWN || refused == EPERM, "got {refused}");
+    // The same epoch again is fenced.
+    let again = node.apply_assignment("fast", demoted).await;
+    assert!(
+        matches!(
+            again,
+            Err(walship::node::NodeError::Fenced {
+                applied: 7,
+                offered: 7,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    // A replica not configured for export is not exported; it holds what
+    // was committed.
+    let mut haggle = Haggle::connect(&node).await;
+    let gone = haggle.ask(OPT_GO, &info_request("fast", &[])).await;
+    assert_eq!(gone[0].0, REP_ERR_UNKNOWN);
+    let kept = node.volume("fast").unwrap().read(0, 1).await.unwrap();
+    assert_eq!(&kept[..], &[1u8; 4096][..]);
+    node.stop().await;
+}

@@ -1,0 +1,327 @@
+//! Node processes for the system tests: `walship serve` started from
+//! generated configs on free loopback ports, observed through the admin
+//! endpoint, stopped with SIGTERM or killed with SIGKILL; real NBD clients
+//! (qemu-io, qemu-img, fio, nbdcopy) run as processes with a time limit.
+//! Every wait has a deadline; only the pids started here are signalled;
+//! the data lives in a temporary directory removed with the cluster.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use walship::node::admin;
+
+/// The walship binary cargo built for these tests.
+pub const WALSHIP: &str = env!("CARGO_BIN_EXE_walship");
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// One node of the cluster.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub name: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub replication: u16,
+    pub admin: u16,
+    pub nbd: u16,
+    pub child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn admin_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.admin)
+    }
+
+    /// The NBD URI of `export` on this node.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.nbd)
+    }
+}
+
+/// How the cluster's volume is configured.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    pub name: String,
+    pub size_mib: u64,
+    pub commit_mode: String,
+    pub export_replicas: bool,
+    /// Extra lines for each config's `[tuning]` table.
+    pub tuning: String,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        Self {
+            name: "vol0".into(),
+            size_mib: 64,
+            commit_mode: "sync_all".into(),
+            export_replicas: true,
+            tuning: "barrier_timeout_ms = 3000\nnetwork_retry_max_ms = 300\npeer_timeout_ms = 2000\nsegment_bytes = 1048576\n".into(),
+        }
+    }
+}
+
+/// Three nodes (node1 primary, node2 and node3 replicas) as processes.
+#[derive(Debug)]
+pub struct NodeCluster {
+    pub nodes: Vec<NodeProc>,
+    pub volume: VolumeOptions,
+    dir: tempfile::TempDir,
+}
+
+impl NodeCluster {
+    /// Writes the three configs and starts the three nodes; returns once
+    /// every admin endpoint answers.
+    pub async fn start(volume: VolumeOptions) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let names = ["node1", "node2", "node3"];
+        let ports: Vec<(u16, u16, u16)> = names
+            .iter()
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let replicas = names[1..]
+            .iter()
+            .zip(&ports[1..])
+            .map(|(name, (replication, _, _))| format!("{name} = \"127.0.0.1:{replication}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (name, (replication, admin, nbd)) in names.iter().zip(&ports) {
+            let config = dir.path().join(format!("{name}.toml"));
+            let text = format!(
+                "node = \"{name}\"\ncluster = \"test\"\nreplication = \"127.0.0.1:{replication}\"\n\
+                 admin = \"127.0.0.1:{admin}\"\nnbd = \"127.0.0.1:{nbd}\"\n\n[tuning]\n{tuning}\n\
+                 [[volume]]\nname = \"{volume}\"\nsize = \"{size}MiB\"\nblock_size = 4096\n\
+                 commit_mode = \"{mode}\"\nprimary = \"node1\"\nreplicas = {{ {replicas} }}\n\
+                 export_replicas = {export}\n",
+                tuning = volume.tuning,
+                volume = volume.name,
+                size = volume.size_mib,
+                mode = volume.commit_mode,
+                export = volume.export_replicas,
+            );
+            std::fs::write(&config, text).expect("write config");
+            nodes.push(NodeProc {
+                name: (*name).into(),
+                config,
+                data_dir: dir.path().join(name),
+                log: dir.path().join(format!("{name}.log")),
+                replication: *replication,
+                admin: *admin,
+                nbd: *nbd,
+                child: None,
+            });
+        }
+        let mut cluster = Self { nodes, volume, dir };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        for i in 0..3 {
+            cluster.wait_up(i, Duration::from_secs(20)).await;
+        }
+        cluster
+    }
+
+    /// Starts node `i` from its config (again, after a stop or a kill).
+    pub fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "{} is running", node.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("log file");
+        let child = Command::new(WALSHIP)
+            .arg("serve")
+            .arg("--config")
+            .arg(&node.config)
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn walship serve");
+        node.child = Some(child);
+    }
+
+    /// Waits until node `i`'s admin endpoint answers; panics with its log
+    /// if it exits or does not answer in time.
+    pub async fn wait_up(&mut self, i: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if admin::request(&self.nodes[i].admin_addr(), "/status", None)
+                .await
+                .is_ok_and(|(status, _)| status.is_success())
+            {
+                return;
+            }
+            let exited = self.nodes[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "{} exited with {status}:\n{}",
+                    self.nodes[i].name,
+                    self.log(i)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer within {limit:?}:\n{}",
+                self.nodes[i].name,
+                self.log(i)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Node `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// Node `i`'s `/status`.
+    pub async fn status(&self, i: usize) -> Value {
+        let (status, body) = admin::request(&self.nodes[i].admin_addr(), "/status", None)
+            .await
+            .expect("GET /status");
+        assert!(status.is_success(), "{status}: {body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    /// The primary's (node1's) volume status.
+    pub async fn primary_volume(&self) -> Value {
+        self.status(0).await["volumes"][0].clone()
+    }
+
+    /// Waits until the primary has both replicas in sync with everything
+    /// it holds committed and durable on them; returns the head.
+    pub async fn wait_converged(&self, limit: Duration) -> u64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let volume = self.primary_volume().await;
+            let status = &volume["status"];
+            let head = status["head"].as_u64().unwrap_or(u64::MAX);
+            let senders = status["registry"]["senders"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let synced = senders.len() == 2
+                && senders
+                    .iter()
+                    .all(|s| s["state"] == "in_sync" && s["flushed"].as_u64() == Some(head))
+                && status["registry"]["history"]["committed"].as_u64() == Some(head);
+            if synced {
+                return head;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not converged within {limit:?}: {}\n--- node1 log:\n{}",
+                serde_json::to_string_pretty(&senders).unwrap_or_default(),
+                self.log(0)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the replica on `node` is in `state` as the primary sees it.
+    pub async fn wait_replica_state(&self, node: &str, state: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let replica = format!("{}/{node}", self.volume.name);
+        loop {
+            let volume = self.primary_volume().await;
+            let senders = volume["status"]["registry"]["senders"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let now = senders
+                .iter()
+                .find(|s| s["replica"] == replica.as_str())
+                .map(|s| s["state"].clone());
+            if now.as_ref().is_some_and(|s| s == state) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{replica} is {now:?}, not {state}, after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM to node `i`; its exit status once it has stopped.
+    pub async fn terminate(&mut self, i: usize, limit: Duration) -> ExitStatus {
+        let mut child = self.nodes[i].child.take().expect("running");
+        let pid = child.id().expect("a running child has a pid");
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await
+            .expect("kill -TERM");
+        assert!(sent.success());
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => status.expect("reap"),
+            Err(_) => panic!(
+                "{} did not stop within {limit:?}:\n{}",
+                self.nodes[i].name,
+                self.log(i)
+            ),
+        }
+    }
+
+    /// SIGKILL to node `i`; returns once it is gone.
+    pub async fn kill(&mut self, i: usize) {
+        let mut child = self.nodes[i].child.take().expect("running");
+        child.kill().await.expect("SIGKILL");
+    }
+
+    /// Where the data lives.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs a client program to its end within `limit` (killed past it); its
+/// output.
+pub async fn run(program: &str, args: &[&str], limit: Duration) -> Output {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} (is it installed? .ci/run installs it): {e}"));
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(output) => output.expect("wait for the client"),
+        // Dropping the child killed it.
+        Err(_) => panic!("{program} {args:?} did not finish within {limit:?}"),
+    }
+}
+
+/// [`run`], which must succeed; its stdout.
+pub async fn run_ok(program: &str, args: &[&str], limit: Duration) -> String {
+    let output = run(program, args, limit).await;
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
