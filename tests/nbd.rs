@@ -8,39 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/nbd_client.rs"]
+mod nbd_client;
+
+use nbd_client::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use walship::node::{config, Node};
-
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_LIST: u32 = 3;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = 0x8000_0001;
-const REP_ERR_INVALID: u32 = 0x8000_0003;
-const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_WRITE_ZEROES: u16 = 6;
-const FLAG_FUA: u16 = 1;
-const EPERM: u32 = 1;
-const EIO: u32 = 5;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
-const ESHUTDOWN: u32 = 108;
-const MIB: u64 = 1 << 20;
 
 async fn start_node(dir: &std::path::Path) -> Arc<Node> {
     let text = r#"
@@ -84,143 +60,11 @@ export_replicas = true
     Node::start(config).await.unwrap()
 }
 
-/// A connection in the option phase.
-struct Haggle(TcpStream);
-
-impl Haggle {
-    async fn connect(node: &Node) -> Self {
-        let mut stream = TcpStream::connect(node.nbd_addr().unwrap()).await.unwrap();
-        assert_eq!(stream.read_u64().await.unwrap(), 0x4e42_444d_4147_4943);
-        assert_eq!(stream.read_u64().await.unwrap(), IHAVEOPT);
-        assert_eq!(stream.read_u16().await.unwrap(), 0b11);
-        stream.write_u32(0b11).await.unwrap();
-        Self(stream)
-    }
-
-    async fn send(&mut self, option: u32, data: &[u8]) {
-        self.0.write_u64(IHAVEOPT).await.unwrap();
-        self.0.write_u32(option).await.unwrap();
-        self.0.write_u32(data.len() as u32).await.unwrap();
-        self.0.write_all(data).await.unwrap();
-    }
-
-    /// Every reply to `option` up to the final one (ACK or an error).
-    async fn ask(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-        self.send(option, data).await;
-        let mut replies = Vec::new();
-        loop {
-            assert_eq!(self.0.read_u64().await.unwrap(), REPLY_MAGIC);
-            assert_eq!(self.0.read_u32().await.unwrap(), option);
-            let kind = self.0.read_u32().await.unwrap();
-            let mut data = vec![0; self.0.read_u32().await.unwrap() as usize];
-            self.0.read_exact(&mut data).await.unwrap();
-            replies.push((kind, data));
-            if kind != REP_SERVER && kind != REP_INFO {
-                return replies;
-            }
-        }
-    }
-
-    /// Goes into transmission on `export`.
-    async fn go(mut self, export: &str) -> Client {
-        let replies = self.ask(OPT_GO, &info_request(export, &[3])).await;
-        assert_eq!(replies.last().unwrap().0, REP_ACK, "{replies:?}");
-        Client(self.0)
-    }
-
-    /// Whether the server closed the connection (reads EOF soon).
-    async fn closed(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), self.0.read(&mut byte)).await,
-            Ok(Ok(0) | Err(_))
-        )
-    }
-}
-
-fn info_request(export: &str, infos: &[u16]) -> Vec<u8> {
-    let mut data = (export.len() as u32).to_be_bytes().to_vec();
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for info in infos {
-        data.extend_from_slice(&info.to_be_bytes());
-    }
-    data
-}
-
-/// A connection in transmission.
-struct Client(TcpStream);
-
-impl Client {
-    async fn send(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        handle: u64,
-        offset: u64,
-        length: u32,
-        data: &[u8],
-    ) {
-        let mut header = Vec::with_capacity(28 + data.len());
-        header.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        header.extend_from_slice(&flags.to_be_bytes());
-        header.extend_from_slice(&kind.to_be_bytes());
-        header.extend_from_slice(&handle.to_be_bytes());
-        header.extend_from_slice(&offset.to_be_bytes());
-        header.extend_from_slice(&length.to_be_bytes());
-        header.extend_from_slice(data);
-        self.0.write_all(&header).await.unwrap();
-    }
-
-    /// The next reply: (error, handle).
-    async fn reply(&mut self) -> (u32, u64) {
-        let magic = tokio::time::timeout(Duration::from_secs(10), self.0.read_u32())
-            .await
-            .expect("a reply within 10 s")
-            .unwrap();
-        assert_eq!(magic, SIMPLE_REPLY_MAGIC);
-        let error = self.0.read_u32().await.unwrap();
-        (error, self.0.read_u64().await.unwrap())
-    }
-
-    /// One request and its reply's error.
-    async fn call(&mut self, kind: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> u32 {
-        self.send(kind, flags, 7, offset, length, data).await;
-        let (error, handle) = self.reply().await;
-        assert_eq!(handle, 7);
-        error
-    }
-
-    async fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
-        self.call(CMD_WRITE, flags, offset, data.len() as u32, data)
-            .await
-    }
-
-    async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
-        match self.call(CMD_READ, 0, offset, length, &[]).await {
-            0 => {
-                let mut data = vec![0; length as usize];
-                self.0.read_exact(&mut data).await.unwrap();
-                Ok(data)
-            }
-            error => Err(error),
-        }
-    }
-
-    async fn closed(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), self.0.read(&mut byte)).await,
-            Ok(Ok(0) | Err(_))
-        )
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn options_get_typed_replies_and_the_handshake_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let mut haggle = Haggle::connect(&node).await;
+    let mut haggle = Haggle::connect(node.nbd_addr().unwrap()).await;
 
     let unsupported = haggle.ask(OPT_STRUCTURED_REPLY, &[]).await;
     assert_eq!(unsupported.len(), 1);
@@ -275,13 +119,16 @@ async fn options_get_typed_replies_and_the_handshake_goes_on() {
 async fn a_broken_handshake_closes_that_connection_only() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let mut other = Haggle::connect(&node).await.go("other").await;
+    let mut other = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("other")
+        .await;
 
-    let mut bad_magic = Haggle::connect(&node).await;
+    let mut bad_magic = Haggle::connect(node.nbd_addr().unwrap()).await;
     bad_magic.0.write_all(&[0xee; 16]).await.unwrap();
     assert!(bad_magic.closed().await, "a bad option magic closes");
 
-    let mut huge = Haggle::connect(&node).await;
+    let mut huge = Haggle::connect(node.nbd_addr().unwrap()).await;
     huge.0.write_u64(IHAVEOPT).await.unwrap();
     huge.0.write_u32(OPT_GO).await.unwrap();
     huge.0.write_u32(1 << 30).await.unwrap();
@@ -308,7 +155,10 @@ async fn a_broken_handshake_closes_that_connection_only() {
 async fn bad_requests_get_errors_and_the_connection_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let mut client = Haggle::connect(&node).await.go("fast").await;
+    let mut client = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("fast")
+        .await;
     assert_eq!(client.write(0, &[1u8; 8192], 0).await, 0);
 
     // Unaligned: refused, its payload consumed, nothing changed.
@@ -365,7 +215,10 @@ async fn bad_requests_get_errors_and_the_connection_goes_on() {
     }
 
     // A read-only export refuses writes and zeroes with EPERM, reads fine.
-    let mut mirror = Haggle::connect(&node).await.go("mirror").await;
+    let mut mirror = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("mirror")
+        .await;
     assert_eq!(mirror.write(0, &[5u8; 4096], 0).await, EPERM);
     assert_eq!(mirror.call(CMD_WRITE_ZEROES, 0, 0, 4096, &[]).await, EPERM);
     assert_eq!(mirror.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
@@ -374,11 +227,17 @@ async fn bad_requests_get_errors_and_the_connection_goes_on() {
     // connection; the others keep serving.
     client.0.write_all(&[0xab; 28]).await.unwrap();
     assert!(client.closed().await);
-    let mut huge = Haggle::connect(&node).await.go("fast").await;
+    let mut huge = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("fast")
+        .await;
     huge.send(CMD_WRITE, 0, 9, 0, 64 << 20, &[]).await;
     assert!(huge.closed().await);
     assert_eq!(mirror.read(4096, 4096).await.unwrap(), vec![0u8; 4096]);
-    let mut again = Haggle::connect(&node).await.go("fast").await;
+    let mut again = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("fast")
+        .await;
     assert_eq!(again.read(64 * 4096, 4096).await.unwrap(), vec![0u8; 4096]);
     node.stop().await;
 }
@@ -390,12 +249,18 @@ async fn a_write_the_volume_cannot_commit_gets_an_error_never_a_silent_ack() {
 
     // sync_all with its replica away past the barrier timeout: the write
     // is in the WAL, but FUA and FLUSH must not say it is committed.
-    let mut strict = Haggle::connect(&node).await.go("strict").await;
+    let mut strict = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("strict")
+        .await;
     assert_eq!(strict.write(0, &[1u8; 4096], FLAG_FUA).await, EIO);
     assert_eq!(strict.call(CMD_FLUSH, 0, 0, 0, &[]).await, EIO);
 
     // A poisoned WAL: the write itself is refused.
-    let mut other = Haggle::connect(&node).await.go("other").await;
+    let mut other = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("other")
+        .await;
     assert_eq!(other.write(0, &[1u8; 4096], FLAG_FUA).await, 0);
     node.volume("other")
         .unwrap()
@@ -407,7 +272,10 @@ async fn a_write_the_volume_cannot_commit_gets_an_error_never_a_silent_ack() {
 
     // Fenced: a newer assignment makes this node a replica of `fast`; the
     // client still connected to the old primary gets errors.
-    let mut fast = Haggle::connect(&node).await.go("fast").await;
+    let mut fast = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("fast")
+        .await;
     assert_eq!(fast.write(0, &[1u8; 4096], FLAG_FUA).await, 0);
     let demoted = walship::node::Applied {
         epoch: 7,
@@ -442,10 +310,116 @@ async fn a_write_the_volume_cannot_commit_gets_an_error_never_a_silent_ack() {
     );
     // A replica not configured for export is not exported; it holds what
     // was committed.
-    let mut haggle = Haggle::connect(&node).await;
+    let mut haggle = Haggle::connect(node.nbd_addr().unwrap()).await;
     let gone = haggle.ask(OPT_GO, &info_request("fast", &[])).await;
     assert_eq!(gone[0].0, REP_ERR_UNKNOWN);
     let kept = node.volume("fast").unwrap().read(0, 1).await.unwrap();
     assert_eq!(&kept[..], &[1u8; 4096][..]);
     node.stop().await;
+}
+
+/// What the node's replication listener answers a connection that opens
+/// with `first` (raw bytes), within 5 s: its error message, or `None` if it
+/// closed without one.
+async fn replication_answer(node: &Node, first: &[u8]) -> Option<(u16, String)> {
+    use futures::StreamExt;
+    let mut stream = TcpStream::connect(node.replication_addr()).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    let mut framed = tokio_util::codec::Framed::new(stream, walship::io::WireCodec::default());
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), framed.next())
+        .await
+        .expect("an answer or a close within 5 s");
+    match answer {
+        Some(Ok(walship::io::Envelope {
+            message: walship::io::Message::Error { code, message },
+            ..
+        })) => Some((code, message)),
+        Some(other) => panic!("unexpected answer {other:?}"),
+        None => None,
+    }
+}
+
+fn encoded(message: walship::io::Message) -> Vec<u8> {
+    use tokio_util::codec::Encoder;
+    let mut bytes = bytes::BytesMut::new();
+    walship::io::WireCodec::default()
+        .encode(walship::io::Envelope { epoch: 3, message }, &mut bytes)
+        .unwrap();
+    bytes.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_listener_refuses_what_it_cannot_route_and_keeps_serving() {
+    use walship::io::{Message, CODE_IDENTITY, CODE_UNEXPECTED, CODE_WIRE};
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let hello = |cluster: &str, volume: &str| {
+        encoded(Message::Hello {
+            cluster: cluster.into(),
+            volume: volume.into(),
+            replica: format!("{volume}/solo"),
+            session: 1,
+        })
+    };
+
+    let garbage = replication_answer(&node, &[0xff; 64]).await;
+    assert!(matches!(garbage, Some((CODE_WIRE, _))), "{garbage:?}");
+    let (code, said) = replication_answer(&node, &hello("test", "nope"))
+        .await
+        .unwrap();
+    assert_eq!(code, CODE_IDENTITY);
+    assert!(said.contains("no replica of volume nope"), "{said}");
+    let (code, said) = replication_answer(&node, &hello("other", "mirror"))
+        .await
+        .unwrap();
+    assert_eq!(code, CODE_IDENTITY);
+    assert!(said.contains("cluster other"), "{said}");
+    let heartbeat = encoded(Message::Heartbeat {
+        seq: 1,
+        committed: 0,
+    });
+    let (code, _) = replication_answer(&node, &heartbeat).await.unwrap();
+    assert_eq!(code, CODE_UNEXPECTED);
+    // A primary that names the replica right is answered with its log.
+    let mut stream = TcpStream::connect(node.replication_addr()).await.unwrap();
+    stream.write_all(&hello("test", "mirror")).await.unwrap();
+    let mut framed = tokio_util::codec::Framed::new(stream, walship::io::WireCodec::default());
+    let ack = futures::StreamExt::next(&mut framed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ack.message, Message::HelloAck { ref replica, .. } if replica == "mirror/solo"),
+        "{ack:?}"
+    );
+    drop(framed);
+
+    // NBD clients never noticed.
+    let mut mirror = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("mirror")
+        .await;
+    assert_eq!(mirror.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_the_store_on_disk_contradicts_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "node = \"solo\"\nreplication = \"127.0.0.1:0\"\n\n[[volume]]\nname = \"v\"\nsize = \"4MiB\"\ncommit_mode = \"best_effort\"\nprimary = \"solo\"\n";
+    let node = Node::start(config::parse("solo.toml", text, Some(dir.path())).unwrap())
+        .await
+        .unwrap();
+    node.stop().await;
+    let grown = text.replace("4MiB", "8MiB");
+    let refused = Node::start(config::parse("solo.toml", &grown, Some(dir.path())).unwrap()).await;
+    let error = refused
+        .expect_err("a size the store contradicts is refused")
+        .to_string();
+    assert!(
+        error.starts_with(
+            "solo.toml:6: volume v: size 8388608 bytes, but its store on disk holds 4194304"
+        ),
+        "{error}"
+    );
 }

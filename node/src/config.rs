@@ -120,6 +120,16 @@ pub struct TuningSpec {
     pub network_retry_max_ms: u64,
     /// WAL segment size.
     pub segment_bytes: u64,
+    /// WAL bytes an away replica's retention hold may keep before it is
+    /// released (that replica then rebuilds when it returns).
+    pub retention_max_bytes: u64,
+    /// Unacknowledged bytes a stream to one replica (live, catch-up or
+    /// rebuild) may have in flight; batches and image chunks are at most
+    /// this big.
+    pub inflight_bytes: u64,
+    /// Checkpoint when this many LSNs are durable past the checkpoint (the
+    /// WAL before a checkpoint can be recycled).
+    pub checkpoint_every_lsns: u64,
 }
 
 impl Default for TuningSpec {
@@ -129,6 +139,9 @@ impl Default for TuningSpec {
             peer_timeout_ms: 5_000,
             network_retry_max_ms: 2_000,
             segment_bytes: 64 << 20,
+            retention_max_bytes: 1 << 30,
+            inflight_bytes: 8 << 20,
+            checkpoint_every_lsns: 16 * 1024,
         }
     }
 }
@@ -141,6 +154,14 @@ impl TuningSpec {
         tuning.peer_timeout = Duration::from_millis(self.peer_timeout_ms);
         tuning.network_retry.max =
             Duration::from_millis(self.network_retry_max_ms).max(tuning.network_retry.first);
+        tuning.retention_max_bytes = Some(self.retention_max_bytes);
+        let inflight = usize::try_from(self.inflight_bytes)
+            .unwrap_or(usize::MAX)
+            .max(walship_io::BLOCK_SIZE);
+        tuning.max_inflight_bytes = inflight;
+        tuning.batch_bytes = tuning.batch_bytes.min(inflight);
+        tuning.image_chunk_bytes = tuning.image_chunk_bytes.min(inflight);
+        tuning.checkpoint_every_lsns = self.checkpoint_every_lsns.max(1);
         tuning
     }
 }
@@ -523,6 +544,29 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
             assert_eq!(got, line, "{to}: {what}");
             assert!(what.contains(says), "{to}: {what}");
         }
+    }
+
+    #[test]
+    fn tuning_reaches_the_runtime() {
+        let text = format!(
+            "{NODE1}\n[tuning]\nbarrier_timeout_ms = 250\npeer_timeout_ms = 700\n\
+             network_retry_max_ms = 900\nsegment_bytes = 1048576\nretention_max_bytes = 4096\n\
+             inflight_bytes = 32768\ncheckpoint_every_lsns = 500\n"
+        );
+        // [tuning] after the volume's table would belong to it: put it first.
+        let (head, volume) = text.split_at(text.find("[[volume]]").unwrap());
+        let (volume, tuning) = volume.split_at(volume.find("[tuning]").unwrap());
+        let config = parse("n", &format!("{head}{tuning}\n{volume}"), None).unwrap();
+        assert_eq!(config.tuning.segment_bytes, 1 << 20);
+        let tuning = config.tuning.tuning();
+        assert_eq!(tuning.barrier_timeout_ticks, 25);
+        assert_eq!(tuning.peer_timeout, Duration::from_millis(700));
+        assert_eq!(tuning.network_retry.max, Duration::from_millis(900));
+        assert_eq!(tuning.retention_max_bytes, Some(4096));
+        assert_eq!(tuning.max_inflight_bytes, 32768);
+        assert_eq!(tuning.batch_bytes, 32768);
+        assert_eq!(tuning.image_chunk_bytes, 32768);
+        assert_eq!(tuning.checkpoint_every_lsns, 500);
     }
 
     #[test]

@@ -256,7 +256,8 @@ impl NodeCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "{replica} is {now:?}, not {state}, after {limit:?}"
+                "{replica} is {now:?}, not {state}, after {limit:?}; recovery log:\n{}",
+                serde_json::to_string_pretty(&volume["recent_recovery"]).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
