@@ -245,6 +245,21 @@ async fn the_primary_killed_mid_write_restarts_with_every_acknowledged_write_on_
     let done = writer.await.unwrap();
     assert!(done.len() < 4000, "the writer saw the kill");
 
+    // The offline tools read the crashed store as it is: it verifies (a
+    // torn tail is not a fault: the next open cuts it), and stays intact.
+    let store = cluster.nodes[0].data_dir.join("vol0/store");
+    let store = store.to_str().unwrap();
+    let verified = run_ok(nodes::WALSHIP, &["store", "verify", store], CLIENT).await;
+    assert!(
+        verified.contains("verified: the superblock and every WAL frame"),
+        "{verified}"
+    );
+    let inspected = run_ok(nodes::WALSHIP, &["store", "inspect", store], CLIENT).await;
+    assert!(
+        inspected.contains("(not in use)") && inspected.contains("epoch history: epoch 1 from 1"),
+        "{inspected}"
+    );
+
     // The same config again: a new epoch, every acknowledged write kept.
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(20)).await;

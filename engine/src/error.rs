@@ -34,7 +34,7 @@ pub enum EngineError {
         current: Epoch,
     },
     /// The input names a session that is not the replica's active session.
-    #[error("stale session {got} for {replica}; active session is {active:?}")]
+    #[error("stale session {got} for {replica}; active session is {}", active.map_or_else(|| "none".to_owned(), |s| s.to_string()))]
     StaleSession {
         /// The replica.
         replica: ReplicaId,

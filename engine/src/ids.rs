@@ -94,7 +94,10 @@ impl Tick {
 ///
 /// Both parts are non-empty and contain no `/`. The identity never changes
 /// when the replica's address does.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+///
+/// Its `Debug` is its text (`v/s2`), like its `Display`: it appears in
+/// errors and logs, where `ReplicaId("v/s2")` only adds noise.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct ReplicaId(String);
 
@@ -138,6 +141,12 @@ impl ReplicaId {
 }
 
 impl fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ReplicaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

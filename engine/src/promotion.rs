@@ -71,11 +71,20 @@ pub struct PromotionReport {
     pub rejected: Vec<(ReplicaId, Vec<Ineligibility>)>,
 }
 
+/// `v/s1 (reason, reason); v/s2 (reason)`.
+fn rejections(rejected: &[(ReplicaId, Vec<Ineligibility>)]) -> String {
+    let each = rejected.iter().map(|(replica, reasons)| {
+        let reasons: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+        format!("{replica} ({})", reasons.join(", "))
+    });
+    each.collect::<Vec<_>>().join("; ")
+}
+
 /// No candidate can be promoted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PromotionError {
     /// Nobody is eligible; the report says why for each.
-    #[error("no eligible promotion candidate: {0:?}")]
+    #[error("no eligible promotion candidate: {}", rejections(.0))]
     NoEligibleCandidate(Vec<(ReplicaId, Vec<Ineligibility>)>),
     /// Not even the desperate path has a candidate.
     #[error("no running candidate with a complete image")]

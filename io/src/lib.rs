@@ -7,11 +7,13 @@
 //! - [`Wal`]: segmented WAL with group commit, crash recovery, retention pins;
 //! - [`LogReader`]: frame batches from io_uring or positional reads;
 //! - [`Store`]: extent + superblock + WAL, checkpointer, snapshots, base install;
-//! - [`WireCodec`]: the replication protocol's messages over TCP.
+//! - [`WireCodec`]: the replication protocol's messages over TCP;
+//! - [`inspect()`]: a store directory read without changing it (offline tools).
 
 mod epochs;
 mod extent;
 pub mod frame;
+mod inspect;
 mod pins;
 mod reader;
 mod segment;
@@ -23,6 +25,7 @@ mod wire;
 pub use epochs::{EpochError, EpochStart, MAX_EPOCHS};
 pub use extent::{ApplyStats, ExtentError, ExtentFile, COALESCE_BYTES};
 pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
+pub use inspect::{inspect, Inspection, SegmentReport, TornTail};
 pub use pins::{PinInfo, WalPin};
 pub use reader::{
     probe_uring, Backend, BackendChoice, BackendRequest, FrameBatch, FrameStream, LogReader,

@@ -70,7 +70,8 @@ impl Default for VolumeOptions {
     }
 }
 
-/// Three nodes (node1 primary, node2 and node3 replicas) as processes.
+/// Three nodes (node1 primary, node2 and node3 replicas) as processes, or
+/// fewer.
 #[derive(Debug)]
 pub struct NodeCluster {
     pub nodes: Vec<NodeProc>,
@@ -82,8 +83,14 @@ impl NodeCluster {
     /// Writes the three configs and starts the three nodes; returns once
     /// every admin endpoint answers.
     pub async fn start(volume: VolumeOptions) -> Self {
+        Self::start_nodes(volume, 3).await
+    }
+
+    /// [`start`](Self::start) with `count` nodes (1 to 3): node1 is the
+    /// primary, the others its replicas.
+    pub async fn start_nodes(volume: VolumeOptions, count: usize) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let names = ["node1", "node2", "node3"];
+        let names = &["node1", "node2", "node3"][..count];
         let ports: Vec<(u16, u16, u16)> = names
             .iter()
             .map(|_| (free_port(), free_port(), free_port()))
@@ -122,10 +129,10 @@ impl NodeCluster {
             });
         }
         let mut cluster = Self { nodes, volume, dir };
-        for i in 0..3 {
+        for i in 0..count {
             cluster.spawn(i);
         }
-        for i in 0..3 {
+        for i in 0..count {
             cluster.wait_up(i, Duration::from_secs(20)).await;
         }
         cluster

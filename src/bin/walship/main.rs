@@ -3,6 +3,7 @@
 mod demo;
 mod serve;
 mod status;
+mod store;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -43,6 +44,12 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Offline tools for a store directory (a volume's `store/`). They only
+    /// read: no lock is taken, nothing is truncated or removed.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// A running node's volumes, roles, epochs, replica states and lag.
     Status {
         /// The node's admin address (`host:port`).
@@ -51,6 +58,20 @@ enum Command {
         /// Print the JSON the node answered instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Superblock, WAL range, epoch history and torn-tail status.
+    Inspect {
+        /// The store directory.
+        dir: PathBuf,
+    },
+    /// Checks the superblock and every WAL frame; fails if anything is wrong.
+    Verify {
+        /// The store directory.
+        dir: PathBuf,
     },
 }
 
@@ -67,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
             serve::run(&config, data_dir.as_deref()).await
         }
         Command::Status { admin, json } => status::run(&admin, json, &mut std::io::stdout()).await,
+        Command::Store { command } => match command {
+            StoreCommand::Inspect { dir } => store::run(&dir, false, &mut std::io::stdout()),
+            StoreCommand::Verify { dir } => store::run(&dir, true, &mut std::io::stdout()),
+        },
     }
 }
 

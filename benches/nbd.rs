@@ -1,0 +1,174 @@
+//! P8: the replication tax as a block client sees it. fio's nbd engine
+//! writes 4 KiB blocks at random, made durable (QD 1: a flush after every
+//! write; QD 32: a flush after every 32), against three exports in turn,
+//! round after round, on the same disk:
+//!
+//! - `replicated`: `walship serve` ×3, sync_all, two replicas (node1's export);
+//! - `local`: one `walship serve` node, the same volume without replicas;
+//! - `nbdkit`: nbdkit's file plugin on a file (an outside reference).
+//!
+//! Reports IOPS, p50 and p99 write latency (medians over the rounds) and
+//! the tax: 1 - replicated IOPS / local IOPS (target ≤ 20%).
+//!
+//! `cargo bench --bench nbd` (needs fio and nbdkit: `apt-get install fio
+//! nbdkit`); `-- --seconds 5 --rounds 3` to change the length.
+
+#[path = "../tests/support/nodes.rs"]
+mod nodes;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use nodes::{free_port, run, NodeCluster, VolumeOptions};
+use serde_json::Value;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "nbd")]
+struct Options {
+    /// Seconds per fio run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds (each runs every export once per queue depth).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// One fio run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn fio(uri: &str, depth: u32, seconds: u64) -> anyhow::Result<Figures> {
+    let name = format!("--name=qd{depth}");
+    let uri = format!("--uri={uri}");
+    let depth_arg = format!("--iodepth={depth}");
+    let flush = format!("--fdatasync={depth}");
+    let runtime = format!("--runtime={seconds}");
+    let args = [
+        name.as_str(),
+        "--ioengine=nbd",
+        &uri,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=256M",
+        &depth_arg,
+        &flush,
+        "--time_based",
+        &runtime,
+        "--output-format=json",
+    ];
+    let limit = Duration::from_secs(seconds + 60);
+    let output = run("fio", &args, limit).await;
+    if !output.status.success() {
+        bail!("fio {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let json: Value = serde_json::from_slice(&output.stdout).context("fio JSON")?;
+    let write = &json["jobs"][0]["write"];
+    let percentile = |p: &str| {
+        write["clat_ns"]["percentile"][p]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / 1e3
+    };
+    Ok(Figures {
+        iops: write["iops"].as_f64().unwrap_or(0.0),
+        p50_us: percentile("50.000000"),
+        p99_us: percentile("99.000000"),
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse();
+    let volume = || VolumeOptions {
+        size_mib: 256,
+        tuning: String::new(),
+        ..VolumeOptions::default()
+    };
+    let replicated = NodeCluster::start(volume()).await;
+    replicated.wait_converged(Duration::from_secs(30)).await;
+    let local = NodeCluster::start_nodes(volume(), 1).await;
+    let file = local.dir().join("nbdkit.img");
+    std::fs::File::create(&file)?.set_len(256 << 20)?;
+    let nbdkit_port = free_port();
+    let _nbdkit = tokio::process::Command::new("nbdkit")
+        .args([
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &nbdkit_port.to_string(),
+            "file",
+        ])
+        .arg(format!("file={}", file.display()))
+        .kill_on_drop(true)
+        .spawn()
+        .context("nbdkit (apt-get install nbdkit)")?;
+    let targets = [
+        ("replicated", replicated.nodes[0].uri("vol0")),
+        ("local", local.nodes[0].uri("vol0")),
+        ("nbdkit", format!("nbd://127.0.0.1:{nbdkit_port}/")),
+    ];
+    // nbdkit needs a moment to listen: wait for its first answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while run(
+        "nbdinfo",
+        &["--size", &targets[2].1],
+        Duration::from_secs(5),
+    )
+    .await
+    .status
+    .code()
+        != Some(0)
+    {
+        if tokio::time::Instant::now() > deadline {
+            bail!("nbdkit did not answer within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "P8: fio nbd 4 KiB randwrite, durable (flush every QD writes), {} s x {} rounds, medians",
+        options.seconds, options.rounds
+    );
+    for depth in [1u32, 32] {
+        let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+        for _ in 0..options.rounds {
+            for (i, (_, uri)) in targets.iter().enumerate() {
+                runs[i].push(fio(uri, depth, options.seconds).await?);
+            }
+        }
+        let summary: Vec<Figures> = runs
+            .iter()
+            .map(|r| Figures {
+                iops: median(r.iter().map(|f| f.iops).collect()),
+                p50_us: median(r.iter().map(|f| f.p50_us).collect()),
+                p99_us: median(r.iter().map(|f| f.p99_us).collect()),
+            })
+            .collect();
+        for ((name, _), figures) in targets.iter().zip(&summary) {
+            println!(
+                "  QD{depth:<2} {name:<10} {:>8.0} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
+                figures.iops, figures.p50_us, figures.p99_us
+            );
+        }
+        let tax = 1.0 - summary[0].iops / summary[1].iops;
+        let reference = summary[1].iops / summary[2].iops;
+        println!(
+            "  QD{depth:<2} replication tax {:.0}% (target <= 20%); local walship / nbdkit {:.2}x",
+            tax * 100.0,
+            reference
+        );
+    }
+    Ok(())
+}
