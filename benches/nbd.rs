@@ -7,7 +7,8 @@
 //! - `local`: one `walship serve` node, the same volume without replicas;
 //! - `nbdkit`: nbdkit's file plugin on a file (an outside reference).
 //!
-//! Reports IOPS, p50 and p99 write latency (medians over the rounds) and
+//! Reports IOPS, p50 and p99 of write and of flush latency (medians over
+//! the rounds) and
 //! the tax: 1 - replicated IOPS / local IOPS (target ≤ 20%).
 //!
 //! `cargo bench --bench nbd` (needs fio and nbdkit: `apt-get install fio
@@ -42,13 +43,16 @@ struct Figures {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
+    flush_p50_us: f64,
+    flush_p99_us: f64,
 }
 
 async fn fio(uri: &str, depth: u32, seconds: u64) -> anyhow::Result<Figures> {
     let name = format!("--name=qd{depth}");
     let uri = format!("--uri={uri}");
     let depth_arg = format!("--iodepth={depth}");
-    let flush = format!("--fdatasync={depth}");
+    // fio's nbd engine flushes on fsync (fdatasync is EINVAL there).
+    let flush = format!("--fsync={depth}");
     let runtime = format!("--runtime={seconds}");
     let args = [
         name.as_str(),
@@ -65,21 +69,24 @@ async fn fio(uri: &str, depth: u32, seconds: u64) -> anyhow::Result<Figures> {
     ];
     let limit = Duration::from_secs(seconds + 60);
     let output = run("fio", &args, limit).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        bail!("fio {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "fio {args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let json: Value = serde_json::from_slice(&output.stdout).context("fio JSON")?;
-    let write = &json["jobs"][0]["write"];
-    let percentile = |p: &str| {
-        write["clat_ns"]["percentile"][p]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-            / 1e3
-    };
+    // The engine says "connected to NBD server" before the JSON.
+    let json = stdout.find('{').map_or("", |at| &stdout[at..]);
+    let json: Value = serde_json::from_str(json).context("fio JSON")?;
+    let job = &json["jobs"][0];
+    let percentile = |lat: &Value, p: &str| lat["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1e3;
     Ok(Figures {
-        iops: write["iops"].as_f64().unwrap_or(0.0),
-        p50_us: percentile("50.000000"),
-        p99_us: percentile("99.000000"),
+        iops: job["write"]["iops"].as_f64().unwrap_or(0.0),
+        p50_us: percentile(&job["write"]["clat_ns"], "50.000000"),
+        p99_us: percentile(&job["write"]["clat_ns"], "99.000000"),
+        flush_p50_us: percentile(&job["sync"]["lat_ns"], "50.000000"),
+        flush_p99_us: percentile(&job["sync"]["lat_ns"], "99.000000"),
     })
 }
 
@@ -148,18 +155,22 @@ async fn main() -> anyhow::Result<()> {
                 runs[i].push(fio(uri, depth, options.seconds).await?);
             }
         }
+        let median_of =
+            |runs: &[Figures], field: fn(&Figures) -> f64| median(runs.iter().map(field).collect());
         let summary: Vec<Figures> = runs
             .iter()
             .map(|r| Figures {
-                iops: median(r.iter().map(|f| f.iops).collect()),
-                p50_us: median(r.iter().map(|f| f.p50_us).collect()),
-                p99_us: median(r.iter().map(|f| f.p99_us).collect()),
+                iops: median_of(r, |f| f.iops),
+                p50_us: median_of(r, |f| f.p50_us),
+                p99_us: median_of(r, |f| f.p99_us),
+                flush_p50_us: median_of(r, |f| f.flush_p50_us),
+                flush_p99_us: median_of(r, |f| f.flush_p99_us),
             })
             .collect();
-        for ((name, _), figures) in targets.iter().zip(&summary) {
+        for ((name, _), f) in targets.iter().zip(&summary) {
             println!(
-                "  QD{depth:<2} {name:<10} {:>8.0} IOPS  p50 {:>7.0} us  p99 {:>7.0} us",
-                figures.iops, figures.p50_us, figures.p99_us
+                "  QD{depth:<2} {name:<10} {:>7.0} IOPS  write p50 {:>6.0} us p99 {:>6.0} us  flush p50 {:>6.0} us p99 {:>6.0} us",
+                f.iops, f.p50_us, f.p99_us, f.flush_p50_us, f.flush_p99_us
             );
         }
         let tax = 1.0 - summary[0].iops / summary[1].iops;
