@@ -24,6 +24,7 @@ node = "solo"
 cluster = "test"
 replication = "127.0.0.1:0"
 nbd = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 
 [tuning]
 barrier_timeout_ms = 400
@@ -422,4 +423,93 @@ async fn a_size_the_store_on_disk_contradicts_is_refused_with_its_line() {
         ),
         "{error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_reports_status_and_metrics_and_fences_assignments() {
+    use walship::node::admin::request;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let admin = node.admin_addr().unwrap().to_string();
+    let mut client = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("fast")
+        .await;
+    assert_eq!(client.write(0, &[4u8; 8192], FLAG_FUA).await, 0);
+
+    let (status, body) = request(&admin, "/status", None).await.unwrap();
+    assert_eq!(status, 200);
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["node"], "solo");
+    let roles: BTreeSet<(String, String)> = report["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("fast", "primary"),
+        ("mirror", "replica"),
+        ("other", "primary"),
+        ("strict", "primary"),
+    ]
+    .map(|(n, r)| (n.to_owned(), r.to_owned()));
+    assert_eq!(roles, BTreeSet::from(expected));
+
+    let (status, body) = request(&admin, "/volumes/fast", None).await.unwrap();
+    assert_eq!(status, 200);
+    let fast: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        fast["status"]["head"], 1,
+        "one write, one WAL frame: {body}"
+    );
+    assert_eq!(fast["export"], "read-write");
+    assert_eq!(request(&admin, "/volumes/nope", None).await.unwrap().0, 404);
+
+    // Assignments: malformed → 400; not newer → 409 with the applied epoch.
+    let bad = request(
+        &admin,
+        "/volumes/fast/assignment",
+        Some("{\"epoch\": 1}".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    let stale = r#"{"epoch": 1, "primary": "solo", "commit_mode": "best_effort", "replicas": {}}"#;
+    let fenced = request(&admin, "/volumes/fast/assignment", Some(stale.into()))
+        .await
+        .unwrap();
+    assert_eq!(fenced.0, 409, "{}", fenced.1);
+    assert!(
+        fenced.1.contains("not newer than the applied epoch 1"),
+        "{}",
+        fenced.1
+    );
+    let newer = stale.replace("\"epoch\": 1", "\"epoch\": 4");
+    let applied = request(&admin, "/volumes/fast/assignment", Some(newer))
+        .await
+        .unwrap();
+    assert_eq!(applied.0, 200, "{}", applied.1);
+    let applied: serde_json::Value = serde_json::from_str(&applied.1).unwrap();
+    assert_eq!(applied["assignment"]["epoch"], 4);
+    assert_eq!(applied["status"]["registry"]["epoch"], 4);
+
+    let (status, metrics) = request(&admin, "/metrics", None).await.unwrap();
+    assert_eq!(status, 200);
+    for expected in [
+        "walship_mailbox_sent_total{actor=\"volume\",instance=\"fast\"}",
+        "walship_wal_sync_seconds",
+        "walship_volume_head_lsn{volume=\"fast\"} 1",
+        "walship_volume_epoch{volume=\"fast\"} 4",
+        "walship_replica_state{volume=\"strict\",replica=\"strict/ghost\",state=\"in_sync\"} 0",
+        "walship_replica_lag_bytes{volume=\"strict\",replica=\"strict/ghost\"}",
+    ] {
+        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+    }
+    node.stop().await;
 }

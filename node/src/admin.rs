@@ -5,7 +5,7 @@
 //! | `GET /status` | the node and every volume: roles, epochs, replica states, lag, pins, mailboxes, recent recovery decisions (JSON) |
 //! | `GET /volumes/{name}` | one volume, the same way |
 //! | `POST /volumes/{name}/assignment` | applies a new assignment ([`AssignmentRequest`] as JSON); 409 when fenced |
-//! | `GET /metrics` | Prometheus text: mailboxes per actor, per-volume LSNs, lag, states, pins, bytes shipped |
+//! | `GET /metrics` | Prometheus text: mailboxes per actor, WAL sync latency, per-volume LSNs, lag in LSNs and bytes, states, pins, bytes shipped |
 
 use crate::assignment::{Applied, ReplicaEndpoint};
 use crate::node::{Node, NodeError, VolumeReport};
@@ -273,6 +273,10 @@ async fn metrics(node: &Node) -> String {
                         let on = f64::from(u8::from(sender.state == state));
                         metrics::gauge!("walship_replica_state", &labels).set(on);
                     }
+                }
+                for (replica, lag) in &status.lag_bytes {
+                    let labels = [("volume", volume.clone()), ("replica", replica.to_string())];
+                    metrics::gauge!("walship_replica_lag_bytes", &labels).set(*lag as f64);
                 }
                 for (replica, sent) in &status.bytes_sent {
                     let labels = [("volume", volume.clone()), ("replica", replica.to_string())];

@@ -61,6 +61,8 @@ pub struct ReceiverActor {
     _alive: TaskTrackerToken,
     committed: u64,
     metrics: Arc<MailboxMetrics>,
+    /// Seconds each WAL sync took (`walship_wal_sync_seconds`).
+    sync_seconds: metrics::Histogram,
 }
 
 impl std::fmt::Debug for ReceiverActor {
@@ -114,6 +116,7 @@ impl ReceiverActor {
         tasks: TaskTracker,
     ) -> Self {
         let epoch = store.superblock().epoch;
+        let identity_for_metrics = identity.clone();
         Self {
             blocking,
             _alive: tasks.token(),
@@ -129,8 +132,21 @@ impl ReceiverActor {
             checkpoint_every,
             checkpoint_requested: 0,
             committed: 0,
+            sync_seconds: metrics::histogram!(
+                "walship_wal_sync_seconds",
+                "role" => "replica",
+                "volume" => identity_for_metrics
+            ),
             metrics,
         }
+    }
+
+    /// Makes the WAL durable up to `lsn`, timing the sync.
+    fn sync_to(&self, lsn: u64) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
+        let synced = self.store.sync_to(lsn);
+        self.sync_seconds.record(started.elapsed().as_secs_f64());
+        synced
     }
 
     /// The store refused what the primary asked. A storage failure (the
@@ -191,7 +207,7 @@ impl ReceiverActor {
         let wal = self.store.wal();
         // Frames appended before a connection broke may not be synced yet:
         // report only what is durable, after making the head durable.
-        if let Err(e) = self.store.sync_to(wal.head()) {
+        if let Err(e) = self.sync_to(wal.head()) {
             return self.store_failed("sync before hello", &e, CODE_STORE);
         }
         self.answer(Message::HelloAck {
@@ -243,7 +259,7 @@ impl ReceiverActor {
             return None;
         }
         let head = self.store.wal().head();
-        Some(match self.store.sync_to(head) {
+        Some(match self.sync_to(head) {
             Ok(durable) => {
                 self.maybe_checkpoint(durable);
                 self.answer(Message::DurableAck {
@@ -405,7 +421,7 @@ impl ReceiverActor {
                 // primary asks once it has shipped it): one sync, one ack.
                 *unsynced = false;
                 let head = self.store.wal().head();
-                match self.store.sync_to(head) {
+                match self.sync_to(head) {
                     Ok(durable) => {
                         self.maybe_checkpoint(durable);
                         self.answer(Message::DurableAck {

@@ -40,6 +40,10 @@ pub struct VolumeStatus {
     pub reader_backend: String,
     /// Bytes each replica's sender has put on the wire, by replica.
     pub bytes_sent: Vec<(ReplicaId, u64)>,
+    /// Each replica's lag in WAL bytes: the frames after its durable LSN
+    /// that the primary still holds (a replica behind the WAL's tail needs
+    /// a rebuild, whatever this says).
+    pub lag_bytes: Vec<(ReplicaId, u64)>,
     /// Mailbox metrics: the volume actor, then each sender.
     pub mailboxes: Vec<MailboxSnapshot>,
 }
@@ -58,9 +62,16 @@ impl VolumeActor {
         let mut senders: Vec<_> = self.senders.iter().collect();
         senders.sort_by(|a, b| a.0.cmp(b.0));
         mailboxes.extend(senders.into_iter().map(|(_, s)| s.metrics().snapshot()));
+        let registry = self.engine.status();
+        let lag_bytes = registry
+            .senders
+            .iter()
+            .map(|s| (s.replica.clone(), wal.retained_after(s.flushed.get())))
+            .collect();
         VolumeStatus {
             role: "primary",
-            registry: self.engine.status(),
+            registry,
+            lag_bytes,
             head: wal.head(),
             durable: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,

@@ -38,8 +38,11 @@ impl VolumeActor {
                     wanted: lsn,
                 };
                 let store = Arc::clone(&self.store);
+                let sync_seconds = self.sync_seconds.clone();
                 self.pools.blocking.run(&self.tasks, move || {
+                    let started = std::time::Instant::now();
                     let result = store.sync_to(lsn).map_err(|e| e.to_string());
+                    sync_seconds.record(started.elapsed().as_secs_f64());
                     me.do_send(LocalDurable { result });
                 });
             }

@@ -64,6 +64,8 @@ pub struct VolumeActor {
     last_heartbeat: u64,
     wake: Option<(u64, SpawnHandle)>,
     metrics: Arc<MailboxMetrics>,
+    /// Seconds each group-commit sync of the WAL took (`walship_wal_sync_seconds`).
+    sync_seconds: metrics::Histogram,
     me: Option<MeteredAddr<VolumeActor>>,
     /// What the volume's stop waits for: this actor, its senders and their
     /// executors, its jobs on the blocking pool each hold a token.
@@ -155,6 +157,11 @@ impl VolumeActor {
         let (committed_tx, _) = watch::channel(committed);
         Ok(Self {
             metrics: MailboxMetrics::new("volume", config.volume.clone()),
+            sync_seconds: metrics::histogram!(
+                "walship_wal_sync_seconds",
+                "role" => "primary",
+                "volume" => config.volume.clone()
+            ),
             config,
             store,
             reader: Arc::new(reader),
