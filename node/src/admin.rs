@@ -7,8 +7,9 @@
 //! | `POST /volumes/{name}/assignment` | applies a new assignment ([`AssignmentRequest`] as JSON); 409 when fenced |
 //! | `GET /metrics` | Prometheus text: mailboxes per actor, WAL sync latency, per-volume LSNs, lag in LSNs and bytes, states, pins, bytes shipped |
 
-use crate::assignment::{Applied, ReplicaEndpoint};
+use crate::assignment::Applied;
 use crate::node::{Node, NodeError, VolumeReport};
+use crate::serving::Serving;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -19,8 +20,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
 use walship_actors::NodeStatus;
 use walship_engine::CommitMode;
 
@@ -41,22 +40,7 @@ pub struct AssignmentRequest {
 impl AssignmentRequest {
     /// As an assignment to apply (endpoint versions are the node's to set).
     pub fn applied(&self) -> Applied {
-        Applied {
-            epoch: self.epoch,
-            primary: self.primary.clone(),
-            commit_mode: self.commit_mode,
-            replicas: self
-                .replicas
-                .iter()
-                .map(|(server, addr)| {
-                    let endpoint = ReplicaEndpoint {
-                        addr: addr.clone(),
-                        version: 1,
-                    };
-                    (server.clone(), endpoint)
-                })
-                .collect(),
-        }
+        Applied::new(self.epoch, &self.primary, self.commit_mode, &self.replicas)
     }
 }
 
@@ -87,70 +71,46 @@ pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
 
 /// A running admin endpoint; [`stop`](Self::stop) waits for its requests.
 #[derive(Debug)]
-pub struct AdminServer {
-    local: SocketAddr,
-    stop: watch::Sender<bool>,
-    tasks: TaskTracker,
-}
+pub struct AdminServer(Serving);
 
 impl AdminServer {
     /// Serves `node` to the clients of `listener`.
     pub fn start(listener: TcpListener, node: Arc<Node>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (stop, stopped) = watch::channel(false);
-        let tasks = TaskTracker::new();
-        let accepting = tasks.clone();
-        tasks.spawn(async move {
-            let mut stop = stopped.clone();
-            loop {
-                let stream = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            continue;
-                        }
-                    },
-                    _ = stop.wait_for(|stop| *stop) => return,
-                };
-                let node = Arc::clone(&node);
-                let mut stop = stopped.clone();
-                accepting.spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let node = Arc::clone(&node);
-                        async move { Ok::<_, std::convert::Infallible>(route(&node, request).await) }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service);
-                    tokio::pin!(connection);
-                    let stopping = async {
-                        let _ = stop.wait_for(|stop| *stop).await;
-                    };
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        () = stopping => {
-                            connection.as_mut().graceful_shutdown();
-                            let _ = connection.await;
-                        }
-                    }
+        let serving = Serving::start("admin", listener, move |stream, _, mut stopped| {
+            let node = Arc::clone(&node);
+            async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let node = Arc::clone(&node);
+                    async move { Ok::<_, std::convert::Infallible>(route(&node, request).await) }
                 });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                tokio::pin!(connection);
+                let stopping = async {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    () = stopping => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
             }
-        });
-        Ok(Self { local, stop, tasks })
+        })?;
+        Ok(Self(serving))
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        self.0.local_addr()
     }
 
     /// Stops accepting, lets requests being answered finish, and returns
     /// when every connection has closed.
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.0.stop().await;
     }
 }
 

@@ -41,14 +41,20 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// The config's assignment.
-    pub fn from_spec(spec: &VolumeSpec) -> Self {
+    /// An assignment whose replicas (node → replication address) are all
+    /// at endpoint version 1; [`successor`](Self::successor) carries the
+    /// versions on from the assignment it follows.
+    pub fn new(
+        epoch: u64,
+        primary: &str,
+        commit_mode: CommitMode,
+        replicas: &BTreeMap<String, String>,
+    ) -> Self {
         Self {
-            epoch: spec.epoch,
-            primary: spec.primary.clone(),
-            commit_mode: spec.commit_mode,
-            replicas: spec
-                .replicas
+            epoch,
+            primary: primary.to_owned(),
+            commit_mode,
+            replicas: replicas
                 .iter()
                 .map(|(server, addr)| {
                     let endpoint = ReplicaEndpoint {
@@ -59,6 +65,11 @@ impl Applied {
                 })
                 .collect(),
         }
+    }
+
+    /// The config's assignment.
+    pub fn from_spec(spec: &VolumeSpec) -> Self {
+        Self::new(spec.epoch, &spec.primary, spec.commit_mode, &spec.replicas)
     }
 
     /// `next` with endpoint versions carried over from `self`: kept where

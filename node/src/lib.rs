@@ -12,6 +12,7 @@ pub mod assignment;
 pub mod config;
 pub mod nbd;
 mod node;
+mod serving;
 
 pub use admin::{AdminClientError, AdminServer, AssignmentRequest, StatusReport};
 pub use assignment::{Applied, ReplicaEndpoint};

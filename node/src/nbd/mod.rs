@@ -20,11 +20,11 @@ mod handshake;
 mod proto;
 mod transmission;
 
+use crate::serving::Serving;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
 use walship_actors::VolumeHandle;
 
 /// One export: a volume, its size, and whether clients may write.
@@ -53,61 +53,33 @@ pub trait Exports: Send + Sync + 'static {
 /// answers every request already read, and returns once every connection
 /// has ended.
 #[derive(Debug)]
-pub struct NbdServer {
-    local: SocketAddr,
-    stop: watch::Sender<bool>,
-    tasks: TaskTracker,
-}
+pub struct NbdServer(Serving);
 
 impl NbdServer {
     /// Serves `exports` to the clients of `listener`.
     pub fn start(listener: TcpListener, exports: Arc<dyn Exports>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (stop, stopped) = watch::channel(false);
-        let tasks = TaskTracker::new();
-        tokio::spawn(tasks.track_future(accept_loop(listener, exports, stopped, tasks.clone())));
-        Ok(Self { local, stop, tasks })
+        let serving = Serving::start("nbd", listener, move |stream, peer, stopped| {
+            let exports = Arc::clone(&exports);
+            async move {
+                let _ = stream.set_nodelay(true);
+                if let Err(e) = serve(stream, exports, stopped).await {
+                    tracing::info!(%peer, error = %e, "nbd connection closed");
+                }
+            }
+        })?;
+        Ok(Self(serving))
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        self.0.local_addr()
     }
 
     /// Stops accepting; connections still negotiating close, connections
     /// transmitting stop reading requests, answer the ones they read, and
     /// close. Returns when the last one has.
     pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    exports: Arc<dyn Exports>,
-    stopped: watch::Receiver<bool>,
-    tasks: TaskTracker,
-) {
-    let mut stop = stopped.clone();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let exports = Arc::clone(&exports);
-                    let stopped = stopped.clone();
-                    tokio::spawn(tasks.track_future(async move {
-                        if let Err(e) = serve(stream, exports, stopped).await {
-                            tracing::info!(%peer, error = %e, "nbd connection closed");
-                        }
-                    }));
-                }
-                Err(e) => tracing::warn!(error = %e, "nbd accept failed"),
-            },
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
+        self.0.stop().await;
     }
 }
 
