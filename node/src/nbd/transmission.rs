@@ -28,6 +28,9 @@ const PERMIT_BYTES: u32 = MIN_BLOCK;
 /// frame, shipped in one batch.
 const WRITE_PIECE: usize = 1 << 20;
 
+/// How long a closing connection may take to answer what it read.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One request's header.
 #[derive(Debug, Clone, Copy)]
 struct Request {
@@ -64,11 +67,13 @@ where
     let room = Arc::new(Semaphore::new((INFLIGHT_BYTES / PERMIT_BYTES) as usize));
     let mut running = JoinSet::new();
     let ended = loop {
+        // Reap finished requests as they go, so the set stays small. (Not
+        // in the select below: losing that race would cancel a header read
+        // halfway and lose its bytes.)
+        while running.try_join_next().is_some() {}
         let header = tokio::select! {
             header = read_request(&mut read) => header,
             _ = stopped.wait_for(|stop| *stop) => break Ok(()),
-            // Reap finished requests as they go, so the set stays small.
-            Some(_) = running.join_next(), if !running.is_empty() => continue,
         };
         let request = match header {
             Ok(Some(request)) => request,
@@ -93,13 +98,22 @@ where
             CMD_READ | CMD_WRITE => request.length.min(MAX_BLOCK).div_ceil(PERMIT_BYTES).max(1),
             _ => 1,
         };
-        let Ok(permit) = Arc::clone(&room).acquire_many_owned(share).await else {
-            break Ok(());
+        // A stop while waiting for room or for a payload ends the reading:
+        // what was read in full is answered.
+        let permit = tokio::select! {
+            permit = Arc::clone(&room).acquire_many_owned(share) => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Ok(()),
+            },
+            _ = stopped.wait_for(|stop| *stop) => break Ok(()),
         };
         let data = if payload > 0 {
             let mut data = BytesMut::zeroed(payload as usize);
-            if let Err(e) = read.read_exact(&mut data).await {
-                break Err(e.into());
+            tokio::select! {
+                read = read.read_exact(&mut data) => if let Err(e) = read {
+                    break Err(e.into());
+                },
+                _ = stopped.wait_for(|stop| *stop) => break Ok(()),
             }
             data.freeze()
         } else {
@@ -119,13 +133,26 @@ where
             });
         });
     };
-    // Every request read is answered before the connection closes.
-    while running.join_next().await.is_some() {}
-    drop(replies);
-    let written = writer
-        .await
-        .map_err(|e| NbdError::Protocol(format!("reply writer: {e}")))?;
-    ended.and(written.map_err(NbdError::from))
+    // Every request read is answered before the connection closes, within
+    // a grace period: a client that stopped reading its replies must not
+    // hold the node's stop forever.
+    let abort_writer = writer.abort_handle();
+    let answered = async {
+        while running.join_next().await.is_some() {}
+        drop(replies);
+        writer.await
+    };
+    match tokio::time::timeout(STOP_GRACE, answered).await {
+        Ok(Ok(written)) => ended.and(written.map_err(NbdError::from)),
+        Ok(Err(e)) => Err(NbdError::Protocol(format!("reply writer: {e}"))),
+        Err(_) => {
+            // The requests still running go with the JoinSet's drop.
+            abort_writer.abort();
+            Err(NbdError::Protocol(format!(
+                "replies not taken within {STOP_GRACE:?}; connection dropped"
+            )))
+        }
+    }
 }
 
 /// Reads a request header; `None` at a clean EOF between requests.
