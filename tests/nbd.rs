@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use walship::engine::CommitMode;
 use walship::node::{config, Node};
 
 async fn start_node(dir: &std::path::Path) -> Arc<Node> {
@@ -299,19 +300,8 @@ async fn a_write_the_volume_cannot_commit_gets_an_error_never_a_silent_ack() {
         .go("fast")
         .await;
     assert_eq!(fast.write(0, &[1u8; 4096], FLAG_FUA).await, 0);
-    let demoted = walship::node::Applied {
-        epoch: 7,
-        primary: "elsewhere".into(),
-        commit_mode: walship::engine::CommitMode::BestEffort,
-        replicas: [(
-            "solo".to_owned(),
-            walship::node::ReplicaEndpoint {
-                addr: node.replication_addr().to_string(),
-                version: 1,
-            },
-        )]
-        .into(),
-    };
+    let replicas = [("solo".to_owned(), node.replication_addr().to_string())].into();
+    let demoted = walship::node::Applied::new(7, "elsewhere", CommitMode::BestEffort, &replicas);
     node.apply_assignment("fast", demoted.clone())
         .await
         .unwrap();
@@ -518,7 +508,8 @@ async fn the_admin_endpoint_reports_status_and_metrics_and_fences_assignments() 
     assert_eq!(applied.0, 200, "{}", applied.1);
     let applied: serde_json::Value = serde_json::from_str(&applied.1).unwrap();
     assert_eq!(applied["assignment"]["epoch"], 4);
-    assert_eq!(applied["status"]["registry"]["epoch"], 4);
+    // The runtime's term: the epoch in the high bits, incarnation 0.
+    assert_eq!(applied["status"]["registry"]["epoch"], 4 << 20);
 
     let (status, metrics) = request(&admin, "/metrics", None).await.unwrap();
     assert_eq!(status, 200);

@@ -205,6 +205,7 @@ async fn metrics(node: &Node) -> String {
         let gauge = |name: &'static str, value: u64| {
             metrics::gauge!(name, "volume" => volume.clone()).set(value as f64);
         };
+        gauge("walship_volume_epoch", report.assignment.epoch);
         match &report.status {
             NodeStatus::Primary(status) => {
                 let history = &status.registry.history;
@@ -213,7 +214,7 @@ async fn metrics(node: &Node) -> String {
                 gauge("walship_volume_committed_lsn", history.committed.get());
                 gauge("walship_volume_tail_lsn", status.tail);
                 gauge("walship_volume_checkpoint_lsn", status.checkpoint);
-                gauge("walship_volume_epoch", status.registry.epoch.get());
+
                 gauge("walship_volume_recovery_pins", status.recovery_pins as u64);
                 gauge(
                     "walship_volume_retention_holds",
@@ -247,7 +248,6 @@ async fn metrics(node: &Node) -> String {
                 gauge("walship_volume_head_lsn", status.head);
                 gauge("walship_volume_durable_lsn", status.durable);
                 gauge("walship_volume_checkpoint_lsn", status.checkpoint);
-                gauge("walship_volume_epoch", status.epoch);
             }
         }
     }

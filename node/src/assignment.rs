@@ -5,8 +5,14 @@
 //!
 //! Which assignment a volume starts with is decided here: the config's,
 //! when it is newer than the one applied last; else the one applied last.
-//! A primary opens in a new epoch every time (its WAL may already hold the
-//! last one), so restarting a primary on the same assignment bumps it.
+//! A config that says something else at the epoch already applied is
+//! refused: an assignment changes only with a newer epoch.
+//!
+//! The epoch the runtime runs in (the term, in every frame and hello) is
+//! `epoch << 20 | incarnation`. A primary must open in a term its WAL has
+//! not seen, so reopening on the same assignment (a restart) bumps the
+//! incarnation, never the epoch: the epochs stay the control plane's, and
+//! any newer assignment outranks every incarnation of the older ones.
 
 use crate::config::VolumeSpec;
 use serde::{Deserialize, Serialize};
@@ -38,7 +44,13 @@ pub struct Applied {
     pub commit_mode: CommitMode,
     /// Replicas by node name.
     pub replicas: BTreeMap<String, ReplicaEndpoint>,
+    /// How many times this node reopened as primary in this epoch.
+    #[serde(default)]
+    pub incarnation: u64,
 }
+
+/// Incarnations of a primary within one epoch: the term's low bits.
+const INCARNATION_BITS: u32 = 20;
 
 impl Applied {
     /// An assignment whose replicas (node → replication address) are all
@@ -64,7 +76,28 @@ impl Applied {
                     (server.clone(), endpoint)
                 })
                 .collect(),
+            incarnation: 0,
         }
+    }
+
+    /// The term the runtime runs in: `epoch << 20 | incarnation`.
+    pub fn term(&self) -> u64 {
+        (self.epoch << INCARNATION_BITS) | self.incarnation
+    }
+
+    /// Whether `other` says the same as `self` (epoch, primary, mode and
+    /// replica addresses; endpoint versions and incarnations aside).
+    pub fn same_as(&self, other: &Applied) -> bool {
+        let addrs = |a: &Applied| -> BTreeMap<String, String> {
+            a.replicas
+                .iter()
+                .map(|(s, e)| (s.clone(), e.addr.clone()))
+                .collect()
+        };
+        self.epoch == other.epoch
+            && self.primary == other.primary
+            && self.commit_mode == other.commit_mode
+            && addrs(self) == addrs(other)
     }
 
     /// The config's assignment.
@@ -75,6 +108,7 @@ impl Applied {
     /// `next` with endpoint versions carried over from `self`: kept where
     /// the address is the same, bumped where it changed.
     pub fn successor(&self, mut next: Applied) -> Applied {
+        next.incarnation = 0;
         for (server, endpoint) in &mut next.replicas {
             endpoint.version = match self.replicas.get(server) {
                 Some(old) if old.addr == endpoint.addr => old.version,
@@ -103,7 +137,7 @@ impl Applied {
             })
             .collect::<Result<_, InvalidReplicaId>>()?;
         Ok(Assignment {
-            epoch: Epoch(self.epoch),
+            epoch: Epoch(self.term()),
             commit_mode: self.commit_mode,
             replicas,
         })
@@ -119,34 +153,61 @@ pub struct Starting {
     pub reason: String,
 }
 
+/// Why a volume cannot start on its assignment.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The assignment file could not be read or written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The config says something else at the epoch already applied.
+    #[error("{0}")]
+    Conflict(String),
+    /// The primary reopened more times in one epoch than a term can count.
+    #[error("volume reopened as primary {0} times in one epoch: give it a newer epoch")]
+    Incarnations(u64),
+}
+
 /// Decides `spec`'s starting assignment on `node` from the config and what
 /// `dir` holds, and persists it before anything opens.
-pub fn start(dir: &Path, node: &str, spec: &VolumeSpec) -> std::io::Result<Starting> {
+pub fn start(dir: &Path, node: &str, spec: &VolumeSpec) -> Result<Starting, StartError> {
     let configured = Applied::from_spec(spec);
-    let (mut applied, mut reason) = match load(dir)? {
-        None => (
-            configured,
-            "the config's (nothing applied before)".to_owned(),
-        ),
-        Some(last) if spec.epoch > last.epoch => {
-            let reason = format!(
-                "the config's epoch {} is newer than {}",
-                spec.epoch, last.epoch
-            );
-            (last.successor(configured), reason)
-        }
-        Some(last) => {
-            let reason = format!(
-                "the one applied last (epoch {}; the config's epoch {} is not newer)",
-                last.epoch, spec.epoch
-            );
-            (last, reason)
-        }
+    let Some(last) = load(dir)? else {
+        save(dir, &configured)?;
+        return Ok(Starting {
+            applied: configured,
+            reason: "the config's (nothing applied before)".to_owned(),
+        });
     };
-    let reopened = reason.starts_with("the one applied last");
-    if reopened && applied.is_primary(node) {
-        applied.epoch += 1;
-        reason.push_str(&format!(", as primary in the next epoch {}", applied.epoch));
+    if spec.epoch > last.epoch {
+        let applied = last.successor(configured);
+        save(dir, &applied)?;
+        let reason = format!(
+            "the config's epoch {} is newer than {}",
+            spec.epoch, last.epoch
+        );
+        return Ok(Starting { applied, reason });
+    }
+    if spec.epoch == last.epoch && !last.same_as(&configured) {
+        return Err(StartError::Conflict(format!(
+            "volume {}: the config's assignment differs from the one applied at epoch {} (primary {}); an assignment changes only with a newer epoch",
+            spec.name, last.epoch, last.primary
+        )));
+    }
+    let mut applied = last;
+    let mut reason = format!(
+        "the one applied last (epoch {}; the config's epoch {} is not newer)",
+        applied.epoch, spec.epoch
+    );
+    if applied.is_primary(node) {
+        applied.incarnation += 1;
+        if applied.incarnation >= 1 << INCARNATION_BITS {
+            return Err(StartError::Incarnations(applied.incarnation));
+        }
+        reason.push_str(&format!(
+            ", reopened as primary: incarnation {}, term {}",
+            applied.incarnation,
+            applied.term()
+        ));
     }
     save(dir, &applied)?;
     Ok(Starting { applied, reason })
@@ -209,10 +270,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = start(dir.path(), "node1", &spec(1, "node1")).unwrap();
         assert_eq!(first.applied.epoch, 1);
-        // The same config again: the primary opens in the next epoch.
+        // The same config again: the primary opens in a new term, the
+        // epoch stays the control plane's.
         let second = start(dir.path(), "node1", &spec(1, "node1")).unwrap();
-        assert_eq!(second.applied.epoch, 2, "{}", second.reason);
-        assert_eq!(load(dir.path()).unwrap().unwrap().epoch, 2);
+        assert_eq!(second.applied.epoch, 1, "{}", second.reason);
+        assert_eq!(second.applied.incarnation, 1);
+        assert!(second.applied.term() > first.applied.term());
+        assert_eq!(load(dir.path()).unwrap().unwrap().incarnation, 1);
+        // Any newer epoch outranks every incarnation of the older one.
+        let mut next = second.applied.clone();
+        next.epoch = 2;
+        next.incarnation = 0;
+        assert!(next.term() > second.applied.term());
+        // A config that says something else at the applied epoch is refused.
+        let moved = spec(1, "node2");
+        assert!(matches!(
+            start(dir.path(), "node1", &moved),
+            Err(StartError::Conflict(_))
+        ));
         // A replica keeps the epoch it was given.
         let replica = tempfile::tempdir().unwrap();
         start(replica.path(), "node2", &spec(3, "node1")).unwrap();
@@ -233,7 +308,7 @@ mod tests {
         assert_eq!(next.applied.replicas["node2"].version, 1);
         assert_eq!(next.applied.replicas["node3"].version, 2);
         let engine = next.applied.engine("vol0").unwrap();
-        assert_eq!(engine.epoch, Epoch(5));
+        assert_eq!(engine.epoch, Epoch(5 << 20));
         assert_eq!(engine.replicas.len(), 2);
     }
 }

@@ -7,7 +7,7 @@
 //! last is fenced, so the node never goes back to an older epoch.
 
 use crate::admin::AdminServer;
-use crate::assignment::{self, Applied};
+use crate::assignment::{self, Applied, StartError};
 use crate::config::{ConfigError, NodeConfig, VolumeSpec};
 use crate::nbd::{Export, Exports, NbdServer};
 use serde::Serialize;
@@ -219,8 +219,20 @@ impl Node {
         };
         for spec in node.config.volumes.clone() {
             let dir = node.volume_dir(&spec.name);
-            let starting = assignment::start(&dir, &node.config.node, &spec)
-                .map_err(io(format!("assignment of {}", spec.name)))?;
+            let starting = match assignment::start(&dir, &node.config.node, &spec) {
+                Ok(starting) => starting,
+                Err(e) => {
+                    node.stop().await;
+                    return Err(match e {
+                        StartError::Io(e) => io(format!("assignment of {}", spec.name))(e),
+                        refusal => NodeError::Config(ConfigError::Invalid {
+                            file: node.config.file.clone(),
+                            line: spec.line,
+                            what: refusal.to_string(),
+                        }),
+                    });
+                }
+            };
             tracing::info!(volume = %spec.name, epoch = starting.applied.epoch,
                 primary = %starting.applied.primary, "assignment: {}", starting.reason);
             let handle = match node.open(&spec, &starting.applied).await {
@@ -298,7 +310,7 @@ impl Node {
                 volume: spec.name.clone(),
                 dir,
                 store,
-                epoch: applied.epoch,
+                epoch: applied.term(),
                 commit_mode: applied.commit_mode,
                 replicas: applied
                     .replicas
@@ -456,6 +468,11 @@ impl Node {
         if !next.is_primary(node) && !next.replicas.contains_key(node) {
             return Err(bad(format!("it leaves out this node ({node})")));
         }
+        for (server, endpoint) in &next.replicas {
+            if let Err(e) = endpoint.addr.parse::<SocketAddr>() {
+                return Err(bad(format!("replica {server} at {:?}: {e}", endpoint.addr)));
+            }
+        }
         let next = hosted.applied.successor(next);
         let engine = next
             .engine(name)
@@ -477,10 +494,30 @@ impl Node {
             }
             // A replica learns its new epoch from its primary's hello.
             (false, false) => hosted.handle,
-            // A role change: the store reopens in the new role.
+            // A role change: the store reopens in the new role. If it
+            // cannot, the volume goes back to the assignment it had (as a
+            // primary in a new term), so it is not left stopped.
             _ => {
                 hosted.handle.stop().await;
-                self.open(&hosted.spec, &next).await?
+                match self.open(&hosted.spec, &next).await {
+                    Ok(handle) => handle,
+                    Err(refused) => {
+                        let mut back = hosted.applied.clone();
+                        if back.is_primary(node) {
+                            back.incarnation += 1;
+                        }
+                        let dir = self.volume_dir(name);
+                        assignment::save(&dir, &back)
+                            .map_err(io(format!("persist the assignment of {name}")))?;
+                        let handle = self.open(&hosted.spec, &back).await?;
+                        self.table.put(Hosted {
+                            spec: hosted.spec,
+                            applied: back,
+                            handle,
+                        });
+                        return Err(refused);
+                    }
+                }
             }
         };
         tracing::info!(volume = name, epoch = next.epoch, primary = %next.primary,
