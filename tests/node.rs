@@ -104,16 +104,7 @@ async fn real_clients_write_through_the_primary_and_every_replica_compares_ident
 
     // Every replica's read-only export equals the primary's.
     cluster.wait_converged(CONVERGE).await;
-    for replica in 1..3 {
-        let uri = cluster.nodes[replica].uri("vol0");
-        let out = run_ok(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", &primary, &uri],
-            CLIENT,
-        )
-        .await;
-        assert!(out.contains("Images are identical"), "{uri}: {out}");
-    }
+    assert_replicas_identical(&cluster, 0).await;
     // A replica's export is read-only: qemu sees the flag and refuses to
     // open it for writing (the server's own EPERM: tests/nbd.rs).
     let refused = run(
@@ -203,10 +194,11 @@ async fn assert_blocks(addr: std::net::SocketAddr, blocks: &[u64]) {
     }
 }
 
-/// Every replica's export equals the primary's.
-async fn assert_replicas_identical(cluster: &NodeCluster) {
-    let primary = cluster.nodes[0].uri("vol0");
-    for replica in 1..3 {
+/// Every replica's export equals the export of node `primary`.
+async fn assert_replicas_identical(cluster: &NodeCluster, primary: usize) {
+    let replicas = (0..3).filter(|&i| i != primary);
+    let primary = cluster.nodes[primary].uri("vol0");
+    for replica in replicas {
         let uri = cluster.nodes[replica].uri("vol0");
         let out = run_ok(
             "qemu-img",
@@ -273,7 +265,7 @@ async fn the_primary_killed_mid_write_restarts_with_every_acknowledged_write_on_
     assert_eq!(volume["status"]["registry"]["epoch"], (1 << 20) + 1);
     cluster.wait_converged(CONVERGE).await;
     assert_blocks(addr, &done).await;
-    assert_replicas_identical(&cluster).await;
+    assert_replicas_identical(&cluster, 0).await;
     for i in [0, 1, 2] {
         assert!(cluster
             .terminate(i, Duration::from_secs(20))
@@ -332,7 +324,7 @@ async fn kill_a_replica_mid_recovery(
         "FLUSH once in sync"
     );
     assert_blocks(addr, &[gap, more].concat()).await;
-    assert_replicas_identical(&cluster).await;
+    assert_replicas_identical(&cluster, 0).await;
     let log = cluster.primary_volume().await["recent_recovery"].to_string();
     assert!(log.contains(plan), "{log}");
 }
@@ -377,4 +369,86 @@ async fn serve_refuses_a_config_with_an_unknown_key_naming_its_line() {
         said.contains("node.toml:3: unknown field `nbd_port`"),
         "{said}"
     );
+}
+
+/// POSTs an assignment of vol0 to node `i`, which must take it.
+async fn assign(cluster: &NodeCluster, i: usize, epoch: u64, primary: usize, replicas: &[usize]) {
+    let replicas: serde_json::Map<String, serde_json::Value> = replicas
+        .iter()
+        .map(|&r| {
+            let node = &cluster.nodes[r];
+            (
+                node.name.clone(),
+                format!("127.0.0.1:{}", node.replication).into(),
+            )
+        })
+        .collect();
+    let body = serde_json::json!({
+        "epoch": epoch,
+        "primary": cluster.nodes[primary].name,
+        "commit_mode": "sync_all",
+        "replicas": replicas,
+    });
+    let path = "/volumes/vol0/assignment";
+    let (status, answer) =
+        walship::node::admin::request(&cluster.nodes[i].admin_addr(), path, Some(body.to_string()))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{}: {answer}", cluster.nodes[i].name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_by_assignment_keeps_every_acknowledged_write_and_the_old_primary_rejoins() {
+    let mut cluster = NodeCluster::start(VolumeOptions::default()).await;
+    cluster.wait_converged(CONVERGE).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_blocks(
+        nbd_addr(&cluster.nodes[0]),
+        0..4000,
+        true,
+        Arc::clone(&acked),
+    ));
+    wait_acked(&acked, 200, CLIENT).await;
+    cluster.kill(0).await;
+    let before = writer.await.unwrap();
+
+    // The operator's failover: epoch 2, node2 primary with node3. node3
+    // first, so it fences epoch 1 before node2 opens as primary.
+    assign(&cluster, 2, 2, 1, &[2]).await;
+    assign(&cluster, 1, 2, 1, &[2]).await;
+    let promoted = cluster.status(1).await["volumes"][0].clone();
+    assert_eq!(promoted["role"], "primary");
+    assert_eq!(promoted["export"], "read-write");
+    assert_eq!(promoted["status"]["registry"]["epoch"], 2 << 20);
+    // Every write node1 acknowledged is on node2 (A1), and node2 takes more.
+    let node2 = nbd_addr(&cluster.nodes[1]);
+    assert_blocks(node2, &before).await;
+    let after = write_blocks(node2, 5000..5300, true, Arc::clone(&acked)).await;
+    assert_eq!(after.len(), 300, "sync_all with node3 in sync");
+
+    // node1 comes back as a replica from a config that says so (epoch 2),
+    // and joins in epoch 3; whatever it held past the divergence point
+    // (writes never acknowledged) is truncated before it catches up.
+    let config = std::fs::read_to_string(&cluster.nodes[0].config).unwrap();
+    let node1_addr = format!("node1 = \"127.0.0.1:{}\"", cluster.nodes[0].replication);
+    let node2_addr = format!("node2 = \"127.0.0.1:{}\"", cluster.nodes[1].replication);
+    let moved = config
+        .replace("primary = \"node1\"", "epoch = 2\nprimary = \"node2\"")
+        .replace(&node2_addr, &node1_addr);
+    std::fs::write(&cluster.nodes[0].config, moved).unwrap();
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    assert_eq!(cluster.status(0).await["volumes"][0]["role"], "replica");
+    for i in [2, 0, 1] {
+        assign(&cluster, i, 3, 1, &[0, 2]).await;
+    }
+    cluster.wait_converged_on(1, CONVERGE).await;
+    assert_blocks(node2, &[before, after].concat()).await;
+    assert_replicas_identical(&cluster, 1).await;
+    for i in [0, 1, 2] {
+        assert!(cluster
+            .terminate(i, Duration::from_secs(20))
+            .await
+            .success());
+    }
 }

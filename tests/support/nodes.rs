@@ -217,9 +217,15 @@ impl NodeCluster {
     /// Waits until the primary has both replicas in sync with everything
     /// it holds committed and durable on them; returns the head.
     pub async fn wait_converged(&self, limit: Duration) -> u64 {
+        self.wait_converged_on(0, limit).await
+    }
+
+    /// [`wait_converged`](Self::wait_converged) with node `primary` as the
+    /// primary (after a failover).
+    pub async fn wait_converged_on(&self, primary: usize, limit: Duration) -> u64 {
         let deadline = Instant::now() + limit;
         loop {
-            let volume = self.primary_volume().await;
+            let volume = self.status(primary).await["volumes"][0].clone();
             let status = &volume["status"];
             let head = status["head"].as_u64().unwrap_or(u64::MAX);
             let senders = status["registry"]["senders"]
@@ -236,9 +242,9 @@ impl NodeCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "not converged within {limit:?}: {}\n--- node1 log:\n{}",
+                "not converged within {limit:?}: {}\n--- primary log:\n{}",
                 serde_json::to_string_pretty(&senders).unwrap_or_default(),
-                self.log(0)
+                self.log(primary)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
