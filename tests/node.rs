@@ -308,11 +308,13 @@ async fn kill_a_replica_mid_recovery(
     cluster.kill(victim).await;
     let gap = write_blocks(addr, 0..6000, true, Arc::clone(&acked)).await;
     assert_eq!(gap.len(), 6000);
+    // Writes keep flowing while it returns, is killed mid-recovery, and
+    // returns for good.
+    let writer = tokio::spawn(write_blocks(addr, 6000..7000, true, Arc::clone(&acked)));
     cluster.spawn(victim);
     cluster.wait_replica_state(&name, state, CONVERGE).await;
     cluster.kill(victim).await;
-    // Writes keep flowing meanwhile, then it returns for good.
-    let more = write_blocks(addr, 6000..7000, true, Arc::clone(&acked)).await;
+    let more = writer.await.unwrap();
     assert_eq!(more.len(), 1000);
     cluster.spawn(victim);
     cluster.wait_up(victim, Duration::from_secs(20)).await;
@@ -325,8 +327,18 @@ async fn kill_a_replica_mid_recovery(
     );
     assert_blocks(addr, &[gap, more].concat()).await;
     assert_replicas_identical(&cluster, 0).await;
-    let log = cluster.primary_volume().await["recent_recovery"].to_string();
-    assert!(log.contains(plan), "{log}");
+    // Two recoveries of that replica: the one the kill cut, and the last.
+    let log = cluster.primary_volume().await["recent_recovery"].clone();
+    let replica = format!("vol0/{name}");
+    let plans = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["replica"] == replica.as_str())
+        .filter(|e| e["event"].as_str().unwrap_or_default().starts_with(plan))
+        .map(|e| 1 + e["repeats"].as_u64().unwrap_or(0))
+        .sum::<u64>();
+    assert!(plans >= 2, "{plans} {plan} for {replica}: {log:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,10 +91,16 @@ impl NodeCluster {
     pub async fn start_nodes(volume: VolumeOptions, count: usize) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let names = &["node1", "node2", "node3"][..count];
-        let ports: Vec<(u16, u16, u16)> = names
-            .iter()
-            .map(|_| (free_port(), free_port(), free_port()))
+        // Every port bound at once, so no two are the same; released just
+        // before the nodes bind them.
+        let held: Vec<TcpListener> = (0..names.len() * 3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
             .collect();
+        let port = |i: usize| held[i].local_addr().expect("local addr").port();
+        let ports: Vec<(u16, u16, u16)> = (0..names.len())
+            .map(|n| (port(3 * n), port(3 * n + 1), port(3 * n + 2)))
+            .collect();
+        drop(held);
         let replicas = names[1..]
             .iter()
             .zip(&ports[1..])
