@@ -97,10 +97,8 @@ impl Runtime {
         cluster: &str,
         listen: &str,
     ) -> Result<ReplicationListener, VolumeError> {
-        let listen_error =
-            |e: std::io::Error| VolumeError::Runtime(format!("listen on {listen}: {e}"));
-        let (listener, run) =
-            ReplicationListener::new(cluster.to_owned(), bind(listen)?).map_err(listen_error)?;
+        let (listener, run) = ReplicationListener::new(cluster.to_owned(), bind(listen)?)
+            .map_err(|e| listen_error(listen, &e))?;
         if !self.pools.receivers.pick().spawn(run) {
             return Err(VolumeError::Stopped);
         }
@@ -199,6 +197,7 @@ async fn start_volume(
                 receiver: receiver.clone(),
                 tasks: tasks.clone(),
                 shutdown: shutdown_rx,
+                arbiter: arbiter.clone(),
             };
             let (listen, shared) = match config.listen {
                 Listen::Addr(listen) => {
@@ -242,12 +241,17 @@ async fn start_volume(
     }
 }
 
+fn listen_error(listen: &str, error: &std::io::Error) -> VolumeError {
+    VolumeError::Runtime(format!("listen on {listen}: {error}"))
+}
+
 /// Binds a nonblocking std listener, to be registered with the reactor of
 /// the arbiter that polls it.
 fn bind(listen: &str) -> Result<std::net::TcpListener, VolumeError> {
-    let listen_error = |e: std::io::Error| VolumeError::Runtime(format!("listen on {listen}: {e}"));
-    let listener = std::net::TcpListener::bind(listen).map_err(listen_error)?;
-    listener.set_nonblocking(true).map_err(listen_error)?;
+    let listener = std::net::TcpListener::bind(listen).map_err(|e| listen_error(listen, &e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| listen_error(listen, &e))?;
     Ok(listener)
 }
 

@@ -10,6 +10,7 @@
 use super::receiver::{ConnClosed, Inbound, ReceiverActor};
 use crate::metrics::MeteredAddr;
 use crate::transport::{self, linger, Conn};
+use actix::ArbiterHandle;
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::codec::{Framed, FramedParts};
 use tokio_util::task::TaskTracker;
 use walship_io::{Envelope, Message, CODE_IDENTITY, CODE_UNEXPECTED, CODE_WIRE};
 
@@ -28,20 +30,65 @@ pub(crate) struct Route {
     pub(crate) receiver: MeteredAddr<ReceiverActor>,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The receiver's arbiter: its connections' socket reads run beside
+    /// its writes there.
+    pub(crate) arbiter: ArbiterHandle,
 }
 
 impl Route {
-    /// Serves `framed` (whose first frame, already read, is `first`) until
-    /// it closes or the volume stops, tracked by the volume's tasks.
+    /// Serves `framed` (whose first frame, already read, is `first`) on
+    /// the current arbiter until it closes or the volume stops, tracked by
+    /// the volume's tasks.
     fn spawn(&self, framed: Conn, first: Option<Envelope>, conn: u64) {
+        actix::spawn(
+            self.tasks
+                .track_future(self.connection(framed, first, conn)),
+        );
+    }
+
+    fn connection(
+        &self,
+        framed: Conn,
+        first: Option<Envelope>,
+        conn: u64,
+    ) -> impl std::future::Future<Output = ()> + 'static {
         let connection = serve(framed, first, self.receiver.clone(), conn);
         let mut stop = self.shutdown.clone();
-        actix::spawn(self.tasks.track_future(async move {
+        async move {
             tokio::select! {
                 () = connection => {}
                 _ = stop.wait_for(|stopped| *stopped) => {}
             }
-        }));
+        }
+    }
+
+    /// [`spawn`](Self::spawn) on the receiver's arbiter, for a connection a
+    /// node's listener accepted on its own: the socket leaves the
+    /// listener's reactor and joins the receiver's, with the bytes already
+    /// read past the hello.
+    fn hand_over(&self, framed: Conn, first: Envelope, conn: u64) {
+        let parts = framed.into_parts();
+        let stream = match parts.io.into_std() {
+            Ok(stream) => stream,
+            Err(e) => return tracing::warn!(error = %e, "replication connection hand-over"),
+        };
+        let (codec, read_buf, write_buf) = (parts.codec, parts.read_buf, parts.write_buf);
+        let route = self.clone();
+        let handed = self.tasks.track_future(async move {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => return tracing::warn!(error = %e, "replication connection hand-over"),
+            };
+            let mut parts = FramedParts::new::<Envelope>(stream, codec);
+            parts.read_buf = read_buf;
+            parts.write_buf = write_buf;
+            route
+                .connection(Framed::from_parts(parts), Some(first), conn)
+                .await;
+        });
+        if !self.arbiter.spawn(handed) {
+            tracing::warn!("the receiver's arbiter stopped: connection dropped");
+        }
     }
 }
 
@@ -214,7 +261,7 @@ impl Shared {
                             return self.refuse(framed, CODE_IDENTITY, refusal).await;
                         };
                         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
-                        route.spawn(framed, Some(envelope), conn);
+                        route.hand_over(framed, envelope, conn);
                         return;
                     }
                 }
