@@ -9,6 +9,9 @@ use walship::node::{config, Node};
 /// once it has stopped (every NBD request answered, every volume stopped).
 pub async fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     let config = config::load(config_path, data_dir)?;
+    // Every volume holds files and connections: take all the descriptors
+    // the hard limit allows.
+    let descriptors = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let node = Node::start(config).await?;
@@ -18,6 +21,7 @@ pub async fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<
         nbd = ?node.nbd_addr(),
         admin = ?node.admin_addr(),
         volumes = node.config().volumes.len(),
+        descriptors,
         "serving"
     );
     let signal = tokio::select! {

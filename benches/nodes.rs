@@ -1,0 +1,234 @@
+//! P6 over node processes: three `walship serve` processes on this
+//! machine host N volumes with two replicas each (volume i's primary on
+//! node i mod 3, replicas on the other two), idle with heartbeats. Per
+//! node: RSS, descriptors and idle CPU, against a fourth node process
+//! that hosts nothing (the baseline, measured in the same run), per
+//! volume and per sender. Targets: ≤ 4 KiB per sender, ≤ 2 descriptors
+//! per volume.
+//!
+//! `cargo bench --bench nodes -- --volumes 1000` (default 1000).
+
+#[path = "../tests/support/nodes.rs"]
+mod nodes;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use nodes::{free_port, WALSHIP};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use walship::node::admin;
+
+#[derive(Debug, Parser)]
+#[command(name = "nodes")]
+struct Options {
+    /// Volumes (each with a primary and two replicas over the three nodes).
+    #[arg(long, default_value_t = 1000)]
+    volumes: usize,
+    /// Seconds of idle CPU measured.
+    #[arg(long, default_value_t = 10)]
+    idle_seconds: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// One node process's figures, from /proc.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    rss_kib: u64,
+    descriptors: u64,
+    cpu_ticks: u64,
+}
+
+fn usage(pid: u32) -> anyhow::Result<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime, stime
+    // are the 14th and 15th of the line, the 12th and 13th after ")".
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let cpu_ticks = fields
+        .get(11)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+    Ok(Usage {
+        rss_kib,
+        descriptors,
+        cpu_ticks,
+    })
+}
+
+struct NodeProcess {
+    child: Child,
+    admin: String,
+}
+
+fn config(name: &str, ports: (u16, u16, u16), volumes: &str) -> String {
+    let (replication, admin, _) = ports;
+    format!(
+        "node = \"{name}\"\ncluster = \"scale\"\nreplication = \"127.0.0.1:{replication}\"\n\
+         admin = \"127.0.0.1:{admin}\"\n\n[tuning]\nsegment_bytes = 1048576\n\n{volumes}"
+    )
+}
+
+async fn spawn(dir: &Path, name: &str, text: &str, admin: u16) -> anyhow::Result<NodeProcess> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text)?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(WALSHIP)
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.join(name))
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    Ok(NodeProcess {
+        child,
+        admin: format!("127.0.0.1:{admin}"),
+    })
+}
+
+/// Waits until node answers and every primary volume on it has both
+/// replicas in sync; returns how many primaries it has.
+async fn wait_in_sync(node: &NodeProcess, limit: Duration) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok((status, body)) = admin::request(&node.admin, "/status", None).await {
+            if status.is_success() {
+                let report: serde_json::Value = serde_json::from_str(&body)?;
+                let volumes = report["volumes"].as_array().cloned().unwrap_or_default();
+                let primaries: Vec<_> = volumes.iter().filter(|v| v["role"] == "primary").collect();
+                let synced = primaries.iter().all(|v| {
+                    let senders = v["status"]["registry"]["senders"].as_array();
+                    senders
+                        .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["state"] == "in_sync"))
+                });
+                if synced && !volumes.is_empty() {
+                    return Ok(primaries.len());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} not in sync within {limit:?}", node.admin);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse();
+    let dir = tempfile::tempdir()?;
+    let names = ["node1", "node2", "node3"];
+    let ports: Vec<(u16, u16, u16)> = names
+        .iter()
+        .map(|_| (free_port(), free_port(), 0))
+        .collect();
+    let mut volumes = String::new();
+    for v in 0..options.volumes {
+        let primary = v % 3;
+        let replicas: Vec<String> = (0..3)
+            .filter(|&n| n != primary)
+            .map(|n| format!("{} = \"127.0.0.1:{}\"", names[n], ports[n].0))
+            .collect();
+        volumes.push_str(&format!(
+            "[[volume]]\nname = \"v{v}\"\nsize = \"1MiB\"\ncommit_mode = \"sync_all\"\nprimary = \"{}\"\nreplicas = {{ {} }}\n\n",
+            names[primary],
+            replicas.join(", ")
+        ));
+    }
+    let started = Instant::now();
+    let mut nodes = Vec::new();
+    for (name, ports) in names.iter().zip(&ports) {
+        nodes.push(spawn(dir.path(), name, &config(name, *ports, &volumes), ports.1).await?);
+    }
+    let empty_ports = (free_port(), free_port(), 0);
+    let empty = spawn(
+        dir.path(),
+        "empty",
+        &config("empty", empty_ports, ""),
+        empty_ports.1,
+    )
+    .await?;
+    let limit = Duration::from_secs(60 + options.volumes as u64 / 10);
+    let mut primaries = Vec::new();
+    for node in &nodes {
+        primaries.push(wait_in_sync(node, limit).await?);
+    }
+    // The empty node answers once it is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admin::request(&empty.admin, "/status", None).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("the empty node did not answer");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "P6 over processes: {} volumes x 2 replicas on 3 nodes, all in sync after {:.1} s",
+        options.volumes,
+        started.elapsed().as_secs_f64()
+    );
+    let pids: Vec<u32> = nodes
+        .iter()
+        .chain([&empty])
+        .map(|n| n.child.id().context("pid"))
+        .collect::<anyhow::Result<_>>()?;
+    let before: Vec<Usage> = pids
+        .iter()
+        .map(|&p| usage(p))
+        .collect::<anyhow::Result<_>>()?;
+    // The measurement window: the nodes idle with heartbeats meanwhile.
+    tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
+    let after: Vec<Usage> = pids
+        .iter()
+        .map(|&p| usage(p))
+        .collect::<anyhow::Result<_>>()?;
+    let ticks_per_s = 100.0;
+    let cpu = |i: usize| {
+        (after[i].cpu_ticks - before[i].cpu_ticks) as f64
+            / ticks_per_s
+            / options.idle_seconds as f64
+    };
+    let base = after[3];
+    println!(
+        "  empty node: RSS {} KiB, {} descriptors, idle CPU {:.3}",
+        base.rss_kib,
+        base.descriptors,
+        cpu(3)
+    );
+    for (i, name) in names.iter().enumerate() {
+        let hosted = options.volumes as f64;
+        let senders = (primaries[i] * 2) as f64;
+        let rss = after[i].rss_kib.saturating_sub(base.rss_kib) as f64;
+        let fds = after[i].descriptors.saturating_sub(base.descriptors) as f64;
+        println!(
+            "  {name}: {} primaries, {} senders: RSS {} KiB ({:.1} KiB per volume, {:.1} KiB per sender if all were the senders'), \
+             {} descriptors ({:.2} per volume; target <= 2), idle CPU {:.3} ({:.1} us/s per sender)",
+            primaries[i],
+            senders,
+            after[i].rss_kib,
+            rss / hosted,
+            rss / senders.max(1.0),
+            after[i].descriptors,
+            fds / hosted,
+            cpu(i),
+            (cpu(i) - cpu(3)).max(0.0) * 1e6 / senders.max(1.0),
+        );
+    }
+    Ok(())
+}
