@@ -25,6 +25,42 @@ async fn real_clients_write_through_the_primary_and_every_replica_compares_ident
     cluster.wait_converged(CONVERGE).await;
     let primary = cluster.nodes[0].uri("vol0");
 
+    // An operator's view: the table, and the JSON behind it.
+    let admin = cluster.nodes[0].admin_addr();
+    let table = run_ok(nodes::WALSHIP, &["status", "--admin", &admin], CLIENT).await;
+    for row in [
+        "vol0         primary",
+        "vol0/node2",
+        "vol0/node3",
+        "in_sync",
+        "read-write",
+    ] {
+        assert!(table.contains(row), "no {row:?} in:\n{table}");
+    }
+    let json = run_ok(
+        nodes::WALSHIP,
+        &["status", "--admin", &admin, "--json"],
+        CLIENT,
+    )
+    .await;
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        report["volumes"][0]["status"]["registry"]["senders"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    let down = run(
+        nodes::WALSHIP,
+        &["status", "--admin", "127.0.0.1:1"],
+        CLIENT,
+    )
+    .await;
+    assert!(
+        !down.status.success(),
+        "a node that does not answer is an error"
+    );
+
     // qemu-io: patterns written, read back, and an unaligned write that
     // qemu aligns itself (it honours the advertised 4 KiB minimum).
     let out = run_ok(
