@@ -525,3 +525,74 @@ async fn the_admin_endpoint_reports_status_and_metrics_and_fences_assignments() 
     }
     node.stop().await;
 }
+
+/// Established TCP connections whose local port is `port` (from
+/// /proc/net/tcp: the accepted side of connections to a listener).
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local_port, 16).unwrap() == port && fields[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_between_two_nodes_share_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let volumes = |names: &[&str]| {
+        names
+            .iter()
+            .map(|v| {
+                format!(
+                    "[[volume]]\nname = \"{v}\"\nsize = \"1MiB\"\ncommit_mode = \"sync_all\"\n\
+                     primary = \"a\"\nreplicas = {{ b = \"127.0.0.1:{replica_port}\" }}\n\n"
+                )
+            })
+            .collect::<String>()
+    };
+    let names = ["v1", "v2", "v3", "v4"];
+    let b = format!(
+        "node = \"b\"\nreplication = \"127.0.0.1:{replica_port}\"\n\n{}",
+        volumes(&names)
+    );
+    let a = format!(
+        "node = \"a\"\nreplication = \"127.0.0.1:0\"\n\n{}",
+        volumes(&names)
+    );
+    let b = Node::start(config::parse("b.toml", &b, Some(&dir.path().join("b"))).unwrap())
+        .await
+        .unwrap();
+    let a = Node::start(config::parse("a.toml", &a, Some(&dir.path().join("a"))).unwrap())
+        .await
+        .unwrap();
+    for name in names {
+        let volume = a.volume(name).unwrap();
+        volume
+            .wait_replica_state(
+                "b",
+                walship::engine::ReplicaState::InSync,
+                std::time::Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        volume
+            .write(0, bytes::Bytes::from(vec![1u8; 4096]))
+            .await
+            .unwrap();
+        volume.barrier().await.unwrap();
+    }
+    // Four volumes, four sessions, one connection.
+    assert_eq!(a.peer_links().await, 1);
+    assert_eq!(established_to(replica_port), 1);
+    a.stop().await;
+    b.stop().await;
+}

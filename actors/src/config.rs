@@ -68,6 +68,10 @@ pub struct Tuning {
     /// When false, snapshot pins are refused and every rebuild falls back to a
     /// full base (for extents where pausing the checkpointer is too costly).
     pub snapshot_rebuilds: bool,
+    /// Whether sessions to replicas run as streams multiplexed over one
+    /// connection per replica address (a node's listener takes both kinds;
+    /// a replica listening on its own takes plain connections only).
+    pub multiplex: bool,
 }
 
 impl Default for Tuning {
@@ -100,6 +104,7 @@ impl Default for Tuning {
             peer_timeout: Duration::from_secs(5),
             backend: BackendRequest::Auto,
             snapshot_rebuilds: true,
+            multiplex: false,
         }
     }
 }

@@ -11,6 +11,7 @@
 mod config;
 mod error;
 pub mod metrics;
+mod mux;
 mod pool;
 mod primary;
 mod replica;

@@ -82,6 +82,8 @@ pub(crate) struct Pools {
     pub(crate) receivers: ArbiterPool,
     /// One log reader service (one io_uring worker) per backend request.
     pub(crate) readers: Arc<Mutex<HashMap<BackendRequest, Arc<ReaderService>>>>,
+    /// Multiplexed links to peer nodes, shared by every primary.
+    pub(crate) links: Arc<crate::mux::PeerLinks>,
 }
 
 impl Pools {
@@ -90,6 +92,7 @@ impl Pools {
             blocking,
             receivers,
             readers: Arc::default(),
+            links: Arc::default(),
         }
     }
 

@@ -105,6 +105,12 @@ impl Runtime {
         Ok(listener)
     }
 
+    /// Multiplexed connections to peer nodes that are up (sessions of
+    /// primaries with `Tuning::multiplex`).
+    pub async fn peer_links(&self) -> usize {
+        self.pools.links.count().await
+    }
+
     /// The arbiter walship's actors run on, for services that want their own
     /// actors on the same system (and for benchmarks comparing against them).
     pub fn arbiter(&self) -> &ArbiterHandle {

@@ -11,17 +11,26 @@ use crate::error::ExecError;
 use bytes::{Buf, BytesMut};
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedParts};
 use walship_engine::{
     Ack, BarrierId, Epoch, EpochHistory, EpochOrderError, EpochStart, HandshakeReply, Lsn,
     ReplicaId, ReplicaLog,
 };
 use walship_io::{Envelope, Message, WireCodec};
 
+/// What a connection runs over: a TCP stream of its own, or a stream
+/// multiplexed with others over one TCP connection per node pair.
+pub(crate) trait Io:
+    AsyncRead + AsyncWrite + Send + Unpin + std::fmt::Debug + 'static
+{
+}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + std::fmt::Debug + 'static> Io for T {}
+
 /// A framed connection, either end.
-pub(crate) type Conn = Framed<TcpStream, WireCodec>;
+pub(crate) type Conn = Framed<Box<dyn Io>, WireCodec>;
 
 /// Initial capacity of a connection's read and write buffers. They grow to
 /// the traffic (the decoder reserves a whole frame once its length is
@@ -29,11 +38,20 @@ pub(crate) type Conn = Framed<TcpStream, WireCodec>;
 /// tens of thousands, stays this small instead of tokio-util's 8 KiB each.
 const CONN_BUFFER: usize = 256;
 
-/// Frames a TCP stream with the wire codec, both ends of a connection.
-pub(crate) fn framed(stream: TcpStream) -> Conn {
+/// Frames a stream with the wire codec, both ends of a connection.
+pub(crate) fn framed<C: AsyncRead + AsyncWrite>(stream: C) -> Framed<C, WireCodec> {
     let mut conn = Framed::with_capacity(stream, WireCodec::default(), CONN_BUFFER);
     *conn.write_buffer_mut() = BytesMut::with_capacity(CONN_BUFFER);
     conn
+}
+
+/// A framed TCP stream as a [`Conn`].
+pub(crate) fn boxed(framed: Framed<TcpStream, WireCodec>) -> Conn {
+    let parts = framed.into_parts();
+    let mut boxed = FramedParts::new::<Envelope>(Box::new(parts.io) as Box<dyn Io>, parts.codec);
+    boxed.read_buf = parts.read_buf;
+    boxed.write_buf = parts.write_buf;
+    Framed::from_parts(boxed)
 }
 
 /// How long a connection closed after an error keeps reading (and dropping)
@@ -75,7 +93,7 @@ pub(crate) async fn send_bulk(conn: &mut Conn, envelope: Envelope) -> Result<(),
 /// and a reset discards what the primary had not read yet (the error with
 /// it). So the write side is shut (after the error) and whatever the primary
 /// still sends is read and dropped until it closes, for at most [`LINGER`].
-pub(crate) async fn linger(framed: &mut Conn) {
+pub(crate) async fn linger<C: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<C, WireCodec>) {
     let stream = framed.get_mut();
     let _ = stream.shutdown().await;
     let mut sink = vec![0u8; 64 * 1024];

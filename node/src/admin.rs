@@ -55,6 +55,9 @@ pub struct StatusReport {
     pub replication: String,
     /// NBD listener.
     pub nbd: Option<String>,
+    /// Multiplexed connections to peer nodes that are up: one per peer
+    /// this node is primary towards, however many volumes.
+    pub peer_links: usize,
     /// The volumes.
     pub volumes: Vec<VolumeReport>,
 }
@@ -159,6 +162,7 @@ pub async fn status(node: &Node) -> StatusReport {
         cluster: node.config().cluster.clone(),
         replication: node.replication_addr().to_string(),
         nbd: node.nbd_addr().map(|a| a.to_string()),
+        peer_links: node.peer_links().await,
         volumes: node.report().await,
     }
 }

@@ -130,6 +130,9 @@ pub struct TuningSpec {
     /// Checkpoint when this many LSNs are durable past the checkpoint (the
     /// WAL before a checkpoint can be recycled).
     pub checkpoint_every_lsns: u64,
+    /// Sessions to one peer node run as streams over one connection
+    /// (false: a connection per session, as an embedded runtime does).
+    pub multiplex: bool,
 }
 
 impl Default for TuningSpec {
@@ -142,6 +145,7 @@ impl Default for TuningSpec {
             retention_max_bytes: 1 << 30,
             inflight_bytes: 8 << 20,
             checkpoint_every_lsns: 16 * 1024,
+            multiplex: true,
         }
     }
 }
@@ -162,6 +166,7 @@ impl TuningSpec {
         tuning.batch_bytes = tuning.batch_bytes.min(inflight);
         tuning.image_chunk_bytes = tuning.image_chunk_bytes.min(inflight);
         tuning.checkpoint_every_lsns = self.checkpoint_every_lsns.max(1);
+        tuning.multiplex = self.multiplex;
         tuning
     }
 }

@@ -379,6 +379,14 @@ impl Node {
         self.nbd_addr
     }
 
+    /// Multiplexed connections to peer nodes that are up.
+    pub async fn peer_links(&self) -> usize {
+        match self.runtime() {
+            Ok(runtime) => runtime.peer_links().await,
+            Err(_) => 0,
+        }
+    }
+
     /// Where the admin endpoint listens, if it runs.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         *lock(&self.admin_addr)

@@ -29,6 +29,8 @@ pub(crate) struct SenderContext {
     pub(crate) head_rx: watch::Receiver<u64>,
     pub(crate) committed_rx: watch::Receiver<u64>,
     pub(crate) tuning: Tuning,
+    /// Links to peer nodes, when sessions are multiplexed.
+    pub(crate) links: Arc<crate::mux::PeerLinks>,
     /// Bytes this sender put on the wire (WAL batches and image chunks).
     pub(crate) bytes_sent: Arc<AtomicU64>,
     /// Held by the sender and every executor future (each has a clone of

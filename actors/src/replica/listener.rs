@@ -9,7 +9,8 @@
 
 use super::receiver::{ConnClosed, Inbound, ReceiverActor};
 use crate::metrics::MeteredAddr;
-use crate::transport::{self, linger, Conn};
+use crate::mux;
+use crate::transport::{self, linger, Conn, Io};
 use actix::ArbiterHandle;
 use futures::{FutureExt, SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -17,11 +18,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::codec::{Framed, FramedParts};
 use tokio_util::task::TaskTracker;
-use walship_io::{Envelope, Message, CODE_IDENTITY, CODE_UNEXPECTED, CODE_WIRE};
+use walship_io::{Envelope, Message, WireCodec, CODE_IDENTITY, CODE_UNEXPECTED, CODE_WIRE};
 
 /// Where one replica volume's connections go: its receiver, the tasks its
 /// stop waits for, and the signal that ends its connections.
@@ -62,11 +64,26 @@ impl Route {
         }
     }
 
+    /// [`spawn`](Self::spawn) on the receiver's arbiter, for a stream of a
+    /// multiplexed connection: its bytes come through the link's task,
+    /// whatever the arbiter.
+    fn spawn_there<C: Io>(&self, framed: Framed<C, WireCodec>, first: Envelope, conn: u64) {
+        let parts = framed.into_parts();
+        let io: Box<dyn Io> = Box::new(parts.io);
+        let mut boxed = FramedParts::new::<Envelope>(io, parts.codec);
+        boxed.read_buf = parts.read_buf;
+        boxed.write_buf = parts.write_buf;
+        let connection = self.connection(Framed::from_parts(boxed), Some(first), conn);
+        if !self.arbiter.spawn(self.tasks.track_future(connection)) {
+            tracing::warn!("the receiver's arbiter stopped: connection dropped");
+        }
+    }
+
     /// [`spawn`](Self::spawn) on the receiver's arbiter, for a connection a
     /// node's listener accepted on its own: the socket leaves the
     /// listener's reactor and joins the receiver's, with the bytes already
     /// read past the hello.
-    fn hand_over(&self, framed: Conn, first: Envelope, conn: u64) {
+    fn hand_over(&self, framed: Framed<TcpStream, WireCodec>, first: Envelope, conn: u64) {
         let parts = framed.into_parts();
         let stream = match parts.io.into_std() {
             Ok(stream) => stream,
@@ -82,9 +99,8 @@ impl Route {
             let mut parts = FramedParts::new::<Envelope>(stream, codec);
             parts.read_buf = read_buf;
             parts.write_buf = write_buf;
-            route
-                .connection(Framed::from_parts(parts), Some(first), conn)
-                .await;
+            let framed = transport::boxed(Framed::from_parts(parts));
+            route.connection(framed, Some(first), conn).await;
         });
         if !self.arbiter.spawn(handed) {
             tracing::warn!("the receiver's arbiter stopped: connection dropped");
@@ -102,18 +118,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, route: Route) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     next_conn += 1;
-                    route.spawn(framed(stream), None, next_conn);
+                    let _ = stream.set_nodelay(true);
+                    route.spawn(transport::boxed(transport::framed(stream)), None, next_conn);
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
     }
-}
-
-fn framed(stream: TcpStream) -> Conn {
-    let _ = stream.set_nodelay(true);
-    transport::framed(stream)
 }
 
 /// How long a connection to a node's listener may take to say hello.
@@ -217,7 +229,7 @@ impl Shared {
                         let mut closed = self.closed.subscribe();
                         actix::spawn(self.tasks.track_future(async move {
                             tokio::select! {
-                                () = routing.route(framed(stream)) => {}
+                                () = routing.accepted(stream) => {}
                                 _ = closed.wait_for(|closed| *closed) => {}
                             }
                         }));
@@ -229,9 +241,46 @@ impl Shared {
         }
     }
 
-    /// Reads the hello and hands the connection to the volume it names;
-    /// anything else gets a typed error and the connection closes.
-    async fn route(&self, mut framed: Conn) {
+    /// A new connection: multiplexed (it starts with the preamble), each
+    /// of its streams routed on its own; or plain, routed itself.
+    async fn accepted(self: &Arc<Self>, mut stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let mut head = [0u8; 8];
+        match tokio::time::timeout(HELLO_WAIT, stream.read_exact(&mut head)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        if head == mux::PREAMBLE {
+            let routing = Arc::clone(self);
+            mux::serve(stream, move |io| {
+                let routing = Arc::clone(&routing);
+                let streams = routing.tasks.clone();
+                actix::spawn(streams.track_future(async move {
+                    routing
+                        .route(transport::framed(io), |route, framed, first, conn| {
+                            route.spawn_there(framed, first, conn);
+                        })
+                        .await;
+                }));
+            })
+            .await;
+            return;
+        }
+        let mut framed = transport::framed(stream);
+        framed.read_buffer_mut().extend_from_slice(&head);
+        self.route(framed, |route, framed, first, conn| {
+            route.hand_over(framed, first, conn);
+        })
+        .await;
+    }
+
+    /// Reads the hello and hands the connection (`hand`) to the volume it
+    /// names; anything else gets a typed error and the connection closes.
+    async fn route<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut framed: Framed<C, WireCodec>,
+        hand: impl FnOnce(&Route, Framed<C, WireCodec>, Envelope, u64),
+    ) {
         let refusal = match tokio::time::timeout(HELLO_WAIT, framed.next()).await {
             Err(_) | Ok(None) => return,
             Ok(Some(Err(e))) => (CODE_WIRE, e.to_string()),
@@ -261,8 +310,7 @@ impl Shared {
                             return self.refuse(framed, CODE_IDENTITY, refusal).await;
                         };
                         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
-                        route.hand_over(framed, envelope, conn);
-                        return;
+                        return hand(&route, framed, envelope, conn);
                     }
                 }
             }
@@ -270,7 +318,12 @@ impl Shared {
         self.refuse(framed, refusal.0, refusal.1).await;
     }
 
-    async fn refuse(&self, mut framed: Conn, code: u16, message: String) {
+    async fn refuse<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut framed: Framed<C, WireCodec>,
+        code: u16,
+        message: String,
+    ) {
         tracing::warn!(code, %message, "replication connection refused");
         let message = Message::Error { code, message };
         let _ = framed.send(Envelope { epoch: 0, message }).await;

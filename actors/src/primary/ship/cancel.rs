@@ -147,6 +147,7 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
             head_rx,
             committed_rx,
             tuning: tuning.clone(),
+            links: Arc::default(),
             bytes_sent: Arc::new(AtomicU64::new(0)),
             _alive: Arc::new(tasks.token()),
         };

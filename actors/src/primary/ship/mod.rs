@@ -39,14 +39,18 @@ pub(crate) async fn connect_and_hello(
     endpoint: &Endpoint,
 ) -> Result<(Conn, HandshakeReply), ExecError> {
     let limit = c.tuning.connect_timeout;
-    let stream = tokio::time::timeout(limit, TcpStream::connect(&endpoint.data_addr))
-        .await
-        .map_err(|_| ExecError::Timeout(limit))?
-        .map_err(|e| ExecError::Wire(e.into()))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| ExecError::Wire(e.into()))?;
-    let mut conn = framed(stream);
+    let mut conn = if c.tuning.multiplex {
+        framed(c.links.open(&endpoint.data_addr, limit).await?)
+    } else {
+        let stream = tokio::time::timeout(limit, TcpStream::connect(&endpoint.data_addr))
+            .await
+            .map_err(|_| ExecError::Timeout(limit))?
+            .map_err(|e| ExecError::Wire(e.into()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| ExecError::Wire(e.into()))?;
+        framed(Box::new(stream) as Box<dyn transport::Io>)
+    };
     let hello = Message::Hello {
         cluster: c.cluster.clone(),
         volume: c.replica.volume().to_owned(),

@@ -312,6 +312,7 @@ impl VolumeActor {
             head_rx: self.head_tx.subscribe(),
             committed_rx: self.committed_tx.subscribe(),
             tuning: self.config.tuning.clone(),
+            links: Arc::clone(&self.pools.links),
             bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
             _alive: Arc::new(self.tasks.token()),
         })
