@@ -391,6 +391,9 @@ fn check_volume(
             ));
         }
     }
+    if let Err(e) = walship_engine::check_topology(commit_mode, replicas.len()) {
+        return Err(at(raw.commit_mode.span(), format!("volume {name}: {e}")));
+    }
     if primary != node && !replicas.contains_key(node) {
         return Err(at(
             raw.name.span(),
@@ -572,6 +575,16 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
         assert_eq!(tuning.batch_bytes, 32768);
         assert_eq!(tuning.image_chunk_bytes, 32768);
         assert_eq!(tuning.checkpoint_every_lsns, 500);
+    }
+
+    #[test]
+    fn an_impossible_quorum_is_refused_at_its_mode() {
+        let text = NODE1
+            .replace("\"sync_all\"", "\"sync_quorum\"")
+            .replace(", node3 = \"127.0.0.1:7403\"", "");
+        let (line, what) = refusal(&text);
+        assert_eq!(line, 11);
+        assert!(what.contains("quorum"), "{what}");
     }
 
     #[test]

@@ -481,6 +481,10 @@ impl Node {
                 return Err(bad(format!("replica {server} at {:?}: {e}", endpoint.addr)));
             }
         }
+        // What the engine would refuse is refused before anything is
+        // persisted.
+        walship_engine::check_topology(next.commit_mode, next.replicas.len())
+            .map_err(|e| bad(e.to_string()))?;
         let next = hosted.applied.successor(next);
         let engine = next
             .engine(name)
