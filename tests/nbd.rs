@@ -596,3 +596,24 @@ async fn volumes_between_two_nodes_share_one_connection() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let text = "node = \"solo\"\nreplication = \"127.0.0.1:0\"\n";
+    let second = Node::start(config::parse("again.toml", text, Some(dir.path())).unwrap()).await;
+    let refused = second.expect_err("one node per data dir").to_string();
+    assert!(
+        refused.contains("another node runs on this data dir"),
+        "{refused}"
+    );
+    // Offline tools see its stores in use, through the node's lock.
+    let store = dir.path().join("fast/store");
+    assert!(walship::io::inspect(&store).in_use);
+    node.stop().await;
+    assert!(!walship::io::inspect(&store).in_use);
+    // Stopped, it lets go: another node may take the directory.
+    let again = Node::start(config::parse("again.toml", text, Some(dir.path())).unwrap()).await;
+    again.unwrap().stop().await;
+}

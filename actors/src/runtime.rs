@@ -519,7 +519,7 @@ impl VolumeHandle {
                     let (listener, volume) = &**shared;
                     listener.unregister(volume);
                 }
-                let _ = shutdown.send(true);
+                shutdown.send_replace(true);
                 let _ = receiver.send(StopReceiver).await;
             }
         }

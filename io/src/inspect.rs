@@ -153,9 +153,21 @@ pub fn inspect(dir: &Path) -> Inspection {
 }
 
 /// Asks, without waiting and without keeping it, whether another process
-/// holds the store's lock.
+/// holds the store's lock, or the lock of a node whose data dir holds it
+/// (`<data_dir>/<volume>/store`).
 fn in_use(dir: &Path) -> bool {
-    let Ok(file) = File::open(dir.join("LOCK")) else {
+    let node_lock = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("walship-node.lock"));
+    [Some(dir.join("LOCK")), node_lock]
+        .into_iter()
+        .flatten()
+        .any(|path| locked(&path))
+}
+
+fn locked(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
         return false;
     };
     match file.try_lock_shared() {

@@ -46,6 +46,11 @@ pub struct StoreOptions {
     /// directory (one stopping, whose last checkpoint is still running) to
     /// let go before failing with [`StoreError::Locked`].
     pub lock_wait: Duration,
+    /// Whether the store locks its directory (`LOCK`, one descriptor held
+    /// while open). A node that hosts thousands of stores turns it off and
+    /// holds one lock on the directory above them all instead; it must
+    /// then never open one store twice at once itself.
+    pub lock: bool,
 }
 
 impl StoreOptions {
@@ -57,6 +62,7 @@ impl StoreOptions {
             sync: SyncMode::Data,
             max_retained_bytes: None,
             lock_wait: Duration::from_secs(10),
+            lock: true,
         }
     }
 }
@@ -216,8 +222,9 @@ pub struct Store {
     checkpointing: Mutex<()>,
     /// The directory's `LOCK` file, locked for the life of this instance: two
     /// instances on one directory would checkpoint and recycle under each
-    /// other (one deleting segments the other still lists).
-    _lock: File,
+    /// other (one deleting segments the other still lists). `None` when
+    /// the store's owner holds a lock over many stores instead.
+    _lock: Option<File>,
 }
 
 fn zero_block() -> Bytes {
@@ -233,7 +240,10 @@ impl Store {
     ) -> Result<(Store, StoreReport), StoreError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let lock = Self::lock(&dir, options.lock_wait)?;
+        let lock = match options.lock {
+            true => Some(Self::lock(&dir, options.lock_wait)?),
+            false => None,
+        };
         let (superblock, created) = match Superblock::load(&dir) {
             Ok(sb) => (sb, false),
             Err(SuperblockError::Missing(_)) => {

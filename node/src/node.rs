@@ -69,6 +69,39 @@ pub enum NodeError {
     },
 }
 
+/// The lock file a node holds in its data dir.
+pub const NODE_LOCK: &str = "walship-node.lock";
+
+/// Locks `<dir>/walship-node.lock`, waiting up to 3 s for a node that is
+/// stopping (a crashed one holds nothing).
+async fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
+    let path = dir.join(NODE_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("open {}", path.display())))?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(NodeError::Io {
+                    what: format!("lock {}", path.display()),
+                    source: std::io::Error::other("another node runs on this data dir"),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io(format!("lock {}", path.display()))(e))
+            }
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -184,6 +217,10 @@ pub struct Node {
     /// the cycle.
     admin: Mutex<Option<Arc<AdminServer>>>,
     admin_addr: Mutex<Option<SocketAddr>>,
+    /// `<data_dir>/walship-node.lock`, locked while the node runs: one
+    /// lock for all its stores (which then hold no descriptor for one each).
+    /// Released by the stop, after every store has closed.
+    data_dir_lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Node {
@@ -196,6 +233,7 @@ impl Node {
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(io(format!("create {}", config.data_dir.display())))?;
+        let data_dir_lock = lock_data_dir(&config.data_dir).await?;
         let runtime = Runtime::start().map_err(|source| NodeError::Volume {
             volume: "(runtime)".into(),
             source,
@@ -215,6 +253,7 @@ impl Node {
             nbd_addr: None,
             admin: Mutex::new(None),
             admin_addr: Mutex::new(None),
+            data_dir_lock: Mutex::new(Some(data_dir_lock)),
             config,
         };
         for spec in node.config.volumes.clone() {
@@ -301,6 +340,9 @@ impl Node {
         let config = &self.config;
         let store = StoreOptions {
             segment_bytes: config.tuning.segment_bytes,
+            // The node's lock on its data dir covers every store, and the
+            // node never opens a store before its previous instance stopped.
+            lock: false,
             ..StoreOptions::new(spec.blocks())
         };
         let dir = self.volume_dir(&spec.name).join("store");
@@ -574,5 +616,6 @@ impl Node {
             // async worker.
             let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
         }
+        lock(&self.data_dir_lock).take();
     }
 }

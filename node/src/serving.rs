@@ -59,7 +59,7 @@ impl Serving {
     /// Stops accepting, tells every connection, and returns once the last
     /// one has ended.
     pub(crate) async fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         self.tasks.close();
         self.tasks.wait().await;
     }

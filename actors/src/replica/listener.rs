@@ -192,7 +192,8 @@ impl ReplicationListener {
     /// connection still saying hello have ended. Connections already
     /// handed to a volume end with the volume.
     pub async fn close(&self) {
-        let _ = self.shared.closed.send(true);
+        // send_replace: the value changes even before the loop subscribed.
+        self.shared.closed.send_replace(true);
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
     }
