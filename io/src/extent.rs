@@ -3,11 +3,13 @@
 //! ordering against the WAL is the checkpointer's job.
 
 use crate::frame::{Frame, FrameKind, BLOCK_SIZE};
+use crate::handles::Handle;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Largest single write [`ExtentFile::apply_all`] issues.
 pub const COALESCE_BYTES: usize = 1 << 20;
@@ -65,11 +67,13 @@ pub(crate) fn check_range(lba: u64, blocks: u64, block_count: u64) -> Result<(),
     Ok(())
 }
 
-/// One extent file.
+/// One extent file. Its descriptor is open only while the process-wide
+/// bound on open extents allows ([`crate::handles`]): an idle volume's
+/// extent is closed and opened again on its next use.
 #[derive(Debug)]
 pub struct ExtentFile {
     path: PathBuf,
-    file: File,
+    handle: Arc<Handle>,
     block_count: u64,
 }
 
@@ -96,11 +100,26 @@ impl ExtentFile {
         if file.metadata().map_err(io("stat"))?.len() != size {
             file.set_len(size).map_err(io("size"))?;
         }
-        Ok(Self {
+        let extent = Self {
             path: path.to_path_buf(),
-            file,
+            handle: Arc::default(),
             block_count,
-        })
+        };
+        extent.handle.get(|| Ok(file)).map_err(io("open"))?;
+        Ok(extent)
+    }
+
+    /// The file, opened again if the bound on open extents had closed it.
+    fn file(&self) -> Result<Arc<File>, ExtentError> {
+        let path = &self.path;
+        self.handle
+            .get(|| OpenOptions::new().read(true).write(true).open(path))
+            .map_err(self.io("reopen"))
+    }
+
+    /// Whether its descriptor is open now.
+    pub fn is_open(&self) -> bool {
+        self.handle.is_open()
     }
 
     /// Blocks in the volume.
@@ -128,7 +147,8 @@ impl ExtentFile {
             return Err(ExtentError::Unaligned(data.len()));
         }
         self.check(lba, (data.len() / BLOCK_SIZE) as u64)?;
-        self.file
+        self.handle.writing();
+        self.file()?
             .write_all_at(data, lba * BLOCK_SIZE as u64)
             .map_err(self.io("write"))
     }
@@ -137,7 +157,7 @@ impl ExtentFile {
     pub fn read(&self, lba: u64, blocks: u64) -> Result<Vec<u8>, ExtentError> {
         self.check(lba, blocks)?;
         let mut buf = vec![0u8; (blocks as usize) * BLOCK_SIZE];
-        self.file
+        self.file()?
             .read_exact_at(&mut buf, lba * BLOCK_SIZE as u64)
             .map_err(self.io("read"))?;
         Ok(buf)
@@ -146,7 +166,7 @@ impl ExtentFile {
     /// Fills `buf` with raw bytes of the image at `offset` (for snapshot and
     /// base transfer, which recycle their buffers).
     pub fn read_bytes_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExtentError> {
-        self.file
+        self.file()?
             .read_exact_at(buf, offset)
             .map_err(self.io("read"))
     }
@@ -241,6 +261,9 @@ impl ExtentFile {
 
     /// Makes every write durable.
     pub fn sync(&self) -> Result<(), ExtentError> {
-        self.file.sync_data().map_err(self.io("sync"))
+        let covered = self.handle.syncing();
+        self.file()?.sync_data().map_err(self.io("sync"))?;
+        self.handle.synced(covered);
+        Ok(())
     }
 }

@@ -13,6 +13,7 @@
 mod epochs;
 mod extent;
 pub mod frame;
+pub mod handles;
 mod inspect;
 mod pins;
 mod reader;
