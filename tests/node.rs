@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
+use walship::actors::testing::within;
 
 const CLIENT: Duration = Duration::from_secs(120);
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -252,15 +253,15 @@ fn nbd_addr(node: &nodes::NodeProc) -> std::net::SocketAddr {
 
 /// Waits until `acked` reaches `at_least`.
 async fn wait_acked(acked: &AtomicU64, at_least: u64, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while acked.load(Ordering::SeqCst) < at_least {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} writes acknowledged, wanted {at_least}",
-            acked.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let reached = within(limit, || async {
+        (acked.load(Ordering::SeqCst) >= at_least).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{} writes acknowledged, wanted {at_least}",
+        acked.load(Ordering::SeqCst)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
+use walship::actors::testing::within;
 use walship::node::admin;
 
 /// The walship binary cargo built for these tests.
@@ -229,56 +230,52 @@ impl NodeCluster {
     /// [`wait_converged`](Self::wait_converged) with node `primary` as the
     /// primary (after a failover).
     pub async fn wait_converged_on(&self, primary: usize, limit: Duration) -> u64 {
-        let deadline = Instant::now() + limit;
-        loop {
-            let volume = self.status(primary).await["volumes"][0].clone();
-            let status = &volume["status"];
-            let head = status["head"].as_u64().unwrap_or(u64::MAX);
-            let senders = status["registry"]["senders"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+        let converged = within(limit, || async {
+            let status = self.status(primary).await["volumes"][0]["status"].clone();
+            let head = status["head"].as_u64()?;
+            let senders = status["registry"]["senders"].as_array()?.clone();
             let synced = senders.len() == 2
                 && senders
                     .iter()
                     .all(|s| s["state"] == "in_sync" && s["flushed"].as_u64() == Some(head))
                 && status["registry"]["history"]["committed"].as_u64() == Some(head);
-            if synced {
-                return head;
+            synced.then_some(head)
+        })
+        .await;
+        match converged {
+            Some(head) => head,
+            None => {
+                let volume = self.status(primary).await["volumes"][0].clone();
+                panic!(
+                    "not converged within {limit:?}: {:#}\n--- primary log:\n{}",
+                    volume["status"]["registry"]["senders"],
+                    self.log(primary)
+                )
             }
-            assert!(
-                Instant::now() < deadline,
-                "not converged within {limit:?}: {}\n--- primary log:\n{}",
-                serde_json::to_string_pretty(&senders).unwrap_or_default(),
-                self.log(primary)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Waits until the replica on `node` is in `state` as the primary sees it.
     pub async fn wait_replica_state(&self, node: &str, state: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
         let replica = format!("{}/{node}", self.volume.name);
-        loop {
+        let state_now = |volume: &Value| {
+            let senders = volume["status"]["registry"]["senders"].as_array()?.clone();
+            let sender = senders
+                .into_iter()
+                .find(|s| s["replica"] == replica.as_str())?;
+            Some(sender["state"].clone())
+        };
+        let reached = within(limit, || async {
+            (state_now(&self.primary_volume().await)? == state).then_some(())
+        })
+        .await;
+        if reached.is_none() {
             let volume = self.primary_volume().await;
-            let senders = volume["status"]["registry"]["senders"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let now = senders
-                .iter()
-                .find(|s| s["replica"] == replica.as_str())
-                .map(|s| s["state"].clone());
-            if now.as_ref().is_some_and(|s| s == state) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{replica} is {now:?}, not {state}, after {limit:?}; recovery log:\n{}",
-                serde_json::to_string_pretty(&volume["recent_recovery"]).unwrap_or_default()
+            panic!(
+                "{replica} is {:?}, not {state}, after {limit:?}; recovery log:\n{:#}",
+                state_now(&volume),
+                volume["recent_recovery"]
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
