@@ -514,7 +514,7 @@ async fn the_admin_endpoint_reports_status_and_metrics_and_fences_assignments() 
     let (status, metrics) = request(&admin, "/metrics", None).await.unwrap();
     assert_eq!(status, 200);
     for expected in [
-        "walship_mailbox_sent_total{actor=\"volume\",instance=\"fast\"}",
+        "walship_mailbox_sent_total{actor=\"volume\"}",
         "walship_wal_sync_seconds",
         "walship_volume_head_lsn{volume=\"fast\"} 1",
         "walship_volume_epoch{volume=\"fast\"} 4",

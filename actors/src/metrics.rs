@@ -53,9 +53,10 @@ impl Histogram {
 }
 
 /// Enqueue timestamps kept for the oldest-message age and the wait histogram
-/// (8 bytes each, per actor). Beyond this many queued messages the age is a
-/// lower bound and the wait is measured against a newer message.
-const STAMP_RING: usize = 64;
+/// (8 bytes each, per actor: a node has tens of thousands of actors). Beyond
+/// this many queued messages the age is a lower bound and the wait is
+/// measured against a newer message.
+const STAMP_RING: usize = 16;
 
 /// A counter alone on its cache line.
 #[repr(align(64))]
@@ -86,7 +87,6 @@ pub struct MailboxMetrics {
     fenced_total: metrics::Counter,
     wait_seconds: metrics::Histogram,
     handler_seconds: metrics::Histogram,
-    depth_gauge: metrics::Gauge,
 }
 
 impl std::fmt::Debug for MailboxMetrics {
@@ -132,7 +132,12 @@ impl MailboxMetrics {
     /// Metrics for one actor.
     pub fn new(kind: &'static str, instance: impl Into<String>) -> Arc<Self> {
         let instance = instance.into();
-        let labels = [("actor", kind.to_owned()), ("instance", instance.clone())];
+        // Prometheus sees actor kinds, not instances: a node of 10,000
+        // volumes has tens of thousands of actors, and a series set per
+        // actor cost more memory than the actor (each histogram a sketch
+        // of its own). Each instance's figures are in its snapshot
+        // (`/status`).
+        let labels = [("actor", kind)];
         Arc::new(Self {
             kind,
             clock: quanta::Clock::new(),
@@ -149,7 +154,6 @@ impl MailboxMetrics {
             fenced_total: metrics::counter!("walship_mailbox_fenced_total", &labels),
             wait_seconds: metrics::histogram!("walship_mailbox_wait_seconds", &labels),
             handler_seconds: metrics::histogram!("walship_handler_seconds", &labels),
-            depth_gauge: metrics::gauge!("walship_mailbox_depth", &labels),
             instance,
         })
     }
@@ -198,7 +202,7 @@ impl MailboxMetrics {
         self.fenced_total.increment(1);
     }
 
-    /// A snapshot; also publishes the depth gauge.
+    /// A snapshot.
     pub fn snapshot(&self) -> MailboxSnapshot {
         let sent = self.sent.0.load(Ordering::Acquire);
         let dequeued = self.dequeued.load(Ordering::Acquire);
@@ -211,7 +215,6 @@ impl MailboxMetrics {
         } else {
             0
         };
-        self.depth_gauge.set(depth as f64);
         let latency = &self.latency;
         let count = latency.count.load(Ordering::Relaxed);
         MailboxSnapshot {

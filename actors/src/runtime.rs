@@ -3,7 +3,7 @@
 
 use crate::config::{Listen, VolumeConfig};
 use crate::error::VolumeError;
-use crate::metrics::{MailboxMetrics, MeteredAddr};
+use crate::metrics::{MailboxMetrics, MailboxSnapshot, MeteredAddr};
 use crate::pool::{ArbiterPool, BlockingPool, Pools};
 use crate::primary::{self as volume, VolumeActor, VolumeStatus};
 use crate::replica::listener::{self, ReplicationListener};
@@ -281,6 +281,16 @@ pub enum NodeStatus {
     Primary(Box<VolumeStatus>),
     /// A replica.
     Replica(ReplicaStatus),
+}
+
+impl NodeStatus {
+    /// The mailboxes of the volume's actors.
+    pub fn mailboxes(&self) -> &[MailboxSnapshot] {
+        match self {
+            Self::Primary(status) => &status.mailboxes,
+            Self::Replica(status) => std::slice::from_ref(&status.mailbox),
+        }
+    }
 }
 
 /// The handle to a spawned volume. Cheap to clone; usable from any thread.

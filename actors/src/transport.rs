@@ -48,10 +48,41 @@ pub(crate) fn framed<C: AsyncRead + AsyncWrite>(stream: C) -> Framed<C, WireCode
 /// A framed TCP stream as a [`Conn`].
 pub(crate) fn boxed(framed: Framed<TcpStream, WireCodec>) -> Conn {
     let parts = framed.into_parts();
-    let mut boxed = FramedParts::new::<Envelope>(Box::new(parts.io) as Box<dyn Io>, parts.codec);
-    boxed.read_buf = parts.read_buf;
-    boxed.write_buf = parts.write_buf;
-    Framed::from_parts(boxed)
+    reframe(
+        Box::new(parts.io) as Box<dyn Io>,
+        parts.codec,
+        parts.read_buf,
+        parts.write_buf,
+    )
+}
+
+/// Frames `io` again with the buffers of an earlier framing (what was read
+/// past the last frame goes on to the next). tokio-util's `from_parts`
+/// grows each buffer back to 8 KiB; that was 16 KiB of every idle
+/// replica-side connection, so they are cut back to [`CONN_BUFFER`].
+pub(crate) fn reframe<C: AsyncRead + AsyncWrite>(
+    io: C,
+    codec: WireCodec,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+) -> Framed<C, WireCodec> {
+    let mut parts = FramedParts::new::<Envelope>(io, codec);
+    parts.read_buf = read_buf;
+    parts.write_buf = write_buf;
+    let mut framed = Framed::from_parts(parts);
+    shrink(framed.read_buffer_mut());
+    shrink(framed.write_buffer_mut());
+    framed
+}
+
+/// A buffer holding no more than [`CONN_BUFFER`] bytes, in that much
+/// memory.
+fn shrink(buf: &mut BytesMut) {
+    if buf.capacity() > CONN_BUFFER && buf.len() <= CONN_BUFFER {
+        let mut small = BytesMut::with_capacity(CONN_BUFFER);
+        small.extend_from_slice(buf);
+        *buf = small;
+    }
 }
 
 /// How long a connection closed after an error keeps reading (and dropping)

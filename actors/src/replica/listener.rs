@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::codec::{Framed, FramedParts};
+use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 use walship_io::{Envelope, Message, WireCodec, CODE_IDENTITY, CODE_UNEXPECTED, CODE_WIRE};
 
@@ -70,10 +70,8 @@ impl Route {
     fn spawn_there<C: Io>(&self, framed: Framed<C, WireCodec>, first: Envelope, conn: u64) {
         let parts = framed.into_parts();
         let io: Box<dyn Io> = Box::new(parts.io);
-        let mut boxed = FramedParts::new::<Envelope>(io, parts.codec);
-        boxed.read_buf = parts.read_buf;
-        boxed.write_buf = parts.write_buf;
-        let connection = self.connection(Framed::from_parts(boxed), Some(first), conn);
+        let framed = transport::reframe(io, parts.codec, parts.read_buf, parts.write_buf);
+        let connection = self.connection(framed, Some(first), conn);
         if !self.arbiter.spawn(self.tasks.track_future(connection)) {
             tracing::warn!("the receiver's arbiter stopped: connection dropped");
         }
@@ -96,10 +94,7 @@ impl Route {
                 Ok(stream) => stream,
                 Err(e) => return tracing::warn!(error = %e, "replication connection hand-over"),
             };
-            let mut parts = FramedParts::new::<Envelope>(stream, codec);
-            parts.read_buf = read_buf;
-            parts.write_buf = write_buf;
-            let framed = transport::boxed(Framed::from_parts(parts));
+            let framed = transport::boxed(transport::reframe(stream, codec, read_buf, write_buf));
             route.connection(framed, Some(first), conn).await;
         });
         if !self.arbiter.spawn(handed) {

@@ -116,7 +116,6 @@ impl ReceiverActor {
         tasks: TaskTracker,
     ) -> Self {
         let epoch = store.superblock().epoch;
-        let identity_for_metrics = identity.clone();
         Self {
             blocking,
             _alive: tasks.token(),
@@ -132,11 +131,7 @@ impl ReceiverActor {
             checkpoint_every,
             checkpoint_requested: 0,
             committed: 0,
-            sync_seconds: metrics::histogram!(
-                "walship_wal_sync_seconds",
-                "role" => "replica",
-                "volume" => identity_for_metrics
-            ),
+            sync_seconds: metrics::histogram!("walship_wal_sync_seconds", "role" => "replica"),
             metrics,
         }
     }

@@ -157,11 +157,7 @@ impl VolumeActor {
         let (committed_tx, _) = watch::channel(committed);
         Ok(Self {
             metrics: MailboxMetrics::new("volume", config.volume.clone()),
-            sync_seconds: metrics::histogram!(
-                "walship_wal_sync_seconds",
-                "role" => "primary",
-                "volume" => config.volume.clone()
-            ),
+            sync_seconds: metrics::histogram!("walship_wal_sync_seconds", "role" => "primary"),
             config,
             store,
             reader: Arc::new(reader),
