@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use walship::actors::testing::within;
+use walship::node::admin;
 
 const CLIENT: Duration = Duration::from_secs(120);
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -376,6 +377,24 @@ async fn kill_a_replica_mid_recovery(
         .map(|e| 1 + e["repeats"].as_u64().unwrap_or(0))
         .sum::<u64>();
     assert!(plans >= 2, "{plans} {plan} for {replica}: {log:#}");
+    // The same recoveries as Prometheus counters, by outcome.
+    let (_, text) = admin::request(&cluster.nodes[0].admin_addr(), "/metrics", None)
+        .await
+        .expect("GET /metrics");
+    let counted = |event: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("walship_recovery_decisions_total{"))
+            .filter(|l| l.contains("volume=\"vol0\"") && l.contains(&format!("event=\"{event}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        counted(plan) >= 2,
+        "{plan} counted {}:\n{text}",
+        counted(plan)
+    );
+    let completed = counted("session_completed") + counted("rebuild_completed");
+    assert!(completed >= 1, "no completed recovery counted:\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

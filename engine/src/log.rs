@@ -15,6 +15,10 @@
 //!   (same replica, name and detail) is not appended: the earlier one's
 //!   `repeats` grows and its `last_tick` and `session` move on. A replica
 //!   refused on every retry is one line with a count, not thousands.
+//!
+//! Neither loses a count: every decision, folded or dropped, is counted by
+//! name for the life of the engine ([`RecoveryLog::decision_totals`]), which
+//! is what monitoring's counters of recoveries by outcome read.
 
 use crate::ids::{ReplicaId, SessionId, Tick};
 use serde::Serialize;
@@ -135,6 +139,8 @@ pub struct RecoveryLog {
     next_seq: u64,
     decisions: Ring,
     routine: Ring,
+    /// Every decision recorded, by name (a few names per volume: a vector).
+    totals: Vec<(&'static str, u64)>,
 }
 
 impl RecoveryLog {
@@ -144,6 +150,7 @@ impl RecoveryLog {
             next_seq: 0,
             decisions: Ring::new(capacity),
             routine: Ring::new(capacity),
+            totals: Vec::new(),
         }
     }
 
@@ -158,7 +165,14 @@ impl RecoveryLog {
         detail: impl Into<String>,
     ) {
         let detail = detail.into();
-        let ring = if is_decision(event) {
+        let decision = is_decision(event);
+        if decision {
+            match self.totals.iter_mut().find(|(name, _)| *name == event) {
+                Some((_, count)) => *count += 1,
+                None => self.totals.push((event, 1)),
+            }
+        }
+        let ring = if decision {
             &mut self.decisions
         } else {
             &mut self.routine
@@ -201,6 +215,12 @@ impl RecoveryLog {
     /// How many events were dropped because their class's ring was full.
     pub fn dropped(&self) -> u64 {
         self.decisions.dropped + self.routine.dropped
+    }
+
+    /// How many times each decision was recorded since the engine began,
+    /// repeats and dropped ones included; names never recorded are absent.
+    pub fn decision_totals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.totals.iter().copied()
     }
 
     /// How many decisions were dropped (the decision ring was full).
@@ -322,5 +342,41 @@ mod tests {
         );
         assert_eq!(log.len(), 4);
         assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn decision_totals_count_what_the_rings_fold_and_drop() {
+        let mut log = RecoveryLog::new(2);
+        for i in 0..10 {
+            // Folded into one event each: the ring holds 2, the totals 10.
+            log.record(Tick(i), Some(&rid("a")), None, "plan_catchup", "gap 5");
+            log.record(
+                Tick(i),
+                Some(&rid("a")),
+                None,
+                "session_completed",
+                "in sync",
+            );
+            // Each one new: dropped from the ring, counted all the same.
+            log.record(
+                Tick(i),
+                Some(&rid("b")),
+                None,
+                "session_invalidated",
+                format!("attempt {i}"),
+            );
+            // Routine events are not decisions and are not counted.
+            log.record(Tick(i), Some(&rid("a")), None, "session_created", "x");
+        }
+        let totals: Vec<_> = log.decision_totals().collect();
+        assert_eq!(
+            totals,
+            [
+                ("plan_catchup", 10),
+                ("session_completed", 10),
+                ("session_invalidated", 10)
+            ]
+        );
+        assert!(log.decisions_dropped() > 0);
     }
 }

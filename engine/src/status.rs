@@ -12,6 +12,7 @@ use crate::retry::FailureRecord;
 use crate::sender::{RebuildNeed, ReplicaState};
 use crate::session::{Session, SessionKind, SessionPhase, Stage, Work};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// One session, as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -115,6 +116,10 @@ pub struct RegistryStatus {
     pub log_dropped: u64,
     /// Of those, decisions (zero unless decisions alone overflowed the log).
     pub decisions_dropped: u64,
+    /// Every decision recorded since the engine began, by name (plans,
+    /// completions, invalidations, aborted rebuilds...): monotonic, unlike
+    /// the bounded log.
+    pub decision_totals: BTreeMap<&'static str, u64>,
 }
 
 impl Engine {
@@ -146,6 +151,7 @@ impl Engine {
                 .collect(),
             log_dropped: self.log.dropped(),
             decisions_dropped: self.log.decisions_dropped(),
+            decision_totals: self.log.decision_totals().collect(),
         }
     }
 

@@ -271,6 +271,12 @@ async fn metrics(node: &Node) -> String {
                     status.retention_holds as u64,
                 );
                 gauge("walship_volume_snapshot_pins", status.snapshot_pins as u64);
+                // Recoveries by outcome: every plan, completion, abort and
+                // invalidation the engine decided, counted since it opened.
+                for (event, count) in &status.registry.decision_totals {
+                    let labels = [("volume", volume.clone()), ("event", (*event).to_owned())];
+                    metrics::counter!("walship_recovery_decisions_total", &labels).absolute(*count);
+                }
                 for sender in &status.registry.senders {
                     let labels = [
                         ("volume", volume.clone()),
