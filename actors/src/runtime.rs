@@ -174,6 +174,7 @@ async fn start_volume(
             Ok(VolumeHandle {
                 inner: Inner::Primary(MeteredAddr::new(addr, metrics)),
                 tasks,
+                stopping: Arc::new(watch::channel(false).0),
             })
         }
         VolumeConfig::Replica(config) => {
@@ -238,10 +239,10 @@ async fn start_volume(
                 inner: Inner::Replica {
                     receiver,
                     listen,
-                    shutdown: Arc::new(shutdown),
                     shared: shared.map(Arc::new),
                 },
                 tasks,
+                stopping: Arc::new(shutdown),
             })
         }
     }
@@ -267,7 +268,6 @@ enum Inner {
     Replica {
         receiver: MeteredAddr<ReceiverActor>,
         listen: SocketAddr,
-        shutdown: Arc<watch::Sender<bool>>,
         /// The node's listener routing to it, and the volume it routes by.
         shared: Option<Arc<(ReplicationListener, String)>>,
     },
@@ -300,6 +300,10 @@ pub struct VolumeHandle {
     /// Everything that holds the volume's store or a connection holds a
     /// token of it: [`stop`](VolumeHandle::stop) waits for the last one.
     tasks: TaskTracker,
+    /// Set when [`stop`](VolumeHandle::stop) begins: a replica's connection
+    /// tasks end on it, and whoever serves the volume to clients (an NBD
+    /// connection) learns that this handle is done.
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 fn stopped<T>(_: T) -> VolumeError {
@@ -312,6 +316,13 @@ impl VolumeHandle {
             Inner::Primary(addr) => Ok(addr),
             Inner::Replica { .. } => Err(VolumeError::NotPrimary),
         }
+    }
+
+    /// Returns once [`stop`](Self::stop) has begun on this volume (at once
+    /// if it has): the handle answers nothing from then on.
+    pub async fn stopping(&self) {
+        let mut stopping = self.stopping.subscribe();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
     /// Whether this is a primary.
@@ -515,21 +526,18 @@ impl VolumeHandle {
     /// had on the blocking pool is done, and its store (with the directory's
     /// lock) is released, so the volume can be opened again at once.
     pub async fn stop(&self) {
+        self.stopping.send_replace(true);
         match &self.inner {
             Inner::Primary(addr) => {
                 let _ = addr.send(volume::Stop).await;
             }
             Inner::Replica {
-                receiver,
-                shutdown,
-                shared,
-                ..
+                receiver, shared, ..
             } => {
                 if let Some(shared) = shared {
                     let (listener, volume) = &**shared;
                     listener.unregister(volume);
                 }
-                shutdown.send_replace(true);
                 let _ = receiver.send(StopReceiver).await;
             }
         }

@@ -61,6 +61,25 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tracing::info!(export = %export.name, read_only = export.read_only, "nbd client attached");
+    // The server's stop, or the volume's: a volume whose role changed is
+    // reopened behind a new handle, and this one answers nothing from then
+    // on. The connection closes, so the client reconnects and finds the
+    // export as it is now (or finds it gone).
+    let (ending, mut stopped) = {
+        let (tx, rx) = watch::channel(false);
+        let volume = export.volume.clone();
+        let name = export.name.clone();
+        let ending = tokio::spawn(async move {
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => {}
+                () = volume.stopping() => {
+                    tracing::info!(export = %name, "the volume stopped: closing the connection");
+                }
+            }
+            tx.send_replace(true);
+        });
+        (ending, rx)
+    };
     let export = Arc::new(export);
     let (replies, queue) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(write, queue));
@@ -136,6 +155,7 @@ where
     // Every request read is answered before the connection closes, within
     // a grace period: a client that stopped reading its replies must not
     // hold the node's stop forever.
+    ending.abort();
     let abort_writer = writer.abort_handle();
     let answered = async {
         while running.join_next().await.is_some() {}
