@@ -6,7 +6,8 @@
 //! volume and per sender. Targets: ≤ 4 KiB per sender, ≤ 2 descriptors
 //! per volume.
 //!
-//! `cargo bench --bench nodes -- --volumes 1000` (default 1000).
+//! `cargo bench --bench nodes -- --volumes 1000` (default 1000). With
+//! `NODES_WRAP="heaptrack -o /tmp/node1"`, node1 runs under that command.
 
 #[path = "../tests/support/nodes.rs"]
 mod nodes;
@@ -72,6 +73,8 @@ fn usage(pid: u32) -> anyhow::Result<Usage> {
 struct NodeProcess {
     child: Child,
     admin: String,
+    /// Its config file: names the walship process, wrapped or not.
+    config: std::path::PathBuf,
 }
 
 fn config(name: &str, ports: (u16, u16, u16), volumes: &str) -> String {
@@ -86,7 +89,21 @@ async fn spawn(dir: &Path, name: &str, text: &str, admin: u16) -> anyhow::Result
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text)?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = Command::new(WALSHIP)
+    // NODES_WRAP="heaptrack -o /tmp/node1" runs node1 under that command
+    // (a profiler); the other nodes run as they are.
+    let wrap: Vec<String> = match std::env::var("NODES_WRAP") {
+        Ok(w) if name == "node1" => w.split_whitespace().map(String::from).collect(),
+        _ => Vec::new(),
+    };
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(WALSHIP);
+            c
+        }
+        None => Command::new(WALSHIP),
+    };
+    let child = command
         .arg("serve")
         .arg("--config")
         .arg(&path)
@@ -100,6 +117,7 @@ async fn spawn(dir: &Path, name: &str, text: &str, admin: u16) -> anyhow::Result
     Ok(NodeProcess {
         child,
         admin: format!("127.0.0.1:{admin}"),
+        config: path,
     })
 }
 
@@ -158,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
         nodes.push(spawn(dir.path(), name, &config(name, *ports, &volumes), ports.1).await?);
     }
     let empty_ports = (free_port(), free_port(), 0);
-    let empty = spawn(
+    let mut empty = spawn(
         dir.path(),
         "empty",
         &config("empty", empty_ports, ""),
@@ -229,6 +247,21 @@ async fn main() -> anyhow::Result<()> {
             cpu(i),
             (cpu(i) - cpu(3)).max(0.0) * 1e6 / senders.max(1.0),
         );
+    }
+    // SIGTERM to each walship process (found by its config file, in this
+    // run's temp dir: under a wrapper, the child's pid is the wrapper's),
+    // so it ends cleanly and a profiler around it writes its output.
+    for node in nodes.iter_mut().chain([&mut empty]) {
+        let pattern = format!("serve --config {}", node.config.display());
+        Command::new("pkill")
+            .args(["-TERM", "-f", "--"])
+            .arg(&pattern)
+            .status()
+            .await?;
+        let stopped = tokio::time::timeout(Duration::from_secs(120), node.child.wait()).await;
+        if stopped.is_err() {
+            eprintln!("{} did not stop within 120 s after SIGTERM", node.admin);
+        }
     }
     Ok(())
 }
