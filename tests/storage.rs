@@ -182,8 +182,14 @@ async fn a_replica_out_of_space_on_a_real_tmpfs_says_so_and_nobody_storms_it() {
     let error = loop {
         cluster.write_blocks(lba, 16).await.unwrap();
         lba += 16;
-        if let Err(error) = cluster.primary.barrier().await {
-            break error;
+        match cluster.primary.barrier().await {
+            Err(error) if error.to_string().contains("No space left on device") => break error,
+            // A barrier may also time out on r1 alone, on a machine busy
+            // enough that its fsync takes longer than the barrier timeout
+            // (seen once in CI, with r1 in sync and lagging 4 LSNs): not
+            // what this test is about, so the writes go on.
+            Err(other) => eprintln!("barrier failed without ENOSPC, going on: {other}"),
+            Ok(_) => {}
         }
         assert!(Instant::now() < deadline, "r2 never ran out of space");
     };
