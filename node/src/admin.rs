@@ -18,7 +18,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use walship_actors::NodeStatus;
@@ -83,7 +83,6 @@ pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
             let handle = PrometheusBuilder::new()
                 .set_buckets(SECONDS_BUCKETS)
                 .ok()?
-                .upkeep_timeout(UPKEEP)
                 .install_recorder()
                 .ok()?;
             let upkept = handle.clone();
@@ -99,6 +98,31 @@ pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
             Some(handle)
         })
         .as_ref()
+}
+
+/// The actor kinds whose mailboxes are summed per kind.
+const MAILBOX_KINDS: [&str; 3] = ["volume", "sender", "receiver"];
+
+/// The engines' decision totals as last scraped, per engine (node, volume
+/// and the term it opened in) and event. An engine counts from zero, and a
+/// volume that changes role reopens with a new one in a new term; a
+/// Prometheus counter must never go back, so it grows by what each engine's
+/// total grew since the last scrape. (What a replaced engine decided after
+/// the last scrape goes uncounted.)
+static DECISIONS_SEEN: DecisionsSeen = DecisionsSeen(Mutex::new(BTreeMap::new()));
+
+/// An engine: node, volume, term.
+type EngineKey = (String, String, u64);
+
+struct DecisionsSeen(Mutex<BTreeMap<(EngineKey, &'static str), u64>>);
+
+impl DecisionsSeen {
+    /// How much `total` grew since the last scrape.
+    fn grown(&self, engine: EngineKey, event: &'static str, total: u64) -> u64 {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = seen.insert((engine, event), total).unwrap_or(0);
+        total.saturating_sub(last)
+    }
 }
 
 /// How often histogram samples are drained into their buckets.
@@ -243,8 +267,10 @@ async fn metrics(node: &Node) -> String {
     let Some(prometheus) = prometheus() else {
         return "# another metrics recorder was installed before the node\n".into();
     };
-    // Per actor kind: messages queued, and the oldest one's age.
-    let mut mailboxes: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
+    // Per actor kind: messages queued, and the oldest one's age (zero for
+    // a kind this node has no actor of any more).
+    let mut mailboxes: BTreeMap<&'static str, (u64, u64)> =
+        MAILBOX_KINDS.iter().map(|&kind| (kind, (0, 0))).collect();
     for report in node.report().await {
         for mailbox in report.status.mailboxes() {
             let kind = mailboxes.entry(mailbox.kind).or_default();
@@ -274,8 +300,14 @@ async fn metrics(node: &Node) -> String {
                 // Recoveries by outcome: every plan, completion, abort and
                 // invalidation the engine decided, counted since it opened.
                 for (event, count) in &status.registry.decision_totals {
+                    let engine = (
+                        node.config().node.clone(),
+                        volume.clone(),
+                        report.assignment.term(),
+                    );
+                    let grown = DECISIONS_SEEN.grown(engine, event, *count);
                     let labels = [("volume", volume.clone()), ("event", (*event).to_owned())];
-                    metrics::counter!("walship_recovery_decisions_total", &labels).absolute(*count);
+                    metrics::counter!("walship_recovery_decisions_total", &labels).increment(grown);
                 }
                 for sender in &status.registry.senders {
                     let labels = [
