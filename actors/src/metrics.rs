@@ -116,7 +116,7 @@ pub struct MailboxSnapshot {
     /// Messages refused for a stale epoch.
     pub fenced: u64,
     /// Age of the oldest queued message, microseconds (a lower bound beyond
-    /// 64 queued messages).
+    /// 16 queued messages).
     pub oldest_age_us: u64,
     /// Handler latency: count, mean, p50 and p99 bucket bounds (microseconds).
     pub latency_count: u64,

@@ -325,6 +325,11 @@ impl VolumeHandle {
         let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
+    /// Whether [`stop`](Self::stop) has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// Whether this is a primary.
     pub fn is_primary(&self) -> bool {
         matches!(self.inner, Inner::Primary(_))

@@ -153,7 +153,10 @@ struct NodeExports {
 impl NodeExports {
     fn exported(&self, hosted: &Hosted) -> Option<Export> {
         let primary = hosted.applied.is_primary(&self.node);
-        (primary || hosted.spec.export_replicas).then(|| Export {
+        // Mid role change the table still holds the stopped handle: a
+        // client that reconnects then finds no export, not a dead one.
+        let serving = !hosted.handle.is_stopping();
+        (serving && (primary || hosted.spec.export_replicas)).then(|| Export {
             name: hosted.spec.name.clone(),
             volume: hosted.handle.clone(),
             size: hosted.spec.size,

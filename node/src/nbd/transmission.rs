@@ -8,8 +8,9 @@
 //! Bad input: an unaligned or oversized request, one past the end, an
 //! unknown command or flag gets an error reply and the connection goes on;
 //! a bad request magic, or a write payload past [`MAX_BLOCK`], closes it.
-//! DISC, EOF or the server's stop: no more requests are read, every request
-//! already read is answered, then the connection closes.
+//! DISC, EOF, the server's stop or the volume's (its role changed): no more
+//! requests are read, every request already read is answered, then the
+//! connection closes.
 
 use super::proto::*;
 use super::{Export, NbdError};
