@@ -201,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
         options.volumes,
         started.elapsed().as_secs_f64()
     );
+    if std::env::var_os("NODES_WRAP").is_some() {
+        println!("  (node1 runs under NODES_WRAP: its figures are the wrapper's, not walship's)");
+    }
     let pids: Vec<u32> = nodes
         .iter()
         .chain([&empty])
@@ -252,7 +255,8 @@ async fn main() -> anyhow::Result<()> {
     // run's temp dir: under a wrapper, the child's pid is the wrapper's),
     // so it ends cleanly and a profiler around it writes its output.
     for node in nodes.iter_mut().chain([&mut empty]) {
-        let pattern = format!("serve --config {}", node.config.display());
+        // Anchored: a wrapper's own command line holds the same words.
+        let pattern = format!("^{WALSHIP} serve --config {} ", node.config.display());
         Command::new("pkill")
             .args(["-TERM", "-f", "--"])
             .arg(&pattern)
