@@ -10,6 +10,8 @@
 pub mod admin;
 pub mod assignment;
 pub mod config;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod nbd;
 mod node;
 mod serving;

@@ -43,6 +43,15 @@ enum Command {
         /// Data directory (overrides the config's data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// etcd client URLs (comma-separated): the volumes' assignments
+        /// come from etcd (written from the config where absent) and the
+        /// node registers there under a lease. Needs a walship built with
+        /// `--features etcd`.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Time to live of the node's etcd lease, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        etcd_lease_ms: u64,
     },
     /// Offline tools for a store directory (a volume's `store/`). They only
     /// read: no lock is taken, nothing is truncated or removed.
@@ -83,9 +92,18 @@ async fn main() -> anyhow::Result<()> {
             let options = demo::DemoOptions { quick, dir, json };
             demo::run(options, &mut std::io::stdout()).await
         }
-        Command::Serve { config, data_dir } => {
+        Command::Serve {
+            config,
+            data_dir,
+            etcd,
+            etcd_lease_ms,
+        } => {
             init_logs();
-            serve::run(&config, data_dir.as_deref()).await
+            let etcd = (!etcd.is_empty()).then(|| serve::EtcdArgs {
+                endpoints: etcd,
+                lease_ttl: std::time::Duration::from_millis(etcd_lease_ms),
+            });
+            serve::run(&config, data_dir.as_deref(), etcd).await
         }
         Command::Status { admin, json } => status::run(&admin, json, &mut std::io::stdout()).await,
         Command::Store { command } => match command {
