@@ -10,13 +10,17 @@ mod etcd;
 mod nbd_client;
 #[path = "support/nodes.rs"]
 mod nodes;
+#[path = "support/proxy.rs"]
+mod proxy;
 
 use etcd::Etcd;
 use nbd_client::*;
 use nodes::{NodeCluster, VolumeOptions};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::{Client, PutOptions};
 use walship::node::etcd::{node_key, volume_key, NodeRecord, VolumeRecord};
@@ -58,11 +62,9 @@ async fn volume_record(client: &mut Client) -> VolumeRecord {
 async fn records_come_from_the_config_once_and_a_primary_back_from_the_dead_takes_etcds_word() {
     let etcd = Etcd::start().await;
     let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
-    let mut cluster = NodeCluster::start_with(
-        VolumeOptions::default(),
-        3,
-        args.iter().map(|a| a.to_string()).collect(),
-    )
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
     .await;
     cluster.wait_converged(CONVERGE).await;
     let mut client = etcd.client().await;
@@ -160,16 +162,131 @@ async fn records_come_from_the_config_once_and_a_primary_back_from_the_dead_take
         assert_eq!(data, vec![block as u8 + 1; 4096], "block {block} on node2");
     }
 
-    // A node that stops revokes its lease: its entry goes at once.
+    // A node that stops revokes its lease: its entry goes at once (its
+    // lease, renewed every third of 2 s, had over a second left).
     assert!(cluster
         .terminate(2, Duration::from_secs(20))
         .await
         .success());
     assert!(
-        entry_gone(&etcd, "node3", Duration::from_secs(5)).await,
+        entry_gone(&etcd, "node3", Duration::from_millis(500)).await,
         "node3's entry outlived its stop"
     );
+
+    // etcd goes away: the nodes can neither keep their leases nor hear of
+    // assignments, and stop rather than serve on outside the cluster.
+    drop(etcd);
     for i in [0, 1] {
+        let mut child = cluster.nodes[i].child.take().unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("node{} serves on without etcd", i + 1))
+            .unwrap();
+        assert!(!status.success(), "node{} exited {status}", i + 1);
+        let log = cluster.log(i);
+        assert!(log.contains("etcd control plane ended"), "{log}");
+    }
+}
+
+/// node1, the primary, reaches etcd through a proxy the test pauses (the
+/// other nodes reach it directly): node1 can no longer renew its lease,
+/// and must stop acknowledging writes before etcd expires that lease,
+/// which is the earliest another node could be made primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expires() {
+    let etcd = Etcd::start().await;
+    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = proxy::Proxy::start(target).await;
+    let through_proxy = format!("http://{}", proxy.addr);
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
+        let endpoint = if name == "node1" {
+            through_proxy.clone()
+        } else {
+            etcd.endpoint.clone()
+        };
+        ["--etcd", &endpoint, "--etcd-lease-ms", "2000"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+
+    // A client writes with FUA, one block after the other, noting when
+    // each was acknowledged, until a write fails.
+    let addr = nbd_addr(&cluster.nodes[0]);
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&count);
+    let writer = tokio::spawn(async move {
+        let mut client = Haggle::connect(addr).await.go("vol0").await;
+        let mut acked: Vec<Instant> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for block in 0..100_000u64 {
+            let offset = (block % 16_000) * 4096;
+            let done = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.try_write(offset, &[block as u8; 4096], FLAG_FUA),
+            )
+            .await;
+            match done {
+                Ok(Some(0)) => {
+                    acked.push(Instant::now());
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => break,
+            }
+            assert!(Instant::now() < deadline, "writes never stopped");
+        }
+        acked
+    });
+    // Some writes go through before the partition.
+    let flowing = within(Duration::from_secs(10), || async {
+        (count.load(Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await;
+    assert!(
+        flowing.is_some(),
+        "no writes acknowledged before the partition"
+    );
+    proxy.pause();
+    let paused = Instant::now();
+
+    // etcd expires node1's lease (it is never revoked: node1 cannot reach
+    // etcd to do it).
+    let client = etcd.client().await;
+    let expired = within(Duration::from_secs(30), || async {
+        get(&mut client.clone(), &node_key("test", "node1"))
+            .await
+            .is_none()
+            .then(Instant::now)
+    })
+    .await
+    .expect("node1's lease never expired");
+    let acked = writer.await.unwrap();
+    let last = *acked
+        .last()
+        .expect("writes acknowledged before the partition");
+    assert!(
+        last < expired,
+        "node1 acknowledged a write {:?} after etcd expired its lease",
+        last - expired
+    );
+    eprintln!(
+        "{} writes acknowledged; the last {:?} after the partition, {:?} before the lease expired at etcd",
+        acked.len(),
+        last.saturating_duration_since(paused),
+        expired - last
+    );
+    // node1 stopped on its own, saying why.
+    let mut node1 = cluster.nodes[0].child.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), node1.wait())
+        .await
+        .expect("node1 serves on cut off from etcd")
+        .unwrap();
+    assert!(!status.success());
+    let log = cluster.log(0);
+    assert!(log.contains("not renewed within its time to live"), "{log}");
+    for i in [1, 2] {
         assert!(cluster
             .terminate(i, Duration::from_secs(20))
             .await

@@ -9,6 +9,13 @@
 //! - `nodes/<node>`: the node's addresses, under a lease the node keeps
 //!   alive: the key disappears when the node stops renewing it.
 //!
+//! The lease also fences the node's writes ([`WriteFence`]): an NBD write
+//! or flush is acknowledged only while the last renewal etcd granted is
+//! certainly still alive there (see the fence's clock assumption), so a
+//! node cut off from etcd stops acknowledging before its lease can expire
+//! and another node be made primary. Once the fence lapses, or a renewal
+//! or the watch fails, the control plane ends and `walship serve` stops.
+//!
 //! A node reads its volumes' records before it opens them ([`connect`]),
 //! so a node that was away through a failover comes back in the role etcd
 //! gives it, not the one its config or its last assignment said. Running,
@@ -22,6 +29,7 @@
 pub use etcd_client;
 
 use crate::config::NodeConfig;
+use crate::fence::WriteFence;
 use crate::node::{Node, NodeError};
 use crate::Applied;
 use etcd_client::{
@@ -29,9 +37,9 @@ use etcd_client::{
     WatchOptions,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use walship_engine::CommitMode;
@@ -128,13 +136,18 @@ pub fn node_key(cluster: &str, node: &str) -> String {
     format!("{}nodes/{node}", prefix(cluster))
 }
 
-/// A connection to etcd, before the node runs.
+/// A connection to etcd, before the node runs: the records read, and the
+/// node's lease granted and kept alive from then on (a node may take long
+/// to open its volumes), its renewals holding the node's [`WriteFence`].
 pub struct ControlPlane {
     client: Client,
     options: EtcdOptions,
     cluster: String,
     /// The revision the records were read at: the watch starts after it.
     revision: i64,
+    lease: i64,
+    fence: Arc<WriteFence>,
+    keeping: Task,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -143,6 +156,7 @@ impl std::fmt::Debug for ControlPlane {
             .field("endpoints", &self.options.endpoints)
             .field("cluster", &self.cluster)
             .field("revision", &self.revision)
+            .field("lease", &self.lease)
             .finish()
     }
 }
@@ -163,7 +177,9 @@ impl ControlPlane {
         let mut client = Client::connect(&options.endpoints, Some(connect))
             .await
             .map_err(failed)?;
-        let mut revision = 0;
+        // The watch starts after the oldest read: a record written between
+        // two reads is seen again (and fenced, if not newer), never missed.
+        let mut revision = i64::MAX;
         for spec in &mut config.volumes {
             let key = volume_key(&config.cluster, &spec.name);
             let from_config = VolumeRecord {
@@ -180,7 +196,7 @@ impl ControlPlane {
                 .and_then([TxnOp::put(key.as_str(), value, None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
             let response = client.txn(txn).await.map_err(failed)?;
-            revision = revision.max(response.header().map_or(0, |h| h.revision()));
+            revision = revision.min(response.header().map_or(0, |h| h.revision()));
             if response.succeeded() {
                 tracing::info!(volume = %spec.name, epoch = spec.epoch, "etcd: record created from the config");
                 continue;
@@ -196,7 +212,7 @@ impl ControlPlane {
                 });
             };
             let record = parse(&key, &stored)?;
-            check(&key, &record, &config.node, spec.size)?;
+            check(&key, &spec.name, &record, &config.node, spec.size)?;
             if record != from_config {
                 tracing::info!(volume = %spec.name, epoch = record.epoch,
                     primary = %record.primary, "etcd: the record overrides the config");
@@ -206,29 +222,57 @@ impl ControlPlane {
             spec.commit_mode = record.commit_mode;
             spec.replicas = record.replicas;
         }
+        if revision == i64::MAX {
+            // No volumes: watch from now.
+            let now = client.get("/", None).await.map_err(failed)?;
+            revision = now.header().map_or(0, |h| h.revision());
+        }
+        // etcd grants whole seconds, at least its minimum (1.5 election
+        // timeouts: 2 s by default); renewals follow what it granted.
+        let asked = options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64;
+        let fence = Arc::new(WriteFence::open());
+        fence.hold();
+        let sent = Instant::now();
+        let granted = client.lease_grant(asked, None).await.map_err(failed)?;
+        let (lease, ttl) = (
+            granted.id(),
+            Duration::from_secs(granted.ttl().max(1) as u64),
+        );
+        fence.renewed(sent, ttl);
+        tracing::info!(
+            lease,
+            asked_ms = options.lease_ttl.as_millis() as u64,
+            granted_s = ttl.as_secs(),
+            "etcd: lease granted"
+        );
+        let renewals = client.lease_keep_alive(lease).await.map_err(failed)?;
+        let keeping =
+            Task::spawn(|stopped| keep(lease, ttl, renewals, Arc::clone(&fence), stopped));
         Ok(Self {
             client,
             options,
             cluster: config.cluster.clone(),
             revision,
+            lease,
+            fence,
+            keeping,
         })
     }
 
-    /// Registers `node` under a lease it keeps alive, and applies every
-    /// newer record of its volumes as it is written. Runs until
-    /// [`Running::stop`].
+    /// The fence the lease holds: the node must acknowledge writes only
+    /// while it allows them ([`Node::start_fenced`]).
+    pub fn fence(&self) -> Arc<WriteFence> {
+        Arc::clone(&self.fence)
+    }
+
+    /// Registers `node` under the lease, and applies every newer record
+    /// of its volumes as it is written. Runs until [`Running::stop`], or
+    /// until the lease or the watch fails ([`Running::ended`]).
     pub async fn run(mut self, node: Arc<Node>) -> Result<Running, EtcdError> {
         let failed = |source| EtcdError::Client {
             endpoints: self.options.endpoints.join(","),
             source,
         };
-        let ttl = self.options.lease_ttl.as_secs().max(1) as i64;
-        let lease = self
-            .client
-            .lease_grant(ttl, None)
-            .await
-            .map_err(failed)?
-            .id();
         let entry = NodeRecord {
             replication: node.replication_addr().to_string(),
             admin: node.admin_addr().map(|a| a.to_string()),
@@ -236,89 +280,180 @@ impl ControlPlane {
         };
         let key = node_key(&self.cluster, node.name());
         let value = serde_json::to_vec(&entry)?;
-        self.client
-            .put(key, value, Some(PutOptions::new().with_lease(lease)))
-            .await
-            .map_err(failed)?;
+        let lease = Some(PutOptions::new().with_lease(self.lease));
+        self.client.put(key, value, lease).await.map_err(failed)?;
         let watch_prefix = format!("{}volumes/", prefix(&self.cluster));
-        let watching = self
+        let from = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.revision + 1);
+        let records = self
             .client
-            .watch(
-                watch_prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(self.revision + 1),
-                ),
-            )
+            .watch(watch_prefix.as_str(), Some(from))
             .await
             .map_err(failed)?;
-        let (keeper, keep_alive) = self.client.lease_keep_alive(lease).await.map_err(failed)?;
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(
-            self,
-            node,
-            lease,
-            (keeper, keep_alive),
+        let watching = Task::spawn(|stopped| follow(node, records, watch_prefix, stopped));
+        Ok(Running {
+            client: self.client,
+            lease: self.lease,
+            keeping: self.keeping,
             watching,
-            watch_prefix,
-            stopped,
-        ));
-        Ok(Running { stop, task })
+        })
     }
 }
 
-/// The control plane running beside a node.
+/// A task of the control plane: stopped on request, or ending on its own
+/// with the reason.
 #[derive(Debug)]
-pub struct Running {
+struct Task {
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    handle: JoinHandle<()>,
+    ended: watch::Receiver<Option<String>>,
 }
 
-impl Running {
-    /// Stops watching, and revokes the node's lease (its entry goes at
-    /// once, not a lease later).
-    pub async fn stop(self) {
+impl Task {
+    fn spawn<F, Fut>(body: F) -> Self
+    where
+        F: FnOnce(watch::Receiver<bool>) -> Fut,
+        Fut: std::future::Future<Output = Option<String>> + Send + 'static,
+    {
+        let (stop, stopped) = watch::channel(false);
+        let (ended_tx, ended) = watch::channel(None);
+        let body = body(stopped);
+        let handle = tokio::spawn(async move {
+            let why = body.await;
+            if let Some(why) = &why {
+                tracing::error!(why, "etcd: the control plane ended");
+            }
+            ended_tx.send_replace(why);
+        });
+        Self {
+            stop,
+            handle,
+            ended,
+        }
+    }
+
+    /// Why it ended on its own, once it has.
+    async fn ended(&mut self) -> String {
+        match self.ended.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "the control plane's task ended".into(),
+        }
+    }
+
+    async fn stop(self) {
         self.stop.send_replace(true);
-        if let Err(e) = self.task.await {
+        if let Err(e) = self.handle.await {
             tracing::warn!(error = %e, "etcd task");
         }
     }
 }
 
-/// The lease kept alive at a third of its time to live; each record event
-/// of a hosted volume applied.
-async fn serve(
-    mut plane: ControlPlane,
-    node: Arc<Node>,
+/// The control plane running beside a node.
+pub struct Running {
+    client: Client,
     lease: i64,
-    (mut keeper, mut keep_alive): (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream),
-    mut watching: etcd_client::WatchStream,
-    watch_prefix: String,
+    keeping: Task,
+    watching: Task,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+impl Running {
+    /// Returns why, once the control plane ended on its own: the lease
+    /// could not be kept or the watch failed. The node is then neither
+    /// registered nor told of new assignments, and its writes are fenced
+    /// once the lease lapses: it must not go on serving as if it were in
+    /// the cluster (`walship serve` stops and exits non-zero).
+    pub async fn ended(&mut self) -> String {
+        tokio::select! {
+            why = self.keeping.ended() => why,
+            why = self.watching.ended() => why,
+        }
+    }
+
+    /// Stops watching and renewing, and revokes the node's lease (its
+    /// entry goes at once, not a lease later).
+    pub async fn stop(mut self) {
+        self.watching.stop().await;
+        self.keeping.stop().await;
+        if let Err(e) = self.client.lease_revoke(self.lease).await {
+            tracing::warn!(error = %e, lease = self.lease, "etcd: lease not revoked (it expires)");
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Gives up before the node ran: stops renewing and revokes the lease.
+    pub async fn abandon(mut self) {
+        self.keeping.stop().await;
+        let _ = self.client.lease_revoke(self.lease).await;
+    }
+}
+
+/// Renews the lease at a third of its time to live; each renewal etcd
+/// grants moves the write fence on. Ends when a renewal fails or the fence
+/// lapses (no answer within the lease: a partition from etcd).
+async fn keep(
+    lease: i64,
+    ttl: Duration,
+    (mut keeper, mut renewed): (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream),
+    fence: Arc<WriteFence>,
     mut stopped: watch::Receiver<bool>,
-) {
-    let mut renew = tokio::time::interval(plane.options.lease_ttl / 3);
+) -> Option<String> {
+    let mut renew = tokio::time::interval(ttl / 3);
+    let mut sent: VecDeque<Instant> = VecDeque::new();
     loop {
         tokio::select! {
-            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => break,
+            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             _ = renew.tick() => {
+                if !fence.allows() {
+                    return Some(format!("lease {lease} not renewed within its time to live: writes fenced"));
+                }
+                let at = Instant::now();
                 if let Err(e) = keeper.keep_alive().await {
-                    tracing::error!(error = %e, lease, "etcd: lease renewal not sent");
+                    return Some(format!("lease {lease}: renewal not sent: {e}"));
                 }
+                sent.push_back(at);
             }
-            renewed = keep_alive.message() => match renewed {
-                Ok(Some(renewed)) if renewed.ttl() > 0 => {}
-                Ok(Some(_)) => tracing::error!(lease, "etcd: the lease expired"),
-                Ok(None) => {
-                    tracing::error!(lease, "etcd: lease renewals closed");
-                    break;
+            answer = renewed.message() => match answer {
+                Ok(Some(answer)) if answer.ttl() > 0 => {
+                    // Answers come in the order of the renewals.
+                    if let Some(at) = sent.pop_front() {
+                        fence.renewed(at, Duration::from_secs(answer.ttl() as u64));
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, lease, "etcd: lease renewal failed");
-                    break;
-                }
+                Ok(Some(_)) => return Some(format!("lease {lease} expired")),
+                Ok(None) => return Some(format!("lease {lease}: renewals closed")),
+                Err(e) => return Some(format!("lease {lease}: renewal failed: {e}")),
             },
-            event = watching.message() => match event {
+        }
+    }
+}
+
+/// Applies each record event of a hosted volume. Ends when the watch does.
+async fn follow(
+    node: Arc<Node>,
+    mut records: etcd_client::WatchStream,
+    watch_prefix: String,
+    mut stopped: watch::Receiver<bool>,
+) -> Option<String> {
+    loop {
+        tokio::select! {
+            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            event = records.message() => match event {
+                Ok(Some(response)) if response.canceled() => {
+                    return Some(format!(
+                        "the watch of the volume records was canceled: {}",
+                        response.cancel_reason()
+                    ));
+                }
                 Ok(Some(response)) => {
                     for event in response.events() {
                         if event.event_type() != EventType::Put {
@@ -330,19 +465,10 @@ async fn serve(
                         apply(&node, &key, volume, kv.value()).await;
                     }
                 }
-                Ok(None) => {
-                    tracing::error!("etcd: the watch of the volume records ended");
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "etcd: the watch of the volume records failed");
-                    break;
-                }
+                Ok(None) => return Some("the watch of the volume records ended".into()),
+                Err(e) => return Some(format!("the watch of the volume records failed: {e}")),
             },
         }
-    }
-    if let Err(e) = plane.client.lease_revoke(lease).await {
-        tracing::warn!(error = %e, lease, "etcd: lease not revoked (it expires)");
     }
 }
 
@@ -351,7 +477,15 @@ async fn apply(node: &Node, key: &str, volume: &str, value: &[u8]) {
     if node.volume(volume).is_none() {
         return;
     }
-    let record = match parse(key, value) {
+    let config = node.config();
+    let Some(spec) = config.volumes.iter().find(|v| v.name == volume) else {
+        return;
+    };
+    let checked = parse(key, value).and_then(|record| {
+        check(key, volume, &record, node.name(), spec.size)?;
+        Ok(record)
+    });
+    let record = match checked {
         Ok(record) => record,
         Err(e) => return tracing::error!(error = %e, "etcd: record ignored"),
     };
@@ -376,8 +510,15 @@ fn parse(key: &str, value: &[u8]) -> Result<VolumeRecord, EtcdError> {
     })
 }
 
-/// What a record must say for `node` to open the volume from it.
-fn check(key: &str, record: &VolumeRecord, node: &str, size: u64) -> Result<(), EtcdError> {
+/// What a record must say for `node` to open the volume from it: what the
+/// config's loader checks of a volume, and the store's size.
+fn check(
+    key: &str,
+    volume: &str,
+    record: &VolumeRecord,
+    node: &str,
+    size: u64,
+) -> Result<(), EtcdError> {
     let refuse = |what: String| {
         Err(EtcdError::Record {
             key: key.to_owned(),
@@ -387,8 +528,22 @@ fn check(key: &str, record: &VolumeRecord, node: &str, size: u64) -> Result<(), 
     if record.size != size {
         return refuse(format!("size {} where the config says {size}", record.size));
     }
+    if record.epoch == 0 {
+        return refuse("epochs start at 1".into());
+    }
     if record.replicas.contains_key(&record.primary) {
         return refuse(format!("{} is primary and replica", record.primary));
+    }
+    for (server, addr) in &record.replicas {
+        if let Err(e) = walship_engine::ReplicaId::new(volume, server) {
+            return refuse(format!("replica {server:?}: {e}"));
+        }
+        if let Err(e) = addr.parse::<std::net::SocketAddr>() {
+            return refuse(format!("replica {server} at {addr:?}: {e}"));
+        }
+    }
+    if let Err(e) = walship_engine::check_topology(record.commit_mode, record.replicas.len()) {
+        return refuse(e.to_string());
     }
     if record.primary != node && !record.replicas.contains_key(node) {
         return refuse(format!("it leaves out this node ({node})"));

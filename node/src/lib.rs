@@ -12,6 +12,7 @@ pub mod assignment;
 pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod fence;
 pub mod nbd;
 mod node;
 mod serving;
@@ -19,4 +20,5 @@ mod serving;
 pub use admin::{AdminClientError, AdminServer, AssignmentRequest, StatusReport};
 pub use assignment::{Applied, ReplicaEndpoint};
 pub use config::{ConfigError, NodeConfig, TuningSpec, VolumeSpec};
+pub use fence::WriteFence;
 pub use node::{Node, NodeError, VolumeReport};

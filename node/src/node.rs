@@ -9,6 +9,7 @@
 use crate::admin::AdminServer;
 use crate::assignment::{self, Applied, StartError};
 use crate::config::{ConfigError, NodeConfig, VolumeSpec};
+use crate::fence::WriteFence;
 use crate::nbd::{Export, Exports, NbdServer};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -148,6 +149,7 @@ impl Table {
 struct NodeExports {
     node: String,
     table: Arc<Table>,
+    fence: Arc<WriteFence>,
 }
 
 impl NodeExports {
@@ -161,6 +163,7 @@ impl NodeExports {
             volume: hosted.handle.clone(),
             size: hosted.spec.size,
             read_only: !primary,
+            fence: Arc::clone(&self.fence),
         })
     }
 }
@@ -230,6 +233,15 @@ impl Node {
     /// Starts every volume of `config`, the replication listener and the
     /// NBD server. Refuses a config the stores on disk contradict.
     pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        Self::start_fenced(config, Arc::new(WriteFence::open())).await
+    }
+
+    /// [`start`](Self::start), with NBD clients' writes acknowledged only
+    /// while `fence` allows them (a control plane's lease).
+    pub async fn start_fenced(
+        config: NodeConfig,
+        fence: Arc<WriteFence>,
+    ) -> Result<Arc<Self>, NodeError> {
         if config.admin.is_some() {
             // Before any actor registers a metric with the recorder.
             crate::admin::prometheus();
@@ -294,6 +306,7 @@ impl Node {
             let exports = Arc::new(NodeExports {
                 node: node.config.node.clone(),
                 table: Arc::clone(&node.table),
+                fence,
             });
             let started = match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => NbdServer::start(listener, exports),

@@ -148,6 +148,25 @@ impl Client {
         error
     }
 
+    /// A write and its reply's error; `None` when the connection failed
+    /// instead (the server closed it).
+    pub async fn try_write(&mut self, offset: u64, data: &[u8], flags: u16) -> Option<u32> {
+        let mut request = Vec::with_capacity(28 + data.len());
+        request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        request.extend_from_slice(&flags.to_be_bytes());
+        request.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        request.extend_from_slice(&7u64.to_be_bytes());
+        request.extend_from_slice(&offset.to_be_bytes());
+        request.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        request.extend_from_slice(data);
+        self.0.write_all(&request).await.ok()?;
+        let mut reply = [0u8; 16];
+        self.0.read_exact(&mut reply).await.ok()?;
+        assert_eq!(&reply[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&reply[8..], &7u64.to_be_bytes());
+        Some(u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]))
+    }
+
     pub async fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
         self.call(CMD_WRITE, flags, offset, data.len() as u32, data)
             .await

@@ -34,6 +34,9 @@ pub struct NodeProc {
     pub replication: u16,
     pub admin: u16,
     pub nbd: u16,
+    /// Arguments its `walship serve` gets after its config and data dir
+    /// (`--etcd URL`).
+    pub args: Vec<String>,
     pub child: Option<Child>,
 }
 
@@ -77,9 +80,6 @@ impl Default for VolumeOptions {
 pub struct NodeCluster {
     pub nodes: Vec<NodeProc>,
     pub volume: VolumeOptions,
-    /// Arguments every `walship serve` gets after its config and data dir
-    /// (`--etcd URL`).
-    pub serve_args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -93,12 +93,16 @@ impl NodeCluster {
     /// [`start`](Self::start) with `count` nodes (1 to 3): node1 is the
     /// primary, the others its replicas.
     pub async fn start_nodes(volume: VolumeOptions, count: usize) -> Self {
-        Self::start_with(volume, count, Vec::new()).await
+        Self::start_with(volume, count, |_| Vec::new()).await
     }
 
-    /// [`start_nodes`](Self::start_nodes), each `walship serve` with
-    /// `serve_args` too.
-    pub async fn start_with(volume: VolumeOptions, count: usize, serve_args: Vec<String>) -> Self {
+    /// [`start_nodes`](Self::start_nodes), each `walship serve` with the
+    /// arguments `args` gives for its name too.
+    pub async fn start_with(
+        volume: VolumeOptions,
+        count: usize,
+        args: impl Fn(&str) -> Vec<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let names = &["node1", "node2", "node3"][..count];
         // Every port bound at once, so no two are the same; released just
@@ -141,15 +145,11 @@ impl NodeCluster {
                 replication: *replication,
                 admin: *admin,
                 nbd: *nbd,
+                args: args(name),
                 child: None,
             });
         }
-        let mut cluster = Self {
-            nodes,
-            volume,
-            serve_args,
-            dir,
-        };
+        let mut cluster = Self { nodes, volume, dir };
         for i in 0..count {
             cluster.spawn(i);
         }
@@ -174,7 +174,7 @@ impl NodeCluster {
             .arg(&node.config)
             .arg("--data-dir")
             .arg(&node.data_dir)
-            .args(&self.serve_args)
+            .args(&node.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))

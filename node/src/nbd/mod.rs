@@ -20,6 +20,7 @@ mod handshake;
 mod proto;
 mod transmission;
 
+use crate::fence::WriteFence;
 use crate::serving::Serving;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct Export {
     pub size: u64,
     /// Whether writes are refused (`NBD_EPERM`).
     pub read_only: bool,
+    /// Whether the node may acknowledge writes now.
+    pub fence: Arc<WriteFence>,
 }
 
 /// What clients can open, asked at each handshake (so an export follows

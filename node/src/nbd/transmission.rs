@@ -226,8 +226,32 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     write.shutdown().await
 }
 
-/// Carries out one request; the data of a read, or the NBD error.
+/// Carries out one request; the data of a read, or the NBD error. A write
+/// (or flush) is acknowledged only while the node's write fence allows it,
+/// checked before and after: a node held to a lease it could not renew
+/// answers EIO, whatever the volume did.
 async fn carry_out(export: &Export, request: Request, data: Bytes) -> Result<Option<Bytes>, u32> {
+    let writes = !export.read_only
+        && matches!(
+            request.kind,
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH
+        );
+    let fenced = "this node's lease lapsed: writes are fenced";
+    if writes && !export.fence.allows() {
+        return refuse(export, request, EIO, fenced);
+    }
+    let done = carry_out_request(export, request, data).await;
+    if writes && done.is_ok() && !export.fence.allows() {
+        return refuse(export, request, EIO, fenced);
+    }
+    done
+}
+
+async fn carry_out_request(
+    export: &Export,
+    request: Request,
+    data: Bytes,
+) -> Result<Option<Bytes>, u32> {
     let Request {
         flags,
         kind,

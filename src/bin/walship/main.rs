@@ -49,8 +49,9 @@ enum Command {
         /// `--features etcd`.
         #[arg(long, value_delimiter = ',')]
         etcd: Vec<String>,
-        /// Time to live of the node's etcd lease, in milliseconds.
-        #[arg(long, default_value_t = 5000)]
+        /// Time to live of the node's etcd lease, in milliseconds (etcd
+        /// grants whole seconds, 2 s at least with its default settings).
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1000..))]
         etcd_lease_ms: u64,
     },
     /// Offline tools for a store directory (a volume's `store/`). They only

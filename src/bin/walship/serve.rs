@@ -45,9 +45,26 @@ pub async fn run(
     let descriptors = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let node = Node::start(config).await?;
     #[cfg(feature = "etcd")]
-    let plane = match plane {
+    let fence = plane.as_ref().map(|plane| plane.fence());
+    #[cfg(not(feature = "etcd"))]
+    let fence: Option<std::sync::Arc<walship::node::WriteFence>> = None;
+    let started = match fence {
+        Some(fence) => Node::start_fenced(config, fence).await,
+        None => Node::start(config).await,
+    };
+    let node = match started {
+        Ok(node) => node,
+        Err(e) => {
+            #[cfg(feature = "etcd")]
+            if let Some(plane) = plane {
+                plane.abandon().await;
+            }
+            return Err(e.into());
+        }
+    };
+    #[cfg(feature = "etcd")]
+    let mut plane = match plane {
         Some(plane) => match plane.run(std::sync::Arc::clone(&node)).await {
             Ok(running) => Some(running),
             Err(e) => {
@@ -66,16 +83,35 @@ pub async fn run(
         descriptors,
         "serving"
     );
-    let signal = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
+    // With etcd, the control plane ending on its own (a lost lease, a
+    // failed watch) stops the node too: unregistered and deaf to new
+    // assignments, it must not serve on as if it were in the cluster.
+    #[cfg(feature = "etcd")]
+    let plane_ended = async {
+        match plane.as_mut() {
+            Some(plane) => Some(plane.ended().await),
+            None => std::future::pending().await,
+        }
     };
-    tracing::info!(signal, "stopping");
+    #[cfg(not(feature = "etcd"))]
+    let plane_ended = std::future::pending::<Option<String>>();
+    let ended = tokio::select! {
+        _ = terminate.recv() => Err("SIGTERM"),
+        _ = interrupt.recv() => Err("SIGINT"),
+        why = plane_ended => Ok(why.unwrap_or_default()),
+    };
+    match &ended {
+        Err(signal) => tracing::info!(signal, "stopping"),
+        Ok(why) => tracing::error!(why, "etcd control plane ended: stopping"),
+    }
     #[cfg(feature = "etcd")]
     if let Some(plane) = plane {
         plane.stop().await;
     }
     node.stop().await;
     tracing::info!("stopped");
-    Ok(())
+    match ended {
+        Err(_) => Ok(()),
+        Ok(why) => anyhow::bail!("the etcd control plane ended: {why}"),
+    }
 }

@@ -1,0 +1,96 @@
+//! Whether this node may acknowledge writes at all: always, unless a
+//! control plane holds it to a lease (etcd). Then the node acknowledges a
+//! write only while its lease is certainly still alive at etcd, so that no
+//! other node can have been made primary meanwhile.
+//!
+//! The clock assumption: etcd expires a lease TTL after it *received* the
+//! last renewal, on its own clock; the node's deadline is TTL minus a
+//! margin after it *sent* that renewal, on its monotonic clock. The
+//! deadline comes first as long as the two clocks' rates differ by less
+//! than the margin over one TTL (a tenth of it here: far beyond the drift
+//! of real clocks; a VM paused longer than the margin is what breaks it,
+//! as it breaks every lease).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The deadline past which writes are refused.
+#[derive(Debug)]
+pub struct WriteFence {
+    origin: Instant,
+    /// Nanoseconds after `origin`; `u64::MAX`: no deadline.
+    until: AtomicU64,
+}
+
+impl Default for WriteFence {
+    fn default() -> Self {
+        Self::open()
+    }
+}
+
+impl WriteFence {
+    /// No deadline: the static control plane.
+    pub fn open() -> Self {
+        Self {
+            origin: Instant::now(),
+            until: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Holds writes to a lease: nothing is acknowledged until
+    /// [`renewed`](Self::renewed) says the lease is alive.
+    pub fn hold(&self) {
+        self.until.store(0, Ordering::Release);
+    }
+
+    /// A renewal sent at `sent` was granted `ttl`: writes may be
+    /// acknowledged until `sent + ttl - ttl / 10`. Never moves the
+    /// deadline back (a late answer to an older renewal).
+    pub fn renewed(&self, sent: Instant, ttl: Duration) {
+        let until = sent + ttl - ttl / 10;
+        let nanos = until.saturating_duration_since(self.origin).as_nanos() as u64;
+        self.until.fetch_max(nanos, Ordering::AcqRel);
+    }
+
+    /// Whether a write may be acknowledged now.
+    pub fn allows(&self) -> bool {
+        let now = self.origin.elapsed().as_nanos() as u64;
+        now < self.until.load(Ordering::Acquire)
+    }
+
+    /// How long writes remain allowed (zero when they are not).
+    pub fn remaining(&self) -> Duration {
+        let until = self.until.load(Ordering::Acquire);
+        if until == u64::MAX {
+            return Duration::MAX;
+        }
+        Duration::from_nanos(until.saturating_sub(self.origin.elapsed().as_nanos() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_fence_allows_writes_only_inside_a_renewal() {
+        let fence = WriteFence::open();
+        assert!(fence.allows());
+        fence.hold();
+        assert!(!fence.allows());
+        let sent = Instant::now();
+        fence.renewed(sent, Duration::from_secs(2));
+        assert!(fence.allows());
+        let left = fence.remaining();
+        assert!(left <= Duration::from_millis(1800), "{left:?}");
+        assert!(left > Duration::from_millis(1000), "{left:?}");
+        // An older renewal answered late does not shorten it.
+        fence.renewed(sent - Duration::from_secs(1), Duration::from_secs(2));
+        assert!(fence.remaining() > Duration::from_millis(1000));
+        // A renewal whose deadline already passed allows nothing.
+        let stale = WriteFence::open();
+        stale.hold();
+        stale.renewed(sent - Duration::from_secs(3), Duration::from_secs(2));
+        assert!(!stale.allows());
+    }
+}

@@ -1,0 +1,74 @@
+//! A TCP proxy the test controls: it forwards to a target until paused,
+//! then holds every byte (a partition, not a reset: connections stay open,
+//! nothing arrives either way).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// A running proxy; its tasks end when it is dropped.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    paused: Arc<watch::Sender<bool>>,
+    tasks: JoinSet<()>,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:<a free port> to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let paused = Arc::new(watch::channel(false).0);
+        let mut tasks = JoinSet::new();
+        let gate = Arc::clone(&paused);
+        tasks.spawn(async move {
+            let mut pumps = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                pumps.spawn(pump(client_read, server_write, gate.subscribe()));
+                pumps.spawn(pump(server_read, client_write, gate.subscribe()));
+            }
+        });
+        Self {
+            addr,
+            paused,
+            tasks,
+        }
+    }
+
+    /// Stops forwarding: what is read is held, nothing is written.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Held for good once paused.
+        if paused.wait_for(|paused| !*paused).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
