@@ -12,6 +12,8 @@ mod nbd_client;
 mod nodes;
 #[path = "support/proxy.rs"]
 mod proxy;
+#[path = "support/workload.rs"]
+mod workload;
 
 use etcd::Etcd;
 use nbd_client::*;
@@ -23,13 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::{Client, PutOptions};
-use walship::node::etcd::{node_key, volume_key, NodeRecord, VolumeRecord};
+use walship::node::etcd::{
+    decision_key, node_key, progress_key, volume_key, Decision, NodeRecord, ProgressRecord,
+    VolumeRecord,
+};
+use workload::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn nbd_addr(node: &nodes::NodeProc) -> SocketAddr {
-    format!("127.0.0.1:{}", node.nbd).parse().unwrap()
-}
 
 /// The value at `key` and its lease, if it is there.
 async fn get(client: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
@@ -59,7 +61,7 @@ async fn volume_record(client: &mut Client) -> VolumeRecord {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_come_from_the_config_once_and_a_primary_back_from_the_dead_takes_etcds_word() {
+async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_over_the_config() {
     let etcd = Etcd::start().await;
     let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
     let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
@@ -102,15 +104,8 @@ async fn records_come_from_the_config_once_and_a_primary_back_from_the_dead_take
         assert_eq!(writer.write(block * 4096, &data, FLAG_FUA).await, 0);
     }
 
-    // The primary dies (SIGKILL: its lease is not revoked, it expires).
-    cluster.kill(0).await;
-    assert!(
-        entry_gone(&etcd, "node1", Duration::from_secs(10)).await,
-        "node1's entry outlived its lease"
-    );
-
-    // A newer record moves the primary to node2 (the running nodes watch
-    // it), with node1 as a replica.
+    // A newer record moves the primary to node2, node1 running (so no
+    // controller acts): the nodes watch it, node1 steps down to a replica.
     let mut replicas = replica_addrs.clone();
     replicas.remove("node2");
     let moved = VolumeRecord {
@@ -138,9 +133,13 @@ async fn records_come_from_the_config_once_and_a_primary_back_from_the_dead_take
         cluster.log(1)
     );
 
-    // node1 restarts from its config and its own last assignment, which
-    // both say it is primary in epoch 1: etcd's record wins, read before
-    // any volume opens, and it comes back as node2's replica.
+    // node1 restarts from its config, which says it is primary in epoch
+    // 1: etcd's record wins, and it comes back as node2's replica. (A
+    // primary killed before it heard of a failover: the next test.)
+    assert!(cluster
+        .terminate(0, Duration::from_secs(20))
+        .await
+        .success());
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(20)).await;
     let volume = cluster.status(0).await["volumes"][0].clone();
@@ -239,6 +238,19 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
         }
         acked
     });
+    // node1 reports its replicas' progress.
+    let reported = within(Duration::from_secs(10), || async {
+        let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
+        let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+        (progress.replicas.len() == 2 && progress.replicas.values().all(|r| r.state == "in_sync"))
+            .then_some(progress)
+    })
+    .await;
+    assert!(
+        reported.is_some(),
+        "no progress report:\n{}",
+        cluster.log(0)
+    );
     // Some writes go through before the partition.
     let flowing = within(Duration::from_secs(10), || async {
         (count.load(Ordering::Relaxed) >= 20).then_some(())
@@ -277,6 +289,15 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
         last.saturating_duration_since(paused),
         expired - last
     );
+    // Only then is a replica promoted: no write was acknowledged by two
+    // primaries.
+    let decision = within(Duration::from_secs(30), || async {
+        let (value, _) = get(&mut client.clone(), &decision_key("test", "vol0")).await?;
+        serde_json::from_slice::<Decision>(&value).ok()
+    })
+    .await
+    .expect("no decision within 30 s");
+    assert!(decision.promoted.is_some(), "{decision:?}");
     // node1 stopped on its own, saying why.
     let mut node1 = cluster.nodes[0].child.take().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), node1.wait())
@@ -287,6 +308,91 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     let log = cluster.log(0);
     assert!(log.contains("not renewed within its time to live"), "{log}");
     for i in [1, 2] {
+        let status = cluster.terminate(i, Duration::from_secs(20)).await;
+        assert!(
+            status.success(),
+            "node{} exited {status}:\n{}",
+            i + 1,
+            cluster.log(i)
+        );
+    }
+}
+
+/// The primary is killed (SIGKILL) under a writing client. Its lease
+/// expires, the controller (on one of the replicas' nodes) promotes the
+/// best replica in epoch 2 with the old primary as its replica, and says
+/// so; every write acknowledged with FUA before the kill is on the new
+/// primary; the old primary restarts, rejoins as a replica, and the three
+/// exports end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_one() {
+    let etcd = Etcd::start().await;
+    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_blocks(
+        nbd_addr(&cluster.nodes[0]),
+        0..100_000,
+        true,
+        Arc::clone(&acked),
+    ));
+    wait_acked(&acked, 200, CLIENT).await;
+    cluster.kill(0).await;
+    let done = writer.await.unwrap();
+
+    // The controller's decision: a promotion, in etcd and in the status.
+    let mut client = etcd.client().await;
+    let decision = within(Duration::from_secs(30), || async {
+        let (value, _) = get(&mut client.clone(), &decision_key("test", "vol0")).await?;
+        serde_json::from_slice::<Decision>(&value).ok()
+    })
+    .await
+    .expect("no decision within 30 s");
+    assert_eq!(
+        (decision.epoch, decision.lost_primary.as_str()),
+        (1, "node1")
+    );
+    let promoted = decision
+        .promoted
+        .clone()
+        .unwrap_or_else(|| panic!("no replica promoted: {decision:?}"));
+    let new = cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == promoted)
+        .unwrap();
+    assert!(decision.rejected.is_empty(), "{decision:?}");
+    let record = volume_record(&mut client).await;
+    assert_eq!(
+        (record.epoch, record.primary.as_str()),
+        (2, promoted.as_str())
+    );
+    assert!(record.replicas.contains_key("node1"), "{record:?}");
+    let shown = within(Duration::from_secs(10), || async {
+        let volume = cluster.status(new).await["volumes"][0].clone();
+        (volume["role"] == "primary" && volume["control_decision"]["promoted"] == promoted.as_str())
+            .then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "{:#}", cluster.status(new).await);
+
+    // Every acknowledged write is on the new primary.
+    assert_blocks(nbd_addr(&cluster.nodes[new]), &done).await;
+
+    // The old primary comes back as a replica of epoch 2 and catches up
+    // (its unreplicated tail, if any, truncated at the divergence point).
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    let volume = cluster.status(0).await["volumes"][0].clone();
+    assert_eq!(volume["role"], "replica", "{volume:#}");
+    cluster.wait_converged_on(new, CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &done).await;
+    assert_replicas_identical(&cluster, new).await;
+    for i in 0..3 {
         assert!(cluster
             .terminate(i, Duration::from_secs(20))
             .await

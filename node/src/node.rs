@@ -200,6 +200,10 @@ pub struct VolumeReport {
     pub status: NodeStatus,
     /// The most recent recovery decisions, with their proofs (primaries).
     pub recent_recovery: Vec<RecoveryEvent>,
+    /// The control plane's last decision about the volume (a failover, or
+    /// why there was none), when it made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_decision: Option<serde_json::Value>,
 }
 
 /// Recovery events a report carries.
@@ -227,9 +231,20 @@ pub struct Node {
     /// lock for all its stores (which then hold no descriptor for one each).
     /// Released by the stop, after every store has closed.
     data_dir_lock: Mutex<Option<std::fs::File>>,
+    /// The control plane's last decision per volume, for the status.
+    control_decisions: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 impl Node {
+    /// Notes the control plane's decision about `volume` (a failover, or
+    /// why none), shown in its status.
+    pub fn note_control_decision(&self, volume: &str, decision: serde_json::Value) {
+        self.control_decisions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(volume.to_owned(), decision);
+    }
+
     /// Starts every volume of `config`, the replication listener and the
     /// NBD server. Refuses a config the stores on disk contradict.
     pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
@@ -269,6 +284,7 @@ impl Node {
             admin: Mutex::new(None),
             admin_addr: Mutex::new(None),
             data_dir_lock: Mutex::new(Some(data_dir_lock)),
+            control_decisions: Mutex::default(),
             config,
         };
         for spec in node.config.volumes.clone() {
@@ -501,6 +517,12 @@ impl Node {
             assignment: hosted.applied.clone(),
             status,
             recent_recovery,
+            control_decision: self
+                .control_decisions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&hosted.spec.name)
+                .cloned(),
         })
     }
 

@@ -8,6 +8,10 @@
 //!   others read it); from then on etcd wins over the config.
 //! - `nodes/<node>`: the node's addresses, under a lease the node keeps
 //!   alive: the key disappears when the node stops renewing it.
+//!   (`addresses/<node>`: its replication address, kept.)
+//! - `progress/<volume>`, `decisions/<volume>`, `controller`: the
+//!   primary's reports and the controller's decisions and election
+//!   ([`control`]).
 //!
 //! The lease also fences the node's writes ([`WriteFence`]): an NBD write
 //! or flush is acknowledged only while the last renewal etcd granted is
@@ -27,6 +31,13 @@
 /// The etcd client this module uses, for embedders and tests that talk to
 /// the same etcd.
 pub use etcd_client;
+
+mod control;
+
+pub use control::{
+    address_key, decision_key, progress_key, Decision, ProgressRecord, ReplicaProgress,
+    CONTROL_EVERY, PROGRESS_EVERY,
+};
 
 use crate::config::NodeConfig;
 use crate::fence::WriteFence;
@@ -146,6 +157,8 @@ pub struct ControlPlane {
     /// The revision the records were read at: the watch starts after it.
     revision: i64,
     lease: i64,
+    /// The lease's time to live, as granted.
+    ttl: Duration,
     fence: Arc<WriteFence>,
     keeping: Task,
 }
@@ -254,6 +267,7 @@ impl ControlPlane {
             cluster: config.cluster.clone(),
             revision,
             lease,
+            ttl,
             fence,
             keeping,
         })
@@ -282,6 +296,13 @@ impl ControlPlane {
         let value = serde_json::to_vec(&entry)?;
         let lease = Some(PutOptions::new().with_lease(self.lease));
         self.client.put(key, value, lease).await.map_err(failed)?;
+        // Kept after the lease: a controller puts a lost primary back as a
+        // replica at this address.
+        let address = address_key(&self.cluster, node.name());
+        self.client
+            .put(address, entry.replication.clone(), None)
+            .await
+            .map_err(failed)?;
         let watch_prefix = format!("{}volumes/", prefix(&self.cluster));
         let from = WatchOptions::new()
             .with_prefix()
@@ -291,12 +312,43 @@ impl ControlPlane {
             .watch(watch_prefix.as_str(), Some(from))
             .await
             .map_err(failed)?;
-        let watching = Task::spawn(|stopped| follow(node, records, watch_prefix, stopped));
+        let decisions_prefix = format!("{}decisions/", prefix(&self.cluster));
+        let decisions = self
+            .client
+            .watch(
+                decisions_prefix.as_str(),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(failed)?;
+        let watching = Task::spawn({
+            let node = Arc::clone(&node);
+            move |stopped| {
+                follow(
+                    node,
+                    (records, watch_prefix),
+                    (decisions, decisions_prefix),
+                    stopped,
+                )
+            }
+        });
+        let reporting = Task::spawn({
+            let (client, cluster, node) =
+                (self.client.clone(), self.cluster.clone(), Arc::clone(&node));
+            move |stopped| control::report(client, cluster, node, stopped)
+        });
+        let controlling = Task::spawn({
+            let (client, cluster) = (self.client.clone(), self.cluster.clone());
+            let (me, lease) = (node.name().to_owned(), (self.lease, self.ttl));
+            move |stopped| control::control(client, cluster, me, lease, stopped)
+        });
         Ok(Running {
             client: self.client,
             lease: self.lease,
             keeping: self.keeping,
             watching,
+            reporting,
+            controlling,
         })
     }
 }
@@ -355,6 +407,8 @@ pub struct Running {
     lease: i64,
     keeping: Task,
     watching: Task,
+    reporting: Task,
+    controlling: Task,
 }
 
 impl std::fmt::Debug for Running {
@@ -375,12 +429,15 @@ impl Running {
         tokio::select! {
             why = self.keeping.ended() => why,
             why = self.watching.ended() => why,
+            why = self.controlling.ended() => why,
         }
     }
 
     /// Stops watching and renewing, and revokes the node's lease (its
     /// entry goes at once, not a lease later).
     pub async fn stop(mut self) {
+        self.controlling.stop().await;
+        self.reporting.stop().await;
         self.watching.stop().await;
         self.keeping.stop().await;
         if let Err(e) = self.client.lease_revoke(self.lease).await {
@@ -437,16 +494,36 @@ async fn keep(
     }
 }
 
-/// Applies each record event of a hosted volume. Ends when the watch does.
+/// Applies each record event of a hosted volume, and notes each decision
+/// about one. Ends when a watch does.
 async fn follow(
     node: Arc<Node>,
-    mut records: etcd_client::WatchStream,
-    watch_prefix: String,
+    (mut records, watch_prefix): (etcd_client::WatchStream, String),
+    (mut decisions, decisions_prefix): (etcd_client::WatchStream, String),
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
     loop {
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            event = decisions.message() => match event {
+                Ok(Some(response)) if response.canceled() => {
+                    return Some("the watch of the decisions was canceled".into());
+                }
+                Ok(Some(response)) => {
+                    for kv in response.events().iter().filter_map(|e| e.kv()) {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let Some(volume) = key.strip_prefix(&decisions_prefix) else { continue };
+                        if node.volume(volume).is_none() {
+                            continue;
+                        }
+                        if let Ok(decision) = serde_json::from_slice(kv.value()) {
+                            node.note_control_decision(volume, decision);
+                        }
+                    }
+                }
+                Ok(None) => return Some("the watch of the decisions ended".into()),
+                Err(e) => return Some(format!("the watch of the decisions failed: {e}")),
+            },
             event = records.message() => match event {
                 Ok(Some(response)) if response.canceled() => {
                     return Some(format!(

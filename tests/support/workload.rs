@@ -1,0 +1,106 @@
+//! A block workload through NBD for the crash tests: blocks whose content
+//! names them, written one after the other with FUA, read back and
+//! compared across the nodes' exports.
+
+#![allow(dead_code)]
+
+use crate::nbd_client::*;
+use crate::nodes::{run_ok, NodeCluster, NodeProc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use walship::actors::testing::within;
+
+/// How long a client command may take.
+pub const CLIENT: Duration = Duration::from_secs(120);
+
+/// The content of block `i` as the crash tests write it.
+pub fn block_of(i: u64) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..4096u64)
+        .map(|j| (i.wrapping_mul(131) + j * 7) as u8)
+        .collect();
+    data[..8].copy_from_slice(&i.to_le_bytes());
+    data
+}
+
+/// Writes block `i` at block `i` for `i` in `range`, each with FUA when
+/// `fua`, one after the other, until the range ends or the connection
+/// fails; returns the blocks the server acknowledged (`acked` hears each
+/// as it is).
+pub async fn write_blocks(
+    addr: std::net::SocketAddr,
+    range: std::ops::Range<u64>,
+    fua: bool,
+    acked: Arc<AtomicU64>,
+) -> Vec<u64> {
+    let mut client = Haggle::connect(addr).await.go("vol0").await;
+    let mut done = Vec::new();
+    for i in range {
+        let data = block_of(i);
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let sent = tokio::time::timeout(Duration::from_secs(10), async {
+            client
+                .send(CMD_WRITE, flags, i, i * 4096, 4096, &data)
+                .await;
+            let magic = client.0.read_u32().await?;
+            let error = client.0.read_u32().await?;
+            let handle = client.0.read_u64().await?;
+            Ok::<_, std::io::Error>((magic, error, handle))
+        })
+        .await;
+        match sent {
+            Ok(Ok((SIMPLE_REPLY_MAGIC, 0, handle))) if handle == i => {
+                done.push(i);
+                acked.store(done.len() as u64, Ordering::SeqCst);
+            }
+            _ => break,
+        }
+    }
+    done
+}
+
+/// Every block in `blocks` reads back through `uri`'s export as written.
+pub async fn assert_blocks(addr: std::net::SocketAddr, blocks: &[u64]) {
+    let mut client = Haggle::connect(addr).await.go("vol0").await;
+    for &i in blocks {
+        let data = client.read(i * 4096, 4096).await.unwrap();
+        assert!(
+            data == block_of(i),
+            "block {i} lost or wrong after the crash"
+        );
+    }
+}
+
+/// Every replica's export equals the export of node `primary`.
+pub async fn assert_replicas_identical(cluster: &NodeCluster, primary: usize) {
+    let replicas = (0..3).filter(|&i| i != primary);
+    let primary = cluster.nodes[primary].uri("vol0");
+    for replica in replicas {
+        let uri = cluster.nodes[replica].uri("vol0");
+        let out = run_ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &primary, &uri],
+            CLIENT,
+        )
+        .await;
+        assert!(out.contains("Images are identical"), "{uri}: {out}");
+    }
+}
+
+pub fn nbd_addr(node: &NodeProc) -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", node.nbd).parse().unwrap()
+}
+
+/// Waits until `acked` reaches `at_least`.
+pub async fn wait_acked(acked: &AtomicU64, at_least: u64, limit: Duration) {
+    let reached = within(limit, || async {
+        (acked.load(Ordering::SeqCst) >= at_least).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{} writes acknowledged, wanted {at_least}",
+        acked.load(Ordering::SeqCst)
+    );
+}
