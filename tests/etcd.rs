@@ -53,6 +53,28 @@ async fn entry_gone(etcd: &Etcd, node: &str, limit: Duration) -> bool {
     .is_some()
 }
 
+/// etcd, and three nodes on it (2 s leases) with vol0 converged.
+async fn cluster_on_etcd() -> (Etcd, NodeCluster) {
+    let etcd = Etcd::start().await;
+    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+    let cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    (etcd, cluster)
+}
+
+/// The controller's decision about vol0, once there is one.
+async fn decision(etcd: &Etcd) -> Decision {
+    within(Duration::from_secs(30), || async {
+        let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
+        serde_json::from_slice::<Decision>(&value).ok()
+    })
+    .await
+    .expect("no decision within 30 s")
+}
+
 async fn volume_record(client: &mut Client) -> VolumeRecord {
     let (value, _) = get(client, &volume_key("test", "vol0"))
         .await
@@ -62,13 +84,7 @@ async fn volume_record(client: &mut Client) -> VolumeRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_over_the_config() {
-    let etcd = Etcd::start().await;
-    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
-    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
-        args.iter().map(|a| a.to_string()).collect()
-    })
-    .await;
-    cluster.wait_converged(CONVERGE).await;
+    let (etcd, mut cluster) = cluster_on_etcd().await;
     let mut client = etcd.client().await;
 
     // One record, from the config (the nodes raced to create it).
@@ -291,12 +307,7 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     );
     // Only then is a replica promoted: no write was acknowledged by two
     // primaries.
-    let decision = within(Duration::from_secs(30), || async {
-        let (value, _) = get(&mut client.clone(), &decision_key("test", "vol0")).await?;
-        serde_json::from_slice::<Decision>(&value).ok()
-    })
-    .await
-    .expect("no decision within 30 s");
+    let decision = decision(&etcd).await;
     assert!(decision.promoted.is_some(), "{decision:?}");
     // node1 stopped on its own, saying why.
     let mut node1 = cluster.nodes[0].child.take().unwrap();
@@ -326,13 +337,7 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
 /// exports end identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_one() {
-    let etcd = Etcd::start().await;
-    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
-    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
-        args.iter().map(|a| a.to_string()).collect()
-    })
-    .await;
-    cluster.wait_converged(CONVERGE).await;
+    let (etcd, mut cluster) = cluster_on_etcd().await;
     let acked = Arc::new(AtomicU64::new(0));
     let writer = tokio::spawn(write_blocks(
         nbd_addr(&cluster.nodes[0]),
@@ -346,12 +351,7 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
 
     // The controller's decision: a promotion, in etcd and in the status.
     let mut client = etcd.client().await;
-    let decision = within(Duration::from_secs(30), || async {
-        let (value, _) = get(&mut client.clone(), &decision_key("test", "vol0")).await?;
-        serde_json::from_slice::<Decision>(&value).ok()
-    })
-    .await
-    .expect("no decision within 30 s");
+    let decision = decision(&etcd).await;
     assert_eq!(
         (decision.epoch, decision.lost_primary.as_str()),
         (1, "node1")

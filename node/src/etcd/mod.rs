@@ -353,6 +353,10 @@ impl ControlPlane {
     }
 }
 
+/// How long a stop waits for a task or a revocation: etcd may be out of
+/// reach, which is often why the node is stopping.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// A task of the control plane: stopped on request, or ending on its own
 /// with the reason.
 #[derive(Debug)]
@@ -393,10 +397,14 @@ impl Task {
         }
     }
 
-    async fn stop(self) {
+    /// Stops it; a task still inside a request to an etcd it cannot reach
+    /// after [`STOP_GRACE`] is dropped there.
+    async fn stop(mut self) {
         self.stop.send_replace(true);
-        if let Err(e) = self.handle.await {
-            tracing::warn!(error = %e, "etcd task");
+        match tokio::time::timeout(STOP_GRACE, &mut self.handle).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "etcd task"),
+            Err(_) => self.handle.abort(),
         }
     }
 }
@@ -440,8 +448,9 @@ impl Running {
         self.reporting.stop().await;
         self.watching.stop().await;
         self.keeping.stop().await;
-        if let Err(e) = self.client.lease_revoke(self.lease).await {
-            tracing::warn!(error = %e, lease = self.lease, "etcd: lease not revoked (it expires)");
+        let revoked = tokio::time::timeout(STOP_GRACE, self.client.lease_revoke(self.lease)).await;
+        if !matches!(revoked, Ok(Ok(_))) {
+            tracing::warn!(lease = self.lease, "etcd: lease not revoked (it expires)");
         }
     }
 }
@@ -450,7 +459,7 @@ impl ControlPlane {
     /// Gives up before the node ran: stops renewing and revokes the lease.
     pub async fn abandon(mut self) {
         self.keeping.stop().await;
-        let _ = self.client.lease_revoke(self.lease).await;
+        let _ = tokio::time::timeout(STOP_GRACE, self.client.lease_revoke(self.lease)).await;
     }
 }
 
