@@ -371,7 +371,10 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
         (record.epoch, record.primary.as_str()),
         (2, promoted.as_str())
     );
-    assert!(record.replicas.contains_key("node1"), "{record:?}");
+    // The lost primary waits outside the replicas: under sync_all a
+    // replica away would stop every commit.
+    assert!(!record.replicas.contains_key("node1"), "{record:?}");
+    assert!(record.departed.contains_key("node1"), "{record:?}");
     let shown = within(Duration::from_secs(10), || async {
         let volume = cluster.status(new).await["volumes"][0].clone();
         (volume["role"] == "primary" && volume["control_decision"]["promoted"] == promoted.as_str())
@@ -380,17 +383,30 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     .await;
     assert!(shown.is_some(), "{:#}", cluster.status(new).await);
 
-    // Every acknowledged write is on the new primary.
+    // Every acknowledged write is on the new primary, and the client,
+    // reconnected there, writes on (FUA, sync_all) with node1 still down.
     assert_blocks(nbd_addr(&cluster.nodes[new]), &done).await;
+    let more = write_blocks(
+        nbd_addr(&cluster.nodes[new]),
+        10_000..10_200,
+        true,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await;
+    assert_eq!(more.len(), 200, "the new primary did not take writes");
 
-    // The old primary comes back as a replica of epoch 2 and catches up
-    // (its unreplicated tail, if any, truncated at the divergence point).
+    // The old primary comes back as a replica, is added back in epoch 3,
+    // and catches up (its unreplicated tail, if any, truncated at the
+    // divergence point).
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(20)).await;
     let volume = cluster.status(0).await["volumes"][0].clone();
     assert_eq!(volume["role"], "replica", "{volume:#}");
     cluster.wait_converged_on(new, CONVERGE).await;
-    assert_blocks(nbd_addr(&cluster.nodes[0]), &done).await;
+    let record = volume_record(&mut client).await;
+    assert_eq!(record.epoch, 3, "{record:?}");
+    assert!(record.replicas.contains_key("node1"), "{record:?}");
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &[done, more].concat()).await;
     assert_replicas_identical(&cluster, new).await;
     for i in 0..3 {
         assert!(cluster

@@ -193,6 +193,13 @@ async fn route(node: &Node, request: Request<Incoming>) -> Response<Full<Bytes>>
             Err(e) => refusal(&e),
         },
         (&Method::POST, ["volumes", name, "assignment"]) => {
+            if let Some(plane) = node.control_plane() {
+                // Two sources of epochs would give two primaries one epoch.
+                return text(
+                    StatusCode::CONFLICT,
+                    format!("assignments come from {plane} on this node\n"),
+                );
+            }
             let name = (*name).to_owned();
             let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
                 Ok(body) => body.to_bytes(),

@@ -11,7 +11,7 @@
 //! of real clocks; a VM paused longer than the margin is what breaks it,
 //! as it breaks every lease).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The deadline past which writes are refused.
@@ -20,6 +20,8 @@ pub struct WriteFence {
     origin: Instant,
     /// Nanoseconds after `origin`; `u64::MAX`: no deadline.
     until: AtomicU64,
+    /// Closed for good: the lease is being given up.
+    closed: AtomicBool,
 }
 
 impl Default for WriteFence {
@@ -34,6 +36,7 @@ impl WriteFence {
         Self {
             origin: Instant::now(),
             until: AtomicU64::new(u64::MAX),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -52,8 +55,18 @@ impl WriteFence {
         self.until.fetch_max(nanos, Ordering::AcqRel);
     }
 
+    /// Closes the fence for good, before the lease is given up (a revoked
+    /// lease lets another node be made primary at once); no renewal
+    /// reopens it.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// Whether a write may be acknowledged now.
     pub fn allows(&self) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
         let now = self.origin.elapsed().as_nanos() as u64;
         now < self.until.load(Ordering::Acquire)
     }
@@ -61,6 +74,9 @@ impl WriteFence {
     /// How long writes remain allowed (zero when they are not).
     pub fn remaining(&self) -> Duration {
         let until = self.until.load(Ordering::Acquire);
+        if self.closed.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
         if until == u64::MAX {
             return Duration::MAX;
         }
@@ -92,5 +108,10 @@ mod tests {
         stale.hold();
         stale.renewed(sent - Duration::from_secs(3), Duration::from_secs(2));
         assert!(!stale.allows());
+        // Closed for good: a renewal does not reopen it.
+        fence.close();
+        assert!(!fence.allows());
+        fence.renewed(Instant::now(), Duration::from_secs(2));
+        assert!(!fence.allows());
     }
 }

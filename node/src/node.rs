@@ -233,9 +233,29 @@ pub struct Node {
     data_dir_lock: Mutex<Option<std::fs::File>>,
     /// The control plane's last decision per volume, for the status.
     control_decisions: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// The control plane assignments come from, when not this node's
+    /// config and admin API (`etcd`).
+    control_plane: Mutex<Option<String>>,
 }
 
 impl Node {
+    /// Says that assignments come from `plane` (`etcd at URL`): the admin
+    /// API's POST is refused from then on.
+    pub fn set_control_plane(&self, plane: String) {
+        *self
+            .control_plane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(plane);
+    }
+
+    /// Where assignments come from, when not the admin API.
+    pub fn control_plane(&self) -> Option<String> {
+        self.control_plane
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Notes the control plane's decision about `volume` (a failover, or
     /// why none), shown in its status.
     pub fn note_control_decision(&self, volume: &str, decision: serde_json::Value) {
@@ -285,6 +305,7 @@ impl Node {
             admin_addr: Mutex::new(None),
             data_dir_lock: Mutex::new(Some(data_dir_lock)),
             control_decisions: Mutex::default(),
+            control_plane: Mutex::default(),
             config,
         };
         for spec in node.config.volumes.clone() {

@@ -25,9 +25,9 @@
 //! sync_quorum a replica that fell behind after the last report may look
 //! eligible.
 
-use super::{parse, prefix, volume_key, VolumeRecord};
+use super::{node_key, parse, prefix, volume_key, VolumeRecord};
 use crate::node::Node;
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -167,13 +167,16 @@ pub(super) async fn control(
     // A campaign waits until this node leads; the client's request timeout
     // cuts each wait short, and the node campaigns again (on the same
     // lease: the same candidacy). Losing the lease ends the node anyway.
-    loop {
+    let leader = loop {
         let elected = tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             elected = client.campaign(election.as_str(), me.as_str(), lease) => elected,
         };
         match elected {
-            Ok(_) => break,
+            Ok(elected) => match elected.leader() {
+                Some(leader) => break (leader.key().to_vec(), leader.rev()),
+                None => return Some("controller election: elected without a leader key".into()),
+            },
             Err(e) => {
                 tracing::debug!(error = %e, "etcd: controller campaign: again");
                 tokio::select! {
@@ -182,7 +185,7 @@ pub(super) async fn control(
                 }
             }
         }
-    }
+    };
     tracing::info!(controller = %me, "etcd: elected controller");
     let mut every = tokio::time::interval(CONTROL_EVERY);
     let mut nodes = Liveness {
@@ -195,7 +198,7 @@ pub(super) async fn control(
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             _ = every.tick() => {}
         }
-        if let Err(e) = look(&mut client, &cluster, &me, &mut nodes).await {
+        if let Err(e) = look(&mut client, &cluster, &me, &leader, &mut nodes).await {
             tracing::warn!(error = %e, "etcd: controller pass failed");
         }
     }
@@ -237,6 +240,7 @@ async fn look(
     client: &mut Client,
     cluster: &str,
     me: &str,
+    leader: &Leader,
     nodes: &mut Liveness,
 ) -> Result<(), etcd_client::Error> {
     let nodes_prefix = format!("{}nodes/", prefix(cluster));
@@ -275,19 +279,29 @@ async fn look(
         let Ok(record) = parse(&key, kv.value()) else {
             continue;
         };
+        if let Some((back, _)) = record
+            .departed
+            .iter()
+            .find(|(node, _)| live.contains(*node))
+        {
+            let back = back.clone();
+            readmit(
+                client,
+                cluster,
+                leader,
+                volume,
+                record,
+                kv.mod_revision(),
+                &back,
+            )
+            .await?;
+            continue;
+        }
         if !nodes.lost(&record.primary, &live) {
             continue;
         }
-        failover(
-            client,
-            cluster,
-            me,
-            volume,
-            record,
-            kv.mod_revision(),
-            &live,
-        )
-        .await?;
+        let at = (kv.mod_revision(), leader);
+        failover(client, cluster, me, volume, record, at, &live).await?;
     }
     Ok(())
 }
@@ -300,7 +314,7 @@ async fn failover(
     me: &str,
     volume: &str,
     record: VolumeRecord,
-    revision: i64,
+    (revision, leader): (i64, &Leader),
     live: &BTreeSet<String>,
 ) -> Result<(), etcd_client::Error> {
     let progress: Option<ProgressRecord> = client
@@ -364,13 +378,14 @@ async fn failover(
         if !same {
             tracing::warn!(volume, epoch = record.epoch, reasons = ?decision.rejected,
                 "etcd controller: no eligible replica; the volume stays down");
-            client
-                .put(
+            let txn = Txn::new()
+                .when([still_leader(leader)])
+                .and_then([TxnOp::put(
                     decision_key(cluster, volume),
                     decision_value,
-                    None::<PutOptions>,
-                )
-                .await?;
+                    None,
+                )]);
+            client.txn(txn).await?;
         }
         return Ok(());
     };
@@ -382,9 +397,12 @@ async fn failover(
         .kvs()
         .first()
         .and_then(|kv| kv.value_str().ok().map(str::to_owned));
+    // The lost primary waits outside the replicas until it is back (under
+    // sync_all a replica away stops every commit).
+    let mut departed = record.departed.clone();
     match lost_at {
         Some(addr) => {
-            replicas.insert(record.primary.clone(), addr);
+            departed.insert(record.primary.clone(), addr);
         }
         None => tracing::warn!(volume, lost = %record.primary,
             "etcd controller: the lost primary's address is unknown; it is left out"),
@@ -393,17 +411,21 @@ async fn failover(
         epoch: record.epoch + 1,
         primary: next_primary.clone(),
         replicas,
+        departed,
         ..record
     };
     let Ok(next_value) = serde_json::to_vec(&next) else {
         return Ok(());
     };
+    // Holds only if the record is as read, the primary still unregistered,
+    // and this node still the controller: a stale controller's fails.
+    let lost_key = node_key(cluster, &decision.lost_primary);
     let txn = Txn::new()
-        .when([Compare::mod_revision(
-            key.as_str(),
-            CompareOp::Equal,
-            revision,
-        )])
+        .when([
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+            Compare::create_revision(lost_key, CompareOp::Equal, 0),
+            still_leader(leader),
+        ])
         .and_then([
             TxnOp::put(key.as_str(), next_value, None),
             TxnOp::put(decision_key(cluster, volume), decision_value, None),
@@ -416,6 +438,53 @@ async fn failover(
         tracing::info!(
             volume,
             "etcd controller: the record changed meanwhile; not promoted"
+        );
+    }
+    Ok(())
+}
+
+/// This controller's election key and its revision.
+type Leader = (Vec<u8>, i64);
+
+/// The compare that holds while this node is still the controller.
+fn still_leader((key, rev): &Leader) -> Compare {
+    Compare::create_revision(key.clone(), CompareOp::Equal, *rev)
+}
+
+/// Adds `back`, a lost primary registered again, to the replicas in the
+/// next epoch: the primary connects to it and brings it in sync (its
+/// unreplicated tail truncated at the divergence point).
+async fn readmit(
+    client: &mut Client,
+    cluster: &str,
+    leader: &Leader,
+    volume: &str,
+    record: VolumeRecord,
+    revision: i64,
+    back: &str,
+) -> Result<(), etcd_client::Error> {
+    let mut next = record;
+    let Some(addr) = next.departed.remove(back) else {
+        return Ok(());
+    };
+    next.replicas.insert(back.to_owned(), addr);
+    next.epoch += 1;
+    let Ok(value) = serde_json::to_vec(&next) else {
+        return Ok(());
+    };
+    let key = volume_key(cluster, volume);
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+            still_leader(leader),
+        ])
+        .and_then([TxnOp::put(key.as_str(), value, None)]);
+    if client.txn(txn).await?.succeeded() {
+        tracing::info!(
+            volume,
+            epoch = next.epoch,
+            node = back,
+            "etcd controller: added back as a replica"
         );
     }
     Ok(())

@@ -69,6 +69,12 @@ pub struct VolumeRecord {
     pub size: u64,
     /// Replicas: node name → that node's replication address.
     pub replicas: BTreeMap<String, String>,
+    /// Lost primaries waiting to come back (node → replication address):
+    /// left out of the replicas, which under sync_all would stop every
+    /// commit until they return; the controller adds each back, in a new
+    /// epoch, once it registers again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub departed: BTreeMap<String, String>,
 }
 
 impl VolumeRecord {
@@ -201,6 +207,7 @@ impl ControlPlane {
                 commit_mode: spec.commit_mode,
                 size: spec.size,
                 replicas: spec.replicas.clone(),
+                departed: BTreeMap::new(),
             };
             let value = serde_json::to_vec(&from_config)?;
             // Written only if nobody wrote it first; read otherwise.
@@ -224,7 +231,15 @@ impl ControlPlane {
                     what: "exists but could not be read".into(),
                 });
             };
-            let record = parse(&key, &stored)?;
+            let mut record = parse(&key, &stored)?;
+            if let Some(addr) = record.departed.get(&config.node).cloned() {
+                // A lost primary back: it opens as a replica of the current
+                // primary, which connects to it once the controller adds it
+                // back in the next epoch.
+                tracing::info!(volume = %spec.name, epoch = record.epoch, primary = %record.primary,
+                    "etcd: this node lost the primary's seat; back as a replica, waiting to be added");
+                record.replicas.insert(config.node.clone(), addr);
+            }
             check(&key, &spec.name, &record, &config.node, spec.size)?;
             if record != from_config {
                 tracing::info!(volume = %spec.name, epoch = record.epoch,
@@ -261,6 +276,23 @@ impl ControlPlane {
         let renewals = client.lease_keep_alive(lease).await.map_err(failed)?;
         let keeping =
             Task::spawn(|stopped| keep(lease, ttl, renewals, Arc::clone(&fence), stopped));
+        // Registered before any volume opens: a controller must never take
+        // a node that is starting (and about to serve) for a lost one.
+        let entry = NodeRecord {
+            replication: config.replication.to_string(),
+            admin: config.admin.map(|a| a.to_string()),
+            nbd: config.nbd.map(|a| a.to_string()),
+        };
+        let value = serde_json::to_vec(&entry)?;
+        let with_lease = Some(PutOptions::new().with_lease(lease));
+        let key = node_key(&config.cluster, &config.node);
+        client.put(key, value, with_lease).await.map_err(failed)?;
+        // Kept after the lease: a lost primary is added back at it.
+        let address = address_key(&config.cluster, &config.node);
+        client
+            .put(address, entry.replication, None)
+            .await
+            .map_err(failed)?;
         Ok(Self {
             client,
             options,
@@ -287,22 +319,6 @@ impl ControlPlane {
             endpoints: self.options.endpoints.join(","),
             source,
         };
-        let entry = NodeRecord {
-            replication: node.replication_addr().to_string(),
-            admin: node.admin_addr().map(|a| a.to_string()),
-            nbd: node.nbd_addr().map(|a| a.to_string()),
-        };
-        let key = node_key(&self.cluster, node.name());
-        let value = serde_json::to_vec(&entry)?;
-        let lease = Some(PutOptions::new().with_lease(self.lease));
-        self.client.put(key, value, lease).await.map_err(failed)?;
-        // Kept after the lease: a controller puts a lost primary back as a
-        // replica at this address.
-        let address = address_key(&self.cluster, node.name());
-        self.client
-            .put(address, entry.replication.clone(), None)
-            .await
-            .map_err(failed)?;
         let watch_prefix = format!("{}volumes/", prefix(&self.cluster));
         let from = WatchOptions::new()
             .with_prefix()
@@ -342,9 +358,11 @@ impl ControlPlane {
             let (me, lease) = (node.name().to_owned(), (self.lease, self.ttl));
             move |stopped| control::control(client, cluster, me, lease, stopped)
         });
+        node.set_control_plane(format!("etcd at {}", self.options.endpoints.join(",")));
         Ok(Running {
             client: self.client,
             lease: self.lease,
+            fence: self.fence,
             keeping: self.keeping,
             watching,
             reporting,
@@ -364,6 +382,13 @@ struct Task {
     stop: watch::Sender<bool>,
     handle: JoinHandle<()>,
     ended: watch::Receiver<Option<String>>,
+}
+
+impl Drop for Task {
+    /// A task not stopped (a failed start) does not outlive its owner.
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
 }
 
 impl Task {
@@ -413,6 +438,7 @@ impl Task {
 pub struct Running {
     client: Client,
     lease: i64,
+    fence: Arc<WriteFence>,
     keeping: Task,
     watching: Task,
     reporting: Task,
@@ -444,6 +470,9 @@ impl Running {
     /// Stops watching and renewing, and revokes the node's lease (its
     /// entry goes at once, not a lease later).
     pub async fn stop(mut self) {
+        // No write acknowledged once the lease may be gone: a revoked
+        // lease lets the controller promote another node at once.
+        self.fence.close();
         self.controlling.stop().await;
         self.reporting.stop().await;
         self.watching.stop().await;
@@ -458,6 +487,7 @@ impl Running {
 impl ControlPlane {
     /// Gives up before the node ran: stops renewing and revokes the lease.
     pub async fn abandon(mut self) {
+        self.fence.close();
         self.keeping.stop().await;
         let _ = tokio::time::timeout(STOP_GRACE, self.client.lease_revoke(self.lease)).await;
     }
