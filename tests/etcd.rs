@@ -152,10 +152,7 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     // node1 restarts from its config, which says it is primary in epoch
     // 1: etcd's record wins, and it comes back as node2's replica. (A
     // primary killed before it heard of a failover: the next test.)
-    assert!(cluster
-        .terminate(0, Duration::from_secs(20))
-        .await
-        .success());
+    cluster.stop_cleanly(&[0]).await;
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(20)).await;
     let volume = cluster.status(0).await["volumes"][0].clone();
@@ -179,10 +176,7 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
 
     // A node that stops revokes its lease: its entry goes at once (its
     // lease, renewed every third of 2 s, had over a second left).
-    assert!(cluster
-        .terminate(2, Duration::from_secs(20))
-        .await
-        .success());
+    cluster.stop_cleanly(&[2]).await;
     assert!(
         entry_gone(&etcd, "node3", Duration::from_millis(500)).await,
         "node3's entry outlived its stop"
@@ -318,15 +312,7 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     assert!(!status.success());
     let log = cluster.log(0);
     assert!(log.contains("not renewed within its time to live"), "{log}");
-    for i in [1, 2] {
-        let status = cluster.terminate(i, Duration::from_secs(20)).await;
-        assert!(
-            status.success(),
-            "node{} exited {status}:\n{}",
-            i + 1,
-            cluster.log(i)
-        );
-    }
+    cluster.stop_cleanly(&[1, 2]).await;
 }
 
 /// The primary is killed (SIGKILL) under a writing client. Its lease
@@ -408,10 +394,5 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     assert!(record.replicas.contains_key("node1"), "{record:?}");
     assert_blocks(nbd_addr(&cluster.nodes[0]), &[done, more].concat()).await;
     assert_replicas_identical(&cluster, new).await;
-    for i in 0..3 {
-        assert!(cluster
-            .terminate(i, Duration::from_secs(20))
-            .await
-            .success());
-    }
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }

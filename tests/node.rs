@@ -164,15 +164,7 @@ async fn real_clients_write_through_the_primary_and_every_replica_compares_ident
     );
 
     // SIGTERM: each node answers what it was asked, stops, and exits 0.
-    for i in [0, 1, 2] {
-        let status = cluster.terminate(i, Duration::from_secs(20)).await;
-        assert!(
-            status.success(),
-            "node{} exited with {status}:\n{}",
-            i + 1,
-            cluster.log(i)
-        );
-    }
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,12 +206,7 @@ async fn the_primary_killed_mid_write_restarts_with_every_acknowledged_write_on_
     cluster.wait_converged(CONVERGE).await;
     assert_blocks(addr, &done).await;
     assert_replicas_identical(&cluster, 0).await;
-    for i in [0, 1, 2] {
-        assert!(cluster
-            .terminate(i, Duration::from_secs(20))
-            .await
-            .success());
-    }
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
 /// sync_quorum, so writes commit (and FUA is acknowledged) while one
@@ -426,10 +413,5 @@ async fn failover_by_assignment_keeps_every_acknowledged_write_and_the_old_prima
     cluster.wait_converged_on(1, CONVERGE).await;
     assert_blocks(node2, &[before, after].concat()).await;
     assert_replicas_identical(&cluster, 1).await;
-    for i in [0, 1, 2] {
-        assert!(cluster
-            .terminate(i, Duration::from_secs(20))
-            .await
-            .success());
-    }
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }

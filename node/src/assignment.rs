@@ -119,6 +119,32 @@ impl Applied {
         next
     }
 
+    /// What `node` refuses of an assignment of `volume` before anything is
+    /// persisted: what the engine would refuse, and one that leaves `node`
+    /// out. (The config's loader checks the same of each volume, with the
+    /// line of the key at fault.)
+    pub fn check(&self, volume: &str, node: &str) -> Result<(), String> {
+        if self.epoch == 0 {
+            return Err("epochs start at 1".into());
+        }
+        if self.replicas.contains_key(&self.primary) {
+            return Err(format!("{} cannot be primary and replica", self.primary));
+        }
+        if !self.is_primary(node) && !self.replicas.contains_key(node) {
+            return Err(format!("it leaves out this node ({node})"));
+        }
+        for (server, endpoint) in &self.replicas {
+            if let Err(e) = endpoint.addr.parse::<std::net::SocketAddr>() {
+                return Err(format!("replica {server} at {:?}: {e}", endpoint.addr));
+            }
+        }
+        walship_engine::check_topology(self.commit_mode, self.replicas.len())
+            .map_err(|e| e.to_string())?;
+        self.engine(volume)
+            .map(|_| ())
+            .map_err(|e| format!("replica id: {e}"))
+    }
+
     /// Whether `node` is the primary.
     pub fn is_primary(&self, node: &str) -> bool {
         self.primary == node

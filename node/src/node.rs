@@ -492,6 +492,22 @@ impl Node {
         self.table.get(name).map(|hosted| hosted.handle)
     }
 
+    /// Each volume this node is primary for: its name, the epoch it is
+    /// primary in, and its runtime status (no recovery log, unlike
+    /// [`report`](Self::report): the control plane asks every 250 ms).
+    pub async fn primary_statuses(&self) -> Vec<(String, u64, NodeStatus)> {
+        let mut statuses = Vec::new();
+        for hosted in self.table.all() {
+            if !hosted.applied.is_primary(&self.config.node) {
+                continue;
+            }
+            if let Ok(status) = hosted.handle.status().await {
+                statuses.push((hosted.spec.name.clone(), hosted.applied.epoch, status));
+            }
+        }
+        statuses
+    }
+
     /// Every volume's state.
     pub async fn report(&self) -> Vec<VolumeReport> {
         let mut reports = Vec::new();
@@ -568,24 +584,7 @@ impl Node {
             volume: name.into(),
             what,
         };
-        if next.replicas.contains_key(&next.primary) {
-            return Err(bad(format!(
-                "{} cannot be primary and replica",
-                next.primary
-            )));
-        }
-        if !next.is_primary(node) && !next.replicas.contains_key(node) {
-            return Err(bad(format!("it leaves out this node ({node})")));
-        }
-        for (server, endpoint) in &next.replicas {
-            if let Err(e) = endpoint.addr.parse::<SocketAddr>() {
-                return Err(bad(format!("replica {server} at {:?}: {e}", endpoint.addr)));
-            }
-        }
-        // What the engine would refuse is refused before anything is
-        // persisted.
-        walship_engine::check_topology(next.commit_mode, next.replicas.len())
-            .map_err(|e| bad(e.to_string()))?;
+        next.check(name, node).map_err(bad)?;
         let next = hosted.applied.successor(next);
         let engine = next
             .engine(name)

@@ -315,6 +315,19 @@ impl NodeCluster {
         }
     }
 
+    /// SIGTERM to each of `nodes`; each must stop and exit 0.
+    pub async fn stop_cleanly(&mut self, nodes: &[usize]) {
+        for &i in nodes {
+            let status = self.terminate(i, Duration::from_secs(20)).await;
+            assert!(
+                status.success(),
+                "{} exited with {status}:\n{}",
+                self.nodes[i].name,
+                self.log(i)
+            );
+        }
+    }
+
     /// SIGKILL to node `i`; returns once it is gone.
     pub async fn kill(&mut self, i: usize) {
         let mut child = self.nodes[i].child.take().expect("running");

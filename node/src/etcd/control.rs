@@ -112,12 +112,12 @@ pub(super) async fn report(
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             _ = every.tick() => {}
         }
-        for volume in node.report().await {
-            let NodeStatus::Primary(status) = &volume.status else {
+        for (name, epoch, status) in node.primary_statuses().await {
+            let NodeStatus::Primary(status) = &status else {
                 continue;
             };
             let progress = ProgressRecord {
-                epoch: volume.assignment.epoch,
+                epoch,
                 primary: node.name().to_owned(),
                 committed: status.registry.history.committed.get(),
                 replicas: status
@@ -133,21 +133,18 @@ pub(super) async fn report(
                     })
                     .collect(),
             };
-            if last.get(&volume.name) == Some(&progress) {
+            if last.get(&name) == Some(&progress) {
                 continue;
             }
             let Ok(value) = serde_json::to_vec(&progress) else {
                 continue;
             };
-            match client
-                .put(progress_key(&cluster, &volume.name), value, None)
-                .await
-            {
+            match client.put(progress_key(&cluster, &name), value, None).await {
                 Ok(_) => {
-                    last.insert(volume.name.clone(), progress);
+                    last.insert(name.clone(), progress);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, volume = %volume.name, "etcd: progress not written")
+                    tracing::warn!(error = %e, volume = %name, "etcd: progress not written")
                 }
             }
         }

@@ -644,25 +644,5 @@ fn check(
     if record.size != size {
         return refuse(format!("size {} where the config says {size}", record.size));
     }
-    if record.epoch == 0 {
-        return refuse("epochs start at 1".into());
-    }
-    if record.replicas.contains_key(&record.primary) {
-        return refuse(format!("{} is primary and replica", record.primary));
-    }
-    for (server, addr) in &record.replicas {
-        if let Err(e) = walship_engine::ReplicaId::new(volume, server) {
-            return refuse(format!("replica {server:?}: {e}"));
-        }
-        if let Err(e) = addr.parse::<std::net::SocketAddr>() {
-            return refuse(format!("replica {server} at {addr:?}: {e}"));
-        }
-    }
-    if let Err(e) = walship_engine::check_topology(record.commit_mode, record.replicas.len()) {
-        return refuse(e.to_string());
-    }
-    if record.primary != node && !record.replicas.contains_key(node) {
-        return refuse(format!("it leaves out this node ({node})"));
-    }
-    Ok(())
+    record.applied().check(volume, node).or_else(refuse)
 }
