@@ -27,7 +27,7 @@ use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::{Client, PutOptions};
 use walship::node::etcd::{
     decision_key, node_key, progress_key, volume_key, Decision, NodeRecord, ProgressRecord,
-    VolumeRecord,
+    VolumeRecord, FAILPOINT_ENV,
 };
 use workload::*;
 
@@ -55,12 +55,15 @@ async fn entry_gone(etcd: &Etcd, node: &str, limit: Duration) -> bool {
 
 /// etcd, and three nodes on it (2 s leases) with vol0 converged.
 async fn cluster_on_etcd() -> (Etcd, NodeCluster) {
+    cluster_on_etcd_with(VolumeOptions::default()).await
+}
+
+/// [`cluster_on_etcd`] with `volume`.
+async fn cluster_on_etcd_with(volume: VolumeOptions) -> (Etcd, NodeCluster) {
     let etcd = Etcd::start().await;
     let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
-    let cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
-        args.iter().map(|a| a.to_string()).collect()
-    })
-    .await;
+    let cluster =
+        NodeCluster::start_with(volume, 3, |_| args.iter().map(|a| a.to_string()).collect()).await;
     cluster.wait_converged(CONVERGE).await;
     (etcd, cluster)
 }
@@ -73,6 +76,26 @@ async fn decision(etcd: &Etcd) -> Decision {
     })
     .await
     .expect("no decision within 30 s")
+}
+
+/// Waits until node `primary` has reported to etcd both replicas in sync
+/// and everything it holds committed: what a controller judges by if it
+/// dies next (a primary killed within a report's time of a change leaves
+/// an older report, by which its replicas may not be eligible).
+async fn wait_reported_in_sync(etcd: &Etcd, cluster: &NodeCluster, primary: usize) {
+    let head = cluster.status(primary).await["volumes"][0]["status"]["head"]
+        .as_u64()
+        .unwrap();
+    let reported = within(Duration::from_secs(10), || async {
+        let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
+        let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+        let synced = progress.committed >= head
+            && progress.replicas.len() == 2
+            && progress.replicas.values().all(|r| r.state == "in_sync");
+        synced.then_some(())
+    })
+    .await;
+    assert!(reported.is_some(), "{}", cluster.log(primary));
 }
 
 async fn volume_record(client: &mut Client) -> VolumeRecord {
@@ -395,4 +418,200 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     assert_blocks(nbd_addr(&cluster.nodes[0]), &[done, more].concat()).await;
     assert_replicas_identical(&cluster, new).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// A best_effort volume: both replicas are killed, the primary
+/// acknowledges more writes alone, then it is killed too. The first node
+/// back, a replica without those writes, becomes the controller and finds
+/// nobody eligible: the volume stays down, with each candidate's reasons
+/// in etcd and in that node's status. The primary comes back in the same
+/// epoch with every write it acknowledged, and the replicas catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
+    let volume = VolumeOptions {
+        commit_mode: "best_effort".into(),
+        ..VolumeOptions::default()
+    };
+    let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut done = write_blocks(nbd_addr(&cluster.nodes[0]), 0..64, true, acked).await;
+    cluster.kill(1).await;
+    cluster.kill(2).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    done.extend(write_blocks(nbd_addr(&cluster.nodes[0]), 64..128, true, acked).await);
+    assert_eq!(done.len(), 128);
+    // node1 has reported committing them without its replicas.
+    let head = cluster.primary_volume().await["status"]["head"]
+        .as_u64()
+        .unwrap();
+    let reported = within(Duration::from_secs(20), || async {
+        let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
+        let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+        (progress.committed >= head).then_some(())
+    })
+    .await;
+    assert!(reported.is_some(), "{}", cluster.log(0));
+    cluster.kill(0).await;
+    cluster.spawn(1);
+    cluster.wait_up(1, Duration::from_secs(20)).await;
+
+    let decision = decision(&etcd).await;
+    assert_eq!(decision.promoted, None, "{decision:?}");
+    assert_eq!(
+        (
+            decision.epoch,
+            decision.lost_primary.as_str(),
+            decision.by.as_str()
+        ),
+        (1, "node1", "node2")
+    );
+    let reasons = |node: &str| decision.rejected.get(node).cloned().unwrap_or_default();
+    assert!(
+        reasons("node2")
+            .iter()
+            .any(|r| r.starts_with("behind_committed")),
+        "{decision:?}"
+    );
+    assert!(
+        reasons("node3").iter().any(|r| r == "not_running"),
+        "{decision:?}"
+    );
+    let mut client = etcd.client().await;
+    let record = volume_record(&mut client).await;
+    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+    // node2's status shows the decision with the volume it hosts.
+    let shown = within(Duration::from_secs(10), || async {
+        let volume = cluster.status(1).await["volumes"][0].clone();
+        let rejected = volume["control_decision"]["rejected"].clone();
+        (rejected["node2"].is_array() && rejected["node3"].is_array()).then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "{:#}", cluster.status(1).await);
+
+    // The primary comes back in epoch 1; the replicas catch up.
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    cluster.spawn(2);
+    cluster.wait_up(2, Duration::from_secs(20)).await;
+    cluster.wait_converged(CONVERGE).await;
+    assert_eq!(volume_record(&mut client).await.epoch, 1);
+    assert_blocks(nbd_addr(&cluster.nodes[1]), &done).await;
+    assert_replicas_identical(&cluster, 0).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// The controller stops (SIGSTOP) between its decision and its
+/// transaction (a failpoint holds it there). Its lease expires, another
+/// node is elected and finishes the failover; resumed, the first finds
+/// its transaction refused (it is no longer the controller, the record
+/// has moved) and stops. The epoch moves exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once() {
+    let etcd = Etcd::start().await;
+    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+    let mut cluster = NodeCluster::start_with_env(
+        VolumeOptions::default(),
+        3,
+        |_| args.iter().map(|a| a.to_string()).collect(),
+        &[(FAILPOINT_ENV, "controller-before-promote")],
+    )
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    let mut client = etcd.client().await;
+    let controller = within(Duration::from_secs(20), || async {
+        let leader = client
+            .clone()
+            .leader("/walship/test/controller")
+            .await
+            .ok()?;
+        let name = leader.kv()?.value_str().ok()?.to_owned();
+        cluster.nodes.iter().position(|n| n.name == name)
+    })
+    .await
+    .expect("no controller elected");
+    // The primary must be another node: if the controller is node1, the
+    // record moves the primary to node2 (epoch 2).
+    let mut record = volume_record(&mut client).await;
+    let primary = if controller == 0 {
+        let mut replicas = record.replicas.clone();
+        replicas.remove("node2");
+        replicas.insert(
+            "node1".into(),
+            format!("127.0.0.1:{}", cluster.nodes[0].replication),
+        );
+        record = VolumeRecord {
+            epoch: 2,
+            primary: "node2".into(),
+            replicas,
+            ..record
+        };
+        let value = serde_json::to_vec(&record).unwrap();
+        client
+            .put(volume_key("test", "vol0"), value, None::<PutOptions>)
+            .await
+            .unwrap();
+        cluster.wait_converged_on(1, CONVERGE).await;
+        1
+    } else {
+        0
+    };
+    let other = (0..3).find(|&i| i != primary && i != controller).unwrap();
+    let before = client
+        .get(volume_key("test", "vol0"), None)
+        .await
+        .unwrap()
+        .kvs()[0]
+        .version();
+    let acked = Arc::new(AtomicU64::new(0));
+    let done = write_blocks(nbd_addr(&cluster.nodes[primary]), 0..64, true, acked).await;
+    assert_eq!(done.len(), 64);
+    wait_reported_in_sync(&etcd, &cluster, primary).await;
+
+    cluster.kill(primary).await;
+    let held = within(Duration::from_secs(20), || async {
+        cluster
+            .log(controller)
+            .contains("failpoint reached")
+            .then_some(())
+    })
+    .await;
+    assert!(held.is_some(), "{}", cluster.log(controller));
+    cluster.signal(controller, "STOP").await;
+
+    // Another controller finishes the failover: `other` is primary in the
+    // next epoch.
+    let epoch = record.epoch;
+    let promoted = within(Duration::from_secs(40), || async {
+        let record = volume_record(&mut client.clone()).await;
+        (record.epoch > epoch).then_some(record)
+    })
+    .await
+    .unwrap_or_else(|| panic!("nobody finished the failover:\n{}", cluster.log(other)));
+    assert_eq!(
+        (promoted.epoch, promoted.primary.as_str()),
+        (epoch + 1, cluster.nodes[other].name.as_str())
+    );
+    let decision = decision(&etcd).await;
+    assert_eq!(decision.by, cluster.nodes[other].name, "{decision:?}");
+
+    // Resumed, the stale controller's transaction is refused; its lease
+    // is gone, so it stops.
+    cluster.signal(controller, "CONT").await;
+    let mut stale = cluster.nodes[controller].child.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), stale.wait())
+        .await
+        .expect("the stale controller serves on")
+        .unwrap();
+    assert!(!status.success());
+    let log = cluster.log(controller);
+    assert!(
+        log.contains("no longer the controller; not promoted"),
+        "{log}"
+    );
+    // Exactly one write of the record since the kill: the promotion.
+    let response = client.get(volume_key("test", "vol0"), None).await.unwrap();
+    assert_eq!(response.kvs()[0].version(), before + 1);
+    assert_eq!(volume_record(&mut client).await, promoted);
+    assert_blocks(nbd_addr(&cluster.nodes[other]), &done).await;
+    cluster.stop_cleanly(&[other]).await;
 }

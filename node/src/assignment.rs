@@ -85,6 +85,11 @@ impl Applied {
         (self.epoch << INCARNATION_BITS) | self.incarnation
     }
 
+    /// The epoch of `term`.
+    pub fn epoch_of(term: u64) -> u64 {
+        term >> INCARNATION_BITS
+    }
+
     /// Whether `other` says the same as `self` (epoch, primary, mode and
     /// replica addresses; endpoint versions and incarnations aside).
     pub fn same_as(&self, other: &Applied) -> bool {

@@ -492,15 +492,12 @@ impl Node {
         self.table.get(name).map(|hosted| hosted.handle)
     }
 
-    /// Each volume this node is primary for: its name, the epoch it is
-    /// primary in, and its runtime status (no recovery log, unlike
+    /// Each hosted volume: its name, the epoch of its assignment, and its
+    /// runtime status, primary or replica (no recovery log, unlike
     /// [`report`](Self::report): the control plane asks every 250 ms).
-    pub async fn primary_statuses(&self) -> Vec<(String, u64, NodeStatus)> {
+    pub async fn statuses(&self) -> Vec<(String, u64, NodeStatus)> {
         let mut statuses = Vec::new();
         for hosted in self.table.all() {
-            if !hosted.applied.is_primary(&self.config.node) {
-                continue;
-            }
             if let Ok(status) = hosted.handle.status().await {
                 statuses.push((hosted.spec.name.clone(), hosted.applied.epoch, status));
             }

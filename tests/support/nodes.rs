@@ -37,6 +37,8 @@ pub struct NodeProc {
     /// Arguments its `walship serve` gets after its config and data dir
     /// (`--etcd URL`).
     pub args: Vec<String>,
+    /// Environment variables its `walship serve` gets.
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
 }
 
@@ -103,6 +105,17 @@ impl NodeCluster {
         count: usize,
         args: impl Fn(&str) -> Vec<String>,
     ) -> Self {
+        Self::start_with_env(volume, count, args, &[]).await
+    }
+
+    /// [`start_with`](Self::start_with), each node with `env` in its
+    /// environment too.
+    pub async fn start_with_env(
+        volume: VolumeOptions,
+        count: usize,
+        args: impl Fn(&str) -> Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let names = &["node1", "node2", "node3"][..count];
         // Every port bound at once, so no two are the same; released just
@@ -146,6 +159,10 @@ impl NodeCluster {
                 admin: *admin,
                 nbd: *nbd,
                 args: args(name),
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
                 child: None,
             });
         }
@@ -175,6 +192,7 @@ impl NodeCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&node.args)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
@@ -294,17 +312,24 @@ impl NodeCluster {
         }
     }
 
-    /// SIGTERM to node `i`; its exit status once it has stopped.
-    pub async fn terminate(&mut self, i: usize, limit: Duration) -> ExitStatus {
-        let mut child = self.nodes[i].child.take().expect("running");
+    /// Sends `signal` (`TERM`, `STOP`, `CONT`) to node `i`, which must be
+    /// running.
+    pub async fn signal(&self, i: usize, signal: &str) {
+        let child = self.nodes[i].child.as_ref().expect("running");
         let pid = child.id().expect("a running child has a pid");
         let sent = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{signal}"))
             .arg(pid.to_string())
             .status()
             .await
-            .expect("kill -TERM");
-        assert!(sent.success());
+            .expect("kill");
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
+    /// SIGTERM to node `i`; its exit status once it has stopped.
+    pub async fn terminate(&mut self, i: usize, limit: Duration) -> ExitStatus {
+        self.signal(i, "TERM").await;
+        let mut child = self.nodes[i].child.take().expect("running");
         match tokio::time::timeout(limit, child.wait()).await {
             Ok(status) => status.expect("reap"),
             Err(_) => panic!(

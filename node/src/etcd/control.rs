@@ -3,8 +3,11 @@
 //! **Progress.** A primary writes `progress/<volume>` (no lease: it must
 //! outlive the primary) when it changes, at most every
 //! [`PROGRESS_EVERY`]: its epoch, its committed LSN, and each replica's
-//! flushed LSN and state as it sees them. That is what the controller
-//! judges a dead primary's replicas by, without talking to the dead.
+//! flushed LSN and state as it sees them. Each replica writes its own
+//! view the same way, `replicas/<volume>/<node>`: the epoch it accepts,
+//! its durable LSN, and whether a primary is connected to it. The
+//! controller judges a dead primary's replicas by both, without talking
+//! to the dead.
 //!
 //! **Controller.** Every node campaigns in an etcd election on its lease;
 //! the leader, alone, looks at the records every [`CONTROL_EVERY`]. A
@@ -19,13 +22,24 @@
 //! shows in its status. No eligible replica: the volume stays down, with
 //! the reasons. The desperate path is never taken here.
 //!
-//! How fresh the judgement is: as fresh as the last report. Under
-//! sync_all a replica in sync in a report holds everything committed
-//! later too (nothing commits without it while it is in sync); under
-//! sync_quorum a replica that fell behind after the last report may look
-//! eligible.
+//! How fresh the judgement is. The primary's report (the committed LSN,
+//! each replica's state) is as old as its last write, up to a lease old
+//! for a primary cut off from etcd, which acknowledges until its fence
+//! lapses. So a replica's durable LSN and epoch come from the replica's
+//! own report, and it is judged only once no primary is connected to it
+//! (the lost one cannot add to it any more: its last report is final).
+//! Then the best-ranked, the highest durable LSN, holds every committed
+//! write if any live replica does: under sync_all every in-sync replica
+//! holds them (nothing commits while one is out of sync); under
+//! sync_quorum a write is committed on a majority of members, so the
+//! controller promotes only when enough replicas answered that every
+//! majority includes one of them. A replica still connected or not yet
+//! reported is rejected for that; the volume's "down" decision is written
+//! only once the primary has been lost for a lease time, since these
+//! clear within a report or two of its end.
 
 use super::{node_key, parse, prefix, volume_key, VolumeRecord};
+use crate::assignment::Applied;
 use crate::node::Node;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
@@ -35,7 +49,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use walship_actors::NodeStatus;
 use walship_engine::{
-    evaluate_promotion, Epoch, Lsn, PromotionCandidate, ReplicaId, ReplicaState, Tick,
+    evaluate_promotion, CommitMode, Epoch, Lsn, PromotionCandidate, ReplicaId, ReplicaState, Tick,
 };
 
 /// How often a primary's progress may be written.
@@ -65,6 +79,19 @@ pub struct ProgressRecord {
     pub replicas: BTreeMap<String, ReplicaProgress>,
 }
 
+/// A replica's own report of its volume (`replicas/<volume>/<node>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    /// The epoch of the term it accepts.
+    pub epoch: u64,
+    /// That term (`epoch << 20 | the primary's incarnation`).
+    pub term: u64,
+    /// Its durable LSN.
+    pub durable: u64,
+    /// Whether a primary is connected to it.
+    pub connected: bool,
+}
+
 /// A controller's decision about a volume whose primary was lost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
@@ -78,6 +105,10 @@ pub struct Decision {
     pub promoted: Option<String>,
     /// Every candidate rejected, with every reason.
     pub rejected: BTreeMap<String, Vec<String>>,
+    /// Why nobody was promoted although a candidate was eligible (too few
+    /// replicas answered for a sync_quorum volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
     /// The controller that decided.
     pub by: String,
 }
@@ -85,6 +116,11 @@ pub struct Decision {
 /// The key of a volume's progress report.
 pub fn progress_key(cluster: &str, volume: &str) -> String {
     format!("{}progress/{volume}", prefix(cluster))
+}
+
+/// The key of a replica's own report of a volume.
+pub fn replica_report_key(cluster: &str, volume: &str, node: &str) -> String {
+    format!("{}replicas/{volume}/{node}", prefix(cluster))
 }
 
 /// The key of the last decision about a volume.
@@ -98,53 +134,67 @@ pub fn address_key(cluster: &str, node: &str) -> String {
     format!("{}addresses/{node}", prefix(cluster))
 }
 
-/// Writes each primary volume's progress when it changed.
+/// Writes each hosted volume's report when it changed: a primary's
+/// progress, a replica's own view.
 pub(super) async fn report(
     mut client: Client,
     cluster: String,
     node: Arc<Node>,
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
-    let mut last: BTreeMap<String, ProgressRecord> = BTreeMap::new();
+    // The last value written under each key.
+    let mut last: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut every = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             _ = every.tick() => {}
         }
-        for (name, epoch, status) in node.primary_statuses().await {
-            let NodeStatus::Primary(status) = &status else {
+        for (name, epoch, status) in node.statuses().await {
+            let (key, value) = match &status {
+                NodeStatus::Primary(status) => {
+                    let progress = ProgressRecord {
+                        epoch,
+                        primary: node.name().to_owned(),
+                        committed: status.registry.history.committed.get(),
+                        replicas: status
+                            .registry
+                            .senders
+                            .iter()
+                            .map(|s| {
+                                let progress = ReplicaProgress {
+                                    flushed: s.flushed.get(),
+                                    state: s.state.as_str().to_owned(),
+                                };
+                                (s.replica.server().to_owned(), progress)
+                            })
+                            .collect(),
+                    };
+                    (progress_key(&cluster, &name), serde_json::to_vec(&progress))
+                }
+                NodeStatus::Replica(status) => {
+                    let own = ReplicaReport {
+                        epoch: Applied::epoch_of(status.epoch),
+                        term: status.epoch,
+                        durable: status.durable,
+                        connected: status.connected,
+                    };
+                    let key = replica_report_key(&cluster, &name, node.name());
+                    (key, serde_json::to_vec(&own))
+                }
+            };
+            let Ok(value) = value else {
                 continue;
             };
-            let progress = ProgressRecord {
-                epoch,
-                primary: node.name().to_owned(),
-                committed: status.registry.history.committed.get(),
-                replicas: status
-                    .registry
-                    .senders
-                    .iter()
-                    .map(|s| {
-                        let progress = ReplicaProgress {
-                            flushed: s.flushed.get(),
-                            state: s.state.as_str().to_owned(),
-                        };
-                        (s.replica.server().to_owned(), progress)
-                    })
-                    .collect(),
-            };
-            if last.get(&name) == Some(&progress) {
+            if last.get(&key) == Some(&value) {
                 continue;
             }
-            let Ok(value) = serde_json::to_vec(&progress) else {
-                continue;
-            };
-            match client.put(progress_key(&cluster, &name), value, None).await {
+            match client.put(key.as_str(), value.clone(), None).await {
                 Ok(_) => {
-                    last.insert(name.clone(), progress);
+                    last.insert(key, value);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, volume = %name, "etcd: progress not written")
+                    tracing::warn!(error = %e, volume = %name, "etcd: report not written")
                 }
             }
         }
@@ -189,6 +239,7 @@ pub(super) async fn control(
         seen: BTreeSet::new(),
         absent_since: BTreeMap::new(),
         grace: ttl * 2,
+        settle: ttl,
     };
     loop {
         tokio::select! {
@@ -209,6 +260,9 @@ struct Liveness {
     seen: BTreeSet<String>,
     absent_since: BTreeMap<String, std::time::Instant>,
     grace: Duration,
+    /// How long a lost primary's replicas have to settle (disconnect and
+    /// report) before a "down" decision for want of it is written.
+    settle: Duration,
 }
 
 impl Liveness {
@@ -217,18 +271,20 @@ impl Liveness {
         self.absent_since.retain(|node, _| !live.contains(node));
     }
 
-    fn lost(&mut self, node: &str, live: &BTreeSet<String>) -> bool {
+    /// How long `node` has been lost, if it is.
+    fn lost(&mut self, node: &str, live: &BTreeSet<String>) -> Option<Duration> {
         if live.contains(node) {
-            return false;
+            return None;
         }
-        if self.seen.contains(node) {
-            return true;
-        }
-        let since = *self
+        let absent = self
             .absent_since
             .entry(node.to_owned())
-            .or_insert_with(std::time::Instant::now);
-        since.elapsed() >= self.grace
+            .or_insert_with(std::time::Instant::now)
+            .elapsed();
+        if self.seen.contains(node) {
+            return Some(absent);
+        }
+        absent.checked_sub(self.grace)
     }
 }
 
@@ -294,17 +350,26 @@ async fn look(
             .await?;
             continue;
         }
-        if !nodes.lost(&record.primary, &live) {
+        let Some(lost_for) = nodes.lost(&record.primary, &live) else {
             continue;
-        }
+        };
         let at = (kv.mod_revision(), leader);
-        failover(client, cluster, me, volume, record, at, &live).await?;
+        let settled = lost_for >= nodes.settle;
+        failover(client, cluster, me, volume, record, at, &live, settled).await?;
     }
     Ok(())
 }
 
+/// A replica's reasons the engine does not judge: it has not reported
+/// its own view yet, or a primary still feeds it (its durable LSN may
+/// still grow). Both pass once the lost primary's connections end.
+const UNREPORTED: &str = "unreported: no report of its own yet";
+const STILL_CONNECTED: &str = "still_connected: a primary is still connected to it";
+
 /// Judges the replicas of `volume`, whose primary is gone, and promotes
-/// the best if one is eligible; records the decision either way.
+/// the best if one is eligible; records the decision either way (a
+/// "down" one only once `settled`, if a replica may yet settle).
+#[allow(clippy::too_many_arguments)]
 async fn failover(
     client: &mut Client,
     cluster: &str,
@@ -313,6 +378,7 @@ async fn failover(
     record: VolumeRecord,
     (revision, leader): (i64, &Leader),
     live: &BTreeSet<String>,
+    settled: bool,
 ) -> Result<(), etcd_client::Error> {
     let progress: Option<ProgressRecord> = client
         .get(progress_key(cluster, volume), None)
@@ -320,33 +386,62 @@ async fn failover(
         .kvs()
         .first()
         .and_then(|kv| serde_json::from_slice(kv.value()).ok());
-    let committed = progress.as_ref().map_or(0, |p| p.committed);
+    let own_prefix = replica_report_key(cluster, volume, "");
+    let own: BTreeMap<String, ReplicaReport> = client
+        .get(own_prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let node = kv.key_str().ok()?.strip_prefix(&own_prefix)?.to_owned();
+            Some((node, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect();
     let mut candidates = Vec::new();
+    let mut unsettled: BTreeMap<String, &str> = BTreeMap::new();
     for server in record.replicas.keys() {
         let Ok(replica) = ReplicaId::new(volume, server) else {
             continue;
         };
-        let reported = progress
+        // The state is the primary's judgement; the epoch and the durable
+        // LSN are the replica's own, fresher than the primary's report.
+        let state = progress
             .as_ref()
-            .and_then(|p| Some((p.epoch, p.replicas.get(server)?)));
-        let state = reported
-            .and_then(|(_, r)| {
+            .and_then(|p| p.replicas.get(server))
+            .and_then(|r| {
                 ReplicaState::ALL
                     .into_iter()
                     .find(|s| s.as_str() == r.state)
             })
             .unwrap_or(ReplicaState::Disconnected);
+        let mine = own.get(server);
+        let running = live.contains(server);
+        match mine {
+            None if running => {
+                unsettled.insert(server.clone(), UNREPORTED);
+            }
+            Some(mine) if running && mine.connected => {
+                unsettled.insert(server.clone(), STILL_CONNECTED);
+            }
+            _ => {}
+        }
         candidates.push(PromotionCandidate {
             replica,
-            running: live.contains(server),
-            epoch: Epoch(reported.map_or(0, |(epoch, _)| epoch)),
+            running,
+            epoch: Epoch(mine.map_or(0, |r| r.epoch)),
             state,
-            flushed: Lsn(reported.map_or(0, |(_, r)| r.flushed)),
+            flushed: Lsn(mine.map_or(0, |r| r.durable)),
             last_heartbeat: Tick(0),
         });
     }
+    let reported_committed = progress.as_ref().map_or(0, |p| p.committed);
+    let (committed, blocked) = if record.commit_mode == CommitMode::SyncQuorum {
+        quorum_judgement(&record, &candidates, &unsettled, reported_committed)
+    } else {
+        (reported_committed, None)
+    };
     let report = evaluate_promotion(&candidates, Epoch(record.epoch), Lsn(committed));
-    let rejected: BTreeMap<String, Vec<String>> = report
+    let mut rejected: BTreeMap<String, Vec<String>> = report
         .rejected
         .iter()
         .map(|(replica, reasons)| {
@@ -354,18 +449,39 @@ async fn failover(
             (replica.server().to_owned(), reasons)
         })
         .collect();
-    let promoted = report.ranked.first().map(|r| r.server().to_owned());
+    for (server, reason) in &unsettled {
+        rejected
+            .entry(server.clone())
+            .or_default()
+            .push((*reason).to_owned());
+    }
+    let promoted = report
+        .ranked
+        .iter()
+        .map(|r| r.server())
+        .find(|server| !unsettled.contains_key(*server))
+        .filter(|_| blocked.is_none())
+        .map(str::to_owned);
     let decision = Decision {
         epoch: record.epoch,
         lost_primary: record.primary.clone(),
         committed,
         promoted: promoted.clone(),
         rejected,
+        blocked,
         by: me.to_owned(),
     };
     let decision_value = serde_json::to_vec(&decision).unwrap_or_default();
     let key = volume_key(cluster, volume);
     let Some(next_primary) = promoted else {
+        if !settled && !unsettled.is_empty() {
+            tracing::debug!(
+                volume,
+                ?unsettled,
+                "etcd controller: waiting for replicas to settle"
+            );
+            return Ok(());
+        }
         // Down, with the reasons; written once per distinct decision.
         let known = client.get(decision_key(cluster, volume), None).await?;
         let same = known
@@ -394,12 +510,17 @@ async fn failover(
         .kvs()
         .first()
         .and_then(|kv| kv.value_str().ok().map(str::to_owned));
-    // The lost primary waits outside the replicas until it is back (under
-    // sync_all a replica away stops every commit).
+    // Under sync_all the lost primary waits outside the replicas until it
+    // is back (a replica away stops every commit). Under the other modes
+    // it is a replica at once: commits go on without it, and sync_quorum
+    // needs three members.
     let mut departed = record.departed.clone();
     match lost_at {
-        Some(addr) => {
+        Some(addr) if record.commit_mode == CommitMode::SyncAll => {
             departed.insert(record.primary.clone(), addr);
+        }
+        Some(addr) => {
+            replicas.insert(record.primary.clone(), addr);
         }
         None => tracing::warn!(volume, lost = %record.primary,
             "etcd controller: the lost primary's address is unknown; it is left out"),
@@ -414,6 +535,7 @@ async fn failover(
     let Ok(next_value) = serde_json::to_vec(&next) else {
         return Ok(());
     };
+    failpoint("controller-before-promote").await;
     // Holds only if the record is as read, the primary still unregistered,
     // and this node still the controller: a stale controller's fails.
     let lost_key = node_key(cluster, &decision.lost_primary);
@@ -434,10 +556,60 @@ async fn failover(
     } else {
         tracing::info!(
             volume,
-            "etcd controller: the record changed meanwhile; not promoted"
+            "etcd controller: the record changed or this node is no longer the controller; not promoted"
         );
     }
     Ok(())
+}
+
+/// Under sync_quorum a committed write is durable on a majority of the
+/// members, so on at least `quorum − 1` replicas; the replicas that
+/// answered (running, reported, settled) must be enough that every such
+/// set includes one of them, or a write could be on dead replicas only.
+/// Those answers bound what may have been committed: the committed LSN
+/// judged against is the highest durable LSN among them in the current
+/// epoch, so only a replica holding all of it is eligible.
+fn quorum_judgement(
+    record: &VolumeRecord,
+    candidates: &[PromotionCandidate],
+    unsettled: &BTreeMap<String, &str>,
+    reported_committed: u64,
+) -> (u64, Option<String>) {
+    let replicas = record.replicas.len();
+    let members = replicas + 1;
+    let quorum = members / 2 + 1;
+    let needed = replicas + 2 - quorum;
+    let answered: Vec<&PromotionCandidate> = candidates
+        .iter()
+        .filter(|c| c.running && !unsettled.contains_key(c.replica.server()))
+        .collect();
+    let highest = answered
+        .iter()
+        .filter(|c| c.epoch == Epoch(record.epoch))
+        .map(|c| c.flushed.get())
+        .fold(reported_committed, u64::max);
+    let blocked = (answered.len() < needed).then(|| {
+        format!(
+            "sync_quorum: {} of {replicas} replicas answered, {needed} needed so that one \
+             holds every committed write",
+            answered.len()
+        )
+    });
+    (highest, blocked)
+}
+
+/// The environment variable that names a [`failpoint`] to stop at.
+pub const FAILPOINT_ENV: &str = "WALSHIP_FAILPOINT";
+
+/// A test hook: with [`FAILPOINT_ENV`] set to `name`, the node says it
+/// reached `name` and stalls there for three seconds, for a test to stop
+/// or kill it at a known point (the controller between its decision and
+/// its transaction).
+async fn failpoint(name: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
+        tracing::warn!(failpoint = name, "failpoint reached: stalling for 3 s");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
 }
 
 /// This controller's election key and its revision.
@@ -485,4 +657,72 @@ async fn readmit(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(replicas: &[&str]) -> VolumeRecord {
+        VolumeRecord {
+            epoch: 3,
+            primary: "p".into(),
+            commit_mode: CommitMode::SyncQuorum,
+            size: 1 << 20,
+            replicas: replicas
+                .iter()
+                .map(|r| ((*r).to_owned(), format!("{r}:1")))
+                .collect(),
+            departed: BTreeMap::new(),
+        }
+    }
+
+    fn candidate(server: &str, running: bool, epoch: u64, flushed: u64) -> PromotionCandidate {
+        PromotionCandidate {
+            replica: ReplicaId::new("v", server).unwrap(),
+            running,
+            epoch: Epoch(epoch),
+            state: ReplicaState::InSync,
+            flushed: Lsn(flushed),
+            last_heartbeat: Tick(0),
+        }
+    }
+
+    #[test]
+    fn sync_quorum_needs_enough_answers_that_every_majority_meets_one() {
+        // Three members: a write is committed on the primary and one
+        // replica, so both replicas must answer.
+        let two = record(&["a", "b"]);
+        let one_down = [candidate("a", true, 3, 10), candidate("b", false, 3, 0)];
+        let (_, blocked) = quorum_judgement(&two, &one_down, &BTreeMap::new(), 5);
+        assert!(blocked
+            .unwrap()
+            .contains("1 of 2 replicas answered, 2 needed"));
+        let unsettled = BTreeMap::from([("b".to_owned(), STILL_CONNECTED)]);
+        let both_up = [candidate("a", true, 3, 10), candidate("b", true, 3, 12)];
+        assert!(quorum_judgement(&two, &both_up, &unsettled, 5).1.is_some());
+        // Both answered: judged against the highest durable LSN among them
+        // in the current epoch, so only the one holding it is eligible.
+        let (committed, blocked) = quorum_judgement(&two, &both_up, &BTreeMap::new(), 5);
+        assert_eq!((committed, blocked), (12, None));
+        let older = [candidate("a", true, 3, 10), candidate("b", true, 2, 50)];
+        assert_eq!(quorum_judgement(&two, &older, &BTreeMap::new(), 5).0, 10);
+        // Five members: committed on three, so on two of four replicas;
+        // three answers always include one of those.
+        let four = record(&["a", "b", "c", "d"]);
+        let three_up = [
+            candidate("a", true, 3, 10),
+            candidate("b", true, 3, 10),
+            candidate("c", true, 3, 10),
+            candidate("d", false, 3, 0),
+        ];
+        assert_eq!(
+            quorum_judgement(&four, &three_up, &BTreeMap::new(), 5),
+            (10, None)
+        );
+        let two_up = [&three_up[..2], &three_up[3..]].concat();
+        assert!(quorum_judgement(&four, &two_up, &BTreeMap::new(), 5)
+            .1
+            .is_some());
+    }
 }

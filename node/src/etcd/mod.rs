@@ -35,8 +35,8 @@ pub use etcd_client;
 mod control;
 
 pub use control::{
-    address_key, decision_key, progress_key, Decision, ProgressRecord, ReplicaProgress,
-    CONTROL_EVERY, PROGRESS_EVERY,
+    address_key, decision_key, progress_key, replica_report_key, Decision, ProgressRecord,
+    ReplicaProgress, ReplicaReport, CONTROL_EVERY, FAILPOINT_ENV, PROGRESS_EVERY,
 };
 
 use crate::config::NodeConfig;
@@ -190,12 +190,7 @@ impl ControlPlane {
             endpoints: options.endpoints.join(","),
             source,
         };
-        let connect = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
-        let mut client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(failed)?;
+        let mut client = client(&options.endpoints).await.map_err(failed)?;
         // The watch starts after the oldest read: a record written between
         // two reads is seen again (and fenced, if not newer), never missed.
         let mut revision = i64::MAX;
@@ -369,6 +364,14 @@ impl ControlPlane {
             controlling,
         })
     }
+}
+
+/// A client of `endpoints`.
+async fn client(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let connect = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5));
+    Client::connect(endpoints, Some(connect)).await
 }
 
 /// How long a stop waits for a task or a revocation: etcd may be out of
