@@ -78,26 +78,6 @@ async fn decision(etcd: &Etcd) -> Decision {
     .expect("no decision within 30 s")
 }
 
-/// Waits until node `primary` has reported to etcd both replicas in sync
-/// and everything it holds committed: what a controller judges by if it
-/// dies next (a primary killed within a report's time of a change leaves
-/// an older report, by which its replicas may not be eligible).
-async fn wait_reported_in_sync(etcd: &Etcd, cluster: &NodeCluster, primary: usize) {
-    let head = cluster.status(primary).await["volumes"][0]["status"]["head"]
-        .as_u64()
-        .unwrap();
-    let reported = within(Duration::from_secs(10), || async {
-        let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
-        let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
-        let synced = progress.committed >= head
-            && progress.replicas.len() == 2
-            && progress.replicas.values().all(|r| r.state == "in_sync");
-        synced.then_some(())
-    })
-    .await;
-    assert!(reported.is_some(), "{}", cluster.log(primary));
-}
-
 async fn volume_record(client: &mut Client) -> VolumeRecord {
     let (value, _) = get(client, &volume_key("test", "vol0"))
         .await
@@ -565,7 +545,7 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     let acked = Arc::new(AtomicU64::new(0));
     let done = write_blocks(nbd_addr(&cluster.nodes[primary]), 0..64, true, acked).await;
     assert_eq!(done.len(), 64);
-    wait_reported_in_sync(&etcd, &cluster, primary).await;
+    etcd.wait_reported_in_sync(&cluster, primary).await;
 
     cluster.kill(primary).await;
     let held = within(Duration::from_secs(20), || async {

@@ -1,13 +1,15 @@
 //! A real etcd (Debian's `etcd-server`) for the tests: one member on
 //! 127.0.0.1, free ports, a temp data dir, killed by its pid when dropped.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use crate::nodes::NodeCluster;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::Client;
+use walship::node::etcd::{progress_key, ProgressRecord};
 
 /// A running etcd.
 pub struct Etcd {
@@ -20,6 +22,18 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and returns once it answers a read.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start) with a 50 ms heartbeat and a 500 ms election
+    /// timeout: etcd's shortest lease is 1.5 election timeouts rounded up
+    /// to a second, so 1 s here (2 s with the defaults).
+    pub async fn start_fast() -> Self {
+        Self::start_with(&["--heartbeat-interval", "50", "--election-timeout", "500"]).await
+    }
+
+    /// [`start`](Self::start) with `args` added.
+    pub async fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let held: Vec<std::net::TcpListener> = (0..2)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
@@ -39,6 +53,7 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("walship-test={peer_url}")])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd log"))
             .stderr(log)
@@ -64,6 +79,33 @@ impl Etcd {
         Client::connect([&self.endpoint], None)
             .await
             .expect("connect to etcd")
+    }
+
+    /// The value at `key`, if there is one.
+    pub async fn value(&self, key: &str) -> Option<Vec<u8>> {
+        let response = self.client().await.get(key, None).await.expect("etcd get");
+        Some(response.kvs().first()?.value().to_vec())
+    }
+
+    /// Waits until node `primary` of `cluster` has reported both replicas
+    /// of vol0 in sync and everything it holds committed: what a
+    /// controller judges by if it dies next (a primary killed within a
+    /// report's time of a change leaves an older report, by which its
+    /// replicas may not be eligible).
+    pub async fn wait_reported_in_sync(&self, cluster: &NodeCluster, primary: usize) {
+        let head = cluster.status(primary).await["volumes"][0]["status"]["head"]
+            .as_u64()
+            .expect("the primary's head");
+        let reported = within(Duration::from_secs(10), || async {
+            let value = self.value(&progress_key("test", "vol0")).await?;
+            let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+            let synced = progress.committed >= head
+                && progress.replicas.len() == 2
+                && progress.replicas.values().all(|r| r.state == "in_sync");
+            synced.then_some(())
+        })
+        .await;
+        assert!(reported.is_some(), "{}", cluster.log(primary));
     }
 
     /// Its log so far.

@@ -86,6 +86,39 @@ impl Haggle {
             Ok(Ok(0) | Err(_))
         )
     }
+
+    /// [`connect`](Self::connect) and [`go`](Self::go) to `export`, or
+    /// `None` where either failed (nobody listens, the server closed, the
+    /// export is refused): for a client looking for whoever serves it.
+    pub async fn try_open(addr: SocketAddr, export: &str) -> Option<Client> {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let greeting = (
+            stream.read_u64().await.ok()?,
+            stream.read_u64().await.ok()?,
+            stream.read_u16().await.ok()?,
+        );
+        if greeting != (0x4e42_444d_4147_4943, IHAVEOPT, 0b11) {
+            return None;
+        }
+        stream.write_u32(0b11).await.ok()?;
+        let request = info_request(export, &[3]);
+        stream.write_u64(IHAVEOPT).await.ok()?;
+        stream.write_u32(OPT_GO).await.ok()?;
+        stream.write_u32(request.len() as u32).await.ok()?;
+        stream.write_all(&request).await.ok()?;
+        loop {
+            let (magic, _option) = (stream.read_u64().await.ok()?, stream.read_u32().await.ok()?);
+            let kind = stream.read_u32().await.ok()?;
+            let mut data = vec![0; stream.read_u32().await.ok()? as usize];
+            stream.read_exact(&mut data).await.ok()?;
+            match kind {
+                _ if magic != REPLY_MAGIC => return None,
+                REP_ACK => return Some(Client(stream)),
+                REP_SERVER | REP_INFO => {}
+                _ => return None,
+            }
+        }
+    }
 }
 
 pub fn info_request(export: &str, infos: &[u16]) -> Vec<u8> {

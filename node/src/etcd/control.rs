@@ -11,13 +11,15 @@
 //!
 //! **Controller.** Every node campaigns in an etcd election on its lease;
 //! the leader, alone, looks at the records every [`CONTROL_EVERY`]. A
-//! volume whose primary's node entry is gone (its lease expired; one it
-//! never saw, absent for two lease times) gets the
-//! engine's promotion rules over its replicas: every rejection reason is
+//! volume whose primary's node entry is gone (its lease expired; a node
+//! that never registered, absent for two lease times) gets the engine's
+//! promotion rules over its replicas: every rejection reason is
 //! recorded, the best eligible replica becomes primary in the next epoch,
-//! with the old primary as a replica (back from the dead, it rejoins as
-//! one), in one transaction that holds only if the record is unchanged
-//! since it was read (a stale controller's fails). The decision and its
+//! the old primary waits under `departed` (sync_all) or stays a replica
+//! (the other modes) and rejoins as one when it is back, in one
+//! transaction that holds only if the record is unchanged since it was
+//! read, the lost primary still unregistered and this node still the
+//! controller (a stale controller's fails). The decision and its
 //! reasons go to `decisions/<volume>`, which each node hosting the volume
 //! shows in its status. No eligible replica: the volume stays down, with
 //! the reasons. The desperate path is never taken here.
@@ -252,10 +254,12 @@ pub(super) async fn control(
     }
 }
 
-/// Which primaries are lost. A node whose entry this controller saw go
-/// (its lease expired, or it stopped) is lost at once. One it never saw
-/// may still be starting (a cluster coming up, a controller elected
-/// before the primary registered): lost only once absent for `grace`.
+/// Which primaries are lost. A node that registered once (its address is
+/// kept) and whose entry is gone (its lease expired, or it stopped) is
+/// lost at once, whether or not this controller saw it: a controller
+/// elected because the last one died with the primary must not wait. One
+/// that never registered may still be starting (a cluster coming up):
+/// lost only once absent for `grace`.
 struct Liveness {
     seen: BTreeSet<String>,
     absent_since: BTreeMap<String, std::time::Instant>,
@@ -266,8 +270,9 @@ struct Liveness {
 }
 
 impl Liveness {
-    fn observe(&mut self, live: &BTreeSet<String>) {
+    fn observe(&mut self, live: &BTreeSet<String>, registered: BTreeSet<String>) {
         self.seen.extend(live.iter().cloned());
+        self.seen.extend(registered);
         self.absent_since.retain(|node, _| !live.contains(node));
     }
 
@@ -296,23 +301,9 @@ async fn look(
     leader: &Leader,
     nodes: &mut Liveness,
 ) -> Result<(), etcd_client::Error> {
-    let nodes_prefix = format!("{}nodes/", prefix(cluster));
-    let live: BTreeSet<String> = client
-        .get(
-            nodes_prefix.as_str(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await?
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            kv.key_str()
-                .ok()?
-                .strip_prefix(&nodes_prefix)
-                .map(str::to_owned)
-        })
-        .collect();
-    nodes.observe(&live);
+    let live = names(client, &node_key(cluster, "")).await?;
+    let registered = names(client, &address_key(cluster, "")).await?;
+    nodes.observe(&live, registered);
     let volumes_prefix = format!("{}volumes/", prefix(cluster));
     let records = client
         .get(
@@ -365,6 +356,17 @@ async fn look(
 /// still grow). Both pass once the lost primary's connections end.
 const UNREPORTED: &str = "unreported: no report of its own yet";
 const STILL_CONNECTED: &str = "still_connected: a primary is still connected to it";
+
+/// The names under `prefix` (keys only).
+async fn names(client: &mut Client, prefix: &str) -> Result<BTreeSet<String>, etcd_client::Error> {
+    let keys = GetOptions::new().with_prefix().with_keys_only();
+    let response = client.get(prefix, Some(keys)).await?;
+    Ok(response
+        .kvs()
+        .iter()
+        .filter_map(|kv| kv.key_str().ok()?.strip_prefix(prefix).map(str::to_owned))
+        .collect())
+}
 
 /// Judges the replicas of `volume`, whose primary is gone, and promotes
 /// the best if one is eligible; records the decision either way (a
