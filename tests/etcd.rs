@@ -20,7 +20,7 @@ use nbd_client::*;
 use nodes::{NodeCluster, VolumeOptions};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walship::actors::testing::within;
@@ -386,16 +386,36 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
 
     // The old primary comes back as a replica, is added back in epoch 3,
     // and catches up (its unreplicated tail, if any, truncated at the
-    // divergence point).
+    // divergence point), while the client writes on to the new primary.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during_acked = Arc::new(AtomicU64::new(0));
+    let during = tokio::spawn(write_until(
+        nbd_addr(&cluster.nodes[new]),
+        12_000..16_000,
+        Arc::clone(&stop),
+        Arc::clone(&during_acked),
+        Duration::from_secs(60),
+    ));
+    wait_acked(&during_acked, 20, CLIENT).await;
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(20)).await;
     let volume = cluster.status(0).await["volumes"][0].clone();
     assert_eq!(volume["role"], "replica", "{volume:#}");
+    let at_return = during_acked.load(Ordering::SeqCst);
+    let readmitted = within(CONVERGE, || async {
+        let record = volume_record(&mut client.clone()).await;
+        record.replicas.contains_key("node1").then_some(record)
+    })
+    .await
+    .expect("node1 was not added back");
+    assert_eq!(readmitted.epoch, 3, "{readmitted:?}");
+    // Writes go on through the readmission and node1's catch-up.
+    wait_acked(&during_acked, at_return + 100, CLIENT).await;
+    stop.store(true, Ordering::SeqCst);
+    let during = during.await.unwrap();
     cluster.wait_converged_on(new, CONVERGE).await;
-    let record = volume_record(&mut client).await;
-    assert_eq!(record.epoch, 3, "{record:?}");
-    assert!(record.replicas.contains_key("node1"), "{record:?}");
-    assert_blocks(nbd_addr(&cluster.nodes[0]), &[done, more].concat()).await;
+    assert_eq!(volume_record(&mut client).await.epoch, 3);
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &[done, more, during].concat()).await;
     assert_replicas_identical(&cluster, new).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
@@ -467,6 +487,19 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     })
     .await;
     assert!(shown.is_some(), "{:#}", cluster.status(1).await);
+    let admin = cluster.nodes[1].admin_addr();
+    let table = nodes::run_ok(
+        nodes::WALSHIP,
+        &["status", "--admin", &admin],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        table.contains("vol0: primary node1 lost in epoch 1")
+            && table.contains("nobody promoted: the volume stays down")
+            && table.contains("node3 rejected: not_running"),
+        "{table}"
+    );
 
     // The primary comes back in epoch 1; the replicas catch up.
     cluster.spawn(0);

@@ -60,6 +60,46 @@ pub async fn write_blocks(
     done
 }
 
+/// Writes blocks from `range` with FUA to `addr` until `stop` is set,
+/// reconnecting (every 20 ms, for at most `limit` in all) when the
+/// connection fails or a write is refused, as a client riding out a
+/// primary's role change would; returns the blocks acknowledged. A block
+/// whose write failed is written again, so a block is acknowledged once.
+pub async fn write_until(
+    addr: std::net::SocketAddr,
+    range: std::ops::Range<u64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<AtomicU64>,
+    limit: Duration,
+) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut done = Vec::new();
+    let mut next = range.start;
+    while next < range.end && !stop.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes failed for {limit:?}; acknowledged {}",
+            done.len()
+        );
+        if let Some(mut client) = Haggle::try_open(addr, "vol0").await {
+            while next < range.end && !stop.load(Ordering::SeqCst) {
+                let data = block_of(next);
+                let write = client.try_write(next * 4096, &data, FLAG_FUA);
+                match tokio::time::timeout(Duration::from_secs(10), write).await {
+                    Ok(Some(0)) => {
+                        done.push(next);
+                        acked.store(done.len() as u64, Ordering::SeqCst);
+                        next += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done
+}
+
 /// Every block in `blocks` reads back through `uri`'s export as written.
 pub async fn assert_blocks(addr: std::net::SocketAddr, blocks: &[u64]) {
     let mut client = Haggle::connect(addr).await.go("vol0").await;

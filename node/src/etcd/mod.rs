@@ -44,8 +44,8 @@ use crate::fence::WriteFence;
 use crate::node::{Node, NodeError};
 use crate::Applied;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -323,12 +323,31 @@ impl ControlPlane {
             .watch(watch_prefix.as_str(), Some(from))
             .await
             .map_err(failed)?;
+        // The decisions made so far, then every later one.
         let decisions_prefix = format!("{}decisions/", prefix(&self.cluster));
+        let known = self
+            .client
+            .get(
+                decisions_prefix.as_str(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(failed)?;
+        for kv in known.kvs() {
+            let volume = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&decisions_prefix));
+            if let (Some(volume), Ok(decision)) = (volume, serde_json::from_slice(kv.value())) {
+                node.note_control_decision(volume, decision);
+            }
+        }
+        let after = known.header().map_or(0, |h| h.revision()) + 1;
         let decisions = self
             .client
             .watch(
                 decisions_prefix.as_str(),
-                Some(WatchOptions::new().with_prefix()),
+                Some(WatchOptions::new().with_prefix().with_start_revision(after)),
             )
             .await
             .map_err(failed)?;

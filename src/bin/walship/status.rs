@@ -118,5 +118,39 @@ pub fn render(report: &Value) -> String {
             );
         }
     }
+    // The control plane's last failover decision for each volume (etcd).
+    for volume in &volumes {
+        let decision = &volume["control_decision"];
+        if decision.is_null() {
+            continue;
+        }
+        let outcome = match &decision["promoted"] {
+            Value::Null => "nobody promoted: the volume stays down".to_owned(),
+            promoted => format!("{} promoted", text(promoted)),
+        };
+        let _ = writeln!(
+            out,
+            "\n{}: primary {} lost in epoch {} (committed {}); {outcome} (by {})",
+            text(&volume["name"]),
+            text(&decision["lost_primary"]),
+            text(&decision["epoch"]),
+            text(&decision["committed"]),
+            text(&decision["by"]),
+        );
+        if !decision["blocked"].is_null() {
+            let _ = writeln!(out, "  blocked: {}", text(&decision["blocked"]));
+        }
+        let rejected = decision["rejected"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        for (node, reasons) in &rejected {
+            let reasons: Vec<String> = reasons
+                .as_array()
+                .map(|r| r.iter().map(text).collect())
+                .unwrap_or_default();
+            let _ = writeln!(out, "  {node} rejected: {}", reasons.join("; "));
+        }
+    }
     out
 }
