@@ -421,13 +421,10 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
 }
 
 /// A best_effort volume: both replicas are killed, the primary
-/// acknowledges more writes alone, then it is killed too. The first node
-/// back, a replica without those writes, becomes the controller and finds
-/// nobody eligible: the volume stays down, with each candidate's reasons
-/// in etcd and in that node's status. The primary comes back in the same
-/// epoch with every write it acknowledged, and the replicas catch up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
+/// acknowledges blocks 64..128 alone (0..64 are on every node), then it
+/// is killed too; node2, a replica without those writes, comes back
+/// alone. Returns the blocks acknowledged (0..128).
+async fn down_without_an_eligible_replica() -> (Etcd, NodeCluster, Vec<u64>) {
     let volume = VolumeOptions {
         commit_mode: "best_effort".into(),
         ..VolumeOptions::default()
@@ -435,6 +432,9 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
     let acked = Arc::new(AtomicU64::new(0));
     let mut done = write_blocks(nbd_addr(&cluster.nodes[0]), 0..64, true, acked).await;
+    // best_effort acknowledges before the replicas hold a write: these are
+    // on them once they are in sync again.
+    cluster.wait_converged(CONVERGE).await;
     cluster.kill(1).await;
     cluster.kill(2).await;
     let acked = Arc::new(AtomicU64::new(0));
@@ -454,7 +454,17 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     cluster.kill(0).await;
     cluster.spawn(1);
     cluster.wait_up(1, Duration::from_secs(20)).await;
+    (etcd, cluster, done)
+}
 
+/// [`down_without_an_eligible_replica`]: node2 becomes the controller and
+/// finds nobody eligible: the volume stays down, with each candidate's
+/// reasons in etcd, in node2's status and in `walship status`. The
+/// primary comes back in the same epoch with every write it acknowledged,
+/// and the replicas catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
+    let (etcd, mut cluster, done) = down_without_an_eligible_replica().await;
     let decision = decision(&etcd).await;
     assert_eq!(decision.promoted, None, "{decision:?}");
     assert_eq!(
@@ -627,4 +637,103 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     assert_eq!(volume_record(&mut client).await, promoted);
     assert_blocks(nbd_addr(&cluster.nodes[other]), &done).await;
     cluster.stop_cleanly(&[other]).await;
+}
+
+/// [`down_without_an_eligible_replica`], then the desperate path, which
+/// only an operator takes: `walship promote --accept-data-loss` makes
+/// node2, the running replica with the most data, primary in epoch 2, and
+/// says which committed LSNs it lacks. It takes writes; node1 returns as
+/// its replica with its unreplicated tail (blocks 64..128) truncated at
+/// the divergence point, not revived; the three exports end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
+    let (etcd, mut cluster, done) = down_without_an_eligible_replica().await;
+    let down = decision(&etcd).await;
+    assert_eq!(down.promoted, None, "{down:?}");
+    let refused = nodes::run(
+        nodes::WALSHIP,
+        &[
+            "promote",
+            "--etcd",
+            &etcd.endpoint,
+            "--cluster",
+            "test",
+            "--volume",
+            "vol0",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--accept-data-loss"));
+
+    let printed = nodes::run_ok(
+        nodes::WALSHIP,
+        &[
+            "promote",
+            "--etcd",
+            &etcd.endpoint,
+            "--cluster",
+            "test",
+            "--volume",
+            "vol0",
+            "--accept-data-loss",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    let promoted: Decision = serde_json::from_str(&printed).unwrap();
+    assert_eq!(promoted.promoted.as_deref(), Some("node2"), "{promoted:?}");
+    assert_eq!(promoted.by, "operator");
+    let loss = promoted.data_loss.clone().expect("the loss is stated");
+    assert!(loss.after < loss.through, "{loss:?}");
+    assert_eq!(loss.through, down.committed);
+    assert!(!loss.waived.is_empty(), "{loss:?}");
+    let mut client = etcd.client().await;
+    let record = volume_record(&mut client).await;
+    assert_eq!((record.epoch, record.primary.as_str()), (2, "node2"));
+    // Shown with the volume, and the controller leaves it be.
+    let shown = within(Duration::from_secs(10), || async {
+        let volume = cluster.status(1).await["volumes"][0].clone();
+        (volume["role"] == "primary" && volume["control_decision"]["by"] == "operator")
+            .then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "{:#}", cluster.status(1).await);
+    let table = nodes::run_ok(
+        nodes::WALSHIP,
+        &["status", "--admin", &cluster.nodes[1].admin_addr()],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(table.contains("data loss accepted"), "{table}");
+
+    // node2 takes writes; node1 and node3 come back as its replicas.
+    let more = write_blocks(
+        nbd_addr(&cluster.nodes[1]),
+        200..264,
+        true,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await;
+    assert_eq!(more.len(), 64);
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    cluster.spawn(2);
+    cluster.wait_up(2, Duration::from_secs(20)).await;
+    cluster.wait_converged_on(1, CONVERGE).await;
+    assert_eq!(volume_record(&mut client).await.epoch, 2);
+    let kept: Vec<u64> = done.iter().copied().filter(|&b| b < 64).collect();
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &[kept, more].concat()).await;
+    // Blocks 64..128, acknowledged by node1 alone, are gone everywhere.
+    let mut reader = Haggle::connect(nbd_addr(&cluster.nodes[0]))
+        .await
+        .go("vol0")
+        .await;
+    for block in 64..128u64 {
+        let data = reader.read(block * 4096, 4096).await.unwrap();
+        assert_ne!(data, block_of(block), "block {block} revived on node1");
+    }
+    assert_replicas_identical(&cluster, 1).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }

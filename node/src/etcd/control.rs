@@ -51,7 +51,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use walship_actors::NodeStatus;
 use walship_engine::{
-    evaluate_promotion, CommitMode, Epoch, Lsn, PromotionCandidate, ReplicaId, ReplicaState, Tick,
+    evaluate_promotion, select_desperate, CommitMode, DataLossAccepted, Epoch, Ineligibility, Lsn,
+    PromotionCandidate, ReplicaId, ReplicaState, Tick,
 };
 
 /// How often a primary's progress may be written.
@@ -111,8 +112,22 @@ pub struct Decision {
     /// replicas answered for a sync_quorum volume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<String>,
+    /// On the desperate path (an operator's), what was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_loss: Option<DataLoss>,
     /// The controller that decided.
     pub by: String,
+}
+
+/// Committed writes an operator's promotion gave up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataLoss {
+    /// The promoted replica holds committed LSNs up to this one.
+    pub after: u64,
+    /// The last committed LSN reported: `(after, through]` is lost.
+    pub through: u64,
+    /// The promotion rules waived for it.
+    pub waived: Vec<String>,
 }
 
 /// The key of a volume's progress report.
@@ -351,12 +366,6 @@ async fn look(
     Ok(())
 }
 
-/// A replica's reasons the engine does not judge: it has not reported
-/// its own view yet, or a primary still feeds it (its durable LSN may
-/// still grow). Both pass once the lost primary's connections end.
-const UNREPORTED: &str = "unreported: no report of its own yet";
-const STILL_CONNECTED: &str = "still_connected: a primary is still connected to it";
-
 /// The names under `prefix` (keys only).
 async fn names(client: &mut Client, prefix: &str) -> Result<BTreeSet<String>, etcd_client::Error> {
     let keys = GetOptions::new().with_prefix().with_keys_only();
@@ -368,20 +377,33 @@ async fn names(client: &mut Client, prefix: &str) -> Result<BTreeSet<String>, et
         .collect())
 }
 
-/// Judges the replicas of `volume`, whose primary is gone, and promotes
-/// the best if one is eligible; records the decision either way (a
-/// "down" one only once `settled`, if a replica may yet settle).
-#[allow(clippy::too_many_arguments)]
-async fn failover(
+/// A replica's reasons the engine does not judge: it has not reported
+/// its own view yet, or a primary still feeds it (its durable LSN may
+/// still grow). Both pass once the lost primary's connections end.
+const UNREPORTED: &str = "unreported: no report of its own yet";
+const STILL_CONNECTED: &str = "still_connected: a primary is still connected to it";
+
+/// A lost primary's replicas as etcd knows them.
+struct Candidates {
+    /// Each, for the engine's rules: the state is the primary's last
+    /// judgement; the epoch and the durable LSN are the replica's own,
+    /// fresher than the primary's report.
+    list: Vec<PromotionCandidate>,
+    /// Live replicas not yet to be judged, and why.
+    unsettled: BTreeMap<String, &'static str>,
+    /// The committed LSN the primary last reported.
+    reported_committed: u64,
+}
+
+/// Reads what etcd holds of `record`'s replicas: the primary's last
+/// progress report and each replica's own.
+async fn candidates(
     client: &mut Client,
     cluster: &str,
-    me: &str,
     volume: &str,
-    record: VolumeRecord,
-    (revision, leader): (i64, &Leader),
+    record: &VolumeRecord,
     live: &BTreeSet<String>,
-    settled: bool,
-) -> Result<(), etcd_client::Error> {
+) -> Result<Candidates, etcd_client::Error> {
     let progress: Option<ProgressRecord> = client
         .get(progress_key(cluster, volume), None)
         .await?
@@ -399,14 +421,12 @@ async fn failover(
             Some((node, serde_json::from_slice(kv.value()).ok()?))
         })
         .collect();
-    let mut candidates = Vec::new();
-    let mut unsettled: BTreeMap<String, &str> = BTreeMap::new();
+    let mut list = Vec::new();
+    let mut unsettled = BTreeMap::new();
     for server in record.replicas.keys() {
         let Ok(replica) = ReplicaId::new(volume, server) else {
             continue;
         };
-        // The state is the primary's judgement; the epoch and the durable
-        // LSN are the replica's own, fresher than the primary's report.
         let state = progress
             .as_ref()
             .and_then(|p| p.replicas.get(server))
@@ -427,7 +447,7 @@ async fn failover(
             }
             _ => {}
         }
-        candidates.push(PromotionCandidate {
+        list.push(PromotionCandidate {
             replica,
             running,
             epoch: Epoch(mine.map_or(0, |r| r.epoch)),
@@ -436,21 +456,50 @@ async fn failover(
             last_heartbeat: Tick(0),
         });
     }
-    let reported_committed = progress.as_ref().map_or(0, |p| p.committed);
-    let (committed, blocked) = if record.commit_mode == CommitMode::SyncQuorum {
-        quorum_judgement(&record, &candidates, &unsettled, reported_committed)
-    } else {
-        (reported_committed, None)
-    };
-    let report = evaluate_promotion(&candidates, Epoch(record.epoch), Lsn(committed));
-    let mut rejected: BTreeMap<String, Vec<String>> = report
-        .rejected
+    Ok(Candidates {
+        list,
+        unsettled,
+        reported_committed: progress.map_or(0, |p| p.committed),
+    })
+}
+
+/// The node names of `reasons`' replicas, each with its reasons as text.
+fn reasons_by_node(reasons: &[(ReplicaId, Vec<Ineligibility>)]) -> BTreeMap<String, Vec<String>> {
+    reasons
         .iter()
         .map(|(replica, reasons)| {
             let reasons = reasons.iter().map(ToString::to_string).collect();
             (replica.server().to_owned(), reasons)
         })
-        .collect();
+        .collect()
+}
+
+/// Judges the replicas of `volume`, whose primary is gone, and promotes
+/// the best if one is eligible; records the decision either way (a
+/// "down" one only once `settled`, if a replica may yet settle).
+#[allow(clippy::too_many_arguments)]
+async fn failover(
+    client: &mut Client,
+    cluster: &str,
+    me: &str,
+    volume: &str,
+    record: VolumeRecord,
+    (revision, leader): (i64, &Leader),
+    live: &BTreeSet<String>,
+    settled: bool,
+) -> Result<(), etcd_client::Error> {
+    let Candidates {
+        list,
+        unsettled,
+        reported_committed,
+    } = candidates(client, cluster, volume, &record, live).await?;
+    let (committed, blocked) = if record.commit_mode == CommitMode::SyncQuorum {
+        quorum_judgement(&record, &list, &unsettled, reported_committed)
+    } else {
+        (reported_committed, None)
+    };
+    let report = evaluate_promotion(&list, Epoch(record.epoch), Lsn(committed));
+    let mut rejected = reasons_by_node(&report.rejected);
     for (server, reason) in &unsettled {
         rejected
             .entry(server.clone())
@@ -471,10 +520,9 @@ async fn failover(
         promoted: promoted.clone(),
         rejected,
         blocked,
+        data_loss: None,
         by: me.to_owned(),
     };
-    let decision_value = serde_json::to_vec(&decision).unwrap_or_default();
-    let key = volume_key(cluster, volume);
     let Some(next_primary) = promoted else {
         if !settled && !unsettled.is_empty() {
             tracing::debug!(
@@ -485,6 +533,7 @@ async fn failover(
             return Ok(());
         }
         // Down, with the reasons; written once per distinct decision.
+        let decision_value = serde_json::to_vec(&decision).unwrap_or_default();
         let known = client.get(decision_key(cluster, volume), None).await?;
         let same = known
             .kvs()
@@ -504,8 +553,38 @@ async fn failover(
         }
         return Ok(());
     };
+    failpoint("controller-before-promote").await;
+    // A stale controller's transaction fails.
+    let guard = [still_leader(leader)];
+    let at = (revision, next_primary.as_str());
+    if promote(client, cluster, volume, record, at, &decision, guard).await? {
+        tracing::warn!(volume, epoch = decision.epoch + 1, primary = %next_primary,
+            lost = %decision.lost_primary, rejected = ?decision.rejected,
+            "etcd controller: promoted");
+    } else {
+        tracing::info!(
+            volume,
+            "etcd controller: the record changed or this node is no longer the controller; not promoted"
+        );
+    }
+    Ok(())
+}
+
+/// Writes `next_primary` as `volume`'s primary in the next epoch, and
+/// `decision`, in one transaction that holds only if the record is as
+/// read at `revision`, its primary still unregistered, and every one of
+/// `guards` holds; whether it held.
+async fn promote(
+    client: &mut Client,
+    cluster: &str,
+    volume: &str,
+    record: VolumeRecord,
+    (revision, next_primary): (i64, &str),
+    decision: &Decision,
+    guards: impl IntoIterator<Item = Compare>,
+) -> Result<bool, etcd_client::Error> {
     let mut replicas = record.replicas.clone();
-    replicas.remove(&next_primary);
+    replicas.remove(next_primary);
     let lost_at = client
         .get(address_key(cluster, &record.primary), None)
         .await?
@@ -525,43 +604,138 @@ async fn failover(
             replicas.insert(record.primary.clone(), addr);
         }
         None => tracing::warn!(volume, lost = %record.primary,
-            "etcd controller: the lost primary's address is unknown; it is left out"),
+            "etcd: the lost primary's address is unknown; it is left out"),
     }
+    let lost_key = node_key(cluster, &record.primary);
     let next = VolumeRecord {
         epoch: record.epoch + 1,
-        primary: next_primary.clone(),
+        primary: next_primary.to_owned(),
         replicas,
         departed,
         ..record
     };
-    let Ok(next_value) = serde_json::to_vec(&next) else {
-        return Ok(());
+    let key = volume_key(cluster, volume);
+    let mut when = vec![
+        Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+        Compare::create_revision(lost_key, CompareOp::Equal, 0),
+    ];
+    when.extend(guards);
+    let (Ok(next_value), Ok(decision_value)) =
+        (serde_json::to_vec(&next), serde_json::to_vec(decision))
+    else {
+        return Ok(false);
     };
-    failpoint("controller-before-promote").await;
-    // Holds only if the record is as read, the primary still unregistered,
-    // and this node still the controller: a stale controller's fails.
-    let lost_key = node_key(cluster, &decision.lost_primary);
-    let txn = Txn::new()
-        .when([
-            Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
-            Compare::create_revision(lost_key, CompareOp::Equal, 0),
-            still_leader(leader),
-        ])
-        .and_then([
-            TxnOp::put(key.as_str(), next_value, None),
-            TxnOp::put(decision_key(cluster, volume), decision_value, None),
-        ]);
-    if client.txn(txn).await?.succeeded() {
-        tracing::warn!(volume, epoch = next.epoch, primary = %next_primary,
-            lost = %decision.lost_primary, rejected = ?decision.rejected,
-            "etcd controller: promoted");
-    } else {
-        tracing::info!(
-            volume,
-            "etcd controller: the record changed or this node is no longer the controller; not promoted"
-        );
+    let txn = Txn::new().when(when).and_then([
+        TxnOp::put(key.as_str(), next_value, None),
+        TxnOp::put(decision_key(cluster, volume), decision_value, None),
+    ]);
+    Ok(client.txn(txn).await?.succeeded())
+}
+
+/// Why an operator's promotion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// etcd refused or could not be reached.
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    /// The volume has no record.
+    #[error("volume {0} has no record in etcd")]
+    NoRecord(String),
+    /// The primary is registered: nothing to fail over.
+    #[error("{volume}'s primary {primary} is registered (alive): nothing to fail over")]
+    PrimaryAlive {
+        /// The volume.
+        volume: String,
+        /// Its primary.
+        primary: String,
+    },
+    /// No replica can take it, not even losing data.
+    #[error("{volume}: {source}")]
+    NoCandidate {
+        /// The volume.
+        volume: String,
+        /// Why, for each replica.
+        source: walship_engine::PromotionError,
+    },
+    /// The record or the registrations changed while deciding.
+    #[error("{0}: the record changed or the primary registered meanwhile; nothing written")]
+    Raced(String),
+}
+
+/// The desperate path, an operator's explicit act (`walship promote
+/// --accept-data-loss`), never the controller's: `volume`'s primary is
+/// lost and no replica is eligible; the running replica with the most
+/// data, whatever its state or epoch short of a partial image, becomes
+/// primary in the next epoch. The decision, written with it, says which
+/// committed LSNs it lacks (lost) and which rules were waived.
+pub async fn promote_accepting_loss(
+    client: &mut Client,
+    cluster: &str,
+    volume: &str,
+    by: &str,
+    accepted: DataLossAccepted,
+) -> Result<Decision, PromoteError> {
+    let key = volume_key(cluster, volume);
+    let response = client.get(key.as_str(), None).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Err(PromoteError::NoRecord(volume.to_owned()));
+    };
+    let revision = kv.mod_revision();
+    let record: VolumeRecord = serde_json::from_slice(kv.value())
+        .map_err(|_| PromoteError::NoRecord(volume.to_owned()))?;
+    let live = names(client, &node_key(cluster, "")).await?;
+    if live.contains(&record.primary) {
+        return Err(PromoteError::PrimaryAlive {
+            volume: volume.to_owned(),
+            primary: record.primary,
+        });
     }
-    Ok(())
+    let Candidates {
+        list,
+        reported_committed,
+        ..
+    } = candidates(client, cluster, volume, &record, &live).await?;
+    let committed = Lsn(reported_committed);
+    let report = evaluate_promotion(&list, Epoch(record.epoch), committed);
+    let pick =
+        select_desperate(&list, Epoch(record.epoch), committed, accepted).map_err(|source| {
+            PromoteError::NoCandidate {
+                volume: volume.to_owned(),
+                source,
+            }
+        })?;
+    let chosen = pick.replica.server().to_owned();
+    let decision = Decision {
+        epoch: record.epoch,
+        lost_primary: record.primary.clone(),
+        committed: committed.get(),
+        promoted: Some(chosen.clone()),
+        rejected: reasons_by_node(&report.rejected),
+        blocked: None,
+        data_loss: Some(DataLoss {
+            after: pick.lost_from_exclusive.get(),
+            through: pick.lost_to_inclusive.get(),
+            waived: pick.waived.iter().map(ToString::to_string).collect(),
+        }),
+        by: by.to_owned(),
+    };
+    if promote(
+        client,
+        cluster,
+        volume,
+        record,
+        (revision, &chosen),
+        &decision,
+        [],
+    )
+    .await?
+    {
+        tracing::warn!(volume, primary = %chosen, loss = ?decision.data_loss,
+            "etcd: promoted by an operator, accepting data loss");
+        Ok(decision)
+    } else {
+        Err(PromoteError::Raced(volume.to_owned()))
+    }
 }
 
 /// Under sync_quorum a committed write is durable on a majority of the

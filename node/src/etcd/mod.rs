@@ -35,8 +35,9 @@ pub use etcd_client;
 mod control;
 
 pub use control::{
-    address_key, decision_key, progress_key, replica_report_key, Decision, ProgressRecord,
-    ReplicaProgress, ReplicaReport, CONTROL_EVERY, FAILPOINT_ENV, PROGRESS_EVERY,
+    address_key, decision_key, progress_key, promote_accepting_loss, replica_report_key, DataLoss,
+    Decision, ProgressRecord, PromoteError, ReplicaProgress, ReplicaReport, CONTROL_EVERY,
+    FAILPOINT_ENV, PROGRESS_EVERY,
 };
 
 use crate::config::NodeConfig;

@@ -1,6 +1,7 @@
 //! The `walship` command line.
 
 mod demo;
+mod promote;
 mod serve;
 mod status;
 mod store;
@@ -60,6 +61,25 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// The desperate path: a volume whose primary is lost and which has no
+    /// eligible replica (the controller leaves it down, with the reasons)
+    /// gets the running replica with the most data as primary in the next
+    /// epoch. Committed writes it lacks are lost; the decision says which.
+    /// Needs a walship built with `--features etcd`.
+    Promote {
+        /// etcd client URLs (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// The nodes' cluster name (their config's `cluster`).
+        #[arg(long)]
+        cluster: String,
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+        /// Required: losing committed writes is accepted.
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
     /// A running node's volumes, roles, epochs, replica states and lag.
     Status {
         /// The node's admin address (`host:port`).
@@ -105,6 +125,15 @@ async fn main() -> anyhow::Result<()> {
                 lease_ttl: std::time::Duration::from_millis(etcd_lease_ms),
             });
             serve::run(&config, data_dir.as_deref(), etcd).await
+        }
+        Command::Promote {
+            etcd,
+            cluster,
+            volume,
+            accept_data_loss,
+        } => {
+            let out = &mut std::io::stdout();
+            promote::run(&etcd, &cluster, &volume, accept_data_loss, out).await
         }
         Command::Status { admin, json } => status::run(&admin, json, &mut std::io::stdout()).await,
         Command::Store { command } => match command {

@@ -140,6 +140,17 @@ pub fn render(report: &Value) -> String {
         if !decision["blocked"].is_null() {
             let _ = writeln!(out, "  blocked: {}", text(&decision["blocked"]));
         }
+        let loss = &decision["data_loss"];
+        if !loss.is_null() {
+            let _ = writeln!(
+                out,
+                "  data loss accepted: committed LSNs {} to {} lost",
+                loss["after"]
+                    .as_u64()
+                    .map_or("-".into(), |a| (a + 1).to_string()),
+                text(&loss["through"]),
+            );
+        }
         let rejected = decision["rejected"]
             .as_object()
             .cloned()
