@@ -3,7 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use crate::nodes::NodeCluster;
+use crate::nodes::{free_port, NodeCluster};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -35,12 +35,7 @@ impl Etcd {
     /// [`start`](Self::start) with `args` added.
     pub async fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let held: Vec<std::net::TcpListener> = (0..2)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let port = |i: usize| held[i].local_addr().expect("local addr").port();
-        let (client, peer) = (port(0), port(1));
-        drop(held);
+        let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");

@@ -18,10 +18,24 @@ use walship::node::admin;
 /// The walship binary cargo built for these tests.
 pub const WALSHIP: &str = env!("CARGO_BIN_EXE_walship");
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below the kernel's ephemeral range
+/// (32768 and up here): a node restarted on its port must not find it
+/// taken by some connection's local end, which ports the kernel hands out
+/// (`bind(0)`) can be. Each is handed out once per test process.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after the other; the pid spreads the start.
+    let start = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// One node of the cluster.
@@ -118,16 +132,9 @@ impl NodeCluster {
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let names = &["node1", "node2", "node3"][..count];
-        // Every port bound at once, so no two are the same; released just
-        // before the nodes bind them.
-        let held: Vec<TcpListener> = (0..names.len() * 3)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-            .collect();
-        let port = |i: usize| held[i].local_addr().expect("local addr").port();
         let ports: Vec<(u16, u16, u16)> = (0..names.len())
-            .map(|n| (port(3 * n), port(3 * n + 1), port(3 * n + 2)))
+            .map(|_| (free_port(), free_port(), free_port()))
             .collect();
-        drop(held);
         let replicas = names[1..]
             .iter()
             .zip(&ports[1..])

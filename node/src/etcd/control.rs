@@ -5,9 +5,9 @@
 //! [`PROGRESS_EVERY`]: its epoch, its committed LSN, and each replica's
 //! flushed LSN and state as it sees them. Each replica writes its own
 //! view the same way, `replicas/<volume>/<node>`: the epoch it accepts,
-//! its durable LSN, and whether a primary is connected to it. The
-//! controller judges a dead primary's replicas by both, without talking
-//! to the dead.
+//! its durable LSN, whether a primary is connected to it, and the last
+//! probe it answered. The controller judges a dead primary's replicas by
+//! both, without talking to the dead.
 //!
 //! **Controller.** Every node campaigns in an etcd election on its lease;
 //! the leader, alone, looks at the records every [`CONTROL_EVERY`]. A
@@ -27,18 +27,21 @@
 //! How fresh the judgement is. The primary's report (the committed LSN,
 //! each replica's state) is as old as its last write, up to a lease old
 //! for a primary cut off from etcd, which acknowledges until its fence
-//! lapses. So a replica's durable LSN and epoch come from the replica's
-//! own report, and it is judged only once no primary is connected to it
-//! (the lost one cannot add to it any more: its last report is final).
-//! Then the best-ranked, the highest durable LSN, holds every committed
-//! write if any live replica does: under sync_all every in-sync replica
-//! holds them (nothing commits while one is out of sync); under
-//! sync_quorum a write is committed on a majority of members, so the
-//! controller promotes only when enough replicas answered that every
-//! majority includes one of them. A replica still connected or not yet
-//! reported is rejected for that; the volume's "down" decision is written
-//! only once the primary has been lost for a lease time, since these
-//! clear within a report or two of its end.
+//! lapses; it counts only for the record's primary and epoch (a promotion
+//! writes the new primary's first one). A replica's durable LSN and
+//! epoch come from its own report, and only from one written after the
+//! controller's probe (`probes/<volume>`, written once the lost primary's
+//! lease has ended, so after its last acknowledgement; each node answers
+//! a probe about a volume it hosts at once). Then the best-ranked, the
+//! highest durable LSN, holds every committed write if any live replica
+//! does: under sync_all every in-sync replica holds them (nothing commits
+//! while one is out of sync); under sync_quorum a write is committed on a
+//! majority of members, so the controller promotes only when enough
+//! replicas answered that every majority includes one of them, and
+//! judges against the highest durable LSN among those in the epoch. A
+//! live replica that has not answered is rejected for that; the volume's
+//! "down" decision is written only once the primary has been lost for a
+//! lease time (answers take milliseconds).
 
 use super::{node_key, parse, prefix, volume_key, VolumeRecord};
 use crate::assignment::Applied;
@@ -59,6 +62,8 @@ use walship_engine::{
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often the elected controller looks at the records.
 pub const CONTROL_EVERY: Duration = Duration::from_millis(250);
+/// How soon it looks again while replicas have yet to answer its probe.
+pub const ANSWER_EVERY: Duration = Duration::from_millis(20);
 
 /// One replica as its primary last reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +98,20 @@ pub struct ReplicaReport {
     pub durable: u64,
     /// Whether a primary is connected to it.
     pub connected: bool,
+    /// The revision of the last probe of the controller's about this
+    /// volume it has seen: this report was written after it.
+    #[serde(default)]
+    pub answered: i64,
+}
+
+/// The controller's question to a lost primary's replicas
+/// (`probes/<volume>`): each answers with a fresh report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The epoch whose primary was lost.
+    pub epoch: u64,
+    /// That primary.
+    pub lost_primary: String,
 }
 
 /// A controller's decision about a volume whose primary was lost.
@@ -140,6 +159,11 @@ pub fn replica_report_key(cluster: &str, volume: &str, node: &str) -> String {
     format!("{}replicas/{volume}/{node}", prefix(cluster))
 }
 
+/// The key of the controller's probe of a volume's replicas.
+pub fn probe_key(cluster: &str, volume: &str) -> String {
+    format!("{}probes/{volume}", prefix(cluster))
+}
+
 /// The key of the last decision about a volume.
 pub fn decision_key(cluster: &str, volume: &str) -> String {
     format!("{}decisions/{volume}", prefix(cluster))
@@ -157,16 +181,20 @@ pub(super) async fn report(
     mut client: Client,
     cluster: String,
     node: Arc<Node>,
+    mut probes: watch::Receiver<BTreeMap<String, i64>>,
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
     // The last value written under each key.
     let mut last: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut every = tokio::time::interval(PROGRESS_EVERY);
     loop {
+        // A probe is answered at once.
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             _ = every.tick() => {}
+            _ = probes.changed() => {}
         }
+        let answered = probes.borrow_and_update().clone();
         for (name, epoch, status) in node.statuses().await {
             let (key, value) = match &status {
                 NodeStatus::Primary(status) => {
@@ -195,6 +223,7 @@ pub(super) async fn report(
                         term: status.epoch,
                         durable: status.durable,
                         connected: status.connected,
+                        answered: answered.get(&name).copied().unwrap_or(0),
                     };
                     let key = replica_report_key(&cluster, &name, node.name());
                     (key, serde_json::to_vec(&own))
@@ -251,7 +280,7 @@ pub(super) async fn control(
         }
     };
     tracing::info!(controller = %me, "etcd: elected controller");
-    let mut every = tokio::time::interval(CONTROL_EVERY);
+    let mut pause = CONTROL_EVERY;
     let mut nodes = Liveness {
         seen: BTreeSet::new(),
         absent_since: BTreeMap::new(),
@@ -261,11 +290,17 @@ pub(super) async fn control(
     loop {
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
-            _ = every.tick() => {}
+            () = tokio::time::sleep(pause) => {}
         }
-        if let Err(e) = look(&mut client, &cluster, &me, &leader, &mut nodes).await {
-            tracing::warn!(error = %e, "etcd: controller pass failed");
-        }
+        // Waiting for answers to a probe: look again soon.
+        pause = match look(&mut client, &cluster, &me, &leader, &mut nodes).await {
+            Ok(true) => ANSWER_EVERY,
+            Ok(false) => CONTROL_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd: controller pass failed");
+                CONTROL_EVERY
+            }
+        };
     }
 }
 
@@ -308,14 +343,16 @@ impl Liveness {
     }
 }
 
-/// One pass: every volume whose primary's node entry is gone.
+/// One pass: every volume whose primary's node entry is gone; whether a
+/// failover waits for answers to its probe.
 async fn look(
     client: &mut Client,
     cluster: &str,
     me: &str,
     leader: &Leader,
     nodes: &mut Liveness,
-) -> Result<(), etcd_client::Error> {
+) -> Result<bool, etcd_client::Error> {
+    let mut waiting = false;
     let live = names(client, &node_key(cluster, "")).await?;
     let registered = names(client, &address_key(cluster, "")).await?;
     nodes.observe(&live, registered);
@@ -361,9 +398,9 @@ async fn look(
         };
         let at = (kv.mod_revision(), leader);
         let settled = lost_for >= nodes.settle;
-        failover(client, cluster, me, volume, record, at, &live, settled).await?;
+        waiting |= failover(client, cluster, me, volume, record, at, &live, settled).await?;
     }
-    Ok(())
+    Ok(waiting)
 }
 
 /// The names under `prefix` (keys only).
@@ -377,11 +414,37 @@ async fn names(client: &mut Client, prefix: &str) -> Result<BTreeSet<String>, et
         .collect())
 }
 
-/// A replica's reasons the engine does not judge: it has not reported
-/// its own view yet, or a primary still feeds it (its durable LSN may
-/// still grow). Both pass once the lost primary's connections end.
-const UNREPORTED: &str = "unreported: no report of its own yet";
-const STILL_CONNECTED: &str = "still_connected: a primary is still connected to it";
+/// A live replica's reason the engine does not judge: it has not
+/// reported since the controller's probe (so its report may predate a
+/// write the lost primary acknowledged).
+const UNANSWERED: &str = "unanswered: no report of its own since the controller's probe";
+
+/// Asks `record`'s replicas, whose primary is lost, for fresh reports:
+/// `probes/<volume>`, written once per loss. The revision it was written
+/// at is after the lost primary's lease ended, so after its last
+/// acknowledgement: a report answering it holds every write the replica
+/// acknowledged to that primary. Returns that revision.
+async fn probe(
+    client: &mut Client,
+    cluster: &str,
+    volume: &str,
+    record: &VolumeRecord,
+) -> Result<i64, etcd_client::Error> {
+    let key = probe_key(cluster, volume);
+    let question = Probe {
+        epoch: record.epoch,
+        lost_primary: record.primary.clone(),
+    };
+    let asked = client.get(key.as_str(), None).await?;
+    if let Some(kv) = asked.kvs().first() {
+        if serde_json::from_slice::<Probe>(kv.value()).is_ok_and(|p| p == question) {
+            return Ok(kv.mod_revision());
+        }
+    }
+    let value = serde_json::to_vec(&question).unwrap_or_default();
+    let put = client.put(key.as_str(), value, None).await?;
+    Ok(put.header().map_or(i64::MAX, |h| h.revision()))
+}
 
 /// A lost primary's replicas as etcd knows them.
 struct Candidates {
@@ -396,20 +459,25 @@ struct Candidates {
 }
 
 /// Reads what etcd holds of `record`'s replicas: the primary's last
-/// progress report and each replica's own.
+/// progress report and each replica's own; a live replica's counts once
+/// it answers the probe at revision `probe`.
 async fn candidates(
     client: &mut Client,
     cluster: &str,
     volume: &str,
     record: &VolumeRecord,
-    live: &BTreeSet<String>,
+    (live, probe): (&BTreeSet<String>, i64),
 ) -> Result<Candidates, etcd_client::Error> {
+    // Only a report of this record's primary in its epoch: an older one
+    // (a primary promoted and lost before it reported) says nothing of
+    // these replicas. A promotion writes the report it starts from.
     let progress: Option<ProgressRecord> = client
         .get(progress_key(cluster, volume), None)
         .await?
         .kvs()
         .first()
-        .and_then(|kv| serde_json::from_slice(kv.value()).ok());
+        .and_then(|kv| serde_json::from_slice::<ProgressRecord>(kv.value()).ok())
+        .filter(|p| p.epoch == record.epoch && p.primary == record.primary);
     let own_prefix = replica_report_key(cluster, volume, "");
     let own: BTreeMap<String, ReplicaReport> = client
         .get(own_prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -438,14 +506,8 @@ async fn candidates(
             .unwrap_or(ReplicaState::Disconnected);
         let mine = own.get(server);
         let running = live.contains(server);
-        match mine {
-            None if running => {
-                unsettled.insert(server.clone(), UNREPORTED);
-            }
-            Some(mine) if running && mine.connected => {
-                unsettled.insert(server.clone(), STILL_CONNECTED);
-            }
-            _ => {}
+        if running && mine.is_none_or(|mine| mine.answered < probe) {
+            unsettled.insert(server.clone(), UNANSWERED);
         }
         list.push(PromotionCandidate {
             replica,
@@ -487,12 +549,13 @@ async fn failover(
     (revision, leader): (i64, &Leader),
     live: &BTreeSet<String>,
     settled: bool,
-) -> Result<(), etcd_client::Error> {
+) -> Result<bool, etcd_client::Error> {
+    let asked = probe(client, cluster, volume, &record).await?;
     let Candidates {
         list,
         unsettled,
         reported_committed,
-    } = candidates(client, cluster, volume, &record, live).await?;
+    } = candidates(client, cluster, volume, &record, (live, asked)).await?;
     let (committed, blocked) = if record.commit_mode == CommitMode::SyncQuorum {
         quorum_judgement(&record, &list, &unsettled, reported_committed)
     } else {
@@ -523,15 +586,18 @@ async fn failover(
         data_loss: None,
         by: me.to_owned(),
     };
+    // Every live replica answers within milliseconds: judged with all
+    // their answers, the best is chosen, and a "down" decision is not a
+    // passing one. One that does not answer for a lease time is left out.
+    if !settled && !unsettled.is_empty() {
+        tracing::debug!(
+            volume,
+            ?unsettled,
+            "etcd controller: waiting for replicas to answer"
+        );
+        return Ok(true);
+    }
     let Some(next_primary) = promoted else {
-        if !settled && !unsettled.is_empty() {
-            tracing::debug!(
-                volume,
-                ?unsettled,
-                "etcd controller: waiting for replicas to settle"
-            );
-            return Ok(());
-        }
         // Down, with the reasons; written once per distinct decision.
         let decision_value = serde_json::to_vec(&decision).unwrap_or_default();
         let known = client.get(decision_key(cluster, volume), None).await?;
@@ -551,7 +617,7 @@ async fn failover(
                 )]);
             client.txn(txn).await?;
         }
-        return Ok(());
+        return Ok(false);
     };
     failpoint("controller-before-promote").await;
     // A stale controller's transaction fails.
@@ -567,7 +633,7 @@ async fn failover(
             "etcd controller: the record changed or this node is no longer the controller; not promoted"
         );
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Writes `next_primary` as `volume`'s primary in the next epoch, and
@@ -603,6 +669,12 @@ async fn promote(
         Some(addr) => {
             replicas.insert(record.primary.clone(), addr);
         }
+        None if record.commit_mode == CommitMode::SyncQuorum && replicas.len() < 2 => {
+            // Two members cannot make a sync_quorum volume.
+            tracing::warn!(volume, lost = %record.primary,
+                "etcd: the lost primary's address is unknown and sync_quorum needs three members: not promoted");
+            return Ok(false);
+        }
         None => tracing::warn!(volume, lost = %record.primary,
             "etcd: the lost primary's address is unknown; it is left out"),
     }
@@ -625,9 +697,25 @@ async fn promote(
     else {
         return Ok(false);
     };
+    // The new primary's report until it writes its own: the committed LSN
+    // it holds (all that was judged; on the desperate path, what it has),
+    // its replicas' states unknown.
+    let baseline = ProgressRecord {
+        epoch: next.epoch,
+        primary: next.primary.clone(),
+        committed: decision
+            .data_loss
+            .as_ref()
+            .map_or(decision.committed, |loss| loss.after),
+        replicas: BTreeMap::new(),
+    };
+    let Ok(baseline) = serde_json::to_vec(&baseline) else {
+        return Ok(false);
+    };
     let txn = Txn::new().when(when).and_then([
         TxnOp::put(key.as_str(), next_value, None),
         TxnOp::put(decision_key(cluster, volume), decision_value, None),
+        TxnOp::put(progress_key(cluster, volume), baseline, None),
     ]);
     Ok(client.txn(txn).await?.succeeded())
 }
@@ -694,7 +782,7 @@ pub async fn promote_accepting_loss(
         list,
         reported_committed,
         ..
-    } = candidates(client, cluster, volume, &record, &live).await?;
+    } = candidates(client, cluster, volume, &record, (&live, 0)).await?;
     let committed = Lsn(reported_committed);
     let report = evaluate_promotion(&list, Epoch(record.epoch), committed);
     let pick =
@@ -874,7 +962,7 @@ mod tests {
         assert!(blocked
             .unwrap()
             .contains("1 of 2 replicas answered, 2 needed"));
-        let unsettled = BTreeMap::from([("b".to_owned(), STILL_CONNECTED)]);
+        let unsettled = BTreeMap::from([("b".to_owned(), UNANSWERED)]);
         let both_up = [candidate("a", true, 3, 10), candidate("b", true, 3, 12)];
         assert!(quorum_judgement(&two, &both_up, &unsettled, 5).1.is_some());
         // Both answered: judged against the highest durable LSN among them

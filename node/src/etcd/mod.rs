@@ -35,9 +35,9 @@ pub use etcd_client;
 mod control;
 
 pub use control::{
-    address_key, decision_key, progress_key, promote_accepting_loss, replica_report_key, DataLoss,
-    Decision, ProgressRecord, PromoteError, ReplicaProgress, ReplicaReport, CONTROL_EVERY,
-    FAILPOINT_ENV, PROGRESS_EVERY,
+    address_key, decision_key, probe_key, progress_key, promote_accepting_loss, replica_report_key,
+    DataLoss, Decision, ProgressRecord, PromoteError, ReplicaProgress, ReplicaReport,
+    CONTROL_EVERY, FAILPOINT_ENV, PROGRESS_EVERY,
 };
 
 use crate::config::NodeConfig;
@@ -192,6 +192,47 @@ impl ControlPlane {
             source,
         };
         let mut client = client(&options.endpoints).await.map_err(failed)?;
+        // etcd grants whole seconds, at least its minimum (1.5 election
+        // timeouts: 2 s by default); renewals follow what it granted.
+        let asked = options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64;
+        let fence = Arc::new(WriteFence::open());
+        fence.hold();
+        let sent = Instant::now();
+        let granted = client.lease_grant(asked, None).await.map_err(failed)?;
+        let (lease, ttl) = (
+            granted.id(),
+            Duration::from_secs(granted.ttl().max(1) as u64),
+        );
+        fence.renewed(sent, ttl);
+        tracing::info!(
+            lease,
+            asked_ms = options.lease_ttl.as_millis() as u64,
+            granted_s = ttl.as_secs(),
+            "etcd: lease granted"
+        );
+        let renewals = client.lease_keep_alive(lease).await.map_err(failed)?;
+        let keeping =
+            Task::spawn(|stopped| keep(lease, ttl, renewals, Arc::clone(&fence), stopped));
+        // Registered before the records are read: a controller never takes
+        // a node that is starting (and about to serve) for a lost one, and
+        // a promotion away from this node either committed before the
+        // registration (the reads below see it) or fails (its transaction
+        // requires the lost primary unregistered).
+        let entry = NodeRecord {
+            replication: config.replication.to_string(),
+            admin: config.admin.map(|a| a.to_string()),
+            nbd: config.nbd.map(|a| a.to_string()),
+        };
+        let value = serde_json::to_vec(&entry)?;
+        let with_lease = Some(PutOptions::new().with_lease(lease));
+        let key = node_key(&config.cluster, &config.node);
+        client.put(key, value, with_lease).await.map_err(failed)?;
+        // Kept after the lease: a lost primary is added back at it.
+        let address = address_key(&config.cluster, &config.node);
+        client
+            .put(address, entry.replication, None)
+            .await
+            .map_err(failed)?;
         // The watch starts after the oldest read: a record written between
         // two reads is seen again (and fenced, if not newer), never missed.
         let mut revision = i64::MAX;
@@ -251,44 +292,6 @@ impl ControlPlane {
             let now = client.get("/", None).await.map_err(failed)?;
             revision = now.header().map_or(0, |h| h.revision());
         }
-        // etcd grants whole seconds, at least its minimum (1.5 election
-        // timeouts: 2 s by default); renewals follow what it granted.
-        let asked = options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64;
-        let fence = Arc::new(WriteFence::open());
-        fence.hold();
-        let sent = Instant::now();
-        let granted = client.lease_grant(asked, None).await.map_err(failed)?;
-        let (lease, ttl) = (
-            granted.id(),
-            Duration::from_secs(granted.ttl().max(1) as u64),
-        );
-        fence.renewed(sent, ttl);
-        tracing::info!(
-            lease,
-            asked_ms = options.lease_ttl.as_millis() as u64,
-            granted_s = ttl.as_secs(),
-            "etcd: lease granted"
-        );
-        let renewals = client.lease_keep_alive(lease).await.map_err(failed)?;
-        let keeping =
-            Task::spawn(|stopped| keep(lease, ttl, renewals, Arc::clone(&fence), stopped));
-        // Registered before any volume opens: a controller must never take
-        // a node that is starting (and about to serve) for a lost one.
-        let entry = NodeRecord {
-            replication: config.replication.to_string(),
-            admin: config.admin.map(|a| a.to_string()),
-            nbd: config.nbd.map(|a| a.to_string()),
-        };
-        let value = serde_json::to_vec(&entry)?;
-        let with_lease = Some(PutOptions::new().with_lease(lease));
-        let key = node_key(&config.cluster, &config.node);
-        client.put(key, value, with_lease).await.map_err(failed)?;
-        // Kept after the lease: a lost primary is added back at it.
-        let address = address_key(&config.cluster, &config.node);
-        client
-            .put(address, entry.replication, None)
-            .await
-            .map_err(failed)?;
         Ok(Self {
             client,
             options,
@@ -324,41 +327,44 @@ impl ControlPlane {
             .watch(watch_prefix.as_str(), Some(from))
             .await
             .map_err(failed)?;
-        // The decisions made so far, then every later one.
-        let decisions_prefix = format!("{}decisions/", prefix(&self.cluster));
-        let known = self
-            .client
-            .get(
-                decisions_prefix.as_str(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(failed)?;
-        for kv in known.kvs() {
-            let volume = kv
-                .key_str()
-                .ok()
-                .and_then(|k| k.strip_prefix(&decisions_prefix));
-            if let (Some(volume), Ok(decision)) = (volume, serde_json::from_slice(kv.value())) {
-                node.note_control_decision(volume, decision);
+        // The decisions and probes so far, then every later one.
+        let (probes_tx, probes) = watch::channel(BTreeMap::new());
+        let notes = Notes {
+            decisions: format!("{}decisions/", prefix(&self.cluster)),
+            probes: probe_key(&self.cluster, ""),
+            node: Arc::clone(&node),
+            probes_tx,
+        };
+        let mut streams = Vec::new();
+        for prefix in [notes.decisions.clone(), notes.probes.clone()] {
+            let all = Some(GetOptions::new().with_prefix());
+            let known = self
+                .client
+                .get(prefix.as_str(), all)
+                .await
+                .map_err(failed)?;
+            for kv in known.kvs() {
+                notes.take(kv);
             }
+            let after = known.header().map_or(0, |h| h.revision()) + 1;
+            let from = WatchOptions::new().with_prefix().with_start_revision(after);
+            let stream = self
+                .client
+                .watch(prefix.as_str(), Some(from))
+                .await
+                .map_err(failed)?;
+            streams.push(stream);
         }
-        let after = known.header().map_or(0, |h| h.revision()) + 1;
-        let decisions = self
-            .client
-            .watch(
-                decisions_prefix.as_str(),
-                Some(WatchOptions::new().with_prefix().with_start_revision(after)),
-            )
-            .await
-            .map_err(failed)?;
+        let (Some(probes_stream), Some(decisions)) = (streams.pop(), streams.pop()) else {
+            unreachable!("two watches were made");
+        };
         let watching = Task::spawn({
             let node = Arc::clone(&node);
             move |stopped| {
                 follow(
                     node,
                     (records, watch_prefix),
-                    (decisions, decisions_prefix),
+                    (notes, decisions, probes_stream),
                     stopped,
                 )
             }
@@ -366,7 +372,7 @@ impl ControlPlane {
         let reporting = Task::spawn({
             let (client, cluster, node) =
                 (self.client.clone(), self.cluster.clone(), Arc::clone(&node));
-            move |stopped| control::report(client, cluster, node, stopped)
+            move |stopped| control::report(client, cluster, node, probes, stopped)
         });
         let controlling = Task::spawn({
             let (client, cluster) = (self.client.clone(), self.cluster.clone());
@@ -558,33 +564,76 @@ async fn keep(
 
 /// Applies each record event of a hosted volume, and notes each decision
 /// about one. Ends when a watch does.
+/// What a node takes from the controller's keys: decisions, shown in its
+/// status, and probes, which its reports answer.
+struct Notes {
+    decisions: String,
+    probes: String,
+    node: Arc<Node>,
+    /// Volume → the revision of the last probe about it.
+    probes_tx: watch::Sender<BTreeMap<String, i64>>,
+}
+
+impl Notes {
+    /// Takes a decision or a probe about a volume this node hosts.
+    fn take(&self, kv: &etcd_client::KeyValue) {
+        let Ok(key) = kv.key_str() else { return };
+        if let Some(volume) = key.strip_prefix(&self.decisions) {
+            if self.node.volume(volume).is_some() {
+                if let Ok(decision) = serde_json::from_slice(kv.value()) {
+                    self.node.note_control_decision(volume, decision);
+                }
+            }
+        } else if let Some(volume) = key.strip_prefix(&self.probes) {
+            if self.node.volume(volume).is_some() {
+                let revision = kv.mod_revision();
+                self.probes_tx.send_modify(|probes| {
+                    probes.insert(volume.to_owned(), revision);
+                });
+            }
+        }
+    }
+
+    /// Takes every put in a watch's answer; why the watch ended, if it did.
+    fn take_all(
+        &self,
+        what: &str,
+        event: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+    ) -> Option<String> {
+        match event {
+            Ok(Some(response)) if response.canceled() => {
+                Some(format!("the watch of the {what} was canceled"))
+            }
+            Ok(Some(response)) => {
+                let puts = response
+                    .events()
+                    .iter()
+                    .filter(|e| e.event_type() == EventType::Put);
+                for kv in puts.filter_map(|e| e.kv()) {
+                    self.take(kv);
+                }
+                None
+            }
+            Ok(None) => Some(format!("the watch of the {what} ended")),
+            Err(e) => Some(format!("the watch of the {what} failed: {e}")),
+        }
+    }
+}
+
 async fn follow(
     node: Arc<Node>,
     (mut records, watch_prefix): (etcd_client::WatchStream, String),
-    (mut decisions, decisions_prefix): (etcd_client::WatchStream, String),
+    (notes, mut decisions, mut probes): (Notes, etcd_client::WatchStream, etcd_client::WatchStream),
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
     loop {
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
-            event = decisions.message() => match event {
-                Ok(Some(response)) if response.canceled() => {
-                    return Some("the watch of the decisions was canceled".into());
-                }
-                Ok(Some(response)) => {
-                    for kv in response.events().iter().filter_map(|e| e.kv()) {
-                        let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        let Some(volume) = key.strip_prefix(&decisions_prefix) else { continue };
-                        if node.volume(volume).is_none() {
-                            continue;
-                        }
-                        if let Ok(decision) = serde_json::from_slice(kv.value()) {
-                            node.note_control_decision(volume, decision);
-                        }
-                    }
-                }
-                Ok(None) => return Some("the watch of the decisions ended".into()),
-                Err(e) => return Some(format!("the watch of the decisions failed: {e}")),
+            event = decisions.message() => if let Some(why) = notes.take_all("decisions", event) {
+                return Some(why);
+            },
+            event = probes.message() => if let Some(why) = notes.take_all("probes", event) {
+                return Some(why);
             },
             event = records.message() => match event {
                 Ok(Some(response)) if response.canceled() => {
