@@ -737,3 +737,78 @@ async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
     assert_replicas_identical(&cluster, 1).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
+
+/// sync_quorum: node3 (a replica) is killed and node1 acknowledges more
+/// writes with node2 alone (a majority), then node1 is killed too. node2
+/// alone cannot know that no write is on node3 only, so nobody is
+/// promoted: the decision says how many replicas answered. Once node3 is
+/// back and answers, node2, which holds every acknowledged write, is
+/// promoted (node3, lacking them, is judged behind), node1 rejoins as a
+/// replica and the exports end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answer() {
+    let volume = VolumeOptions {
+        commit_mode: "sync_quorum".into(),
+        ..VolumeOptions::default()
+    };
+    let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut done = write_blocks(nbd_addr(&cluster.nodes[0]), 0..64, true, acked).await;
+    etcd.wait_reported_in_sync(&cluster, 0).await;
+    cluster.kill(2).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    done.extend(write_blocks(nbd_addr(&cluster.nodes[0]), 64..128, true, acked).await);
+    assert_eq!(done.len(), 128);
+    cluster.kill(0).await;
+
+    let blocked = decision(&etcd).await;
+    assert_eq!(blocked.promoted, None, "{blocked:?}");
+    assert!(
+        blocked
+            .blocked
+            .as_deref()
+            .is_some_and(|why| why.contains("1 of 2 replicas answered, 2 needed")),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked.rejected["node3"].iter().any(|r| r == "not_running"),
+        "{blocked:?}"
+    );
+    let mut client = etcd.client().await;
+    assert_eq!(volume_record(&mut client).await.epoch, 1);
+
+    // node3 comes back and answers: node2 has the most, and is promoted.
+    cluster.spawn(2);
+    cluster.wait_up(2, Duration::from_secs(20)).await;
+    let record = within(Duration::from_secs(30), || async {
+        let record = volume_record(&mut client.clone()).await;
+        (record.epoch == 2).then_some(record)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no promotion:\n{}", cluster.log(1)));
+    assert_eq!(record.primary, "node2", "{record:?}");
+    // The lost primary stays a replica (sync_quorum needs three members).
+    assert!(record.replicas.contains_key("node1"), "{record:?}");
+    let promoted = decision(&etcd).await;
+    assert!(promoted.blocked.is_none(), "{promoted:?}");
+    assert!(
+        promoted.rejected["node3"]
+            .iter()
+            .any(|r| r.starts_with("behind_committed")),
+        "{promoted:?}"
+    );
+    let serving = within(Duration::from_secs(10), || async {
+        let volume = cluster.status(1).await["volumes"][0].clone();
+        (volume["role"] == "primary" && volume["export"] == "read-write").then_some(())
+    })
+    .await;
+    assert!(serving.is_some(), "{:#}", cluster.status(1).await);
+    assert_blocks(nbd_addr(&cluster.nodes[1]), &done).await;
+
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    cluster.wait_converged_on(1, CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &done).await;
+    assert_replicas_identical(&cluster, 1).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
