@@ -27,7 +27,7 @@ use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::{Client, PutOptions};
 use walship::node::etcd::{
     decision_key, node_key, progress_key, volume_key, Decision, NodeRecord, ProgressRecord,
-    VolumeRecord, FAILPOINT_ENV,
+    VolumeRecord, FAILPOINT_ENV, FAILPOINT_HOLD_ENV,
 };
 use workload::*;
 
@@ -524,19 +524,30 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
 }
 
 /// The controller stops (SIGSTOP) between its decision and its
-/// transaction (a failpoint holds it there). Its lease expires, another
-/// node is elected and finishes the failover; resumed, the first finds
-/// its transaction refused (it is no longer the controller, the record
-/// has moved) and stops. The epoch moves exactly once.
+/// transaction (a failpoint holds every node there while its hold file
+/// exists). Its lease expires and another node is elected, decides the
+/// same failover and is held too. The first, resumed and released, finds
+/// its transaction refused although the record has not moved: it is no
+/// longer the controller. It stops; the second, released, promotes. The
+/// epoch moves exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once() {
     let etcd = Etcd::start().await;
     let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+    let holds = tempfile::tempdir().unwrap();
+    let hold = holds.path().join("hold");
+    let hold_of = |node: &str| std::path::PathBuf::from(format!("{}.{node}", hold.display()));
+    for node in ["node1", "node2", "node3"] {
+        std::fs::write(hold_of(node), b"").unwrap();
+    }
     let mut cluster = NodeCluster::start_with_env(
         VolumeOptions::default(),
         3,
         |_| args.iter().map(|a| a.to_string()).collect(),
-        &[(FAILPOINT_ENV, "controller-before-promote")],
+        &[
+            (FAILPOINT_ENV, "controller-before-promote"),
+            (FAILPOINT_HOLD_ENV, hold.to_str().unwrap()),
+        ],
     )
     .await;
     cluster.wait_converged(CONVERGE).await;
@@ -591,20 +602,45 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     etcd.wait_reported_in_sync(&cluster, primary).await;
 
     cluster.kill(primary).await;
-    let held = within(Duration::from_secs(20), || async {
-        cluster
-            .log(controller)
-            .contains("failpoint reached")
-            .then_some(())
-    })
-    .await;
-    assert!(held.is_some(), "{}", cluster.log(controller));
+    let held = |i: usize| {
+        let cluster = &cluster;
+        async move {
+            within(Duration::from_secs(30), || async {
+                cluster.log(i).contains("failpoint reached").then_some(())
+            })
+            .await
+            .unwrap_or_else(|| panic!("{} never held:\n{}", cluster.nodes[i].name, cluster.log(i)))
+        }
+    };
+    held(controller).await;
     cluster.signal(controller, "STOP").await;
-
-    // Another controller finishes the failover: `other` is primary in the
-    // next epoch.
+    // Its lease expires; `other` is elected and holds at the same point.
+    held(other).await;
     let epoch = record.epoch;
-    let promoted = within(Duration::from_secs(40), || async {
+    assert_eq!(volume_record(&mut client).await.epoch, epoch);
+
+    // Resumed and released, the stale controller's transaction is refused
+    // with the record as it read it: by the leadership guard alone. Its
+    // lease is gone, so it stops.
+    cluster.signal(controller, "CONT").await;
+    std::fs::remove_file(hold_of(&cluster.nodes[controller].name)).unwrap();
+    let mut stale = cluster.nodes[controller].child.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), stale.wait())
+        .await
+        .expect("the stale controller serves on")
+        .unwrap();
+    assert!(!status.success());
+    let log = cluster.log(controller);
+    assert!(
+        log.contains("failpoint released")
+            && log.contains("no longer the controller; not promoted"),
+        "{log}"
+    );
+    assert_eq!(volume_record(&mut client).await.epoch, epoch);
+
+    // Released, the new controller promotes `other` in the next epoch.
+    std::fs::remove_file(hold_of(&cluster.nodes[other].name)).unwrap();
+    let promoted = within(Duration::from_secs(20), || async {
         let record = volume_record(&mut client.clone()).await;
         (record.epoch > epoch).then_some(record)
     })
@@ -616,21 +652,6 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     );
     let decision = decision(&etcd).await;
     assert_eq!(decision.by, cluster.nodes[other].name, "{decision:?}");
-
-    // Resumed, the stale controller's transaction is refused; its lease
-    // is gone, so it stops.
-    cluster.signal(controller, "CONT").await;
-    let mut stale = cluster.nodes[controller].child.take().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), stale.wait())
-        .await
-        .expect("the stale controller serves on")
-        .unwrap();
-    assert!(!status.success());
-    let log = cluster.log(controller);
-    assert!(
-        log.contains("no longer the controller; not promoted"),
-        "{log}"
-    );
     // Exactly one write of the record since the kill: the promotion.
     let response = client.get(volume_key("test", "vol0"), None).await.unwrap();
     assert_eq!(response.kvs()[0].version(), before + 1);

@@ -619,7 +619,7 @@ async fn failover(
         }
         return Ok(false);
     };
-    failpoint("controller-before-promote").await;
+    failpoint("controller-before-promote", me).await;
     // A stale controller's transaction fails.
     let guard = [still_leader(leader)];
     let at = (revision, next_primary.as_str());
@@ -627,10 +627,15 @@ async fn failover(
         tracing::warn!(volume, epoch = decision.epoch + 1, primary = %next_primary,
             lost = %decision.lost_primary, rejected = ?decision.rejected,
             "etcd controller: promoted");
+    } else if client.get(leader.0.clone(), None).await?.kvs().is_empty() {
+        tracing::warn!(
+            volume,
+            "etcd controller: this node is no longer the controller; not promoted"
+        );
     } else {
         tracing::info!(
             volume,
-            "etcd controller: the record changed or this node is no longer the controller; not promoted"
+            "etcd controller: the record changed or the lost primary registered again meanwhile; not promoted"
         );
     }
     Ok(false)
@@ -865,14 +870,28 @@ fn quorum_judgement(
 /// The environment variable that names a [`failpoint`] to stop at.
 pub const FAILPOINT_ENV: &str = "WALSHIP_FAILPOINT";
 
-/// A test hook: with [`FAILPOINT_ENV`] set to `name`, the node says it
-/// reached `name` and stalls there for three seconds, for a test to stop
-/// or kill it at a known point (the controller between its decision and
-/// its transaction).
-async fn failpoint(name: &str) {
+/// With [`FAILPOINT_ENV`] set, where node `<me>` holds at the failpoint:
+/// for as long as `<this path>.<me>` exists (at most a minute).
+pub const FAILPOINT_HOLD_ENV: &str = "WALSHIP_FAILPOINT_HOLD";
+
+/// A test hook: with [`FAILPOINT_ENV`] set to `name`, node `me` says it
+/// reached `name` and stalls there (three seconds, or while its
+/// [`FAILPOINT_HOLD_ENV`] file exists), for a test to stop, kill or hold
+/// it at a known point (the controller between its decision and its
+/// transaction). Costs one environment lookup where it is placed.
+async fn failpoint(name: &str, me: &str) {
     if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
-        tracing::warn!(failpoint = name, "failpoint reached: stalling for 3 s");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tracing::warn!(failpoint = name, "failpoint reached");
+        let Ok(hold) = std::env::var(FAILPOINT_HOLD_ENV) else {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return;
+        };
+        let file = std::path::PathBuf::from(format!("{hold}.{me}"));
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while file.exists() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(failpoint = name, "failpoint released");
     }
 }
 

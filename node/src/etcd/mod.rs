@@ -37,7 +37,7 @@ mod control;
 pub use control::{
     address_key, decision_key, probe_key, progress_key, promote_accepting_loss, replica_report_key,
     DataLoss, Decision, ProgressRecord, PromoteError, ReplicaProgress, ReplicaReport,
-    CONTROL_EVERY, FAILPOINT_ENV, PROGRESS_EVERY,
+    CONTROL_EVERY, FAILPOINT_ENV, FAILPOINT_HOLD_ENV, PROGRESS_EVERY,
 };
 
 use crate::config::NodeConfig;
