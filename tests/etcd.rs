@@ -15,7 +15,7 @@ mod proxy;
 #[path = "support/workload.rs"]
 mod workload;
 
-use etcd::Etcd;
+use etcd::{get, Etcd};
 use nbd_client::*;
 use nodes::{NodeCluster, VolumeOptions};
 use std::collections::BTreeMap;
@@ -32,13 +32,6 @@ use walship::node::etcd::{
 use workload::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-/// The value at `key` and its lease, if it is there.
-async fn get(client: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
-    let response = client.get(key, None).await.expect("etcd get");
-    let kv = response.kvs().first()?;
-    Some((kv.value().to_vec(), kv.lease()))
-}
 
 /// Whether `node`'s entry is gone within `limit`.
 async fn entry_gone(etcd: &Etcd, node: &str, limit: Duration) -> bool {

@@ -11,6 +11,13 @@ use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::Client;
 use walship::node::etcd::{progress_key, ProgressRecord};
 
+/// The value at `key` and its lease, if it is there.
+pub async fn get(client: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
+    let response = client.get(key, None).await.expect("etcd get");
+    let kv = response.kvs().first()?;
+    Some((kv.value().to_vec(), kv.lease()))
+}
+
 /// A running etcd.
 pub struct Etcd {
     child: Child,
@@ -78,8 +85,7 @@ impl Etcd {
 
     /// The value at `key`, if there is one.
     pub async fn value(&self, key: &str) -> Option<Vec<u8>> {
-        let response = self.client().await.get(key, None).await.expect("etcd get");
-        Some(response.kvs().first()?.value().to_vec())
+        Some(get(&mut self.client().await, key).await?.0)
     }
 
     /// Waits until node `primary` of `cluster` has reported both replicas

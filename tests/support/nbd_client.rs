@@ -39,34 +39,63 @@ pub struct Haggle(pub TcpStream);
 
 impl Haggle {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(stream.read_u64().await.unwrap(), 0x4e42_444d_4147_4943);
-        assert_eq!(stream.read_u64().await.unwrap(), IHAVEOPT);
-        assert_eq!(stream.read_u16().await.unwrap(), 0b11);
-        stream.write_u32(0b11).await.unwrap();
-        Self(stream)
+        Self::try_connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("NBD handshake with {addr}: {e}"))
+    }
+
+    /// [`connect`](Self::connect), or why it failed.
+    pub async fn try_connect(addr: SocketAddr) -> std::io::Result<Self> {
+        let mut stream = TcpStream::connect(addr).await?;
+        let greeting = (
+            stream.read_u64().await?,
+            stream.read_u64().await?,
+            stream.read_u16().await?,
+        );
+        if greeting != (0x4e42_444d_4147_4943, IHAVEOPT, 0b11) {
+            return Err(std::io::Error::other(format!("greeting {greeting:x?}")));
+        }
+        stream.write_u32(0b11).await?;
+        Ok(Self(stream))
     }
 
     pub async fn send(&mut self, option: u32, data: &[u8]) {
-        self.0.write_u64(IHAVEOPT).await.unwrap();
-        self.0.write_u32(option).await.unwrap();
-        self.0.write_u32(data.len() as u32).await.unwrap();
-        self.0.write_all(data).await.unwrap();
+        self.try_send(option, data).await.unwrap();
+    }
+
+    async fn try_send(&mut self, option: u32, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_u64(IHAVEOPT).await?;
+        self.0.write_u32(option).await?;
+        self.0.write_u32(data.len() as u32).await?;
+        self.0.write_all(data).await
     }
 
     /// Every reply to `option` up to the final one (ACK or an error).
     pub async fn ask(&mut self, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-        self.send(option, data).await;
+        self.try_ask(option, data).await.unwrap()
+    }
+
+    /// [`ask`](Self::ask), or why it failed.
+    pub async fn try_ask(
+        &mut self,
+        option: u32,
+        data: &[u8],
+    ) -> std::io::Result<Vec<(u32, Vec<u8>)>> {
+        self.try_send(option, data).await?;
         let mut replies = Vec::new();
         loop {
-            assert_eq!(self.0.read_u64().await.unwrap(), REPLY_MAGIC);
-            assert_eq!(self.0.read_u32().await.unwrap(), option);
-            let kind = self.0.read_u32().await.unwrap();
-            let mut data = vec![0; self.0.read_u32().await.unwrap() as usize];
-            self.0.read_exact(&mut data).await.unwrap();
+            let (magic, answered) = (self.0.read_u64().await?, self.0.read_u32().await?);
+            if (magic, answered) != (REPLY_MAGIC, option) {
+                return Err(std::io::Error::other(format!(
+                    "reply {magic:#x} to option {answered}, not {option}"
+                )));
+            }
+            let kind = self.0.read_u32().await?;
+            let mut data = vec![0; self.0.read_u32().await? as usize];
+            self.0.read_exact(&mut data).await?;
             replies.push((kind, data));
             if kind != REP_SERVER && kind != REP_INFO {
-                return replies;
+                return Ok(replies);
             }
         }
     }
@@ -91,33 +120,12 @@ impl Haggle {
     /// `None` where either failed (nobody listens, the server closed, the
     /// export is refused): for a client looking for whoever serves it.
     pub async fn try_open(addr: SocketAddr, export: &str) -> Option<Client> {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let greeting = (
-            stream.read_u64().await.ok()?,
-            stream.read_u64().await.ok()?,
-            stream.read_u16().await.ok()?,
-        );
-        if greeting != (0x4e42_444d_4147_4943, IHAVEOPT, 0b11) {
-            return None;
-        }
-        stream.write_u32(0b11).await.ok()?;
-        let request = info_request(export, &[3]);
-        stream.write_u64(IHAVEOPT).await.ok()?;
-        stream.write_u32(OPT_GO).await.ok()?;
-        stream.write_u32(request.len() as u32).await.ok()?;
-        stream.write_all(&request).await.ok()?;
-        loop {
-            let (magic, _option) = (stream.read_u64().await.ok()?, stream.read_u32().await.ok()?);
-            let kind = stream.read_u32().await.ok()?;
-            let mut data = vec![0; stream.read_u32().await.ok()? as usize];
-            stream.read_exact(&mut data).await.ok()?;
-            match kind {
-                _ if magic != REPLY_MAGIC => return None,
-                REP_ACK => return Some(Client(stream)),
-                REP_SERVER | REP_INFO => {}
-                _ => return None,
-            }
-        }
+        let mut haggle = Self::try_connect(addr).await.ok()?;
+        let replies = haggle
+            .try_ask(OPT_GO, &info_request(export, &[3]))
+            .await
+            .ok()?;
+        (replies.last()?.0 == REP_ACK).then_some(Client(haggle.0))
     }
 }
 
