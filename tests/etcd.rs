@@ -664,38 +664,22 @@ async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
     let (etcd, mut cluster, done) = down_without_an_eligible_replica().await;
     let down = decision(&etcd).await;
     assert_eq!(down.promoted, None, "{down:?}");
-    let refused = nodes::run(
-        nodes::WALSHIP,
-        &[
-            "promote",
-            "--etcd",
-            &etcd.endpoint,
-            "--cluster",
-            "test",
-            "--volume",
-            "vol0",
-        ],
-        Duration::from_secs(20),
-    )
-    .await;
+    let promote = [
+        "promote",
+        "--etcd",
+        &etcd.endpoint,
+        "--cluster",
+        "test",
+        "--volume",
+        "vol0",
+    ];
+    let limit = Duration::from_secs(20);
+    let refused = nodes::run(nodes::WALSHIP, &promote, limit).await;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--accept-data-loss"));
 
-    let printed = nodes::run_ok(
-        nodes::WALSHIP,
-        &[
-            "promote",
-            "--etcd",
-            &etcd.endpoint,
-            "--cluster",
-            "test",
-            "--volume",
-            "vol0",
-            "--accept-data-loss",
-        ],
-        Duration::from_secs(20),
-    )
-    .await;
+    let accepting = [&promote[..], &["--accept-data-loss"]].concat();
+    let printed = nodes::run_ok(nodes::WALSHIP, &accepting, limit).await;
     let promoted: Decision = serde_json::from_str(&printed).unwrap();
     assert_eq!(promoted.promoted.as_deref(), Some("node2"), "{promoted:?}");
     assert_eq!(promoted.by, "operator");
