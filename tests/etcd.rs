@@ -71,6 +71,21 @@ async fn decision(etcd: &Etcd) -> Decision {
     .expect("no decision within 30 s")
 }
 
+/// Waits until node `i` serves vol0 as its primary (its export writable).
+async fn wait_serving(cluster: &NodeCluster, i: usize) {
+    let serving = within(Duration::from_secs(20), || async {
+        let volume = cluster.status(i).await["volumes"][0].clone();
+        (volume["role"] == "primary" && volume["export"] == "read-write").then_some(())
+    })
+    .await;
+    assert!(
+        serving.is_some(),
+        "{:#}\n{}",
+        cluster.status(i).await,
+        cluster.log(i)
+    );
+}
+
 async fn volume_record(client: &mut Client) -> VolumeRecord {
     let (value, _) = get(client, &volume_key("test", "vol0"))
         .await
@@ -364,6 +379,7 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     })
     .await;
     assert!(shown.is_some(), "{:#}", cluster.status(new).await);
+    wait_serving(&cluster, new).await;
 
     // Every acknowledged write is on the new primary, and the client,
     // reconnected there, writes on (FUA, sync_all) with node1 still down.
@@ -645,6 +661,7 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     );
     let decision = decision(&etcd).await;
     assert_eq!(decision.by, cluster.nodes[other].name, "{decision:?}");
+    wait_serving(&cluster, other).await;
     // Exactly one write of the record since the kill: the promotion.
     let response = client.get(volume_key("test", "vol0"), None).await.unwrap();
     assert_eq!(response.kvs()[0].version(), before + 1);
@@ -691,10 +708,10 @@ async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
     let record = volume_record(&mut client).await;
     assert_eq!((record.epoch, record.primary.as_str()), (2, "node2"));
     // Shown with the volume, and the controller leaves it be.
+    wait_serving(&cluster, 1).await;
     let shown = within(Duration::from_secs(10), || async {
         let volume = cluster.status(1).await["volumes"][0].clone();
-        (volume["role"] == "primary" && volume["control_decision"]["by"] == "operator")
-            .then_some(())
+        (volume["control_decision"]["by"] == "operator").then_some(())
     })
     .await;
     assert!(shown.is_some(), "{:#}", cluster.status(1).await);
@@ -795,12 +812,7 @@ async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answe
             .any(|r| r.starts_with("behind_committed")),
         "{promoted:?}"
     );
-    let serving = within(Duration::from_secs(10), || async {
-        let volume = cluster.status(1).await["volumes"][0].clone();
-        (volume["role"] == "primary" && volume["export"] == "read-write").then_some(())
-    })
-    .await;
-    assert!(serving.is_some(), "{:#}", cluster.status(1).await);
+    wait_serving(&cluster, 1).await;
     assert_blocks(nbd_addr(&cluster.nodes[1]), &done).await;
 
     cluster.spawn(0);
