@@ -17,9 +17,14 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use walship::engine::CommitMode;
-use walship::node::{config, Node};
+use walship::node::{config, Node, WriteFence};
 
 async fn start_node(dir: &std::path::Path) -> Arc<Node> {
+    start_node_fenced(dir, Arc::new(WriteFence::open())).await
+}
+
+/// [`start_node`] held to `fence`.
+async fn start_node_fenced(dir: &std::path::Path, fence: Arc<WriteFence>) -> Arc<Node> {
     let text = r#"
 node = "solo"
 cluster = "test"
@@ -59,7 +64,30 @@ replicas = { solo = "127.0.0.1:0" }
 export_replicas = true
 "#;
     let config = config::parse("test.toml", text, Some(dir)).unwrap();
-    Node::start(config).await.unwrap()
+    Node::start_fenced(config, fence).await.unwrap()
+}
+
+/// A node whose lease lapsed (its fence closed) answers EIO to every
+/// request on a primary's export, reads too: another node may be primary
+/// by now. The connection goes on; a replica's read-only export, a
+/// lagging view anyway, is still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_fence_refuses_writes_flushes_and_reads_on_a_primary_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let fence = Arc::new(WriteFence::open());
+    let node = start_node_fenced(dir.path(), Arc::clone(&fence)).await;
+    let addr = node.nbd_addr().unwrap();
+    let mut client = Haggle::connect(addr).await.go("fast").await;
+    assert_eq!(client.write(0, &[7u8; 4096], FLAG_FUA).await, 0);
+    assert_eq!(client.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    let mut mirror = Haggle::connect(addr).await.go("mirror").await;
+    assert!(mirror.read(0, 4096).await.is_ok());
+
+    fence.close();
+    assert_eq!(client.write(0, &[8u8; 4096], FLAG_FUA).await, EIO);
+    assert_eq!(client.read(0, 4096).await, Err(EIO));
+    assert_eq!(client.call(CMD_FLUSH, 0, 0, 0, &[]).await, EIO);
+    assert!(mirror.read(0, 4096).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -226,23 +226,26 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     write.shutdown().await
 }
 
-/// Carries out one request; the data of a read, or the NBD error. A write
-/// (or flush) is acknowledged only while the node's write fence allows it,
-/// checked before and after: a node held to a lease it could not renew
-/// answers EIO, whatever the volume did.
+/// Carries out one request; the data of a read, or the NBD error. On a
+/// primary's export a request (a write, a flush, a read too) is answered
+/// only while the node's write fence allows it, checked before and after:
+/// a node held to a lease it could not renew answers EIO, whatever the
+/// volume did. A read answered is then no older than any write another
+/// primary could have acknowledged (none can be made before the lease
+/// expires). A replica's read-only export is a lagging view anyway.
 async fn carry_out(export: &Export, request: Request, data: Bytes) -> Result<Option<Bytes>, u32> {
-    let writes = !export.read_only
+    let fenced = !export.read_only
         && matches!(
             request.kind,
-            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_READ
         );
-    let fenced = "this node's lease lapsed: writes are fenced";
-    if writes && !export.fence.allows() {
-        return refuse(export, request, EIO, fenced);
+    let why = "this node's lease lapsed: its primary exports are fenced";
+    if fenced && !export.fence.allows() {
+        return refuse(export, request, EIO, why);
     }
     let done = carry_out_request(export, request, data).await;
-    if writes && done.is_ok() && !export.fence.allows() {
-        return refuse(export, request, EIO, fenced);
+    if fenced && done.is_ok() && !export.fence.allows() {
+        return refuse(export, request, EIO, why);
     }
     done
 }
