@@ -208,6 +208,72 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     }
 }
 
+/// etcd is killed and started again: the nodes ride it out. Their
+/// renewal streams and watches are opened again (the watches from where
+/// they were), writes are acknowledged before, during and after, and a
+/// record written after the restart is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_ride_out_an_etcd_restart() {
+    let mut etcd = Etcd::start().await;
+    let endpoint = etcd.endpoint.clone();
+    let args = ["--etcd", &endpoint, "--etcd-lease-ms", "5000"];
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_until(
+        nbd_addr(&cluster.nodes[0]),
+        0..16_000,
+        Arc::clone(&stop),
+        Arc::clone(&acked),
+        Duration::from_secs(60),
+    ));
+    wait_acked(&acked, 20, CLIENT).await;
+    etcd.restart().await;
+    let back = acked.load(Ordering::SeqCst);
+    let resumed = within(Duration::from_secs(20), || async {
+        (0..3)
+            .all(|i| {
+                let log = cluster.log(i);
+                log.contains("etcd: renewals resumed") && log.contains("etcd: watch resumed")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(resumed.is_some(), "{}\n{}", cluster.log(0), etcd.log());
+    wait_acked(&acked, back + 100, CLIENT).await;
+    stop.store(true, Ordering::SeqCst);
+    let done = writer.await.unwrap();
+
+    // The records watch goes on: node2 takes a record written now.
+    let mut client = etcd.client().await;
+    let record = volume_record(&mut client).await;
+    let mut replicas = record.replicas.clone();
+    replicas.remove("node2");
+    replicas.insert(
+        "node1".into(),
+        format!("127.0.0.1:{}", cluster.nodes[0].replication),
+    );
+    let moved = VolumeRecord {
+        epoch: 2,
+        primary: "node2".into(),
+        replicas,
+        ..record
+    };
+    let value = serde_json::to_vec(&moved).unwrap();
+    client
+        .put(volume_key("test", "vol0"), value, None::<PutOptions>)
+        .await
+        .unwrap();
+    wait_serving(&cluster, 1).await;
+    cluster.wait_converged_on(1, CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[1]), &done).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
 /// node1, the primary, reaches etcd through a proxy the test pauses (the
 /// other nodes reach it directly): node1 can no longer renew its lease,
 /// and must stop acknowledging writes before etcd expires that lease,

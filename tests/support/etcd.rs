@@ -11,6 +11,23 @@ use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::Client;
 use walship::node::etcd::{progress_key, ProgressRecord};
 
+/// etcd with `args`, logging to `dir`/etcd.log.
+fn spawn(args: &[String], dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .expect("etcd log");
+    Command::new("etcd")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("etcd log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("etcd (Debian's etcd-server) is installed")
+}
+
 /// The value at `key` and its lease, if it is there.
 pub async fn get(client: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
     let response = client.get(key, None).await.expect("etcd get");
@@ -23,6 +40,8 @@ pub struct Etcd {
     child: Child,
     /// Its client URL.
     pub endpoint: String,
+    /// Its command line after `etcd`.
+    args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -39,41 +58,59 @@ impl Etcd {
         Self::start_with(&["--heartbeat-interval", "50", "--election-timeout", "500"]).await
     }
 
-    /// [`start`](Self::start) with `args` added.
-    pub async fn start_with(args: &[&str]) -> Self {
+    /// [`start`](Self::start) with `extra` arguments.
+    pub async fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "walship-test"])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &endpoint])
-            .args(["--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("walship-test={peer_url}")])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("etcd log"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("etcd (Debian's etcd-server) is installed");
+        let data = dir.path().join("data").display().to_string();
+        let mut args: Vec<String> = [
+            "--name",
+            "walship-test",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("walship-test={peer_url}"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let child = spawn(&args, dir.path());
         let etcd = Self {
             child,
             endpoint,
+            args,
             dir,
         };
+        etcd.wait_answering().await;
+        etcd
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same ports and data;
+    /// returns once it answers.
+    pub async fn restart(&mut self) {
+        self.child.kill().await.expect("kill etcd");
+        self.child = spawn(&self.args, self.dir.path());
+        self.wait_answering().await;
+    }
+
+    async fn wait_answering(&self) {
         let up = within(Duration::from_secs(20), || async {
-            let mut client = Client::connect([&etcd.endpoint], None).await.ok()?;
+            let mut client = Client::connect([&self.endpoint], None).await.ok()?;
             client.get("/", None).await.ok().map(|_| ())
         })
         .await;
-        assert!(up.is_some(), "etcd did not answer:\n{}", etcd.log());
-        etcd
+        assert!(up.is_some(), "etcd did not answer:\n{}", self.log());
     }
 
     /// A client of it.

@@ -608,8 +608,14 @@ async fn failover(
         if !same {
             tracing::warn!(volume, epoch = record.epoch, reasons = ?decision.rejected,
                 "etcd controller: no eligible replica; the volume stays down");
+            // Only about the record as read: a promotion meanwhile (an
+            // operator's) keeps its decision.
+            let key = volume_key(cluster, volume);
             let txn = Txn::new()
-                .when([still_leader(leader)])
+                .when([
+                    still_leader(leader),
+                    Compare::mod_revision(key, CompareOp::Equal, revision),
+                ])
                 .and_then([TxnOp::put(
                     decision_key(cluster, volume),
                     decision_value,

@@ -17,8 +17,11 @@
 //! or flush is acknowledged only while the last renewal etcd granted is
 //! certainly still alive there (see the fence's clock assumption), so a
 //! node cut off from etcd stops acknowledging before its lease can expire
-//! and another node be made primary. Once the fence lapses, or a renewal
-//! or the watch fails, the control plane ends and `walship serve` stops.
+//! and another node be made primary. A broken renewal stream or watch
+//! (etcd restarting) is opened again, the watches from where they were;
+//! once the fence lapses, etcd says the lease is gone, or a watch cannot
+//! resume (history compacted), the control plane ends and `walship serve`
+//! stops.
 //!
 //! A node reads its volumes' records before it opens them ([`connect`]),
 //! so a node that was away through a failover comes back in the role etcd
@@ -211,8 +214,16 @@ impl ControlPlane {
             "etcd: lease granted"
         );
         let renewals = client.lease_keep_alive(lease).await.map_err(failed)?;
-        let keeping =
-            Task::spawn(|stopped| keep(lease, ttl, renewals, Arc::clone(&fence), stopped));
+        let keeping = Task::spawn(|stopped| {
+            keep(
+                lease,
+                ttl,
+                client.clone(),
+                renewals,
+                Arc::clone(&fence),
+                stopped,
+            )
+        });
         // Registered before the records are read: a controller never takes
         // a node that is starting (and about to serve) for a lost one, and
         // a promotion away from this node either committed before the
@@ -319,12 +330,7 @@ impl ControlPlane {
             source,
         };
         let watch_prefix = format!("{}volumes/", prefix(&self.cluster));
-        let from = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.revision + 1);
-        let records = self
-            .client
-            .watch(watch_prefix.as_str(), Some(from))
+        let records = Feed::open(&self.client, watch_prefix.clone(), self.revision + 1)
             .await
             .map_err(failed)?;
         // The decisions and probes so far, then every later one.
@@ -335,36 +341,19 @@ impl ControlPlane {
             node: Arc::clone(&node),
             probes_tx,
         };
-        let mut streams = Vec::new();
-        for prefix in [notes.decisions.clone(), notes.probes.clone()] {
-            let all = Some(GetOptions::new().with_prefix());
-            let known = self
-                .client
-                .get(prefix.as_str(), all)
-                .await
-                .map_err(failed)?;
-            for kv in known.kvs() {
-                notes.take(kv);
-            }
-            let after = known.header().map_or(0, |h| h.revision()) + 1;
-            let from = WatchOptions::new().with_prefix().with_start_revision(after);
-            let stream = self
-                .client
-                .watch(prefix.as_str(), Some(from))
-                .await
-                .map_err(failed)?;
-            streams.push(stream);
-        }
-        let (Some(probes_stream), Some(decisions)) = (streams.pop(), streams.pop()) else {
-            unreachable!("two watches were made");
-        };
+        let decisions = notes_feed(&mut self.client, &notes, notes.decisions.clone())
+            .await
+            .map_err(failed)?;
+        let probes_feed = notes_feed(&mut self.client, &notes, notes.probes.clone())
+            .await
+            .map_err(failed)?;
         let watching = Task::spawn({
             let node = Arc::clone(&node);
             move |stopped| {
                 follow(
                     node,
                     (records, watch_prefix),
-                    (notes, decisions, probes_stream),
+                    (notes, decisions, probes_feed),
                     stopped,
                 )
             }
@@ -523,18 +512,47 @@ impl ControlPlane {
 }
 
 /// Renews the lease at a third of its time to live; each renewal etcd
-/// grants moves the write fence on. Ends when a renewal fails or the fence
-/// lapses (no answer within the lease: a partition from etcd).
+/// grants moves the write fence on. A broken renewal stream is opened
+/// again; ends when the fence lapses (no renewal granted within the
+/// lease: a partition from etcd, or etcd away too long) or etcd says the
+/// lease is gone.
 async fn keep(
     lease: i64,
     ttl: Duration,
-    (mut keeper, mut renewed): (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream),
+    mut client: Client,
+    renewals: (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream),
     fence: Arc<WriteFence>,
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
     let mut renew = tokio::time::interval(ttl / 3);
+    // When each renewal still unanswered on this stream was sent.
     let mut sent: VecDeque<Instant> = VecDeque::new();
+    let mut stream = Some(renewals);
+    let mut trouble = String::new();
     loop {
+        // A broken stream (etcd restarting) is opened again for as long as
+        // the lease may be alive: the fence says until when.
+        let Some((keeper, renewed)) = stream.as_mut() else {
+            if !fence.allows() {
+                return Some(format!(
+                    "lease {lease} not renewed within its time to live ({trouble}): writes fenced"
+                ));
+            }
+            tokio::select! {
+                () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+                () = tokio::time::sleep(REOPEN_EVERY) => {}
+            }
+            match client.lease_keep_alive(lease).await {
+                Ok(reopened) => {
+                    tracing::info!(lease, "etcd: renewals resumed");
+                    sent.clear();
+                    stream = Some(reopened);
+                    renew.reset_immediately();
+                }
+                Err(e) => trouble = format!("renewals not resumed: {e}"),
+            }
+            continue;
+        };
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
             _ = renew.tick() => {
@@ -542,10 +560,14 @@ async fn keep(
                     return Some(format!("lease {lease} not renewed within its time to live: writes fenced"));
                 }
                 let at = Instant::now();
-                if let Err(e) = keeper.keep_alive().await {
-                    return Some(format!("lease {lease}: renewal not sent: {e}"));
+                match keeper.keep_alive().await {
+                    Ok(()) => sent.push_back(at),
+                    Err(e) => {
+                        trouble = format!("renewal not sent: {e}");
+                        tracing::warn!(lease, error = %e, "etcd: renewal not sent; reopening");
+                        stream = None;
+                    }
                 }
-                sent.push_back(at);
             }
             answer = renewed.message() => match answer {
                 Ok(Some(answer)) if answer.ttl() > 0 => {
@@ -555,8 +577,16 @@ async fn keep(
                     }
                 }
                 Ok(Some(_)) => return Some(format!("lease {lease} expired")),
-                Ok(None) => return Some(format!("lease {lease}: renewals closed")),
-                Err(e) => return Some(format!("lease {lease}: renewal failed: {e}")),
+                Ok(None) => {
+                    trouble = "renewals closed".into();
+                    tracing::warn!(lease, "etcd: renewals closed; reopening");
+                    stream = None;
+                }
+                Err(e) => {
+                    trouble = format!("renewal failed: {e}");
+                    tracing::warn!(lease, error = %e, "etcd: renewal failed; reopening");
+                    stream = None;
+                }
             },
         }
     }
@@ -593,68 +623,136 @@ impl Notes {
             }
         }
     }
+}
 
-    /// Takes every put in a watch's answer; why the watch ended, if it did.
-    fn take_all(
-        &self,
-        what: &str,
-        event: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
-    ) -> Option<String> {
-        match event {
-            Ok(Some(response)) if response.canceled() => {
-                Some(format!("the watch of the {what} was canceled"))
-            }
-            Ok(Some(response)) => {
-                let puts = response
-                    .events()
-                    .iter()
-                    .filter(|e| e.event_type() == EventType::Put);
-                for kv in puts.filter_map(|e| e.kv()) {
-                    self.take(kv);
+/// Takes what is under `prefix` now into `notes`, then follows it.
+async fn notes_feed(
+    client: &mut Client,
+    notes: &Notes,
+    prefix: String,
+) -> Result<Feed, etcd_client::Error> {
+    let known = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    for kv in known.kvs() {
+        notes.take(kv);
+    }
+    let after = known.header().map_or(0, |h| h.revision()) + 1;
+    Feed::open(client, prefix, after).await
+}
+
+/// How soon a broken watch or renewal stream is opened again.
+const REOPEN_EVERY: Duration = Duration::from_millis(200);
+
+/// A watch of a prefix that resumes where it was when its stream breaks
+/// (etcd restarting, a connection reset): each put under the prefix is
+/// seen once, in order, unless etcd compacted its history past the point
+/// to resume from.
+struct Feed {
+    client: Client,
+    prefix: String,
+    /// The revision to resume from.
+    next: i64,
+    stream: Option<etcd_client::WatchStream>,
+}
+
+impl Feed {
+    async fn open(client: &Client, prefix: String, from: i64) -> Result<Self, etcd_client::Error> {
+        let mut feed = Self {
+            client: client.clone(),
+            prefix,
+            next: from,
+            stream: None,
+        };
+        feed.stream = Some(feed.watch().await?);
+        Ok(feed)
+    }
+
+    async fn watch(&mut self) -> Result<etcd_client::WatchStream, etcd_client::Error> {
+        let from = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.next);
+        self.client.watch(self.prefix.as_str(), Some(from)).await
+    }
+
+    /// The next puts; why the watch cannot go on, if it cannot.
+    /// Cancel-safe: nothing is lost if the future is dropped.
+    async fn puts(&mut self) -> Result<Vec<etcd_client::KeyValue>, String> {
+        loop {
+            let Some(stream) = self.stream.as_mut() else {
+                tokio::time::sleep(REOPEN_EVERY).await;
+                match self.watch().await {
+                    Ok(stream) => {
+                        tracing::info!(prefix = %self.prefix, from = self.next, "etcd: watch resumed");
+                        self.stream = Some(stream);
+                    }
+                    Err(e) => {
+                        tracing::warn!(prefix = %self.prefix, error = %e, "etcd: watch not resumed yet")
+                    }
                 }
-                None
-            }
-            Ok(None) => Some(format!("the watch of the {what} ended")),
-            Err(e) => Some(format!("the watch of the {what} failed: {e}")),
+                continue;
+            };
+            let why = match stream.message().await {
+                Ok(Some(response)) if response.compact_revision() > 0 => {
+                    return Err(format!(
+                        "the watch of {} cannot resume: etcd compacted its history to revision {}",
+                        self.prefix,
+                        response.compact_revision()
+                    ));
+                }
+                Ok(Some(response)) if response.canceled() => {
+                    format!("canceled: {}", response.cancel_reason())
+                }
+                Ok(Some(response)) => {
+                    if let Some(header) = response.header() {
+                        self.next = self.next.max(header.revision() + 1);
+                    }
+                    let puts: Vec<etcd_client::KeyValue> = response
+                        .events()
+                        .iter()
+                        .filter(|e| e.event_type() == EventType::Put)
+                        .filter_map(|e| e.kv().cloned())
+                        .collect();
+                    if puts.is_empty() {
+                        continue;
+                    }
+                    return Ok(puts);
+                }
+                Ok(None) => "ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(prefix = %self.prefix, why, "etcd: watch broken; resuming");
+            self.stream = None;
         }
     }
 }
 
 async fn follow(
     node: Arc<Node>,
-    (mut records, watch_prefix): (etcd_client::WatchStream, String),
-    (notes, mut decisions, mut probes): (Notes, etcd_client::WatchStream, etcd_client::WatchStream),
+    (mut records, watch_prefix): (Feed, String),
+    (notes, mut decisions, mut probes): (Notes, Feed, Feed),
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
     loop {
         tokio::select! {
             () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
-            event = decisions.message() => if let Some(why) = notes.take_all("decisions", event) {
-                return Some(why);
+            puts = decisions.puts() => match puts {
+                Ok(puts) => puts.iter().for_each(|kv| notes.take(kv)),
+                Err(why) => return Some(why),
             },
-            event = probes.message() => if let Some(why) = notes.take_all("probes", event) {
-                return Some(why);
+            puts = probes.puts() => match puts {
+                Ok(puts) => puts.iter().for_each(|kv| notes.take(kv)),
+                Err(why) => return Some(why),
             },
-            event = records.message() => match event {
-                Ok(Some(response)) if response.canceled() => {
-                    return Some(format!(
-                        "the watch of the volume records was canceled: {}",
-                        response.cancel_reason()
-                    ));
-                }
-                Ok(Some(response)) => {
-                    for event in response.events() {
-                        if event.event_type() != EventType::Put {
-                            continue;
-                        }
-                        let Some(kv) = event.kv() else { continue };
+            puts = records.puts() => match puts {
+                Ok(puts) => {
+                    for kv in puts {
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
                         let Some(volume) = key.strip_prefix(&watch_prefix) else { continue };
                         apply(&node, &key, volume, kv.value()).await;
                     }
                 }
-                Ok(None) => return Some("the watch of the volume records ended".into()),
-                Err(e) => return Some(format!("the watch of the volume records failed: {e}")),
+                Err(why) => return Some(why),
             },
         }
     }
