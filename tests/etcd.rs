@@ -208,10 +208,11 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     }
 }
 
-/// etcd is killed and started again: the nodes ride it out. Their
-/// renewal streams and watches are opened again (the watches from where
-/// they were), writes are acknowledged before, during and after, and a
-/// record written after the restart is applied.
+/// etcd is killed and started again under a FUA writer: the nodes ride
+/// it out. Their renewal streams and watches are opened again (the
+/// watches from where they were: a record written right after the
+/// restart is applied by every node), and the primary acknowledges writes
+/// on; every acknowledged write ends on the replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nodes_ride_out_an_etcd_restart() {
     let mut etcd = Etcd::start().await;
@@ -234,43 +235,43 @@ async fn the_nodes_ride_out_an_etcd_restart() {
     wait_acked(&acked, 20, CLIENT).await;
     etcd.restart().await;
     let back = acked.load(Ordering::SeqCst);
-    let resumed = within(Duration::from_secs(20), || async {
-        (0..3)
-            .all(|i| {
-                let log = cluster.log(i);
-                log.contains("etcd: renewals resumed") && log.contains("etcd: watch resumed")
-            })
-            .then_some(())
-    })
-    .await;
-    assert!(resumed.is_some(), "{}\n{}", cluster.log(0), etcd.log());
-    wait_acked(&acked, back + 100, CLIENT).await;
-    stop.store(true, Ordering::SeqCst);
-    let done = writer.await.unwrap();
 
-    // The records watch goes on: node2 takes a record written now.
+    // A record written at once (epoch 2, the same roles), likely before
+    // the nodes' watches are open again: they resume from where they
+    // were, so each applies it.
     let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
-    let mut replicas = record.replicas.clone();
-    replicas.remove("node2");
-    replicas.insert(
-        "node1".into(),
-        format!("127.0.0.1:{}", cluster.nodes[0].replication),
-    );
-    let moved = VolumeRecord {
-        epoch: 2,
-        primary: "node2".into(),
-        replicas,
-        ..record
-    };
-    let value = serde_json::to_vec(&moved).unwrap();
+    let bumped = VolumeRecord { epoch: 2, ..record };
+    let value = serde_json::to_vec(&bumped).unwrap();
     client
         .put(volume_key("test", "vol0"), value, None::<PutOptions>)
         .await
         .unwrap();
-    wait_serving(&cluster, 1).await;
-    cluster.wait_converged_on(1, CONVERGE).await;
-    assert_blocks(nbd_addr(&cluster.nodes[1]), &done).await;
+    let applied = within(Duration::from_secs(20), || async {
+        for i in 0..3 {
+            if cluster.status(i).await["volumes"][0]["assignment"]["epoch"] != 2 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(applied.is_some(), "{}\n{}", cluster.log(1), etcd.log());
+    // Each node opened its renewals and its three watches again.
+    for i in 0..3 {
+        let log = cluster.log(i);
+        assert!(
+            log.contains("etcd: renewals resumed")
+                && log.matches("etcd: watch resumed").count() >= 3,
+            "{log}"
+        );
+    }
+    // The primary acknowledges writes on after all this.
+    wait_acked(&acked, back + 100, CLIENT).await;
+    stop.store(true, Ordering::SeqCst);
+    let done = writer.await.unwrap();
+    cluster.wait_converged(CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[2]), &done).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
@@ -697,8 +698,8 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     // Resumed and released, the stale controller's transaction is refused
     // with the record as it read it: by the leadership guard alone. Its
     // lease is gone, so it stops.
-    cluster.signal(controller, "CONT").await;
     std::fs::remove_file(hold_of(&cluster.nodes[controller].name)).unwrap();
+    cluster.signal(controller, "CONT").await;
     let mut stale = cluster.nodes[controller].child.take().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), stale.wait())
         .await

@@ -43,7 +43,7 @@
 //! "down" decision is written only once the primary has been lost for a
 //! lease time (answers take milliseconds).
 
-use super::{node_key, parse, prefix, volume_key, VolumeRecord};
+use super::{node_key, parse, prefix, stopping, volume_key, VolumeRecord};
 use crate::assignment::Applied;
 use crate::node::Node;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -112,6 +112,10 @@ pub struct Probe {
     pub epoch: u64,
     /// That primary.
     pub lost_primary: String,
+    /// The revision of its last start (its address key's, rewritten at
+    /// each): a primary back and lost again in the same epoch is a new
+    /// loss, asked again.
+    pub registered: i64,
 }
 
 /// A controller's decision about a volume whose primary was lost.
@@ -187,12 +191,14 @@ pub(super) async fn report(
     // The last value written under each key.
     let mut last: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut every = tokio::time::interval(PROGRESS_EVERY);
+    let mut probes_open = true;
     loop {
         // A probe is answered at once.
         tokio::select! {
-            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            () = stopping(&mut stopped) => return None,
             _ = every.tick() => {}
-            _ = probes.changed() => {}
+            // Closed once the watches end (so is the plane): ticks only.
+            changed = probes.changed(), if probes_open => probes_open = changed.is_ok(),
         }
         let answered = probes.borrow_and_update().clone();
         for (name, epoch, status) in node.statuses().await {
@@ -262,7 +268,7 @@ pub(super) async fn control(
     // lease: the same candidacy). Losing the lease ends the node anyway.
     let leader = loop {
         let elected = tokio::select! {
-            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            () = stopping(&mut stopped) => return None,
             elected = client.campaign(election.as_str(), me.as_str(), lease) => elected,
         };
         match elected {
@@ -273,7 +279,7 @@ pub(super) async fn control(
             Err(e) => {
                 tracing::debug!(error = %e, "etcd: controller campaign: again");
                 tokio::select! {
-                    () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+                    () = stopping(&mut stopped) => return None,
                     () = tokio::time::sleep(CONTROL_EVERY) => {}
                 }
             }
@@ -289,7 +295,7 @@ pub(super) async fn control(
     };
     loop {
         tokio::select! {
-            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            () = stopping(&mut stopped) => return None,
             () = tokio::time::sleep(pause) => {}
         }
         // Waiting for answers to a probe: look again soon.
@@ -431,9 +437,16 @@ async fn probe(
     record: &VolumeRecord,
 ) -> Result<i64, etcd_client::Error> {
     let key = probe_key(cluster, volume);
+    let registered = client
+        .get(address_key(cluster, &record.primary), None)
+        .await?
+        .kvs()
+        .first()
+        .map_or(0, |kv| kv.mod_revision());
     let question = Probe {
         epoch: record.epoch,
         lost_primary: record.primary.clone(),
+        registered,
     };
     let asked = client.get(key.as_str(), None).await?;
     if let Some(kv) = asked.kvs().first() {
@@ -789,11 +802,21 @@ pub async fn promote_accepting_loss(
             primary: record.primary,
         });
     }
+    // Fresh answers from the live replicas, as the controller asks; after
+    // a few seconds, what there is.
+    let asked = probe(client, cluster, volume, &record).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let Candidates {
         list,
         reported_committed,
         ..
-    } = candidates(client, cluster, volume, &record, (&live, 0)).await?;
+    } = loop {
+        let known = candidates(client, cluster, volume, &record, (&live, asked)).await?;
+        if known.unsettled.is_empty() || tokio::time::Instant::now() >= deadline {
+            break known;
+        }
+        tokio::time::sleep(ANSWER_EVERY).await;
+    };
     let committed = Lsn(reported_committed);
     let report = evaluate_promotion(&list, Epoch(record.epoch), committed);
     let pick =

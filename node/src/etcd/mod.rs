@@ -244,65 +244,17 @@ impl ControlPlane {
             .put(address, entry.replication, None)
             .await
             .map_err(failed)?;
-        // The watch starts after the oldest read: a record written between
-        // two reads is seen again (and fenced, if not newer), never missed.
-        let mut revision = i64::MAX;
-        for spec in &mut config.volumes {
-            let key = volume_key(&config.cluster, &spec.name);
-            let from_config = VolumeRecord {
-                epoch: spec.epoch,
-                primary: spec.primary.clone(),
-                commit_mode: spec.commit_mode,
-                size: spec.size,
-                replicas: spec.replicas.clone(),
-                departed: BTreeMap::new(),
-            };
-            let value = serde_json::to_vec(&from_config)?;
-            // Written only if nobody wrote it first; read otherwise.
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.as_str(), value, None)])
-                .or_else([TxnOp::get(key.as_str(), None)]);
-            let response = client.txn(txn).await.map_err(failed)?;
-            revision = revision.min(response.header().map_or(0, |h| h.revision()));
-            if response.succeeded() {
-                tracing::info!(volume = %spec.name, epoch = spec.epoch, "etcd: record created from the config");
-                continue;
+        let revision = match read_records(&mut client, config, &failed).await {
+            Ok(revision) => revision,
+            Err(e) => {
+                // Refused: the registration goes now, not a lease later.
+                fence.close();
+                keeping.stop().await;
+                let revoke = client.lease_revoke(lease);
+                let _ = tokio::time::timeout(STOP_GRACE, revoke).await;
+                return Err(e);
             }
-            let stored = response.op_responses().into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            });
-            let Some(stored) = stored else {
-                return Err(EtcdError::Record {
-                    key,
-                    what: "exists but could not be read".into(),
-                });
-            };
-            let mut record = parse(&key, &stored)?;
-            if let Some(addr) = record.departed.get(&config.node).cloned() {
-                // A lost primary back: it opens as a replica of the current
-                // primary, which connects to it once the controller adds it
-                // back in the next epoch.
-                tracing::info!(volume = %spec.name, epoch = record.epoch, primary = %record.primary,
-                    "etcd: this node lost the primary's seat; back as a replica, waiting to be added");
-                record.replicas.insert(config.node.clone(), addr);
-            }
-            check(&key, &spec.name, &record, &config.node, spec.size)?;
-            if record != from_config {
-                tracing::info!(volume = %spec.name, epoch = record.epoch,
-                    primary = %record.primary, "etcd: the record overrides the config");
-            }
-            spec.epoch = record.epoch;
-            spec.primary = record.primary;
-            spec.commit_mode = record.commit_mode;
-            spec.replicas = record.replicas;
-        }
-        if revision == i64::MAX {
-            // No volumes: watch from now.
-            let now = client.get("/", None).await.map_err(failed)?;
-            revision = now.header().map_or(0, |h| h.revision());
-        }
+        };
         Ok(Self {
             client,
             options,
@@ -321,9 +273,10 @@ impl ControlPlane {
         Arc::clone(&self.fence)
     }
 
-    /// Registers `node` under the lease, and applies every newer record
-    /// of its volumes as it is written. Runs until [`Running::stop`], or
-    /// until the lease or the watch fails ([`Running::ended`]).
+    /// Follows `node`'s volumes: applies every newer record as it is
+    /// written, shows decisions, answers probes, reports, and campaigns
+    /// for the controller's seat. Runs until [`Running::stop`], or until
+    /// the lease lapses or a watch cannot resume ([`Running::ended`]).
     pub async fn run(mut self, node: Arc<Node>) -> Result<Running, EtcdError> {
         let failed = |source| EtcdError::Client {
             endpoints: self.options.endpoints.join(","),
@@ -379,6 +332,81 @@ impl ControlPlane {
             controlling,
         })
     }
+}
+
+/// Brings `config`'s volumes in line with their records (creating the
+/// missing ones from it); the revision to watch the records after.
+async fn read_records(
+    client: &mut Client,
+    config: &mut NodeConfig,
+    failed: &impl Fn(etcd_client::Error) -> EtcdError,
+) -> Result<i64, EtcdError> {
+    // The watch starts after the oldest read: a record written between
+    // two reads is seen again (and fenced, if not newer), never missed.
+    let mut revision = i64::MAX;
+    for spec in &mut config.volumes {
+        let key = volume_key(&config.cluster, &spec.name);
+        let from_config = VolumeRecord {
+            epoch: spec.epoch,
+            primary: spec.primary.clone(),
+            commit_mode: spec.commit_mode,
+            size: spec.size,
+            replicas: spec.replicas.clone(),
+            departed: BTreeMap::new(),
+        };
+        let value = serde_json::to_vec(&from_config)?;
+        // Written only if nobody wrote it first; read otherwise.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let response = client.txn(txn).await.map_err(failed)?;
+        revision = revision.min(response.header().map_or(0, |h| h.revision()));
+        if response.succeeded() {
+            tracing::info!(volume = %spec.name, epoch = spec.epoch, "etcd: record created from the config");
+            continue;
+        }
+        let stored = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let Some(stored) = stored else {
+            return Err(EtcdError::Record {
+                key,
+                what: "exists but could not be read".into(),
+            });
+        };
+        let mut record = parse(&key, &stored)?;
+        if let Some(addr) = record.departed.get(&config.node).cloned() {
+            // A lost primary back: it opens as a replica of the current
+            // primary, which connects to it once the controller adds it
+            // back in the next epoch.
+            tracing::info!(volume = %spec.name, epoch = record.epoch, primary = %record.primary,
+                "etcd: this node lost the primary's seat; back as a replica, waiting to be added");
+            record.replicas.insert(config.node.clone(), addr);
+        }
+        check(&key, &spec.name, &record, &config.node, spec.size)?;
+        if record != from_config {
+            tracing::info!(volume = %spec.name, epoch = record.epoch,
+                primary = %record.primary, "etcd: the record overrides the config");
+        }
+        spec.epoch = record.epoch;
+        spec.primary = record.primary;
+        spec.commit_mode = record.commit_mode;
+        spec.replicas = record.replicas;
+    }
+    if revision == i64::MAX {
+        // No volumes: watch from now.
+        let now = client.get("/", None).await.map_err(failed)?;
+        revision = now.header().map_or(0, |h| h.revision());
+    }
+    Ok(revision)
+}
+
+/// Resolves once a stop is asked for on `stopped` (or its sender is
+/// gone): the first branch of each task's `select!`.
+pub(super) async fn stopping(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 /// A client of `endpoints`.
@@ -539,10 +567,14 @@ async fn keep(
                 ));
             }
             tokio::select! {
-                () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+                () = stopping(&mut stopped) => return None,
                 () = tokio::time::sleep(REOPEN_EVERY) => {}
             }
-            match client.lease_keep_alive(lease).await {
+            let reopened = tokio::select! {
+                () = stopping(&mut stopped) => return None,
+                reopened = client.lease_keep_alive(lease) => reopened,
+            };
+            match reopened {
                 Ok(reopened) => {
                     tracing::info!(lease, "etcd: renewals resumed");
                     sent.clear();
@@ -554,7 +586,7 @@ async fn keep(
             continue;
         };
         tokio::select! {
-            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            () = stopping(&mut stopped) => return None,
             _ = renew.tick() => {
                 if !fence.allows() {
                     return Some(format!("lease {lease} not renewed within its time to live: writes fenced"));
@@ -654,6 +686,8 @@ struct Feed {
     /// The revision to resume from.
     next: i64,
     stream: Option<etcd_client::WatchStream>,
+    /// When a broken stream is opened again.
+    retry_at: tokio::time::Instant,
 }
 
 impl Feed {
@@ -663,6 +697,7 @@ impl Feed {
             prefix,
             next: from,
             stream: None,
+            retry_at: tokio::time::Instant::now(),
         };
         feed.stream = Some(feed.watch().await?);
         Ok(feed)
@@ -680,13 +715,16 @@ impl Feed {
     async fn puts(&mut self) -> Result<Vec<etcd_client::KeyValue>, String> {
         loop {
             let Some(stream) = self.stream.as_mut() else {
-                tokio::time::sleep(REOPEN_EVERY).await;
+                // A deadline, not a pause: the other watches' answers cancel
+                // this future often.
+                tokio::time::sleep_until(self.retry_at).await;
                 match self.watch().await {
                     Ok(stream) => {
                         tracing::info!(prefix = %self.prefix, from = self.next, "etcd: watch resumed");
                         self.stream = Some(stream);
                     }
                     Err(e) => {
+                        self.retry_at = tokio::time::Instant::now() + REOPEN_EVERY;
                         tracing::warn!(prefix = %self.prefix, error = %e, "etcd: watch not resumed yet")
                     }
                 }
@@ -704,8 +742,11 @@ impl Feed {
                     format!("canceled: {}", response.cancel_reason())
                 }
                 Ok(Some(response)) => {
-                    if let Some(header) = response.header() {
-                        self.next = self.next.max(header.revision() + 1);
+                    // Resumed after the last event seen, never the header's
+                    // revision: the answer that creates a watch carries the
+                    // current one, ahead of the events still to come.
+                    for kv in response.events().iter().filter_map(|e| e.kv()) {
+                        self.next = self.next.max(kv.mod_revision() + 1);
                     }
                     let puts: Vec<etcd_client::KeyValue> = response
                         .events()
@@ -723,6 +764,7 @@ impl Feed {
             };
             tracing::warn!(prefix = %self.prefix, why, "etcd: watch broken; resuming");
             self.stream = None;
+            self.retry_at = tokio::time::Instant::now() + REOPEN_EVERY;
         }
     }
 }
@@ -735,7 +777,7 @@ async fn follow(
 ) -> Option<String> {
     loop {
         tokio::select! {
-            () = async { let _ = stopped.wait_for(|stop| *stop).await; } => return None,
+            () = stopping(&mut stopped) => return None,
             puts = decisions.puts() => match puts {
                 Ok(puts) => puts.iter().for_each(|kv| notes.take(kv)),
                 Err(why) => return Some(why),
