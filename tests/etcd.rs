@@ -111,12 +111,16 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     let mut expected = replica_addrs.clone();
     expected.remove("node1");
     assert_eq!(record.replicas, expected);
-    // Each node registered, under a lease.
+    // Each node registered, under a lease, and says it serves.
     for node in &cluster.nodes {
-        let (value, lease) = get(&mut client, &node_key("test", &node.name))
-            .await
-            .unwrap_or_else(|| panic!("{} is not registered", node.name));
-        let entry: NodeRecord = serde_json::from_slice(&value).unwrap();
+        let key = node_key("test", &node.name);
+        let (entry, lease) = within(Duration::from_secs(10), || async {
+            let (value, lease) = get(&mut client.clone(), &key).await?;
+            let entry: NodeRecord = serde_json::from_slice(&value).ok()?;
+            entry.ready.then_some((entry, lease))
+        })
+        .await
+        .unwrap_or_else(|| panic!("{} is not registered as serving", node.name));
         assert_eq!(entry.replication, format!("127.0.0.1:{}", node.replication));
         assert_ne!(lease, 0, "{}'s entry has no lease", node.name);
     }

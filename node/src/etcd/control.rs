@@ -359,7 +359,7 @@ async fn look(
     nodes: &mut Liveness,
 ) -> Result<bool, etcd_client::Error> {
     let mut waiting = false;
-    let live = names(client, &node_key(cluster, "")).await?;
+    let (live, ready) = registrations(client, cluster).await?;
     let registered = names(client, &address_key(cluster, "")).await?;
     nodes.observe(&live, registered);
     let volumes_prefix = format!("{}volumes/", prefix(cluster));
@@ -384,7 +384,7 @@ async fn look(
         if let Some((back, _)) = record
             .departed
             .iter()
-            .find(|(node, _)| live.contains(*node))
+            .find(|(node, _)| ready.contains(*node))
         {
             let back = back.clone();
             readmit(
@@ -418,6 +418,28 @@ async fn names(client: &mut Client, prefix: &str) -> Result<BTreeSet<String>, et
         .iter()
         .filter_map(|kv| kv.key_str().ok()?.strip_prefix(prefix).map(str::to_owned))
         .collect())
+}
+
+/// The registered nodes, and those of them that serve (ready).
+async fn registrations(
+    client: &mut Client,
+    cluster: &str,
+) -> Result<(BTreeSet<String>, BTreeSet<String>), etcd_client::Error> {
+    let prefix = node_key(cluster, "");
+    let response = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let (mut live, mut ready) = (BTreeSet::new(), BTreeSet::new());
+    for kv in response.kvs() {
+        let Some(node) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+            continue;
+        };
+        live.insert(node.to_owned());
+        if serde_json::from_slice::<super::NodeRecord>(kv.value()).is_ok_and(|r| r.ready) {
+            ready.insert(node.to_owned());
+        }
+    }
+    Ok((live, ready))
 }
 
 /// A live replica's reason the engine does not judge: it has not

@@ -97,6 +97,10 @@ pub struct NodeRecord {
     pub admin: Option<String>,
     /// NBD listener, if any.
     pub nbd: Option<String>,
+    /// Its volumes are open and it serves (written again once they are):
+    /// a lost primary back is added as a replica only then.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// What went wrong with etcd.
@@ -163,6 +167,8 @@ pub fn node_key(cluster: &str, node: &str) -> String {
 pub struct ControlPlane {
     client: Client,
     options: EtcdOptions,
+    /// This node's registration.
+    entry: NodeRecord,
     cluster: String,
     /// The revision the records were read at: the watch starts after it.
     revision: i64,
@@ -233,6 +239,7 @@ impl ControlPlane {
             replication: config.replication.to_string(),
             admin: config.admin.map(|a| a.to_string()),
             nbd: config.nbd.map(|a| a.to_string()),
+            ready: false,
         };
         let value = serde_json::to_vec(&entry)?;
         let with_lease = Some(PutOptions::new().with_lease(lease));
@@ -241,7 +248,7 @@ impl ControlPlane {
         // Kept after the lease: a lost primary is added back at it.
         let address = address_key(&config.cluster, &config.node);
         client
-            .put(address, entry.replication, None)
+            .put(address, entry.replication.clone(), None)
             .await
             .map_err(failed)?;
         let revision = match read_records(&mut client, config, &failed).await {
@@ -258,6 +265,7 @@ impl ControlPlane {
         Ok(Self {
             client,
             options,
+            entry,
             cluster: config.cluster.clone(),
             revision,
             lease,
@@ -321,6 +329,17 @@ impl ControlPlane {
             let (me, lease) = (node.name().to_owned(), (self.lease, self.ttl));
             move |stopped| control::control(client, cluster, me, lease, stopped)
         });
+        // Serving: the registration says so.
+        let ready = NodeRecord {
+            ready: true,
+            ..self.entry.clone()
+        };
+        let with_lease = Some(PutOptions::new().with_lease(self.lease));
+        let key = node_key(&self.cluster, node.name());
+        self.client
+            .put(key, serde_json::to_vec(&ready)?, with_lease)
+            .await
+            .map_err(failed)?;
         node.set_control_plane(format!("etcd at {}", self.options.endpoints.join(",")));
         Ok(Running {
             client: self.client,
