@@ -279,6 +279,78 @@ async fn the_nodes_ride_out_an_etcd_restart() {
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
+/// node1 reaches etcd through a proxy the test cuts (connections reset):
+/// its watches break and retry. Meanwhile a record is written and etcd
+/// compacts its history past it, so node1's records watch cannot resume
+/// where it was: once the proxy forwards again, node1 reads what is there
+/// and applies the record; its lease (5 s) outlived the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_cannot_resume_past_a_compaction_reads_the_records_again() {
+    let etcd = Etcd::start().await;
+    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = proxy::Proxy::start(target).await;
+    let through_proxy = format!("http://{}", proxy.addr);
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
+        let endpoint = if name == "node1" {
+            through_proxy.clone()
+        } else {
+            etcd.endpoint.clone()
+        };
+        ["--etcd", &endpoint, "--etcd-lease-ms", "5000"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    // node1 follows etcd (its registration says it serves) before the cut.
+    let key = node_key("test", "node1");
+    let serving = within(Duration::from_secs(10), || async {
+        let (value, _) = get(&mut etcd.client().await, &key).await?;
+        let entry: NodeRecord = serde_json::from_slice(&value).ok()?;
+        entry.ready.then_some(())
+    })
+    .await;
+    assert!(serving.is_some(), "{}", cluster.log(0));
+
+    proxy.cut();
+    let broken = within(Duration::from_secs(10), || async {
+        cluster.log(0).contains("etcd: watch broken").then_some(())
+    })
+    .await;
+    assert!(broken.is_some(), "{}", cluster.log(0));
+    let mut client = etcd.client().await;
+    let record = volume_record(&mut client).await;
+    let bumped = VolumeRecord { epoch: 2, ..record };
+    let put = client
+        .put(
+            volume_key("test", "vol0"),
+            serde_json::to_vec(&bumped).unwrap(),
+            None::<PutOptions>,
+        )
+        .await
+        .unwrap();
+    let revision = put.header().unwrap().revision();
+    client.compact(revision, None).await.unwrap();
+    proxy.restore();
+
+    let applied = within(Duration::from_secs(20), || async {
+        (cluster.status(0).await["volumes"][0]["assignment"]["epoch"] == 2).then_some(())
+    })
+    .await;
+    assert!(applied.is_some(), "{}", cluster.log(0));
+    assert!(
+        cluster
+            .log(0)
+            .contains("watch cannot resume past a compaction; reading the prefix again"),
+        "{}",
+        cluster.log(0)
+    );
+    wait_serving(&cluster, 0).await;
+    cluster.wait_converged(CONVERGE).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
 /// node1, the primary, reaches etcd through a proxy the test pauses (the
 /// other nodes reach it directly): node1 can no longer renew its lease,
 /// and must stop acknowledging writes before etcd expires that lease,

@@ -1,6 +1,7 @@
 //! A TCP proxy the test controls: it forwards to a target until paused,
 //! then holds every byte (a partition, not a reset: connections stay open,
-//! nothing arrives either way).
+//! nothing arrives either way); or, cut, it closes every connection and
+//! refuses new ones until restored (a reset).
 
 #![allow(dead_code)]
 
@@ -16,6 +17,7 @@ pub struct Proxy {
     /// Where clients connect.
     pub addr: SocketAddr,
     paused: Arc<watch::Sender<bool>>,
+    cut: Arc<watch::Sender<bool>>,
     tasks: JoinSet<()>,
 }
 
@@ -25,23 +27,29 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let paused = Arc::new(watch::channel(false).0);
+        let cut = Arc::new(watch::channel(false).0);
         let mut tasks = JoinSet::new();
-        let gate = Arc::clone(&paused);
+        let (gate, cutter) = (Arc::clone(&paused), Arc::clone(&cut));
         tasks.spawn(async move {
             let mut pumps = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                if *cutter.borrow() {
+                    continue; // dropped: closed at once
+                }
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                pumps.spawn(pump(client_read, server_write, gate.subscribe()));
-                pumps.spawn(pump(server_read, client_write, gate.subscribe()));
+                let way = |c: &Arc<watch::Sender<bool>>| (gate.subscribe(), c.subscribe());
+                pumps.spawn(pump(client_read, server_write, way(&cutter)));
+                pumps.spawn(pump(server_read, client_write, way(&cutter)));
             }
         });
         Self {
             addr,
             paused,
+            cut,
             tasks,
         }
     }
@@ -50,18 +58,33 @@ impl Proxy {
     pub fn pause(&self) {
         self.paused.send_replace(true);
     }
+
+    /// Closes every connection and refuses new ones until
+    /// [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Accepts and forwards again after a [`cut`](Self::cut).
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
 }
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut paused: watch::Receiver<bool>,
+    (mut paused, mut cut): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        // Cut: both halves dropped, the connection closed.
+        let n = tokio::select! {
+            _ = cut.wait_for(|cut| *cut) => return,
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
         };
         // Held for good once paused.
         if paused.wait_for(|paused| !*paused).await.is_err() {

@@ -18,10 +18,10 @@
 //! certainly still alive there (see the fence's clock assumption), so a
 //! node cut off from etcd stops acknowledging before its lease can expire
 //! and another node be made primary. A broken renewal stream or watch
-//! (etcd restarting) is opened again, the watches from where they were;
-//! once the fence lapses, etcd says the lease is gone, or a watch cannot
-//! resume (history compacted), the control plane ends and `walship serve`
-//! stops.
+//! (etcd restarting) is opened again, the watches from where they were
+//! (or from what is there now, past a compaction); once the fence lapses
+//! or etcd says the lease is gone, the control plane ends and `walship
+//! serve` stops.
 //!
 //! A node reads its volumes' records before it opens them ([`connect`]),
 //! so a node that was away through a failover comes back in the role etcd
@@ -697,8 +697,8 @@ const REOPEN_EVERY: Duration = Duration::from_millis(200);
 
 /// A watch of a prefix that resumes where it was when its stream breaks
 /// (etcd restarting, a connection reset): each put under the prefix is
-/// seen once, in order, unless etcd compacted its history past the point
-/// to resume from.
+/// seen, in order; if etcd compacted its history past the point to resume
+/// from, what is under the prefix then is seen instead.
 struct Feed {
     client: Client,
     prefix: String,
@@ -729,9 +729,9 @@ impl Feed {
         self.client.watch(self.prefix.as_str(), Some(from)).await
     }
 
-    /// The next puts; why the watch cannot go on, if it cannot.
+    /// The next puts (after a compaction, everything under the prefix).
     /// Cancel-safe: nothing is lost if the future is dropped.
-    async fn puts(&mut self) -> Result<Vec<etcd_client::KeyValue>, String> {
+    async fn puts(&mut self) -> Vec<etcd_client::KeyValue> {
         loop {
             let Some(stream) = self.stream.as_mut() else {
                 // A deadline, not a pause: the other watches' answers cancel
@@ -751,11 +751,25 @@ impl Feed {
             };
             let why = match stream.message().await {
                 Ok(Some(response)) if response.compact_revision() > 0 => {
-                    return Err(format!(
-                        "the watch of {} cannot resume: etcd compacted its history to revision {}",
-                        self.prefix,
-                        response.compact_revision()
-                    ));
+                    // The history to resume from is gone: what is there now
+                    // (every taker is fenced by epoch or idempotent), then on.
+                    tracing::warn!(prefix = %self.prefix, from = self.next,
+                        compacted = response.compact_revision(),
+                        "etcd: watch cannot resume past a compaction; reading the prefix again");
+                    let all = Some(GetOptions::new().with_prefix());
+                    match self.client.get(self.prefix.as_str(), all).await {
+                        Ok(now) => {
+                            self.next = now.header().map_or(self.next, |h| h.revision() + 1);
+                            self.stream = None;
+                            self.retry_at = tokio::time::Instant::now();
+                            let kvs = now.kvs().to_vec();
+                            if kvs.is_empty() {
+                                continue;
+                            }
+                            return kvs;
+                        }
+                        Err(e) => format!("read after a compaction failed: {e}"),
+                    }
                 }
                 Ok(Some(response)) if response.canceled() => {
                     format!("canceled: {}", response.cancel_reason())
@@ -776,7 +790,7 @@ impl Feed {
                     if puts.is_empty() {
                         continue;
                     }
-                    return Ok(puts);
+                    return puts;
                 }
                 Ok(None) => "ended".to_owned(),
                 Err(e) => e.to_string(),
@@ -797,23 +811,14 @@ async fn follow(
     loop {
         tokio::select! {
             () = stopping(&mut stopped) => return None,
-            puts = decisions.puts() => match puts {
-                Ok(puts) => puts.iter().for_each(|kv| notes.take(kv)),
-                Err(why) => return Some(why),
-            },
-            puts = probes.puts() => match puts {
-                Ok(puts) => puts.iter().for_each(|kv| notes.take(kv)),
-                Err(why) => return Some(why),
-            },
-            puts = records.puts() => match puts {
-                Ok(puts) => {
-                    for kv in puts {
-                        let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        let Some(volume) = key.strip_prefix(&watch_prefix) else { continue };
-                        apply(&node, &key, volume, kv.value()).await;
-                    }
+            puts = decisions.puts() => puts.iter().for_each(|kv| notes.take(kv)),
+            puts = probes.puts() => puts.iter().for_each(|kv| notes.take(kv)),
+            puts = records.puts() => {
+                for kv in puts {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let Some(volume) = key.strip_prefix(&watch_prefix) else { continue };
+                    apply(&node, &key, volume, kv.value()).await;
                 }
-                Err(why) => return Some(why),
             },
         }
     }
