@@ -51,6 +51,30 @@ async fn cluster_on_etcd() -> (Etcd, NodeCluster) {
     cluster_on_etcd_with(VolumeOptions::default()).await
 }
 
+/// etcd, and three nodes on it with `lease_ms` leases, vol0 converged;
+/// node1 reaches etcd through a proxy the test controls, the others
+/// directly.
+async fn node1_through_a_proxy(lease_ms: &str) -> (Etcd, proxy::Proxy, NodeCluster) {
+    let etcd = Etcd::start().await;
+    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = proxy::Proxy::start(target).await;
+    let through_proxy = format!("http://{}", proxy.addr);
+    let cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
+        let endpoint = if name == "node1" {
+            through_proxy.clone()
+        } else {
+            etcd.endpoint.clone()
+        };
+        ["--etcd", &endpoint, "--etcd-lease-ms", lease_ms]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    (etcd, proxy, cluster)
+}
+
 /// [`cluster_on_etcd`] with `volume`.
 async fn cluster_on_etcd_with(volume: VolumeOptions) -> (Etcd, NodeCluster) {
     let etcd = Etcd::start().await;
@@ -286,23 +310,7 @@ async fn the_nodes_ride_out_an_etcd_restart() {
 /// and applies the record; its lease (5 s) outlived the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_that_cannot_resume_past_a_compaction_reads_the_records_again() {
-    let etcd = Etcd::start().await;
-    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
-    let proxy = proxy::Proxy::start(target).await;
-    let through_proxy = format!("http://{}", proxy.addr);
-    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
-        let endpoint = if name == "node1" {
-            through_proxy.clone()
-        } else {
-            etcd.endpoint.clone()
-        };
-        ["--etcd", &endpoint, "--etcd-lease-ms", "5000"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
-    })
-    .await;
-    cluster.wait_converged(CONVERGE).await;
+    let (etcd, proxy, mut cluster) = node1_through_a_proxy("5000").await;
     // node1 follows etcd (its registration says it serves) before the cut.
     let key = node_key("test", "node1");
     let serving = within(Duration::from_secs(10), || async {
@@ -357,23 +365,7 @@ async fn a_watch_that_cannot_resume_past_a_compaction_reads_the_records_again() 
 /// which is the earliest another node could be made primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expires() {
-    let etcd = Etcd::start().await;
-    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
-    let proxy = proxy::Proxy::start(target).await;
-    let through_proxy = format!("http://{}", proxy.addr);
-    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
-        let endpoint = if name == "node1" {
-            through_proxy.clone()
-        } else {
-            etcd.endpoint.clone()
-        };
-        ["--etcd", &endpoint, "--etcd-lease-ms", "2000"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect()
-    })
-    .await;
-    cluster.wait_converged(CONVERGE).await;
+    let (etcd, proxy, mut cluster) = node1_through_a_proxy("2000").await;
 
     // A client writes with FUA, one block after the other, noting when
     // each was acknowledged, until a write fails.
