@@ -61,10 +61,10 @@ pub async fn write_blocks(
 }
 
 /// Writes blocks from `range` with FUA to `addr` until `stop` is set,
-/// reconnecting (every 20 ms, for at most `limit` in all) when the
-/// connection fails or a write is refused, as a client riding out a
-/// primary's role change would; returns the blocks acknowledged. A block
-/// whose write failed is written again, so a block is acknowledged once.
+/// reconnecting (within `limit` in all) when the connection fails or a
+/// write is refused, as a client riding out a primary's role change
+/// would; returns the blocks acknowledged. A block whose write failed is
+/// written again, so a block is acknowledged once.
 pub async fn write_until(
     addr: std::net::SocketAddr,
     range: std::ops::Range<u64>,
@@ -76,26 +76,40 @@ pub async fn write_until(
     let mut done = Vec::new();
     let mut next = range.start;
     while next < range.end && !stop.load(Ordering::SeqCst) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "writes failed for {limit:?}; acknowledged {}",
-            done.len()
-        );
-        if let Some(mut client) = Haggle::try_open(addr, "vol0").await {
-            while next < range.end && !stop.load(Ordering::SeqCst) {
-                let data = block_of(next);
-                let write = client.try_write(next * 4096, &data, FLAG_FUA);
-                match tokio::time::timeout(Duration::from_secs(10), write).await {
-                    Ok(Some(0)) => {
-                        done.push(next);
-                        acked.store(done.len() as u64, Ordering::SeqCst);
-                        next += 1;
-                    }
-                    _ => break,
+        // A connection on which `next` was acknowledged (or the stop).
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let block = next;
+        let stop_now = &stop;
+        let opened = within(left, || async move {
+            if stop_now.load(Ordering::SeqCst) {
+                return Some(None);
+            }
+            let mut client = Haggle::try_open(addr, "vol0").await?;
+            let data = block_of(block);
+            let sent = client.try_write(block * 4096, &data, FLAG_FUA);
+            let ok = tokio::time::timeout(Duration::from_secs(10), sent).await;
+            (ok == Ok(Some(0))).then_some(Some(client))
+        })
+        .await;
+        let Some(opened) = opened else {
+            panic!("writes failed for {limit:?}; acknowledged {}", done.len());
+        };
+        let Some(mut client) = opened else { break };
+        done.push(next);
+        acked.store(done.len() as u64, Ordering::SeqCst);
+        next += 1;
+        while next < range.end && !stop.load(Ordering::SeqCst) {
+            let data = block_of(next);
+            let sent = client.try_write(next * 4096, &data, FLAG_FUA);
+            match tokio::time::timeout(Duration::from_secs(10), sent).await {
+                Ok(Some(0)) => {
+                    done.push(next);
+                    acked.store(done.len() as u64, Ordering::SeqCst);
+                    next += 1;
                 }
+                _ => break,
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     done
 }
