@@ -28,6 +28,24 @@ fn spawn(args: &[String], dir: &std::path::Path) -> Child {
         .expect("etcd (Debian's etcd-server) is installed")
 }
 
+/// A temp dir for a member's data, on tmpfs where the machine has one:
+/// each member preallocates a 64 MiB WAL segment, the tests start several
+/// at once, and a CI machine's disk is shared (a run there failed with
+/// ENOSPC inside etcd). The tests kill etcd, never the machine, so tmpfs
+/// loses nothing they rely on.
+fn data_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("walship-etcd")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("temp dir")
+}
+
 /// The value at `key` and its lease, if it is there.
 pub async fn get(client: &mut Client, key: &str) -> Option<(Vec<u8>, i64)> {
     let response = client.get(key, None).await.expect("etcd get");
@@ -60,7 +78,7 @@ impl Etcd {
 
     /// [`start`](Self::start) with `extra` arguments.
     pub async fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = data_dir();
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
