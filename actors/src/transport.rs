@@ -38,10 +38,18 @@ pub(crate) type Conn = Framed<Box<dyn Io>, WireCodec>;
 /// tens of thousands, stays this small instead of tokio-util's 8 KiB each.
 const CONN_BUFFER: usize = 256;
 
+/// Frames fed to a connection's sink go out in one write up to this many
+/// bytes (a flush writes them all). `Framed::with_capacity` would set it to
+/// the initial capacity, [`CONN_BUFFER`]: every frame of a live write then
+/// went out in a write of its own, and the replica woke, synced and acked
+/// once for the WAL batch and again for the barrier request behind it.
+const WRITE_BATCH: usize = 64 * 1024;
+
 /// Frames a stream with the wire codec, both ends of a connection.
 pub(crate) fn framed<C: AsyncRead + AsyncWrite>(stream: C) -> Framed<C, WireCodec> {
     let mut conn = Framed::with_capacity(stream, WireCodec::default(), CONN_BUFFER);
     *conn.write_buffer_mut() = BytesMut::with_capacity(CONN_BUFFER);
+    conn.set_backpressure_boundary(WRITE_BATCH);
     conn
 }
 
@@ -72,6 +80,7 @@ pub(crate) fn reframe<C: AsyncRead + AsyncWrite>(
     let mut framed = Framed::from_parts(parts);
     shrink(framed.read_buffer_mut());
     shrink(framed.write_buffer_mut());
+    framed.set_backpressure_boundary(WRITE_BATCH);
     framed
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct SenderContext {
     pub(crate) links: Arc<crate::mux::PeerLinks>,
     /// Bytes this sender put on the wire (WAL batches and image chunks).
     pub(crate) bytes_sent: Arc<AtomicU64>,
+    /// Where the volume's barrier requests reach this sender's live task.
+    pub(crate) barrier_line: Arc<crate::primary::ship::BarrierLine>,
     /// Held by the sender and every executor future (each has a clone of
     /// the context): the volume's stop waits until all of them are gone.
     pub(crate) _alive: Arc<TaskTrackerToken>,

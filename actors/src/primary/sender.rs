@@ -15,14 +15,13 @@
 
 use super::context::SenderContext;
 use super::resources::Lease;
-use super::ship::{self as executor, BarrierRequest};
+use super::ship as executor;
 use crate::error::ExecError;
 use crate::metered;
 use crate::metrics::{MailboxMetrics, Metered};
 use crate::transport::Conn;
 use actix::prelude::*;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use walship_engine::{
     Endpoint, Epoch, ExecutionFailure, Input, RecoveryPlan, ResourceGrant, SessionId,
 };
@@ -50,10 +49,9 @@ enum Task {
         session: SessionId,
         then_live: Option<StartLive>,
     },
-    /// Shipping live; barrier requests go to the task.
-    Live {
-        barriers: mpsc::UnboundedSender<BarrierRequest>,
-    },
+    /// Shipping live; barrier requests reach the task through the context's
+    /// barrier line.
+    Live,
 }
 
 impl Link {
@@ -96,7 +94,7 @@ impl Metered for SenderActor {
     }
 }
 
-metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, SendBarrier, Heartbeat, Shutdown);
+metered!(SenderActor: Assignment, Execute, Cancel, StartLive, StopLive, Heartbeat, Shutdown);
 
 impl SenderActor {
     pub(crate) fn new(context: SenderContext, metrics: Arc<MailboxMetrics>) -> Self {
@@ -132,7 +130,7 @@ impl SenderActor {
     fn start_live(&mut self, conn: Conn, live: StartLive, ctx: &mut Context<Self>) {
         let StartLive { from, epoch, .. } = live;
         let context = self.context.clone();
-        let (barriers, requests) = mpsc::unbounded_channel();
+        let requests = self.context.barrier_line.open();
         let fut = async move { executor::live_ship(conn, context, from, epoch, requests).await };
         let handle = ctx.spawn(
             actix::fut::wrap_future::<_, Self>(fut).map(|error, act, _| {
@@ -142,7 +140,7 @@ impl SenderActor {
             }),
         );
         self.link = Link::Busy {
-            task: Task::Live { barriers },
+            task: Task::Live,
             handle,
         };
     }
@@ -338,30 +336,6 @@ impl Handler<StartLive> for SenderActor {
     }
 }
 
-/// Ask the in-sync replica for a durable ack naming barrier `id` once the
-/// WAL up to `lsn` is shipped. Dropped when nothing ships live: the barrier
-/// then waits on the replica's next session, or times out.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct SendBarrier {
-    pub(crate) id: u64,
-    pub(crate) lsn: u64,
-}
-
-impl Handler<SendBarrier> for SenderActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SendBarrier, _: &mut Context<Self>) {
-        if let Link::Busy {
-            task: Task::Live { barriers },
-            ..
-        } = &self.link
-        {
-            let _ = barriers.send((msg.id, msg.lsn));
-        }
-    }
-}
-
 /// Stop live shipping.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -375,8 +349,7 @@ impl Handler<StopLive> for SenderActor {
     fn handle(&mut self, msg: StopLive, ctx: &mut Context<Self>) {
         match &mut self.link {
             Link::Busy {
-                task: Task::Live { .. },
-                ..
+                task: Task::Live, ..
             } => {
                 tracing::debug!(replica = %self.context.replica, reason = %msg.reason, "stop live shipping");
                 self.drop_link(ctx);

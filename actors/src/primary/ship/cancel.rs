@@ -149,6 +149,7 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
             tuning: tuning.clone(),
             links: Arc::default(),
             bytes_sent: Arc::new(AtomicU64::new(0)),
+            barrier_line: Arc::default(),
             _alive: Arc::new(tasks.token()),
         };
         let mut cancels = 0;

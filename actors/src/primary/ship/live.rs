@@ -8,8 +8,10 @@ use crate::error::ExecError;
 use crate::transport::{self, Conn};
 use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
 use walship_engine::Input;
 use walship_io::{Envelope, Message};
 
@@ -33,6 +35,31 @@ enum Never {}
 /// A barrier the replica is asked to acknowledge by id: (barrier id, lsn).
 pub(crate) type BarrierRequest = (u64, u64);
 
+/// Where the volume hands barrier requests for one replica straight to its
+/// live task, not through the sender's mailbox: a request made by the write
+/// that the task is about to ship then goes out in the same socket write as
+/// its frames, and the replica answers both with one sync and one ack. A
+/// request made while nothing ships live is dropped: the barrier then waits
+/// on the replica's durable acks of its next session, or times out.
+#[derive(Debug, Default)]
+pub(crate) struct BarrierLine(Mutex<Option<mpsc::UnboundedSender<BarrierRequest>>>);
+
+impl BarrierLine {
+    /// A new live task's end of the line; a previous task's closes.
+    pub(crate) fn open(&self) -> mpsc::UnboundedReceiver<BarrierRequest> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    /// Hands `request` to the live task, if one ships.
+    pub(crate) fn send(&self, request: BarrierRequest) {
+        if let Some(tx) = &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            let _ = tx.send(request);
+        }
+    }
+}
+
 /// The replica's retention hold (the volume's) keeps the WAL after what it
 /// acknowledged, so what is shipped next is never recycled under the loop.
 /// A barrier request goes out once the WAL up to its LSN is shipped, so the
@@ -55,6 +82,16 @@ async fn live_loop(
     let mut waiting: VecDeque<BarrierRequest> = VecDeque::new();
     let mut barriers_open = true;
     loop {
+        // Requests made by the writes about to ship go out with them.
+        while barriers_open {
+            match barriers.try_recv() {
+                Ok(request) => waiting.push_back(request),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => barriers_open = false,
+            }
+        }
+        // Everything due is fed, then written with one flush.
+        let mut fed = false;
         let head = *head_rx.borrow_and_update();
         while shipped < head && !window.is_full() {
             let (frames, last) = wal.read_raw(shipped, head, c.tuning.batch_bytes)?;
@@ -66,18 +103,23 @@ async fn live_loop(
                 committed: *c.committed_rx.borrow(),
                 frames,
             };
-            sink.send(Envelope { epoch, message }).await?;
+            sink.feed(Envelope { epoch, message }).await?;
+            fed = true;
             c.count_sent(len);
             window.shipped(last, len);
             shipped = last;
         }
         while let Some(&(id, lsn)) = waiting.front().filter(|(_, lsn)| *lsn <= shipped) {
             waiting.pop_front();
-            sink.send(Envelope {
+            sink.feed(Envelope {
                 epoch,
                 message: Message::Barrier { id, lsn },
             })
             .await?;
+            fed = true;
+        }
+        if fed {
+            sink.flush().await?;
         }
         tokio::select! {
             request = barriers.recv(), if barriers_open => match request {

@@ -13,7 +13,7 @@ mod window;
 #[cfg(test)]
 mod cancel;
 
-pub(crate) use live::{live_ship, BarrierRequest};
+pub(crate) use live::{live_ship, BarrierLine};
 
 use super::context::SenderContext;
 use crate::error::ExecError;

@@ -14,6 +14,7 @@ pub(in crate::primary) mod pins;
 use super::context::{EngineInput, SenderContext};
 use super::resources::ResourceTable;
 use super::sender::{self, SenderActor};
+use super::ship::BarrierLine;
 use crate::config::PrimaryConfig;
 use crate::error::VolumeError;
 use crate::metered;
@@ -47,6 +48,8 @@ pub struct VolumeActor {
     engine: Engine,
     senders: HashMap<ReplicaId, MeteredAddr<SenderActor>>,
     bytes_sent: HashMap<ReplicaId, Arc<AtomicU64>>,
+    /// Each sender's barrier line (a new sender gets a new one).
+    barrier_lines: HashMap<ReplicaId, Arc<BarrierLine>>,
     resources: ResourceTable,
     next_resource: u64,
     /// Each replica's retention hold, as the engine placed it.
@@ -164,6 +167,7 @@ impl VolumeActor {
             engine,
             senders: HashMap::new(),
             bytes_sent: HashMap::new(),
+            barrier_lines: HashMap::new(),
             resources: ResourceTable::default(),
             next_resource: 1,
             holds: HashMap::new(),
@@ -298,7 +302,11 @@ impl VolumeActor {
         self.run_commands(ctx);
     }
 
-    fn sender_context(&self, replica: &ReplicaId) -> Option<SenderContext> {
+    fn sender_context(
+        &self,
+        replica: &ReplicaId,
+        barrier_line: Arc<BarrierLine>,
+    ) -> Option<SenderContext> {
         Some(SenderContext {
             replica: replica.clone(),
             cluster: self.config.cluster.clone(),
@@ -310,6 +318,7 @@ impl VolumeActor {
             tuning: self.config.tuning.clone(),
             links: Arc::clone(&self.pools.links),
             bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
+            barrier_line,
             _alive: Arc::new(self.tasks.token()),
         })
     }
@@ -319,11 +328,13 @@ impl VolumeActor {
             return Some(sender.clone());
         }
         self.bytes_sent.entry(replica.clone()).or_default();
-        let context = self.sender_context(replica)?;
+        let line = Arc::new(BarrierLine::default());
+        let context = self.sender_context(replica, Arc::clone(&line))?;
         let metrics = MailboxMetrics::new("sender", replica.as_str());
         let addr = SenderActor::new(context, Arc::clone(&metrics)).start();
         let sender = MeteredAddr::new(addr, metrics);
         self.senders.insert(replica.clone(), sender.clone());
+        self.barrier_lines.insert(replica.clone(), line);
         Some(sender)
     }
 
@@ -365,6 +376,7 @@ impl VolumeActor {
                 }
             }
             Command::Disconnect { replica, .. } => {
+                self.barrier_lines.remove(&replica);
                 if let Some(sender) = self.senders.remove(&replica) {
                     sender.do_send(sender::Shutdown);
                 }
@@ -425,11 +437,8 @@ impl VolumeActor {
                 barrier,
                 lsn,
             } => {
-                if let Some(sender) = self.senders.get(&replica) {
-                    sender.do_send(sender::SendBarrier {
-                        id: barrier.get(),
-                        lsn: lsn.get(),
-                    });
+                if let Some(line) = self.barrier_lines.get(&replica) {
+                    line.send((barrier.get(), lsn.get()));
                 }
             }
             Command::HoldRetention { replica, from } => {
