@@ -622,11 +622,15 @@ impl Engine {
         Ok(barrier)
     }
 
-    /// Asks each in-sync replica that has no request in flight for an ack
-    /// naming the newest waiting barrier. One request at a time per replica
-    /// is enough: the acks of its flushes are what commits, and a request's
+    /// Asks each in-sync replica that has no request in flight, and has not
+    /// already acknowledged the barrier's LSN as durable, for an ack naming
+    /// the newest waiting barrier. One request at a time per replica is
+    /// enough: the acks of its flushes are what commits, and a request's
     /// ack covers every LSN up to its barrier; it names one so that it can
-    /// be refused if it comes after that barrier's deadline.
+    /// be refused if it comes after that barrier's deadline. A replica
+    /// durable past the LSN has nothing left to say about it (asking it
+    /// again, while the barrier waited on others, cost a round trip and a
+    /// replica wake per write).
     fn request_barrier_acks(&mut self) {
         if self.commit.mode() == CommitMode::BestEffort {
             return;
@@ -635,7 +639,13 @@ impl Engine {
             return;
         };
         for sender in self.senders.values_mut() {
-            if sender.state() == ReplicaState::InSync && sender.barrier_requested.is_none() {
+            if sender.state() == ReplicaState::InSync
+                && sender.barrier_requested.is_none()
+                && self
+                    .commit
+                    .replica_durable(&sender.id)
+                    .is_none_or(|d| d < lsn)
+            {
                 sender.barrier_requested = Some(barrier);
                 self.commands.push(Command::SendBarrier {
                     replica: sender.id.clone(),

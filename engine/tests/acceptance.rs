@@ -1516,3 +1516,33 @@ fn an_assignment_cancels_every_session_it_invalidates() {
         "{commands:?}"
     );
 }
+
+/// A replica that has acknowledged a barrier's LSN as durable is not asked
+/// about it again while the barrier waits on another replica: its answer
+/// could not move the barrier, and the request cost a round trip per write.
+#[test]
+fn a11_a_replica_durable_past_a_barrier_is_not_asked_again() {
+    let mut shell = Shell::new(Shell::config());
+    shell.assign(assignment(1, CommitMode::SyncAll, &[B, C]));
+    shell.in_sync("b");
+    shell.in_sync("c");
+    shell.wal(0, 10, 0, true);
+    let first = shell.barrier(10);
+    assert_eq!(
+        shell.barrier_requests.len(),
+        2,
+        "both asked: {:?}",
+        shell.barrier_requests
+    );
+    shell.ack("b", 10, Some(first)).unwrap();
+    assert!(!shell.barriers.contains_key(&first), "waits on c");
+    assert_eq!(shell.barrier_requests.len(), 2, "b is not asked again");
+    // A newer barrier past what b holds is asked of b (c's request is
+    // still in flight).
+    shell.wal(0, 20, 0, true);
+    let second = shell.barrier(20);
+    assert_eq!(shell.barrier_requests[2..], [(rid("b"), second)]);
+    shell.ack("c", 20, Some(first)).unwrap();
+    assert_eq!(shell.barriers[&first], Ok(Lsn(10)), "b bounds the commit");
+    assert!(!shell.barriers.contains_key(&second), "waits on b");
+}
