@@ -18,6 +18,7 @@
 use anyhow::{bail, ensure, Context as _};
 use bytes::Bytes;
 use clap::Parser;
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -398,18 +399,45 @@ async fn p2(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
 struct Latencies {
     all: Vec<Duration>,
     took: Duration,
+    /// What the process spent meanwhile (every thread).
+    spent: Usage,
 }
 
 impl Latencies {
     fn new(mut all: Vec<Duration>, took: Duration) -> Self {
         all.sort();
-        Self { all, took }
+        Self {
+            all,
+            took,
+            spent: Usage::default(),
+        }
     }
 
     fn merge(&mut self, other: Latencies) {
         self.all.extend(other.all);
         self.all.sort();
         self.took += other.took;
+        self.spent = self.spent.plus(&other.spent);
+    }
+
+    /// CPU (user + system) and context switches per operation, the
+    /// switches by thread name.
+    fn per_op(&self) -> String {
+        let n = self.all.len().max(1) as f64;
+        let by_thread: Vec<String> = self
+            .spent
+            .switches
+            .iter()
+            .filter(|(_, count)| **count as f64 / n >= 0.05)
+            .map(|(name, count)| format!("{name} {:.1}", *count as f64 / n))
+            .collect();
+        format!(
+            "CPU {:.0} µs user + {:.0} µs system, {:.1} context switches per write ({})",
+            self.spent.user.as_secs_f64() * 1e6 / n,
+            self.spent.system.as_secs_f64() * 1e6 / n,
+            self.spent.switches.values().sum::<u64>() as f64 / n,
+            by_thread.join(", ")
+        )
     }
 
     fn iops(&self) -> f64 {
@@ -425,11 +453,17 @@ impl Latencies {
     }
 }
 
-async fn write_barrier_load(
-    primary: &VolumeHandle,
-    ops: u64,
-    depth: u64,
+/// `run`'s latencies with what the process spent meanwhile.
+async fn measured(
+    run: impl std::future::Future<Output = anyhow::Result<Latencies>>,
 ) -> anyhow::Result<Latencies> {
+    let before = usage()?;
+    let mut latencies = run.await?;
+    latencies.spent = usage()?.minus(&before);
+    Ok(latencies)
+}
+
+async fn fua_write_load(primary: &VolumeHandle, ops: u64, depth: u64) -> anyhow::Result<Latencies> {
     let per_task = ops / depth;
     let start = Instant::now();
     let tasks: Vec<_> = (0..depth)
@@ -440,10 +474,10 @@ async fn write_barrier_load(
                 let mut latencies = Vec::with_capacity(per_task as usize);
                 for i in 0..per_task {
                     let t = Instant::now();
-                    let lsn = primary
-                        .write((task * per_task + i) % 4096, data.clone())
+                    // A FUA write: resolves once committed under the mode.
+                    primary
+                        .write_committed((task * per_task + i) % 4096, data.clone())
                         .await?;
-                    primary.barrier_at(lsn).await?;
                     latencies.push(t.elapsed());
                 }
                 Ok::<_, walship_actors::VolumeError>(latencies)
@@ -502,6 +536,7 @@ fn raw_replicated_qd1(dir: &Path, ops: u64) -> anyhow::Result<Latencies> {
         .open(dir.join("p4-raw-primary.dat"))?;
     let block = vec![0x11u8; BLOCK_SIZE];
     let mut latencies = Vec::with_capacity(ops as usize);
+    let before = usage()?;
     let start = Instant::now();
     for i in 0..ops {
         let t = Instant::now();
@@ -517,13 +552,17 @@ fn raw_replicated_qd1(dir: &Path, ops: u64) -> anyhow::Result<Latencies> {
         latencies.push(t.elapsed());
     }
     let took = start.elapsed();
+    // Before the replica threads end and take their counts with them.
+    let spent = usage()?.minus(&before);
     drop(streams);
     for receiver in receivers {
         receiver
             .join()
             .map_err(|_| anyhow::anyhow!("raw replica panicked"))??;
     }
-    Ok(Latencies::new(latencies, took))
+    let mut latencies = Latencies::new(latencies, took);
+    latencies.spent = spent;
+    Ok(latencies)
 }
 
 /// Rounds P4 splits each workload into; the order of the runs rotates
@@ -557,8 +596,8 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
             for k in 0..runs {
                 let which = (round as usize + k) % runs;
                 let samples = match which {
-                    0 => write_barrier_load(local.primary(), per_round, depth).await?,
-                    1 => write_barrier_load(replicated.primary(), per_round, depth).await?,
+                    0 => measured(fua_write_load(local.primary(), per_round, depth)).await?,
+                    1 => measured(fua_write_load(replicated.primary(), per_round, depth)).await?,
                     _ => raw_replicated_qd1(dir, per_round)?,
                 };
                 results[which].merge(samples);
@@ -572,12 +611,15 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
             "P4 QD{depth}: replicated {:.0} IOPS p50 {:?} p99 {:?}; local {:.0} IOPS p50 {:?} p99 {:?}; tax {:.0}% (target <= 25%; {P4_ROUNDS} alternating rounds)",
             ours.iops(), ours.p50(), ours.p99(), base.iops(), base.p50(), base.p99(), (1.0 - ours.iops() / base.iops()) * 100.0
         )?;
+        writeln!(out, "P4 QD{depth} replicated: {}", ours.per_op())?;
+        writeln!(out, "P4 QD{depth} local: {}", base.per_op())?;
         if let Some(raw) = results.get(2) {
             writeln!(
                 out,
                 "P4 QD{depth} device baseline: hand-written 3-way sync replication {:.0} IOPS p50 {:?} p99 {:?} (its own tax vs local {:.0}%); walship vs it: {:.2}x IOPS",
                 raw.iops(), raw.p50(), raw.p99(), (1.0 - raw.iops() / base.iops()) * 100.0, ours.iops() / raw.iops()
             )?;
+            writeln!(out, "P4 QD{depth} hand-written: {}", raw.per_op())?;
         }
     }
     Ok(())
@@ -720,6 +762,54 @@ fn rss_and_threads() -> anyhow::Result<(u64, u64)> {
 
 /// CPU time (user + system) this process has used.
 fn cpu_time() -> anyhow::Result<Duration> {
+    let used = usage()?;
+    Ok(used.user + used.system)
+}
+
+/// What a process used: CPU by mode, and context switches (voluntary and
+/// not) by thread name.
+#[derive(Debug, Default, Clone)]
+struct Usage {
+    user: Duration,
+    system: Duration,
+    switches: BTreeMap<String, u64>,
+}
+
+impl Usage {
+    fn plus(&self, other: &Usage) -> Usage {
+        let mut switches = self.switches.clone();
+        for (name, count) in &other.switches {
+            *switches.entry(name.clone()).or_default() += count;
+        }
+        Usage {
+            user: self.user + other.user,
+            system: self.system + other.system,
+            switches,
+        }
+    }
+
+    fn minus(&self, before: &Usage) -> Usage {
+        let switches = self
+            .switches
+            .iter()
+            .map(|(name, count)| {
+                let was = before.switches.get(name).copied().unwrap_or(0);
+                (name.clone(), count.saturating_sub(was))
+            })
+            .collect();
+        Usage {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+            switches,
+        }
+    }
+}
+
+/// This process's [`Usage`] so far: CPU from `/proc/self/stat` (ended
+/// threads included, in 10 ms ticks), context switches summed over the
+/// threads alive now (`/proc/self/task/*/status`: measure before a
+/// thread of interest ends).
+fn usage() -> anyhow::Result<Usage> {
     let stat = fs::read_to_string("/proc/self/stat")?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -727,8 +817,38 @@ fn cpu_time() -> anyhow::Result<Duration> {
         .1
         .split_whitespace()
         .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
+    // USER_HZ is 100 on Linux.
+    let ticks = |i: usize| -> anyhow::Result<Duration> {
+        Ok(Duration::from_millis(fields[i].parse::<u64>()? * 10))
+    };
+    let mut switches = BTreeMap::new();
+    for task in fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(status), Ok(name)) = (
+            fs::read_to_string(task.join("status")),
+            fs::read_to_string(task.join("comm")),
+        ) else {
+            continue;
+        };
+        // Pool threads by their pool's name (comm keeps 15 bytes).
+        let name = name
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                *switches.entry(name.to_owned()).or_default() += n.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok(Usage {
+        user: ticks(11)?,
+        system: ticks(12)?,
+        switches,
+    })
 }
 
 /// Open file descriptors of this process.

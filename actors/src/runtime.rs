@@ -346,7 +346,25 @@ impl VolumeHandle {
     /// Writes whole 4 KiB blocks at `lba`; returns the LSN (not yet committed).
     pub async fn write(&self, lba: u64, data: Bytes) -> Result<u64, VolumeError> {
         self.primary()?
-            .send(volume::Write { lba, data })
+            .send(volume::Write {
+                lba,
+                data,
+                commit: false,
+            })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// [`write`](Self::write), resolving once the write is committed under
+    /// the volume's mode (a FUA write): [`barrier_at`](Self::barrier_at) its
+    /// LSN, in one trip to the volume instead of two.
+    pub async fn write_committed(&self, lba: u64, data: Bytes) -> Result<u64, VolumeError> {
+        self.primary()?
+            .send(volume::Write {
+                lba,
+                data,
+                commit: true,
+            })
             .await
             .map_err(stopped)?
     }
@@ -354,7 +372,23 @@ impl VolumeHandle {
     /// Zeroes `blocks` whole blocks at `lba`; returns the LSN (not yet committed).
     pub async fn trim(&self, lba: u64, blocks: u64) -> Result<u64, VolumeError> {
         self.primary()?
-            .send(volume::Trim { lba, blocks })
+            .send(volume::Trim {
+                lba,
+                blocks,
+                commit: false,
+            })
+            .await
+            .map_err(stopped)?
+    }
+
+    /// [`trim`](Self::trim), resolving once the trim is committed.
+    pub async fn trim_committed(&self, lba: u64, blocks: u64) -> Result<u64, VolumeError> {
+        self.primary()?
+            .send(volume::Trim {
+                lba,
+                blocks,
+                commit: true,
+            })
             .await
             .map_err(stopped)?
     }

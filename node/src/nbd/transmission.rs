@@ -275,7 +275,7 @@ async fn carry_out_request(
         if export.read_only {
             return Ok(None);
         }
-        return commit(export, None).await.map(|()| None);
+        return commit(export).await.map(|()| None);
     }
     let writes = kind != CMD_READ;
     if writes && export.read_only {
@@ -311,7 +311,10 @@ async fn carry_out_request(
         });
     }
     let volume = &export.volume;
-    let last = match kind {
+    // FUA: the last piece resolves once committed, and with it everything
+    // before it (committed is a prefix of the WAL).
+    let fua = flags & CMD_FLAG_FUA != 0;
+    let done = match kind {
         CMD_READ => {
             return match volume.read(lba, blocks).await {
                 Ok(data) => Ok(Some(data)),
@@ -319,36 +322,33 @@ async fn carry_out_request(
             }
         }
         CMD_WRITE => {
-            let mut last = 0;
+            let pieces = data.len().div_ceil(WRITE_PIECE);
+            let mut done = Ok(0);
             for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
                 let at = lba + (i * WRITE_PIECE / MIN_BLOCK as usize) as u64;
-                last = volume
-                    .write(at, data.slice_ref(piece))
-                    .await
-                    .map_err(|e| failed(export, request, &e))?;
+                let piece = data.slice_ref(piece);
+                done = if fua && i + 1 == pieces {
+                    volume.write_committed(at, piece).await
+                } else {
+                    volume.write(at, piece).await
+                };
+                if done.is_err() {
+                    break;
+                }
             }
-            last
+            done
         }
         // Zeroes either way: a trim frame reads back as zeroes everywhere.
-        _ => volume
-            .trim(lba, blocks)
-            .await
-            .map_err(|e| failed(export, request, &e))?,
+        _ if fua => volume.trim_committed(lba, blocks).await,
+        _ => volume.trim(lba, blocks).await,
     };
-    if flags & CMD_FLAG_FUA != 0 {
-        commit(export, Some(last)).await?;
-    }
-    Ok(None)
+    done.map(|_| None).map_err(|e| failed(export, request, &e))
 }
 
-/// Waits until `lsn` (everything so far, when `None`) is committed under
-/// the volume's mode.
-async fn commit(export: &Export, lsn: Option<u64>) -> Result<(), u32> {
-    let committed = match lsn {
-        Some(lsn) => export.volume.barrier_at(lsn).await,
-        None => export.volume.barrier().await,
-    };
-    committed.map(|_| ()).map_err(|e| {
+/// Waits until everything written so far is committed under the volume's
+/// mode.
+async fn commit(export: &Export) -> Result<(), u32> {
+    export.volume.barrier().await.map(|_| ()).map_err(|e| {
         tracing::warn!(export = %export.name, error = %e, "nbd flush failed");
         errno(&e)
     })

@@ -95,7 +95,9 @@ impl VolumeActor {
     }
 }
 
-/// Write whole blocks; returns the LSN.
+/// Write whole blocks; returns the LSN, once it is committed under the
+/// volume's mode if `commit` (a FUA write: one trip to the actor, not a
+/// write and then a barrier).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<u64, VolumeError>")]
 pub struct Write {
@@ -103,18 +105,22 @@ pub struct Write {
     pub lba: u64,
     /// Whole blocks.
     pub data: Bytes,
+    /// Resolve only once the write is committed.
+    pub commit: bool,
 }
 
 impl Handler<Write> for VolumeActor {
-    type Result = Result<u64, VolumeError>;
+    type Result = ResponseFuture<Result<u64, VolumeError>>;
 
     fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
         let epoch = self.engine.epoch().get();
-        self.append(ctx, |store| store.write(epoch, msg.lba, msg.data))
+        let appended = self.append(ctx, |store| store.write(epoch, msg.lba, msg.data));
+        self.then_commit(ctx, appended, msg.commit)
     }
 }
 
-/// Zero whole blocks (a trim frame in the WAL); returns the LSN.
+/// Zero whole blocks (a trim frame in the WAL); returns the LSN, once it is
+/// committed if `commit`.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<u64, VolumeError>")]
 pub struct Trim {
@@ -122,18 +128,61 @@ pub struct Trim {
     pub lba: u64,
     /// Number of blocks.
     pub blocks: u64,
+    /// Resolve only once the trim is committed.
+    pub commit: bool,
 }
 
 impl Handler<Trim> for VolumeActor {
-    type Result = Result<u64, VolumeError>;
+    type Result = ResponseFuture<Result<u64, VolumeError>>;
 
     fn handle(&mut self, msg: Trim, ctx: &mut Context<Self>) -> Self::Result {
         let epoch = self.engine.epoch().get();
-        self.append(ctx, |store| store.trim(epoch, msg.lba, msg.blocks))
+        let appended = self.append(ctx, |store| store.trim(epoch, msg.lba, msg.blocks));
+        self.then_commit(ctx, appended, msg.commit)
     }
 }
 
 impl VolumeActor {
+    /// What a write or trim answers: its LSN now, or once committed.
+    fn then_commit(
+        &mut self,
+        ctx: &mut Context<Self>,
+        appended: Result<u64, VolumeError>,
+        commit: bool,
+    ) -> ResponseFuture<Result<u64, VolumeError>> {
+        match appended {
+            Ok(lsn) if commit => {
+                let committed = self.committed(ctx, lsn);
+                Box::pin(async move { committed.await.map(|_| lsn) })
+            }
+            appended => Box::pin(std::future::ready(appended)),
+        }
+    }
+
+    /// Resolves with the committed LSN once `lsn` is committed under the
+    /// volume's mode: an engine barrier, with its deadline and failures.
+    fn committed(
+        &mut self,
+        ctx: &mut Context<Self>,
+        lsn: u64,
+    ) -> impl std::future::Future<Output = Result<u64, VolumeError>> + 'static {
+        let epoch = self.engine.epoch();
+        let registered = self.engine.handle_barrier(Lsn(lsn), epoch);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(barrier) = registered {
+            self.barriers.insert(barrier, tx);
+        }
+        self.run_commands(ctx);
+        async move {
+            registered?;
+            match rx.await {
+                Ok(Ok(committed)) => Ok(committed),
+                Ok(Err(failure)) => Err(VolumeError::Barrier(failure)),
+                Err(_) => Err(VolumeError::Stopped),
+            }
+        }
+    }
+
     /// Appends one frame to the WAL and ships it: a write or a trim.
     fn append(
         &mut self,
@@ -172,21 +221,7 @@ impl Handler<Barrier> for VolumeActor {
     fn handle(&mut self, msg: Barrier, ctx: &mut Context<Self>) -> Self::Result {
         self.clock();
         let lsn = msg.lsn.unwrap_or_else(|| self.store.wal().head());
-        let epoch = self.engine.epoch();
-        let registered = self.engine.handle_barrier(Lsn(lsn), epoch);
-        let (tx, rx) = oneshot::channel();
-        if let Ok(barrier) = registered {
-            self.barriers.insert(barrier, tx);
-        }
-        self.run_commands(ctx);
-        Box::pin(async move {
-            registered?;
-            match rx.await {
-                Ok(Ok(committed)) => Ok(committed),
-                Ok(Err(failure)) => Err(VolumeError::Barrier(failure)),
-                Err(_) => Err(VolumeError::Stopped),
-            }
-        })
+        Box::pin(self.committed(ctx, lsn))
     }
 }
 
