@@ -103,7 +103,7 @@ fn raw_pipeline(files: &[PathBuf], sink_path: PathBuf) -> anyhow::Result<Run> {
         Ok(total)
     });
     let start = Instant::now();
-    let cpu = cpu_time()?;
+    let before = usage()?;
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -126,7 +126,7 @@ fn raw_pipeline(files: &[PathBuf], sink_path: PathBuf) -> anyhow::Result<Run> {
     Ok(Run {
         bytes: total,
         took: start.elapsed(),
-        cpu: cpu_time()? - cpu,
+        spent: usage()?.minus(&before),
     })
 }
 
@@ -184,7 +184,7 @@ impl Setup {
         let primary = self.primary().clone();
         let before = primary.bytes_sent(server).await?;
         let start = Instant::now();
-        let cpu = cpu_time()?;
+        let used = usage()?;
         self.cluster
             .restart_replica(server, false)
             .await
@@ -194,14 +194,14 @@ impl Setup {
             .wait_state(server, ReplicaState::InSync, PATIENCE)
             .await?;
         let took = start.elapsed();
-        let cpu = cpu_time()? - cpu;
+        let spent = usage()?.minus(&used);
         let bytes = primary.bytes_sent(server).await? - before;
         ensure!(
             primary.content_checksum().await?
                 == self.cluster.replica(server).content_checksum().await?,
             "{server} differs after recovery"
         );
-        Ok(Run { bytes, took, cpu })
+        Ok(Run { bytes, took, spent })
     }
 
     async fn stop(self) {
@@ -231,12 +231,12 @@ fn report(
 }
 
 /// One timed transfer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Run {
     bytes: u64,
     took: Duration,
-    /// CPU time of the whole process during the run.
-    cpu: Duration,
+    /// What the whole process spent during the run.
+    spent: Usage,
 }
 
 impl Run {
@@ -244,10 +244,44 @@ impl Run {
         mib_per_s(self.bytes, self.took)
     }
 
+    fn gib(&self) -> f64 {
+        self.bytes as f64 / (1u64 << 30) as f64
+    }
+
     /// CPU seconds per GiB moved.
     fn cpu_per_gib(&self) -> f64 {
-        self.cpu.as_secs_f64() / (self.bytes as f64 / (1u64 << 30) as f64)
+        (self.spent.user + self.spent.system).as_secs_f64() / self.gib()
     }
+
+    fn user_per_gib(&self) -> f64 {
+        self.spent.user.as_secs_f64() / self.gib()
+    }
+
+    fn system_per_gib(&self) -> f64 {
+        self.spent.system.as_secs_f64() / self.gib()
+    }
+
+    /// Bytes through read and write syscalls (`rchar` + `wchar`) per byte
+    /// moved: the copies the syscalls make, whatever the page state.
+    fn syscall_bytes_per_byte(&self) -> f64 {
+        (self.spent.io.rchar + self.spent.io.wchar) as f64 / self.bytes as f64
+    }
+
+    /// Read and write syscalls (`syscr` + `syscw`) per MiB moved.
+    fn syscalls_per_mib(&self) -> f64 {
+        (self.spent.io.syscr + self.spent.io.syscw) as f64 / (self.bytes as f64 / 1048576.0)
+    }
+}
+
+/// Touches `bytes` of anonymous memory and frees it, so the run that
+/// follows finds that many recently freed pages. On this VM a page the
+/// guest freed long ago (and handed back to the host) costs ~3 ms/MiB to
+/// touch again, a page freed just now nothing extra: whichever side of P1/P2
+/// ran on the other's freed pages looked 4x cheaper. Every run, either
+/// side, gets the same pre-touch, more than either writes.
+fn pretouch(bytes: u64) {
+    let pages = vec![1u8; bytes as usize];
+    std::hint::black_box(&pages);
 }
 
 /// The median; for an even count, the mean of the middle two (the upper
@@ -272,15 +306,25 @@ async fn alternate(
     dir: &Path,
 ) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    // Three times what is moved: walship's replica writes it twice (WAL,
+    // then extent), the raw sink once.
+    let mut touch = 0;
+    for file in files {
+        touch += 3 * fs::metadata(file)?.len();
+    }
     for (i, server) in servers.iter().enumerate() {
         // Whoever goes first inherits the pages freed just before (see
         // `raw_pipeline`), so the order alternates too.
         let sink = dir.join(format!("raw-sink-{server}.dat"));
         if i % 2 == 0 {
+            pretouch(touch);
             raw.push(raw_pipeline(files, sink)?);
+            pretouch(touch);
             ours.push(setup.recover(server).await?);
         } else {
+            pretouch(touch);
             ours.push(setup.recover(server).await?);
+            pretouch(touch);
             raw.push(raw_pipeline(files, sink)?);
         }
     }
@@ -315,6 +359,27 @@ fn report_transfer(
         cpu(ours),
         cpu(raw),
         cpu(ours) / cpu(raw)
+    )?;
+    // Figures that do not depend on page state, medians, walship / raw.
+    let both = |f: fn(&Run) -> f64| {
+        let (o, r) = (
+            median(ours.iter().map(f).collect()),
+            median(raw.iter().map(f).collect()),
+        );
+        if r > 0.0 {
+            format!("{o:.2} / {r:.2} ({:.2}x)", o / r)
+        } else {
+            // Below the 10 ms tick of /proc/self/stat.
+            format!("{o:.2} / {r:.2}")
+        }
+    };
+    writeln!(
+        out,
+        "{name} per GiB, walship / raw (medians): user CPU s {}; system CPU s {}; read+write syscall bytes per byte moved {}; read+write syscalls per MiB {}",
+        both(Run::user_per_gib),
+        both(Run::system_per_gib),
+        both(Run::syscall_bytes_per_byte),
+        both(Run::syscalls_per_mib),
     )?;
     let rate = |runs: &[Run]| median(runs.iter().map(Run::rate).collect());
     report(
@@ -773,6 +838,48 @@ struct Usage {
     user: Duration,
     system: Duration,
     switches: BTreeMap<String, u64>,
+    io: IoCounts,
+}
+
+/// `/proc/self/io`'s syscall counters (every thread, ended ones too).
+#[derive(Debug, Default, Clone, Copy)]
+struct IoCounts {
+    /// Bytes read through read-family syscalls.
+    rchar: u64,
+    /// Bytes written through write-family syscalls.
+    wchar: u64,
+    /// Read-family syscalls.
+    syscr: u64,
+    /// Write-family syscalls.
+    syscw: u64,
+}
+
+impl IoCounts {
+    fn read() -> anyhow::Result<Self> {
+        let text = fs::read_to_string("/proc/self/io")?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .with_context(|| format!("{name} in /proc/self/io"))?;
+            Ok(line.trim().parse()?)
+        };
+        Ok(Self {
+            rchar: field("rchar:")?,
+            wchar: field("wchar:")?,
+            syscr: field("syscr:")?,
+            syscw: field("syscw:")?,
+        })
+    }
+
+    fn combine(self, other: Self, f: fn(u64, u64) -> u64) -> Self {
+        Self {
+            rchar: f(self.rchar, other.rchar),
+            wchar: f(self.wchar, other.wchar),
+            syscr: f(self.syscr, other.syscr),
+            syscw: f(self.syscw, other.syscw),
+        }
+    }
 }
 
 impl Usage {
@@ -785,6 +892,7 @@ impl Usage {
             user: self.user + other.user,
             system: self.system + other.system,
             switches,
+            io: self.io.combine(other.io, u64::saturating_add),
         }
     }
 
@@ -801,6 +909,7 @@ impl Usage {
             user: self.user.saturating_sub(before.user),
             system: self.system.saturating_sub(before.system),
             switches,
+            io: self.io.combine(before.io, u64::saturating_sub),
         }
     }
 }
@@ -848,6 +957,7 @@ fn usage() -> anyhow::Result<Usage> {
         user: ticks(11)?,
         system: ticks(12)?,
         switches,
+        io: IoCounts::read()?,
     })
 }
 
