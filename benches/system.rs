@@ -556,20 +556,35 @@ async fn fua_write_load(primary: &VolumeHandle, ops: u64, depth: u64) -> anyhow:
     Ok(Latencies::new(all, start.elapsed()))
 }
 
-/// One raw replica for the P4 device baseline: reads 4 KiB writes, writes
-/// and fdatasyncs each, acks it with one byte.
-fn raw_ack_receiver(listener: TcpListener, path: PathBuf) -> anyhow::Result<()> {
-    let (mut stream, _) = listener.accept()?;
-    stream.set_nodelay(true)?;
+/// Slots of the P4 baseline's files: writes wrap around them.
+const RAW_SLOTS: u64 = 4096;
+
+/// A new file for the P4 baseline, its `RAW_SLOTS` blocks written with
+/// zeroes and synced: its writes then overwrite allocated blocks, as
+/// walship's WAL appends do into the zeroes it writes ahead.
+fn zeroed_file(path: &Path) -> anyhow::Result<File> {
     let file = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .open(path)?;
+    file.write_all_at(&vec![0u8; (RAW_SLOTS as usize) * BLOCK_SIZE], 0)?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// One raw replica for the P4 device baseline: reads 4 KiB writes, writes
+/// and fdatasyncs each, acks it with one byte (and with one when its file
+/// is ready).
+fn raw_ack_receiver(listener: TcpListener, path: PathBuf) -> anyhow::Result<()> {
+    let (mut stream, _) = listener.accept()?;
+    stream.set_nodelay(true)?;
+    let file = zeroed_file(&path)?;
+    stream.write_all(&[1])?;
     let mut block = vec![0u8; BLOCK_SIZE];
     let mut slot = 0u64;
     while stream.read_exact(&mut block).is_ok() {
-        file.write_all_at(&block, (slot % 4096) * BLOCK_SIZE as u64)?;
+        file.write_all_at(&block, (slot % RAW_SLOTS) * BLOCK_SIZE as u64)?;
         file.sync_data()?;
         stream.write_all(&[1])?;
         slot += 1;
@@ -594,11 +609,11 @@ fn raw_replicated_qd1(dir: &Path, ops: u64) -> anyhow::Result<Latencies> {
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(dir.join("p4-raw-primary.dat"))?;
+    let file = zeroed_file(&dir.join("p4-raw-primary.dat"))?;
+    for stream in &mut streams {
+        let mut ready = [0u8; 1];
+        stream.read_exact(&mut ready)?;
+    }
     let block = vec![0x11u8; BLOCK_SIZE];
     let mut latencies = Vec::with_capacity(ops as usize);
     let before = usage()?;
@@ -608,7 +623,7 @@ fn raw_replicated_qd1(dir: &Path, ops: u64) -> anyhow::Result<Latencies> {
         for stream in &mut streams {
             stream.write_all(&block)?;
         }
-        file.write_all_at(&block, (i % 4096) * BLOCK_SIZE as u64)?;
+        file.write_all_at(&block, (i % RAW_SLOTS) * BLOCK_SIZE as u64)?;
         file.sync_data()?;
         let mut ack = [0u8; 1];
         for stream in &mut streams {

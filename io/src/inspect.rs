@@ -26,7 +26,7 @@ pub struct SegmentReport {
     pub first: u64,
     /// Frames kept (before a torn tail or a corrupt frame).
     pub frames: u64,
-    /// File length.
+    /// Bytes of its frames (zeroes written ahead after them not counted).
     pub bytes: u64,
 }
 
@@ -243,7 +243,7 @@ fn scan_wal(wal: &Path, generation: u64, report: &mut Inspection) {
                     name: name.clone(),
                     first: *first,
                     frames: segment.offsets.len() as u64,
-                    bytes: data.len() as u64,
+                    bytes: segment.bytes,
                 });
                 report.head = segment.last();
                 expected_first = Some(segment.last() + 1);
@@ -251,7 +251,7 @@ fn scan_wal(wal: &Path, generation: u64, report: &mut Inspection) {
                     report.torn = Some(TornTail {
                         path: path.clone(),
                         offset,
-                        bytes: data.len() as u64 - offset,
+                        bytes: segment::torn_bytes(&data, offset),
                     });
                 }
             }
@@ -331,15 +331,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         store_with_frames(dir.path(), &[(1, 40)]);
         let files = segment_files(dir.path());
-        let (last, len) = files.last().unwrap().clone();
+        let (last, _) = files.last().unwrap().clone();
+        // Where the next frame would have gone (before zeroes written ahead).
+        let end = inspect(dir.path()).segments.last().unwrap().bytes;
         let mut data = fs::read(&last).unwrap();
+        data.truncate(end as usize);
         data.extend_from_slice(&[0xab; 100]);
         fs::write(&last, &data).unwrap();
         let report = inspect(dir.path());
         let torn = report.torn.expect("a torn tail");
-        assert_eq!((torn.offset, torn.bytes), (len, 100));
+        assert_eq!((torn.offset, torn.bytes), (end, 100));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!(fs::metadata(&last).unwrap().len(), len + 100, "nothing cut");
+        assert_eq!(fs::metadata(&last).unwrap().len(), end + 100, "nothing cut");
 
         // A flipped byte in a frame that valid frames follow: corruption.
         let (first, _) = files.first().unwrap().clone();

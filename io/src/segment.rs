@@ -119,6 +119,12 @@ pub(crate) fn scan(
             },
             Err(error) => error,
         };
+        // Zeroes to the end: written ahead of appends (WalOptions::zero_ahead),
+        // in any segment (a sealed one keeps them if a crash took its trim).
+        if data[at..].iter().all(|b| *b == 0) {
+            segment.bytes = at as u64;
+            return Ok((segment, ScanEnd::Clean));
+        }
         let is_discontinuity = matches!(failure, FrameError::Discontinuity { .. });
         if may_be_torn && !is_discontinuity && !valid_frame_after(data, at + 1, expected) {
             segment.bytes = at as u64;
@@ -136,6 +142,13 @@ pub(crate) fn scan(
 
 /// Whether any valid frame with a plausible LSN (at or after `expected`)
 /// starts at or after `from`. Used to tell a torn tail from corruption.
+/// Bytes a torn tail at `offset` held: up to the last non-zero byte, not
+/// the zeroes written ahead after it.
+pub(crate) fn torn_bytes(data: &[u8], offset: u64) -> u64 {
+    let end = data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    (end as u64).saturating_sub(offset)
+}
+
 fn valid_frame_after(data: &Bytes, from: usize, expected: u64) -> bool {
     const PLAUSIBLE_LSN_WINDOW: u64 = 1 << 24;
     let mut at = from;

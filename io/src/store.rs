@@ -333,6 +333,7 @@ impl Store {
             generation: superblock.generation,
             start_after: superblock.checkpoint,
             max_retained_bytes: options.max_retained_bytes,
+            ..WalOptions::default()
         }
     }
 

@@ -52,6 +52,16 @@ pub struct WalOptions {
     pub start_after: u64,
     /// Retained bytes above which [`Wal::retention`] reports pressure.
     pub max_retained_bytes: Option<u64>,
+    /// Zeroes written ahead of small appends, so that most appends overwrite
+    /// blocks the file already has (0: never). An append that grows the
+    /// file makes its `fdatasync` write the inode and the allocation too;
+    /// one into zeroed blocks syncs only its data: measured here for 4 KiB
+    /// appends, 170-290 µs and 3-4 context switches per sync growing the
+    /// file, 95-130 µs and 2 into zeroes written ahead (fallocate does not
+    /// help: its unwritten extents are converted, a metadata write, on each
+    /// first write). Writes of at least this size extend the file
+    /// themselves, so bulk catch-up writes no byte twice.
+    pub zero_ahead: u64,
 }
 
 impl Default for WalOptions {
@@ -62,9 +72,13 @@ impl Default for WalOptions {
             generation: 1,
             start_after: 0,
             max_retained_bytes: None,
+            zero_ahead: 128 << 10,
         }
     }
 }
+
+/// What [`Wal`] writes zeroes ahead from.
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
 
 /// A WAL operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +261,9 @@ pub struct ReadChunk {
 struct Writer {
     segments: Vec<Segment>,
     active: Arc<File>,
+    /// The active segment file's length: its frames, then zeroes written
+    /// ahead (see [`WalOptions::zero_ahead`]).
+    allocated: u64,
     head: u64,
     tail: u64,
     checkpoint: u64,
@@ -382,6 +399,10 @@ impl Wal {
             .write(true)
             .open(&active_path)
             .map_err(io_err("open", &active_path))?;
+        let allocated = active
+            .metadata()
+            .map_err(io_err("stat", &active_path))?
+            .len();
         let report = RecoveryReport {
             segments: segments.len(),
             tail,
@@ -397,6 +418,7 @@ impl Wal {
                 writer: Mutex::new(Writer {
                     segments,
                     active: Arc::new(active),
+                    allocated,
                     head,
                     tail,
                     checkpoint: tail,
@@ -481,7 +503,7 @@ impl Wal {
                 file.set_len(offset)
                     .map_err(io_err("truncate torn tail", path))?;
                 file.sync_all().map_err(io_err("sync", path))?;
-                torn_bytes += data.len() as u64 - offset;
+                torn_bytes += segment::torn_bytes(&data, offset);
             }
             segments.push(segment);
         }
@@ -664,6 +686,7 @@ impl Wal {
         let Writer {
             segments,
             active,
+            allocated,
             scratch,
             head,
             ..
@@ -675,9 +698,23 @@ impl Wal {
             Some(raw) => raw,
             None => scratch,
         };
+        let end = segment.bytes + total;
+        let zero_ahead = self.inner.options.zero_ahead;
+        if end > *allocated && total < zero_ahead {
+            let mut at = *allocated;
+            while at < end + zero_ahead {
+                let len = (end + zero_ahead - at).min(ZEROES.len() as u64) as usize;
+                active
+                    .write_all_at(&ZEROES[..len], at)
+                    .map_err(io_err("write zeroes", &segment.path))?;
+                at += len as u64;
+            }
+            *allocated = at;
+        }
         active
             .write_all_at(data, segment.bytes)
             .map_err(io_err("write", &segment.path))?;
+        *allocated = (*allocated).max(end);
         let mut offset = segment.bytes;
         for len in lens {
             segment.offsets.push(offset);
@@ -698,6 +735,16 @@ impl Wal {
             let reason = format!("sync before rotation of {}: {error}", old_path.display());
             return Err(self.poison(reason));
         }
+        // The sealed segment keeps its frames only. Unsynced: if a crash
+        // loses the cut, the zeroes are read as what they are.
+        if let Some(sealed) = writer.segments.last() {
+            if writer.allocated > sealed.bytes {
+                writer
+                    .active
+                    .set_len(sealed.bytes)
+                    .map_err(io_err("trim zeroes", &old_path))?;
+            }
+        }
         let path = self.inner.dir.join(segment::segment_name(
             self.inner.options.generation,
             next_first,
@@ -710,6 +757,7 @@ impl Wal {
             .map_err(io_err("create", &path))?;
         sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         writer.active = Arc::new(file);
+        writer.allocated = 0;
         writer.segments.push(Segment::empty(path, next_first));
         Ok(())
     }
@@ -889,6 +937,7 @@ impl Wal {
         file.sync_all().map_err(io_err("sync", &path))?;
         sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         writer.active = Arc::new(file);
+        writer.allocated = cut;
         writer.head = lsn;
         let mut history = writer.epochs.clone();
         if epochs::cut_after(&mut history, lsn) {

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use walship_io::*;
 
@@ -75,20 +76,96 @@ fn torn_tail_mid_frame_is_truncated_and_reported() {
 }
 
 #[test]
-fn garbage_appended_after_the_last_frame_is_a_torn_tail() {
+fn garbage_written_after_the_last_frame_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
     write_n(&wal, 3);
     drop(wal);
     let seg = segments(dir.path()).pop().unwrap();
+    // Where the next frame would go, into the zeroes written ahead.
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .write_all_at(&[0xAB; 777], 3 * FRAME)
+        .unwrap();
+    let (_, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!((report.head, report.torn_bytes_dropped), (3, 777));
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME, "cut there");
+}
+
+#[test]
+fn garbage_appended_past_the_zeroes_written_ahead_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 3);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    let len = fs::metadata(&seg).unwrap().len();
+    assert!(len > 3 * FRAME, "zeroes written ahead: {len}");
     OpenOptions::new()
         .append(true)
         .open(&seg)
         .unwrap()
         .write_all(&[0xAB; 777])
         .unwrap();
-    let (_, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
-    assert_eq!((report.head, report.torn_bytes_dropped), (3, 777));
+    let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!(
+        (report.head, report.torn_bytes_dropped),
+        (3, len - 3 * FRAME + 777),
+        "the zeroes before the garbage count as dropped"
+    );
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME);
+    assert_eq!(write_n(&wal, 1), 4);
+}
+
+/// Appends land in zeroes written ahead; a reopen (a crash after the
+/// syncs) sees exactly the frames, in the active segment and in sealed
+/// ones that kept their zeroes (their trim lost), and appends go on.
+#[test]
+fn zeroes_written_ahead_read_as_the_end_of_every_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    write_n(&wal, 25);
+    drop(wal);
+    let files = segments(dir.path());
+    assert_eq!(files.len(), 3);
+    // Sealed segments were trimmed to their frames; the active one was not.
+    assert_eq!(fs::metadata(&files[0]).unwrap().len(), 10 * FRAME);
+    assert!(fs::metadata(&files[2]).unwrap().len() > 5 * FRAME);
+    // A sealed segment whose trim a crash took.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&files[1])
+        .unwrap()
+        .set_len(10 * FRAME + 4096)
+        .unwrap();
+    let (wal, report) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    assert_eq!((report.head, report.torn_bytes_dropped), (25, 0));
+    assert_eq!(wal.read_frames(0, 25).unwrap().len(), 25);
+    assert_eq!(write_n(&wal, 10), 35);
+    drop(wal);
+    let (wal, _) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    let frames = wal.read_frames(0, 35).unwrap();
+    assert!(frames
+        .iter()
+        .enumerate()
+        .all(|(i, f)| f.lsn == i as u64 + 1 && f.payload == block(f.lsn)));
+}
+
+/// With zeroing ahead off, the file grows with each append, as it did.
+#[test]
+fn without_zeroes_ahead_a_segment_holds_only_its_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = WalOptions {
+        zero_ahead: 0,
+        ..options(1 << 20)
+    };
+    let (wal, _) = Wal::open(dir.path(), opts.clone()).unwrap();
+    write_n(&wal, 3);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME);
 }
 
 #[test]
