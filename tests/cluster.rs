@@ -123,6 +123,36 @@ async fn a4_short_gap_recovers_by_catch_up_over_tcp() {
     assert!(!cluster.has_event("r2", "plan_rebuild").await.unwrap());
 }
 
+/// `Auto` picks pread (measured faster here); the io_uring reader still
+/// carries a whole catch-up when asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a4_catch_up_through_the_io_uring_reader() {
+    let tuning = Tuning {
+        backend: walship::io::BackendRequest::Uring,
+        ..support::tuning()
+    };
+    let mut cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], tuning).await;
+    let NodeStatus::Primary(status) = cluster.primary.status().await.unwrap() else {
+        panic!("the primary's status")
+    };
+    assert!(
+        status.reader_backend.starts_with("Uring"),
+        "io_uring is available on the project's machines: {}",
+        status.reader_backend
+    );
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    cluster.write_blocks(0, 30).await.unwrap();
+    cluster.primary.barrier().await.unwrap();
+    cluster.stop_replica("r2").await;
+    cluster.write_blocks(30, 300).await.unwrap();
+    cluster.bring_back("r2", LONG).await.unwrap();
+    assert!(cluster.has_event("r2", "plan_catchup").await.unwrap());
+    assert!(!cluster.has_event("r2", "plan_rebuild").await.unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a7_fc4_recycled_wal_rebuilds_from_snapshot_plus_tail() {
     let mut cluster = start_with(

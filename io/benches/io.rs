@@ -18,12 +18,14 @@
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walship_io::*;
+
+mod common;
+use common::{build_wal, evict, segments};
 
 const CHUNK: usize = 1 << 20;
 
@@ -32,49 +34,6 @@ fn scan_mb() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024)
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-}
-
-fn evict(dir: &Path) {
-    for path in segments(dir) {
-        let file = File::open(&path).unwrap();
-        file.sync_all().unwrap();
-        let rc = fadvise_dontneed(&file);
-        assert_eq!(rc, 0, "posix_fadvise failed on {}", path.display());
-    }
-}
-
-#[allow(unsafe_code)]
-fn fadvise_dontneed(file: &File) -> i32 {
-    // SAFETY: the fd is valid for the call; DONTNEED only drops clean cached pages.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }
-}
-
-fn build_wal(dir: &Path, mb: u64) -> (Wal, u64, u64) {
-    let options = WalOptions {
-        segment_bytes: 64 << 20,
-        sync: SyncMode::None,
-        ..WalOptions::default()
-    };
-    let (wal, _) = Wal::open(dir, options).unwrap();
-    let block = Bytes::from(vec![0x5A; BLOCK_SIZE]);
-    let frames = mb * (1 << 20) / BLOCK_SIZE as u64;
-    for lba in 0..frames {
-        wal.append(1, FrameKind::Write, lba, block.clone()).unwrap();
-    }
-    let bytes: u64 = segments(dir)
-        .iter()
-        .map(|p| fs::metadata(p).unwrap().len())
-        .sum();
-    (wal, frames, bytes)
 }
 
 fn raw_scan(dir: &Path) -> u64 {
