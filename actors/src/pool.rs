@@ -86,6 +86,8 @@ impl Drop for CloseOnDrop {
 impl BlockingPool {
     pub(crate) fn new(name: &str, threads: usize) -> std::io::Result<Self> {
         let queue = Arc::new(JobQueue::default());
+        // Before the threads: if one fails to start, those started end.
+        let close = Arc::new(CloseOnDrop(Arc::clone(&queue)));
         for i in 0..threads.max(1) {
             let queue = Arc::clone(&queue);
             std::thread::Builder::new()
@@ -97,8 +99,8 @@ impl BlockingPool {
                 })?;
         }
         Ok(Self {
-            _close: Arc::new(CloseOnDrop(Arc::clone(&queue))),
             queue,
+            _close: close,
         })
     }
 

@@ -126,7 +126,16 @@ pub(crate) fn scan(
             return Ok((segment, ScanEnd::Clean));
         }
         let is_discontinuity = matches!(failure, FrameError::Discontinuity { .. });
-        if may_be_torn && !is_discontinuity && !valid_frame_after(data, at + 1, expected) {
+        // A frame header of zeroes in the last segment: that frame never
+        // reached the disk. What follows it was written after it and synced
+        // with it or not at all (a sync covers every earlier write), so it
+        // was never acknowledged either: a power loss that kept a later
+        // page of unsynced appends and lost an earlier one.
+        let never_written = data[at..].iter().take(HEADER_LEN).all(|b| *b == 0);
+        if may_be_torn
+            && !is_discontinuity
+            && (never_written || !valid_frame_after(data, at + 1, expected))
+        {
             segment.bytes = at as u64;
             return Ok((segment, ScanEnd::Torn { offset: at as u64 }));
         }

@@ -94,6 +94,30 @@ fn garbage_written_after_the_last_frame_is_a_torn_tail() {
     assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME, "cut there");
 }
 
+/// A power loss can keep a later page of unsynced appends and lose an
+/// earlier one: the lost frame reads as zeroes (written ahead), the later
+/// one is whole. Neither was acknowledged (a sync covers every earlier
+/// write): both are cut, and the WAL opens.
+#[test]
+fn a_later_frame_past_a_frame_that_never_reached_the_disk_is_cut_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 5);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .write_all_at(&vec![0u8; FRAME as usize], 3 * FRAME)
+        .unwrap();
+    let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!((report.head, report.torn_bytes_dropped), (3, 2 * FRAME));
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME);
+    assert_eq!(write_n(&wal, 1), 4);
+    assert_eq!(wal.read_frames(0, 4).unwrap()[3].payload, block(4));
+}
+
 #[test]
 fn garbage_appended_past_the_zeroes_written_ahead_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
