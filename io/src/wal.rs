@@ -59,8 +59,9 @@ pub struct WalOptions {
     /// appends, 170-290 µs and 3-4 context switches per sync growing the
     /// file, 95-130 µs and 2 into zeroes written ahead (fallocate does not
     /// help: its unwritten extents are converted, a metadata write, on each
-    /// first write). Writes of at least this size extend the file
-    /// themselves, so bulk catch-up writes no byte twice.
+    /// first write). Only while less than this has been written since the
+    /// last sync: bulk writes (a catch-up) extend the file themselves, and
+    /// write no byte twice.
     pub zero_ahead: u64,
 }
 
@@ -264,6 +265,10 @@ struct Writer {
     /// The active segment file's length: its frames, then zeroes written
     /// ahead (see [`WalOptions::zero_ahead`]).
     allocated: u64,
+    /// Bytes written since the last sync began, and between the two
+    /// syncs before.
+    unsynced: u64,
+    synced_last: u64,
     head: u64,
     tail: u64,
     checkpoint: u64,
@@ -419,6 +424,8 @@ impl Wal {
                     segments,
                     active: Arc::new(active),
                     allocated,
+                    unsynced: 0,
+                    synced_last: 0,
                     head,
                     tail,
                     checkpoint: tail,
@@ -687,6 +694,8 @@ impl Wal {
             segments,
             active,
             allocated,
+            unsynced,
+            synced_last,
             scratch,
             head,
             ..
@@ -700,8 +709,13 @@ impl Wal {
         };
         let end = segment.bytes + total;
         let zero_ahead = self.inner.options.zero_ahead;
-        if end > *allocated && total < zero_ahead {
-            let mut at = *allocated;
+        // Only where syncs come every few small writes: when more is written
+        // between two syncs (a catch-up), the file's growth costs each sync
+        // little, and zeroes would be written for bytes about to come.
+        *unsynced += total;
+        if end > *allocated && (*unsynced).max(*synced_last) < zero_ahead {
+            // Past the end of this write: its own bytes need no zeroes.
+            let mut at = (*allocated).max(end);
             while at < end + zero_ahead {
                 let len = (end + zero_ahead - at).min(ZEROES.len() as u64) as usize;
                 active
@@ -758,6 +772,7 @@ impl Wal {
         sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         writer.active = Arc::new(file);
         writer.allocated = 0;
+        writer.synced_last = std::mem::take(&mut writer.unsynced);
         writer.segments.push(Segment::empty(path, next_first));
         Ok(())
     }
@@ -807,7 +822,8 @@ impl Wal {
             state.syncing = true;
             drop(state);
             let (target, file) = {
-                let writer = self.writer();
+                let mut writer = self.writer();
+                writer.synced_last = std::mem::take(&mut writer.unsynced);
                 (writer.head, Arc::clone(&writer.active))
             };
             let result = self.sync_file(&file);
