@@ -262,7 +262,10 @@ impl Run {
     }
 
     /// Bytes through read and write syscalls (`rchar` + `wchar`) per byte
-    /// moved: the copies the syscalls make, whatever the page state.
+    /// moved: the copies the syscalls make, whatever the page state. The
+    /// kernel counts read/pread/readv and write/pwrite/writev, not
+    /// send/recv (std's sockets) nor io_uring: walship's vectored socket
+    /// writes count, the raw pipeline's sends do not.
     fn syscall_bytes_per_byte(&self) -> f64 {
         (self.spent.io.rchar + self.spent.io.wchar) as f64 / self.bytes as f64
     }
