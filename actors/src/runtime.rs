@@ -3,7 +3,7 @@
 
 use crate::config::{Listen, VolumeConfig};
 use crate::error::VolumeError;
-use crate::metrics::{MailboxMetrics, MailboxSnapshot, MeteredAddr};
+use crate::metrics::{MailboxMetrics, MailboxSnapshot, MeteredAddr, Tracked};
 use crate::pool::{ArbiterPool, BlockingPool, Pools};
 use crate::primary::{self as volume, VolumeActor, VolumeStatus};
 use crate::replica::listener::{self, ReplicationListener};
@@ -343,70 +343,59 @@ impl VolumeHandle {
         }
     }
 
+    /// Asks the primary's volume actor; its answer is the volume's.
+    async fn ask<M>(&self, msg: M) -> Result<u64, VolumeError>
+    where
+        M: Message<Result = Result<u64, VolumeError>> + Send + 'static,
+        VolumeActor: Handler<Tracked<M>>,
+    {
+        self.primary()?.send(msg).await.map_err(stopped)?
+    }
+
     /// Writes whole 4 KiB blocks at `lba`; returns the LSN (not yet committed).
     pub async fn write(&self, lba: u64, data: Bytes) -> Result<u64, VolumeError> {
-        self.primary()?
-            .send(volume::Write {
-                lba,
-                data,
-                commit: false,
-            })
-            .await
-            .map_err(stopped)?
+        let commit = false;
+        self.ask(volume::Write { lba, data, commit }).await
     }
 
     /// [`write`](Self::write), resolving once the write is committed under
     /// the volume's mode (a FUA write): [`barrier_at`](Self::barrier_at) its
     /// LSN, in one trip to the volume instead of two.
     pub async fn write_committed(&self, lba: u64, data: Bytes) -> Result<u64, VolumeError> {
-        self.primary()?
-            .send(volume::Write {
-                lba,
-                data,
-                commit: true,
-            })
-            .await
-            .map_err(stopped)?
+        let commit = true;
+        self.ask(volume::Write { lba, data, commit }).await
     }
 
     /// Zeroes `blocks` whole blocks at `lba`; returns the LSN (not yet committed).
     pub async fn trim(&self, lba: u64, blocks: u64) -> Result<u64, VolumeError> {
-        self.primary()?
-            .send(volume::Trim {
-                lba,
-                blocks,
-                commit: false,
-            })
-            .await
-            .map_err(stopped)?
+        let commit = false;
+        self.ask(volume::Trim {
+            lba,
+            blocks,
+            commit,
+        })
+        .await
     }
 
     /// [`trim`](Self::trim), resolving once the trim is committed.
     pub async fn trim_committed(&self, lba: u64, blocks: u64) -> Result<u64, VolumeError> {
-        self.primary()?
-            .send(volume::Trim {
-                lba,
-                blocks,
-                commit: true,
-            })
-            .await
-            .map_err(stopped)?
+        let commit = true;
+        self.ask(volume::Trim {
+            lba,
+            blocks,
+            commit,
+        })
+        .await
     }
 
     /// Resolves when everything written so far is committed under the volume's mode.
     pub async fn barrier(&self) -> Result<u64, VolumeError> {
-        self.primary()?
-            .send(volume::Barrier { lsn: None })
-            .await
-            .map_err(stopped)?
+        self.ask(volume::Barrier { lsn: None }).await
     }
 
     /// Resolves when `lsn` is committed under the volume's mode.
     pub async fn barrier_at(&self, lsn: u64) -> Result<u64, VolumeError> {
-        self.primary()?
-            .send(volume::Barrier { lsn: Some(lsn) })
-            .await
-            .map_err(stopped)?
+        self.ask(volume::Barrier { lsn: Some(lsn) }).await
     }
 
     /// Same as [`barrier`](Self::barrier).

@@ -23,6 +23,27 @@ fn options(segment_bytes: u64) -> WalOptions {
     }
 }
 
+/// A WAL in 1 MiB segments holding `n` synced frames, closed: its
+/// directory and its last segment.
+fn closed_wal(n: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, n);
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    (dir, seg)
+}
+
+/// Overwrites `path` at `offset` with `bytes`, as a disk might have.
+fn write_at(path: &std::path::Path, bytes: &[u8], offset: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(bytes, offset)
+        .unwrap();
+}
+
 fn write_n(wal: &Wal, n: u64) -> u64 {
     let mut last = 0;
     for _ in 0..n {
@@ -61,11 +82,7 @@ fn crash_style_reopen_sees_every_synced_frame() {
 
 #[test]
 fn torn_tail_mid_frame_is_truncated_and_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
-    write_n(&wal, 5);
-    drop(wal);
-    let seg = segments(dir.path()).pop().unwrap();
+    let (dir, seg) = closed_wal(5);
     let file = OpenOptions::new().write(true).open(&seg).unwrap();
     file.set_len(4 * FRAME + 1000).unwrap();
     let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
@@ -77,18 +94,9 @@ fn torn_tail_mid_frame_is_truncated_and_reported() {
 
 #[test]
 fn garbage_written_after_the_last_frame_is_a_torn_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
-    write_n(&wal, 3);
-    drop(wal);
-    let seg = segments(dir.path()).pop().unwrap();
+    let (dir, seg) = closed_wal(3);
     // Where the next frame would go, into the zeroes written ahead.
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .write_all_at(&[0xAB; 777], 3 * FRAME)
-        .unwrap();
+    write_at(&seg, &[0xAB; 777], 3 * FRAME);
     let (_, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
     assert_eq!((report.head, report.torn_bytes_dropped), (3, 777));
     assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME, "cut there");
@@ -100,17 +108,8 @@ fn garbage_written_after_the_last_frame_is_a_torn_tail() {
 /// write): both are cut, and the WAL opens.
 #[test]
 fn a_later_frame_past_a_frame_that_never_reached_the_disk_is_cut_with_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
-    write_n(&wal, 5);
-    drop(wal);
-    let seg = segments(dir.path()).pop().unwrap();
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .write_all_at(&vec![0u8; FRAME as usize], 3 * FRAME)
-        .unwrap();
+    let (dir, seg) = closed_wal(5);
+    write_at(&seg, &vec![0u8; FRAME as usize], 3 * FRAME);
     let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
     assert_eq!((report.head, report.torn_bytes_dropped), (3, 2 * FRAME));
     assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME);
@@ -120,11 +119,7 @@ fn a_later_frame_past_a_frame_that_never_reached_the_disk_is_cut_with_it() {
 
 #[test]
 fn garbage_appended_past_the_zeroes_written_ahead_is_a_torn_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
-    write_n(&wal, 3);
-    drop(wal);
-    let seg = segments(dir.path()).pop().unwrap();
+    let (dir, seg) = closed_wal(3);
     let len = fs::metadata(&seg).unwrap().len();
     assert!(len > 3 * FRAME, "zeroes written ahead: {len}");
     OpenOptions::new()
@@ -194,11 +189,7 @@ fn without_zeroes_ahead_a_segment_holds_only_its_frames() {
 
 #[test]
 fn flipped_byte_before_valid_frames_is_an_error_and_nothing_is_truncated() {
-    let dir = tempfile::tempdir().unwrap();
-    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
-    write_n(&wal, 5);
-    drop(wal);
-    let seg = segments(dir.path()).pop().unwrap();
+    let (dir, seg) = closed_wal(5);
     let mut data = fs::read(&seg).unwrap();
     let len = data.len();
     data[(2 * FRAME + 100) as usize] ^= 0x01; // payload of lsn 3
