@@ -30,4 +30,4 @@ pub use metrics::{MailboxMetrics, MailboxSnapshot};
 pub use primary::SenderHeartbeat;
 pub use primary::{SenderActor, VolumeActor, VolumeStatus};
 pub use replica::{ReplicaStatus, ReplicationListener};
-pub use runtime::{NodeStatus, Runtime, VolumeHandle};
+pub use runtime::{NodeStatus, Runtime, VolumeHandle, VolumeThread};

@@ -22,6 +22,18 @@ use tokio_util::task::TaskTracker;
 use walship_engine::{Assignment, RecoveryEvent, ReplicaId, ReplicaState};
 use walship_io::Store;
 
+/// Runs futures on the thread of a runtime's volume actors; it does not
+/// keep the runtime alive.
+#[derive(Debug, Clone)]
+pub struct VolumeThread(ArbiterHandle);
+
+impl VolumeThread {
+    /// Runs `fut` there; false if the runtime has stopped.
+    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+        self.0.spawn(fut)
+    }
+}
+
 /// The actix system running walship's actors. Dropping it stops every volume.
 #[derive(Debug)]
 pub struct Runtime {
@@ -115,6 +127,12 @@ impl Runtime {
     /// actors on the same system (and for benchmarks comparing against them).
     pub fn arbiter(&self) -> &ArbiterHandle {
         &self.arbiter
+    }
+
+    /// The thread the volumes' actors run on, for a service whose requests
+    /// go to them (a request, the actor and the reply then share a thread).
+    pub fn volume_thread(&self) -> VolumeThread {
+        VolumeThread(self.arbiter.clone())
     }
 
     /// A new volume's task tracker, kept for shutdown (stopped volumes'

@@ -345,9 +345,11 @@ impl Node {
                 table: Arc::clone(&node.table),
                 fence,
             });
-            let started = match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => NbdServer::start(listener, exports),
-                Err(e) => Err(e),
+            let volumes = node.runtime().ok().map(|runtime| runtime.volume_thread());
+            let started = match (tokio::net::TcpListener::bind(addr).await, volumes) {
+                (Ok(listener), Some(volumes)) => NbdServer::start(listener, exports, volumes),
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Err(std::io::Error::other("the runtime has stopped")),
             };
             match started {
                 Ok(server) => {

@@ -25,8 +25,8 @@ use crate::serving::Serving;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use walship_actors::VolumeHandle;
+use tokio::sync::{oneshot, watch};
+use walship_actors::{VolumeHandle, VolumeThread};
 
 /// One export: a volume, its size, and whether clients may write.
 #[derive(Debug, Clone)]
@@ -59,13 +59,21 @@ pub trait Exports: Send + Sync + 'static {
 pub struct NbdServer(Serving);
 
 impl NbdServer {
-    /// Serves `exports` to the clients of `listener`.
-    pub fn start(listener: TcpListener, exports: Arc<dyn Exports>) -> std::io::Result<Self> {
+    /// Serves `exports` to the clients of `listener`. Each connection runs
+    /// on `volumes`, the thread of the volume actors it sends requests to:
+    /// reading a request, carrying it out and writing the reply then wake
+    /// no other thread (from the node's tokio threads, a 4 KiB write crossed
+    /// to the volume's thread and back, and between tasks on either side).
+    pub fn start(
+        listener: TcpListener,
+        exports: Arc<dyn Exports>,
+        volumes: VolumeThread,
+    ) -> std::io::Result<Self> {
         let serving = Serving::start("nbd", listener, move |stream, peer, stopped| {
-            let exports = Arc::clone(&exports);
+            let (exports, volumes) = (Arc::clone(&exports), volumes.clone());
             async move {
                 let _ = stream.set_nodelay(true);
-                if let Err(e) = serve(stream, exports, stopped).await {
+                if let Err(e) = serve_on(&volumes, stream, exports, stopped).await {
                     tracing::info!(%peer, error = %e, "nbd connection closed");
                 }
             }
@@ -84,6 +92,33 @@ impl NbdServer {
     pub async fn stop(&self) {
         self.0.stop().await;
     }
+}
+
+/// [`serve`] on `volumes`; returns when the connection has ended there
+/// (or the runtime stopped under it).
+async fn serve_on(
+    volumes: &VolumeThread,
+    stream: tokio::net::TcpStream,
+    exports: Arc<dyn Exports>,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), NbdError> {
+    // A socket belongs to the reactor that registered it: handed over as a
+    // std socket, registered again there.
+    let stream = stream.into_std()?;
+    let (done, ended) = oneshot::channel();
+    let spawned = volumes.spawn(async move {
+        let served = match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => serve(stream, exports, stopped).await,
+            Err(e) => Err(e.into()),
+        };
+        let _ = done.send(served);
+    });
+    if !spawned {
+        return Err(NbdError::Io(std::io::Error::other(
+            "the volumes' runtime has stopped",
+        )));
+    }
+    ended.await.unwrap_or(Ok(()))
 }
 
 async fn serve(
