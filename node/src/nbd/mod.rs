@@ -118,7 +118,11 @@ async fn serve_on(
             "the volumes' runtime has stopped",
         )));
     }
-    ended.await.unwrap_or(Ok(()))
+    ended.await.unwrap_or_else(|_| {
+        Err(NbdError::Io(std::io::Error::other(
+            "the connection's task ended without a word (a panic, or the runtime stopped)",
+        )))
+    })
 }
 
 async fn serve(
