@@ -45,9 +45,13 @@ struct BenchOptions {
     /// Data size for P1 and P2, MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// Write+barrier operations per P4 run at QD1 (x4 at QD32).
+    /// FUA writes per P4 run at QD1 (x4 at QD32).
     #[arg(long, default_value_t = 5000)]
     p4_ops: u64,
+    /// P4's writers run on the volumes' thread (as the NBD export's
+    /// connections do) instead of the bench's tokio runtime.
+    #[arg(long)]
+    p4_on_volume_thread: bool,
     /// Messages per P5 run.
     #[arg(long, default_value_t = 1_000_000)]
     p5_messages: u64,
@@ -531,6 +535,29 @@ async fn measured(
     Ok(latencies)
 }
 
+/// [`fua_write_load`] from the bench's tokio runtime, or, `on_volumes`, from
+/// the thread of the volumes' actors.
+async fn writers(
+    setup: &Setup,
+    ops: u64,
+    depth: u64,
+    on_volumes: bool,
+) -> anyhow::Result<Latencies> {
+    if !on_volumes {
+        return fua_write_load(setup.primary(), ops, depth).await;
+    }
+    let primary = setup.primary().clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    setup.cluster.rt.volume_thread().spawn(async move {
+        let _ = tx.send(
+            fua_write_load(&primary, ops, depth)
+                .await
+                .map_err(|e| e.to_string()),
+        );
+    });
+    rx.await?.map_err(|e| anyhow::anyhow!(e))
+}
+
 async fn fua_write_load(primary: &VolumeHandle, ops: u64, depth: u64) -> anyhow::Result<Latencies> {
     let per_task = ops / depth;
     let start = Instant::now();
@@ -653,6 +680,10 @@ fn raw_replicated_qd1(dir: &Path, ops: u64) -> anyhow::Result<Latencies> {
 const P4_ROUNDS: u64 = 4;
 
 async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let on_thread = options.p4_on_volume_thread;
+    if on_thread {
+        writeln!(out, "P4 writers on the volumes' thread")?;
+    }
     for depth in [1u64, 32] {
         let ops = options.p4_ops * if depth == 1 { 1 } else { 4 };
         let per_round = (ops / P4_ROUNDS).max(depth);
@@ -679,8 +710,8 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
             for k in 0..runs {
                 let which = (round as usize + k) % runs;
                 let samples = match which {
-                    0 => measured(fua_write_load(local.primary(), per_round, depth)).await?,
-                    1 => measured(fua_write_load(replicated.primary(), per_round, depth)).await?,
+                    0 => measured(writers(&local, per_round, depth, on_thread)).await?,
+                    1 => measured(writers(&replicated, per_round, depth, on_thread)).await?,
                     _ => raw_replicated_qd1(dir, per_round)?,
                 };
                 results[which].merge(samples);
