@@ -149,8 +149,6 @@ pub(crate) fn scan(
     Ok((segment, ScanEnd::Clean))
 }
 
-/// Whether any valid frame with a plausible LSN (at or after `expected`)
-/// starts at or after `from`. Used to tell a torn tail from corruption.
 /// Bytes a torn tail at `offset` held: up to the last non-zero byte, not
 /// the zeroes written ahead after it.
 pub(crate) fn torn_bytes(data: &[u8], offset: u64) -> u64 {
@@ -158,6 +156,8 @@ pub(crate) fn torn_bytes(data: &[u8], offset: u64) -> u64 {
     (end as u64).saturating_sub(offset)
 }
 
+/// Whether any valid frame with a plausible LSN (at or after `expected`)
+/// starts at or after `from`. Used to tell a torn tail from corruption.
 fn valid_frame_after(data: &Bytes, from: usize, expected: u64) -> bool {
     const PLAUSIBLE_LSN_WINDOW: u64 = 1 << 24;
     let mut at = from;
