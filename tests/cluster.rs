@@ -9,6 +9,7 @@ use std::time::Duration;
 use support::*;
 use walship::actors::*;
 use walship::engine::{BarrierFailure, CommitMode, EngineError, ReplicaState};
+use walship::io::{BLOCK_SIZE, DIRECT_MIN_BYTES};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -121,6 +122,13 @@ async fn catch_up_after_a_gap(mut cluster: Cluster, behind: u64) {
     cluster.bring_back("r2", LONG).await.unwrap();
     assert!(cluster.has_event("r2", "plan_catchup").await.unwrap());
     assert!(!cluster.has_event("r2", "plan_rebuild").await.unwrap());
+    // Committed frames in catch-up-sized batches went straight to the
+    // extent, recorded as a checkpoint (after the 30 blocks the WAL held).
+    let NodeStatus::Replica(status) = cluster.replica("r2").status().await.unwrap() else {
+        panic!("r2's status")
+    };
+    let direct = behind * BLOCK_SIZE as u64 >= 2 * DIRECT_MIN_BYTES as u64;
+    assert_eq!(status.checkpoint > 30, direct, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,7 @@ pub use reader::{
 };
 pub use store::{
     BaseInstall, CheckpointOutcome, SnapshotPin, Store, StoreError, StoreOptions, StoreReport,
+    DIRECT_MIN_BYTES,
 };
 pub use superblock::{Superblock, SuperblockError};
 pub use wal::{

@@ -87,14 +87,6 @@ pub enum StoreError {
         /// Blocks configured.
         configured: u64,
     },
-    /// The WAL ends before the checkpoint: the directory was tampered with.
-    #[error("wal head {head} is below the checkpoint {checkpoint}")]
-    WalBehindCheckpoint {
-        /// WAL head.
-        head: u64,
-        /// Checkpoint.
-        checkpoint: u64,
-    },
     /// Base chunks must arrive in order.
     #[error("base chunk at offset {got}, expected {expected}")]
     ChunkOutOfOrder {
@@ -145,10 +137,7 @@ impl StoreError {
         match self {
             Self::Wal(error) => error.is_storage_failure(),
             Self::Extent(error) => matches!(error, ExtentError::Io { .. }),
-            Self::Superblock(_)
-            | Self::Io { .. }
-            | Self::SizeMismatch { .. }
-            | Self::WalBehindCheckpoint { .. } => true,
+            Self::Superblock(_) | Self::Io { .. } | Self::SizeMismatch { .. } => true,
             Self::ChunkOutOfOrder { .. }
             | Self::BaseIncomplete { .. }
             | Self::BaseChecksum { .. }
@@ -204,6 +193,22 @@ struct DirtyBlock {
     data: Bytes,
 }
 
+/// The smallest replicated batch whose committed frames go straight to the
+/// extent (see [`Store::apply_replicated`]): catch-ups ship batches of up to
+/// a MiB; a live stream's small batches stay in the WAL, whose one sync
+/// per ack is cheaper than recording a checkpoint.
+pub const DIRECT_MIN_BYTES: usize = 256 << 10;
+
+/// Committed frames a replica wrote straight to its extent, not yet
+/// recorded by a checkpoint.
+#[derive(Debug)]
+struct DirectRun {
+    /// The last LSN written.
+    last: u64,
+    /// The WAL's epoch history with these frames' epochs noted.
+    epochs: Vec<EpochStart>,
+}
+
 #[derive(Debug)]
 struct State {
     superblock: Superblock,
@@ -218,6 +223,10 @@ pub struct Store {
     options: StoreOptions,
     state: RwLock<State>,
     dirty: Mutex<BTreeMap<u64, DirtyBlock>>,
+    /// Committed frames written straight to the extent since the last
+    /// checkpoint (see [`Store::apply_replicated`]). Lock order: this, then
+    /// `checkpointing`, then the state.
+    direct: Mutex<Option<DirectRun>>,
     snapshot_pins: Arc<AtomicUsize>,
     checkpointing: Mutex<()>,
     /// The directory's `LOCK` file, locked for the life of this instance: two
@@ -271,13 +280,10 @@ impl Store {
             &ExtentFile::path(&dir, superblock.generation),
             options.block_count,
         )?;
+        // A WAL that ends below the checkpoint restarts after it: committed
+        // frames written straight to the extent, then the checkpoint, and a
+        // crash before the WAL followed (see `apply_replicated`).
         let (wal, recovery) = Wal::open(dir.join("wal"), Self::wal_options(&options, &superblock))?;
-        if recovery.head < superblock.checkpoint {
-            return Err(StoreError::WalBehindCheckpoint {
-                head: recovery.head,
-                checkpoint: superblock.checkpoint,
-            });
-        }
         wal.set_checkpoint(superblock.checkpoint);
         let store = Store {
             dir,
@@ -288,6 +294,7 @@ impl Store {
                 wal,
             }),
             dirty: Mutex::new(BTreeMap::new()),
+            direct: Mutex::new(None),
             snapshot_pins: Arc::new(AtomicUsize::new(0)),
             checkpointing: Mutex::new(()),
             _lock: lock,
@@ -365,6 +372,10 @@ impl Store {
 
     fn dirty(&self) -> MutexGuard<'_, BTreeMap<u64, DirtyBlock>> {
         self.dirty.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn direct(&self) -> MutexGuard<'_, Option<DirectRun>> {
+        self.direct.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Replays `(checkpoint, head]` into the dirty map. Returns the frames replayed.
@@ -455,13 +466,55 @@ impl Store {
         Ok(lsn)
     }
 
-    /// Appends frames shipped by the primary (encoded, LSNs following the head).
-    pub fn apply_replicated(&self, raw: &Bytes) -> Result<u64, StoreError> {
+    /// Applies frames shipped by the primary (encoded, LSNs following the
+    /// head). Returns the new head. Durable after `sync_to`.
+    ///
+    /// A large batch (at least [`DIRECT_MIN_BYTES`]: a catch-up's, not a
+    /// live write's) whose frames are all at or below `committed` (what the
+    /// primary says no primary will take back) goes straight to the extent
+    /// instead of the WAL then the extent: a catch-up writes each byte once.
+    /// What the WAL holds is checkpointed first (it is all below the
+    /// batch, so committed too). `sync_to`
+    /// records such a run as a checkpoint: the extent is synced, the epoch
+    /// history and the superblock are committed, and the WAL restarts after
+    /// the run ([`Wal::restart_after`]). Until then a crash loses the run
+    /// (the replica reports its old head and is sent the frames again);
+    /// after it, everything up to the run's end is in the extent, and the
+    /// WAL, whatever part of its restart a crash interrupted, reopens after
+    /// it. As with any checkpoint, a truncation below the run is refused.
+    pub fn apply_replicated(&self, raw: &Bytes, committed: u64) -> Result<u64, StoreError> {
         let wal = self.wal();
-        let frames = Wal::decode_replicated(raw, wal.head() + 1)?;
+        let mut direct = self.direct();
+        let head = direct.as_ref().map_or_else(|| wal.head(), |run| run.last);
+        let frames = Wal::decode_replicated(raw, head + 1)?;
         for frame in &frames {
             self.check_range(frame.lba, frame.block_count())?;
         }
+        let Some(last) = frames.last().map(|f| f.lsn) else {
+            return Ok(head);
+        };
+        let bulk = raw.len() >= DIRECT_MIN_BYTES && last <= committed && self.snapshot_pins() == 0;
+        if bulk && direct.is_none() {
+            self.checkpoint_all(&wal)?;
+        }
+        if bulk && (direct.is_some() || self.may_write_direct(&wal)) {
+            let mut history = match direct.as_ref() {
+                Some(run) => run.epochs.clone(),
+                None => wal.epochs(),
+            };
+            for frame in &frames {
+                epochs::note(&mut history, frame.lsn, frame.epoch).map_err(WalError::from)?;
+            }
+            let extent = Arc::clone(&self.read_state().extent);
+            extent.apply_all(&frames)?;
+            *direct = Some(DirectRun {
+                last,
+                epochs: history,
+            });
+            return Ok(last);
+        }
+        // The WAL must hold everything before what it appends.
+        self.record_direct(&mut direct)?;
         wal.append_decoded(raw, &frames)?;
         let mut dirty = self.dirty();
         for frame in &frames {
@@ -470,8 +523,75 @@ impl Store {
         Ok(wal.head())
     }
 
+    /// Checkpoints everything the WAL holds, unless readers pin it (then
+    /// nothing goes straight to the extent anyway).
+    fn checkpoint_all(&self, wal: &Wal) -> Result<(), StoreError> {
+        let head = wal.head();
+        if head > self.superblock().checkpoint && wal.pin_stats().count == 0 {
+            wal.sync_to(head)?;
+            self.checkpoint(head)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a run of committed frames may start: the extent holds
+    /// everything the WAL does (no checkpoint running, none owed) and no
+    /// reader holds the WAL or the extent's image.
+    fn may_write_direct(&self, wal: &Wal) -> bool {
+        let Ok(_serial) = self.checkpointing.try_lock() else {
+            return false;
+        };
+        wal.head() == self.read_state().superblock.checkpoint
+            && wal.pin_stats().count == 0
+            && self.dirty().is_empty()
+    }
+
+    /// Records a run of frames written straight to the extent (see
+    /// [`Store::apply_replicated`]), in an order a crash cannot reverse:
+    /// extent, epoch history, superblock, WAL.
+    fn record_direct(&self, direct: &mut Option<DirectRun>) -> Result<(), StoreError> {
+        let Some(run) = direct.as_ref() else {
+            return Ok(());
+        };
+        let _serial = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (wal, extent, superblock) = {
+            let state = self.read_state();
+            (
+                state.wal.clone(),
+                Arc::clone(&state.extent),
+                state.superblock,
+            )
+        };
+        extent.sync()?;
+        // Past the WAL's head until the restart: an open after a crash
+        // before the superblock commit cuts it back to the head.
+        wal.store_epochs(&run.epochs)?;
+        let next = Superblock {
+            checkpoint: run.last,
+            ..superblock
+        };
+        next.store(&self.dir)?;
+        self.write_state().superblock = next;
+        wal.restart_after(run.last, &run.epochs)?;
+        *direct = None;
+        Ok(())
+    }
+
+    /// The highest LSN applied: the WAL's head, or the end of a run of
+    /// committed frames written straight to the extent.
+    pub fn head(&self) -> u64 {
+        match self.direct().as_ref() {
+            Some(run) => run.last,
+            None => self.wal().head(),
+        }
+    }
+
     /// Waits until everything up to `lsn` is durable (group commit).
     pub fn sync_to(&self, lsn: u64) -> Result<u64, StoreError> {
+        self.record_direct(&mut self.direct())?;
         Ok(self.wal().sync_to(lsn)?)
     }
 
@@ -547,6 +667,7 @@ impl Store {
 
     /// Drops WAL entries after `lsn` (a replica ahead of committed).
     pub fn truncate_after(&self, lsn: u64) -> Result<(), StoreError> {
+        self.record_direct(&mut self.direct())?;
         self.wal().truncate_after(lsn)?;
         self.rebuild_dirty()?;
         Ok(())
@@ -554,6 +675,10 @@ impl Store {
 
     /// Pins the extent image at the current checkpoint (see the module docs).
     pub fn snapshot_pin(&self, label: &str) -> Result<SnapshotPin, StoreError> {
+        // No committed frames are written straight to the extent while it is
+        // pinned; a run already written is recorded first.
+        let mut direct = self.direct();
+        self.record_direct(&mut direct)?;
         let _serial = self
             .checkpointing
             .lock()
@@ -631,6 +756,8 @@ impl Store {
         epoch: u64,
         epochs: &[EpochStart],
     ) -> Result<(), StoreError> {
+        // The base replaces whatever was written straight to the extent.
+        let mut direct = self.direct();
         if install.received != install.image_bytes {
             return Err(StoreError::BaseIncomplete {
                 received: install.received,
@@ -681,6 +808,7 @@ impl Store {
         state.wal = wal;
         state.superblock = next;
         self.dirty().clear();
+        *direct = None;
         drop(state);
         let _ = fs::remove_file(old_extent);
         Ok(())

@@ -48,7 +48,10 @@ pub struct WalOptions {
     pub sync: SyncMode,
     /// Generation of this WAL's history (see the segment docs).
     pub generation: u64,
-    /// For an empty WAL: the first LSN will be `start_after + 1`.
+    /// What the caller holds elsewhere (a store: the checkpoint, applied
+    /// to the extent). An empty WAL's first LSN is `start_after + 1`; so is
+    /// that of one whose frames all lie at or below it, and segments before
+    /// a gap that ends there are dropped (see [`Wal::restart_after`]).
     pub start_after: u64,
     /// Retained bytes above which [`Wal::retention`] reports pressure.
     pub max_retained_bytes: Option<u64>,
@@ -167,6 +170,23 @@ pub enum WalError {
     /// a history file that cannot be read or written.
     #[error(transparent)]
     Epochs(#[from] EpochError),
+    /// [`Wal::restart_after`] refused: frames after the checkpoint are not
+    /// held anywhere else, or `lsn` is below the head.
+    #[error("cannot restart the wal after {lsn}: head {head}, checkpoint {checkpoint}")]
+    NotApplied {
+        /// Requested restart point.
+        lsn: u64,
+        /// The head.
+        head: u64,
+        /// The checkpoint.
+        checkpoint: u64,
+    },
+    /// [`Wal::restart_after`] refused: readers hold segments it would delete.
+    #[error("cannot restart the wal: {pins} pins hold its segments")]
+    Pinned {
+        /// Live pins.
+        pins: usize,
+    },
     /// A pin below the tail cannot protect anything.
     #[error("cannot pin from {lsn}: entries up to the tail {tail} are recycled")]
     PinBelowTail {
@@ -190,6 +210,10 @@ pub struct RecoveryReport {
     pub torn_bytes_dropped: u64,
     /// Segment files of older generations deleted.
     pub stale_segments_removed: usize,
+    /// Segment files deleted because every frame in them lies at or below
+    /// [`WalOptions::start_after`] (a [`Wal::restart_after`] a crash
+    /// interrupted).
+    pub superseded_segments_removed: usize,
 }
 
 /// What one recycle pass did.
@@ -382,8 +406,24 @@ impl Wal {
         if stale > 0 || stale_history {
             sync_dir(&dir).map_err(io_err("sync", &dir))?;
         }
-        let (segments, torn, frame_epochs) = Self::scan_all(&found)?;
+        let (segments, torn, frame_epochs, superseded) =
+            Self::scan_all(&found, options.start_after)?;
         let mut segments = segments;
+        let mut superseded = superseded;
+        // Every frame at or below what the caller already holds: a restart
+        // after `start_after` (see `restart_after`) that a crash interrupted.
+        if segments
+            .last()
+            .is_some_and(|s| s.last() < options.start_after)
+        {
+            superseded.extend(segments.drain(..).map(|s| s.path));
+        }
+        for path in &superseded {
+            fs::remove_file(path).map_err(io_err("remove superseded", path))?;
+        }
+        if !superseded.is_empty() {
+            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+        }
         if segments.is_empty() {
             let first = options.start_after + 1;
             let path = dir.join(segment::segment_name(options.generation, first));
@@ -414,6 +454,7 @@ impl Wal {
             head,
             torn_bytes_dropped: torn,
             stale_segments_removed: stale,
+            superseded_segments_removed: superseded.len(),
         };
         let (durable_tx, _) = watch::channel(head);
         let wal = Wal {
@@ -465,14 +506,20 @@ impl Wal {
     }
 
     /// Scans every segment; cuts a torn tail off the last non-empty one.
-    /// Also returns where each run of one epoch starts among the frames kept.
+    /// Also returns where each run of one epoch starts among the frames
+    /// kept, and the segments before a gap that ends at or below
+    /// `start_after + 1` (all their frames are held elsewhere; any other gap
+    /// is an error).
+    #[allow(clippy::type_complexity)]
     fn scan_all(
         found: &[(u64, PathBuf)],
-    ) -> Result<(Vec<Segment>, u64, Vec<EpochStart>), WalError> {
+        start_after: u64,
+    ) -> Result<(Vec<Segment>, u64, Vec<EpochStart>, Vec<PathBuf>), WalError> {
         let last_non_empty = found
             .iter()
             .rposition(|(_, path)| fs::metadata(path).map(|m| m.len() > 0).unwrap_or(true));
         let mut segments: Vec<Segment> = Vec::new();
+        let mut superseded = Vec::new();
         let mut torn_bytes = 0;
         let mut runs: Vec<EpochStart> = Vec::new();
         let mut note_run = |frame: &Frame| {
@@ -485,7 +532,9 @@ impl Wal {
         };
         for (index, (first, path)) in found.iter().enumerate() {
             if let Some(previous) = segments.last() {
-                if *first != previous.last() + 1 {
+                if *first != previous.last() + 1 && *first <= start_after + 1 {
+                    superseded.extend(segments.drain(..).map(|s| s.path));
+                } else if *first != previous.last() + 1 {
                     return Err(WalError::SegmentGap {
                         path: path.clone(),
                         expected: previous.last() + 1,
@@ -514,7 +563,7 @@ impl Wal {
             }
             segments.push(segment);
         }
-        Ok((segments, torn_bytes, runs))
+        Ok((segments, torn_bytes, runs, superseded))
     }
 
     fn writer(&self) -> MutexGuard<'_, Writer> {
@@ -857,6 +906,85 @@ impl Wal {
     pub fn set_checkpoint(&self, lsn: u64) {
         let mut writer = self.writer();
         writer.checkpoint = writer.checkpoint.max(lsn.min(writer.head));
+    }
+
+    /// Restarts the log after `lsn`, with `history` as its epoch history:
+    /// every frame it holds, and everything up to `lsn`, is held elsewhere
+    /// (a store applied it to its extent and committed a checkpoint at
+    /// `lsn` before calling this). All segments are replaced by an empty one
+    /// whose first LSN is `lsn + 1`; head, tail, checkpoint and durable all
+    /// become `lsn`.
+    ///
+    /// Crash-safe with [`WalOptions::start_after`] at `lsn`: whether the new
+    /// segment, the old ones, both or neither survive, the next open starts
+    /// after `lsn`. Refused while frames after the checkpoint exist, or
+    /// while pins hold segments.
+    pub fn restart_after(&self, lsn: u64, history: &[EpochStart]) -> Result<(), WalError> {
+        let mut writer = self.writer();
+        if let Some(reason) = self.inner.poison.get() {
+            return Err(WalError::Poisoned(reason.clone()));
+        }
+        if writer.head > writer.checkpoint || lsn < writer.head {
+            return Err(WalError::NotApplied {
+                lsn,
+                head: writer.head,
+                checkpoint: writer.checkpoint,
+            });
+        }
+        let pins = self.inner.pins.len();
+        if pins > 0 {
+            return Err(WalError::Pinned { pins });
+        }
+        self.replace_epochs(&mut writer, history)?;
+        let already = writer.head == lsn
+            && writer.segments.len() == 1
+            && writer.segments[0].is_empty()
+            && writer.segments[0].first == lsn + 1;
+        if !already {
+            let path = self.inner.dir.join(segment::segment_name(
+                self.inner.options.generation,
+                lsn + 1,
+            ));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io_err("create", &path))?;
+            let old = std::mem::replace(&mut writer.segments, vec![Segment::empty(path, lsn + 1)]);
+            writer.active = Arc::new(file);
+            writer.allocated = 0;
+            writer.unsynced = 0;
+            writer.synced_last = 0;
+            writer.head = lsn;
+            writer.tail = lsn;
+            writer.checkpoint = lsn;
+            for segment in old {
+                fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+            }
+            sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+        }
+        let mut state = lock(&self.inner.sync);
+        state.durable = state.durable.max(lsn);
+        self.inner.durable_tx.send_replace(state.durable);
+        Ok(())
+    }
+
+    /// Persists `history` as the epoch history (it may run past the head:
+    /// see [`Wal::restart_after`]; an open cuts what the frames do not
+    /// reach).
+    pub fn store_epochs(&self, history: &[EpochStart]) -> Result<(), WalError> {
+        self.replace_epochs(&mut self.writer(), history)
+    }
+
+    fn replace_epochs(&self, writer: &mut Writer, history: &[EpochStart]) -> Result<(), WalError> {
+        epochs::validate(history)?;
+        if history != writer.epochs.as_slice() {
+            epochs::store(&self.inner.dir, self.inner.options.generation, history)?;
+            writer.epochs = history.to_vec();
+        }
+        Ok(())
     }
 
     /// Pins the WAL after `lsn`: nothing after it is recycled while the pin lives.

@@ -7,6 +7,9 @@ use std::fs;
 use std::path::Path;
 use walship_io::*;
 
+mod common;
+use common::segments;
+
 const BLOCKS: u64 = 256;
 
 fn options() -> StoreOptions {
@@ -246,10 +249,9 @@ fn a_full_base_installs_atomically_and_the_tail_replays_on_top() {
         history,
         "the image's history, not the stale one"
     );
-    for frames in primary.wal().plan_read(50, tail_end, 1 << 16).unwrap() {
-        let raw = Bytes::from(fs::read(frames.path.as_ref()).unwrap())
-            .slice(frames.offset as usize..frames.offset as usize + frames.len);
-        replica.apply_replicated(&raw).unwrap();
+    for raw in shipped(&primary, 50, tail_end, 1 << 16) {
+        // Above what it is told is committed: through the WAL.
+        replica.apply_replicated(&raw, 0).unwrap();
     }
     replica.sync_to(tail_end).unwrap();
     assert_eq!(
@@ -269,6 +271,135 @@ fn a_full_base_installs_atomically_and_the_tail_replays_on_top() {
         "the history survives a reopen"
     );
     assert!(!replica_dir.path().join("wal/epochs.1").exists());
+}
+
+/// The primary's WAL in (`from`, `to`], as batches of encoded frames of
+/// at most `bytes` the way a sender ships them.
+fn shipped(primary: &Store, from: u64, to: u64, bytes: usize) -> Vec<Bytes> {
+    let chunks = primary.wal().plan_read(from, to, bytes).unwrap();
+    chunks
+        .iter()
+        .map(|chunk| {
+            Bytes::from(fs::read(chunk.path.as_ref()).unwrap())
+                .slice(chunk.offset as usize..chunk.offset as usize + chunk.len)
+        })
+        .collect()
+}
+
+/// A store whose segments hold whole catch-up batches.
+fn open_large(dir: &Path) -> Store {
+    let options = StoreOptions {
+        segment_bytes: 4 << 20,
+        ..StoreOptions::new(BLOCKS)
+    };
+    Store::open(dir, options).unwrap().0
+}
+
+/// Batches of 64 one-block frames: a catch-up's size, just over
+/// [`DIRECT_MIN_BYTES`].
+const BULK: usize = DIRECT_MIN_BYTES + 4130;
+
+#[test]
+fn committed_frames_go_straight_to_the_extent_and_are_recorded_as_a_checkpoint() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let primary = open_large(primary_dir.path());
+    fill_in(&primary, 1, 128, 3);
+    let committed = fill_in(&primary, 2, 128, 9);
+    let replica = open_large(replica_dir.path());
+    let batches = shipped(&primary, 0, committed, BULK);
+    assert_eq!(batches.len(), 4, "several batches make one run");
+    for raw in &batches {
+        assert!(raw.len() >= DIRECT_MIN_BYTES);
+        replica.apply_replicated(raw, committed).unwrap();
+    }
+    // Written, readable, not yet recorded: the WAL holds none of it.
+    assert_eq!((replica.head(), replica.wal().head()), (committed, 0));
+    assert_eq!(
+        replica.content_checksum().unwrap(),
+        primary.content_checksum().unwrap()
+    );
+    assert_eq!(replica.sync_to(committed).unwrap(), committed);
+    assert_eq!(
+        (
+            replica.superblock().checkpoint,
+            replica.wal().head(),
+            replica.wal().tail()
+        ),
+        (committed, committed, committed)
+    );
+    assert_eq!(replica.wal().epochs(), primary.wal().epochs());
+    assert_eq!(segments(&replica_dir.path().join("wal")).len(), 1);
+    // Small batches (a live stream's), and frames past what the primary
+    // calls committed, go to the WAL.
+    let small = fill_in(&primary, 2, 5, 50);
+    for raw in shipped(&primary, committed, small, 1 << 16) {
+        replica.apply_replicated(&raw, small).unwrap();
+    }
+    let uncommitted = fill_in(&primary, 2, 64, 70);
+    for raw in shipped(&primary, small, uncommitted, BULK) {
+        replica.apply_replicated(&raw, small).unwrap();
+    }
+    assert_eq!(replica.wal().head(), uncommitted);
+    replica.sync_to(uncommitted).unwrap();
+    drop(replica);
+    let replica = open_large(replica_dir.path());
+    assert_eq!(
+        replica.content_checksum().unwrap(),
+        primary.content_checksum().unwrap()
+    );
+    assert_eq!(replica.wal().epochs(), primary.wal().epochs());
+    assert_eq!(replica.superblock().checkpoint, committed);
+    // Like any checkpoint: what it recorded cannot be truncated.
+    assert!(matches!(
+        replica.truncate_after(committed - 1),
+        Err(StoreError::Wal(WalError::BelowCheckpoint { .. }))
+    ));
+    replica.truncate_after(committed).unwrap();
+    assert_eq!(replica.head(), committed);
+}
+
+#[test]
+fn the_wal_is_checkpointed_before_committed_frames_skip_it_and_a_crash_before_the_record_loses_only_them(
+) {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let primary = open_large(primary_dir.path());
+    let first = fill(&primary, 64, 1);
+    let committed = fill(&primary, 192, 2);
+    let replica = open_large(replica_dir.path());
+    // Not committed when it arrived: in the WAL, not checkpointed.
+    for raw in shipped(&primary, 0, first, BULK) {
+        replica.apply_replicated(&raw, 0).unwrap();
+    }
+    assert_eq!(replica.superblock().checkpoint, 0);
+    for raw in shipped(&primary, first, committed, BULK) {
+        replica.apply_replicated(&raw, committed).unwrap();
+    }
+    assert_eq!(
+        (
+            replica.head(),
+            replica.wal().head(),
+            replica.superblock().checkpoint
+        ),
+        (committed, first, first)
+    );
+    // A crash before the run is recorded: the replica says where it was,
+    // and the frames come again.
+    drop(replica);
+    let replica = open_large(replica_dir.path());
+    assert_eq!(
+        (replica.head(), replica.superblock().checkpoint),
+        (first, first)
+    );
+    for raw in shipped(&primary, first, committed, BULK) {
+        replica.apply_replicated(&raw, committed).unwrap();
+    }
+    replica.sync_to(committed).unwrap();
+    assert_eq!(
+        replica.content_checksum().unwrap(),
+        primary.content_checksum().unwrap()
+    );
 }
 
 #[test]
@@ -330,10 +461,10 @@ fn a_replicated_frame_outside_the_volume_is_refused_before_it_reaches_the_wal() 
     Frame::write(1, 1, 0, block(1)).encode(&mut raw);
     Frame::write(2, 1, BLOCKS + 10, block(2)).encode(&mut raw);
     assert!(matches!(
-        store.apply_replicated(&raw.freeze()),
+        store.apply_replicated(&raw.freeze(), u64::MAX),
         Err(StoreError::Extent(ExtentError::OutOfRange { .. }))
     ));
-    assert_eq!(store.wal().head(), 0);
+    assert_eq!((store.head(), store.wal().head()), (0, 0));
 }
 
 #[test]

@@ -591,3 +591,143 @@ fn replicated_batches_record_every_epoch_they_carry() {
     assert_eq!(replica.epochs(), primary.epochs());
     assert_eq!(replica.epochs(), [start(2, 1), start(5, 5), start(6, 9)]);
 }
+
+/// A WAL of 1 MiB segments holding ten frames, every one applied elsewhere
+/// (the checkpoint at its head).
+fn applied_wal() -> (tempfile::TempDir, Wal) {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    write_n(&wal, 10);
+    wal.set_checkpoint(10);
+    (dir, wal)
+}
+
+fn started_after(lsn: u64) -> WalOptions {
+    WalOptions {
+        start_after: lsn,
+        ..options(1 << 20)
+    }
+}
+
+#[test]
+fn a_restart_after_an_applied_lsn_replaces_every_segment() {
+    let (dir, wal) = applied_wal();
+    let history = [
+        EpochStart {
+            epoch: 1,
+            first_lsn: 1,
+        },
+        EpochStart {
+            epoch: 4,
+            first_lsn: 20,
+        },
+    ];
+    wal.restart_after(30, &history).unwrap();
+    assert_eq!(
+        (wal.head(), wal.tail(), wal.checkpoint(), wal.durable()),
+        (30, 30, 30, 30)
+    );
+    assert_eq!(wal.epochs(), history);
+    // Repeating it (a retry after a failure) changes nothing.
+    wal.restart_after(30, &history).unwrap();
+    assert_eq!(
+        segments(dir.path()),
+        [dir.path().join("0000000001-00000000000000000031.wal")]
+    );
+    let last = wal.append(4, FrameKind::Write, 3, block(31)).unwrap();
+    assert_eq!(last, 31);
+    wal.sync_to(31).unwrap();
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), started_after(30)).unwrap();
+    assert_eq!((report.head, report.tail), (31, 30));
+    assert_eq!(wal.epochs(), history);
+    assert_eq!(wal.read_frames(30, 31).unwrap()[0].payload, block(31));
+}
+
+#[test]
+fn a_restart_is_refused_over_unapplied_frames_or_pins() {
+    let (_dir, wal) = applied_wal();
+    let history = wal.epochs();
+    assert!(matches!(
+        wal.restart_after(9, &history),
+        Err(WalError::NotApplied { head: 10, .. })
+    ));
+    let pin = wal.pin_from(5, "reader").unwrap();
+    assert!(matches!(
+        wal.restart_after(20, &history),
+        Err(WalError::Pinned { pins: 1 })
+    ));
+    drop(pin);
+    write_n(&wal, 1);
+    assert!(matches!(
+        wal.restart_after(20, &history),
+        Err(WalError::NotApplied {
+            head: 11,
+            checkpoint: 10,
+            ..
+        })
+    ));
+    assert_eq!(wal.head(), 11, "nothing changed");
+}
+
+/// The crash windows of a restart after 30, the checkpoint already at 30:
+/// old segments only (the restart never began), old and new (the old not
+/// yet deleted), none (deleted, the new never created). Each reopens after
+/// 30 with the history up to it.
+#[test]
+fn an_interrupted_restart_reopens_after_the_checkpoint() {
+    for window in ["old only", "old and new", "none"] {
+        let (dir, wal) = applied_wal();
+        let mut history = wal.epochs();
+        history.push(EpochStart {
+            epoch: 2,
+            first_lsn: 25,
+        });
+        // As the store does: the history first, then the checkpoint.
+        wal.store_epochs(&history).unwrap();
+        drop(wal);
+        match window {
+            "old and new" => {
+                fs::File::create(dir.path().join("0000000001-00000000000000000031.wal")).unwrap();
+            }
+            "none" => {
+                for segment in segments(dir.path()) {
+                    fs::remove_file(segment).unwrap();
+                }
+            }
+            _ => {}
+        }
+        let (wal, report) = Wal::open(dir.path(), started_after(30)).unwrap();
+        assert_eq!((report.head, report.tail), (30, 30), "{window}");
+        assert_eq!(
+            report.superseded_segments_removed,
+            usize::from(window != "none"),
+            "{window}"
+        );
+        assert_eq!(wal.epochs(), history, "{window}");
+        assert_eq!(segments(dir.path()).len(), 1, "{window}");
+        assert_eq!(
+            wal.append(2, FrameKind::Write, 0, block(31)).unwrap(),
+            31,
+            "{window}"
+        );
+    }
+}
+
+#[test]
+fn a_gap_above_the_checkpoint_is_still_an_error() {
+    let (dir, wal) = applied_wal();
+    drop(wal);
+    fs::File::create(dir.path().join("0000000001-00000000000000000031.wal")).unwrap();
+    assert!(matches!(
+        Wal::open(dir.path(), started_after(20)),
+        Err(WalError::SegmentGap {
+            expected: 11,
+            found: 31,
+            ..
+        })
+    ));
+    // And a history cut back to the head when the checkpoint never moved.
+    let (wal, report) = Wal::open(dir.path(), started_after(30)).unwrap();
+    assert_eq!((report.head, wal.epochs().len()), (30, 1));
+}

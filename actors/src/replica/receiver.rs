@@ -199,12 +199,12 @@ impl ReceiverActor {
         }
         self.active_conn = Some(conn);
         self.install = None;
-        let wal = self.store.wal();
-        // Frames appended before a connection broke may not be synced yet:
+        // Frames applied before a connection broke may not be synced yet:
         // report only what is durable, after making the head durable.
-        if let Err(e) = self.sync_to(wal.head()) {
+        if let Err(e) = self.sync_to(self.store.head()) {
             return self.store_failed("sync before hello", &e, CODE_STORE);
         }
+        let wal = self.store.wal();
         self.answer(Message::HelloAck {
             replica: self.identity.replica.clone(),
             flushed: wal.durable(),
@@ -213,8 +213,10 @@ impl ReceiverActor {
         })
     }
 
-    /// Appends a batch without syncing; `unsynced` remembers that a sync
-    /// (and one ack for everything appended) is owed.
+    /// Applies a batch without syncing; `unsynced` remembers that a sync
+    /// (and one ack for everything applied) is owed. Frames the primary
+    /// calls committed may go straight to the extent (see
+    /// [`Store::apply_replicated`]).
     fn batch(
         &mut self,
         first_lsn: u64,
@@ -223,12 +225,12 @@ impl ReceiverActor {
         frames: &Bytes,
         unsynced: &mut bool,
     ) -> Reply {
-        if let Err(refusal) = admission::batch(self.store.wal().head(), first_lsn) {
+        if let Err(refusal) = admission::batch(self.store.head(), first_lsn) {
             return self.refuse(&refusal);
         }
-        match self.store.apply_replicated(frames) {
+        self.committed = self.committed.max(committed);
+        match self.store.apply_replicated(frames, self.committed) {
             Ok(new_head) if new_head == last_lsn => {
-                self.committed = self.committed.max(committed);
                 *unsynced = true;
                 Reply::default()
             }
@@ -253,7 +255,7 @@ impl ReceiverActor {
         if !std::mem::take(unsynced) {
             return None;
         }
-        let head = self.store.wal().head();
+        let head = self.store.head();
         Some(match self.sync_to(head) {
             Ok(durable) => {
                 self.maybe_checkpoint(durable);
@@ -415,7 +417,7 @@ impl ReceiverActor {
                 // Everything appended so far, the barrier's LSN included (the
                 // primary asks once it has shipped it): one sync, one ack.
                 *unsynced = false;
-                let head = self.store.wal().head();
+                let head = self.store.head();
                 match self.sync_to(head) {
                     Ok(durable) => {
                         self.maybe_checkpoint(durable);
@@ -492,7 +494,7 @@ impl Handler<GetReplicaStatus> for ReceiverActor {
             role: "replica",
             replica: self.identity.replica.clone(),
             epoch: self.epoch,
-            head: wal.head(),
+            head: self.store.head(),
             durable: wal.durable(),
             checkpoint: superblock.checkpoint,
             generation: superblock.generation,
