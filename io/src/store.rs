@@ -852,8 +852,13 @@ impl SnapshotPin {
     /// buffers touches no fresh memory per chunk: on a VM, fresh pages cost
     /// more than the read itself.
     pub fn read_into(&self, offset: u64, len: usize, buf: &mut BytesMut) -> Result<(), StoreError> {
-        buf.clear();
-        buf.resize(len, 0);
+        // A recycled buffer is overwritten as it is: zeroing it first would
+        // touch every byte once more.
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         self.extent.read_bytes_into(offset, buf)?;
         Ok(())
     }
