@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use tokio_util::task::TaskTracker;
 use walship_engine::{Assignment, RecoveryEvent, ReplicaId, ReplicaState};
-use walship_io::Store;
+use walship_io::{Store, StoreOptions};
 
 /// Runs futures on the thread of a runtime's volume actors; it does not
 /// keep the runtime alive.
@@ -198,7 +198,15 @@ async fn start_volume(
         VolumeConfig::Replica(config) => {
             let id = ReplicaId::new(&config.volume, &config.server)
                 .map_err(|e| VolumeError::Runtime(e.to_string()))?;
-            let (store, _) = Store::open(&config.dir, config.store.clone())?;
+            // A replica whose catch-up a crash interrupted starts over.
+            let options = StoreOptions {
+                reset_interrupted_run: true,
+                ..config.store.clone()
+            };
+            let (store, report) = Store::open(&config.dir, options)?;
+            if let Some(checkpoint) = report.reset_after_interrupted_run {
+                tracing::warn!(replica = %id, checkpoint, "a crash interrupted committed frames written straight to the extent after this checkpoint: the replica starts over empty");
+            }
             let store = Arc::new(store);
             let metrics = MailboxMetrics::new("receiver", id.as_str());
             let actor = ReceiverActor::new(

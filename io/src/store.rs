@@ -51,6 +51,14 @@ pub struct StoreOptions {
     /// holds one lock on the directory above them all instead; it must
     /// then never open one store twice at once itself.
     pub lock: bool,
+    /// What [`Store::open`] does with a run of committed frames a crash
+    /// interrupted (see [`Store::apply_replicated`]): its extent may hold
+    /// some of the run's blocks past its checkpoint, data no LSN it reports
+    /// accounts for. `true` (a replica): start over empty, a new generation
+    /// with nothing applied, and be sent everything again. `false`: refuse
+    /// ([`StoreError::InterruptedRun`]); such a store must not serve as a
+    /// primary.
+    pub reset_interrupted_run: bool,
 }
 
 impl StoreOptions {
@@ -63,6 +71,7 @@ impl StoreOptions {
             max_retained_bytes: None,
             lock_wait: Duration::from_secs(10),
             lock: true,
+            reset_interrupted_run: false,
         }
     }
 }
@@ -86,6 +95,14 @@ pub enum StoreError {
         on_disk: u64,
         /// Blocks configured.
         configured: u64,
+    },
+    /// A crash interrupted a run of committed frames written straight to
+    /// the extent: it may hold blocks past the checkpoint (see
+    /// [`StoreOptions::reset_interrupted_run`]).
+    #[error("a crash interrupted committed frames written to the extent after {checkpoint}: it may hold blocks past its checkpoint; open it as a replica to start over, or rebuild it")]
+    InterruptedRun {
+        /// The checkpoint the run started from.
+        checkpoint: u64,
     },
     /// Base chunks must arrive in order.
     #[error("base chunk at offset {got}, expected {expected}")]
@@ -137,7 +154,10 @@ impl StoreError {
         match self {
             Self::Wal(error) => error.is_storage_failure(),
             Self::Extent(error) => matches!(error, ExtentError::Io { .. }),
-            Self::Superblock(_) | Self::Io { .. } | Self::SizeMismatch { .. } => true,
+            Self::Superblock(_)
+            | Self::Io { .. }
+            | Self::SizeMismatch { .. }
+            | Self::InterruptedRun { .. } => true,
             Self::ChunkOutOfOrder { .. }
             | Self::BaseIncomplete { .. }
             | Self::BaseChecksum { .. }
@@ -164,6 +184,10 @@ pub struct StoreReport {
     pub torn_bytes_dropped: u64,
     /// Frames replayed into the dirty map.
     pub replayed_frames: u64,
+    /// A crash had interrupted a run of committed frames written straight
+    /// to the extent after this checkpoint, and the store started over
+    /// empty ([`StoreOptions::reset_interrupted_run`]).
+    pub reset_after_interrupted_run: Option<u64>,
 }
 
 /// What a checkpoint did.
@@ -198,6 +222,26 @@ struct DirtyBlock {
 /// a MiB; a live stream's small batches stay in the WAL, whose one sync
 /// per ack is cheaper than recording a checkpoint.
 pub const DIRECT_MIN_BYTES: usize = 256 << 10;
+
+/// Present while a run of committed frames written straight to the extent
+/// is not yet recorded: the checkpoint it started from (u64, little-endian)
+/// and the crc32c of those 8 bytes.
+const RUN_MARKER: &str = "RUN";
+
+fn encode_run_marker(from: u64) -> [u8; 12] {
+    let lsn = from.to_le_bytes();
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&lsn);
+    bytes[8..].copy_from_slice(&crc32c::crc32c(&lsn).to_le_bytes());
+    bytes
+}
+
+/// The checkpoint a marker names; `None` if a crash cut its write.
+fn decode_run_marker(bytes: &[u8]) -> Option<u64> {
+    let (from, crc) = (bytes.get(..8)?, bytes.get(8..12)?);
+    (bytes.len() == 12 && crc32c::crc32c(from).to_le_bytes() == crc)
+        .then(|| u64::from_le_bytes(from.try_into().unwrap_or_default()))
+}
 
 /// Committed frames a replica wrote straight to its extent, not yet
 /// recorded by a checkpoint.
@@ -275,6 +319,8 @@ impl Store {
                 configured: options.block_count,
             });
         }
+        let (superblock, reset_after_interrupted_run) =
+            Self::settle_interrupted_run(&dir, superblock, options.reset_interrupted_run)?;
         Self::remove_other_extents(&dir, superblock.generation)?;
         let extent = ExtentFile::open(
             &ExtentFile::path(&dir, superblock.generation),
@@ -306,8 +352,50 @@ impl Store {
             head: recovery.head,
             torn_bytes_dropped: recovery.torn_bytes_dropped,
             replayed_frames,
+            reset_after_interrupted_run,
         };
         Ok((store, report))
+    }
+
+    /// Deals with the marker of a run of committed frames written straight
+    /// to the extent. A run is live if the marker names the checkpoint
+    /// still committed: the crash came before the run was recorded, and
+    /// its blocks may be in the extent. Frames sent again would rewrite
+    /// them only if they are the same frames; after a failover they need
+    /// not be, and blocks the new primary never writes would keep the old
+    /// run's data. So a replica starts over: a new generation, empty, with
+    /// nothing applied (its epoch kept), committed before the marker goes.
+    /// A marker whose run was recorded (or whose own write a crash cut:
+    /// nothing was written to the extent before it was synced) just goes.
+    fn settle_interrupted_run(
+        dir: &Path,
+        superblock: Superblock,
+        reset: bool,
+    ) -> Result<(Superblock, Option<u64>), StoreError> {
+        let path = dir.join(RUN_MARKER);
+        let marked = match fs::read(&path) {
+            Ok(bytes) => decode_run_marker(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((superblock, None)),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        let mut settled = (superblock, None);
+        if marked == Some(superblock.checkpoint) {
+            if !reset {
+                return Err(StoreError::InterruptedRun {
+                    checkpoint: superblock.checkpoint,
+                });
+            }
+            let next = Superblock {
+                generation: superblock.generation + 1,
+                checkpoint: 0,
+                ..superblock
+            };
+            next.store(dir)?;
+            settled = (next, Some(superblock.checkpoint));
+        }
+        fs::remove_file(&path).map_err(io_err("remove", &path))?;
+        sync_dir(dir).map_err(io_err("sync", dir))?;
+        Ok(settled)
     }
 
     /// Locks `dir/LOCK` exclusively, waiting up to `wait` for a previous
@@ -484,6 +572,9 @@ impl Store {
     /// it. As with any checkpoint, a truncation below the run is refused.
     pub fn apply_replicated(&self, raw: &Bytes, committed: u64) -> Result<u64, StoreError> {
         let wal = self.wal();
+        if let Some(reason) = wal.poisoned() {
+            return Err(WalError::Poisoned(reason).into());
+        }
         let mut direct = self.direct();
         let head = direct.as_ref().map_or_else(|| wal.head(), |run| run.last);
         let frames = Wal::decode_replicated(raw, head + 1)?;
@@ -500,7 +591,10 @@ impl Store {
         if bulk && (direct.is_some() || self.may_write_direct(&wal)) {
             let mut history = match direct.as_ref() {
                 Some(run) => run.epochs.clone(),
-                None => wal.epochs(),
+                None => {
+                    self.mark_run(head)?;
+                    wal.epochs()
+                }
             };
             for frame in &frames {
                 epochs::note(&mut history, frame.lsn, frame.epoch).map_err(WalError::from)?;
@@ -534,6 +628,16 @@ impl Store {
         Ok(())
     }
 
+    /// Writes the run marker, durably, before the run's first extent write.
+    fn mark_run(&self, from: u64) -> Result<(), StoreError> {
+        let path = self.dir.join(RUN_MARKER);
+        let file = File::create(&path).map_err(io_err("create", &path))?;
+        file.write_all_at(&encode_run_marker(from), 0)
+            .map_err(io_err("write", &path))?;
+        file.sync_all().map_err(io_err("sync", &path))?;
+        sync_dir(&self.dir).map_err(io_err("sync", &self.dir))
+    }
+
     /// Whether a run of committed frames may start: the extent holds
     /// everything the WAL does (no checkpoint running, none owed) and no
     /// reader holds the WAL or the extent's image.
@@ -553,6 +657,9 @@ impl Store {
         let Some(run) = direct.as_ref() else {
             return Ok(());
         };
+        if let Some(reason) = self.wal().poisoned() {
+            return Err(WalError::Poisoned(reason).into());
+        }
         let _serial = self
             .checkpointing
             .lock()
@@ -565,7 +672,14 @@ impl Store {
                 state.superblock,
             )
         };
-        extent.sync()?;
+        // If this fails, the page cache may have dropped the run's blocks
+        // and a second fdatasync would succeed without them: nothing more
+        // is recorded or acknowledged (the WAL is poisoned), and the marker
+        // stays, so the next open starts over.
+        if let Err(e) = extent.sync() {
+            let reason = format!("extent sync of committed frames written to it: {e}");
+            return Err(wal.poison_now(reason).into());
+        }
         // Past the WAL's head until the restart: an open after a crash
         // before the superblock commit cuts it back to the head.
         wal.store_epochs(&run.epochs)?;
@@ -576,6 +690,9 @@ impl Store {
         next.store(&self.dir)?;
         self.write_state().superblock = next;
         wal.restart_after(run.last, &run.epochs)?;
+        let marker = self.dir.join(RUN_MARKER);
+        fs::remove_file(&marker).map_err(io_err("remove", &marker))?;
+        sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
         *direct = None;
         Ok(())
     }

@@ -896,6 +896,12 @@ impl Wal {
         }
     }
 
+    /// Poisons the WAL: a write it does not hold failed to sync (the
+    /// store's run of committed frames written to the extent).
+    pub(crate) fn poison_now(&self, reason: String) -> WalError {
+        self.poison(reason)
+    }
+
     /// Poisons the WAL (the first reason stays) and returns the error that says so.
     fn poison(&self, reason: String) -> WalError {
         let _ = self.inner.poison.set(reason);
@@ -963,8 +969,10 @@ impl Wal {
             for segment in old {
                 fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
             }
-            sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         }
+        // Every time: a retry after a failed removal finds the switch made,
+        // and the new segment's name must still become durable.
+        sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
         let mut state = lock(&self.inner.sync);
         state.durable = state.durable.max(lsn);
         self.inner.durable_tx.send_replace(state.durable);

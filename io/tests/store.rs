@@ -360,8 +360,7 @@ fn committed_frames_go_straight_to_the_extent_and_are_recorded_as_a_checkpoint()
 }
 
 #[test]
-fn the_wal_is_checkpointed_before_committed_frames_skip_it_and_a_crash_before_the_record_loses_only_them(
-) {
+fn the_wal_is_checkpointed_before_committed_frames_skip_it() {
     let primary_dir = tempfile::tempdir().unwrap();
     let replica_dir = tempfile::tempdir().unwrap();
     let primary = open_large(primary_dir.path());
@@ -384,15 +383,68 @@ fn the_wal_is_checkpointed_before_committed_frames_skip_it_and_a_crash_before_th
         ),
         (committed, first, first)
     );
-    // A crash before the run is recorded: the replica says where it was,
-    // and the frames come again.
-    drop(replica);
-    let replica = open_large(replica_dir.path());
+    assert!(replica_dir.path().join("RUN").exists());
+    replica.sync_to(committed).unwrap();
+    assert!(!replica_dir.path().join("RUN").exists());
     assert_eq!(
-        (replica.head(), replica.superblock().checkpoint),
-        (first, first)
+        replica.content_checksum().unwrap(),
+        primary.content_checksum().unwrap()
     );
+}
+
+/// A crash before a run is recorded leaves some of its blocks in the
+/// extent, past the checkpoint: a replica starts over empty (its epoch
+/// kept), a primary refuses to open.
+#[test]
+fn a_crash_before_a_run_is_recorded_makes_a_replica_start_over() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let primary = open_large(primary_dir.path());
+    let first = fill(&primary, 64, 1);
+    let committed = fill(&primary, 128, 2);
+    let replica = open_large(replica_dir.path());
+    for raw in shipped(&primary, 0, first, BULK) {
+        replica.apply_replicated(&raw, first).unwrap();
+    }
+    replica.sync_to(first).unwrap();
+    replica.persist_epoch(7).unwrap();
     for raw in shipped(&primary, first, committed, BULK) {
+        replica.apply_replicated(&raw, committed).unwrap();
+    }
+    drop(replica);
+    let options = || StoreOptions {
+        segment_bytes: 4 << 20,
+        ..StoreOptions::new(BLOCKS)
+    };
+    assert!(matches!(
+        Store::open(replica_dir.path(), options()),
+        Err(StoreError::InterruptedRun { checkpoint }) if checkpoint == first
+    ));
+    let replica_options = StoreOptions {
+        reset_interrupted_run: true,
+        ..options()
+    };
+    let (replica, report) = Store::open(replica_dir.path(), replica_options.clone()).unwrap();
+    assert_eq!(report.reset_after_interrupted_run, Some(first));
+    let superblock = replica.superblock();
+    assert_eq!(
+        (
+            replica.head(),
+            superblock.checkpoint,
+            superblock.generation,
+            superblock.epoch
+        ),
+        (0, 0, 2, 7)
+    );
+    assert!(replica.wal().epochs().is_empty());
+    assert_eq!(
+        replica.read(0, BLOCKS).unwrap(),
+        vec![0u8; BLOCKS as usize * BLOCK_SIZE]
+    );
+    assert!(!replica_dir.path().join("RUN").exists());
+    assert!(!replica_dir.path().join("extent.1").exists());
+    // Sent everything again, it holds what the primary does.
+    for raw in shipped(&primary, 0, committed, BULK) {
         replica.apply_replicated(&raw, committed).unwrap();
     }
     replica.sync_to(committed).unwrap();
@@ -400,6 +452,34 @@ fn the_wal_is_checkpointed_before_committed_frames_skip_it_and_a_crash_before_th
         replica.content_checksum().unwrap(),
         primary.content_checksum().unwrap()
     );
+    drop(replica);
+    let (_, report) = Store::open(replica_dir.path(), replica_options).unwrap();
+    assert_eq!(report.reset_after_interrupted_run, None);
+}
+
+fn crc32c_of(bytes: &[u8]) -> [u8; 4] {
+    crc32c::crc32c(bytes).to_le_bytes()
+}
+
+/// A marker whose run was recorded (a crash came before it was removed),
+/// or whose own write a crash cut, changes nothing.
+#[test]
+fn a_stale_or_torn_run_marker_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let last = fill(&store, 20, 1);
+    store.checkpoint(last).unwrap();
+    let before = store.content_checksum().unwrap();
+    drop(store);
+    let mut stale = (last - 1).to_le_bytes().to_vec();
+    stale.extend_from_slice(&crc32c_of(&stale));
+    for marker in [stale, vec![0u8; 5], Vec::new()] {
+        fs::write(dir.path().join("RUN"), marker).unwrap();
+        let (store, report) = Store::open(dir.path(), options()).unwrap();
+        assert_eq!(report.reset_after_interrupted_run, None);
+        assert_eq!(store.content_checksum().unwrap(), before);
+        assert!(!dir.path().join("RUN").exists());
+    }
 }
 
 #[test]

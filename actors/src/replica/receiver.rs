@@ -31,7 +31,8 @@ pub struct ReplicaStatus {
     pub replica: String,
     /// Epoch it accepts.
     pub epoch: u64,
-    /// WAL head.
+    /// Highest LSN applied (the WAL head, or the end of committed frames
+    /// written straight to the extent).
     pub head: u64,
     /// Durable LSN.
     pub durable: u64,
@@ -199,6 +200,9 @@ impl ReceiverActor {
         }
         self.active_conn = Some(conn);
         self.install = None;
+        // Only this primary's word counts for what is committed: an earlier
+        // one's, after a failover, may name frames the new one lacks.
+        self.committed = self.store.superblock().checkpoint;
         // Frames applied before a connection broke may not be synced yet:
         // report only what is durable, after making the head durable.
         if let Err(e) = self.sync_to(self.store.head()) {
