@@ -237,12 +237,33 @@ impl ExtentFile {
         latest: &mut BTreeMap<u64, Bytes>,
         stats: &mut ApplyStats,
     ) -> Result<(), ExtentError> {
-        let mut run: Vec<u8> = Vec::new();
+        thread_local! {
+            /// The run being joined: kept, so each pass does not allocate
+            /// (and fault in) a fresh MiB.
+            static RUN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        RUN.with(|run| {
+            let mut run = run.borrow_mut();
+            run.clear();
+            let written = self.write_runs(latest, &mut run, stats);
+            if run.capacity() > COALESCE_BYTES + BLOCK_SIZE {
+                *run = Vec::new();
+            }
+            written
+        })
+    }
+
+    fn write_runs(
+        &self,
+        latest: &mut BTreeMap<u64, Bytes>,
+        run: &mut Vec<u8>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), ExtentError> {
         let mut start = 0;
         for (lba, block) in std::mem::take(latest) {
             let next = start + (run.len() / BLOCK_SIZE) as u64;
             if !run.is_empty() && (lba != next || run.len() >= COALESCE_BYTES) {
-                self.write(start, &run)?;
+                self.write(start, run)?;
                 stats.write_calls += 1;
                 run.clear();
             }
@@ -253,7 +274,7 @@ impl ExtentFile {
             stats.written_blocks += 1;
         }
         if !run.is_empty() {
-            self.write(start, &run)?;
+            self.write(start, run)?;
             stats.write_calls += 1;
         }
         Ok(())
