@@ -1,6 +1,8 @@
 //! A node's local volume: WAL + extent + superblock, and the checkpointer.
 //!
-//! Directory layout: `superblock`, `extent.<generation>`, `wal/`.
+//! Directory layout: `superblock`, `extent.<generation>`, `wal/`; `RUN`
+//! while committed frames written straight to the extent are not yet
+//! recorded.
 //!
 //! - Writes go to the WAL; the newest version of every block written since
 //!   the checkpoint is kept in a dirty map, so reads return the latest data
@@ -15,6 +17,10 @@
 //! - A replica installs a base into a staging file; the switch is the atomic
 //!   superblock commit that names the new generation. Extent files and WAL
 //!   segments of other generations are removed on open.
+//! - A replica's large batches of committed frames skip the WAL and go
+//!   straight to the extent, recorded as a checkpoint at the next sync (see
+//!   [`Store::apply_replicated`]); a crash before that starts a replica over
+//!   empty on open.
 
 use crate::epochs::{self, EpochStart};
 use crate::extent::{check_range, ExtentError, ExtentFile};

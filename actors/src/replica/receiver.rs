@@ -76,6 +76,15 @@ impl std::fmt::Debug for ReceiverActor {
 
 impl Actor for ReceiverActor {
     type Context = Context<Self>;
+
+    /// Records committed frames a connection that broke mid-burst left
+    /// written straight to the extent: unrecorded, the next open would
+    /// start the replica over (see `Store::apply_replicated`).
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Err(e) = self.store.sync_to(self.store.head()) {
+            tracing::error!(replica = %self.identity.replica, error = %e, "replica sync at stop failed");
+        }
+    }
 }
 
 impl Metered for ReceiverActor {
