@@ -71,6 +71,10 @@ pub struct Inspection {
     /// What is wrong: empty when the store would open as it is (a torn
     /// tail is not wrong: `open` cuts it).
     pub problems: Vec<String>,
+    /// What `open` will change that is not wrong: segments wholly below
+    /// the checkpoint after a WAL restart a crash interrupted, a stale run
+    /// marker.
+    pub notes: Vec<String>,
 }
 
 /// Inspects the store in `dir`, reading every frame of its WAL.
@@ -89,6 +93,7 @@ pub fn inspect(dir: &Path) -> Inspection {
         epochs_in_frames: Vec::new(),
         extent: None,
         problems: Vec::new(),
+        notes: Vec::new(),
     };
     let superblock = match Superblock::load(dir) {
         Ok(superblock) => superblock,
@@ -116,16 +121,32 @@ pub fn inspect(dir: &Path) -> Inspection {
             .push(format!("extent {}: {e}", extent.display())),
     }
     let wal = dir.join("wal");
-    scan_wal(&wal, superblock.generation, &mut report);
+    scan_wal(
+        &wal,
+        superblock.generation,
+        superblock.checkpoint,
+        &mut report,
+    );
     match epochs::load(&wal, superblock.generation) {
         Ok(history) => report.epochs = history,
         Err(e) => report.problems.push(format!("epoch history: {e}")),
     }
     if report.head < superblock.checkpoint {
-        report.problems.push(format!(
-            "the WAL ends at {} before the checkpoint {}",
+        // Committed frames went straight to the extent and the WAL's
+        // restart after them was cut by a crash (`Wal::restart_after`).
+        report.notes.push(format!(
+            "the WAL ends at {} before the checkpoint {}: open restarts it after the checkpoint",
             report.head, superblock.checkpoint
         ));
+    }
+    match fs::read(dir.join("RUN")).map(|bytes| crate::store::decode_run_marker(&bytes)) {
+        Ok(Some(from)) if from == superblock.checkpoint => report.problems.push(format!(
+            "RUN: committed frames written straight to the extent after {from} were never recorded; some may be in it: a replica's open starts over empty, a primary's refuses"
+        )),
+        Ok(_) => report
+            .notes
+            .push("RUN: a run marker already recorded or torn: open removes it".into()),
+        Err(_) => {}
     }
     if report.tail > superblock.checkpoint {
         report.problems.push(format!(
@@ -179,7 +200,7 @@ fn locked(path: &Path) -> bool {
     }
 }
 
-fn scan_wal(wal: &Path, generation: u64, report: &mut Inspection) {
+fn scan_wal(wal: &Path, generation: u64, checkpoint: u64, report: &mut Inspection) {
     let entries = match fs::read_dir(wal) {
         Ok(entries) => entries,
         Err(e) => {
@@ -205,7 +226,18 @@ fn scan_wal(wal: &Path, generation: u64, report: &mut Inspection) {
     let mut expected_first = None;
     for (index, (first, path, name)) in found.iter().enumerate() {
         if let Some(expected) = expected_first {
-            if *first != expected {
+            if *first != expected && *first <= checkpoint + 1 {
+                // As `Wal::open`: what comes before is below the checkpoint.
+                report.notes.push(format!(
+                    "segments before {name} end below the checkpoint {checkpoint}: open removes them"
+                ));
+                report.segments.clear();
+                report.frames_by_kind = [0; 3];
+                report.epochs_in_frames.clear();
+                report.torn = None;
+                report.tail = first - 1;
+                report.head = report.tail;
+            } else if *first != expected {
                 report.problems.push(format!(
                     "{name}: starts at {first}, the previous segment ends at {}",
                     expected - 1

@@ -233,6 +233,7 @@ pub const DIRECT_MIN_BYTES: usize = 256 << 10;
 /// is not yet recorded: the checkpoint it started from (u64, little-endian)
 /// and the crc32c of those 8 bytes.
 const RUN_MARKER: &str = "RUN";
+const RUN_MARKER_TMP: &str = "RUN.tmp";
 
 fn encode_run_marker(from: u64) -> [u8; 12] {
     let lsn = from.to_le_bytes();
@@ -243,7 +244,7 @@ fn encode_run_marker(from: u64) -> [u8; 12] {
 }
 
 /// The checkpoint a marker names; `None` if a crash cut its write.
-fn decode_run_marker(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn decode_run_marker(bytes: &[u8]) -> Option<u64> {
     let (from, crc) = (bytes.get(..8)?, bytes.get(8..12)?);
     (bytes.len() == 12 && crc32c::crc32c(from).to_le_bytes() == crc)
         .then(|| u64::from_le_bytes(from.try_into().unwrap_or_default()))
@@ -378,6 +379,10 @@ impl Store {
         superblock: Superblock,
         reset: bool,
     ) -> Result<(Superblock, Option<u64>), StoreError> {
+        let tmp = dir.join(RUN_MARKER_TMP);
+        if tmp.exists() {
+            fs::remove_file(&tmp).map_err(io_err("remove", &tmp))?;
+        }
         let path = dir.join(RUN_MARKER);
         let marked = match fs::read(&path) {
             Ok(bytes) => decode_run_marker(&bytes),
@@ -396,6 +401,18 @@ impl Store {
                 checkpoint: 0,
                 ..superblock
             };
+            // What an install a crash cut before its commit left of the
+            // next generation must not be taken for it.
+            let staging = dir.join(format!("extent.{}.staging", next.generation));
+            for leftover in [ExtentFile::path(dir, next.generation), staging] {
+                if leftover.exists() {
+                    fs::remove_file(&leftover).map_err(io_err("remove", &leftover))?;
+                }
+            }
+            let wal_dir = dir.join("wal");
+            if wal_dir.exists() {
+                epochs::remove_others(&wal_dir, superblock.generation).map_err(WalError::from)?;
+            }
             next.store(dir)?;
             settled = (next, Some(superblock.checkpoint));
         }
@@ -571,11 +588,14 @@ impl Store {
     /// batch, so committed too). `sync_to`
     /// records such a run as a checkpoint: the extent is synced, the epoch
     /// history and the superblock are committed, and the WAL restarts after
-    /// the run ([`Wal::restart_after`]). Until then a crash loses the run
-    /// (the replica reports its old head and is sent the frames again);
-    /// after it, everything up to the run's end is in the extent, and the
-    /// WAL, whatever part of its restart a crash interrupted, reopens after
-    /// it. As with any checkpoint, a truncation below the run is refused.
+    /// the run ([`Wal::restart_after`]). Until then a marker file says a run
+    /// is open: a crash may have left some of its blocks in the extent, and
+    /// the next open starts a replica over empty (see
+    /// [`StoreOptions::reset_interrupted_run`]). After it, everything up to
+    /// the run's end is in the extent, and the WAL, whatever part of its
+    /// restart a crash interrupted, reopens after it. A failed extent write
+    /// or sync poisons the WAL. As with any checkpoint, a truncation below
+    /// the run is refused.
     pub fn apply_replicated(&self, raw: &Bytes, committed: u64) -> Result<u64, StoreError> {
         let wal = self.wal();
         if let Some(reason) = wal.poisoned() {
@@ -595,18 +615,23 @@ impl Store {
             self.checkpoint_all(&wal)?;
         }
         if bulk && (direct.is_some() || self.may_write_direct(&wal)) {
-            let mut history = match direct.as_ref() {
-                Some(run) => run.epochs.clone(),
-                None => {
-                    self.mark_run(head)?;
-                    wal.epochs()
-                }
-            };
+            let mut history = direct
+                .as_ref()
+                .map_or_else(|| wal.epochs(), |run| run.epochs.clone());
             for frame in &frames {
                 epochs::note(&mut history, frame.lsn, frame.epoch).map_err(WalError::from)?;
             }
+            if direct.is_none() {
+                self.mark_run(head)?;
+            }
             let extent = Arc::clone(&self.read_state().extent);
-            extent.apply_all(&frames)?;
+            if let Err(e) = extent.apply_all(&frames) {
+                // Part of the batch may be in the extent, past what a record
+                // would name: nothing more is taken (the WAL is poisoned),
+                // and the marker makes the next open start over.
+                let reason = format!("extent write of committed frames: {e}");
+                return Err(wal.poison_now(reason).into());
+            }
             *direct = Some(DirectRun {
                 last,
                 epochs: history,
@@ -634,13 +659,17 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the run marker, durably, before the run's first extent write.
+    /// Writes the run marker, durably, before the run's first extent
+    /// write; replaced atomically (one a failed run left must not be torn
+    /// by a crash mid-write).
     fn mark_run(&self, from: u64) -> Result<(), StoreError> {
-        let path = self.dir.join(RUN_MARKER);
-        let file = File::create(&path).map_err(io_err("create", &path))?;
+        let tmp = self.dir.join(RUN_MARKER_TMP);
+        let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
         file.write_all_at(&encode_run_marker(from), 0)
-            .map_err(io_err("write", &path))?;
-        file.sync_all().map_err(io_err("sync", &path))?;
+            .map_err(io_err("write", &tmp))?;
+        file.sync_all().map_err(io_err("sync", &tmp))?;
+        let path = self.dir.join(RUN_MARKER);
+        fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
         sync_dir(&self.dir).map_err(io_err("sync", &self.dir))
     }
 
@@ -933,6 +962,11 @@ impl Store {
         self.dirty().clear();
         *direct = None;
         drop(state);
+        let marker = self.dir.join(RUN_MARKER);
+        if marker.exists() {
+            fs::remove_file(&marker).map_err(io_err("remove", &marker))?;
+            sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
+        }
         let _ = fs::remove_file(old_extent);
         Ok(())
     }

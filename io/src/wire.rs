@@ -19,9 +19,8 @@
 //! connection.
 
 use crate::epochs::{EpochStart, MAX_EPOCHS};
-use crate::reader::pool::BufferPool;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version spoken by this build. 2: the hello ack and the end of a rebuild
@@ -36,26 +35,70 @@ const HEADER: usize = 10;
 const READ_AHEAD: usize = 256;
 
 /// Frames at least this large (catch-up batches, image chunks) are copied
-/// out of the read buffer into a buffer from [`bulk_buffers`].
+/// out of the read buffer into a [`Received`] buffer.
 const BULK_FRAME: usize = 64 << 10;
 
-/// Buffers for large received frames, reused once their consumers drop
-/// them: at most 32 wait (32 MiB at the default batch and chunk size), and
-/// at most 256 are tracked while lent.
+/// Received buffers kept for reuse, at most [`FREE_BYTES`] in all, none
+/// larger than [`FREE_BUFFER_MAX`].
+const FREE_BYTES: usize = 32 << 20;
+const FREE_BUFFER_MAX: usize = 4 << 20;
+
+/// The free received buffers of the whole process.
+fn free_received() -> MutexGuard<'static, Vec<Vec<u8>>> {
+    static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    FREE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A large received frame's buffer, back on the free list when the last
+/// `Bytes` of it drops.
 ///
 /// Splitting a frame off the read buffer shares that buffer's allocation,
-/// so the next frame's room is a new allocation whenever a consumer still
-/// holds the last one (a base install's writer queue, a batch in the
-/// dirty map): glibc hands a freed MiB back to the kernel, and the next one
-/// faults in fresh zeroed pages. Measured on the project's VM (P2, a
+/// so the next frame's room was a new allocation whenever a consumer still
+/// held the last one (a base install's writer queue, a batch in the dirty
+/// map): glibc handed a freed MiB back to the kernel, and the next one
+/// faulted in fresh zeroed pages. Measured on the project's VM (P2, a
 /// 512 MiB full base): glibc tuned to keep freed memory
 /// (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`) took walship's
 /// system CPU from 1.7-2.1 to ~1.0 s/GiB, the raw pipeline's figure. One
-/// copy per byte received (user CPU) avoids the churn without tuning
-/// (strace of a P2 run: no mmap, brk or madvise per frame any more).
-fn bulk_buffers() -> &'static BufferPool {
-    static POOL: OnceLock<BufferPool> = OnceLock::new();
-    POOL.get_or_init(|| BufferPool::new(32))
+/// copy per byte received (user CPU) avoids the churn without tuning, and
+/// the read buffer is reused in place.
+struct Received(Vec<u8>);
+
+impl Received {
+    /// `bytes` in the smallest free buffer that holds them, or a new one.
+    fn copy(bytes: &[u8]) -> Bytes {
+        let reused = {
+            let mut free = free_received();
+            let best = (0..free.len())
+                .filter(|&i| free[i].capacity() >= bytes.len())
+                .min_by_key(|&i| free[i].capacity());
+            best.map(|i| free.swap_remove(i))
+        };
+        let mut buf = reused.unwrap_or_else(|| Vec::with_capacity(bytes.len()));
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        Bytes::from_owner(Received(buf))
+    }
+}
+
+impl AsRef<[u8]> for Received {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.capacity() > FREE_BUFFER_MAX {
+            return;
+        }
+        let mut free = free_received();
+        let held: usize = free.iter().map(Vec::capacity).sum();
+        if held + buf.capacity() <= FREE_BYTES {
+            free.push(buf);
+        }
+    }
 }
 const MAX_STRING: usize = 1024;
 
@@ -664,13 +707,9 @@ impl Decoder for WireCodec {
         src.advance(4);
         let mut frame = if len >= BULK_FRAME {
             // Copied out: the read buffer stays its own, and is reused in
-            // place for the next frame (see `bulk_buffers`).
-            let pool = bulk_buffers();
-            let mut buf = pool.take(len);
-            buf.copy_from_slice(&src[..len]);
+            // place for the next frame (see `Received`).
+            let frame = Received::copy(&src[..len]);
             src.advance(len);
-            let frame = buf.freeze();
-            pool.lend_up_to(&frame, 256);
             frame
         } else {
             src.split_to(len).freeze()
@@ -757,6 +796,45 @@ impl Encoder<Envelope> for WireCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(fill: u8) -> Envelope {
+        Envelope {
+            epoch: 1,
+            message: Message::RebuildChunk {
+                session: 1,
+                offset: 0,
+                data: Bytes::from(vec![fill; BULK_FRAME * 2]),
+            },
+        }
+    }
+
+    /// Large frames are copied into reused buffers: one still held keeps
+    /// its bytes while later frames are decoded into buffers freed before.
+    #[test]
+    fn large_frames_held_by_consumers_are_never_reused_under_them() {
+        let mut codec = WireCodec::default();
+        let mut wire = BytesMut::new();
+        for fill in 1..=40u8 {
+            codec.encode(chunk(fill), &mut wire).unwrap();
+        }
+        let mut held = Vec::new();
+        for fill in 1..=40u8 {
+            let envelope = codec.decode(&mut wire).unwrap().unwrap();
+            assert_eq!(envelope, chunk(fill));
+            // Every other one dropped at once, its buffer free for the next.
+            if fill % 2 == 0 {
+                held.push((fill, envelope));
+            }
+        }
+        for (fill, envelope) in held {
+            assert_eq!(
+                envelope,
+                chunk(fill),
+                "frame {fill} changed under its holder"
+            );
+        }
+        assert!(wire.is_empty());
+    }
 
     fn round_trip(message: Message) {
         let mut codec = WireCodec::default();

@@ -420,6 +420,13 @@ fn a_crash_before_a_run_is_recorded_makes_a_replica_start_over() {
         Store::open(replica_dir.path(), options()),
         Err(StoreError::InterruptedRun { checkpoint }) if checkpoint == first
     ));
+    // An install a crash cut before its commit left the next generation's
+    // image: the fresh start must not take it for its own.
+    fs::write(
+        replica_dir.path().join("extent.2"),
+        vec![0xab; BLOCKS as usize * BLOCK_SIZE],
+    )
+    .unwrap();
     let replica_options = StoreOptions {
         reset_interrupted_run: true,
         ..options()
@@ -471,9 +478,15 @@ fn a_stale_or_torn_run_marker_is_removed() {
     store.checkpoint(last).unwrap();
     let before = store.content_checksum().unwrap();
     drop(store);
-    let mut stale = (last - 1).to_le_bytes().to_vec();
-    stale.extend_from_slice(&crc32c_of(&stale));
-    for marker in [stale, vec![0u8; 5], Vec::new()] {
+    let marker = |lsn: u64| {
+        let mut bytes = lsn.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32c_of(&bytes));
+        bytes
+    };
+    // A live marker with one bit flipped in its crc: torn.
+    let mut torn = marker(last);
+    torn[11] ^= 1;
+    for marker in [marker(last - 1), torn, vec![0u8; 5], Vec::new()] {
         fs::write(dir.path().join("RUN"), marker).unwrap();
         let (store, report) = Store::open(dir.path(), options()).unwrap();
         assert_eq!(report.reset_after_interrupted_run, None);
@@ -592,4 +605,43 @@ fn a_second_instance_on_the_same_directory_waits_then_is_refused() {
     assert!(!opener.is_finished());
     drop(first);
     opener.join().unwrap().unwrap();
+}
+
+/// The crash window between a run's superblock commit and its WAL restart:
+/// the WAL ends below the checkpoint. `inspect` calls it no problem, and
+/// `open` restarts the WAL after the checkpoint. A live run marker is a
+/// problem `inspect` names.
+#[test]
+fn inspect_agrees_with_open_on_a_restart_and_a_run_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let last = fill(&store, 10, 1);
+    store.checkpoint(last).unwrap();
+    let superblock = store.superblock();
+    drop(store);
+    Superblock {
+        checkpoint: last + 40,
+        ..superblock
+    }
+    .store(dir.path())
+    .unwrap();
+    let report = inspect(dir.path());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+    let store = open(dir.path());
+    assert_eq!(
+        (
+            store.head(),
+            store.wal().tail(),
+            store.superblock().checkpoint
+        ),
+        (last + 40, last + 40, last + 40)
+    );
+    drop(store);
+    let mut marker = (last + 40).to_le_bytes().to_vec();
+    marker.extend_from_slice(&crc32c_of(&marker));
+    fs::write(dir.path().join("RUN"), marker).unwrap();
+    let report = inspect(dir.path());
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(report.problems[0].starts_with("RUN:"));
 }

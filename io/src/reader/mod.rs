@@ -15,7 +15,7 @@
 //! are issued, in-flight reads are reaped before their buffers are freed or
 //! reused, and the stream's thread or slot ends.
 
-pub(crate) mod pool;
+mod pool;
 mod pread;
 mod uring;
 

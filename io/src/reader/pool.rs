@@ -53,16 +53,6 @@ impl BufferPool {
         self.lock().lent.push(bytes.clone());
     }
 
-    /// [`lend`](Self::lend), unless `max_lent` buffers are lent already
-    /// (consumers that keep buffers long would make every `take` scan more):
-    /// then the buffer is freed as usual when they drop it.
-    pub(crate) fn lend_up_to(&self, bytes: &Bytes, max_lent: usize) {
-        let mut lists = self.lock();
-        if lists.lent.len() < max_lent {
-            lists.lent.push(bytes.clone());
-        }
-    }
-
     /// Returns a buffer that was never handed out.
     pub(crate) fn give_back(&self, buf: BytesMut) {
         let mut lists = self.lock();

@@ -100,6 +100,9 @@ fn render(report: &Inspection) -> String {
             report.other_generations.join(", ")
         );
     }
+    for note in &report.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
     if report.problems.is_empty() {
         let _ = writeln!(out, "problems: none");
     } else {
