@@ -359,14 +359,21 @@ fn committed_frames_go_straight_to_the_extent_and_are_recorded_as_a_checkpoint()
     assert_eq!(replica.head(), committed);
 }
 
+/// A primary that wrote 64 blocks, then `more`, and an empty replica:
+/// their directories, the stores, and the primary's LSNs after each.
+fn primary_and_replica(more: u64) -> ([tempfile::TempDir; 2], Store, Store, u64, u64) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let primary = open_large(dirs[0].path());
+    let first = fill(&primary, 64, 1);
+    let committed = fill(&primary, more, 2);
+    let replica = open_large(dirs[1].path());
+    (dirs, primary, replica, first, committed)
+}
+
 #[test]
 fn the_wal_is_checkpointed_before_committed_frames_skip_it() {
-    let primary_dir = tempfile::tempdir().unwrap();
-    let replica_dir = tempfile::tempdir().unwrap();
-    let primary = open_large(primary_dir.path());
-    let first = fill(&primary, 64, 1);
-    let committed = fill(&primary, 192, 2);
-    let replica = open_large(replica_dir.path());
+    let (dirs, primary, replica, first, committed) = primary_and_replica(192);
+    let replica_dir = &dirs[1];
     // Not committed when it arrived: in the WAL, not checkpointed.
     for raw in shipped(&primary, 0, first, BULK) {
         replica.apply_replicated(&raw, 0).unwrap();
@@ -397,12 +404,8 @@ fn the_wal_is_checkpointed_before_committed_frames_skip_it() {
 /// kept), a primary refuses to open.
 #[test]
 fn a_crash_before_a_run_is_recorded_makes_a_replica_start_over() {
-    let primary_dir = tempfile::tempdir().unwrap();
-    let replica_dir = tempfile::tempdir().unwrap();
-    let primary = open_large(primary_dir.path());
-    let first = fill(&primary, 64, 1);
-    let committed = fill(&primary, 128, 2);
-    let replica = open_large(replica_dir.path());
+    let (dirs, primary, replica, first, committed) = primary_and_replica(128);
+    let replica_dir = &dirs[1];
     for raw in shipped(&primary, 0, first, BULK) {
         replica.apply_replicated(&raw, first).unwrap();
     }
@@ -464,29 +467,33 @@ fn a_crash_before_a_run_is_recorded_makes_a_replica_start_over() {
     assert_eq!(report.reset_after_interrupted_run, None);
 }
 
-fn crc32c_of(bytes: &[u8]) -> [u8; 4] {
-    crc32c::crc32c(bytes).to_le_bytes()
+/// A run marker naming `lsn`, as the store writes it.
+fn run_marker(lsn: u64) -> Vec<u8> {
+    let mut bytes = lsn.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+    bytes
+}
+
+/// A closed store of `count` writes, all checkpointed: its directory and
+/// its last LSN.
+fn checkpointed(count: u64) -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let last = fill(&store, count, 1);
+    store.checkpoint(last).unwrap();
+    (dir, last)
 }
 
 /// A marker whose run was recorded (a crash came before it was removed),
 /// or whose own write a crash cut, changes nothing.
 #[test]
 fn a_stale_or_torn_run_marker_is_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let last = fill(&store, 20, 1);
-    store.checkpoint(last).unwrap();
-    let before = store.content_checksum().unwrap();
-    drop(store);
-    let marker = |lsn: u64| {
-        let mut bytes = lsn.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&crc32c_of(&bytes));
-        bytes
-    };
+    let (dir, last) = checkpointed(20);
+    let before = open(dir.path()).content_checksum().unwrap();
     // A live marker with one bit flipped in its crc: torn.
-    let mut torn = marker(last);
+    let mut torn = run_marker(last);
     torn[11] ^= 1;
-    for marker in [marker(last - 1), torn, vec![0u8; 5], Vec::new()] {
+    for marker in [run_marker(last - 1), torn, vec![0u8; 5], Vec::new()] {
         fs::write(dir.path().join("RUN"), marker).unwrap();
         let (store, report) = Store::open(dir.path(), options()).unwrap();
         assert_eq!(report.reset_after_interrupted_run, None);
@@ -613,12 +620,8 @@ fn a_second_instance_on_the_same_directory_waits_then_is_refused() {
 /// problem `inspect` names.
 #[test]
 fn inspect_agrees_with_open_on_a_restart_and_a_run_marker() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let last = fill(&store, 10, 1);
-    store.checkpoint(last).unwrap();
-    let superblock = store.superblock();
-    drop(store);
+    let (dir, last) = checkpointed(10);
+    let superblock = open(dir.path()).superblock();
     Superblock {
         checkpoint: last + 40,
         ..superblock
@@ -638,9 +641,7 @@ fn inspect_agrees_with_open_on_a_restart_and_a_run_marker() {
         (last + 40, last + 40, last + 40)
     );
     drop(store);
-    let mut marker = (last + 40).to_le_bytes().to_vec();
-    marker.extend_from_slice(&crc32c_of(&marker));
-    fs::write(dir.path().join("RUN"), marker).unwrap();
+    fs::write(dir.path().join("RUN"), run_marker(last + 40)).unwrap();
     let report = inspect(dir.path());
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].starts_with("RUN:"));
