@@ -958,7 +958,10 @@ impl Wal {
                 .truncate(true)
                 .open(&path)
                 .map_err(io_err("create", &path))?;
-            let old = std::mem::replace(&mut writer.segments, vec![Segment::empty(path, lsn + 1)]);
+            let old = std::mem::replace(
+                &mut writer.segments,
+                vec![Segment::empty(path.clone(), lsn + 1)],
+            );
             writer.active = Arc::new(file);
             writer.allocated = 0;
             writer.unsynced = 0;
@@ -966,7 +969,9 @@ impl Wal {
             writer.head = lsn;
             writer.tail = lsn;
             writer.checkpoint = lsn;
-            for segment in old {
+            // An empty last segment (a rotation whose write failed) may
+            // carry the new one's name: it is the new one now.
+            for segment in old.iter().filter(|s| s.path != path) {
                 fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
             }
         }

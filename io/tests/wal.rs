@@ -739,3 +739,22 @@ fn a_gap_above_the_checkpoint_is_still_an_error() {
         (30, 1, 1)
     );
 }
+
+/// A rotation whose write failed leaves an empty last segment named for
+/// the next LSN: a restart there keeps it as the new segment.
+#[test]
+fn a_restart_onto_an_empty_last_segment_keeps_it() {
+    let (dir, wal) = applied_wal();
+    drop(wal);
+    let empty = dir.path().join("0000000001-00000000000000000011.wal");
+    fs::File::create(&empty).unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    wal.set_checkpoint(10);
+    wal.restart_after(10, &wal.epochs()).unwrap();
+    assert_eq!(segments(dir.path()), [empty]);
+    assert_eq!(write_n(&wal, 1), 11);
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), started_after(10)).unwrap();
+    assert_eq!((report.head, report.tail), (11, 10));
+    assert_eq!(wal.read_frames(10, 11).unwrap()[0].payload, block(11));
+}
