@@ -750,12 +750,24 @@ impl Store {
     /// Reads `blocks` blocks at `lba`: the newest data, from the WAL or the extent.
     pub fn read(&self, lba: u64, blocks: u64) -> Result<Bytes, StoreError> {
         self.check_range(lba, blocks)?;
-        let extent = Arc::clone(&self.read_state().extent);
+        // The dirty blocks first, then the extent: a checkpoint that writes
+        // a block to the extent and then drops it from the dirty map between
+        // the two would otherwise leave this read the extent's older data
+        // and no dirty block over it. Taken with the extent under the state
+        // lock, so a base install does not switch the extent between them.
+        let (extent, overlay) = {
+            let state = self.read_state();
+            let overlay: Vec<(u64, Bytes)> = self
+                .dirty()
+                .range(lba..lba + blocks)
+                .map(|(block, entry)| (*block, entry.data.clone()))
+                .collect();
+            (Arc::clone(&state.extent), overlay)
+        };
         let mut out = extent.read(lba, blocks)?;
-        let dirty = self.dirty();
-        for (block, entry) in dirty.range(lba..lba + blocks) {
+        for (block, data) in overlay {
             let at = ((block - lba) as usize) * BLOCK_SIZE;
-            out[at..at + BLOCK_SIZE].copy_from_slice(&entry.data);
+            out[at..at + BLOCK_SIZE].copy_from_slice(&data);
         }
         Ok(Bytes::from(out))
     }
