@@ -186,7 +186,10 @@ impl MailboxMetrics {
     /// Returns the dequeue time of a timed message (one in
     /// [`TIMED_EVERY`]), to pass to [`on_handled`](Self::on_handled).
     pub(crate) fn on_dequeue(&self) -> Option<u64> {
-        let seq = self.dequeued.fetch_add(1, Ordering::AcqRel);
+        // One thread, the actor's, counts dequeues and handled messages:
+        // a plain load and store, not a locked read-modify-write.
+        let seq = self.dequeued.load(Ordering::Relaxed);
+        self.dequeued.store(seq + 1, Ordering::Release);
         if !seq.is_multiple_of(TIMED_EVERY) {
             return None;
         }
@@ -198,7 +201,8 @@ impl MailboxMetrics {
     }
 
     pub(crate) fn on_handled(&self, started: Option<u64>) {
-        self.handled.fetch_add(1, Ordering::Relaxed);
+        let handled = self.handled.load(Ordering::Relaxed);
+        self.handled.store(handled + 1, Ordering::Relaxed);
         if let Some(started) = started {
             let nanos = self.clock.delta_as_nanos(started, self.now());
             self.latency.record(nanos / 1000);
