@@ -7,6 +7,7 @@ use crate::handles::Handle;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -231,51 +232,57 @@ impl ExtentFile {
         Ok(stats)
     }
 
-    /// Writes the collected blocks in runs of adjacent blocks.
+    /// Writes the collected blocks in runs of adjacent blocks, each run one
+    /// vectored write straight from the blocks' buffers (no copy to join
+    /// them).
     fn write_latest(
         &self,
         latest: &mut BTreeMap<u64, Bytes>,
         stats: &mut ApplyStats,
     ) -> Result<(), ExtentError> {
-        thread_local! {
-            /// The run being joined: kept, so each pass does not allocate
-            /// (and fault in) a fresh MiB.
-            static RUN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        RUN.with(|run| {
-            let mut run = run.borrow_mut();
-            run.clear();
-            let written = self.write_runs(latest, &mut run, stats);
-            if run.capacity() > COALESCE_BYTES + BLOCK_SIZE {
-                *run = Vec::new();
-            }
-            written
-        })
-    }
-
-    fn write_runs(
-        &self,
-        latest: &mut BTreeMap<u64, Bytes>,
-        run: &mut Vec<u8>,
-        stats: &mut ApplyStats,
-    ) -> Result<(), ExtentError> {
+        let mut run: Vec<Bytes> = Vec::new();
         let mut start = 0;
         for (lba, block) in std::mem::take(latest) {
-            let next = start + (run.len() / BLOCK_SIZE) as u64;
-            if !run.is_empty() && (lba != next || run.len() >= COALESCE_BYTES) {
-                self.write(start, run)?;
+            let next = start + run.len() as u64;
+            if !run.is_empty() && (lba != next || run.len() * BLOCK_SIZE >= COALESCE_BYTES) {
+                self.write_blocks(start, &run)?;
                 stats.write_calls += 1;
                 run.clear();
             }
             if run.is_empty() {
                 start = lba;
             }
-            run.extend_from_slice(&block);
+            run.push(block);
             stats.written_blocks += 1;
         }
         if !run.is_empty() {
-            self.write(start, run)?;
+            self.write_blocks(start, &run)?;
             stats.write_calls += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes `blocks`, one block each and adjacent from `lba`, with
+    /// `pwritev` (again for what a short write left). At most
+    /// [`COALESCE_BYTES`] of blocks: 256 buffers, within the kernel's 1024.
+    fn write_blocks(&self, lba: u64, blocks: &[Bytes]) -> Result<(), ExtentError> {
+        if let Some(bad) = blocks.iter().find(|b| b.len() != BLOCK_SIZE) {
+            return Err(ExtentError::Unaligned(bad.len()));
+        }
+        self.check(lba, blocks.len() as u64)?;
+        self.handle.writing();
+        let file = self.file()?;
+        let mut slices: Vec<IoSlice<'_>> = blocks.iter().map(|b| IoSlice::new(b)).collect();
+        let mut left = &mut slices[..];
+        let mut offset = lba * BLOCK_SIZE as u64;
+        while !left.is_empty() {
+            let written = rustix::io::pwritev(&*file, left, offset)
+                .map_err(|e| self.io("write")(e.into()))?;
+            if written == 0 {
+                return Err(self.io("write")(std::io::ErrorKind::WriteZero.into()));
+            }
+            offset += written as u64;
+            IoSlice::advance_slices(&mut left, written);
         }
         Ok(())
     }
