@@ -100,6 +100,7 @@ impl Drop for Received {
         }
     }
 }
+
 const MAX_STRING: usize = 1024;
 
 // Codes of `Message::Error`, the reasons a peer refuses and closes.
