@@ -34,6 +34,10 @@ use walship::engine::{
 };
 use walship::io::{StoreOptions, BLOCK_SIZE};
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::median;
+
 /// Whole-system benchmarks against same-run baselines: P1 catch-up, P2
 /// full-base rebuild, P4 replication tax, P5 mailbox, P6 scale.
 #[derive(Debug, Clone, Parser)]
@@ -289,18 +293,6 @@ impl Run {
 fn pretouch(bytes: u64) {
     let pages = vec![1u8; bytes as usize];
     std::hint::black_box(&pages);
-}
-
-/// The median; for an even count, the mean of the middle two (the upper
-/// one alone would favour whichever side had one fast outlier).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
 }
 
 /// Alternates the raw pipeline with walship recovering each of `servers`

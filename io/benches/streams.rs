@@ -15,6 +15,9 @@ use walship_io::*;
 
 mod common;
 use common::{build_wal, evict};
+#[path = "../../benches/support/stats.rs"]
+mod stats;
+use stats::median;
 
 fn knob(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -65,16 +68,6 @@ fn read_all(readers: &[LogReader], heads: &[u64], dirs: &[PathBuf]) -> Run {
     Run {
         took: start.elapsed(),
         cpu: cpu_time() - cpu,
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
     }
 }
 
