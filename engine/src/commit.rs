@@ -340,8 +340,27 @@ impl CommitTracker {
 
     /// The highest LSN durable on the set the mode requires, from current acks.
     pub fn durable_by_mode(&self) -> Lsn {
+        self.durable_with_local(self.local_durable)
+    }
+
+    /// The lowest LSN whose local durability would resolve a waiting barrier
+    /// now: one the replicas the mode counts already hold. `None` when every
+    /// waiting barrier also waits on a replica's ack (local durability can be
+    /// read when that ack comes) or none waits. A runtime whose syncs finish
+    /// off its thread asks to be woken for local durability only then.
+    pub fn local_durable_wanted(&self) -> Option<Lsn> {
+        let others = self.durable_with_local(Lsn(u64::MAX));
+        self.barriers
+            .values()
+            .map(|b| b.lsn)
+            .filter(|lsn| *lsn <= others && *lsn > self.local_durable)
+            .min()
+    }
+
+    /// `durable_by_mode` had the primary been durable up to `local`.
+    fn durable_with_local(&self, local: Lsn) -> Lsn {
         match self.mode {
-            CommitMode::BestEffort => self.local_durable,
+            CommitMode::BestEffort => local,
             CommitMode::SyncAll => {
                 if self.replicas.values().any(|r| !r.in_sync) {
                     return Lsn::ZERO;
@@ -349,10 +368,10 @@ impl CommitTracker {
                 self.replicas
                     .values()
                     .map(|r| r.durable)
-                    .fold(self.local_durable, Lsn::min)
+                    .fold(local, Lsn::min)
             }
             CommitMode::SyncQuorum => {
-                let mut durable: Vec<Lsn> = std::iter::once(self.local_durable)
+                let mut durable: Vec<Lsn> = std::iter::once(local)
                     .chain(
                         self.replicas
                             .values()
@@ -537,6 +556,38 @@ mod tests {
             Lsn(7),
             "committed never decreases and b is out"
         );
+    }
+
+    #[test]
+    fn local_durability_is_wanted_only_for_barriers_the_replicas_already_hold() {
+        let r = ids(&["a", "b"]);
+        let mut t = CommitTracker::new(CommitMode::SyncAll, r.clone(), Lsn(0)).unwrap();
+        t.set_in_sync(&r[0], true);
+        t.set_in_sync(&r[1], true);
+        t.register_barrier(Lsn(5), Lsn(9), Tick(10)).unwrap();
+        t.register_barrier(Lsn(9), Lsn(9), Tick(10)).unwrap();
+        assert_eq!(t.local_durable_wanted(), None, "both wait on acks");
+        t.record_ack(&r[0], Lsn(9), None).unwrap();
+        t.record_ack(&r[1], Lsn(6), None).unwrap();
+        assert_eq!(t.local_durable_wanted(), Some(Lsn(5)));
+        t.record_local_durable(Lsn(0), Lsn(5));
+        assert_eq!(t.advance(), [(BarrierId(1), Lsn(5))]);
+        assert_eq!(t.local_durable_wanted(), None, "9 waits on b");
+        t.record_ack(&r[1], Lsn(9), None).unwrap();
+        assert_eq!(t.local_durable_wanted(), Some(Lsn(9)));
+        t.set_in_sync(&r[1], false);
+        assert_eq!(t.local_durable_wanted(), None, "sync_all waits for b");
+
+        let mut q = CommitTracker::new(CommitMode::SyncQuorum, r.clone(), Lsn(0)).unwrap();
+        q.set_in_sync(&r[0], true);
+        q.register_barrier(Lsn(4), Lsn(4), Tick(10)).unwrap();
+        assert_eq!(q.local_durable_wanted(), None, "no replica holds 4");
+        q.record_ack(&r[0], Lsn(4), None).unwrap();
+        assert_eq!(q.local_durable_wanted(), Some(Lsn(4)), "a and the primary");
+
+        let mut e = CommitTracker::new(CommitMode::BestEffort, r, Lsn(0)).unwrap();
+        e.register_barrier(Lsn(2), Lsn(2), Tick(10)).unwrap();
+        assert_eq!(e.local_durable_wanted(), Some(Lsn(2)), "the primary alone");
     }
 
     #[test]

@@ -147,6 +147,12 @@ impl Engine {
         self.commit.committed()
     }
 
+    /// The lowest LSN whose local durability would resolve a waiting barrier
+    /// now (see [`CommitTracker::local_durable_wanted`]).
+    pub fn local_durable_wanted(&self) -> Option<Lsn> {
+        self.commit.local_durable_wanted()
+    }
+
     /// The highest LSN durable on the set the commit mode requires, from current acks.
     pub fn durable_by_mode(&self) -> Lsn {
         self.commit.durable_by_mode()
