@@ -448,6 +448,66 @@ async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
     });
 }
 
+/// FUA writes, one at a time and four at once: each resolves when the last
+/// of the primary's sync and the replicas' acks arrives, in every mode.
+/// Heartbeats are off and the barrier deadline is far, so nothing but that
+/// arrival wakes the volume: a wake-up the sync loop owed and did not send
+/// leaves a write waiting for its deadline, and it fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fua_writes_resolve_on_the_last_durability_without_other_wake_ups() {
+    const DEADLINE: Duration = Duration::from_secs(5);
+    let tuning = Tuning {
+        heartbeat_every_ticks: 1_000_000,
+        barrier_timeout_ticks: 3_000,
+        ..tuning()
+    };
+    for (mode, servers) in [
+        (CommitMode::BestEffort, &[][..]),
+        (CommitMode::SyncAll, &["r1", "r2"][..]),
+        (CommitMode::SyncQuorum, &["r1", "r2"][..]),
+    ] {
+        let cluster = start_with(mode, servers, tuning.clone()).await;
+        for server in servers {
+            cluster
+                .wait_state(server, ReplicaState::InSync, LONG)
+                .await
+                .unwrap();
+        }
+        let mut last = 0;
+        for i in 0..100 {
+            let write = cluster.primary.write_committed(i, block(i));
+            let lsn = tokio::time::timeout(DEADLINE, write)
+                .await
+                .unwrap_or_else(|_| panic!("{mode}: write {i} never woke"))
+                .unwrap();
+            assert!(lsn > last);
+            last = lsn;
+        }
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let primary = cluster.primary.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        let lba = 100 + w * 50 + i;
+                        let write = primary.write_committed(lba, block(lba));
+                        tokio::time::timeout(DEADLINE, write)
+                            .await
+                            .unwrap_or_else(|_| panic!("{mode}: write at {lba} never woke"))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        if !servers.is_empty() {
+            cluster.wait_converged(LONG).await.unwrap();
+        }
+        cluster.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a11_a_barrier_ack_that_arrives_after_the_timeout_is_rejected_over_the_wire() {
     let mut short = tuning();

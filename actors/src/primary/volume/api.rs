@@ -1,7 +1,6 @@
 //! What the volume's handle asks of it: writes, barriers, reads,
 //! assignments, status, checkpoints, stop.
 
-use super::durability::Durability;
 use super::{VolumeActor, HOLD_PIN_PREFIX};
 use crate::error::VolumeError;
 use crate::metrics::MailboxSnapshot;
@@ -190,7 +189,7 @@ impl VolumeActor {
         append: impl FnOnce(&Store) -> Result<u64, StoreError>,
     ) -> Result<u64, VolumeError> {
         self.clock();
-        if self.durability == Durability::Poisoned {
+        if self.poisoned {
             return Err(self.refusal());
         }
         // The WAL's poison is read only when a write fails, off the hot path.

@@ -1,49 +1,167 @@
-//! Local durability and checkpoints: one group-commit sync at a time on the
-//! runtime's blocking pool, and checkpoints there too, so the actix thread
-//! never waits on an fsync.
+//! Local durability and checkpoints: the WAL's group-commit syncs run in a
+//! loop on the runtime's blocking pool, and checkpoints there too, so the
+//! actix thread never waits on an fsync.
+//!
+//! The loop publishes what it made durable in an atomic. The volume reads it
+//! whenever it runs (before every engine input, in particular a replica's
+//! ack) and asks for a `LocalDurable` message only when local durability is
+//! what a waiting barrier or checkpoint lacks. With replicas, the acks
+//! usually come after the local sync, and the volume thread wakes once per
+//! ack instead of once more for its own sync (P4).
 
 use super::VolumeActor;
 use crate::error::VolumeError;
+use crate::metrics::MeteredAddr;
+use crate::pool::BlockingPool;
 use actix::prelude::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 use walship_engine::Lsn;
+use walship_io::Store;
 
-/// The volume's local durability: one group-commit sync at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Durability {
-    /// No sync runs; the WAL is durable up to `durable`.
-    Idle { durable: u64 },
-    /// A sync runs on the blocking pool. `wanted` is the highest LSN a
-    /// writer asked for since; the next sync serves what this one does not.
-    Syncing { durable: u64, wanted: u64 },
-    /// A sync failed: the volume refuses writes for good. Why is the WAL's
-    /// own poison ([`walship_io::Wal::poisoned`]), not kept here again.
-    Poisoned,
+/// Syncs one job runs before it goes back in the pool's queue behind other
+/// volumes' jobs (the pool has a fixed number of threads).
+const SYNCS_PER_JOB: usize = 8;
+
+/// What the volume and its sync loop share. Every access is `SeqCst`: each
+/// side stores, then loads what the other stores (`wanted`/`running` to
+/// start the loop, `durable`/`wake_at` to wake the volume), so at least one
+/// of them sees the other's store and no request or wake-up is lost.
+#[derive(Debug)]
+pub(super) struct SyncLoop {
+    /// The highest LSN a writer asked to be durable.
+    wanted: AtomicU64,
+    /// What the loop made durable (the WAL's durable LSN after its sync).
+    durable: AtomicU64,
+    /// A job runs the loop (or the WAL failed, and none may run again).
+    running: AtomicBool,
+    /// The volume wants a `LocalDurable` once `durable` reaches this;
+    /// `u64::MAX` when it does not.
+    wake_at: AtomicU64,
+}
+
+impl SyncLoop {
+    /// A loop with nothing to do, the WAL durable up to `durable`.
+    pub(super) fn new(durable: u64) -> Self {
+        Self {
+            wanted: AtomicU64::new(durable),
+            durable: AtomicU64::new(durable),
+            running: AtomicBool::new(false),
+            wake_at: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// What the loop made durable so far.
+    pub(super) fn durable(&self) -> u64 {
+        self.durable.load(SeqCst)
+    }
+}
+
+/// One turn of the loop on the blocking pool: syncs until nothing more is
+/// wanted, at most `SYNCS_PER_JOB` times, then queues its next turn.
+struct SyncJob {
+    sync: Arc<SyncLoop>,
+    store: Arc<Store>,
+    me: MeteredAddr<VolumeActor>,
+    sync_seconds: metrics::Histogram,
+    pool: BlockingPool,
+    tasks: TaskTracker,
+}
+
+impl SyncJob {
+    fn run(self) {
+        let sync = &self.sync;
+        for _ in 0..SYNCS_PER_JOB {
+            let target = sync.wanted.load(SeqCst);
+            let started = std::time::Instant::now();
+            let now = match self.store.sync_to(target) {
+                Ok(now) => now,
+                Err(error) => {
+                    // `running` stays set: no sync runs on a poisoned WAL.
+                    let result = Err(error.to_string());
+                    self.me.do_send(LocalDurable { result });
+                    return;
+                }
+            };
+            self.sync_seconds.record(started.elapsed().as_secs_f64());
+            sync.durable.fetch_max(now, SeqCst);
+            if sync.wake_at.load(SeqCst) <= now {
+                self.me.do_send(LocalDurable { result: Ok(now) });
+            }
+            sync.running.store(false, SeqCst);
+            if sync.wanted.load(SeqCst) <= now || sync.running.swap(true, SeqCst) {
+                return;
+            }
+        }
+        let (pool, tasks) = (self.pool.clone(), self.tasks.clone());
+        pool.run(&tasks, move || self.run());
+    }
 }
 
 impl VolumeActor {
-    /// Asks for `lsn` to become durable. One group-commit sync at a time runs
-    /// on the runtime's blocking pool; requests made meanwhile are served by
-    /// the next one.
+    /// Asks for `lsn` to become durable: the sync loop serves it with the
+    /// next group commit, starting if it is not running.
     pub(super) fn want_sync(&mut self, lsn: u64) {
-        match &mut self.durability {
-            Durability::Poisoned => {}
-            Durability::Syncing { wanted, .. } => *wanted = (*wanted).max(lsn),
-            Durability::Idle { durable } if lsn <= *durable => {}
-            Durability::Idle { durable } => {
-                let Some(me) = self.me.clone() else { return };
-                self.durability = Durability::Syncing {
-                    durable: *durable,
-                    wanted: lsn,
-                };
-                let store = Arc::clone(&self.store);
-                let sync_seconds = self.sync_seconds.clone();
-                self.pools.blocking.run(&self.tasks, move || {
-                    let started = std::time::Instant::now();
-                    let result = store.sync_to(lsn).map_err(|e| e.to_string());
-                    sync_seconds.record(started.elapsed().as_secs_f64());
-                    me.do_send(LocalDurable { result });
+        if self.poisoned {
+            return;
+        }
+        let sync = &self.sync;
+        sync.wanted.fetch_max(lsn, SeqCst);
+        if sync.durable.load(SeqCst) >= lsn || sync.running.swap(true, SeqCst) {
+            return;
+        }
+        let Some(me) = self.me.clone() else {
+            sync.running.store(false, SeqCst);
+            return;
+        };
+        let job = SyncJob {
+            sync: Arc::clone(sync),
+            store: Arc::clone(&self.store),
+            me,
+            sync_seconds: self.sync_seconds.clone(),
+            pool: self.pools.blocking.clone(),
+            tasks: self.tasks.clone(),
+        };
+        self.pools.blocking.run(&self.tasks, move || job.run());
+    }
+
+    /// Tells the engine what the sync loop made durable since it last heard,
+    /// and starts the checkpoints that waited for it.
+    pub(super) fn read_local_durable(&mut self) {
+        let durable = self.sync.durable();
+        if durable <= self.local_durable {
+            return;
+        }
+        self.engine
+            .handle_local_durable(Lsn(self.local_durable), Lsn(durable));
+        self.local_durable = durable;
+        if !self.checkpoints_waiting.is_empty() {
+            self.release_checkpoints();
+        }
+    }
+
+    /// Asks the sync loop for a `LocalDurable` once it reaches what a waiting
+    /// barrier or checkpoint lacks, and none otherwise. If the loop got there
+    /// already, asks the volume itself.
+    pub(super) fn arm_local_wake(&mut self) {
+        let barrier = self
+            .engine
+            .local_durable_wanted()
+            .map_or(u64::MAX, Lsn::get);
+        let checkpoint = self
+            .checkpoints_waiting
+            .iter()
+            .map(|(target, _)| *target)
+            .min();
+        let at = barrier.min(checkpoint.unwrap_or(u64::MAX));
+        self.sync.wake_at.store(at, SeqCst);
+        let durable = self.sync.durable.load(SeqCst);
+        if at <= durable {
+            if let Some(me) = &self.me {
+                me.do_send(LocalDurable {
+                    result: Ok(durable),
                 });
             }
         }
@@ -52,7 +170,7 @@ impl VolumeActor {
     /// The volume refuses writes for good: the error says why, in the WAL's
     /// words (a failed sync or a failed segment rotation poisons it).
     pub(super) fn refusal(&mut self) -> VolumeError {
-        self.durability = Durability::Poisoned;
+        self.poisoned = true;
         VolumeError::Poisoned(self.store.wal().poisoned().unwrap_or_default())
     }
 
@@ -71,34 +189,26 @@ impl VolumeActor {
     /// far, else once the sync it asks for gets there.
     pub(super) fn checkpoint_written(&mut self, reply: CheckpointReply) {
         let target = self.store.wal().head();
-        match self.durability {
-            Durability::Poisoned => {
-                let _ = reply.send(Err(self.refusal()));
-            }
-            Durability::Idle { durable } | Durability::Syncing { durable, .. }
-                if target <= durable =>
-            {
-                self.start_checkpoint(target, Some(reply));
-            }
-            Durability::Idle { .. } | Durability::Syncing { .. } => {
-                self.checkpoints_waiting.push((target, reply));
-                self.want_sync(target);
-            }
+        if self.poisoned {
+            let _ = reply.send(Err(self.refusal()));
+        } else if target <= self.local_durable {
+            self.start_checkpoint(target, Some(reply));
+        } else {
+            self.checkpoints_waiting.push((target, reply));
+            self.want_sync(target);
         }
     }
 
     /// Starts the waiting checkpoints the WAL is now durable for; when it is
     /// poisoned, tells them why they never will be.
     fn release_checkpoints(&mut self) {
-        let durable = match self.durability {
-            Durability::Poisoned => {
-                for (_, reply) in std::mem::take(&mut self.checkpoints_waiting) {
-                    let _ = reply.send(Err(self.refusal()));
-                }
-                return;
+        if self.poisoned {
+            for (_, reply) in std::mem::take(&mut self.checkpoints_waiting) {
+                let _ = reply.send(Err(self.refusal()));
             }
-            Durability::Idle { durable } | Durability::Syncing { durable, .. } => durable,
-        };
+            return;
+        }
+        let durable = self.local_durable;
         let (ready, waiting) = std::mem::take(&mut self.checkpoints_waiting)
             .into_iter()
             .partition(|(target, _)| *target <= durable);
@@ -149,7 +259,8 @@ impl Handler<CheckpointDone> for VolumeActor {
     }
 }
 
-/// A group-commit sync finished: the durable LSN, or why the WAL failed.
+/// The sync loop got where the volume asked to hear of (the durable LSN), or
+/// the WAL failed (why).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct LocalDurable {
@@ -161,25 +272,12 @@ impl Handler<LocalDurable> for VolumeActor {
 
     fn handle(&mut self, msg: LocalDurable, ctx: &mut Context<Self>) {
         self.clock();
-        let Durability::Syncing { durable, wanted } = self.durability else {
-            return;
-        };
-        match msg.result {
-            Ok(now) => {
-                if now > durable {
-                    self.engine.handle_local_durable(Lsn(durable), Lsn(now));
-                }
-                self.durability = Durability::Idle {
-                    durable: durable.max(now),
-                };
-                self.want_sync(wanted);
-            }
-            Err(reason) => {
-                tracing::error!(%reason, "wal poisoned; refusing writes");
-                self.durability = Durability::Poisoned;
-            }
+        if let Err(reason) = msg.result {
+            tracing::error!(%reason, "wal poisoned; refusing writes");
+            self.poisoned = true;
+            self.release_checkpoints();
         }
-        self.release_checkpoints();
+        // `clock` read what the loop made durable.
         self.run_commands(ctx);
     }
 }

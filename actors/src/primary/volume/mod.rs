@@ -23,7 +23,7 @@ use crate::pool::Pools;
 use crate::transport;
 use actix::prelude::*;
 use api::*;
-use durability::{CheckpointDone, CheckpointReply, Durability, LocalDurable};
+use durability::{CheckpointDone, CheckpointReply, LocalDurable, SyncLoop};
 use pins::ResourcesPinned;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -58,7 +58,12 @@ pub struct VolumeActor {
     committed_tx: watch::Sender<u64>,
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
     pools: Pools,
-    durability: Durability,
+    /// The WAL's sync loop on the blocking pool.
+    sync: Arc<SyncLoop>,
+    /// What the engine was told is durable locally.
+    local_durable: u64,
+    /// The WAL failed: the volume refuses writes for good.
+    poisoned: bool,
     checkpoint_in_flight: bool,
     /// Operators' checkpoints waiting for the WAL to be durable up to their
     /// target (a quorum may commit before the primary's own sync finishes).
@@ -175,7 +180,9 @@ impl VolumeActor {
             committed_tx,
             barriers: HashMap::new(),
             pools,
-            durability: Durability::Idle { durable: committed },
+            sync: Arc::new(SyncLoop::new(committed)),
+            local_durable: committed,
+            poisoned: false,
             checkpoint_in_flight: false,
             checkpoints_waiting: Vec::new(),
             started: std::time::Instant::now(),
@@ -234,9 +241,11 @@ impl VolumeActor {
     }
 
     /// Moves the engine's clock to now before it handles a message (timers
-    /// that fell due fire after the message, in `run_commands`).
+    /// that fell due fire after the message, in `run_commands`), and tells
+    /// it what the WAL's sync loop made durable meanwhile.
     fn clock(&mut self) {
         self.engine.advance_clock(Tick(self.now_ticks()));
+        self.read_local_durable();
     }
 
     /// Wakes for the next armed engine timer or heartbeat, whichever is first.
@@ -344,6 +353,7 @@ impl VolumeActor {
     /// executes every command the engine emits, and re-arms the wake-up.
     fn run_commands(&mut self, ctx: &mut Context<Self>) {
         let now = self.now_ticks();
+        self.read_local_durable();
         self.engine.handle_tick(Tick(now));
         loop {
             let commands = self.engine.take_commands();
@@ -356,6 +366,7 @@ impl VolumeActor {
         }
         self.committed_tx
             .send_replace(self.engine.committed().get());
+        self.arm_local_wake();
         self.reschedule(ctx);
     }
 
