@@ -448,17 +448,20 @@ async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
     });
 }
 
-/// FUA writes, one at a time and four at once: each resolves when the last
-/// of the primary's sync and the replicas' acks arrives, in every mode.
-/// Heartbeats are off and the barrier deadline is far, so nothing but that
+/// FUA writes, one at a time and four at once, then with the primary's
+/// syncs slowed so the replicas' acks come first; and an operator's
+/// checkpoint that has to wait for a sync. Each resolves when the last
+/// durability it needs arrives, in every mode. Heartbeats are off, the
+/// barrier deadline far and the peer timeout long, so nothing but that
 /// arrival wakes the volume: a wake-up the sync loop owed and did not send
-/// leaves a write waiting for its deadline, and it fails here.
+/// leaves a write (or the checkpoint) waiting, and it fails here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fua_writes_resolve_on_the_last_durability_without_other_wake_ups() {
     const DEADLINE: Duration = Duration::from_secs(5);
     let tuning = Tuning {
         heartbeat_every_ticks: 1_000_000,
         barrier_timeout_ticks: 3_000,
+        peer_timeout: Duration::from_secs(30),
         ..tuning()
     };
     for (mode, servers) in [
@@ -473,26 +476,31 @@ async fn fua_writes_resolve_on_the_last_durability_without_other_wake_ups() {
                 .await
                 .unwrap();
         }
+        let primary = &cluster.primary;
+        let fua = |lba: u64| {
+            let write = primary.write_committed(lba, block(lba));
+            async move {
+                tokio::time::timeout(DEADLINE, write)
+                    .await
+                    .unwrap_or_else(|_| panic!("{mode}: the write at {lba} never woke"))
+                    .unwrap()
+            }
+        };
         let mut last = 0;
-        for i in 0..100 {
-            let write = cluster.primary.write_committed(i, block(i));
-            let lsn = tokio::time::timeout(DEADLINE, write)
-                .await
-                .unwrap_or_else(|_| panic!("{mode}: write {i} never woke"))
-                .unwrap();
+        for lba in 0..100 {
+            let lsn = fua(lba).await;
             assert!(lsn > last);
             last = lsn;
         }
         let writers: Vec<_> = (0..4u64)
             .map(|w| {
-                let primary = cluster.primary.clone();
+                let primary = primary.clone();
                 tokio::spawn(async move {
-                    for i in 0..50 {
-                        let lba = 100 + w * 50 + i;
+                    for lba in 100 + w * 50..150 + w * 50 {
                         let write = primary.write_committed(lba, block(lba));
                         tokio::time::timeout(DEADLINE, write)
                             .await
-                            .unwrap_or_else(|_| panic!("{mode}: write at {lba} never woke"))
+                            .unwrap_or_else(|_| panic!("{mode}: the write at {lba} never woke"))
                             .unwrap();
                     }
                 })
@@ -501,6 +509,18 @@ async fn fua_writes_resolve_on_the_last_durability_without_other_wake_ups() {
         for writer in writers {
             writer.await.unwrap();
         }
+        // The primary's own sync is now the last to arrive.
+        primary.slow_syncs(Duration::from_millis(10)).await.unwrap();
+        for lba in 300..320 {
+            fua(lba).await;
+        }
+        // A checkpoint asked for while the write before it is not durable.
+        primary.write(320, block(320)).await.unwrap();
+        tokio::time::timeout(DEADLINE, primary.checkpoint())
+            .await
+            .unwrap_or_else(|_| panic!("{mode}: the checkpoint never woke"))
+            .unwrap();
+        primary.slow_syncs(Duration::ZERO).await.unwrap();
         if !servers.is_empty() {
             cluster.wait_converged(LONG).await.unwrap();
         }

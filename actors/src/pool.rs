@@ -104,6 +104,12 @@ impl BlockingPool {
         })
     }
 
+    /// Whether jobs wait for a thread: a job that could go on may then
+    /// queue its rest behind them instead.
+    pub(crate) fn others_waiting(&self) -> bool {
+        !self.queue.lock().queue.is_empty()
+    }
+
     /// Runs `job` on a pool thread for a volume whose stop waits for it
     /// (`tasks`): the job holds one of its tokens until it ends. Dropped if
     /// the pool has shut down.

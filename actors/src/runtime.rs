@@ -563,15 +563,24 @@ impl VolumeHandle {
     /// would. For tests of the storage-failure path (feature `testing`).
     #[cfg(feature = "testing")]
     pub async fn inject_storage_failure(&self) -> Result<(), VolumeError> {
+        self.inject(crate::testing::StorageFault::FailNextSync)
+            .await
+    }
+
+    /// Makes every WAL sync of the volume take `delay` longer, as a slow
+    /// disk would. For tests of what waits on a sync (feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn slow_syncs(&self, delay: std::time::Duration) -> Result<(), VolumeError> {
+        self.inject(crate::testing::StorageFault::SlowSyncs(delay))
+            .await
+    }
+
+    #[cfg(feature = "testing")]
+    async fn inject(&self, fault: crate::testing::StorageFault) -> Result<(), VolumeError> {
+        let msg = crate::testing::InjectStorageFault(fault);
         match &self.inner {
-            Inner::Replica { receiver, .. } => receiver
-                .send(crate::replica::receiver::InjectStorageFailure)
-                .await
-                .map_err(stopped),
-            Inner::Primary(addr) => addr
-                .send(volume::InjectStorageFailure)
-                .await
-                .map_err(stopped),
+            Inner::Replica { receiver, .. } => receiver.send(msg).await.map_err(stopped),
+            Inner::Primary(addr) => addr.send(msg).await.map_err(stopped),
         }
     }
 

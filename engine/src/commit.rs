@@ -585,9 +585,24 @@ mod tests {
         q.record_ack(&r[0], Lsn(4), None).unwrap();
         assert_eq!(q.local_durable_wanted(), Some(Lsn(4)), "a and the primary");
 
+        q.set_in_sync(&r[0], false);
+        q.record_ack(&r[1], Lsn(4), None).unwrap();
+        assert_eq!(
+            q.local_durable_wanted(),
+            None,
+            "b holds 4 but is not InSync"
+        );
+
         let mut e = CommitTracker::new(CommitMode::BestEffort, r, Lsn(0)).unwrap();
         e.register_barrier(Lsn(2), Lsn(2), Tick(10)).unwrap();
         assert_eq!(e.local_durable_wanted(), Some(Lsn(2)), "the primary alone");
+        let mut alone = CommitTracker::new(CommitMode::SyncAll, [], Lsn(0)).unwrap();
+        alone.register_barrier(Lsn(3), Lsn(3), Tick(10)).unwrap();
+        assert_eq!(
+            alone.local_durable_wanted(),
+            Some(Lsn(3)),
+            "sync_all of one"
+        );
     }
 
     #[test]

@@ -316,6 +316,8 @@ struct Inner {
     durable_tx: watch::Sender<u64>,
     pins: Arc<PinTable>,
     fail_next_sync: AtomicBool,
+    /// Microseconds every sync waits first, as a slow disk would (tests).
+    sync_delay_us: AtomicU64,
     syncs: AtomicU64,
     /// Why the WAL refuses everything, once a sync failed: after a failed
     /// fsync the page cache may have dropped what it could not write, so
@@ -481,6 +483,7 @@ impl Wal {
                 durable_tx,
                 pins: Arc::new(PinTable::default()),
                 fail_next_sync: AtomicBool::new(false),
+                sync_delay_us: AtomicU64::new(0),
                 syncs: AtomicU64::new(0),
                 poison: std::sync::OnceLock::new(),
             }),
@@ -831,6 +834,10 @@ impl Wal {
         if self.inner.fail_next_sync.swap(false, Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
+        let delay = self.inner.sync_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
         match self.inner.options.sync {
             SyncMode::Data => file.sync_data(),
             SyncMode::Full => file.sync_all(),
@@ -843,6 +850,15 @@ impl Wal {
     #[cfg(feature = "testing")]
     pub fn inject_sync_failure(&self) {
         self.inner.fail_next_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes every sync from now on take `delay` longer, as a slow disk
+    /// would (zero: as fast as the disk). For tests of what waits on a sync
+    /// (feature `testing`).
+    #[cfg(feature = "testing")]
+    pub fn inject_sync_delay(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.inner.sync_delay_us.store(micros, Ordering::Relaxed);
     }
 
     /// Returns once every LSN up to `lsn` is durable. One caller syncs for all

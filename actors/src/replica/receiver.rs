@@ -93,7 +93,7 @@ impl Metered for ReceiverActor {
     }
 }
 
-metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, #[cfg(feature = "testing")] InjectStorageFailure, StopReceiver);
+metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, #[cfg(feature = "testing")] crate::testing::InjectStorageFault, StopReceiver);
 
 /// What a connection task must send back, and whether to close after.
 #[derive(Debug, Default, MessageResponse)]
@@ -548,19 +548,12 @@ impl Handler<ReplicaChecksum> for ReceiverActor {
     }
 }
 
-/// Makes the replica's next WAL sync fail with EIO, as a failing disk would
-/// (the WAL is then poisoned). For tests of the storage-failure path.
 #[cfg(feature = "testing")]
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct InjectStorageFailure;
-
-#[cfg(feature = "testing")]
-impl Handler<InjectStorageFailure> for ReceiverActor {
+impl Handler<crate::testing::InjectStorageFault> for ReceiverActor {
     type Result = ();
 
-    fn handle(&mut self, _: InjectStorageFailure, _: &mut Context<Self>) {
-        self.store.wal().inject_sync_failure();
+    fn handle(&mut self, msg: crate::testing::InjectStorageFault, _: &mut Context<Self>) {
+        msg.0.inject(&self.store.wal());
     }
 }
 

@@ -29,6 +29,29 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 use walship_io::BLOCK_SIZE;
 
+/// A storage fault a test injects into a volume's WAL.
+#[derive(Debug, Clone, Copy)]
+pub enum StorageFault {
+    /// The next sync fails with EIO: the WAL is poisoned.
+    FailNextSync,
+    /// Every sync takes this much longer (zero: as the disk does).
+    SlowSyncs(Duration),
+}
+
+impl StorageFault {
+    pub(crate) fn inject(self, wal: &walship_io::Wal) {
+        match self {
+            Self::FailNextSync => wal.inject_sync_failure(),
+            Self::SlowSyncs(delay) => wal.inject_sync_delay(delay),
+        }
+    }
+}
+
+/// Injects a storage fault into a volume (primary or replica).
+#[derive(Debug, actix::Message)]
+#[rtype(result = "()")]
+pub(crate) struct InjectStorageFault(pub(crate) StorageFault);
+
 /// Ticks of 5 ms, short timeouts and backoffs: recoveries in tests take
 /// milliseconds, not the seconds production tuning allows for.
 pub fn fast_tuning() -> Tuning {

@@ -370,18 +370,11 @@ impl Handler<Stop> for VolumeActor {
     }
 }
 
-/// Makes the WAL's next sync fail with EIO, as a failing disk would. For
-/// tests of the poisoning path.
 #[cfg(feature = "testing")]
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct InjectStorageFailure;
-
-#[cfg(feature = "testing")]
-impl Handler<InjectStorageFailure> for VolumeActor {
+impl Handler<crate::testing::InjectStorageFault> for VolumeActor {
     type Result = ();
 
-    fn handle(&mut self, _: InjectStorageFailure, _: &mut Context<Self>) {
-        self.store.wal().inject_sync_failure();
+    fn handle(&mut self, msg: crate::testing::InjectStorageFault, _: &mut Context<Self>) {
+        msg.0.inject(&self.store.wal());
     }
 }

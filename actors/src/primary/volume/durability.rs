@@ -22,7 +22,8 @@ use walship_engine::Lsn;
 use walship_io::Store;
 
 /// Syncs one job runs before it goes back in the pool's queue behind other
-/// volumes' jobs (the pool has a fixed number of threads).
+/// volumes' jobs (the pool has a fixed number of threads). It goes back
+/// after one sync if other jobs wait.
 const SYNCS_PER_JOB: usize = 8;
 
 /// What the volume and its sync loop share. Every access is `SeqCst`: each
@@ -60,7 +61,8 @@ impl SyncLoop {
 }
 
 /// One turn of the loop on the blocking pool: syncs until nothing more is
-/// wanted, at most `SYNCS_PER_JOB` times, then queues its next turn.
+/// wanted, at most `SYNCS_PER_JOB` times and only while no other job waits
+/// for a thread, then queues its next turn.
 struct SyncJob {
     sync: Arc<SyncLoop>,
     store: Arc<Store>,
@@ -76,7 +78,9 @@ impl SyncJob {
         for _ in 0..SYNCS_PER_JOB {
             let target = sync.wanted.load(SeqCst);
             let started = std::time::Instant::now();
-            let now = match self.store.sync_to(target) {
+            let result = self.store.sync_to(target);
+            self.sync_seconds.record(started.elapsed().as_secs_f64());
+            let now = match result {
                 Ok(now) => now,
                 Err(error) => {
                     // `running` stays set: no sync runs on a poisoned WAL.
@@ -85,7 +89,6 @@ impl SyncJob {
                     return;
                 }
             };
-            self.sync_seconds.record(started.elapsed().as_secs_f64());
             sync.durable.fetch_max(now, SeqCst);
             if sync.wake_at.load(SeqCst) <= now {
                 self.me.do_send(LocalDurable { result: Ok(now) });
@@ -93,6 +96,9 @@ impl SyncJob {
             sync.running.store(false, SeqCst);
             if sync.wanted.load(SeqCst) <= now || sync.running.swap(true, SeqCst) {
                 return;
+            }
+            if self.pool.others_waiting() {
+                break;
             }
         }
         let (pool, tasks) = (self.pool.clone(), self.tasks.clone());
@@ -196,6 +202,8 @@ impl VolumeActor {
         } else {
             self.checkpoints_waiting.push((target, reply));
             self.want_sync(target);
+            // The sync loop must hear that this waits too.
+            self.arm_local_wake();
         }
     }
 
