@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use walship::actors::testing::{ClusterOptions, LoopbackCluster};
 use walship::actors::{
-    PrimaryConfig, ReplicaConfig, Runtime, SenderHeartbeat, Tuning, VolumeConfig, VolumeHandle,
+    NodeStatus, PrimaryConfig, ReplicaConfig, Runtime, SenderHeartbeat, Tuning, VolumeConfig,
+    VolumeHandle,
 };
 use walship::engine::{
     Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
@@ -175,6 +176,23 @@ impl Setup {
 
     fn primary(&self) -> &VolumeHandle {
         &self.cluster.primary
+    }
+
+    /// WAL syncs so far: the primary's, then each replica's.
+    async fn wal_syncs(&self) -> anyhow::Result<Vec<u64>> {
+        let mut syncs = Vec::new();
+        let replicas = self
+            .cluster
+            .replicas
+            .iter()
+            .filter_map(|n| n.handle.as_ref());
+        for volume in std::iter::once(self.primary()).chain(replicas) {
+            syncs.push(match volume.status().await? {
+                NodeStatus::Primary(status) => status.wal_syncs,
+                NodeStatus::Replica(status) => status.wal_syncs,
+            });
+        }
+        Ok(syncs)
     }
 
     /// Writes `blocks` blocks, 64 in flight, and waits for their commit.
@@ -466,6 +484,9 @@ struct Latencies {
     took: Duration,
     /// What the process spent meanwhile (every thread).
     spent: Usage,
+    /// WAL syncs each node issued meanwhile: the primary, then its
+    /// replicas (empty for the hand-written baseline).
+    syncs: Vec<u64>,
 }
 
 impl Latencies {
@@ -475,6 +496,7 @@ impl Latencies {
             all,
             took,
             spent: Usage::default(),
+            syncs: Vec::new(),
         }
     }
 
@@ -483,6 +505,11 @@ impl Latencies {
         self.all.sort();
         self.took += other.took;
         self.spent = self.spent.plus(&other.spent);
+        self.syncs
+            .resize(self.syncs.len().max(other.syncs.len()), 0);
+        for (sum, n) in self.syncs.iter_mut().zip(other.syncs) {
+            *sum += n;
+        }
     }
 
     /// CPU (user + system) and context switches per operation, the
@@ -496,8 +523,21 @@ impl Latencies {
             .filter(|(_, count)| **count as f64 / n >= 0.05)
             .map(|(name, count)| format!("{name} {:.1}", *count as f64 / n))
             .collect();
+        let syncs = if self.syncs.is_empty() {
+            String::new()
+        } else {
+            let each: Vec<String> = self
+                .syncs
+                .iter()
+                .map(|s| format!("{:.2}", *s as f64 / n))
+                .collect();
+            format!(
+                "; WAL syncs per write, primary then replicas: {}",
+                each.join(", ")
+            )
+        };
         format!(
-            "CPU {:.0} µs user + {:.0} µs system, {:.1} context switches per write ({})",
+            "CPU {:.0} µs user + {:.0} µs system, {:.1} context switches per write ({}){syncs}",
             self.spent.user.as_secs_f64() * 1e6 / n,
             self.spent.system.as_secs_f64() * 1e6 / n,
             self.spent.switches.values().sum::<u64>() as f64 / n,
@@ -520,11 +560,15 @@ impl Latencies {
 
 /// `run`'s latencies with what the process spent meanwhile.
 async fn measured(
+    setup: &Setup,
     run: impl std::future::Future<Output = anyhow::Result<Latencies>>,
 ) -> anyhow::Result<Latencies> {
+    let syncs = setup.wal_syncs().await?;
     let before = usage()?;
     let mut latencies = run.await?;
     latencies.spent = usage()?.minus(&before);
+    let after = setup.wal_syncs().await?;
+    latencies.syncs = after.iter().zip(syncs).map(|(a, b)| a - b).collect();
     Ok(latencies)
 }
 
@@ -703,8 +747,11 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
             for k in 0..runs {
                 let which = (round as usize + k) % runs;
                 let samples = match which {
-                    0 => measured(writers(&local, per_round, depth, on_thread)).await?,
-                    1 => measured(writers(&replicated, per_round, depth, on_thread)).await?,
+                    0 => measured(&local, writers(&local, per_round, depth, on_thread)).await?,
+                    1 => {
+                        let run = writers(&replicated, per_round, depth, on_thread);
+                        measured(&replicated, run).await?
+                    }
                     _ => raw_replicated_qd1(dir, per_round)?,
                 };
                 results[which].merge(samples);

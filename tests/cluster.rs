@@ -33,6 +33,8 @@ async fn live_replication_reads_and_status() {
     assert_eq!(json["role"], "primary");
     assert_eq!(json["head"], lsn);
     assert_eq!(json["durable"], lsn);
+    let syncs = json["wal_syncs"].as_u64().unwrap();
+    assert!((1..=lsn).contains(&syncs), "{syncs} syncs for {lsn} LSNs");
     for gauge in ["recovery_pins", "snapshot_pins", "held_resources"] {
         assert_eq!(json[gauge], 0, "{gauge}");
     }

@@ -306,7 +306,7 @@ pub enum NodeStatus {
     /// A primary.
     Primary(Box<VolumeStatus>),
     /// A replica.
-    Replica(ReplicaStatus),
+    Replica(Box<ReplicaStatus>),
 }
 
 impl NodeStatus {
@@ -465,9 +465,9 @@ impl VolumeHandle {
             Inner::Primary(addr) => Ok(NodeStatus::Primary(Box::new(
                 addr.send(volume::GetStatus).await.map_err(stopped)?,
             ))),
-            Inner::Replica { receiver, .. } => Ok(NodeStatus::Replica(
+            Inner::Replica { receiver, .. } => Ok(NodeStatus::Replica(Box::new(
                 receiver.send(GetReplicaStatus).await.map_err(stopped)?,
-            )),
+            ))),
         }
     }
 

@@ -42,6 +42,9 @@ pub struct ReplicaStatus {
     pub generation: u64,
     /// Whether a primary connection is active.
     pub connected: bool,
+    /// WAL syncs since the WAL was opened (fewer than the batches it
+    /// acknowledged when group commit works).
+    pub wal_syncs: u64,
     /// Mailbox metrics.
     pub mailbox: MailboxSnapshot,
 }
@@ -512,6 +515,7 @@ impl Handler<GetReplicaStatus> for ReceiverActor {
             checkpoint: superblock.checkpoint,
             generation: superblock.generation,
             connected: self.active_conn.is_some(),
+            wal_syncs: wal.sync_count(),
             mailbox: self.metrics.snapshot(),
         }
     }

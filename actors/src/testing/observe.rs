@@ -28,7 +28,7 @@ impl LoopbackCluster {
     /// The status of the running replica on `server`.
     pub async fn replica_status(&self, server: &str) -> Result<ReplicaStatus> {
         match self.replica(server).status().await? {
-            NodeStatus::Replica(status) => Ok(status),
+            NodeStatus::Replica(status) => Ok(*status),
             NodeStatus::Primary(_) => Err(HarnessError::Role(format!("replica {server}"))),
         }
     }

@@ -27,6 +27,9 @@ pub struct VolumeStatus {
     pub checkpoint: u64,
     /// WAL tail.
     pub tail: u64,
+    /// WAL syncs since the WAL was opened (fewer than the writes when group
+    /// commit works).
+    pub wal_syncs: u64,
     /// WAL pins held by recovery plans (zero when no recovery runs).
     pub recovery_pins: usize,
     /// Replicas' retention holds (one per replica that has one).
@@ -75,6 +78,7 @@ impl VolumeActor {
             durable: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,
             tail: wal.tail(),
+            wal_syncs: wal.sync_count(),
             recovery_pins: retention.pins.len() - retention_holds,
             retention_holds,
             snapshot_pins: self.store.snapshot_pins(),
