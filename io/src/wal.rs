@@ -5,8 +5,12 @@
 //! - **Group commit**: [`Wal::sync_to`] lets one caller fsync for everyone;
 //!   callers arriving while a sync runs wait for it and usually find their LSN
 //!   covered. The durable LSN is published on a watch channel.
-//! - **Rotation** syncs the full segment, creates the next and fsyncs the
-//!   directory, so a durable LSN never depends on an unsynced older segment.
+//! - **Rotation** creates the next segment once the full one is durable: the
+//!   group commit has usually got there, else rotation syncs it. The next
+//!   sync fsyncs the directory before any frame of the new segment counts
+//!   as durable. So a durable LSN never depends on an unsynced older
+//!   segment, and the writer seldom waits on a sync (a volume's writer is
+//!   the thread its actors share).
 //! - **Poisoning**: after a failed fsync the WAL refuses every write and sync.
 //!   The kernel may have dropped the dirty pages, so nothing past the last
 //!   good sync is ever acknowledged.
@@ -299,6 +303,9 @@ struct Writer {
     scratch: BytesMut,
     /// The epoch history, as persisted in `epochs.<generation>`.
     epochs: Vec<EpochStart>,
+    /// A rotation created a segment since the last sync began: the next
+    /// sync makes its directory entry durable too.
+    dir_unsynced: bool,
 }
 
 #[derive(Debug, Default)]
@@ -474,6 +481,7 @@ impl Wal {
                     checkpoint: tail,
                     scratch: BytesMut::new(),
                     epochs: history,
+                    dir_unsynced: false,
                 }),
                 sync: Mutex::new(SyncState {
                     durable: head,
@@ -797,9 +805,14 @@ impl Wal {
             .last()
             .map(|s| s.path.clone())
             .unwrap_or_default();
-        if let Err(error) = self.sync_file(&writer.active) {
-            let reason = format!("sync before rotation of {}: {error}", old_path.display());
-            return Err(self.poison(reason));
+        // Recovery reads a short segment followed by another as corruption:
+        // the full one must be durable before the next holds a frame.
+        let durable = lock(&self.inner.sync).durable;
+        if durable < writer.head {
+            if let Err(error) = self.sync_file(&writer.active) {
+                let reason = format!("sync before rotation of {}: {error}", old_path.display());
+                return Err(self.poison(reason));
+            }
         }
         // The sealed segment keeps its frames only. Unsynced: if a crash
         // loses the cut, the zeroes are read as what they are.
@@ -821,12 +834,27 @@ impl Wal {
             .create_new(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+        // Its directory entry: the next sync, before its frames count.
+        writer.dir_unsynced = true;
         writer.active = Arc::new(file);
         writer.allocated = 0;
         writer.synced_last = std::mem::take(&mut writer.unsynced);
         writer.segments.push(Segment::empty(path, next_first));
         Ok(())
+    }
+
+    /// Makes a rotated-in segment's directory entry durable (as the sync
+    /// mode asks).
+    fn sync_dir_after_rotation(&self) -> Result<(), String> {
+        if self.inner.options.sync == SyncMode::None {
+            return Ok(());
+        }
+        sync_dir(&self.inner.dir).map_err(|error| {
+            format!(
+                "fsync of {} after a rotation: {error}",
+                self.inner.dir.display()
+            )
+        })
     }
 
     fn sync_file(&self, file: &File) -> std::io::Result<()> {
@@ -886,15 +914,20 @@ impl Wal {
             }
             state.syncing = true;
             drop(state);
-            let (target, file) = {
+            let (target, file, new_segment) = {
                 let mut writer = self.writer();
                 writer.synced_last = std::mem::take(&mut writer.unsynced);
-                (writer.head, Arc::clone(&writer.active))
+                let new_segment = std::mem::take(&mut writer.dir_unsynced);
+                (writer.head, Arc::clone(&writer.active), new_segment)
             };
-            let result = self.sync_file(&file);
-            let failed = result
-                .err()
-                .map(|error| self.poison(format!("fdatasync: {error}")));
+            let result = self
+                .sync_file(&file)
+                .map_err(|error| format!("fdatasync: {error}"))
+                .and_then(|()| match new_segment {
+                    true => self.sync_dir_after_rotation(),
+                    false => Ok(()),
+                });
+            let failed = result.err().map(|reason| self.poison(reason));
             let mut state = lock(&self.inner.sync);
             state.syncing = false;
             if failed.is_none() {

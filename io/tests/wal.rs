@@ -80,6 +80,40 @@ fn crash_style_reopen_sees_every_synced_frame() {
     );
 }
 
+/// Rotation over a segment the group commit already made durable costs
+/// no sync of its own (the writer is the thread a volume's actors share);
+/// over frames not yet durable it syncs them before the next segment takes
+/// a frame. The new segment's directory entry goes with the next sync.
+#[test]
+fn rotation_syncs_the_full_segment_only_when_the_group_commit_has_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    for _ in 0..25 {
+        write_n(&wal, 1);
+    }
+    assert_eq!(segments(dir.path()).len(), 3);
+    assert_eq!(
+        wal.sync_count(),
+        25,
+        "one sync per write, none for rotations"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    for _ in 0..15 {
+        let lsn = wal.head() + 1;
+        wal.append(1, FrameKind::Write, lsn, block(lsn)).unwrap();
+    }
+    assert_eq!(wal.sync_count(), 1, "the full segment, before the next");
+    assert_eq!(wal.durable(), 0, "a rotation makes nothing durable itself");
+    wal.sync_to(15).unwrap();
+    assert_eq!((wal.sync_count(), wal.durable()), (2, 15));
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), options(10 * FRAME)).unwrap();
+    assert_eq!((report.head, report.segments), (15, 2));
+    assert_eq!(wal.read_frames(0, 15).unwrap().len(), 15);
+}
+
 #[test]
 fn torn_tail_mid_frame_is_truncated_and_reported() {
     let (dir, seg) = closed_wal(5);
