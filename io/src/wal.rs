@@ -10,7 +10,9 @@
 //!   sync fsyncs the directory before any frame of the new segment counts
 //!   as durable. So a durable LSN never depends on an unsynced older
 //!   segment, and the writer seldom waits on a sync (a volume's writer is
-//!   the thread its actors share).
+//!   the thread its actors share). Open syncs the last segments and the
+//!   directory: what it found counts as durable (a process that died may
+//!   have left writes nobody synced).
 //! - **Poisoning**: after a failed fsync the WAL refuses every write and sync.
 //!   The kernel may have dropped the dirty pages, so nothing past the last
 //!   good sync is ever acknowledged.
@@ -312,6 +314,10 @@ struct Writer {
 struct SyncState {
     durable: u64,
     syncing: bool,
+    /// Bumped by every truncation: a sync that began before one does not
+    /// publish its target (the frames it synced may be gone, and others
+    /// written at their LSNs since).
+    truncations: u64,
 }
 
 struct Inner {
@@ -457,6 +463,25 @@ impl Wal {
             .metadata()
             .map_err(io_err("stat", &active_path))?
             .len();
+        // What was found counts as durable from here on: a process that died
+        // may have left frames it never synced, and a segment whose entry it
+        // never synced. Only the last segments can hold either (a rotation
+        // makes the full one durable, and its entry waits for the next sync
+        // at most). Rotation skips its sync when everything is durable, so
+        // this must be true.
+        if options.sync != SyncMode::None {
+            let sync = |file: &File| match options.sync {
+                SyncMode::Full => file.sync_all(),
+                _ => file.sync_data(),
+            };
+            let last_frames = segments.iter().rev().find(|s| !s.is_empty());
+            if let Some(last) = last_frames.filter(|s| s.path != active_path) {
+                let file = File::open(&last.path).map_err(io_err("open", &last.path))?;
+                sync(&file).map_err(io_err("sync", &last.path))?;
+            }
+            sync(&active).map_err(io_err("sync", &active_path))?;
+            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+        }
         let report = RecoveryReport {
             segments: segments.len(),
             tail,
@@ -824,6 +849,12 @@ impl Wal {
                     .map_err(io_err("trim zeroes", &old_path))?;
             }
         }
+        if writer.dir_unsynced {
+            if let Err(reason) = self.sync_dir_after_rotation() {
+                return Err(self.poison(reason));
+            }
+            writer.dir_unsynced = false;
+        }
         let path = self.inner.dir.join(segment::segment_name(
             self.inner.options.generation,
             next_first,
@@ -834,7 +865,9 @@ impl Wal {
             .create_new(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        // Its directory entry: the next sync, before its frames count.
+        // Its directory entry: the next sync, before its frames count. (The
+        // entry of the one before is durable, above: with both waiting, a
+        // crash could keep this one and lose that, a gap.)
         writer.dir_unsynced = true;
         writer.active = Arc::new(file);
         writer.allocated = 0;
@@ -913,6 +946,7 @@ impl Wal {
                 continue;
             }
             state.syncing = true;
+            let truncations = state.truncations;
             drop(state);
             let (target, file, new_segment) = {
                 let mut writer = self.writer();
@@ -930,7 +964,7 @@ impl Wal {
             let failed = result.err().map(|reason| self.poison(reason));
             let mut state = lock(&self.inner.sync);
             state.syncing = false;
-            if failed.is_none() {
+            if failed.is_none() && state.truncations == truncations {
                 state.durable = state.durable.max(target);
                 self.inner.durable_tx.send_replace(state.durable);
             }
@@ -1152,6 +1186,7 @@ impl Wal {
         }
         let mut state = lock(&self.inner.sync);
         state.durable = state.durable.min(lsn);
+        state.truncations += 1;
         self.inner.durable_tx.send_replace(state.durable);
         Ok(())
     }
