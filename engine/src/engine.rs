@@ -147,6 +147,11 @@ impl Engine {
         self.commit.committed()
     }
 
+    /// The primary's contiguous durable LSN, as reported to the engine.
+    pub fn local_durable(&self) -> Lsn {
+        self.commit.local_durable()
+    }
+
     /// The lowest LSN whose local durability would resolve a waiting barrier
     /// now (see [`CommitTracker::local_durable_wanted`]).
     pub fn local_durable_wanted(&self) -> Option<Lsn> {

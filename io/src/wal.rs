@@ -45,6 +45,17 @@ pub enum SyncMode {
     None,
 }
 
+impl SyncMode {
+    /// Syncs `file` as this mode says.
+    fn sync(self, file: &File) -> std::io::Result<()> {
+        match self {
+            Self::Data => file.sync_data(),
+            Self::Full => file.sync_all(),
+            Self::None => Ok(()),
+        }
+    }
+}
+
 /// WAL configuration.
 #[derive(Debug, Clone)]
 pub struct WalOptions {
@@ -470,16 +481,18 @@ impl Wal {
         // at most). Rotation skips its sync when everything is durable, so
         // this must be true.
         if options.sync != SyncMode::None {
-            let sync = |file: &File| match options.sync {
-                SyncMode::Full => file.sync_all(),
-                _ => file.sync_data(),
-            };
             let last_frames = segments.iter().rev().find(|s| !s.is_empty());
             if let Some(last) = last_frames.filter(|s| s.path != active_path) {
                 let file = File::open(&last.path).map_err(io_err("open", &last.path))?;
-                sync(&file).map_err(io_err("sync", &last.path))?;
+                options
+                    .sync
+                    .sync(&file)
+                    .map_err(io_err("sync", &last.path))?;
             }
-            sync(&active).map_err(io_err("sync", &active_path))?;
+            options
+                .sync
+                .sync(&active)
+                .map_err(io_err("sync", &active_path))?;
             sync_dir(&dir).map_err(io_err("sync", &dir))?;
         }
         let report = RecoveryReport {
@@ -899,11 +912,7 @@ impl Wal {
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_micros(delay));
         }
-        match self.inner.options.sync {
-            SyncMode::Data => file.sync_data(),
-            SyncMode::Full => file.sync_all(),
-            SyncMode::None => Ok(()),
-        }
+        self.inner.options.sync.sync(file)
     }
 
     /// Makes the next sync fail with EIO, as a disk error would. For tests of

@@ -136,13 +136,11 @@ impl VolumeActor {
     /// Tells the engine what the sync loop made durable since it last heard,
     /// and starts the checkpoints that waited for it.
     pub(super) fn read_local_durable(&mut self) {
-        let durable = self.sync.durable();
-        if durable <= self.local_durable {
+        let (told, durable) = (self.engine.local_durable(), Lsn(self.sync.durable()));
+        if durable <= told {
             return;
         }
-        self.engine
-            .handle_local_durable(Lsn(self.local_durable), Lsn(durable));
-        self.local_durable = durable;
+        self.engine.handle_local_durable(told, durable);
         if !self.checkpoints_waiting.is_empty() {
             self.release_checkpoints();
         }
@@ -197,7 +195,7 @@ impl VolumeActor {
         let target = self.store.wal().head();
         if self.poisoned {
             let _ = reply.send(Err(self.refusal()));
-        } else if target <= self.local_durable {
+        } else if target <= self.engine.local_durable().get() {
             self.start_checkpoint(target, Some(reply));
         } else {
             self.checkpoints_waiting.push((target, reply));
@@ -216,7 +214,7 @@ impl VolumeActor {
             }
             return;
         }
-        let durable = self.local_durable;
+        let durable = self.engine.local_durable().get();
         let (ready, waiting) = std::mem::take(&mut self.checkpoints_waiting)
             .into_iter()
             .partition(|(target, _)| *target <= durable);

@@ -60,8 +60,6 @@ pub struct VolumeActor {
     pools: Pools,
     /// The WAL's sync loop on the blocking pool.
     sync: Arc<SyncLoop>,
-    /// What the engine was told is durable locally.
-    local_durable: u64,
     /// The WAL failed: the volume refuses writes for good.
     poisoned: bool,
     checkpoint_in_flight: bool,
@@ -181,7 +179,6 @@ impl VolumeActor {
             barriers: HashMap::new(),
             pools,
             sync: Arc::new(SyncLoop::new(committed)),
-            local_durable: committed,
             poisoned: false,
             checkpoint_in_flight: false,
             checkpoints_waiting: Vec::new(),
