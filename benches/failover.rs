@@ -22,6 +22,9 @@ mod etcd;
 mod nbd_client;
 #[path = "../tests/support/nodes.rs"]
 mod nodes;
+#[path = "../tests/support/workload.rs"]
+#[allow(clippy::unwrap_used)] // test support: a failed read panics
+mod workload;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -69,22 +72,6 @@ async fn record(etcd: &Etcd) -> anyhow::Result<VolumeRecord> {
         .await
         .context("vol0 has no record")?;
     Ok(serde_json::from_slice(&value)?)
-}
-
-/// One FUA write through a fresh connection to `addr`'s vol0: whether it
-/// was acknowledged (a replica's export refuses writes; a node down or
-/// changing roles does not answer).
-async fn acknowledged(addr: SocketAddr, block: u64) -> bool {
-    let attempt = async {
-        let mut client = Haggle::try_open(addr, "vol0").await?;
-        client
-            .try_write(block * 4096, &[block as u8; 4096], FLAG_FUA)
-            .await
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), attempt).await,
-        Ok(Some(0))
-    )
 }
 
 async fn failover(etcd: &Etcd, cluster: &mut NodeCluster) -> anyhow::Result<Round> {
@@ -154,7 +141,7 @@ async fn failover(etcd: &Etcd, cluster: &mut NodeCluster) -> anyhow::Result<Roun
                 moved = Some(killed.elapsed());
             }
             for &i in &others {
-                if acknowledged(nbd_addr(cluster, i), block).await {
+                if workload::fua_write_acknowledged(nbd_addr(cluster, i), block).await {
                     break 'found killed.elapsed();
                 }
             }

@@ -360,39 +360,44 @@ async fn a_watch_that_cannot_resume_past_a_compaction_reads_the_records_again() 
 }
 
 /// node1, the primary, reaches etcd through a proxy the test pauses (the
-/// other nodes reach it directly): node1 can no longer renew its lease,
-/// and must stop acknowledging writes before etcd expires that lease,
-/// which is the earliest another node could be made primary.
+/// other nodes reach it directly): node1 can no longer renew its lease.
+/// Its fence refuses writes (EIO, while it still runs) before etcd
+/// expires that lease, which is the earliest another node could be made
+/// primary; meanwhile a client tries the other nodes' exports, as a
+/// multipath client would, and the first write one of them acknowledges
+/// comes after node1's last. Every write node1 acknowledged is on the
+/// new primary. node1 stops on its own; restarted, it rejoins as a
+/// replica whose export refuses writes, and the exports end identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expires() {
     let (etcd, proxy, mut cluster) = node1_through_a_proxy("2000").await;
 
-    // A client writes with FUA, one block after the other, noting when
-    // each was acknowledged, until a write fails.
+    // A client writes blocks with FUA, one after the other, noting when
+    // each was acknowledged, until a write fails; it returns how.
     let addr = nbd_addr(&cluster.nodes[0]);
     let count = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&count);
     let writer = tokio::spawn(async move {
         let mut client = Haggle::connect(addr).await.go("vol0").await;
-        let mut acked: Vec<Instant> = Vec::new();
+        let mut acked: Vec<(u64, Instant)> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        for block in 0..100_000u64 {
-            let offset = (block % 16_000) * 4096;
+        for block in 0..PARTITION_BLOCKS {
             let done = tokio::time::timeout(
                 Duration::from_secs(10),
-                client.try_write(offset, &[block as u8; 4096], FLAG_FUA),
+                client.try_write(block * 4096, &block_of(block), FLAG_FUA),
             )
             .await;
             match done {
                 Ok(Some(0)) => {
-                    acked.push(Instant::now());
+                    acked.push((block, Instant::now()));
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
-                _ => break,
+                Ok(refused) => return (acked, refused),
+                Err(_) => return (acked, None),
             }
             assert!(Instant::now() < deadline, "writes never stopped");
         }
-        acked
+        panic!("node1 acknowledged all {PARTITION_BLOCKS} writes");
     });
     // node1 reports its replicas' progress.
     let reported = within(Duration::from_secs(10), || async {
@@ -418,6 +423,22 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     );
     proxy.pause();
     let paused = Instant::now();
+    // The multipath client: node2's and node3's exports in turn, one FUA
+    // write each, until one acknowledges (replicas' exports refuse).
+    let others = [nbd_addr(&cluster.nodes[1]), nbd_addr(&cluster.nodes[2])];
+    let multipath = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for block in PARTITION_BLOCKS.. {
+            for (i, addr) in others.iter().enumerate() {
+                if fua_write_acknowledged(*addr, block).await {
+                    return (i + 1, block, Instant::now());
+                }
+            }
+            assert!(Instant::now() < deadline, "no other node took a write");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        unreachable!()
+    });
 
     // etcd expires node1's lease (it is never revoked: node1 cannot reach
     // etcd to do it).
@@ -430,8 +451,14 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     })
     .await
     .expect("node1's lease never expired");
-    let acked = writer.await.unwrap();
-    let last = *acked
+    let (acked, refused) = writer.await.unwrap();
+    // What the pause held of node1's requests is dropped, not delivered
+    // late when node1 is back.
+    proxy.cut();
+    // The fence refused, node1 still running: not the connection closing
+    // as the node stopped.
+    assert_eq!(refused, Some(EIO), "{}", cluster.log(0));
+    let &(_, last) = acked
         .last()
         .expect("writes acknowledged before the partition");
     assert!(
@@ -439,16 +466,36 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
         "node1 acknowledged a write {:?} after etcd expired its lease",
         last - expired
     );
+    // The new primary's first write came after node1's last: no write
+    // was acknowledged by two primaries.
+    let (new, first_block, first) = multipath.await.unwrap();
+    assert!(
+        first > last,
+        "node{} acknowledged a write {:?} before node1's last",
+        new + 1,
+        last - first
+    );
     eprintln!(
-        "{} writes acknowledged; the last {:?} after the partition, {:?} before the lease expired at etcd",
+        "{} writes acknowledged by node1; the last {:?} after the partition, {:?} before etcd \
+         dropped its entry and {:?} before node{}'s first",
         acked.len(),
         last.saturating_duration_since(paused),
-        expired - last
+        expired - last,
+        first - last,
+        new + 1
     );
-    // Only then is a replica promoted: no write was acknowledged by two
-    // primaries.
     let decision = decision(&etcd).await;
-    assert!(decision.promoted.is_some(), "{decision:?}");
+    assert_eq!(
+        decision.promoted.as_deref(),
+        Some(cluster.nodes[new].name.as_str()),
+        "{decision:?}"
+    );
+    let node1_acked: Vec<u64> = acked.iter().map(|&(block, _)| block).collect();
+    assert_blocks(
+        nbd_addr(&cluster.nodes[new]),
+        &[node1_acked.clone(), vec![first_block]].concat(),
+    )
+    .await;
     // node1 stopped on its own, saying why.
     let mut node1 = cluster.nodes[0].child.take().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), node1.wait())
@@ -458,8 +505,40 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     assert!(!status.success());
     let log = cluster.log(0);
     assert!(log.contains("not renewed within its time to live"), "{log}");
-    cluster.stop_cleanly(&[1, 2]).await;
+
+    // Back, through the proxy again: a replica, added back in epoch 3,
+    // whose export refuses writes; caught up, the exports are identical.
+    proxy.restore();
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    let volume = cluster.status(0).await["volumes"][0].clone();
+    assert_eq!(volume["role"], "replica", "{volume:#}");
+    let mut stale = Haggle::connect(nbd_addr(&cluster.nodes[0]))
+        .await
+        .go("vol0")
+        .await;
+    assert_eq!(
+        stale.try_write(0, &block_of(0), FLAG_FUA).await,
+        Some(EPERM)
+    );
+    let mut client = etcd.client().await;
+    let readmitted = within(CONVERGE, || async {
+        let record = volume_record(&mut client.clone()).await;
+        record.replicas.contains_key("node1").then_some(record)
+    })
+    .await
+    .expect("node1 was not added back");
+    assert_eq!(readmitted.epoch, 3, "{readmitted:?}");
+    cluster.wait_converged_on(new, CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &node1_acked).await;
+    assert_replicas_identical(&cluster, new).await;
+    assert_eq!(volume_record(&mut client).await.epoch, 3);
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }
+
+/// The blocks the partition test's client writes to node1 (the
+/// multipath client's follow).
+const PARTITION_BLOCKS: u64 = 12_000;
 
 /// The primary is killed (SIGKILL) under a writing client. Its lease
 /// expires, the controller (on one of the replicas' nodes) promotes the
@@ -599,6 +678,74 @@ async fn down_without_an_eligible_replica() -> (Etcd, NodeCluster, Vec<u64>) {
     cluster.spawn(1);
     cluster.wait_up(1, Duration::from_secs(20)).await;
     (etcd, cluster, done)
+}
+
+/// best_effort: the primary acknowledges a write once it is durable on
+/// it alone, so when the primary is lost no controller can know whether
+/// a replica holds every acknowledged write, even replicas the rules find
+/// eligible. Nobody is promoted, and the decision says why. The primary
+/// comes back in the same epoch: the decision is marked over, in etcd and
+/// in `walship status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_best_effort_nobody_is_promoted_automatically() {
+    let volume = VolumeOptions {
+        commit_mode: "best_effort".into(),
+        ..VolumeOptions::default()
+    };
+    let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
+    let done = write_blocks(
+        nbd_addr(&cluster.nodes[0]),
+        0..64,
+        true,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await;
+    assert_eq!(done.len(), 64);
+    cluster.wait_converged(CONVERGE).await;
+    etcd.wait_reported_in_sync(&cluster, 0).await;
+    cluster.kill(0).await;
+    let down = decision(&etcd).await;
+    assert_eq!(down.promoted, None, "{down:?}");
+    assert!(
+        down.blocked
+            .as_deref()
+            .is_some_and(|why| why.starts_with("best_effort")),
+        "{down:?}"
+    );
+    // Both replicas hold every write reported committed: by the rules
+    // alone, either could have been promoted.
+    assert!(down.rejected.is_empty(), "{down:?}");
+    let mut client = etcd.client().await;
+    let record = volume_record(&mut client).await;
+    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+
+    // The primary returns: the volume is no longer down.
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    let over = within(Duration::from_secs(20), || async {
+        let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
+        serde_json::from_slice::<Decision>(&value).ok()?.over
+    })
+    .await;
+    assert_eq!(over.as_deref(), Some("node1 registered again in epoch 1"));
+    let admin = cluster.nodes[1].admin_addr();
+    let shown = within(Duration::from_secs(10), || async {
+        let table = nodes::run_ok(nodes::WALSHIP, &["status", "--admin", &admin], CLIENT).await;
+        table
+            .contains("over: node1 registered again")
+            .then_some(table)
+    })
+    .await
+    .expect("the decision shown as over");
+    assert!(
+        shown.contains("nobody promoted: the volume was down"),
+        "{shown}"
+    );
+    assert!(shown.contains("blocked: best_effort"), "{shown}");
+    cluster.wait_converged(CONVERGE).await;
+    assert_eq!(volume_record(&mut client).await.epoch, 1);
+    assert_blocks(nbd_addr(&cluster.nodes[0]), &done).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
 /// [`down_without_an_eligible_replica`]: node2 becomes the controller and

@@ -64,7 +64,7 @@ replicas = { solo = "127.0.0.1:0" }
 export_replicas = true
 "#;
     let config = config::parse("test.toml", text, Some(dir)).unwrap();
-    Node::start_fenced(config, fence).await.unwrap()
+    Node::start_fenced(config, fence, None).await.unwrap()
 }
 
 /// A node whose lease lapsed (its fence closed) answers EIO to every

@@ -234,26 +234,15 @@ pub struct Node {
     /// The control plane's last decision per volume, for the status.
     control_decisions: Mutex<BTreeMap<String, serde_json::Value>>,
     /// The control plane assignments come from, when not this node's
-    /// config and admin API (`etcd`).
-    control_plane: Mutex<Option<String>>,
+    /// config and admin API (`etcd at URL`): the admin API's POST is
+    /// refused from the start.
+    control_plane: Option<String>,
 }
 
 impl Node {
-    /// Says that assignments come from `plane` (`etcd at URL`): the admin
-    /// API's POST is refused from then on.
-    pub fn set_control_plane(&self, plane: String) {
-        *self
-            .control_plane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(plane);
-    }
-
     /// Where assignments come from, when not the admin API.
     pub fn control_plane(&self) -> Option<String> {
-        self.control_plane
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.control_plane.clone()
     }
 
     /// Notes the control plane's decision about `volume` (a failover, or
@@ -268,14 +257,17 @@ impl Node {
     /// Starts every volume of `config`, the replication listener and the
     /// NBD server. Refuses a config the stores on disk contradict.
     pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
-        Self::start_fenced(config, Arc::new(WriteFence::open())).await
+        Self::start_fenced(config, Arc::new(WriteFence::open()), None).await
     }
 
     /// [`start`](Self::start), with NBD clients' writes acknowledged only
-    /// while `fence` allows them (a control plane's lease).
+    /// while `fence` allows them (a control plane's lease), and
+    /// assignments from `control_plane` (named: `etcd at URL`) rather than
+    /// the admin API, when there is one.
     pub async fn start_fenced(
         config: NodeConfig,
         fence: Arc<WriteFence>,
+        control_plane: Option<String>,
     ) -> Result<Arc<Self>, NodeError> {
         if config.admin.is_some() {
             // Before any actor registers a metric with the recorder.
@@ -305,7 +297,7 @@ impl Node {
             admin_addr: Mutex::new(None),
             data_dir_lock: Mutex::new(Some(data_dir_lock)),
             control_decisions: Mutex::default(),
-            control_plane: Mutex::default(),
+            control_plane,
             config,
         };
         for spec in node.config.volumes.clone() {

@@ -65,9 +65,12 @@ impl Proxy {
         self.cut.send_replace(true);
     }
 
-    /// Accepts and forwards again after a [`cut`](Self::cut).
+    /// Accepts and forwards again after a [`cut`](Self::cut) or a
+    /// [`pause`](Self::pause). (What a pause held is dropped by a cut
+    /// before: a dead client's requests are not delivered late.)
     pub fn restore(&self) {
         self.cut.send_replace(false);
+        self.paused.send_replace(false);
     }
 }
 
@@ -86,9 +89,12 @@ async fn pump(
                 Ok(n) => n,
             },
         };
-        // Held for good once paused.
-        if paused.wait_for(|paused| !*paused).await.is_err() {
-            return;
+        // Held while paused; dropped if cut meanwhile.
+        tokio::select! {
+            _ = cut.wait_for(|cut| *cut) => return,
+            unpaused = paused.wait_for(|paused| !*paused) => if unpaused.is_err() {
+                return;
+            },
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

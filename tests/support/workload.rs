@@ -114,6 +114,23 @@ pub async fn write_until(
     done
 }
 
+/// One FUA write of block `block` through a fresh connection to `addr`'s
+/// vol0: whether it was acknowledged within half a second (a replica's
+/// export refuses writes; a node down or changing roles does not answer).
+/// How a multipath client finds the primary.
+pub async fn fua_write_acknowledged(addr: std::net::SocketAddr, block: u64) -> bool {
+    let attempt = async {
+        let mut client = Haggle::try_open(addr, "vol0").await?;
+        client
+            .try_write(block * 4096, &block_of(block), FLAG_FUA)
+            .await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(0))
+    )
+}
+
 /// Every block in `blocks` reads back through `uri`'s export as written.
 pub async fn assert_blocks(addr: std::net::SocketAddr, blocks: &[u64]) {
     let mut client = Haggle::connect(addr).await.go("vol0").await;

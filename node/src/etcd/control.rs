@@ -22,7 +22,12 @@
 //! controller (a stale controller's fails). The decision and its
 //! reasons go to `decisions/<volume>`, which each node hosting the volume
 //! shows in its status. No eligible replica: the volume stays down, with
-//! the reasons. The desperate path is never taken here.
+//! the reasons; once its primary registers again in that epoch, a later
+//! pass marks the decision over. The desperate path is never taken here,
+//! and a best_effort volume is never promoted here: its primary
+//! acknowledged writes on its own durability, so none of its replicas can
+//! be known to hold them all (an operator's promotion says what it gives
+//! up).
 //!
 //! How fresh the judgement is. The primary's report (the committed LSN,
 //! each replica's state) is as old as its last write, up to a lease old
@@ -140,6 +145,10 @@ pub struct Decision {
     pub data_loss: Option<DataLoss>,
     /// The controller that decided.
     pub by: String,
+    /// For a volume left down: why that is over (its primary registered
+    /// again in the same epoch), written by a later controller's pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
 }
 
 /// Committed writes an operator's promotion gave up.
@@ -362,6 +371,7 @@ async fn look(
     let (live, ready) = registrations(client, cluster).await?;
     let registered = names(client, &address_key(cluster, "")).await?;
     nodes.observe(&live, registered);
+    let down = down_decisions(client, cluster).await?;
     let volumes_prefix = format!("{}volumes/", prefix(cluster));
     let records = client
         .get(
@@ -400,6 +410,11 @@ async fn look(
             continue;
         }
         let Some(lost_for) = nodes.lost(&record.primary, &live) else {
+            if let Some((decision, revision)) = down.get(volume) {
+                if decision.epoch == record.epoch && decision.lost_primary == record.primary {
+                    end_down(client, cluster, leader, volume, decision, *revision).await?;
+                }
+            }
             continue;
         };
         let at = (kv.mod_revision(), leader);
@@ -407,6 +422,62 @@ async fn look(
         waiting |= failover(client, cluster, me, volume, record, at, &live, settled).await?;
     }
     Ok(waiting)
+}
+
+/// The "down" decisions not yet over, by volume, with their revisions.
+async fn down_decisions(
+    client: &mut Client,
+    cluster: &str,
+) -> Result<BTreeMap<String, (Decision, i64)>, etcd_client::Error> {
+    let decisions = decision_key(cluster, "");
+    let response = client
+        .get(decisions.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    Ok(response
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let volume = kv.key_str().ok()?.strip_prefix(&decisions)?.to_owned();
+            let decision: Decision = serde_json::from_slice(kv.value()).ok()?;
+            (decision.promoted.is_none() && decision.over.is_none())
+                .then_some((volume, (decision, kv.mod_revision())))
+        })
+        .collect())
+}
+
+/// Marks `decision`, which left `volume` down, as over: its lost primary
+/// registered again in the same epoch and leads the volume as before.
+/// Only if the decision is as read and this node still the controller.
+async fn end_down(
+    client: &mut Client,
+    cluster: &str,
+    leader: &Leader,
+    volume: &str,
+    decision: &Decision,
+    revision: i64,
+) -> Result<(), etcd_client::Error> {
+    let over = Decision {
+        over: Some(format!(
+            "{} registered again in epoch {}",
+            decision.lost_primary, decision.epoch
+        )),
+        ..decision.clone()
+    };
+    let Ok(value) = serde_json::to_vec(&over) else {
+        return Ok(());
+    };
+    let key = decision_key(cluster, volume);
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+            still_leader(leader),
+        ])
+        .and_then([TxnOp::put(key.as_str(), value, None)]);
+    if client.txn(txn).await?.succeeded() {
+        tracing::info!(volume, primary = %decision.lost_primary,
+            "etcd controller: the primary is back; the volume is no longer down");
+    }
+    Ok(())
 }
 
 /// The names under `prefix` (keys only).
@@ -591,10 +662,19 @@ async fn failover(
         unsettled,
         reported_committed,
     } = candidates(client, cluster, volume, &record, (live, asked)).await?;
-    let (committed, blocked) = if record.commit_mode == CommitMode::SyncQuorum {
-        quorum_judgement(&record, &list, &unsettled, reported_committed)
-    } else {
-        (reported_committed, None)
+    let (committed, blocked) = match record.commit_mode {
+        CommitMode::SyncQuorum => quorum_judgement(&record, &list, &unsettled, reported_committed),
+        CommitMode::SyncAll => (reported_committed, None),
+        CommitMode::BestEffort => (
+            reported_committed,
+            Some(format!(
+                "best_effort: the lost primary acknowledged writes once they were durable on \
+                 it alone, so one acknowledged after its last report (committed \
+                 {reported_committed}) may be on no replica; no automatic promotion can \
+                 know, and an operator's (walship promote --accept-data-loss) says what \
+                 it gives up"
+            )),
+        ),
     };
     let report = evaluate_promotion(&list, Epoch(record.epoch), Lsn(committed));
     let mut rejected = reasons_by_node(&report.rejected);
@@ -620,6 +700,7 @@ async fn failover(
         blocked,
         data_loss: None,
         by: me.to_owned(),
+        over: None,
     };
     // Every live replica answers within milliseconds: judged with all
     // their answers, the best is chosen, and a "down" decision is not a
@@ -862,6 +943,7 @@ pub async fn promote_accepting_loss(
             waived: pick.waived.iter().map(ToString::to_string).collect(),
         }),
         by: by.to_owned(),
+        over: None,
     };
     if promote(
         client,

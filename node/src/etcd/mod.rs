@@ -281,6 +281,11 @@ impl ControlPlane {
         Arc::clone(&self.fence)
     }
 
+    /// What the node's status calls this control plane (`etcd at URL`).
+    pub fn describe(&self) -> String {
+        format!("etcd at {}", self.options.endpoints.join(","))
+    }
+
     /// Follows `node`'s volumes: applies every newer record as it is
     /// written, shows decisions, answers probes, reports, and campaigns
     /// for the controller's seat. Runs until [`Running::stop`], or until
@@ -340,7 +345,6 @@ impl ControlPlane {
             .put(key, serde_json::to_vec(&ready)?, with_lease)
             .await
             .map_err(failed)?;
-        node.set_control_plane(format!("etcd at {}", self.options.endpoints.join(",")));
         Ok(Running {
             client: self.client,
             lease: self.lease,

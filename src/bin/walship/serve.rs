@@ -46,11 +46,13 @@ pub async fn run(
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     #[cfg(feature = "etcd")]
-    let fence = plane.as_ref().map(|plane| plane.fence());
+    let fence = plane
+        .as_ref()
+        .map(|plane| (plane.fence(), plane.describe()));
     #[cfg(not(feature = "etcd"))]
-    let fence: Option<std::sync::Arc<walship::node::WriteFence>> = None;
+    let fence: Option<(std::sync::Arc<walship::node::WriteFence>, String)> = None;
     let started = match fence {
-        Some(fence) => Node::start_fenced(config, fence).await,
+        Some((fence, plane)) => Node::start_fenced(config, fence, Some(plane)).await,
         None => Node::start(config).await,
     };
     let node = match started {

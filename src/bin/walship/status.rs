@@ -125,7 +125,10 @@ pub fn render(report: &Value) -> String {
             continue;
         }
         let outcome = match &decision["promoted"] {
-            Value::Null => "nobody promoted: the volume stays down".to_owned(),
+            Value::Null if decision["over"].is_null() => {
+                "nobody promoted: the volume stays down".to_owned()
+            }
+            Value::Null => "nobody promoted: the volume was down".to_owned(),
             promoted => format!("{} promoted", text(promoted)),
         };
         let _ = writeln!(
@@ -137,6 +140,9 @@ pub fn render(report: &Value) -> String {
             text(&decision["committed"]),
             text(&decision["by"]),
         );
+        if !decision["over"].is_null() {
+            let _ = writeln!(out, "  over: {}", text(&decision["over"]));
+        }
         if !decision["blocked"].is_null() {
             let _ = writeln!(out, "  blocked: {}", text(&decision["blocked"]));
         }
