@@ -303,6 +303,44 @@ async fn the_nodes_ride_out_an_etcd_restart() {
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
+/// Nodes started together with etcd (a service manager's way): node1
+/// reaches it through a proxy that refuses connections at first. node1
+/// tries again until it answers, then starts and serves like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_etcd_answers_waits_for_it() {
+    let etcd = Etcd::start().await;
+    let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = proxy::Proxy::start(target).await;
+    proxy.cut();
+    let through_proxy = format!("http://{}", proxy.addr);
+    let starting = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
+        let endpoint = if name == "node1" {
+            through_proxy.clone()
+        } else {
+            etcd.endpoint.clone()
+        };
+        ["--etcd", &endpoint, "--etcd-lease-ms", "2000"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    });
+    // Once node1 has been refused, etcd answers it.
+    let answering = async {
+        let refused = within(Duration::from_secs(20), || async {
+            (proxy.refused() > 0).then_some(())
+        })
+        .await;
+        proxy.restore();
+        refused
+    };
+    let (mut cluster, refused) = tokio::join!(starting, answering);
+    assert!(refused.is_some(), "node1 never tried etcd");
+    cluster.wait_converged(CONVERGE).await;
+    let log = cluster.log(0);
+    assert!(log.contains("etcd: not reachable yet"), "{log}");
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
 /// node1 reaches etcd through a proxy the test cuts (connections reset):
 /// its watches break and retry. Meanwhile a record is written and etcd
 /// compacts its history past it, so node1's records watch cannot resume

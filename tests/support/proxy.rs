@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,6 +19,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     paused: Arc<watch::Sender<bool>>,
     cut: Arc<watch::Sender<bool>>,
+    refused: Arc<AtomicUsize>,
     tasks: JoinSet<()>,
 }
 
@@ -28,12 +30,15 @@ impl Proxy {
         let addr = listener.local_addr().expect("local addr");
         let paused = Arc::new(watch::channel(false).0);
         let cut = Arc::new(watch::channel(false).0);
+        let refused = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
-        let (gate, cutter) = (Arc::clone(&paused), Arc::clone(&cut));
+        let (gate, cutter, refusals) =
+            (Arc::clone(&paused), Arc::clone(&cut), Arc::clone(&refused));
         tasks.spawn(async move {
             let mut pumps = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 if *cutter.borrow() {
+                    refusals.fetch_add(1, Ordering::SeqCst);
                     continue; // dropped: closed at once
                 }
                 let Ok(server) = TcpStream::connect(target).await else {
@@ -50,8 +55,14 @@ impl Proxy {
             addr,
             paused,
             cut,
+            refused,
             tasks,
         }
+    }
+
+    /// How many connections a cut closed as they came.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 
     /// Stops forwarding: what is read is held, nothing is written.

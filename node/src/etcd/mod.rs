@@ -191,7 +191,8 @@ impl std::fmt::Debug for ControlPlane {
 }
 
 impl ControlPlane {
-    /// Connects and brings `config`'s volumes in line with etcd: a volume
+    /// Connects (trying for [`CONNECT_PATIENCE`] while etcd does not
+    /// answer) and brings `config`'s volumes in line with etcd: a volume
     /// without a record gets one written from the config; a volume with
     /// one takes its assignment (epoch, primary, replicas, commit mode)
     /// from it. Call before [`Node::start`].
@@ -200,14 +201,30 @@ impl ControlPlane {
             endpoints: options.endpoints.join(","),
             source,
         };
-        let mut client = client(&options.endpoints).await.map_err(failed)?;
         // etcd grants whole seconds, at least its minimum (1.5 election
         // timeouts: 2 s by default); renewals follow what it granted.
         let asked = options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64;
         let fence = Arc::new(WriteFence::open());
         fence.hold();
-        let sent = Instant::now();
-        let granted = client.lease_grant(asked, None).await.map_err(failed)?;
+        // A node started with (or before) etcd waits for it a while, as
+        // nodes started together by a service manager would need.
+        let patience = Instant::now() + CONNECT_PATIENCE;
+        let (mut client, granted, sent) = loop {
+            let attempt = async {
+                let mut client = client(&options.endpoints).await?;
+                let sent = Instant::now();
+                let granted = client.lease_grant(asked, None).await?;
+                Ok((client, granted, sent))
+            };
+            match attempt.await {
+                Ok(connected) => break connected,
+                Err(e) if Instant::now() + CONNECT_RETRY < patience => {
+                    tracing::warn!(error = %e, "etcd: not reachable yet; trying again");
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        };
         let (lease, ttl) = (
             granted.id(),
             Duration::from_secs(granted.ttl().max(1) as u64),
@@ -439,6 +456,11 @@ async fn client(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
         .with_timeout(Duration::from_secs(5));
     Client::connect(endpoints, Some(connect)).await
 }
+
+/// How long a starting node tries to reach etcd before it gives up.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+/// How soon it tries again.
+const CONNECT_RETRY: Duration = Duration::from_millis(500);
 
 /// How long a stop waits for a task or a revocation: etcd may be out of
 /// reach, which is often why the node is stopping.
