@@ -160,6 +160,10 @@ pub struct DataLoss {
     pub through: u64,
     /// The promotion rules waived for it.
     pub waived: Vec<String>,
+    /// What may be lost besides, that no report shows: under best_effort,
+    /// writes the lost primary acknowledged after its last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beyond: Option<String>,
 }
 
 /// The key of a volume's progress report.
@@ -410,10 +414,16 @@ async fn look(
             continue;
         }
         let Some(lost_for) = nodes.lost(&record.primary, &live) else {
-            if let Some((decision, revision)) = down.get(volume) {
-                if decision.epoch == record.epoch && decision.lost_primary == record.primary {
-                    end_down(client, cluster, leader, volume, decision, *revision).await?;
-                }
+            // The primary serves again (registered, and marked ready once
+            // its volumes are open), in the epoch it was lost in or a
+            // later one of its own (a readmission since).
+            let back = |decision: &Decision| {
+                ready.contains(&record.primary)
+                    && decision.lost_primary == record.primary
+                    && decision.epoch <= record.epoch
+            };
+            if let Some((decision, revision)) = down.get(volume).filter(|(d, _)| back(d)) {
+                end_down(client, cluster, leader, volume, decision, *revision).await?;
             }
             continue;
         };
@@ -446,8 +456,9 @@ async fn down_decisions(
 }
 
 /// Marks `decision`, which left `volume` down, as over: its lost primary
-/// registered again in the same epoch and leads the volume as before.
-/// Only if the decision is as read and this node still the controller.
+/// serves again and leads the volume as before. Only if the decision is
+/// as read, the primary still registered and this node still the
+/// controller.
 async fn end_down(
     client: &mut Client,
     cluster: &str,
@@ -457,10 +468,7 @@ async fn end_down(
     revision: i64,
 ) -> Result<(), etcd_client::Error> {
     let over = Decision {
-        over: Some(format!(
-            "{} registered again in epoch {}",
-            decision.lost_primary, decision.epoch
-        )),
+        over: Some(format!("{} serves again", decision.lost_primary)),
         ..decision.clone()
     };
     let Ok(value) = serde_json::to_vec(&over) else {
@@ -470,6 +478,11 @@ async fn end_down(
     let txn = Txn::new()
         .when([
             Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+            Compare::create_revision(
+                node_key(cluster, &decision.lost_primary),
+                CompareOp::NotEqual,
+                0,
+            ),
             still_leader(leader),
         ])
         .and_then([TxnOp::put(key.as_str(), value, None)]);
@@ -671,8 +684,8 @@ async fn failover(
                 "best_effort: the lost primary acknowledged writes once they were durable on \
                  it alone, so one acknowledged after its last report (committed \
                  {reported_committed}) may be on no replica; no automatic promotion can \
-                 know, and an operator's (walship promote --accept-data-loss) says what \
-                 it gives up"
+                 know. An operator's (walship promote --accept-data-loss) takes the replica \
+                 with the most data and gives up the rest"
             )),
         ),
     };
@@ -941,6 +954,14 @@ pub async fn promote_accepting_loss(
             after: pick.lost_from_exclusive.get(),
             through: pick.lost_to_inclusive.get(),
             waived: pick.waived.iter().map(ToString::to_string).collect(),
+            beyond: (record.commit_mode == CommitMode::BestEffort).then(|| {
+                format!(
+                    "best_effort: any write {} acknowledged after its last report (committed \
+                     {}), on its own disk alone; how many, no report shows",
+                    record.primary,
+                    committed.get()
+                )
+            }),
         }),
         by: by.to_owned(),
         over: None,

@@ -218,7 +218,7 @@ impl ControlPlane {
             };
             match attempt.await {
                 Ok(connected) => break connected,
-                Err(e) if Instant::now() + CONNECT_RETRY < patience => {
+                Err(e) if not_answering(&e) && Instant::now() + CONNECT_RETRY < patience => {
                     tracing::warn!(error = %e, "etcd: not reachable yet; trying again");
                     tokio::time::sleep(CONNECT_RETRY).await;
                 }
@@ -457,7 +457,26 @@ async fn client(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
     Client::connect(endpoints, Some(connect)).await
 }
 
-/// How long a starting node tries to reach etcd before it gives up.
+/// Whether `e` says etcd did not answer (not up yet, unreachable), rather
+/// than that it refused (a bad endpoint, a bad request).
+fn not_answering(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        // A connection refused, reset or closed under the request comes as
+        // a status (Unavailable, Unknown, Cancelled) over a transport error.
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) || std::error::Error::source(status)
+                .is_some_and(|source| source.is::<tonic::transport::Error>())
+        }
+        _ => false,
+    }
+}
+
+/// How long a starting node tries to reach etcd before it gives up (an
+/// attempt under way when it runs out is finished: up to 8 s more).
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// How soon it tries again.
 const CONNECT_RETRY: Duration = Duration::from_millis(500);

@@ -156,6 +156,9 @@ pub fn render(report: &Value) -> String {
                     .map_or("-".into(), |a| (a + 1).to_string()),
                 text(&loss["through"]),
             );
+            if !loss["beyond"].is_null() {
+                let _ = writeln!(out, "  lost besides: {}", text(&loss["beyond"]));
+            }
         }
         let rejected = decision["rejected"]
             .as_object()
