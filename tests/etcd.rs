@@ -110,6 +110,28 @@ async fn wait_serving(cluster: &NodeCluster, i: usize) {
     );
 }
 
+/// Restarts node `i`, which must come back as vol0's replica; its status
+/// of vol0.
+async fn back_as_replica(cluster: &mut NodeCluster, i: usize) -> serde_json::Value {
+    cluster.spawn(i);
+    cluster.wait_up(i, Duration::from_secs(20)).await;
+    let volume = cluster.status(i).await["volumes"][0].clone();
+    assert_eq!(volume["role"], "replica", "{volume:#}");
+    volume
+}
+
+/// Waits until vol0's record has `node` among its replicas again, which
+/// must be in `epoch`.
+async fn readmitted(client: &Client, node: &str, epoch: u64) {
+    let record = within(CONVERGE, || async {
+        let record = volume_record(&mut client.clone()).await;
+        record.replicas.contains_key(node).then_some(record)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{node} was not added back"));
+    assert_eq!(record.epoch, epoch, "{record:?}");
+}
+
 async fn volume_record(client: &mut Client) -> VolumeRecord {
     let (value, _) = get(client, &volume_key("test", "vol0"))
         .await
@@ -192,10 +214,7 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     // 1: etcd's record wins, and it comes back as node2's replica. (A
     // primary killed before it heard of a failover: the next test.)
     cluster.stop_cleanly(&[0]).await;
-    cluster.spawn(0);
-    cluster.wait_up(0, Duration::from_secs(20)).await;
-    let volume = cluster.status(0).await["volumes"][0].clone();
-    assert_eq!(volume["role"], "replica", "{volume:#}");
+    let volume = back_as_replica(&mut cluster, 0).await;
     assert_eq!(volume["assignment"]["epoch"], 2);
     assert!(
         cluster.log(0).contains("the record overrides the config"),
@@ -549,10 +568,7 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     // Back, through the proxy again: a replica, added back in epoch 3,
     // whose export refuses writes; caught up, the exports are identical.
     proxy.restore();
-    cluster.spawn(0);
-    cluster.wait_up(0, Duration::from_secs(20)).await;
-    let volume = cluster.status(0).await["volumes"][0].clone();
-    assert_eq!(volume["role"], "replica", "{volume:#}");
+    back_as_replica(&mut cluster, 0).await;
     let mut stale = Haggle::connect(nbd_addr(&cluster.nodes[0]))
         .await
         .go("vol0")
@@ -562,13 +578,7 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
         Some(EPERM)
     );
     let mut client = etcd.client().await;
-    let readmitted = within(CONVERGE, || async {
-        let record = volume_record(&mut client.clone()).await;
-        record.replicas.contains_key("node1").then_some(record)
-    })
-    .await
-    .expect("node1 was not added back");
-    assert_eq!(readmitted.epoch, 3, "{readmitted:?}");
+    readmitted(&client, "node1", 3).await;
     cluster.wait_converged_on(new, CONVERGE).await;
     assert_blocks(nbd_addr(&cluster.nodes[0]), &node1_acked).await;
     assert_replicas_identical(&cluster, new).await;
@@ -638,14 +648,7 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     // Every acknowledged write is on the new primary, and the client,
     // reconnected there, writes on (FUA, sync_all) with node1 still down.
     assert_blocks(nbd_addr(&cluster.nodes[new]), &done).await;
-    let more = write_blocks(
-        nbd_addr(&cluster.nodes[new]),
-        10_000..10_200,
-        true,
-        Arc::new(AtomicU64::new(0)),
-    )
-    .await;
-    assert_eq!(more.len(), 200, "the new primary did not take writes");
+    let more = write_all_fua(nbd_addr(&cluster.nodes[new]), 10_000..10_200).await;
 
     // The old primary comes back as a replica, is added back in epoch 3,
     // and catches up (its unreplicated tail, if any, truncated at the
@@ -660,18 +663,9 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
         Duration::from_secs(60),
     ));
     wait_acked(&during_acked, 20, CLIENT).await;
-    cluster.spawn(0);
-    cluster.wait_up(0, Duration::from_secs(20)).await;
-    let volume = cluster.status(0).await["volumes"][0].clone();
-    assert_eq!(volume["role"], "replica", "{volume:#}");
+    back_as_replica(&mut cluster, 0).await;
     let at_return = during_acked.load(Ordering::SeqCst);
-    let readmitted = within(CONVERGE, || async {
-        let record = volume_record(&mut client.clone()).await;
-        record.replicas.contains_key("node1").then_some(record)
-    })
-    .await
-    .expect("node1 was not added back");
-    assert_eq!(readmitted.epoch, 3, "{readmitted:?}");
+    readmitted(&client, "node1", 3).await;
     // Writes go on through the readmission and node1's catch-up.
     wait_acked(&during_acked, at_return + 100, CLIENT).await;
     stop.store(true, Ordering::SeqCst);
@@ -693,16 +687,13 @@ async fn down_without_an_eligible_replica() -> (Etcd, NodeCluster, Vec<u64>) {
         ..VolumeOptions::default()
     };
     let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
-    let acked = Arc::new(AtomicU64::new(0));
-    let mut done = write_blocks(nbd_addr(&cluster.nodes[0]), 0..64, true, acked).await;
+    let mut done = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..64).await;
     // best_effort acknowledges before the replicas hold a write: these are
     // on them once they are in sync again.
     cluster.wait_converged(CONVERGE).await;
     cluster.kill(1).await;
     cluster.kill(2).await;
-    let acked = Arc::new(AtomicU64::new(0));
-    done.extend(write_blocks(nbd_addr(&cluster.nodes[0]), 64..128, true, acked).await);
-    assert_eq!(done.len(), 128);
+    done.extend(write_all_fua(nbd_addr(&cluster.nodes[0]), 64..128).await);
     // node1 has reported committing them without its replicas.
     let head = cluster.primary_volume().await["status"]["head"]
         .as_u64()
@@ -733,14 +724,7 @@ async fn under_best_effort_nobody_is_promoted_automatically() {
         ..VolumeOptions::default()
     };
     let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
-    let done = write_blocks(
-        nbd_addr(&cluster.nodes[0]),
-        0..64,
-        true,
-        Arc::new(AtomicU64::new(0)),
-    )
-    .await;
-    assert_eq!(done.len(), 64);
+    let done = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..64).await;
     cluster.wait_converged(CONVERGE).await;
     etcd.wait_reported_in_sync(&cluster, 0).await;
     cluster.kill(0).await;
@@ -925,9 +909,7 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
         .unwrap()
         .kvs()[0]
         .version();
-    let acked = Arc::new(AtomicU64::new(0));
-    let done = write_blocks(nbd_addr(&cluster.nodes[primary]), 0..64, true, acked).await;
-    assert_eq!(done.len(), 64);
+    let done = write_all_fua(nbd_addr(&cluster.nodes[primary]), 0..64).await;
     etcd.wait_reported_in_sync(&cluster, primary).await;
 
     cluster.kill(primary).await;
@@ -1055,14 +1037,7 @@ async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
     );
 
     // node2 takes writes; node1 and node3 come back as its replicas.
-    let more = write_blocks(
-        nbd_addr(&cluster.nodes[1]),
-        200..264,
-        true,
-        Arc::new(AtomicU64::new(0)),
-    )
-    .await;
-    assert_eq!(more.len(), 64);
+    let more = write_all_fua(nbd_addr(&cluster.nodes[1]), 200..264).await;
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(20)).await;
     cluster.spawn(2);
@@ -1098,13 +1073,10 @@ async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answe
         ..VolumeOptions::default()
     };
     let (etcd, mut cluster) = cluster_on_etcd_with(volume).await;
-    let acked = Arc::new(AtomicU64::new(0));
-    let mut done = write_blocks(nbd_addr(&cluster.nodes[0]), 0..64, true, acked).await;
+    let mut done = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..64).await;
     etcd.wait_reported_in_sync(&cluster, 0).await;
     cluster.kill(2).await;
-    let acked = Arc::new(AtomicU64::new(0));
-    done.extend(write_blocks(nbd_addr(&cluster.nodes[0]), 64..128, true, acked).await);
-    assert_eq!(done.len(), 128);
+    done.extend(write_all_fua(nbd_addr(&cluster.nodes[0]), 64..128).await);
     cluster.kill(0).await;
 
     let blocked = decision(&etcd).await;

@@ -60,6 +60,15 @@ pub async fn write_blocks(
     done
 }
 
+/// [`write_blocks`] with FUA, every one of which must be acknowledged;
+/// returns them.
+pub async fn write_all_fua(addr: std::net::SocketAddr, range: std::ops::Range<u64>) -> Vec<u64> {
+    let want = range.end.saturating_sub(range.start) as usize;
+    let done = write_blocks(addr, range, true, Arc::new(AtomicU64::new(0))).await;
+    assert_eq!(done.len(), want, "{addr}: writes refused");
+    done
+}
+
 /// Writes blocks from `range` with FUA to `addr` until `stop` is set,
 /// reconnecting (within `limit` in all) when the connection fails or a
 /// write is refused, as a client riding out a primary's role change
