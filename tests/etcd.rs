@@ -27,7 +27,7 @@ use walship::actors::testing::within;
 use walship::node::etcd::etcd_client::{Client, PutOptions};
 use walship::node::etcd::{
     decision_key, node_key, progress_key, volume_key, Decision, NodeRecord, ProgressRecord,
-    VolumeRecord, FAILPOINT_ENV, FAILPOINT_HOLD_ENV,
+    ReplicaProgress, VolumeRecord, FAILPOINT_ENV, FAILPOINT_HOLD_ENV,
 };
 use workload::*;
 
@@ -108,6 +108,19 @@ async fn wait_serving(cluster: &NodeCluster, i: usize) {
         cluster.status(i).await,
         cluster.log(i)
     );
+}
+
+/// Restarts node1, vol0's primary that was lost with nobody promoted:
+/// the controller marks its "down" decision over.
+async fn primary_back_in_its_epoch(etcd: &Etcd, cluster: &mut NodeCluster) {
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    let over = within(Duration::from_secs(20), || async {
+        let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
+        serde_json::from_slice::<Decision>(&value).ok()?.over
+    })
+    .await;
+    assert_eq!(over.as_deref(), Some("node1 serves again"));
 }
 
 /// Restarts node `i`, which must come back as vol0's replica; its status
@@ -677,7 +690,8 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
-/// A best_effort volume: both replicas are killed, the primary
+/// For the desperate path. A best_effort volume: both replicas are
+/// killed, the primary
 /// acknowledges blocks 64..128 alone (0..64 are on every node), then it
 /// is killed too; node2, a replica without those writes, comes back
 /// alone. Returns the blocks acknowledged (0..128).
@@ -744,14 +758,7 @@ async fn under_best_effort_nobody_is_promoted_automatically() {
     assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
 
     // The primary returns: the volume is no longer down.
-    cluster.spawn(0);
-    cluster.wait_up(0, Duration::from_secs(20)).await;
-    let over = within(Duration::from_secs(20), || async {
-        let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
-        serde_json::from_slice::<Decision>(&value).ok()?.over
-    })
-    .await;
-    assert_eq!(over.as_deref(), Some("node1 serves again"));
+    primary_back_in_its_epoch(&etcd, &mut cluster).await;
     let admin = cluster.nodes[1].admin_addr();
     let shown = within(Duration::from_secs(10), || async {
         let table = nodes::run_ok(nodes::WALSHIP, &["status", "--admin", &admin], CLIENT).await;
@@ -770,16 +777,39 @@ async fn under_best_effort_nobody_is_promoted_automatically() {
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
-/// [`down_without_an_eligible_replica`]: node2 becomes the controller and
-/// finds nobody eligible: the volume stays down, with each candidate's
-/// reasons in etcd, in node2's status and in `walship status`. The
-/// primary comes back in the same epoch with every write it acknowledged,
-/// and the replicas catch up.
+/// sync_all: both replicas are killed and node1 reports them out of
+/// sync; then node1 is killed too and node2 comes back alone. node2 holds
+/// every committed write (sync_all commits nothing without it), but the
+/// engine's rules take only a replica its primary last saw in sync:
+/// nobody is eligible and nobody is promoted. The decision says why for
+/// each replica, in etcd, in node2's status and in `walship status`.
+/// node1 returns in epoch 1, the decision is marked over, and the
+/// replicas catch up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
-    let (etcd, mut cluster, done) = down_without_an_eligible_replica().await;
+    let (etcd, mut cluster) = cluster_on_etcd().await;
+    let done = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..64).await;
+    etcd.wait_reported_in_sync(&cluster, 0).await;
+    cluster.kill(1).await;
+    cluster.kill(2).await;
+    let reported = within(Duration::from_secs(20), || async {
+        let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
+        let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+        let out = |r: &ReplicaProgress| r.state != "in_sync" && r.state != "degraded";
+        (progress.replicas.len() == 2 && progress.replicas.values().all(out)).then_some(())
+    })
+    .await;
+    assert!(reported.is_some(), "{}", cluster.log(0));
+    cluster.kill(0).await;
+    cluster.spawn(1);
+    cluster.wait_up(1, Duration::from_secs(20)).await;
+
     let decision = decision(&etcd).await;
-    assert_eq!(decision.promoted, None, "{decision:?}");
+    assert_eq!(
+        (decision.promoted.as_deref(), decision.blocked.as_deref()),
+        (None, None),
+        "{decision:?}"
+    );
     assert_eq!(
         (
             decision.epoch,
@@ -792,7 +822,7 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     assert!(
         reasons("node2")
             .iter()
-            .any(|r| r.starts_with("behind_committed")),
+            .any(|r| r.starts_with("state_ineligible")),
         "{decision:?}"
     );
     assert!(
@@ -811,22 +841,18 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     .await;
     assert!(shown.is_some(), "{:#}", cluster.status(1).await);
     let admin = cluster.nodes[1].admin_addr();
-    let table = nodes::run_ok(
-        nodes::WALSHIP,
-        &["status", "--admin", &admin],
-        Duration::from_secs(20),
-    )
-    .await;
+    let table = nodes::run_ok(nodes::WALSHIP, &["status", "--admin", &admin], CLIENT).await;
     assert!(
         table.contains("vol0: primary node1 lost in epoch 1")
             && table.contains("nobody promoted: the volume stays down")
+            && table.contains("node2 rejected: state_ineligible")
             && table.contains("node3 rejected: not_running"),
         "{table}"
     );
 
-    // The primary comes back in epoch 1; the replicas catch up.
-    cluster.spawn(0);
-    cluster.wait_up(0, Duration::from_secs(20)).await;
+    // The primary comes back in epoch 1: the decision is over, and the
+    // replicas catch up.
+    primary_back_in_its_epoch(&etcd, &mut cluster).await;
     cluster.spawn(2);
     cluster.wait_up(2, Duration::from_secs(20)).await;
     cluster.wait_converged(CONVERGE).await;
