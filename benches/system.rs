@@ -1131,6 +1131,7 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
                 commit_mode: CommitMode::BestEffort,
                 replicas: Vec::new(),
                 tuning: tuning.clone(),
+                on_replica_states: None,
             }))
             .await?;
         primaries.push(primary);

@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
                 version: 1,
             }],
             tuning: Tuning::default(),
+            on_replica_states: None,
         }))
         .await?;
 

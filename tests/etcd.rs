@@ -335,6 +335,54 @@ async fn the_nodes_ride_out_an_etcd_restart() {
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
+/// With LSNs reported only every minute, a primary's replicas' state
+/// changes still reach etcd at once: a replica killed is reported out of
+/// sync, back in sync once it returns, and the primary killed right after
+/// that is replaced (judged by those states; a report a minute old would
+/// say "connecting" and leave the volume down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_state_changes_are_reported_at_once() {
+    let etcd = Etcd::start().await;
+    let args = [
+        "--etcd",
+        &etcd.endpoint,
+        "--etcd-lease-ms",
+        "2000",
+        "--etcd-progress-ms",
+        "60000",
+    ];
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
+    let node3_is = |in_sync: bool| {
+        let etcd = &etcd;
+        async move {
+            within(Duration::from_secs(5), || async {
+                let (value, _) =
+                    get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
+                let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+                let state = &progress.replicas.get("node3")?.state;
+                ((state == "in_sync") == in_sync).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+    assert!(node3_is(true).await, "{}", cluster.log(0));
+    cluster.kill(2).await;
+    assert!(node3_is(false).await, "{}", cluster.log(0));
+    cluster.spawn(2);
+    cluster.wait_up(2, Duration::from_secs(20)).await;
+    cluster.wait_converged(CONVERGE).await;
+    assert!(node3_is(true).await, "{}", cluster.log(0));
+    cluster.kill(0).await;
+    let decision = decision(&etcd).await;
+    assert!(decision.promoted.is_some(), "{decision:?}");
+    cluster.stop_cleanly(&[1, 2]).await;
+}
+
 /// Nodes started together with etcd (a service manager's way): node1
 /// reaches it through a proxy that refuses connections at first. node1
 /// tries again until it answers, then starts and serves like the others.

@@ -2,6 +2,7 @@
 
 use crate::replica::ReplicationListener;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use walship_engine::{Backoff, CatchUpBudget, CommitMode, RetentionBudget, RetryPolicy};
 use walship_io::{BackendRequest, StoreOptions};
@@ -138,6 +139,19 @@ impl Tuning {
     }
 }
 
+/// Called whenever a primary's replicas or one's state change (checked
+/// after the engine's commands run), on the volume's thread: it must not
+/// block. A control plane reports the states at once with it, while it
+/// reports LSNs, which move with every write, on a timer.
+#[derive(Clone)]
+pub struct ReplicaStatesChanged(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ReplicaStatesChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaStatesChanged")
+    }
+}
+
 /// A primary volume.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
@@ -161,6 +175,8 @@ pub struct PrimaryConfig {
     pub replicas: Vec<ReplicaSpec>,
     /// Tuning.
     pub tuning: Tuning,
+    /// Told when the replicas' states change, if anyone wants to know.
+    pub on_replica_states: Option<ReplicaStatesChanged>,
 }
 
 /// A replica volume.

@@ -21,7 +21,8 @@ pub mod testing;
 mod transport;
 
 pub use config::{
-    BackoffTuning, Listen, PrimaryConfig, ReplicaConfig, ReplicaSpec, Tuning, VolumeConfig,
+    BackoffTuning, Listen, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicaStatesChanged, Tuning,
+    VolumeConfig,
 };
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;

@@ -12,13 +12,13 @@ use crate::config::{ConfigError, NodeConfig, VolumeSpec};
 use crate::fence::WriteFence;
 use crate::nbd::{Export, Exports, NbdServer};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use walship_actors::{
-    Listen, NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicationListener, Runtime,
-    VolumeConfig, VolumeError, VolumeHandle,
+    Listen, NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicaStatesChanged,
+    ReplicationListener, Runtime, VolumeConfig, VolumeError, VolumeHandle,
 };
 use walship_engine::RecoveryEvent;
 use walship_io::{StoreError, StoreOptions};
@@ -233,6 +233,9 @@ pub struct Node {
     data_dir_lock: Mutex<Option<std::fs::File>>,
     /// The control plane's last decision per volume, for the status.
     control_decisions: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// The primaries whose replicas' states changed since a control plane
+    /// last asked.
+    replica_states: Arc<ChangedVolumes>,
     /// The control plane assignments come from, when not this node's
     /// config and admin API (`etcd at URL`): the admin API's POST is
     /// refused from the start.
@@ -240,6 +243,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// The primaries whose replicas' states changed since the last call,
+    /// once there is one: a control plane reports them at once.
+    pub async fn replica_states_changed(&self) -> BTreeSet<String> {
+        self.replica_states.next().await
+    }
+
     /// Where assignments come from, when not the admin API.
     pub fn control_plane(&self) -> Option<String> {
         self.control_plane.clone()
@@ -297,6 +306,7 @@ impl Node {
             admin_addr: Mutex::new(None),
             data_dir_lock: Mutex::new(Some(data_dir_lock)),
             control_decisions: Mutex::default(),
+            replica_states: Arc::default(),
             control_plane,
             config,
         };
@@ -411,6 +421,7 @@ impl Node {
                     })
                     .collect(),
                 tuning: config.tuning.tuning(),
+                on_replica_states: Some(self.replica_states.signal(&spec.name)),
             })
         } else {
             VolumeConfig::Replica(ReplicaConfig {
@@ -490,8 +501,19 @@ impl Node {
     /// runtime status, primary or replica (no recovery log, unlike
     /// [`report`](Self::report): the control plane asks every 250 ms).
     pub async fn statuses(&self) -> Vec<(String, u64, NodeStatus)> {
+        self.statuses_of(self.table.all()).await
+    }
+
+    /// [`statuses`](Self::statuses) of the volumes named in `names` this
+    /// node hosts.
+    pub async fn statuses_named(&self, names: &BTreeSet<String>) -> Vec<(String, u64, NodeStatus)> {
+        let hosted = names.iter().filter_map(|name| self.table.get(name));
+        self.statuses_of(hosted.collect()).await
+    }
+
+    async fn statuses_of(&self, hosted: Vec<Hosted>) -> Vec<(String, u64, NodeStatus)> {
         let mut statuses = Vec::new();
-        for hosted in self.table.all() {
+        for hosted in hosted {
             if let Ok(status) = hosted.handle.status().await {
                 statuses.push((hosted.spec.name.clone(), hosted.applied.epoch, status));
             }
@@ -666,5 +688,41 @@ impl Node {
             let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
         }
         lock(&self.data_dir_lock).take();
+    }
+}
+
+/// The volumes whose primaries said their replicas' states changed
+/// ([`ReplicaStatesChanged`]), gathered until someone takes them.
+#[derive(Debug, Default)]
+struct ChangedVolumes {
+    names: Mutex<BTreeSet<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl ChangedVolumes {
+    /// The signal `volume`'s primary gives.
+    fn signal(self: &Arc<Self>, volume: &str) -> ReplicaStatesChanged {
+        let (changed, volume) = (Arc::clone(self), volume.to_owned());
+        ReplicaStatesChanged(Arc::new(move || {
+            changed
+                .names
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(volume.clone());
+            // A permit is kept when nobody waits: no change is missed.
+            changed.notify.notify_one();
+        }))
+    }
+
+    /// The volumes named since the last call, once there is one.
+    async fn next(&self) -> BTreeSet<String> {
+        loop {
+            let taken =
+                std::mem::take(&mut *self.names.lock().unwrap_or_else(PoisonError::into_inner));
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.notify.notified().await;
+        }
     }
 }

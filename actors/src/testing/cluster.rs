@@ -411,5 +411,6 @@ fn primary_config(
             })
             .collect(),
         tuning: options.tuning.clone(),
+        on_replica_states: None,
     })
 }

@@ -1,9 +1,11 @@
 //! Progress reports and the controller.
 //!
 //! **Progress.** A primary writes `progress/<volume>` (no lease: it must
-//! outlive the primary) when it changes, at most every
-//! [`PROGRESS_EVERY`]: its epoch, its committed LSN, and each replica's
-//! flushed LSN and state as it sees them. Each replica writes its own
+//! outlive the primary) when it changes: its epoch, its committed LSN, and
+//! each replica's flushed LSN and state as it sees them. LSNs move with
+//! every write and are written at most every [`PROGRESS_EVERY`] (or
+//! `--etcd-progress-ms`); a change of the replicas' states is written at
+//! once, so that a primary lost right after one is judged by it. Each replica writes its own
 //! view the same way, `replicas/<volume>/<node>`: the epoch it accepts,
 //! its durable LSN, whether a primary is connected to it, and the last
 //! probe it answered. The controller judges a dead primary's replicas by
@@ -63,7 +65,8 @@ use walship_engine::{
     PromotionCandidate, ReplicaId, ReplicaState, Tick,
 };
 
-/// How often a primary's progress may be written.
+/// How often a primary's progress (its LSNs) may be written by default;
+/// its replicas' state changes are written at once.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often the elected controller looks at the records.
 pub const CONTROL_EVERY: Duration = Duration::from_millis(250);
@@ -196,25 +199,32 @@ pub fn address_key(cluster: &str, node: &str) -> String {
 /// progress, a replica's own view.
 pub(super) async fn report(
     mut client: Client,
-    cluster: String,
+    (cluster, every): (String, Duration),
     node: Arc<Node>,
     mut probes: watch::Receiver<BTreeMap<String, i64>>,
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
     // The last value written under each key.
     let mut last: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut every = tokio::time::interval(PROGRESS_EVERY);
+    let mut every = tokio::time::interval(every);
     let mut probes_open = true;
     loop {
-        // A probe is answered at once.
-        tokio::select! {
+        let statuses = tokio::select! {
             () = stopping(&mut stopped) => return None,
-            _ = every.tick() => {}
-            // Closed once the watches end (so is the plane): ticks only.
-            changed = probes.changed(), if probes_open => probes_open = changed.is_ok(),
-        }
+            _ = every.tick() => node.statuses().await,
+            // A probe is answered at once. Closed once the watches end
+            // (so is the plane): ticks only.
+            changed = probes.changed(), if probes_open => {
+                probes_open = changed.is_ok();
+                node.statuses().await
+            }
+            // A primary's replicas changed state: its report now, so that
+            // a controller judging a primary lost right after judges the
+            // states it last had.
+            changed = node.replica_states_changed() => node.statuses_named(&changed).await,
+        };
         let answered = probes.borrow_and_update().clone();
-        for (name, epoch, status) in node.statuses().await {
+        for (name, epoch, status) in statuses {
             let (key, value) = match &status {
                 NodeStatus::Primary(status) => {
                     let progress = ProgressRecord {

@@ -134,14 +134,19 @@ pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     /// Time to live of the node's lease; renewed at a third of it.
     pub lease_ttl: Duration,
+    /// How often the hosted volumes' reports are written when their LSNs
+    /// moved ([`PROGRESS_EVERY`] by default); a replica's state change is
+    /// reported at once.
+    pub progress_every: Duration,
 }
 
 impl EtcdOptions {
-    /// `endpoints` with a lease of 5 s.
+    /// `endpoints` with a lease of 5 s, progress every [`PROGRESS_EVERY`].
     pub fn new(endpoints: Vec<String>) -> Self {
         Self {
             endpoints,
             lease_ttl: Duration::from_secs(5),
+            progress_every: PROGRESS_EVERY,
         }
     }
 }
@@ -344,7 +349,8 @@ impl ControlPlane {
         let reporting = Task::spawn({
             let (client, cluster, node) =
                 (self.client.clone(), self.cluster.clone(), Arc::clone(&node));
-            move |stopped| control::report(client, cluster, node, probes, stopped)
+            let every = self.options.progress_every;
+            move |stopped| control::report(client, (cluster, every), node, probes, stopped)
         });
         let controlling = Task::spawn({
             let (client, cluster) = (self.client.clone(), self.cluster.clone());

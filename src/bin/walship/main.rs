@@ -54,6 +54,10 @@ enum Command {
         /// grants whole seconds, 2 s at least with its default settings).
         #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1000..))]
         etcd_lease_ms: u64,
+        /// How often the node writes its volumes' LSNs to etcd, in
+        /// milliseconds; a replica's state change is written at once.
+        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
+        etcd_progress_ms: u64,
     },
     /// Offline tools for a store directory (a volume's `store/`). They only
     /// read: no lock is taken, nothing is truncated or removed.
@@ -118,11 +122,13 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             etcd,
             etcd_lease_ms,
+            etcd_progress_ms,
         } => {
             init_logs();
             let etcd = (!etcd.is_empty()).then(|| serve::EtcdArgs {
                 endpoints: etcd,
                 lease_ttl: std::time::Duration::from_millis(etcd_lease_ms),
+                progress_every: std::time::Duration::from_millis(etcd_progress_ms),
             });
             serve::run(&config, data_dir.as_deref(), etcd).await
         }

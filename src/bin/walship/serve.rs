@@ -13,6 +13,8 @@ pub struct EtcdArgs {
     pub endpoints: Vec<String>,
     /// The node's lease.
     pub lease_ttl: std::time::Duration,
+    /// How often LSNs are reported.
+    pub progress_every: std::time::Duration,
 }
 
 /// Runs the node of `config_path` until a signal asks it to stop; returns
@@ -35,6 +37,7 @@ pub async fn run(
             let options = walship::node::etcd::EtcdOptions {
                 endpoints: args.endpoints,
                 lease_ttl: args.lease_ttl,
+                progress_every: args.progress_every,
             };
             Some(walship::node::etcd::ControlPlane::connect(options, &mut config).await?)
         }

@@ -32,7 +32,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 use walship_engine::{
     Assignment, BarrierFailure, BarrierId, Command, Endpoint, Engine, EngineConfig, Epoch, Input,
-    Lsn, ReplicaAssignment, ReplicaId, ResourceId, Tick, WalState,
+    Lsn, ReplicaAssignment, ReplicaId, ReplicaState, ResourceId, Tick, WalState,
 };
 use walship_io::{LogReader, Store, WalPin};
 
@@ -56,6 +56,8 @@ pub struct VolumeActor {
     holds: HashMap<ReplicaId, WalPin>,
     head_tx: watch::Sender<u64>,
     committed_tx: watch::Sender<u64>,
+    /// The replicas' states as last told to `config.on_replica_states`.
+    states_told: Vec<Option<ReplicaState>>,
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
     pools: Pools,
     /// The WAL's sync loop on the blocking pool.
@@ -176,6 +178,7 @@ impl VolumeActor {
             holds: HashMap::new(),
             head_tx,
             committed_tx,
+            states_told: Vec::new(),
             barriers: HashMap::new(),
             pools,
             sync: Arc::new(SyncLoop::new(committed)),
@@ -363,8 +366,24 @@ impl VolumeActor {
         }
         self.committed_tx
             .send_replace(self.engine.committed().get());
+        self.tell_replica_states();
         self.arm_local_wake();
         self.reschedule(ctx);
+    }
+
+    /// Tells `on_replica_states`, if set, when the replicas or their
+    /// states differ from what it was last told.
+    fn tell_replica_states(&mut self) {
+        let Some(changed) = &self.config.on_replica_states else {
+            return;
+        };
+        let engine = &self.engine;
+        let now = || engine.replicas().map(|r| engine.replica_state(r));
+        if now().eq(self.states_told.iter().copied()) {
+            return;
+        }
+        self.states_told = now().collect();
+        (changed.0)();
     }
 
     fn execute(&mut self, command: Command) {
