@@ -500,22 +500,22 @@ impl Node {
     /// Each hosted volume: its name, the epoch of its assignment, and its
     /// runtime status, primary or replica (no recovery log, unlike
     /// [`report`](Self::report): the control plane asks every 250 ms).
-    pub async fn statuses(&self) -> Vec<(String, u64, NodeStatus)> {
+    pub async fn statuses(&self) -> Vec<(String, NodeStatus)> {
         self.statuses_of(self.table.all()).await
     }
 
     /// [`statuses`](Self::statuses) of the volumes named in `names` this
     /// node hosts.
-    pub async fn statuses_named(&self, names: &BTreeSet<String>) -> Vec<(String, u64, NodeStatus)> {
+    pub async fn statuses_named(&self, names: &BTreeSet<String>) -> Vec<(String, NodeStatus)> {
         let hosted = names.iter().filter_map(|name| self.table.get(name));
         self.statuses_of(hosted.collect()).await
     }
 
-    async fn statuses_of(&self, hosted: Vec<Hosted>) -> Vec<(String, u64, NodeStatus)> {
+    async fn statuses_of(&self, hosted: Vec<Hosted>) -> Vec<(String, NodeStatus)> {
         let mut statuses = Vec::new();
         for hosted in hosted {
             if let Ok(status) = hosted.handle.status().await {
-                statuses.push((hosted.spec.name.clone(), hosted.applied.epoch, status));
+                statuses.push((hosted.spec.name.clone(), status));
             }
         }
         statuses

@@ -206,29 +206,40 @@ pub(super) async fn report(
 ) -> Option<String> {
     // The last value written under each key.
     let mut last: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut every = tokio::time::interval(every);
+    let mut every = tokio::time::interval(every.max(Duration::from_millis(10)));
     let mut probes_open = true;
     loop {
-        let statuses = tokio::select! {
+        // Every volume, or only primaries whose replicas changed state.
+        let named = tokio::select! {
             () = stopping(&mut stopped) => return None,
-            _ = every.tick() => node.statuses().await,
+            _ = every.tick() => None,
             // A probe is answered at once. Closed once the watches end
             // (so is the plane): ticks only.
             changed = probes.changed(), if probes_open => {
                 probes_open = changed.is_ok();
-                node.statuses().await
+                None
             }
             // A primary's replicas changed state: its report now, so that
             // a controller judging a primary lost right after judges the
             // states it last had.
-            changed = node.replica_states_changed() => node.statuses_named(&changed).await,
+            changed = node.replica_states_changed() => Some(changed),
         };
-        let answered = probes.borrow_and_update().clone();
-        for (name, epoch, status) in statuses {
+        // The probes asked so far, read before any status below: a report
+        // says it answers a probe only if it was taken after it. A pass
+        // over a few primaries leaves a new probe for the pass it starts.
+        let answered = match &named {
+            None => probes.borrow_and_update().clone(),
+            Some(_) => probes.borrow().clone(),
+        };
+        let statuses = match &named {
+            None => node.statuses().await,
+            Some(named) => node.statuses_named(named).await,
+        };
+        for (name, status) in statuses {
             let (key, value) = match &status {
                 NodeStatus::Primary(status) => {
                     let progress = ProgressRecord {
-                        epoch,
+                        epoch: Applied::epoch_of(status.registry.epoch.get()),
                         primary: node.name().to_owned(),
                         committed: status.registry.history.committed.get(),
                         replicas: status

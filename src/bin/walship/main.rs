@@ -54,8 +54,10 @@ enum Command {
         /// grants whole seconds, 2 s at least with its default settings).
         #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1000..))]
         etcd_lease_ms: u64,
-        /// How often the node writes its volumes' LSNs to etcd, in
-        /// milliseconds; a replica's state change is written at once.
+        /// How often the node writes its volumes' reports to etcd when
+        /// their LSNs moved, in milliseconds; a primary's replica state
+        /// change and an answer to the controller's probe are written at
+        /// once.
         #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
         etcd_progress_ms: u64,
     },

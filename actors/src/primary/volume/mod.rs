@@ -56,8 +56,9 @@ pub struct VolumeActor {
     holds: HashMap<ReplicaId, WalPin>,
     head_tx: watch::Sender<u64>,
     committed_tx: watch::Sender<u64>,
-    /// The replicas' states as last told to `config.on_replica_states`.
-    states_told: Vec<Option<ReplicaState>>,
+    /// The replicas and their states as last told to
+    /// `config.on_replica_states`.
+    states_told: Vec<(ReplicaId, Option<ReplicaState>)>,
     barriers: HashMap<BarrierId, oneshot::Sender<Result<u64, BarrierFailure>>>,
     pools: Pools,
     /// The WAL's sync loop on the blocking pool.
@@ -378,11 +379,12 @@ impl VolumeActor {
             return;
         };
         let engine = &self.engine;
-        let now = || engine.replicas().map(|r| engine.replica_state(r));
-        if now().eq(self.states_told.iter().copied()) {
+        let now = || engine.replicas().map(|r| (r, engine.replica_state(r)));
+        let told = self.states_told.iter().map(|(r, state)| (r, *state));
+        if now().eq(told) {
             return;
         }
-        self.states_told = now().collect();
+        self.states_told = now().map(|(r, state)| (r.clone(), state)).collect();
         (changed.0)();
     }
 
