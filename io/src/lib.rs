@@ -8,8 +8,10 @@
 //! - [`LogReader`]: frame batches from io_uring or positional reads;
 //! - [`Store`]: extent + superblock + WAL, checkpointer, snapshots, base install;
 //! - [`WireCodec`]: the replication protocol's messages over TCP;
+//! - [`durable`]: directory entries that survive a power loss;
 //! - [`inspect()`]: a store directory read without changing it (offline tools).
 
+pub mod durable;
 mod epochs;
 mod extent;
 pub mod frame;

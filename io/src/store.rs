@@ -299,7 +299,7 @@ impl Store {
         options: StoreOptions,
     ) -> Result<(Store, StoreReport), StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        crate::durable::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let lock = match options.lock {
             true => Some(Self::lock(&dir, options.lock_wait)?),
             false => None,
@@ -425,12 +425,7 @@ impl Store {
     /// instance (the lock is the kernel's: a crashed process holds nothing).
     fn lock(dir: &Path, wait: Duration) -> Result<File, StoreError> {
         let path = dir.join("LOCK");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
+        let (file, _) = crate::durable::open_or_create(&path).map_err(io_err("create", &path))?;
         let deadline = Instant::now() + wait;
         loop {
             match file.try_lock() {

@@ -390,10 +390,7 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WalEr
     move |source| WalError::Io { op, path, source }
 }
 
-/// Fsyncs a directory so renames, creations and deletions in it are durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use crate::durable::sync_dir;
 
 impl Wal {
     /// Opens (or creates) the WAL in `dir`, recovering from a crash: a torn
@@ -404,7 +401,7 @@ impl Wal {
         options: WalOptions,
     ) -> Result<(Wal, RecoveryReport), WalError> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        crate::durable::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let mut stale = 0;
         let mut found = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {

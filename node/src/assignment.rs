@@ -264,7 +264,7 @@ pub fn load(dir: &Path) -> std::io::Result<Option<Applied>> {
 
 /// Persists `applied` atomically and durably.
 pub fn save(dir: &Path, applied: &Applied) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    walship_io::durable::create_dir_all(dir)?;
     let json = serde_json::to_vec_pretty(applied).map_err(std::io::Error::other)?;
     let temp = dir.join("assignment.json.tmp");
     let mut file = std::fs::File::create(&temp)?;

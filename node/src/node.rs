@@ -77,11 +77,7 @@ pub const NODE_LOCK: &str = "walship-node.lock";
 /// stopping (a crashed one holds nothing).
 async fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
     let path = dir.join(NODE_LOCK);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
+    let (file, _) = walship_io::durable::open_or_create(&path)
         .map_err(io(format!("open {}", path.display())))?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
@@ -282,7 +278,7 @@ impl Node {
             // Before any actor registers a metric with the recorder.
             crate::admin::prometheus();
         }
-        std::fs::create_dir_all(&config.data_dir)
+        walship_io::durable::create_dir_all(&config.data_dir)
             .map_err(io(format!("create {}", config.data_dir.display())))?;
         let data_dir_lock = lock_data_dir(&config.data_dir).await?;
         let runtime = Runtime::start().map_err(|source| NodeError::Volume {

@@ -1,0 +1,91 @@
+//! Making what walship creates survive a power loss.
+//!
+//! A file's or directory's entry lives in its parent directory: until the
+//! parent is fsynced, a power loss may forget the entry even though the
+//! file's own data was synced (POSIX promises nothing more; ext4 without a
+//! journal keeps exactly that). Every file and directory walship creates or
+//! renames goes through here, or syncs its parent itself right after
+//! (`rename` then [`sync_dir`]), before the call that needed it returns.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::Path;
+
+/// Fsyncs a directory so renames, creations and deletions in it are durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// `fs::create_dir_all`, durably: each directory it creates has its entry
+/// synced in its parent (top down, so no synced entry names a directory
+/// whose own entry could still be lost). Directories that already exist
+/// are left alone: whoever created them made them durable.
+pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at {
+        if path.as_os_str().is_empty() || path.is_dir() {
+            break;
+        }
+        missing.push(path);
+        at = path.parent();
+    }
+    fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        // An empty new directory has nothing to sync of its own, but the
+        // entries created in it next are synced through it.
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading and writing, creating it if it does not exist;
+/// a file it creates has its entry synced in its parent before this returns.
+pub fn open_or_create(path: &Path) -> std::io::Result<(File, bool)> {
+    match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => Ok((file, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            sync_parent(path)?;
+            Ok((file, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Fsyncs the directory that holds `path`.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_every_missing_level_and_reopens_existing_files() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("a/b/c");
+        create_dir_all(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_all(&deep).unwrap();
+        let (mut file, created) = open_or_create(&deep.join("f")).unwrap();
+        assert!(created);
+        std::io::Write::write_all(&mut file, b"x").unwrap();
+        let (_, created) = open_or_create(&deep.join("f")).unwrap();
+        assert!(!created);
+        assert_eq!(fs::read(deep.join("f")).unwrap(), b"x");
+    }
+}
