@@ -132,9 +132,18 @@ pub(crate) fn scan(
         // was never acknowledged either: a power loss that kept a later
         // page of unsynced appends and lost an earlier one.
         let never_written = data[at..].iter().take(HEADER_LEN).all(|b| *b == 0);
+        // The same when a page of the frame never reached the disk: its
+        // header made it, a later page of it reads as zeroes (the segment's
+        // room is zeroes until written), and the checksum fails. Frames
+        // after it were written after it, so a sync that made them durable
+        // made it durable too: none of them was acknowledged. A checksum
+        // failure without such a page is corruption of what may have been
+        // synced, and stays an error.
+        let page_lost =
+            matches!(failure, FrameError::Checksum { .. }) && frame_has_zero_page(data, at);
         if may_be_torn
             && !is_discontinuity
-            && (never_written || !valid_frame_after(data, at + 1, expected))
+            && (never_written || page_lost || !valid_frame_after(data, at + 1, expected))
         {
             segment.bytes = at as u64;
             return Ok((segment, ScanEnd::Torn { offset: at as u64 }));
@@ -147,6 +156,28 @@ pub(crate) fn scan(
     }
     segment.bytes = at as u64;
     Ok((segment, ScanEnd::Clean))
+}
+
+/// Whether the frame at `at` (its length from its header) spans a whole
+/// file page, 4 KiB aligned, of zeroes: a page written after the last sync
+/// that a power loss dropped.
+fn frame_has_zero_page(data: &[u8], at: usize) -> bool {
+    const PAGE: usize = 4096;
+    let Ok(len) = frame::check(&data[at..]) else {
+        return false;
+    };
+    let end = at + len;
+    let mut page = at.div_ceil(PAGE) * PAGE;
+    while page + PAGE <= end {
+        if data[page..page + PAGE].iter().all(|b| *b == 0) {
+            return true;
+        }
+        page += PAGE;
+    }
+    // The frame's last, partial page: the crc trailer sits there, so a
+    // lost last page shows as zeroes from the page start to the frame's end.
+    let last = (end - 1) / PAGE * PAGE;
+    last > at && data[last..end].iter().all(|b| *b == 0)
 }
 
 /// Bytes a torn tail at `offset` held: up to the last non-zero byte, not

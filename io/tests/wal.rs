@@ -153,6 +153,33 @@ fn a_later_frame_past_a_frame_that_never_reached_the_disk_is_cut_with_it() {
     assert_eq!(wal.read_frames(0, 4).unwrap()[3].payload, block(4));
 }
 
+/// The power loss of the lost-disk issue: a frame's first page kept, the
+/// page after it lost (the frame's end and its checksum read as zeroes),
+/// a later frame kept whole. Nothing after the last sync was acknowledged:
+/// the WAL opens at the frame before, as for any torn tail. The same bytes
+/// flipped rather than lost (no page of zeroes) are corruption and refuse.
+#[test]
+fn a_frame_whose_second_page_was_lost_ends_the_log_but_a_flipped_one_refuses() {
+    let (dir, seg) = closed_wal(6);
+    // Frame 4 (index 3) starts at 3 * FRAME and ends inside the page at
+    // 16384, whose loss also takes frame 5's start; frame 6 is whole.
+    const { assert!(3 * FRAME < 16384 && 4 * FRAME > 16384 && 5 * FRAME > 20480) };
+    write_at(&seg, &[0u8; 4096], 16384);
+    let (wal, report) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    assert_eq!(report.head, 3, "{report:?}");
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * FRAME);
+    assert_eq!(write_n(&wal, 1), 4);
+    drop(wal);
+
+    let (dir, seg) = closed_wal(6);
+    write_at(&seg, &[0x5A; 16], 3 * FRAME + 2000);
+    let refused = Wal::open(dir.path(), options(1 << 20));
+    assert!(
+        matches!(refused, Err(WalError::Corrupt { lsn: 4, .. })),
+        "{refused:?}"
+    );
+}
+
 #[test]
 fn garbage_appended_past_the_zeroes_written_ahead_is_a_torn_tail() {
     let (dir, seg) = closed_wal(3);
