@@ -190,6 +190,7 @@ impl Setup {
             syncs.push(match volume.status().await? {
                 NodeStatus::Primary(status) => status.wal_syncs,
                 NodeStatus::Replica(status) => status.wal_syncs,
+                NodeStatus::Peering(_) => 0,
             });
         }
         Ok(syncs)
@@ -1132,6 +1133,7 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
                 replicas: Vec::new(),
                 tuning: tuning.clone(),
                 on_replica_states: None,
+                peering: Default::default(),
             }))
             .await?;
         primaries.push(primary);

@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             }],
             tuning: Tuning::default(),
             on_replica_states: None,
+            peering: Default::default(),
         }))
         .await?;
 

@@ -1203,3 +1203,42 @@ async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answe
     assert_replicas_identical(&cluster, 1).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
+
+/// The lost-disk issue under etcd: node1, vol0's primary, is killed with
+/// SIGKILL after 1500 acknowledged FUA writes, its data dir wiped, and
+/// restarted at once, within its lease: its record still names it
+/// primary, so it peers with its replicas and recovers their log before it
+/// serves. Every acknowledged block reads back from every export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_replica() {
+    let (etcd, mut cluster) = cluster_on_etcd().await;
+    let acked = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..1500).await;
+    cluster.kill(0).await;
+    std::fs::remove_dir_all(&cluster.nodes[0].data_dir).unwrap();
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(30)).await;
+    let mut client = etcd.client().await;
+    let record = volume_record(&mut client).await;
+    let primary = cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == record.primary)
+        .unwrap();
+    wait_serving(&cluster, primary).await;
+    cluster.wait_converged_on(primary, CONVERGE).await;
+    for node in &cluster.nodes {
+        assert_blocks(nbd_addr(node), &acked).await;
+    }
+    assert_replicas_identical(&cluster, primary).await;
+    if primary == 0 {
+        let log = cluster.primary_volume().await["recent_recovery"].clone();
+        assert!(
+            log.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["event"] == "primary_behind"),
+            "{log:#}"
+        );
+    }
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}

@@ -215,6 +215,7 @@ async fn impostor() -> String {
                             flushed: 0,
                             checkpoint: 0,
                             epochs: Vec::new(),
+                            committed: 0,
                         };
                         let _ = conn
                             .send(Envelope {

@@ -3,7 +3,8 @@
 //! typed error (or the connection closes), and other clients and volumes
 //! keep serving. A node in this process (`walship::node::Node`) hosts:
 //! - `fast`, `other`: primaries without replicas (best_effort);
-//! - `strict`: a sync_all primary whose one replica never answers;
+//! - `strict`: a sync_all primary whose one replica answers peering
+//!   (holding nothing) but never takes a session;
 //! - `mirror`: a replica (its primary is elsewhere), exported read-only.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,13 +12,47 @@
 #[path = "support/nbd_client.rs"]
 mod nbd_client;
 
+use futures::{SinkExt, StreamExt};
 use nbd_client::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
 use walship::engine::CommitMode;
+use walship::io::{Envelope, Message, WireCodec};
 use walship::node::{config, Node, WriteFence};
+
+/// A replica that answers a primary's peering, holding nothing, and
+/// closes every other connection (a session never starts): for a primary
+/// whose replica is away, once the primary knows nothing was lost.
+async fn empty_replica(listener: TcpListener, replica: &'static str) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut conn = Framed::new(stream, WireCodec::default());
+            if let Some(Ok(Envelope {
+                message: Message::Peer { .. },
+                ..
+            })) = conn.next().await
+            {
+                let ack = Message::HelloAck {
+                    replica: replica.into(),
+                    flushed: 0,
+                    checkpoint: 0,
+                    epochs: Vec::new(),
+                    committed: 0,
+                };
+                let _ = conn
+                    .send(Envelope {
+                        epoch: 0,
+                        message: ack,
+                    })
+                    .await;
+            }
+        });
+    }
+}
 
 async fn start_node(dir: &std::path::Path) -> Arc<Node> {
     start_node_fenced(dir, Arc::new(WriteFence::open())).await
@@ -25,6 +60,9 @@ async fn start_node(dir: &std::path::Path) -> Arc<Node> {
 
 /// [`start_node`] held to `fence`.
 async fn start_node_fenced(dir: &std::path::Path, fence: Arc<WriteFence>) -> Arc<Node> {
+    let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ghost_addr = ghost.local_addr().unwrap();
+    tokio::spawn(empty_replica(ghost, "strict/ghost"));
     let text = r#"
 node = "solo"
 cluster = "test"
@@ -35,6 +73,8 @@ admin = "127.0.0.1:0"
 [tuning]
 barrier_timeout_ms = 400
 network_retry_max_ms = 200
+# The fake replica speaks plain connections, not a multiplexed link.
+multiplex = false
 
 [[volume]]
 name = "fast"
@@ -53,7 +93,7 @@ name = "strict"
 size = "4MiB"
 commit_mode = "sync_all"
 primary = "solo"
-replicas = { ghost = "127.0.0.1:9" }
+replicas = { ghost = "GHOST" }
 
 [[volume]]
 name = "mirror"
@@ -63,8 +103,81 @@ primary = "elsewhere"
 replicas = { solo = "127.0.0.1:0" }
 export_replicas = true
 "#;
-    let config = config::parse("test.toml", text, Some(dir)).unwrap();
+    let text = text.replace("GHOST", &ghost_addr.to_string());
+    let config = config::parse("test.toml", &text, Some(dir)).unwrap();
     Node::start_fenced(config, fence, None).await.unwrap()
+}
+
+/// A sync_all primary on a store created at this start cannot tell a new
+/// volume from one whose data this node lost: it serves nothing until its
+/// replica has answered. Meanwhile the node is up, its status says why,
+/// and each request gets EIO after a barrier timeout (nothing
+/// acknowledged, no zeroes read that the replica might hold). Once the
+/// replica answers, the primary opens and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_primary_serves_nothing_until_its_replica_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    // Holding the port: connections queue unanswered until it accepts.
+    let replica = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let text = format!(
+        r#"
+node = "solo"
+cluster = "test"
+replication = "127.0.0.1:0"
+nbd = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[tuning]
+barrier_timeout_ms = 300
+peer_timeout_ms = 200
+multiplex = false
+
+[[volume]]
+name = "late"
+size = "4MiB"
+commit_mode = "sync_all"
+primary = "solo"
+replicas = {{ away = "{}" }}
+"#,
+        replica.local_addr().unwrap()
+    );
+    let config = config::parse("test.toml", &text, Some(dir.path())).unwrap();
+    let node = Node::start(config).await.unwrap();
+    let peering = walship::actors::testing::within(std::time::Duration::from_secs(10), || async {
+        let json = serde_json::to_value(node.volume_status("late").await.ok()?).ok()?;
+        (json["status"]["state"] == "peering" && json["status"]["round"].as_u64()? >= 1)
+            .then_some(json)
+    })
+    .await
+    .expect("the primary peers");
+    assert_eq!(peering["status"]["need"], 1, "{peering:#}");
+    assert_eq!(peering["status"]["have"], 0, "{peering:#}");
+    let mut client = Haggle::connect(node.nbd_addr().unwrap())
+        .await
+        .go("late")
+        .await;
+    assert_eq!(client.write(0, &[1u8; 4096], 0).await, EIO);
+    assert_eq!(client.read(0, 4096).await, Err(EIO));
+
+    tokio::spawn(empty_replica(replica, "late/away"));
+    let opened = walship::actors::testing::within(std::time::Duration::from_secs(10), || async {
+        let json = serde_json::to_value(node.volume_status("late").await.ok()?).ok()?;
+        json["status"]["registry"].is_object().then_some(json)
+    })
+    .await
+    .expect("the primary opens once its replica answered");
+    let peered = opened["recent_recovery"][0].clone();
+    assert_eq!(peered["event"], "peered", "{opened:#}");
+    assert!(
+        peered["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("peered: 1 of 1 answered"),
+        "{peered:#}"
+    );
+    assert_eq!(client.write(0, &[1u8; 4096], 0).await, 0);
+    assert_eq!(client.read(0, 4096).await, Ok(vec![1u8; 4096]));
+    node.stop().await;
 }
 
 /// A node whose lease lapsed (its fence closed) answers EIO to every

@@ -363,6 +363,15 @@ async fn assign(cluster: &NodeCluster, i: usize, epoch: u64, primary: usize, rep
             .await
             .unwrap();
     assert_eq!(status, 200, "{}: {answer}", cluster.nodes[i].name);
+    if i == primary {
+        // A new primary peers with its replicas before it serves.
+        let serving = walship::actors::testing::within(Duration::from_secs(20), || async {
+            let volume = cluster.status(i).await["volumes"][0].clone();
+            volume["status"]["registry"].is_object().then_some(())
+        })
+        .await;
+        assert!(serving.is_some(), "{:#}", cluster.status(i).await);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,49 @@ impl std::fmt::Debug for ReplicaStatesChanged {
     }
 }
 
+/// Persists the term a peering primary chose, before it uses it (a node
+/// writes it into its persisted assignment), so no later opening of this
+/// node picks it again.
+#[derive(Clone)]
+pub struct TermChosen(pub Arc<dyn Fn(u64) -> std::io::Result<()> + Send + Sync>);
+
+impl std::fmt::Debug for TermChosen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TermChosen")
+    }
+}
+
+/// Whether and how a primary peers with its replicas before it serves
+/// (`walship_engine::decide_peering`): it asks each what it holds, waits
+/// for the answers its commit mode needs, recovers what a replica holds
+/// that its own log lacks and may have been acknowledged, and opens in a
+/// term newer than any seen.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Peering {
+    /// Peer before serving. Off (the default for an embedder), the local
+    /// log is taken as holding everything acknowledged: right only if the
+    /// embedder never opens a primary on a replaced or lost disk.
+    pub enabled: bool,
+    /// The first term the primary must not reach (the next control-plane
+    /// epoch's); 0 for none.
+    pub term_ceiling: u64,
+    /// Persists a chosen term before it is used.
+    pub on_term: Option<TermChosen>,
+}
+
+impl Peering {
+    /// Peering on, terms below `term_ceiling` (0: unbounded), each chosen
+    /// term persisted by `on_term` first.
+    pub fn enabled(term_ceiling: u64, on_term: Option<TermChosen>) -> Self {
+        Self {
+            enabled: true,
+            term_ceiling,
+            on_term,
+        }
+    }
+}
+
 /// A primary volume.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
@@ -177,6 +220,8 @@ pub struct PrimaryConfig {
     pub tuning: Tuning,
     /// Told when the replicas' states change, if anyone wants to know.
     pub on_replica_states: Option<ReplicaStatesChanged>,
+    /// Peering before serving (off by default).
+    pub peering: Peering,
 }
 
 /// A replica volume.

@@ -40,6 +40,31 @@ pub enum VolumeError {
         /// The newest epoch its WAL holds.
         wal: u64,
     },
+    /// Peering found a replica that follows a newer assignment: this
+    /// primary must not serve.
+    #[error("replica {replica} accepted term {term}, newer than this primary's epoch: it follows a newer assignment")]
+    Superseded {
+        /// The replica.
+        replica: String,
+        /// The term it accepted.
+        term: u64,
+    },
+    /// Peering could not recover what a replica holds and this primary lacks.
+    #[error("peering: recovering from {replica} failed: {reason}")]
+    PeeringFailed {
+        /// The replica.
+        replica: String,
+        /// Why.
+        reason: String,
+    },
+    /// The primary is still peering with its replicas: a request waited
+    /// as long as a barrier would, and nothing was served.
+    #[error("the primary is peering with its replicas before it serves: {0}")]
+    Peering(String),
+    /// The primary did not open (peering or its store failed); the
+    /// volume's log says why.
+    #[error("the primary did not open: {0}")]
+    OpenFailed(String),
     /// Starting the runtime or a listener failed.
     #[error("runtime: {0}")]
     Runtime(String),

@@ -21,8 +21,8 @@ pub mod testing;
 mod transport;
 
 pub use config::{
-    BackoffTuning, Listen, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicaStatesChanged, Tuning,
-    VolumeConfig,
+    BackoffTuning, Listen, Peering, PrimaryConfig, ReplicaConfig, ReplicaSpec,
+    ReplicaStatesChanged, TermChosen, Tuning, VolumeConfig,
 };
 pub use error::{ExecError, VolumeError};
 pub use metrics::MeteredAddr;
@@ -31,4 +31,4 @@ pub use metrics::{MailboxMetrics, MailboxSnapshot};
 pub use primary::SenderHeartbeat;
 pub use primary::{SenderActor, VolumeActor, VolumeStatus};
 pub use replica::{ReplicaStatus, ReplicationListener};
-pub use runtime::{NodeStatus, Runtime, VolumeHandle, VolumeThread};
+pub use runtime::{NodeStatus, PeeringStatus, Runtime, VolumeHandle, VolumeThread};

@@ -185,14 +185,49 @@ async fn start_volume(
     tasks: TaskTracker,
 ) -> Result<VolumeHandle, VolumeError> {
     match config {
-        VolumeConfig::Primary(config) => {
+        VolumeConfig::Primary(config) if !config.peering.enabled => {
             let actor = VolumeActor::open(config, pools, tasks.clone())?;
             let metrics = actor.metrics_arc();
-            let addr = actor.start();
+            let addr = MeteredAddr::new(actor.start(), metrics);
+            let (_, opening) = watch::channel(Opening::Open(addr));
             Ok(VolumeHandle {
-                inner: Inner::Primary(MeteredAddr::new(addr, metrics)),
+                inner: Inner::Primary(opening, Duration::ZERO),
                 tasks,
                 stopping: Arc::new(watch::channel(false).0),
+            })
+        }
+        VolumeConfig::Primary(config) => {
+            // Errors the store finds (size, corruption) are the caller's at once.
+            let opened = Store::open(&config.dir, config.store.clone())?;
+            let ticks = u32::try_from(config.tuning.barrier_timeout_ticks).unwrap_or(u32::MAX);
+            let patience = config.tuning.tick.saturating_mul(ticks);
+            let (opening_tx, opening) =
+                watch::channel(Opening::Peering(PeeringStatus::new(&config.volume)));
+            let stopping = Arc::new(watch::channel(false).0);
+            let mut stop = stopping.subscribe();
+            let token = tasks.token();
+            let volume_tasks = tasks.clone();
+            actix::spawn(async move {
+                let _token = token;
+                let volume = config.volume.clone();
+                let open = open_after_peering(config, opened, pools, volume_tasks, &opening_tx);
+                tokio::select! {
+                    opened = open => {
+                        let _ = opening_tx.send(match opened {
+                            Ok(addr) => Opening::Open(addr),
+                            Err(error) => {
+                                tracing::error!(%volume, %error, "primary did not open");
+                                Opening::Failed(error.to_string())
+                            }
+                        });
+                    }
+                    _ = stop.wait_for(|stopping| *stopping) => {}
+                }
+            });
+            Ok(VolumeHandle {
+                inner: Inner::Primary(opening, patience),
+                tasks,
+                stopping,
             })
         }
         VolumeConfig::Replica(config) => {
@@ -274,6 +309,36 @@ async fn start_volume(
     }
 }
 
+/// Peers with the replicas (recovering what they hold that this store
+/// lacks), then opens the volume actor in the term peering chose.
+async fn open_after_peering(
+    mut config: crate::config::PrimaryConfig,
+    (store, report): (Store, walship_io::StoreReport),
+    pools: Pools,
+    tasks: TaskTracker,
+    opening: &watch::Sender<Opening>,
+) -> Result<MeteredAddr<VolumeActor>, VolumeError> {
+    let waiting = |round, peering: &walship_engine::Peering| {
+        if let walship_engine::Peering::Wait { have, need, reason } = peering {
+            opening.send_modify(|opening| {
+                if let Opening::Peering(status) = opening {
+                    status.round = round;
+                    status.have = *have;
+                    status.need = *need;
+                    status.reason = reason.clone();
+                }
+            });
+        }
+    };
+    let peered =
+        crate::primary::peering::peer_before_serving(&mut config, &pools.links, &store, waiting)
+            .await?;
+    let mut actor = VolumeActor::with_store(config, (store, report), pools, tasks)?;
+    actor.note_peered(&peered);
+    let metrics = actor.metrics_arc();
+    Ok(MeteredAddr::new(actor.start(), metrics))
+}
+
 fn listen_error(listen: &str, error: &std::io::Error) -> VolumeError {
     VolumeError::Runtime(format!("listen on {listen}: {error}"))
 }
@@ -288,9 +353,54 @@ fn bind(listen: &str) -> Result<std::net::TcpListener, VolumeError> {
     Ok(listener)
 }
 
+/// Where a primary's opening stands: it peers with its replicas before
+/// its actor exists (see `primary::peering`).
+#[derive(Debug, Clone)]
+enum Opening {
+    Peering(PeeringStatus),
+    Open(MeteredAddr<VolumeActor>),
+    Failed(String),
+}
+
+/// A primary still peering with its replicas, for operators: it takes no
+/// request until it has heard from the replicas its mode needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeeringStatus {
+    /// Role (`primary`).
+    pub role: &'static str,
+    /// The volume.
+    pub volume: String,
+    /// What it is doing (`peering`).
+    pub state: &'static str,
+    /// Rounds of asking so far that had too few answers.
+    pub round: u64,
+    /// Answers in the last round.
+    pub have: usize,
+    /// Answers needed.
+    pub need: usize,
+    /// Why that many.
+    pub reason: String,
+}
+
+impl PeeringStatus {
+    fn new(volume: &str) -> Self {
+        Self {
+            role: "primary",
+            volume: volume.to_owned(),
+            state: "peering",
+            round: 0,
+            have: 0,
+            need: 0,
+            reason: "asking the replicas".to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Inner {
-    Primary(MeteredAddr<VolumeActor>),
+    /// The primary's opening, and how long a request waits for it (the
+    /// barrier timeout).
+    Primary(watch::Receiver<Opening>, Duration),
     Replica {
         receiver: MeteredAddr<ReceiverActor>,
         listen: SocketAddr,
@@ -307,6 +417,8 @@ pub enum NodeStatus {
     Primary(Box<VolumeStatus>),
     /// A replica.
     Replica(Box<ReplicaStatus>),
+    /// A primary still peering with its replicas before it serves.
+    Peering(Box<PeeringStatus>),
 }
 
 impl NodeStatus {
@@ -315,6 +427,7 @@ impl NodeStatus {
         match self {
             Self::Primary(status) => &status.mailboxes,
             Self::Replica(status) => std::slice::from_ref(&status.mailbox),
+            Self::Peering(_) => &[],
         }
     }
 }
@@ -337,10 +450,33 @@ fn stopped<T>(_: T) -> VolumeError {
 }
 
 impl VolumeHandle {
-    fn primary(&self) -> Result<&MeteredAddr<VolumeActor>, VolumeError> {
-        match &self.inner {
-            Inner::Primary(addr) => Ok(addr),
-            Inner::Replica { .. } => Err(VolumeError::NotPrimary),
+    /// The primary's actor, once peering opened it: requests made while
+    /// it peers wait (a client's reads too: the store may not hold the
+    /// volume's data yet).
+    async fn primary(&self) -> Result<MeteredAddr<VolumeActor>, VolumeError> {
+        let Inner::Primary(opening, patience) = &self.inner else {
+            return Err(VolumeError::NotPrimary);
+        };
+        let mut opening = opening.clone();
+        let mut stopping = self.stopping.subscribe();
+        let deadline = tokio::time::sleep(*patience);
+        tokio::pin!(deadline);
+        loop {
+            let peering = match &*opening.borrow_and_update() {
+                Opening::Open(addr) => return Ok(addr.clone()),
+                Opening::Failed(why) => return Err(VolumeError::OpenFailed(why.clone())),
+                Opening::Peering(status) => status.clone(),
+            };
+            tokio::select! {
+                changed = opening.changed() => changed.map_err(stopped)?,
+                _ = stopping.wait_for(|stopping| *stopping) => return Err(VolumeError::Stopped),
+                () = &mut deadline => {
+                    return Err(VolumeError::Peering(format!(
+                        "{} of {} needed answered ({})",
+                        peering.have, peering.need, peering.reason
+                    )))
+                }
+            }
         }
     }
 
@@ -356,16 +492,22 @@ impl VolumeHandle {
         *self.stopping.borrow()
     }
 
+    /// Whether this is a primary still peering with its replicas: it
+    /// takes requests, but answers none until it has opened.
+    pub fn is_peering(&self) -> bool {
+        matches!(&self.inner, Inner::Primary(opening, _) if matches!(*opening.borrow(), Opening::Peering(_)))
+    }
+
     /// Whether this is a primary.
     pub fn is_primary(&self) -> bool {
-        matches!(self.inner, Inner::Primary(_))
+        matches!(self.inner, Inner::Primary(..))
     }
 
     /// Where a replica listens.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         match &self.inner {
             Inner::Replica { listen, .. } => Some(*listen),
-            Inner::Primary(_) => None,
+            Inner::Primary(..) => None,
         }
     }
 
@@ -375,7 +517,7 @@ impl VolumeHandle {
         M: Message<Result = Result<u64, VolumeError>> + Send + 'static,
         VolumeActor: Handler<Tracked<M>>,
     {
-        self.primary()?.send(msg).await.map_err(stopped)?
+        self.primary().await?.send(msg).await.map_err(stopped)?
     }
 
     /// Writes whole 4 KiB blocks at `lba`; returns the LSN (not yet committed).
@@ -432,7 +574,9 @@ impl VolumeHandle {
     /// Reads `blocks` blocks at `lba`: the newest data.
     pub async fn read(&self, lba: u64, blocks: u64) -> Result<Bytes, VolumeError> {
         match &self.inner {
-            Inner::Primary(addr) => addr
+            Inner::Primary(..) => self
+                .primary()
+                .await?
                 .send(volume::Read { lba, blocks })
                 .await
                 .map_err(stopped)?,
@@ -445,7 +589,8 @@ impl VolumeHandle {
 
     /// Applies a new assignment (primary).
     pub async fn apply_assignment(&self, assignment: Assignment) -> Result<(), VolumeError> {
-        self.primary()?
+        self.primary()
+            .await?
             .send(volume::ApplyAssignment(assignment))
             .await
             .map_err(stopped)?
@@ -453,7 +598,8 @@ impl VolumeHandle {
 
     /// Retries idle replicas now (primary).
     pub async fn heartbeat(&self) -> Result<(), VolumeError> {
-        self.primary()?
+        self.primary()
+            .await?
             .send(volume::Heartbeat)
             .await
             .map_err(stopped)
@@ -462,9 +608,16 @@ impl VolumeHandle {
     /// The status, serializable to JSON.
     pub async fn status(&self) -> Result<NodeStatus, VolumeError> {
         match &self.inner {
-            Inner::Primary(addr) => Ok(NodeStatus::Primary(Box::new(
-                addr.send(volume::GetStatus).await.map_err(stopped)?,
-            ))),
+            Inner::Primary(opening, _) => {
+                let peering = match &*opening.borrow() {
+                    Opening::Peering(status) => Some(status.clone()),
+                    _ => None,
+                };
+                match peering {
+                    Some(status) => Ok(NodeStatus::Peering(Box::new(status))),
+                    None => Ok(NodeStatus::Primary(Box::new(self.primary_status().await?))),
+                }
+            }
             Inner::Replica { receiver, .. } => Ok(NodeStatus::Replica(Box::new(
                 receiver.send(GetReplicaStatus).await.map_err(stopped)?,
             ))),
@@ -472,7 +625,8 @@ impl VolumeHandle {
     }
 
     async fn primary_status(&self) -> Result<VolumeStatus, VolumeError> {
-        self.primary()?
+        self.primary()
+            .await?
             .send(volume::GetStatus)
             .await
             .map_err(stopped)
@@ -524,7 +678,13 @@ impl VolumeHandle {
     /// The recovery log (primary; empty on replicas).
     pub async fn recovery_log(&self) -> Result<Vec<RecoveryEvent>, VolumeError> {
         match &self.inner {
-            Inner::Primary(addr) => addr.send(volume::GetRecoveryLog).await.map_err(stopped)?,
+            Inner::Primary(..) if self.is_peering() => Ok(Vec::new()),
+            Inner::Primary(..) => self
+                .primary()
+                .await?
+                .send(volume::GetRecoveryLog)
+                .await
+                .map_err(stopped)?,
             Inner::Replica { .. } => Ok(Vec::new()),
         }
     }
@@ -532,7 +692,8 @@ impl VolumeHandle {
     /// Checkpoints everything written before the call (primary), waiting
     /// for the WAL to hold it durably first.
     pub async fn checkpoint(&self) -> Result<(), VolumeError> {
-        self.primary()?
+        self.primary()
+            .await?
             .send(volume::Checkpoint)
             .await
             .map_err(stopped)?
@@ -541,7 +702,12 @@ impl VolumeHandle {
     /// crc32c of the whole readable volume.
     pub async fn content_checksum(&self) -> Result<u32, VolumeError> {
         match &self.inner {
-            Inner::Primary(addr) => addr.send(volume::ContentChecksum).await.map_err(stopped)?,
+            Inner::Primary(..) => self
+                .primary()
+                .await?
+                .send(volume::ContentChecksum)
+                .await
+                .map_err(stopped)?,
             Inner::Replica { receiver, .. } => {
                 Ok(receiver.send(ReplicaChecksum).await.map_err(stopped)??)
             }
@@ -553,6 +719,7 @@ impl VolumeHandle {
     #[cfg(feature = "testing")]
     pub async fn sender(&self, replica: ReplicaId) -> Option<MeteredAddr<crate::SenderActor>> {
         self.primary()
+            .await
             .ok()?
             .send(volume::GetSender(replica))
             .await
@@ -580,7 +747,7 @@ impl VolumeHandle {
         let msg = crate::testing::InjectStorageFault(fault);
         match &self.inner {
             Inner::Replica { receiver, .. } => receiver.send(msg).await.map_err(stopped),
-            Inner::Primary(addr) => addr.send(msg).await.map_err(stopped),
+            Inner::Primary(..) => self.primary().await?.send(msg).await.map_err(stopped),
         }
     }
 
@@ -591,8 +758,24 @@ impl VolumeHandle {
     pub async fn stop(&self) {
         self.stopping.send_replace(true);
         match &self.inner {
-            Inner::Primary(addr) => {
-                let _ = addr.send(volume::Stop).await;
+            Inner::Primary(opening, _) => {
+                // Peering ends on the stop; an actor it opened just before
+                // is stopped like any other.
+                let mut opening = opening.clone();
+                loop {
+                    let addr = match &*opening.borrow_and_update() {
+                        Opening::Open(addr) => Some(addr.clone()),
+                        Opening::Failed(_) => break,
+                        Opening::Peering(_) => None,
+                    };
+                    if let Some(addr) = addr {
+                        let _ = addr.send(volume::Stop).await;
+                        break;
+                    }
+                    if opening.changed().await.is_err() {
+                        break;
+                    }
+                }
             }
             Inner::Replica {
                 receiver, shared, ..

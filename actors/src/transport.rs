@@ -169,6 +169,7 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
         flushed,
         checkpoint,
         epochs,
+        ..
     } = answer.message
     else {
         return Err(ExecError::Protocol(format!(

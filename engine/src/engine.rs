@@ -241,6 +241,19 @@ impl Engine {
         std::mem::take(&mut self.commands)
     }
 
+    /// Records what peering decided before this primary served
+    /// ([`decide_peering`](crate::decide_peering)): `peered` when the local
+    /// log held everything, `primary_behind` when it was recovered from a
+    /// replica first; the detail is the decision's proof.
+    pub fn handle_peered(&mut self, peering: &crate::Peering) {
+        let (replica, event, detail) = match peering {
+            crate::Peering::Recover { from, proof, .. } => (Some(from), "primary_behind", proof),
+            crate::Peering::Serve { proof, .. } => (None, "peered", proof),
+            _ => return,
+        };
+        self.record(replica, None, event, detail.clone());
+    }
+
     // ----- shared helpers ------------------------------------------------
 
     pub(crate) fn record(

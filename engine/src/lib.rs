@@ -65,6 +65,7 @@ mod executor;
 mod history;
 pub mod ids;
 mod log;
+mod peering;
 mod plan;
 mod promotion;
 mod rebuild;
@@ -95,6 +96,7 @@ pub use ids::{
     BarrierId, Endpoint, Epoch, InvalidReplicaId, Lsn, ReplicaId, ResourceId, SessionId, Tick,
 };
 pub use log::{RecoveryEvent, RecoveryLog};
+pub use peering::{decide_peering, required_answers, LocalLog, PeerAnswer, Peering, Terms};
 pub use plan::{GrantedResource, PlanKind, RecoveryPlan, ResourceGrant, ResourceRequest};
 pub use promotion::{
     evaluate as evaluate_promotion, ineligibility, select as select_promotion, select_desperate,

@@ -59,6 +59,8 @@ const DECISIONS: &[&str] = &[
     "plan_catchup",
     "plan_rebuild_full_base",
     "plan_rebuild_snapshot_tail",
+    "peered",
+    "primary_behind",
     "rebuild_aborted",
     "rebuild_completed",
     "rebuild_deferred",

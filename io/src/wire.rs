@@ -24,8 +24,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version spoken by this build. 2: the hello ack and the end of a rebuild
-/// carry an epoch history.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// carry an epoch history. 3: the hello ack carries the committed LSN the
+/// replica knows; a primary peers (`Peer`) and pulls an image from a
+/// replica (`PullImage`, `PullChunk`, `PullDone`) before it serves.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Default largest frame accepted: a 16 MiB WAL batch plus headers.
 pub const DEFAULT_MAX_FRAME: usize = 17 << 20;
 const HEADER: usize = 10;
@@ -158,7 +160,36 @@ pub enum Message {
         checkpoint: u64,
         /// The replica's epoch history: which epoch wrote each part of its log.
         epochs: Vec<EpochStart>,
+        /// The highest LSN the replica knows to be committed (a primary
+        /// said so, or it is checkpointed): it never truncates below it.
+        committed: u64,
     },
+    /// A primary that is about to serve → replica: what do you hold?
+    /// Answered with a `HelloAck` under the replica's own epoch, changing
+    /// nothing on the replica (unlike `Hello`, it takes no session).
+    Peer {
+        /// Cluster name.
+        cluster: String,
+        /// Volume name.
+        volume: String,
+        /// Replica identity (`volume/server`).
+        replica: String,
+    },
+    /// Primary → replica, after a `Hello` in the primary's new term: send
+    /// me your whole volume as it is at your durable LSN (the primary lost
+    /// what the replica holds). Answered with a `RebuildBegin`.
+    PullImage,
+    /// Primary → replica during a pull: the image's bytes at `offset`
+    /// (requests come in order). Answered with a `RebuildChunk`.
+    PullChunk {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes wanted.
+        len: u32,
+    },
+    /// Primary → replica: the pull is over; answered with a `RebuildDone`
+    /// carrying the crc32c of what was sent and the replica's epoch history.
+    PullDone,
     /// Encoded WAL frames `first_lsn..=last_lsn`, exactly as on disk.
     WalBatch {
         /// Session the batch belongs to (0 for live shipping).
@@ -468,6 +499,10 @@ impl Message {
             Self::Truncated { .. } => 13,
             Self::Fence { .. } => 14,
             Self::Error { .. } => 15,
+            Self::Peer { .. } => 16,
+            Self::PullImage => 17,
+            Self::PullChunk { .. } => 18,
+            Self::PullDone => 19,
         }
     }
 
@@ -489,11 +524,27 @@ impl Message {
                 flushed,
                 checkpoint,
                 epochs,
+                committed,
             } => {
                 put_string(dst, replica);
                 dst.put_u64_le(*flushed);
                 dst.put_u64_le(*checkpoint);
                 put_epochs(dst, epochs)?;
+                dst.put_u64_le(*committed);
+            }
+            Self::Peer {
+                cluster,
+                volume,
+                replica,
+            } => {
+                put_string(dst, cluster);
+                put_string(dst, volume);
+                put_string(dst, replica);
+            }
+            Self::PullImage | Self::PullDone => {}
+            Self::PullChunk { offset, len } => {
+                dst.put_u64_le(*offset);
+                dst.put_u32_le(*len);
             }
             Self::WalBatch {
                 session,
@@ -589,6 +640,7 @@ impl Message {
                 flushed: r.u64("flushed")?,
                 checkpoint: r.u64("checkpoint")?,
                 epochs: r.epochs("epochs")?,
+                committed: r.u64("committed")?,
             },
             3 => Self::WalBatch {
                 session: r.u64("session")?,
@@ -674,6 +726,17 @@ impl Message {
                 code: r.u16("code")?,
                 message: r.string("message")?,
             },
+            16 => Self::Peer {
+                cluster: r.string("cluster")?,
+                volume: r.string("volume")?,
+                replica: r.string("replica")?,
+            },
+            17 => Self::PullImage,
+            18 => Self::PullChunk {
+                offset: r.u64("offset")?,
+                len: r.u32("len")?,
+            },
+            19 => Self::PullDone,
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -905,7 +968,19 @@ mod tests {
             flushed: 300,
             checkpoint: 100,
             epochs: epochs.clone(),
+            committed: 250,
         });
+        round_trip(Message::Peer {
+            cluster: "c".into(),
+            volume: "v".into(),
+            replica: "v/r".into(),
+        });
+        round_trip(Message::PullImage);
+        round_trip(Message::PullChunk {
+            offset: 1 << 20,
+            len: 4096,
+        });
+        round_trip(Message::PullDone);
         round_trip(Message::RebuildDone {
             session: 4,
             image_lsn: 250,
@@ -1049,6 +1124,7 @@ mod tests {
             flushed: 0,
             checkpoint: 0,
             epochs: too_many,
+            committed: 0,
         };
         assert!(matches!(
             codec.encode(Envelope { epoch: 1, message: ack }, &mut buf),

@@ -52,14 +52,23 @@ fn message() -> impl Strategy<Value = Message> {
                 session,
             }
         }),
-        (text(), n(), n(), epochs()).prop_map(|(replica, flushed, checkpoint, epochs)| {
-            Message::HelloAck {
+        (text(), n(), n(), epochs(), n()).prop_map(
+            |(replica, flushed, checkpoint, epochs, committed)| Message::HelloAck {
                 replica,
                 flushed,
                 checkpoint,
                 epochs,
+                committed,
             }
+        ),
+        (text(), text(), text()).prop_map(|(cluster, volume, replica)| Message::Peer {
+            cluster,
+            volume,
+            replica,
         }),
+        Just(Message::PullImage),
+        Just(Message::PullDone),
+        (n(), any::<u32>()).prop_map(|(offset, len)| Message::PullChunk { offset, len }),
         (n(), n(), n(), n(), blob()).prop_map(
             |(session, first_lsn, last_lsn, committed, frames)| Message::WalBatch {
                 session,

@@ -344,6 +344,7 @@ async fn metrics(node: &Node) -> String {
                 gauge("walship_volume_durable_lsn", status.durable);
                 gauge("walship_volume_checkpoint_lsn", status.checkpoint);
             }
+            NodeStatus::Peering(_) => {}
         }
     }
     for (kind, (depth, oldest_us)) in mailboxes {

@@ -85,6 +85,17 @@ impl Applied {
         (self.epoch << INCARNATION_BITS) | self.incarnation
     }
 
+    /// The first term of the epoch after `epoch`: no opening in `epoch`
+    /// may reach it.
+    pub fn term_ceiling(epoch: u64) -> u64 {
+        (epoch + 1) << INCARNATION_BITS
+    }
+
+    /// The incarnation of `term`.
+    pub fn incarnation_of(term: u64) -> u64 {
+        term & ((1 << INCARNATION_BITS) - 1)
+    }
+
     /// The epoch of `term`.
     pub fn epoch_of(term: u64) -> u64 {
         term >> INCARNATION_BITS

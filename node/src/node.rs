@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use walship_actors::{
-    Listen, NodeStatus, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicaStatesChanged,
-    ReplicationListener, Runtime, VolumeConfig, VolumeError, VolumeHandle,
+    Listen, NodeStatus, Peering, PrimaryConfig, ReplicaConfig, ReplicaSpec, ReplicaStatesChanged,
+    ReplicationListener, Runtime, TermChosen, VolumeConfig, VolumeError, VolumeHandle,
 };
 use walship_engine::RecoveryEvent;
 use walship_io::{StoreError, StoreOptions};
@@ -306,6 +306,7 @@ impl Node {
             control_plane,
             config,
         };
+        let mut startings = Vec::new();
         for spec in node.config.volumes.clone() {
             let dir = node.volume_dir(&spec.name);
             let starting = match assignment::start(&dir, &node.config.node, &spec) {
@@ -324,7 +325,13 @@ impl Node {
             };
             tracing::info!(volume = %spec.name, epoch = starting.applied.epoch,
                 primary = %starting.applied.primary, "assignment: {}", starting.reason);
-            let handle = match node.open(&spec, &starting.applied).await {
+            startings.push((spec, starting.applied));
+        }
+        // Replicas first: a primary peers with its replicas before it
+        // serves, and another node's primary may be waiting for ours.
+        startings.sort_by_key(|(_, applied)| applied.is_primary(&node.config.node));
+        for (spec, applied) in startings {
+            let handle = match node.open(&spec, &applied).await {
                 Ok(handle) => handle,
                 Err(e) => {
                     node.stop().await;
@@ -333,7 +340,7 @@ impl Node {
             };
             node.table.put(Hosted {
                 spec,
-                applied: starting.applied,
+                applied,
                 handle,
             });
         }
@@ -388,7 +395,11 @@ impl Node {
         lock(&self.runtime).clone().ok_or(VolumeError::Stopped)
     }
 
-    /// Opens `spec`'s volume in the role `applied` gives this node.
+    /// Opens `spec`'s volume in the role `applied` gives this node. A
+    /// primary peers with its replicas first (see `walship_engine::
+    /// decide_peering`, after this returns: the handle's requests wait for
+    /// it); the term it chooses is persisted in the volume's assignment
+    /// before any replica hears it.
     async fn open(&self, spec: &VolumeSpec, applied: &Applied) -> Result<VolumeHandle, NodeError> {
         let config = &self.config;
         let store = StoreOptions {
@@ -418,6 +429,10 @@ impl Node {
                     .collect(),
                 tuning: config.tuning.tuning(),
                 on_replica_states: Some(self.replica_states.signal(&spec.name)),
+                peering: Peering::enabled(
+                    Applied::term_ceiling(applied.epoch),
+                    Some(self.persist_term(&spec.name, applied)),
+                ),
             })
         } else {
             VolumeConfig::Replica(ReplicaConfig {
@@ -453,6 +468,18 @@ impl Node {
                 source,
             },
         })
+    }
+
+    /// What persists a term peering chose for `volume`: its assignment,
+    /// with the term's incarnation, replaced durably.
+    fn persist_term(&self, volume: &str, applied: &Applied) -> TermChosen {
+        let dir = self.volume_dir(volume);
+        let applied = applied.clone();
+        TermChosen(Arc::new(move |term| {
+            let mut chosen = applied.clone();
+            chosen.incarnation = Applied::incarnation_of(term);
+            assignment::save(&dir, &chosen)
+        }))
     }
 
     /// The node's name.
@@ -537,6 +564,20 @@ impl Node {
         self.volume_report(&hosted).await
     }
 
+    /// The assignment `hosted` runs: a primary's incarnation is the one of
+    /// the term it opened in (peering may have chosen a newer one than the
+    /// node started it with, and persisted it).
+    fn running_assignment(&self, hosted: &Hosted, status: &NodeStatus) -> Applied {
+        let mut applied = hosted.applied.clone();
+        if let NodeStatus::Primary(status) = status {
+            let term = status.registry.epoch.get();
+            if Applied::epoch_of(term) == applied.epoch {
+                applied.incarnation = Applied::incarnation_of(term);
+            }
+        }
+        applied
+    }
+
     async fn volume_report(&self, hosted: &Hosted) -> Result<VolumeReport, NodeError> {
         let failed = |source| NodeError::Volume {
             volume: hosted.spec.name.clone(),
@@ -560,7 +601,7 @@ impl Node {
                 (true, true, _) => Some("read-write"),
                 (true, false, true) => Some("read-only"),
             },
-            assignment: hosted.applied.clone(),
+            assignment: self.running_assignment(hosted, &status),
             status,
             recent_recovery,
             control_decision: self
@@ -661,13 +702,20 @@ impl Node {
             admin.stop().await;
         }
         let _no_more_changes = self.changing.lock().await;
+        // A primary still peering has nothing to checkpoint, and the NBD
+        // requests waiting for it are answered ESHUTDOWN once it stops.
+        for hosted in self.table.all() {
+            if hosted.handle.is_peering() {
+                hosted.handle.stop().await;
+            }
+        }
         let nbd = lock(&self.nbd).take();
         if let Some(nbd) = nbd {
             nbd.stop().await;
         }
         let volumes = self.table.all();
         for hosted in &volumes {
-            if hosted.handle.is_primary() {
+            if hosted.handle.is_primary() && !hosted.handle.is_stopping() {
                 if let Err(e) = hosted.handle.checkpoint().await {
                     tracing::warn!(volume = %hosted.spec.name, error = %e, "final checkpoint");
                 }

@@ -7,6 +7,7 @@
 //! [`EngineInput`](context::EngineInput), never by naming the volume.
 
 mod context;
+pub(crate) mod peering;
 mod resources;
 mod sender;
 mod ship;

@@ -12,13 +12,13 @@ const INSTALL_QUEUE: usize = 8;
 /// The queue is bounded (the arbiter waits when the writer is behind), and
 /// a write error surfaces on the next chunk or at `finish`.
 #[derive(Debug)]
-pub(super) struct InstallWriter {
+pub(crate) struct InstallWriter {
     chunks: Option<std::sync::mpsc::SyncSender<(u64, Bytes)>>,
     thread: Option<std::thread::JoinHandle<Result<BaseInstall, StoreError>>>,
 }
 
 impl InstallWriter {
-    pub(super) fn start(mut install: BaseInstall) -> Self {
+    pub(crate) fn start(mut install: BaseInstall) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(INSTALL_QUEUE);
         let thread = std::thread::Builder::new()
             .name("walship-install".into())
@@ -44,7 +44,7 @@ impl InstallWriter {
         }
     }
 
-    pub(super) fn write(&mut self, offset: u64, data: Bytes) -> Result<(), StoreError> {
+    pub(crate) fn write(&mut self, offset: u64, data: Bytes) -> Result<(), StoreError> {
         let sent = self
             .chunks
             .as_ref()
@@ -57,7 +57,7 @@ impl InstallWriter {
     }
 
     /// Waits for every queued chunk; returns the install to commit.
-    pub(super) fn finish(mut self) -> Result<BaseInstall, StoreError> {
+    pub(crate) fn finish(mut self) -> Result<BaseInstall, StoreError> {
         self.finish_now()
     }
 

@@ -284,6 +284,9 @@ impl Shared {
                 let named = match &envelope.message {
                     Message::Hello {
                         cluster, volume, ..
+                    }
+                    | Message::Peer {
+                        cluster, volume, ..
                     } => Some((cluster.clone(), volume.clone())),
                     _ => None,
                 };

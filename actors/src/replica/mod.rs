@@ -5,7 +5,7 @@
 //! Dependencies point one way: `listener` → `receiver` → `admission`, `install`.
 
 mod admission;
-mod install;
+pub(crate) mod install;
 pub(crate) mod listener;
 pub(crate) mod receiver;
 

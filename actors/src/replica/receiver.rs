@@ -64,6 +64,13 @@ pub struct ReceiverActor {
     tasks: TaskTracker,
     _alive: TaskTrackerToken,
     committed: u64,
+    /// The highest LSN any primary said was committed (or the checkpoint):
+    /// what may have been acknowledged to a client. Nothing truncates
+    /// below it, and a primary that peers learns it. Kept in memory: after
+    /// a restart the checkpoint is the floor.
+    committed_floor: u64,
+    /// A pull a primary that lost its log is making of this replica's image.
+    pull: Option<Pull>,
     metrics: Arc<MailboxMetrics>,
     /// Seconds each WAL sync took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
@@ -98,6 +105,19 @@ impl Metered for ReceiverActor {
 
 metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, #[cfg(feature = "testing")] crate::testing::InjectStorageFault, StopReceiver);
 
+/// A primary pulling this replica's whole volume at its durable LSN (see
+/// `Message::PullImage`): chunks go out in order, their crc32c kept.
+#[derive(Debug)]
+struct Pull {
+    image_lsn: u64,
+    image_bytes: u64,
+    next: u64,
+    crc: u32,
+}
+
+/// The largest chunk a pull may ask for.
+const PULL_CHUNK_MAX: u32 = 8 << 20;
+
 /// What a connection task must send back, and whether to close after.
 #[derive(Debug, Default, MessageResponse)]
 pub(crate) struct Reply {
@@ -129,7 +149,10 @@ impl ReceiverActor {
         tasks: TaskTracker,
     ) -> Self {
         let epoch = store.superblock().epoch;
+        let committed_floor = store.superblock().checkpoint;
         Self {
+            committed_floor,
+            pull: None,
             blocking,
             _alive: tasks.token(),
             tasks,
@@ -212,6 +235,7 @@ impl ReceiverActor {
         }
         self.active_conn = Some(conn);
         self.install = None;
+        self.pull = None;
         // Only this primary's word counts for what is committed: an earlier
         // one's, after a failover, may name frames the new one lacks.
         self.committed = self.store.superblock().checkpoint;
@@ -220,13 +244,124 @@ impl ReceiverActor {
         if let Err(e) = self.sync_to(self.store.head()) {
             return self.store_failed("sync before hello", &e, CODE_STORE);
         }
+        self.answer(self.hello_ack())
+    }
+
+    /// What the replica holds: its durable LSN, checkpoint, epoch history
+    /// and the committed LSN it knows.
+    fn hello_ack(&self) -> Message {
         let wal = self.store.wal();
-        self.answer(Message::HelloAck {
+        let checkpoint = self.store.superblock().checkpoint;
+        Message::HelloAck {
             replica: self.identity.replica.clone(),
             flushed: wal.durable(),
-            checkpoint: self.store.superblock().checkpoint,
+            checkpoint,
             epochs: wal.epochs(),
-        })
+            committed: self.committed_floor.max(checkpoint),
+        }
+    }
+
+    /// A primary about to serve asks what this replica holds; nothing on
+    /// the replica changes (no epoch taken, no session), and an older
+    /// primary is answered too: the epoch of the answer tells it.
+    fn peer(&mut self, volume: &str, replica: &str) -> Reply {
+        if let Err(refusal) = admission::hello(&self.identity, 0, volume, replica, 0) {
+            return self.refuse(&refusal);
+        }
+        Reply {
+            send: vec![Envelope {
+                epoch: self.epoch,
+                message: self.hello_ack(),
+            }],
+            close: true,
+        }
+    }
+
+    /// Notes what a primary says is committed.
+    fn heard_committed(&mut self, committed: u64) {
+        self.committed = self.committed.max(committed);
+        self.committed_floor = self.committed_floor.max(committed);
+    }
+
+    /// Serves a pull of the whole volume at the durable head (the primary
+    /// that lost its log, after its hello in a newer term: nothing else
+    /// writes here meanwhile).
+    fn pull(&mut self, message: Message) -> Reply {
+        let epoch = self.epoch;
+        match message {
+            Message::PullImage => {
+                let head = self.store.head();
+                let image_lsn = match self.sync_to(head) {
+                    Ok(durable) => durable,
+                    Err(e) => return self.store_failed("sync before pull", &e, CODE_STORE),
+                };
+                let image_bytes = self.store.block_count() * BLOCK_SIZE as u64;
+                self.pull = Some(Pull {
+                    image_lsn,
+                    image_bytes,
+                    next: 0,
+                    crc: 0,
+                });
+                tracing::info!(replica = %self.identity.replica, image_lsn,
+                    "a primary pulls this replica's image");
+                self.answer(Message::RebuildBegin {
+                    session: 0,
+                    kind: walship_io::ImageKind::FullBase,
+                    image_lsn,
+                    image_bytes,
+                })
+            }
+            Message::PullChunk { offset, len } => {
+                let Some(pull) = self.pull.as_mut() else {
+                    return error(epoch, CODE_UNEXPECTED, "pull chunk without a pull");
+                };
+                let block = BLOCK_SIZE as u64;
+                let len = u64::from(len);
+                if offset != pull.next
+                    || len == 0
+                    || len > u64::from(PULL_CHUNK_MAX)
+                    || len % block != 0
+                    || offset + len > pull.image_bytes
+                {
+                    return error(
+                        epoch,
+                        CODE_BASE,
+                        format!(
+                            "pull chunk {offset}+{len}: expected {} onwards, whole blocks, at most {PULL_CHUNK_MAX} bytes, within {}",
+                            pull.next, pull.image_bytes
+                        ),
+                    );
+                }
+                match self.store.read(offset / block, len / block) {
+                    Ok(data) => {
+                        if let Some(pull) = self.pull.as_mut() {
+                            pull.crc = crc32c::crc32c_append(pull.crc, &data);
+                            pull.next += len;
+                        }
+                        self.answer(Message::RebuildChunk {
+                            session: 0,
+                            offset,
+                            data,
+                        })
+                    }
+                    Err(e) => self.store_failed("read for pull", &e, CODE_STORE),
+                }
+            }
+            Message::PullDone => match self.pull.take() {
+                Some(pull) if pull.next == pull.image_bytes => {
+                    let mut epochs = self.store.wal().epochs();
+                    epochs.retain(|start| start.first_lsn <= pull.image_lsn);
+                    self.answer(Message::RebuildDone {
+                        session: 0,
+                        image_lsn: pull.image_lsn,
+                        checksum: pull.crc,
+                        epochs,
+                    })
+                }
+                _ => error(epoch, CODE_UNEXPECTED, "pull done before the whole image"),
+            },
+            _ => error(epoch, CODE_UNEXPECTED, "not a pull message"),
+        }
     }
 
     /// Applies a batch without syncing; `unsynced` remembers that a sync
@@ -244,7 +379,7 @@ impl ReceiverActor {
         if let Err(refusal) = admission::batch(self.store.head(), first_lsn) {
             return self.refuse(&refusal);
         }
-        self.committed = self.committed.max(committed);
+        self.heard_committed(committed);
         match self.store.apply_replicated(frames, self.committed) {
             Ok(new_head) if new_head == last_lsn => {
                 *unsynced = true;
@@ -350,6 +485,7 @@ impl ReceiverActor {
                         Ok(()) => {
                             // As after a truncation: only this primary's word counts past the image.
                             self.committed = self.committed.min(image_lsn);
+                            self.committed_floor = self.committed_floor.min(image_lsn);
                             self.answer(Message::RebuildInstalled { session, image_lsn })
                         }
                         Err(e) => self.store_failed("commit install", &e, CODE_BASE),
@@ -418,6 +554,12 @@ impl ReceiverActor {
         {
             return self.hello(conn, epoch, volume, replica);
         }
+        if let Message::Peer {
+            volume, replica, ..
+        } = &message
+        {
+            return self.peer(volume, replica);
+        }
         if let Err(refusal) = admission::frame(self.epoch, self.active_conn, conn, epoch) {
             return self.refuse(&refusal);
         }
@@ -446,11 +588,23 @@ impl ReceiverActor {
                 }
             }
             Message::Heartbeat { seq, committed } => {
-                self.committed = self.committed.max(committed);
+                self.heard_committed(committed);
                 self.answer(Message::HeartbeatAck {
                     seq,
                     durable: self.store.wal().durable(),
                 })
+            }
+            Message::Truncate { to, .. } if to < self.committed_floor.min(self.store.head()) => {
+                tracing::error!(replica = %self.identity.replica, to, committed = self.committed_floor,
+                    "truncation below the committed LSN refused");
+                error(
+                    self.epoch,
+                    CODE_TRUNCATE_REFUSED,
+                    format!(
+                        "cannot truncate to {to}: a primary said {} was committed (acknowledged writes would be lost)",
+                        self.committed_floor
+                    ),
+                )
             }
             Message::Truncate { session, to } => match self.store.truncate_after(to) {
                 Ok(()) => {
@@ -470,6 +624,9 @@ impl ReceiverActor {
             message @ (Message::RebuildBegin { .. }
             | Message::RebuildChunk { .. }
             | Message::RebuildDone { .. }) => self.rebuild(message),
+            message @ (Message::PullImage | Message::PullChunk { .. } | Message::PullDone) => {
+                self.pull(message)
+            }
             other => error(
                 self.epoch,
                 CODE_UNEXPECTED,

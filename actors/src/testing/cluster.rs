@@ -412,5 +412,6 @@ fn primary_config(
             .collect(),
         tuning: options.tuning.clone(),
         on_replica_states: None,
+        peering: Default::default(),
     })
 }

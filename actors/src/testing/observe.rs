@@ -21,7 +21,9 @@ impl LoopbackCluster {
     pub async fn status(&self) -> Result<VolumeStatus> {
         match self.primary.status().await? {
             NodeStatus::Primary(status) => Ok(*status),
-            NodeStatus::Replica(_) => Err(HarnessError::Role("the primary".into())),
+            NodeStatus::Replica(_) | NodeStatus::Peering(_) => {
+                Err(HarnessError::Role("the primary".into()))
+            }
         }
     }
 
@@ -29,7 +31,9 @@ impl LoopbackCluster {
     pub async fn replica_status(&self, server: &str) -> Result<ReplicaStatus> {
         match self.replica(server).status().await? {
             NodeStatus::Replica(status) => Ok(*status),
-            NodeStatus::Primary(_) => Err(HarnessError::Role(format!("replica {server}"))),
+            NodeStatus::Primary(_) | NodeStatus::Peering(_) => {
+                Err(HarnessError::Role(format!("replica {server}")))
+            }
         }
     }
 

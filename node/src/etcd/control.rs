@@ -268,6 +268,8 @@ pub(super) async fn report(
                     let key = replica_report_key(&cluster, &name, node.name());
                     (key, serde_json::to_vec(&own))
                 }
+                // Nothing to report until it serves.
+                NodeStatus::Peering(_) => continue,
             };
             let Ok(value) = value else {
                 continue;

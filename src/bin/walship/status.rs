@@ -87,6 +87,19 @@ pub fn render(report: &Value) -> String {
             text(&volume["export"]),
         );
     }
+    // A primary that does not serve yet: it waits for its replicas' answers.
+    for volume in volumes.iter().filter(|v| v["status"]["state"] == "peering") {
+        let status = &volume["status"];
+        let _ = writeln!(
+            out,
+            "\n{}: peering with its replicas before serving: {} of {} needed answered (round {}; {})",
+            text(&volume["name"]),
+            text(&status["have"]),
+            text(&status["need"]),
+            text(&status["round"]),
+            text(&status["reason"]),
+        );
+    }
     for volume in volumes.iter().filter(|v| v["role"] == "primary") {
         let status = &volume["status"];
         let head = status["head"].as_u64().unwrap_or(0);

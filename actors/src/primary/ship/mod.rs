@@ -38,19 +38,7 @@ pub(crate) async fn connect_and_hello(
     epoch: u64,
     endpoint: &Endpoint,
 ) -> Result<(Conn, HandshakeReply), ExecError> {
-    let limit = c.tuning.connect_timeout;
-    let mut conn = if c.tuning.multiplex {
-        framed(c.links.open(&endpoint.data_addr, limit).await?)
-    } else {
-        let stream = tokio::time::timeout(limit, TcpStream::connect(&endpoint.data_addr))
-            .await
-            .map_err(|_| ExecError::Timeout(limit))?
-            .map_err(|e| ExecError::Wire(e.into()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| ExecError::Wire(e.into()))?;
-        framed(Box::new(stream) as Box<dyn transport::Io>)
-    };
+    let mut conn = connect(&c.tuning, &c.links, &endpoint.data_addr).await?;
     let hello = Message::Hello {
         cluster: c.cluster.clone(),
         volume: c.replica.volume().to_owned(),
@@ -64,6 +52,28 @@ pub(crate) async fn connect_and_hello(
     .await?;
     let answer = recv(&mut conn, c.tuning.peer_timeout).await?;
     Ok((conn, transport::handshake_reply(answer)?))
+}
+
+/// A connection to a replica at `addr`: a stream of the link to its node
+/// when the tuning multiplexes, else a TCP connection of its own.
+pub(crate) async fn connect(
+    tuning: &crate::config::Tuning,
+    links: &crate::mux::PeerLinks,
+    addr: &str,
+) -> Result<Conn, ExecError> {
+    let limit = tuning.connect_timeout;
+    Ok(if tuning.multiplex {
+        framed(links.open(addr, limit).await?)
+    } else {
+        let stream = tokio::time::timeout(limit, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ExecError::Timeout(limit))?
+            .map_err(|e| ExecError::Wire(e.into()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| ExecError::Wire(e.into()))?;
+        framed(Box::new(stream) as Box<dyn transport::Io>)
+    })
 }
 
 /// Runs a catch-up or rebuild plan to its end.

@@ -128,7 +128,17 @@ impl VolumeActor {
         pools: Pools,
         tasks: TaskTracker,
     ) -> Result<Self, VolumeError> {
-        let (store, report) = Store::open(&config.dir, config.store.clone())?;
+        let opened = Store::open(&config.dir, config.store.clone())?;
+        Self::with_store(config, opened, pools, tasks)
+    }
+
+    /// [`open`](Self::open) on a store already opened (peering opens it first).
+    pub(crate) fn with_store(
+        config: PrimaryConfig,
+        (store, report): (Store, walship_io::StoreReport),
+        pools: Pools,
+        tasks: TaskTracker,
+    ) -> Result<Self, VolumeError> {
         // Epochs are the primary's incarnations: LSNs written in one must
         // never be written again with other data, and a crash may have lost
         // entries that replicas already hold.
@@ -193,6 +203,11 @@ impl VolumeActor {
             _alive: tasks.token(),
             tasks,
         })
+    }
+
+    /// Records what peering decided before the volume opened.
+    pub(crate) fn note_peered(&mut self, peered: &walship_engine::Peering) {
+        self.engine.handle_peered(peered);
     }
 
     pub(crate) fn metrics_arc(&self) -> Arc<MailboxMetrics> {

@@ -1,0 +1,341 @@
+//! Peering before a primary serves: the shell of
+//! [`walship_engine::decide_peering`].
+//!
+//! Before the `VolumeActor` opens, the primary asks every replica what it
+//! holds (`Peer`, answered with a `HelloAck` and the replica's term),
+//! rounds after rounds until the engine has the answers the commit mode
+//! needs. If the engine finds a replica holding entries this log lacks
+//! that may have been acknowledged, the primary says hello in its new term
+//! (fencing anything older) and pulls that replica's whole volume at its
+//! durable LSN (`PullImage`, `PullChunk`, `PullDone`) into its own store,
+//! through the same base install a replica's rebuild uses. The chosen term
+//! is persisted (`Peering::on_term`) before any replica hears it.
+
+use super::ship::connect;
+use crate::config::{PrimaryConfig, ReplicaSpec, Tuning};
+use crate::error::{ExecError, VolumeError};
+use crate::mux::PeerLinks;
+use crate::replica::install::InstallWriter;
+use crate::transport::{self, recv, Conn};
+use futures::SinkExt;
+use std::time::Duration;
+use walship_engine::{
+    decide_peering, required_answers, Epoch, EpochHistory, LocalLog, Lsn, PeerAnswer, Peering,
+    ReplicaId, Terms,
+};
+use walship_io::{Envelope, Message, Store, BLOCK_SIZE};
+
+/// Image requests a pull keeps in flight.
+const PULL_WINDOW: u64 = 4;
+
+/// Runs peering for `config` on its opened `store`: returns the decision,
+/// with `config.epoch` set to the term it chose and anything recovered
+/// already in the store. Each round that must wait is told to `waiting`.
+///
+/// An empty store counts as lost, whether it was created at this open or
+/// an earlier open created it and never got to serve: an empty log is
+/// never authoritative.
+pub(crate) async fn peer_before_serving(
+    config: &mut PrimaryConfig,
+    links: &PeerLinks,
+    store: &Store,
+    waiting: impl Fn(u64, &Peering),
+) -> Result<Peering, VolumeError> {
+    let wal = store.wal();
+    let epochs = wal.epochs();
+    let lost = epochs.is_empty() && wal.head() == 0 && store.superblock().checkpoint == 0;
+    let local = LocalLog {
+        head: Lsn(wal.durable()),
+        epochs: transport::engine_epochs(&epochs).map_err(walship_engine::EngineError::from)?,
+        lost,
+    };
+    let terms = Terms {
+        configured: Epoch(config.epoch),
+        ceiling: Epoch(match config.peering.term_ceiling {
+            0 => u64::MAX,
+            ceiling => ceiling,
+        }),
+    };
+    let (need, _) = required_answers(config.commit_mode, config.replicas.len(), local.lost);
+    let mut backoff = Duration::from_millis(100);
+    for round in 1u64.. {
+        let answers = ask_all(config, links, need).await;
+        let decided = decide_peering(
+            config.commit_mode,
+            config.replicas.len(),
+            &local,
+            terms,
+            &answers,
+        );
+        match &decided {
+            Peering::Wait { have, need, reason } => {
+                waiting(round, &decided);
+                if round == 1 || round.is_power_of_two() {
+                    tracing::warn!(volume = %config.volume, have, need, %reason, round,
+                        "peering: waiting for replicas before serving");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Peering::Superseded { replica, term } => {
+                return Err(VolumeError::Superseded {
+                    replica: replica.to_string(),
+                    term: term.0,
+                })
+            }
+            Peering::TermsExhausted { seen } => {
+                return Err(VolumeError::EpochNotNewer {
+                    assigned: config.epoch,
+                    wal: seen.0,
+                })
+            }
+            Peering::Serve { term, proof } => {
+                tracing::info!(volume = %config.volume, "{proof}");
+                choose_term(config, *term)?;
+            }
+            Peering::Recover {
+                from,
+                through,
+                term,
+                proof,
+            } => {
+                tracing::warn!(volume = %config.volume, "{proof}");
+                choose_term(config, *term)?;
+                let spec = config
+                    .replicas
+                    .iter()
+                    .find(|r| r.server == from.server())
+                    .cloned()
+                    .ok_or_else(|| failed(from, "not among the replicas"))?;
+                let image_lsn = pull(config, links, &spec, store)
+                    .await
+                    .map_err(|e| failed(from, e))?;
+                if image_lsn < through.0 {
+                    return Err(failed(
+                        from,
+                        format!("its image ends at {image_lsn}, it said {}", through.0),
+                    ));
+                }
+                tracing::info!(volume = %config.volume, replica = %from, image_lsn,
+                    "peering: recovered the replica's log before serving");
+            }
+        }
+        return Ok(decided);
+    }
+    unreachable!("rounds are counted by an unbounded range")
+}
+
+fn failed(from: &ReplicaId, reason: impl ToString) -> VolumeError {
+    VolumeError::PeeringFailed {
+        replica: from.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Persists `term` (if it is not the configured one) and opens in it.
+fn choose_term(config: &mut PrimaryConfig, term: Epoch) -> Result<(), VolumeError> {
+    if term.0 != config.epoch {
+        if let Some(on_term) = &config.peering.on_term {
+            (on_term.0)(term.0)
+                .map_err(|e| VolumeError::Runtime(format!("persist term {}: {e}", term.0)))?;
+        }
+        config.epoch = term.0;
+    }
+    Ok(())
+}
+
+/// How long a round waits for the replicas it does not need, once it has
+/// the answers it needs: what they say of terms and commits is worth a
+/// moment, not a failover's worth of a partitioned node's timeout.
+const ROUND_GRACE: Duration = Duration::from_millis(300);
+
+/// One round: every replica asked at once; the answers that came by the
+/// time all did, or `need` did and the grace passed, or the peer timeout.
+async fn ask_all(config: &PrimaryConfig, links: &PeerLinks, need: usize) -> Vec<PeerAnswer> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut asks: FuturesUnordered<_> = config
+        .replicas
+        .iter()
+        .map(|spec| async move {
+            let answer = ask(config, links, spec).await;
+            if let Err(error) = &answer {
+                tracing::debug!(volume = %config.volume, replica = %spec.server, %error,
+                    "peering: no answer");
+            }
+            answer.ok()
+        })
+        .collect();
+    let grace = tokio::time::sleep(ROUND_GRACE);
+    tokio::pin!(grace);
+    let mut answers = Vec::new();
+    let mut asked = asks.len();
+    while asked > 0 {
+        tokio::select! {
+            Some(answer) = asks.next() => {
+                asked -= 1;
+                answers.extend(answer);
+            }
+            () = &mut grace, if answers.len() >= need => break,
+        }
+    }
+    answers
+}
+
+fn replica_id(config: &PrimaryConfig, spec: &ReplicaSpec) -> Result<ReplicaId, ExecError> {
+    ReplicaId::new(&config.volume, &spec.server).map_err(|e| ExecError::Protocol(e.to_string()))
+}
+
+async fn ask(
+    config: &PrimaryConfig,
+    links: &PeerLinks,
+    spec: &ReplicaSpec,
+) -> Result<PeerAnswer, ExecError> {
+    let tuning = &config.tuning;
+    let id = replica_id(config, spec)?;
+    let limit = tuning.peer_timeout;
+    let exchange = async {
+        let mut conn = connect(tuning, links, &spec.addr).await?;
+        let message = Message::Peer {
+            cluster: config.cluster.clone(),
+            volume: config.volume.clone(),
+            replica: id.as_str().to_owned(),
+        };
+        conn.send(Envelope {
+            epoch: config.epoch,
+            message,
+        })
+        .await?;
+        recv(&mut conn, limit).await
+    };
+    let answer = tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| ExecError::Timeout(limit))??;
+    let term = Epoch(answer.epoch);
+    let Message::HelloAck {
+        replica,
+        flushed,
+        epochs,
+        committed,
+        ..
+    } = answer.message
+    else {
+        return Err(ExecError::Protocol(format!(
+            "peer: expected a hello ack, got {:?}",
+            answer.message
+        )));
+    };
+    if replica != id.as_str() {
+        return Err(ExecError::Protocol(format!(
+            "peer: {replica} answered for {id}"
+        )));
+    }
+    let epochs: EpochHistory =
+        transport::engine_epochs(&epochs).map_err(|e| ExecError::Protocol(format!("peer: {e}")))?;
+    Ok(PeerAnswer {
+        replica: id,
+        term,
+        flushed: Lsn(flushed),
+        committed: Lsn(committed),
+        epochs,
+    })
+}
+
+/// Pulls `spec`'s whole volume at its durable LSN into `store`, in the
+/// term `config.epoch`; returns the image's LSN.
+async fn pull(
+    config: &PrimaryConfig,
+    links: &PeerLinks,
+    spec: &ReplicaSpec,
+    store: &Store,
+) -> Result<u64, ExecError> {
+    let tuning: &Tuning = &config.tuning;
+    let limit = tuning.peer_timeout;
+    let id = replica_id(config, spec)?;
+    let mut conn = connect(tuning, links, &spec.addr).await?;
+    let epoch = config.epoch;
+    let hello = Message::Hello {
+        cluster: config.cluster.clone(),
+        volume: config.volume.clone(),
+        replica: id.as_str().to_owned(),
+        session: 0,
+    };
+    conn.send(Envelope {
+        epoch,
+        message: hello,
+    })
+    .await?;
+    transport::handshake_reply(recv(&mut conn, limit).await?)?;
+    conn.send(Envelope {
+        epoch,
+        message: Message::PullImage,
+    })
+    .await?;
+    let (image_lsn, image_bytes) = match recv(&mut conn, limit).await?.message {
+        Message::RebuildBegin {
+            image_lsn,
+            image_bytes,
+            ..
+        } => (image_lsn, image_bytes),
+        other => return Err(ExecError::Protocol(format!("pull: got {other:?}"))),
+    };
+    let expected = store.block_count() * BLOCK_SIZE as u64;
+    if image_bytes != expected {
+        return Err(ExecError::Protocol(format!(
+            "pull: image of {image_bytes} bytes, this volume is {expected}"
+        )));
+    }
+    let install = store.begin_install(image_lsn).map_err(ExecError::from)?;
+    let mut writer = InstallWriter::start(install);
+    let chunk = (tuning.image_chunk_bytes as u64 / BLOCK_SIZE as u64).max(1) * BLOCK_SIZE as u64;
+    let mut requested = 0;
+    let mut received = 0;
+    while received < image_bytes {
+        while requested < image_bytes && requested - received < PULL_WINDOW * chunk {
+            let len = chunk.min(image_bytes - requested);
+            request_chunk(&mut conn, epoch, requested, len).await?;
+            requested += len;
+        }
+        match recv(&mut conn, limit).await?.message {
+            Message::RebuildChunk { offset, data, .. } if offset == received => {
+                received += data.len() as u64;
+                writer.write(offset, data).map_err(ExecError::from)?;
+            }
+            other => return Err(ExecError::Protocol(format!("pull: got {other:?}"))),
+        }
+    }
+    conn.send(Envelope {
+        epoch,
+        message: Message::PullDone,
+    })
+    .await?;
+    let (checksum, epochs) = match recv(&mut conn, limit).await?.message {
+        Message::RebuildDone {
+            image_lsn: done,
+            checksum,
+            epochs,
+            ..
+        } if done == image_lsn => (checksum, epochs),
+        other => return Err(ExecError::Protocol(format!("pull: got {other:?}"))),
+    };
+    let install = writer.finish().map_err(ExecError::from)?;
+    store
+        .commit_install(install, checksum, epoch, &epochs)
+        .map_err(ExecError::from)?;
+    Ok(image_lsn)
+}
+
+async fn request_chunk(
+    conn: &mut Conn,
+    epoch: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(), ExecError> {
+    let len = u32::try_from(len).map_err(|_| ExecError::Protocol("pull chunk too large".into()))?;
+    conn.send(Envelope {
+        epoch,
+        message: Message::PullChunk { offset, len },
+    })
+    .await?;
+    Ok(())
+}
