@@ -1211,7 +1211,14 @@ async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answe
 /// serves. Every acknowledged block reads back from every export.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_replica() {
-    let (etcd, mut cluster) = cluster_on_etcd().await;
+    // 10 s leases: node1 is back well within its own.
+    let etcd = Etcd::start().await;
+    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "10000"];
+    let mut cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |_| {
+        args.iter().map(|a| a.to_string()).collect()
+    })
+    .await;
+    cluster.wait_converged(CONVERGE).await;
     let acked = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..1500).await;
     cluster.kill(0).await;
     std::fs::remove_dir_all(&cluster.nodes[0].data_dir).unwrap();
@@ -1219,26 +1226,20 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
     cluster.wait_up(0, Duration::from_secs(30)).await;
     let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
-    let primary = cluster
-        .nodes
-        .iter()
-        .position(|n| n.name == record.primary)
-        .unwrap();
-    wait_serving(&cluster, primary).await;
-    cluster.wait_converged_on(primary, CONVERGE).await;
+    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+    wait_serving(&cluster, 0).await;
+    cluster.wait_converged_on(0, CONVERGE).await;
     for node in &cluster.nodes {
         assert_blocks(nbd_addr(node), &acked).await;
     }
-    assert_replicas_identical(&cluster, primary).await;
-    if primary == 0 {
-        let log = cluster.primary_volume().await["recent_recovery"].clone();
-        assert!(
-            log.as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e["event"] == "primary_behind"),
-            "{log:#}"
-        );
-    }
+    assert_replicas_identical(&cluster, 0).await;
+    let log = cluster.primary_volume().await["recent_recovery"].clone();
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "primary_behind"),
+        "{log:#}"
+    );
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }

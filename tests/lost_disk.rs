@@ -47,6 +47,11 @@ async fn primary_comes_back_without(mode: &str, loss: Loss) {
         .as_u64()
         .unwrap();
     assert!(head_before >= 1500, "committed {head_before}");
+    let mut terms_seen = 0;
+    for replica in [1, 2] {
+        let term = cluster.status(replica).await["volumes"][0]["status"]["epoch"].as_u64();
+        terms_seen = terms_seen.max(term.unwrap());
+    }
 
     cluster.kill(0).await;
     let dir = cluster.nodes[0].data_dir.clone();
@@ -86,12 +91,16 @@ async fn primary_comes_back_without(mode: &str, loss: Loss) {
             assert!(said("peered").is_some(), "{log:#?}");
         }
     }
-    // A new term, never the one the replicas saw before.
+    // A new term, newer than any the replicas had accepted, and persisted
+    // in the volume's assignment before they heard it.
     let term = volume["status"]["registry"]["epoch"].as_u64().unwrap();
-    assert!(term > 1 << 20, "term {term}");
+    assert!(term > terms_seen, "term {term}, replicas saw {terms_seen}");
+    let persisted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("vol0/assignment.json")).unwrap()).unwrap();
     assert_eq!(
-        volume["assignment"]["incarnation"].as_u64(),
-        Some(term & 0xfffff)
+        persisted["incarnation"].as_u64(),
+        Some(term & 0xfffff),
+        "{persisted:#}"
     );
 
     // It serves: more writes, every one of them on every node.

@@ -217,7 +217,10 @@ async fn start_volume(
                             Ok(addr) => Opening::Open(addr),
                             Err(error) => {
                                 tracing::error!(%volume, %error, "primary did not open");
-                                Opening::Failed(error.to_string())
+                                let mut failed = PeeringStatus::new(&volume);
+                                failed.state = "failed";
+                                failed.reason = error.to_string();
+                                Opening::Failed(failed)
                             }
                         });
                     }
@@ -330,9 +333,14 @@ async fn open_after_peering(
             });
         }
     };
-    let peered =
-        crate::primary::peering::peer_before_serving(&mut config, &pools.links, &store, waiting)
-            .await?;
+    let peered = crate::primary::peering::peer_before_serving(
+        &mut config,
+        &pools.links,
+        &store,
+        report.torn_bytes_dropped > 0,
+        waiting,
+    )
+    .await?;
     let mut actor = VolumeActor::with_store(config, (store, report), pools, tasks)?;
     actor.note_peered(&peered);
     let metrics = actor.metrics_arc();
@@ -359,7 +367,8 @@ fn bind(listen: &str) -> Result<std::net::TcpListener, VolumeError> {
 enum Opening {
     Peering(PeeringStatus),
     Open(MeteredAddr<VolumeActor>),
-    Failed(String),
+    /// It did not open (`state: failed`, the reason why): for good.
+    Failed(PeeringStatus),
 }
 
 /// A primary still peering with its replicas, for operators: it takes no
@@ -370,7 +379,8 @@ pub struct PeeringStatus {
     pub role: &'static str,
     /// The volume.
     pub volume: String,
-    /// What it is doing (`peering`).
+    /// What it is doing: `peering`, or `failed` (for good: why is the
+    /// reason; a restart or a new assignment opens it again).
     pub state: &'static str,
     /// Rounds of asking so far that had too few answers.
     pub round: u64,
@@ -464,7 +474,9 @@ impl VolumeHandle {
         loop {
             let peering = match &*opening.borrow_and_update() {
                 Opening::Open(addr) => return Ok(addr.clone()),
-                Opening::Failed(why) => return Err(VolumeError::OpenFailed(why.clone())),
+                Opening::Failed(failed) => {
+                    return Err(VolumeError::OpenFailed(failed.reason.clone()))
+                }
                 Opening::Peering(status) => status.clone(),
             };
             tokio::select! {
@@ -496,6 +508,16 @@ impl VolumeHandle {
     /// takes requests, but answers none until it has opened.
     pub fn is_peering(&self) -> bool {
         matches!(&self.inner, Inner::Primary(opening, _) if matches!(*opening.borrow(), Opening::Peering(_)))
+    }
+
+    /// Whether the volume's actor is running: a replica's always, a
+    /// primary's once peering opened it (not while it peers, nor if it
+    /// failed to open).
+    pub fn has_opened(&self) -> bool {
+        match &self.inner {
+            Inner::Primary(opening, _) => matches!(*opening.borrow(), Opening::Open(_)),
+            Inner::Replica { .. } => true,
+        }
     }
 
     /// Whether this is a primary.
@@ -610,8 +632,8 @@ impl VolumeHandle {
         match &self.inner {
             Inner::Primary(opening, _) => {
                 let peering = match &*opening.borrow() {
-                    Opening::Peering(status) => Some(status.clone()),
-                    _ => None,
+                    Opening::Peering(status) | Opening::Failed(status) => Some(status.clone()),
+                    Opening::Open(_) => None,
                 };
                 match peering {
                     Some(status) => Ok(NodeStatus::Peering(Box::new(status))),

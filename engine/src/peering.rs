@@ -82,6 +82,14 @@ pub struct LocalLog {
     /// never written): whatever the volume held before may be gone from
     /// this node, and an empty log is never authoritative.
     pub lost: bool,
+    /// Whether opening it cut a torn tail: frames a sync may have covered
+    /// could be among them (a torn tail is told from corruption by what a
+    /// power loss leaves, not by a record of the durable point), so a
+    /// replica's longer log in the same term may hold acknowledged entries.
+    pub cut: bool,
+    /// The newest term this store persisted as its own (a term chosen
+    /// before is persisted before it is used, written or not).
+    pub term: Epoch,
 }
 
 /// The terms the primary may open in: `[configured, ceiling)`. The
@@ -156,6 +164,8 @@ pub fn required_answers(mode: CommitMode, replicas: usize, lost: bool) -> (usize
     if replicas == 0 {
         return (0, "no replicas".to_owned());
     }
+    // A lost log counts only answers that hold something (or every
+    // replica's answer): see `counted`.
     let (need, why) = match (mode, lost) {
         (CommitMode::SyncAll, true) => (1, "sync_all: every replica holds each acknowledged write"),
         (CommitMode::SyncAll, false) => (0, "sync_all: the kept log holds each acknowledged write"),
@@ -195,17 +205,23 @@ pub fn decide_peering(
         };
     }
     let (need, reason) = required_answers(mode, replicas, local.lost);
-    if answers.len() < need {
-        return Peering::Wait {
-            have: answers.len(),
-            need,
-            reason,
-        };
+    let (need, reason) = if local.cut && need == 0 {
+        (
+            1,
+            "a torn tail was cut: a replica may hold what a sync covered".to_owned(),
+        )
+    } else {
+        (need, reason)
+    };
+    let have = counted(local, replicas, answers);
+    if have < need {
+        return Peering::Wait { have, need, reason };
     }
     let seen = answers
         .iter()
         .map(|a| a.term.max(a.epochs.newest().map_or(Epoch(0), |s| s.epoch)))
         .chain(local.epochs.newest().map(|s| s.epoch))
+        .chain([local.term])
         .max()
         .unwrap_or(Epoch(0));
     let term = if seen < terms.configured {
@@ -245,6 +261,17 @@ pub fn decide_peering(
     }
 }
 
+/// The answers that count toward what the mode needs. For a lost log an
+/// empty answer (a wiped or new replica) proves nothing while another
+/// replica may hold the volume, so it counts only once every replica
+/// answered (a new volume: nobody holds anything).
+fn counted(local: &LocalLog, replicas: usize, answers: &[PeerAnswer]) -> usize {
+    if !local.lost || answers.len() >= replicas {
+        return answers.len();
+    }
+    answers.iter().filter(|a| a.last_term().is_some()).count()
+}
+
 /// Why `answer` may hold acknowledged entries that `local` lacks, if it
 /// may: the primary then recovers them from it.
 fn may_be_acknowledged(
@@ -253,25 +280,30 @@ fn may_be_acknowledged(
     answer: &PeerAnswer,
 ) -> Option<&'static str> {
     let last_term = answer.last_term()?;
-    if answer.flushed <= local.head && answer.committed <= local.head {
-        return None;
-    }
     if local.lost {
         return Some("this node's log was lost");
+    }
+    let local_term = local.epochs.newest().map_or(Epoch(0), |start| start.epoch);
+    if last_term > local_term {
+        // Another primary wrote them, after this log's newest term: they
+        // lie past where the logs diverge, whichever log is longer.
+        return Some("they are of a newer term than this log's");
     }
     if answer.committed > local.head && answer.flushed >= answer.committed {
         return Some("it knows them committed");
     }
-    let local_term = local.epochs.newest().map_or(Epoch(0), |start| start.epoch);
-    if last_term > local_term {
-        // Another primary wrote them after this log's newest term.
-        return Some("they are of a newer term than this log's");
+    if last_term < local_term || answer.flushed <= local.head {
+        return None;
     }
     // Raft's "at least as up to date": same last term, longer. Under
     // sync_quorum a majority of replicas may have acknowledged them
-    // without this primary; under sync_all and best_effort an entry
-    // counted only once this primary had it durably, so they never were.
-    (mode == CommitMode::SyncQuorum && last_term == local_term && answer.flushed > local.head)
+    // without this primary; after a torn tail was cut, a sync may have
+    // covered them; otherwise (sync_all, best_effort) an entry counted
+    // only once this primary had it durably, so they never were.
+    if local.cut {
+        return Some("this log's torn tail was cut");
+    }
+    (mode == CommitMode::SyncQuorum)
         .then_some("a quorum without this node may have acknowledged them")
 }
 
@@ -314,6 +346,18 @@ mod tests {
             head: Lsn(0),
             epochs: EpochHistory::new(),
             lost,
+            cut: false,
+            term: Epoch(0),
+        }
+    }
+
+    fn kept(head: u64, epochs: &[(u64, u64)]) -> LocalLog {
+        LocalLog {
+            head: Lsn(head),
+            epochs: history(epochs),
+            lost: false,
+            cut: false,
+            term: Epoch(0),
         }
     }
 
@@ -428,22 +472,18 @@ mod tests {
 
     #[test]
     fn a_kept_log_truncates_an_unacknowledged_tail_but_recovers_a_committed_one() {
-        let kept = LocalLog {
-            head: Lsn(400),
-            epochs: history(&[(E, 1)]),
-            lost: false,
-        };
+        let log = kept(400, &[(E, 1)]);
         // sync_all: node2 holds 401-512 the primary never synced, so never
         // acknowledged; the handshake truncates them as before.
         let unacked = [answer("node2", E, 512, 390)];
-        let decided = decide_peering(CommitMode::SyncAll, 2, &kept, terms(), &unacked);
+        let decided = decide_peering(CommitMode::SyncAll, 2, &log, terms(), &unacked);
         assert!(
             matches!(decided, Peering::Serve { term: Epoch(t), .. } if t == E + 1),
             "{decided:?}"
         );
         // sync_quorum: node2 and node3 committed 401-480 without the primary.
         let committed = [answer("node2", E, 512, 480)];
-        let decided = decide_peering(CommitMode::SyncQuorum, 2, &kept, terms(), &committed);
+        let decided = decide_peering(CommitMode::SyncQuorum, 2, &log, terms(), &committed);
         assert!(
             matches!(&decided, Peering::Recover { from, through: Lsn(512), .. } if from.server() == "node2"),
             "{decided:?}"
@@ -452,7 +492,7 @@ mod tests {
         // primary's head: the message that would have said more was lost
         // with the primary's power.
         let lagging = [answer("node2", E, 512, 390)];
-        let decided = decide_peering(CommitMode::SyncQuorum, 2, &kept, terms(), &lagging);
+        let decided = decide_peering(CommitMode::SyncQuorum, 2, &log, terms(), &lagging);
         assert!(
             matches!(&decided, Peering::Recover { proof, .. } if proof.contains("a quorum without this node")),
             "{decided:?}"
@@ -461,21 +501,93 @@ mod tests {
         // (another primary wrote them): recovered under any mode.
         let mut newer = answer("node3", E + 2, 450, 0);
         newer.epochs = history(&[(E, 1), (E + 2, 380)]);
-        let decided = decide_peering(CommitMode::SyncAll, 2, &kept, terms(), &[newer]);
+        let decided = decide_peering(CommitMode::SyncAll, 2, &log, terms(), &[newer]);
         assert!(
             matches!(&decided, Peering::Recover { from, term: Epoch(t), .. } if from.server() == "node3" && *t == E + 3),
             "{decided:?}"
         );
         // A replica whose tail is of an older term than the primary's
         // newest is behind, not ahead: truncated by the handshake.
-        let newer_local = LocalLog {
-            head: Lsn(400),
-            epochs: history(&[(E, 1), (E + 1, 350)]),
-            lost: false,
-        };
+        let newer_local = kept(400, &[(E, 1), (E + 1, 350)]);
         let stale = [answer("node2", E, 512, 340)];
         let decided = decide_peering(CommitMode::SyncQuorum, 2, &newer_local, terms(), &stale);
         assert!(matches!(decided, Peering::Serve { .. }), "{decided:?}");
+    }
+
+    #[test]
+    fn a_shorter_log_of_a_newer_term_is_recovered_not_cut_at_the_divergence() {
+        // The primary's kept log is E 1-500; node2 was promoted in E+2 at
+        // 380 and wrote 380-450 (maybe acknowledged) while this node was
+        // away: shorter, but newer past where the logs diverge.
+        let mut newer = answer("node2", E + 2, 450, 0);
+        newer.epochs = history(&[(E, 1), (E + 2, 380)]);
+        let decided = decide_peering(
+            CommitMode::SyncAll,
+            2,
+            &kept(500, &[(E, 1)]),
+            terms(),
+            &[newer],
+        );
+        assert!(
+            matches!(&decided, Peering::Recover { through: Lsn(450), proof, .. }
+                if proof.contains("newer term")),
+            "{decided:?}"
+        );
+    }
+
+    #[test]
+    fn a_lost_log_does_not_count_an_empty_answer_while_another_replica_is_silent() {
+        // node3 was wiped (or is new): its answer proves nothing while
+        // node2, which may hold the volume, has not answered.
+        let wiped = [answer("node3", E, 0, 0)];
+        assert!(matches!(
+            decide_peering(CommitMode::SyncAll, 2, &empty(true), terms(), &wiped),
+            Peering::Wait {
+                have: 0,
+                need: 1,
+                ..
+            }
+        ));
+        // Once both answered empty, the volume is new.
+        let both = [answer("node2", 0, 0, 0), answer("node3", E, 0, 0)];
+        assert!(matches!(
+            decide_peering(CommitMode::SyncAll, 2, &empty(true), terms(), &both),
+            Peering::Serve { .. }
+        ));
+    }
+
+    #[test]
+    fn a_cut_torn_tail_waits_for_an_answer_and_recovers_a_longer_log_in_its_term() {
+        let mut cut = kept(400, &[(E, 1)]);
+        cut.cut = true;
+        assert!(matches!(
+            decide_peering(CommitMode::SyncAll, 2, &cut, terms(), &[]),
+            Peering::Wait {
+                have: 0,
+                need: 1,
+                ..
+            }
+        ));
+        let longer = [answer("node2", E, 512, 390)];
+        assert!(matches!(
+            decide_peering(CommitMode::SyncAll, 2, &cut, terms(), &longer),
+            Peering::Recover {
+                through: Lsn(512),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_term_the_store_persisted_is_never_chosen_again() {
+        // The assignment was lost; the store remembers it opened in E+5
+        // (no write made it to the WAL) and no replica answered yet.
+        let mut local = kept(400, &[(E, 1)]);
+        local.term = Epoch(E + 5);
+        assert!(matches!(
+            decide_peering(CommitMode::SyncAll, 2, &local, terms(), &[]),
+            Peering::Serve { term: Epoch(t), .. } if t == E + 6
+        ));
     }
 
     #[test]

@@ -17,11 +17,13 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// `fs::create_dir_all`, durably: each directory it creates has its entry
 /// synced in its parent (top down, so no synced entry names a directory
-/// whose own entry could still be lost). Directories that already exist
-/// are left alone: whoever created them made them durable.
+/// whose own entry could still be lost), and `dir`'s own entry is synced
+/// even when it existed: a process that died between creating it and
+/// syncing its parent left it unsynced, and this repairs that at the next
+/// open.
 pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
-        return Ok(());
+        return sync_parent(dir);
     }
     let mut missing = Vec::new();
     let mut at = Some(dir);
@@ -44,10 +46,14 @@ pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Opens `path` for reading and writing, creating it if it does not exist;
-/// a file it creates has its entry synced in its parent before this returns.
+/// its entry is synced in its parent before this returns (also when it
+/// existed: see [`create_dir_all`]).
 pub fn open_or_create(path: &Path) -> std::io::Result<(File, bool)> {
     match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(file) => Ok((file, false)),
+        Ok(file) => {
+            sync_parent(path)?;
+            Ok((file, false))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let file = OpenOptions::new()
                 .read(true)

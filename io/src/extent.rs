@@ -93,12 +93,13 @@ impl ExtentFile {
         let (file, _) = crate::durable::open_or_create(path).map_err(io("open"))?;
         let size = block_count * BLOCK_SIZE as u64;
         if file.metadata().map_err(io("stat"))?.len() != size {
-            // The size is metadata that only an fsync of the file makes
-            // durable: `store verify` and every read past the old end
-            // depend on it, and the first checkpoint may be far away.
             file.set_len(size).map_err(io("size"))?;
-            file.sync_all().map_err(io("sync"))?;
         }
+        // The size is metadata that only an fsync of the file makes
+        // durable: `store verify` and every read past the old end depend on
+        // it, and the first checkpoint may be far away. Synced at every
+        // open, since a process that died after setting it may not have.
+        file.sync_all().map_err(io("sync"))?;
         let extent = Self {
             path: path.to_path_buf(),
             handle: Arc::default(),

@@ -132,15 +132,16 @@ pub(crate) fn scan(
         // was never acknowledged either: a power loss that kept a later
         // page of unsynced appends and lost an earlier one.
         let never_written = data[at..].iter().take(HEADER_LEN).all(|b| *b == 0);
-        // The same when a page of the frame never reached the disk: its
-        // header made it, a later page of it reads as zeroes (the segment's
-        // room is zeroes until written), and the checksum fails. Frames
-        // after it were written after it, so a sync that made them durable
-        // made it durable too: none of them was acknowledged. A checksum
-        // failure without such a page is corruption of what may have been
-        // synced, and stays an error.
-        let page_lost =
-            matches!(failure, FrameError::Checksum { .. }) && frame_has_zero_page(data, at);
+        // The same when the frame's last page never reached the disk: its
+        // header made it, the page holding its end (and its crc) reads as
+        // zeroes (the segment's room is zeroes until written). Frames after
+        // it were written after it, so a sync that made them durable made
+        // it durable too: none of them was acknowledged. A checksum failure
+        // with the crc in place is corruption of what may have been synced,
+        // and stays an error (a page of zeroes inside a frame is ordinary
+        // data, so only the page with the crc counts).
+        let page_lost = matches!(failure, FrameError::Checksum { stored: 0, .. })
+            && last_page_never_written(data, at);
         if may_be_torn
             && !is_discontinuity
             && (never_written || page_lost || !valid_frame_after(data, at + 1, expected))
@@ -158,24 +159,16 @@ pub(crate) fn scan(
     Ok((segment, ScanEnd::Clean))
 }
 
-/// Whether the frame at `at` (its length from its header) spans a whole
-/// file page, 4 KiB aligned, of zeroes: a page written after the last sync
-/// that a power loss dropped.
-fn frame_has_zero_page(data: &[u8], at: usize) -> bool {
+/// Whether the frame at `at` (its length from its header) ends in a file
+/// page (4 KiB aligned) other than its header's that reads as zeroes from
+/// the page's start to the frame's end: a page written after the last sync
+/// that a power loss dropped, its crc with it.
+fn last_page_never_written(data: &[u8], at: usize) -> bool {
     const PAGE: usize = 4096;
     let Ok(len) = frame::check(&data[at..]) else {
         return false;
     };
     let end = at + len;
-    let mut page = at.div_ceil(PAGE) * PAGE;
-    while page + PAGE <= end {
-        if data[page..page + PAGE].iter().all(|b| *b == 0) {
-            return true;
-        }
-        page += PAGE;
-    }
-    // The frame's last, partial page: the crc trailer sits there, so a
-    // lost last page shows as zeroes from the page start to the frame's end.
     let last = (end - 1) / PAGE * PAGE;
     last > at && data[last..end].iter().all(|b| *b == 0)
 }

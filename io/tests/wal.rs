@@ -180,6 +180,30 @@ fn a_frame_whose_second_page_was_lost_ends_the_log_but_a_flipped_one_refuses() {
     );
 }
 
+/// A page of zeroes inside a frame is ordinary data (a zeroed block): a
+/// synced frame of zeroes with a flipped byte, frames after it, is
+/// corruption, never taken for a torn tail and cut with what follows.
+#[test]
+fn a_flipped_byte_in_a_frame_of_zeroes_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), options(1 << 20)).unwrap();
+    let zeroes = Bytes::from(vec![0u8; 2 * BLOCK_SIZE]);
+    for lsn in 1..=4 {
+        wal.append(1, FrameKind::Write, lsn, zeroes.clone())
+            .unwrap();
+    }
+    wal.sync_to(4).unwrap();
+    drop(wal);
+    let seg = segments(dir.path()).pop().unwrap();
+    // Frame 2 spans [8226, 16452): the page at 12288 is all zeroes.
+    write_at(&seg, &[0x01], 8226 + 100);
+    let refused = Wal::open(dir.path(), options(1 << 20));
+    assert!(
+        matches!(refused, Err(WalError::Corrupt { lsn: 2, .. })),
+        "{refused:?}"
+    );
+}
+
 #[test]
 fn garbage_appended_past_the_zeroes_written_ahead_is_a_torn_tail() {
     let (dir, seg) = closed_wal(3);

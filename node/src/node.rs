@@ -472,12 +472,18 @@ impl Node {
 
     /// What persists a term peering chose for `volume`: its assignment,
     /// with the term's incarnation, replaced durably.
+    /// The assignment on disk is read again when the term is chosen: a
+    /// newer one may have been persisted meanwhile, and is never replaced
+    /// by the one this opening started with.
     fn persist_term(&self, volume: &str, applied: &Applied) -> TermChosen {
         let dir = self.volume_dir(volume);
         let applied = applied.clone();
         TermChosen(Arc::new(move |term| {
-            let mut chosen = applied.clone();
-            chosen.incarnation = Applied::incarnation_of(term);
+            let mut chosen = assignment::load(&dir)?.unwrap_or_else(|| applied.clone());
+            if chosen.epoch != Applied::epoch_of(term) {
+                return Ok(());
+            }
+            chosen.incarnation = chosen.incarnation.max(Applied::incarnation_of(term));
             assignment::save(&dir, &chosen)
         }))
     }
@@ -642,8 +648,11 @@ impl Node {
         assignment::save(&self.volume_dir(name), &next)
             .map_err(io(format!("persist the assignment of {name}")))?;
         let was_primary = hosted.applied.is_primary(node);
+        // A primary still peering (or that failed to open) reopens in the
+        // new assignment rather than wait to be told it.
+        let opened = hosted.handle.has_opened();
         let handle = match (was_primary, next.is_primary(node)) {
-            (true, true) => {
+            (true, true) if opened => {
                 hosted
                     .handle
                     .apply_assignment(engine)

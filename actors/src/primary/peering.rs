@@ -34,20 +34,24 @@ const PULL_WINDOW: u64 = 4;
 ///
 /// An empty store counts as lost, whether it was created at this open or
 /// an earlier open created it and never got to serve: an empty log is
-/// never authoritative.
+/// never authoritative. `cut`: opening the store cut a torn tail.
 pub(crate) async fn peer_before_serving(
     config: &mut PrimaryConfig,
     links: &PeerLinks,
     store: &Store,
+    cut: bool,
     waiting: impl Fn(u64, &Peering),
 ) -> Result<Peering, VolumeError> {
     let wal = store.wal();
     let epochs = wal.epochs();
-    let lost = epochs.is_empty() && wal.head() == 0 && store.superblock().checkpoint == 0;
+    let superblock = store.superblock();
+    let lost = epochs.is_empty() && wal.head() == 0 && superblock.checkpoint == 0;
     let local = LocalLog {
         head: Lsn(wal.durable()),
         epochs: transport::engine_epochs(&epochs).map_err(walship_engine::EngineError::from)?,
         lost,
+        cut,
+        term: Epoch(superblock.epoch),
     };
     let terms = Terms {
         configured: Epoch(config.epoch),
@@ -56,10 +60,13 @@ pub(crate) async fn peer_before_serving(
             ceiling => ceiling,
         }),
     };
+    // A lost or cut log waits for every replica (up to the peer timeout):
+    // a late answer may hold the most, or a term not to reuse.
     let (need, _) = required_answers(config.commit_mode, config.replicas.len(), local.lost);
+    let enough = if lost || cut { usize::MAX } else { need };
     let mut backoff = Duration::from_millis(100);
     for round in 1u64.. {
-        let answers = ask_all(config, links, need).await;
+        let answers = ask_all(config, links, enough).await;
         let decided = decide_peering(
             config.commit_mode,
             config.replicas.len(),
@@ -92,7 +99,7 @@ pub(crate) async fn peer_before_serving(
             }
             Peering::Serve { term, proof } => {
                 tracing::info!(volume = %config.volume, "{proof}");
-                choose_term(config, *term)?;
+                choose_term(config, store, *term)?;
             }
             Peering::Recover {
                 from,
@@ -101,22 +108,33 @@ pub(crate) async fn peer_before_serving(
                 proof,
             } => {
                 tracing::warn!(volume = %config.volume, "{proof}");
-                choose_term(config, *term)?;
+                choose_term(config, store, *term)?;
                 let spec = config
                     .replicas
                     .iter()
                     .find(|r| r.server == from.server())
                     .cloned()
                     .ok_or_else(|| failed(from, "not among the replicas"))?;
-                let image_lsn = pull(config, links, &spec, store)
-                    .await
-                    .map_err(|e| failed(from, e))?;
-                if image_lsn < through.0 {
-                    return Err(failed(
-                        from,
-                        format!("its image ends at {image_lsn}, it said {}", through.0),
-                    ));
-                }
+                let pulled = match pull(config, links, &spec, store).await {
+                    Ok(image_lsn) if image_lsn >= through.0 => Ok(image_lsn),
+                    Ok(image_lsn) => Err(format!(
+                        "its image ends at {image_lsn}, it said {}",
+                        through.0
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                let image_lsn = match pulled {
+                    Ok(image_lsn) => image_lsn,
+                    // A link cut or a replica restarted mid-pull: peer again
+                    // (the install was not committed; the store is as it was).
+                    Err(reason) => {
+                        tracing::warn!(volume = %config.volume, replica = %from, %reason,
+                            "peering: recovering from the replica failed; asking again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                };
                 tracing::info!(volume = %config.volume, replica = %from, image_lsn,
                     "peering: recovered the replica's log before serving");
             }
@@ -126,15 +144,20 @@ pub(crate) async fn peer_before_serving(
     unreachable!("rounds are counted by an unbounded range")
 }
 
-fn failed(from: &ReplicaId, reason: impl ToString) -> VolumeError {
+fn failed(from: &ReplicaId, reason: &str) -> VolumeError {
     VolumeError::PeeringFailed {
         replica: from.to_string(),
         reason: reason.to_string(),
     }
 }
 
-/// Persists `term` (if it is not the configured one) and opens in it.
-fn choose_term(config: &mut PrimaryConfig, term: Epoch) -> Result<(), VolumeError> {
+/// Persists `term` in the store (so no later opening chooses it again,
+/// written or not) and with the embedder (`on_term`, if it is not the
+/// configured one), then opens in it.
+fn choose_term(config: &mut PrimaryConfig, store: &Store, term: Epoch) -> Result<(), VolumeError> {
+    if store.superblock().epoch < term.0 {
+        store.persist_epoch(term.0)?;
+    }
     if term.0 != config.epoch {
         if let Some(on_term) = &config.peering.on_term {
             (on_term.0)(term.0)

@@ -62,6 +62,7 @@ impl InstallWriter {
     }
 
     fn finish_now(&mut self) -> Result<BaseInstall, StoreError> {
+        // (Also what dropping does: see `Drop`.)
         self.chunks = None;
         match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(result)) => result,
@@ -75,6 +76,18 @@ impl InstallWriter {
                 path: "writer thread".into(),
                 source: std::io::Error::other("install writer not running"),
             }),
+        }
+    }
+}
+
+/// Dropping an unfinished writer (a session cancelled, a stop mid-pull)
+/// waits for its thread to write what it queued and drop the install: no
+/// thread writes to the staging path after the drop, so a later install of
+/// the same generation (which truncates that file) starts clean.
+impl Drop for InstallWriter {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.finish_now();
         }
     }
 }
