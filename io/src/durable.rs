@@ -7,7 +7,8 @@
 //! renames goes through here, or syncs its parent itself right after
 //! (`rename` then [`sync_dir`]), before the call that needed it returns.
 
-use std::fs::{self, File, OpenOptions};
+use crate::fs::Fs;
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 /// Fsyncs a directory so renames, creations and deletions in it are durable.
@@ -22,27 +23,7 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// syncing its parent left it unsynced, and this repairs that at the next
 /// open.
 pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
-        return sync_parent(dir);
-    }
-    let mut missing = Vec::new();
-    let mut at = Some(dir);
-    while let Some(path) = at {
-        if path.as_os_str().is_empty() || path.is_dir() {
-            break;
-        }
-        missing.push(path);
-        at = path.parent();
-    }
-    fs::create_dir_all(dir)?;
-    for created in missing.iter().rev() {
-        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
-        // An empty new directory has nothing to sync of its own, but the
-        // entries created in it next are synced through it.
-    }
-    Ok(())
+    create_dir_all_in(crate::fs::real(), dir)
 }
 
 /// Opens `path` for reading and writing, creating it if it does not exist;
@@ -65,6 +46,54 @@ pub fn open_or_create(path: &Path) -> std::io::Result<(File, bool)> {
             Ok((file, true))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Replaces `dir/name` with `bytes` atomically and durably: a temporary
+/// file written and fsynced, renamed over `name`, the directory fsynced.
+/// After a power loss at any point `name` holds the old bytes or the new
+/// ones, and the new ones once this returned. Every small file walship
+/// replaces goes through here (superblock, epoch history, assignment).
+pub fn rewrite_atomic(fs: &dyn Fs, dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = fs.create(&tmp)?;
+    file.write_at(bytes, 0)?;
+    file.sync_all()?;
+    drop(file);
+    fs.rename(&tmp, &path)?;
+    fs.sync_dir(dir)
+}
+
+/// [`create_dir_all`] through `fs`.
+pub fn create_dir_all_in(fs: &dyn Fs, dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at {
+        if path.as_os_str().is_empty() || fs.is_dir(path) {
+            break;
+        }
+        missing.push(path);
+        at = path.parent();
+    }
+    for created in missing.iter().rev() {
+        fs.create_dir(created)?;
+    }
+    // Top down: each created directory's entry, and `dir`'s own even when
+    // it existed (a process that died before syncing it left it unsynced).
+    for created in missing.iter().rev() {
+        fs.sync_dir(parent_of(created))?;
+    }
+    if missing.is_empty() {
+        fs.sync_dir(parent_of(dir))?;
+    }
+    Ok(())
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
     }
 }
 
@@ -92,6 +121,6 @@ mod tests {
         std::io::Write::write_all(&mut file, b"x").unwrap();
         let (_, created) = open_or_create(&deep.join("f")).unwrap();
         assert!(!created);
-        assert_eq!(fs::read(deep.join("f")).unwrap(), b"x");
+        assert_eq!(std::fs::read(deep.join("f")).unwrap(), b"x");
     }
 }

@@ -23,8 +23,8 @@
 //! file before the superblock commit that switches to it, so the history
 //! and the data it describes change together.
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
+use crate::fs::Fs;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"WSEPOCH1";
@@ -205,14 +205,21 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Vec<EpochStart>, String> {
 
 /// Reads the history of `generation` in `dir`; a missing file is an empty history.
 pub(crate) fn load(dir: &Path, generation: u64) -> Result<Vec<EpochStart>, EpochError> {
+    load_in(crate::fs::real(), dir, generation)
+}
+
+/// [`load`] through `fs`.
+pub(crate) fn load_in(
+    fs: &dyn Fs,
+    dir: &Path,
+    generation: u64,
+) -> Result<Vec<EpochStart>, EpochError> {
     let path = path(dir, generation);
-    let mut file = match File::open(&path) {
-        Ok(file) => file,
+    let buf = match fs.read(&path) {
+        Ok(buf) => buf,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("open", &path)(e)),
+        Err(e) => return Err(io_err("read", &path)(e)),
     };
-    let mut buf = Vec::new();
-    file.read_to_end(&mut buf).map_err(io_err("read", &path))?;
     let entries = decode(&buf).map_err(|reason| EpochError::Corrupt {
         path: path.clone(),
         reason,
@@ -221,16 +228,22 @@ pub(crate) fn load(dir: &Path, generation: u64) -> Result<Vec<EpochStart>, Epoch
     Ok(entries)
 }
 
-/// Replaces the history of `generation` in `dir` atomically.
+/// Replaces the history of `generation` in `dir` atomically
+/// ([`rewrite_atomic`](crate::durable::rewrite_atomic)).
 pub(crate) fn store(dir: &Path, generation: u64, entries: &[EpochStart]) -> Result<(), EpochError> {
-    let path = path(dir, generation);
-    let tmp = dir.join(format!("{FILE_PREFIX}{generation}.tmp"));
-    let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
-    file.write_all(&encode(entries))
-        .map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("sync", &tmp))?;
-    fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-    crate::wal::sync_dir(dir).map_err(io_err("sync dir", dir))
+    store_in(crate::fs::real(), dir, generation, entries)
+}
+
+/// [`store`] through `fs`.
+pub(crate) fn store_in(
+    fs: &dyn Fs,
+    dir: &Path,
+    generation: u64,
+    entries: &[EpochStart],
+) -> Result<(), EpochError> {
+    let name = format!("{FILE_PREFIX}{generation}");
+    crate::durable::rewrite_atomic(fs, dir, &name, &encode(entries))
+        .map_err(io_err("replace", &path(dir, generation)))
 }
 
 /// Removes the history files of every generation but `generation`: older

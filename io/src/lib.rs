@@ -9,12 +9,14 @@
 //! - [`Store`]: extent + superblock + WAL, checkpointer, snapshots, base install;
 //! - [`WireCodec`]: the replication protocol's messages over TCP;
 //! - [`durable`]: directory entries that survive a power loss;
+//! - [`fs`]: the file-system seam, and a page-cache model for power-loss tests;
 //! - [`inspect()`]: a store directory read without changing it (offline tools).
 
 pub mod durable;
 mod epochs;
 mod extent;
 pub mod frame;
+pub mod fs;
 pub mod handles;
 mod inspect;
 mod pins;

@@ -19,13 +19,16 @@
 //! good magic, version and crc is a trusted checkpoint.
 
 use crate::frame::BLOCK_SIZE;
-use std::fs::{self, File};
-use std::io::{Read, Write};
+use crate::fs::Fs;
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"WALSHIP1";
 const VERSION: u32 = 1;
 const ENCODED: usize = 68;
+/// The superblock's file name in a store's directory.
+const FILE: &str = "superblock";
 
 /// The superblock's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,50 +130,50 @@ impl Superblock {
 
     /// Path of the superblock in `dir`.
     pub fn path(dir: &Path) -> PathBuf {
-        dir.join("superblock")
+        dir.join(FILE)
     }
 
     /// Reads and verifies the superblock in `dir`.
     pub fn load(dir: &Path) -> Result<Self, SuperblockError> {
+        Self::load_in(crate::fs::real(), dir)
+    }
+
+    /// [`load`](Self::load) through `fs`.
+    pub fn load_in(fs: &dyn Fs, dir: &Path) -> Result<Self, SuperblockError> {
         let path = Self::path(dir);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
+        let buf = match fs.read(&path) {
+            Ok(buf) => buf,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(SuperblockError::Missing(path))
             }
             Err(source) => {
                 return Err(SuperblockError::Io {
-                    op: "open",
+                    op: "read",
                     path,
                     source,
                 })
             }
         };
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf)
-            .map_err(|source| SuperblockError::Io {
-                op: "read",
-                path: path.clone(),
-                source,
-            })?;
         Self::decode(&buf).map_err(|reason| SuperblockError::Corrupt { path, reason })
     }
 
-    /// Replaces the superblock in `dir` atomically (temp file, fsync, rename, dir fsync).
+    /// Replaces the superblock in `dir` atomically
+    /// ([`durable::rewrite_atomic`](crate::durable::rewrite_atomic)).
     pub fn store(&self, dir: &Path) -> Result<(), SuperblockError> {
-        let path = Self::path(dir);
-        let tmp = dir.join("superblock.tmp");
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SuperblockError::Io { op, path, source }
-        };
+        self.store_in(crate::fs::real(), dir)
+    }
+
+    /// [`store`](Self::store) through `fs`.
+    pub fn store_in(&self, fs: &dyn Fs, dir: &Path) -> Result<(), SuperblockError> {
         let mut block = vec![0u8; BLOCK_SIZE];
         block[..ENCODED].copy_from_slice(&self.encode());
-        let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&block).map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("sync", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        crate::wal::sync_dir(dir).map_err(io("sync dir", dir))
+        crate::durable::rewrite_atomic(fs, dir, FILE, &block).map_err(|source| {
+            SuperblockError::Io {
+                op: "replace",
+                path: Self::path(dir),
+                source,
+            }
+        })
     }
 }
 

@@ -17,7 +17,6 @@
 use crate::config::VolumeSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use walship_engine::{
     Assignment, CommitMode, Endpoint, Epoch, InvalidReplicaId, ReplicaAssignment, ReplicaId,
@@ -255,8 +254,11 @@ pub fn start(dir: &Path, node: &str, spec: &VolumeSpec) -> Result<Starting, Star
     Ok(Starting { applied, reason })
 }
 
+/// The assignment's file name in a volume's directory.
+const FILE: &str = "assignment.json";
+
 fn path(dir: &Path) -> PathBuf {
-    dir.join("assignment.json")
+    dir.join(FILE)
 }
 
 /// The assignment applied last, if any.
@@ -277,12 +279,7 @@ pub fn load(dir: &Path) -> std::io::Result<Option<Applied>> {
 pub fn save(dir: &Path, applied: &Applied) -> std::io::Result<()> {
     walship_io::durable::create_dir_all(dir)?;
     let json = serde_json::to_vec_pretty(applied).map_err(std::io::Error::other)?;
-    let temp = dir.join("assignment.json.tmp");
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(&json)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path(dir))?;
-    std::fs::File::open(dir)?.sync_all()
+    walship_io::durable::rewrite_atomic(walship_io::fs::real(), dir, FILE, &json)
 }
 
 #[cfg(test)]
