@@ -169,7 +169,7 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
         flushed,
         checkpoint,
         epochs,
-        ..
+        committed,
     } = answer.message
     else {
         return Err(ExecError::Protocol(format!(
@@ -188,6 +188,7 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
             flushed: Lsn(flushed),
             checkpoint: Lsn(checkpoint),
             epochs,
+            committed: Lsn(committed),
         },
     })
 }

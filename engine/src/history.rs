@@ -117,6 +117,10 @@ pub struct ReplicaLog {
     pub checkpoint: Lsn,
     /// Which epoch wrote which part of its log.
     pub epochs: EpochHistory,
+    /// The highest LSN it knows was committed (a primary told it so): it
+    /// refuses to truncate below it, and a primary whose log ends before
+    /// it must not truncate or rebuild it.
+    pub committed: Lsn,
 }
 
 impl ReplicaLog {
@@ -130,6 +134,7 @@ impl ReplicaLog {
             } else {
                 EpochHistory::new()
             },
+            committed: Lsn::ZERO,
         }
     }
 }
@@ -395,6 +400,7 @@ mod tests {
             flushed: Lsn(300),
             checkpoint: Lsn(checkpoint),
             epochs: EpochHistory::single(Epoch(1)),
+            committed: Lsn::ZERO,
         };
         classify_handshake(&log, &history(tail, 500, committed), &primary)
     }
@@ -575,6 +581,7 @@ mod tests {
             flushed: Lsn(100),
             checkpoint: Lsn(95),
             epochs: EpochHistory::single(Epoch(1)),
+            committed: Lsn::ZERO,
         };
         let outcome = classify_handshake(&log, &h, &EpochHistory::single(Epoch(1)));
         assert_eq!(

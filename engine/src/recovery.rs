@@ -10,6 +10,7 @@
 //! - NeedsRebuild is left only through a completed rebuild.
 
 use crate::budget::BudgetTracker;
+use crate::commit::CommitMode;
 use crate::engine::{Engine, Timer};
 use crate::error::EngineError;
 use crate::events::{CatchUpProgress, Command, ExecutionFailure, HandshakeReply, RebuildProgress};
@@ -155,6 +156,28 @@ impl Engine {
             _ => None,
         };
         let history = self.history();
+        if self.commit.mode() != CommitMode::BestEffort && reply.log.committed > history.committed {
+            // The replica holds committed entries this primary lacks (it
+            // opened without peering, or its peering did not hear from this
+            // replica): truncating or rebuilding it would lose them.
+            // Nothing is planned; the session fails and is retried after a
+            // backoff, and every retry says so again. (best_effort: the old
+            // primary's committed was its own disk; a promotion that lacks
+            // it loses it, as that mode allows.)
+            let reason = format!(
+                "primary_behind: {replica} knows {} committed, this primary's log ends at {}: neither truncated nor rebuilt",
+                reply.log.committed, history.committed
+            );
+            self.record(
+                Some(replica),
+                Some(session),
+                "primary_behind",
+                reason.clone(),
+            );
+            self.invalidate(replica, &reason);
+            self.record_failure(replica, FailureCause::Network, &reason);
+            return Ok(());
+        }
         let outcome = classify_handshake(&reply.log, &history, &self.epochs);
         let mut detail = format!(
             "flushed={flushed} committed={}: {}",

@@ -76,6 +76,56 @@ fn a1_committed_data_survives_failover() {
     );
 }
 
+/// A replica that knows more was committed than this primary's log holds
+/// (a primary that opened without hearing from it) is neither truncated nor
+/// rebuilt: the handshake records `primary_behind`, plans nothing, and the
+/// session is retried after a backoff. best_effort, where committed was
+/// the old primary's own disk, truncates as before.
+#[test]
+fn a_replica_that_knows_more_committed_than_the_primary_holds_is_never_truncated() {
+    for mode in [CommitMode::SyncAll, CommitMode::SyncQuorum] {
+        let mut shell = Shell::new(Shell::config());
+        shell.wal(40, 100, 40, true);
+        let replicas: &[(&str, &str, u64)] = if mode == CommitMode::SyncQuorum {
+            &[B, C]
+        } else {
+            &[B]
+        };
+        shell.assign(assignment(1, mode, replicas));
+        shell.connect("b");
+        let log = ReplicaLog {
+            committed: Lsn(120),
+            ..ReplicaLog::single_epoch(Lsn(130), Epoch(1))
+        };
+        let commands = shell.handshake_with("b", log);
+        assert!(execute_plan(&commands).is_none(), "{mode}: {commands:?}");
+        assert!(
+            !commands
+                .iter()
+                .any(|c| matches!(c, Command::AcquireResources { .. })),
+            "{mode}: {commands:?}"
+        );
+        assert_eq!(
+            shell.event_detail("primary_behind"),
+            ["primary_behind: vol1/b knows 120 committed, this primary's log ends at 100: neither truncated nor rebuilt"],
+            "{mode}"
+        );
+        assert_ne!(shell.state("b"), ReplicaState::InSync);
+        assert_ne!(shell.state("b"), ReplicaState::NeedsRebuild);
+    }
+    let mut shell = primary_with_b();
+    shell.connect("b");
+    let log = ReplicaLog {
+        committed: Lsn(120),
+        ..ReplicaLog::single_epoch(Lsn(130), Epoch(1))
+    };
+    let commands = shell.handshake_with("b", log);
+    assert!(
+        matches!(execute_plan(&commands), Some(plan) if matches!(plan.kind, PlanKind::CatchUp { truncate_to: Some(Lsn(100)), .. })),
+        "best_effort: {commands:?}"
+    );
+}
+
 #[test]
 fn a2_uncommitted_data_is_not_revived() {
     let mut shell = primary_with_b();
@@ -1020,6 +1070,7 @@ fn promoted_primary_and_divergent_b(mode: CommitMode, checkpoint: u64) -> (Shell
         flushed: Lsn(300),
         checkpoint: Lsn(checkpoint),
         epochs: EpochHistory::single(Epoch(1)),
+        committed: Lsn::ZERO,
     };
     (shell, b)
 }

@@ -167,6 +167,7 @@ impl Model {
                             flushed,
                             checkpoint: Lsn::ZERO,
                             epochs: self.shell.epochs.through(flushed),
+                            committed: Lsn::ZERO,
                         },
                     };
                     if e.handle_handshake(&id, s, reply).is_ok() {
@@ -312,6 +313,7 @@ impl Model {
                                 flushed,
                                 checkpoint: Lsn::ZERO,
                                 epochs: self.shell.epochs.through(flushed),
+                                committed: Lsn::ZERO,
                             },
                         };
                         if e.handle_handshake(&id, s, reply).is_ok() {

@@ -183,6 +183,7 @@ impl Shell {
             flushed: Lsn(flushed),
             checkpoint: Lsn::ZERO,
             epochs: self.epochs.through(Lsn(flushed)),
+            committed: Lsn::ZERO,
         };
         self.handshake_with(server, log)
     }
