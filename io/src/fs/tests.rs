@@ -216,10 +216,9 @@ fn a_replace_that_fails_says_so_and_keeps_the_old_bytes() {
     }
 }
 
-/// The model itself: unsynced data and entries go, synced ones stay, and
-/// a seeded loss keeps some unsynced pages and not others.
-#[test]
-fn the_model_keeps_what_was_synced_and_a_seeded_part_of_the_rest() {
+/// A file system with `/d/f` holding one synced page of 1s, then eight
+/// unsynced pages of 2s written after it, and an unsynced `/d/unsynced`.
+fn one_synced_page_then_eight_unsynced() -> SimFs {
     let fs = SimFs::new();
     fs.create_dir(Path::new("/d")).unwrap();
     fs.sync_dir(Path::new("/")).unwrap();
@@ -229,24 +228,21 @@ fn the_model_keeps_what_was_synced_and_a_seeded_part_of_the_rest() {
     fs.sync_dir(Path::new("/d")).unwrap();
     file.write_at(&[2u8; 8 * 4096], 4096).unwrap();
     fs.create(Path::new("/d/unsynced")).unwrap();
-    drop(file);
+    fs
+}
 
-    let lost = fs.clone();
+/// The model itself: unsynced data and entries go, synced ones stay, and
+/// a seeded loss keeps some unsynced pages and not others.
+#[test]
+fn the_model_keeps_what_was_synced_and_a_seeded_part_of_the_rest() {
+    let lost = one_synced_page_then_eight_unsynced();
     lost.power_loss(PowerLoss::DropUnsynced);
     assert_eq!(lost.read(Path::new("/d/f")).unwrap(), vec![1u8; 4096]);
     assert!(lost.read(Path::new("/d/unsynced")).is_err());
 
     let mut kept_pages = std::collections::BTreeSet::new();
     for seed in 1..=16 {
-        let fs = SimFs::new();
-        fs.create_dir(Path::new("/d")).unwrap();
-        fs.sync_dir(Path::new("/")).unwrap();
-        let file = fs.create(Path::new("/d/f")).unwrap();
-        file.write_at(&[1u8; 4096], 0).unwrap();
-        file.sync_all().unwrap();
-        fs.sync_dir(Path::new("/d")).unwrap();
-        file.write_at(&[2u8; 8 * 4096], 4096).unwrap();
-        drop(file);
+        let fs = one_synced_page_then_eight_unsynced();
         fs.power_loss(PowerLoss::Seeded(seed));
         let data = fs.read(Path::new("/d/f")).unwrap();
         assert_eq!(&data[..4096], &[1u8; 4096], "seed {seed}: synced page lost");
@@ -260,5 +256,9 @@ fn the_model_keeps_what_was_synced_and_a_seeded_part_of_the_rest() {
     assert!(
         !kept_pages.is_empty(),
         "a seeded loss never kept an unsynced page"
+    );
+    assert!(
+        kept_pages.len() > 1,
+        "a seeded loss kept the same page every time"
     );
 }
