@@ -165,12 +165,15 @@ async fn a_divergent_tail_already_checkpointed_is_rebuilt() {
 /// itself comes back without them, while replicas hold them. It must open
 /// in a new epoch: the LSNs it writes again then carry that epoch, and a
 /// replica holding the lost entries is told apart and truncated, not
-/// caught up on top of them.
+/// caught up on top of them. (best_effort: what the replicas hold past the
+/// primary was never acknowledged by anyone but the lost disk. Under
+/// sync_quorum the same entries were committed by r1 and r2, and are never
+/// truncated: the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
     let mut keep_wal = tuning();
     keep_wal.checkpoint_every_lsns = 1 << 20;
-    let mut cluster = start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
+    let mut cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], keep_wal).await;
     cluster.wait_all_in_sync(LONG).await.unwrap();
     cluster.write_blocks(0, 30).await.unwrap();
     assert_eq!(cluster.primary.barrier().await.unwrap(), 30);
@@ -233,4 +236,64 @@ async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
              primary epoch 2 starts at 31: truncate to 30",
         )
     });
+}
+
+/// The same loss under sync_quorum: r1 and r2 made 31-35 durable, a
+/// quorum, so they were committed (a FLUSH would have been acknowledged)
+/// and r2 heard so. The primary, back without them and without peering
+/// (the harness's runtime has it off), must not truncate r2: the handshake
+/// says `primary_behind`, plans nothing, and r2 keeps every entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_a_committed_tail_never_truncates_the_replica_holding_it() {
+    let mut keep_wal = tuning();
+    keep_wal.checkpoint_every_lsns = 1 << 20;
+    let mut cluster = start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    cluster.write_blocks(0, 30).await.unwrap();
+    for i in 0..5 {
+        cluster
+            .primary
+            .write(100 + i, block(7000 + i))
+            .await
+            .unwrap();
+    }
+    // Committed by the quorum, and r2 told so (a barrier resolves once
+    // committed, and the next heartbeat carries it).
+    assert!(cluster.primary.barrier().await.unwrap() >= 35);
+    let told = within(LONG, || async {
+        let status = cluster.replica_status("r2").await.ok()?;
+        (status.committed >= 35).then_some(())
+    })
+    .await;
+    assert!(told.is_some(), "{:?}", cluster.replica_status("r2").await);
+    cluster.stop_replica("r1").await;
+    cluster.primary.stop().await;
+    {
+        let (store, _) = walship::io::Store::open(&cluster.primary_dir, store_options()).unwrap();
+        store.truncate_after(30).unwrap();
+    }
+    cluster.reopen_primary(2).await.unwrap();
+    let behind = within(LONG, || async {
+        cluster
+            .has_event("r2", "primary_behind")
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+    assert!(behind.is_some(), "{:#?}", cluster.events().await.unwrap());
+    assert_ne!(
+        cluster.primary.replica_state("r2").await.unwrap(),
+        Some(ReplicaState::InSync)
+    );
+    assert!(!cluster
+        .has_event("r2", "truncation_recorded")
+        .await
+        .unwrap());
+    for i in 0..5 {
+        assert_eq!(
+            cluster.replica("r2").read(100 + i, 1).await.unwrap(),
+            block(7000 + i)
+        );
+    }
 }

@@ -37,6 +37,7 @@ fn hello(epoch: u64, replica: &str) -> Envelope {
             volume: VOLUME.into(),
             replica: replica.into(),
             session: 99,
+            durable_commits: false,
         },
     }
 }

@@ -77,6 +77,17 @@ async fn primary_comes_back_without(mode: &str, loss: Loss) {
     let volume = cluster.primary_volume().await;
     let log = volume["recent_recovery"].as_array().unwrap().clone();
     let said = |event: &str| log.iter().find(|e| e["event"] == event).cloned();
+    // Neither replica lost anything to the returning primary: no
+    // truncation, no rebuild (the recovered log is theirs).
+    let touched: Vec<_> = log
+        .iter()
+        .filter(|e| e["replica"].is_string())
+        .filter(|e| {
+            let event = e["event"].as_str().unwrap_or_default();
+            event == "truncation_recorded" || event.starts_with("plan_rebuild")
+        })
+        .collect();
+    assert!(touched.is_empty(), "{touched:#?}");
     match loss {
         Loss::DataDir | Loss::Store => {
             let behind = said("primary_behind").unwrap_or_else(|| panic!("{log:#?}"));

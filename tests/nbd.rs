@@ -529,6 +529,7 @@ async fn the_replication_listener_refuses_what_it_cannot_route_and_keeps_serving
             volume: volume.into(),
             replica: format!("{volume}/solo"),
             session: 1,
+            durable_commits: true,
         })
     };
 

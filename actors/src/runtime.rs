@@ -321,17 +321,15 @@ async fn open_after_peering(
     tasks: TaskTracker,
     opening: &watch::Sender<Opening>,
 ) -> Result<MeteredAddr<VolumeActor>, VolumeError> {
-    let waiting = |round, peering: &walship_engine::Peering| {
-        if let walship_engine::Peering::Wait { have, need, reason } = peering {
-            opening.send_modify(|opening| {
-                if let Opening::Peering(status) = opening {
-                    status.round = round;
-                    status.have = *have;
-                    status.need = *need;
-                    status.reason = reason.clone();
-                }
-            });
-        }
+    let waiting = |round, have, need, reason: &str| {
+        opening.send_modify(|opening| {
+            if let Opening::Peering(status) = opening {
+                status.round = round;
+                status.have = have;
+                status.need = need;
+                status.reason = reason.to_owned();
+            }
+        });
     };
     let peered = crate::primary::peering::peer_before_serving(
         &mut config,
@@ -382,7 +380,7 @@ pub struct PeeringStatus {
     /// What it is doing: `peering`, or `failed` (for good: why is the
     /// reason; a restart or a new assignment opens it again).
     pub state: &'static str,
-    /// Rounds of asking so far that had too few answers.
+    /// Rounds of asking so far that did not end in serving.
     pub round: u64,
     /// Answers in the last round.
     pub have: usize,

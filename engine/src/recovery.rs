@@ -156,18 +156,12 @@ impl Engine {
             _ => None,
         };
         let history = self.history();
-        if self.commit.mode() != CommitMode::BestEffort && reply.log.committed > history.committed {
+        if let Some(reason) = self.primary_behind(replica, &reply.log, &history) {
             // The replica holds committed entries this primary lacks (it
             // opened without peering, or its peering did not hear from this
             // replica): truncating or rebuilding it would lose them.
             // Nothing is planned; the session fails and is retried after a
-            // backoff, and every retry says so again. (best_effort: the old
-            // primary's committed was its own disk; a promotion that lacks
-            // it loses it, as that mode allows.)
-            let reason = format!(
-                "primary_behind: {replica} knows {} committed, this primary's log ends at {}: neither truncated nor rebuilt",
-                reply.log.committed, history.committed
-            );
+            // backoff, and every retry says so again.
             self.record(
                 Some(replica),
                 Some(session),
@@ -688,6 +682,42 @@ impl Engine {
             epoch,
             from: flushed,
         });
+    }
+
+    /// Why `log` holds entries it knows were committed that this
+    /// primary's log lacks, if it does: its committed LSN is past the
+    /// primary's, or the two logs disagree (different epochs) at or below
+    /// it. Only under sync_all and sync_quorum: under best_effort a
+    /// replica's committed was the old primary's own disk, which a
+    /// promotion may lose.
+    fn primary_behind(
+        &self,
+        replica: &ReplicaId,
+        log: &crate::history::ReplicaLog,
+        history: &crate::history::RetainedHistory,
+    ) -> Option<String> {
+        if self.commit.mode() == CommitMode::BestEffort || log.committed == Lsn::ZERO {
+            return None;
+        }
+        if log.committed > history.committed {
+            return Some(format!(
+                "primary_behind: {replica} knows {} committed, this primary's log ends at {}: neither truncated nor rebuilt",
+                log.committed, history.committed
+            ));
+        }
+        let floor = log.committed.min(log.flushed);
+        let diverged =
+            crate::epochs::divergence(&self.epochs, history.head, &log.epochs, log.flushed);
+        let conflict = diverged
+            .conflict
+            .filter(|c| c.lsn <= floor && c.replica_epoch.is_some() && c.primary_epoch.is_some())?;
+        Some(format!(
+            "primary_behind: {replica} knows {} committed, but its entry {} is of epoch {} and this primary's of {}: neither truncated nor rebuilt",
+            log.committed,
+            conflict.lsn,
+            conflict.replica_epoch.map_or(0, |e| e.get()),
+            conflict.primary_epoch.map_or(0, |e| e.get())
+        ))
     }
 
     /// An execution (or connection attempt) of the active session failed.

@@ -1075,6 +1075,45 @@ fn promoted_primary_and_divergent_b(mode: CommitMode, checkpoint: u64) -> (Shell
     (shell, b)
 }
 
+/// A promoted primary (epoch 2 from 201) whose quorum (it and c) committed
+/// up to 500, and b, which holds epoch 1 up to 300 and knows its entries up
+/// to 250 were committed: the logs disagree from 201, below that. Nothing
+/// is truncated or rebuilt. (Had b known only 150 committed, its tail past
+/// the divergence is truncated as before.)
+#[test]
+fn a_divergence_below_what_the_replica_knows_committed_is_never_truncated() {
+    for (known, behind) in [(250, true), (150, false)] {
+        let mut shell = Shell::new(Shell::config());
+        shell.wal(0, 200, 0, true);
+        shell.assign(assignment(2, CommitMode::SyncQuorum, &[B, C]));
+        shell.wal(0, 500, 0, true);
+        shell.in_sync("c");
+        shell.ack("c", 500, None).unwrap();
+        assert_eq!(shell.engine.committed(), Lsn(500));
+        let b = ReplicaLog {
+            committed: Lsn(known),
+            ..ReplicaLog::single_epoch(Lsn(300), Epoch(1))
+        };
+        shell.connect("b");
+        let commands = shell.handshake_with("b", b);
+        if behind {
+            assert!(execute_plan(&commands).is_none(), "{commands:?}");
+            assert_eq!(
+                shell.event_detail("primary_behind"),
+                ["primary_behind: vol1/b knows 250 committed, but its entry 201 is of epoch 1 and this primary's of 2: neither truncated nor rebuilt"]
+            );
+        } else {
+            assert!(shell.event_detail("primary_behind").is_empty());
+            let handshake = shell.event_detail("handshake");
+            assert!(
+                handshake.iter().any(|h| h.contains("divergent_tail")),
+                "{handshake:?}"
+            );
+            assert!(!commands.is_empty(), "a plan starts");
+        }
+    }
+}
+
 #[test]
 fn a_divergent_tail_is_truncated_to_the_divergence_point_before_anything_is_shipped() {
     let (mut shell, b) = promoted_primary_and_divergent_b(CommitMode::BestEffort, 150);

@@ -132,16 +132,19 @@ pub(crate) fn scan(
         // was never acknowledged either: a power loss that kept a later
         // page of unsynced appends and lost an earlier one.
         let never_written = data[at..].iter().take(HEADER_LEN).all(|b| *b == 0);
-        // The same when the frame's last page never reached the disk: its
-        // header made it, the page holding its end (and its crc) reads as
-        // zeroes (the segment's room is zeroes until written). Frames after
-        // it were written after it, so a sync that made them durable made
-        // it durable too: none of them was acknowledged. A checksum failure
-        // with the crc in place is corruption of what may have been synced,
-        // and stays an error (a page of zeroes inside a frame is ordinary
-        // data, so only the page with the crc counts).
-        let page_lost = matches!(failure, FrameError::Checksum { stored: 0, .. })
-            && last_page_never_written(data, at);
+        // The same when a page of the frame never reached the disk: its
+        // header made it, a later page of it reads as zeroes (the segment's
+        // room is zeroes until written), and its checksum fails. Frames
+        // after it were written after it, so a sync that made them durable
+        // made it durable too: none of them was acknowledged. Without such
+        // a page a checksum failure is corruption of what may have been
+        // synced, and stays an error. (A zero page can also be a client's
+        // zeroed block with a flipped byte elsewhere: then synced frames
+        // are cut. Open has no record of the durable point to tell; a
+        // primary whose open cut a torn tail peers as if its log were short
+        // and recovers what a replica holds.)
+        let page_lost =
+            matches!(failure, FrameError::Checksum { .. }) && page_never_written(data, at);
         if may_be_torn
             && !is_discontinuity
             && (never_written || page_lost || !valid_frame_after(data, at + 1, expected))
@@ -159,18 +162,25 @@ pub(crate) fn scan(
     Ok((segment, ScanEnd::Clean))
 }
 
-/// Whether the frame at `at` (its length from its header) ends in a file
-/// page (4 KiB aligned) other than its header's that reads as zeroes from
-/// the page's start to the frame's end: a page written after the last sync
-/// that a power loss dropped, its crc with it.
-fn last_page_never_written(data: &[u8], at: usize) -> bool {
+/// Whether a file page (4 KiB aligned) of the frame at `at` (its length
+/// from its header), other than its header's, reads as zeroes: a whole one
+/// inside it, or the last one from its start to the frame's end (the crc
+/// with it). A page written after the last sync that a power loss dropped.
+fn page_never_written(data: &[u8], at: usize) -> bool {
     const PAGE: usize = 4096;
     let Ok(len) = frame::check(&data[at..]) else {
         return false;
     };
     let end = at + len;
-    let last = (end - 1) / PAGE * PAGE;
-    last > at && data[last..end].iter().all(|b| *b == 0)
+    let mut page = at.div_ceil(PAGE) * PAGE;
+    while page < end {
+        let until = (page + PAGE).min(end);
+        if data[page..until].iter().all(|b| *b == 0) {
+            return true;
+        }
+        page += PAGE;
+    }
+    false
 }
 
 /// Bytes a torn tail at `offset` held: up to the last non-zero byte, not

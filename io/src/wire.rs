@@ -149,6 +149,11 @@ pub enum Message {
         replica: String,
         /// Engine session id.
         session: u64,
+        /// Whether what this primary calls committed is durable on its
+        /// replicas (sync_all, sync_quorum): only then is it a floor the
+        /// replica refuses to truncate below. Under best_effort it is the
+        /// primary's own durability, which a failover may lose.
+        durable_commits: bool,
     },
     /// Replica → primary: who it is and what it holds.
     HelloAck {
@@ -513,11 +518,13 @@ impl Message {
                 volume,
                 replica,
                 session,
+                durable_commits,
             } => {
                 put_string(dst, cluster);
                 put_string(dst, volume);
                 put_string(dst, replica);
                 dst.put_u64_le(*session);
+                dst.put_u8(u8::from(*durable_commits));
             }
             Self::HelloAck {
                 replica,
@@ -634,6 +641,16 @@ impl Message {
                 volume: r.string("volume")?,
                 replica: r.string("replica")?,
                 session: r.u64("session")?,
+                durable_commits: match r.u8("durable_commits")? {
+                    0 => false,
+                    1 => true,
+                    value => {
+                        return Err(WireError::BadValue {
+                            field: "durable_commits",
+                            value,
+                        })
+                    }
+                },
             },
             2 => Self::HelloAck {
                 replica: r.string("replica")?,
@@ -927,6 +944,7 @@ mod tests {
             volume: "v".into(),
             replica: "v/r".into(),
             session: 3,
+            durable_commits: true,
         });
         round_trip(Message::DurableAck {
             durable: 5,

@@ -44,14 +44,15 @@ fn epochs() -> impl Strategy<Value = Vec<EpochStart>> {
 fn message() -> impl Strategy<Value = Message> {
     let n = any::<u64>;
     prop_oneof![
-        (text(), text(), text(), n()).prop_map(|(cluster, volume, replica, session)| {
-            Message::Hello {
+        (text(), text(), text(), n(), any::<bool>()).prop_map(
+            |(cluster, volume, replica, session, durable_commits)| Message::Hello {
                 cluster,
                 volume,
                 replica,
                 session,
+                durable_commits,
             }
-        }),
+        ),
         (text(), n(), n(), epochs(), n()).prop_map(
             |(replica, flushed, checkpoint, epochs, committed)| Message::HelloAck {
                 replica,

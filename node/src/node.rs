@@ -673,11 +673,18 @@ impl Node {
                 match self.open(&hosted.spec, &next).await {
                     Ok(handle) => handle,
                     Err(refused) => {
+                        let dir = self.volume_dir(name);
                         let mut back = hosted.applied.clone();
                         if back.is_primary(node) {
-                            back.incarnation += 1;
+                            // From the newest incarnation persisted (peering
+                            // may have chosen one past the table's).
+                            let persisted = assignment::load(&dir)
+                                .ok()
+                                .flatten()
+                                .filter(|a| a.epoch == back.epoch)
+                                .map_or(0, |a| a.incarnation);
+                            back.incarnation = back.incarnation.max(persisted) + 1;
                         }
-                        let dir = self.volume_dir(name);
                         assignment::save(&dir, &back)
                             .map_err(io(format!("persist the assignment of {name}")))?;
                         let handle = self.open(&hosted.spec, &back).await?;

@@ -28,6 +28,9 @@ pub(crate) struct SenderContext {
     pub(crate) store: Arc<Store>,
     pub(crate) head_rx: watch::Receiver<u64>,
     pub(crate) committed_rx: watch::Receiver<u64>,
+    /// Whether the volume's commit mode makes committed durable on the
+    /// replicas (sync_all, sync_quorum); said in every hello.
+    pub(crate) durable_commits: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) tuning: Tuning,
     /// Links to peer nodes, when sessions are multiplexed.
     pub(crate) links: Arc<crate::mux::PeerLinks>,

@@ -30,7 +30,8 @@ const PULL_WINDOW: u64 = 4;
 
 /// Runs peering for `config` on its opened `store`: returns the decision,
 /// with `config.epoch` set to the term it chose and anything recovered
-/// already in the store. Each round that must wait is told to `waiting`.
+/// already in the store. Each round that must wait is told to `waiting`
+/// (round, answers had, answers needed, why).
 ///
 /// An empty store counts as lost, whether it was created at this open or
 /// an earlier open created it and never got to serve: an empty log is
@@ -40,7 +41,7 @@ pub(crate) async fn peer_before_serving(
     links: &PeerLinks,
     store: &Store,
     cut: bool,
-    waiting: impl Fn(u64, &Peering),
+    waiting: impl Fn(u64, usize, usize, &str),
 ) -> Result<Peering, VolumeError> {
     let wal = store.wal();
     let epochs = wal.epochs();
@@ -76,7 +77,7 @@ pub(crate) async fn peer_before_serving(
         );
         match &decided {
             Peering::Wait { have, need, reason } => {
-                waiting(round, &decided);
+                waiting(round, *have, *need, reason);
                 if round == 1 || round.is_power_of_two() {
                     tracing::warn!(volume = %config.volume, have, need, %reason, round,
                         "peering: waiting for replicas before serving");
@@ -130,6 +131,8 @@ pub(crate) async fn peer_before_serving(
                     Err(reason) => {
                         tracing::warn!(volume = %config.volume, replica = %from, %reason,
                             "peering: recovering from the replica failed; asking again");
+                        let why = format!("recovering from {from} failed ({reason}); asking again");
+                        waiting(round, answers.len(), need, &why);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
@@ -282,6 +285,7 @@ async fn pull(
         volume: config.volume.clone(),
         replica: id.as_str().to_owned(),
         session: 0,
+        durable_commits: config.commit_mode != walship_engine::CommitMode::BestEffort,
     };
     conn.send(Envelope {
         epoch,

@@ -38,6 +38,9 @@ pub struct ReplicaStatus {
     pub durable: u64,
     /// Checkpoint.
     pub checkpoint: u64,
+    /// The highest LSN a primary said was committed (sync modes): it
+    /// refuses to truncate below it.
+    pub committed: u64,
     /// Store generation (bumps on each base install).
     pub generation: u64,
     /// Whether a primary connection is active.
@@ -64,11 +67,17 @@ pub struct ReceiverActor {
     tasks: TaskTracker,
     _alive: TaskTrackerToken,
     committed: u64,
-    /// The highest LSN any primary said was committed (or the checkpoint):
-    /// what may have been acknowledged to a client. Nothing truncates
-    /// below it, and a primary that peers learns it. Kept in memory: after
-    /// a restart the checkpoint is the floor.
+    /// The highest LSN a primary whose commits are durable on replicas
+    /// (sync_all, sync_quorum) said was committed: what may have been
+    /// acknowledged to a client. Nothing truncates below it, and a primary
+    /// that peers or says hello learns it. Kept in memory (0 after a
+    /// restart), and never taken from the checkpoint: a node that was
+    /// primary checkpointed up to its own head, committed or not.
     committed_floor: u64,
+    /// Whether the current connection's primary said its commits are
+    /// durable on replicas (its hello): only then does its committed raise
+    /// the floor.
+    floor_applies: bool,
     /// A pull a primary that lost its log is making of this replica's image.
     pull: Option<Pull>,
     metrics: Arc<MailboxMetrics>,
@@ -149,9 +158,9 @@ impl ReceiverActor {
         tasks: TaskTracker,
     ) -> Self {
         let epoch = store.superblock().epoch;
-        let committed_floor = store.superblock().checkpoint;
         Self {
-            committed_floor,
+            committed_floor: 0,
+            floor_applies: false,
             pull: None,
             blocking,
             _alive: tasks.token(),
@@ -257,7 +266,7 @@ impl ReceiverActor {
             flushed: wal.durable(),
             checkpoint,
             epochs: wal.epochs(),
-            committed: self.committed_floor.max(checkpoint),
+            committed: self.committed_floor,
         }
     }
 
@@ -280,7 +289,9 @@ impl ReceiverActor {
     /// Notes what a primary says is committed.
     fn heard_committed(&mut self, committed: u64) {
         self.committed = self.committed.max(committed);
-        self.committed_floor = self.committed_floor.max(committed);
+        if self.floor_applies {
+            self.committed_floor = self.committed_floor.max(committed);
+        }
     }
 
     /// Serves a pull of the whole volume at the durable head (the primary
@@ -549,10 +560,17 @@ impl ReceiverActor {
     fn one(&mut self, conn: u64, envelope: Envelope, unsynced: &mut bool) -> Reply {
         let Envelope { epoch, message } = envelope;
         if let Message::Hello {
-            volume, replica, ..
+            volume,
+            replica,
+            durable_commits,
+            ..
         } = &message
         {
-            return self.hello(conn, epoch, volume, replica);
+            let reply = self.hello(conn, epoch, volume, replica);
+            if !reply.close {
+                self.floor_applies = *durable_commits;
+            }
+            return reply;
         }
         if let Message::Peer {
             volume, replica, ..
@@ -670,6 +688,7 @@ impl Handler<GetReplicaStatus> for ReceiverActor {
             head: self.store.head(),
             durable: wal.durable(),
             checkpoint: superblock.checkpoint,
+            committed: self.committed_floor,
             generation: superblock.generation,
             connected: self.active_conn.is_some(),
             wal_syncs: wal.sync_count(),

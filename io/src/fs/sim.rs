@@ -372,8 +372,15 @@ impl Fs for SimFs {
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
         state.begin()?;
-        if matches!(state.lookup(path), Ok(Entry::Dir(_))) {
-            return Ok(());
+        match state.lookup(path) {
+            Ok(Entry::Dir(_)) => return Ok(()),
+            Ok(Entry::File(_)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{}: a file", path.display()),
+                ))
+            }
+            Err(_) => {}
         }
         let (dir, name) = state.parent(path)?;
         state.dirs.push(Dir::default());

@@ -149,6 +149,7 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
             store: Arc::clone(&store),
             head_rx,
             committed_rx,
+            durable_commits: Arc::default(),
             tuning: tuning.clone(),
             links: Arc::default(),
             bytes_sent: Arc::new(AtomicU64::new(0)),

@@ -44,6 +44,7 @@ pub(crate) async fn connect_and_hello(
         volume: c.replica.volume().to_owned(),
         replica: c.replica.as_str().to_owned(),
         session: session.get(),
+        durable_commits: c.durable_commits.load(std::sync::atomic::Ordering::Relaxed),
     };
     conn.send(Envelope {
         epoch,

@@ -265,6 +265,7 @@ impl Handler<ApplyAssignment> for VolumeActor {
             }
             return Err(error.into());
         }
+        self.note_commit_mode();
         self.run_commands(ctx);
         Ok(())
     }

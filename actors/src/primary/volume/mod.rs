@@ -56,6 +56,9 @@ pub struct VolumeActor {
     holds: HashMap<ReplicaId, WalPin>,
     head_tx: watch::Sender<u64>,
     committed_tx: watch::Sender<u64>,
+    /// Whether the commit mode makes committed durable on the replicas
+    /// (senders say so in their hellos); set with each assignment.
+    durable_commits: Arc<std::sync::atomic::AtomicBool>,
     /// The replicas and their states as last told to
     /// `config.on_replica_states`.
     states_told: Vec<(ReplicaId, Option<ReplicaState>)>,
@@ -100,6 +103,7 @@ impl Actor for VolumeActor {
         if let Err(error) = self.engine.handle_assignment(assignment) {
             tracing::error!(%error, "initial assignment refused");
         }
+        self.note_commit_mode();
         self.run_commands(ctx);
     }
 
@@ -189,6 +193,7 @@ impl VolumeActor {
             holds: HashMap::new(),
             head_tx,
             committed_tx,
+            durable_commits: Arc::default(),
             states_told: Vec::new(),
             barriers: HashMap::new(),
             pools,
@@ -203,6 +208,13 @@ impl VolumeActor {
             _alive: tasks.token(),
             tasks,
         })
+    }
+
+    /// Tells the senders' hellos whether committed is durable on replicas.
+    pub(crate) fn note_commit_mode(&self) {
+        let durable = self.engine.commit_mode() != walship_engine::CommitMode::BestEffort;
+        self.durable_commits
+            .store(durable, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records what peering decided before the volume opened.
@@ -340,6 +352,7 @@ impl VolumeActor {
             store: Arc::clone(&self.store),
             head_rx: self.head_tx.subscribe(),
             committed_rx: self.committed_tx.subscribe(),
+            durable_commits: Arc::clone(&self.durable_commits),
             tuning: self.config.tuning.clone(),
             links: Arc::clone(&self.pools.links),
             bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
