@@ -331,10 +331,12 @@ async fn open_after_peering(
             }
         });
     };
+    let store = Arc::new(store);
     let peered = crate::primary::peering::peer_before_serving(
         &mut config,
         &pools.links,
         &store,
+        &tasks,
         report.torn_bytes_dropped > 0,
         waiting,
     )

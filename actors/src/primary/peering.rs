@@ -18,7 +18,9 @@ use crate::mux::PeerLinks;
 use crate::replica::install::InstallWriter;
 use crate::transport::{self, recv, Conn};
 use futures::SinkExt;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 use walship_engine::{
     decide_peering, required_answers, Epoch, EpochHistory, LocalLog, Lsn, PeerAnswer, Peering,
     ReplicaId, Terms,
@@ -39,7 +41,8 @@ const PULL_WINDOW: u64 = 4;
 pub(crate) async fn peer_before_serving(
     config: &mut PrimaryConfig,
     links: &PeerLinks,
-    store: &Store,
+    store: &Arc<Store>,
+    tasks: &TaskTracker,
     cut: bool,
     waiting: impl Fn(u64, usize, usize, &str),
 ) -> Result<Peering, VolumeError> {
@@ -116,7 +119,7 @@ pub(crate) async fn peer_before_serving(
                     .find(|r| r.server == from.server())
                     .cloned()
                     .ok_or_else(|| failed(from, "not among the replicas"))?;
-                let pulled = match pull(config, links, &spec, store).await {
+                let pulled = match pull(config, links, &spec, store, tasks).await {
                     Ok(image_lsn) if image_lsn >= through.0 => Ok(image_lsn),
                     Ok(image_lsn) => Err(format!(
                         "its image ends at {image_lsn}, it said {}",
@@ -273,7 +276,8 @@ async fn pull(
     config: &PrimaryConfig,
     links: &PeerLinks,
     spec: &ReplicaSpec,
-    store: &Store,
+    store: &Arc<Store>,
+    tasks: &TaskTracker,
 ) -> Result<u64, ExecError> {
     let tuning: &Tuning = &config.tuning;
     let limit = tuning.peer_timeout;
@@ -345,10 +349,19 @@ async fn pull(
         } if done == image_lsn => (checksum, epochs),
         other => return Err(ExecError::Protocol(format!("pull: got {other:?}"))),
     };
-    let install = writer.finish().map_err(ExecError::from)?;
-    store
-        .commit_install(install, checksum, epoch, &epochs)
-        .map_err(ExecError::from)?;
+    // The writer's last chunks, the image's fsync and the superblock switch
+    // block for as long as the disk takes: off the volumes' arbiter. The
+    // job holds a token of the volume's tasks, so a stop that drops this
+    // future still waits for the switch to end before the store reopens.
+    let store = Arc::clone(store);
+    let token = tasks.token();
+    tokio::task::spawn_blocking(move || {
+        let _token = token;
+        let install = writer.finish()?;
+        store.commit_install(install, checksum, epoch, &epochs)
+    })
+    .await
+    .map_err(|e| ExecError::Protocol(format!("pull: install task: {e}")))??;
     Ok(image_lsn)
 }
 

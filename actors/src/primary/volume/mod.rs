@@ -132,14 +132,14 @@ impl VolumeActor {
         pools: Pools,
         tasks: TaskTracker,
     ) -> Result<Self, VolumeError> {
-        let opened = Store::open(&config.dir, config.store.clone())?;
-        Self::with_store(config, opened, pools, tasks)
+        let (store, report) = Store::open(&config.dir, config.store.clone())?;
+        Self::with_store(config, (Arc::new(store), report), pools, tasks)
     }
 
     /// [`open`](Self::open) on a store already opened (peering opens it first).
     pub(crate) fn with_store(
         config: PrimaryConfig,
-        (store, report): (Store, walship_io::StoreReport),
+        (store, report): (Arc<Store>, walship_io::StoreReport),
         pools: Pools,
         tasks: TaskTracker,
     ) -> Result<Self, VolumeError> {
@@ -154,7 +154,6 @@ impl VolumeActor {
                 });
             }
         }
-        let store = Arc::new(store);
         let reader = LogReader::with_service(store.wal(), pools.reader(config.tuning.backend)?);
         let mut engine_config = EngineConfig::new(config.volume.clone());
         engine_config.budget = config.tuning.budget;
