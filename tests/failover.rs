@@ -161,6 +161,39 @@ async fn a_divergent_tail_already_checkpointed_is_rebuilt() {
     assert!(cluster.has_event("s2", "rebuild_completed").await.unwrap());
 }
 
+/// A cluster under `mode` whose primary wrote 1-30, then 31-35 (blocks
+/// 100-104) that both replicas made durable.
+async fn a_tail_both_replicas_hold(mode: CommitMode) -> Cluster {
+    let mut keep_wal = tuning();
+    keep_wal.checkpoint_every_lsns = 1 << 20;
+    let cluster = start_with(mode, &["r1", "r2"], keep_wal).await;
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    cluster.write_blocks(0, 30).await.unwrap();
+    if mode == CommitMode::BestEffort {
+        assert_eq!(cluster.primary.barrier().await.unwrap(), 30);
+    }
+    for i in 0..5 {
+        cluster
+            .primary
+            .write(100 + i, block(7000 + i))
+            .await
+            .unwrap();
+    }
+    cluster.wait_durable("r1", 35, LONG).await.unwrap();
+    cluster.wait_durable("r2", 35, LONG).await.unwrap();
+    cluster
+}
+
+/// r1 stops; the primary stops and loses 31-35 (as a crash before its own
+/// fsync would).
+async fn the_primary_loses_the_tail(cluster: &mut Cluster) {
+    cluster.stop_replica("r1").await;
+    cluster.primary.stop().await;
+    // The stop returned with the store's lock released.
+    let (store, _) = walship::io::Store::open(&cluster.primary_dir, store_options()).unwrap();
+    store.truncate_after(30).unwrap();
+}
+
 /// A primary that crashed after shipping entries it had not made durable
 /// itself comes back without them, while replicas hold them. It must open
 /// in a new epoch: the LSNs it writes again then carry that epoch, and a
@@ -171,30 +204,8 @@ async fn a_divergent_tail_already_checkpointed_is_rebuilt() {
 /// truncated: the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
-    let mut keep_wal = tuning();
-    keep_wal.checkpoint_every_lsns = 1 << 20;
-    let mut cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], keep_wal).await;
-    cluster.wait_all_in_sync(LONG).await.unwrap();
-    cluster.write_blocks(0, 30).await.unwrap();
-    assert_eq!(cluster.primary.barrier().await.unwrap(), 30);
-    // 31-35 reach both replicas...
-    for i in 0..5 {
-        cluster
-            .primary
-            .write(100 + i, block(7000 + i))
-            .await
-            .unwrap();
-    }
-    cluster.wait_durable("r1", 35, LONG).await.unwrap();
-    cluster.wait_durable("r2", 35, LONG).await.unwrap();
-    cluster.stop_replica("r1").await;
-    // ...and the primary loses them (as a crash before its own fsync would).
-    cluster.primary.stop().await;
-    {
-        // The stop returned with the store's lock released.
-        let (store, _) = walship::io::Store::open(&cluster.primary_dir, store_options()).unwrap();
-        store.truncate_after(30).unwrap();
-    }
+    let mut cluster = a_tail_both_replicas_hold(CommitMode::BestEffort).await;
+    the_primary_loses_the_tail(&mut cluster).await;
     assert!(matches!(
         cluster.reopen_primary(1).await,
         Err(walship::actors::VolumeError::EpochNotNewer { .. })
@@ -245,18 +256,7 @@ async fn a_primary_that_lost_its_tail_comes_back_in_a_new_epoch() {
 /// says `primary_behind`, plans nothing, and r2 keeps every entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_lost_a_committed_tail_never_truncates_the_replica_holding_it() {
-    let mut keep_wal = tuning();
-    keep_wal.checkpoint_every_lsns = 1 << 20;
-    let mut cluster = start_with(CommitMode::SyncQuorum, &["r1", "r2"], keep_wal).await;
-    cluster.wait_all_in_sync(LONG).await.unwrap();
-    cluster.write_blocks(0, 30).await.unwrap();
-    for i in 0..5 {
-        cluster
-            .primary
-            .write(100 + i, block(7000 + i))
-            .await
-            .unwrap();
-    }
+    let mut cluster = a_tail_both_replicas_hold(CommitMode::SyncQuorum).await;
     // Committed by the quorum, and r2 told so (a barrier resolves once
     // committed, and the next heartbeat carries it).
     assert!(cluster.primary.barrier().await.unwrap() >= 35);
@@ -266,12 +266,7 @@ async fn a_primary_that_lost_a_committed_tail_never_truncates_the_replica_holdin
     })
     .await;
     assert!(told.is_some(), "{:?}", cluster.replica_status("r2").await);
-    cluster.stop_replica("r1").await;
-    cluster.primary.stop().await;
-    {
-        let (store, _) = walship::io::Store::open(&cluster.primary_dir, store_options()).unwrap();
-        store.truncate_after(30).unwrap();
-    }
+    the_primary_loses_the_tail(&mut cluster).await;
     cluster.reopen_primary(2).await.unwrap();
     let behind = within(LONG, || async {
         cluster
