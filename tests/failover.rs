@@ -292,3 +292,53 @@ async fn a_primary_that_lost_a_committed_tail_never_truncates_the_replica_holdin
         );
     }
 }
+
+/// The same committed tail lost, and the primary peers before it serves (as
+/// a node's does): r2's log extends its own, so it takes the frames after
+/// its head from r2's WAL (a reverse catch-up, not the whole volume) and
+/// opens with them; r2 is in sync at once, nothing truncated or rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_a_committed_tail_takes_it_back_by_catch_up() {
+    let mut cluster = a_tail_both_replicas_hold(CommitMode::SyncQuorum).await;
+    assert!(cluster.primary.barrier().await.unwrap() >= 35);
+    let told = within(LONG, || async {
+        let status = cluster.replica_status("r2").await.ok()?;
+        (status.committed >= 35).then_some(())
+    })
+    .await;
+    assert!(told.is_some(), "{:?}", cluster.replica_status("r2").await);
+    the_primary_loses_the_tail(&mut cluster).await;
+    cluster
+        .reopen_primary_with(2, walship::actors::Peering::enabled(0, None))
+        .await
+        .unwrap();
+    cluster
+        .wait_state("r2", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            cluster.primary.read(100 + i, 1).await.unwrap(),
+            block(7000 + i)
+        );
+    }
+    let events = cluster.events().await.unwrap();
+    assert_logged(&events, |e| {
+        e.starts_with("vol1/r2 primary_behind primary_behind: vol1/r2 holds 31-35")
+            && e.ends_with("recovering before serving, by catch-up")
+    });
+    assert_logged(&events, |e| {
+        e.starts_with("vol1/r2 handshake flushed=35 committed=35: zero_gap")
+    });
+    assert!(!cluster
+        .has_event("r2", "truncation_recorded")
+        .await
+        .unwrap());
+    assert!(!cluster
+        .has_event("r2", "plan_rebuild_full_base")
+        .await
+        .unwrap());
+    // Frames, not an image: an installed image would be a new generation.
+    let inspected = walship::io::inspect(&cluster.primary_dir);
+    assert_eq!(inspected.superblock.unwrap().generation, 1);
+}

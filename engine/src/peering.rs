@@ -140,6 +140,10 @@ pub enum Peering {
         from: ReplicaId,
         /// Its durable LSN: the primary's head once recovered.
         through: Lsn,
+        /// Its log extends this one (the same entries up to this log's
+        /// head): the frames after the head are enough, a reverse
+        /// catch-up, if its WAL still holds them. Otherwise its image.
+        catch_up: bool,
         /// The term to open in.
         term: Epoch,
         /// What the replica holds that the primary lacks.
@@ -237,20 +241,27 @@ pub fn decide_peering(
         .filter_map(|a| may_be_acknowledged(mode, local, a).map(|why| (a, why)))
         .max_by(|(a, _), (b, _)| a.rank().cmp(&b.rank()).then(b.replica.cmp(&a.replica)));
     match behind {
-        Some((from, why)) => Peering::Recover {
+        Some((from, why)) => {
+            let shared =
+                crate::epochs::divergence(&local.epochs, local.head, &from.epochs, from.flushed);
+            let catch_up = !local.lost && shared.point == local.head;
+            Peering::Recover {
             from: from.replica.clone(),
             through: from.flushed,
+            catch_up,
             term,
             proof: format!(
-                "primary_behind: {} holds {}-{} in term e{} (committed {}), this log ends at {}: {why}; {heard}; recovering before serving",
+                "primary_behind: {} holds {}-{} in term e{} (committed {}), this log ends at {}: {why}; {heard}; recovering before serving{}",
                 from.replica,
                 local.head.0 + 1,
                 from.flushed.0,
                 from.last_term().map_or(0, |e| e.0),
                 from.committed.0,
-                local.head.0
+                local.head.0,
+                if catch_up { ", by catch-up" } else { "" }
             ),
-        },
+        }
+        }
         None => Peering::Serve {
             term,
             proof: format!(
@@ -405,11 +416,13 @@ mod tests {
             through,
             term,
             proof,
+            catch_up,
         } = decided
         else {
             panic!("{decided:?}");
         };
         assert_eq!(through, Lsn(512));
+        assert!(!catch_up, "a lost log takes the whole image");
         assert_eq!(from.server(), "node2", "ties go to the lower id");
         assert_eq!(term, Epoch(E + 1), "never the term the replicas saw");
         assert!(proof.starts_with("primary_behind: vol0/node2 holds 1-512 in term e1048576"));
@@ -485,8 +498,8 @@ mod tests {
         let committed = [answer("node2", E, 512, 480)];
         let decided = decide_peering(CommitMode::SyncQuorum, 2, &log, terms(), &committed);
         assert!(
-            matches!(&decided, Peering::Recover { from, through: Lsn(512), .. } if from.server() == "node2"),
-            "{decided:?}"
+            matches!(&decided, Peering::Recover { from, through: Lsn(512), catch_up: true, .. } if from.server() == "node2"),
+            "{decided:?}: its log extends this one, so the frames after 400 are enough"
         );
         // ... even when the last committed LSN they heard is older than the
         // primary's head: the message that would have said more was lost
@@ -529,7 +542,7 @@ mod tests {
             &[newer],
         );
         assert!(
-            matches!(&decided, Peering::Recover { through: Lsn(450), proof, .. }
+            matches!(&decided, Peering::Recover { through: Lsn(450), proof, catch_up: false, .. }
                 if proof.contains("newer term")),
             "{decided:?}"
         );

@@ -195,6 +195,15 @@ pub enum Message {
     /// Primary → replica: the pull is over; answered with a `RebuildDone`
     /// carrying the crc32c of what was sent and the replica's epoch history.
     PullDone,
+    /// Primary → replica, after a `Hello` in the primary's new term: the
+    /// replica's WAL frames after `after` (a reverse catch-up: the primary
+    /// lacks only a tail the replica holds). Answered with a `WalBatch`
+    /// (empty when the replica holds nothing more), or an error when its
+    /// WAL no longer holds them.
+    PullFrames {
+        /// The primary's head: frames after it are wanted.
+        after: u64,
+    },
     /// Encoded WAL frames `first_lsn..=last_lsn`, exactly as on disk.
     WalBatch {
         /// Session the batch belongs to (0 for live shipping).
@@ -508,6 +517,7 @@ impl Message {
             Self::PullImage => 17,
             Self::PullChunk { .. } => 18,
             Self::PullDone => 19,
+            Self::PullFrames { .. } => 20,
         }
     }
 
@@ -549,6 +559,7 @@ impl Message {
                 put_string(dst, replica);
             }
             Self::PullImage | Self::PullDone => {}
+            Self::PullFrames { after } => dst.put_u64_le(*after),
             Self::PullChunk { offset, len } => {
                 dst.put_u64_le(*offset);
                 dst.put_u32_le(*len);
@@ -754,6 +765,9 @@ impl Message {
                 len: r.u32("len")?,
             },
             19 => Self::PullDone,
+            20 => Self::PullFrames {
+                after: r.u64("after")?,
+            },
             other => return Err(WireError::UnknownType(other)),
         })
     }
@@ -999,6 +1013,7 @@ mod tests {
             len: 4096,
         });
         round_trip(Message::PullDone);
+        round_trip(Message::PullFrames { after: 30 });
         round_trip(Message::RebuildDone {
             session: 4,
             image_lsn: 250,

@@ -69,6 +69,7 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         Just(Message::PullImage),
         Just(Message::PullDone),
+        n().prop_map(|after| Message::PullFrames { after }),
         (n(), any::<u32>()).prop_map(|(offset, len)| Message::PullChunk { offset, len }),
         (n(), n(), n(), n(), blob()).prop_map(
             |(session, first_lsn, last_lsn, committed, frames)| Message::WalBatch {

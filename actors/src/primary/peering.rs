@@ -108,6 +108,7 @@ pub(crate) async fn peer_before_serving(
             Peering::Recover {
                 from,
                 through,
+                catch_up,
                 term,
                 proof,
             } => {
@@ -119,13 +120,33 @@ pub(crate) async fn peer_before_serving(
                     .find(|r| r.server == from.server())
                     .cloned()
                     .ok_or_else(|| failed(from, "not among the replicas"))?;
-                let pulled = match pull(config, links, &spec, store, tasks).await {
+                let caught_up = if *catch_up {
+                    match catch_up_from(config, links, &spec, store, through.0).await {
+                        Ok(head) => Some(head),
+                        Err(reason) => {
+                            // Its WAL no longer holds them, or the link
+                            // broke: the image instead.
+                            tracing::warn!(volume = %config.volume, replica = %from, %reason,
+                                "peering: the catch-up from the replica failed; pulling its image");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                let pulled = match caught_up {
+                    Some(head) => Ok(head),
+                    None => pull(config, links, &spec, store, tasks)
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                let pulled = match pulled {
                     Ok(image_lsn) if image_lsn >= through.0 => Ok(image_lsn),
                     Ok(image_lsn) => Err(format!(
-                        "its image ends at {image_lsn}, it said {}",
+                        "what it sent ends at {image_lsn}, it said {}",
                         through.0
                     )),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
                 let image_lsn = match pulled {
                     Ok(image_lsn) => image_lsn,
@@ -270,6 +291,77 @@ async fn ask(
     })
 }
 
+/// Says hello to `spec` in the term `config.epoch` (fencing anything
+/// older): the connection to pull over.
+async fn hello_for_pull(
+    config: &PrimaryConfig,
+    links: &PeerLinks,
+    spec: &ReplicaSpec,
+) -> Result<Conn, ExecError> {
+    let id = replica_id(config, spec)?;
+    let mut conn = connect(&config.tuning, links, &spec.addr).await?;
+    let hello = Message::Hello {
+        cluster: config.cluster.clone(),
+        volume: config.volume.clone(),
+        replica: id.as_str().to_owned(),
+        session: 0,
+        durable_commits: config.commit_mode != walship_engine::CommitMode::BestEffort,
+    };
+    conn.send(Envelope {
+        epoch: config.epoch,
+        message: hello,
+    })
+    .await?;
+    transport::handshake_reply(recv(&mut conn, config.tuning.peer_timeout).await?)?;
+    Ok(conn)
+}
+
+/// A reverse catch-up: `spec`'s WAL frames after this store's head,
+/// through `through`, appended to this store's WAL and synced; returns the
+/// new head. The replica's log extends this one (the engine checked), so
+/// its frames follow this log's.
+async fn catch_up_from(
+    config: &PrimaryConfig,
+    links: &PeerLinks,
+    spec: &ReplicaSpec,
+    store: &Store,
+    through: u64,
+) -> Result<u64, ExecError> {
+    let limit = config.tuning.peer_timeout;
+    let mut conn = hello_for_pull(config, links, spec).await?;
+    let mut head = store.head();
+    while head < through {
+        conn.send(Envelope {
+            epoch: config.epoch,
+            message: Message::PullFrames { after: head },
+        })
+        .await?;
+        let (last, frames) = match recv(&mut conn, limit).await?.message {
+            Message::WalBatch {
+                first_lsn,
+                last_lsn,
+                frames,
+                ..
+            } if first_lsn == head + 1 => (last_lsn, frames),
+            other => return Err(ExecError::Protocol(format!("pull frames: got {other:?}"))),
+        };
+        if frames.is_empty() {
+            break;
+        }
+        // Committed 0: nothing goes straight to the extent; the WAL
+        // checks every frame and its order.
+        let appended = store.apply_replicated(&frames, 0)?;
+        if appended != last {
+            return Err(ExecError::Protocol(format!(
+                "pull frames: the batch claimed {last}, its frames end at {appended}"
+            )));
+        }
+        head = appended;
+    }
+    store.sync_to(head)?;
+    Ok(head)
+}
+
 /// Pulls `spec`'s whole volume at its durable LSN into `store`, in the
 /// term `config.epoch`; returns the image's LSN.
 async fn pull(
@@ -281,22 +373,8 @@ async fn pull(
 ) -> Result<u64, ExecError> {
     let tuning: &Tuning = &config.tuning;
     let limit = tuning.peer_timeout;
-    let id = replica_id(config, spec)?;
-    let mut conn = connect(tuning, links, &spec.addr).await?;
     let epoch = config.epoch;
-    let hello = Message::Hello {
-        cluster: config.cluster.clone(),
-        volume: config.volume.clone(),
-        replica: id.as_str().to_owned(),
-        session: 0,
-        durable_commits: config.commit_mode != walship_engine::CommitMode::BestEffort,
-    };
-    conn.send(Envelope {
-        epoch,
-        message: hello,
-    })
-    .await?;
-    transport::handshake_reply(recv(&mut conn, limit).await?)?;
+    let mut conn = hello_for_pull(config, links, spec).await?;
     conn.send(Envelope {
         epoch,
         message: Message::PullImage,

@@ -127,6 +127,10 @@ struct Pull {
 /// The largest chunk a pull may ask for.
 const PULL_CHUNK_MAX: u32 = 8 << 20;
 
+/// WAL bytes one answer to `PullFrames` carries at most (a frame's length
+/// limit leaves room for the batch's header).
+const PULL_FRAMES_MAX: usize = 16 << 20;
+
 /// What a connection task must send back, and whether to close after.
 #[derive(Debug, Default, MessageResponse)]
 pub(crate) struct Reply {
@@ -357,6 +361,45 @@ impl ReceiverActor {
                     }
                     Err(e) => self.store_failed("read for pull", &e, CODE_STORE),
                 }
+            }
+            Message::PullFrames { after } => {
+                let head = self.store.head();
+                let durable = match self.sync_to(head) {
+                    Ok(durable) => durable,
+                    Err(e) => return self.store_failed("sync before pull", &e, CODE_STORE),
+                };
+                let wal = self.store.wal();
+                if after < wal.tail() || after > durable {
+                    return error(
+                        epoch,
+                        CODE_BASE,
+                        format!(
+                            "frames after {after}: this WAL holds {}-{durable}",
+                            wal.tail() + 1
+                        ),
+                    );
+                }
+                let (frames, last) = if after == durable {
+                    (Bytes::new(), after)
+                } else {
+                    match wal.read_raw(after, durable, PULL_FRAMES_MAX) {
+                        Ok(read) => read,
+                        Err(e) => {
+                            return self.store_failed(
+                                "read for pull",
+                                &StoreError::Wal(e),
+                                CODE_STORE,
+                            )
+                        }
+                    }
+                };
+                self.answer(Message::WalBatch {
+                    session: 0,
+                    first_lsn: after + 1,
+                    last_lsn: last,
+                    committed: 0,
+                    frames,
+                })
             }
             Message::PullDone => match self.pull.take() {
                 Some(pull) if pull.next == pull.image_bytes => {
@@ -642,9 +685,10 @@ impl ReceiverActor {
             message @ (Message::RebuildBegin { .. }
             | Message::RebuildChunk { .. }
             | Message::RebuildDone { .. }) => self.rebuild(message),
-            message @ (Message::PullImage | Message::PullChunk { .. } | Message::PullDone) => {
-                self.pull(message)
-            }
+            message @ (Message::PullImage
+            | Message::PullChunk { .. }
+            | Message::PullDone
+            | Message::PullFrames { .. }) => self.pull(message),
             other => error(
                 self.epoch,
                 CODE_UNEXPECTED,

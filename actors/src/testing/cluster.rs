@@ -296,13 +296,27 @@ impl LoopbackCluster {
     /// Opens the primary again on its own directory in `epoch` (the old one
     /// must have been stopped); the volume's own refusal when it must.
     pub async fn reopen_primary(&mut self, epoch: u64) -> Result<(), VolumeError> {
-        let config = primary_config(
+        self.reopen_primary_with(epoch, crate::config::Peering::default())
+            .await
+    }
+
+    /// [`reopen_primary`](Self::reopen_primary) with `peering` (a node's
+    /// primaries peer before they serve; the harness's do not unless told).
+    pub async fn reopen_primary_with(
+        &mut self,
+        epoch: u64,
+        peering: crate::config::Peering,
+    ) -> Result<(), VolumeError> {
+        let mut config = primary_config(
             &self.options,
             &self.primary_dir,
             epoch,
             self.mode,
             &self.replicas,
         );
+        if let VolumeConfig::Primary(primary) = &mut config {
+            primary.peering = peering;
+        }
         self.primary = self.rt.spawn_volume(config).await?;
         self.epoch = epoch;
         Ok(())
