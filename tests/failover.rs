@@ -184,6 +184,17 @@ async fn a_tail_both_replicas_hold(mode: CommitMode) -> Cluster {
     cluster
 }
 
+/// Waits until r2 knows 31-35 were committed (the heartbeat after the
+/// barrier carries it).
+async fn r2_knows_the_tail_committed(cluster: &Cluster) {
+    let told = within(LONG, || async {
+        let status = cluster.replica_status("r2").await.ok()?;
+        (status.committed >= 35).then_some(())
+    })
+    .await;
+    assert!(told.is_some(), "{:?}", cluster.replica_status("r2").await);
+}
+
 /// r1 stops; the primary stops and loses 31-35 (as a crash before its own
 /// fsync would).
 async fn the_primary_loses_the_tail(cluster: &mut Cluster) {
@@ -260,12 +271,7 @@ async fn a_primary_that_lost_a_committed_tail_never_truncates_the_replica_holdin
     // Committed by the quorum, and r2 told so (a barrier resolves once
     // committed, and the next heartbeat carries it).
     assert!(cluster.primary.barrier().await.unwrap() >= 35);
-    let told = within(LONG, || async {
-        let status = cluster.replica_status("r2").await.ok()?;
-        (status.committed >= 35).then_some(())
-    })
-    .await;
-    assert!(told.is_some(), "{:?}", cluster.replica_status("r2").await);
+    r2_knows_the_tail_committed(&cluster).await;
     the_primary_loses_the_tail(&mut cluster).await;
     cluster.reopen_primary(2).await.unwrap();
     let behind = within(LONG, || async {
@@ -301,12 +307,7 @@ async fn a_primary_that_lost_a_committed_tail_never_truncates_the_replica_holdin
 async fn a_primary_that_lost_a_committed_tail_takes_it_back_by_catch_up() {
     let mut cluster = a_tail_both_replicas_hold(CommitMode::SyncQuorum).await;
     assert!(cluster.primary.barrier().await.unwrap() >= 35);
-    let told = within(LONG, || async {
-        let status = cluster.replica_status("r2").await.ok()?;
-        (status.committed >= 35).then_some(())
-    })
-    .await;
-    assert!(told.is_some(), "{:?}", cluster.replica_status("r2").await);
+    r2_knows_the_tail_committed(&cluster).await;
     the_primary_loses_the_tail(&mut cluster).await;
     cluster
         .reopen_primary_with(2, walship::actors::Peering::enabled(0, None))

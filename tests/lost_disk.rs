@@ -13,6 +13,8 @@ mod nodes;
 mod workload;
 
 use nodes::{NodeCluster, VolumeOptions};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use workload::*;
 
@@ -161,10 +163,28 @@ async fn replica_whose_disk_was_replaced_is_rebuilt() {
     std::fs::remove_dir_all(&cluster.nodes[1].data_dir).unwrap();
     // More writes while it is away: the checkpoint recycles what it lacks.
     let acked = [acked, write_all_fua(primary, 1000..1600).await].concat();
+    // Writes keep flowing while it comes back and is rebuilt.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during_acked = Arc::new(AtomicU64::new(0));
+    let during = tokio::spawn(write_until(
+        primary,
+        2000..6000,
+        Arc::clone(&stop),
+        Arc::clone(&during_acked),
+        Duration::from_secs(60),
+    ));
+    wait_acked(&during_acked, 20, CLIENT).await;
     cluster.spawn(1);
     cluster.wait_up(1, Duration::from_secs(30)).await;
+    cluster
+        .wait_replica_state("node2", "in_sync", CONVERGE)
+        .await;
+    let at_sync = during_acked.load(Ordering::SeqCst);
+    wait_acked(&during_acked, at_sync + 50, CLIENT).await;
+    stop.store(true, Ordering::SeqCst);
+    let during = during.await.unwrap();
     cluster.wait_converged(CONVERGE).await;
-    assert_blocks(primary, &acked).await;
+    assert_blocks(primary, &[acked, during].concat()).await;
     assert_replicas_identical(&cluster, 0).await;
     let log = cluster.primary_volume().await["recent_recovery"].clone();
     assert!(

@@ -210,16 +210,22 @@ impl NodeCluster {
         node.child = Some(child);
     }
 
-    /// Waits until node `i`'s admin endpoint answers; panics with its log
-    /// if it exits or does not answer in time.
+    /// Waits until node `i`'s admin endpoint answers and none of its
+    /// primaries is still peering with its replicas; panics with its log if
+    /// it exits or is not up in time.
     pub async fn wait_up(&mut self, i: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if admin::request(&self.nodes[i].admin_addr(), "/status", None)
-                .await
-                .is_ok_and(|(status, _)| status.is_success())
-            {
-                return;
+            let answered = admin::request(&self.nodes[i].admin_addr(), "/status", None).await;
+            if let Ok((status, body)) = answered {
+                let peering = serde_json::from_str::<Value>(&body).is_ok_and(|report| {
+                    report["volumes"].as_array().is_some_and(|volumes| {
+                        volumes.iter().any(|v| v["status"]["state"] == "peering")
+                    })
+                });
+                if status.is_success() && !peering {
+                    return;
+                }
             }
             let exited = self.nodes[i]
                 .child
