@@ -65,6 +65,8 @@ struct State {
     dirs: Vec<Dir>,
     ops: u64,
     fault: Option<(u64, Fault)>,
+    /// The fault the last operation failed with, if one did.
+    failed_with: Option<Fault>,
     crashed: bool,
 }
 
@@ -105,6 +107,7 @@ impl SimFs {
                 dirs: vec![Dir::default()],
                 ops: 0,
                 fault: None,
+                failed_with: None,
                 crashed: false,
             })),
         }
@@ -123,6 +126,14 @@ impl SimFs {
     /// [`ops`](Self::ops)) fail with `fault`.
     pub fn inject(&self, op: u64, fault: Fault) {
         self.lock().fault = Some((op, fault));
+    }
+
+    /// The process comes back after an injected [`Fault::Crash`] without a
+    /// power loss (kill -9): the page cache keeps everything written.
+    pub fn restart(&self) {
+        let mut state = self.lock();
+        state.fault = None;
+        state.crashed = false;
     }
 
     /// Whether an injected [`Fault::Crash`] has happened.
@@ -190,10 +201,17 @@ impl State {
             return Err(io::Error::other("the process died"));
         }
         self.ops += 1;
+        self.failed_with = None;
         match self.fault {
             Some((op, fault)) if op == self.ops => match fault {
-                Fault::Eio => Err(io::Error::from_raw_os_error(libc::EIO)),
-                Fault::Enospc => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                Fault::Eio => {
+                    self.failed_with = Some(Fault::Eio);
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                }
+                Fault::Enospc => {
+                    self.failed_with = Some(Fault::Enospc);
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }
                 Fault::Crash => {
                     self.crashed = true;
                     Err(io::Error::other("the process died"))
@@ -291,7 +309,19 @@ impl FsFile for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.fs.lock();
-        state.begin()?;
+        if let Err(error) = state.begin() {
+            // Linux after a failed writeback: the dirty pages are marked
+            // clean and their data is gone; a later fsync reports success
+            // for what it no longer has (fsyncgate). A caller must not
+            // retry an fsync and trust it.
+            if state.failed_with == Some(Fault::Eio) {
+                let inode = &mut state.inodes[self.inode];
+                inode.data = inode.durable.clone();
+                inode.dirty_pages.clear();
+                inode.len_dirty = false;
+            }
+            return Err(error);
+        }
         let inode = &mut state.inodes[self.inode];
         inode.durable = inode.data.clone();
         inode.dirty_pages.clear();

@@ -254,3 +254,26 @@ fn the_model_keeps_what_was_synced_and_a_seeded_part_of_the_rest() {
         "a seeded loss kept the same page every time"
     );
 }
+
+/// An fsync that fails with EIO loses the dirty pages, as Linux does after
+/// a failed writeback: the data reads as it was last synced, and the next
+/// fsync has nothing left to write. kill -9 (a restart without a power
+/// loss) keeps what was written.
+#[test]
+fn a_failed_fsync_loses_the_dirty_pages_and_kill_9_keeps_them() {
+    let fs = one_synced_page_then_eight_unsynced();
+    let file = fs.open(Path::new("/d/f")).unwrap();
+    fs.inject(fs.ops() + 1, Fault::Eio);
+    assert!(file.sync_data().is_err());
+    assert_eq!(fs.read(Path::new("/d/f")).unwrap(), vec![1u8; 4096]);
+    file.sync_data().unwrap();
+    fs.power_loss(PowerLoss::DropUnsynced);
+    assert_eq!(fs.read(Path::new("/d/f")).unwrap(), vec![1u8; 4096]);
+
+    let fs = one_synced_page_then_eight_unsynced();
+    fs.inject(fs.ops() + 1, Fault::Crash);
+    assert!(fs.create(Path::new("/d/g")).is_err());
+    fs.restart();
+    assert_eq!(fs.read(Path::new("/d/f")).unwrap().len(), 9 * 4096);
+    assert!(fs.read(Path::new("/d/unsynced")).is_ok());
+}
