@@ -191,7 +191,7 @@ async fn start_volume(
             let addr = MeteredAddr::new(actor.start(), metrics);
             let (_, opening) = watch::channel(Opening::Open(addr));
             Ok(VolumeHandle {
-                inner: Inner::Primary(opening, Duration::ZERO),
+                inner: Inner::Primary(PrimaryRef::new(opening, Duration::ZERO)),
                 tasks,
                 stopping: Arc::new(watch::channel(false).0),
             })
@@ -228,7 +228,7 @@ async fn start_volume(
                 }
             });
             Ok(VolumeHandle {
-                inner: Inner::Primary(opening, patience),
+                inner: Inner::Primary(PrimaryRef::new(opening, patience)),
                 tasks,
                 stopping,
             })
@@ -406,11 +406,33 @@ impl PeeringStatus {
     }
 }
 
+/// A primary's side of the handle: its actor once open (read without a
+/// lock on every request), where its opening stands, and how long a request
+/// waits for it (the barrier timeout).
+#[derive(Debug)]
+struct PrimaryRef {
+    open: std::sync::OnceLock<MeteredAddr<VolumeActor>>,
+    opening: watch::Receiver<Opening>,
+    patience: Duration,
+}
+
+impl PrimaryRef {
+    fn new(opening: watch::Receiver<Opening>, patience: Duration) -> Arc<Self> {
+        let open = std::sync::OnceLock::new();
+        if let Opening::Open(addr) = &*opening.borrow() {
+            let _ = open.set(addr.clone());
+        }
+        Arc::new(Self {
+            open,
+            opening,
+            patience,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Inner {
-    /// The primary's opening, and how long a request waits for it (the
-    /// barrier timeout).
-    Primary(watch::Receiver<Opening>, Duration),
+    Primary(Arc<PrimaryRef>),
     Replica {
         receiver: MeteredAddr<ReceiverActor>,
         listen: SocketAddr,
@@ -463,17 +485,20 @@ impl VolumeHandle {
     /// The primary's actor, once peering opened it: requests made while
     /// it peers wait (a client's reads too: the store may not hold the
     /// volume's data yet).
-    async fn primary(&self) -> Result<MeteredAddr<VolumeActor>, VolumeError> {
-        let Inner::Primary(opening, patience) = &self.inner else {
+    async fn primary(&self) -> Result<&MeteredAddr<VolumeActor>, VolumeError> {
+        let Inner::Primary(primary) = &self.inner else {
             return Err(VolumeError::NotPrimary);
         };
-        let mut opening = opening.clone();
+        if let Some(addr) = primary.open.get() {
+            return Ok(addr);
+        }
+        let mut opening = primary.opening.clone();
         let mut stopping = self.stopping.subscribe();
-        let deadline = tokio::time::sleep(*patience);
+        let deadline = tokio::time::sleep(primary.patience);
         tokio::pin!(deadline);
         loop {
             let peering = match &*opening.borrow_and_update() {
-                Opening::Open(addr) => return Ok(addr.clone()),
+                Opening::Open(addr) => return Ok(primary.open.get_or_init(|| addr.clone())),
                 Opening::Failed(failed) => {
                     return Err(VolumeError::OpenFailed(failed.reason.clone()))
                 }
@@ -507,7 +532,7 @@ impl VolumeHandle {
     /// Whether this is a primary still peering with its replicas: it
     /// takes requests, but answers none until it has opened.
     pub fn is_peering(&self) -> bool {
-        matches!(&self.inner, Inner::Primary(opening, _) if matches!(*opening.borrow(), Opening::Peering(_)))
+        matches!(&self.inner, Inner::Primary(primary) if matches!(*primary.opening.borrow(), Opening::Peering(_)))
     }
 
     /// Whether the volume's actor is running: a replica's always, a
@@ -515,7 +540,7 @@ impl VolumeHandle {
     /// failed to open).
     pub fn has_opened(&self) -> bool {
         match &self.inner {
-            Inner::Primary(opening, _) => matches!(*opening.borrow(), Opening::Open(_)),
+            Inner::Primary(primary) => matches!(*primary.opening.borrow(), Opening::Open(_)),
             Inner::Replica { .. } => true,
         }
     }
@@ -630,8 +655,8 @@ impl VolumeHandle {
     /// The status, serializable to JSON.
     pub async fn status(&self) -> Result<NodeStatus, VolumeError> {
         match &self.inner {
-            Inner::Primary(opening, _) => {
-                let peering = match &*opening.borrow() {
+            Inner::Primary(primary) => {
+                let peering = match &*primary.opening.borrow() {
                     Opening::Peering(status) | Opening::Failed(status) => Some(status.clone()),
                     Opening::Open(_) => None,
                 };
@@ -780,10 +805,10 @@ impl VolumeHandle {
     pub async fn stop(&self) {
         self.stopping.send_replace(true);
         match &self.inner {
-            Inner::Primary(opening, _) => {
+            Inner::Primary(primary) => {
                 // Peering ends on the stop; an actor it opened just before
                 // is stopped like any other.
-                let mut opening = opening.clone();
+                let mut opening = primary.opening.clone();
                 loop {
                     let addr = match &*opening.borrow_and_update() {
                         Opening::Open(addr) => Some(addr.clone()),

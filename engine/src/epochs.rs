@@ -232,22 +232,25 @@ pub fn divergence(
     Divergence { point, conflict }
 }
 
+/// A history from (epoch, first LSN) pairs, for the crate's tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn history(entries: &[(u64, u64)]) -> EpochHistory {
+    EpochHistory::from_entries(
+        entries
+            .iter()
+            .map(|&(epoch, first)| EpochStart {
+                epoch: Epoch(epoch),
+                first: Lsn(first),
+            })
+            .collect(),
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn history(entries: &[(u64, u64)]) -> EpochHistory {
-        EpochHistory::from_entries(
-            entries
-                .iter()
-                .map(|&(epoch, first)| EpochStart {
-                    epoch: Epoch(epoch),
-                    first: Lsn(first),
-                })
-                .collect(),
-        )
-        .unwrap()
-    }
 
     #[test]
     fn a_replica_ahead_in_an_epoch_the_primary_ended_diverges_where_it_ended() {

@@ -321,22 +321,9 @@ fn may_be_acknowledged(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::epochs::EpochStart;
+    use crate::epochs::history;
 
     const E: u64 = 1 << 20;
-
-    fn history(starts: &[(u64, u64)]) -> EpochHistory {
-        EpochHistory::from_entries(
-            starts
-                .iter()
-                .map(|&(epoch, first)| EpochStart {
-                    epoch: Epoch(epoch),
-                    first: Lsn(first),
-                })
-                .collect(),
-        )
-        .unwrap()
-    }
 
     fn answer(server: &str, term: u64, flushed: u64, committed: u64) -> PeerAnswer {
         PeerAnswer {

@@ -99,10 +99,7 @@ fn parent_of(path: &Path) -> &Path {
 
 /// Fsyncs the directory that holds `path`.
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => sync_dir(parent),
-        None => sync_dir(Path::new(".")),
-    }
+    sync_dir(parent_of(path))
 }
 
 #[cfg(test)]
