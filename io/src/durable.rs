@@ -49,6 +49,16 @@ pub fn open_or_create(path: &Path) -> std::io::Result<(File, bool)> {
     }
 }
 
+/// [`open_or_create`] through `fs`.
+pub fn open_or_create_in(
+    fs: &dyn Fs,
+    path: &Path,
+) -> std::io::Result<(Box<dyn crate::fs::FsFile>, bool)> {
+    let opened = fs.open_or_create(path)?;
+    fs.sync_dir(parent_of(path))?;
+    Ok(opened)
+}
+
 /// Replaces `dir/name` with `bytes` atomically and durably: a temporary
 /// file written and fsynced, renamed over `name`, the directory fsynced.
 /// After a power loss at any point `name` holds the old bytes or the new

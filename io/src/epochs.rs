@@ -24,7 +24,6 @@
 //! and the data it describes change together.
 
 use crate::fs::Fs;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"WSEPOCH1";
@@ -204,12 +203,7 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Vec<EpochStart>, String> {
 }
 
 /// Reads the history of `generation` in `dir`; a missing file is an empty history.
-pub(crate) fn load(dir: &Path, generation: u64) -> Result<Vec<EpochStart>, EpochError> {
-    load_in(crate::fs::real(), dir, generation)
-}
-
-/// [`load`] through `fs`.
-pub(crate) fn load_in(
+pub(crate) fn load(
     fs: &dyn Fs,
     dir: &Path,
     generation: u64,
@@ -230,12 +224,7 @@ pub(crate) fn load_in(
 
 /// Replaces the history of `generation` in `dir` atomically
 /// ([`rewrite_atomic`](crate::durable::rewrite_atomic)).
-pub(crate) fn store(dir: &Path, generation: u64, entries: &[EpochStart]) -> Result<(), EpochError> {
-    store_in(crate::fs::real(), dir, generation, entries)
-}
-
-/// [`store`] through `fs`.
-pub(crate) fn store_in(
+pub(crate) fn store(
     fs: &dyn Fs,
     dir: &Path,
     generation: u64,
@@ -249,15 +238,13 @@ pub(crate) fn store_in(
 /// Removes the history files of every generation but `generation`: older
 /// ones belong to a discarded history, a newer one to a base install that
 /// crashed before its superblock commit. Returns whether any was removed.
-pub(crate) fn remove_others(dir: &Path, generation: u64) -> Result<bool, EpochError> {
+pub(crate) fn remove_others(fs: &dyn Fs, dir: &Path, generation: u64) -> Result<bool, EpochError> {
     let keep = format!("{FILE_PREFIX}{generation}");
     let mut removed = false;
-    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-        let entry = entry.map_err(io_err("list", dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for name in fs.list(dir).map_err(io_err("list", dir))? {
         if name.starts_with(FILE_PREFIX) && name != keep {
-            fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
+            let path = dir.join(&name);
+            fs.remove_file(&path).map_err(io_err("remove", &path))?;
             removed = true;
         }
     }
@@ -284,14 +271,17 @@ mod tests {
     #[test]
     fn store_and_load_round_trip_and_missing_is_empty() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(load(dir.path(), 1).unwrap().is_empty());
-        store(dir.path(), 1, &entries()).unwrap();
-        assert_eq!(load(dir.path(), 1).unwrap(), entries());
+        assert!(load(crate::fs::real(), dir.path(), 1).unwrap().is_empty());
+        store(crate::fs::real(), dir.path(), 1, &entries()).unwrap();
+        assert_eq!(load(crate::fs::real(), dir.path(), 1).unwrap(), entries());
         assert!(!dir.path().join("epochs.1.tmp").exists());
-        store(dir.path(), 2, &entries()[..1]).unwrap();
-        assert!(remove_others(dir.path(), 2).unwrap());
-        assert!(load(dir.path(), 1).unwrap().is_empty());
-        assert_eq!(load(dir.path(), 2).unwrap(), entries()[..1]);
+        store(crate::fs::real(), dir.path(), 2, &entries()[..1]).unwrap();
+        assert!(remove_others(crate::fs::real(), dir.path(), 2).unwrap());
+        assert!(load(crate::fs::real(), dir.path(), 1).unwrap().is_empty());
+        assert_eq!(
+            load(crate::fs::real(), dir.path(), 2).unwrap(),
+            entries()[..1]
+        );
     }
 
     #[test]

@@ -3,12 +3,11 @@
 //! ordering against the WAL is the checkpointer's job.
 
 use crate::frame::{Frame, FrameKind, BLOCK_SIZE};
+use crate::fs::{FsFile, FsRef};
 use crate::handles::Handle;
 use bytes::Bytes;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -74,6 +73,7 @@ pub(crate) fn check_range(lba: u64, blocks: u64, block_count: u64) -> Result<(),
 #[derive(Debug)]
 pub struct ExtentFile {
     path: PathBuf,
+    fs: FsRef,
     handle: Arc<Handle>,
     block_count: u64,
 }
@@ -86,13 +86,18 @@ impl ExtentFile {
 
     /// Opens (creating if needed) an extent of `block_count` blocks.
     pub fn open(path: &Path, block_count: u64) -> Result<Self, ExtentError> {
+        Self::open_in(crate::fs::real_ref(), path, block_count)
+    }
+
+    /// [`ExtentFile::open`] on `fs`.
+    pub fn open_in(fs: FsRef, path: &Path, block_count: u64) -> Result<Self, ExtentError> {
         let io = |op| {
             let path = path.to_path_buf();
             move |source| ExtentError::Io { op, path, source }
         };
-        let (file, _) = crate::durable::open_or_create(path).map_err(io("open"))?;
+        let (file, _) = crate::durable::open_or_create_in(fs.as_ref(), path).map_err(io("open"))?;
         let size = block_count * BLOCK_SIZE as u64;
-        if file.metadata().map_err(io("stat"))?.len() != size {
+        if file.size().map_err(io("stat"))? != size {
             file.set_len(size).map_err(io("size"))?;
         }
         // The size is metadata that only an fsync of the file makes
@@ -102,6 +107,7 @@ impl ExtentFile {
         file.sync_all().map_err(io("sync"))?;
         let extent = Self {
             path: path.to_path_buf(),
+            fs,
             handle: Arc::default(),
             block_count,
         };
@@ -110,10 +116,9 @@ impl ExtentFile {
     }
 
     /// The file, opened again if the bound on open extents had closed it.
-    fn file(&self) -> Result<Arc<File>, ExtentError> {
-        let path = &self.path;
+    fn file(&self) -> Result<Arc<dyn FsFile>, ExtentError> {
         self.handle
-            .get(|| OpenOptions::new().read(true).write(true).open(path))
+            .get(|| self.fs.open(&self.path))
             .map_err(self.io("reopen"))
     }
 
@@ -149,7 +154,7 @@ impl ExtentFile {
         self.check(lba, (data.len() / BLOCK_SIZE) as u64)?;
         self.handle.writing();
         self.file()?
-            .write_all_at(data, lba * BLOCK_SIZE as u64)
+            .write_at(data, lba * BLOCK_SIZE as u64)
             .map_err(self.io("write"))
     }
 
@@ -275,8 +280,9 @@ impl ExtentFile {
         let mut left = &mut slices[..];
         let mut offset = lba * BLOCK_SIZE as u64;
         while !left.is_empty() {
-            let written = rustix::io::pwritev(&*file, left, offset)
-                .map_err(|e| self.io("write")(e.into()))?;
+            let written = file
+                .write_vectored_at(left, offset)
+                .map_err(self.io("write"))?;
             if written == 0 {
                 return Err(self.io("write")(std::io::ErrorKind::WriteZero.into()));
             }

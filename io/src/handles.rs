@@ -8,8 +8,8 @@
 //! is reported to the descriptor that was open when it happened, and must
 //! reach the sync that follows.
 
+use crate::fs::FsFile;
 use std::collections::VecDeque;
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
@@ -50,7 +50,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One extent's file, open or not. Dropping it closes the file if open.
 #[derive(Debug, Default)]
 pub(crate) struct Handle {
-    file: Mutex<Option<Arc<File>>>,
+    file: Mutex<Option<Arc<dyn FsFile>>>,
     /// Used since the clock last passed: spared once.
     used: AtomicBool,
     /// Writes begun (counted before the file is taken for them).
@@ -65,14 +65,14 @@ impl Handle {
     /// handle may be closed to stay within the bound).
     pub(crate) fn get(
         self: &Arc<Self>,
-        open: impl FnOnce() -> std::io::Result<File>,
-    ) -> std::io::Result<Arc<File>> {
+        open: impl FnOnce() -> std::io::Result<Box<dyn FsFile>>,
+    ) -> std::io::Result<Arc<dyn FsFile>> {
         self.used.store(true, Ordering::Relaxed);
         let mut file = lock(&self.file);
         if let Some(file) = file.as_ref() {
             return Ok(Arc::clone(file));
         }
-        let opened = Arc::new(open()?);
+        let opened: Arc<dyn FsFile> = open()?.into();
         *file = Some(Arc::clone(&opened));
         drop(file);
         OPEN.fetch_add(1, Ordering::Relaxed);

@@ -127,7 +127,7 @@ pub fn inspect(dir: &Path) -> Inspection {
         superblock.checkpoint,
         &mut report,
     );
-    match epochs::load(&wal, superblock.generation) {
+    match epochs::load(crate::fs::real(), &wal, superblock.generation) {
         Ok(history) => report.epochs = history,
         Err(e) => report.problems.push(format!("epoch history: {e}")),
     }

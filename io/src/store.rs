@@ -25,13 +25,12 @@
 use crate::epochs::{self, EpochStart};
 use crate::extent::{check_range, ExtentError, ExtentFile};
 use crate::frame::{Frame, FrameKind, BLOCK_SIZE};
+use crate::fs::{Fs, FsFile, FsRef};
 use crate::pins::WalPin;
 use crate::superblock::{new_uuid, Superblock, SuperblockError};
-use crate::wal::{sync_dir, RecycleReport, SyncMode, Wal, WalError, WalOptions};
+use crate::wal::{RecycleReport, SyncMode, Wal, WalError, WalOptions};
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -65,6 +64,9 @@ pub struct StoreOptions {
     /// ([`StoreError::InterruptedRun`]); such a store must not serve as a
     /// primary.
     pub reset_interrupted_run: bool,
+    /// The file system under it: the real one, or a model of the page
+    /// cache in power-loss tests (see [`fs`](crate::fs)).
+    pub fs: FsRef,
 }
 
 impl StoreOptions {
@@ -78,6 +80,7 @@ impl StoreOptions {
             lock_wait: Duration::from_secs(10),
             lock: true,
             reset_interrupted_run: false,
+            fs: crate::fs::real_ref(),
         }
     }
 }
@@ -284,7 +287,7 @@ pub struct Store {
     /// instances on one directory would checkpoint and recycle under each
     /// other (one deleting segments the other still lists). `None` when
     /// the store's owner holds a lock over many stores instead.
-    _lock: Option<File>,
+    _lock: Option<Box<dyn FsFile>>,
 }
 
 fn zero_block() -> Bytes {
@@ -299,12 +302,13 @@ impl Store {
         options: StoreOptions,
     ) -> Result<(Store, StoreReport), StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        crate::durable::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let fs = options.fs.as_ref();
+        crate::durable::create_dir_all_in(fs, &dir).map_err(io_err("create", &dir))?;
         let lock = match options.lock {
-            true => Some(Self::lock(&dir, options.lock_wait)?),
+            true => Some(Self::lock(fs, &dir, options.lock_wait)?),
             false => None,
         };
-        let (superblock, created) = match Superblock::load(&dir) {
+        let (superblock, created) = match Superblock::load_in(fs, &dir) {
             Ok(sb) => (sb, false),
             Err(SuperblockError::Missing(_)) => {
                 let uuid = new_uuid().map_err(io_err("uuid", Path::new("/dev/urandom")))?;
@@ -315,7 +319,7 @@ impl Store {
                     epoch: 0,
                     generation: 1,
                 };
-                sb.store(&dir)?;
+                sb.store_in(fs, &dir)?;
                 (sb, true)
             }
             Err(e) => return Err(e.into()),
@@ -327,9 +331,10 @@ impl Store {
             });
         }
         let (superblock, reset_after_interrupted_run) =
-            Self::settle_interrupted_run(&dir, superblock, options.reset_interrupted_run)?;
-        Self::remove_other_extents(&dir, superblock.generation)?;
-        let extent = ExtentFile::open(
+            Self::settle_interrupted_run(fs, &dir, superblock, options.reset_interrupted_run)?;
+        Self::remove_other_extents(fs, &dir, superblock.generation)?;
+        let extent = ExtentFile::open_in(
+            Arc::clone(&options.fs),
             &ExtentFile::path(&dir, superblock.generation),
             options.block_count,
         )?;
@@ -375,16 +380,17 @@ impl Store {
     /// A marker whose run was recorded (or whose own write a crash cut:
     /// nothing was written to the extent before it was synced) just goes.
     fn settle_interrupted_run(
+        fs: &dyn Fs,
         dir: &Path,
         superblock: Superblock,
         reset: bool,
     ) -> Result<(Superblock, Option<u64>), StoreError> {
         let tmp = dir.join(RUN_MARKER_TMP);
-        if tmp.exists() {
-            fs::remove_file(&tmp).map_err(io_err("remove", &tmp))?;
+        if fs.exists(&tmp) {
+            fs.remove_file(&tmp).map_err(io_err("remove", &tmp))?;
         }
         let path = dir.join(RUN_MARKER);
-        let marked = match fs::read(&path) {
+        let marked = match fs.read(&path) {
             Ok(bytes) => decode_run_marker(&bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((superblock, None)),
             Err(e) => return Err(io_err("read", &path)(e)),
@@ -405,36 +411,39 @@ impl Store {
             // next generation must not be taken for it.
             let staging = dir.join(format!("extent.{}.staging", next.generation));
             for leftover in [ExtentFile::path(dir, next.generation), staging] {
-                if leftover.exists() {
-                    fs::remove_file(&leftover).map_err(io_err("remove", &leftover))?;
+                if fs.exists(&leftover) {
+                    fs.remove_file(&leftover)
+                        .map_err(io_err("remove", &leftover))?;
                 }
             }
             let wal_dir = dir.join("wal");
-            if wal_dir.exists() {
-                epochs::remove_others(&wal_dir, superblock.generation).map_err(WalError::from)?;
+            if fs.is_dir(&wal_dir) {
+                epochs::remove_others(fs, &wal_dir, superblock.generation)
+                    .map_err(WalError::from)?;
             }
-            next.store(dir)?;
+            next.store_in(fs, dir)?;
             settled = (next, Some(superblock.checkpoint));
         }
-        fs::remove_file(&path).map_err(io_err("remove", &path))?;
-        sync_dir(dir).map_err(io_err("sync", dir))?;
+        fs.remove_file(&path).map_err(io_err("remove", &path))?;
+        fs.sync_dir(dir).map_err(io_err("sync", dir))?;
         Ok(settled)
     }
 
     /// Locks `dir/LOCK` exclusively, waiting up to `wait` for a previous
     /// instance (the lock is the kernel's: a crashed process holds nothing).
-    fn lock(dir: &Path, wait: Duration) -> Result<File, StoreError> {
+    fn lock(fs: &dyn Fs, dir: &Path, wait: Duration) -> Result<Box<dyn FsFile>, StoreError> {
         let path = dir.join("LOCK");
-        let (file, _) = crate::durable::open_or_create(&path).map_err(io_err("create", &path))?;
+        let (file, _) =
+            crate::durable::open_or_create_in(fs, &path).map_err(io_err("create", &path))?;
         let deadline = Instant::now() + wait;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(file),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                Ok(true) => return Ok(file),
+                Ok(false) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(TryLockError::WouldBlock) => return Err(StoreError::Locked(dir.to_path_buf())),
-                Err(TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+                Ok(false) => return Err(StoreError::Locked(dir.to_path_buf())),
+                Err(e) => return Err(io_err("lock", &path)(e)),
             }
         }
     }
@@ -446,24 +455,23 @@ impl Store {
             generation: superblock.generation,
             start_after: superblock.checkpoint,
             max_retained_bytes: options.max_retained_bytes,
+            fs: Arc::clone(&options.fs),
             ..WalOptions::default()
         }
     }
 
-    fn remove_other_extents(dir: &Path, generation: u64) -> Result<(), StoreError> {
+    fn remove_other_extents(fs: &dyn Fs, dir: &Path, generation: u64) -> Result<(), StoreError> {
         let keep = format!("extent.{generation}");
         let mut removed = false;
-        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-            let entry = entry.map_err(io_err("list", dir))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
+        for name in fs.list(dir).map_err(io_err("list", dir))? {
             if name.starts_with("extent.") && name != keep {
-                fs::remove_file(entry.path()).map_err(io_err("remove", &entry.path()))?;
+                let path = dir.join(&name);
+                fs.remove_file(&path).map_err(io_err("remove", &path))?;
                 removed = true;
             }
         }
         if removed {
-            sync_dir(dir).map_err(io_err("sync", dir))?;
+            fs.sync_dir(dir).map_err(io_err("sync", dir))?;
         }
         Ok(())
     }
@@ -658,14 +666,14 @@ impl Store {
     /// write; replaced atomically (one a failed run left must not be torn
     /// by a crash mid-write).
     fn mark_run(&self, from: u64) -> Result<(), StoreError> {
-        let tmp = self.dir.join(RUN_MARKER_TMP);
-        let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        file.write_all_at(&encode_run_marker(from), 0)
-            .map_err(io_err("write", &tmp))?;
-        file.sync_all().map_err(io_err("sync", &tmp))?;
         let path = self.dir.join(RUN_MARKER);
-        fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-        sync_dir(&self.dir).map_err(io_err("sync", &self.dir))
+        crate::durable::rewrite_atomic(self.fs(), &self.dir, RUN_MARKER, &encode_run_marker(from))
+            .map_err(io_err("replace", &path))
+    }
+
+    /// The file system it is on.
+    fn fs(&self) -> &dyn Fs {
+        self.options.fs.as_ref()
     }
 
     /// Whether a run of committed frames may start: the extent holds
@@ -717,12 +725,16 @@ impl Store {
             checkpoint: run.last,
             ..superblock
         };
-        next.store(&self.dir)?;
+        next.store_in(self.fs(), &self.dir)?;
         self.write_state().superblock = next;
         wal.restart_after(run.last, &run.epochs)?;
         let marker = self.dir.join(RUN_MARKER);
-        fs::remove_file(&marker).map_err(io_err("remove", &marker))?;
-        sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
+        self.fs()
+            .remove_file(&marker)
+            .map_err(io_err("remove", &marker))?;
+        self.fs()
+            .sync_dir(&self.dir)
+            .map_err(io_err("sync", &self.dir))?;
         *direct = None;
         Ok(())
     }
@@ -800,7 +812,7 @@ impl Store {
             checkpoint: to,
             ..superblock
         };
-        next.store(&self.dir)?;
+        next.store_in(self.fs(), &self.dir)?;
         self.write_state().superblock = next;
         wal.set_checkpoint(to);
         self.dirty().retain(|_, block| block.lsn > to);
@@ -819,7 +831,7 @@ impl Store {
             epoch,
             ..state.superblock
         };
-        next.store(&self.dir)?;
+        next.store_in(self.fs(), &self.dir)?;
         state.superblock = next;
         Ok(())
     }
@@ -881,12 +893,9 @@ impl Store {
         let generation = self.read_state().superblock.generation + 1;
         let final_path = ExtentFile::path(&self.dir, generation);
         let staging = self.dir.join(format!("extent.{generation}.staging"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&staging)
+        let file = self
+            .fs()
+            .create(&staging)
             .map_err(io_err("create", &staging))?;
         let image_bytes = self.options.block_count * BLOCK_SIZE as u64;
         file.set_len(image_bytes)
@@ -924,7 +933,7 @@ impl Store {
             });
         }
         if install.crc != expected_crc {
-            let _ = fs::remove_file(&install.staging);
+            let _ = self.fs().remove_file(&install.staging);
             return Err(StoreError::BaseChecksum {
                 expected: expected_crc,
                 actual: install.crc,
@@ -937,11 +946,12 @@ impl Store {
             .file
             .sync_all()
             .map_err(io_err("sync", &install.staging))?;
-        epochs::store(&self.dir.join("wal"), install.generation, &history)
+        let fs = self.fs();
+        epochs::store(fs, &self.dir.join("wal"), install.generation, &history)
             .map_err(WalError::from)?;
-        fs::rename(&install.staging, &install.final_path)
+        fs.rename(&install.staging, &install.final_path)
             .map_err(io_err("rename", &install.final_path))?;
-        sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
+        fs.sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
         let _serial = self
             .checkpointing
             .lock()
@@ -954,13 +964,14 @@ impl Store {
             epoch,
             ..state.superblock
         };
-        next.store(&self.dir)?;
+        next.store_in(fs, &self.dir)?;
         let (wal, _) = Wal::open(
             self.dir.join("wal"),
             Self::wal_options(&self.options, &next),
         )?;
         wal.set_checkpoint(next.checkpoint);
-        state.extent = Arc::new(ExtentFile::open(
+        state.extent = Arc::new(ExtentFile::open_in(
+            Arc::clone(&self.options.fs),
             &install.final_path,
             self.options.block_count,
         )?);
@@ -970,11 +981,11 @@ impl Store {
         *direct = None;
         drop(state);
         let marker = self.dir.join(RUN_MARKER);
-        if marker.exists() {
-            fs::remove_file(&marker).map_err(io_err("remove", &marker))?;
-            sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
+        if fs.exists(&marker) {
+            fs.remove_file(&marker).map_err(io_err("remove", &marker))?;
+            fs.sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
         }
-        let _ = fs::remove_file(old_extent);
+        let _ = fs.remove_file(&old_extent);
         Ok(())
     }
 }
@@ -1053,7 +1064,7 @@ impl Drop for SnapshotPin {
 /// committing leaves the staging file, which the next open removes.
 #[derive(Debug)]
 pub struct BaseInstall {
-    file: File,
+    file: Box<dyn FsFile>,
     staging: PathBuf,
     final_path: PathBuf,
     generation: u64,
@@ -1090,7 +1101,7 @@ impl BaseInstall {
             });
         }
         self.file
-            .write_all_at(data, offset)
+            .write_at(data, offset)
             .map_err(io_err("write", &self.staging))?;
         self.crc = crc32c::crc32c_append(self.crc, data);
         self.received += data.len() as u64;

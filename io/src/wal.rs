@@ -24,11 +24,10 @@
 
 use crate::epochs::{self, EpochError, EpochStart};
 use crate::frame::{self, Frame, FrameError, FrameKind};
+use crate::fs::{Fs, FsFile, FsRef};
 use crate::pins::{PinInfo, PinTable, WalPin};
 use crate::segment::{self, ScanEnd, Segment};
 use bytes::{Bytes, BytesMut};
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -47,7 +46,7 @@ pub enum SyncMode {
 
 impl SyncMode {
     /// Syncs `file` as this mode says.
-    fn sync(self, file: &File) -> std::io::Result<()> {
+    fn sync(self, file: &dyn FsFile) -> std::io::Result<()> {
         match self {
             Self::Data => file.sync_data(),
             Self::Full => file.sync_all(),
@@ -83,6 +82,9 @@ pub struct WalOptions {
     /// last sync: bulk writes (a catch-up) extend the file themselves, and
     /// write no byte twice.
     pub zero_ahead: u64,
+    /// The file system under it: the real one, or a model of the page
+    /// cache in power-loss tests (see [`fs`](crate::fs)).
+    pub fs: FsRef,
 }
 
 impl Default for WalOptions {
@@ -94,6 +96,7 @@ impl Default for WalOptions {
             start_after: 0,
             max_retained_bytes: None,
             zero_ahead: 128 << 10,
+            fs: crate::fs::real_ref(),
         }
     }
 }
@@ -302,7 +305,7 @@ pub struct ReadChunk {
 
 struct Writer {
     segments: Vec<Segment>,
-    active: Arc<File>,
+    active: Arc<dyn FsFile>,
     /// The active segment file's length: its frames, then zeroes written
     /// ahead (see [`WalOptions::zero_ahead`]).
     allocated: u64,
@@ -401,14 +404,13 @@ impl Wal {
         options: WalOptions,
     ) -> Result<(Wal, RecoveryReport), WalError> {
         let dir = dir.as_ref().to_path_buf();
-        crate::durable::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let fs = Arc::clone(&options.fs);
+        let fs = fs.as_ref();
+        crate::durable::create_dir_all_in(fs, &dir).map_err(io_err("create", &dir))?;
         let mut stale = 0;
         let mut found = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
-            let entry = entry.map_err(io_err("list", &dir))?;
-            let name = entry.file_name();
-            let Some((generation, first)) = name.to_str().and_then(segment::parse_segment_name)
-            else {
+        for name in fs.list(&dir).map_err(io_err("list", &dir))? {
+            let Some((generation, first)) = segment::parse_segment_name(&name) else {
                 continue;
             };
             if generation > options.generation {
@@ -417,20 +419,22 @@ impl Wal {
                     found: generation,
                 });
             }
+            let path = dir.join(&name);
             if generation < options.generation {
-                fs::remove_file(entry.path()).map_err(io_err("remove stale", &entry.path()))?;
+                fs.remove_file(&path)
+                    .map_err(io_err("remove stale", &path))?;
                 stale += 1;
                 continue;
             }
-            found.push((first, entry.path()));
+            found.push((first, path));
         }
         found.sort();
-        let stale_history = epochs::remove_others(&dir, options.generation)?;
+        let stale_history = epochs::remove_others(fs, &dir, options.generation)?;
         if stale > 0 || stale_history {
-            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+            fs.sync_dir(&dir).map_err(io_err("sync", &dir))?;
         }
         let (segments, torn, frame_epochs, superseded) =
-            Self::scan_all(&found, options.start_after)?;
+            Self::scan_all(fs, &found, options.start_after)?;
         let mut segments = segments;
         let mut superseded = superseded;
         // Every frame at or below what the caller already holds: a restart
@@ -442,35 +446,32 @@ impl Wal {
             superseded.extend(segments.drain(..).map(|s| s.path));
         }
         for path in &superseded {
-            fs::remove_file(path).map_err(io_err("remove superseded", path))?;
+            fs.remove_file(path)
+                .map_err(io_err("remove superseded", path))?;
         }
         if !superseded.is_empty() {
-            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+            fs.sync_dir(&dir).map_err(io_err("sync", &dir))?;
         }
         if segments.is_empty() {
             let first = options.start_after + 1;
             let path = dir.join(segment::segment_name(options.generation, first));
-            File::create(&path).map_err(io_err("create", &path))?;
-            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+            fs.create(&path).map_err(io_err("create", &path))?;
+            fs.sync_dir(&dir).map_err(io_err("sync", &dir))?;
             segments.push(Segment::empty(path, first));
         }
         let tail = segments[0].first - 1;
         let head = segments.last().map_or(tail, Segment::last);
-        let persisted = epochs::load(&dir, options.generation)?;
+        let persisted = epochs::load(fs, &dir, options.generation)?;
         let history = Self::reconcile_epochs(persisted.clone(), tail, head, &frame_epochs)?;
         if history != persisted {
-            epochs::store(&dir, options.generation, &history)?;
+            epochs::store(fs, &dir, options.generation, &history)?;
         }
         let active_path = segments.last().map(|s| s.path.clone()).unwrap_or_default();
-        let active = OpenOptions::new()
-            .read(true)
-            .write(true)
+        let active: Arc<dyn FsFile> = fs
             .open(&active_path)
-            .map_err(io_err("open", &active_path))?;
-        let allocated = active
-            .metadata()
-            .map_err(io_err("stat", &active_path))?
-            .len();
+            .map_err(io_err("open", &active_path))?
+            .into();
+        let allocated = active.size().map_err(io_err("stat", &active_path))?;
         // What was found counts as durable from here on: a process that died
         // may have left frames it never synced, and a segment whose entry it
         // never synced. Only the last segments can hold either (a rotation
@@ -480,17 +481,17 @@ impl Wal {
         if options.sync != SyncMode::None {
             let last_frames = segments.iter().rev().find(|s| !s.is_empty());
             if let Some(last) = last_frames.filter(|s| s.path != active_path) {
-                let file = File::open(&last.path).map_err(io_err("open", &last.path))?;
+                let file = fs.open(&last.path).map_err(io_err("open", &last.path))?;
                 options
                     .sync
-                    .sync(&file)
+                    .sync(file.as_ref())
                     .map_err(io_err("sync", &last.path))?;
             }
             options
                 .sync
-                .sync(&active)
+                .sync(active.as_ref())
                 .map_err(io_err("sync", &active_path))?;
-            sync_dir(&dir).map_err(io_err("sync", &dir))?;
+            fs.sync_dir(&dir).map_err(io_err("sync", &dir))?;
         }
         let report = RecoveryReport {
             segments: segments.len(),
@@ -507,7 +508,7 @@ impl Wal {
                 options,
                 writer: Mutex::new(Writer {
                     segments,
-                    active: Arc::new(active),
+                    active,
                     allocated,
                     unsynced: 0,
                     synced_last: 0,
@@ -558,12 +559,13 @@ impl Wal {
     /// is an error).
     #[allow(clippy::type_complexity)]
     fn scan_all(
+        fs: &dyn Fs,
         found: &[(u64, PathBuf)],
         start_after: u64,
     ) -> Result<(Vec<Segment>, u64, Vec<EpochStart>, Vec<PathBuf>), WalError> {
         let last_non_empty = found
             .iter()
-            .rposition(|(_, path)| fs::metadata(path).map(|m| m.len() > 0).unwrap_or(true));
+            .rposition(|(_, path)| fs.len(path).map(|len| len > 0).unwrap_or(true));
         let mut segments: Vec<Segment> = Vec::new();
         let mut superseded = Vec::new();
         let mut torn_bytes = 0;
@@ -588,7 +590,7 @@ impl Wal {
                     });
                 }
             }
-            let data = Bytes::from(fs::read(path).map_err(io_err("read", path))?);
+            let data = Bytes::from(fs.read(path).map_err(io_err("read", path))?);
             let may_be_torn = Some(index) == last_non_empty;
             let (segment, end) = segment::scan(path, *first, &data, may_be_torn, &mut note_run)
                 .map_err(|f| WalError::Corrupt {
@@ -598,10 +600,7 @@ impl Wal {
                     error: f.error,
                 })?;
             if let ScanEnd::Torn { offset } = end {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io_err("open", path))?;
+                let file = fs.open(path).map_err(io_err("open", path))?;
                 file.set_len(offset)
                     .map_err(io_err("truncate torn tail", path))?;
                 file.sync_all().map_err(io_err("sync", path))?;
@@ -619,6 +618,17 @@ impl Wal {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The file system it is on.
+    pub fn fs(&self) -> &FsRef {
+        &self.inner.options.fs
+    }
+
+    fn sync_wal_dir(&self) -> Result<(), WalError> {
+        self.fs()
+            .sync_dir(&self.inner.dir)
+            .map_err(io_err("sync", &self.inner.dir))
     }
 
     /// Highest LSN written.
@@ -711,7 +721,12 @@ impl Wal {
             epochs::note(&mut history, lsn, epoch)?;
         }
         if history != writer.epochs {
-            epochs::store(&self.inner.dir, self.inner.options.generation, &history)?;
+            epochs::store(
+                self.fs().as_ref(),
+                &self.inner.dir,
+                self.inner.options.generation,
+                &history,
+            )?;
             writer.epochs = history;
         }
         Ok(())
@@ -814,14 +829,14 @@ impl Wal {
             while at < end + zero_ahead {
                 let len = (end + zero_ahead - at).min(ZEROES.len() as u64) as usize;
                 active
-                    .write_all_at(&ZEROES[..len], at)
+                    .write_at(&ZEROES[..len], at)
                     .map_err(io_err("write zeroes", &segment.path))?;
                 at += len as u64;
             }
             *allocated = at;
         }
         active
-            .write_all_at(data, segment.bytes)
+            .write_at(data, segment.bytes)
             .map_err(io_err("write", &segment.path))?;
         *allocated = (*allocated).max(end);
         let mut offset = segment.bytes;
@@ -844,7 +859,7 @@ impl Wal {
         // the full one must be durable before the next holds a frame.
         let durable = lock(&self.inner.sync).durable;
         if durable < writer.head {
-            if let Err(error) = self.sync_file(&writer.active) {
+            if let Err(error) = self.sync_file(writer.active.as_ref()) {
                 let reason = format!("sync before rotation of {}: {error}", old_path.display());
                 return Err(self.poison(reason));
             }
@@ -869,17 +884,17 @@ impl Wal {
             self.inner.options.generation,
             next_first,
         ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let file = self
+            .inner
+            .options
+            .fs
+            .create_new(&path)
             .map_err(io_err("create", &path))?;
         // Its directory entry: the next sync, before its frames count. (The
         // entry of the one before is durable, above: with both waiting, a
         // crash could keep this one and lose that, a gap.)
         writer.dir_unsynced = true;
-        writer.active = Arc::new(file);
+        writer.active = file.into();
         writer.allocated = 0;
         writer.synced_last = std::mem::take(&mut writer.unsynced);
         writer.segments.push(Segment::empty(path, next_first));
@@ -892,15 +907,19 @@ impl Wal {
         if self.inner.options.sync == SyncMode::None {
             return Ok(());
         }
-        sync_dir(&self.inner.dir).map_err(|error| {
-            format!(
-                "fsync of {} after a rotation: {error}",
-                self.inner.dir.display()
-            )
-        })
+        self.inner
+            .options
+            .fs
+            .sync_dir(&self.inner.dir)
+            .map_err(|error| {
+                format!(
+                    "fsync of {} after a rotation: {error}",
+                    self.inner.dir.display()
+                )
+            })
     }
 
-    fn sync_file(&self, file: &File) -> std::io::Result<()> {
+    fn sync_file(&self, file: &dyn FsFile) -> std::io::Result<()> {
         self.inner.syncs.fetch_add(1, Ordering::Relaxed);
         if self.inner.fail_next_sync.swap(false, Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
@@ -961,7 +980,7 @@ impl Wal {
                 (writer.head, Arc::clone(&writer.active), new_segment)
             };
             let result = self
-                .sync_file(&file)
+                .sync_file(file.as_ref())
                 .map_err(|error| format!("fdatasync: {error}"))
                 .and_then(|()| match new_segment {
                     true => self.sync_dir_after_rotation(),
@@ -1040,18 +1059,12 @@ impl Wal {
                 self.inner.options.generation,
                 lsn + 1,
             ));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(io_err("create", &path))?;
+            let file = self.fs().create(&path).map_err(io_err("create", &path))?;
             let old = std::mem::replace(
                 &mut writer.segments,
                 vec![Segment::empty(path.clone(), lsn + 1)],
             );
-            writer.active = Arc::new(file);
+            writer.active = file.into();
             writer.allocated = 0;
             writer.unsynced = 0;
             writer.synced_last = 0;
@@ -1061,12 +1074,14 @@ impl Wal {
             // An empty last segment (a rotation whose write failed) may
             // carry the new one's name: it is the new one now.
             for segment in old.iter().filter(|s| s.path != path) {
-                fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+                self.fs()
+                    .remove_file(&segment.path)
+                    .map_err(io_err("remove", &segment.path))?;
             }
         }
         // Every time: a retry after a failed removal finds the switch made,
         // and the new segment's name must still become durable.
-        sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+        self.sync_wal_dir()?;
         let mut state = lock(&self.inner.sync);
         state.durable = state.durable.max(lsn);
         self.inner.durable_tx.send_replace(state.durable);
@@ -1083,7 +1098,12 @@ impl Wal {
     fn replace_epochs(&self, writer: &mut Writer, history: &[EpochStart]) -> Result<(), WalError> {
         epochs::validate(history)?;
         if history != writer.epochs.as_slice() {
-            epochs::store(&self.inner.dir, self.inner.options.generation, history)?;
+            epochs::store(
+                self.fs().as_ref(),
+                &self.inner.dir,
+                self.inner.options.generation,
+                history,
+            )?;
             writer.epochs = history.to_vec();
         }
         Ok(())
@@ -1131,10 +1151,12 @@ impl Wal {
             (removed, report)
         };
         for path in &removed {
-            fs::remove_file(path).map_err(io_err("remove", path))?;
+            self.fs()
+                .remove_file(path)
+                .map_err(io_err("remove", path))?;
         }
         if !removed.is_empty() {
-            sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
+            self.sync_wal_dir()?;
         }
         Ok(report)
     }
@@ -1164,7 +1186,9 @@ impl Wal {
         while writer.segments.len() > 1 && writer.segments.last().is_some_and(|s| s.first > lsn + 1)
         {
             if let Some(segment) = writer.segments.pop() {
-                fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+                self.fs()
+                    .remove_file(&segment.path)
+                    .map_err(io_err("remove", &segment.path))?;
             }
         }
         let Some(segment) = writer.segments.last_mut() else {
@@ -1174,20 +1198,21 @@ impl Wal {
         segment.offsets.truncate((lsn + 1 - segment.first) as usize);
         segment.bytes = cut;
         let path = segment.path.clone();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+        let file = self.fs().open(&path).map_err(io_err("open", &path))?;
         file.set_len(cut).map_err(io_err("truncate", &path))?;
         file.sync_all().map_err(io_err("sync", &path))?;
-        sync_dir(&self.inner.dir).map_err(io_err("sync", &self.inner.dir))?;
-        writer.active = Arc::new(file);
+        self.sync_wal_dir()?;
+        writer.active = file.into();
         writer.allocated = cut;
         writer.head = lsn;
         let mut history = writer.epochs.clone();
         if epochs::cut_after(&mut history, lsn) {
-            epochs::store(&self.inner.dir, self.inner.options.generation, &history)?;
+            epochs::store(
+                self.fs().as_ref(),
+                &self.inner.dir,
+                self.inner.options.generation,
+                &history,
+            )?;
             writer.epochs = history;
         }
         let mut state = lock(&self.inner.sync);
@@ -1263,7 +1288,10 @@ impl Wal {
             if !buf.is_empty() && buf.len() + chunk.len > max_bytes {
                 break;
             }
-            let file = File::open(chunk.path.as_ref()).map_err(io_err("open", &chunk.path))?;
+            let file = self
+                .fs()
+                .open(chunk.path.as_ref())
+                .map_err(io_err("open", &chunk.path))?;
             let start = buf.len();
             buf.resize(start + chunk.len, 0);
             file.read_exact_at(&mut buf[start..], chunk.offset)
@@ -1277,7 +1305,7 @@ impl Wal {
     pub fn read_frames(&self, from: u64, to: u64) -> Result<Vec<Frame>, WalError> {
         let mut frames = Vec::new();
         for chunk in self.plan_read(from, to, 4 << 20)? {
-            frames.extend(Self::read_chunk_frames(&chunk)?);
+            frames.extend(self.read_chunk_frames(&chunk)?);
         }
         Ok(frames)
     }
@@ -1295,7 +1323,7 @@ impl Wal {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for chunk in self.plan_read(from, to, 4 << 20)? {
-            batch.extend(Self::read_chunk_frames(&chunk)?);
+            batch.extend(self.read_chunk_frames(&chunk)?);
             bytes += chunk.len;
             if bytes >= batch_bytes {
                 f(std::mem::take(&mut batch))?;
@@ -1308,8 +1336,11 @@ impl Wal {
         Ok(())
     }
 
-    fn read_chunk_frames(chunk: &ReadChunk) -> Result<Vec<Frame>, WalError> {
-        let file = File::open(chunk.path.as_ref()).map_err(io_err("open", &chunk.path))?;
+    fn read_chunk_frames(&self, chunk: &ReadChunk) -> Result<Vec<Frame>, WalError> {
+        let file = self
+            .fs()
+            .open(chunk.path.as_ref())
+            .map_err(io_err("open", &chunk.path))?;
         let mut buf = vec![0u8; chunk.len];
         file.read_exact_at(&mut buf, chunk.offset)
             .map_err(io_err("read", &chunk.path))?;

@@ -13,7 +13,7 @@
 
 use super::{Fs, FsFile};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
+use std::io::{self, IoSlice};
 use std::path::{Component, Path};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -285,6 +285,14 @@ impl FsFile for SimFile {
         Ok(())
     }
 
+    /// All of `bufs`, as one operation (a real `pwritev` of the extent's
+    /// runs is short only at the end of the disk).
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.write_at(&joined, offset)?;
+        Ok(joined.len())
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let state = self.fs.lock();
         let data = &state.inodes[self.inode].data;
@@ -332,6 +340,11 @@ impl FsFile for SimFile {
     fn sync_all(&self) -> io::Result<()> {
         self.sync_data()
     }
+
+    /// One process uses the model: a lock is always free.
+    fn try_lock(&self) -> io::Result<bool> {
+        Ok(true)
+    }
 }
 
 impl Fs for SimFs {
@@ -363,12 +376,39 @@ impl Fs for SimFs {
         }))
     }
 
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        if self.lock().lookup(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists", path.display()),
+            ));
+        }
+        self.create(path)
+    }
+
     fn open(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
         let inode = self.lock().file(path)?;
         Ok(Box::new(SimFile {
             fs: self.clone(),
             inode,
         }))
+    }
+
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        let state = self.lock();
+        let inode = state.file(path)?;
+        Ok(state.inodes[inode].data.len() as u64)
+    }
+
+    fn list(&self, path: &Path) -> io::Result<Vec<String>> {
+        let state = self.lock();
+        match state.lookup(path)? {
+            Entry::Dir(dir) => Ok(state.dirs[dir].entries.keys().cloned().collect()),
+            Entry::File(_) => Err(io::Error::other(format!(
+                "{}: not a directory",
+                path.display()
+            ))),
+        }
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {

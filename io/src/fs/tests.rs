@@ -142,11 +142,11 @@ fn an_epoch_history_is_the_old_or_the_new_and_the_new_once_stored() {
     at_every_boundary(
         |fs| {
             create_dir_all_in(fs, dir).unwrap();
-            epochs::store_in(fs, dir, 1, &old).unwrap();
+            epochs::store(fs, dir, 1, &old).unwrap();
         },
-        |fs| epochs::store_in(fs, dir, 1, &new).map_err(|e| io::Error::other(e.to_string())),
+        |fs| epochs::store(fs, dir, 1, &new).map_err(|e| io::Error::other(e.to_string())),
         |fs, returned, case| {
-            let loaded = epochs::load_in(fs, dir, 1).unwrap_or_else(|e| panic!("{case}: {e}"));
+            let loaded = epochs::load(fs, dir, 1).unwrap_or_else(|e| panic!("{case}: {e}"));
             assert!(
                 loaded == new || (loaded == old && !returned),
                 "{case}: {loaded:?}"

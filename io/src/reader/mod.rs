@@ -208,6 +208,8 @@ pub(crate) type BatchSender = mpsc::Sender<Result<FrameBatch, ReaderError>>;
 /// Everything a backend needs to run one stream.
 pub(crate) struct StreamJob {
     pub(crate) chunks: Vec<ReadChunk>,
+    /// The WAL's file system (the pread backend opens its segments through it).
+    pub(crate) fs: crate::fs::FsRef,
     pub(crate) out: BatchSender,
     pub(crate) cancel: Arc<AtomicBool>,
 }
@@ -345,12 +347,14 @@ impl ReaderService {
         let cancel = Arc::new(AtomicBool::new(false));
         let job = StreamJob {
             chunks,
+            fs: Arc::clone(wal.fs()),
             out,
             cancel: Arc::clone(&cancel),
         };
         match &self.engine {
-            Engine::Uring(worker) => worker.submit(job)?,
-            Engine::Pread => pread::spawn(job, Arc::clone(&self.pool), Arc::clone(&self.counters))?,
+            // io_uring opens descriptors of the real file system.
+            Engine::Uring(worker) if wal.fs().is_real() => worker.submit(job)?,
+            _ => pread::spawn(job, Arc::clone(&self.pool), Arc::clone(&self.counters))?,
         }
         Ok(FrameStream { rx, cancel })
     }

@@ -4,9 +4,8 @@
 
 use super::pool::BufferPool;
 use super::{slice_batch, ReaderCounters, ReaderError, StreamJob};
+use crate::fs::FsFile;
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,14 +38,14 @@ pub(crate) fn spawn(
 }
 
 fn run(job: StreamJob, pool: &BufferPool, counters: &ReaderCounters) {
-    let mut files: HashMap<Arc<PathBuf>, File> = HashMap::new();
+    let mut files: HashMap<Arc<PathBuf>, Box<dyn FsFile>> = HashMap::new();
     for chunk in &job.chunks {
         if job.cancel.load(Ordering::Acquire) || job.out.is_closed() {
             return;
         }
         let file = match files.get(&chunk.path) {
             Some(file) => file,
-            None => match File::open(chunk.path.as_ref()) {
+            None => match job.fs.open(chunk.path.as_ref()) {
                 Ok(file) => files.entry(Arc::clone(&chunk.path)).or_insert(file),
                 Err(_) => {
                     let _ = job
@@ -58,7 +57,7 @@ fn run(job: StreamJob, pool: &BufferPool, counters: &ReaderCounters) {
         };
         let mut buf = pool.take(chunk.len);
         counters.inflight.fetch_add(1, Ordering::AcqRel);
-        let read = read_fully(file, &mut buf, chunk.offset);
+        let read = read_fully(file.as_ref(), &mut buf, chunk.offset);
         counters.inflight.fetch_sub(1, Ordering::AcqRel);
         let result = match read {
             Ok(got) if got == chunk.len => {
@@ -92,7 +91,7 @@ fn run(job: StreamJob, pool: &BufferPool, counters: &ReaderCounters) {
 }
 
 /// Reads until `buf` is full or the file ends; returns the bytes read.
-fn read_fully(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+fn read_fully(file: &dyn FsFile, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
