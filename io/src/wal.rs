@@ -1183,12 +1183,17 @@ impl Wal {
                 tail: writer.tail,
             });
         }
+        // Newest first, each removal durable before the next: a power loss
+        // may keep any subset of unsynced removals, and one that kept an
+        // older segment's removal but not a newer one's would leave a gap
+        // that open refuses.
         while writer.segments.len() > 1 && writer.segments.last().is_some_and(|s| s.first > lsn + 1)
         {
             if let Some(segment) = writer.segments.pop() {
                 self.fs()
                     .remove_file(&segment.path)
                     .map_err(io_err("remove", &segment.path))?;
+                self.sync_wal_dir()?;
             }
         }
         let Some(segment) = writer.segments.last_mut() else {

@@ -67,6 +67,8 @@ struct State {
     fault: Option<(u64, Fault)>,
     /// The fault the last operation failed with, if one did.
     failed_with: Option<Fault>,
+    /// Every mutating operation, in order: what a failing case prints.
+    history: Vec<String>,
     crashed: bool,
 }
 
@@ -108,6 +110,7 @@ impl SimFs {
                 ops: 0,
                 fault: None,
                 failed_with: None,
+                history: Vec::new(),
                 crashed: false,
             })),
         }
@@ -122,6 +125,12 @@ impl SimFs {
         self.lock().ops
     }
 
+    /// The mutating operations so far, numbered, and the power losses:
+    /// the history a failing case prints.
+    pub fn history(&self) -> Vec<String> {
+        self.lock().history.clone()
+    }
+
     /// Makes mutating operation number `op` (counted from the start, see
     /// [`ops`](Self::ops)) fail with `fault`.
     pub fn inject(&self, op: u64, fault: Fault) {
@@ -129,10 +138,14 @@ impl SimFs {
     }
 
     /// The process comes back after an injected [`Fault::Crash`] without a
-    /// power loss (kill -9): the page cache keeps everything written.
+    /// power loss (kill -9): the page cache keeps everything written. A
+    /// fault injected for a later operation stays (a workload may restart
+    /// its process on purpose before the crash a test scheduled).
     pub fn restart(&self) {
         let mut state = self.lock();
-        state.fault = None;
+        if state.fault.is_some_and(|(op, _)| op <= state.ops) {
+            state.fault = None;
+        }
         state.crashed = false;
     }
 
@@ -146,6 +159,7 @@ impl SimFs {
     /// back (faults cleared).
     pub fn power_loss(&self, mode: PowerLoss) {
         let mut state = self.lock();
+        state.history.push(format!("power loss, {mode:?}"));
         let mut seed = match mode {
             PowerLoss::DropUnsynced => None,
             PowerLoss::Seeded(seed) => Some(seed),
@@ -196,12 +210,18 @@ impl SimFs {
 
 impl State {
     /// Counts a mutating operation and applies an injected fault.
-    fn begin(&mut self) -> io::Result<()> {
+    fn begin(&mut self, op: &str, path: &Path) -> io::Result<()> {
         if self.crashed {
             return Err(io::Error::other("the process died"));
         }
         self.ops += 1;
         self.failed_with = None;
+        let fault = match self.fault {
+            Some((at, fault)) if at == self.ops => format!(" ({fault:?})"),
+            _ => String::new(),
+        };
+        self.history
+            .push(format!("{} {op} {}{fault}", self.ops, path.display()));
         match self.fault {
             Some((op, fault)) if op == self.ops => match fault {
                 Fault::Eio => {
@@ -268,12 +288,16 @@ impl State {
 struct SimFile {
     fs: SimFs,
     inode: usize,
+    path: std::path::PathBuf,
 }
 
 impl FsFile for SimFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut state = self.fs.lock();
-        state.begin()?;
+        state.begin(
+            "write",
+            Path::new(&format!("{} @{offset}+{}", self.path.display(), buf.len())),
+        )?;
         let inode = &mut state.inodes[self.inode];
         let (start, end) = (offset as usize, offset as usize + buf.len());
         if inode.data.len() < end {
@@ -304,7 +328,10 @@ impl FsFile for SimFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut state = self.fs.lock();
-        state.begin()?;
+        state.begin(
+            "set_len",
+            Path::new(&format!("{} to {len}", self.path.display())),
+        )?;
         let inode = &mut state.inodes[self.inode];
         inode.data.resize(len as usize, 0);
         inode.len_dirty = true;
@@ -317,7 +344,7 @@ impl FsFile for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.fs.lock();
-        if let Err(error) = state.begin() {
+        if let Err(error) = state.begin("fsync", &self.path) {
             // Linux after a failed writeback: the dirty pages are marked
             // clean and their data is gone; a later fsync reports success
             // for what it no longer has (fsyncgate). A caller must not
@@ -350,7 +377,7 @@ impl FsFile for SimFile {
 impl Fs for SimFs {
     fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
         let mut state = self.lock();
-        state.begin()?;
+        state.begin("create", path)?;
         let (dir, name) = state.parent(path)?;
         let inode = match state.dirs[dir].entries.get(&name) {
             Some(Entry::File(inode)) => {
@@ -373,6 +400,7 @@ impl Fs for SimFs {
         Ok(Box::new(SimFile {
             fs: self.clone(),
             inode,
+            path: path.to_path_buf(),
         }))
     }
 
@@ -391,6 +419,7 @@ impl Fs for SimFs {
         Ok(Box::new(SimFile {
             fs: self.clone(),
             inode,
+            path: path.to_path_buf(),
         }))
     }
 
@@ -419,7 +448,10 @@ impl Fs for SimFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        state.begin()?;
+        state.begin(
+            "rename",
+            Path::new(&format!("{} -> {}", from.display(), to.display())),
+        )?;
         let (from_dir, from_name) = state.parent(from)?;
         let (to_dir, to_name) = state.parent(to)?;
         let entry = state.dirs[from_dir]
@@ -432,7 +464,7 @@ impl Fs for SimFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        state.begin()?;
+        state.begin("remove", path)?;
         state.file(path)?;
         let (dir, name) = state.parent(path)?;
         state.dirs[dir].entries.remove(&name);
@@ -441,7 +473,7 @@ impl Fs for SimFs {
 
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        state.begin()?;
+        state.begin("mkdir", path)?;
         match state.lookup(path) {
             Ok(Entry::Dir(_)) => return Ok(()),
             Ok(Entry::File(_)) => {
@@ -465,7 +497,7 @@ impl Fs for SimFs {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
-        state.begin()?;
+        state.begin("fsync dir", path)?;
         let Entry::Dir(dir) = state.lookup(path)? else {
             return Err(io::Error::other(format!(
                 "{}: not a directory",
