@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use walship_engine::{
     Assignment, CommitMode, Endpoint, Epoch, InvalidReplicaId, ReplicaAssignment, ReplicaId,
 };
+use walship_io::fs::Fs;
 
 /// One replica's endpoint in an applied assignment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,7 +264,12 @@ fn path(dir: &Path) -> PathBuf {
 
 /// The assignment applied last, if any.
 pub fn load(dir: &Path) -> std::io::Result<Option<Applied>> {
-    match std::fs::read(path(dir)) {
+    load_in(walship_io::fs::real(), dir)
+}
+
+/// [`load`] through `fs`.
+pub fn load_in(fs: &dyn Fs, dir: &Path) -> std::io::Result<Option<Applied>> {
+    match fs.read(&path(dir)) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -277,9 +283,14 @@ pub fn load(dir: &Path) -> std::io::Result<Option<Applied>> {
 
 /// Persists `applied` atomically and durably.
 pub fn save(dir: &Path, applied: &Applied) -> std::io::Result<()> {
-    walship_io::durable::create_dir_all(dir)?;
+    save_in(walship_io::fs::real(), dir, applied)
+}
+
+/// [`save`] through `fs`.
+pub fn save_in(fs: &dyn Fs, dir: &Path, applied: &Applied) -> std::io::Result<()> {
+    walship_io::durable::create_dir_all_in(fs, dir)?;
     let json = serde_json::to_vec_pretty(applied).map_err(std::io::Error::other)?;
-    walship_io::durable::rewrite_atomic(walship_io::fs::real(), dir, FILE, &json)
+    walship_io::durable::rewrite_atomic(fs, dir, FILE, &json)
 }
 
 #[cfg(test)]
@@ -332,6 +343,51 @@ mod tests {
         start(replica.path(), "node2", &spec(3, "node1")).unwrap();
         let again = start(replica.path(), "node2", &spec(1, "node1")).unwrap();
         assert_eq!(again.applied.epoch, 3, "{}", again.reason);
+    }
+
+    #[test]
+    fn the_persisted_assignment_survives_a_power_loss_at_every_boundary() {
+        use walship_io::fs::{Fault, PowerLoss, SimFs};
+        let real = tempfile::tempdir().unwrap();
+        let old = start(real.path(), "node1", &spec(1, "node1"))
+            .unwrap()
+            .applied;
+        let new = start(real.path(), "node1", &spec(1, "node1"))
+            .unwrap()
+            .applied;
+        assert!(new.term() > old.term());
+        let dir = Path::new("/data/node1/vol0");
+        let setup = |fs: &SimFs| save_in(fs, dir, &old).unwrap();
+        let probe = SimFs::new();
+        setup(&probe);
+        let first = probe.ops();
+        save_in(&probe, dir, &new).unwrap();
+        let ops = probe.ops() - first;
+        for at in 1..=ops + 1 {
+            for mode in [
+                PowerLoss::DropUnsynced,
+                PowerLoss::Seeded(at),
+                PowerLoss::Seeded(!at),
+            ] {
+                let fs = SimFs::new();
+                setup(&fs);
+                fs.power_loss(PowerLoss::DropUnsynced);
+                fs.inject(fs.ops() + at, Fault::Crash);
+                let saved = save_in(&fs, dir, &new).is_ok();
+                fs.power_loss(mode);
+                let case = format!("crash before op {at} of {ops}, {mode:?}");
+                let loaded = load_in(&fs, dir)
+                    .unwrap_or_else(|e| panic!("{case}: {e}"))
+                    .unwrap_or_else(|| panic!("{case}: the assignment is gone"));
+                assert!(
+                    loaded.term() == new.term() || (!saved && loaded.term() == old.term()),
+                    "{case}: saved {saved}, term {} (old {}, new {})",
+                    loaded.term(),
+                    old.term(),
+                    new.term()
+                );
+            }
+        }
     }
 
     #[test]
