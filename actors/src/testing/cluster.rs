@@ -10,6 +10,7 @@ use std::time::Duration;
 use walship_engine::{
     Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
 };
+use walship_io::fs::FsRef;
 use walship_io::StoreOptions;
 
 /// How to build a cluster. Start from [`ClusterOptions::new`] and change
@@ -38,6 +39,13 @@ pub struct ClusterOptions {
     pub dir: Option<PathBuf>,
     /// Replicas whose data lives elsewhere: `(server, directory)`.
     pub replica_dirs: Vec<(String, PathBuf)>,
+    /// The file system under a node's store, by server name (`primary`
+    /// for the primary): a page-cache model of its own per node, so one
+    /// node can lose power. The others use `store.fs`.
+    pub node_fs: Vec<(String, FsRef)>,
+    /// Whether the primary peers before it serves, when the cluster
+    /// starts it and when it is reopened (off, as for an embedder).
+    pub peering: crate::config::Peering,
 }
 
 impl ClusterOptions {
@@ -59,7 +67,18 @@ impl ClusterOptions {
             replica_checkpoint_every: 16 * 1024,
             dir: None,
             replica_dirs: Vec::new(),
+            node_fs: Vec::new(),
+            peering: crate::config::Peering::default(),
         }
+    }
+
+    /// The store options of the node `server` (`primary` for the primary).
+    pub fn store_of(&self, server: &str) -> StoreOptions {
+        let mut store = self.store.clone();
+        if let Some((_, fs)) = self.node_fs.iter().find(|(s, _)| s == server) {
+            store.fs = std::sync::Arc::clone(fs);
+        }
+        store
     }
 
     /// These replicas, by server name.
@@ -93,6 +112,8 @@ pub struct LoopbackCluster {
     pub primary: VolumeHandle,
     /// The primary's data directory.
     pub primary_dir: PathBuf,
+    /// The primary's server name (`primary`, or the replica promoted).
+    pub primary_server: String,
     /// The replicas, running or stopped, and the outsiders.
     pub replicas: Vec<Node>,
     /// The primary's epoch.
@@ -151,12 +172,20 @@ impl LoopbackCluster {
             });
         }
         let primary_dir = dir.join("primary");
-        let config = primary_config(&options, &primary_dir, 1, options.mode, &replicas);
+        let config = primary_config(
+            &options,
+            "primary",
+            &primary_dir,
+            1,
+            options.mode,
+            &replicas,
+        );
         let primary = rt.spawn_volume(config).await?;
         Ok(Self {
             rt,
             primary,
             primary_dir,
+            primary_server: "primary".into(),
             replicas,
             epoch: 1,
             mode: options.mode,
@@ -287,16 +316,25 @@ impl LoopbackCluster {
         self.replicas.retain(|n| n.server != server);
         self.epoch += 1;
         self.mode = mode;
-        let config = primary_config(&self.options, &dir, self.epoch, mode, &self.replicas);
+        let config = primary_config(
+            &self.options,
+            server,
+            &dir,
+            self.epoch,
+            mode,
+            &self.replicas,
+        );
         self.primary = self.rt.spawn_volume(config).await?;
         self.primary_dir = dir;
+        self.primary_server = server.into();
         Ok(())
     }
 
     /// Opens the primary again on its own directory in `epoch` (the old one
-    /// must have been stopped); the volume's own refusal when it must.
+    /// must have been stopped), peering as the options say; the volume's
+    /// own refusal when it must.
     pub async fn reopen_primary(&mut self, epoch: u64) -> Result<(), VolumeError> {
-        self.reopen_primary_with(epoch, crate::config::Peering::default())
+        self.reopen_primary_with(epoch, self.options.peering.clone())
             .await
     }
 
@@ -309,6 +347,7 @@ impl LoopbackCluster {
     ) -> Result<(), VolumeError> {
         let mut config = primary_config(
             &self.options,
+            &self.primary_server,
             &self.primary_dir,
             epoch,
             self.mode,
@@ -396,7 +435,7 @@ fn replica_config(
         volume: options.volume.clone(),
         server: server.into(),
         dir: dir.to_path_buf(),
-        store: options.store.clone(),
+        store: options.store_of(server),
         listen: listen.into(),
         checkpoint_every_lsns: options.replica_checkpoint_every,
     })
@@ -404,6 +443,7 @@ fn replica_config(
 
 fn primary_config(
     options: &ClusterOptions,
+    server: &str,
     dir: &Path,
     epoch: u64,
     mode: CommitMode,
@@ -413,7 +453,7 @@ fn primary_config(
         cluster: options.cluster.clone(),
         volume: options.volume.clone(),
         dir: dir.to_path_buf(),
-        store: options.store.clone(),
+        store: options.store_of(server),
         epoch,
         commit_mode: mode,
         replicas: replicas
@@ -426,6 +466,6 @@ fn primary_config(
             .collect(),
         tuning: options.tuning.clone(),
         on_replica_states: None,
-        peering: Default::default(),
+        peering: options.peering.clone(),
     })
 }

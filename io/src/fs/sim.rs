@@ -45,12 +45,25 @@ enum Entry {
     Dir(usize),
 }
 
+/// One file: `data` differs from `durable` only in `dirty_pages` and,
+/// if `len_dirty`, in its length (a sync copies only those).
 #[derive(Debug, Default)]
 struct Inode {
     data: Vec<u8>,
     durable: Vec<u8>,
     dirty_pages: BTreeSet<usize>,
     len_dirty: bool,
+}
+
+impl Inode {
+    /// Sets the length; the pages between the old and the new end change
+    /// (cut, or zeroes where a cut had been).
+    fn resize(&mut self, len: usize) {
+        let (low, high) = (len.min(self.data.len()), len.max(self.data.len()));
+        self.dirty_pages.extend(low / PAGE..high.div_ceil(PAGE));
+        self.data.resize(len, 0);
+        self.len_dirty = true;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -301,8 +314,7 @@ impl FsFile for SimFile {
         let inode = &mut state.inodes[self.inode];
         let (start, end) = (offset as usize, offset as usize + buf.len());
         if inode.data.len() < end {
-            inode.data.resize(end, 0);
-            inode.len_dirty = true;
+            inode.resize(end);
         }
         inode.data[start..end].copy_from_slice(buf);
         inode.dirty_pages.extend(start / PAGE..end.div_ceil(PAGE));
@@ -332,9 +344,7 @@ impl FsFile for SimFile {
             "set_len",
             Path::new(&format!("{} to {len}", self.path.display())),
         )?;
-        let inode = &mut state.inodes[self.inode];
-        inode.data.resize(len as usize, 0);
-        inode.len_dirty = true;
+        state.inodes[self.inode].resize(len as usize);
         Ok(())
     }
 
@@ -358,8 +368,14 @@ impl FsFile for SimFile {
             return Err(error);
         }
         let inode = &mut state.inodes[self.inode];
-        inode.durable = inode.data.clone();
-        inode.dirty_pages.clear();
+        let len = inode.data.len();
+        inode.durable.resize(len, 0);
+        for page in std::mem::take(&mut inode.dirty_pages) {
+            let (start, end) = (page * PAGE, ((page + 1) * PAGE).min(len));
+            if start < end {
+                inode.durable[start..end].copy_from_slice(&inode.data[start..end]);
+            }
+        }
         inode.len_dirty = false;
         Ok(())
     }
@@ -382,9 +398,7 @@ impl Fs for SimFs {
         let inode = match state.dirs[dir].entries.get(&name) {
             Some(Entry::File(inode)) => {
                 let inode = *inode;
-                let file = &mut state.inodes[inode];
-                file.data.clear();
-                file.len_dirty = true;
+                state.inodes[inode].resize(0);
                 inode
             }
             Some(Entry::Dir(_)) => {
