@@ -343,3 +343,39 @@ async fn a_primary_that_lost_a_committed_tail_takes_it_back_by_catch_up() {
     let inspected = walship::io::inspect(&cluster.primary_dir);
     assert_eq!(inspected.superblock.unwrap().generation, 1);
 }
+
+/// The committed floor a replica persists with each checkpoint outlives
+/// its restart: a primary that comes back without what was committed
+/// still cannot truncate it below that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_keeps_its_committed_floor_across_a_restart() {
+    let mut cluster = start(CommitMode::SyncAll, &["r1", "r2"]).await;
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    for i in 0..3 * REPLICA_CHECKPOINT_EVERY {
+        cluster
+            .primary
+            .write_committed(i % BLOCKS, block(i))
+            .await
+            .unwrap();
+    }
+    let checkpoint = within(LONG, || async {
+        let status = cluster.replica_status("r1").await.ok()?;
+        (status.checkpoint >= 2 * REPLICA_CHECKPOINT_EVERY).then_some(status.checkpoint)
+    })
+    .await
+    .expect("r1 never checkpointed");
+    // Nobody tells it anything after its restart.
+    cluster.primary.stop().await;
+    cluster.stop_replica("r1").await;
+    let (store, _) = walship::io::Store::open(&cluster.node("r1").dir, store_options()).unwrap();
+    let floor = store.committed_floor();
+    assert!(
+        floor >= checkpoint,
+        "persisted floor {floor}, checkpoint {checkpoint}"
+    );
+    drop(store);
+    cluster.restart_replica("r1", false).await.unwrap();
+    let status = cluster.replica_status("r1").await.unwrap();
+    assert_eq!(status.committed, floor, "what r1 knows after its restart");
+    cluster.shutdown().await;
+}

@@ -32,7 +32,7 @@ use crate::wal::{RecycleReport, SyncMode, Wal, WalError, WalOptions};
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -238,6 +238,11 @@ pub const DIRECT_MIN_BYTES: usize = 256 << 10;
 const RUN_MARKER: &str = "RUN";
 const RUN_MARKER_TMP: &str = "RUN.tmp";
 
+/// The committed floor a replica persisted: the highest LSN a primary told
+/// it was committed (see [`Store::persist_committed_floor`]), u64 and crc32c
+/// as in the run marker.
+const COMMITTED_FLOOR: &str = "COMMITTED";
+
 fn encode_run_marker(from: u64) -> [u8; 12] {
     let lsn = from.to_le_bytes();
     let mut bytes = [0u8; 12];
@@ -283,6 +288,8 @@ pub struct Store {
     direct: Mutex<Option<DirectRun>>,
     snapshot_pins: Arc<AtomicUsize>,
     checkpointing: Mutex<()>,
+    /// The committed floor persisted (0: none).
+    committed_floor: AtomicU64,
     /// The directory's `LOCK` file, locked for the life of this instance: two
     /// instances on one directory would checkpoint and recycle under each
     /// other (one deleting segments the other still lists). `None` when
@@ -354,9 +361,14 @@ impl Store {
             dirty: Mutex::new(BTreeMap::new()),
             direct: Mutex::new(None),
             snapshot_pins: Arc::new(AtomicUsize::new(0)),
+            committed_floor: AtomicU64::new(0),
             checkpointing: Mutex::new(()),
             _lock: lock,
         };
+        store.committed_floor.store(
+            Self::load_committed_floor(store.fs(), &store.dir)?,
+            Ordering::Relaxed,
+        );
         let replayed_frames = store.rebuild_dirty()?;
         let report = StoreReport {
             created,
@@ -818,6 +830,44 @@ impl Store {
         self.dirty().retain(|_, block| block.lsn > to);
         let recycled = wal.recycle()?;
         Ok(CheckpointOutcome::Done { from, to, recycled })
+    }
+
+    fn load_committed_floor(fs: &dyn Fs, dir: &Path) -> Result<u64, StoreError> {
+        let path = dir.join(COMMITTED_FLOOR);
+        match fs.read(&path) {
+            Ok(bytes) => decode_run_marker(&bytes).ok_or_else(|| {
+                let bad = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad checksum");
+                io_err("read", &path)(bad)
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    /// The committed floor last persisted: what a primary told this
+    /// replica was committed, as of its last
+    /// [`persist_committed_floor`](Self::persist_committed_floor) (0: never).
+    pub fn committed_floor(&self) -> u64 {
+        self.committed_floor.load(Ordering::Relaxed)
+    }
+
+    /// Persists `lsn` as the committed floor (replaced atomically and
+    /// durably), so a replica that restarts still refuses to truncate
+    /// below it. A no-op when it is the one persisted.
+    pub fn persist_committed_floor(&self, lsn: u64) -> Result<(), StoreError> {
+        if self.committed_floor() == lsn {
+            return Ok(());
+        }
+        let path = self.dir.join(COMMITTED_FLOOR);
+        crate::durable::rewrite_atomic(
+            self.fs(),
+            &self.dir,
+            COMMITTED_FLOOR,
+            &encode_run_marker(lsn),
+        )
+        .map_err(io_err("replace", &path))?;
+        self.committed_floor.store(lsn, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Persists the epoch in the superblock now (fencing must survive restarts).

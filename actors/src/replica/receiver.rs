@@ -163,7 +163,10 @@ impl ReceiverActor {
     ) -> Self {
         let epoch = store.superblock().epoch;
         Self {
-            committed_floor: 0,
+            // What primaries said was committed, as of the last checkpoint
+            // (never the checkpoint itself: a former primary's is its own
+            // head).
+            committed_floor: store.committed_floor(),
             floor_applies: false,
             pull: None,
             blocking,
@@ -488,8 +491,14 @@ impl ReceiverActor {
         if target.saturating_sub(floor) >= self.checkpoint_every {
             self.checkpoint_requested = target;
             let store = Arc::clone(&self.store);
+            let committed_floor = self.committed_floor;
             self.blocking.run(&self.tasks, move || {
-                if let Err(e) = store.checkpoint(target) {
+                // The floor goes with each checkpoint: at most one
+                // checkpoint's worth behind after a restart.
+                let done = store
+                    .checkpoint(target)
+                    .and_then(|_| store.persist_committed_floor(committed_floor));
+                if let Err(e) = done {
                     tracing::error!(error = %e, "replica checkpoint failed");
                 }
             });
@@ -540,6 +549,13 @@ impl ReceiverActor {
                             // As after a truncation: only this primary's word counts past the image.
                             self.committed = self.committed.min(image_lsn);
                             self.committed_floor = self.committed_floor.min(image_lsn);
+                            if self.store.committed_floor() > self.committed_floor {
+                                if let Err(e) =
+                                    self.store.persist_committed_floor(self.committed_floor)
+                                {
+                                    return self.store_failed("persist the floor", &e, CODE_BASE);
+                                }
+                            }
                             self.answer(Message::RebuildInstalled { session, image_lsn })
                         }
                         Err(e) => self.store_failed("commit install", &e, CODE_BASE),
