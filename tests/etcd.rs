@@ -1204,11 +1204,33 @@ async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answe
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
+/// The term node `i`'s primary of vol0 runs in, from its status.
+async fn primary_term(cluster: &NodeCluster, i: usize) -> u64 {
+    let assignment = cluster.status(i).await["volumes"][0]["assignment"].clone();
+    let (epoch, incarnation) = (
+        assignment["epoch"].as_u64(),
+        assignment["incarnation"].as_u64(),
+    );
+    (epoch.unwrap() << 20) | incarnation.unwrap()
+}
+
+/// The term etcd records for vol0 (0: none).
+async fn recorded_term(etcd: &Etcd) -> u64 {
+    etcd.value(&walship::node::etcd::term_key("test", "vol0"))
+        .await
+        .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+}
+
 /// The lost-disk issue under etcd: node1, vol0's primary, is killed with
 /// SIGKILL after 1500 acknowledged FUA writes, its data dir wiped, and
 /// restarted at once, within its lease: its record still names it
 /// primary, so it peers with its replicas and recovers their log before it
 /// serves. Every acknowledged block reads back from every export.
+///
+/// Its term comes from etcd too: every term a primary opens in is
+/// recorded there first, and a term recorded that neither node1's disk
+/// (gone) nor its replicas saw (incarnation 40 of epoch 1, as a node whose
+/// replicas were down at the time would have left) is not used again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_replica() {
     // 10 s leases: node1 is back well within its own.
@@ -1219,12 +1241,24 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
     })
     .await;
     cluster.wait_converged(CONVERGE).await;
+    let first = primary_term(&cluster, 0).await;
+    assert_eq!(recorded_term(&etcd).await, first);
     let acked = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..1500).await;
     cluster.kill(0).await;
     std::fs::remove_dir_all(&cluster.nodes[0].data_dir).unwrap();
+    let unseen = (1 << 20) | 40;
+    assert!(unseen > first);
+    let mut client = etcd.client().await;
+    client
+        .put(
+            walship::node::etcd::term_key("test", "vol0"),
+            unseen.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(30)).await;
-    let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
     assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
     wait_serving(&cluster, 0).await;
@@ -1233,6 +1267,13 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
         assert_blocks(nbd_addr(node), &acked).await;
     }
     assert_replicas_identical(&cluster, 0).await;
+    let term = primary_term(&cluster, 0).await;
+    assert_eq!(
+        term,
+        unseen + 1,
+        "the term after {unseen}, which etcd recorded"
+    );
+    assert_eq!(recorded_term(&etcd).await, term);
     let log = cluster.primary_volume().await["recent_recovery"].clone();
     assert!(
         log.as_array()

@@ -105,7 +105,7 @@ export_replicas = true
 "#;
     let text = text.replace("GHOST", &ghost_addr.to_string());
     let config = config::parse("test.toml", &text, Some(dir)).unwrap();
-    Node::start_fenced(config, fence, None).await.unwrap()
+    Node::start_fenced(config, fence, None, None).await.unwrap()
 }
 
 /// A sync_all primary on a store created at this start cannot tell a new

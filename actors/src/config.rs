@@ -152,11 +152,15 @@ impl std::fmt::Debug for ReplicaStatesChanged {
     }
 }
 
-/// Persists the term a peering primary chose, before it uses it (a node
-/// writes it into its persisted assignment), so no later opening of this
-/// node picks it again.
+/// Persists the term a peering primary opens in, before any replica hears
+/// it (a node writes it into its persisted assignment, and under a control
+/// plane into the control plane's record too), so no later opening picks
+/// it again. Called for every opening, the configured term included; the
+/// opening fails if the future does.
 #[derive(Clone)]
-pub struct TermChosen(pub Arc<dyn Fn(u64) -> std::io::Result<()> + Send + Sync>);
+pub struct TermChosen(
+    pub Arc<dyn Fn(u64) -> futures::future::BoxFuture<'static, std::io::Result<()>> + Send + Sync>,
+);
 
 impl std::fmt::Debug for TermChosen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,6 +185,10 @@ pub struct Peering {
     pub term_ceiling: u64,
     /// Persists a chosen term before it is used.
     pub on_term: Option<TermChosen>,
+    /// A term some primary of the volume is known to have opened in,
+    /// beyond what the store and the replicas say (a control plane's
+    /// record): the opening's term is newer. 0 for none.
+    pub term_floor: u64,
 }
 
 impl Peering {
@@ -191,7 +199,14 @@ impl Peering {
             enabled: true,
             term_ceiling,
             on_term,
+            term_floor: 0,
         }
+    }
+
+    /// The same, opening in a term newer than `floor` too.
+    pub fn with_term_floor(mut self, floor: u64) -> Self {
+        self.term_floor = floor;
+        self
     }
 }
 

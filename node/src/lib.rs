@@ -16,9 +16,11 @@ pub mod fence;
 pub mod nbd;
 mod node;
 mod serving;
+pub mod terms;
 
 pub use admin::{AdminClientError, AdminServer, AssignmentRequest, StatusReport};
 pub use assignment::{Applied, ReplicaEndpoint};
 pub use config::{ConfigError, NodeConfig, TuningSpec, VolumeSpec};
 pub use fence::WriteFence;
 pub use node::{Node, NodeError, VolumeReport};
+pub use terms::TermKeeper;

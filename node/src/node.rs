@@ -11,6 +11,7 @@ use crate::assignment::{self, Applied, StartError};
 use crate::config::{ConfigError, NodeConfig, VolumeSpec};
 use crate::fence::WriteFence;
 use crate::nbd::{Export, Exports, NbdServer};
+use crate::terms::TermKeeper;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -236,6 +237,8 @@ pub struct Node {
     /// config and admin API (`etcd at URL`): the admin API's POST is
     /// refused from the start.
     control_plane: Option<String>,
+    /// Where terms are recorded beyond this node's disk (a control plane).
+    terms: Option<Arc<dyn TermKeeper>>,
 }
 
 impl Node {
@@ -262,17 +265,19 @@ impl Node {
     /// Starts every volume of `config`, the replication listener and the
     /// NBD server. Refuses a config the stores on disk contradict.
     pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
-        Self::start_fenced(config, Arc::new(WriteFence::open()), None).await
+        Self::start_fenced(config, Arc::new(WriteFence::open()), None, None).await
     }
 
     /// [`start`](Self::start), with NBD clients' writes acknowledged only
-    /// while `fence` allows them (a control plane's lease), and
-    /// assignments from `control_plane` (named: `etcd at URL`) rather than
-    /// the admin API, when there is one.
+    /// while `fence` allows them (a control plane's lease), assignments
+    /// from `control_plane` (named: `etcd at URL`) rather than the admin
+    /// API, when there is one, and every term a primary opens in recorded
+    /// with `terms` (the control plane's) before any replica hears it.
     pub async fn start_fenced(
         config: NodeConfig,
         fence: Arc<WriteFence>,
         control_plane: Option<String>,
+        terms: Option<Arc<dyn TermKeeper>>,
     ) -> Result<Arc<Self>, NodeError> {
         if config.admin.is_some() {
             // Before any actor registers a metric with the recorder.
@@ -304,6 +309,7 @@ impl Node {
             control_decisions: Mutex::default(),
             replica_states: Arc::default(),
             control_plane,
+            terms,
             config,
         };
         let mut startings = Vec::new();
@@ -411,6 +417,15 @@ impl Node {
         };
         let dir = self.volume_dir(&spec.name).join("store");
         let volume = if applied.is_primary(&config.node) {
+            // The newest term the control plane knows was used: one this
+            // node's disk may have lost, or another node's.
+            let floor = match &self.terms {
+                Some(terms) => terms
+                    .newest(&spec.name)
+                    .await
+                    .map_err(io(format!("read the newest term of {}", spec.name)))?,
+                None => 0,
+            };
             VolumeConfig::Primary(PrimaryConfig {
                 cluster: config.cluster.clone(),
                 volume: spec.name.clone(),
@@ -432,7 +447,8 @@ impl Node {
                 peering: Peering::enabled(
                     Applied::term_ceiling(applied.epoch),
                     Some(self.persist_term(&spec.name, applied)),
-                ),
+                )
+                .with_term_floor(floor),
             })
         } else {
             VolumeConfig::Replica(ReplicaConfig {
@@ -471,20 +487,36 @@ impl Node {
     }
 
     /// What persists a term peering chose for `volume`: its assignment,
-    /// with the term's incarnation, replaced durably.
+    /// with the term's incarnation, replaced durably, then the control
+    /// plane's record of terms, if there is one.
     /// The assignment on disk is read again when the term is chosen: a
     /// newer one may have been persisted meanwhile, and is never replaced
     /// by the one this opening started with.
     fn persist_term(&self, volume: &str, applied: &Applied) -> TermChosen {
         let dir = self.volume_dir(volume);
         let applied = applied.clone();
+        let (volume, terms) = (volume.to_owned(), self.terms.clone());
         TermChosen(Arc::new(move |term| {
-            let mut chosen = assignment::load(&dir)?.unwrap_or_else(|| applied.clone());
-            if chosen.epoch != Applied::epoch_of(term) {
-                return Ok(());
-            }
-            chosen.incarnation = chosen.incarnation.max(Applied::incarnation_of(term));
-            assignment::save(&dir, &chosen)
+            let local = (|| {
+                let loaded = assignment::load(&dir)?;
+                let mut chosen = loaded.clone().unwrap_or_else(|| applied.clone());
+                if chosen.epoch != Applied::epoch_of(term) {
+                    return Ok(());
+                }
+                chosen.incarnation = chosen.incarnation.max(Applied::incarnation_of(term));
+                match loaded == Some(chosen.clone()) {
+                    true => Ok(()),
+                    false => assignment::save(&dir, &chosen),
+                }
+            })();
+            let recorded = terms.as_ref().map(|terms| terms.record(&volume, term));
+            Box::pin(async move {
+                local?;
+                match recorded {
+                    Some(recorded) => recorded.await,
+                    None => Ok(()),
+                }
+            })
         }))
     }
 

@@ -55,7 +55,10 @@ pub(crate) async fn peer_before_serving(
         epochs: transport::engine_epochs(&epochs).map_err(walship_engine::EngineError::from)?,
         lost,
         cut,
-        term: Epoch(superblock.epoch),
+        // The newest term this volume's primaries are known to have used:
+        // the store's, or a control plane's record of one this store
+        // never saw (it was lost, or another node's).
+        term: Epoch(superblock.epoch.max(config.peering.term_floor)),
     };
     let terms = Terms {
         configured: Epoch(config.epoch),
@@ -103,7 +106,7 @@ pub(crate) async fn peer_before_serving(
             }
             Peering::Serve { term, proof } => {
                 tracing::info!(volume = %config.volume, "{proof}");
-                choose_term(config, store, *term)?;
+                choose_term(config, store, *term).await?;
             }
             Peering::Recover {
                 from,
@@ -113,7 +116,7 @@ pub(crate) async fn peer_before_serving(
                 proof,
             } => {
                 tracing::warn!(volume = %config.volume, "{proof}");
-                choose_term(config, store, *term)?;
+                choose_term(config, store, *term).await?;
                 let spec = config
                     .replicas
                     .iter()
@@ -179,19 +182,23 @@ fn failed(from: &ReplicaId, reason: &str) -> VolumeError {
 }
 
 /// Persists `term` in the store (so no later opening chooses it again,
-/// written or not) and with the embedder (`on_term`, if it is not the
-/// configured one), then opens in it.
-fn choose_term(config: &mut PrimaryConfig, store: &Store, term: Epoch) -> Result<(), VolumeError> {
+/// written or not) and with the embedder (`on_term`, the configured term
+/// included: a control plane records every term opened in), then opens in
+/// it.
+async fn choose_term(
+    config: &mut PrimaryConfig,
+    store: &Store,
+    term: Epoch,
+) -> Result<(), VolumeError> {
     if store.superblock().epoch < term.0 {
         store.persist_epoch(term.0)?;
     }
-    if term.0 != config.epoch {
-        if let Some(on_term) = &config.peering.on_term {
-            (on_term.0)(term.0)
-                .map_err(|e| VolumeError::Runtime(format!("persist term {}: {e}", term.0)))?;
-        }
-        config.epoch = term.0;
+    if let Some(on_term) = &config.peering.on_term {
+        (on_term.0)(term.0)
+            .await
+            .map_err(|e| VolumeError::Runtime(format!("persist term {}: {e}", term.0)))?;
     }
+    config.epoch = term.0;
     Ok(())
 }
 

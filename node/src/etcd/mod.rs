@@ -36,6 +36,7 @@
 pub use etcd_client;
 
 mod control;
+mod terms;
 
 pub use control::{
     address_key, decision_key, probe_key, progress_key, promote_accepting_loss, replica_report_key,
@@ -55,6 +56,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use terms::{term_key, EtcdTerms};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use walship_engine::CommitMode;
@@ -301,6 +303,12 @@ impl ControlPlane {
     /// while it allows them ([`Node::start_fenced`]).
     pub fn fence(&self) -> Arc<WriteFence> {
         Arc::clone(&self.fence)
+    }
+
+    /// Where the node records every term its primaries open in
+    /// (`terms/<volume>`), read before each opening.
+    pub fn terms(&self) -> Arc<dyn crate::TermKeeper> {
+        Arc::new(EtcdTerms::new(self.client.clone(), &self.cluster))
     }
 
     /// What the node's status calls this control plane (`etcd at URL`).

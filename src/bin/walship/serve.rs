@@ -51,11 +51,17 @@ pub async fn run(
     #[cfg(feature = "etcd")]
     let fence = plane
         .as_ref()
-        .map(|plane| (plane.fence(), plane.describe()));
+        .map(|plane| (plane.fence(), plane.describe(), plane.terms()));
     #[cfg(not(feature = "etcd"))]
-    let fence: Option<(std::sync::Arc<walship::node::WriteFence>, String)> = None;
+    let fence: Option<(
+        std::sync::Arc<walship::node::WriteFence>,
+        String,
+        std::sync::Arc<dyn walship::node::TermKeeper>,
+    )> = None;
     let started = match fence {
-        Some((fence, plane)) => Node::start_fenced(config, fence, Some(plane)).await,
+        Some((fence, plane, terms)) => {
+            Node::start_fenced(config, fence, Some(plane), Some(terms)).await
+        }
         None => Node::start(config).await,
     };
     let node = match started {
