@@ -124,7 +124,7 @@ pub(crate) async fn peer_before_serving(
                     .cloned()
                     .ok_or_else(|| failed(from, "not among the replicas"))?;
                 let caught_up = if *catch_up {
-                    match catch_up_from(config, links, &spec, store, through.0).await {
+                    match catch_up_from(config, links, &spec, store, tasks, through.0).await {
                         Ok(head) => Some(head),
                         Err(reason) => {
                             // Its WAL no longer holds them, or the link
@@ -331,7 +331,8 @@ async fn catch_up_from(
     config: &PrimaryConfig,
     links: &PeerLinks,
     spec: &ReplicaSpec,
-    store: &Store,
+    store: &Arc<Store>,
+    tasks: &TaskTracker,
     through: u64,
 ) -> Result<u64, ExecError> {
     let limit = config.tuning.peer_timeout;
@@ -356,8 +357,12 @@ async fn catch_up_from(
             break;
         }
         // Committed 0: nothing goes straight to the extent; the WAL
-        // checks every frame and its order.
-        let appended = store.apply_replicated(&frames, 0)?;
+        // checks every frame and its order. Its writes (and a rotation's
+        // sync) block: off the volumes' arbiter, which other volumes share.
+        let appended = blocking(store, tasks, move |store| {
+            store.apply_replicated(&frames, 0)
+        })
+        .await?;
         if appended != last {
             return Err(ExecError::Protocol(format!(
                 "pull frames: the batch claimed {last}, its frames end at {appended}"
@@ -365,8 +370,26 @@ async fn catch_up_from(
         }
         head = appended;
     }
-    store.sync_to(head)?;
+    blocking(store, tasks, move |store| store.sync_to(head)).await?;
     Ok(head)
+}
+
+/// Runs `work` on `store` on a blocking thread. The job holds a token of
+/// the volume's tasks: a stop that drops the caller still waits for it
+/// before the store reopens.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    tasks: &TaskTracker,
+    work: impl FnOnce(&Store) -> Result<T, walship_io::StoreError> + Send + 'static,
+) -> Result<T, ExecError> {
+    let (store, token) = (Arc::clone(store), tasks.token());
+    tokio::task::spawn_blocking(move || {
+        let _token = token;
+        work(&store)
+    })
+    .await
+    .map_err(|e| ExecError::Protocol(format!("pull: store task: {e}")))?
+    .map_err(ExecError::from)
 }
 
 /// Pulls `spec`'s whole volume at its durable LSN into `store`, in the
@@ -438,15 +461,11 @@ async fn pull(
     // block for as long as the disk takes: off the volumes' arbiter. The
     // job holds a token of the volume's tasks, so a stop that drops this
     // future still waits for the switch to end before the store reopens.
-    let store = Arc::clone(store);
-    let token = tasks.token();
-    tokio::task::spawn_blocking(move || {
-        let _token = token;
+    blocking(store, tasks, move |store| {
         let install = writer.finish()?;
         store.commit_install(install, checksum, epoch, &epochs)
     })
-    .await
-    .map_err(|e| ExecError::Protocol(format!("pull: install task: {e}")))??;
+    .await?;
     Ok(image_lsn)
 }
 
