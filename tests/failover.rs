@@ -379,3 +379,49 @@ async fn a_replica_keeps_its_committed_floor_across_a_restart() {
     assert_eq!(status.committed, floor, "what r1 knows after its restart");
     cluster.shutdown().await;
 }
+
+/// A primary that lost its store is stopped while it pulls a replica's
+/// image: the stop returns with nothing left writing its store, the next
+/// opening pulls again from the start, and every acknowledged block reads
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_stopped_mid_pull_pulls_again_when_it_reopens() {
+    // 64 MiB: the image takes a while to come.
+    const LARGE: u64 = 16 * 1024;
+    let mut options = options(CommitMode::SyncAll, &["r1", "r2"], tuning());
+    options.store.block_count = LARGE;
+    options.peering = walship::actors::Peering::enabled(0, None);
+    let mut cluster = Cluster::start(options).await.unwrap();
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    let last = cluster.write_blocks(0, 200).await.unwrap();
+    assert_eq!(cluster.primary.barrier().await.unwrap(), last);
+    cluster.primary.stop().await;
+    std::fs::remove_dir_all(&cluster.primary_dir).unwrap();
+    cluster.reopen_primary(1).await.unwrap();
+    let dir = cluster.primary_dir.clone();
+    let staging = move || {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().ends_with(".staging"))
+            .map(|e| e.path())
+    };
+    let pulling = within(LONG, || async { staging() }).await;
+    assert!(pulling.is_some(), "the primary never began to pull");
+    assert!(cluster.primary.is_peering());
+    cluster.primary.stop().await;
+    // The stop returned with the store let go of: the store's lock is
+    // taken again at once (the harness's stores do not wait for it).
+    cluster.reopen_primary(1).await.unwrap();
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    cluster.wait_converged(LONG).await.unwrap();
+    for i in 0..200 {
+        assert_eq!(
+            cluster.primary.read(i, 1).await.unwrap(),
+            block(i),
+            "block {i}"
+        );
+    }
+    assert!(staging().is_none(), "a staging file was left");
+    cluster.shutdown().await;
+}

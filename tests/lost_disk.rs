@@ -136,12 +136,16 @@ async fn sync_quorum_primary_whose_disk_was_replaced_recovers_from_a_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_that_lost_only_its_assignment_opens_in_a_term_nobody_saw() {
-    primary_comes_back_without("sync_all", Loss::Assignment).await;
+    for mode in ["sync_all", "sync_quorum"] {
+        primary_comes_back_without(mode, Loss::Assignment).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_that_lost_only_its_store_recovers_from_a_replica() {
-    primary_comes_back_without("sync_all", Loss::Store).await;
+    for mode in ["sync_all", "sync_quorum"] {
+        primary_comes_back_without(mode, Loss::Store).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
