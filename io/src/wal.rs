@@ -721,13 +721,7 @@ impl Wal {
             epochs::note(&mut history, lsn, epoch)?;
         }
         if history != writer.epochs {
-            epochs::store(
-                self.fs().as_ref(),
-                &self.inner.dir,
-                self.inner.options.generation,
-                &history,
-            )?;
-            writer.epochs = history;
+            self.persist_epochs(writer, history)?;
         }
         Ok(())
     }
@@ -1098,14 +1092,21 @@ impl Wal {
     fn replace_epochs(&self, writer: &mut Writer, history: &[EpochStart]) -> Result<(), WalError> {
         epochs::validate(history)?;
         if history != writer.epochs.as_slice() {
-            epochs::store(
-                self.fs().as_ref(),
-                &self.inner.dir,
-                self.inner.options.generation,
-                history,
-            )?;
-            writer.epochs = history.to_vec();
+            self.persist_epochs(writer, history.to_vec())?;
         }
+        Ok(())
+    }
+
+    /// Replaces the persisted epoch history with `history`, then the
+    /// writer's.
+    fn persist_epochs(
+        &self,
+        writer: &mut Writer,
+        history: Vec<EpochStart>,
+    ) -> Result<(), EpochError> {
+        let generation = self.inner.options.generation;
+        epochs::store(self.fs().as_ref(), &self.inner.dir, generation, &history)?;
+        writer.epochs = history;
         Ok(())
     }
 
@@ -1212,13 +1213,7 @@ impl Wal {
         writer.head = lsn;
         let mut history = writer.epochs.clone();
         if epochs::cut_after(&mut history, lsn) {
-            epochs::store(
-                self.fs().as_ref(),
-                &self.inner.dir,
-                self.inner.options.generation,
-                &history,
-            )?;
-            writer.epochs = history;
+            self.persist_epochs(&mut writer, history)?;
         }
         let mut state = lock(&self.inner.sync);
         state.durable = state.durable.min(lsn);
