@@ -141,6 +141,15 @@ async fn assert_acknowledged_blocks(cluster: &Cluster, blocks: &Blocks, case: &s
     }
 }
 
+/// The node (or nodes) on `fs` die at their next file operation, and
+/// every later one fails: returns once one has.
+async fn crash(fs: &SimFs) {
+    fs.inject_next(Fault::Crash);
+    within(LONG, || async { fs.crashed().then_some(()) })
+        .await
+        .expect("no file operation came to crash");
+}
+
 fn sim_options(mode: CommitMode, dir: &std::path::Path, fs: &SimFs) -> ClusterOptions {
     let mut options = options(mode, &["r1", "r2"], tuning());
     options.store.fs = Arc::new(fs.clone()) as FsRef;
@@ -159,10 +168,13 @@ async fn every_node_loses_power(mode: CommitMode, seed: u64) {
     cluster.wait_all_in_sync(LONG).await.unwrap();
     let blocks = Blocks::default();
     let writers = write_until(&cluster, &blocks, 0, 100).await;
-    fs.inject(fs.ops() + 1, Fault::Crash);
+    crash(&fs).await;
     writers.stop().await;
     Arc::into_inner(cluster).unwrap().shutdown().await;
-    fs.power_loss(PowerLoss::Seeded(seed));
+    assert!(
+        fs.power_loss(PowerLoss::Seeded(seed)) > 0,
+        "nothing unsynced"
+    );
 
     let cluster = Arc::new(Cluster::start(options).await.unwrap());
     let case = format!("{mode:?}, every node, seed {seed}");
@@ -210,11 +222,14 @@ async fn the_primary_loses_power(mode: CommitMode, seed: u64) {
     let shared = Arc::new(cluster);
     let blocks = Blocks::default();
     let writers = write_until(&shared, &blocks, 0, 100).await;
-    primary_fs.inject(primary_fs.ops() + 1, Fault::Crash);
+    crash(&primary_fs).await;
     writers.stop().await;
     cluster = Arc::into_inner(shared).unwrap();
     cluster.primary.stop().await;
-    primary_fs.power_loss(PowerLoss::Seeded(seed));
+    assert!(
+        primary_fs.power_loss(PowerLoss::Seeded(seed)) > 0,
+        "nothing unsynced"
+    );
     cluster.reopen_primary(1).await.unwrap();
     let case = format!("{mode:?}, the primary, seed {seed}");
     cluster.wait_all_in_sync(LONG).await.unwrap();
@@ -241,13 +256,13 @@ async fn a_replica_losing_power_while_writes_flow_comes_back_with_the_primarys_c
     cluster.wait_all_in_sync(LONG).await.unwrap();
     let blocks = Blocks::default();
     let writers = write_until(&cluster, &blocks, 0, 100).await;
-    r1.inject(r1.ops() + 1, Fault::Crash);
+    crash(&r1).await;
     // Writes flow on through r2 while r1 is dead.
     wait_acknowledged(&blocks, acks(&blocks) + 1).await;
     writers.stop().await;
     let mut cluster = Arc::into_inner(cluster).unwrap();
     cluster.stop_replica("r1").await;
-    r1.power_loss(PowerLoss::Seeded(5));
+    assert!(r1.power_loss(PowerLoss::Seeded(5)) > 0, "nothing unsynced");
     cluster.restart_replica("r1", false).await.unwrap();
     let cluster = Arc::new(cluster);
     let writers = write_until(&cluster, &blocks, 1 << 20, acks(&blocks) + 1).await;

@@ -46,7 +46,8 @@ enum Entry {
 }
 
 /// One file: `data` differs from `durable` only in `dirty_pages` and,
-/// if `len_dirty`, in its length (a sync copies only those).
+/// if `len_dirty`, in its length (a sync copies only those), except
+/// after a failed fsync (see `sync_data`).
 #[derive(Debug, Default)]
 struct Inode {
     data: Vec<u8>,
@@ -150,6 +151,13 @@ impl SimFs {
         self.lock().fault = Some((op, fault));
     }
 
+    /// Makes the next mutating operation fail with `fault`, whoever makes
+    /// it (nodes sharing the model race for it).
+    pub fn inject_next(&self, fault: Fault) {
+        let mut state = self.lock();
+        state.fault = Some((state.ops + 1, fault));
+    }
+
     /// The process comes back after an injected [`Fault::Crash`] without a
     /// power loss (kill -9): the page cache keeps everything written. A
     /// fault injected for a later operation stays (a workload may restart
@@ -170,7 +178,10 @@ impl SimFs {
     /// The power goes: what survives is what was durable, and under
     /// [`PowerLoss::Seeded`] a seeded part of what was not. The process is
     /// back (faults cleared).
-    pub fn power_loss(&self, mode: PowerLoss) {
+    /// Returns how many unsynced pages, sizes and directory entries it
+    /// dropped (a test that must lose something checks it did).
+    pub fn power_loss(&self, mode: PowerLoss) -> usize {
+        let mut dropped = 0;
         let mut state = self.lock();
         state.history.push(format!("power loss, {mode:?}"));
         let mut seed = match mode {
@@ -188,7 +199,14 @@ impl SimFs {
             let mut after = BTreeMap::new();
             for name in names {
                 let (now, then) = (dir.entries.get(&name), dir.durable.get(&name));
-                let survivor = if now != then && keep() { now } else { then };
+                let survivor = match now != then {
+                    true if keep() => now,
+                    true => {
+                        dropped += 1;
+                        then
+                    }
+                    false => then,
+                };
                 if let Some(entry) = survivor {
                     after.insert(name, *entry);
                 }
@@ -198,12 +216,19 @@ impl SimFs {
         }
         for inode in &mut state.inodes {
             let mut data = inode.durable.clone();
-            if inode.len_dirty && keep() {
-                data.resize(inode.data.len(), 0);
+            if inode.len_dirty {
+                match keep() {
+                    true => data.resize(inode.data.len(), 0),
+                    false => dropped += 1,
+                }
             }
             for &page in &inode.dirty_pages {
                 let start = page * PAGE;
-                if start >= data.len() || !keep() {
+                if start >= data.len() {
+                    continue;
+                }
+                if !keep() {
+                    dropped += 1;
                     continue;
                 }
                 let end = (start + PAGE).min(data.len()).min(inode.data.len());
@@ -218,6 +243,7 @@ impl SimFs {
         }
         state.fault = None;
         state.crashed = false;
+        dropped
     }
 }
 
@@ -356,12 +382,13 @@ impl FsFile for SimFile {
         let mut state = self.fs.lock();
         if let Err(error) = state.begin("fsync", &self.path) {
             // Linux after a failed writeback: the dirty pages are marked
-            // clean and their data is gone; a later fsync reports success
-            // for what it no longer has (fsyncgate). A caller must not
-            // retry an fsync and trust it.
+            // clean, so a later fsync reports success for what it never
+            // wrote (fsyncgate), while reads still see the new bytes until
+            // the pages are evicted; a power loss loses them. A caller must
+            // not retry an fsync and trust it. (The one place where `data`
+            // differs from `durable` outside the dirty pages.)
             if state.failed_with == Some(Fault::Eio) {
                 let inode = &mut state.inodes[self.inode];
-                inode.data = inode.durable.clone();
                 inode.dirty_pages.clear();
                 inode.len_dirty = false;
             }
