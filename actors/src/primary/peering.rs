@@ -46,19 +46,9 @@ pub(crate) async fn peer_before_serving(
     cut: bool,
     waiting: impl Fn(u64, usize, usize, &str),
 ) -> Result<Peering, VolumeError> {
-    let wal = store.wal();
-    let epochs = wal.epochs();
-    let superblock = store.superblock();
-    let lost = epochs.is_empty() && wal.head() == 0 && superblock.checkpoint == 0;
-    let local = LocalLog {
-        head: Lsn(wal.durable()),
-        epochs: transport::engine_epochs(&epochs).map_err(walship_engine::EngineError::from)?,
-        lost,
-        cut,
-        // The newest term this volume's primaries are known to have used:
-        // the store's, or a control plane's record of one this store
-        // never saw (it was lost, or another node's).
-        term: Epoch(superblock.epoch.max(config.peering.term_floor)),
+    let lost = {
+        let wal = store.wal();
+        wal.epochs().is_empty() && wal.head() == 0 && store.superblock().checkpoint == 0
     };
     let terms = Terms {
         configured: Epoch(config.epoch),
@@ -69,10 +59,15 @@ pub(crate) async fn peer_before_serving(
     };
     // A lost or cut log waits for every replica (up to the peer timeout):
     // a late answer may hold the most, or a term not to reuse.
-    let (need, _) = required_answers(config.commit_mode, config.replicas.len(), local.lost);
+    let (need, _) = required_answers(config.commit_mode, config.replicas.len(), lost);
     let enough = if lost || cut { usize::MAX } else { need };
     let mut backoff = Duration::from_millis(100);
     for round in 1u64.. {
+        // What the store holds now: a recovery that failed may have
+        // appended part of a replica's log, which the next decision must
+        // see (or it would append another's after it). Lost and cut stay
+        // as they were at open until a recovery completes.
+        let local = local_log(config, store, lost, cut).await?;
         let answers = ask_all(config, links, enough).await;
         let decided = decide_peering(
             config.commit_mode,
@@ -172,6 +167,33 @@ pub(crate) async fn peer_before_serving(
         return Ok(decided);
     }
     unreachable!("rounds are counted by an unbounded range")
+}
+
+/// The local log as peering sees it: its head made durable first (a
+/// failed catch-up may have left appended frames unsynced).
+async fn local_log(
+    config: &PrimaryConfig,
+    store: &Arc<Store>,
+    lost: bool,
+    cut: bool,
+) -> Result<LocalLog, VolumeError> {
+    let head = store.head();
+    let store = Arc::clone(store);
+    let durable = tokio::task::spawn_blocking(move || store.sync_to(head).map(|_| store))
+        .await
+        .map_err(|e| VolumeError::Runtime(format!("peering: sync task: {e}")))??;
+    let wal = durable.wal();
+    Ok(LocalLog {
+        head: Lsn(wal.durable()),
+        epochs: transport::engine_epochs(&wal.epochs())
+            .map_err(walship_engine::EngineError::from)?,
+        lost,
+        cut,
+        // The newest term this volume's primaries are known to have used:
+        // the store's, or a control plane's record of one this store
+        // never saw (it was lost, or another node's).
+        term: Epoch(durable.superblock().epoch.max(config.peering.term_floor)),
+    })
 }
 
 fn failed(from: &ReplicaId, reason: &str) -> VolumeError {
