@@ -1214,11 +1214,17 @@ async fn primary_term(cluster: &NodeCluster, i: usize) -> u64 {
     (epoch.unwrap() << 20) | incarnation.unwrap()
 }
 
-/// The term etcd records for vol0 (0: none).
-async fn recorded_term(etcd: &Etcd) -> u64 {
-    etcd.value(&walship::node::etcd::term_key("test", "vol0"))
+/// The term etcd records for vol0 and who opened in it ("": none).
+async fn recorded_term(etcd: &Etcd) -> (u64, String) {
+    let Some(value) = etcd
+        .value(&walship::node::etcd::term_key("test", "vol0"))
         .await
-        .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+    else {
+        return (0, String::new());
+    };
+    let text = String::from_utf8(value).unwrap();
+    let (term, node) = text.split_once(' ').unwrap();
+    (term.parse().unwrap(), node.to_owned())
 }
 
 /// The lost-disk issue under etcd: node1, vol0's primary, is killed with
@@ -1242,7 +1248,7 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
     .await;
     cluster.wait_converged(CONVERGE).await;
     let first = primary_term(&cluster, 0).await;
-    assert_eq!(recorded_term(&etcd).await, first);
+    assert_eq!(recorded_term(&etcd).await, (first, "node1".to_owned()));
     let acked = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..1500).await;
     cluster.kill(0).await;
     std::fs::remove_dir_all(&cluster.nodes[0].data_dir).unwrap();
@@ -1252,7 +1258,7 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
     client
         .put(
             walship::node::etcd::term_key("test", "vol0"),
-            unseen.to_string(),
+            format!("{unseen} node1"),
             None,
         )
         .await
@@ -1273,7 +1279,7 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
         unseen + 1,
         "the term after {unseen}, which etcd recorded"
     );
-    assert_eq!(recorded_term(&etcd).await, term);
+    assert_eq!(recorded_term(&etcd).await, (term, "node1".to_owned()));
     let log = cluster.primary_volume().await["recent_recovery"].clone();
     assert!(
         log.as_array()

@@ -685,6 +685,15 @@ impl Node {
         let opened = hosted.handle.has_opened();
         let handle = match (was_primary, next.is_primary(node)) {
             (true, true) if opened => {
+                // The running primary goes on in the new epoch's term:
+                // recorded with the control plane first, as every
+                // opening's is, before any replica hears it.
+                if let Some(terms) = &self.terms {
+                    terms
+                        .record(name, next.term())
+                        .await
+                        .map_err(io(format!("record the term of {name}")))?;
+                }
                 hosted
                     .handle
                     .apply_assignment(engine)

@@ -177,6 +177,8 @@ pub struct ControlPlane {
     /// This node's registration.
     entry: NodeRecord,
     cluster: String,
+    /// This node's name.
+    node: String,
     /// The revision the records were read at: the watch starts after it.
     revision: i64,
     lease: i64,
@@ -291,6 +293,7 @@ impl ControlPlane {
             options,
             entry,
             cluster: config.cluster.clone(),
+            node: config.node.clone(),
             revision,
             lease,
             ttl,
@@ -308,7 +311,11 @@ impl ControlPlane {
     /// Where the node records every term its primaries open in
     /// (`terms/<volume>`), read before each opening.
     pub fn terms(&self) -> Arc<dyn crate::TermKeeper> {
-        Arc::new(EtcdTerms::new(self.client.clone(), &self.cluster))
+        Arc::new(EtcdTerms::new(
+            self.client.clone(),
+            &self.cluster,
+            &self.node,
+        ))
     }
 
     /// What the node's status calls this control plane (`etcd at URL`).

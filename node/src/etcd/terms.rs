@@ -1,12 +1,14 @@
 //! The newest term each volume's primaries opened in, kept in etcd
-//! (`terms/<volume>`, a decimal u64): a node that lost its disk still
-//! opens in a newer term than any used (see [`crate::terms`]).
+//! (`terms/<volume>`: the term in decimal, a space, the node that opened
+//! in it): a node that lost its disk still opens in a newer term than any
+//! used (see [`crate::terms`]).
 
-use super::prefix;
+use super::{not_answering, prefix};
 use crate::terms::TermKeeper;
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use futures::future::BoxFuture;
 use std::io;
+use std::time::Duration;
 
 /// A record's key.
 pub fn term_key(cluster: &str, volume: &str) -> String {
@@ -16,6 +18,11 @@ pub fn term_key(cluster: &str, volume: &str) -> String {
 /// Raising a record that others raise at once: tries, each a read and a
 /// compare-and-swap on its revision.
 const RECORD_TRIES: usize = 16;
+/// How long a call keeps trying while etcd does not answer (an etcd
+/// restart, a leader election) before the opening fails.
+const PATIENCE: Duration = Duration::from_secs(10);
+/// How soon it tries again.
+const RETRY: Duration = Duration::from_millis(200);
 
 /// [`TermKeeper`] on etcd. Its calls run on the runtime the client was
 /// made on (the node's), whichever runtime awaits them (a volume's).
@@ -23,6 +30,7 @@ const RECORD_TRIES: usize = 16;
 pub struct EtcdTerms {
     client: Client,
     cluster: String,
+    node: String,
     runtime: tokio::runtime::Handle,
 }
 
@@ -30,25 +38,112 @@ impl std::fmt::Debug for EtcdTerms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdTerms")
             .field("cluster", &self.cluster)
+            .field("node", &self.node)
             .finish_non_exhaustive()
     }
 }
 
+/// A record: the term, the node that opened in it, its revision.
+#[derive(Debug)]
+struct Record {
+    term: u64,
+    node: String,
+    /// 0: no record yet.
+    revision: i64,
+}
+
+fn invalid(what: String) -> etcd_client::Error {
+    etcd_client::Error::InvalidArgs(what)
+}
+
+/// The record at `key` (term and revision 0: none).
+async fn read(client: &mut Client, key: &str) -> Result<Record, etcd_client::Error> {
+    let response = client.get(key, None).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(Record {
+            term: 0,
+            node: String::new(),
+            revision: 0,
+        });
+    };
+    let bad = || invalid(format!("{key}: not a term record: {:?}", kv.value()));
+    let text = std::str::from_utf8(kv.value()).map_err(|_| bad())?;
+    let (term, node) = text.split_once(' ').ok_or_else(bad)?;
+    Ok(Record {
+        term: term.parse().map_err(|_| bad())?,
+        node: node.to_owned(),
+        revision: kv.mod_revision(),
+    })
+}
+
+/// Raises the record at `key` to `term`, opened in by `node`.
+async fn raise(
+    client: &mut Client,
+    key: &str,
+    term: u64,
+    node: &str,
+) -> Result<(), etcd_client::Error> {
+    for _ in 0..RECORD_TRIES {
+        let recorded = read(client, key).await?;
+        if recorded.term == term && recorded.node == node {
+            return Ok(());
+        }
+        if recorded.term >= term {
+            return Err(invalid(format!(
+                "{key}: {} opened in term {}; this opening's {term} is not newer",
+                recorded.node, recorded.term
+            )));
+        }
+        let unchanged = match recorded.revision {
+            0 => Compare::create_revision(key, CompareOp::Equal, 0),
+            revision => Compare::mod_revision(key, CompareOp::Equal, revision),
+        };
+        let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+            key,
+            format!("{term} {node}"),
+            None,
+        )]);
+        if client.txn(txn).await?.succeeded() {
+            return Ok(());
+        }
+    }
+    Err(invalid(format!(
+        "{key}: raced {RECORD_TRIES} times raising it to {term}"
+    )))
+}
+
 impl EtcdTerms {
-    /// Records under `cluster`, through `client`, on the current runtime.
-    pub fn new(client: Client, cluster: &str) -> Self {
+    /// Records of `node` under `cluster`, through `client`, on the current
+    /// runtime.
+    pub fn new(client: Client, cluster: &str, node: &str) -> Self {
         Self {
             client,
             cluster: cluster.to_owned(),
+            node: node.to_owned(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    fn run<T: Send + 'static>(
-        &self,
-        work: impl std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-    ) -> BoxFuture<'static, io::Result<T>> {
-        let task = self.runtime.spawn(work);
+    /// Runs `work` on the node's runtime, again while etcd does not
+    /// answer (for up to [`PATIENCE`]).
+    fn run<T, F>(&self, work: F) -> BoxFuture<'static, io::Result<T>>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> BoxFuture<'static, Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let client = self.client.clone();
+        let task = self.runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                match work(client.clone()).await {
+                    Err(e) if not_answering(&e) && tokio::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %e, "etcd: not answering a term's record; trying again");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    done => return done,
+                }
+            }
+        });
         Box::pin(async move {
             task.await
                 .map_err(io::Error::other)?
@@ -57,51 +152,23 @@ impl EtcdTerms {
     }
 }
 
-/// The term recorded at `key` and the record's revision (0, 0: none).
-async fn read(client: &mut Client, key: &str) -> Result<(u64, i64), etcd_client::Error> {
-    let response = client.get(key, None).await?;
-    let Some(kv) = response.kvs().first() else {
-        return Ok((0, 0));
-    };
-    let term = std::str::from_utf8(kv.value())
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .ok_or_else(|| {
-            etcd_client::Error::InvalidArgs(format!("{key}: not a term: {:?}", kv.value()))
-        })?;
-    Ok((term, kv.mod_revision()))
-}
-
 impl TermKeeper for EtcdTerms {
     fn newest(&self, volume: &str) -> BoxFuture<'static, io::Result<u64>> {
-        let (mut client, key) = (self.client.clone(), term_key(&self.cluster, volume));
-        self.run(async move { Ok(read(&mut client, &key).await?.0) })
+        let key = term_key(&self.cluster, volume);
+        self.run(move |mut client| {
+            let key = key.clone();
+            Box::pin(async move { Ok(read(&mut client, &key).await?.term) })
+        })
     }
 
+    /// Refuses a term older than the one recorded, or the same term opened
+    /// in by another node: it was used already, and this opening must not
+    /// go on in it.
     fn record(&self, volume: &str, term: u64) -> BoxFuture<'static, io::Result<()>> {
-        let (mut client, key) = (self.client.clone(), term_key(&self.cluster, volume));
-        self.run(async move {
-            for _ in 0..RECORD_TRIES {
-                let (recorded, revision) = read(&mut client, &key).await?;
-                if recorded >= term {
-                    return Ok(());
-                }
-                let unchanged = match revision {
-                    0 => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                    _ => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
-                };
-                let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
-                    key.as_str(),
-                    term.to_string(),
-                    None,
-                )]);
-                if client.txn(txn).await?.succeeded() {
-                    return Ok(());
-                }
-            }
-            Err(etcd_client::Error::InvalidArgs(format!(
-                "{key}: raced {RECORD_TRIES} times raising it to {term}"
-            )))
+        let (key, node) = (term_key(&self.cluster, volume), self.node.clone());
+        self.run(move |mut client| {
+            let (key, node) = (key.clone(), node.clone());
+            Box::pin(async move { raise(&mut client, &key, term, &node).await })
         })
     }
 }
