@@ -32,7 +32,7 @@ use crate::wal::{RecycleReport, SyncMode, Wal, WalError, WalOptions};
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -239,7 +239,7 @@ const RUN_MARKER: &str = "RUN";
 const RUN_MARKER_TMP: &str = "RUN.tmp";
 
 /// The committed floor a replica persisted: the highest LSN a primary told
-/// it was committed (see [`Store::persist_committed_floor`]), u64 and crc32c
+/// it was committed (see [`Store::raise_committed_floor`]), u64 and crc32c
 /// as in the run marker.
 const COMMITTED_FLOOR: &str = "COMMITTED";
 
@@ -289,7 +289,7 @@ pub struct Store {
     snapshot_pins: Arc<AtomicUsize>,
     checkpointing: Mutex<()>,
     /// The committed floor persisted (0: none).
-    committed_floor: AtomicU64,
+    committed_floor: Mutex<u64>,
     /// The directory's `LOCK` file, locked for the life of this instance: two
     /// instances on one directory would checkpoint and recycle under each
     /// other (one deleting segments the other still lists). `None` when
@@ -361,14 +361,11 @@ impl Store {
             dirty: Mutex::new(BTreeMap::new()),
             direct: Mutex::new(None),
             snapshot_pins: Arc::new(AtomicUsize::new(0)),
-            committed_floor: AtomicU64::new(0),
+            committed_floor: Mutex::new(0),
             checkpointing: Mutex::new(()),
             _lock: lock,
         };
-        store.committed_floor.store(
-            Self::load_committed_floor(store.fs(), &store.dir)?,
-            Ordering::Relaxed,
-        );
+        *store.floor() = Self::load_committed_floor(store.fs(), &store.dir)?;
         let replayed_frames = store.rebuild_dirty()?;
         let report = StoreReport {
             created,
@@ -844,20 +841,44 @@ impl Store {
         }
     }
 
-    /// The committed floor last persisted: what a primary told this
-    /// replica was committed, as of its last
-    /// [`persist_committed_floor`](Self::persist_committed_floor) (0: never).
-    pub fn committed_floor(&self) -> u64 {
-        self.committed_floor.load(Ordering::Relaxed)
+    fn floor(&self) -> MutexGuard<'_, u64> {
+        self.committed_floor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Persists `lsn` as the committed floor (replaced atomically and
-    /// durably), so a replica that restarts still refuses to truncate
-    /// below it. A no-op when it is the one persisted.
-    pub fn persist_committed_floor(&self, lsn: u64) -> Result<(), StoreError> {
-        if self.committed_floor() == lsn {
+    /// The committed floor last persisted: what a primary told this
+    /// replica was committed, as of its last
+    /// [`raise_committed_floor`](Self::raise_committed_floor) (0: never).
+    pub fn committed_floor(&self) -> u64 {
+        *self.floor()
+    }
+
+    /// Persists `lsn` as the committed floor if it is higher than the one
+    /// persisted and the store is still at `generation` (a job that read
+    /// the floor before a base install lowered it is too late), so a
+    /// replica that restarts still refuses to truncate below it. Replaced
+    /// atomically and durably, one writer at a time.
+    pub fn raise_committed_floor(&self, lsn: u64, generation: u64) -> Result<(), StoreError> {
+        let mut floor = self.floor();
+        if lsn <= *floor || self.superblock().generation != generation {
             return Ok(());
         }
+        self.write_committed_floor(&mut floor, lsn)
+    }
+
+    /// Persists `lsn` as the committed floor if it is lower than the one
+    /// persisted (a base install from a primary whose history ends
+    /// below it).
+    pub fn lower_committed_floor(&self, lsn: u64) -> Result<(), StoreError> {
+        let mut floor = self.floor();
+        if lsn >= *floor {
+            return Ok(());
+        }
+        self.write_committed_floor(&mut floor, lsn)
+    }
+
+    fn write_committed_floor(&self, floor: &mut u64, lsn: u64) -> Result<(), StoreError> {
         let path = self.dir.join(COMMITTED_FLOOR);
         crate::durable::rewrite_atomic(
             self.fs(),
@@ -866,7 +887,7 @@ impl Store {
             &encode_run_marker(lsn),
         )
         .map_err(io_err("replace", &path))?;
-        self.committed_floor.store(lsn, Ordering::Relaxed);
+        *floor = lsn;
         Ok(())
     }
 

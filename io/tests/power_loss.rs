@@ -43,6 +43,8 @@ struct Model {
     /// What a WAL's caller holds elsewhere (a store's checkpoint): its
     /// `start_after` at the next open.
     checkpoint: u64,
+    /// A replica's committed floor persisted.
+    floor: u64,
     /// A run of committed frames written straight to a replica's extent
     /// was begun and not yet recorded (a crash then starts the replica
     /// over: [`StoreOptions::reset_interrupted_run`]).
@@ -424,6 +426,12 @@ fn check_store(fs: &SimFs, model: &Model, replica: bool, case: &str) {
         assert!(image.iter().all(|b| *b == 0), "{case}: not empty");
         return;
     }
+    assert!(
+        store.committed_floor() >= model.floor,
+        "{case}: floor {} persisted, {} after",
+        model.floor,
+        store.committed_floor()
+    );
     let head = store.head();
     assert!(
         head >= model.promised,
@@ -517,6 +525,11 @@ fn replica_script(fs: &SimFs, model: &mut Model) -> Result<(), String> {
     let raw = batch(model, 0, 1, 5);
     apply(&store, model, raw, 0)?;
     sync_store(&store, model)?;
+    let generation = store.superblock().generation;
+    store
+        .raise_committed_floor(4, generation)
+        .map_err(|e| e.to_string())?;
+    model.floor = 4;
     let bulk = (DIRECT_MIN_BYTES as u64).div_ceil(FRAME);
     for _ in 0..2 {
         let head = store.head();

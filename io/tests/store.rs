@@ -646,3 +646,26 @@ fn inspect_agrees_with_open_on_a_restart_and_a_run_marker() {
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].starts_with("RUN:"));
 }
+
+#[test]
+fn the_committed_floor_only_rises_unless_an_install_lowers_it_and_outlives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let generation = store.superblock().generation;
+    assert_eq!(store.committed_floor(), 0);
+    store.raise_committed_floor(40, generation).unwrap();
+    store.raise_committed_floor(30, generation).unwrap();
+    assert_eq!(
+        store.committed_floor(),
+        40,
+        "a lower value does not lower it"
+    );
+    // A job that read it before the store changed generation is too late.
+    store.raise_committed_floor(90, generation + 1).unwrap();
+    assert_eq!(store.committed_floor(), 40);
+    store.lower_committed_floor(50).unwrap();
+    assert_eq!(store.committed_floor(), 40, "lowering never raises");
+    store.lower_committed_floor(25).unwrap();
+    drop(store);
+    assert_eq!(open(dir.path()).committed_floor(), 25);
+}

@@ -70,9 +70,11 @@ pub struct ReceiverActor {
     /// The highest LSN a primary whose commits are durable on replicas
     /// (sync_all, sync_quorum) said was committed: what may have been
     /// acknowledged to a client. Nothing truncates below it, and a primary
-    /// that peers or says hello learns it. Kept in memory (0 after a
-    /// restart), and never taken from the checkpoint: a node that was
-    /// primary checkpointed up to its own head, committed or not.
+    /// that peers or says hello learns it. Persisted with each
+    /// checkpoint (`Store::raise_committed_floor`), so a restart starts
+    /// from at most one checkpoint's worth behind; never taken from the
+    /// checkpoint itself: a node that was primary checkpointed up to its
+    /// own head, committed or not.
     committed_floor: u64,
     /// Whether the current connection's primary said its commits are
     /// durable on replicas (its hello): only then does its committed raise
@@ -491,13 +493,14 @@ impl ReceiverActor {
         if target.saturating_sub(floor) >= self.checkpoint_every {
             self.checkpoint_requested = target;
             let store = Arc::clone(&self.store);
-            let committed_floor = self.committed_floor;
+            let (committed_floor, generation) =
+                (self.committed_floor, self.store.superblock().generation);
             self.blocking.run(&self.tasks, move || {
                 // The floor goes with each checkpoint: at most one
                 // checkpoint's worth behind after a restart.
                 let done = store
                     .checkpoint(target)
-                    .and_then(|_| store.persist_committed_floor(committed_floor));
+                    .and_then(|_| store.raise_committed_floor(committed_floor, generation));
                 if let Err(e) = done {
                     tracing::error!(error = %e, "replica checkpoint failed");
                 }
@@ -549,12 +552,8 @@ impl ReceiverActor {
                             // As after a truncation: only this primary's word counts past the image.
                             self.committed = self.committed.min(image_lsn);
                             self.committed_floor = self.committed_floor.min(image_lsn);
-                            if self.store.committed_floor() > self.committed_floor {
-                                if let Err(e) =
-                                    self.store.persist_committed_floor(self.committed_floor)
-                                {
-                                    return self.store_failed("persist the floor", &e, CODE_BASE);
-                                }
+                            if let Err(e) = self.store.lower_committed_floor(self.committed_floor) {
+                                return self.store_failed("persist the floor", &e, CODE_BASE);
                             }
                             self.answer(Message::RebuildInstalled { session, image_lsn })
                         }
