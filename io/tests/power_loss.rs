@@ -38,6 +38,9 @@ struct Model {
     versions: BTreeMap<u64, Vec<(u64, FrameKind, u64, Bytes)>>,
     /// Every LSN up to this was reported durable.
     promised: u64,
+    /// How many of each LSN's first versions a truncation that returned
+    /// took away.
+    dead: BTreeMap<u64, usize>,
     /// The newest epoch a store persisted.
     epoch: u64,
     /// What a WAL's caller holds elsewhere (a store's checkpoint): its
@@ -70,6 +73,14 @@ impl Model {
         self.promised = self.promised.min(lsn);
     }
 
+    /// A truncation to `lsn` returned: what was written above it is gone
+    /// for good, and must never come back.
+    fn truncated(&mut self, lsn: u64) {
+        for (at, versions) in self.versions.range(lsn + 1..) {
+            self.dead.insert(*at, versions.len());
+        }
+    }
+
     /// Checks one frame found after the power loss.
     fn check_frame(&self, frame: &Frame, history: &[EpochStart], case: &str) {
         let found = (frame.epoch, frame.kind, frame.lba, frame.payload.clone());
@@ -77,9 +88,16 @@ impl Model {
             .versions
             .get(&frame.lsn)
             .unwrap_or_else(|| panic!("{case}: lsn {} was never written", frame.lsn));
+        let version = versions.iter().position(|v| *v == found);
+        let version = version.unwrap_or_else(|| {
+            panic!(
+                "{case}: lsn {} holds what was never written at it",
+                frame.lsn
+            )
+        });
         assert!(
-            versions.contains(&found),
-            "{case}: lsn {} holds what was never written at it",
+            version >= self.dead.get(&frame.lsn).copied().unwrap_or(0),
+            "{case}: lsn {} holds version {version}, which a truncation took away",
             frame.lsn
         );
         if frame.lsn <= self.promised {
@@ -249,6 +267,9 @@ fn check_wal(fs: &SimFs, model: &Model, case: &str) {
     let frames = wal
         .read_frames(wal.tail(), wal.head())
         .unwrap_or_else(|e| panic!("{case}: read: {e}"));
+    let lsns: Vec<u64> = frames.iter().map(|f| f.lsn).collect();
+    let expected: Vec<u64> = (wal.tail() + 1..=wal.head()).collect();
+    assert_eq!(lsns, expected, "{case}: the log's frames");
     for frame in &frames {
         model.check_frame(frame, &history, case);
     }
@@ -270,6 +291,7 @@ fn wal_script(fs: &SimFs, model: &mut Model) -> Result<(), String> {
     let cut = wal.head() - 4;
     model.truncating(cut);
     wal.truncate_after(cut).map_err(|e| e.to_string())?;
+    model.truncated(cut);
     append(&wal, model, 3, 7)?;
     sync(&wal, model)?;
     checkpoint(&wal, model, wal.head() - 5)?;
@@ -314,6 +336,7 @@ fn random_wal_script(seed: u64, steps: usize) -> impl Fn(&SimFs, &mut Model) -> 
                     let cut = wal.head().saturating_sub(back).max(wal.checkpoint());
                     model.truncating(cut);
                     wal.truncate_after(cut).map_err(|e| e.to_string())?;
+                    model.truncated(cut);
                 }
                 16 | 17 => {
                     let at = wal.durable().saturating_sub(next(&mut rng) % 8);
@@ -474,6 +497,7 @@ fn primary_script(fs: &SimFs, model: &mut Model) -> Result<(), String> {
     let cut = store.head() - 2;
     model.truncating(cut);
     store.truncate_after(cut).map_err(|e| e.to_string())?;
+    model.truncated(cut);
     write(&store, model, 2, 5)?;
     sync_store(&store, model)?;
     store.checkpoint(u64::MAX).map_err(|e| e.to_string())?;
@@ -604,6 +628,13 @@ fn the_models_own_checks_can_fail() {
         model.check_frame(&frame, &history, "older");
     });
     assert!(older.is_err());
+    let cut = std::panic::catch_unwind(|| {
+        let mut model = model.clone();
+        model.truncating(0);
+        model.truncated(0);
+        model.check_frame(&frame, &history, "cut");
+    });
+    assert!(cut.is_err(), "a frame a truncation took away came back");
     let never = std::panic::catch_unwind(|| {
         model.check_frame(&Frame::write(2, 1, 0, payload(2, 0, 1)), &history, "never");
     });
@@ -633,6 +664,7 @@ fn a_sync_begun_before_a_truncation_does_not_make_the_frames_written_after_it_du
     // again at those LSNs.
     model.truncating(3);
     wal.truncate_after(3).unwrap();
+    model.truncated(3);
     let _ = slow.join().unwrap();
     wal.inject_sync_delay(std::time::Duration::ZERO);
     append(&wal, &mut model, 2, 3).unwrap();
