@@ -497,9 +497,11 @@ impl Node {
         let applied = applied.clone();
         let (volume, terms) = (volume.to_owned(), self.terms.clone());
         TermChosen(Arc::new(move |term| {
-            let local = (|| {
+            let (dir, applied) = (dir.clone(), applied.clone());
+            // The file's fsyncs block: off the volume's thread.
+            let local = tokio::task::spawn_blocking(move || {
                 let loaded = assignment::load(&dir)?;
-                let mut chosen = loaded.clone().unwrap_or_else(|| applied.clone());
+                let mut chosen = loaded.clone().unwrap_or(applied);
                 if chosen.epoch != Applied::epoch_of(term) {
                     return Ok(());
                 }
@@ -508,10 +510,10 @@ impl Node {
                     true => Ok(()),
                     false => assignment::save(&dir, &chosen),
                 }
-            })();
+            });
             let recorded = terms.as_ref().map(|terms| terms.record(&volume, term));
             Box::pin(async move {
-                local?;
+                local.await.map_err(std::io::Error::other)??;
                 match recorded {
                     Some(recorded) => recorded.await,
                     None => Ok(()),

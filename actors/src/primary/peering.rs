@@ -101,7 +101,7 @@ pub(crate) async fn peer_before_serving(
             }
             Peering::Serve { term, proof } => {
                 tracing::info!(volume = %config.volume, "{proof}");
-                choose_term(config, store, *term).await?;
+                choose_term(config, store, tasks, *term).await?;
             }
             Peering::Recover {
                 from,
@@ -111,7 +111,7 @@ pub(crate) async fn peer_before_serving(
                 proof,
             } => {
                 tracing::warn!(volume = %config.volume, "{proof}");
-                choose_term(config, store, *term).await?;
+                choose_term(config, store, tasks, *term).await?;
                 let spec = config
                     .replicas
                     .iter()
@@ -209,11 +209,14 @@ fn failed(from: &ReplicaId, reason: &str) -> VolumeError {
 /// it.
 async fn choose_term(
     config: &mut PrimaryConfig,
-    store: &Store,
+    store: &Arc<Store>,
+    tasks: &TaskTracker,
     term: Epoch,
 ) -> Result<(), VolumeError> {
     if store.superblock().epoch < term.0 {
-        store.persist_epoch(term.0)?;
+        blocking(store, tasks, move |store| store.persist_epoch(term.0))
+            .await
+            .map_err(|e| VolumeError::Runtime(format!("persist term {}: {e}", term.0)))?;
     }
     if let Some(on_term) = &config.peering.on_term {
         (on_term.0)(term.0)
