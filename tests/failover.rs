@@ -386,8 +386,8 @@ async fn a_replica_keeps_its_committed_floor_across_a_restart() {
 /// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_stopped_mid_pull_pulls_again_when_it_reopens() {
-    // 64 MiB: the image takes a while to come.
-    const LARGE: u64 = 16 * 1024;
+    // 256 MiB: the image takes a while to come (a 64 MiB one took 0.3 s).
+    const LARGE: u64 = 64 * 1024;
     let mut options = options(CommitMode::SyncAll, &["r1", "r2"], tuning());
     options.store.block_count = LARGE;
     options.peering = walship::actors::Peering::enabled(0, None);

@@ -42,8 +42,8 @@ pub use store::{
 };
 pub use superblock::{Superblock, SuperblockError};
 pub use wal::{
-    sync_dir, PinReport, PinStats, ReadChunk, RecoveryReport, RecycleReport, RetentionReport,
-    SyncMode, Wal, WalError, WalOptions,
+    PinReport, PinStats, ReadChunk, RecoveryReport, RecycleReport, RetentionReport, SyncMode, Wal,
+    WalError, WalOptions,
 };
 pub use wire::{
     Envelope, ImageKind, Message, WireCodec, WireError, CODE_BASE, CODE_IDENTITY,

@@ -393,8 +393,6 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WalEr
     move |source| WalError::Io { op, path, source }
 }
 
-pub use crate::durable::sync_dir;
-
 impl Wal {
     /// Opens (or creates) the WAL in `dir`, recovering from a crash: a torn
     /// last frame is cut off and reported; corruption anywhere else is an error
