@@ -151,6 +151,11 @@ impl SimFs {
         self.lock().fault = Some((op, fault));
     }
 
+    /// Forgets an injected fault that has not fired.
+    pub fn clear_fault(&self) {
+        self.lock().fault = None;
+    }
+
     /// Makes the next mutating operation fail with `fault`, whoever makes
     /// it (nodes sharing the model race for it).
     pub fn inject_next(&self, fault: Fault) {
