@@ -730,6 +730,41 @@ fn the_models_own_checks_can_fail() {
 }
 
 #[test]
+fn a_read_that_fails_while_a_wal_or_store_opens_loses_nothing() {
+    for store in [false, true] {
+        let fs = SimFs::new();
+        let mut model = Model::default();
+        match store {
+            false => wal_script(&fs, &mut model).unwrap(),
+            true => primary_script(&fs, &mut model).unwrap(),
+        }
+        let open = |fs: &SimFs| match store {
+            false => Wal::open(DIR, wal_options(fs, &model))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            true => Store::open(DIR, store_options(fs, false))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        let before = fs.reads();
+        open(&fs).unwrap();
+        let reads = fs.reads() - before;
+        let mut refused = 0;
+        for at in 1..=reads {
+            fs.inject_read(fs.reads() + at);
+            refused += usize::from(open(&fs).is_err());
+            fs.clear_fault();
+            let case = format!("store {store}: EIO on read {at} of {reads} at open");
+            match store {
+                false => checked(&fs, || check_wal(&fs, &model, &case)),
+                true => checked(&fs, || check_store(&fs, &model, false, &case)),
+            }
+        }
+        assert!(refused > 0, "no failed read made an open fail");
+    }
+}
+
+#[test]
 fn a_sync_begun_before_a_truncation_does_not_make_the_frames_written_after_it_durable() {
     let fs = SimFs::new();
     let mut model = Model::default();

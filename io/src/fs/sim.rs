@@ -78,6 +78,9 @@ struct State {
     inodes: Vec<Inode>,
     dirs: Vec<Dir>,
     ops: u64,
+    /// Reading operations so far (counted apart: see [`SimFs::inject_read`]).
+    reads: u64,
+    read_fault: Option<u64>,
     fault: Option<(u64, Fault)>,
     /// The fault the last operation failed with, if one did.
     failed_with: Option<Fault>,
@@ -122,6 +125,8 @@ impl SimFs {
                 inodes: Vec::new(),
                 dirs: vec![Dir::default()],
                 ops: 0,
+                reads: 0,
+                read_fault: None,
                 fault: None,
                 failed_with: None,
                 history: Vec::new(),
@@ -151,9 +156,24 @@ impl SimFs {
         self.lock().fault = Some((op, fault));
     }
 
-    /// Forgets an injected fault that has not fired.
+    /// Forgets an injected fault that has not fired (reads' too).
     pub fn clear_fault(&self) {
-        self.lock().fault = None;
+        let mut state = self.lock();
+        state.fault = None;
+        state.read_fault = None;
+    }
+
+    /// Reading operations (open, read, positional read, size, list) so
+    /// far. They are counted apart from the mutating ones, so a test of
+    /// writes keeps its boundaries.
+    pub fn reads(&self) -> u64 {
+        self.lock().reads
+    }
+
+    /// Makes reading operation number `read` (see [`reads`](Self::reads))
+    /// fail with EIO, as a bad sector would.
+    pub fn inject_read(&self, read: u64) {
+        self.lock().read_fault = Some(read);
     }
 
     /// Makes the next mutating operation fail with `fault`, whoever makes
@@ -285,6 +305,18 @@ impl State {
         }
     }
 
+    /// Counts a reading operation and fails it if it was injected to.
+    fn begin_read(&mut self) -> io::Result<()> {
+        if self.crashed {
+            return Err(io::Error::other("the process died"));
+        }
+        self.reads += 1;
+        match self.read_fault == Some(self.reads) {
+            true => Err(io::Error::from_raw_os_error(libc::EIO)),
+            false => Ok(()),
+        }
+    }
+
     /// The directory holding `path`'s last component, and that name.
     fn parent(&self, path: &Path) -> io::Result<(usize, String)> {
         let mut names: Vec<String> = path
@@ -361,7 +393,8 @@ impl FsFile for SimFile {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let state = self.fs.lock();
+        let mut state = self.fs.lock();
+        state.begin_read()?;
         let data = &state.inodes[self.inode].data;
         let start = (offset as usize).min(data.len());
         let n = buf.len().min(data.len() - start);
@@ -461,7 +494,10 @@ impl Fs for SimFs {
     }
 
     fn open(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let inode = self.lock().file(path)?;
+        let mut state = self.lock();
+        state.begin_read()?;
+        let inode = state.file(path)?;
+        drop(state);
         Ok(Box::new(SimFile {
             fs: self.clone(),
             inode,
@@ -470,13 +506,15 @@ impl Fs for SimFs {
     }
 
     fn len(&self, path: &Path) -> io::Result<u64> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.begin_read()?;
         let inode = state.file(path)?;
         Ok(state.inodes[inode].data.len() as u64)
     }
 
     fn list(&self, path: &Path) -> io::Result<Vec<String>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.begin_read()?;
         match state.lookup(path)? {
             Entry::Dir(dir) => Ok(state.dirs[dir].entries.keys().cloned().collect()),
             Entry::File(_) => Err(io::Error::other(format!(
@@ -487,7 +525,8 @@ impl Fs for SimFs {
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.begin_read()?;
         let inode = state.file(path)?;
         Ok(state.inodes[inode].data.clone())
     }
