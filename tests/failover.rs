@@ -425,3 +425,33 @@ async fn a_primary_stopped_mid_pull_pulls_again_when_it_reopens() {
     assert!(staging().is_none(), "a staging file was left");
     cluster.shutdown().await;
 }
+
+/// By the time a FLUSH is acknowledged, every replica knows that what was
+/// acknowledged before it is committed (its floor covers it), with no
+/// wait: under sync_all both, under sync_quorum at least one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_is_acknowledged_once_the_replicas_know_what_was_committed_before_it() {
+    for mode in [CommitMode::SyncAll, CommitMode::SyncQuorum] {
+        let cluster = start(mode, &["r1", "r2"]).await;
+        cluster.wait_all_in_sync(LONG).await.unwrap();
+        let mut last = 0;
+        for i in 0..20 {
+            last = cluster.primary.write_committed(i, block(i)).await.unwrap();
+        }
+        cluster.primary.flush().await.unwrap();
+        let mut knowing = 0;
+        for server in ["r1", "r2"] {
+            let status = cluster.replica_status(server).await.unwrap();
+            knowing += usize::from(status.committed >= last);
+        }
+        let needed = match mode {
+            CommitMode::SyncQuorum => 1,
+            _ => 2,
+        };
+        assert!(
+            knowing >= needed,
+            "{mode:?}: {knowing} replicas know {last} committed"
+        );
+        cluster.shutdown().await;
+    }
+}

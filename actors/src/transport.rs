@@ -194,10 +194,11 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
 }
 
 /// A durable ack received in `epoch` as the engine's.
-pub(crate) fn engine_ack(epoch: u64, durable: u64, barrier: Option<u64>) -> Ack {
+pub(crate) fn engine_ack(epoch: u64, durable: u64, barrier: Option<u64>, told: u64) -> Ack {
     Ack {
         epoch: Epoch(epoch),
         durable: Lsn(durable),
         barrier: barrier.map(BarrierId),
+        told: Lsn(told),
     }
 }

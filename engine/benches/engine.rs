@@ -173,6 +173,7 @@ fn benches(c: &mut Criterion) {
                         epoch: Epoch(1),
                         durable: Lsn(lsn),
                         barrier: None,
+                        told: Lsn(lsn),
                     },
                 )
                 .unwrap();

@@ -166,12 +166,18 @@ pub enum CommitError {
 struct ReplicaDurability {
     durable: Lsn,
     in_sync: bool,
+    /// The committed LSN it says it knows (its acks echo it).
+    told: Lsn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PendingBarrier {
     lsn: Lsn,
     deadline: Tick,
+    /// What was committed when it was asked for: every write acknowledged
+    /// before it. It resolves only once the replicas the mode counts know
+    /// that much is committed (their floor: nothing truncates below it).
+    tell: Lsn,
 }
 
 /// How many timed-out barrier ids are remembered to reject late acks.
@@ -281,6 +287,11 @@ impl CommitTracker {
     pub fn set_in_sync(&mut self, replica: &ReplicaId, in_sync: bool) {
         if let Some(r) = self.replicas.get_mut(replica) {
             r.in_sync = in_sync;
+            if !in_sync {
+                // It may come back knowing less (a restart keeps only what
+                // its last checkpoint persisted): its acks say again.
+                r.told = Lsn::ZERO;
+            }
         }
     }
 
@@ -312,7 +323,8 @@ impl CommitTracker {
         }
     }
 
-    /// Records a replica's durable ack, optionally naming the barrier it answers.
+    /// Records a replica's durable ack (with the committed LSN it knows),
+    /// optionally naming the barrier it answers.
     ///
     /// An ack naming a barrier that already timed out is refused as an answer
     /// (`LateAck`: that barrier's failure stands), but what it says about the
@@ -322,6 +334,7 @@ impl CommitTracker {
         &mut self,
         replica: &ReplicaId,
         durable: Lsn,
+        told: Lsn,
         barrier: Option<BarrierId>,
     ) -> Result<(), CommitError> {
         let r = self
@@ -329,6 +342,7 @@ impl CommitTracker {
             .get_mut(replica)
             .ok_or_else(|| CommitError::UnknownReplica(replica.clone()))?;
         r.durable = r.durable.max(durable);
+        r.told = r.told.max(told);
         match barrier {
             Some(barrier) if self.timed_out_set.contains(&barrier) => Err(CommitError::LateAck {
                 replica: replica.clone(),
@@ -350,11 +364,38 @@ impl CommitTracker {
     /// off its thread asks to be woken for local durability only then.
     pub fn local_durable_wanted(&self) -> Option<Lsn> {
         let others = self.durable_with_local(Lsn(u64::MAX));
+        let told = self.told_by_mode();
         self.barriers
             .values()
+            .filter(|b| b.tell <= told)
             .map(|b| b.lsn)
             .filter(|lsn| *lsn <= others && *lsn > self.local_durable)
             .min()
+    }
+
+    /// The committed LSN the replicas the mode counts all know (the
+    /// primary knows everything; best_effort asks nothing of replicas).
+    fn told_by_mode(&self) -> Lsn {
+        let in_sync = || self.replicas.values().filter(|r| r.in_sync).map(|r| r.told);
+        match self.mode {
+            CommitMode::BestEffort => Lsn(u64::MAX),
+            CommitMode::SyncAll => in_sync().fold(Lsn(u64::MAX), Lsn::min),
+            CommitMode::SyncQuorum => {
+                let mut told: Vec<Lsn> = std::iter::once(Lsn(u64::MAX)).chain(in_sync()).collect();
+                told.sort_unstable_by(|a, b| b.cmp(a));
+                told.get(self.quorum() - 1).copied().unwrap_or(Lsn::ZERO)
+            }
+        }
+    }
+
+    /// Whether `replica` must still be told that `lsn` is committed for a
+    /// waiting barrier (it is in sync and says it knows less).
+    pub fn must_tell(&self, replica: &ReplicaId, lsn: Lsn) -> bool {
+        self.mode != CommitMode::BestEffort
+            && self
+                .replicas
+                .get(replica)
+                .is_some_and(|r| r.in_sync && r.told < lsn)
     }
 
     /// `durable_by_mode` had the primary been durable up to `local`.
@@ -397,7 +438,18 @@ impl CommitTracker {
         }
         let id = BarrierId(self.next_barrier);
         self.next_barrier += 1;
-        self.barriers.insert(id, PendingBarrier { lsn, deadline });
+        let tell = match self.mode {
+            CommitMode::BestEffort => Lsn::ZERO,
+            _ => self.committed,
+        };
+        self.barriers.insert(
+            id,
+            PendingBarrier {
+                lsn,
+                deadline,
+                tell,
+            },
+        );
         Ok(id)
     }
 
@@ -406,9 +458,12 @@ impl CommitTracker {
         self.barriers.contains_key(&id)
     }
 
-    /// The newest barrier still waiting, with its LSN.
-    pub fn newest_pending(&self) -> Option<(BarrierId, Lsn)> {
-        self.barriers.last_key_value().map(|(id, b)| (*id, b.lsn))
+    /// The newest barrier still waiting, with its LSN and what its
+    /// replicas must be told is committed.
+    pub fn newest_pending(&self) -> Option<(BarrierId, Lsn, Lsn)> {
+        self.barriers
+            .last_key_value()
+            .map(|(id, b)| (*id, b.lsn, b.tell))
     }
 
     /// The deadline of a pending barrier.
@@ -419,11 +474,11 @@ impl CommitTracker {
     /// Advances committed over what is durable and returns the barriers that resolved.
     pub fn advance(&mut self) -> Vec<(BarrierId, Lsn)> {
         self.committed = self.committed.max(self.durable_by_mode());
-        let committed = self.committed;
+        let (committed, told) = (self.committed, self.told_by_mode());
         let done: Vec<BarrierId> = self
             .barriers
             .iter()
-            .filter(|(_, b)| b.lsn <= committed)
+            .filter(|(_, b)| b.lsn <= committed && b.tell <= told)
             .map(|(id, _)| *id)
             .collect();
         done.into_iter()
@@ -447,7 +502,7 @@ impl CommitTracker {
         let lagging = self
             .replicas
             .iter()
-            .filter(|(_, r)| !r.in_sync || r.durable < barrier.lsn)
+            .filter(|(_, r)| !r.in_sync || r.durable < barrier.lsn || r.told < barrier.tell)
             .map(|(id, _)| describe(id))
             .collect();
         Some(BarrierFailure::TimedOut {
@@ -525,7 +580,7 @@ mod tests {
         let r = ids(&["a", "b"]);
         let mut t = CommitTracker::new(CommitMode::SyncQuorum, r.clone(), Lsn(0)).unwrap();
         t.record_local_durable(Lsn(0), Lsn(10));
-        t.record_ack(&r[0], Lsn(10), None).unwrap();
+        t.record_ack(&r[0], Lsn(10), Lsn(u64::MAX), None).unwrap();
         t.advance();
         assert_eq!(
             t.committed(),
@@ -544,12 +599,12 @@ mod tests {
         t.set_in_sync(&r[0], true);
         t.set_in_sync(&r[1], true);
         t.record_local_durable(Lsn(0), Lsn(10));
-        t.record_ack(&r[0], Lsn(10), None).unwrap();
-        t.record_ack(&r[1], Lsn(7), None).unwrap();
+        t.record_ack(&r[0], Lsn(10), Lsn(u64::MAX), None).unwrap();
+        t.record_ack(&r[1], Lsn(7), Lsn(u64::MAX), None).unwrap();
         t.advance();
         assert_eq!(t.committed(), Lsn(7));
         t.set_in_sync(&r[1], false);
-        t.record_ack(&r[1], Lsn(10), None).unwrap();
+        t.record_ack(&r[1], Lsn(10), Lsn(u64::MAX), None).unwrap();
         t.advance();
         assert_eq!(
             t.committed(),
@@ -567,13 +622,13 @@ mod tests {
         t.register_barrier(Lsn(5), Lsn(9), Tick(10)).unwrap();
         t.register_barrier(Lsn(9), Lsn(9), Tick(10)).unwrap();
         assert_eq!(t.local_durable_wanted(), None, "both wait on acks");
-        t.record_ack(&r[0], Lsn(9), None).unwrap();
-        t.record_ack(&r[1], Lsn(6), None).unwrap();
+        t.record_ack(&r[0], Lsn(9), Lsn(u64::MAX), None).unwrap();
+        t.record_ack(&r[1], Lsn(6), Lsn(u64::MAX), None).unwrap();
         assert_eq!(t.local_durable_wanted(), Some(Lsn(5)));
         t.record_local_durable(Lsn(0), Lsn(5));
         assert_eq!(t.advance(), [(BarrierId(1), Lsn(5))]);
         assert_eq!(t.local_durable_wanted(), None, "9 waits on b");
-        t.record_ack(&r[1], Lsn(9), None).unwrap();
+        t.record_ack(&r[1], Lsn(9), Lsn(u64::MAX), None).unwrap();
         assert_eq!(t.local_durable_wanted(), Some(Lsn(9)));
         t.set_in_sync(&r[1], false);
         assert_eq!(t.local_durable_wanted(), None, "sync_all waits for b");
@@ -582,11 +637,11 @@ mod tests {
         q.set_in_sync(&r[0], true);
         q.register_barrier(Lsn(4), Lsn(4), Tick(10)).unwrap();
         assert_eq!(q.local_durable_wanted(), None, "no replica holds 4");
-        q.record_ack(&r[0], Lsn(4), None).unwrap();
+        q.record_ack(&r[0], Lsn(4), Lsn(u64::MAX), None).unwrap();
         assert_eq!(q.local_durable_wanted(), Some(Lsn(4)), "a and the primary");
 
         q.set_in_sync(&r[0], false);
-        q.record_ack(&r[1], Lsn(4), None).unwrap();
+        q.record_ack(&r[1], Lsn(4), Lsn(u64::MAX), None).unwrap();
         assert_eq!(
             q.local_durable_wanted(),
             None,
@@ -627,7 +682,7 @@ mod tests {
             "barrier at 3 timed out (sync_all): committed=0, lagging=[v/a (InSync)]"
         );
         assert_eq!(
-            t.record_ack(&r[0], Lsn(3), Some(b)),
+            t.record_ack(&r[0], Lsn(3), Lsn(u64::MAX), Some(b)),
             Err(CommitError::LateAck {
                 replica: r[0].clone(),
                 barrier: b

@@ -608,7 +608,10 @@ impl Engine {
         if ack.barrier.is_some() && ack.barrier == sender.barrier_requested {
             sender.barrier_requested = None;
         }
-        let late = match self.commit.record_ack(replica, ack.durable, ack.barrier) {
+        let late = match self
+            .commit
+            .record_ack(replica, ack.durable, ack.told, ack.barrier)
+        {
             Ok(()) => None,
             Err(error @ CommitError::LateAck { .. }) => Some(error),
             Err(error) => return Err(error.into()),
@@ -654,27 +657,32 @@ impl Engine {
     /// be refused if it comes after that barrier's deadline. A replica
     /// durable past the LSN has nothing left to say about it (asking it
     /// again, while the barrier waited on others, cost a round trip and a
-    /// replica wake per write).
+    /// replica wake per write), unless it must still learn what was
+    /// committed when the barrier was asked for and holds the whole log:
+    /// no batch is coming to tell it (a FLUSH after writes that were all
+    /// acknowledged; the request carries the committed LSN).
     fn request_barrier_acks(&mut self) {
         if self.commit.mode() == CommitMode::BestEffort {
             return;
         }
-        let Some((barrier, lsn)) = self.commit.newest_pending() else {
+        let Some((barrier, lsn, tell)) = self.commit.newest_pending() else {
             return;
         };
+        let (committed, head) = (self.commit.committed(), self.wal.head);
         for sender in self.senders.values_mut() {
-            if sender.state() == ReplicaState::InSync
-                && sender.barrier_requested.is_none()
-                && self
-                    .commit
-                    .replica_durable(&sender.id)
-                    .is_none_or(|d| d < lsn)
-            {
+            if sender.state() != ReplicaState::InSync || sender.barrier_requested.is_some() {
+                continue;
+            }
+            let durable = self.commit.replica_durable(&sender.id);
+            let behind = durable.is_none_or(|d| d < lsn);
+            let untold = self.commit.must_tell(&sender.id, tell) && durable >= Some(head);
+            if behind || untold {
                 sender.barrier_requested = Some(barrier);
                 self.commands.push(Command::SendBarrier {
                     replica: sender.id.clone(),
                     barrier,
                     lsn,
+                    committed,
                 });
             }
         }

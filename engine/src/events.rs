@@ -148,6 +148,10 @@ pub struct Ack {
     pub durable: Lsn,
     /// The barrier this ack answers, if any.
     pub barrier: Option<BarrierId>,
+    /// The committed LSN the replica knows (what primaries told it, in
+    /// batches and barriers): a barrier resolves only once the replicas
+    /// its mode counts know what was committed when it was asked for.
+    pub told: Lsn,
 }
 
 /// Every input, for [`Engine::handle_batch`](crate::Engine::handle_batch).
@@ -377,6 +381,8 @@ pub enum Command {
         barrier: BarrierId,
         /// What must be durable.
         lsn: Lsn,
+        /// The committed LSN to tell it (its ack says it knows it).
+        committed: Lsn,
     },
     /// Keep the WAL after `from` for the replica, replacing its previous hold
     /// (place the new one before dropping the old). Report a failure with

@@ -206,6 +206,7 @@ fn a3_stale_epoch_traffic_is_fenced() {
         epoch: Epoch(1),
         durable: Lsn(110),
         barrier: Some(pending),
+        told: Lsn(110),
     };
     assert_eq!(
         shell.engine.handle_ack(&rid("b"), delayed),
@@ -698,8 +699,68 @@ fn a11_late_ack_after_barrier_timeout_is_rejected() {
         Lsn(10),
         "what the late ack says of the replica's disk still counts"
     );
+    // A barrier now asks for nothing new to be durable, but b must still
+    // be told 10 is committed (its ack said it knew 0): one more request.
     let after = shell.barrier(10);
+    assert!(!shell.barriers.contains_key(&after));
+    assert_eq!(shell.barrier_requests.last(), Some(&(rid("b"), after)));
+    shell.ack("b", 10, Some(after)).unwrap();
     assert_eq!(shell.barriers[&after], Ok(Lsn(10)));
+}
+
+/// Build item 3 of the lost-disk issue: by the time a barrier (a FLUSH, a
+/// FUA write) is acknowledged, the replicas its mode counts know that
+/// everything acknowledged before it was asked for is committed, so their
+/// floor covers it. A write's own barrier costs nothing more: the request
+/// it sends anyway carries what was committed before it. A FLUSH after
+/// writes that were all acknowledged costs the request it would
+/// otherwise not have sent.
+#[test]
+fn a_barrier_resolves_once_the_replicas_know_what_was_committed_before_it() {
+    for mode in [CommitMode::SyncAll, CommitMode::SyncQuorum] {
+        let mut shell = Shell::new(Shell::config());
+        shell.assign(assignment(1, mode, &[B, C]));
+        shell.in_sync("b");
+        shell.in_sync("c");
+        // A FUA write at 1-10: its barrier was asked for with 0 committed.
+        shell.wal(0, 10, 0, true);
+        shell.engine.handle_local_durable(Lsn(0), Lsn(10));
+        let fua = shell.barrier(10);
+        assert_eq!(shell.barrier_requests.len(), 2, "{mode:?}");
+        shell.ack_knowing("b", 10, Some(fua), 0).unwrap();
+        shell.ack_knowing("c", 10, Some(fua), 0).unwrap();
+        assert_eq!(shell.barriers[&fua], Ok(Lsn(10)), "{mode:?}");
+        // The next FUA write, 11: its request tells them 10.
+        shell.wal(0, 11, 0, true);
+        shell.engine.handle_local_durable(Lsn(10), Lsn(11));
+        let next = shell.barrier(11);
+        assert_eq!(shell.barrier_requests.len(), 4, "{mode:?}");
+        shell.ack_knowing("b", 11, Some(next), 10).unwrap();
+        shell.ack_knowing("c", 11, Some(next), 10).unwrap();
+        assert_eq!(shell.barriers[&next], Ok(Lsn(11)), "{mode:?}");
+        // A FLUSH now: 11 is committed, and durable everywhere, but nobody
+        // was told. Each is asked once more; the mode's count of them must
+        // answer knowing 11.
+        let flush = shell.barrier(11);
+        assert!(!shell.barriers.contains_key(&flush), "{mode:?}");
+        assert_eq!(shell.barrier_requests.len(), 6, "{mode:?}");
+        shell.ack_knowing("b", 11, Some(flush), 11).unwrap();
+        match mode {
+            // The primary and b are a quorum of three.
+            CommitMode::SyncQuorum => assert_eq!(shell.barriers[&flush], Ok(Lsn(11))),
+            _ => {
+                assert!(!shell.barriers.contains_key(&flush), "c was not told yet");
+                shell.ack_knowing("c", 11, Some(flush), 11).unwrap();
+                assert_eq!(shell.barriers[&flush], Ok(Lsn(11)));
+            }
+        }
+        // Once told, a FLUSH with nothing new resolves at once.
+        if mode == CommitMode::SyncAll {
+            let again = shell.barrier(11);
+            assert_eq!(shell.barriers[&again], Ok(Lsn(11)));
+            assert_eq!(shell.barrier_requests.len(), 6);
+        }
+    }
 }
 
 #[test]

@@ -282,6 +282,7 @@ impl Model {
                         epoch,
                         durable,
                         barrier: None,
+                        told: e.committed(),
                     };
                     if e.handle_ack(&id, ack).is_ok() {
                         self.report(&id, durable);

@@ -223,6 +223,9 @@ pub enum Message {
         id: u64,
         /// LSN.
         lsn: u64,
+        /// The primary's committed LSN when it asked: the replica knows it
+        /// before it answers.
+        committed: u64,
     },
     /// Replica → primary: everything up to `durable` is durable.
     DurableAck {
@@ -230,6 +233,10 @@ pub enum Message {
         durable: u64,
         /// The barrier answered, if any.
         barrier: Option<u64>,
+        /// The committed LSN the replica knows (its floor): a barrier
+        /// resolves once the replicas counted know what was committed
+        /// when it was asked for.
+        committed: u64,
     },
     /// Liveness probe with the primary's committed LSN.
     Heartbeat {
@@ -577,14 +584,20 @@ impl Message {
                 dst.put_u64_le(*committed);
                 put_blob(dst, frames);
             }
-            Self::Barrier { id, lsn } => {
+            Self::Barrier { id, lsn, committed } => {
                 dst.put_u64_le(*id);
                 dst.put_u64_le(*lsn);
+                dst.put_u64_le(*committed);
             }
-            Self::DurableAck { durable, barrier } => {
+            Self::DurableAck {
+                durable,
+                barrier,
+                committed,
+            } => {
                 dst.put_u64_le(*durable);
                 dst.put_u8(u8::from(barrier.is_some()));
                 dst.put_u64_le(barrier.unwrap_or(0));
+                dst.put_u64_le(*committed);
             }
             Self::Heartbeat { seq, committed } => {
                 dst.put_u64_le(*seq);
@@ -680,6 +693,7 @@ impl Message {
             4 => Self::Barrier {
                 id: r.u64("id")?,
                 lsn: r.u64("lsn")?,
+                committed: r.u64("committed")?,
             },
             5 => {
                 let durable = r.u64("durable")?;
@@ -695,7 +709,11 @@ impl Message {
                         })
                     }
                 };
-                Self::DurableAck { durable, barrier }
+                Self::DurableAck {
+                    durable,
+                    barrier,
+                    committed: r.u64("committed")?,
+                }
             }
             6 => Self::Heartbeat {
                 seq: r.u64("seq")?,
@@ -963,10 +981,12 @@ mod tests {
         round_trip(Message::DurableAck {
             durable: 5,
             barrier: Some(2),
+            committed: 4,
         });
         round_trip(Message::DurableAck {
             durable: 5,
             barrier: None,
+            committed: 0,
         });
         round_trip(Message::WalBatch {
             session: 1,
@@ -1118,7 +1138,11 @@ mod tests {
             Err(WireError::Truncated("lsn"))
         ));
         assert!(matches!(
-            codec.decode(&mut frame(V, 4, &[0; 17])),
+            codec.decode(&mut frame(V, 4, &[0; 23])),
+            Err(WireError::Truncated("committed"))
+        ));
+        assert!(matches!(
+            codec.decode(&mut frame(V, 4, &[0; 25])),
             Err(WireError::Trailing(1))
         ));
         assert!(matches!(

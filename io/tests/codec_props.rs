@@ -80,9 +80,14 @@ fn message() -> impl Strategy<Value = Message> {
                 frames
             }
         ),
-        (n(), n()).prop_map(|(id, lsn)| Message::Barrier { id, lsn }),
-        (n(), proptest::option::of(n()))
-            .prop_map(|(durable, barrier)| Message::DurableAck { durable, barrier }),
+        (n(), n(), n()).prop_map(|(id, lsn, committed)| Message::Barrier { id, lsn, committed }),
+        (n(), proptest::option::of(n()), n()).prop_map(|(durable, barrier, committed)| {
+            Message::DurableAck {
+                durable,
+                barrier,
+                committed,
+            }
+        }),
         (n(), n()).prop_map(|(seq, committed)| Message::Heartbeat { seq, committed }),
         (n(), n()).prop_map(|(seq, durable)| Message::HeartbeatAck { seq, durable }),
         (n(), any::<bool>(), n(), n()).prop_map(|(session, snap, image_lsn, image_bytes)| {

@@ -472,6 +472,7 @@ impl ReceiverActor {
                 self.answer(Message::DurableAck {
                     durable,
                     barrier: None,
+                    committed: self.committed_floor,
                 })
             }
             Err(e) => self.store_failed("sync", &e, CODE_STORE),
@@ -647,7 +648,10 @@ impl ReceiverActor {
                 frames,
                 ..
             } => self.batch(first_lsn, last_lsn, committed, &frames, unsynced),
-            Message::Barrier { id, .. } => {
+            Message::Barrier { id, committed, .. } => {
+                // What was committed when the barrier was asked for: known
+                // (its floor) before the ack says so.
+                self.heard_committed(committed);
                 // Everything appended so far, the barrier's LSN included (the
                 // primary asks once it has shipped it): one sync, one ack.
                 *unsynced = false;
@@ -658,6 +662,7 @@ impl ReceiverActor {
                         self.answer(Message::DurableAck {
                             durable,
                             barrier: Some(id),
+                            committed: self.committed_floor,
                         })
                     }
                     Err(e) => self.store_failed("sync", &e, CODE_STORE),

@@ -316,10 +316,25 @@ impl Shell {
         durable: u64,
         barrier: Option<BarrierId>,
     ) -> Result<(), EngineError> {
+        // The replica knows what the primary committed so far (batches
+        // carry it); `ack_knowing` says otherwise.
+        let told = self.engine.committed();
+        self.ack_knowing(server, durable, barrier, told.get())
+    }
+
+    /// An ack from a replica that knows `told` is committed.
+    pub fn ack_knowing(
+        &mut self,
+        server: &str,
+        durable: u64,
+        barrier: Option<BarrierId>,
+        told: u64,
+    ) -> Result<(), EngineError> {
         let ack = Ack {
             epoch: self.epoch(),
             durable: Lsn(durable),
             barrier,
+            told: Lsn(told),
         };
         let r = self.engine.handle_ack(&rid(server), ack);
         self.pump();

@@ -33,7 +33,8 @@ pub(crate) async fn live_ship(
 enum Never {}
 
 /// A barrier the replica is asked to acknowledge by id: (barrier id, lsn).
-pub(crate) type BarrierRequest = (u64, u64);
+/// A barrier's id, its LSN, and the committed LSN to tell the replica.
+pub(crate) type BarrierRequest = (u64, u64, u64);
 
 /// Where the volume hands barrier requests for one replica straight to its
 /// live task, not through the sender's mailbox: a request made by the write
@@ -109,11 +110,13 @@ async fn live_loop(
             window.shipped(last, len);
             shipped = last;
         }
-        while let Some(&(id, lsn)) = waiting.front().filter(|(_, lsn)| *lsn <= shipped) {
+        while let Some(&(id, lsn, committed)) =
+            waiting.front().filter(|(_, lsn, _)| *lsn <= shipped)
+        {
             waiting.pop_front();
             sink.feed(Envelope {
                 epoch,
-                message: Message::Barrier { id, lsn },
+                message: Message::Barrier { id, lsn, committed },
             })
             .await?;
             fed = true;
@@ -138,9 +141,9 @@ async fn live_loop(
                 };
                 last_heard = Instant::now();
                 match envelope.message {
-                    Message::DurableAck { durable, barrier } => {
+                    Message::DurableAck { durable, barrier, committed } => {
                         window.acked(durable);
-                        let ack = transport::engine_ack(envelope.epoch, durable, barrier);
+                        let ack = transport::engine_ack(envelope.epoch, durable, barrier, committed);
                         c.report(Input::Ack { replica: c.replica.clone(), ack });
                     }
                     Message::HeartbeatAck { .. } => {}

@@ -492,9 +492,10 @@ impl VolumeActor {
                 replica,
                 barrier,
                 lsn,
+                committed,
             } => {
                 if let Some(line) = self.barrier_lines.get(&replica) {
-                    line.send((barrier.get(), lsn.get()));
+                    line.send((barrier.get(), lsn.get(), committed.get()));
                 }
             }
             Command::HoldRetention { replica, from } => {
