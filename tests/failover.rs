@@ -455,3 +455,36 @@ async fn a_flush_is_acknowledged_once_the_replicas_know_what_was_committed_befor
         cluster.shutdown().await;
     }
 }
+
+/// A barrier waiting when a replica comes back in sync resolves with it,
+/// also when the replica is caught up to the head before it ships live
+/// (no live batch will tell it what was committed): it is asked once it
+/// ships live, and its hello already said what it knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_waiting_for_a_returning_replica_is_acknowledged_once_it_is_back() {
+    let mut cluster = start(CommitMode::SyncAll, &["r1", "r2"]).await;
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    for i in 0..20 {
+        cluster.primary.write_committed(i, block(i)).await.unwrap();
+    }
+    cluster.stop_replica("r2").await;
+    cluster
+        .wait_state("r2", ReplicaState::Disconnected, LONG)
+        .await
+        .unwrap();
+    // Written while r2 is away (not waiting to be committed): r2 catches
+    // up on them when it is back, to the head.
+    let mut head = 0;
+    for i in 20..120 {
+        head = cluster.primary.write(i, block(i)).await.unwrap();
+    }
+    let primary = cluster.primary.clone();
+    let flush = tokio::spawn(async move { primary.flush().await });
+    cluster.restart_replica("r2", false).await.unwrap();
+    cluster.primary.heartbeat().await.unwrap();
+    let flushed = tokio::time::timeout(LONG, flush).await.unwrap().unwrap();
+    assert_eq!(flushed.unwrap(), head);
+    let status = cluster.replica_status("r2").await.unwrap();
+    assert!(status.committed >= 20, "r2 knows {}", status.committed);
+    cluster.shutdown().await;
+}

@@ -342,7 +342,11 @@ impl CommitTracker {
             .get_mut(replica)
             .ok_or_else(|| CommitError::UnknownReplica(replica.clone()))?;
         r.durable = r.durable.max(durable);
-        r.told = r.told.max(told);
+        if r.in_sync {
+            // (An ack of a session that ended says nothing of the next:
+            // its hello does, see `note_told`.)
+            r.told = r.told.max(told);
+        }
         match barrier {
             Some(barrier) if self.timed_out_set.contains(&barrier) => Err(CommitError::LateAck {
                 replica: replica.clone(),
@@ -375,7 +379,7 @@ impl CommitTracker {
 
     /// The committed LSN the replicas the mode counts all know (the
     /// primary knows everything; best_effort asks nothing of replicas).
-    fn told_by_mode(&self) -> Lsn {
+    pub(crate) fn told_by_mode(&self) -> Lsn {
         let in_sync = || self.replicas.values().filter(|r| r.in_sync).map(|r| r.told);
         match self.mode {
             CommitMode::BestEffort => Lsn(u64::MAX),
@@ -385,6 +389,14 @@ impl CommitTracker {
                 told.sort_unstable_by(|a, b| b.cmp(a));
                 told.get(self.quorum() - 1).copied().unwrap_or(Lsn::ZERO)
             }
+        }
+    }
+
+    /// What `replica` said it knows is committed when it said hello: where
+    /// its `told` starts for the session.
+    pub fn note_told(&mut self, replica: &ReplicaId, told: Lsn) {
+        if let Some(r) = self.replicas.get_mut(replica) {
+            r.told = told;
         }
     }
 
@@ -474,6 +486,9 @@ impl CommitTracker {
     /// Advances committed over what is durable and returns the barriers that resolved.
     pub fn advance(&mut self) -> Vec<(BarrierId, Lsn)> {
         self.committed = self.committed.max(self.durable_by_mode());
+        if self.barriers.is_empty() {
+            return Vec::new();
+        }
         let (committed, told) = (self.committed, self.told_by_mode());
         let done: Vec<BarrierId> = self
             .barriers

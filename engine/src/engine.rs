@@ -669,13 +669,16 @@ impl Engine {
             return;
         };
         let (committed, head) = (self.commit.committed(), self.wal.head);
+        // Enough replicas know it already: none needs asking for that.
+        let told_enough = self.commit.told_by_mode() >= tell;
         for sender in self.senders.values_mut() {
             if sender.state() != ReplicaState::InSync || sender.barrier_requested.is_some() {
                 continue;
             }
             let durable = self.commit.replica_durable(&sender.id);
             let behind = durable.is_none_or(|d| d < lsn);
-            let untold = self.commit.must_tell(&sender.id, tell) && durable >= Some(head);
+            let untold =
+                !told_enough && self.commit.must_tell(&sender.id, tell) && durable >= Some(head);
             if behind || untold {
                 sender.barrier_requested = Some(barrier);
                 self.commands.push(Command::SendBarrier {

@@ -150,6 +150,8 @@ impl Engine {
         }
         let flushed = reply.log.flushed;
         sender.flushed = flushed;
+        self.commit.note_told(replica, reply.log.committed);
+        let sender = self.sender_mut(replica)?;
         let sticky = sender.rebuild_need().map(|need| need.reason.clone());
         let released = match &sender.hold {
             RetentionHold::Released { reason } => Some(reason.clone()),

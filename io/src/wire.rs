@@ -26,7 +26,9 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Version spoken by this build. 2: the hello ack and the end of a rebuild
 /// carry an epoch history. 3: the hello ack carries the committed LSN the
 /// replica knows; a primary peers (`Peer`) and pulls an image from a
-/// replica (`PullImage`, `PullChunk`, `PullDone`) before it serves.
+/// replica (`PullImage`, `PullChunk`, `PullDone`) before it serves; a
+/// barrier request carries the committed LSN and a durable ack the
+/// replica's floor (3 was not released before these were added).
 pub const PROTOCOL_VERSION: u8 = 3;
 /// Default largest frame accepted: a 16 MiB WAL batch plus headers.
 pub const DEFAULT_MAX_FRAME: usize = 17 << 20;

@@ -650,8 +650,12 @@ impl ReceiverActor {
             } => self.batch(first_lsn, last_lsn, committed, &frames, unsynced),
             Message::Barrier { id, committed, .. } => {
                 // What was committed when the barrier was asked for: known
-                // (its floor) before the ack says so.
+                // (its floor) before the ack says so. Only a primary whose
+                // commits are durable on replicas asks for barriers, so this
+                // raises the floor whatever its hello said (its mode may
+                // have changed since).
                 self.heard_committed(committed);
+                self.committed_floor = self.committed_floor.max(committed);
                 // Everything appended so far, the barrier's LSN included (the
                 // primary asks once it has shipped it): one sync, one ack.
                 *unsynced = false;

@@ -40,23 +40,46 @@ pub(crate) type BarrierRequest = (u64, u64, u64);
 /// live task, not through the sender's mailbox: a request made by the write
 /// that the task is about to ship then goes out in the same socket write as
 /// its frames, and the replica answers both with one sync and one ack. A
-/// request made while nothing ships live is dropped: the barrier then waits
-/// on the replica's durable acks of its next session, or times out.
+/// request made while nothing ships live waits for the next live task (the
+/// newest one only): a replica that comes back in sync holding the whole
+/// log is asked before its live task starts, and no batch would tell it
+/// what was committed otherwise.
 #[derive(Debug, Default)]
-pub(crate) struct BarrierLine(Mutex<Option<mpsc::UnboundedSender<BarrierRequest>>>);
+pub(crate) struct BarrierLine(Mutex<Line>);
+
+#[derive(Debug, Default)]
+struct Line {
+    tx: Option<mpsc::UnboundedSender<BarrierRequest>>,
+    pending: Option<BarrierRequest>,
+}
 
 impl BarrierLine {
-    /// A new live task's end of the line; a previous task's closes.
+    fn line(&self) -> std::sync::MutexGuard<'_, Line> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new live task's end of the line, with the request that waited
+    /// for it; a previous task's closes.
     pub(crate) fn open(&self) -> mpsc::UnboundedReceiver<BarrierRequest> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        let mut line = self.line();
+        if let Some(request) = line.pending.take() {
+            let _ = tx.send(request);
+        }
+        line.tx = Some(tx);
         rx
     }
 
-    /// Hands `request` to the live task, if one ships.
+    /// Hands `request` to the live task, or keeps it for the next one.
     pub(crate) fn send(&self, request: BarrierRequest) {
-        if let Some(tx) = &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
-            let _ = tx.send(request);
+        let mut line = self.line();
+        let unsent = match &line.tx {
+            Some(tx) => tx.send(request).err().map(|e| e.0),
+            None => Some(request),
+        };
+        if let Some(request) = unsent {
+            line.tx = None;
+            line.pending = Some(request);
         }
     }
 }
