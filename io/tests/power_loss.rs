@@ -366,32 +366,53 @@ fn random_wal_script(seed: u64, steps: usize) -> impl Fn(&SimFs, &mut Model) -> 
     }
 }
 
-#[test]
-fn the_wal_keeps_every_durable_frame_through_a_power_loss_at_random_points_of_long_workloads() {
+/// Runs each seed's long `script` crashed (or failed with a fault from
+/// `faults`) at `per_seed` random operations, loses power with a seeded
+/// choice, and runs `check`. Returns the number of cases.
+fn at_random_points<S>(
+    seeds: u64,
+    per_seed: usize,
+    faults: &[Fault],
+    script: impl Fn(u64) -> S,
+    check: impl Fn(&SimFs, &Model, &str),
+) -> usize
+where
+    S: Fn(&SimFs, &mut Model) -> Result<(), String>,
+{
     let mut cases = 0;
-    for seed in 1..=24u64 {
-        let script = random_wal_script(seed, 400);
+    for seed in 1..=seeds {
+        let script = script(seed);
         let probe = SimFs::new();
         script(&probe, &mut Model::default()).unwrap();
         let ops = probe.ops();
         let mut rng = seed ^ 0x5eed;
-        for _ in 0..8 {
+        for _ in 0..per_seed {
             let at = 1 + next(&mut rng) % ops;
-            let fault = match next(&mut rng) % 4 {
-                0 => Fault::Eio,
-                _ => Fault::Crash,
-            };
+            let fault = faults[(next(&mut rng) % faults.len() as u64) as usize];
             let mode = PowerLoss::Seeded(next(&mut rng));
             let fs = SimFs::new();
             fs.inject(at, fault);
             let mut model = Model::default();
-            assert!(script(&fs, &mut model).is_err());
+            let _ = script(&fs, &mut model);
             fs.power_loss(mode);
             let case = format!("seed {seed}: {fault:?} before op {at} of {ops}, {mode:?}");
-            checked(&fs, || check_wal(&fs, &model, &case));
+            checked(&fs, || check(&fs, &model, &case));
             cases += 1;
         }
     }
+    cases
+}
+
+#[test]
+fn the_wal_keeps_every_durable_frame_through_a_power_loss_at_random_points_of_long_workloads() {
+    let faults = [Fault::Crash, Fault::Crash, Fault::Crash, Fault::Eio];
+    let cases = at_random_points(
+        24,
+        8,
+        &faults,
+        |seed| random_wal_script(seed, 400),
+        check_wal,
+    );
     assert_eq!(cases, 24 * 8);
 }
 
@@ -572,31 +593,14 @@ fn random_store_script(
 
 #[test]
 fn a_store_keeps_its_durable_blocks_through_a_power_loss_at_random_points_of_long_workloads() {
-    let mut cases = 0;
-    for seed in 1..=12u64 {
-        let script = random_store_script(seed, 300);
-        let probe = SimFs::new();
-        script(&probe, &mut Model::default()).unwrap();
-        let ops = probe.ops();
-        let mut rng = seed ^ 0x570e;
-        for _ in 0..6 {
-            let at = 1 + next(&mut rng) % ops;
-            let fault = match next(&mut rng) % 4 {
-                0 => Fault::Eio,
-                1 => Fault::Enospc,
-                _ => Fault::Crash,
-            };
-            let mode = PowerLoss::Seeded(next(&mut rng));
-            let fs = SimFs::new();
-            fs.inject(at, fault);
-            let mut model = Model::default();
-            let _ = script(&fs, &mut model);
-            fs.power_loss(mode);
-            let case = format!("seed {seed}: {fault:?} before op {at} of {ops}, {mode:?}");
-            checked(&fs, || check_store(&fs, &model, false, &case));
-            cases += 1;
-        }
-    }
+    let faults = [Fault::Crash, Fault::Crash, Fault::Eio, Fault::Enospc];
+    let cases = at_random_points(
+        12,
+        6,
+        &faults,
+        |seed| random_store_script(seed, 300),
+        |fs, model, case| check_store(fs, model, false, case),
+    );
     assert_eq!(cases, 12 * 6);
 }
 
