@@ -1697,3 +1697,67 @@ fn a11_a_replica_durable_past_a_barrier_is_not_asked_again() {
     assert_eq!(shell.barriers[&first], Ok(Lsn(10)), "b bounds the commit");
     assert!(!shell.barriers.contains_key(&second), "waits on b");
 }
+
+/// A FLUSH waiting while a replica is away and comes back: under
+/// sync_quorum the replica that stayed is asked to learn the commit; the
+/// one that returns starts from what its hello said it knew, and is asked
+/// only if that is short of the FLUSH's.
+#[test]
+fn a_returning_replica_starts_from_what_its_hello_said_it_knew() {
+    for knew in [10, 20] {
+        let mut shell = Shell::new(Shell::config());
+        shell.assign(assignment(1, CommitMode::SyncQuorum, &[B, C]));
+        shell.in_sync("b");
+        shell.in_sync("c");
+        shell.wal(0, 10, 0, true);
+        shell.engine.handle_local_durable(Lsn(0), Lsn(10));
+        let first = shell.barrier(10);
+        shell.ack_knowing("b", 10, Some(first), 0).unwrap();
+        shell.ack_knowing("c", 10, Some(first), 0).unwrap();
+        assert_eq!(shell.barriers[&first], Ok(Lsn(10)));
+        shell
+            .engine
+            .handle_disconnected(&rid("b"), &ExecutionFailure::Transient("peer reset".into()))
+            .unwrap();
+        shell.pump();
+        // Written while b is away, committed by the primary and c.
+        shell.wal(0, 20, 0, true);
+        shell.engine.handle_local_durable(Lsn(10), Lsn(20));
+        let write = shell.barrier(20);
+        shell.ack_knowing("c", 20, Some(write), 10).unwrap();
+        assert_eq!(shell.barriers[&write], Ok(Lsn(20)));
+        // A FLUSH: c must learn 20 is committed; it is asked, and does not
+        // answer yet.
+        let flush = shell.barrier(20);
+        let asked = shell.barrier_requests.len();
+        assert_eq!(shell.barrier_requests.last(), Some(&(rid("c"), flush)));
+        // b is back (its retry is due well before the FLUSH's deadline),
+        // having learned 20 was committed or not.
+        shell.tick(50);
+        assert!(!shell.barriers.contains_key(&flush));
+        shell.heartbeat("b");
+        shell.connect("b");
+        shell.handshake_with(
+            "b",
+            ReplicaLog {
+                flushed: Lsn(10),
+                checkpoint: Lsn::ZERO,
+                epochs: shell.epochs.through(Lsn(10)),
+                committed: Lsn(knew),
+            },
+        );
+        shell.grant("b", 0);
+        shell.progress("b", 20).unwrap();
+        assert_eq!(shell.state("b"), ReplicaState::InSync);
+        if knew == 20 {
+            // The primary and b are a quorum that knows.
+            assert_eq!(shell.barriers[&flush], Ok(Lsn(20)), "knew {knew}");
+            assert_eq!(shell.barrier_requests.len(), asked);
+        } else {
+            assert!(!shell.barriers.contains_key(&flush), "knew {knew}");
+            assert_eq!(shell.barrier_requests.last(), Some(&(rid("b"), flush)));
+            shell.ack_knowing("b", 20, Some(flush), 20).unwrap();
+            assert_eq!(shell.barriers[&flush], Ok(Lsn(20)));
+        }
+    }
+}
