@@ -21,6 +21,7 @@ pub mod handles;
 mod inspect;
 mod pins;
 mod reader;
+pub mod regions;
 mod segment;
 mod store;
 mod superblock;
@@ -37,8 +38,8 @@ pub use reader::{
     ReaderError, ReaderOptions, ReaderService, ReaderStats,
 };
 pub use store::{
-    BaseInstall, CheckpointOutcome, SnapshotPin, Store, StoreError, StoreOptions, StoreReport,
-    DIRECT_MIN_BYTES,
+    BaseInstall, CheckpointOutcome, InPlaceInstall, PartialImage, SnapshotPin, Store, StoreError,
+    StoreOptions, StoreReport, DIRECT_MIN_BYTES,
 };
 pub use superblock::{Superblock, SuperblockError};
 pub use wal::{

@@ -36,6 +36,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+mod delta;
+pub use delta::{InPlaceInstall, PartialImage};
+
 /// Store configuration.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -197,6 +200,9 @@ pub struct StoreReport {
     /// to the extent after this checkpoint, and the store started over
     /// empty ([`StoreOptions::reset_interrupted_run`]).
     pub reset_after_interrupted_run: Option<u64>,
+    /// A dirty maps file was found and not used (damaged, or of another
+    /// generation): why. Rebuilds it would have served compare checksums.
+    pub dirty_maps_dropped: Option<String>,
 }
 
 /// What a checkpoint did.
@@ -290,6 +296,11 @@ pub struct Store {
     checkpointing: Mutex<()>,
     /// The committed floor persisted (0: none).
     committed_floor: Mutex<u64>,
+    /// Dirty maps of away replicas (a primary's; see `delta`). Lock
+    /// order: `checkpointing`, then this.
+    dirty_maps: Mutex<delta::Maps>,
+    /// An install in place under way or interrupted (a replica's).
+    partial: Mutex<Option<PartialImage>>,
     /// The directory's `LOCK` file, locked for the life of this instance: two
     /// instances on one directory would checkpoint and recycle under each
     /// other (one deleting segments the other still lists). `None` when
@@ -362,10 +373,14 @@ impl Store {
             direct: Mutex::new(None),
             snapshot_pins: Arc::new(AtomicUsize::new(0)),
             committed_floor: Mutex::new(0),
+            dirty_maps: Mutex::new(delta::Maps::default()),
+            partial: Mutex::new(None),
             checkpointing: Mutex::new(()),
             _lock: lock,
         };
         *store.floor() = Self::load_committed_floor(store.fs(), &store.dir)?;
+        let dirty_maps_dropped = store.load_dirty_maps()?;
+        store.load_partial()?;
         let replayed_frames = store.rebuild_dirty()?;
         let report = StoreReport {
             created,
@@ -374,6 +389,7 @@ impl Store {
             torn_bytes_dropped: recovery.torn_bytes_dropped,
             replayed_frames,
             reset_after_interrupted_run,
+            dirty_maps_dropped,
         };
         Ok((store, report))
     }
@@ -789,8 +805,17 @@ impl Store {
     }
 
     /// Applies the WAL up to `up_to` (at most the durable LSN) to the extent,
-    /// fsyncs it, commits the superblock and recycles the WAL.
+    /// fsyncs it, commits the superblock and recycles the WAL. A partial
+    /// store (an install in place under way) is not checkpointed: its
+    /// WAL's frames are not part of what it will hold.
     pub fn checkpoint(&self, up_to: u64) -> Result<CheckpointOutcome, StoreError> {
+        if self.partial().is_some() {
+            return Ok(CheckpointOutcome::UpToDate);
+        }
+        self.checkpoint_now(up_to)
+    }
+
+    fn checkpoint_now(&self, up_to: u64) -> Result<CheckpointOutcome, StoreError> {
         let _serial = self
             .checkpointing
             .lock()
@@ -814,9 +839,12 @@ impl Store {
         }
         wal.read_frames_batched(from, to, CHECKPOINT_BATCH_BYTES, |frames| {
             extent.apply_all(&frames)?;
+            self.mark_dirty(&frames);
             Ok::<_, StoreError>(())
         })?;
         extent.sync()?;
+        // The maps cover what the superblock will say the extent holds.
+        self.persist_dirty_maps()?;
         let next = Superblock {
             checkpoint: to,
             ..superblock
@@ -1051,6 +1079,8 @@ impl Store {
         self.dirty().clear();
         *direct = None;
         drop(state);
+        // Another history now: no map built in the old one holds.
+        self.clear_dirty_maps()?;
         let marker = self.dir.join(RUN_MARKER);
         if fs.exists(&marker) {
             fs.remove_file(&marker).map_err(io_err("remove", &marker))?;

@@ -1,0 +1,252 @@
+//! What a delta rebuild needs of a store, on real files and on the
+//! page-cache model: dirty maps that cover exactly what checkpoints
+//! applied after their `since`, kept across a reopen and dropped when the
+//! history changes; an install in place that is either committed or says
+//! the store is partial, whatever operation a crash or a power loss cuts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use std::sync::Arc;
+use walship_io::fs::{Fault, PowerLoss, SimFs};
+use walship_io::regions::{region_bytes, region_sums};
+use walship_io::*;
+
+const BLOCKS: u64 = 256; // 1 MiB: 16 regions of 64 KiB
+const REGION_BLOCKS: u64 = 16;
+
+fn block(fill: u8) -> Bytes {
+    Bytes::from(vec![fill; BLOCK_SIZE])
+}
+
+fn write_sync(store: &Store, lba: u64, fill: u8) -> u64 {
+    let lsn = store.write(1, lba, block(fill)).unwrap();
+    store.sync_to(lsn).unwrap();
+    lsn
+}
+
+fn dirty_regions(store: &Store, key: &str) -> Vec<u64> {
+    let map = store.dirty_map(key).unwrap();
+    (0..map.regions()).filter(|r| map.is_dirty(*r)).collect()
+}
+
+#[test]
+fn a_dirty_map_marks_what_checkpoints_apply_after_its_since_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    // Before the map: region 0, checkpointed.
+    let lsn = write_sync(&store, 0, 1);
+    store.checkpoint(lsn).unwrap();
+    let info = store.track_dirty("vol/a", lsn);
+    assert_eq!((info.since, info.dirty, info.regions), (lsn, 0, 16));
+    assert_eq!(info.region_bytes, region_bytes(BLOCKS * BLOCK_SIZE as u64));
+    // A map asked for from before the checkpoint starts at it: the extent
+    // already holds what came before, unmarked.
+    let older = store.track_dirty("vol/b", 0);
+    assert_eq!(older.since, lsn);
+    // Writes to regions 2 and 5 (one straddling into 6): marked only once
+    // a checkpoint applies them.
+    write_sync(&store, 2 * REGION_BLOCKS + 3, 2);
+    store
+        .write(
+            1,
+            6 * REGION_BLOCKS - 1,
+            Bytes::from(vec![5; 2 * BLOCK_SIZE]),
+        )
+        .unwrap();
+    let head = write_sync(&store, 5 * REGION_BLOCKS, 5);
+    assert!(dirty_regions(&store, "vol/a").is_empty(), "not applied yet");
+    store.checkpoint(head).unwrap();
+    assert_eq!(dirty_regions(&store, "vol/a"), vec![2, 5, 6]);
+    store.forget_dirty("vol/b");
+    // A checkpoint wrote the maps before its superblock: a reopen keeps them.
+    let checkpointed = store.superblock().checkpoint;
+    drop(store);
+    let (store, report) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    assert_eq!(report.dirty_maps_dropped, None);
+    assert_eq!(report.checkpoint, checkpointed);
+    assert_eq!(dirty_regions(&store, "vol/a"), vec![2, 5, 6]);
+    // Forgetting is persisted with the next checkpoint; a map that came
+    // back meanwhile still covers every write since its `since`.
+    assert_eq!(store.dirty_maps().len(), 2);
+    store.forget_dirty("vol/b");
+    let head = write_sync(&store, 9 * REGION_BLOCKS, 9);
+    store.checkpoint(head).unwrap();
+    assert_eq!(dirty_regions(&store, "vol/a"), vec![2, 5, 6, 9]);
+    drop(store);
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    assert_eq!(store.dirty_maps().len(), 1);
+    // A replica's receiver clears them, durably.
+    store.clear_dirty_maps().unwrap();
+    drop(store);
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    assert!(store.dirty_maps().is_empty());
+    assert!(!dir.path().join("DIRTY").exists());
+}
+
+#[test]
+fn a_damaged_dirty_maps_file_is_not_used_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    store.track_dirty("vol/a", 0);
+    let head = write_sync(&store, 0, 1);
+    store.checkpoint(head).unwrap();
+    drop(store);
+    let path = dir.path().join("DIRTY");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[12] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let (store, report) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    assert!(report.dirty_maps_dropped.unwrap().contains("damaged"));
+    assert!(store.dirty_maps().is_empty());
+}
+
+/// A replica holding `fill_a` everywhere but a few blocks, and the image
+/// (from another store) it must end up with.
+fn replica_and_image(fs: &SimFs) -> (Store, Store) {
+    let options = || StoreOptions {
+        fs: Arc::new(fs.clone()),
+        reset_interrupted_run: true,
+        ..StoreOptions::new(BLOCKS)
+    };
+    let (replica, _) = Store::open("/r", options()).unwrap();
+    let (primary, _) = Store::open("/p", options()).unwrap();
+    for lba in (0..BLOCKS).step_by(8) {
+        replica.write(1, lba, block(lba as u8)).unwrap();
+        primary.write(1, lba, block(lba as u8)).unwrap();
+    }
+    // The primary changed regions 3 and 7; the replica has an uncommitted
+    // tail of its own in region 12.
+    for lba in [3 * REGION_BLOCKS + 1, 7 * REGION_BLOCKS + 15] {
+        primary.write(2, lba, block(0xee)).unwrap();
+    }
+    replica.write(1, 12 * REGION_BLOCKS, block(0xdd)).unwrap();
+    for store in [&replica, &primary] {
+        let head = store.head();
+        store.sync_to(head).unwrap();
+        store.checkpoint(head).unwrap();
+    }
+    (replica, primary)
+}
+
+fn image(store: &Store) -> Vec<u8> {
+    store.read(0, BLOCKS).unwrap().to_vec()
+}
+
+/// Sends `primary`'s differing regions into `replica` in place and commits.
+fn install_in_place(replica: &Store, primary: &Store) -> Result<(), StoreError> {
+    let pin = primary.full_base_pin("test")?;
+    let region = region_bytes(BLOCKS * BLOCK_SIZE as u64);
+    let theirs = replica.extent_sums(0, pin.image_bytes(), region)?;
+    let image = pin.read(0, pin.image_bytes() as usize)?;
+    let ours = region_sums(&image, region);
+    let mut install = replica.begin_in_place(pin.lsn(), primary.image_source(), 0, 0)?;
+    let mut crc = 0;
+    for (i, _) in ours
+        .iter()
+        .zip(&theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+    {
+        let at = i as u64 * region;
+        let data = &image[at as usize..(at + region) as usize];
+        install.write_chunk(at, data)?;
+        crc = crc32c::crc32c_append(crc, data);
+    }
+    replica.commit_in_place(install, crc, 2, &primary.wal().epochs())
+}
+
+#[test]
+fn an_install_in_place_sends_only_what_differs_and_switches_at_commit() {
+    let fs = SimFs::new();
+    let (replica, primary) = replica_and_image(&fs);
+    let want = image(&primary);
+    assert_ne!(image(&replica), want);
+    install_in_place(&replica, &primary).unwrap();
+    assert_eq!(image(&replica), want);
+    assert_eq!(replica.partial(), None);
+    let lsn = primary.superblock().checkpoint;
+    assert_eq!(replica.superblock().checkpoint, lsn);
+    assert_eq!(replica.head(), lsn, "its own tail is gone");
+    assert_eq!(replica.wal().epochs(), primary.wal().epochs());
+    // A bad checksum at commit leaves it partial, and says so after a reopen.
+    let pin = primary.full_base_pin("t").unwrap();
+    let mut install = replica
+        .begin_in_place(pin.lsn(), primary.image_source(), 0, 0)
+        .unwrap();
+    install.write_chunk(0, &block(1)).unwrap();
+    assert!(matches!(
+        replica.commit_in_place(install, 0, 2, &[]),
+        Err(StoreError::BaseChecksum { .. })
+    ));
+    let partial = replica.partial().unwrap();
+    assert_eq!(
+        (partial.source, partial.image_lsn),
+        (primary.image_source(), pin.lsn())
+    );
+    // And a partial store is not checkpointed.
+    assert_eq!(
+        replica.checkpoint(u64::MAX).unwrap(),
+        CheckpointOutcome::UpToDate
+    );
+}
+
+#[test]
+fn a_crash_or_a_power_loss_anywhere_in_an_install_in_place_leaves_it_partial_or_switched() {
+    let mut cases = 0;
+    let mut switched = 0;
+    let mut partial = 0;
+    for op in 0.. {
+        for fault in [Fault::Crash, Fault::Eio] {
+            let fs = SimFs::new();
+            let (replica, primary) = replica_and_image(&fs);
+            let before = image(&replica);
+            let want = image(&primary);
+            let lsn = primary.superblock().checkpoint;
+            let start = fs.ops();
+            fs.inject(start + op, fault);
+            let done = install_in_place(&replica, &primary);
+            if done.is_ok() && fs.ops() < start + op {
+                // Past the last operation: every boundary was tried.
+                assert!(cases > 0);
+                eprintln!("{cases} cases: {switched} switched, {partial} partial");
+                assert!(switched > 0 && partial > 0);
+                return;
+            }
+            drop((replica, primary));
+            for mode in [PowerLoss::DropUnsynced, PowerLoss::Seeded(op)] {
+                fs.clear_fault();
+                fs.power_loss(mode);
+                let (replica, _) = Store::open(
+                    "/r",
+                    StoreOptions {
+                        fs: Arc::new(fs.clone()),
+                        reset_interrupted_run: true,
+                        ..StoreOptions::new(BLOCKS)
+                    },
+                )
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "op {op} {fault:?} {mode:?}: reopen: {e}\n{}",
+                        fs.history().join("\n")
+                    )
+                });
+                cases += 1;
+                match replica.partial() {
+                    Some(_) => partial += 1,
+                    None if replica.superblock().checkpoint == lsn => {
+                        assert_eq!(image(&replica), want, "op {op} {fault:?} {mode:?}");
+                        assert_eq!(replica.head(), lsn);
+                        switched += 1;
+                    }
+                    None => assert_eq!(
+                        image(&replica),
+                        before,
+                        "op {op} {fault:?} {mode:?}: neither partial nor switched nor as it was"
+                    ),
+                }
+            }
+        }
+        assert!(op < 500, "the install never ran out of operations");
+    }
+}
