@@ -217,6 +217,7 @@ async fn impostor() -> String {
                             checkpoint: 0,
                             epochs: Vec::new(),
                             committed: 0,
+                            partial: None,
                         };
                         let _ = conn
                             .send(Envelope {

@@ -42,6 +42,7 @@ async fn empty_replica(listener: TcpListener, replica: &'static str) {
                     checkpoint: 0,
                     epochs: Vec::new(),
                     committed: 0,
+                    partial: None,
                 };
                 let _ = conn
                     .send(Envelope {

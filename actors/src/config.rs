@@ -69,6 +69,12 @@ pub struct Tuning {
     /// When false, snapshot pins are refused and every rebuild falls back to a
     /// full base (for extents where pausing the checkpointer is too costly).
     pub snapshot_rebuilds: bool,
+    /// Whether a rebuild moves only what differs (the dirty map of a
+    /// replica that was away, or region checksums) and installs it in place
+    /// when the replica's log is not the only other copy of what was
+    /// committed. When false every rebuild sends the whole image into a
+    /// staging file.
+    pub delta_rebuilds: bool,
     /// Whether sessions to replicas run as streams multiplexed over one
     /// connection per replica address (a node's listener takes both kinds;
     /// a replica listening on its own takes plain connections only).
@@ -105,6 +111,7 @@ impl Default for Tuning {
             peer_timeout: Duration::from_secs(5),
             backend: BackendRequest::Auto,
             snapshot_rebuilds: true,
+            delta_rebuilds: true,
             multiplex: false,
         }
     }

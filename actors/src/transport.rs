@@ -170,6 +170,7 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
         checkpoint,
         epochs,
         committed,
+        partial,
     } = answer.message
     else {
         return Err(ExecError::Protocol(format!(
@@ -189,6 +190,11 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
             checkpoint: Lsn(checkpoint),
             epochs,
             committed: Lsn(committed),
+            partial: partial.map(|p| walship_engine::PartialImage {
+                source: p.source,
+                since: Lsn(p.since),
+                image_lsn: Lsn(p.image_lsn),
+            }),
         },
     })
 }

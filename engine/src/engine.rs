@@ -18,6 +18,7 @@
 //! no clock and uses no randomness: the same inputs give the same commands.
 
 use crate::commit::{check_topology, CommitError, CommitMode, CommitTracker, Lagging};
+use crate::delta::DirtyMap;
 use crate::epochs::EpochHistory;
 use crate::error::EngineError;
 use crate::events::{Ack, Assignment, Command, EngineConfig, Input, WalState};
@@ -69,6 +70,10 @@ pub struct Engine {
     pub(crate) next_session: u64,
     pub(crate) commands: Vec<Command>,
     pub(crate) log: RecoveryLog,
+    /// The primary store's image source id (see [`crate::delta`]).
+    pub(crate) image_source: u64,
+    /// The dirty maps the shell keeps, as it last reported them.
+    pub(crate) dirty_maps: BTreeMap<ReplicaId, DirtyMap>,
 }
 
 impl Engine {
@@ -117,6 +122,8 @@ impl Engine {
             next_session: 1,
             commands: Vec::new(),
             log,
+            image_source: 0,
+            dirty_maps: BTreeMap::new(),
         }
     }
 
@@ -444,6 +451,7 @@ impl Engine {
         for id in removed {
             self.invalidate(&id, "replica_removed");
             self.release_retention(&id, "replica_removed");
+            self.forget_dirty(&id);
             self.senders.remove(&id);
             self.record(Some(&id), None, "replica_removed", "left the assignment");
             self.commands.push(Command::Disconnect {
@@ -551,8 +559,17 @@ impl Engine {
         let was_in_sync = sender.state() == ReplicaState::InSync;
         sender.connection_lost();
         sender.barrier_requested = None;
+        let durable = sender.flushed;
         self.hold_while_away(replica, was_in_sync);
         self.commit.set_in_sync(replica, false);
+        if was_in_sync && !self.dirty_maps.contains_key(replica) {
+            // From here on, what it misses is marked: a rebuild, if the
+            // WAL no longer covers its return, moves only that.
+            self.commands.push(Command::TrackDirty {
+                replica: replica.clone(),
+                since: durable,
+            });
+        }
         if was_in_sync {
             self.commands.push(Command::StopLiveShipping {
                 replica: replica.clone(),
@@ -562,6 +579,26 @@ impl Engine {
     }
 
     // ----- WAL, durability and barriers -------------------------------------
+
+    /// What the shell's dirty maps cover now (it reports them before a
+    /// handshake is classified, and after carrying out `TrackDirty`), and
+    /// which store the primary's images come from. Replaces what was known.
+    pub fn handle_dirty_maps(&mut self, image_source: u64, maps: Vec<(ReplicaId, DirtyMap)>) {
+        self.image_source = image_source;
+        self.dirty_maps = maps
+            .into_iter()
+            .filter(|(id, _)| self.senders.contains_key(id))
+            .collect();
+    }
+
+    /// Tells the shell to stop marking for `replica`, if a map is kept.
+    pub(crate) fn forget_dirty(&mut self, replica: &ReplicaId) {
+        if self.dirty_maps.remove(replica).is_some() {
+            self.commands.push(Command::ForgetDirty {
+                replica: replica.clone(),
+            });
+        }
+    }
 
     /// Records the primary WAL's head, tail, checkpoint and newest epoch.
     pub fn handle_wal_state(&mut self, wal: WalState) -> Result<(), EngineError> {

@@ -28,6 +28,10 @@ pub struct EngineConfig {
     pub barrier_timeout_ticks: u64,
     /// Events kept by the recovery log.
     pub log_capacity: usize,
+    /// Rebuilds move only what differs, installed in place when that is
+    /// safe (see [`crate::delta`]); off, every rebuild is a whole image
+    /// into a staging file. Off by default here; the runtime turns it on.
+    pub delta_rebuilds: bool,
 }
 
 impl EngineConfig {
@@ -42,6 +46,7 @@ impl EngineConfig {
             pin_reservation_ticks: 100,
             barrier_timeout_ticks: 100,
             log_capacity: 4096,
+            delta_rebuilds: false,
         }
     }
 }
@@ -301,6 +306,20 @@ pub enum Command {
         /// Where.
         endpoint: Endpoint,
     },
+    /// Mark, from now on, every region a write applied after `since`
+    /// touches, for `replica` (it left sync durable through `since`); then
+    /// report the maps (`handle_dirty_maps`).
+    TrackDirty {
+        /// Replica.
+        replica: ReplicaId,
+        /// Its durable LSN when it left.
+        since: Lsn,
+    },
+    /// Stop marking for `replica` (in sync again, or removed).
+    ForgetDirty {
+        /// Replica.
+        replica: ReplicaId,
+    },
     /// The replica left the assignment: close its connection and drop its sender.
     Disconnect {
         /// Replica.
@@ -415,6 +434,8 @@ impl Command {
         match self {
             Self::Connect { replica, .. }
             | Self::Disconnect { replica, .. }
+            | Self::TrackDirty { replica, .. }
+            | Self::ForgetDirty { replica }
             | Self::AcquireResources { replica, .. }
             | Self::ReleaseResources { replica, .. }
             | Self::Execute { replica, .. }

@@ -227,7 +227,7 @@ impl RebuildExecutor {
         chunk_bytes: u64,
         batch_entries: u64,
     ) -> Result<Self, ExecutorError> {
-        let PlanKind::Rebuild { source } = &plan.kind else {
+        let PlanKind::Rebuild { source, .. } = &plan.kind else {
             return Err(ExecutorError::WrongPlan(plan.session, "rebuild"));
         };
         let bad = |detail: String| ExecutorError::BadGrants {
@@ -390,6 +390,9 @@ mod tests {
                 snapshot_lsn: Lsn(40),
                 tail_target: Lsn(45),
             },
+            transfer: crate::delta::Transfer::Staged {
+                reason: "test".into(),
+            },
         });
         let grants = [
             ResourceGrant {
@@ -434,6 +437,9 @@ mod tests {
             source: RebuildSource::FullBase {
                 min_base_lsn: Lsn(50),
                 reason: "r".into(),
+            },
+            transfer: crate::delta::Transfer::Staged {
+                reason: "test".into(),
             },
         });
         let low = [ResourceGrant {

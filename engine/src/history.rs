@@ -121,6 +121,9 @@ pub struct ReplicaLog {
     /// refuses to truncate below it, and a primary whose log ends before
     /// it must not truncate or rebuild it.
     pub committed: Lsn,
+    /// An install in place it has not finished: it holds part of an
+    /// image, and no log to build on.
+    pub partial: Option<crate::delta::PartialImage>,
 }
 
 impl ReplicaLog {
@@ -135,6 +138,7 @@ impl ReplicaLog {
                 EpochHistory::new()
             },
             committed: Lsn::ZERO,
+            partial: None,
         }
     }
 }
@@ -246,6 +250,14 @@ pub fn classify_handshake(
     let rebuild = |reason: String| HandshakeOutcome::NeedsRebuild {
         proof: proof(Verdict::NeedsRebuild, reason),
     };
+    if let Some(partial) = log.partial {
+        // Its extent mixes what it held with part of an image: nothing
+        // can be caught up onto it.
+        return rebuild(format!(
+            "rebuild_interrupted: the replica holds part of an image at {}",
+            partial.image_lsn
+        ));
+    }
     if let Some(conflict) = divergence.conflict {
         let keep = divergence.point.min(committed);
         let prefix = format!("divergent_tail: {conflict}: truncate to {keep}");
@@ -401,6 +413,7 @@ mod tests {
             checkpoint: Lsn(checkpoint),
             epochs: EpochHistory::single(Epoch(1)),
             committed: Lsn::ZERO,
+            partial: None,
         };
         classify_handshake(&log, &history(tail, 500, committed), &primary)
     }
@@ -582,6 +595,7 @@ mod tests {
             checkpoint: Lsn(95),
             epochs: EpochHistory::single(Epoch(1)),
             committed: Lsn::ZERO,
+            partial: None,
         };
         let outcome = classify_handshake(&log, &h, &EpochHistory::single(Epoch(1)));
         assert_eq!(

@@ -57,6 +57,7 @@
 
 mod budget;
 mod commit;
+mod delta;
 mod engine;
 mod epochs;
 mod error;
@@ -78,6 +79,7 @@ mod status;
 
 pub use budget::{BudgetTracker, BudgetViolation, CatchUpBudget};
 pub use commit::{check_topology, BarrierFailure, CommitError, CommitMode, CommitTracker, Lagging};
+pub use delta::{select_transfer, DirtyMap, PartialImage, Transfer, TransferInputs};
 pub use engine::Engine;
 pub use epochs::{divergence, Conflict, Divergence, EpochHistory, EpochOrderError, EpochStart};
 pub use error::EngineError;

@@ -12,6 +12,7 @@
 //! whatever way the session ends.
 
 use crate::budget::CatchUpBudget;
+use crate::delta::Transfer;
 use crate::history::RebuildSource;
 use crate::ids::{Epoch, Lsn, ReplicaId, ResourceId, SessionId};
 use serde::Serialize;
@@ -35,6 +36,8 @@ pub enum PlanKind {
     Rebuild {
         /// The chosen source with its bound LSNs.
         source: RebuildSource,
+        /// What of the image moves, and how the replica installs it.
+        transfer: Transfer,
     },
 }
 
@@ -133,6 +136,7 @@ impl RecoveryPlan {
             PlanKind::CatchUp { .. } => Vec::new(),
             PlanKind::Rebuild {
                 source: RebuildSource::SnapshotTail { snapshot_lsn, .. },
+                ..
             } => vec![
                 ResourceRequest::Snapshot { at: *snapshot_lsn },
                 ResourceRequest::WalRetention {
@@ -141,6 +145,7 @@ impl RecoveryPlan {
             ],
             PlanKind::Rebuild {
                 source: RebuildSource::FullBase { min_base_lsn, .. },
+                ..
             } => {
                 vec![ResourceRequest::FullBase {
                     at_least: *min_base_lsn,
@@ -155,9 +160,11 @@ impl RecoveryPlan {
             PlanKind::CatchUp { .. } => "plan_catchup",
             PlanKind::Rebuild {
                 source: RebuildSource::SnapshotTail { .. },
+                ..
             } => "plan_rebuild_snapshot_tail",
             PlanKind::Rebuild {
                 source: RebuildSource::FullBase { .. },
+                ..
             } => "plan_rebuild_full_base",
         }
     }
@@ -182,6 +189,7 @@ impl RecoveryPlan {
                         snapshot_lsn,
                         tail_target,
                     },
+                ..
             } => {
                 format!(
                     "snapshot at {snapshot_lsn}, replay {}-{tail_target}",
@@ -194,6 +202,7 @@ impl RecoveryPlan {
                         min_base_lsn,
                         reason,
                     },
+                ..
             } => {
                 format!("full base at >= {min_base_lsn}; because {reason}")
             }
@@ -266,6 +275,9 @@ mod tests {
                 min_base_lsn: Lsn(20),
                 reason: "r".into(),
             },
+            transfer: crate::delta::Transfer::Staged {
+                reason: "test".into(),
+            },
         });
         assert_eq!(full.event_name(), "plan_rebuild_full_base");
         assert_eq!(
@@ -280,6 +292,9 @@ mod tests {
             source: RebuildSource::SnapshotTail {
                 snapshot_lsn: Lsn(5),
                 tail_target: Lsn(9),
+            },
+            transfer: crate::delta::Transfer::Staged {
+                reason: "test".into(),
             },
         });
         let good = [

@@ -11,10 +11,13 @@
 
 use crate::budget::BudgetTracker;
 use crate::commit::CommitMode;
+use crate::delta::{select_transfer, Transfer, TransferInputs};
 use crate::engine::{Engine, Timer};
 use crate::error::EngineError;
 use crate::events::{CatchUpProgress, Command, ExecutionFailure, HandshakeReply, RebuildProgress};
-use crate::history::{classify_handshake, select_rebuild_source, HandshakeOutcome, RebuildSource};
+use crate::history::{
+    classify_handshake, select_rebuild_source, HandshakeOutcome, RebuildSource, ReplicaLog,
+};
 use crate::ids::{Epoch, Lsn, ReplicaId, SessionId};
 use crate::plan::{PlanKind, RecoveryPlan, ResourceGrant};
 use crate::rebuild::RebuildState;
@@ -175,6 +178,10 @@ impl Engine {
             return Ok(());
         }
         let outcome = classify_handshake(&reply.log, &history, &self.epochs);
+        let agreed = flushed.min(outcome.proof().divergence.point);
+        if let Some(sender) = self.senders.get_mut(replica) {
+            sender.holds = Some((reply.log.clone(), agreed));
+        }
         let mut detail = format!(
             "flushed={flushed} committed={}: {}",
             history.committed,
@@ -226,6 +233,7 @@ impl Engine {
 
     fn plan_rebuild(&mut self, replica: &ReplicaId, session: SessionId) {
         let history = self.history();
+        let transfer = self.select_transfer(replica);
         let refused = self
             .senders
             .get(replica)
@@ -238,7 +246,45 @@ impl Engine {
             },
             None => select_rebuild_source(&history),
         };
-        self.reserve(replica, session, PlanKind::Rebuild { source });
+        let event = transfer.event_name();
+        let detail = transfer.to_string();
+        self.reserve(replica, session, PlanKind::Rebuild { source, transfer });
+        self.record(Some(replica), Some(session), event, detail);
+    }
+
+    /// What the rebuild of `replica` moves (see [`crate::delta`]), from
+    /// what its last handshake said it holds.
+    fn select_transfer(&self, replica: &ReplicaId) -> Transfer {
+        let empty = ReplicaLog::default();
+        let (log, agreed) = self
+            .senders
+            .get(replica)
+            .and_then(|s| s.holds.as_ref())
+            .map_or((&empty, Lsn::ZERO), |(log, agreed)| (log, *agreed));
+        select_transfer(&TransferInputs {
+            enabled: self.config.delta_rebuilds,
+            replica: log,
+            agreed,
+            map: self.dirty_maps.get(replica).copied(),
+            source: self.image_source,
+            other_copy: self.other_copy(replica),
+        })
+    }
+
+    /// Whether what `replica` holds is not needed as a copy of what was
+    /// committed: best_effort promises nothing beyond the primary, or
+    /// another replica in sync is durable through the committed LSN.
+    fn other_copy(&self, replica: &ReplicaId) -> bool {
+        let committed = self.commit.committed();
+        self.commit.mode() == CommitMode::BestEffort
+            || self.senders.iter().any(|(id, sender)| {
+                id != replica
+                    && sender.state() == ReplicaState::InSync
+                    && self
+                        .commit
+                        .replica_durable(id)
+                        .is_some_and(|durable| durable >= committed)
+            })
     }
 
     /// Binds the plan, logs it and asks for its resources (or runs it at once
@@ -423,6 +469,7 @@ impl Engine {
             PlanKind::CatchUp { .. } => {}
             PlanKind::Rebuild {
                 source: RebuildSource::SnapshotTail { .. },
+                ..
             } => {
                 sender.refuse_snapshot(reason);
                 let detail = format!("snapshot pin failed ({reason}); next plan uses a full base");
@@ -436,6 +483,7 @@ impl Engine {
             }
             PlanKind::Rebuild {
                 source: RebuildSource::FullBase { .. },
+                ..
             } => {
                 let detail = format!("full base pin failed ({reason}); retried after a backoff");
                 self.record(
@@ -671,6 +719,7 @@ impl Engine {
         );
         // The hold takes over from the plan's pins before they go.
         self.hold_retention(replica, flushed, false);
+        self.forget_dirty(replica);
         if let Some(sender) = self.senders.get_mut(replica) {
             sender.barrier_requested = None;
         }

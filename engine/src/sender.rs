@@ -82,6 +82,9 @@ pub(crate) struct Sender {
     pub(crate) failure: Option<FailureRecord>,
     /// The barrier its ack was last asked to name, until that ack comes.
     pub(crate) barrier_requested: Option<BarrierId>,
+    /// What its last handshake said it holds, and up to where that is this
+    /// primary's history: what a rebuild can build on.
+    pub(crate) holds: Option<(crate::history::ReplicaLog, Lsn)>,
 }
 
 impl Sender {
@@ -97,6 +100,7 @@ impl Sender {
             hold: RetentionHold::None,
             failure: None,
             barrier_requested: None,
+            holds: None,
         }
     }
 

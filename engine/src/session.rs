@@ -250,7 +250,7 @@ impl Session {
                 target: *frozen_target,
                 budget: BudgetTracker::start(*budget, now),
             },
-            PlanKind::Rebuild { source } => {
+            PlanKind::Rebuild { source, .. } => {
                 let mut fsm = RebuildFsm::new();
                 let image = image_lsn.ok_or_else(|| self.wrong("run without image grant"))?;
                 fsm.select(source.clone(), image)

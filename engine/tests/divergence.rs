@@ -104,7 +104,7 @@ proptest! {
         let head = Lsn(p.len() as u64);
         let committed = Lsn(head.get().saturating_sub(committed_back));
         let history = RetainedHistory { head, tail: Lsn::ZERO, committed, checkpoint: Lsn::ZERO, checkpoint_trusted: true };
-        let log = ReplicaLog { flushed: Lsn(r.len() as u64), checkpoint: Lsn::ZERO, epochs: history_of(r), committed: Lsn::ZERO };
+        let log = ReplicaLog { flushed: Lsn(r.len() as u64), checkpoint: Lsn::ZERO, epochs: history_of(r), committed: Lsn::ZERO, partial: None };
         let mut result = r.clone();
         match classify_handshake(&log, &history, &history_of(p)) {
             HandshakeOutcome::ZeroGap { .. } => {}

@@ -168,6 +168,7 @@ impl Model {
                             checkpoint: Lsn::ZERO,
                             epochs: self.shell.epochs.through(flushed),
                             committed: Lsn::ZERO,
+                            partial: None,
                         },
                     };
                     if e.handle_handshake(&id, s, reply).is_ok() {
@@ -315,6 +316,7 @@ impl Model {
                                 checkpoint: Lsn::ZERO,
                                 epochs: self.shell.epochs.through(flushed),
                                 committed: Lsn::ZERO,
+                                partial: None,
                             },
                         };
                         if e.handle_handshake(&id, s, reply).is_ok() {

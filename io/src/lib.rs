@@ -47,7 +47,7 @@ pub use wal::{
     WalError, WalOptions,
 };
 pub use wire::{
-    Envelope, ImageKind, Message, WireCodec, WireError, CODE_BASE, CODE_IDENTITY,
+    Envelope, ImageKind, Install, Message, WireCodec, WireError, CODE_BASE, CODE_IDENTITY,
     CODE_OUT_OF_ORDER, CODE_STORAGE, CODE_STORE, CODE_SUPERSEDED, CODE_TRUNCATE_REFUSED,
     CODE_UNEXPECTED, CODE_WIRE, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };

@@ -28,8 +28,12 @@ use tokio_util::codec::{Decoder, Encoder};
 /// replica knows; a primary peers (`Peer`) and pulls an image from a
 /// replica (`PullImage`, `PullChunk`, `PullDone`) before it serves; a
 /// barrier request carries the committed LSN and a durable ack the
-/// replica's floor (3 was not released before these were added).
-pub const PROTOCOL_VERSION: u8 = 3;
+/// replica's floor (3 was not released before these were added). 4: a
+/// rebuild says how the replica installs it (`Install`: into a staging
+/// file, or in place over what it holds), the hello ack says what an
+/// install in place left (`partial`), and a rebuild may compare region
+/// checksums (`SumsRequest`, `RegionSums`).
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Default largest frame accepted: a 16 MiB WAL batch plus headers.
 pub const DEFAULT_MAX_FRAME: usize = 17 << 20;
 const HEADER: usize = 10;
@@ -138,6 +142,27 @@ pub enum ImageKind {
     FullBase,
 }
 
+/// How a replica installs a rebuild's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// Every chunk, in order, into a staging file; the switch is atomic
+    /// and what the replica held stays whole until it (its log may be the
+    /// only other copy of what was committed).
+    Staging,
+    /// The chunks sent (any regions, in ascending order) over the
+    /// replica's own extent; the store is partial until the image is
+    /// committed (see `Store::begin_in_place`).
+    InPlace {
+        /// The primary store's [`crate::Store::image_source`].
+        source: u64,
+        /// The dirty map the regions were chosen by (its `since`), or 0.
+        since: u64,
+        /// The replica applies its own log through this LSN first (the
+        /// dirty map covers what came after it), or 0.
+        apply_through: u64,
+    },
+}
+
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -170,6 +195,10 @@ pub enum Message {
         /// The highest LSN the replica knows to be committed (a primary
         /// said so, or it is checkpointed): it never truncates below it.
         committed: u64,
+        /// An install in place it has not finished: its extent partly
+        /// holds that image and its log is not to be trusted (`flushed`
+        /// and `checkpoint` are then 0 and `epochs` empty).
+        partial: Option<crate::PartialImage>,
     },
     /// A primary that is about to serve → replica: what do you hold?
     /// Answered with a `HelloAck` under the replica's own epoch, changing
@@ -264,6 +293,31 @@ pub enum Message {
         image_lsn: u64,
         /// Image size.
         image_bytes: u64,
+        /// How the replica installs it.
+        install: Install,
+    },
+    /// Primary → replica during a rebuild installed in place: the
+    /// checksums of your extent's regions in `[offset, offset + len)`.
+    /// Answered with `RegionSums`.
+    SumsRequest {
+        /// Session.
+        session: u64,
+        /// First byte (region-aligned).
+        offset: u64,
+        /// Bytes (whole regions, but at the volume's end).
+        len: u64,
+        /// Bytes per region.
+        region_bytes: u64,
+    },
+    /// Replica → primary: xxh3-128 of each region asked for, 16 bytes
+    /// each, little-endian.
+    RegionSums {
+        /// Session.
+        session: u64,
+        /// First byte.
+        offset: u64,
+        /// The checksums.
+        sums: Bytes,
     },
     /// One chunk of the image.
     RebuildChunk {
@@ -527,6 +581,8 @@ impl Message {
             Self::PullChunk { .. } => 18,
             Self::PullDone => 19,
             Self::PullFrames { .. } => 20,
+            Self::SumsRequest { .. } => 21,
+            Self::RegionSums { .. } => 22,
         }
     }
 
@@ -551,12 +607,22 @@ impl Message {
                 checkpoint,
                 epochs,
                 committed,
+                partial,
             } => {
                 put_string(dst, replica);
                 dst.put_u64_le(*flushed);
                 dst.put_u64_le(*checkpoint);
                 put_epochs(dst, epochs)?;
                 dst.put_u64_le(*committed);
+                dst.put_u8(u8::from(partial.is_some()));
+                let p = partial.unwrap_or(crate::PartialImage {
+                    source: 0,
+                    since: 0,
+                    image_lsn: 0,
+                });
+                dst.put_u64_le(p.source);
+                dst.put_u64_le(p.since);
+                dst.put_u64_le(p.image_lsn);
             }
             Self::Peer {
                 cluster,
@@ -614,6 +680,7 @@ impl Message {
                 kind,
                 image_lsn,
                 image_bytes,
+                install,
             } => {
                 dst.put_u64_le(*session);
                 dst.put_u8(match kind {
@@ -622,6 +689,39 @@ impl Message {
                 });
                 dst.put_u64_le(*image_lsn);
                 dst.put_u64_le(*image_bytes);
+                match install {
+                    Install::Staging => dst.put_u8(0),
+                    Install::InPlace {
+                        source,
+                        since,
+                        apply_through,
+                    } => {
+                        dst.put_u8(1);
+                        dst.put_u64_le(*source);
+                        dst.put_u64_le(*since);
+                        dst.put_u64_le(*apply_through);
+                    }
+                }
+            }
+            Self::SumsRequest {
+                session,
+                offset,
+                len,
+                region_bytes,
+            } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*offset);
+                dst.put_u64_le(*len);
+                dst.put_u64_le(*region_bytes);
+            }
+            Self::RegionSums {
+                session,
+                offset,
+                sums,
+            } => {
+                dst.put_u64_le(*session);
+                dst.put_u64_le(*offset);
+                put_blob(dst, sums);
             }
             Self::RebuildChunk {
                 session,
@@ -684,6 +784,24 @@ impl Message {
                 checkpoint: r.u64("checkpoint")?,
                 epochs: r.epochs("epochs")?,
                 committed: r.u64("committed")?,
+                partial: {
+                    let flag = r.u8("partial flag")?;
+                    let image = crate::PartialImage {
+                        source: r.u64("partial source")?,
+                        since: r.u64("partial since")?,
+                        image_lsn: r.u64("partial image lsn")?,
+                    };
+                    match flag {
+                        0 => None,
+                        1 => Some(image),
+                        value => {
+                            return Err(WireError::BadValue {
+                                field: "partial flag",
+                                value,
+                            })
+                        }
+                    }
+                },
             },
             3 => Self::WalBatch {
                 session: r.u64("session")?,
@@ -737,11 +855,28 @@ impl Message {
                         })
                     }
                 };
+                let image_lsn = r.u64("image_lsn")?;
+                let image_bytes = r.u64("image_bytes")?;
+                let install = match r.u8("install")? {
+                    0 => Install::Staging,
+                    1 => Install::InPlace {
+                        source: r.u64("source")?,
+                        since: r.u64("since")?,
+                        apply_through: r.u64("apply_through")?,
+                    },
+                    value => {
+                        return Err(WireError::BadValue {
+                            field: "install",
+                            value,
+                        })
+                    }
+                };
                 Self::RebuildBegin {
                     session,
                     kind,
-                    image_lsn: r.u64("image_lsn")?,
-                    image_bytes: r.u64("image_bytes")?,
+                    image_lsn,
+                    image_bytes,
+                    install,
                 }
             }
             9 => Self::RebuildChunk {
@@ -787,6 +922,17 @@ impl Message {
             19 => Self::PullDone,
             20 => Self::PullFrames {
                 after: r.u64("after")?,
+            },
+            21 => Self::SumsRequest {
+                session: r.u64("session")?,
+                offset: r.u64("offset")?,
+                len: r.u64("len")?,
+                region_bytes: r.u64("region_bytes")?,
+            },
+            22 => Self::RegionSums {
+                session: r.u64("session")?,
+                offset: r.u64("offset")?,
+                sums: r.blob("sums")?,
             },
             other => return Err(WireError::UnknownType(other)),
         })
@@ -1002,6 +1148,29 @@ mod tests {
             kind: ImageKind::FullBase,
             image_lsn: 7,
             image_bytes: 8,
+            install: Install::Staging,
+        });
+        round_trip(Message::RebuildBegin {
+            session: 1,
+            kind: ImageKind::Snapshot,
+            image_lsn: 7,
+            image_bytes: 8,
+            install: Install::InPlace {
+                source: 9,
+                since: 3,
+                apply_through: 5,
+            },
+        });
+        round_trip(Message::SumsRequest {
+            session: 1,
+            offset: 64 << 10,
+            len: 1 << 20,
+            region_bytes: 64 << 10,
+        });
+        round_trip(Message::RegionSums {
+            session: 1,
+            offset: 64 << 10,
+            sums: Bytes::from(vec![7; 32]),
         });
         round_trip(Message::Error {
             code: 4,
@@ -1023,6 +1192,19 @@ mod tests {
             checkpoint: 100,
             epochs: epochs.clone(),
             committed: 250,
+            partial: None,
+        });
+        round_trip(Message::HelloAck {
+            replica: "v/r".into(),
+            flushed: 0,
+            checkpoint: 0,
+            epochs: Vec::new(),
+            committed: 250,
+            partial: Some(crate::PartialImage {
+                source: 11,
+                since: 12,
+                image_lsn: 13,
+            }),
         });
         round_trip(Message::Peer {
             cluster: "c".into(),
@@ -1184,6 +1366,7 @@ mod tests {
             checkpoint: 0,
             epochs: too_many,
             committed: 0,
+            partial: None,
         };
         assert!(matches!(
             codec.encode(Envelope { epoch: 1, message: ack }, &mut buf),

@@ -53,15 +53,43 @@ fn message() -> impl Strategy<Value = Message> {
                 durable_commits,
             }
         ),
-        (text(), n(), n(), epochs(), n()).prop_map(
-            |(replica, flushed, checkpoint, epochs, committed)| Message::HelloAck {
-                replica,
-                flushed,
-                checkpoint,
-                epochs,
-                committed,
+        (
+            text(),
+            n(),
+            n(),
+            epochs(),
+            n(),
+            proptest::option::of((n(), n(), n()))
+        )
+            .prop_map(
+                |(replica, flushed, checkpoint, epochs, committed, partial)| {
+                    Message::HelloAck {
+                        replica,
+                        flushed,
+                        checkpoint,
+                        epochs,
+                        committed,
+                        partial: partial.map(|(source, since, image_lsn)| PartialImage {
+                            source,
+                            since,
+                            image_lsn,
+                        }),
+                    }
+                }
+            ),
+        (n(), n(), n(), n()).prop_map(|(session, offset, len, region_bytes)| {
+            Message::SumsRequest {
+                session,
+                offset,
+                len,
+                region_bytes,
             }
-        ),
+        }),
+        (n(), n(), blob()).prop_map(|(session, offset, sums)| Message::RegionSums {
+            session,
+            offset,
+            sums
+        }),
         (text(), text(), text()).prop_map(|(cluster, volume, replica)| Message::Peer {
             cluster,
             volume,
@@ -90,18 +118,33 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (n(), n()).prop_map(|(seq, committed)| Message::Heartbeat { seq, committed }),
         (n(), n()).prop_map(|(seq, durable)| Message::HeartbeatAck { seq, durable }),
-        (n(), any::<bool>(), n(), n()).prop_map(|(session, snap, image_lsn, image_bytes)| {
-            Message::RebuildBegin {
-                session,
-                kind: if snap {
-                    ImageKind::Snapshot
-                } else {
-                    ImageKind::FullBase
-                },
-                image_lsn,
-                image_bytes,
-            }
-        }),
+        (
+            n(),
+            any::<bool>(),
+            n(),
+            n(),
+            proptest::option::of((n(), n(), n()))
+        )
+            .prop_map(|(session, snap, image_lsn, image_bytes, in_place)| {
+                Message::RebuildBegin {
+                    session,
+                    kind: if snap {
+                        ImageKind::Snapshot
+                    } else {
+                        ImageKind::FullBase
+                    },
+                    image_lsn,
+                    image_bytes,
+                    install: match in_place {
+                        None => Install::Staging,
+                        Some((source, since, apply_through)) => Install::InPlace {
+                            source,
+                            since,
+                            apply_through,
+                        },
+                    },
+                }
+            }),
         (n(), n(), blob()).prop_map(|(session, offset, data)| Message::RebuildChunk {
             session,
             offset,

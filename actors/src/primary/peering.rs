@@ -15,7 +15,7 @@ use super::ship::connect;
 use crate::config::{PrimaryConfig, ReplicaSpec, Tuning};
 use crate::error::{ExecError, VolumeError};
 use crate::mux::PeerLinks;
-use crate::replica::install::InstallWriter;
+use crate::replica::install::{InstallWriter, Sink};
 use crate::transport::{self, recv, Conn};
 use futures::SinkExt;
 use std::sync::Arc;
@@ -450,7 +450,7 @@ async fn pull(
         )));
     }
     let install = store.begin_install(image_lsn).map_err(ExecError::from)?;
-    let mut writer = InstallWriter::start(install);
+    let mut writer = InstallWriter::start(Sink::Staging(install));
     let chunk = (tuning.image_chunk_bytes as u64 / BLOCK_SIZE as u64).max(1) * BLOCK_SIZE as u64;
     let mut requested = 0;
     let mut received = 0;
@@ -487,8 +487,14 @@ async fn pull(
     // job holds a token of the volume's tasks, so a stop that drops this
     // future still waits for the switch to end before the store reopens.
     blocking(store, tasks, move |store| {
-        let install = writer.finish()?;
-        store.commit_install(install, checksum, epoch, &epochs)
+        match writer.finish()? {
+            Sink::Staging(install) => store.commit_install(install, checksum, epoch, &epochs),
+            // A pull only ever starts a staging install.
+            Sink::InPlace(_) => Err(walship_io::StoreError::BaseIncomplete {
+                received: 0,
+                expected: 0,
+            }),
+        }
     })
     .await?;
     Ok(image_lsn)

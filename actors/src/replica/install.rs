@@ -1,7 +1,31 @@
 //! Writing a base image being received, on a thread of its own.
 
 use bytes::Bytes;
-use walship_io::{BaseInstall, StoreError};
+use walship_io::{BaseInstall, InPlaceInstall, StoreError};
+
+/// Where an image's chunks go: a staging file, or the replica's own
+/// extent (an install in place).
+#[derive(Debug)]
+pub(crate) enum Sink {
+    Staging(BaseInstall),
+    InPlace(InPlaceInstall),
+}
+
+impl Sink {
+    fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        match self {
+            Self::Staging(install) => install.write_chunk(offset, data),
+            Self::InPlace(install) => install.write_chunk(offset, data),
+        }
+    }
+
+    pub(crate) fn image_lsn(&self) -> u64 {
+        match self {
+            Self::Staging(install) => install.image_lsn(),
+            Self::InPlace(install) => install.image_lsn(),
+        }
+    }
+}
 
 /// Chunks a base install may have queued for its writer (1 MiB each).
 const INSTALL_QUEUE: usize = 8;
@@ -14,11 +38,11 @@ const INSTALL_QUEUE: usize = 8;
 #[derive(Debug)]
 pub(crate) struct InstallWriter {
     chunks: Option<std::sync::mpsc::SyncSender<(u64, Bytes)>>,
-    thread: Option<std::thread::JoinHandle<Result<BaseInstall, StoreError>>>,
+    thread: Option<std::thread::JoinHandle<Result<Sink, StoreError>>>,
 }
 
 impl InstallWriter {
-    pub(crate) fn start(mut install: BaseInstall) -> Self {
+    pub(crate) fn start(mut install: Sink) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(INSTALL_QUEUE);
         let thread = std::thread::Builder::new()
             .name("walship-install".into())
@@ -57,11 +81,11 @@ impl InstallWriter {
     }
 
     /// Waits for every queued chunk; returns the install to commit.
-    pub(crate) fn finish(mut self) -> Result<BaseInstall, StoreError> {
+    pub(crate) fn finish(mut self) -> Result<Sink, StoreError> {
         self.finish_now()
     }
 
-    fn finish_now(&mut self) -> Result<BaseInstall, StoreError> {
+    fn finish_now(&mut self) -> Result<Sink, StoreError> {
         // (Also what dropping does: see `Drop`.)
         self.chunks = None;
         match self.thread.take().map(std::thread::JoinHandle::join) {
@@ -106,19 +130,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), StoreOptions::new(4)).unwrap();
         // In order: everything lands, finish hands the install back.
-        let mut writer = InstallWriter::start(store.begin_install(0).unwrap());
+        let mut writer = InstallWriter::start(Sink::Staging(store.begin_install(0).unwrap()));
         for i in 0..4u8 {
             writer
                 .write(u64::from(i) * BLOCK_SIZE as u64, chunk(i))
                 .unwrap();
         }
-        let install = writer.finish().unwrap();
+        let Sink::Staging(install) = writer.finish().unwrap() else {
+            panic!("a staging install")
+        };
         let crc = (0..4u8).fold(0, |crc, i| crc32c::crc32c_append(crc, &chunk(i)));
         store.commit_install(install, crc, 1, &[]).unwrap();
         assert_eq!(store.read(2, 1).unwrap(), chunk(2));
         // Out of order: the writer stops; the error comes back at the latest
         // at finish, and no chunk after it is accepted.
-        let mut writer = InstallWriter::start(store.begin_install(0).unwrap());
+        let mut writer = InstallWriter::start(Sink::Staging(store.begin_install(0).unwrap()));
         writer.write(0, chunk(9)).unwrap();
         let _ = writer.write(3 * BLOCK_SIZE as u64, chunk(9));
         // The writer takes nothing after the bad chunk, so the queue fills

@@ -8,7 +8,7 @@
 //! gets a typed message and the connection closes; the replica keeps serving.
 
 use super::admission::{self, Identity, Refusal};
-use super::install::InstallWriter;
+use super::install::{InstallWriter, Sink};
 use crate::metered;
 use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered};
 use crate::pool::BlockingPool;
@@ -18,7 +18,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 use walship_io::{
-    Envelope, Message, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE, CODE_STORAGE,
+    Envelope, Install, Message, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE, CODE_STORAGE,
     CODE_STORE, CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED,
 };
 
@@ -126,6 +126,10 @@ struct Pull {
     crc: u32,
 }
 
+/// The most bytes one `SumsRequest` may cover (the replica reads them at
+/// once).
+const SUMS_MAX: u64 = 64 << 20;
+
 /// The largest chunk a pull may ask for.
 const PULL_CHUNK_MAX: u32 = 8 << 20;
 
@@ -164,6 +168,11 @@ impl ReceiverActor {
         tasks: TaskTracker,
     ) -> Self {
         let epoch = store.superblock().epoch;
+        // A replica's writes are not marked: a map kept from when this
+        // store was a primary would miss them (see `Store::track_dirty`).
+        if let Err(e) = store.clear_dirty_maps() {
+            tracing::error!(error = %e, "clearing the dirty maps of a former primary");
+        }
         Self {
             // What primaries said was committed, as of the last checkpoint
             // (never the checkpoint itself: a former primary's is its own
@@ -268,14 +277,27 @@ impl ReceiverActor {
     /// What the replica holds: its durable LSN, checkpoint, epoch history
     /// and the committed LSN it knows.
     fn hello_ack(&self) -> Message {
+        let replica = self.identity.replica.clone();
+        let committed = self.committed_floor;
+        if let Some(partial) = self.store.partial() {
+            // Part of an image over what it held: no log to build on.
+            return Message::HelloAck {
+                replica,
+                flushed: 0,
+                checkpoint: 0,
+                epochs: Vec::new(),
+                committed,
+                partial: Some(partial),
+            };
+        }
         let wal = self.store.wal();
-        let checkpoint = self.store.superblock().checkpoint;
         Message::HelloAck {
-            replica: self.identity.replica.clone(),
+            replica,
             flushed: wal.durable(),
-            checkpoint,
+            checkpoint: self.store.superblock().checkpoint,
             epochs: wal.epochs(),
-            committed: self.committed_floor,
+            committed,
+            partial: None,
         }
     }
 
@@ -329,6 +351,7 @@ impl ReceiverActor {
                     kind: walship_io::ImageKind::FullBase,
                     image_lsn,
                     image_bytes,
+                    install: Install::Staging,
                 })
             }
             Message::PullChunk { offset, len } => {
@@ -438,6 +461,14 @@ impl ReceiverActor {
         if let Err(refusal) = admission::batch(self.store.head(), first_lsn) {
             return self.refuse(&refusal);
         }
+        if self.store.partial().is_some() {
+            self.metrics.reject();
+            return error(
+                self.epoch,
+                CODE_BASE,
+                "this replica holds part of an image (an interrupted rebuild): it takes frames only after a rebuild",
+            );
+        }
         self.heard_committed(committed);
         match self.store.apply_replicated(frames, self.committed) {
             Ok(new_head) if new_head == last_lsn => {
@@ -515,6 +546,7 @@ impl ReceiverActor {
             Message::RebuildBegin {
                 image_lsn,
                 image_bytes,
+                install,
                 ..
             } => {
                 let expected = self.store.block_count() * BLOCK_SIZE as u64;
@@ -525,12 +557,48 @@ impl ReceiverActor {
                         format!("image of {image_bytes} bytes, volume is {expected}"),
                     );
                 }
-                match self.store.begin_install(image_lsn) {
-                    Ok(install) => {
-                        self.install = Some(InstallWriter::start(install));
+                // The writer of an earlier attempt is done before this one
+                // touches the files.
+                self.install = None;
+                let begun = match install {
+                    Install::Staging => self.store.begin_install(image_lsn).map(Sink::Staging),
+                    Install::InPlace {
+                        source,
+                        since,
+                        apply_through,
+                    } => self
+                        .store
+                        .begin_in_place(image_lsn, source, since, apply_through)
+                        .map(Sink::InPlace),
+                };
+                match begun {
+                    Ok(sink) => {
+                        self.install = Some(InstallWriter::start(sink));
                         Reply::default()
                     }
                     Err(e) => self.store_failed("begin install", &e, CODE_BASE),
+                }
+            }
+            Message::SumsRequest {
+                session,
+                offset,
+                len,
+                region_bytes,
+            } => {
+                if len > SUMS_MAX || region_bytes < BLOCK_SIZE as u64 || self.install.is_none() {
+                    return error(
+                        epoch,
+                        CODE_UNEXPECTED,
+                        format!("sums of {len} bytes in regions of {region_bytes}: at most {SUMS_MAX}, regions of whole blocks, during an install"),
+                    );
+                }
+                match self.store.extent_sums(offset, len, region_bytes) {
+                    Ok(sums) => self.answer(Message::RegionSums {
+                        session,
+                        offset,
+                        sums: Bytes::from(walship_io::regions::encode_sums(&sums)),
+                    }),
+                    Err(e) => self.store_failed("region sums", &e, CODE_BASE),
                 }
             }
             Message::RebuildChunk { offset, data, .. } => match self.install.as_mut() {
@@ -548,7 +616,15 @@ impl ReceiverActor {
             } => match self.install.take().map(InstallWriter::finish) {
                 Some(Err(e)) => self.store_failed("install", &e, CODE_BASE),
                 Some(Ok(install)) if install.image_lsn() == image_lsn => {
-                    match self.store.commit_install(install, checksum, epoch, &epochs) {
+                    let committed = match install {
+                        Sink::Staging(install) => {
+                            self.store.commit_install(install, checksum, epoch, &epochs)
+                        }
+                        Sink::InPlace(install) => self
+                            .store
+                            .commit_in_place(install, checksum, epoch, &epochs),
+                    };
+                    match committed {
                         Ok(()) => {
                             // As after a truncation: only this primary's word counts past the image.
                             self.committed = self.committed.min(image_lsn);
@@ -708,6 +784,7 @@ impl ReceiverActor {
             },
             message @ (Message::RebuildBegin { .. }
             | Message::RebuildChunk { .. }
+            | Message::SumsRequest { .. }
             | Message::RebuildDone { .. }) => self.rebuild(message),
             message @ (Message::PullImage
             | Message::PullChunk { .. }

@@ -108,6 +108,7 @@ impl Shell {
                 Command::ResolveBarrier { barrier, outcome } => {
                     self.barriers.insert(*barrier, outcome.clone());
                 }
+                Command::TrackDirty { .. } | Command::ForgetDirty { .. } => {}
                 Command::SendBarrier {
                     replica, barrier, ..
                 } => {
@@ -184,6 +185,7 @@ impl Shell {
             checkpoint: Lsn::ZERO,
             epochs: self.epochs.through(Lsn(flushed)),
             committed: Lsn::ZERO,
+            partial: None,
         };
         self.handshake_with(server, log)
     }

@@ -244,7 +244,26 @@ fn a_rebuild_cancelled_at_any_await_point_releases_its_snapshot_and_wal_pins() {
                 snapshot_lsn: Lsn(200),
                 tail_target: Lsn(300),
             },
+            transfer: walship_engine::Transfer::Staged {
+                reason: "test".into(),
+            },
         },
         "snapshot+tail rebuild",
+    );
+}
+
+#[test]
+fn a_rebuild_in_place_comparing_checksums_cancelled_at_any_await_point_releases_its_pins() {
+    cancel_everywhere(
+        || PlanKind::Rebuild {
+            source: RebuildSource::SnapshotTail {
+                snapshot_lsn: Lsn(200),
+                tail_target: Lsn(300),
+            },
+            transfer: walship_engine::Transfer::Compared {
+                reason: "test".into(),
+            },
+        },
+        "snapshot+tail rebuild in place",
     );
 }

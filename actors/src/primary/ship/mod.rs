@@ -88,14 +88,19 @@ pub(crate) async fn run_plan(
 ) -> Result<(), ExecError> {
     match &plan.kind {
         PlanKind::CatchUp { start, .. } => catch_up(conn, c, session, plan, start.get()).await,
-        PlanKind::Rebuild { source } => {
+        PlanKind::Rebuild { source, transfer } => {
             let image =
                 image.ok_or_else(|| ExecError::Protocol("rebuild without an image pin".into()))?;
             let kind = match source {
                 RebuildSource::SnapshotTail { .. } => ImageKind::Snapshot,
                 RebuildSource::FullBase { .. } => ImageKind::FullBase,
             };
-            rebuild::rebuild(conn, c, session, plan, grants, image, kind).await
+            let transfer = rebuild::Transferring {
+                image,
+                kind,
+                transfer,
+            };
+            rebuild::rebuild(conn, c, session, plan, grants, transfer).await
         }
     }
 }

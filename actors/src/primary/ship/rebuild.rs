@@ -7,12 +7,15 @@ use crate::error::ExecError;
 use crate::transport::{recv, send_bulk, Conn};
 use bytes::{Bytes, BytesMut};
 use futures::SinkExt;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use walship_engine::{
     Input, Lsn, RebuildExecutor, RebuildProgress, RecoveryPlan, ResourceGrant, SessionId, Step,
+    Transfer,
 };
-use walship_io::{Envelope, ImageKind, Message, SnapshotPin};
+use walship_io::regions::{self, DirtyMap};
+use walship_io::{Envelope, ImageKind, Install, Message, SnapshotPin};
 
 /// A chunk read on a blocking thread, with its crc32c computed there too.
 type ImageRead = tokio::task::JoinHandle<Result<(BytesMut, u32), walship_io::StoreError>>;
@@ -68,6 +71,19 @@ impl ImageReader {
         Ok((buf.freeze(), crc))
     }
 
+    /// The chunk at `offset`, without reading ahead: a transfer that skips
+    /// most chunks (a dirty map's) would read the next one for nothing.
+    async fn read_only(&mut self, offset: u64, len: u64) -> Result<Bytes, ExecError> {
+        let task = match self.ahead.take() {
+            Some((o, l, task)) if o == offset && l == len => task,
+            _ => self.start(offset, len),
+        };
+        let (buf, _) = task
+            .await
+            .map_err(|e| ExecError::Protocol(format!("image read task: {e}")))??;
+        Ok(buf.freeze())
+    }
+
     /// Takes a sent chunk's buffer back once nothing else holds it.
     fn recycle(&mut self, data: Bytes) {
         if let Ok(buf) = data.try_into_mut() {
@@ -78,31 +94,193 @@ impl ImageReader {
     }
 }
 
+/// A rebuild's image and what of it moves.
+pub(crate) struct Transferring<'a> {
+    /// The pinned image.
+    pub(crate) image: Arc<SnapshotPin>,
+    /// Snapshot or full base.
+    pub(crate) kind: ImageKind,
+    /// What the engine chose to move.
+    pub(crate) transfer: &'a Transfer,
+}
+
+/// Which regions of each chunk go: all, those a dirty map marks, or those
+/// whose checksums differ from the replica's.
+enum Regions {
+    All,
+    Dirty(DirtyMap),
+    Compared(ReplicaSums),
+}
+
+/// The replica's region checksums, asked for `SPAN` bytes at a time and
+/// `AHEAD` spans ahead of the chunk being sent, so its reads overlap ours.
+struct ReplicaSums {
+    region: u64,
+    image_bytes: u64,
+    requested_to: u64,
+    sums: BTreeMap<u64, u128>,
+}
+
+const SUMS_SPAN: u64 = 8 << 20;
+const SUMS_AHEAD: u64 = 2;
+
+impl ReplicaSums {
+    /// Asks for every span up to `to` not asked for yet.
+    async fn ask(
+        &mut self,
+        conn: &mut Conn,
+        session: u64,
+        epoch: u64,
+        to: u64,
+    ) -> Result<(), ExecError> {
+        let to = to.min(self.image_bytes);
+        while self.requested_to < to {
+            let len = SUMS_SPAN.min(self.image_bytes - self.requested_to);
+            let message = Message::SumsRequest {
+                session,
+                offset: self.requested_to,
+                len,
+                region_bytes: self.region,
+            };
+            conn.send(Envelope { epoch, message }).await?;
+            self.requested_to += len;
+        }
+        Ok(())
+    }
+
+    /// The replica's checksums of the regions in `[offset, offset + len)`.
+    async fn take(
+        &mut self,
+        conn: &mut Conn,
+        timeout: Duration,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u128>, ExecError> {
+        let regions = offset / self.region..(offset + len).div_ceil(self.region);
+        while !self.sums.contains_key(&(regions.end - 1)) {
+            let answer = recv(conn, timeout).await?;
+            let Message::RegionSums { offset, sums, .. } = answer.message else {
+                return Err(ExecError::Protocol(format!(
+                    "expected region sums, got {:?}",
+                    answer.message
+                )));
+            };
+            let sums = regions::decode_sums(&sums)
+                .ok_or_else(|| ExecError::Protocol("region sums of a bad length".into()))?;
+            let first = offset / self.region;
+            self.sums.extend(
+                sums.into_iter()
+                    .enumerate()
+                    .map(|(i, s)| (first + i as u64, s)),
+            );
+        }
+        let wanted = regions.clone().map(|r| self.sums.remove(&r));
+        wanted
+            .collect::<Option<Vec<u128>>>()
+            .ok_or_else(|| ExecError::Protocol(format!("region sums missing in {regions:?}")))
+    }
+}
+
+/// The parts of `data` (the image at `offset`) to send: runs of adjacent
+/// chosen regions, each as (offset, bytes).
+fn chosen_runs(
+    data: &Bytes,
+    offset: u64,
+    region: u64,
+    chosen: impl Fn(u64) -> bool,
+) -> Vec<(u64, Bytes)> {
+    let mut runs: Vec<(u64, Bytes)> = Vec::new();
+    let mut at = 0u64;
+    let len = data.len() as u64;
+    while at < len {
+        let end = (at + region).min(len);
+        if chosen((offset + at) / region) {
+            match runs.last_mut() {
+                Some((start, run)) if *start - offset + run.len() as u64 == at => {
+                    *run = data.slice((*start - offset) as usize..end as usize);
+                }
+                _ => runs.push((offset + at, data.slice(at as usize..end as usize))),
+            }
+        }
+        at = end;
+    }
+    runs
+}
+
 pub(super) async fn rebuild(
     conn: &mut Conn,
     c: &SenderContext,
     session: SessionId,
     plan: &RecoveryPlan,
     grants: &[ResourceGrant],
-    image: Arc<SnapshotPin>,
-    kind: ImageKind,
+    what: Transferring<'_>,
 ) -> Result<(), ExecError> {
+    let Transferring {
+        image,
+        kind,
+        transfer,
+    } = what;
     let epoch = plan.epoch;
     let replica = c.replica.clone();
     let tuning = &c.tuning;
-    let mut exec = RebuildExecutor::from_plan(
-        plan,
-        grants,
-        image.image_bytes(),
-        tuning.image_chunk_bytes as u64,
-        STEP_ENTRIES,
-    )?;
+    let image_bytes = image.image_bytes();
+    let region = regions::region_bytes(image_bytes);
+    // In place, a chunk is whole regions: each region is chosen (by the
+    // map, or by comparing its checksum) exactly once.
+    let chunk = match transfer.in_place() {
+        true => (tuning.image_chunk_bytes as u64).div_ceil(region).max(1) * region,
+        false => tuning.image_chunk_bytes as u64,
+    };
+    let mut exec = RebuildExecutor::from_plan(plan, grants, image_bytes, chunk, STEP_ENTRIES)?;
     let image_lsn = exec.image_lsn().get();
+    let (install, mut chosen) = match transfer {
+        Transfer::Staged { .. } => (Install::Staging, Regions::All),
+        Transfer::Whole { .. } | Transfer::Compared { .. } | Transfer::Dirty { .. } => {
+            let mut since = 0;
+            let mut apply_through = 0;
+            let chosen = match transfer {
+                Transfer::Dirty {
+                    since: map_since,
+                    apply_through: through,
+                    ..
+                } => {
+                    // The map as the checkpointer left it at the image (a
+                    // snapshot pin holds the checkpointer still).
+                    let map = c
+                        .store
+                        .dirty_map(replica.as_str())
+                        .filter(|m| m.since() <= map_since.get());
+                    let Some(map) = map else {
+                        return Err(ExecError::Protocol(format!(
+                            "the dirty map since {map_since} for {replica} is gone"
+                        )));
+                    };
+                    since = map.since();
+                    apply_through = through.get().min(image_lsn);
+                    Regions::Dirty(map)
+                }
+                Transfer::Compared { .. } => Regions::Compared(ReplicaSums {
+                    region,
+                    image_bytes,
+                    requested_to: 0,
+                    sums: BTreeMap::new(),
+                }),
+                _ => Regions::All,
+            };
+            let install = Install::InPlace {
+                source: c.store.image_source(),
+                since,
+                apply_through,
+            };
+            (install, chosen)
+        }
+    };
     let begin = Message::RebuildBegin {
         session: session.get(),
         kind,
         image_lsn,
-        image_bytes: image.image_bytes(),
+        image_bytes,
+        install,
     };
     conn.send(Envelope {
         epoch: epoch.get(),
@@ -122,30 +300,58 @@ pub(super) async fn rebuild(
             through: Lsn(durable),
         })
     };
+    let timeout = tuning.peer_timeout.max(Duration::from_secs(30));
     let mut crc = 0u32;
-    let mut images = ImageReader::new(image, tuning.image_chunk_bytes as u64);
+    let mut images = ImageReader::new(Arc::clone(&image), chunk);
     let mut shipper = Shipper::new(conn, c, session.get(), epoch.get(), image_lsn);
     loop {
         match exec.next_step()? {
             Step::TransferImage { offset, len } => {
-                let (data, chunk_crc) = images.read(offset, len).await?;
-                crc = crc32c::crc32c_combine(crc, chunk_crc, data.len());
-                c.count_sent(data.len());
-                let message = Message::RebuildChunk {
-                    session: session.get(),
-                    offset,
-                    data: data.clone(),
+                let runs = match &mut chosen {
+                    Regions::All => vec![(offset, images.read(offset, len).await?.0)],
+                    Regions::Dirty(map) => {
+                        let first = offset / region;
+                        let last = (offset + len).div_ceil(region);
+                        if (first..last).any(|r| map.is_dirty(r)) {
+                            let data = images.read_only(offset, len).await?;
+                            chosen_runs(&data, offset, region, |r| map.is_dirty(r))
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    Regions::Compared(sums) => {
+                        let ahead = offset + SUMS_AHEAD * SUMS_SPAN;
+                        sums.ask(shipper.conn, session.get(), epoch.get(), ahead)
+                            .await?;
+                        let (data, _) = images.read(offset, len).await?;
+                        let ours = regions::region_sums(&data, region);
+                        let theirs = sums.take(shipper.conn, timeout, offset, len).await?;
+                        let first = offset / region;
+                        chosen_runs(&data, offset, region, |r| {
+                            let i = (r - first) as usize;
+                            ours.get(i) != theirs.get(i)
+                        })
+                    }
                 };
-                send_bulk(
-                    shipper.conn,
-                    Envelope {
-                        epoch: epoch.get(),
-                        message,
-                    },
-                )
-                .await?;
-                // Written: nothing but `data` holds the buffer now.
-                images.recycle(data);
+                for (at, data) in runs {
+                    crc = crc32c::crc32c_append(crc, &data);
+                    c.count_sent(data.len());
+                    let message = Message::RebuildChunk {
+                        session: session.get(),
+                        offset: at,
+                        data: data.clone(),
+                    };
+                    send_bulk(
+                        shipper.conn,
+                        Envelope {
+                            epoch: epoch.get(),
+                            message,
+                        },
+                    )
+                    .await?;
+                    // Written: nothing but `data` holds the buffer now.
+                    images.recycle(data);
+                }
                 send_progress(RebuildProgress::Transferred {
                     bytes: offset + len,
                 });
@@ -167,11 +373,7 @@ pub(super) async fn rebuild(
                         message,
                     })
                     .await?;
-                let answer = recv(
-                    shipper.conn,
-                    tuning.peer_timeout.max(Duration::from_secs(30)),
-                )
-                .await?;
+                let answer = recv(shipper.conn, timeout).await?;
                 match answer.message {
                     Message::RebuildInstalled {
                         image_lsn: done, ..

@@ -161,6 +161,7 @@ impl VolumeActor {
         engine_config.retry = config.tuning.retry_policy();
         engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;
         engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
+        engine_config.delta_rebuilds = config.tuning.delta_rebuilds;
         let wal = store.wal();
         // After a restart the primary resumes from its durable WAL. What it
         // holds past the replicas is shipped from its WAL; nothing is revived
@@ -314,6 +315,26 @@ impl VolumeActor {
         self.wake = Some((target, handle));
     }
 
+    /// Tells the engine what the store's dirty maps cover now.
+    fn report_dirty_maps(&mut self) {
+        let maps = self
+            .store
+            .dirty_maps()
+            .into_iter()
+            .filter_map(|(key, info)| {
+                let replica = ReplicaId::parse(&key).ok()?;
+                let map = walship_engine::DirtyMap {
+                    since: Lsn(info.since),
+                    dirty: info.dirty,
+                    regions: info.regions,
+                };
+                Some((replica, map))
+            })
+            .collect();
+        self.engine
+            .handle_dirty_maps(self.store.image_source(), maps);
+    }
+
     /// Heartbeats every replica's sender; idle ones answer and get retried.
     fn heartbeat_senders(&mut self) {
         let epoch = self.engine.epoch().get();
@@ -431,6 +452,11 @@ impl VolumeActor {
                     });
                 }
             }
+            Command::TrackDirty { replica, since } => {
+                self.store.track_dirty(replica.as_str(), since.get());
+                self.report_dirty_maps();
+            }
+            Command::ForgetDirty { replica } => self.store.forget_dirty(replica.as_str()),
             Command::Disconnect { replica, .. } => {
                 self.barrier_lines.remove(&replica);
                 if let Some(sender) = self.senders.remove(&replica) {
@@ -540,8 +566,10 @@ impl Handler<EngineInput> for VolumeActor {
         self.clock();
         if matches!(input, Input::Handshake { .. }) {
             // Plan against the WAL as it is now: a checkpoint that finished
-            // on the pool meanwhile moved the snapshot a plan would bind.
+            // on the pool meanwhile moved the snapshot a plan would bind,
+            // and marked the dirty maps.
             self.refresh_wal_state();
+            self.report_dirty_maps();
         }
         match self.engine.handle_input(input) {
             Err(walship_engine::EngineError::StaleEpoch { .. }) => self.metrics.fence(),
