@@ -79,10 +79,14 @@ pub enum Transfer {
         /// Regions in the volume.
         of: u64,
     },
-    /// The regions whose checksums differ, in place.
+    /// The regions whose checksums differ, in place, after the replica
+    /// applied its own log through `min(apply_through, image)` (what it
+    /// shares with this log then compares equal instead of moving).
     Compared {
         /// Why no dirty map serves.
         reason: String,
+        /// What the replica applies first (0: nothing; a partial image).
+        apply_through: Lsn,
     },
 }
 
@@ -114,7 +118,7 @@ impl Transfer {
 impl fmt::Display for Transfer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Staged { reason } | Self::Whole { reason } | Self::Compared { reason } => {
+            Self::Staged { reason } | Self::Whole { reason } | Self::Compared { reason, .. } => {
                 f.write_str(reason)
             }
             Self::Dirty {
@@ -174,6 +178,7 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
                 of: map.regions,
             },
             None => Transfer::Compared {
+                apply_through: Lsn::ZERO,
                 reason: format!(
                     "rebuild_interrupted: the replica holds part of an image at {}{}",
                     partial.image_lsn,
@@ -218,8 +223,15 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
             }
         }
     };
+    // Its log up to what it shares goes into its extent first, unless
+    // its checkpoint is already past that (then nothing of it is applied).
     Transfer::Compared {
         reason: format!("compare region checksums: {why_not}"),
+        apply_through: if log.checkpoint <= agreed {
+            agreed
+        } else {
+            Lsn::ZERO
+        },
     }
 }
 
@@ -302,6 +314,7 @@ mod tests {
                 true,
                 Transfer::Compared {
                     reason: String::new(),
+                    apply_through: Lsn::ZERO,
                 },
             ),
             (
@@ -312,6 +325,7 @@ mod tests {
                 true,
                 Transfer::Compared {
                     reason: String::new(),
+                    apply_through: Lsn::ZERO,
                 },
             ),
             (
@@ -322,6 +336,7 @@ mod tests {
                 true,
                 Transfer::Compared {
                     reason: String::new(),
+                    apply_through: Lsn::ZERO,
                 },
             ),
             (
@@ -368,6 +383,7 @@ mod tests {
                 false,
                 Transfer::Compared {
                     reason: String::new(),
+                    apply_through: Lsn::ZERO,
                 },
             ),
             (
@@ -378,6 +394,7 @@ mod tests {
                 false,
                 Transfer::Compared {
                     reason: String::new(),
+                    apply_through: Lsn::ZERO,
                 },
             ),
             (
@@ -388,6 +405,7 @@ mod tests {
                 false,
                 Transfer::Compared {
                     reason: String::new(),
+                    apply_through: Lsn::ZERO,
                 },
             ),
         ];

@@ -262,6 +262,7 @@ fn a_rebuild_in_place_comparing_checksums_cancelled_at_any_await_point_releases_
             },
             transfer: walship_engine::Transfer::Compared {
                 reason: "test".into(),
+                apply_through: Lsn(0),
             },
         },
         "snapshot+tail rebuild in place",

@@ -259,12 +259,18 @@ pub(super) async fn rebuild(
                     apply_through = through.get().min(image_lsn);
                     Regions::Dirty(map)
                 }
-                Transfer::Compared { .. } => Regions::Compared(ReplicaSums {
-                    region,
-                    image_bytes,
-                    requested_to: 0,
-                    sums: BTreeMap::new(),
-                }),
+                Transfer::Compared {
+                    apply_through: through,
+                    ..
+                } => {
+                    apply_through = through.get().min(image_lsn);
+                    Regions::Compared(ReplicaSums {
+                        region,
+                        image_bytes,
+                        requested_to: 0,
+                        sums: BTreeMap::new(),
+                    })
+                }
                 _ => Regions::All,
             };
             let install = Install::InPlace {

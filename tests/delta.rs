@@ -1,0 +1,246 @@
+//! Delta rebuilds over loopback TCP with real files: a replica away past
+//! retention is rebuilt from the primary's dirty map and moves about what
+//! changed; after a failover (no map) the regions whose checksums differ
+//! move, with writes flowing; a whole rebuild cut part way resumes from what
+//! the replica installed. Every case ends with the replica's content equal
+//! to the primary's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use bytes::Bytes;
+use std::time::{Duration, Instant};
+use support::*;
+use walship::actors::Tuning;
+use walship::engine::{CommitMode, ReplicaState};
+use walship::io::StoreOptions;
+
+const LONG: Duration = Duration::from_secs(60);
+/// 64 KiB: one region of a volume this size.
+const REGION_BLOCKS: u64 = 16;
+const REGION: u64 = REGION_BLOCKS * 4096;
+
+fn cluster_options(blocks: u64, mode: CommitMode, servers: &[&str]) -> ClusterOptions {
+    ClusterOptions {
+        store: StoreOptions {
+            // Three 64 KiB writes a segment: a checkpoint recycles soon
+            // after a replica leaves.
+            segment_bytes: 256 << 10,
+            block_count: blocks,
+            ..store_options()
+        },
+        ..options(
+            mode,
+            servers,
+            Tuning {
+                // Away replicas lose their hold at once: the WAL moves on.
+                retention_max_bytes: Some(0),
+                ..tuning()
+            },
+        )
+    }
+}
+
+fn region_data(region: u64, round: u64) -> Bytes {
+    let mut data = vec![0u8; REGION as usize];
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = (region * 31 + round * 7 + i as u64 / 4096) as u8;
+    }
+    Bytes::from(data)
+}
+
+/// Writes every region once.
+async fn fill(cluster: &Cluster, blocks: u64) {
+    for region in 0..blocks / REGION_BLOCKS {
+        cluster
+            .primary
+            .write(region * REGION_BLOCKS, region_data(region, 0))
+            .await
+            .unwrap();
+    }
+    cluster.primary.barrier().await.unwrap();
+}
+
+/// Rewrites `count` regions spread over the volume; returns the bytes changed.
+async fn change(cluster: &Cluster, blocks: u64, count: u64, round: u64) -> u64 {
+    let regions = blocks / REGION_BLOCKS;
+    for i in 0..count {
+        let region = (i * 7919 + round * 13) % regions;
+        cluster
+            .primary
+            .write(region * REGION_BLOCKS, region_data(region, round))
+            .await
+            .unwrap();
+    }
+    count * REGION
+}
+
+fn logged(events: &[String], server: &str, event: &str) -> Vec<String> {
+    let prefix = format!("{VOLUME}/{server} {event} ");
+    events
+        .iter()
+        .filter_map(|e| e.strip_prefix(&prefix).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_away_past_retention_is_rebuilt_from_the_dirty_map_moving_what_changed() {
+    let blocks = 16384; // 64 MiB, 1024 regions
+    let mut cluster = Cluster::start(cluster_options(
+        blocks,
+        CommitMode::SyncQuorum,
+        &["r1", "r2"],
+    ))
+    .await
+    .unwrap();
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    fill(&cluster, blocks).await;
+    cluster.wait_converged(LONG).await.unwrap();
+    cluster.stop_replica("r2").await;
+    let changed = change(&cluster, blocks, 20, 1).await;
+    cluster.primary.barrier().await.unwrap();
+    // The checkpointer marks the map and recycles past r2 (no hold).
+    cluster.primary.checkpoint().await.unwrap();
+    let before = cluster.primary.bytes_sent("r2").await.unwrap();
+    cluster.bring_back("r2", LONG).await.unwrap();
+    let moved = cluster.primary.bytes_sent("r2").await.unwrap() - before;
+    eprintln!("dirty map rebuild: moved {moved} bytes for {changed} changed");
+    let events = cluster.events().await.unwrap();
+    let delta = logged(&events, "r2", "plan_rebuild_delta");
+    assert_eq!(delta.len(), 1, "{events:#?}");
+    assert!(
+        delta[0].starts_with("regions=20 of 1024 (dirty map since lsn "),
+        "{delta:?}"
+    );
+    assert!(
+        moved as f64 <= changed as f64 * 1.1,
+        "moved {moved} bytes for {changed} changed"
+    );
+    assert!(
+        moved >= changed,
+        "moved {moved} bytes, less than the {changed} changed"
+    );
+    // Its map is gone once it is in sync.
+    let status = serde_json::to_value(cluster.status().await.unwrap()).unwrap();
+    assert!(status.to_string().contains("in_sync"));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_returning_replica_gets_the_regions_whose_checksums_differ_while_writes_flow(
+) {
+    let blocks = 16384;
+    let mut cluster = Cluster::start(cluster_options(
+        blocks,
+        CommitMode::SyncQuorum,
+        &["r1", "r2"],
+    ))
+    .await
+    .unwrap();
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    fill(&cluster, blocks).await;
+    cluster.wait_converged(LONG).await.unwrap();
+    cluster.stop_replica("r2").await;
+    change(&cluster, blocks, 20, 1).await;
+    let last = cluster.primary.barrier().await.unwrap();
+    cluster.wait_durable("r1", last, LONG).await.unwrap();
+    // The primary is lost; r1 takes over. It holds no map for r2.
+    cluster.primary.stop().await;
+    cluster.stop_replica("r1").await;
+    cluster.promote("r1", CommitMode::BestEffort).await.unwrap();
+    change(&cluster, blocks, 10, 2).await;
+    cluster.primary.barrier().await.unwrap();
+    cluster.primary.checkpoint().await.unwrap();
+    let before = cluster.primary.bytes_sent("r2").await.unwrap();
+    cluster.restart_replica("r2", false).await.unwrap();
+    // Writes keep flowing while r2 is rebuilt.
+    let (state, written) = tokio::join!(
+        cluster.wait_state("r2", ReplicaState::InSync, LONG),
+        async {
+            let started = Instant::now();
+            let mut round = 3;
+            while started.elapsed() < Duration::from_millis(500) {
+                change(&cluster, blocks, 5, round).await;
+                round += 1;
+            }
+            round
+        }
+    );
+    state.unwrap();
+    assert!(written > 3, "no write went in during the rebuild");
+    cluster.primary.barrier().await.unwrap();
+    cluster.wait_converged(LONG).await.unwrap();
+    let moved = cluster.primary.bytes_sent("r2").await.unwrap() - before;
+    eprintln!("checksum rebuild after a failover: moved {moved} bytes, {written} rounds of writes during it");
+    let events = cluster.events().await.unwrap();
+    let compared = logged(&events, "r2", "plan_rebuild_checksum");
+    assert_eq!(compared.len(), 1, "{events:#?}");
+    assert!(compared[0].contains("no dirty map"), "{compared:?}");
+    // What differs: the 30 regions r2 missed, and those written while it
+    // came back (some twice: as a region, then in the tail).
+    let differs = (30 + 5 * (written - 3)) * REGION;
+    assert!(
+        (moved as f64) <= differs as f64 * 1.3,
+        "moved {moved} bytes, {differs} differ (a {}-byte volume)",
+        blocks * 4096
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_rebuild_cut_part_way_resumes_from_what_the_replica_installed() {
+    let blocks = 32768; // 128 MiB
+    let volume = blocks * 4096;
+    let mut cluster = Cluster::start(cluster_options(blocks, CommitMode::BestEffort, &["r1"]))
+        .await
+        .unwrap();
+    cluster.wait_all_in_sync(LONG).await.unwrap();
+    // r1 loses its disk while the volume fills.
+    cluster.stop_replica("r1").await;
+    std::fs::remove_dir_all(&cluster.node("r1").dir).unwrap();
+    fill(&cluster, blocks).await;
+    cluster.primary.checkpoint().await.unwrap();
+    // The primary reaches r1 through a relay, which listens where r1 did.
+    let real = cluster.node("r1").addr.clone();
+    let relay = cluster.relay("r1").await.unwrap();
+    let through = std::mem::replace(&mut cluster.node_mut("r1").addr, real);
+    cluster.restart_replica("r1", false).await.unwrap();
+    cluster.node_mut("r1").addr = through;
+    // Cut the transfer once about 60% went.
+    let deadline = Instant::now() + LONG;
+    while cluster.primary.bytes_sent("r1").await.unwrap() < volume * 6 / 10 {
+        assert!(Instant::now() < deadline, "the rebuild never got to 60%");
+        tokio::task::yield_now().await;
+    }
+    relay.cut_next_batch();
+    while !relay.is_cut() {
+        assert!(Instant::now() < deadline, "never cut");
+        tokio::task::yield_now().await;
+    }
+    let at_cut = cluster.primary.bytes_sent("r1").await.unwrap();
+    assert!(at_cut < volume, "the rebuild finished before the cut");
+    relay.resume();
+    cluster
+        .wait_state("r1", ReplicaState::InSync, LONG)
+        .await
+        .unwrap();
+    cluster.wait_converged(LONG).await.unwrap();
+    let moved = cluster.primary.bytes_sent("r1").await.unwrap();
+    eprintln!("whole rebuild cut at {at_cut} of {volume} bytes, resumed: {moved} moved in all");
+    let events = cluster.events().await.unwrap();
+    assert_eq!(
+        logged(&events, "r1", "plan_rebuild_whole").len(),
+        1,
+        "{events:#?}"
+    );
+    let resumed = logged(&events, "r1", "plan_rebuild_checksum");
+    assert!(
+        resumed.iter().any(|e| e.starts_with("rebuild_interrupted")),
+        "{events:#?}"
+    );
+    assert!(
+        (moved as f64) <= volume as f64 * 1.1,
+        "moved {moved} bytes for a {volume}-byte volume, cut at {at_cut}"
+    );
+    cluster.shutdown().await;
+}
