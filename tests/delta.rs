@@ -233,9 +233,13 @@ async fn a_whole_rebuild_cut_part_way_resumes_from_what_the_replica_installed() 
         1,
         "{events:#?}"
     );
-    let resumed = logged(&events, "r1", "plan_rebuild_checksum");
+    // It resumes at its cursor (persisted every 64 MiB): below, nothing
+    // changed since (the map says so); above, it compares.
+    let resumed = logged(&events, "r1", "plan_rebuild_resume");
     assert!(
-        resumed.iter().any(|e| e.starts_with("rebuild_interrupted")),
+        resumed.iter().any(|e| e
+            .starts_with("rebuild_interrupted at byte 67108864: below it regions=0 of 2048")
+            && e.ends_with("above it compare region checksums")),
         "{events:#?}"
     );
     assert!(

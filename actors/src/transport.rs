@@ -192,8 +192,10 @@ pub(crate) fn handshake_reply(answer: Envelope) -> Result<HandshakeReply, ExecEr
             committed: Lsn(committed),
             partial: partial.map(|p| walship_engine::PartialImage {
                 source: p.source,
-                since: Lsn(p.since),
+                since: p.since.map(Lsn),
                 image_lsn: Lsn(p.image_lsn),
+                cursor: p.cursor,
+                by_map: p.by_map,
             }),
         },
     })

@@ -30,14 +30,31 @@ use serde::Serialize;
 use std::fmt;
 
 /// An install in place a replica has not finished (its hello says so).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 pub struct PartialImage {
     /// The primary store the image came from (opaque id).
     pub source: u64,
-    /// The dirty map it was chosen by (its `since`), or zero.
-    pub since: Lsn,
+    /// That primary's dirty map for the replica marked every write after
+    /// this LSN, at most the image's (`None`: it had none).
+    pub since: Option<Lsn>,
     /// The image's LSN.
     pub image_lsn: Lsn,
+    /// Bytes of the image installed durably from its start: below, the
+    /// replica holds the image.
+    pub cursor: u64,
+    /// The regions were chosen by that map: above the cursor, the replica
+    /// holds its own history, which the map covers.
+    pub by_map: bool,
+}
+
+/// What a resumed install sends past its cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Above {
+    /// The regions the dirty map marks (the replica holds its own history there).
+    Dirty,
+    /// The regions whose checksums differ (it holds whatever it held).
+    Compared,
 }
 
 /// What the primary's dirty map for a replica covers.
@@ -79,6 +96,21 @@ pub enum Transfer {
         /// Regions in the volume.
         of: u64,
     },
+    /// An install in place cut part way, resumed: below `from` the replica
+    /// holds the earlier image, which differs from this one only where the
+    /// dirty map (since at most that image) marks; above it, `above`.
+    Resume {
+        /// The map's `since`.
+        since: Lsn,
+        /// The replica's cursor: bytes of the earlier image it holds.
+        from: u64,
+        /// What goes past the cursor.
+        above: Above,
+        /// Regions marked when planned.
+        regions: u64,
+        /// Regions in the volume.
+        of: u64,
+    },
     /// The regions whose checksums differ, in place, after the replica
     /// applied its own log through `min(apply_through, image)` (what it
     /// shares with this log then compares equal instead of moving).
@@ -97,6 +129,7 @@ impl Transfer {
             Self::Staged { .. } => "plan_rebuild_staged",
             Self::Whole { .. } => "plan_rebuild_whole",
             Self::Dirty { .. } => "plan_rebuild_delta",
+            Self::Resume { .. } => "plan_rebuild_resume",
             Self::Compared { .. } => "plan_rebuild_checksum",
         }
     }
@@ -109,7 +142,7 @@ impl Transfer {
     /// The dirty map's `since` it was chosen by, if any.
     pub fn dirty_since(&self) -> Option<Lsn> {
         match self {
-            Self::Dirty { since, .. } => Some(*since),
+            Self::Dirty { since, .. } | Self::Resume { since, .. } => Some(*since),
             _ => None,
         }
     }
@@ -120,6 +153,22 @@ impl fmt::Display for Transfer {
         match self {
             Self::Staged { reason } | Self::Whole { reason } | Self::Compared { reason, .. } => {
                 f.write_str(reason)
+            }
+            Self::Resume {
+                since,
+                from,
+                above,
+                regions,
+                of,
+            } => {
+                let above = match above {
+                    Above::Dirty => "the same map",
+                    Above::Compared => "compare region checksums",
+                };
+                write!(
+                    f,
+                    "rebuild_interrupted at byte {from}: below it regions={regions} of {of} (dirty map since lsn {since}); above it {above}"
+                )
             }
             Self::Dirty {
                 since,
@@ -165,15 +214,20 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
         };
     }
     if let Some(partial) = log.partial {
+        // The same primary's map, since at most the earlier image: it
+        // marks every region where that image and this one differ.
         let resumes = inputs.map.filter(|map| {
-            partial.source == inputs.source
-                && partial.since > Lsn::ZERO
-                && map.since <= partial.since
+            partial.source == inputs.source && partial.since.is_some_and(|s| map.since <= s)
         });
         return match resumes {
-            Some(map) => Transfer::Dirty {
+            Some(map) => Transfer::Resume {
                 since: map.since,
-                apply_through: Lsn::ZERO,
+                from: partial.cursor,
+                above: if partial.by_map {
+                    Above::Dirty
+                } else {
+                    Above::Compared
+                },
                 regions: map.dirty,
                 of: map.regions,
             },
@@ -182,9 +236,9 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
                 reason: format!(
                     "rebuild_interrupted: the replica holds part of an image at {}{}",
                     partial.image_lsn,
-                    match (partial.source == inputs.source, partial.since > Lsn::ZERO) {
+                    match (partial.source == inputs.source, partial.since.is_some()) {
                         (false, _) => " from another primary",
-                        (true, false) => " whose regions were not chosen by a dirty map",
+                        (true, false) => " and no dirty map covers it",
                         (true, true) => " and its dirty map is gone",
                     }
                 ),
@@ -271,8 +325,10 @@ mod tests {
         ReplicaLog {
             partial: Some(PartialImage {
                 source,
-                since: Lsn(since),
+                since: (since > 0).then_some(Lsn(since)),
                 image_lsn: Lsn(500),
+                cursor: 3 << 20,
+                by_map: true,
             }),
             ..ReplicaLog::single_epoch(Lsn::ZERO, Epoch(1))
         }
@@ -284,6 +340,13 @@ mod tests {
         let dirty = |since: u64, through: u64| Transfer::Dirty {
             since: Lsn(since),
             apply_through: Lsn(through),
+            regions: 37,
+            of: 4096,
+        };
+        let resume = |since: u64| Transfer::Resume {
+            since: Lsn(since),
+            from: 3 << 20,
+            above: Above::Dirty,
             regions: 37,
             of: 4096,
         };
@@ -365,7 +428,7 @@ mod tests {
                 0,
                 map(850),
                 false,
-                dirty(850, 0),
+                resume(850),
             ),
             (
                 "partial, the map is older",
@@ -373,7 +436,7 @@ mod tests {
                 0,
                 map(600),
                 false,
-                dirty(600, 0),
+                resume(600),
             ),
             (
                 "partial, the map is newer",
@@ -398,7 +461,7 @@ mod tests {
                 },
             ),
             (
-                "partial not chosen by a map",
+                "partial no map covered",
                 partial(7, 0),
                 0,
                 map(10),
@@ -412,7 +475,7 @@ mod tests {
         for (what, log, agreed, map, other, want) in cases {
             let got = pick(&log, agreed, map, other);
             assert_eq!(name(&got), name(&want), "{what}: {got}");
-            if let Transfer::Dirty { .. } = want {
+            if let Transfer::Dirty { .. } | Transfer::Resume { .. } = want {
                 assert_eq!(got, want, "{what}");
             }
         }

@@ -562,13 +562,10 @@ impl Engine {
         let durable = sender.flushed;
         self.hold_while_away(replica, was_in_sync);
         self.commit.set_in_sync(replica, false);
-        if was_in_sync && !self.dirty_maps.contains_key(replica) {
+        if was_in_sync {
             // From here on, what it misses is marked: a rebuild, if the
             // WAL no longer covers its return, moves only that.
-            self.commands.push(Command::TrackDirty {
-                replica: replica.clone(),
-                since: durable,
-            });
+            self.track_dirty(replica, durable);
         }
         if was_in_sync {
             self.commands.push(Command::StopLiveShipping {
@@ -589,6 +586,25 @@ impl Engine {
             .into_iter()
             .filter(|(id, _)| self.senders.contains_key(id))
             .collect();
+    }
+
+    /// Tells the shell to mark what `replica` misses after `since`, unless
+    /// a map is kept for it already (an older one covers more).
+    pub(crate) fn track_dirty(&mut self, replica: &ReplicaId, since: Lsn) {
+        if self.dirty_maps.contains_key(replica) {
+            return;
+        }
+        // Known as asked for until the shell reports what it keeps.
+        let asked = DirtyMap {
+            since,
+            dirty: 0,
+            regions: 0,
+        };
+        self.dirty_maps.insert(replica.clone(), asked);
+        self.commands.push(Command::TrackDirty {
+            replica: replica.clone(),
+            since,
+        });
     }
 
     /// Tells the shell to stop marking for `replica`, if a map is kept.

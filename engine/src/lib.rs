@@ -79,7 +79,7 @@ mod status;
 
 pub use budget::{BudgetTracker, BudgetViolation, CatchUpBudget};
 pub use commit::{check_topology, BarrierFailure, CommitError, CommitMode, CommitTracker, Lagging};
-pub use delta::{select_transfer, DirtyMap, PartialImage, Transfer, TransferInputs};
+pub use delta::{select_transfer, Above, DirtyMap, PartialImage, Transfer, TransferInputs};
 pub use engine::Engine;
 pub use epochs::{divergence, Conflict, Divergence, EpochHistory, EpochOrderError, EpochStart};
 pub use error::EngineError;

@@ -60,6 +60,7 @@ const DECISIONS: &[&str] = &[
     "plan_rebuild_checksum",
     "plan_rebuild_delta",
     "plan_rebuild_full_base",
+    "plan_rebuild_resume",
     "plan_rebuild_snapshot_tail",
     "plan_rebuild_staged",
     "plan_rebuild_whole",

@@ -248,6 +248,17 @@ impl Engine {
         };
         let event = transfer.event_name();
         let detail = transfer.to_string();
+        if transfer.in_place() {
+            // A cut install resumes by what changed after its image: a
+            // map starts before the image is pinned, so at most at it. One
+            // older than that serves an install by the map (the replica
+            // keeps its own history wherever nothing is sent); any other
+            // install starts a fresh one, which marks far less.
+            if transfer.dirty_since().is_none() {
+                self.forget_dirty(replica);
+            }
+            self.track_dirty(replica, Lsn::ZERO);
+        }
         self.reserve(replica, session, PlanKind::Rebuild { source, transfer });
         self.record(Some(replica), Some(session), event, detail);
     }

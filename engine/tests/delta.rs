@@ -172,6 +172,37 @@ fn a_replica_whose_log_may_be_the_only_other_copy_is_rebuilt_staged_unless_anoth
 }
 
 #[test]
+fn a_rebuild_in_place_without_a_map_starts_one_so_a_cut_can_resume() {
+    let mut shell = delta_shell(CommitMode::BestEffort, &[B]);
+    shell.wal(150, 300, 150, true);
+    // b is new and empty: the whole image goes in place, and from now on
+    // what changes after the image is marked.
+    shell.connect_and_handshake("b", 0);
+    assert_eq!(shell.event_detail("plan_rebuild_whole").len(), 1);
+    let tracked: Vec<&Command> = shell
+        .all_commands
+        .iter()
+        .filter(|c| matches!(c, Command::TrackDirty { .. }))
+        .collect();
+    assert!(
+        matches!(tracked[..], [Command::TrackDirty { replica, since }] if *replica == rid("b") && *since == Lsn::ZERO),
+        "{tracked:?}"
+    );
+    // Asked before the image is pinned: the map's since is at most the image's.
+    let track = shell
+        .all_commands
+        .iter()
+        .position(|c| matches!(c, Command::TrackDirty { .. }))
+        .unwrap();
+    let acquire = shell
+        .all_commands
+        .iter()
+        .position(|c| matches!(c, Command::AcquireResources { .. }))
+        .unwrap();
+    assert!(track < acquire);
+}
+
+#[test]
 fn a_replica_with_a_partial_image_is_rebuilt_never_caught_up() {
     let mut shell = delta_shell(CommitMode::BestEffort, &[B]);
     b_leaves(&mut shell);
@@ -183,8 +214,10 @@ fn a_replica_with_a_partial_image_is_rebuilt_never_caught_up() {
     let partial = |source| ReplicaLog {
         partial: Some(PartialImage {
             source,
-            since: Lsn(100),
+            since: Some(Lsn(100)),
             image_lsn: Lsn(150),
+            cursor: 5 << 20,
+            by_map: true,
         }),
         ..ReplicaLog::default()
     };
@@ -197,7 +230,17 @@ fn a_replica_with_a_partial_image_is_rebuilt_never_caught_up() {
     // The same primary's map, older than the one the image was chosen by:
     // it still covers every region that can differ.
     assert_eq!(
-        shell.event_detail("plan_rebuild_delta"),
-        ["regions=37 of 4096 (dirty map since lsn 90)"]
+        shell.event_detail("plan_rebuild_resume"),
+        ["rebuild_interrupted at byte 5242880: below it regions=37 of 4096 (dirty map since lsn 90); above it the same map"]
     );
+    // From another primary: compared, from the start.
+    let mut shell = delta_shell(CommitMode::BestEffort, &[B]);
+    b_leaves(&mut shell);
+    shell
+        .engine
+        .handle_dirty_maps(SOURCE, vec![(rid("b"), map(90))]);
+    b_returns(&mut shell, partial(SOURCE + 1));
+    assert!(shell.event_detail("plan_rebuild_checksum")[0].starts_with(
+        "rebuild_interrupted: the replica holds part of an image at 150 from another primary"
+    ));
 }

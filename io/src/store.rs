@@ -300,7 +300,7 @@ pub struct Store {
     /// order: `checkpointing`, then this.
     dirty_maps: Mutex<delta::Maps>,
     /// An install in place under way or interrupted (a replica's).
-    partial: Mutex<Option<PartialImage>>,
+    partial: Arc<Mutex<Option<PartialImage>>>,
     /// The directory's `LOCK` file, locked for the life of this instance: two
     /// instances on one directory would checkpoint and recycle under each
     /// other (one deleting segments the other still lists). `None` when
@@ -374,7 +374,7 @@ impl Store {
             snapshot_pins: Arc::new(AtomicUsize::new(0)),
             committed_floor: Mutex::new(0),
             dirty_maps: Mutex::new(delta::Maps::default()),
-            partial: Mutex::new(None),
+            partial: Arc::new(Mutex::new(None)),
             checkpointing: Mutex::new(()),
             _lock: lock,
         };

@@ -155,11 +155,15 @@ pub enum Install {
     InPlace {
         /// The primary store's [`crate::Store::image_source`].
         source: u64,
-        /// The dirty map the regions were chosen by (its `since`), or 0.
-        since: u64,
+        /// The primary's dirty map for the replica marks every write after
+        /// this, at most the image's LSN (a cut install resumes by it).
+        since: Option<u64>,
         /// The replica applies its own log through this LSN first (the
         /// dirty map covers what came after it), or 0.
         apply_through: u64,
+        /// The regions are chosen by that dirty map (a cut install then
+        /// holds the replica's own history wherever it sent nothing).
+        by_map: bool,
     },
 }
 
@@ -614,15 +618,16 @@ impl Message {
                 dst.put_u64_le(*checkpoint);
                 put_epochs(dst, epochs)?;
                 dst.put_u64_le(*committed);
-                dst.put_u8(u8::from(partial.is_some()));
-                let p = partial.unwrap_or(crate::PartialImage {
-                    source: 0,
-                    since: 0,
-                    image_lsn: 0,
+                // 0: none; else 1, | 2 chosen by a dirty map, | 4 since known.
+                dst.put_u8(match partial {
+                    None => 0,
+                    Some(p) => 1 | u8::from(p.by_map) << 1 | u8::from(p.since.is_some()) << 2,
                 });
+                let p = partial.unwrap_or_default();
                 dst.put_u64_le(p.source);
-                dst.put_u64_le(p.since);
+                dst.put_u64_le(p.since.unwrap_or(0));
                 dst.put_u64_le(p.image_lsn);
+                dst.put_u64_le(p.cursor);
             }
             Self::Peer {
                 cluster,
@@ -695,10 +700,11 @@ impl Message {
                         source,
                         since,
                         apply_through,
+                        by_map,
                     } => {
-                        dst.put_u8(1);
+                        dst.put_u8(1 | u8::from(*by_map) << 1 | u8::from(since.is_some()) << 2);
                         dst.put_u64_le(*source);
-                        dst.put_u64_le(*since);
+                        dst.put_u64_le(since.unwrap_or(0));
                         dst.put_u64_le(*apply_through);
                     }
                 }
@@ -786,14 +792,18 @@ impl Message {
                 committed: r.u64("committed")?,
                 partial: {
                     let flag = r.u8("partial flag")?;
+                    let source = r.u64("partial source")?;
+                    let since = r.u64("partial since")?;
                     let image = crate::PartialImage {
-                        source: r.u64("partial source")?,
-                        since: r.u64("partial since")?,
+                        source,
+                        since: (flag & 4 != 0).then_some(since),
                         image_lsn: r.u64("partial image lsn")?,
+                        cursor: r.u64("partial cursor")?,
+                        by_map: flag & 2 != 0,
                     };
                     match flag {
                         0 => None,
-                        1 => Some(image),
+                        1..=7 if flag & 1 == 1 => Some(image),
                         value => {
                             return Err(WireError::BadValue {
                                 field: "partial flag",
@@ -859,10 +869,14 @@ impl Message {
                 let image_bytes = r.u64("image_bytes")?;
                 let install = match r.u8("install")? {
                     0 => Install::Staging,
-                    1 => Install::InPlace {
+                    flag @ 1..=7 if flag & 1 == 1 => Install::InPlace {
                         source: r.u64("source")?,
-                        since: r.u64("since")?,
+                        since: {
+                            let since = r.u64("since")?;
+                            (flag & 4 != 0).then_some(since)
+                        },
                         apply_through: r.u64("apply_through")?,
+                        by_map: flag & 2 != 0,
                     },
                     value => {
                         return Err(WireError::BadValue {
@@ -1157,8 +1171,9 @@ mod tests {
             image_bytes: 8,
             install: Install::InPlace {
                 source: 9,
-                since: 3,
+                since: Some(3),
                 apply_through: 5,
+                by_map: true,
             },
         });
         round_trip(Message::SumsRequest {
@@ -1202,8 +1217,10 @@ mod tests {
             committed: 250,
             partial: Some(crate::PartialImage {
                 source: 11,
-                since: 12,
+                since: Some(12),
                 image_lsn: 13,
+                cursor: 14 << 20,
+                by_map: true,
             }),
         });
         round_trip(Message::Peer {

@@ -59,7 +59,7 @@ fn message() -> impl Strategy<Value = Message> {
             n(),
             epochs(),
             n(),
-            proptest::option::of((n(), n(), n()))
+            proptest::option::of((n(), proptest::option::of(n()), n(), n(), any::<bool>()))
         )
             .prop_map(
                 |(replica, flushed, checkpoint, epochs, committed, partial)| {
@@ -69,10 +69,14 @@ fn message() -> impl Strategy<Value = Message> {
                         checkpoint,
                         epochs,
                         committed,
-                        partial: partial.map(|(source, since, image_lsn)| PartialImage {
-                            source,
-                            since,
-                            image_lsn,
+                        partial: partial.map(|(source, since, image_lsn, cursor, by_map)| {
+                            PartialImage {
+                                source,
+                                since,
+                                image_lsn,
+                                cursor,
+                                by_map,
+                            }
                         }),
                     }
                 }
@@ -123,7 +127,7 @@ fn message() -> impl Strategy<Value = Message> {
             any::<bool>(),
             n(),
             n(),
-            proptest::option::of((n(), n(), n()))
+            proptest::option::of((n(), proptest::option::of(n()), n(), any::<bool>()))
         )
             .prop_map(|(session, snap, image_lsn, image_bytes, in_place)| {
                 Message::RebuildBegin {
@@ -137,10 +141,11 @@ fn message() -> impl Strategy<Value = Message> {
                     image_bytes,
                     install: match in_place {
                         None => Install::Staging,
-                        Some((source, since, apply_through)) => Install::InPlace {
+                        Some((source, since, apply_through, by_map)) => Install::InPlace {
                             source,
                             since,
                             apply_through,
+                            by_map,
                         },
                     },
                 }

@@ -140,7 +140,12 @@ fn install_in_place(replica: &Store, primary: &Store) -> Result<(), StoreError> 
     let theirs = replica.extent_sums(0, pin.image_bytes(), region)?;
     let image = pin.read(0, pin.image_bytes() as usize)?;
     let ours = region_sums(&image, region);
-    let mut install = replica.begin_in_place(pin.lsn(), primary.image_source(), 0, 0)?;
+    let marker = PartialImage {
+        source: primary.image_source(),
+        image_lsn: pin.lsn(),
+        ..PartialImage::default()
+    };
+    let mut install = replica.begin_in_place(marker, 0)?;
     let mut crc = 0;
     for (i, _) in ours
         .iter()
@@ -171,9 +176,12 @@ fn an_install_in_place_sends_only_what_differs_and_switches_at_commit() {
     assert_eq!(replica.wal().epochs(), primary.wal().epochs());
     // A bad checksum at commit leaves it partial, and says so after a reopen.
     let pin = primary.full_base_pin("t").unwrap();
-    let mut install = replica
-        .begin_in_place(pin.lsn(), primary.image_source(), 0, 0)
-        .unwrap();
+    let marker = PartialImage {
+        source: primary.image_source(),
+        image_lsn: pin.lsn(),
+        ..PartialImage::default()
+    };
+    let mut install = replica.begin_in_place(marker, 0).unwrap();
     install.write_chunk(0, &block(1)).unwrap();
     assert!(matches!(
         replica.commit_in_place(install, 0, 2, &[]),
@@ -249,4 +257,47 @@ fn a_crash_or_a_power_loss_anywhere_in_an_install_in_place_leaves_it_partial_or_
         }
         assert!(op < 500, "the install never ran out of operations");
     }
+}
+
+#[test]
+fn an_install_in_place_persists_its_cursor_as_it_goes_and_refuses_to_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 96 << 8; // 96 MiB
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(blocks)).unwrap();
+    let marker = PartialImage {
+        source: 5,
+        since: Some(40),
+        image_lsn: 50,
+        cursor: 0,
+        by_map: true,
+    };
+    let mut install = store.begin_in_place(marker, 0).unwrap();
+    let chunk = vec![3u8; 1 << 20];
+    for i in 0..70u64 {
+        install.write_chunk(i << 20, &chunk).unwrap();
+    }
+    assert_eq!(
+        install.cursor(),
+        64 << 20,
+        "persisted each time it moved 32 MiB"
+    );
+    assert!(matches!(
+        install.write_chunk(10 << 20, &chunk),
+        Err(StoreError::ChunkOutOfOrder { .. })
+    ));
+    // Cut here: a reopen says what the extent holds, and where.
+    drop(install);
+    drop(store);
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(blocks)).unwrap();
+    assert_eq!(
+        store.partial(),
+        Some(PartialImage {
+            cursor: 64 << 20,
+            ..marker
+        })
+    );
+    assert_eq!(
+        store.read(0, 1).unwrap(),
+        Bytes::from(vec![3u8; BLOCK_SIZE])
+    );
 }

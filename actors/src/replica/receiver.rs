@@ -18,8 +18,8 @@ use serde::Serialize;
 use std::sync::Arc;
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 use walship_io::{
-    Envelope, Install, Message, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE, CODE_STORAGE,
-    CODE_STORE, CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED,
+    Envelope, Install, Message, PartialImage, Store, StoreError, WalError, BLOCK_SIZE, CODE_BASE,
+    CODE_STORAGE, CODE_STORE, CODE_TRUNCATE_REFUSED, CODE_UNEXPECTED,
 };
 
 /// A replica's state, for operators.
@@ -566,10 +566,19 @@ impl ReceiverActor {
                         source,
                         since,
                         apply_through,
-                    } => self
-                        .store
-                        .begin_in_place(image_lsn, source, since, apply_through)
-                        .map(Sink::InPlace),
+                        by_map,
+                    } => {
+                        let marker = PartialImage {
+                            source,
+                            since,
+                            image_lsn,
+                            cursor: 0,
+                            by_map,
+                        };
+                        self.store
+                            .begin_in_place(marker, apply_through)
+                            .map(Sink::InPlace)
+                    }
                 };
                 match begun {
                     Ok(sink) => {

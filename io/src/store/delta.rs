@@ -30,12 +30,13 @@ use super::{io_err, Store, StoreError};
 use crate::epochs::{self, EpochStart};
 use crate::extent::ExtentFile;
 use crate::frame::{Frame, BLOCK_SIZE};
+use crate::fs::FsRef;
 use crate::regions::{self, DirtyMap, DirtyMapInfo};
 use crate::superblock::Superblock;
 use crate::wal::{Wal, WalError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// The dirty maps file.
 pub(super) const DIRTY_MAPS: &str = "DIRTY";
@@ -44,64 +45,100 @@ pub(super) const REBUILD_MARKER: &str = "REBUILD";
 
 /// An install in place a crash interrupted, or one under way: what the
 /// replica's extent partly holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Below `cursor` the extent holds the image (every region there was sent,
+/// or found equal), durably; above it, regions the image chose by the
+/// primary's dirty map hold the replica's own history (`by_map`), and any
+/// other region holds whatever it held.
+///
+/// `REBUILD` format (little-endian): source, since, image LSN, cursor (u64
+/// each), flags (u8: 1 `by_map`, 2 `since` present), crc32c (u32) of the
+/// 33 bytes before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PartialImage {
     /// Which primary store the image came from ([`Store::image_source`]).
     pub source: u64,
-    /// The dirty map it was chosen by: its `since` (0: none, the regions
-    /// were compared or all sent).
-    pub since: u64,
+    /// The primary's dirty map for this replica marked every write after
+    /// this LSN, at most the image's (`None`: it had none).
+    pub since: Option<u64>,
     /// The image's LSN.
     pub image_lsn: u64,
+    /// Bytes of the image installed, durably, from its start.
+    pub cursor: u64,
+    /// The regions were chosen by that dirty map (the rest hold the
+    /// replica's own history, which the map covers).
+    pub by_map: bool,
 }
+
+const MARKER_BYTES: usize = 37;
 
 impl PartialImage {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(28);
-        for value in [self.source, self.since, self.image_lsn] {
+        let mut out = Vec::with_capacity(MARKER_BYTES);
+        let since = self.since.unwrap_or(0);
+        for value in [self.source, since, self.image_lsn, self.cursor] {
             out.extend_from_slice(&value.to_le_bytes());
         }
+        out.push(u8::from(self.by_map) | u8::from(self.since.is_some()) << 1);
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
     }
 
-    /// `None` when a crash cut the marker's write (nothing was changed
-    /// before it was synced) or it is damaged: then the store is taken as
-    /// partial with nothing known of its source.
+    /// `None` when a crash cut the marker's first write (nothing was
+    /// changed before it was synced; later ones replace it atomically) or
+    /// it is damaged: then the store is partial with nothing known of it.
     fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != 28 || crc32c::crc32c(&bytes[..24]).to_le_bytes() != bytes[24..] {
+        let body = MARKER_BYTES - 4;
+        if bytes.len() != MARKER_BYTES
+            || crc32c::crc32c(&bytes[..body]).to_le_bytes() != bytes[body..]
+            || bytes[32] > 3
+        {
             return None;
         }
         let at =
             |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
         Some(Self {
             source: at(0),
-            since: at(1),
+            since: (bytes[32] & 2 != 0).then(|| at(1)),
             image_lsn: at(2),
+            cursor: at(3),
+            by_map: bytes[32] & 1 != 0,
         })
     }
 }
 
 /// An image being written into the replica's own extent, region by
-/// region. Dropping it without committing leaves the store partial.
+/// region, in ascending order. Dropping it without committing leaves the
+/// store partial, with the cursor last persisted.
 #[derive(Debug)]
 pub struct InPlaceInstall {
     extent: Arc<ExtentFile>,
-    image_lsn: u64,
+    fs: FsRef,
+    dir: PathBuf,
+    marker: PartialImage,
+    /// The store's own record of it, which a hello reports.
+    slot: Arc<Mutex<Option<PartialImage>>>,
     image_bytes: u64,
     crc: u32,
     written: u64,
     unsynced: u64,
+    /// Where the last chunk ended: everything below is the image's.
+    reached: u64,
 }
 
-/// An install in place syncs the extent every this many bytes: bounded
-/// dirty page cache, and a short final sync.
+/// An install in place syncs the extent every this many bytes written:
+/// bounded dirty page cache, and a short final sync.
 const IN_PLACE_SYNC_BYTES: u64 = 16 << 20;
+/// ... and persists its cursor (extent sync, then the marker: three
+/// fsyncs) each time it moved this far: what a cut rebuild need not send
+/// again.
+const CURSOR_BYTES: u64 = 32 << 20;
 
 impl InPlaceInstall {
-    /// Writes `data` at `offset` (whole blocks, within the image); the
-    /// crc32c of what was written, in order, is checked at commit.
+    /// Writes `data` at `offset` (whole blocks, within the image, past
+    /// every chunk before it); the crc32c of what was written, in order,
+    /// is checked at commit.
     pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let block = BLOCK_SIZE as u64;
         let end = offset + data.len() as u64;
@@ -111,20 +148,55 @@ impl InPlaceInstall {
                 expected: self.image_bytes,
             });
         }
+        if offset < self.reached {
+            return Err(StoreError::ChunkOutOfOrder {
+                expected: self.reached,
+                got: offset,
+            });
+        }
         self.extent.write(offset / block, data)?;
         self.crc = crc32c::crc32c_append(self.crc, data);
         self.written += data.len() as u64;
         self.unsynced += data.len() as u64;
-        if self.unsynced >= IN_PLACE_SYNC_BYTES {
+        self.reached = end;
+        if self.reached - self.marker.cursor >= CURSOR_BYTES {
+            self.persist_cursor()?;
+        } else if self.unsynced >= IN_PLACE_SYNC_BYTES {
             self.extent.sync()?;
             self.unsynced = 0;
         }
         Ok(())
     }
 
+    /// Makes what was written durable, then says so in the marker.
+    fn persist_cursor(&mut self) -> Result<(), StoreError> {
+        self.extent.sync()?;
+        self.unsynced = 0;
+        let marker = PartialImage {
+            cursor: self.reached,
+            ..self.marker
+        };
+        let path = self.dir.join(REBUILD_MARKER);
+        crate::durable::rewrite_atomic(
+            self.fs.as_ref(),
+            &self.dir,
+            REBUILD_MARKER,
+            &marker.encode(),
+        )
+        .map_err(io_err("replace", &path))?;
+        self.marker = marker;
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(marker);
+        Ok(())
+    }
+
+    /// Bytes of the image installed durably from its start.
+    pub fn cursor(&self) -> u64 {
+        self.marker.cursor
+    }
+
     /// The image LSN.
     pub fn image_lsn(&self) -> u64 {
-        self.image_lsn
+        self.marker.image_lsn
     }
 
     /// Bytes written so far.
@@ -182,11 +254,7 @@ impl Store {
         let path = self.dir.join(REBUILD_MARKER);
         match self.fs().read(&path) {
             Ok(bytes) => {
-                *self.partial_slot() = Some(PartialImage::decode(&bytes).unwrap_or(PartialImage {
-                    source: 0,
-                    since: 0,
-                    image_lsn: 0,
-                }));
+                *self.partial_slot() = Some(PartialImage::decode(&bytes).unwrap_or_default());
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -330,24 +398,21 @@ impl Store {
         Ok(regions::region_sums(&buf, region_bytes))
     }
 
-    /// Starts an install in place of the image at `image_lsn` from
-    /// `source` (chosen by the dirty map since `since`, or 0): the marker
-    /// is synced first, then the replica's own log is applied to its extent
-    /// through `apply_through` (a dirty map covers the writes after it; 0:
-    /// nothing applied), and the returned install writes regions.
+    /// Starts an install in place of the image `marker` names (its cursor
+    /// taken as 0): the marker is synced first, then the replica's own log
+    /// is applied to its extent through `apply_through` (what it shares
+    /// with the primary: a dirty map covers the writes after it; 0: nothing
+    /// applied), and the returned install writes regions.
     pub fn begin_in_place(
         &self,
-        image_lsn: u64,
-        source: u64,
-        since: u64,
+        marker: PartialImage,
         apply_through: u64,
     ) -> Result<InPlaceInstall, StoreError> {
         self.record_direct(&mut self.direct())?;
         let was_partial = self.partial().is_some();
         let marker = PartialImage {
-            source,
-            since,
-            image_lsn,
+            cursor: 0,
+            ..marker
         };
         let path = self.dir.join(REBUILD_MARKER);
         crate::durable::rewrite_atomic(self.fs(), &self.dir, REBUILD_MARKER, &marker.encode())
@@ -358,11 +423,15 @@ impl Store {
         }
         Ok(InPlaceInstall {
             extent: Arc::clone(&self.read_state().extent),
-            image_lsn,
+            fs: Arc::clone(&self.options.fs),
+            dir: self.dir.clone(),
+            marker,
+            slot: Arc::clone(&self.partial),
             image_bytes: self.volume_bytes(),
             crc: 0,
             written: 0,
             unsynced: 0,
+            reached: 0,
         })
     }
 
@@ -385,7 +454,7 @@ impl Store {
         }
         epochs::validate(epochs).map_err(WalError::from)?;
         let mut history = epochs.to_vec();
-        epochs::cut_after(&mut history, install.image_lsn);
+        epochs::cut_after(&mut history, install.marker.image_lsn);
         install.extent.sync()?;
         let fs = self.fs();
         let _serial = self
@@ -402,7 +471,7 @@ impl Store {
         fs.sync_dir(&self.dir).map_err(io_err("sync", &self.dir))?;
         let next = Superblock {
             generation,
-            checkpoint: install.image_lsn,
+            checkpoint: install.marker.image_lsn,
             epoch,
             ..superblock
         };

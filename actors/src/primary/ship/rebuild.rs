@@ -104,12 +104,28 @@ pub(crate) struct Transferring<'a> {
     pub(crate) transfer: &'a Transfer,
 }
 
-/// Which regions of each chunk go: all, those a dirty map marks, or those
-/// whose checksums differ from the replica's.
-enum Regions {
+/// Which regions of the image go: below `from` (a resumed install's
+/// cursor), those the dirty map marks; from there on, as `above` says.
+struct Selection {
+    map: Option<DirtyMap>,
+    from: u64,
+    above: Above,
+}
+
+/// What goes at and past the cursor.
+enum Above {
+    /// Every region.
     All,
-    Dirty(DirtyMap),
+    /// The regions the dirty map marks.
+    Dirty,
+    /// The regions whose checksums differ from the replica's.
     Compared(ReplicaSums),
+}
+
+impl Selection {
+    fn dirty(&self, region: u64) -> bool {
+        self.map.as_ref().is_some_and(|m| m.is_dirty(region))
+    }
 }
 
 /// The replica's region checksums, asked for `SPAN` bytes at a time and
@@ -207,6 +223,90 @@ fn chosen_runs(
     runs
 }
 
+/// How the replica installs the image and which regions of it go.
+fn select(
+    c: &SenderContext,
+    transfer: &Transfer,
+    image_lsn: u64,
+    image_bytes: u64,
+    region: u64,
+) -> Result<(Install, Selection), ExecError> {
+    let all = |from| Selection {
+        map: None,
+        from,
+        above: Above::All,
+    };
+    let compare = |from| ReplicaSums {
+        region,
+        image_bytes,
+        requested_to: from,
+        sums: BTreeMap::new(),
+    };
+    // The map as the checkpointer left it at the image (a pin holds the
+    // checkpointer still); one since after the image covers too little.
+    let replica = &c.replica;
+    let map = c
+        .store
+        .dirty_map(replica.as_str())
+        .filter(|m| m.since() <= image_lsn);
+    let need_map = |since: Lsn| {
+        map.clone()
+            .filter(|m| m.since() <= since.get())
+            .ok_or_else(|| {
+                ExecError::Protocol(format!("the dirty map since {since} for {replica} is gone"))
+            })
+    };
+    let (apply_through, by_map, selection) = match transfer {
+        Transfer::Staged { .. } => return Ok((Install::Staging, all(0))),
+        Transfer::Whole { .. } => (Lsn::ZERO, false, all(0)),
+        Transfer::Compared { apply_through, .. } => (
+            *apply_through,
+            false,
+            Selection {
+                map: None,
+                from: 0,
+                above: Above::Compared(compare(0)),
+            },
+        ),
+        Transfer::Dirty {
+            since,
+            apply_through,
+            ..
+        } => (
+            *apply_through,
+            true,
+            Selection {
+                map: Some(need_map(*since)?),
+                from: 0,
+                above: Above::Dirty,
+            },
+        ),
+        Transfer::Resume {
+            since, from, above, ..
+        } => {
+            let from = (*from).min(image_bytes) / region * region;
+            let (by_map, above) = match above {
+                walship_engine::Above::Dirty => (true, Above::Dirty),
+                walship_engine::Above::Compared => (false, Above::Compared(compare(from))),
+            };
+            let selection = Selection {
+                map: Some(need_map(*since)?),
+                from,
+                above,
+            };
+            (Lsn::ZERO, by_map, selection)
+        }
+    };
+    let install = Install::InPlace {
+        source: c.store.image_source(),
+        // What a cut of this install resumes by: the map, if one covers it.
+        since: map.as_ref().map(DirtyMap::since),
+        apply_through: apply_through.get().min(image_lsn),
+        by_map,
+    };
+    Ok((install, selection))
+}
+
 pub(super) async fn rebuild(
     conn: &mut Conn,
     c: &SenderContext,
@@ -233,54 +333,7 @@ pub(super) async fn rebuild(
     };
     let mut exec = RebuildExecutor::from_plan(plan, grants, image_bytes, chunk, STEP_ENTRIES)?;
     let image_lsn = exec.image_lsn().get();
-    let (install, mut chosen) = match transfer {
-        Transfer::Staged { .. } => (Install::Staging, Regions::All),
-        Transfer::Whole { .. } | Transfer::Compared { .. } | Transfer::Dirty { .. } => {
-            let mut since = 0;
-            let mut apply_through = 0;
-            let chosen = match transfer {
-                Transfer::Dirty {
-                    since: map_since,
-                    apply_through: through,
-                    ..
-                } => {
-                    // The map as the checkpointer left it at the image (a
-                    // snapshot pin holds the checkpointer still).
-                    let map = c
-                        .store
-                        .dirty_map(replica.as_str())
-                        .filter(|m| m.since() <= map_since.get());
-                    let Some(map) = map else {
-                        return Err(ExecError::Protocol(format!(
-                            "the dirty map since {map_since} for {replica} is gone"
-                        )));
-                    };
-                    since = map.since();
-                    apply_through = through.get().min(image_lsn);
-                    Regions::Dirty(map)
-                }
-                Transfer::Compared {
-                    apply_through: through,
-                    ..
-                } => {
-                    apply_through = through.get().min(image_lsn);
-                    Regions::Compared(ReplicaSums {
-                        region,
-                        image_bytes,
-                        requested_to: 0,
-                        sums: BTreeMap::new(),
-                    })
-                }
-                _ => Regions::All,
-            };
-            let install = Install::InPlace {
-                source: c.store.image_source(),
-                since,
-                apply_through,
-            };
-            (install, chosen)
-        }
-    };
+    let (install, mut chosen) = select(c, transfer, image_lsn, image_bytes, region)?;
     let begin = Message::RebuildBegin {
         session: session.get(),
         kind,
@@ -313,30 +366,45 @@ pub(super) async fn rebuild(
     loop {
         match exec.next_step()? {
             Step::TransferImage { offset, len } => {
-                let runs = match &mut chosen {
-                    Regions::All => vec![(offset, images.read(offset, len).await?.0)],
-                    Regions::Dirty(map) => {
-                        let first = offset / region;
-                        let last = (offset + len).div_ceil(region);
-                        if (first..last).any(|r| map.is_dirty(r)) {
-                            let data = images.read_only(offset, len).await?;
-                            chosen_runs(&data, offset, region, |r| map.is_dirty(r))
-                        } else {
-                            Vec::new()
-                        }
+                let runs = match &mut chosen.above {
+                    Above::All => {
+                        let data = images.read(offset, len).await?.0;
+                        let (from, map) = (chosen.from, chosen.map.as_ref());
+                        chosen_runs(&data, offset, region, |r| {
+                            r * region >= from || map.is_some_and(|m| m.is_dirty(r))
+                        })
                     }
-                    Regions::Compared(sums) => {
-                        let ahead = offset + SUMS_AHEAD * SUMS_SPAN;
+                    Above::Compared(sums) if offset + len > chosen.from => {
+                        let first = chosen.from.max(offset);
+                        let ahead = first + SUMS_AHEAD * SUMS_SPAN;
                         sums.ask(shipper.conn, session.get(), epoch.get(), ahead)
                             .await?;
                         let (data, _) = images.read(offset, len).await?;
                         let ours = regions::region_sums(&data, region);
-                        let theirs = sums.take(shipper.conn, timeout, offset, len).await?;
-                        let first = offset / region;
+                        let theirs = sums
+                            .take(shipper.conn, timeout, first, offset + len - first)
+                            .await?;
+                        let (chunk_first, their_first) = (offset / region, first / region);
+                        let map = chosen.map.as_ref();
                         chosen_runs(&data, offset, region, |r| {
-                            let i = (r - first) as usize;
-                            ours.get(i) != theirs.get(i)
+                            match r.checked_sub(their_first) {
+                                Some(i) => {
+                                    ours.get((r - chunk_first) as usize) != theirs.get(i as usize)
+                                }
+                                None => map.is_some_and(|m| m.is_dirty(r)),
+                            }
                         })
+                    }
+                    // Below the cursor, or everywhere by the map: read only
+                    // a chunk that holds a marked region.
+                    Above::Dirty | Above::Compared(_) => {
+                        let regions = offset / region..(offset + len).div_ceil(region);
+                        if regions.clone().any(|r| chosen.dirty(r)) {
+                            let data = images.read_only(offset, len).await?;
+                            chosen_runs(&data, offset, region, |r| chosen.dirty(r))
+                        } else {
+                            Vec::new()
+                        }
                     }
                 };
                 for (at, data) in runs {
