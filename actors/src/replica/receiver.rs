@@ -59,6 +59,9 @@ pub struct ReceiverActor {
     epoch: u64,
     active_conn: Option<u64>,
     install: Option<InstallWriter>,
+    /// Where region checksums are read: a MiB, kept while an install in
+    /// place compares (a fresh buffer per request cost more than the read).
+    sums_buf: Vec<u8>,
     checkpoint_every: u64,
     checkpoint_requested: u64,
     blocking: BlockingPool,
@@ -191,6 +194,7 @@ impl ReceiverActor {
             epoch,
             active_conn: None,
             install: None,
+            sums_buf: Vec::new(),
             checkpoint_every,
             checkpoint_requested: 0,
             committed: 0,
@@ -601,7 +605,10 @@ impl ReceiverActor {
                         format!("sums of {len} bytes in regions of {region_bytes}: at most {SUMS_MAX}, regions of whole blocks, during an install"),
                     );
                 }
-                match self.store.extent_sums(offset, len, region_bytes) {
+                let mut buf = std::mem::take(&mut self.sums_buf);
+                let sums = self.store.extent_sums(offset, len, region_bytes, &mut buf);
+                self.sums_buf = buf;
+                match sums {
                     Ok(sums) => self.answer(Message::RegionSums {
                         session,
                         offset,
@@ -622,7 +629,11 @@ impl ReceiverActor {
                 image_lsn,
                 checksum,
                 epochs,
-            } => match self.install.take().map(InstallWriter::finish) {
+            } => match {
+                // Idle replicas keep no buffer.
+                self.sums_buf = Vec::new();
+                self.install.take().map(InstallWriter::finish)
+            } {
                 Some(Err(e)) => self.store_failed("install", &e, CODE_BASE),
                 Some(Ok(install)) if install.image_lsn() == image_lsn => {
                     let committed = match install {

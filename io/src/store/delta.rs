@@ -379,11 +379,15 @@ impl Store {
     /// Checksums of the regions of the extent file in `[offset, offset +
     /// len)` (region-aligned), as it is: a replica's for a rebuild that
     /// compares (its WAL is not part of what it will hold).
+    ///
+    /// Read a MiB at a time into `buf` (kept by the caller: on a VM, fresh
+    /// pages cost more than the read).
     pub fn extent_sums(
         &self,
         offset: u64,
         len: u64,
         region_bytes: u64,
+        buf: &mut Vec<u8>,
     ) -> Result<Vec<u128>, StoreError> {
         let end = offset.saturating_add(len);
         if region_bytes == 0 || !offset.is_multiple_of(region_bytes) || end > self.volume_bytes() {
@@ -393,9 +397,17 @@ impl Store {
             });
         }
         let extent = Arc::clone(&self.read_state().extent);
-        let mut buf = vec![0u8; len as usize];
-        extent.read_bytes_into(offset, &mut buf)?;
-        Ok(regions::region_sums(&buf, region_bytes))
+        let step = region_bytes.max(1 << 20) / region_bytes * region_bytes;
+        let mut sums = Vec::with_capacity(len.div_ceil(region_bytes) as usize);
+        let mut at = offset;
+        while at < end {
+            let n = step.min(end - at) as usize;
+            buf.resize(n, 0);
+            extent.read_bytes_into(at, &mut buf[..n])?;
+            sums.extend(regions::region_sums(&buf[..n], region_bytes));
+            at += n as u64;
+        }
+        Ok(sums)
     }
 
     /// Starts an install in place of the image `marker` names (its cursor
