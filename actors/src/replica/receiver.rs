@@ -544,6 +544,12 @@ impl ReceiverActor {
         }
     }
 
+    /// The install's writer, done; idle replicas keep no sums buffer.
+    fn finish_install(&mut self) -> Option<Result<Sink, StoreError>> {
+        self.sums_buf = Vec::new();
+        self.install.take().map(InstallWriter::finish)
+    }
+
     fn rebuild(&mut self, message: Message) -> Reply {
         let epoch = self.epoch;
         match message {
@@ -629,11 +635,7 @@ impl ReceiverActor {
                 image_lsn,
                 checksum,
                 epochs,
-            } => match {
-                // Idle replicas keep no buffer.
-                self.sums_buf = Vec::new();
-                self.install.take().map(InstallWriter::finish)
-            } {
+            } => match self.finish_install() {
                 Some(Err(e)) => self.store_failed("install", &e, CODE_BASE),
                 Some(Ok(install)) if install.image_lsn() == image_lsn => {
                     let committed = match install {
