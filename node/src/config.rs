@@ -133,6 +133,10 @@ pub struct TuningSpec {
     /// Sessions to one peer node run as streams over one connection
     /// (false: a connection per session, as an embedded runtime does).
     pub multiplex: bool,
+    /// A rebuild moves only what differs (a returning replica's dirty
+    /// regions, or the regions whose checksums differ) and a cut one
+    /// resumes (false: every rebuild copies the whole volume).
+    pub delta_rebuilds: bool,
 }
 
 impl Default for TuningSpec {
@@ -146,6 +150,7 @@ impl Default for TuningSpec {
             inflight_bytes: 8 << 20,
             checkpoint_every_lsns: 16 * 1024,
             multiplex: true,
+            delta_rebuilds: true,
         }
     }
 }
@@ -167,6 +172,7 @@ impl TuningSpec {
         tuning.image_chunk_bytes = tuning.image_chunk_bytes.min(inflight);
         tuning.checkpoint_every_lsns = self.checkpoint_every_lsns.max(1);
         tuning.multiplex = self.multiplex;
+        tuning.delta_rebuilds = self.delta_rebuilds;
         tuning
     }
 }
@@ -559,7 +565,7 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
         let text = format!(
             "{NODE1}\n[tuning]\nbarrier_timeout_ms = 250\npeer_timeout_ms = 700\n\
              network_retry_max_ms = 900\nsegment_bytes = 1048576\nretention_max_bytes = 4096\n\
-             inflight_bytes = 32768\ncheckpoint_every_lsns = 500\n"
+             inflight_bytes = 32768\ncheckpoint_every_lsns = 500\ndelta_rebuilds = false\n"
         );
         // [tuning] after the volume's table would belong to it: put it first.
         let (head, volume) = text.split_at(text.find("[[volume]]").unwrap());
@@ -575,6 +581,11 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
         assert_eq!(tuning.batch_bytes, 32768);
         assert_eq!(tuning.image_chunk_bytes, 32768);
         assert_eq!(tuning.checkpoint_every_lsns, 500);
+        assert!(!tuning.delta_rebuilds);
+        assert!(
+            TuningSpec::default().tuning().delta_rebuilds,
+            "on by default"
+        );
     }
 
     #[test]
