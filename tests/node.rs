@@ -424,3 +424,78 @@ async fn failover_by_assignment_keeps_every_acknowledged_write_and_the_old_prima
     assert_replicas_identical(&cluster, 1).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_budget_comes_from_the_config_and_changes_at_run_time_or_not_at_all() {
+    let volume = VolumeOptions {
+        tuning: format!(
+            "{}\n[recovery]\nrate = \"64MiB\"\nfloor = \"8MiB\"\nmax_rebuilds = 2\n",
+            VolumeOptions::default().tuning
+        ),
+        ..VolumeOptions::default()
+    };
+    let cluster = NodeCluster::start_nodes(volume, 2).await;
+    let admin = cluster.nodes[0].admin_addr();
+    let show = |args: &'static [&'static str]| {
+        let admin = admin.clone();
+        async move {
+            let mut all = vec!["recovery", "--admin", &admin];
+            all.extend_from_slice(args);
+            run(nodes::WALSHIP, &all, CLIENT).await
+        }
+    };
+    let text = |output: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let shown = show(&[]).await;
+    assert!(shown.status.success(), "{}", text(&shown));
+    assert!(
+        text(&shown).contains("rate 64.0 MiB/s  floor 8.0 MiB/s per recovery  max rebuilds 2"),
+        "{}",
+        text(&shown)
+    );
+    // Refused, with why, and nothing of it applied.
+    for (args, why) in [
+        (&["--rate", "0"][..], "rate of 0"),
+        (
+            &["--max-rebuilds", "0", "--rate", "100MiB"][..],
+            "max_rebuilds of 0",
+        ),
+        (&["--rate", "1MiB"][..], "below the floor"),
+        (&["--rate", "fast"][..], "not a size"),
+    ] {
+        let refused = show(args).await;
+        assert!(!refused.status.success(), "{args:?}: {}", text(&refused));
+        assert!(text(&refused).contains(why), "{args:?}: {}", text(&refused));
+        let still = text(&show(&[]).await);
+        assert!(
+            still.contains("rate 64.0 MiB/s") && still.contains("max rebuilds 2"),
+            "{args:?} applied something: {still}"
+        );
+    }
+    let changed = show(&["--rate", "200MiB", "--max-rebuilds", "unlimited"]).await;
+    assert!(changed.status.success(), "{}", text(&changed));
+    assert!(
+        text(&changed)
+            .contains("rate 200.0 MiB/s  floor 8.0 MiB/s per recovery  max rebuilds unlimited"),
+        "{}",
+        text(&changed)
+    );
+    let metrics = admin_get(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("walship_recovery_rate_limit_bytes_per_second 209715200"),
+        "{metrics}"
+    );
+}
+
+async fn admin_get(admin: &str, path: &str) -> String {
+    let (status, body) = walship::node::admin::request(admin, path, None)
+        .await
+        .unwrap();
+    assert!(status.is_success(), "{path}: {status}: {body}");
+    body
+}

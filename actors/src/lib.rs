@@ -14,6 +14,7 @@ pub mod metrics;
 mod mux;
 mod pool;
 mod primary;
+mod recovery;
 mod replica;
 mod runtime;
 #[cfg(feature = "testing")]
@@ -30,5 +31,8 @@ pub use metrics::{MailboxMetrics, MailboxSnapshot};
 #[cfg(feature = "testing")]
 pub use primary::SenderHeartbeat;
 pub use primary::{SenderActor, VolumeActor, VolumeStatus};
+pub use recovery::{
+    LimitsError, RebuildSlot, RecoveryBudget, RecoveryLimits, RecoveryStatus, MIN_FLOOR_BYTES,
+};
 pub use replica::{ReplicaStatus, ReplicationListener};
 pub use runtime::{NodeStatus, PeeringStatus, Runtime, VolumeHandle, VolumeThread};

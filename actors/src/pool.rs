@@ -160,6 +160,8 @@ pub(crate) struct Pools {
     pub(crate) readers: Arc<Mutex<HashMap<BackendRequest, Arc<ReaderService>>>>,
     /// Multiplexed links to peer nodes, shared by every primary.
     pub(crate) links: Arc<crate::mux::PeerLinks>,
+    /// The recovery budget every catch-up and rebuild shares.
+    pub(crate) recovery: crate::recovery::RecoveryBudget,
 }
 
 impl Pools {
@@ -169,6 +171,7 @@ impl Pools {
             receivers,
             readers: Arc::default(),
             links: Arc::default(),
+            recovery: crate::recovery::RecoveryBudget::default(),
         }
     }
 

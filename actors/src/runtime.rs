@@ -46,6 +46,13 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The recovery budget every catch-up and rebuild of this runtime's
+    /// volumes shares: its limits change at run time
+    /// ([`RecoveryBudget::set_limits`]); live shipping is never in it.
+    pub fn recovery(&self) -> crate::recovery::RecoveryBudget {
+        self.pools.recovery.clone()
+    }
+
     /// Starts the actix system on a dedicated thread.
     pub fn start() -> Result<Self, VolumeError> {
         let (tx, rx) = std::sync::mpsc::channel();

@@ -32,6 +32,9 @@ pub struct EngineConfig {
     /// safe (see [`crate::delta`]); off, every rebuild is a whole image
     /// into a staging file. Off by default here; the runtime turns it on.
     pub delta_rebuilds: bool,
+    /// Rebuilds wait for a slot of the node's (`AwaitRebuildSlot`) before
+    /// they pin anything. Off by default here; the runtime turns it on.
+    pub rebuild_slots: bool,
 }
 
 impl EngineConfig {
@@ -47,6 +50,7 @@ impl EngineConfig {
             barrier_timeout_ticks: 100,
             log_capacity: 4096,
             delta_rebuilds: false,
+            rebuild_slots: false,
         }
     }
 }
@@ -306,6 +310,15 @@ pub enum Command {
         /// Where.
         endpoint: Endpoint,
     },
+    /// Wait for one of the node's rebuild slots for this session's rebuild,
+    /// then report `handle_rebuild_slot`; the slot is held until the
+    /// session's execution ends (or it is cancelled).
+    AwaitRebuildSlot {
+        /// Replica.
+        replica: ReplicaId,
+        /// Session.
+        session: SessionId,
+    },
     /// Mark, from now on, every region a write applied after `since`
     /// touches, for `replica` (it left sync durable through `since`); then
     /// report the maps (`handle_dirty_maps`).
@@ -435,6 +448,7 @@ impl Command {
             Self::Connect { replica, .. }
             | Self::Disconnect { replica, .. }
             | Self::TrackDirty { replica, .. }
+            | Self::AwaitRebuildSlot { replica, .. }
             | Self::ForgetDirty { replica }
             | Self::AcquireResources { replica, .. }
             | Self::ReleaseResources { replica, .. }

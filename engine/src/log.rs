@@ -71,6 +71,7 @@ const DECISIONS: &[&str] = &[
     "rebuild_deferred",
     "rebuild_fallback",
     "rebuild_image_installed",
+    "rebuild_queued",
     "rebuild_required",
     "replica_added",
     "replica_removed",

@@ -246,8 +246,6 @@ impl Engine {
             },
             None => select_rebuild_source(&history),
         };
-        let event = transfer.event_name();
-        let detail = transfer.to_string();
         if transfer.in_place() {
             // A cut install resumes by what changed after its image: a
             // map starts before the image is pinned, so at most at it. One
@@ -260,7 +258,6 @@ impl Engine {
             self.track_dirty(replica, Lsn::ZERO);
         }
         self.reserve(replica, session, PlanKind::Rebuild { source, transfer });
-        self.record(Some(replica), Some(session), event, detail);
     }
 
     /// What the rebuild of `replica` moves (see [`crate::delta`]), from
@@ -307,14 +304,59 @@ impl Engine {
             epoch: self.epoch,
             kind,
         };
-        let requests = plan.resources();
-        let deadline = self.now.after(self.config.pin_reservation_ticks);
         self.record(
             Some(replica),
             Some(session),
             plan.event_name(),
             plan.describe(),
         );
+        if let PlanKind::Rebuild { transfer, .. } = &plan.kind {
+            // What of the image moves, and why: a decision of its own.
+            let (event, detail) = (transfer.event_name(), transfer.to_string());
+            self.record(Some(replica), Some(session), event, detail);
+        }
+        let Some(s) = self
+            .senders
+            .get_mut(replica)
+            .and_then(|s| s.active_session_mut())
+        else {
+            return;
+        };
+        if self.config.rebuild_slots && matches!(plan.kind, PlanKind::Rebuild { .. }) {
+            // The node runs only so many rebuilds at once: this one waits
+            // its turn before it pins anything.
+            if s.queue(plan).is_ok() {
+                self.record(Some(replica), Some(session), "rebuild_queued", "");
+                self.commands.push(Command::AwaitRebuildSlot {
+                    replica: replica.clone(),
+                    session,
+                });
+            }
+            return;
+        }
+        self.reserve_resources(replica, session, plan);
+    }
+
+    /// A queued rebuild got its slot: its resources are asked for now.
+    pub fn handle_rebuild_slot(
+        &mut self,
+        replica: &ReplicaId,
+        session: SessionId,
+    ) -> Result<(), EngineError> {
+        self.check_session(replica, session, "rebuild_slot")?;
+        let plan = match self.sender(replica)?.active_session() {
+            Some(s) => s.queued_plan()?,
+            None => return Ok(()),
+        };
+        self.record(Some(replica), Some(session), "rebuild_slot_granted", "");
+        self.reserve_resources(replica, session, plan);
+        Ok(())
+    }
+
+    /// Asks for the plan's resources (or runs it at once when it needs none).
+    fn reserve_resources(&mut self, replica: &ReplicaId, session: SessionId, plan: RecoveryPlan) {
+        let requests = plan.resources();
+        let deadline = self.now.after(self.config.pin_reservation_ticks);
         let Some(s) = self
             .senders
             .get_mut(replica)

@@ -86,6 +86,11 @@ pub(crate) enum Stage {
     Init,
     Connecting,
     Handshake,
+    /// A rebuild waiting for one of the node's rebuild slots (no deadline:
+    /// the queue is the node's to keep).
+    Queued {
+        plan: RecoveryPlan,
+    },
     Reserving {
         plan: RecoveryPlan,
         deadline: Tick,
@@ -149,7 +154,9 @@ impl Session {
             Stage::Init => SessionPhase::Init,
             Stage::Connecting => SessionPhase::Connecting,
             Stage::Handshake => SessionPhase::Handshake,
-            Stage::Reserving { .. } | Stage::Running { .. } => SessionPhase::CatchUp,
+            Stage::Queued { .. } | Stage::Reserving { .. } | Stage::Running { .. } => {
+                SessionPhase::CatchUp
+            }
             Stage::Completed { .. } => SessionPhase::Completed,
             Stage::Invalidated { .. } => SessionPhase::Invalidated,
         }
@@ -160,6 +167,7 @@ impl Session {
             Stage::Init => "init",
             Stage::Connecting => "connecting",
             Stage::Handshake => "handshake",
+            Stage::Queued { .. } => "queued",
             Stage::Reserving { .. } => "reserving",
             Stage::Running { .. } => "running",
             Stage::Completed { .. } => "completed",
@@ -176,7 +184,9 @@ impl Session {
 
     pub(crate) fn plan(&self) -> Option<&RecoveryPlan> {
         match &self.stage {
-            Stage::Reserving { plan, .. } | Stage::Running { plan, .. } => Some(plan),
+            Stage::Queued { plan }
+            | Stage::Reserving { plan, .. }
+            | Stage::Running { plan, .. } => Some(plan),
             _ => None,
         }
     }
@@ -218,11 +228,30 @@ impl Session {
 
     pub(crate) fn reserve(&mut self, plan: RecoveryPlan, deadline: Tick) -> Result<(), PhaseError> {
         match self.stage {
-            Stage::Handshake => {
+            Stage::Handshake | Stage::Queued { .. } => {
                 self.stage = Stage::Reserving { plan, deadline };
                 Ok(())
             }
             _ => Err(self.wrong("reserve")),
+        }
+    }
+
+    /// A rebuild plan waits for a rebuild slot.
+    pub(crate) fn queue(&mut self, plan: RecoveryPlan) -> Result<(), PhaseError> {
+        match self.stage {
+            Stage::Handshake => {
+                self.stage = Stage::Queued { plan };
+                Ok(())
+            }
+            _ => Err(self.wrong("queue")),
+        }
+    }
+
+    /// The queued plan, once its slot came.
+    pub(crate) fn queued_plan(&self) -> Result<RecoveryPlan, PhaseError> {
+        match &self.stage {
+            Stage::Queued { plan } => Ok(plan.clone()),
+            _ => Err(self.wrong("rebuild_slot")),
         }
     }
 

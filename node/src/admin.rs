@@ -5,6 +5,8 @@
 //! | `GET /status` | the node and every volume: roles, epochs, replica states, lag, pins, mailboxes, recent recovery decisions (JSON) |
 //! | `GET /volumes/{name}` | one volume, the same way |
 //! | `POST /volumes/{name}/assignment` | applies a new assignment ([`AssignmentRequest`] as JSON); 409 when fenced |
+//! | `GET /recovery` | the recovery budget: limits, recoveries sending, rebuilds running and queued (JSON) |
+//! | `POST /recovery` | changes the limits ([`RecoveryRequest`] as JSON); 400 with why when refused, nothing applied |
 //! | `GET /metrics` | Prometheus text: mailboxes per actor, WAL sync latency, per-volume LSNs, lag in LSNs and bytes, states, pins, bytes shipped |
 
 use crate::assignment::Applied;
@@ -42,6 +44,59 @@ impl AssignmentRequest {
     /// As an assignment to apply (endpoint versions are the node's to set).
     pub fn applied(&self) -> Applied {
         Applied::new(self.epoch, &self.primary, self.commit_mode, &self.replicas)
+    }
+}
+
+/// A change of the recovery budget, as `POST /recovery` takes it: each
+/// field left out keeps its value; sizes per second like `"200MiB"`, or
+/// `"unlimited"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryRequest {
+    /// Bytes per second all recoveries share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Bytes per second each running recovery keeps at least.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<String>,
+    /// Rebuilds at once (a number, or `"unlimited"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rebuilds: Option<String>,
+}
+
+impl RecoveryRequest {
+    /// `current` with this change, checked; why not otherwise.
+    pub fn apply_to(
+        &self,
+        current: walship_actors::RecoveryLimits,
+    ) -> Result<walship_actors::RecoveryLimits, String> {
+        fn value(
+            text: &Option<String>,
+            key: &str,
+            parse: fn(&str) -> Option<u64>,
+        ) -> Result<Option<Option<u64>>, String> {
+            match text.as_deref().map(str::trim) {
+                None => Ok(None),
+                Some("unlimited") => Ok(Some(None)),
+                Some(t) => parse(t).map(|v| Some(Some(v))).ok_or_else(|| {
+                    format!("{key} = {t:?}: not a size like \"200MiB\" or \"unlimited\"")
+                }),
+            }
+        }
+        let mut limits = current;
+        if let Some(rate) = value(&self.rate, "rate", crate::config::parse_rate)? {
+            limits = limits.with_rate(rate);
+        }
+        if let Some(floor) = value(&self.floor, "floor", crate::config::parse_rate)? {
+            let floor = floor.ok_or("floor = \"unlimited\": a floor is a rate")?;
+            limits = limits.with_floor(floor);
+        }
+        if let Some(max) = value(&self.max_rebuilds, "max_rebuilds", |t| t.parse().ok())? {
+            limits =
+                limits.with_max_rebuilds(max.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
+        }
+        limits.validate().map_err(|e| e.to_string())?;
+        Ok(limits)
     }
 }
 
@@ -217,6 +272,25 @@ async fn route(node: &Node, request: Request<Incoming>) -> Response<Full<Bytes>>
                 Err(e) => refusal(&e),
             }
         }
+        (&Method::GET, ["recovery"]) => json(StatusCode::OK, &node.recovery().status()),
+        (&Method::POST, ["recovery"]) => {
+            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+            };
+            let wanted: RecoveryRequest = match serde_json::from_slice(&body) {
+                Ok(wanted) => wanted,
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("recovery: {e}\n")),
+            };
+            let budget = node.recovery();
+            let applied = wanted
+                .apply_to(budget.limits())
+                .and_then(|limits| budget.set_limits(limits).map_err(|e| e.to_string()));
+            match applied {
+                Ok(()) => json(StatusCode::OK, &budget.status()),
+                Err(why) => text(StatusCode::BAD_REQUEST, format!("recovery: {why}\n")),
+            }
+        }
         (&Method::GET, ["metrics"]) => text(StatusCode::OK, metrics(node).await),
         _ => text(
             StatusCode::NOT_FOUND,
@@ -347,6 +421,15 @@ async fn metrics(node: &Node) -> String {
             NodeStatus::Peering(_) => {}
         }
     }
+    // The node's recovery budget.
+    let recovery = node.recovery().status();
+    let rate = recovery.limits.rate.unwrap_or(0) as f64;
+    metrics::gauge!("walship_recovery_rate_limit_bytes_per_second").set(rate);
+    metrics::gauge!("walship_recovery_sending").set(recovery.recovering as f64);
+    metrics::gauge!("walship_recovery_rebuilds_running")
+        .set(recovery.rebuilds_running.len() as f64);
+    metrics::gauge!("walship_recovery_rebuilds_queued").set(recovery.rebuilds_queued.len() as f64);
+    metrics::gauge!("walship_recovery_bytes_sent").set(recovery.bytes_sent as f64);
     for (kind, (depth, oldest_us)) in mailboxes {
         metrics::gauge!("walship_mailbox_depth", "actor" => kind).set(depth as f64);
         metrics::gauge!("walship_mailbox_oldest_age_seconds", "actor" => kind)

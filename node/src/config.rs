@@ -18,6 +18,11 @@
 //! primary = "node1"
 //! replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
 //! export_replicas = true              # replicas export it read-only over NBD
+//!
+//! [recovery]                          # optional: the node's recovery budget
+//! rate = "200MiB"                     # per second, every catch-up and rebuild it sends
+//! floor = "32MiB"                     # per second each running recovery keeps at least
+//! max_rebuilds = 2                    # rebuilds at once; the rest queue
 //! ```
 
 use serde::Deserialize;
@@ -74,6 +79,8 @@ pub struct NodeConfig {
     pub volumes: Vec<VolumeSpec>,
     /// Tuning for every primary of the node.
     pub tuning: TuningSpec,
+    /// The node's recovery budget (`[recovery]`), checked.
+    pub recovery: walship_actors::RecoveryLimits,
 }
 
 /// One volume of the node's config.
@@ -189,8 +196,18 @@ struct RawNode {
     nbd: Option<Spanned<String>>,
     #[serde(default)]
     tuning: TuningSpec,
+    recovery: Option<Spanned<RawRecovery>>,
     #[serde(rename = "volume", default)]
     volumes: Vec<RawVolume>,
+}
+
+/// `[recovery]` as written: sizes per second, or `"unlimited"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecovery {
+    rate: Option<RawSize>,
+    floor: Option<RawSize>,
+    max_rebuilds: Option<RawSize>,
 }
 
 fn default_cluster() -> String {
@@ -281,7 +298,14 @@ pub fn parse(file: &str, text: &str, data_dir: Option<&Path>) -> Result<NodeConf
         }
         volumes.push(volume);
     }
+    let recovery = match &raw.recovery {
+        None => walship_actors::RecoveryLimits::default(),
+        Some(spanned) => {
+            check_recovery(spanned.get_ref()).map_err(|what| at(spanned.span(), what))?
+        }
+    };
     Ok(NodeConfig {
+        recovery,
         file: file.to_owned(),
         node,
         cluster: raw.cluster,
@@ -428,6 +452,33 @@ fn server_name(value: &Spanned<String>, key: &str) -> Result<String, String> {
 }
 
 /// `"256MiB"`, `"1 GiB"`, `"4096"`, `"64KiB"` → bytes.
+/// The limits `[recovery]` asks for, checked as a whole.
+fn check_recovery(raw: &RawRecovery) -> Result<walship_actors::RecoveryLimits, String> {
+    let value = |v: &Option<RawSize>, key: &str, unit: fn(&str) -> Option<u64>| match v {
+        None => Ok(None),
+        Some(RawSize::Bytes(n)) => Ok(Some(*n)),
+        Some(RawSize::Text(t)) if t.trim() == "unlimited" => Ok(None),
+        Some(RawSize::Text(t)) => unit(t).map(Some).ok_or_else(|| {
+            format!("recovery {key} = {t:?}: not a size like \"200MiB\" or \"unlimited\"")
+        }),
+    };
+    let defaults = walship_actors::RecoveryLimits::default();
+    let rate = value(&raw.rate, "rate", parse_rate)?;
+    let floor = value(&raw.floor, "floor", parse_rate)?.unwrap_or(defaults.floor);
+    let max = value(&raw.max_rebuilds, "max_rebuilds", |t| t.trim().parse().ok())?;
+    let limits = defaults
+        .with_rate(rate)
+        .with_floor(floor)
+        .with_max_rebuilds(max.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
+    limits.validate().map_err(|e| e.to_string())?;
+    Ok(limits)
+}
+
+/// A rate: a size per second (`"200MiB"` or `"200MiB/s"`).
+pub fn parse_rate(text: &str) -> Option<u64> {
+    parse_size(text.trim().trim_end_matches("/s"))
+}
+
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
     let digits = text
@@ -471,6 +522,44 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
             Err(ConfigError::Invalid { line, what, .. }) => (line, what),
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn the_recovery_budget_is_checked_where_it_is_written() {
+        let with = |table: &str| {
+            NODE1.replace(
+                "\n[[volume]]",
+                &format!("\n[recovery]\n{table}\n[[volume]]"),
+            )
+        };
+        let config = parse(
+            "n",
+            &with("rate = \"200MiB/s\"\nfloor = \"16MiB\"\nmax_rebuilds = 2"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.recovery.rate, Some(200 << 20));
+        assert_eq!(config.recovery.floor, 16 << 20);
+        assert_eq!(config.recovery.max_rebuilds, Some(2));
+        let unlimited = parse("n", &with("rate = \"unlimited\""), None).unwrap();
+        assert_eq!(unlimited.recovery.rate, None);
+        assert_eq!(
+            parse("n", NODE1, None).unwrap().recovery,
+            walship_actors::RecoveryLimits::default()
+        );
+        for (table, why) in [
+            ("rate = \"1MiB\"", "below the floor"),
+            ("rate = 0", "rate of 0"),
+            ("max_rebuilds = 0", "max_rebuilds of 0"),
+            ("rate = \"fast\"", "not a size"),
+            ("floor = \"1KiB\"", "recoveries would crawl"),
+        ] {
+            let (line, what) = refusal(&with(table));
+            assert_eq!(line, 7, "{table}: the [recovery] table");
+            assert!(what.contains(why), "{table}: {what}");
+        }
+        let (_, what) = refusal(&with("speed = 1"));
+        assert!(what.contains("unknown field"), "{what}");
     }
 
     #[test]

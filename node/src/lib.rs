@@ -20,7 +20,7 @@ pub mod terms;
 
 pub use admin::{AdminClientError, AdminServer, AssignmentRequest, StatusReport};
 pub use assignment::{Applied, ReplicaEndpoint};
-pub use config::{ConfigError, NodeConfig, TuningSpec, VolumeSpec};
+pub use config::{parse_rate, ConfigError, NodeConfig, TuningSpec, VolumeSpec};
 pub use fence::WriteFence;
 pub use node::{Node, NodeError, VolumeReport};
 pub use terms::TermKeeper;

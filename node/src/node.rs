@@ -214,6 +214,9 @@ pub struct Node {
     config: NodeConfig,
     /// Taken by the stop; the last clone's drop ends the runtime.
     runtime: Mutex<Option<Arc<Runtime>>>,
+    /// The runtime's recovery budget: every catch-up and rebuild this
+    /// node sends shares it.
+    recovery: walship_actors::RecoveryBudget,
     listener: ReplicationListener,
     table: Arc<Table>,
     /// Serialises changes of assignment (and the stop, after them).
@@ -244,6 +247,11 @@ pub struct Node {
 impl Node {
     /// The primaries whose replicas' states changed since the last call,
     /// once there is one: a control plane reports them at once.
+    /// The node's recovery budget (limits, running and queued rebuilds).
+    pub fn recovery(&self) -> &walship_actors::RecoveryBudget {
+        &self.recovery
+    }
+
     pub async fn replica_states_changed(&self) -> BTreeSet<String> {
         self.replica_states.next().await
     }
@@ -290,6 +298,9 @@ impl Node {
             volume: "(runtime)".into(),
             source,
         })?;
+        let recovery = runtime.recovery();
+        // Checked with the config.
+        let _ = recovery.set_limits(config.recovery);
         let listener = runtime
             .replication_listener(&config.cluster, &config.replication.to_string())
             .map_err(|source| NodeError::Volume {
@@ -297,6 +308,7 @@ impl Node {
                 source,
             })?;
         let mut node = Self {
+            recovery,
             runtime: Mutex::new(Some(Arc::new(runtime))),
             listener,
             table: Arc::default(),

@@ -26,6 +26,8 @@ pub(crate) struct SenderContext {
     pub(crate) volume: MeteredRecipient<EngineInput>,
     pub(crate) reader: Arc<LogReader>,
     pub(crate) store: Arc<Store>,
+    /// The runtime's recovery budget: catch-ups and rebuilds send through it.
+    pub(crate) recovery: crate::recovery::RecoveryBudget,
     pub(crate) head_rx: watch::Receiver<u64>,
     pub(crate) committed_rx: watch::Receiver<u64>,
     /// Whether the volume's commit mode makes committed durable on the

@@ -57,16 +57,27 @@ impl ResourceTable {
         Lease {
             table: self.clone(),
             ids,
+            slot: None,
         }
     }
 }
 
-/// Held by an executor future. Dropping it releases the resources it names.
+/// Held by an executor future. Dropping it releases the resources it
+/// names, and gives back the rebuild slot it holds.
 #[must_use = "dropping a Lease releases its pins at once"]
 #[derive(Debug)]
 pub(crate) struct Lease {
     table: ResourceTable,
     ids: Vec<ResourceId>,
+    slot: Option<crate::recovery::RebuildSlot>,
+}
+
+impl Lease {
+    /// The lease also holds `slot` (a rebuild's), until it drops.
+    pub(crate) fn with_slot(mut self, slot: Option<crate::recovery::RebuildSlot>) -> Self {
+        self.slot = slot;
+        self
+    }
 }
 
 impl Drop for Lease {

@@ -108,7 +108,9 @@ impl Shell {
                 Command::ResolveBarrier { barrier, outcome } => {
                     self.barriers.insert(*barrier, outcome.clone());
                 }
-                Command::TrackDirty { .. } | Command::ForgetDirty { .. } => {}
+                Command::TrackDirty { .. }
+                | Command::ForgetDirty { .. }
+                | Command::AwaitRebuildSlot { .. } => {}
                 Command::SendBarrier {
                     replica, barrier, ..
                 } => {

@@ -2,6 +2,7 @@
 
 mod demo;
 mod promote;
+mod recovery;
 mod serve;
 mod status;
 mod store;
@@ -86,6 +87,24 @@ enum Command {
         #[arg(long)]
         accept_data_loss: bool,
     },
+    /// A running node's recovery budget, or a change of it at run time:
+    /// the rate every catch-up and rebuild it sends shares, the floor each
+    /// keeps, and how many rebuilds run at once (the rest queue). Flags
+    /// left out keep their values; a refused change applies nothing.
+    Recovery {
+        /// The node's admin address (`host:port`).
+        #[arg(long)]
+        admin: String,
+        /// Bytes per second all recoveries share (`200MiB`, or `unlimited`).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Bytes per second each running recovery keeps at least.
+        #[arg(long)]
+        floor: Option<String>,
+        /// Rebuilds at once (a number, or `unlimited`).
+        #[arg(long)]
+        max_rebuilds: Option<String>,
+    },
     /// A running node's volumes, roles, epochs, replica states and lag.
     Status {
         /// The node's admin address (`host:port`).
@@ -144,6 +163,19 @@ async fn main() -> anyhow::Result<()> {
             promote::run(&etcd, &cluster, &volume, accept_data_loss, out).await
         }
         Command::Status { admin, json } => status::run(&admin, json, &mut std::io::stdout()).await,
+        Command::Recovery {
+            admin,
+            rate,
+            floor,
+            max_rebuilds,
+        } => {
+            let change = walship::node::admin::RecoveryRequest {
+                rate,
+                floor,
+                max_rebuilds,
+            };
+            recovery::run(&admin, change, &mut std::io::stdout()).await
+        }
         Command::Store { command } => match command {
             StoreCommand::Inspect { dir } => store::run(&dir, false, &mut std::io::stdout()),
             StoreCommand::Verify { dir } => store::run(&dir, true, &mut std::io::stdout()),

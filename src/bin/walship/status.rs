@@ -23,6 +23,18 @@ pub async fn run(addr: &str, json: bool, out: &mut impl std::io::Write) -> anyho
     Ok(())
 }
 
+/// 1st, 2nd, 3rd, 4th, ... 11th, 12th, 13th, 21st.
+fn ordinal(n: u64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 /// The table: one block per volume, one line per replica of a primary.
 pub fn render(report: &Value) -> String {
     let text = |v: &Value| match v {
@@ -111,9 +123,24 @@ pub fn render(report: &Value) -> String {
             continue;
         }
         let [r, e, s, f, l, w] = ["REPLICA", "ENDPOINT", "STATE", "FLUSHED", "LAG", "WHY"];
-        let _ = writeln!(out, "\n{r:<16} {e:<22} {s:<14} {f:>10} {l:>8}  {w}");
+        let _ = writeln!(out, "\n{r:<16} {e:<22} {s:<18} {f:>10} {l:>8}  {w}");
+        let queue = status["rebuild_queue"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         for sender in &senders {
             let flushed = sender["flushed"].as_u64().unwrap_or(0);
+            // A rebuild waiting for one of the node's slots says where.
+            let state = queue
+                .iter()
+                .find(|q| q[0] == sender["replica"])
+                .map_or_else(
+                    || text(&sender["state"]),
+                    |q| {
+                        let at = q[1].as_u64().unwrap_or(0);
+                        format!("queued ({} of {})", ordinal(at), text(&q[2]))
+                    },
+                );
             let why = match (&sender["rebuild_need"], &sender["failure"]) {
                 (need, _) if !need.is_null() => text(&need["reason"]),
                 (_, failure) if !failure.is_null() => text(&failure["reason"]),
@@ -121,10 +148,10 @@ pub fn render(report: &Value) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:<22} {:<14} {:>10} {:>8}  {}",
+                "{:<16} {:<22} {:<18} {:>10} {:>8}  {}",
                 text(&sender["replica"]),
                 text(&sender["endpoint"]["data_addr"]),
-                text(&sender["state"]),
+                state,
                 flushed,
                 head.saturating_sub(flushed),
                 why,

@@ -147,6 +147,12 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
             volume: sink.recipient(),
             reader: Arc::new(reader),
             store: Arc::clone(&store),
+            // Limited, so sends also wait on the budget: more await points.
+            recovery: crate::recovery::RecoveryBudget::new(
+                crate::recovery::RecoveryLimits::default()
+                    .with_floor(crate::recovery::MIN_FLOOR_BYTES)
+                    .with_rate(Some(256 << 20)),
+            ),
             head_rx,
             committed_rx,
             durable_commits: Arc::default(),

@@ -70,6 +70,8 @@ pub(super) struct Shipper<'a> {
     /// The replica holds everything up to here.
     pub(super) acked: u64,
     window: AckWindow,
+    /// Counted as a running recovery (for the budget's floor) while shipping.
+    _recovering: crate::recovery::Recovering,
 }
 
 impl<'a> Shipper<'a> {
@@ -87,6 +89,7 @@ impl<'a> Shipper<'a> {
             epoch,
             acked,
             window: AckWindow::new(c.tuning.max_inflight_bytes),
+            _recovering: c.recovery.recovering(),
         }
     }
 
@@ -138,6 +141,7 @@ impl<'a> Shipper<'a> {
                 epoch: self.epoch,
                 message,
             };
+            self.c.recovery.throttle(len as u64).await;
             send_bulk(self.conn, envelope).await?;
             self.c.count_sent(len);
             self.window.shipped(batch.last_lsn, len);

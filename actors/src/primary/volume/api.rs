@@ -46,6 +46,9 @@ pub struct VolumeStatus {
     /// that the primary still holds (a replica behind the WAL's tail needs
     /// a rebuild, whatever this says).
     pub lag_bytes: Vec<(ReplicaId, u64)>,
+    /// Replicas whose rebuild waits for one of the node's rebuild slots:
+    /// (replica, place in the queue from 1, rebuilds queued in all).
+    pub rebuild_queue: Vec<(ReplicaId, usize, usize)>,
     /// Mailbox metrics: the volume actor, then each sender.
     pub mailboxes: Vec<MailboxSnapshot>,
 }
@@ -70,10 +73,19 @@ impl VolumeActor {
             .iter()
             .map(|s| (s.replica.clone(), wal.retained_after(s.flushed.get())))
             .collect();
+        let rebuild_queue = registry
+            .senders
+            .iter()
+            .filter_map(|s| {
+                let (at, of) = self.pools.recovery.queue_position(s.replica.as_str())?;
+                Some((s.replica.clone(), at, of))
+            })
+            .collect();
         VolumeStatus {
             role: "primary",
             registry,
             lag_bytes,
+            rebuild_queue,
             head: wal.head(),
             durable: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,

@@ -10,6 +10,7 @@
 pub(crate) mod api;
 mod durability;
 pub(in crate::primary) mod pins;
+mod slots;
 
 use super::context::{EngineInput, SenderContext};
 use super::resources::ResourceTable;
@@ -75,6 +76,8 @@ pub struct VolumeActor {
     started: std::time::Instant,
     last_heartbeat: u64,
     wake: Option<(u64, SpawnHandle)>,
+    /// Queued rebuilds' places, and slots not yet taken by an execution.
+    slots: slots::Slots,
     metrics: Arc<MailboxMetrics>,
     /// Seconds each group-commit sync of the WAL took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
@@ -123,7 +126,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
+metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
@@ -162,6 +165,7 @@ impl VolumeActor {
         engine_config.barrier_timeout_ticks = config.tuning.barrier_timeout_ticks;
         engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
         engine_config.delta_rebuilds = config.tuning.delta_rebuilds;
+        engine_config.rebuild_slots = true;
         let wal = store.wal();
         // After a restart the primary resumes from its durable WAL. What it
         // holds past the replicas is shipped from its WAL; nothing is revived
@@ -204,6 +208,7 @@ impl VolumeActor {
             started: std::time::Instant::now(),
             last_heartbeat: 0,
             wake: None,
+            slots: slots::Slots::new(),
             me: None,
             _alive: tasks.token(),
             tasks,
@@ -370,6 +375,7 @@ impl VolumeActor {
             volume: self.me.as_ref()?.recipient(),
             reader: Arc::clone(&self.reader),
             store: Arc::clone(&self.store),
+            recovery: self.pools.recovery.clone(),
             head_rx: self.head_tx.subscribe(),
             committed_rx: self.committed_tx.subscribe(),
             durable_commits: Arc::clone(&self.durable_commits),
@@ -452,6 +458,9 @@ impl VolumeActor {
                     });
                 }
             }
+            Command::AwaitRebuildSlot { replica, session } => {
+                self.await_rebuild_slot(replica, session);
+            }
             Command::TrackDirty { replica, since } => {
                 self.store.track_dirty(replica.as_str(), since.get());
                 self.report_dirty_maps();
@@ -480,7 +489,8 @@ impl VolumeActor {
             } => {
                 let ids: Vec<ResourceId> = grants.iter().map(|g| g.id).collect();
                 let image = self.resources.image(&ids);
-                let lease = self.resources.lease(ids);
+                let slot = self.take_slot(session);
+                let lease = self.resources.lease(ids).with_slot(slot);
                 if let Some(sender) = self.sender_for(&replica) {
                     sender.do_send(sender::Execute {
                         session,
@@ -496,6 +506,8 @@ impl VolumeActor {
                 session,
                 reason,
             } => {
+                // Out of the queue, or the slot given back.
+                self.slots.remove(&session);
                 if let Some(sender) = self.senders.get(&replica) {
                     sender.do_send(sender::Cancel { session, reason });
                 }

@@ -1,0 +1,189 @@
+//! The node-wide recovery budget over loopback TCP: a replica node
+//! returning to 20 volumes that each need a rebuild runs at most the cap at
+//! once (the rest queue, in order), sends within 10% of the rate, and ends
+//! with every replica in sync and equal to its primary; limits change at
+//! run time, and bad ones are refused with nothing applied.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use walship::actors::{
+    LimitsError, Listen, PrimaryConfig, RecoveryLimits, ReplicaConfig, Runtime, Tuning,
+    VolumeConfig, VolumeHandle,
+};
+use walship::engine::{
+    Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
+};
+use walship::io::StoreOptions;
+
+const VOLUMES: u64 = 20;
+const BLOCKS: u64 = 512; // 2 MiB each
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(60);
+
+fn store() -> StoreOptions {
+    StoreOptions {
+        segment_bytes: 256 << 10,
+        lock_wait: Duration::ZERO,
+        ..StoreOptions::new(BLOCKS)
+    }
+}
+
+async fn primary(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
+    let handle = rt
+        .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
+            cluster: "limits".into(),
+            volume: format!("v{v}"),
+            dir: dir.join(format!("v{v}-primary")),
+            store: store(),
+            epoch: 1,
+            commit_mode: CommitMode::BestEffort,
+            replicas: Vec::new(),
+            tuning: Tuning::default(),
+            on_replica_states: None,
+            peering: Default::default(),
+        }))
+        .await
+        .unwrap();
+    // Its whole volume written, and the WAL recycled past it: a replica
+    // that joins now is rebuilt.
+    for lba in (0..BLOCKS).step_by(16) {
+        let data = Bytes::from(vec![(v * 7 + lba) as u8; 16 * 4096]);
+        handle.write(lba, data).await.unwrap();
+    }
+    handle.barrier().await.unwrap();
+    handle.checkpoint().await.unwrap();
+    handle
+}
+
+async fn replica(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
+    rt.spawn_volume(VolumeConfig::Replica(ReplicaConfig {
+        cluster: "limits".into(),
+        volume: format!("v{v}"),
+        server: "r1".into(),
+        dir: dir.join(format!("v{v}-r1")),
+        store: store(),
+        listen: Listen::Addr("127.0.0.1:0".into()),
+        checkpoint_every_lsns: 16 * 1024,
+    }))
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let primaries_rt = Runtime::start().unwrap();
+    let replicas_rt = Runtime::start().unwrap();
+    let mut primaries = Vec::new();
+    for v in 0..VOLUMES {
+        primaries.push(primary(&primaries_rt, dir.path(), v).await);
+    }
+    let budget = primaries_rt.recovery();
+    // Bad limits are refused, and nothing of them is applied.
+    let bad = RecoveryLimits::unlimited()
+        .with_floor(MIB)
+        .with_rate(Some(0));
+    assert_eq!(budget.set_limits(bad), Err(LimitsError::ZeroRate));
+    assert_eq!(
+        budget.set_limits(RecoveryLimits::unlimited().with_max_rebuilds(Some(0))),
+        Err(LimitsError::ZeroRebuilds)
+    );
+    assert_eq!(budget.limits(), RecoveryLimits::unlimited());
+    let (cap, rate) = (3, 12 * MIB);
+    let limits = RecoveryLimits::unlimited()
+        .with_floor(MIB)
+        .with_rate(Some(rate))
+        .with_max_rebuilds(Some(cap));
+    budget.set_limits(limits).unwrap();
+    // The replica node comes back empty for every volume.
+    let mut replicas = Vec::new();
+    for (v, primary) in primaries.iter().enumerate() {
+        let handle = replica(&replicas_rt, dir.path(), v as u64).await;
+        let addr = handle.listen_addr().unwrap().to_string();
+        replicas.push(handle);
+        primary
+            .apply_assignment(Assignment {
+                epoch: Epoch(1),
+                commit_mode: CommitMode::BestEffort,
+                replicas: vec![ReplicaAssignment {
+                    id: ReplicaId::new(&format!("v{v}"), "r1").unwrap(),
+                    endpoint: Endpoint::new(addr, 1),
+                }],
+            })
+            .await
+            .unwrap();
+    }
+    // Watch the budget until every rebuild is done.
+    let total = VOLUMES * BLOCKS * 4096;
+    let started = Instant::now();
+    let (mut most_running, mut most_queued) = (0, 0);
+    let mut samples = Vec::new();
+    loop {
+        let status = budget.status();
+        most_running = most_running.max(status.rebuilds_running.len());
+        most_queued = most_queued.max(status.rebuilds_queued.len());
+        samples.push((started.elapsed(), status.bytes_sent));
+        let mut done = 0;
+        for primary in &primaries {
+            let states = primary.status().await.unwrap();
+            if serde_json::to_string(&states)
+                .unwrap()
+                .contains("\"in_sync\"")
+            {
+                done += 1;
+            }
+        }
+        if done == VOLUMES as usize {
+            break;
+        }
+        assert!(started.elapsed() < LONG, "not all in sync: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        most_running <= cap,
+        "{most_running} rebuilds ran at once, cap {cap}"
+    );
+    assert_eq!(most_running, cap, "the cap was never reached");
+    assert!(most_queued >= 10, "rebuilds queued: at most {most_queued}");
+    // The rate between 20% and 80% of the bytes (start-up and the last
+    // acks aside).
+    let at = |fraction: f64| {
+        samples
+            .iter()
+            .find(|(_, bytes)| *bytes as f64 >= total as f64 * fraction)
+            .copied()
+            .unwrap()
+    };
+    let ((t1, b1), (t2, b2)) = (at(0.2), at(0.8));
+    let measured = (b2 - b1) as f64 / (t2 - t1).as_secs_f64();
+    let ratio = measured / rate as f64;
+    eprintln!(
+        "{VOLUMES} rebuilds of {} MiB: {:.1} MiB/s against a rate of {} MiB/s ({ratio:.3}x), at most {most_running} at once, {most_queued} queued, {:?} in all",
+        BLOCKS * 4096 / MIB,
+        measured / MIB as f64,
+        rate / MIB,
+        started.elapsed()
+    );
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "{measured:.0} B/s against {rate} B/s"
+    );
+    for (primary, replica) in primaries.iter().zip(&replicas) {
+        primary
+            .wait_replica_state("r1", ReplicaState::InSync, LONG)
+            .await
+            .unwrap();
+        assert_eq!(
+            primary.content_checksum().await.unwrap(),
+            replica.content_checksum().await.unwrap()
+        );
+    }
+    assert!(budget.status().rebuilds_running.is_empty());
+    for volume in primaries.iter().chain(&replicas) {
+        volume.stop().await;
+    }
+    primaries_rt.shutdown();
+    replicas_rt.shutdown();
+}
