@@ -40,6 +40,13 @@ pub enum VolumeError {
         /// The newest epoch its WAL holds.
         wal: u64,
     },
+    /// The store holds part of an image (a rebuild in place a crash cut):
+    /// its extent mixes two states and its log is not to be trusted.
+    #[error("the store holds part of an image at {image_lsn} (an interrupted rebuild): it cannot serve; open it as a replica to finish its rebuild, or peer (PrimaryConfig::peering) to recover a replica's image first")]
+    PartialImage {
+        /// The image's LSN.
+        image_lsn: u64,
+    },
     /// Peering found a replica that follows a newer assignment: this
     /// primary must not serve.
     #[error("replica {replica} accepted term {term}, newer than this primary's epoch: it follows a newer assignment")]

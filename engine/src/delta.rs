@@ -196,6 +196,9 @@ pub struct TransferInputs<'a> {
     /// The replica's log is the primary's history up to here: the lower of
     /// its durable LSN and the divergence point.
     pub agreed: Lsn,
+    /// The image holds at least this LSN (the snapshot's, or the committed
+    /// LSN a full base holds at least).
+    pub image_floor: Lsn,
     /// The primary's dirty map for it, if it has one.
     pub map: Option<DirtyMap>,
     /// The primary store's image source id.
@@ -268,6 +271,15 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
             "the replica's checkpoint {} is past what it shares with this log ({agreed})",
             log.checkpoint
         ),
+        // The map covers writes up to the image: one that starts past it
+        // says nothing of (image, since]; an extent past the image holds
+        // writes no region of it would undo.
+        Some(map) if map.since > inputs.image_floor || log.checkpoint > inputs.image_floor => {
+            format!(
+                "the image at {} is older than the dirty map (since lsn {}) or the replica's checkpoint ({})",
+                inputs.image_floor, map.since, log.checkpoint
+            )
+        }
         Some(map) => {
             return Transfer::Dirty {
                 since: map.since,
@@ -292,7 +304,6 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::epochs::EpochHistory;
     use crate::ids::Epoch;
 
     fn log(flushed: u64, checkpoint: u64) -> ReplicaLog {
@@ -314,6 +325,7 @@ mod tests {
         select_transfer(&TransferInputs {
             enabled: true,
             replica: log,
+            image_floor: Lsn(1000),
             agreed: Lsn(agreed),
             map,
             source: 7,
@@ -377,7 +389,7 @@ mod tests {
                 true,
                 Transfer::Compared {
                     reason: String::new(),
-                    apply_through: Lsn::ZERO,
+                    apply_through: Lsn(700),
                 },
             ),
             (
@@ -399,7 +411,7 @@ mod tests {
                 true,
                 Transfer::Compared {
                     reason: String::new(),
-                    apply_through: Lsn::ZERO,
+                    apply_through: Lsn(900),
                 },
             ),
             (
@@ -475,8 +487,19 @@ mod tests {
         for (what, log, agreed, map, other, want) in cases {
             let got = pick(&log, agreed, map, other);
             assert_eq!(name(&got), name(&want), "{what}: {got}");
-            if let Transfer::Dirty { .. } | Transfer::Resume { .. } = want {
-                assert_eq!(got, want, "{what}");
+            match (&got, &want) {
+                (
+                    Transfer::Compared {
+                        apply_through: a, ..
+                    },
+                    Transfer::Compared {
+                        apply_through: b, ..
+                    },
+                ) => assert_eq!(a, b, "{what}: what the replica applies first"),
+                (_, Transfer::Dirty { .. } | Transfer::Resume { .. }) => {
+                    assert_eq!(got, want, "{what}")
+                }
+                _ => {}
             }
         }
     }
@@ -485,6 +508,7 @@ mod tests {
     fn off_is_always_staged_and_every_choice_says_why() {
         let off = select_transfer(&TransferInputs {
             enabled: false,
+            image_floor: Lsn(1000),
             replica: &partial(7, 850),
             agreed: Lsn::ZERO,
             map: map(850),
@@ -509,6 +533,34 @@ mod tests {
         assert!(pick(&log(900, 800), 900, None, true)
             .to_string()
             .contains("no dirty map"));
-        let _ = EpochHistory::new();
+        // An image older than the map (a checkpoint behind the replica's
+        // return) says nothing of what the map starts past: compared.
+        let older = select_transfer(&TransferInputs {
+            enabled: true,
+            replica: &log(900, 800),
+            agreed: Lsn(900),
+            image_floor: Lsn(820),
+            map: map(850),
+            source: 7,
+            other_copy: true,
+        });
+        assert!(
+            older.to_string().contains("the image at 820 is older"),
+            "{older}"
+        );
+        let behind = select_transfer(&TransferInputs {
+            image_floor: Lsn(790),
+            map: map(700),
+            ..TransferInputs {
+                enabled: true,
+                replica: &log(900, 800),
+                agreed: Lsn(900),
+                image_floor: Lsn(0),
+                map: None,
+                source: 7,
+                other_copy: true,
+            }
+        });
+        assert_eq!(behind.event_name(), "plan_rebuild_checksum", "{behind}");
     }
 }

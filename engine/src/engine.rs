@@ -582,10 +582,15 @@ impl Engine {
     /// which store the primary's images come from. Replaces what was known.
     pub fn handle_dirty_maps(&mut self, image_source: u64, maps: Vec<(ReplicaId, DirtyMap)>) {
         self.image_source = image_source;
-        self.dirty_maps = maps
+        let (known, strays): (Vec<_>, Vec<_>) = maps
             .into_iter()
-            .filter(|(id, _)| self.senders.contains_key(id))
-            .collect();
+            .partition(|(id, _)| self.senders.contains_key(id));
+        self.dirty_maps = known.into_iter().collect();
+        // A map of a replica no longer assigned (removed before the map was
+        // first reported, or from an earlier run) marks for nobody.
+        for (replica, _) in strays {
+            self.commands.push(Command::ForgetDirty { replica });
+        }
     }
 
     /// Tells the shell to mark what `replica` misses after `since`, unless

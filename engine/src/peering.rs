@@ -55,6 +55,11 @@ pub struct PeerAnswer {
     pub committed: Lsn,
     /// Which term wrote each part of its log.
     pub epochs: EpochHistory,
+    /// It holds part of an image (an install in place a cut interrupted):
+    /// no log at all, not even an empty one. Its term still counts toward
+    /// the terms seen; the answer does not count toward those needed (an
+    /// acknowledged write it held before the install may be gone from it).
+    pub partial: bool,
 }
 
 impl PeerAnswer {
@@ -276,11 +281,13 @@ pub fn decide_peering(
 /// empty answer (a wiped or new replica) proves nothing while another
 /// replica may hold the volume, so it counts only once every replica
 /// answered (a new volume: nobody holds anything).
+/// A partial image never counts.
 fn counted(local: &LocalLog, replicas: usize, answers: &[PeerAnswer]) -> usize {
+    let whole = answers.iter().filter(|a| !a.partial);
     if !local.lost || answers.len() >= replicas {
-        return answers.len();
+        return whole.count();
     }
-    answers.iter().filter(|a| a.last_term().is_some()).count()
+    whole.filter(|a| a.last_term().is_some()).count()
 }
 
 /// Why `answer` may hold acknowledged entries that `local` lacks, if it
@@ -336,6 +343,7 @@ mod tests {
             } else {
                 EpochHistory::new()
             },
+            partial: false,
         }
     }
 
@@ -388,6 +396,50 @@ mod tests {
                 need,
                 "{mode} {replicas} lost={lost}"
             );
+        }
+    }
+
+    #[test]
+    fn a_replica_holding_a_partial_image_never_counts_but_its_term_does() {
+        // sync_quorum, 4 members (q = 3), a kept log: one answer is needed,
+        // and a replica rebuilt in place part way is not it (what it held
+        // of an acknowledged write may be gone).
+        let local = kept(100, &[(E, 1)]);
+        let partial = PeerAnswer {
+            partial: true,
+            ..answer("r2", E + 5, 0, 0)
+        };
+        let decided = decide_peering(
+            CommitMode::SyncQuorum,
+            3,
+            &local,
+            terms(),
+            std::slice::from_ref(&partial),
+        );
+        assert!(
+            matches!(
+                decided,
+                Peering::Wait {
+                    have: 0,
+                    need: 1,
+                    ..
+                }
+            ),
+            "{decided:?}"
+        );
+        let whole = answer("r1", E, 120, 110);
+        match decide_peering(
+            CommitMode::SyncQuorum,
+            3,
+            &local,
+            terms(),
+            &[partial, whole],
+        ) {
+            Peering::Recover { from, term, .. } => {
+                assert_eq!(from.server(), "r1");
+                assert_eq!(term, Epoch(E + 6), "past the partial replica's term");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

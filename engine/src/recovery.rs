@@ -233,7 +233,6 @@ impl Engine {
 
     fn plan_rebuild(&mut self, replica: &ReplicaId, session: SessionId) {
         let history = self.history();
-        let transfer = self.select_transfer(replica);
         let refused = self
             .senders
             .get(replica)
@@ -246,6 +245,11 @@ impl Engine {
             },
             None => select_rebuild_source(&history),
         };
+        let image_floor = match &source {
+            RebuildSource::SnapshotTail { snapshot_lsn, .. } => *snapshot_lsn,
+            RebuildSource::FullBase { min_base_lsn, .. } => *min_base_lsn,
+        };
+        let transfer = self.select_transfer(replica, image_floor);
         if transfer.in_place() {
             // A cut install resumes by what changed after its image: a
             // map starts before the image is pinned, so at most at it. One
@@ -262,7 +266,7 @@ impl Engine {
 
     /// What the rebuild of `replica` moves (see [`crate::delta`]), from
     /// what its last handshake said it holds.
-    fn select_transfer(&self, replica: &ReplicaId) -> Transfer {
+    fn select_transfer(&self, replica: &ReplicaId, image_floor: Lsn) -> Transfer {
         let empty = ReplicaLog::default();
         let (log, agreed) = self
             .senders
@@ -272,6 +276,7 @@ impl Engine {
         select_transfer(&TransferInputs {
             enabled: self.config.delta_rebuilds,
             replica: log,
+            image_floor,
             agreed,
             map: self.dirty_maps.get(replica).copied(),
             source: self.image_source,

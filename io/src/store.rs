@@ -350,6 +350,7 @@ impl Store {
         }
         let (superblock, reset_after_interrupted_run) =
             Self::settle_interrupted_run(fs, &dir, superblock, options.reset_interrupted_run)?;
+        Self::settle_in_place_rename(fs, &dir, superblock.generation)?;
         Self::remove_other_extents(fs, &dir, superblock.generation)?;
         let extent = ExtentFile::open_in(
             Arc::clone(&options.fs),
@@ -809,9 +810,6 @@ impl Store {
     /// store (an install in place under way) is not checkpointed: its
     /// WAL's frames are not part of what it will hold.
     pub fn checkpoint(&self, up_to: u64) -> Result<CheckpointOutcome, StoreError> {
-        if self.partial().is_some() {
-            return Ok(CheckpointOutcome::UpToDate);
-        }
         self.checkpoint_now(up_to)
     }
 
@@ -820,6 +818,11 @@ impl Store {
             .checkpointing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // Looked at under the lock: `begin_in_place` marks the store
+        // partial under it too.
+        if self.partial().is_some() {
+            return Ok(CheckpointOutcome::UpToDate);
+        }
         let pins = self.snapshot_pins();
         if pins > 0 {
             return Ok(CheckpointOutcome::Paused { pins });
@@ -1079,8 +1082,10 @@ impl Store {
         self.dirty().clear();
         *direct = None;
         drop(state);
-        // Another history now: no map built in the old one holds.
+        // Another history now: no map built in the old one holds, and an
+        // install in place this one replaced is over.
         self.clear_dirty_maps()?;
+        self.clear_partial()?;
         let marker = self.dir.join(RUN_MARKER);
         if fs.exists(&marker) {
             fs.remove_file(&marker).map_err(io_err("remove", &marker))?;

@@ -199,64 +199,146 @@ fn an_install_in_place_sends_only_what_differs_and_switches_at_commit() {
     );
 }
 
-#[test]
-fn a_crash_or_a_power_loss_anywhere_in_an_install_in_place_leaves_it_partial_or_switched() {
-    let mut cases = 0;
-    let mut switched = 0;
-    let mut partial = 0;
+/// A replica that holds the primary's history up to `K`, the last of it
+/// (region 5) in its WAL only, and the primary's image further on
+/// (regions 3 and 7 rewritten after `K`). Returns (replica, primary, K).
+fn replica_behind(fs: &SimFs) -> (Store, Store, u64) {
+    let options = || StoreOptions {
+        fs: Arc::new(fs.clone()),
+        reset_interrupted_run: true,
+        ..StoreOptions::new(BLOCKS)
+    };
+    let (replica, _) = Store::open("/r", options()).unwrap();
+    let (primary, _) = Store::open("/p", options()).unwrap();
+    for store in [&replica, &primary] {
+        for lba in (0..BLOCKS).step_by(8) {
+            store.write(1, lba, block(lba as u8)).unwrap();
+        }
+        let head = store.head();
+        store.sync_to(head).unwrap();
+        store.checkpoint(head).unwrap();
+        let shared = store.write(1, 5 * REGION_BLOCKS + 2, block(0x55)).unwrap();
+        store.sync_to(shared).unwrap();
+    }
+    let agreed = replica.head();
+    for lba in [3 * REGION_BLOCKS + 1, 7 * REGION_BLOCKS + 15] {
+        primary.write(1, lba, block(0xee)).unwrap();
+    }
+    let head = primary.head();
+    primary.sync_to(head).unwrap();
+    primary.checkpoint(head).unwrap();
+    (replica, primary, agreed)
+}
+
+/// The regions the primary's dirty map since `K` marks (3 and 7), sent
+/// into `replica` after it applied its own log through `K`.
+fn install_by_map(replica: &Store, primary: &Store, agreed: u64) -> Result<(), StoreError> {
+    let pin = primary.full_base_pin("test")?;
+    let region = region_bytes(BLOCKS * BLOCK_SIZE as u64);
+    let image = pin.read(0, pin.image_bytes() as usize)?;
+    let marker = PartialImage {
+        source: primary.image_source(),
+        since: Some(agreed),
+        image_lsn: pin.lsn(),
+        cursor: 0,
+        by_map: true,
+    };
+    let mut install = replica.begin_in_place(marker, agreed)?;
+    let mut crc = 0;
+    for r in [3u64, 7] {
+        let data = &image[(r * region) as usize..((r + 1) * region) as usize];
+        install.write_chunk(r * region, data)?;
+        crc = crc32c::crc32c_append(crc, data);
+    }
+    replica.commit_in_place(install, crc, 2, &primary.wal().epochs())
+}
+
+/// Checks what a reopened replica holds after a crash or a power loss at
+/// some point of an install in place: partial (every region the image's
+/// or what it held, the image's below the cursor), switched (the image,
+/// its WAL after it), or as it was.
+fn crash_everywhere(
+    setup: fn(&SimFs) -> (Store, Store, u64),
+    install: fn(&Store, &Store, u64) -> Result<(), StoreError>,
+) {
+    let region = region_bytes(BLOCKS * BLOCK_SIZE as u64) as usize;
+    let (mut cases, mut switched, mut partial) = (0, 0, 0);
     for op in 0.. {
         for fault in [Fault::Crash, Fault::Eio] {
             let fs = SimFs::new();
-            let (replica, primary) = replica_and_image(&fs);
+            let (replica, primary, agreed) = setup(&fs);
             let before = image(&replica);
             let want = image(&primary);
             let lsn = primary.superblock().checkpoint;
             let start = fs.ops();
             fs.inject(start + op, fault);
-            let done = install_in_place(&replica, &primary);
+            let done = install(&replica, &primary, agreed);
             if done.is_ok() && fs.ops() < start + op {
                 // Past the last operation: every boundary was tried.
-                assert!(cases > 0);
                 eprintln!("{cases} cases: {switched} switched, {partial} partial");
                 assert!(switched > 0 && partial > 0);
                 return;
             }
             drop((replica, primary));
             for mode in [PowerLoss::DropUnsynced, PowerLoss::Seeded(op)] {
+                let case = format!("op {op} {fault:?} {mode:?}");
                 fs.clear_fault();
                 fs.power_loss(mode);
-                let (replica, _) = Store::open(
-                    "/r",
-                    StoreOptions {
-                        fs: Arc::new(fs.clone()),
-                        reset_interrupted_run: true,
-                        ..StoreOptions::new(BLOCKS)
-                    },
-                )
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "op {op} {fault:?} {mode:?}: reopen: {e}\n{}",
-                        fs.history().join("\n")
-                    )
-                });
+                let options = StoreOptions {
+                    fs: Arc::new(fs.clone()),
+                    reset_interrupted_run: true,
+                    ..StoreOptions::new(BLOCKS)
+                };
+                let (replica, _) = Store::open("/r", options)
+                    .unwrap_or_else(|e| panic!("{case}: reopen: {e}\n{}", fs.history().join("\n")));
                 cases += 1;
+                let held = image(&replica);
                 match replica.partial() {
-                    Some(_) => partial += 1,
+                    Some(marker) => {
+                        partial += 1;
+                        for (r, got) in held.chunks(region).enumerate() {
+                            let (old, new) = (
+                                &before[r * region..][..region],
+                                &want[r * region..][..region],
+                            );
+                            assert!(
+                                got == new
+                                    || (got == old && ((r * region) as u64) >= marker.cursor),
+                                "{case}: region {r} holds neither the image's nor what it held\n{}",
+                                fs.history().join("\n")
+                            );
+                        }
+                    }
                     None if replica.superblock().checkpoint == lsn => {
-                        assert_eq!(image(&replica), want, "op {op} {fault:?} {mode:?}");
+                        assert_eq!(held, want, "{case}");
                         assert_eq!(replica.head(), lsn);
                         switched += 1;
                     }
                     None => assert_eq!(
-                        image(&replica),
-                        before,
-                        "op {op} {fault:?} {mode:?}: neither partial nor switched nor as it was"
+                        held, before,
+                        "{case}: neither partial nor switched nor as it was"
                     ),
                 }
             }
         }
         assert!(op < 500, "the install never ran out of operations");
     }
+}
+
+#[test]
+fn a_crash_or_a_power_loss_anywhere_in_an_install_in_place_leaves_it_partial_or_switched() {
+    crash_everywhere(
+        |fs| {
+            let (replica, primary) = replica_and_image(fs);
+            (replica, primary, 0)
+        },
+        |replica, primary, _| install_in_place(replica, primary),
+    );
+}
+
+#[test]
+fn a_crash_or_a_power_loss_anywhere_in_an_install_by_the_map_leaves_every_region_old_or_new() {
+    crash_everywhere(replica_behind, install_by_map);
 }
 
 #[test]
@@ -299,5 +381,31 @@ fn an_install_in_place_persists_its_cursor_as_it_goes_and_refuses_to_go_back() {
     assert_eq!(
         store.read(0, 1).unwrap(),
         Bytes::from(vec![3u8; BLOCK_SIZE])
+    );
+}
+
+#[test]
+fn a_whole_image_installed_staged_ends_a_partial_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    let marker = PartialImage {
+        image_lsn: 7,
+        ..PartialImage::default()
+    };
+    drop(store.begin_in_place(marker, 0).unwrap());
+    assert!(store.partial().is_some());
+    let mut install = store.begin_install(7).unwrap();
+    let data = vec![4u8; (BLOCKS * BLOCK_SIZE as u64) as usize];
+    install.write_chunk(0, &data).unwrap();
+    store
+        .commit_install(install, crc32c::crc32c(&data), 1, &[])
+        .unwrap();
+    assert_eq!(store.partial(), None);
+    drop(store);
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    assert_eq!(store.partial(), None, "and durably");
+    assert_eq!(
+        store.read(0, 1).unwrap(),
+        Bytes::from(vec![4u8; BLOCK_SIZE])
     );
 }

@@ -37,7 +37,8 @@ const PULL_WINDOW: u64 = 4;
 ///
 /// An empty store counts as lost, whether it was created at this open or
 /// an earlier open created it and never got to serve: an empty log is
-/// never authoritative. `cut`: opening the store cut a torn tail.
+/// never authoritative; so does one holding part of an image. `cut`:
+/// opening the store cut a torn tail.
 pub(crate) async fn peer_before_serving(
     config: &mut PrimaryConfig,
     links: &PeerLinks,
@@ -46,9 +47,13 @@ pub(crate) async fn peer_before_serving(
     cut: bool,
     waiting: impl Fn(u64, usize, usize, &str),
 ) -> Result<Peering, VolumeError> {
+    // A store holding part of an image (a rebuild in place cut) has no
+    // log to trust: lost too, so a replica's image is pulled first.
     let lost = {
         let wal = store.wal();
-        wal.epochs().is_empty() && wal.head() == 0 && store.superblock().checkpoint == 0
+        let empty =
+            wal.epochs().is_empty() && wal.head() == 0 && store.superblock().checkpoint == 0;
+        empty || store.partial().is_some()
     };
     let terms = Terms {
         configured: Epoch(config.epoch),
@@ -299,6 +304,7 @@ async fn ask(
         flushed,
         epochs,
         committed,
+        partial,
         ..
     } = answer.message
     else {
@@ -320,6 +326,7 @@ async fn ask(
         flushed: Lsn(flushed),
         committed: Lsn(committed),
         epochs,
+        partial: partial.is_some(),
     })
 }
 

@@ -249,6 +249,30 @@ impl Store {
         }
     }
 
+    /// An install in place renames its extent to the next generation before
+    /// the superblock names it: a crash between the two leaves the
+    /// superblock's generation without its extent and the next one with it.
+    /// Under a `REBUILD` marker that extent is the install's, so it is
+    /// renamed back (the store stays partial) rather than removed as
+    /// another generation's (and an empty extent made in its place).
+    pub(super) fn settle_in_place_rename(
+        fs: &dyn crate::fs::Fs,
+        dir: &std::path::Path,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        if !fs.exists(&dir.join(REBUILD_MARKER)) {
+            return Ok(());
+        }
+        let current = ExtentFile::path(dir, generation);
+        let next = ExtentFile::path(dir, generation + 1);
+        if !fs.exists(&current) && fs.exists(&next) {
+            fs.rename(&next, &current)
+                .map_err(io_err("rename", &current))?;
+            fs.sync_dir(dir).map_err(io_err("sync", dir))?;
+        }
+        Ok(())
+    }
+
     /// Loads the `REBUILD` marker at open.
     pub(super) fn load_partial(&self) -> Result<(), StoreError> {
         let path = self.dir.join(REBUILD_MARKER);
@@ -279,20 +303,27 @@ impl Store {
 
     /// Writes `DIRTY` (before a checkpoint's superblock), or removes it
     /// when no map is left.
+    ///
+    /// Called under the checkpointer's lock (one writer of the file); the
+    /// maps are copied under their own lock and written without it, so the
+    /// volume's reports and track/forget do not wait on the fsyncs.
     pub(super) fn persist_dirty_maps(&self) -> Result<(), StoreError> {
-        let mut maps = self.maps();
         let path = self.dir.join(DIRTY_MAPS);
-        if maps.maps.is_empty() {
-            if maps.on_disk {
-                self.remove_durably(&path)?;
-                maps.on_disk = false;
+        let bytes = {
+            let maps = self.maps();
+            if maps.maps.is_empty() && !maps.on_disk {
+                return Ok(());
             }
-            return Ok(());
+            (!maps.maps.is_empty())
+                .then(|| regions::encode_maps(self.superblock().generation, &maps.maps))
+        };
+        let on_disk = bytes.is_some();
+        match bytes {
+            None => self.remove_durably(&path)?,
+            Some(bytes) => crate::durable::rewrite_atomic(self.fs(), &self.dir, DIRTY_MAPS, &bytes)
+                .map_err(io_err("replace", &path))?,
         }
-        let bytes = regions::encode_maps(self.superblock().generation, &maps.maps);
-        crate::durable::rewrite_atomic(self.fs(), &self.dir, DIRTY_MAPS, &bytes)
-            .map_err(io_err("replace", &path))?;
-        maps.on_disk = true;
+        self.maps().on_disk = on_disk;
         Ok(())
     }
 
@@ -421,17 +452,29 @@ impl Store {
         apply_through: u64,
     ) -> Result<InPlaceInstall, StoreError> {
         self.record_direct(&mut self.direct())?;
-        let was_partial = self.partial().is_some();
+        // Its own log first, while the store is whole (an ordinary
+        // checkpoint): a marker saying the map chose the regions promises
+        // that the rest holds this history, so it must not exist before
+        // the history is in the extent.
+        if apply_through > 0 && self.partial().is_none() {
+            self.checkpoint_now(apply_through)?;
+        }
         let marker = PartialImage {
             cursor: 0,
             ..marker
         };
         let path = self.dir.join(REBUILD_MARKER);
-        crate::durable::rewrite_atomic(self.fs(), &self.dir, REBUILD_MARKER, &marker.encode())
-            .map_err(io_err("replace", &path))?;
-        *self.partial_slot() = Some(marker);
-        if apply_through > 0 && !was_partial {
-            self.checkpoint_now(apply_through)?;
+        {
+            // Under the checkpointer's lock: one running now finishes
+            // before any region is written, and any later one finds the
+            // store partial and applies nothing.
+            let _serial = self
+                .checkpointing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            crate::durable::rewrite_atomic(self.fs(), &self.dir, REBUILD_MARKER, &marker.encode())
+                .map_err(io_err("replace", &path))?;
+            *self.partial_slot() = Some(marker);
         }
         Ok(InPlaceInstall {
             extent: Arc::clone(&self.read_state().extent),
@@ -507,6 +550,11 @@ impl Store {
         self.dirty().clear();
         *direct = None;
         self.clear_dirty_maps()?;
+        self.clear_partial()
+    }
+
+    /// The store holds a whole image again: the marker goes, durably.
+    pub(super) fn clear_partial(&self) -> Result<(), StoreError> {
         self.remove_durably(&self.dir.join(REBUILD_MARKER))?;
         *self.partial_slot() = None;
         Ok(())

@@ -137,10 +137,15 @@ struct ReplicaSums {
     sums: BTreeMap<u64, u128>,
 }
 
-const SUMS_SPAN: u64 = 8 << 20;
+const SUMS_BYTES: u64 = 8 << 20;
 const SUMS_AHEAD: u64 = 2;
 
 impl ReplicaSums {
+    /// Bytes one request covers: whole regions, about `SUMS_BYTES`.
+    fn span(&self) -> u64 {
+        (SUMS_BYTES / self.region).max(1) * self.region
+    }
+
     /// Asks for every span up to `to` not asked for yet.
     async fn ask(
         &mut self,
@@ -151,7 +156,7 @@ impl ReplicaSums {
     ) -> Result<(), ExecError> {
         let to = to.min(self.image_bytes);
         while self.requested_to < to {
-            let len = SUMS_SPAN.min(self.image_bytes - self.requested_to);
+            let len = self.span().min(self.image_bytes - self.requested_to);
             let message = Message::SumsRequest {
                 session,
                 offset: self.requested_to,
@@ -183,7 +188,16 @@ impl ReplicaSums {
             };
             let sums = regions::decode_sums(&sums)
                 .ok_or_else(|| ExecError::Protocol("region sums of a bad length".into()))?;
+            // Only what was asked for: whole regions, before what was asked.
             let first = offset / self.region;
+            let asked = self.requested_to.div_ceil(self.region);
+            if !offset.is_multiple_of(self.region) || first + sums.len() as u64 > asked {
+                return Err(ExecError::Protocol(format!(
+                    "region sums at {offset} for {} regions: not what was asked (up to {})",
+                    sums.len(),
+                    self.requested_to
+                )));
+            }
             self.sums.extend(
                 sums.into_iter()
                     .enumerate()
@@ -376,7 +390,7 @@ pub(super) async fn rebuild(
                     }
                     Above::Compared(sums) if offset + len > chosen.from => {
                         let first = chosen.from.max(offset);
-                        let ahead = first + SUMS_AHEAD * SUMS_SPAN;
+                        let ahead = first + SUMS_AHEAD * sums.span();
                         sums.ask(shipper.conn, session.get(), epoch.get(), ahead)
                             .await?;
                         let (data, _) = images.read(offset, len).await?;

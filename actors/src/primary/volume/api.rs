@@ -46,6 +46,10 @@ pub struct VolumeStatus {
     /// that the primary still holds (a replica behind the WAL's tail needs
     /// a rebuild, whatever this says).
     pub lag_bytes: Vec<(ReplicaId, u64)>,
+    /// The dirty map kept for each replica that is away or being rebuilt
+    /// in place: (replica, writes after this LSN marked, regions marked,
+    /// regions in all).
+    pub dirty_maps: Vec<(String, u64, u64, u64)>,
     /// Replicas whose rebuild waits for one of the node's rebuild slots:
     /// (replica, place in the queue from 1, rebuilds queued in all).
     pub rebuild_queue: Vec<(ReplicaId, usize, usize)>,
@@ -81,10 +85,17 @@ impl VolumeActor {
                 Some((s.replica.clone(), at, of))
             })
             .collect();
+        let dirty_maps = self
+            .store
+            .dirty_maps()
+            .into_iter()
+            .map(|(replica, map)| (replica, map.since, map.dirty, map.regions))
+            .collect();
         VolumeStatus {
             role: "primary",
             registry,
             lag_bytes,
+            dirty_maps,
             rebuild_queue,
             head: wal.head(),
             durable: wal.durable(),

@@ -146,6 +146,11 @@ impl VolumeActor {
         pools: Pools,
         tasks: TaskTracker,
     ) -> Result<Self, VolumeError> {
+        if let Some(partial) = store.partial() {
+            return Err(VolumeError::PartialImage {
+                image_lsn: partial.image_lsn,
+            });
+        }
         // Epochs are the primary's incarnations: LSNs written in one must
         // never be written again with other data, and a crash may have lost
         // entries that replicas already hold.
