@@ -499,3 +499,94 @@ async fn admin_get(admin: &str, path: &str) -> String {
     assert!(status.is_success(), "{path}: {status}: {body}");
     body
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walship_verify_finds_a_flipped_region_exits_1_and_repair_makes_it_clean() {
+    use std::os::unix::fs::FileExt;
+    let cluster = NodeCluster::start(VolumeOptions::default()).await;
+    cluster.wait_converged(CONVERGE).await;
+    let admin = cluster.nodes[0].admin_addr();
+    let verify = |args: &'static [&'static str]| {
+        let admin = admin.clone();
+        async move {
+            let mut all = vec!["verify", "--admin", &admin, "vol0"];
+            all.extend_from_slice(args);
+            run(nodes::WALSHIP, &all, CLIENT).await
+        }
+    };
+    let out = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let clean = verify(&[]).await;
+    assert!(clean.status.success(), "{}", out(&clean));
+    assert!(
+        out(&clean).contains("vol0/node2: clean at lsn"),
+        "{}",
+        out(&clean)
+    );
+    assert!(
+        out(&clean).contains("vol0/node3: clean at lsn"),
+        "{}",
+        out(&clean)
+    );
+    // Bytes flipped in node2's extent, behind the running process: the
+    // 64 KiB region at 1 MiB (blocks 256-271).
+    let store = cluster.nodes[1].data_dir.join("vol0").join("store");
+    let extent = std::fs::read_dir(&store)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("extent."))
+        })
+        .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(extent)
+        .unwrap();
+    file.write_all_at(b"not what the primary holds", (1 << 20) + 17)
+        .unwrap();
+    let found = verify(&[]).await;
+    assert_eq!(found.status.code(), Some(1), "{}", out(&found));
+    assert!(
+        out(&found).contains("vol0/node2: DIFFERS at lsn")
+            && out(&found).contains("blocks 256-271"),
+        "{}",
+        out(&found)
+    );
+    assert!(out(&found).contains("vol0/node3: clean"), "{}", out(&found));
+    let repairing = verify(&["--repair"]).await;
+    assert_eq!(repairing.status.code(), Some(1), "{}", out(&repairing));
+    assert!(
+        out(&repairing).contains("(rebuilding what differs)"),
+        "{}",
+        out(&repairing)
+    );
+    cluster.wait_converged(CONVERGE).await;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        let again = verify(&[]).await;
+        if again.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", out(&again));
+        tokio::task::yield_now().await;
+    }
+    // On a replica's node: refused, saying where the primary is.
+    let elsewhere = run(
+        nodes::WALSHIP,
+        &["verify", "--admin", &cluster.nodes[1].admin_addr(), "vol0"],
+        CLIENT,
+    )
+    .await;
+    assert!(!elsewhere.status.success());
+    assert!(
+        out(&elsewhere).contains("this node is a replica; its primary is node1"),
+        "{}",
+        out(&elsewhere)
+    );
+}

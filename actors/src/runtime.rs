@@ -753,6 +753,18 @@ impl VolumeHandle {
             .map_err(stopped)?
     }
 
+    /// Compares every in-sync replica's content with the primary's at one
+    /// LSN, region by region, while writes go on (primary only); with
+    /// `repair`, a replica whose regions differ is rebuilt, every region
+    /// compared. [`VerifyReport::clean`] when nothing differs.
+    pub async fn verify(&self, repair: bool) -> Result<crate::VerifyReport, VolumeError> {
+        self.primary()
+            .await?
+            .send(crate::primary::Verify { repair })
+            .await
+            .map_err(stopped)?
+    }
+
     /// crc32c of the whole readable volume.
     pub async fn content_checksum(&self) -> Result<u32, VolumeError> {
         match &self.inner {

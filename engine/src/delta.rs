@@ -206,6 +206,9 @@ pub struct TransferInputs<'a> {
     /// What the replica holds is not needed as a copy of what was
     /// committed (see the module docs).
     pub other_copy: bool,
+    /// An online verify found regions that differ (why): no map covers
+    /// them, so every region is compared.
+    pub mismatch: Option<&'a str>,
 }
 
 /// Chooses what a rebuild moves (see the module docs for the rules).
@@ -261,6 +264,16 @@ pub fn select_transfer(inputs: &TransferInputs<'_>) -> Transfer {
         };
     }
     let agreed = inputs.agreed;
+    if let Some(found) = inputs.mismatch {
+        return Transfer::Compared {
+            reason: format!("compare region checksums: {found}"),
+            apply_through: if log.checkpoint <= agreed {
+                agreed
+            } else {
+                Lsn::ZERO
+            },
+        };
+    }
     let why_not = match inputs.map {
         None => "no dirty map for this replica (a failover, a restart before it was persisted, or it was never in sync here)".to_owned(),
         Some(map) if map.since > agreed => format!(
@@ -330,6 +343,7 @@ mod tests {
             map,
             source: 7,
             other_copy,
+            mismatch: None,
         })
     }
 
@@ -514,6 +528,7 @@ mod tests {
             map: map(850),
             source: 7,
             other_copy: true,
+            mismatch: None,
         });
         assert_eq!(off.to_string(), "delta rebuilds are off");
         assert_eq!(
@@ -543,6 +558,7 @@ mod tests {
             map: map(850),
             source: 7,
             other_copy: true,
+            mismatch: None,
         });
         assert!(
             older.to_string().contains("the image at 820 is older"),
@@ -559,6 +575,7 @@ mod tests {
                 map: None,
                 source: 7,
                 other_copy: true,
+                mismatch: None,
             }
         });
         assert_eq!(behind.event_name(), "plan_rebuild_checksum", "{behind}");

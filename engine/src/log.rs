@@ -82,6 +82,7 @@ const DECISIONS: &[&str] = &[
     "session_invalidated",
     "stale_endpoint_rejected",
     "truncation_recorded",
+    "verify_mismatch",
 ];
 
 /// Whether `event` is a decision (kept apart from routine events).

@@ -281,6 +281,10 @@ impl Engine {
             map: self.dirty_maps.get(replica).copied(),
             source: self.image_source,
             other_copy: self.other_copy(replica),
+            mismatch: self
+                .senders
+                .get(replica)
+                .and_then(|s| s.verify_mismatch.as_deref()),
         })
     }
 
@@ -340,6 +344,28 @@ impl Engine {
             return;
         }
         self.reserve_resources(replica, session, plan);
+    }
+
+    /// An online verify found that `replica`'s content differs from the
+    /// primary's (`found` says where): it leaves sync and is rebuilt,
+    /// every region compared (no dirty map knows of what a verify finds).
+    pub fn handle_verify_mismatch(
+        &mut self,
+        replica: &ReplicaId,
+        found: &str,
+    ) -> Result<(), EngineError> {
+        self.sender(replica)?;
+        let reason = format!("verify_mismatch: {found}");
+        self.record(Some(replica), None, "verify_mismatch", found);
+        self.leave_sync(replica, &reason);
+        self.invalidate(replica, &reason);
+        if let Some(sender) = self.senders.get_mut(replica) {
+            sender.verify_mismatch = Some(format!("an online verify found {found}"));
+        }
+        self.forget_dirty(replica);
+        self.needs_rebuild(replica, &reason);
+        self.start_session(replica, SessionKind::Rebuild);
+        Ok(())
     }
 
     /// A queued rebuild got its slot: its resources are asked for now.

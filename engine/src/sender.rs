@@ -85,6 +85,9 @@ pub(crate) struct Sender {
     /// What its last handshake said it holds, and up to where that is this
     /// primary's history: what a rebuild can build on.
     pub(crate) holds: Option<(crate::history::ReplicaLog, Lsn)>,
+    /// An online verify found its content differs: no map says where, so
+    /// its rebuild compares every region. Cleared when a rebuild completes.
+    pub(crate) verify_mismatch: Option<String>,
 }
 
 impl Sender {
@@ -101,6 +104,7 @@ impl Sender {
             failure: None,
             barrier_requested: None,
             holds: None,
+            verify_mismatch: None,
         }
     }
 
@@ -174,6 +178,7 @@ impl Sender {
     /// The only way out of the sticky NeedsRebuild.
     pub(crate) fn rebuild_completed(&mut self, flushed: Lsn) {
         self.rebuild_need = None;
+        self.verify_mismatch = None;
         self.flushed = flushed;
         self.state = ReplicaState::InSync;
     }

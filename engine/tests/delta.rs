@@ -244,3 +244,35 @@ fn a_replica_with_a_partial_image_is_rebuilt_never_caught_up() {
         "rebuild_interrupted: the replica holds part of an image at 150 from another primary"
     ));
 }
+
+#[test]
+fn a_verify_mismatch_rebuilds_the_replica_comparing_every_region_even_with_a_map() {
+    let mut shell = delta_shell(CommitMode::BestEffort, &[B]);
+    shell.in_sync("b");
+    shell.ack("b", 100, None).unwrap();
+    // A map the shell still reports for b (say, from before it came back).
+    shell
+        .engine
+        .handle_dirty_maps(SOURCE, vec![(rid("b"), map(100))]);
+    shell
+        .engine
+        .handle_verify_mismatch(&rid("b"), "1 regions of 4096 differ at lsn 90")
+        .unwrap();
+    let commands = shell.pump();
+    assert!(commands
+        .iter()
+        .any(|c| matches!(c, Command::ForgetDirty { replica } if *replica == rid("b"))));
+    assert_eq!(shell.state("b"), ReplicaState::NeedsRebuild);
+    shell.wal(150, 300, 150, true);
+    shell.connect("b");
+    let log = ReplicaLog {
+        epochs: shell.epochs.through(Lsn(100)),
+        ..ReplicaLog::single_epoch(Lsn(100), Epoch(1))
+    };
+    shell.handshake_with("b", log);
+    assert_eq!(
+        shell.event_detail("plan_rebuild_checksum"),
+        ["compare region checksums: an online verify found 1 regions of 4096 differ at lsn 90"]
+    );
+    assert!(shell.event_detail("plan_rebuild_delta").is_empty());
+}

@@ -38,8 +38,8 @@ pub use reader::{
     ReaderError, ReaderOptions, ReaderService, ReaderStats,
 };
 pub use store::{
-    BaseInstall, CheckpointOutcome, InPlaceInstall, PartialImage, SnapshotPin, Store, StoreError,
-    StoreOptions, StoreReport, DIRECT_MIN_BYTES,
+    BaseInstall, CheckpointOutcome, ContentAt, InPlaceInstall, PartialImage, SnapshotPin, Store,
+    StoreError, StoreOptions, StoreReport, DIRECT_MIN_BYTES,
 };
 pub use superblock::{Superblock, SuperblockError};
 pub use wal::{

@@ -36,7 +36,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+mod at_lsn;
 mod delta;
+pub use at_lsn::ContentAt;
 pub use delta::{InPlaceInstall, PartialImage};
 
 /// Store configuration.
@@ -140,6 +142,17 @@ pub enum StoreError {
         /// Crc of what arrived.
         actual: u32,
     },
+    /// The content at `lsn` cannot be read: it is before the checkpoint the
+    /// extent is pinned at, or past what is durable.
+    #[error("no content at lsn {lsn}: the extent is at {checkpoint}, durable through {durable}")]
+    NotAt {
+        /// Asked for.
+        lsn: u64,
+        /// The pinned checkpoint.
+        checkpoint: u64,
+        /// The durable LSN.
+        durable: u64,
+    },
     /// Another open store holds the directory.
     #[error("store {0} is in use by another instance")]
     Locked(PathBuf),
@@ -171,6 +184,7 @@ impl StoreError {
             | Self::SizeMismatch { .. }
             | Self::InterruptedRun { .. } => true,
             Self::ChunkOutOfOrder { .. }
+            | Self::NotAt { .. }
             | Self::BaseIncomplete { .. }
             | Self::BaseChecksum { .. }
             | Self::Locked(_) => false,

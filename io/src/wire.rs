@@ -32,7 +32,9 @@ use tokio_util::codec::{Decoder, Encoder};
 /// rebuild says how the replica installs it (`Install`: into a staging
 /// file, or in place over what it holds), the hello ack says what an
 /// install in place left (`partial`), and a rebuild may compare region
-/// checksums (`SumsRequest`, `RegionSums`).
+/// checksums (`SumsRequest`, `RegionSums`); an online verify compares a
+/// replica's content at one LSN with the primary's (`VerifyBegin`,
+/// `VerifyReady`, `VerifyEnd`, and the same checksums).
 pub const PROTOCOL_VERSION: u8 = 4;
 /// Default largest frame accepted: a 16 MiB WAL batch plus headers.
 pub const DEFAULT_MAX_FRAME: usize = 17 << 20;
@@ -323,6 +325,30 @@ pub enum Message {
         /// The checksums.
         sums: Bytes,
     },
+    /// Primary → replica, on a connection of its own while the session
+    /// goes on: compare your content at one LSN, at least `lsn` (the
+    /// primary's pinned checkpoint), with mine. Answered with
+    /// `VerifyReady` (the LSN both compare at), or an error when this
+    /// replica is not durable through `lsn` yet. `SumsRequest`s follow.
+    VerifyBegin {
+        /// Cluster name.
+        cluster: String,
+        /// Volume name.
+        volume: String,
+        /// Replica identity (`volume/server`).
+        replica: String,
+        /// The primary's pinned LSN.
+        lsn: u64,
+    },
+    /// Replica → primary: the LSN the comparison is at (its own
+    /// checkpoint, when that is past the primary's).
+    VerifyReady {
+        /// The LSN.
+        lsn: u64,
+    },
+    /// Primary → replica: the comparison is over (also when the
+    /// connection closes).
+    VerifyEnd,
     /// One chunk of the image.
     RebuildChunk {
         /// Session.
@@ -587,6 +613,9 @@ impl Message {
             Self::PullFrames { .. } => 20,
             Self::SumsRequest { .. } => 21,
             Self::RegionSums { .. } => 22,
+            Self::VerifyBegin { .. } => 23,
+            Self::VerifyReady { .. } => 24,
+            Self::VerifyEnd => 25,
         }
     }
 
@@ -638,7 +667,19 @@ impl Message {
                 put_string(dst, volume);
                 put_string(dst, replica);
             }
-            Self::PullImage | Self::PullDone => {}
+            Self::PullImage | Self::PullDone | Self::VerifyEnd => {}
+            Self::VerifyBegin {
+                cluster,
+                volume,
+                replica,
+                lsn,
+            } => {
+                put_string(dst, cluster);
+                put_string(dst, volume);
+                put_string(dst, replica);
+                dst.put_u64_le(*lsn);
+            }
+            Self::VerifyReady { lsn } => dst.put_u64_le(*lsn),
             Self::PullFrames { after } => dst.put_u64_le(*after),
             Self::PullChunk { offset, len } => {
                 dst.put_u64_le(*offset);
@@ -943,6 +984,14 @@ impl Message {
                 len: r.u64("len")?,
                 region_bytes: r.u64("region_bytes")?,
             },
+            23 => Self::VerifyBegin {
+                cluster: r.string("cluster")?,
+                volume: r.string("volume")?,
+                replica: r.string("replica")?,
+                lsn: r.u64("lsn")?,
+            },
+            24 => Self::VerifyReady { lsn: r.u64("lsn")? },
+            25 => Self::VerifyEnd,
             22 => Self::RegionSums {
                 session: r.u64("session")?,
                 offset: r.u64("offset")?,
@@ -1234,6 +1283,14 @@ mod tests {
             len: 4096,
         });
         round_trip(Message::PullDone);
+        round_trip(Message::VerifyBegin {
+            cluster: "c".into(),
+            volume: "v".into(),
+            replica: "v/r".into(),
+            lsn: 12,
+        });
+        round_trip(Message::VerifyReady { lsn: 13 });
+        round_trip(Message::VerifyEnd);
         round_trip(Message::PullFrames { after: 30 });
         round_trip(Message::RebuildDone {
             session: 4,

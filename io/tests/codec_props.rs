@@ -100,6 +100,16 @@ fn message() -> impl Strategy<Value = Message> {
             replica,
         }),
         Just(Message::PullImage),
+        Just(Message::VerifyEnd),
+        (text(), text(), text(), n()).prop_map(|(cluster, volume, replica, lsn)| {
+            Message::VerifyBegin {
+                cluster,
+                volume,
+                replica,
+                lsn,
+            }
+        }),
+        n().prop_map(|lsn| Message::VerifyReady { lsn }),
         Just(Message::PullDone),
         n().prop_map(|after| Message::PullFrames { after }),
         (n(), any::<u32>()).prop_map(|(offset, len)| Message::PullChunk { offset, len }),

@@ -409,3 +409,49 @@ fn a_whole_image_installed_staged_ends_a_partial_install() {
         Bytes::from(vec![4u8; BLOCK_SIZE])
     );
 }
+
+#[test]
+fn the_content_at_an_lsn_ignores_later_writes_and_where_the_checkpoint_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    let mut expected = vec![0u8; (BLOCKS * BLOCK_SIZE as u64) as usize];
+    let put = |lba: u64, fill: u8, expected: &mut Vec<u8>| {
+        let lsn = store.write(1, lba, block(fill)).unwrap();
+        expected[lba as usize * BLOCK_SIZE..][..BLOCK_SIZE].fill(fill);
+        lsn
+    };
+    put(3, 1, &mut expected);
+    let lsn = put(40, 2, &mut expected);
+    store.sync_to(lsn).unwrap();
+    store.checkpoint(lsn).unwrap();
+    put(3, 3, &mut expected); // after the checkpoint, in the WAL only
+    let trim = store.trim(1, 40, 1).unwrap();
+    expected[40 * BLOCK_SIZE..][..BLOCK_SIZE].fill(0);
+    let at = trim;
+    let want = expected.clone();
+    put(3, 9, &mut expected); // after the LSN asked for
+    let head = store.head();
+    store.sync_to(head).unwrap();
+    let content = store.content_at(at, None, "verify").unwrap();
+    assert_eq!(content.lsn(), at);
+    // A checkpoint meanwhile is paused by the pin: the content stays.
+    assert!(matches!(
+        store.checkpoint(head).unwrap(),
+        CheckpointOutcome::Paused { .. }
+    ));
+    let mut buf = bytes::BytesMut::new();
+    content
+        .read_into(0, BLOCKS * BLOCK_SIZE as u64, &mut buf)
+        .unwrap();
+    assert!(buf[..] == want[..], "content at {at}");
+    let region = region_bytes(BLOCKS * BLOCK_SIZE as u64);
+    let sums = content
+        .sums(0, BLOCKS * BLOCK_SIZE as u64, region, &mut buf)
+        .unwrap();
+    assert_eq!(sums, region_sums(&want, region));
+    // Past what is durable, or before the pinned checkpoint: refused.
+    assert!(matches!(
+        store.content_at(head + 1, None, "x"),
+        Err(StoreError::NotAt { .. })
+    ));
+}

@@ -5,6 +5,7 @@
 //! | `GET /status` | the node and every volume: roles, epochs, replica states, lag, pins, mailboxes, recent recovery decisions (JSON) |
 //! | `GET /volumes/{name}` | one volume, the same way |
 //! | `POST /volumes/{name}/assignment` | applies a new assignment ([`AssignmentRequest`] as JSON); 409 when fenced |
+//! | `POST /volumes/{name}/verify[?repair=true]` | compares every in-sync replica with the primary at one LSN; the report (JSON), 409 where this node is not the primary |
 //! | `GET /recovery` | the recovery budget: limits, recoveries sending, rebuilds running and queued (JSON) |
 //! | `POST /recovery` | changes the limits ([`RecoveryRequest`] as JSON); 400 with why when refused, nothing applied |
 //! | `GET /metrics` | Prometheus text: mailboxes per actor, WAL sync latency, per-volume LSNs, lag in LSNs and bytes, states, pins, bytes shipped |
@@ -272,6 +273,16 @@ async fn route(node: &Node, request: Request<Incoming>) -> Response<Full<Bytes>>
                 Err(e) => refusal(&e),
             }
         }
+        (&Method::POST, ["volumes", name, "verify"]) => {
+            let repair = request
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "repair=true" || kv == "repair"));
+            match node.verify(name, repair).await {
+                Ok(report) => json(StatusCode::OK, &report),
+                Err(e) => refusal(&e),
+            }
+        }
         (&Method::GET, ["recovery"]) => json(StatusCode::OK, &node.recovery().status()),
         (&Method::POST, ["recovery"]) => {
             let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
@@ -314,7 +325,7 @@ pub async fn status(node: &Node) -> StatusReport {
 fn refusal(error: &NodeError) -> Response<Full<Bytes>> {
     let status = match error {
         NodeError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
-        NodeError::Fenced { .. } => StatusCode::CONFLICT,
+        NodeError::Fenced { .. } | NodeError::NotPrimary { .. } => StatusCode::CONFLICT,
         NodeError::BadAssignment { .. } | NodeError::Config(_) => StatusCode::BAD_REQUEST,
         NodeError::Volume { .. } | NodeError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };

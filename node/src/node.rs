@@ -49,6 +49,14 @@ pub enum NodeError {
     /// The node hosts no such volume.
     #[error("no volume named {0}")]
     NoSuchVolume(String),
+    /// What was asked is the primary's to do, and this node is not it.
+    #[error("volume {volume}: this node is a replica; its primary is {primary}: ask there")]
+    NotPrimary {
+        /// The volume.
+        volume: String,
+        /// The node that is its primary.
+        primary: String,
+    },
     /// The assignment is not newer than the one applied.
     #[error(
         "volume {volume}: assignment epoch {offered} is not newer than the applied epoch {applied}"
@@ -628,6 +636,33 @@ impl Node {
             }
         }
         applied
+    }
+
+    /// An online verify of `name`'s replicas (see
+    /// [`VolumeHandle::verify`]); only where this node is its primary.
+    pub async fn verify(
+        &self,
+        name: &str,
+        repair: bool,
+    ) -> Result<walship_actors::VerifyReport, NodeError> {
+        let hosted = self
+            .table
+            .get(name)
+            .ok_or_else(|| NodeError::NoSuchVolume(name.into()))?;
+        if !hosted.applied.is_primary(&self.config.node) {
+            return Err(NodeError::NotPrimary {
+                volume: name.into(),
+                primary: hosted.applied.primary.clone(),
+            });
+        }
+        hosted
+            .handle
+            .verify(repair)
+            .await
+            .map_err(|source| NodeError::Volume {
+                volume: name.into(),
+                source,
+            })
     }
 
     async fn volume_report(&self, hosted: &Hosted) -> Result<VolumeReport, NodeError> {

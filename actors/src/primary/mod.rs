@@ -11,10 +11,13 @@ pub(crate) mod peering;
 mod resources;
 mod sender;
 mod ship;
+pub(crate) mod verify;
 mod volume;
 
 #[cfg(feature = "testing")]
 pub use sender::Heartbeat as SenderHeartbeat;
 pub use sender::SenderActor;
+pub use verify::{Mismatch, ReplicaVerify, VerifyReport};
 pub use volume::api::*;
+pub(crate) use volume::verifying::Verify;
 pub use volume::VolumeActor;

@@ -287,6 +287,9 @@ impl Shared {
                     }
                     | Message::Peer {
                         cluster, volume, ..
+                    }
+                    | Message::VerifyBegin {
+                        cluster, volume, ..
                     } => Some((cluster.clone(), volume.clone())),
                     _ => None,
                 };

@@ -9,6 +9,8 @@
 
 use super::admission::{self, Identity, Refusal};
 use super::install::{InstallWriter, Sink};
+
+mod verify;
 use crate::metered;
 use crate::metrics::{MailboxMetrics, MailboxSnapshot, Metered};
 use crate::pool::BlockingPool;
@@ -59,6 +61,8 @@ pub struct ReceiverActor {
     epoch: u64,
     active_conn: Option<u64>,
     install: Option<InstallWriter>,
+    /// An online verify's connection and the content it compares (pinned).
+    verifying: Option<(u64, walship_io::ContentAt)>,
     /// Where region checksums are read: a MiB, kept while an install in
     /// place compares (a fresh buffer per request cost more than the read).
     sums_buf: Vec<u8>,
@@ -195,6 +199,7 @@ impl ReceiverActor {
             active_conn: None,
             install: None,
             sums_buf: Vec::new(),
+            verifying: None,
             checkpoint_every,
             checkpoint_requested: 0,
             committed: 0,
@@ -735,6 +740,18 @@ impl ReceiverActor {
         {
             return self.peer(volume, replica);
         }
+        if let Message::VerifyBegin {
+            volume,
+            replica,
+            lsn,
+            ..
+        } = &message
+        {
+            return self.verify_begin(conn, epoch, volume, replica, *lsn);
+        }
+        if let Some(reply) = self.verify_message(conn, &message) {
+            return reply;
+        }
         if let Err(refusal) = admission::frame(self.epoch, self.active_conn, conn, epoch) {
             return self.refuse(&refusal);
         }
@@ -830,6 +847,7 @@ impl Handler<ConnClosed> for ReceiverActor {
     type Result = ();
 
     fn handle(&mut self, msg: ConnClosed, _: &mut Context<Self>) {
+        self.verify_closed(msg.0);
         if self.active_conn == Some(msg.0) {
             self.active_conn = None;
             self.install = None;

@@ -7,7 +7,12 @@
 //!    released, the checkpointer recycles the WAL past it, and it comes back
 //!    by **rebuild** (snapshot + tail, since the checkpoint is trusted);
 //! 3. replica 1 restarts on a new address under an **epoch bump**: its
-//!    identity is kept.
+//!    identity is kept;
+//! 4. replica 2 is cut off past its retention budget again while writes
+//!    keep hitting a small hot area: it comes back by a **delta rebuild**
+//!    (only the regions its primary's dirty map marked move, against a
+//!    whole copy), then an **online verify** compares every replica with
+//!    the primary at one LSN.
 //!
 //! Then it verifies that every replica's readable volume has the primary's
 //! checksum and that no recovery pin is left, prints one row per replica, and
@@ -39,6 +44,9 @@ pub struct DemoOptions {
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     volume_blocks: u64,
+    /// Act 4: blocks of the hot area, and writes to it.
+    hot_area: u64,
+    hot_writes: u64,
     fill: u64,
     catch_up_gap: u64,
     rebuild_gap: u64,
@@ -52,6 +60,8 @@ impl Plan {
         let mib = |n: u64| n * 256; // blocks per MiB
         if quick {
             Plan {
+                hot_area: mib(1) / 4,
+                hot_writes: mib(40),
                 volume_blocks: mib(16),
                 fill: mib(16),
                 catch_up_gap: mib(8),
@@ -62,6 +72,8 @@ impl Plan {
             }
         } else {
             Plan {
+                hot_area: mib(4),
+                hot_writes: mib(320),
                 volume_blocks: mib(256),
                 fill: mib(256),
                 catch_up_gap: mib(128),
@@ -79,6 +91,7 @@ impl Plan {
             + self.rebuild_gap
             + self.tail_after_checkpoint
             + self.after_reassign
+            + self.hot_writes
     }
 }
 
@@ -164,6 +177,44 @@ impl Demo {
         self.cluster.primary.barrier().await?;
         bar.finish();
         Ok(last)
+    }
+
+    /// Writes `count` blocks again and again over the `area` blocks from
+    /// `base`, 64 in flight: much WAL, few regions.
+    async fn write_hot(
+        &mut self,
+        label: &str,
+        base: u64,
+        area: u64,
+        count: u64,
+    ) -> anyhow::Result<()> {
+        let bar = ProgressBar::new(count * BLOCK_SIZE as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>28} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )?
+            .progress_chars("=> "),
+        );
+        bar.set_message(label.to_owned());
+        let primary = &self.cluster.primary;
+        let mut i = 0;
+        while i < count {
+            let batch = (count - i).min(64);
+            let mut writes = tokio::task::JoinSet::new();
+            for n in i..i + batch {
+                let primary = primary.clone();
+                let data = walship_actors::testing::block(n);
+                writes.spawn(async move { primary.write(base + n % area, data).await });
+            }
+            while let Some(written) = writes.join_next().await {
+                written??;
+            }
+            bar.inc(batch * BLOCK_SIZE as u64);
+            i += batch;
+        }
+        primary.barrier().await?;
+        bar.finish();
+        Ok(())
     }
 
     /// Restarts a replica (on a new port if `new_address`, which comes with
@@ -256,6 +307,50 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
     demo.bring_back("r1", true, "reassigned").await?;
     demo.write("writes in epoch 2", plan.after_reassign).await?;
 
+    writeln!(
+        out,
+        "4. r2 cut off past its retention budget again, writes hitting a hot area of {:.2} MiB; then an online verify",
+        mib(plan.hot_area * BLOCK_SIZE as u64)
+    )?;
+    demo.cluster.stop_replica("r2").await;
+    demo.write_hot(
+        "hot writes while r2 is away",
+        plan.volume_blocks / 3,
+        plan.hot_area,
+        plan.hot_writes,
+    )
+    .await?;
+    demo.cluster.primary.checkpoint().await?;
+    demo.bring_back("r2", false, "delta rebuild").await?;
+    let delta = demo
+        .recoveries
+        .get("r2")
+        .and_then(|r| r.last())
+        .map_or(0, |r| r.bytes);
+    let whole = plan.volume_blocks * BLOCK_SIZE as u64;
+    writeln!(
+        out,
+        "  r2 delta rebuild moved {:.1} MiB; a whole copy moves {:.0} MiB ({:.0}x more)",
+        mib(delta),
+        mib(whole),
+        whole as f64 / delta.max(1) as f64
+    )?;
+    let verified = demo.cluster.primary.verify(false).await?;
+    for replica in &verified.replicas {
+        writeln!(
+            out,
+            "  verify {}: {} regions compared at lsn {}: {}",
+            replica.replica,
+            replica.regions,
+            replica.lsn,
+            match (&replica.error, replica.mismatches.is_empty()) {
+                (Some(error), _) => format!("not compared: {error}"),
+                (None, true) => "identical".to_owned(),
+                (None, false) => format!("{} ranges DIFFER", replica.mismatches.len()),
+            }
+        )?;
+    }
+
     let Converged { lsn, checksum } = demo.cluster.wait_converged(PATIENCE).await?;
     let log = demo.cluster.primary.recovery_log().await?;
     for server in ["r1", "r2"] {
@@ -266,7 +361,7 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
     }
     writeln!(
         out,
-        "\n{:<8} {:<34} {:>12} {:>10} {:>12}",
+        "\n{:<8} {:<46} {:>12} {:>10} {:>12}",
         "replica", "outcome", "moved MiB", "time", "MiB/s"
     )?;
     let mut identical = true;
@@ -295,7 +390,7 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
         };
         writeln!(
             out,
-            "{:<8} {:<34} {:>12.1} {:>9.2}s {:>12.1}",
+            "{:<8} {:<46} {:>12.1} {:>9.2}s {:>12.1}",
             server,
             format!("{outcome}; {verdict}"),
             mib(bytes),
@@ -312,7 +407,7 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
                 };
                 writeln!(
                     out,
-                    "{:<8} {:<34} {:>12.1} {:>9.2}s {:>12.1}",
+                    "{:<8} {:<46} {:>12.1} {:>9.2}s {:>12.1}",
                     "",
                     format!("  {}", r.what),
                     mib(r.bytes),
@@ -342,6 +437,14 @@ pub async fn run(options: DemoOptions, out: &mut (impl Write + Send)) -> anyhow:
         log.iter().any(|e| e.event.starts_with("plan_rebuild")),
         "the story did not rebuild"
     );
+    ensure!(
+        log.iter().any(|e| e.event == "plan_rebuild_delta"),
+        "the story did not rebuild by the dirty map"
+    );
+    ensure!(
+        verified.clean() && verified.replicas.len() == 2,
+        "the online verify did not find both replicas identical: {verified:?}"
+    );
     demo.cluster.shutdown().await;
     writeln!(out, "verified: all replicas identical at lsn {lsn}")?;
     Ok(())
@@ -364,6 +467,12 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("plan_catchup"), "{text}");
         assert!(text.contains("plan_rebuild_snapshot_tail"), "{text}");
+        assert!(text.contains("plan_rebuild_delta regions="), "{text}");
+        assert!(text.contains("r2 delta rebuild moved"), "{text}");
+        assert!(
+            text.contains("verify vol1/r1") || text.contains("verify demo/r1"),
+            "{text}"
+        );
         assert!(text.contains("identity kept"), "{text}");
         let last = text.lines().last().unwrap();
         assert!(

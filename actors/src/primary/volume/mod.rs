@@ -11,6 +11,7 @@ pub(crate) mod api;
 mod durability;
 pub(in crate::primary) mod pins;
 mod slots;
+pub(crate) mod verifying;
 
 use super::context::{EngineInput, SenderContext};
 use super::resources::ResourceTable;
@@ -126,7 +127,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
+metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, verifying::Verify, verifying::VerifyMismatch, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
