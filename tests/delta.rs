@@ -252,7 +252,10 @@ async fn a_whole_rebuild_cut_part_way_resumes_from_what_the_replica_installed() 
             .then(|| at.parse().ok())?
         })
         .unwrap_or_else(|| panic!("{events:#?}"));
-    assert!(cursor > 0 && cursor.is_multiple_of(32 << 20), "cursor {cursor}");
+    assert!(
+        cursor > 0 && cursor.is_multiple_of(32 << 20),
+        "cursor {cursor}"
+    );
     assert!(
         moved - at_cut <= volume - cursor,
         "moved {moved} bytes for a {volume}-byte volume, cut at {at_cut}, resumed at {cursor}"

@@ -119,6 +119,8 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
     let total = VOLUMES * BLOCKS * 4096;
     let started = Instant::now();
     let (mut most_running, mut most_queued) = (0, 0);
+    // What operators see: a queued rebuild's place, a running one's progress.
+    let (mut saw_queued, mut saw_progress) = (false, false);
     let mut samples = Vec::new();
     loop {
         let status = budget.status();
@@ -134,6 +136,17 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
             {
                 done += 1;
             }
+            if let walship::actors::NodeStatus::Primary(status) = &states {
+                for progress in &status.recovery {
+                    saw_queued |= progress.kind == "queued"
+                        && progress.queued.is_some_and(|(at, of)| at >= 1 && at <= of);
+                    saw_progress |= progress.kind == "rebuild_whole"
+                        && progress.bytes_to_go > 0
+                        && progress.bytes_to_go <= BLOCKS * 4096
+                        && progress.rate > 0
+                        && progress.eta_seconds.is_some();
+                }
+            }
         }
         if done == VOLUMES as usize {
             break;
@@ -147,6 +160,14 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
     );
     assert_eq!(most_running, cap, "the cap was never reached");
     assert!(most_queued >= 10, "rebuilds queued: at most {most_queued}");
+    assert!(
+        saw_queued,
+        "no status showed a rebuild's place in the queue"
+    );
+    assert!(
+        saw_progress,
+        "no status showed a rebuild's bytes to go, rate and eta"
+    );
     // The rate between 20% and 80% of the bytes (start-up and the last
     // acks aside).
     let at = |fraction: f64| {

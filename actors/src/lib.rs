@@ -30,7 +30,7 @@ pub use metrics::MeteredAddr;
 pub use metrics::{MailboxMetrics, MailboxSnapshot};
 #[cfg(feature = "testing")]
 pub use primary::SenderHeartbeat;
-pub use primary::{Mismatch, ReplicaVerify, VerifyReport};
+pub use primary::{Mismatch, RecoveryProgress, ReplicaVerify, VerifyReport};
 pub use primary::{SenderActor, VolumeActor, VolumeStatus};
 pub use recovery::{
     LimitsError, RebuildSlot, RecoveryBudget, RecoveryLimits, RecoveryStatus, MIN_FLOOR_BYTES,

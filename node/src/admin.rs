@@ -415,6 +415,22 @@ async fn metrics(node: &Node) -> String {
                         metrics::gauge!("walship_replica_state", &labels).set(on);
                     }
                 }
+                for progress in &status.recovery {
+                    let labels = [
+                        ("volume", volume.clone()),
+                        ("replica", progress.replica.to_string()),
+                        ("kind", progress.kind.clone()),
+                    ];
+                    metrics::gauge!("walship_replica_recovery_bytes_to_go", &labels)
+                        .set(progress.bytes_to_go as f64);
+                    metrics::gauge!("walship_replica_recovery_rate_bytes_per_second", &labels)
+                        .set(progress.rate as f64);
+                    metrics::gauge!("walship_replica_recovery_eta_seconds", &labels)
+                        .set(progress.eta_seconds.unwrap_or(-1.0));
+                    let place = progress.queued.map_or(0, |(at, _)| at);
+                    metrics::gauge!("walship_replica_rebuild_queue_position", &labels)
+                        .set(place as f64);
+                }
                 for (replica, lag) in &status.lag_bytes {
                     let labels = [("volume", volume.clone()), ("replica", replica.to_string())];
                     metrics::gauge!("walship_replica_lag_bytes", &labels).set(*lag as f64);

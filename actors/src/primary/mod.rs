@@ -19,5 +19,6 @@ pub use sender::Heartbeat as SenderHeartbeat;
 pub use sender::SenderActor;
 pub use verify::{Mismatch, ReplicaVerify, VerifyReport};
 pub use volume::api::*;
+pub use volume::progress::RecoveryProgress;
 pub(crate) use volume::verifying::Verify;
 pub use volume::VolumeActor;

@@ -124,26 +124,38 @@ pub fn render(report: &Value) -> String {
         }
         let [r, e, s, f, l, w] = ["REPLICA", "ENDPOINT", "STATE", "FLUSHED", "LAG", "WHY"];
         let _ = writeln!(out, "\n{r:<16} {e:<22} {s:<18} {f:>10} {l:>8}  {w}");
-        let queue = status["rebuild_queue"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let recovering = status["recovery"].as_array().cloned().unwrap_or_default();
         for sender in &senders {
             let flushed = sender["flushed"].as_u64().unwrap_or(0);
-            // A rebuild waiting for one of the node's slots says where.
-            let state = queue
+            let progress = recovering
                 .iter()
-                .find(|q| q[0] == sender["replica"])
+                .find(|p| p["replica"] == sender["replica"]);
+            // A rebuild waiting for one of the node's slots says where.
+            let state = progress
+                .and_then(|p| p["queued"].as_array().cloned())
                 .map_or_else(
                     || text(&sender["state"]),
                     |q| {
-                        let at = q[1].as_u64().unwrap_or(0);
-                        format!("queued ({} of {})", ordinal(at), text(&q[2]))
+                        let at = q[0].as_u64().unwrap_or(0);
+                        format!("queued ({} of {})", ordinal(at), text(&q[1]))
                     },
                 );
-            let why = match (&sender["rebuild_need"], &sender["failure"]) {
-                (need, _) if !need.is_null() => text(&need["reason"]),
-                (_, failure) if !failure.is_null() => text(&failure["reason"]),
+            // A recovery under way says how far it is; otherwise why not.
+            let why = match (progress, &sender["rebuild_need"], &sender["failure"]) {
+                (Some(p), _, _) if p["queued"].is_null() => {
+                    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
+                    let eta = p["eta_seconds"]
+                        .as_f64()
+                        .map_or("-".to_owned(), |s| format!("{s:.0}s"));
+                    format!(
+                        "{}: {:.1} MiB to go at {:.1} MiB/s, eta {eta}",
+                        text(&p["kind"]),
+                        mib(&p["bytes_to_go"]),
+                        mib(&p["rate"]),
+                    )
+                }
+                (_, need, _) if !need.is_null() => text(&need["reason"]),
+                (_, _, failure) if !failure.is_null() => text(&failure["reason"]),
                 _ => String::new(),
             };
             let _ = writeln!(

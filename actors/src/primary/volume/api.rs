@@ -50,9 +50,9 @@ pub struct VolumeStatus {
     /// in place: (replica, writes after this LSN marked, regions marked,
     /// regions in all).
     pub dirty_maps: Vec<(String, u64, u64, u64)>,
-    /// Replicas whose rebuild waits for one of the node's rebuild slots:
-    /// (replica, place in the queue from 1, rebuilds queued in all).
-    pub rebuild_queue: Vec<(ReplicaId, usize, usize)>,
+    /// Each replica that is recovering or waits to: kind, bytes to go,
+    /// rate, ETA, place in the rebuild queue.
+    pub recovery: Vec<super::progress::RecoveryProgress>,
     /// Mailbox metrics: the volume actor, then each sender.
     pub mailboxes: Vec<MailboxSnapshot>,
 }
@@ -77,26 +77,19 @@ impl VolumeActor {
             .iter()
             .map(|s| (s.replica.clone(), wal.retained_after(s.flushed.get())))
             .collect();
-        let rebuild_queue = registry
-            .senders
-            .iter()
-            .filter_map(|s| {
-                let (at, of) = self.pools.recovery.queue_position(s.replica.as_str())?;
-                Some((s.replica.clone(), at, of))
-            })
-            .collect();
         let dirty_maps = self
             .store
             .dirty_maps()
             .into_iter()
             .map(|(replica, map)| (replica, map.since, map.dirty, map.regions))
             .collect();
+        let recovery = self.progress(&registry);
         VolumeStatus {
             role: "primary",
+            recovery,
             registry,
             lag_bytes,
             dirty_maps,
-            rebuild_queue,
             head: wal.head(),
             durable: wal.durable(),
             checkpoint: self.store.superblock().checkpoint,

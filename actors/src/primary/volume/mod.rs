@@ -10,6 +10,7 @@
 pub(crate) mod api;
 mod durability;
 pub(in crate::primary) mod pins;
+pub(crate) mod progress;
 mod slots;
 pub(crate) mod verifying;
 
@@ -79,6 +80,8 @@ pub struct VolumeActor {
     wake: Option<(u64, SpawnHandle)>,
     /// Queued rebuilds' places, and slots not yet taken by an execution.
     slots: slots::Slots,
+    /// What each sender has sent, sampled for rates.
+    send_rates: progress::SendRates,
     metrics: Arc<MailboxMetrics>,
     /// Seconds each group-commit sync of the WAL took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
@@ -215,6 +218,7 @@ impl VolumeActor {
             last_heartbeat: 0,
             wake: None,
             slots: slots::Slots::new(),
+            send_rates: progress::SendRates::default(),
             me: None,
             _alive: tasks.token(),
             tasks,
@@ -294,6 +298,7 @@ impl VolumeActor {
         if now >= self.last_heartbeat + self.config.tuning.heartbeat_every_ticks {
             self.last_heartbeat = now;
             self.heartbeat_senders();
+            self.sample_send_rates();
             // Holds over budget go before the checkpointer recycles.
             self.report_retention(ctx);
             self.maybe_checkpoint();
