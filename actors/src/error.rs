@@ -40,6 +40,9 @@ pub enum VolumeError {
         /// The newest epoch its WAL holds.
         wal: u64,
     },
+    /// An online verify of this volume is under way: one at a time.
+    #[error("a verify of this volume is under way: one at a time")]
+    VerifyRunning,
     /// The store holds part of an image (a rebuild in place a crash cut):
     /// its extent mixes two states and its log is not to be trusted.
     #[error("the store holds part of an image at {image_lsn} (an interrupted rebuild): it cannot serve; open it as a replica to finish its rebuild, or peer (PrimaryConfig::peering) to recover a replica's image first")]

@@ -262,15 +262,21 @@ pub struct RecoveryBudget {
 }
 
 impl Default for RecoveryBudget {
+    /// Unlimited.
     fn default() -> Self {
-        Self::new(RecoveryLimits::unlimited())
+        Self::new_unchecked(RecoveryLimits::unlimited())
     }
 }
 
 impl RecoveryBudget {
-    /// A budget with `limits` (checked by the caller: see
-    /// [`RecoveryLimits::validate`]).
-    pub fn new(limits: RecoveryLimits) -> Self {
+    /// A budget with `limits`, checked ([`RecoveryLimits::validate`]); a
+    /// runtime makes its own ([`crate::Runtime::recovery`]).
+    pub fn new(limits: RecoveryLimits) -> Result<Self, LimitsError> {
+        limits.validate()?;
+        Ok(Self::new_unchecked(limits))
+    }
+
+    fn new_unchecked(limits: RecoveryLimits) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 limits,
@@ -346,11 +352,17 @@ impl RecoveryBudget {
     /// returned guard drops. Dropping the future before it resolves leaves
     /// the queue.
     pub(crate) async fn rebuild_slot(&self, who: String) -> RebuildSlot {
+        // The place and its waker under one lock: a slot freed between
+        // the two would admit a ticket nobody wakes.
+        let (tx, rx) = oneshot::channel();
         let (ticket, admitted) = {
             let mut shared = self.lock();
             let ticket = shared.next_ticket;
             shared.next_ticket += 1;
             let admitted = shared.slots.enqueue(ticket, who);
+            if !admitted {
+                shared.wakers.insert(ticket, tx);
+            }
             (ticket, admitted)
         };
         let slot = RebuildSlot {
@@ -360,8 +372,6 @@ impl RecoveryBudget {
         if admitted {
             return slot;
         }
-        let (tx, rx) = oneshot::channel();
-        self.lock().wakers.insert(ticket, tx);
         // If the future is dropped here, `slot` goes with it: the ticket
         // leaves the queue (or gives its slot back).
         let _ = rx.await;
@@ -501,7 +511,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_wait_leaves_the_queue_and_a_dropped_slot_admits_the_next() {
-        let budget = RecoveryBudget::new(RecoveryLimits::unlimited().with_max_rebuilds(Some(1)));
+        let budget =
+            RecoveryBudget::new(RecoveryLimits::unlimited().with_max_rebuilds(Some(1))).unwrap();
         let first = budget.rebuild_slot("v1/a".into()).await;
         let waiting = budget.rebuild_slot("v2/a".into());
         let mut waiting = Box::pin(waiting);

@@ -195,7 +195,7 @@ impl Engine {
         if let Some(reason) = sticky {
             let detail = format!("needs_rebuild is sticky: {reason}");
             self.record(Some(replica), Some(session), "rebuild_required", detail);
-            self.plan_rebuild(replica, session);
+            self.plan_rebuild(replica, session, false);
             return Ok(());
         }
         match outcome {
@@ -212,7 +212,7 @@ impl Engine {
                     let reason = violation.to_string();
                     self.record(Some(replica), Some(session), "escalated", reason.clone());
                     self.needs_rebuild(replica, &reason);
-                    self.plan_rebuild(replica, session);
+                    self.plan_rebuild(replica, session, false);
                     return Ok(());
                 }
                 let kind = PlanKind::CatchUp {
@@ -225,13 +225,33 @@ impl Engine {
             }
             HandshakeOutcome::NeedsRebuild { proof } => {
                 self.needs_rebuild(replica, &proof.reason);
-                self.plan_rebuild(replica, session);
+                self.plan_rebuild(replica, session, false);
             }
         }
         Ok(())
     }
 
-    fn plan_rebuild(&mut self, replica: &ReplicaId, session: SessionId) {
+    /// Plans the rebuild of `replica` against the WAL as it is now; with
+    /// `slot_held` (a queued rebuild's slot came) it reserves at once
+    /// rather than queueing.
+    fn plan_rebuild(&mut self, replica: &ReplicaId, session: SessionId, slot_held: bool) {
+        if self.config.rebuild_slots && !slot_held {
+            // The node runs only so many rebuilds at once: this one waits
+            // its turn before it is planned or pins anything.
+            let queued = self
+                .senders
+                .get_mut(replica)
+                .and_then(|s| s.active_session_mut())
+                .is_some_and(|s| s.queue().is_ok());
+            if queued {
+                self.record(Some(replica), Some(session), "rebuild_queued", "");
+                self.commands.push(Command::AwaitRebuildSlot {
+                    replica: replica.clone(),
+                    session,
+                });
+            }
+            return;
+        }
         let history = self.history();
         let refused = self
             .senders
@@ -324,37 +344,25 @@ impl Engine {
             let (event, detail) = (transfer.event_name(), transfer.to_string());
             self.record(Some(replica), Some(session), event, detail);
         }
-        let Some(s) = self
-            .senders
-            .get_mut(replica)
-            .and_then(|s| s.active_session_mut())
-        else {
-            return;
-        };
-        if self.config.rebuild_slots && matches!(plan.kind, PlanKind::Rebuild { .. }) {
-            // The node runs only so many rebuilds at once: this one waits
-            // its turn before it pins anything.
-            if s.queue(plan).is_ok() {
-                self.record(Some(replica), Some(session), "rebuild_queued", "");
-                self.commands.push(Command::AwaitRebuildSlot {
-                    replica: replica.clone(),
-                    session,
-                });
-            }
-            return;
-        }
         self.reserve_resources(replica, session, plan);
     }
 
     /// An online verify found that `replica`'s content differs from the
     /// primary's (`found` says where): it leaves sync and is rebuilt,
     /// every region compared (no dirty map knows of what a verify finds).
+    /// Only a replica still in sync is rebuilt (one that left meanwhile is
+    /// being recovered anyway, and its content may differ for that):
+    /// returns whether it was.
     pub fn handle_verify_mismatch(
         &mut self,
         replica: &ReplicaId,
         found: &str,
-    ) -> Result<(), EngineError> {
-        self.sender(replica)?;
+    ) -> Result<bool, EngineError> {
+        if self.sender(replica)?.state() != ReplicaState::InSync {
+            let detail = format!("{found}; not in sync any more: not rebuilt for it");
+            self.record(Some(replica), None, "verify_mismatch", detail);
+            return Ok(false);
+        }
         let reason = format!("verify_mismatch: {found}");
         self.record(Some(replica), None, "verify_mismatch", found);
         self.leave_sync(replica, &reason);
@@ -365,7 +373,7 @@ impl Engine {
         self.forget_dirty(replica);
         self.needs_rebuild(replica, &reason);
         self.start_session(replica, SessionKind::Rebuild);
-        Ok(())
+        Ok(true)
     }
 
     /// A queued rebuild got its slot: its resources are asked for now.
@@ -375,12 +383,13 @@ impl Engine {
         session: SessionId,
     ) -> Result<(), EngineError> {
         self.check_session(replica, session, "rebuild_slot")?;
-        let plan = match self.sender(replica)?.active_session() {
-            Some(s) => s.queued_plan()?,
-            None => return Ok(()),
-        };
+        if let Some(s) = self.sender(replica)?.active_session() {
+            s.expect_queued()?;
+        }
         self.record(Some(replica), Some(session), "rebuild_slot_granted", "");
-        self.reserve_resources(replica, session, plan);
+        // Planned again against the WAL as it is now: the queue may have
+        // taken long, and the checkpoint a snapshot plan bound has moved.
+        self.plan_rebuild(replica, session, true);
         Ok(())
     }
 

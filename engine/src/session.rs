@@ -87,10 +87,8 @@ pub(crate) enum Stage {
     Connecting,
     Handshake,
     /// A rebuild waiting for one of the node's rebuild slots (no deadline:
-    /// the queue is the node's to keep).
-    Queued {
-        plan: RecoveryPlan,
-    },
+    /// the queue is the node's to keep); planned when its slot comes.
+    Queued,
     Reserving {
         plan: RecoveryPlan,
         deadline: Tick,
@@ -154,7 +152,7 @@ impl Session {
             Stage::Init => SessionPhase::Init,
             Stage::Connecting => SessionPhase::Connecting,
             Stage::Handshake => SessionPhase::Handshake,
-            Stage::Queued { .. } | Stage::Reserving { .. } | Stage::Running { .. } => {
+            Stage::Queued | Stage::Reserving { .. } | Stage::Running { .. } => {
                 SessionPhase::CatchUp
             }
             Stage::Completed { .. } => SessionPhase::Completed,
@@ -167,7 +165,7 @@ impl Session {
             Stage::Init => "init",
             Stage::Connecting => "connecting",
             Stage::Handshake => "handshake",
-            Stage::Queued { .. } => "queued",
+            Stage::Queued => "queued",
             Stage::Reserving { .. } => "reserving",
             Stage::Running { .. } => "running",
             Stage::Completed { .. } => "completed",
@@ -184,9 +182,7 @@ impl Session {
 
     pub(crate) fn plan(&self) -> Option<&RecoveryPlan> {
         match &self.stage {
-            Stage::Queued { plan }
-            | Stage::Reserving { plan, .. }
-            | Stage::Running { plan, .. } => Some(plan),
+            Stage::Reserving { plan, .. } | Stage::Running { plan, .. } => Some(plan),
             _ => None,
         }
     }
@@ -228,7 +224,7 @@ impl Session {
 
     pub(crate) fn reserve(&mut self, plan: RecoveryPlan, deadline: Tick) -> Result<(), PhaseError> {
         match self.stage {
-            Stage::Handshake | Stage::Queued { .. } => {
+            Stage::Handshake | Stage::Queued => {
                 self.stage = Stage::Reserving { plan, deadline };
                 Ok(())
             }
@@ -236,21 +232,21 @@ impl Session {
         }
     }
 
-    /// A rebuild plan waits for a rebuild slot.
-    pub(crate) fn queue(&mut self, plan: RecoveryPlan) -> Result<(), PhaseError> {
+    /// A rebuild waits for a rebuild slot.
+    pub(crate) fn queue(&mut self) -> Result<(), PhaseError> {
         match self.stage {
             Stage::Handshake => {
-                self.stage = Stage::Queued { plan };
+                self.stage = Stage::Queued;
                 Ok(())
             }
             _ => Err(self.wrong("queue")),
         }
     }
 
-    /// The queued plan, once its slot came.
-    pub(crate) fn queued_plan(&self) -> Result<RecoveryPlan, PhaseError> {
-        match &self.stage {
-            Stage::Queued { plan } => Ok(plan.clone()),
+    /// Its slot came: it must be waiting for one.
+    pub(crate) fn expect_queued(&self) -> Result<(), PhaseError> {
+        match self.stage {
+            Stage::Queued => Ok(()),
             _ => Err(self.wrong("rebuild_slot")),
         }
     }

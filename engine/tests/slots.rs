@@ -44,6 +44,9 @@ fn a_queued_rebuild_waits_without_a_deadline_then_reserves() {
     assert!(!shell.events("b").contains(&"pin_reservation_timeout"));
     let status = serde_json::to_value(shell.engine.status()).unwrap();
     assert!(status.to_string().contains("\"queued\""), "{status}");
+    // Meanwhile the checkpoint moved: the plan is made again when the
+    // slot comes, against the snapshot there is now.
+    shell.wal(95, 120, 110, true);
     let session = shell.session("b");
     shell
         .engine
@@ -51,7 +54,8 @@ fn a_queued_rebuild_waits_without_a_deadline_then_reserves() {
         .unwrap();
     let commands = shell.pump();
     assert!(
-        matches!(&commands[..], [Command::AcquireResources { .. }]),
+        matches!(&commands[..], [Command::AcquireResources { requests, .. }]
+            if requests.first() == Some(&ResourceRequest::Snapshot { at: Lsn(110) })),
         "{commands:?}"
     );
     shell.grant("b", 0);

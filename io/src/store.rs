@@ -153,6 +153,13 @@ pub enum StoreError {
         /// The durable LSN.
         durable: u64,
     },
+    /// The extent is pinned (a snapshot: a rebuild or a verify reads it),
+    /// so what was asked cannot change it now; ask again once it is not.
+    #[error("the extent is pinned by {pins} reader(s) (a rebuild or a verify): try again once they are done")]
+    Pinned {
+        /// Pins held.
+        pins: usize,
+    },
     /// Another open store holds the directory.
     #[error("store {0} is in use by another instance")]
     Locked(PathBuf),
@@ -185,6 +192,7 @@ impl StoreError {
             | Self::InterruptedRun { .. } => true,
             Self::ChunkOutOfOrder { .. }
             | Self::NotAt { .. }
+            | Self::Pinned { .. }
             | Self::BaseIncomplete { .. }
             | Self::BaseChecksum { .. }
             | Self::Locked(_) => false,
@@ -315,6 +323,10 @@ pub struct Store {
     dirty_maps: Mutex<delta::Maps>,
     /// An install in place under way or interrupted (a replica's).
     partial: Arc<Mutex<Option<PartialImage>>>,
+    /// The extent may hold frames up to this LSN past its checkpoint (a
+    /// crash cut a checkpoint between its extent writes and its
+    /// superblock): the WAL's head at open, until a checkpoint reaches it.
+    extent_ahead: std::sync::atomic::AtomicU64,
     /// The directory's `LOCK` file, locked for the life of this instance: two
     /// instances on one directory would checkpoint and recycle under each
     /// other (one deleting segments the other still lists). `None` when
@@ -390,6 +402,12 @@ impl Store {
             committed_floor: Mutex::new(0),
             dirty_maps: Mutex::new(delta::Maps::default()),
             partial: Arc::new(Mutex::new(None)),
+            extent_ahead: std::sync::atomic::AtomicU64::new(
+                match recovery.head > superblock.checkpoint {
+                    true => recovery.head,
+                    false => 0,
+                },
+            ),
             checkpointing: Mutex::new(()),
             _lock: lock,
         };
@@ -869,6 +887,9 @@ impl Store {
         next.store_in(self.fs(), &self.dir)?;
         self.write_state().superblock = next;
         wal.set_checkpoint(to);
+        if to >= self.extent_ahead.load(Ordering::Acquire) {
+            self.extent_ahead.store(0, Ordering::Release);
+        }
         self.dirty().retain(|_, block| block.lsn > to);
         let recycled = wal.recycle()?;
         Ok(CheckpointOutcome::Done { from, to, recycled })

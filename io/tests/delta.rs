@@ -455,3 +455,89 @@ fn the_content_at_an_lsn_ignores_later_writes_and_where_the_checkpoint_is() {
         Err(StoreError::NotAt { .. })
     ));
 }
+
+#[test]
+fn an_install_in_place_refuses_to_start_while_a_pin_holds_the_extent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), StoreOptions::new(BLOCKS)).unwrap();
+    let lsn = store.write(1, 0, block(1)).unwrap();
+    store.sync_to(lsn).unwrap();
+    // A verify holds the extent: the replica's own log cannot be applied,
+    // so an install by the map must not start (it would promise it was).
+    let pin = store.snapshot_pin("verify").unwrap();
+    let marker = PartialImage {
+        since: Some(0),
+        by_map: true,
+        ..PartialImage::default()
+    };
+    assert!(matches!(
+        store.begin_in_place(marker, lsn),
+        Err(StoreError::Pinned { pins: 1 })
+    ));
+    assert_eq!(store.partial(), None, "nothing begun");
+    drop(pin);
+    store.begin_in_place(marker, lsn).unwrap();
+    assert_eq!(store.superblock().checkpoint, lsn, "applied first");
+}
+
+#[test]
+fn after_a_checkpoint_a_crash_cut_the_content_is_read_only_at_or_past_what_the_extent_may_hold() {
+    let mut checked = 0;
+    for op in 0..40 {
+        let fs = SimFs::new();
+        let options = || StoreOptions {
+            fs: Arc::new(fs.clone()),
+            ..StoreOptions::new(BLOCKS)
+        };
+        let (store, _) = Store::open("/s", options()).unwrap();
+        let first = store.write(1, 0, block(1)).unwrap();
+        store.sync_to(first).unwrap();
+        store.checkpoint(first).unwrap();
+        store.write(1, 0, block(2)).unwrap();
+        let head = store.write(1, 9, block(3)).unwrap();
+        store.sync_to(head).unwrap();
+        let start = fs.ops();
+        fs.inject(start + op, Fault::Crash);
+        let done = store.checkpoint(head);
+        drop(store);
+        if done.is_ok() && fs.ops() <= start + op {
+            break;
+        }
+        // The process died; its page cache lives on (kill -9).
+        fs.clear_fault();
+        fs.restart();
+        let (store, _) = Store::open("/s", options()).unwrap();
+        let floor = store.content_floor();
+        assert!(
+            floor == head,
+            "op {op}: floor {floor}, checkpoint {}",
+            store.superblock().checkpoint
+        );
+        let content = store.content_at(floor, None, "verify").unwrap();
+        let mut buf = bytes::BytesMut::new();
+        content
+            .read_into(0, 16 * BLOCK_SIZE as u64, &mut buf)
+            .unwrap();
+        assert_eq!(&buf[..BLOCK_SIZE], &block(2)[..], "op {op}");
+        assert_eq!(
+            &buf[9 * BLOCK_SIZE..10 * BLOCK_SIZE],
+            &block(3)[..],
+            "op {op}"
+        );
+        drop(content);
+        if store.superblock().checkpoint < head {
+            assert!(
+                matches!(
+                    store.content_at(first, None, "x"),
+                    Err(StoreError::NotAt { .. })
+                ),
+                "op {op}: below the floor"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 0,
+        "no crash landed between the extent and the superblock"
+    );
+}

@@ -327,6 +327,10 @@ fn refusal(error: &NodeError) -> Response<Full<Bytes>> {
         NodeError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
         NodeError::Fenced { .. } | NodeError::NotPrimary { .. } => StatusCode::CONFLICT,
         NodeError::BadAssignment { .. } | NodeError::Config(_) => StatusCode::BAD_REQUEST,
+        NodeError::Volume {
+            source: walship_actors::VolumeError::VerifyRunning,
+            ..
+        } => StatusCode::CONFLICT,
         NodeError::Volume { .. } | NodeError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     text(status, format!("{error}\n"))

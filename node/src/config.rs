@@ -451,7 +451,6 @@ fn server_name(value: &Spanned<String>, key: &str) -> Result<String, String> {
     Ok(name.clone())
 }
 
-/// `"256MiB"`, `"1 GiB"`, `"4096"`, `"64KiB"` → bytes.
 /// The limits `[recovery]` asks for, checked as a whole.
 fn check_recovery(raw: &RawRecovery) -> Result<walship_actors::RecoveryLimits, String> {
     let value = |v: &Option<RawSize>, key: &str, unit: fn(&str) -> Option<u64>| match v {
@@ -479,6 +478,7 @@ pub fn parse_rate(text: &str) -> Option<u64> {
     parse_size(text.trim().trim_end_matches("/s"))
 }
 
+/// `"256MiB"`, `"1 GiB"`, `"4096"`, `"64KiB"` → bytes.
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
     let digits = text

@@ -253,13 +253,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// The primaries whose replicas' states changed since the last call,
-    /// once there is one: a control plane reports them at once.
     /// The node's recovery budget (limits, running and queued rebuilds).
     pub fn recovery(&self) -> &walship_actors::RecoveryBudget {
         &self.recovery
     }
 
+    /// The primaries whose replicas' states changed since the last call,
+    /// once there is one: a control plane reports them at once.
     pub async fn replica_states_changed(&self) -> BTreeSet<String> {
         self.replica_states.next().await
     }
@@ -307,8 +307,13 @@ impl Node {
             source,
         })?;
         let recovery = runtime.recovery();
-        // Checked with the config.
-        let _ = recovery.set_limits(config.recovery);
+        recovery.set_limits(config.recovery).map_err(|e| {
+            NodeError::Config(crate::config::ConfigError::Invalid {
+                file: config.file.clone(),
+                line: 0,
+                what: format!("[recovery]: {e}"),
+            })
+        })?;
         let listener = runtime
             .replication_listener(&config.cluster, &config.replication.to_string())
             .map_err(|source| NodeError::Volume {

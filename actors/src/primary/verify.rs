@@ -49,6 +49,8 @@ pub struct ReplicaVerify {
     pub error: Option<String>,
     /// A rebuild of what differs was asked for (`repair`).
     pub repairing: bool,
+    /// Why a repair was not asked for, though asked to.
+    pub repair_refused: Option<String>,
 }
 
 impl ReplicaVerify {
@@ -75,11 +77,13 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// Every replica compared, and every region equal.
+    /// At least one replica compared, every one, and every region equal.
     pub fn clean(&self) -> bool {
-        self.replicas
-            .iter()
-            .all(|r| r.error.is_none() && r.mismatches.is_empty())
+        !self.replicas.is_empty()
+            && self
+                .replicas
+                .iter()
+                .all(|r| r.error.is_none() && r.mismatches.is_empty())
     }
 }
 
@@ -89,6 +93,8 @@ pub(crate) struct Target {
     pub(crate) addr: String,
     pub(crate) cluster: String,
     pub(crate) epoch: u64,
+    /// The lowest LSN to compare at (the primary's pin, or past it).
+    pub(crate) floor: u64,
     pub(crate) tuning: Tuning,
     pub(crate) links: Arc<PeerLinks>,
 }
@@ -113,6 +119,7 @@ pub(crate) async fn verify_replica(
         mismatches: Vec::new(),
         error: None,
         repairing: false,
+        repair_refused: None,
     };
     match compare(&store, &pin, &target, region, &mut report).await {
         Ok(()) => {}
@@ -121,7 +128,7 @@ pub(crate) async fn verify_replica(
     report
 }
 
-async fn begin(pin: &SnapshotPin, target: &Target) -> Result<(Conn, u64), ExecError> {
+async fn begin(target: &Target) -> Result<(Conn, u64), ExecError> {
     let mut last = String::new();
     for _ in 0..NOT_YET.1 {
         let mut conn = connect(&target.tuning, &target.links, &target.addr).await?;
@@ -129,7 +136,7 @@ async fn begin(pin: &SnapshotPin, target: &Target) -> Result<(Conn, u64), ExecEr
             cluster: target.cluster.clone(),
             volume: target.replica.volume().to_owned(),
             replica: target.replica.as_str().to_owned(),
-            lsn: pin.lsn(),
+            lsn: target.floor,
         };
         conn.send(Envelope {
             epoch: target.epoch,
@@ -155,7 +162,7 @@ async fn compare(
     region: u64,
     report: &mut ReplicaVerify,
 ) -> Result<(), ExecError> {
-    let (mut conn, lsn) = begin(pin, target).await?;
+    let (mut conn, lsn) = begin(target).await?;
     report.lsn = lsn;
     let content = {
         let (store, pin) = (Arc::clone(store), Arc::clone(pin));
@@ -288,6 +295,7 @@ mod tests {
             mismatches: got,
             error: None,
             repairing: false,
+            repair_refused: None,
         };
         assert_eq!(report.mismatched_regions(), 5);
     }

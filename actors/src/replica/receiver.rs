@@ -62,7 +62,7 @@ pub struct ReceiverActor {
     active_conn: Option<u64>,
     install: Option<InstallWriter>,
     /// An online verify's connection and the content it compares (pinned).
-    verifying: Option<(u64, walship_io::ContentAt)>,
+    verifying: Option<verify::Verifying>,
     /// Where region checksums are read: a MiB, kept while an install in
     /// place compares (a fresh buffer per request cost more than the read).
     sums_buf: Vec<u8>,
@@ -272,6 +272,9 @@ impl ReceiverActor {
         self.active_conn = Some(conn);
         self.install = None;
         self.pull = None;
+        // A new session: whatever a verify compared is not in sync any more
+        // (and its pin would hold the checkpointer, and an install's apply).
+        self.verifying = None;
         // Only this primary's word counts for what is committed: an earlier
         // one's, after a failover, may name frames the new one lacks.
         self.committed = self.store.superblock().checkpoint;
@@ -752,6 +755,7 @@ impl ReceiverActor {
         if let Some(reply) = self.verify_message(conn, &message) {
             return reply;
         }
+        self.verify_expire();
         if let Err(refusal) = admission::frame(self.epoch, self.active_conn, conn, epoch) {
             return self.refuse(&refusal);
         }

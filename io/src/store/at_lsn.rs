@@ -5,27 +5,38 @@
 //! checkpointer happens to be) makes two equal copies look different.
 
 use super::{SnapshotPin, Store, StoreError};
-use crate::frame::{FrameKind, BLOCK_SIZE};
+use crate::frame::{Frame, FrameKind, BLOCK_SIZE};
 use crate::regions;
-use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The content at `lsn`: a pin of the extent at its checkpoint (at most
-/// `lsn`) and the newest version of every block written in `(checkpoint,
-/// lsn]`. Dropping it releases the pin (the checkpointer goes on).
+/// `lsn`) and the frames in `(checkpoint, lsn]`, laid over it in order when
+/// read (a frame, not a block, per entry: a trim of the whole volume is one).
+/// Dropping it releases the pin (the checkpointer goes on).
 #[derive(Debug)]
 pub struct ContentAt {
     lsn: u64,
     pin: Arc<SnapshotPin>,
-    /// Blocks written after the pin's LSN, up to `lsn`: their last data.
-    overlay: BTreeMap<u64, Bytes>,
+    frames: Vec<Frame>,
 }
 
 impl Store {
+    /// The lowest LSN [`content_at`](Self::content_at) can give: the
+    /// checkpoint, or past it while the extent may hold frames a crash
+    /// caught between a checkpoint's extent writes and its superblock (the
+    /// WAL's head at open, until a checkpoint reaches it): the content at a
+    /// lower LSN would show those frames' blocks.
+    pub fn content_floor(&self) -> u64 {
+        self.superblock()
+            .checkpoint
+            .max(self.extent_ahead.load(Ordering::Acquire))
+    }
+
     /// Pins the extent at its checkpoint and reads the frames after it up
-    /// to `lsn` (which must be durable and at least the checkpoint), or
-    /// takes the `pin` given (it must be this store's, at most `lsn`).
+    /// to `lsn` (which must be durable and at least the
+    /// [`content_floor`](Self::content_floor)), or takes the `pin` given (it
+    /// must be this store's, at most `lsn`).
     pub fn content_at(
         &self,
         lsn: u64,
@@ -38,30 +49,20 @@ impl Store {
         };
         let from = pin.lsn();
         let durable = self.wal().durable();
-        if lsn < from || lsn > durable {
+        let floor = from.max(self.extent_ahead.load(Ordering::Acquire));
+        if lsn < floor || lsn > durable {
             return Err(StoreError::NotAt {
                 lsn,
-                checkpoint: from,
+                checkpoint: floor,
                 durable,
             });
         }
-        let mut overlay = BTreeMap::new();
-        if lsn > from {
-            // Retained: the pin holds the WAL after its LSN.
-            for frame in self.wal().read_frames(from, lsn)? {
-                for i in 0..frame.block_count() {
-                    let data = match frame.kind {
-                        FrameKind::Write => {
-                            let at = i as usize * BLOCK_SIZE;
-                            frame.payload.slice(at..at + BLOCK_SIZE)
-                        }
-                        _ => super::zero_block(),
-                    };
-                    overlay.insert(frame.lba + i, data);
-                }
-            }
-        }
-        Ok(ContentAt { lsn, pin, overlay })
+        // Retained: the pin holds the WAL after its LSN.
+        let frames = match lsn > from {
+            true => self.wal().read_frames(from, lsn)?,
+            false => Vec::new(),
+        };
+        Ok(ContentAt { lsn, pin, frames })
     }
 }
 
@@ -86,9 +87,24 @@ impl ContentAt {
         self.pin.read_into(offset, len as usize, buf)?;
         let block = BLOCK_SIZE as u64;
         let (first, end) = (offset / block, (offset + len).div_ceil(block));
-        for (lba, data) in self.overlay.range(first..end) {
-            let at = ((lba - first) * block) as usize;
-            buf[at..at + BLOCK_SIZE].copy_from_slice(data);
+        // In LSN order: the last frame to touch a block wins.
+        for frame in &self.frames {
+            let (from, to) = (
+                frame.lba.max(first),
+                (frame.lba + frame.block_count()).min(end),
+            );
+            if from >= to {
+                continue;
+            }
+            let at = ((from - first) * block) as usize;
+            let bytes = ((to - from) * block) as usize;
+            match frame.kind {
+                FrameKind::Write => {
+                    let src = ((from - frame.lba) * block) as usize;
+                    buf[at..at + bytes].copy_from_slice(&frame.payload[src..src + bytes]);
+                }
+                _ => buf[at..at + bytes].fill(0),
+            }
         }
         Ok(())
     }

@@ -457,7 +457,20 @@ impl Store {
         // that the rest holds this history, so it must not exist before
         // the history is in the extent.
         if apply_through > 0 && self.partial().is_none() {
-            self.checkpoint_now(apply_through)?;
+            // All of it, or no install: a marker saying the map chose the
+            // regions would promise what the extent does not hold.
+            let wanted = apply_through.min(self.wal().durable());
+            if let super::CheckpointOutcome::Paused { pins } = self.checkpoint_now(apply_through)? {
+                return Err(StoreError::Pinned { pins });
+            }
+            let reached = self.superblock().checkpoint;
+            if reached < wanted {
+                return Err(StoreError::NotAt {
+                    lsn: wanted,
+                    checkpoint: reached,
+                    durable: self.wal().durable(),
+                });
+            }
         }
         let marker = PartialImage {
             cursor: 0,

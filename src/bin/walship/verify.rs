@@ -30,8 +30,12 @@ pub async fn run(
         writeln!(out, "{body}")?;
     }
     let report: Value = serde_json::from_str(&body).context("verify JSON")?;
-    let mut clean = true;
     let replicas = report["replicas"].as_array().cloned().unwrap_or_default();
+    // Nothing compared is nothing verified.
+    let mut clean = !replicas.is_empty();
+    if replicas.is_empty() && !json {
+        writeln!(out, "{volume}: no replica is in sync: nothing verified")?;
+    }
     if !json {
         writeln!(
             out,
@@ -70,10 +74,10 @@ pub async fn run(
                 "{name}: DIFFERS at lsn {}: {}{}",
                 replica["lsn"],
                 ranges.join(", "),
-                if replica["repairing"] == true {
-                    " (rebuilding what differs)"
-                } else {
-                    ""
+                match (&replica["repairing"], replica["repair_refused"].as_str()) {
+                    (Value::Bool(true), _) => " (rebuilding what differs)".to_owned(),
+                    (_, Some(why)) => format!(" ({why})"),
+                    _ => String::new(),
                 }
             )
         };

@@ -152,7 +152,8 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
                 crate::recovery::RecoveryLimits::default()
                     .with_floor(crate::recovery::MIN_FLOOR_BYTES)
                     .with_rate(Some(256 << 20)),
-            ),
+            )
+            .expect("valid limits"),
             head_rx,
             committed_rx,
             durable_commits: Arc::default(),

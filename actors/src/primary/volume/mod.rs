@@ -82,6 +82,8 @@ pub struct VolumeActor {
     slots: slots::Slots,
     /// What each sender has sent, sampled for rates.
     send_rates: progress::SendRates,
+    /// An online verify is under way (one at a time).
+    verify_running: bool,
     metrics: Arc<MailboxMetrics>,
     /// Seconds each group-commit sync of the WAL took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
@@ -130,7 +132,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, verifying::Verify, verifying::VerifyMismatch, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
+metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, verifying::Verify, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
@@ -219,6 +221,7 @@ impl VolumeActor {
             wake: None,
             slots: slots::Slots::new(),
             send_rates: progress::SendRates::default(),
+            verify_running: false,
             me: None,
             _alive: tasks.token(),
             tasks,

@@ -96,8 +96,19 @@ impl VolumeActor {
             .iter()
             .filter_map(|sender| {
                 let session = sender.session.as_ref()?;
-                let plan = session.plan.as_ref()?;
                 let queued = self.pools.recovery.queue_position(sender.replica.as_str());
+                if session.stage == "queued" {
+                    // Planned when its slot comes: all of it may have to move.
+                    return Some(RecoveryProgress {
+                        replica: sender.replica.clone(),
+                        kind: "queued".to_owned(),
+                        bytes_to_go: image_bytes,
+                        rate: 0,
+                        eta_seconds: None,
+                        queued,
+                    });
+                }
+                let plan = session.plan.as_ref()?;
                 let (kind, bytes_to_go) = match (&session.work, &plan.kind) {
                     (
                         Some(Work::CatchUp {
@@ -132,7 +143,6 @@ impl VolumeActor {
                         };
                         (kind, to_go)
                     }
-                    _ if session.stage == "queued" => ("queued".to_owned(), image_bytes),
                     _ => return None,
                 };
                 let rate = self.send_rates.rate(&sender.replica);

@@ -21,8 +21,11 @@ pub struct Verify {
 impl Handler<Verify> for VolumeActor {
     type Result = ResponseFuture<Result<VerifyReport, VolumeError>>;
 
-    fn handle(&mut self, msg: Verify, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Verify, ctx: &mut Context<Self>) -> Self::Result {
         self.clock();
+        if self.verify_running {
+            return Box::pin(async { Err(VolumeError::VerifyRunning) });
+        }
         // The checkpointer waits while this pin lives: the primary's side
         // of every comparison stays where it was.
         let pin = match self.store.snapshot_pin("verify") {
@@ -39,77 +42,100 @@ impl Handler<Verify> for VolumeActor {
                 addr: s.endpoint.data_addr.clone(),
                 cluster: self.config.cluster.clone(),
                 epoch: self.engine.epoch().get(),
+                // The replica compares at this or later: not below what
+                // this store's content can be read at.
+                floor: pin.lsn().max(self.store.content_floor()),
                 tuning: self.config.tuning.clone(),
                 links: Arc::clone(&self.pools.links),
             })
             .collect();
-        let (store, me, volume) = (
-            Arc::clone(&self.store),
-            self.me.clone(),
-            self.config.volume.clone(),
-        );
-        let token = self.tasks.token();
-        Box::pin(async move {
-            let _token = token;
+        let store = Arc::clone(&self.store);
+        let volume = self.config.volume.clone();
+        // Run as the actor's own future: a stop drops it (its pin, its
+        // connections) instead of waiting for every replica to be read.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.verify_running = true;
+        let comparing = async move {
             let pinned = pin.lsn();
             let mut replicas = Vec::new();
             for target in targets {
                 replicas.push(verify_replica(Arc::clone(&store), Arc::clone(&pin), target).await);
             }
             drop(pin);
-            for replica in &mut replicas {
-                let regions = replica.mismatched_regions();
-                metrics::gauge!(
-                    "walship_verify_mismatched_regions",
-                    "volume" => volume.clone(),
-                    "replica" => replica.replica.to_string()
-                )
-                .set(regions as f64);
-                if !msg.repair || replica.mismatches.is_empty() {
-                    continue;
-                }
-                let found = format!(
-                    "{regions} regions of {} differ at lsn {} (first at block {})",
-                    replica.regions, replica.lsn, replica.mismatches[0].lba
-                );
-                if let Some(me) = &me {
-                    let asked = me
-                        .send(VerifyMismatch {
-                            replica: replica.replica.clone(),
-                            found,
-                        })
-                        .await;
-                    replica.repairing = matches!(asked, Ok(Ok(())));
-                }
-            }
-            metrics::counter!("walship_verify_runs_total", "volume" => volume.clone()).increment(1);
-            Ok(VerifyReport {
+            VerifyReport {
                 volume,
                 pinned,
                 replicas,
-            })
-        })
+            }
+        };
+        ctx.spawn(comparing.into_actor(self).map(move |mut report, act, ctx| {
+            act.verify_running = false;
+            act.clock();
+            act.verified(&mut report, msg.repair);
+            act.run_commands(ctx);
+            let _ = tx.send(report);
+        }));
+        Box::pin(async move { rx.await.map_err(|_| VolumeError::Stopped) })
     }
 }
 
-/// A verify found `replica`'s content differs: the engine rebuilds it.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(), VolumeError>")]
-pub(crate) struct VerifyMismatch {
-    replica: ReplicaId,
-    found: String,
-}
-
-impl Handler<VerifyMismatch> for VolumeActor {
-    type Result = Result<(), VolumeError>;
-
-    fn handle(&mut self, msg: VerifyMismatch, ctx: &mut Context<Self>) -> Self::Result {
-        self.clock();
-        let done = self
-            .engine
-            .handle_verify_mismatch(&msg.replica, &msg.found)
-            .map_err(VolumeError::from);
-        self.run_commands(ctx);
-        done
+impl VolumeActor {
+    /// Counts what a verify found and, with `repair`, hands each replica
+    /// that differs to the engine, unless the primary may be the bad copy:
+    /// with other replicas compared, a region is rebuilt only if one of
+    /// them holds what the primary holds there.
+    fn verified(&mut self, report: &mut VerifyReport, repair: bool) {
+        let volume = report.volume.clone();
+        metrics::counter!("walship_verify_runs_total", "volume" => volume.clone()).increment(1);
+        let compared: Vec<(ReplicaId, Vec<(u64, u64)>)> = report
+            .replicas
+            .iter()
+            .filter(|r| r.error.is_none())
+            .map(|r| {
+                (
+                    r.replica.clone(),
+                    r.mismatches.iter().map(|m| (m.lba, m.blocks)).collect(),
+                )
+            })
+            .collect();
+        for replica in &mut report.replicas {
+            let regions = replica.mismatched_regions();
+            metrics::gauge!(
+                "walship_verify_mismatched_regions",
+                "volume" => volume.clone(),
+                "replica" => replica.replica.to_string()
+            )
+            .set(regions as f64);
+            if !repair || replica.mismatches.is_empty() {
+                continue;
+            }
+            let others: Vec<&Vec<(u64, u64)>> = compared
+                .iter()
+                .filter(|(id, _)| *id != replica.replica)
+                .map(|(_, m)| m)
+                .collect();
+            let corroborated = others.is_empty()
+                || replica.mismatches.iter().all(|m| {
+                    others.iter().any(|theirs| {
+                        !theirs
+                            .iter()
+                            .any(|(lba, blocks)| *lba < m.lba + m.blocks && m.lba < lba + blocks)
+                    })
+                });
+            if !corroborated {
+                replica.repair_refused = Some(
+                    "no other replica holds what the primary holds where this one differs: the primary's copy may be the bad one; not repaired".into(),
+                );
+                continue;
+            }
+            let found = format!(
+                "{regions} regions of {} differ at lsn {} (first at block {})",
+                replica.regions, replica.lsn, replica.mismatches[0].lba
+            );
+            replica.repairing = self
+                .engine
+                .handle_verify_mismatch(&replica.replica, &found)
+                .is_ok_and(|repairing| repairing);
+        }
     }
 }

@@ -8,10 +8,24 @@
 use super::{error, ReceiverActor, Reply};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use walship_io::{regions, Message, CODE_BASE, CODE_STORE, CODE_UNEXPECTED};
 
 /// The most bytes one `SumsRequest` of a verify may cover.
 const VERIFY_SUMS_MAX: u64 = 64 << 20;
+/// A verify that asked nothing for this long is over (a primary gone, a
+/// connection half open): its pin, which holds the checkpointer, goes.
+const VERIFY_IDLE: Duration = Duration::from_secs(30);
+
+/// A verify under way: its connection, the content it compares, when it
+/// last asked for something, and the buffer its reads reuse.
+#[derive(Debug)]
+pub(super) struct Verifying {
+    conn: u64,
+    content: walship_io::ContentAt,
+    last: Instant,
+    buf: bytes::BytesMut,
+}
 
 impl ReceiverActor {
     /// A primary asks to compare at an LSN of at least `lsn`.
@@ -45,11 +59,19 @@ impl ReceiverActor {
                 close: true,
             };
         }
-        if self.store.partial().is_some() {
+        if self.store.partial().is_some() || self.install.is_some() {
             return error(
                 self.epoch,
                 CODE_BASE,
-                "this replica holds part of an image (an interrupted rebuild): nothing to verify",
+                "this replica is being rebuilt: nothing to verify",
+            );
+        }
+        self.verify_expire();
+        if self.verifying.is_some() {
+            return error(
+                self.epoch,
+                CODE_UNEXPECTED,
+                "a verify of this replica is under way: one at a time",
             );
         }
         let durable = self.store.wal().durable();
@@ -60,15 +82,22 @@ impl ReceiverActor {
                 format!("not durable through {lsn} yet (durable through {durable}): ask again"),
             );
         }
-        // At the later of the primary's LSN and this replica's checkpoint.
+        // At the later of the primary's LSN and the lowest this replica's
+        // content can be read at (its checkpoint, or past it while its
+        // extent may hold more).
         let pinned = self.store.snapshot_pin("verify").and_then(|pin| {
-            let at = lsn.max(pin.lsn());
+            let at = lsn.max(pin.lsn()).max(self.store.content_floor());
             self.store.content_at(at, Some(Arc::new(pin)), "verify")
         });
         match pinned {
             Ok(content) => {
                 let at = content.lsn();
-                self.verifying = Some((conn, content));
+                self.verifying = Some(Verifying {
+                    conn,
+                    content,
+                    last: Instant::now(),
+                    buf: bytes::BytesMut::new(),
+                });
                 self.answer(Message::VerifyReady { lsn: at })
             }
             Err(e) => self.store_failed("pin for verify", &e, CODE_STORE),
@@ -77,7 +106,7 @@ impl ReceiverActor {
 
     /// A message on the verify connection `conn`, if it is one.
     pub(super) fn verify_message(&mut self, conn: u64, message: &Message) -> Option<Reply> {
-        if self.verifying.as_ref().map(|(c, _)| *c) != Some(conn) {
+        if self.verifying.as_ref().map(|v| v.conn) != Some(conn) {
             return None;
         }
         Some(match message {
@@ -87,11 +116,11 @@ impl ReceiverActor {
                 region_bytes,
                 ..
             } if *len <= VERIFY_SUMS_MAX => {
-                let Some((_, content)) = &self.verifying else {
-                    return None;
-                };
-                let mut buf = bytes::BytesMut::new();
-                match content.sums(*offset, *len, *region_bytes, &mut buf) {
+                let verifying = self.verifying.as_mut()?;
+                verifying.last = Instant::now();
+                let Verifying { content, buf, .. } = verifying;
+                let sums = content.sums(*offset, *len, *region_bytes, buf);
+                match sums {
                     Ok(sums) => self.answer(Message::RegionSums {
                         session: 0,
                         offset: *offset,
@@ -120,7 +149,21 @@ impl ReceiverActor {
 
     /// The verify connection closed: its pin goes.
     pub(super) fn verify_closed(&mut self, conn: u64) {
-        if self.verifying.as_ref().map(|(c, _)| *c) == Some(conn) {
+        if self.verifying.as_ref().map(|v| v.conn) == Some(conn) {
+            self.verifying = None;
+        }
+    }
+
+    /// A verify idle past [`VERIFY_IDLE`] is over (checked on every
+    /// message the replica takes: the live session's heartbeats come
+    /// often).
+    pub(super) fn verify_expire(&mut self) {
+        if self
+            .verifying
+            .as_ref()
+            .is_some_and(|v| v.last.elapsed() > VERIFY_IDLE)
+        {
+            tracing::warn!(replica = %self.identity.replica, "an idle verify's pin released");
             self.verifying = None;
         }
     }
