@@ -14,13 +14,15 @@
 //! `cargo bench --bench nbd` (needs fio and nbdkit: `apt-get install fio
 //! nbdkit`); `-- --seconds 5 --rounds 3` to change the length.
 
+#[path = "support/fio.rs"]
+mod fio;
 #[path = "../tests/support/nodes.rs"]
 mod nodes;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use fio::{fio, median, Figures};
 use nodes::{free_port, run, NodeCluster, VolumeOptions};
-use serde_json::Value;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -35,64 +37,6 @@ struct Options {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-/// One fio run's figures.
-#[derive(Debug, Clone, Copy)]
-struct Figures {
-    iops: f64,
-    p50_us: f64,
-    p99_us: f64,
-    flush_p50_us: f64,
-    flush_p99_us: f64,
-}
-
-async fn fio(uri: &str, depth: u32, seconds: u64) -> anyhow::Result<Figures> {
-    let name = format!("--name=qd{depth}");
-    let uri = format!("--uri={uri}");
-    let depth_arg = format!("--iodepth={depth}");
-    // fio's nbd engine flushes on fsync (fdatasync is EINVAL there).
-    let flush = format!("--fsync={depth}");
-    let runtime = format!("--runtime={seconds}");
-    let args = [
-        name.as_str(),
-        "--ioengine=nbd",
-        &uri,
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=256M",
-        &depth_arg,
-        &flush,
-        "--time_based",
-        &runtime,
-        "--output-format=json",
-    ];
-    let limit = Duration::from_secs(seconds + 60);
-    let output = run("fio", &args, limit).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "fio {args:?}: {stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    // The engine says "connected to NBD server" before the JSON.
-    let json = stdout.find('{').map_or("", |at| &stdout[at..]);
-    let json: Value = serde_json::from_str(json).context("fio JSON")?;
-    let job = &json["jobs"][0];
-    let percentile = |lat: &Value, p: &str| lat["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1e3;
-    Ok(Figures {
-        iops: job["write"]["iops"].as_f64().unwrap_or(0.0),
-        p50_us: percentile(&job["write"]["clat_ns"], "50.000000"),
-        p99_us: percentile(&job["write"]["clat_ns"], "99.000000"),
-        flush_p50_us: percentile(&job["sync"]["lat_ns"], "50.000000"),
-        flush_p99_us: percentile(&job["sync"]["lat_ns"], "99.000000"),
-    })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[tokio::main]
@@ -152,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
         for _ in 0..options.rounds {
             for (i, (_, uri)) in targets.iter().enumerate() {
-                runs[i].push(fio(uri, depth, options.seconds).await?);
+                runs[i].push(fio(uri, depth, options.seconds, 256).await?);
             }
         }
         let median_of =

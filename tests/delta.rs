@@ -75,17 +75,9 @@ async fn change(cluster: &Cluster, blocks: u64, count: u64, round: u64) -> u64 {
     count * REGION
 }
 
-fn logged(events: &[String], server: &str, event: &str) -> Vec<String> {
-    let prefix = format!("{VOLUME}/{server} {event} ");
-    events
-        .iter()
-        .filter_map(|e| e.strip_prefix(&prefix).map(str::to_owned))
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_away_past_retention_is_rebuilt_from_the_dirty_map_moving_what_changed() {
-    let blocks = 16384; // 64 MiB, 1024 regions
+/// sync_quorum with r1 and r2, every region written and held by both;
+/// then r2 goes away.
+async fn filled_then_r2_away(blocks: u64) -> Cluster {
     let mut cluster = Cluster::start(cluster_options(
         blocks,
         CommitMode::SyncQuorum,
@@ -97,6 +89,21 @@ async fn a_replica_away_past_retention_is_rebuilt_from_the_dirty_map_moving_what
     fill(&cluster, blocks).await;
     cluster.wait_converged(LONG).await.unwrap();
     cluster.stop_replica("r2").await;
+    cluster
+}
+
+fn logged(events: &[String], server: &str, event: &str) -> Vec<String> {
+    let prefix = format!("{VOLUME}/{server} {event} ");
+    events
+        .iter()
+        .filter_map(|e| e.strip_prefix(&prefix).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_away_past_retention_is_rebuilt_from_the_dirty_map_moving_what_changed() {
+    let blocks = 16384; // 64 MiB, 1024 regions
+    let mut cluster = filled_then_r2_away(blocks).await;
     let changed = change(&cluster, blocks, 20, 1).await;
     cluster.primary.barrier().await.unwrap();
     // The checkpointer marks the map and recycles past r2 (no hold).
@@ -134,17 +141,7 @@ async fn a_replica_away_past_retention_is_rebuilt_from_the_dirty_map_moving_what
 async fn after_a_failover_the_returning_replica_gets_the_regions_whose_checksums_differ_while_writes_flow(
 ) {
     let blocks = 16384;
-    let mut cluster = Cluster::start(cluster_options(
-        blocks,
-        CommitMode::SyncQuorum,
-        &["r1", "r2"],
-    ))
-    .await
-    .unwrap();
-    cluster.wait_all_in_sync(LONG).await.unwrap();
-    fill(&cluster, blocks).await;
-    cluster.wait_converged(LONG).await.unwrap();
-    cluster.stop_replica("r2").await;
+    let mut cluster = filled_then_r2_away(blocks).await;
     change(&cluster, blocks, 20, 1).await;
     let last = cluster.primary.barrier().await.unwrap();
     cluster.wait_durable("r1", last, LONG).await.unwrap();

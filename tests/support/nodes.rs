@@ -76,6 +76,8 @@ pub struct VolumeOptions {
     pub export_replicas: bool,
     /// Extra lines for each config's `[tuning]` table.
     pub tuning: String,
+    /// More volumes on the same nodes, the same way: (name, size in MiB).
+    pub extra_volumes: Vec<(String, u64)>,
 }
 
 impl Default for VolumeOptions {
@@ -86,6 +88,7 @@ impl Default for VolumeOptions {
             commit_mode: "sync_all".into(),
             export_replicas: true,
             tuning: "barrier_timeout_ms = 3000\nnetwork_retry_max_ms = 300\npeer_timeout_ms = 2000\nsegment_bytes = 1048576\n".into(),
+            extra_volumes: Vec::new(),
         }
     }
 }
@@ -156,6 +159,16 @@ impl NodeCluster {
                 mode = volume.commit_mode,
                 export = volume.export_replicas,
             );
+            let mut text = text;
+            for (extra, size) in &volume.extra_volumes {
+                text.push_str(&format!(
+                    "\n[[volume]]\nname = \"{extra}\"\nsize = \"{size}MiB\"\nblock_size = 4096\n\
+                     commit_mode = \"{mode}\"\nprimary = \"node1\"\nreplicas = {{ {replicas} }}\n\
+                     export_replicas = {export}\n",
+                    mode = volume.commit_mode,
+                    export = volume.export_replicas,
+                ));
+            }
             std::fs::write(&config, text).expect("write config");
             nodes.push(NodeProc {
                 name: (*name).into(),

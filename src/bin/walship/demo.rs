@@ -112,6 +112,17 @@ struct Demo {
 /// Long enough for the full-size story on a slow disk.
 const PATIENCE: Duration = Duration::from_secs(1800);
 
+/// A bar for `bytes` of writes, labelled.
+fn progress_bar(label: &str, bytes: u64) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new(bytes);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>28} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")?
+            .progress_chars("=> "),
+    );
+    bar.set_message(label.to_owned());
+    Ok(bar)
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
@@ -159,14 +170,7 @@ impl Demo {
 
     /// Writes `count` blocks, 64 in flight, with a progress bar.
     async fn write(&mut self, label: &str, count: u64) -> anyhow::Result<u64> {
-        let bar = ProgressBar::new(count * BLOCK_SIZE as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>28} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-            )?
-            .progress_chars("=> "),
-        );
-        bar.set_message(label.to_owned());
+        let bar = progress_bar(label, count * BLOCK_SIZE as u64)?;
         let last = self
             .cluster
             .write_blocks_in_flight(self.next_block, count, 64, |n| {
@@ -188,14 +192,7 @@ impl Demo {
         area: u64,
         count: u64,
     ) -> anyhow::Result<()> {
-        let bar = ProgressBar::new(count * BLOCK_SIZE as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>28} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-            )?
-            .progress_chars("=> "),
-        );
-        bar.set_message(label.to_owned());
+        let bar = progress_bar(label, count * BLOCK_SIZE as u64)?;
         let primary = &self.cluster.primary;
         let mut i = 0;
         while i < count {
