@@ -33,8 +33,17 @@ async fn live_replication_reads_and_status() {
     assert_eq!(json["role"], "primary");
     assert_eq!(json["head"], lsn);
     assert_eq!(json["durable"], lsn);
+    // At most a sync per write, plus the rotations' own (a full segment is
+    // synced when no group commit did: 64 KiB segments hold ~15 of these
+    // frames) and the one at open. A loaded machine that syncs each write
+    // alone reaches 41 for 40 (seen once in CI); group commit's saving is
+    // P4's to measure.
     let syncs = json["wal_syncs"].as_u64().unwrap();
-    assert!((1..=lsn).contains(&syncs), "{syncs} syncs for {lsn} LSNs");
+    let rotations = lsn.div_ceil(15);
+    assert!(
+        (1..=lsn + rotations + 1).contains(&syncs),
+        "{syncs} syncs for {lsn} LSNs"
+    );
     for gauge in ["recovery_pins", "snapshot_pins", "held_resources"] {
         assert_eq!(json[gauge], 0, "{gauge}");
     }
