@@ -152,6 +152,9 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
             break;
         }
         assert!(started.elapsed() < LONG, "not all in sync: {status:?}");
+        // The sampling period of the rate and the cap (the wait itself is
+        // the condition above, bounded by LONG): polling 20 statuses
+        // without a pause would take the CPU the rebuilds are measured on.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(

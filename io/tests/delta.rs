@@ -137,7 +137,7 @@ fn image(store: &Store) -> Vec<u8> {
 fn install_in_place(replica: &Store, primary: &Store) -> Result<(), StoreError> {
     let pin = primary.full_base_pin("test")?;
     let region = region_bytes(BLOCKS * BLOCK_SIZE as u64);
-    let theirs = replica.extent_sums(0, pin.image_bytes(), region, &mut Vec::new())?;
+    let theirs = replica.extent_sums(0, pin.image_bytes(), region, &mut bytes::BytesMut::new())?;
     let image = pin.read(0, pin.image_bytes() as usize)?;
     let ours = region_sums(&image, region);
     let marker = PartialImage {

@@ -12,6 +12,7 @@
 //! region checksums two 8 MiB spans ahead of its own.
 
 use super::ship::connect;
+use super::ship::sums::{ReplicaSums, SUMS_AHEAD};
 use crate::config::Tuning;
 use crate::error::ExecError;
 use crate::mux::PeerLinks;
@@ -99,7 +100,6 @@ pub(crate) struct Target {
     pub(crate) links: Arc<PeerLinks>,
 }
 
-const SPAN: u64 = 8 << 20;
 /// A replica not yet durable through the pin is asked again this often,
 /// this many times (an in-sync replica is a round trip behind).
 const NOT_YET: (Duration, u32) = (Duration::from_millis(20), 100);
@@ -172,47 +172,21 @@ async fn compare(
     };
     let content = Arc::new(content);
     let total = content.bytes();
-    let span = (SPAN / region).max(1) * region;
     let timeout = target.tuning.peer_timeout.max(Duration::from_secs(30));
-    let mut asked = 0;
+    let mut sums = ReplicaSums::new(region, total, 0);
+    let span = sums.span();
     let mut offset = 0;
     let mut differ = Vec::new();
     while offset < total {
-        while asked < total && asked < offset + 2 * span {
-            let len = span.min(total - asked);
-            let message = Message::SumsRequest {
-                session: 0,
-                offset: asked,
-                len,
-                region_bytes: region,
-            };
-            conn.send(Envelope {
-                epoch: target.epoch,
-                message,
-            })
+        sums.ask(&mut conn, 0, target.epoch, offset + SUMS_AHEAD * span)
             .await?;
-            asked += len;
-        }
         let len = span.min(total - offset);
         let ours = ours(&content, offset, len, region).await?;
-        let theirs = match recv(&mut conn, timeout).await?.message {
-            Message::RegionSums {
-                offset: at, sums, ..
-            } if at == offset => regions::decode_sums(&sums)
-                .ok_or_else(|| ExecError::Protocol("verify: sums of a bad length".into()))?,
-            other => return Err(ExecError::Protocol(format!("verify: got {other:?}"))),
-        };
-        if theirs.len() != ours.len() {
-            return Err(ExecError::Protocol(format!(
-                "verify: {} sums for {} regions at {offset}",
-                theirs.len(),
-                ours.len()
-            )));
-        }
+        let theirs = sums.take(&mut conn, timeout, offset, len).await?;
         let first = offset / region;
         differ.extend(
             (0..ours.len())
-                .filter(|i| ours[*i] != theirs[*i])
+                .filter(|i| ours.get(*i) != theirs.get(*i))
                 .map(|i| first + i as u64),
         );
         offset += len;

@@ -65,7 +65,7 @@ pub struct ReceiverActor {
     verifying: Option<verify::Verifying>,
     /// Where region checksums are read: a MiB, kept while an install in
     /// place compares (a fresh buffer per request cost more than the read).
-    sums_buf: Vec<u8>,
+    sums_buf: bytes::BytesMut,
     checkpoint_every: u64,
     checkpoint_requested: u64,
     blocking: BlockingPool,
@@ -198,7 +198,7 @@ impl ReceiverActor {
             epoch,
             active_conn: None,
             install: None,
-            sums_buf: Vec::new(),
+            sums_buf: bytes::BytesMut::new(),
             verifying: None,
             checkpoint_every,
             checkpoint_requested: 0,
@@ -554,7 +554,7 @@ impl ReceiverActor {
 
     /// The install's writer, done; idle replicas keep no sums buffer.
     fn finish_install(&mut self) -> Option<Result<Sink, StoreError>> {
-        self.sums_buf = Vec::new();
+        self.sums_buf = bytes::BytesMut::new();
         self.install.take().map(InstallWriter::finish)
     }
 

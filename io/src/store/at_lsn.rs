@@ -117,26 +117,47 @@ impl ContentAt {
         region_bytes: u64,
         buf: &mut bytes::BytesMut,
     ) -> Result<Vec<u128>, StoreError> {
-        let end = offset.saturating_add(len).min(self.bytes());
-        if region_bytes < BLOCK_SIZE as u64
-            || !region_bytes.is_multiple_of(BLOCK_SIZE as u64)
-            || !offset.is_multiple_of(region_bytes)
-            || offset >= end
-        {
-            return Err(StoreError::BaseIncomplete {
-                received: offset.saturating_add(len),
-                expected: self.bytes(),
-            });
-        }
-        let step = (region_bytes.max(1 << 20) / region_bytes) * region_bytes;
-        let mut sums = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let n = step.min(end - at);
-            self.read_into(at, n, buf)?;
-            sums.extend(regions::region_sums(buf, region_bytes));
-            at += n;
-        }
-        Ok(sums)
+        sums_in_steps(
+            offset,
+            len,
+            region_bytes,
+            self.bytes(),
+            buf,
+            |at, n, buf| self.read_into(at, n, buf),
+        )
     }
+}
+
+/// The checksums of the regions in `[offset, offset + len)` (cut at
+/// `volume_bytes`), `read` a MiB or so at a time into `buf`: regions of
+/// whole blocks, `offset` at a region's start, something to read.
+pub(super) fn sums_in_steps(
+    offset: u64,
+    len: u64,
+    region_bytes: u64,
+    volume_bytes: u64,
+    buf: &mut bytes::BytesMut,
+    mut read: impl FnMut(u64, u64, &mut bytes::BytesMut) -> Result<(), StoreError>,
+) -> Result<Vec<u128>, StoreError> {
+    let end = offset.saturating_add(len).min(volume_bytes);
+    if region_bytes < BLOCK_SIZE as u64
+        || !region_bytes.is_multiple_of(BLOCK_SIZE as u64)
+        || !offset.is_multiple_of(region_bytes)
+        || offset >= end
+    {
+        return Err(StoreError::BaseIncomplete {
+            received: offset.saturating_add(len),
+            expected: volume_bytes,
+        });
+    }
+    let step = (region_bytes.max(1 << 20) / region_bytes) * region_bytes;
+    let mut sums = Vec::with_capacity((end - offset).div_ceil(region_bytes) as usize);
+    let mut at = offset;
+    while at < end {
+        let n = step.min(end - at);
+        read(at, n, buf)?;
+        sums.extend(regions::region_sums(buf, region_bytes));
+        at += n;
+    }
+    Ok(sums)
 }

@@ -418,27 +418,20 @@ impl Store {
         offset: u64,
         len: u64,
         region_bytes: u64,
-        buf: &mut Vec<u8>,
+        buf: &mut bytes::BytesMut,
     ) -> Result<Vec<u128>, StoreError> {
-        let end = offset.saturating_add(len);
-        if region_bytes == 0 || !offset.is_multiple_of(region_bytes) || end > self.volume_bytes() {
+        if offset.saturating_add(len) > self.volume_bytes() {
             return Err(StoreError::BaseIncomplete {
-                received: end,
+                received: offset.saturating_add(len),
                 expected: self.volume_bytes(),
             });
         }
         let extent = Arc::clone(&self.read_state().extent);
-        let step = region_bytes.max(1 << 20) / region_bytes * region_bytes;
-        let mut sums = Vec::with_capacity(len.div_ceil(region_bytes) as usize);
-        let mut at = offset;
-        while at < end {
-            let n = step.min(end - at) as usize;
-            buf.resize(n, 0);
-            extent.read_bytes_into(at, &mut buf[..n])?;
-            sums.extend(regions::region_sums(&buf[..n], region_bytes));
-            at += n as u64;
-        }
-        Ok(sums)
+        let volume = self.volume_bytes();
+        super::at_lsn::sums_in_steps(offset, len, region_bytes, volume, buf, |at, n, buf| {
+            buf.resize(n as usize, 0);
+            Ok(extent.read_bytes_into(at, buf)?)
+        })
     }
 
     /// Starts an install in place of the image `marker` names (its cursor

@@ -8,6 +8,7 @@
 
 mod live;
 mod rebuild;
+pub(crate) mod sums;
 mod window;
 
 #[cfg(test)]
