@@ -74,6 +74,10 @@ pub struct Engine {
     pub(crate) image_source: u64,
     /// The dirty maps the shell keeps, as it last reported them.
     pub(crate) dirty_maps: BTreeMap<ReplicaId, DirtyMap>,
+    /// Replicas watched for convergence (see [`crate::converge`]).
+    pub(crate) convergence: BTreeMap<ReplicaId, crate::converge::Watch>,
+    /// The rate the volume's writes are held to, as last told.
+    pub(crate) write_limit: Option<u64>,
 }
 
 impl Engine {
@@ -124,6 +128,8 @@ impl Engine {
             log,
             image_source: 0,
             dirty_maps: BTreeMap::new(),
+            convergence: BTreeMap::new(),
+            write_limit: None,
         }
     }
 
@@ -848,6 +854,10 @@ impl Engine {
             }
             Input::RetentionFailed { replica, reason } => {
                 self.handle_retention_failed(&replica, &reason)
+            }
+            Input::Lag { ingested, backlogs } => {
+                self.handle_lag(ingested, &backlogs);
+                Ok(())
             }
         }
     }

@@ -35,6 +35,9 @@ pub struct EngineConfig {
     /// Rebuilds wait for a slot of the node's (`AwaitRebuildSlot`) before
     /// they pin anything. Off by default here; the runtime turns it on.
     pub rebuild_slots: bool,
+    /// When a replica behind counts as not converging, and the steps
+    /// taken (see [`crate::converge`]).
+    pub convergence: crate::converge::ConvergencePolicy,
 }
 
 impl EngineConfig {
@@ -51,6 +54,7 @@ impl EngineConfig {
             log_capacity: 4096,
             delta_rebuilds: false,
             rebuild_slots: false,
+            convergence: crate::converge::ConvergencePolicy::default(),
         }
     }
 }
@@ -284,6 +288,13 @@ pub enum Input {
         /// WAL bytes each replica's hold keeps.
         usage: Vec<(ReplicaId, u64)>,
     },
+    /// See [`Engine::handle_lag`](crate::Engine::handle_lag).
+    Lag {
+        /// Bytes the volume has ingested in total.
+        ingested: u64,
+        /// WAL bytes after each replica's durable LSN.
+        backlogs: Vec<(ReplicaId, u64)>,
+    },
     /// See [`Engine::handle_retention_failed`](crate::Engine::handle_retention_failed).
     RetentionFailed {
         /// Replica.
@@ -432,6 +443,20 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+    /// Let the replica's catch-up take from the node's recovery budget
+    /// first (its sends do not wait for the rate), or stop.
+    BoostRecovery {
+        /// Replica.
+        replica: ReplicaId,
+        /// On or off.
+        boost: bool,
+    },
+    /// Hold the volume's writes to this rate (each write delayed by at
+    /// most the shell's bound), or let them go (`None`).
+    LimitWrites {
+        /// Bytes per second.
+        bytes_per_second: Option<u64>,
+    },
     /// A barrier finished: committed LSN on success, the failure otherwise.
     ResolveBarrier {
         /// Barrier.
@@ -458,8 +483,9 @@ impl Command {
             | Self::StopLiveShipping { replica, .. }
             | Self::SendBarrier { replica, .. }
             | Self::HoldRetention { replica, .. }
-            | Self::ReleaseRetention { replica, .. } => Some(replica),
-            Self::ResolveBarrier { .. } => None,
+            | Self::ReleaseRetention { replica, .. }
+            | Self::BoostRecovery { replica, .. } => Some(replica),
+            Self::ResolveBarrier { .. } | Self::LimitWrites { .. } => None,
         }
     }
 }

@@ -57,6 +57,7 @@
 
 mod budget;
 mod commit;
+mod converge;
 mod delta;
 mod engine;
 mod epochs;
@@ -79,6 +80,9 @@ mod status;
 
 pub use budget::{BudgetTracker, BudgetViolation, CatchUpBudget};
 pub use commit::{check_topology, BarrierFailure, CommitError, CommitMode, CommitTracker, Lagging};
+pub use converge::{
+    judge, next_step, ConvergencePolicy, ConvergenceStatus, ConvergenceStep, Judgement, LagSample,
+};
 pub use delta::{select_transfer, Above, DirtyMap, PartialImage, Transfer, TransferInputs};
 pub use engine::Engine;
 pub use epochs::{divergence, Conflict, Divergence, EpochHistory, EpochOrderError, EpochStart};

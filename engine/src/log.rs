@@ -49,6 +49,9 @@ pub struct RecoveryEvent {
 const DECISIONS: &[&str] = &[
     "barrier_timeout",
     "commit_mode_changed",
+    "converged",
+    "convergence_escalated",
+    "converging",
     "endpoint_changed",
     "epoch_bumped",
     "epoch_started",
@@ -56,6 +59,7 @@ const DECISIONS: &[&str] = &[
     "handshake",
     "identity_mismatch",
     "late_ack_rejected",
+    "not_converging",
     "plan_catchup",
     "plan_rebuild_checksum",
     "plan_rebuild_delta",

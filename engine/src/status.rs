@@ -89,6 +89,8 @@ pub struct SenderStatus {
     pub failure: Option<FailureRecord>,
     /// Latest session, live or terminal.
     pub session: Option<SessionSnapshot>,
+    /// While it is behind and watched: whether it gains on the ingest.
+    pub convergence: Option<crate::converge::ConvergenceStatus>,
 }
 
 /// The whole registry of one volume.
@@ -112,6 +114,9 @@ pub struct RegistryStatus {
     pub held_resources: Vec<ResourceId>,
     /// Per-replica status.
     pub senders: Vec<SenderStatus>,
+    /// The rate the volume's writes are held to for a replica that is
+    /// not converging, if they are.
+    pub write_limit: Option<u64>,
     /// Events dropped from the recovery log because their class was full.
     pub log_dropped: u64,
     /// Of those, decisions (zero unless decisions alone overflowed the log).
@@ -147,8 +152,10 @@ impl Engine {
                     retention: s.hold.clone(),
                     failure: s.failure.clone(),
                     session: s.session.as_ref().map(SessionSnapshot::of),
+                    convergence: self.convergence_status(&s.id),
                 })
                 .collect(),
+            write_limit: self.write_limit,
             log_dropped: self.log.dropped(),
             decisions_dropped: self.log.decisions_dropped(),
             decision_totals: self.log.decision_totals().collect(),

@@ -110,7 +110,9 @@ impl Shell {
                 }
                 Command::TrackDirty { .. }
                 | Command::ForgetDirty { .. }
-                | Command::AwaitRebuildSlot { .. } => {}
+                | Command::AwaitRebuildSlot { .. }
+                | Command::BoostRecovery { .. }
+                | Command::LimitWrites { .. } => {}
                 Command::SendBarrier {
                     replica, barrier, ..
                 } => {
