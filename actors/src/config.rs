@@ -75,6 +75,21 @@ pub struct Tuning {
     /// committed. When false every rebuild sends the whole image into a
     /// staging file.
     pub delta_rebuilds: bool,
+    /// Convergence: a replica behind (catching up, or in sync with a
+    /// backlog) is judged over this window, and each step gets one.
+    pub convergence_window: Duration,
+    /// A replica whose backlog would take longer than this to go at the
+    /// rates seen is not converging (one whose backlog does not shrink
+    /// never converges, whatever this says); `None` judges only those.
+    pub converge_within: Option<Duration>,
+    /// Step 1 for a catch-up that is not converging: it takes from the
+    /// node's recovery budget first.
+    pub convergence_boost: bool,
+    /// Step 2, opt-in: the volume's writes are held to this percentage
+    /// (1–100) of the rate such a replica drains at.
+    pub write_backpressure_percent: Option<u8>,
+    /// No write waits longer than this for backpressure.
+    pub max_write_delay: Duration,
     /// Whether sessions to replicas run as streams multiplexed over one
     /// connection per replica address (a node's listener takes both kinds;
     /// a replica listening on its own takes plain connections only).
@@ -112,6 +127,11 @@ impl Default for Tuning {
             backend: BackendRequest::Auto,
             snapshot_rebuilds: true,
             delta_rebuilds: true,
+            convergence_window: Duration::from_secs(5),
+            converge_within: Some(Duration::from_secs(10 * 60)),
+            convergence_boost: true,
+            write_backpressure_percent: None,
+            max_write_delay: Duration::from_millis(20),
             multiplex: false,
         }
     }
@@ -122,6 +142,21 @@ impl Tuning {
     pub fn ticks(&self, duration: Duration) -> u64 {
         let tick = self.tick.as_nanos().max(1);
         u64::try_from(duration.as_nanos().div_ceil(tick)).unwrap_or(u64::MAX)
+    }
+
+    /// The convergence policy in the engine's terms. A backlog within
+    /// two windows of bytes in flight is caught up: live shipping keeps
+    /// about that much unacknowledged under load, and that is no lag.
+    pub fn convergence_policy(&self) -> walship_engine::ConvergencePolicy {
+        let inflight = u64::try_from(self.max_inflight_bytes).unwrap_or(u64::MAX);
+        walship_engine::ConvergencePolicy {
+            window_ticks: self.ticks(self.convergence_window).max(1),
+            converge_within_ticks: self.converge_within.map(|d| self.ticks(d)),
+            caught_up_bytes: inflight.saturating_mul(2),
+            boost: self.convergence_boost,
+            backpressure_percent: self.write_backpressure_percent.map(|p| p.clamp(1, 100)),
+            ticks_per_second: self.ticks(Duration::from_secs(1)).max(1),
+        }
     }
 
     /// The retry backoffs in the engine's terms.

@@ -153,6 +153,21 @@ impl Bucket {
             Duration::from_secs_f64(-self.tokens / rate)
         }
     }
+
+    /// [`reserve`](Self::reserve), but nobody waits longer than `max`:
+    /// the debt never grows past `max` at the rate, so what is asked
+    /// beyond it goes without waiting (a bound, not a limit).
+    pub(crate) fn reserve_bounded(
+        &mut self,
+        now: u64,
+        rate: f64,
+        bytes: u64,
+        max: Duration,
+    ) -> Duration {
+        let wait = self.reserve(now, rate, bytes).min(max);
+        self.tokens = self.tokens.max(-rate * max.as_secs_f64());
+        wait
+    }
 }
 
 /// Who waits for a rebuild slot, in arrival order, and who holds one.
@@ -241,12 +256,17 @@ pub struct RecoveryStatus {
     pub rebuilds_queued: Vec<String>,
     /// Bytes recoveries sent through the budget so far.
     pub bytes_sent: u64,
+    /// Of those, bytes sent by boosted catch-ups (first call on the rate).
+    pub boosted_bytes: u64,
 }
 
 #[derive(Debug)]
 struct Shared {
     limits: RecoveryLimits,
     bucket: Bucket,
+    /// The boosted senders' own lane: they wait for each other only.
+    boosted: Bucket,
+    boosted_bytes: u64,
     slots: SlotQueue,
     wakers: BTreeMap<u64, oneshot::Sender<()>>,
     next_ticket: u64,
@@ -281,6 +301,8 @@ impl RecoveryBudget {
             shared: Arc::new(Mutex::new(Shared {
                 limits,
                 bucket: Bucket::new(0),
+                boosted: Bucket::new(0),
+                boosted_bytes: 0,
                 slots: SlotQueue::new(limits.max_rebuilds),
                 wakers: BTreeMap::new(),
                 next_ticket: 1,
@@ -332,19 +354,50 @@ impl RecoveryBudget {
 
     /// Waits until `bytes` may be sent under the shared rate.
     pub(crate) async fn throttle(&self, bytes: u64) {
-        let wait = {
-            let now = self.now();
-            let mut shared = self.lock();
-            shared.bytes_sent += bytes;
-            let Some(rate) = shared.limits.rate else {
-                return;
-            };
-            let running = shared.recovering.max(1) as u64;
-            let rate = rate.max(shared.limits.floor.saturating_mul(running)) as f64;
-            shared.bucket.reserve(now, rate, bytes)
-        };
+        let wait = self.reserve(bytes);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Waits until `bytes` may go for a boosted catch-up (one that is not
+    /// converging): first call on the rate. It waits only for boosted
+    /// senders before it (a lane of its own at the same rate), and what it
+    /// sends is charged to the shared bucket too, so everyone else waits
+    /// for it. The rate still bounds what boosted senders send; the others
+    /// get what they leave.
+    pub(crate) async fn throttle_first(&self, bytes: u64) {
+        let wait = self.reserve_first(bytes);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Reserves `bytes` for a boosted sender; returns its wait.
+    fn reserve_first(&self, bytes: u64) -> Duration {
+        let now = self.now();
+        let mut shared = self.lock();
+        shared.boosted_bytes += bytes;
+        // Everyone else waits for these bytes too.
+        let _others = self.reserve_locked(&mut shared, now, bytes);
+        match shared.rate() {
+            Some(rate) => shared.boosted.reserve(now, rate, bytes),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Reserves `bytes` under the shared rate; returns the wait.
+    fn reserve(&self, bytes: u64) -> Duration {
+        let now = self.now();
+        let mut shared = self.lock();
+        self.reserve_locked(&mut shared, now, bytes)
+    }
+
+    fn reserve_locked(&self, shared: &mut Shared, now: u64, bytes: u64) -> Duration {
+        shared.bytes_sent += bytes;
+        match shared.rate() {
+            Some(rate) => shared.bucket.reserve(now, rate, bytes),
+            None => Duration::ZERO,
         }
     }
 
@@ -400,7 +453,18 @@ impl RecoveryBudget {
             rebuilds_running,
             rebuilds_queued,
             bytes_sent: shared.bytes_sent,
+            boosted_bytes: shared.boosted_bytes,
         }
+    }
+}
+
+impl Shared {
+    /// The rate in force, bytes per second: the limit, raised to the floor
+    /// of every recovery running; `None` is unlimited.
+    fn rate(&self) -> Option<f64> {
+        let rate = self.limits.rate?;
+        let running = self.recovering.max(1) as u64;
+        Some(rate.max(self.limits.floor.saturating_mul(running)) as f64)
     }
 }
 
@@ -481,6 +545,49 @@ mod tests {
         let later = ns + 10_000_000 + 1_000_000_000;
         assert_eq!(bucket.reserve(later, rate, 10 * MIB), Duration::ZERO);
         assert_eq!(bucket.reserve(later, rate, MIB), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_boosted_sender_goes_before_the_others_and_they_wait_for_it() {
+        let limits = RecoveryLimits::default()
+            .with_floor(MIN_FLOOR_BYTES)
+            .with_rate(Some(100 * MIB));
+        let budget = RecoveryBudget::new(limits).unwrap();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let near = |d: Duration, want: f64| (ms(d) - want).abs() < 3.0;
+        // A sender owes 40 ms; a boosted one waits only for its own 10.
+        let normal = budget.reserve(4 * MIB);
+        assert!(near(normal, 40.0), "{normal:?}");
+        let first = budget.reserve_first(MIB);
+        assert!(near(first, 10.0), "{first:?}");
+        // The next ordinary sender waits for both; the next boosted one
+        // for the boosted before it only.
+        let after = budget.reserve(MIB);
+        assert!(near(after, 60.0), "{after:?}");
+        let second = budget.reserve_first(MIB);
+        assert!(near(second, 20.0), "{second:?}");
+        assert_eq!(budget.status().boosted_bytes, 2 * MIB);
+        assert_eq!(budget.status().bytes_sent, 7 * MIB);
+    }
+
+    #[test]
+    fn a_bounded_reservation_never_waits_or_owes_past_its_bound() {
+        let rate = 100.0 * MIB as f64;
+        let max = Duration::from_millis(20);
+        let mut bucket = Bucket::new(0);
+        assert_eq!(
+            bucket.reserve_bounded(0, rate, MIB, max),
+            Duration::from_millis(10)
+        );
+        // 10 MiB would owe 110 ms: it waits the bound, and the debt is
+        // the bound's worth, not more.
+        assert_eq!(bucket.reserve_bounded(0, rate, 10 * MIB, max), max);
+        assert_eq!(bucket.reserve_bounded(0, rate, 1, max), max);
+        // 20 ms later the debt is paid.
+        assert_eq!(
+            bucket.reserve_bounded(20_000_000, rate, MIB, max),
+            Duration::from_millis(10)
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub(crate) struct SenderContext {
     pub(crate) links: Arc<crate::mux::PeerLinks>,
     /// Bytes this sender put on the wire (WAL batches and image chunks).
     pub(crate) bytes_sent: Arc<AtomicU64>,
+    /// Set while the engine boosts this replica's catch-up (it is not
+    /// converging): its sends take from the recovery budget first.
+    pub(crate) boosted: Arc<std::sync::atomic::AtomicBool>,
     /// Where the volume's barrier requests reach this sender's live task.
     pub(crate) barrier_line: Arc<crate::primary::ship::BarrierLine>,
     /// Held by the sender and every executor future (each has a clone of
@@ -48,6 +51,16 @@ pub(crate) struct SenderContext {
 impl SenderContext {
     pub(crate) fn count_sent(&self, bytes: usize) {
         self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Waits until `bytes` of recovery traffic may go under the node's
+    /// recovery budget; a boosted replica's have first call on it.
+    pub(crate) async fn throttle(&self, bytes: u64) {
+        if self.boosted.load(Ordering::Relaxed) {
+            self.recovery.throttle_first(bytes).await;
+        } else {
+            self.recovery.throttle(bytes).await;
+        }
     }
 
     /// Hands `input` to the volume's engine.

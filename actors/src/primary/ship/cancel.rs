@@ -160,6 +160,7 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
             tuning: tuning.clone(),
             links: Arc::default(),
             bytes_sent: Arc::new(AtomicU64::new(0)),
+            boosted: Arc::default(),
             barrier_line: Arc::default(),
             _alive: Arc::new(tasks.token()),
         };

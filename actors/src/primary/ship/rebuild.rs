@@ -334,7 +334,7 @@ pub(super) async fn rebuild(
                     }
                 };
                 for (at, data) in runs {
-                    c.recovery.throttle(data.len() as u64).await;
+                    c.throttle(data.len() as u64).await;
                     crc = crc32c::crc32c_append(crc, &data);
                     c.count_sent(data.len());
                     let message = Message::RebuildChunk {

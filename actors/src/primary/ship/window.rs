@@ -141,7 +141,7 @@ impl<'a> Shipper<'a> {
                 epoch: self.epoch,
                 message,
             };
-            self.c.recovery.throttle(len as u64).await;
+            self.c.throttle(len as u64).await;
             send_bulk(self.conn, envelope).await?;
             self.c.count_sent(len);
             self.window.shipped(batch.last_lsn, len);

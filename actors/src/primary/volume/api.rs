@@ -8,6 +8,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tokio::sync::oneshot;
 use walship_engine::{Assignment, Lsn, RecoveryEvent, RegistryStatus, ReplicaId};
 use walship_io::{BackendChoice, Store, StoreError};
@@ -53,6 +54,9 @@ pub struct VolumeStatus {
     /// Each replica that is recovering or waits to: kind, bytes to go,
     /// rate, ETA, place in the rebuild queue.
     pub recovery: Vec<super::progress::RecoveryProgress>,
+    /// The volume's writes held back for a replica that is not
+    /// converging (the engine's `write_limit`), and what that cost.
+    pub write_backpressure: super::converging::WriteBackpressure,
     /// Mailbox metrics: the volume actor, then each sender.
     pub mailboxes: Vec<MailboxSnapshot>,
 }
@@ -72,11 +76,7 @@ impl VolumeActor {
         senders.sort_by(|a, b| a.0.cmp(b.0));
         mailboxes.extend(senders.into_iter().map(|(_, s)| s.metrics().snapshot()));
         let registry = self.engine.status();
-        let lag_bytes = registry
-            .senders
-            .iter()
-            .map(|s| (s.replica.clone(), wal.retained_after(s.flushed.get())))
-            .collect();
+        let lag_bytes = self.backlogs();
         let dirty_maps = self
             .store
             .dirty_maps()
@@ -89,6 +89,7 @@ impl VolumeActor {
             recovery,
             registry,
             lag_bytes,
+            write_backpressure: self.converging.status(),
             dirty_maps,
             head: wal.head(),
             durable: wal.durable(),
@@ -133,8 +134,25 @@ impl Handler<Write> for VolumeActor {
 
     fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) -> Self::Result {
         let epoch = self.engine.epoch().get();
+        let bytes = msg.data.len();
         let appended = self.append(ctx, |store| store.write(epoch, msg.lba, msg.data));
-        self.then_commit(ctx, appended, msg.commit)
+        // Held back for a replica that is not converging: the answer
+        // waits, so a client with a bounded queue writes less.
+        let delay = match appended {
+            Ok(_) => {
+                let max = self.config.tuning.max_write_delay;
+                self.converging.write_delay(bytes, max)
+            }
+            Err(_) => Duration::ZERO,
+        };
+        let answer = self.then_commit(ctx, appended, msg.commit);
+        if delay.is_zero() {
+            return answer;
+        }
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            answer.await
+        })
     }
 }
 

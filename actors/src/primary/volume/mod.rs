@@ -8,6 +8,7 @@
 //! - [`pins`]: pinning what the engine's plans ask for.
 
 pub(crate) mod api;
+mod converging;
 mod durability;
 pub(in crate::primary) mod pins;
 pub(crate) mod progress;
@@ -84,6 +85,8 @@ pub struct VolumeActor {
     send_rates: progress::SendRates,
     /// An online verify is under way (one at a time).
     verify_running: bool,
+    /// What the volume ingests, each replica's boost, the writes' limit.
+    converging: converging::Converging,
     metrics: Arc<MailboxMetrics>,
     /// Seconds each group-commit sync of the WAL took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
@@ -177,6 +180,7 @@ impl VolumeActor {
         engine_config.pin_reservation_ticks = config.tuning.pin_reservation_ticks;
         engine_config.delta_rebuilds = config.tuning.delta_rebuilds;
         engine_config.rebuild_slots = true;
+        engine_config.convergence = config.tuning.convergence_policy();
         let wal = store.wal();
         // After a restart the primary resumes from its durable WAL. What it
         // holds past the replicas is shipped from its WAL; nothing is revived
@@ -191,6 +195,7 @@ impl VolumeActor {
             Lsn(committed),
         )?;
         tracing::info!(volume = %config.volume, ?report, backend = ?reader.choice(), "primary opened");
+        let converging = converging::Converging::new(wal.head());
         let (head_tx, _) = watch::channel(wal.head());
         let (committed_tx, _) = watch::channel(committed);
         Ok(Self {
@@ -222,6 +227,7 @@ impl VolumeActor {
             slots: slots::Slots::new(),
             send_rates: progress::SendRates::default(),
             verify_running: false,
+            converging,
             me: None,
             _alive: tasks.token(),
             tasks,
@@ -302,6 +308,7 @@ impl VolumeActor {
             self.last_heartbeat = now;
             self.heartbeat_senders();
             self.sample_send_rates();
+            self.report_lag();
             // Holds over budget go before the checkpointer recycles.
             self.report_retention(ctx);
             self.maybe_checkpoint();
@@ -396,6 +403,7 @@ impl VolumeActor {
             tuning: self.config.tuning.clone(),
             links: Arc::clone(&self.pools.links),
             bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
+            boosted: self.converging.boost_flag_made(replica)?,
             barrier_line,
             _alive: Arc::new(self.tasks.token()),
         })
@@ -406,6 +414,7 @@ impl VolumeActor {
             return Some(sender.clone());
         }
         self.bytes_sent.entry(replica.clone()).or_default();
+        self.converging.boost_flag(replica);
         let line = Arc::new(BarrierLine::default());
         let context = self.sender_context(replica, Arc::clone(&line))?;
         let metrics = MailboxMetrics::new("sender", replica.as_str());
@@ -575,6 +584,12 @@ impl VolumeActor {
                 if let Some(sender) = self.senders.get(&replica) {
                     sender.do_send(sender::StopLive { reason });
                 }
+            }
+            Command::BoostRecovery { replica, boost } => {
+                self.converging.boost(&replica, boost);
+            }
+            Command::LimitWrites { bytes_per_second } => {
+                self.converging.limit_writes(bytes_per_second);
             }
             Command::ResolveBarrier { barrier, outcome } => {
                 if let Some(waiter) = self.barriers.remove(&barrier) {
