@@ -418,7 +418,29 @@ async fn metrics(node: &Node) -> String {
                         let on = f64::from(u8::from(sender.state == state));
                         metrics::gauge!("walship_replica_state", &labels).set(on);
                     }
+                    // Behind and not gaining on the ingest, and the step
+                    // taken about it (0 watching or not watched, 1 boost,
+                    // 2 backpressure).
+                    let convergence = sender.convergence.as_ref();
+                    let not = convergence.is_some_and(|c| c.converging == Some(false));
+                    metrics::gauge!("walship_replica_not_converging", &labels)
+                        .set(f64::from(u8::from(not)));
+                    let step = convergence.map_or(0u8, |c| match c.step {
+                        walship_engine::ConvergenceStep::Watching => 0,
+                        walship_engine::ConvergenceStep::Boost => 1,
+                        walship_engine::ConvergenceStep::Backpressure => 2,
+                    });
+                    metrics::gauge!("walship_replica_convergence_step", &labels)
+                        .set(f64::from(step));
                 }
+                let held = &status.write_backpressure;
+                let limit = held.limit.map_or(-1.0, |rate| rate as f64);
+                metrics::gauge!("walship_volume_write_limit_bytes_per_second", "volume" => volume.clone())
+                    .set(limit);
+                metrics::gauge!("walship_volume_writes_delayed", "volume" => volume.clone())
+                    .set(held.delayed_writes as f64);
+                metrics::gauge!("walship_volume_write_delay_seconds", "volume" => volume.clone())
+                    .set(held.delay_seconds);
                 for progress in &status.recovery {
                     let labels = [
                         ("volume", volume.clone()),

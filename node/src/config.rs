@@ -144,6 +144,20 @@ pub struct TuningSpec {
     /// regions, or the regions whose checksums differ) and a cut one
     /// resumes (false: every rebuild copies the whole volume).
     pub delta_rebuilds: bool,
+    /// A replica behind (catching up, or in sync with a backlog) is judged
+    /// over this window, and each escalation step gets one.
+    pub converge_window_ms: u64,
+    /// A replica whose backlog would take longer than this to go is not
+    /// converging (0: only one whose backlog does not shrink).
+    pub converge_within_ms: u64,
+    /// Step 1 for a catch-up that is not converging: it takes from the
+    /// node's recovery budget first.
+    pub converge_boost: bool,
+    /// Step 2, opt-in (0 is off): the volume's writes are held to this
+    /// percentage of the rate such a replica drains at.
+    pub write_backpressure_percent: u8,
+    /// No write waits longer than this for backpressure.
+    pub max_write_delay_ms: u64,
 }
 
 impl Default for TuningSpec {
@@ -158,6 +172,11 @@ impl Default for TuningSpec {
             checkpoint_every_lsns: 16 * 1024,
             multiplex: true,
             delta_rebuilds: true,
+            converge_window_ms: 5_000,
+            converge_within_ms: 600_000,
+            converge_boost: true,
+            write_backpressure_percent: 0,
+            max_write_delay_ms: 20,
         }
     }
 }
@@ -180,7 +199,35 @@ impl TuningSpec {
         tuning.checkpoint_every_lsns = self.checkpoint_every_lsns.max(1);
         tuning.multiplex = self.multiplex;
         tuning.delta_rebuilds = self.delta_rebuilds;
+        tuning.convergence_window = Duration::from_millis(self.converge_window_ms);
+        tuning.converge_within =
+            (self.converge_within_ms > 0).then(|| Duration::from_millis(self.converge_within_ms));
+        tuning.convergence_boost = self.converge_boost;
+        tuning.write_backpressure_percent =
+            (self.write_backpressure_percent > 0).then_some(self.write_backpressure_percent);
+        tuning.max_write_delay = Duration::from_millis(self.max_write_delay_ms);
         tuning
+    }
+
+    /// What the types do not say: a window is not empty, a share is a
+    /// percentage.
+    fn check(&self) -> Result<(), String> {
+        if self.converge_window_ms == 0 {
+            return Err("[tuning] converge_window_ms = 0: the window must be longer".into());
+        }
+        if self.write_backpressure_percent > 0 && self.max_write_delay_ms == 0 {
+            return Err(
+                "[tuning] max_write_delay_ms = 0 with write_backpressure_percent: no write could be held"
+                    .into(),
+            );
+        }
+        if self.write_backpressure_percent > 100 {
+            return Err(format!(
+                "[tuning] write_backpressure_percent = {}: a percentage, 1 to 100 (0 is off)",
+                self.write_backpressure_percent
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -298,6 +345,7 @@ pub fn parse(file: &str, text: &str, data_dir: Option<&Path>) -> Result<NodeConf
         }
         volumes.push(volume);
     }
+    raw.tuning.check().map_err(|what| at(0..0, what))?;
     let recovery = match &raw.recovery {
         None => walship_actors::RecoveryLimits::default(),
         Some(spanned) => {
@@ -654,7 +702,9 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
         let text = format!(
             "{NODE1}\n[tuning]\nbarrier_timeout_ms = 250\npeer_timeout_ms = 700\n\
              network_retry_max_ms = 900\nsegment_bytes = 1048576\nretention_max_bytes = 4096\n\
-             inflight_bytes = 32768\ncheckpoint_every_lsns = 500\ndelta_rebuilds = false\n"
+             inflight_bytes = 32768\ncheckpoint_every_lsns = 500\ndelta_rebuilds = false\n\
+             converge_window_ms = 2000\nconverge_within_ms = 0\nconverge_boost = false\n\
+             write_backpressure_percent = 80\nmax_write_delay_ms = 7\n"
         );
         // [tuning] after the volume's table would belong to it: put it first.
         let (head, volume) = text.split_at(text.find("[[volume]]").unwrap());
@@ -675,6 +725,29 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
             TuningSpec::default().tuning().delta_rebuilds,
             "on by default"
         );
+        let policy = tuning.convergence_policy();
+        assert_eq!(policy.window_ticks, 200);
+        assert_eq!(policy.converge_within_ticks, None);
+        assert!(!policy.boost);
+        assert_eq!(policy.backpressure_percent, Some(80));
+        assert_eq!(policy.caught_up_bytes, 2 * 32768);
+        assert_eq!(tuning.max_write_delay, Duration::from_millis(7));
+        let defaults = TuningSpec::default().tuning().convergence_policy();
+        assert_eq!(defaults.backpressure_percent, None, "opt-in");
+        assert!(defaults.boost);
+        // What the types let through and the meaning does not.
+        for (bad, says) in [
+            ("write_backpressure_percent = 101", "a percentage"),
+            ("converge_window_ms = 0", "must be longer"),
+            (
+                "write_backpressure_percent = 50\nmax_write_delay_ms = 0",
+                "no write could be held",
+            ),
+        ] {
+            let (head, volume) = NODE1.split_at(NODE1.find("[[volume]]").unwrap());
+            let (_, what) = refusal(&format!("{head}[tuning]\n{bad}\n{volume}"));
+            assert!(what.contains(says), "{bad}: {what}");
+        }
     }
 
     #[test]

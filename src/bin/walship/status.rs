@@ -155,8 +155,14 @@ pub fn render(report: &Value) -> String {
                     )
                 }
                 (_, need, _) if !need.is_null() => text(&need["reason"]),
+
                 (_, _, failure) if !failure.is_null() => text(&failure["reason"]),
                 _ => String::new(),
+            };
+            let why = match not_converging(&sender["convergence"]) {
+                Some(said) if why.is_empty() => said,
+                Some(said) => format!("{why}; {said}"),
+                None => why,
             };
             let _ = writeln!(
                 out,
@@ -225,4 +231,24 @@ pub fn render(report: &Value) -> String {
         }
     }
     out
+}
+
+/// What `walship status` says of a replica the engine judged not
+/// converging: what reaches it against what the volume ingests, how far
+/// behind, and the step taken.
+fn not_converging(c: &Value) -> Option<String> {
+    if c["converging"] != false {
+        return None;
+    }
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
+    let eta = c["eta_seconds"]
+        .as_u64()
+        .map_or("never".to_owned(), |s| format!("in {s}s"));
+    Some(format!(
+        "NOT CONVERGING: {:.1} MiB/s reach it, ingest {:.1} MiB/s, {:.1} MiB behind, caught up {eta} (step: {})",
+        mib(&c["drain_rate"]),
+        mib(&c["ingest_rate"]),
+        mib(&c["backlog_bytes"]),
+        c["step"].as_str().unwrap_or("-"),
+    ))
 }
