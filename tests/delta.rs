@@ -92,14 +92,6 @@ async fn filled_then_r2_away(blocks: u64) -> Cluster {
     cluster
 }
 
-fn logged(events: &[String], server: &str, event: &str) -> Vec<String> {
-    let prefix = format!("{VOLUME}/{server} {event} ");
-    events
-        .iter()
-        .filter_map(|e| e.strip_prefix(&prefix).map(str::to_owned))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_away_past_retention_is_rebuilt_from_the_dirty_map_moving_what_changed() {
     let blocks = 16384; // 64 MiB, 1024 regions

@@ -66,3 +66,12 @@ pub async fn replica_json(cluster: &Cluster, server: &str) -> serde_json::Value 
 pub fn assert_logged(events: &[String], matches: impl Fn(&String) -> bool) {
     assert!(events.iter().any(matches), "{events:#?}");
 }
+
+/// The details of the primary's `event`s for `server`, in order.
+pub fn logged(events: &[String], server: &str, event: &str) -> Vec<String> {
+    let prefix = format!("{VOLUME}/{server} {event} ");
+    events
+        .iter()
+        .filter_map(|e| e.strip_prefix(&prefix).map(str::to_owned))
+        .collect()
+}

@@ -1,6 +1,6 @@
 //! A TCP relay between a primary and a replica, to misbehave on the wire
-//! on cue: hold the replica's acks back, or cut the primary's stream in the
-//! middle of a frame.
+//! on cue: hold the replica's acks back, cut the primary's stream in the
+//! middle of a frame, or pass it at a slow link's rate.
 
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,6 +33,9 @@ pub struct Relay {
     /// Where the primary should connect instead of the replica.
     pub addr: String,
     mode: Arc<watch::Sender<Mode>>,
+    /// Bytes per second the primary's stream passes at (`None`: as fast
+    /// as it comes).
+    rate: Arc<watch::Sender<Option<u64>>>,
     _tasks: JoinSet<()>,
 }
 
@@ -45,6 +48,8 @@ impl Relay {
         let target = target.to_owned();
         let mut tasks = JoinSet::new();
         let modes = Arc::clone(&mode);
+        let rate = Arc::new(watch::Sender::new(None));
+        let rates = Arc::clone(&rate);
         tasks.spawn(async move {
             // Connection tasks end with the accept loop (the set drops).
             let mut connections = JoinSet::new();
@@ -56,12 +61,13 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(&target).await else {
                     continue;
                 };
-                connections.spawn(relay(client, server, Arc::clone(&modes)));
+                connections.spawn(relay(client, server, Arc::clone(&modes), rates.subscribe()));
             }
         });
         Ok(Self {
             addr,
             mode,
+            rate,
             _tasks: tasks,
         })
     }
@@ -84,6 +90,13 @@ impl Relay {
         *self.mode.borrow() == Mode::Down
     }
 
+    /// Passes what the primary sends at `bytes_per_second` at most (a
+    /// slow link), or as fast as it comes (`None`); applies at once to
+    /// every connection.
+    pub fn limit_rate(&self, bytes_per_second: Option<u64>) {
+        self.rate.send_replace(bytes_per_second);
+    }
+
     /// Passes everything again, and accepts connections.
     pub fn resume(&self) {
         self.mode.send_replace(Mode::Pass);
@@ -91,7 +104,12 @@ impl Relay {
 }
 
 /// Relays one connection until either side closes or the mode cuts it.
-async fn relay(client: TcpStream, server: TcpStream, mode: Arc<watch::Sender<Mode>>) {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    mode: Arc<watch::Sender<Mode>>,
+    rate: watch::Receiver<Option<u64>>,
+) {
     let (mut from_primary, mut to_primary) = client.into_split();
     let (mut from_replica, mut to_replica) = server.into_split();
     let requests = async {
@@ -106,6 +124,13 @@ async fn relay(client: TcpStream, server: TcpStream, mode: Arc<watch::Sender<Mod
                 to_replica.flush().await?;
                 mode.send_replace(Mode::Down);
                 return Ok(());
+            }
+            // A slow link: what was read passes after its time at the
+            // rate (reads are at most 64 KiB, so it flows, not bursts).
+            let limit = *rate.borrow();
+            if let Some(limit) = limit.filter(|r| *r > 0) {
+                let time = std::time::Duration::from_secs_f64(n as f64 / limit as f64);
+                tokio::time::sleep(time).await;
             }
             to_replica.write_all(&buf[..n]).await?;
         }
