@@ -211,3 +211,102 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
     primaries_rt.shutdown();
     replicas_rt.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_node_receives_recoveries_within_its_receive_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let primaries_rt = Runtime::start().unwrap();
+    let replicas_rt = Runtime::start().unwrap();
+    let mut primaries = Vec::new();
+    for v in 0..VOLUMES {
+        primaries.push(primary(&primaries_rt, dir.path(), v).await);
+    }
+    // The senders are free (three rebuilds at once, no rate); the replica
+    // node takes what it receives at its own rate.
+    primaries_rt
+        .recovery()
+        .set_limits(RecoveryLimits::unlimited().with_max_rebuilds(Some(3)))
+        .unwrap();
+    let receiving = replicas_rt.recovery();
+    let bad = RecoveryLimits::unlimited()
+        .with_floor(MIB)
+        .with_receive_rate(Some(0));
+    assert_eq!(receiving.set_limits(bad), Err(LimitsError::ZeroReceiveRate));
+    let below = RecoveryLimits::unlimited().with_receive_rate(Some(MIB));
+    assert!(matches!(
+        receiving.set_limits(below),
+        Err(LimitsError::ReceiveRateBelowFloor { .. })
+    ));
+    assert_eq!(receiving.limits(), RecoveryLimits::unlimited());
+    let rate = 8 * MIB;
+    let limits = RecoveryLimits::unlimited()
+        .with_floor(MIB)
+        .with_receive_rate(Some(rate));
+    receiving.set_limits(limits).unwrap();
+    let mut replicas = Vec::new();
+    for (v, primary) in primaries.iter().enumerate() {
+        let handle = replica(&replicas_rt, dir.path(), v as u64).await;
+        let addr = handle.listen_addr().unwrap().to_string();
+        replicas.push(handle);
+        primary
+            .apply_assignment(Assignment {
+                epoch: Epoch(1),
+                commit_mode: CommitMode::BestEffort,
+                replicas: vec![ReplicaAssignment {
+                    id: ReplicaId::new(&format!("v{v}"), "r1").unwrap(),
+                    endpoint: Endpoint::new(addr, 1),
+                }],
+            })
+            .await
+            .unwrap();
+    }
+    let total = VOLUMES * BLOCKS * 4096;
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        let status = receiving.status();
+        samples.push((started.elapsed(), status.bytes_received));
+        if status.bytes_received >= total {
+            break;
+        }
+        assert!(started.elapsed() < LONG, "not all received: {status:?}");
+        // The sampling period (the wait is the condition above, bounded).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let at = |fraction: f64| {
+        samples
+            .iter()
+            .find(|(_, bytes)| *bytes as f64 >= total as f64 * fraction)
+            .copied()
+            .unwrap()
+    };
+    let ((t1, b1), (t2, b2)) = (at(0.2), at(0.8));
+    let measured = (b2 - b1) as f64 / (t2 - t1).as_secs_f64();
+    let ratio = measured / rate as f64;
+    eprintln!(
+        "{VOLUMES} rebuilds received: {:.1} MiB/s against a receive rate of {} MiB/s ({ratio:.3}x)",
+        measured / MIB as f64,
+        rate / MIB
+    );
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "{measured:.0} B/s against {rate} B/s"
+    );
+    // The senders were not limited: what they sent waited on the replicas.
+    assert_eq!(primaries_rt.recovery().status().limits.rate, None);
+    for (primary, replica) in primaries.iter().zip(&replicas) {
+        primary
+            .wait_replica_state("r1", ReplicaState::InSync, LONG)
+            .await
+            .unwrap();
+        assert_eq!(
+            primary.content_checksum().await.unwrap(),
+            replica.content_checksum().await.unwrap()
+        );
+    }
+    for volume in primaries.iter().chain(&replicas) {
+        volume.stop().await;
+    }
+    primaries_rt.shutdown();
+    replicas_rt.shutdown();
+}

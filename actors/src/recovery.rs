@@ -32,6 +32,11 @@ pub struct RecoveryLimits {
     /// Rebuilds that may run at once (`None`: no cap); the rest queue in
     /// arrival order.
     pub max_rebuilds: Option<usize>,
+    /// Bytes per second every catch-up and rebuild this runtime's
+    /// replicas *receive* share (`None`: unlimited), with the same floor
+    /// per recovery received. Ceph counts backfills both ways: a node that
+    /// is the target of many recoveries must not be flooded by them.
+    pub receive_rate: Option<u64>,
 }
 
 impl Default for RecoveryLimits {
@@ -41,6 +46,7 @@ impl Default for RecoveryLimits {
             rate: None,
             floor: 32 << 20,
             max_rebuilds: None,
+            receive_rate: None,
         }
     }
 }
@@ -67,6 +73,17 @@ pub enum LimitsError {
         /// Asked for.
         floor: u64,
     },
+    /// A receive rate of zero would stop every recovery this node receives.
+    #[error("a receive rate of 0 would stop every recovery this node receives; leave it unset for no limit")]
+    ZeroReceiveRate,
+    /// The receive rate is below the floor each recovery keeps.
+    #[error("a receive rate of {rate} B/s is below the floor of {floor} B/s each recovery keeps")]
+    ReceiveRateBelowFloor {
+        /// Asked for.
+        rate: u64,
+        /// The floor.
+        floor: u64,
+    },
     /// A cap of zero would queue every rebuild forever.
     #[error("max_rebuilds of 0 would queue every rebuild forever; leave it unset for no cap")]
     ZeroRebuilds,
@@ -90,6 +107,12 @@ impl RecoveryLimits {
         self
     }
 
+    /// These limits with `rate` bytes per second received.
+    pub fn with_receive_rate(mut self, rate: Option<u64>) -> Self {
+        self.receive_rate = rate;
+        self
+    }
+
     /// These limits with at most `max` rebuilds at once.
     pub fn with_max_rebuilds(mut self, max: Option<usize>) -> Self {
         self.max_rebuilds = max;
@@ -105,6 +128,16 @@ impl RecoveryLimits {
             Some(0) => return Err(LimitsError::ZeroRate),
             Some(rate) if rate < self.floor => {
                 return Err(LimitsError::RateBelowFloor {
+                    rate,
+                    floor: self.floor,
+                })
+            }
+            _ => {}
+        }
+        match self.receive_rate {
+            Some(0) => return Err(LimitsError::ZeroReceiveRate),
+            Some(rate) if rate < self.floor => {
+                return Err(LimitsError::ReceiveRateBelowFloor {
                     rate,
                     floor: self.floor,
                 })
@@ -258,6 +291,10 @@ pub struct RecoveryStatus {
     pub bytes_sent: u64,
     /// Of those, bytes sent by boosted catch-ups (first call on the rate).
     pub boosted_bytes: u64,
+    /// Recoveries this runtime's replicas are receiving now.
+    pub receiving: usize,
+    /// Bytes of recoveries they received through the budget so far.
+    pub bytes_received: u64,
 }
 
 #[derive(Debug)]
@@ -267,6 +304,10 @@ struct Shared {
     /// The boosted senders' own lane: they wait for each other only.
     boosted: Bucket,
     boosted_bytes: u64,
+    /// What replicas receive: its own bucket, count and bytes.
+    received: Bucket,
+    receiving: usize,
+    bytes_received: u64,
     slots: SlotQueue,
     wakers: BTreeMap<u64, oneshot::Sender<()>>,
     next_ticket: u64,
@@ -303,6 +344,9 @@ impl RecoveryBudget {
                 bucket: Bucket::new(0),
                 boosted: Bucket::new(0),
                 boosted_bytes: 0,
+                received: Bucket::new(0),
+                receiving: 0,
+                bytes_received: 0,
                 slots: SlotQueue::new(limits.max_rebuilds),
                 wakers: BTreeMap::new(),
                 next_ticket: 1,
@@ -386,6 +430,38 @@ impl RecoveryBudget {
         }
     }
 
+    /// Waits until `bytes` a replica received for a catch-up or rebuild
+    /// may be applied under the receive rate; the socket is not read
+    /// meanwhile, so the sender's window fills and it waits too.
+    pub(crate) async fn throttle_received(&self, bytes: u64) {
+        let wait = self.reserve_received(bytes);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Whether what replicas receive is limited.
+    pub(crate) fn receive_limited(&self) -> bool {
+        self.lock().limits.receive_rate.is_some()
+    }
+
+    fn reserve_received(&self, bytes: u64) -> Duration {
+        let now = self.now();
+        let mut shared = self.lock();
+        shared.bytes_received += bytes;
+        match shared.receive_rate() {
+            Some(rate) => shared.received.reserve(now, rate, bytes),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Counts a recovery as being received while the guard lives (the
+    /// floor is per recovery received).
+    pub(crate) fn receiving(&self) -> Receiving {
+        self.lock().receiving += 1;
+        Receiving(self.clone())
+    }
+
     /// Reserves `bytes` under the shared rate; returns the wait.
     fn reserve(&self, bytes: u64) -> Duration {
         let now = self.now();
@@ -454,6 +530,8 @@ impl RecoveryBudget {
             rebuilds_queued,
             bytes_sent: shared.bytes_sent,
             boosted_bytes: shared.boosted_bytes,
+            receiving: shared.receiving,
+            bytes_received: shared.bytes_received,
         }
     }
 }
@@ -465,6 +543,26 @@ impl Shared {
         let rate = self.limits.rate?;
         let running = self.recovering.max(1) as u64;
         Some(rate.max(self.limits.floor.saturating_mul(running)) as f64)
+    }
+
+    /// The receive rate in force, raised likewise to the floor of every
+    /// recovery received.
+    fn receive_rate(&self) -> Option<f64> {
+        let rate = self.limits.receive_rate?;
+        let running = self.receiving.max(1) as u64;
+        Some(rate.max(self.limits.floor.saturating_mul(running)) as f64)
+    }
+}
+
+/// A recovery being received, counted for the floor. Dropping it uncounts it.
+#[must_use = "the recovery is counted only while this lives"]
+#[derive(Debug)]
+pub(crate) struct Receiving(RecoveryBudget);
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let mut shared = self.0.lock();
+        shared.receiving = shared.receiving.saturating_sub(1);
     }
 }
 

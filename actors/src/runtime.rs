@@ -276,6 +276,7 @@ async fn start_volume(
                 tasks: tasks.clone(),
                 shutdown: shutdown_rx,
                 arbiter: arbiter.clone(),
+                recovery: pools.recovery.clone(),
             };
             let (listen, shared) = match config.listen {
                 Listen::Addr(listen) => {

@@ -35,6 +35,9 @@ pub(crate) struct Route {
     /// The receiver's arbiter: its connections' socket reads run beside
     /// its writes there.
     pub(crate) arbiter: ArbiterHandle,
+    /// The runtime's recovery budget: what its connections receive for
+    /// catch-ups and rebuilds passes its receive rate.
+    pub(crate) recovery: crate::recovery::RecoveryBudget,
 }
 
 impl Route {
@@ -54,7 +57,8 @@ impl Route {
         first: Option<Envelope>,
         conn: u64,
     ) -> impl std::future::Future<Output = ()> + 'static {
-        let connection = serve(framed, first, self.receiver.clone(), conn);
+        let received = Received::new(self.recovery.clone());
+        let connection = serve(framed, first, self.receiver.clone(), conn, received);
         let mut stop = self.shutdown.clone();
         async move {
             tokio::select! {
@@ -333,11 +337,64 @@ impl Shared {
     }
 }
 
+/// What one connection receives for recoveries, under the runtime's
+/// receive rate: catch-up and rebuild-tail batches (their session is not
+/// 0), image chunks. Live batches never wait.
+struct Received {
+    budget: crate::recovery::RecoveryBudget,
+    /// Held while the connection carries a recovery (for the floor): from
+    /// its first recovery frame until live shipping begins (only the live
+    /// loop sends heartbeats, barriers and batches of session 0, and it
+    /// probes at once), a frame with no recovery in it a second after the
+    /// last that had one, or the end.
+    counted: Option<(crate::recovery::Receiving, std::time::Instant)>,
+}
+
+impl Received {
+    fn new(budget: crate::recovery::RecoveryBudget) -> Self {
+        Self {
+            budget,
+            counted: None,
+        }
+    }
+
+    /// Waits until `envelopes` may go to the receiver.
+    async fn throttle(&mut self, envelopes: &[Envelope]) {
+        let mut bytes = 0u64;
+        for envelope in envelopes {
+            match &envelope.message {
+                Message::WalBatch { session: 0, .. }
+                | Message::Heartbeat { .. }
+                | Message::Barrier { .. } => self.counted = None,
+                Message::WalBatch { frames, .. } => bytes += frames.len() as u64,
+                Message::RebuildChunk { data, .. } => bytes += data.len() as u64,
+                _ => {}
+            }
+        }
+        let now = std::time::Instant::now();
+        if bytes == 0 {
+            let quiet = |(_, last): &(_, std::time::Instant)| {
+                now.duration_since(*last) >= Duration::from_secs(1)
+            };
+            if self.counted.as_ref().is_some_and(quiet) {
+                self.counted = None;
+            }
+            return;
+        }
+        match &mut self.counted {
+            Some((_, last)) => *last = now,
+            None => self.counted = Some((self.budget.receiving(), now)),
+        }
+        self.budget.throttle_received(bytes).await;
+    }
+}
+
 async fn serve(
     mut framed: Conn,
     first: Option<Envelope>,
     receiver: MeteredAddr<ReceiverActor>,
     conn: u64,
+    mut received: Received,
 ) {
     /// Frames handed to the receiver at once (they share one fsync).
     const DRAIN: usize = 64;
@@ -356,8 +413,17 @@ async fn serve(
             Ok(envelope) => envelopes.push(envelope),
             Err(e) => broken = Some(e),
         }
-        // Take whatever else is already here without waiting.
-        while broken.is_none() && envelopes.len() < DRAIN {
+        // Take whatever else is already here without waiting. Under a
+        // receive rate, one at a time: each waits its turn and is answered
+        // before the next is read, so the sender hears within a batch's
+        // time at the rate (a second at most, at the lowest floor), not
+        // after a whole window's.
+        let drain = if received.budget.receive_limited() {
+            1
+        } else {
+            DRAIN
+        };
+        while broken.is_none() && envelopes.len() < drain {
             match framed.next().now_or_never() {
                 Some(Some(Ok(envelope))) => envelopes.push(envelope),
                 Some(Some(Err(e))) => broken = Some(e),
@@ -365,6 +431,7 @@ async fn serve(
             }
         }
         if !envelopes.is_empty() {
+            received.throttle(&envelopes).await;
             let Ok(reply) = receiver.send(Inbound { conn, envelopes }).await else {
                 break;
             };
