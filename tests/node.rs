@@ -429,7 +429,7 @@ async fn failover_by_assignment_keeps_every_acknowledged_write_and_the_old_prima
 async fn the_recovery_budget_comes_from_the_config_and_changes_at_run_time_or_not_at_all() {
     let volume = VolumeOptions {
         tuning: format!(
-            "{}\n[recovery]\nrate = \"64MiB\"\nfloor = \"8MiB\"\nmax_rebuilds = 2\n",
+            "{}\n[recovery]\nrate = \"64MiB\"\nfloor = \"8MiB\"\nmax_rebuilds = 2\nreceive_rate = \"48MiB\"\n",
             VolumeOptions::default().tuning
         ),
         ..VolumeOptions::default()
@@ -454,7 +454,9 @@ async fn the_recovery_budget_comes_from_the_config_and_changes_at_run_time_or_no
     let shown = show(&[]).await;
     assert!(shown.status.success(), "{}", text(&shown));
     assert!(
-        text(&shown).contains("rate 64.0 MiB/s  floor 8.0 MiB/s per recovery  max rebuilds 2"),
+        text(&shown).contains(
+            "rate 64.0 MiB/s  floor 8.0 MiB/s per recovery  max rebuilds 2  receive rate 48.0 MiB/s"
+        ),
         "{}",
         text(&shown)
     );
@@ -466,6 +468,11 @@ async fn the_recovery_budget_comes_from_the_config_and_changes_at_run_time_or_no
             "max_rebuilds of 0",
         ),
         (&["--rate", "1MiB"][..], "below the floor"),
+        (&["--receive-rate", "0"][..], "receive rate of 0"),
+        (
+            &["--receive-rate", "2MiB"][..],
+            "receive rate of 2097152 B/s is below the floor",
+        ),
         (&["--rate", "fast"][..], "not a size"),
     ] {
         let refused = show(args).await;
@@ -473,15 +480,26 @@ async fn the_recovery_budget_comes_from_the_config_and_changes_at_run_time_or_no
         assert!(text(&refused).contains(why), "{args:?}: {}", text(&refused));
         let still = text(&show(&[]).await);
         assert!(
-            still.contains("rate 64.0 MiB/s") && still.contains("max rebuilds 2"),
+            still.contains("rate 64.0 MiB/s")
+                && still.contains("max rebuilds 2")
+                && still.contains("receive rate 48.0 MiB/s"),
             "{args:?} applied something: {still}"
         );
     }
-    let changed = show(&["--rate", "200MiB", "--max-rebuilds", "unlimited"]).await;
+    let changed = show(&[
+        "--rate",
+        "200MiB",
+        "--max-rebuilds",
+        "unlimited",
+        "--receive-rate",
+        "unlimited",
+    ])
+    .await;
     assert!(changed.status.success(), "{}", text(&changed));
     assert!(
-        text(&changed)
-            .contains("rate 200.0 MiB/s  floor 8.0 MiB/s per recovery  max rebuilds unlimited"),
+        text(&changed).contains(
+            "rate 200.0 MiB/s  floor 8.0 MiB/s per recovery  max rebuilds unlimited  receive rate unlimited"
+        ),
         "{}",
         text(&changed)
     );
@@ -589,4 +607,101 @@ async fn walship_verify_finds_a_flipped_region_exits_1_and_repair_makes_it_clean
         "{}",
         out(&elsewhere)
     );
+}
+
+/// Whether node `i`'s primary logged `event` for `replica` lately.
+async fn logged_lately(cluster: &NodeCluster, replica: &str, event: &str) -> bool {
+    let log = cluster.primary_volume().await["recent_recovery"].clone();
+    log.as_array().is_some_and(|log| {
+        log.iter()
+            .any(|e| e["replica"] == replica && e["event"] == event)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_slow_link_is_named_not_converging_by_the_node() {
+    let volume = VolumeOptions {
+        commit_mode: "best_effort".into(),
+        tuning: format!(
+            "{}converge_window_ms = 500\nconverge_within_ms = 4000\ninflight_bytes = 65536\n",
+            VolumeOptions::default().tuning
+        ),
+        ..VolumeOptions::default()
+    };
+    let mut cluster = NodeCluster::start_nodes(volume, 2).await;
+    cluster
+        .wait_replica_state("node2", "in_sync", CONVERGE)
+        .await;
+    // From epoch 2 on node1 reaches node2 through a link that passes
+    // 512 KiB/s.
+    let node2 = format!("127.0.0.1:{}", cluster.nodes[1].replication);
+    let relay = walship::actors::testing::Relay::start(&node2)
+        .await
+        .unwrap();
+    relay.limit_rate(Some(512 << 10));
+    let body = serde_json::json!({
+        "epoch": 2,
+        "primary": "node1",
+        "commit_mode": "best_effort",
+        "replicas": { "node2": relay.addr },
+    });
+    let admin = cluster.nodes[0].admin_addr();
+    let (status, answer) =
+        admin::request(&admin, "/volumes/vol0/assignment", Some(body.to_string()))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    cluster
+        .wait_replica_state("node2", "in_sync", CONVERGE)
+        .await;
+    // A client writes 16 KiB every 5 ms (about 3 MiB/s) over NBD.
+    let nbd: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.nodes[0].nbd)
+        .parse()
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let writer = tokio::spawn(async move {
+        let mut client = Haggle::connect(nbd).await.go("vol0").await;
+        let data = vec![7u8; 16 << 10];
+        let mut i = 0u64;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let offset = (i * (16 << 10)) % (64 << 20);
+            assert_eq!(client.write(offset, &data, 0).await, 0);
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let named = walship::actors::testing::within(CONVERGE, || async {
+        logged_lately(&cluster, "vol0/node2", "not_converging")
+            .await
+            .then_some(())
+    })
+    .await;
+    assert!(named.is_some(), "{:#}", cluster.primary_volume().await);
+    // Where operators look: /metrics and walship status.
+    let metrics = admin_get(&admin, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("walship_replica_not_converging{")
+                && l.contains("vol0/node2")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let table = run_ok(nodes::WALSHIP, &["status", "--admin", &admin], CLIENT).await;
+    assert!(table.contains("NOT CONVERGING: "), "{table}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    relay.limit_rate(None);
+    // Healed: node2 holds everything and the node says it converged.
+    let converged = walship::actors::testing::within(CONVERGE, || async {
+        let status = cluster.primary_volume().await["status"].clone();
+        let sender = status["registry"]["senders"][0].clone();
+        let caught_up = sender["state"] == "in_sync" && sender["flushed"] == status["head"];
+        let said = logged_lately(&cluster, "vol0/node2", "converged").await;
+        (caught_up && said).then_some(())
+    })
+    .await;
+    assert!(converged.is_some(), "{:#}", cluster.primary_volume().await);
+    cluster.stop_cleanly(&[0, 1]).await;
 }

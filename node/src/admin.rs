@@ -63,6 +63,9 @@ pub struct RecoveryRequest {
     /// Rebuilds at once (a number, or `"unlimited"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rebuilds: Option<String>,
+    /// Bytes per second all recoveries this node's replicas receive share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive_rate: Option<String>,
 }
 
 impl RecoveryRequest {
@@ -87,6 +90,13 @@ impl RecoveryRequest {
         let mut limits = current;
         if let Some(rate) = value(&self.rate, "rate", crate::config::parse_rate)? {
             limits = limits.with_rate(rate);
+        }
+        if let Some(rate) = value(
+            &self.receive_rate,
+            "receive_rate",
+            crate::config::parse_rate,
+        )? {
+            limits = limits.with_receive_rate(rate);
         }
         if let Some(floor) = value(&self.floor, "floor", crate::config::parse_rate)? {
             let floor = floor.ok_or("floor = \"unlimited\": a floor is a rate")?;
@@ -483,6 +493,11 @@ async fn metrics(node: &Node) -> String {
         .set(recovery.rebuilds_running.len() as f64);
     metrics::gauge!("walship_recovery_rebuilds_queued").set(recovery.rebuilds_queued.len() as f64);
     metrics::gauge!("walship_recovery_bytes_sent").set(recovery.bytes_sent as f64);
+    let receive = recovery.limits.receive_rate.unwrap_or(0) as f64;
+    metrics::gauge!("walship_recovery_receive_rate_limit_bytes_per_second").set(receive);
+    metrics::gauge!("walship_recovery_receiving").set(recovery.receiving as f64);
+    metrics::gauge!("walship_recovery_bytes_received").set(recovery.bytes_received as f64);
+    metrics::gauge!("walship_recovery_boosted_bytes_sent").set(recovery.boosted_bytes as f64);
     for (kind, (depth, oldest_us)) in mailboxes {
         metrics::gauge!("walship_mailbox_depth", "actor" => kind).set(depth as f64);
         metrics::gauge!("walship_mailbox_oldest_age_seconds", "actor" => kind)

@@ -255,6 +255,7 @@ struct RawRecovery {
     rate: Option<RawSize>,
     floor: Option<RawSize>,
     max_rebuilds: Option<RawSize>,
+    receive_rate: Option<RawSize>,
 }
 
 fn default_cluster() -> String {
@@ -513,8 +514,10 @@ fn check_recovery(raw: &RawRecovery) -> Result<walship_actors::RecoveryLimits, S
     let rate = value(&raw.rate, "rate", parse_rate)?;
     let floor = value(&raw.floor, "floor", parse_rate)?.unwrap_or(defaults.floor);
     let max = value(&raw.max_rebuilds, "max_rebuilds", |t| t.trim().parse().ok())?;
+    let receive_rate = value(&raw.receive_rate, "receive_rate", parse_rate)?;
     let limits = defaults
         .with_rate(rate)
+        .with_receive_rate(receive_rate)
         .with_floor(floor)
         .with_max_rebuilds(max.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
     limits.validate().map_err(|e| e.to_string())?;
@@ -582,11 +585,12 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
         };
         let config = parse(
             "n",
-            &with("rate = \"200MiB/s\"\nfloor = \"16MiB\"\nmax_rebuilds = 2"),
+            &with("rate = \"200MiB/s\"\nfloor = \"16MiB\"\nmax_rebuilds = 2\nreceive_rate = \"100MiB\""),
             None,
         )
         .unwrap();
         assert_eq!(config.recovery.rate, Some(200 << 20));
+        assert_eq!(config.recovery.receive_rate, Some(100 << 20));
         assert_eq!(config.recovery.floor, 16 << 20);
         assert_eq!(config.recovery.max_rebuilds, Some(2));
         let unlimited = parse("n", &with("rate = \"unlimited\""), None).unwrap();
@@ -601,6 +605,8 @@ replicas = { node2 = "127.0.0.1:7402", node3 = "127.0.0.1:7403" }
             ("max_rebuilds = 0", "max_rebuilds of 0"),
             ("rate = \"fast\"", "not a size"),
             ("floor = \"1KiB\"", "recoveries would crawl"),
+            ("receive_rate = 0", "receive rate of 0"),
+            ("receive_rate = \"2MiB\"", "below the floor"),
         ] {
             let (line, what) = refusal(&with(table));
             assert_eq!(line, 7, "{table}: the [recovery] table");

@@ -89,8 +89,9 @@ enum Command {
         accept_data_loss: bool,
     },
     /// A running node's recovery budget, or a change of it at run time:
-    /// the rate every catch-up and rebuild it sends shares, the floor each
-    /// keeps, and how many rebuilds run at once (the rest queue). Flags
+    /// the rate every catch-up and rebuild it sends shares, the rate what
+    /// it receives shares, the floor each keeps, and how many rebuilds run
+    /// at once (the rest queue). Flags
     /// left out keep their values; a refused change applies nothing.
     Recovery {
         /// The node's admin address (`host:port`).
@@ -105,6 +106,10 @@ enum Command {
         /// Rebuilds at once (a number, or `unlimited`).
         #[arg(long)]
         max_rebuilds: Option<String>,
+        /// Bytes per second all recoveries this node receives share
+        /// (`200MiB`, or `unlimited`).
+        #[arg(long)]
+        receive_rate: Option<String>,
     },
     /// Compares every in-sync replica of a volume with its primary at one
     /// LSN, region by region, while writes go on. Exits 1 when a region
@@ -197,11 +202,13 @@ async fn main() -> anyhow::Result<()> {
             rate,
             floor,
             max_rebuilds,
+            receive_rate,
         } => {
             let change = walship::node::admin::RecoveryRequest {
                 rate,
                 floor,
                 max_rebuilds,
+                receive_rate,
             };
             recovery::run(&admin, change, &mut std::io::stdout()).await
         }

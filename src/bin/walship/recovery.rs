@@ -1,4 +1,5 @@
-//! `walship recovery --admin ADDR [--rate R] [--floor F] [--max-rebuilds N]`:
+//! `walship recovery --admin ADDR [--rate R] [--floor F] [--max-rebuilds N]
+//! [--receive-rate R]`:
 //! a node's recovery budget, shown, or changed at run time (each flag left
 //! out keeps its value; a refused change applies nothing and exits 1).
 
@@ -54,14 +55,18 @@ pub fn render(budget: &Value) -> String {
         }
     };
     format!(
-        "rate {}  floor {} per recovery  max rebuilds {}\nrecoveries sending {}  bytes sent {}\nrebuilds running: {}\nrebuilds queued (first first): {}\n",
+        "rate {}  floor {} per recovery  max rebuilds {}  receive rate {}\nrecoveries sending {}  bytes sent {} ({} boosted)\nrecoveries receiving {}  bytes received {}\nrebuilds running: {}\nrebuilds queued (first first): {}\n",
         rate(&limits["rate"]),
         rate(&limits["floor"]),
         limits["max_rebuilds"]
             .as_u64()
             .map_or("unlimited".to_owned(), |n| n.to_string()),
+        rate(&limits["receive_rate"]),
         budget["recovering"],
         budget["bytes_sent"],
+        budget["boosted_bytes"],
+        budget["receiving"],
+        budget["bytes_received"],
         list(&budget["rebuilds_running"]),
         list(&budget["rebuilds_queued"]),
     )
