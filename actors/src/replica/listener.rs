@@ -358,18 +358,30 @@ impl Received {
         }
     }
 
+    /// The recovery bytes `envelope` carries: a catch-up or rebuild-tail
+    /// batch's frames (session not 0), an image chunk's data.
+    fn recovery_bytes(envelope: &Envelope) -> u64 {
+        match &envelope.message {
+            Message::WalBatch { session: 0, .. } => 0,
+            Message::WalBatch { frames, .. } => frames.len() as u64,
+            Message::RebuildChunk { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+    }
+
     /// Waits until `envelopes` may go to the receiver.
     async fn throttle(&mut self, envelopes: &[Envelope]) {
         let mut bytes = 0u64;
         for envelope in envelopes {
-            match &envelope.message {
+            if matches!(
+                &envelope.message,
                 Message::WalBatch { session: 0, .. }
-                | Message::Heartbeat { .. }
-                | Message::Barrier { .. } => self.counted = None,
-                Message::WalBatch { frames, .. } => bytes += frames.len() as u64,
-                Message::RebuildChunk { data, .. } => bytes += data.len() as u64,
-                _ => {}
+                    | Message::Heartbeat { .. }
+                    | Message::Barrier { .. }
+            ) {
+                self.counted = None;
             }
+            bytes += Self::recovery_bytes(envelope);
         }
         let now = std::time::Instant::now();
         if bytes == 0 {
@@ -414,16 +426,19 @@ async fn serve(
             Err(e) => broken = Some(e),
         }
         // Take whatever else is already here without waiting. Under a
-        // receive rate, one at a time: each waits its turn and is answered
-        // before the next is read, so the sender hears within a batch's
-        // time at the rate (a second at most, at the lowest floor), not
-        // after a whole window's.
-        let drain = if received.budget.receive_limited() {
-            1
-        } else {
-            DRAIN
+        // receive rate a recovery frame ends the group: each waits its
+        // turn and is answered before the next is read, so the sender
+        // hears within a batch's time at the rate (a second at most, at
+        // the lowest floor), not after a whole window's. Live frames
+        // still share one fsync.
+        let limited = received.budget.receive_limited();
+        let ends = |envelopes: &[Envelope]| {
+            limited
+                && envelopes
+                    .last()
+                    .is_some_and(|e| Received::recovery_bytes(e) > 0)
         };
-        while broken.is_none() && envelopes.len() < drain {
+        while broken.is_none() && envelopes.len() < DRAIN && !ends(&envelopes) {
             match framed.next().now_or_never() {
                 Some(Some(Ok(envelope))) => envelopes.push(envelope),
                 Some(Some(Err(e))) => broken = Some(e),
