@@ -43,8 +43,15 @@ impl Handler<Verify> for VolumeActor {
                 cluster: self.config.cluster.clone(),
                 epoch: self.engine.epoch().get(),
                 // The replica compares at this or later: not below what
-                // this store's content can be read at.
-                floor: pin.lsn().max(self.store.content_floor()),
+                // this store's content can be read at, and as late as it
+                // is known to hold (what it acknowledged durable), so the
+                // writes of the last checkpoint interval are compared too
+                // (at the checkpoint alone, a volume that has not
+                // checkpointed yet would compare nothing it was written).
+                floor: pin
+                    .lsn()
+                    .max(self.store.content_floor())
+                    .max(s.flushed.get().min(self.store.wal().head())),
                 tuning: self.config.tuning.clone(),
                 links: Arc::clone(&self.pools.links),
             })
