@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -189,6 +189,29 @@ impl DecisionsSeen {
         let last = seen.insert((engine, event), total).unwrap_or(0);
         total.saturating_sub(last)
     }
+}
+
+/// The per-replica recovery series the last scrape set, by labels
+/// (volume, replica, kind). The recorder never forgets a series: one whose
+/// recovery ended, or whose kind changed (queued, then running), would
+/// keep its last figures, so the next scrape sets it to nothing to go.
+static RECOVERY_SEEN: Mutex<BTreeSet<[String; 3]>> = Mutex::new(BTreeSet::new());
+
+/// Sets every recovery series seen before and not now to nothing to go.
+fn clear_ended_recoveries(now: BTreeSet<[String; 3]>) {
+    let mut seen = RECOVERY_SEEN.lock().unwrap_or_else(PoisonError::into_inner);
+    for [volume, replica, kind] in seen.difference(&now) {
+        let labels = [
+            ("volume", volume.clone()),
+            ("replica", replica.clone()),
+            ("kind", kind.clone()),
+        ];
+        metrics::gauge!("walship_replica_recovery_bytes_to_go", &labels).set(0.0);
+        metrics::gauge!("walship_replica_recovery_rate_bytes_per_second", &labels).set(0.0);
+        metrics::gauge!("walship_replica_recovery_eta_seconds", &labels).set(-1.0);
+        metrics::gauge!("walship_replica_rebuild_queue_position", &labels).set(0.0);
+    }
+    *seen = now;
 }
 
 /// How often histogram samples are drained into their buckets.
@@ -377,6 +400,7 @@ async fn metrics(node: &Node) -> String {
     // a kind this node has no actor of any more).
     let mut mailboxes: BTreeMap<&'static str, (u64, u64)> =
         MAILBOX_KINDS.iter().map(|&kind| (kind, (0, 0))).collect();
+    let mut recovering = BTreeSet::new();
     for report in node.report().await {
         for mailbox in report.status.mailboxes() {
             let kind = mailboxes.entry(mailbox.kind).or_default();
@@ -452,6 +476,11 @@ async fn metrics(node: &Node) -> String {
                 metrics::gauge!("walship_volume_write_delay_seconds", "volume" => volume.clone())
                     .set(held.delay_seconds);
                 for progress in &status.recovery {
+                    recovering.insert([
+                        volume.clone(),
+                        progress.replica.to_string(),
+                        progress.kind.clone(),
+                    ]);
                     let labels = [
                         ("volume", volume.clone()),
                         ("replica", progress.replica.to_string()),
@@ -484,6 +513,7 @@ async fn metrics(node: &Node) -> String {
             NodeStatus::Peering(_) => {}
         }
     }
+    clear_ended_recoveries(recovering);
     // The node's recovery budget.
     let recovery = node.recovery().status();
     let rate = recovery.limits.rate.unwrap_or(0) as f64;
