@@ -233,7 +233,7 @@ async fn kill_a_replica_mid_recovery(
     victim: usize,
     state: &str,
     plan: &str,
-) {
+) -> Vec<String> {
     let mut cluster = NodeCluster::start(quorum_with_slow_streams(volume)).await;
     cluster.wait_converged(CONVERGE).await;
     let addr = nbd_addr(&cluster.nodes[0]);
@@ -248,6 +248,11 @@ async fn kill_a_replica_mid_recovery(
     let writer = tokio::spawn(write_blocks(addr, 6000..7000, true, Arc::clone(&acked)));
     cluster.spawn(victim);
     cluster.wait_replica_state(&name, state, CONVERGE).await;
+    // A scrape while it recovers: its progress series are set.
+    let admin_addr = cluster.nodes[0].admin_addr();
+    let (_, during) = admin::request(&admin_addr, "/metrics", None)
+        .await
+        .expect("GET /metrics");
     cluster.kill(victim).await;
     let more = writer.await.unwrap();
     assert_eq!(more.len(), 1000);
@@ -295,11 +300,44 @@ async fn kill_a_replica_mid_recovery(
     );
     let completed = counted("session_completed") + counted("rebuild_completed");
     assert!(completed >= 1, "no completed recovery counted:\n{text}");
+    // Once every recovery ended, no series says there is anything to go
+    // (the recorder keeps a series for good; a scrape clears the ended).
+    let to_go = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("walship_replica_recovery_bytes_to_go{"))
+            .filter(|l| !l.ends_with(" 0"))
+            .map(str::to_owned)
+            .collect()
+    };
+    if !to_go(&during).is_empty() {
+        assert!(
+            to_go(&text).is_empty(),
+            "ended recoveries still to go: {:?}",
+            to_go(&text)
+        );
+    }
+    // The victim's plans, in order, with their proofs.
+    log.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["replica"] == replica.as_str())
+        .filter(|e| e["event"].as_str().unwrap_or_default().starts_with(plan))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["event"].as_str().unwrap(),
+                e["detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_catch_up_comes_back_and_nothing_acknowledged_is_lost() {
-    kill_a_replica_mid_recovery(VolumeOptions::default(), 1, "catching_up", "plan_catchup").await;
+    let plans =
+        kill_a_replica_mid_recovery(VolumeOptions::default(), 1, "catching_up", "plan_catchup")
+            .await;
+    assert!(plans.len() >= 2, "{plans:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +351,36 @@ async fn a_replica_killed_mid_rebuild_comes_back_and_nothing_acknowledged_is_los
         ),
         ..VolumeOptions::default()
     };
-    kill_a_replica_mid_recovery(volume, 2, "rebuilding", "plan_rebuild").await;
+    let plans = kill_a_replica_mid_recovery(volume, 2, "rebuilding", "plan_rebuild").await;
+    // What each rebuild moved (the source, snapshot and tail, is logged
+    // beside it). The replica left empty-handed (nothing was written before
+    // its first kill) gets it whole; cut by the second kill, it resumes
+    // what it installed: below its cursor only what the map marked since,
+    // above it what differs (or, killed before its install began, it is
+    // compared or sent whole again).
+    eprintln!("plans: {plans:#?}");
+    let transfers: Vec<&String> = plans
+        .iter()
+        .filter(|p| {
+            !p.starts_with("plan_rebuild_snapshot_tail") && !p.starts_with("plan_rebuild_full_base")
+        })
+        .collect();
+    assert!(transfers.len() >= 2, "{plans:#?}");
+    assert!(
+        transfers[0].starts_with("plan_rebuild_whole replica_empty"),
+        "{plans:#?}"
+    );
+    let later = [
+        "plan_rebuild_resume ",
+        "plan_rebuild_checksum ",
+        "plan_rebuild_whole ",
+    ];
+    assert!(
+        transfers[1..]
+            .iter()
+            .all(|p| later.iter().any(|kind| p.starts_with(kind))),
+        "{plans:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -704,4 +771,89 @@ async fn a_replica_behind_a_slow_link_is_named_not_converging_by_the_node() {
     .await;
     assert!(converged.is_some(), "{:#}", cluster.primary_volume().await);
     cluster.stop_cleanly(&[0, 1]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_volume_under_fio_verifies_clean_twenty_times_in_a_row() {
+    let mut cluster = NodeCluster::start(VolumeOptions::default()).await;
+    cluster.wait_converged(CONVERGE).await;
+    let admin = cluster.nodes[0].admin_addr();
+    let head = || async {
+        cluster.primary_volume().await["status"]["head"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = head().await;
+    // fio writes the whole time (random 4 KiB at QD 4, a flush every 16
+    // writes), bounded to five minutes; killed (only it) at the end.
+    let mut fio = tokio::process::Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={}", cluster.nodes[0].uri("vol0")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=32M",
+            "--fsync=16",
+            "--time_based",
+            "--runtime=300",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("fio");
+    let writing = walship::actors::testing::within(CONVERGE, || async {
+        (head().await > before + 100).then_some(())
+    })
+    .await;
+    assert!(writing.is_some(), "fio never wrote");
+    let mut lsns = Vec::new();
+    for round in 0..20 {
+        let out = run(
+            nodes::WALSHIP,
+            &["verify", "--admin", &admin, "vol0"],
+            CLIENT,
+        )
+        .await;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "round {round}: {text}");
+        for replica in ["vol0/node2", "vol0/node3"] {
+            let said = format!("{replica}: clean at lsn ");
+            let at = text
+                .split(&said)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|lsn| {
+                    lsn.trim_end_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u64>()
+                        .ok()
+                });
+            let Some(at) = at else {
+                panic!("round {round}: {replica} not clean: {text}");
+            };
+            lsns.push(at);
+        }
+        assert!(
+            fio.try_wait().unwrap().is_none(),
+            "fio stopped before round {round}"
+        );
+    }
+    let after = head().await;
+    fio.kill().await.unwrap();
+    assert!(
+        after > before + 1000,
+        "writes flowed: head {before} -> {after}"
+    );
+    assert!(
+        lsns.first() < lsns.last(),
+        "compared at LSNs that moved with the writes: {lsns:?}"
+    );
+    cluster.stop_cleanly(&[0, 1, 2]).await;
 }
