@@ -71,6 +71,57 @@ async fn replica(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
     .unwrap()
 }
 
+/// A replica of every primary's volume on `replicas_rt`, each primary
+/// told of it: each is rebuilt.
+async fn join(primaries: &[VolumeHandle], replicas_rt: &Runtime, dir: &Path) -> Vec<VolumeHandle> {
+    let mut replicas = Vec::new();
+    for (v, primary) in primaries.iter().enumerate() {
+        let handle = replica(replicas_rt, dir, v as u64).await;
+        let addr = handle.listen_addr().unwrap().to_string();
+        replicas.push(handle);
+        primary
+            .apply_assignment(Assignment {
+                epoch: Epoch(1),
+                commit_mode: CommitMode::BestEffort,
+                replicas: vec![ReplicaAssignment {
+                    id: ReplicaId::new(&format!("v{v}"), "r1").unwrap(),
+                    endpoint: Endpoint::new(addr, 1),
+                }],
+            })
+            .await
+            .unwrap();
+    }
+    replicas
+}
+
+/// Bytes per second between 20% and 80% of `total` in `samples` (elapsed,
+/// bytes so far): start-up and the last acks aside.
+fn rate_between(samples: &[(Duration, u64)], total: u64) -> f64 {
+    let at = |fraction: f64| {
+        samples
+            .iter()
+            .find(|(_, bytes)| *bytes as f64 >= total as f64 * fraction)
+            .copied()
+            .unwrap()
+    };
+    let ((t1, b1), (t2, b2)) = (at(0.2), at(0.8));
+    (b2 - b1) as f64 / (t2 - t1).as_secs_f64()
+}
+
+/// Every replica in sync, holding its primary's content.
+async fn all_in_sync_and_equal(primaries: &[VolumeHandle], replicas: &[VolumeHandle]) {
+    for (primary, replica) in primaries.iter().zip(replicas) {
+        primary
+            .wait_replica_state("r1", ReplicaState::InSync, LONG)
+            .await
+            .unwrap();
+        assert_eq!(
+            primary.content_checksum().await.unwrap(),
+            replica.content_checksum().await.unwrap()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end_in_sync() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,23 +149,7 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
         .with_max_rebuilds(Some(cap));
     budget.set_limits(limits).unwrap();
     // The replica node comes back empty for every volume.
-    let mut replicas = Vec::new();
-    for (v, primary) in primaries.iter().enumerate() {
-        let handle = replica(&replicas_rt, dir.path(), v as u64).await;
-        let addr = handle.listen_addr().unwrap().to_string();
-        replicas.push(handle);
-        primary
-            .apply_assignment(Assignment {
-                epoch: Epoch(1),
-                commit_mode: CommitMode::BestEffort,
-                replicas: vec![ReplicaAssignment {
-                    id: ReplicaId::new(&format!("v{v}"), "r1").unwrap(),
-                    endpoint: Endpoint::new(addr, 1),
-                }],
-            })
-            .await
-            .unwrap();
-    }
+    let replicas = join(&primaries, &replicas_rt, dir.path()).await;
     // Watch the budget until every rebuild is done.
     let total = VOLUMES * BLOCKS * 4096;
     let started = Instant::now();
@@ -173,15 +208,7 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
     );
     // The rate between 20% and 80% of the bytes (start-up and the last
     // acks aside).
-    let at = |fraction: f64| {
-        samples
-            .iter()
-            .find(|(_, bytes)| *bytes as f64 >= total as f64 * fraction)
-            .copied()
-            .unwrap()
-    };
-    let ((t1, b1), (t2, b2)) = (at(0.2), at(0.8));
-    let measured = (b2 - b1) as f64 / (t2 - t1).as_secs_f64();
+    let measured = rate_between(&samples, total);
     let ratio = measured / rate as f64;
     eprintln!(
         "{VOLUMES} rebuilds of {} MiB: {:.1} MiB/s against a rate of {} MiB/s ({ratio:.3}x), at most {most_running} at once, {most_queued} queued, {:?} in all",
@@ -194,16 +221,7 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
         (0.9..=1.1).contains(&ratio),
         "{measured:.0} B/s against {rate} B/s"
     );
-    for (primary, replica) in primaries.iter().zip(&replicas) {
-        primary
-            .wait_replica_state("r1", ReplicaState::InSync, LONG)
-            .await
-            .unwrap();
-        assert_eq!(
-            primary.content_checksum().await.unwrap(),
-            replica.content_checksum().await.unwrap()
-        );
-    }
+    all_in_sync_and_equal(&primaries, &replicas).await;
     assert!(budget.status().rebuilds_running.is_empty());
     for volume in primaries.iter().chain(&replicas) {
         volume.stop().await;
@@ -243,23 +261,7 @@ async fn a_replica_node_receives_recoveries_within_its_receive_rate() {
         .with_floor(MIB)
         .with_receive_rate(Some(rate));
     receiving.set_limits(limits).unwrap();
-    let mut replicas = Vec::new();
-    for (v, primary) in primaries.iter().enumerate() {
-        let handle = replica(&replicas_rt, dir.path(), v as u64).await;
-        let addr = handle.listen_addr().unwrap().to_string();
-        replicas.push(handle);
-        primary
-            .apply_assignment(Assignment {
-                epoch: Epoch(1),
-                commit_mode: CommitMode::BestEffort,
-                replicas: vec![ReplicaAssignment {
-                    id: ReplicaId::new(&format!("v{v}"), "r1").unwrap(),
-                    endpoint: Endpoint::new(addr, 1),
-                }],
-            })
-            .await
-            .unwrap();
-    }
+    let replicas = join(&primaries, &replicas_rt, dir.path()).await;
     let total = VOLUMES * BLOCKS * 4096;
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -273,15 +275,7 @@ async fn a_replica_node_receives_recoveries_within_its_receive_rate() {
         // The sampling period (the wait is the condition above, bounded).
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let at = |fraction: f64| {
-        samples
-            .iter()
-            .find(|(_, bytes)| *bytes as f64 >= total as f64 * fraction)
-            .copied()
-            .unwrap()
-    };
-    let ((t1, b1), (t2, b2)) = (at(0.2), at(0.8));
-    let measured = (b2 - b1) as f64 / (t2 - t1).as_secs_f64();
+    let measured = rate_between(&samples, total);
     let ratio = measured / rate as f64;
     eprintln!(
         "{VOLUMES} rebuilds received: {:.1} MiB/s against a receive rate of {} MiB/s ({ratio:.3}x)",
@@ -294,16 +288,7 @@ async fn a_replica_node_receives_recoveries_within_its_receive_rate() {
     );
     // The senders were not limited: what they sent waited on the replicas.
     assert_eq!(primaries_rt.recovery().status().limits.rate, None);
-    for (primary, replica) in primaries.iter().zip(&replicas) {
-        primary
-            .wait_replica_state("r1", ReplicaState::InSync, LONG)
-            .await
-            .unwrap();
-        assert_eq!(
-            primary.content_checksum().await.unwrap(),
-            replica.content_checksum().await.unwrap()
-        );
-    }
+    all_in_sync_and_equal(&primaries, &replicas).await;
     for volume in primaries.iter().chain(&replicas) {
         volume.stop().await;
     }
