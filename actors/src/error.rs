@@ -75,6 +75,10 @@ pub enum VolumeError {
     /// volume's log says why.
     #[error("the primary did not open: {0}")]
     OpenFailed(String),
+    /// A replica of the primary's config whose server name cannot name a
+    /// replica (empty, or with a `/`).
+    #[error("replica: {0}")]
+    InvalidReplica(String),
     /// Starting the runtime or a listener failed.
     #[error("runtime: {0}")]
     Runtime(String),

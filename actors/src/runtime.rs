@@ -191,6 +191,9 @@ async fn start_volume(
     pools: Pools,
     tasks: TaskTracker,
 ) -> Result<VolumeHandle, VolumeError> {
+    if let VolumeConfig::Primary(config) = &config {
+        crate::primary::check_assignment(config)?;
+    }
     match config {
         VolumeConfig::Primary(config) if !config.peering.enabled => {
             let actor = VolumeActor::open(config, pools, tasks.clone())?;

@@ -19,6 +19,7 @@ pub use sender::Heartbeat as SenderHeartbeat;
 pub use sender::SenderActor;
 pub use verify::{Mismatch, ReplicaVerify, VerifyReport};
 pub use volume::api::*;
+pub(crate) use volume::check_assignment;
 pub use volume::progress::RecoveryProgress;
 pub(crate) use volume::verifying::Verify;
 pub use volume::VolumeActor;

@@ -111,9 +111,11 @@ impl Actor for VolumeActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let me = MeteredAddr::new(ctx.address(), Arc::clone(&self.metrics));
         self.me = Some(me.clone());
-        let assignment = self.assignment(self.config.epoch);
-        if let Err(error) = self.engine.handle_assignment(assignment) {
-            tracing::error!(%error, "initial assignment refused");
+        // Checked before the store was opened (`check_assignment`): taken.
+        if let Ok(assignment) = assignment_of(&self.config) {
+            if let Err(error) = self.engine.handle_assignment(assignment) {
+                tracing::error!(%error, "initial assignment refused");
+            }
         }
         self.note_commit_mode();
         self.run_commands(ctx);
@@ -258,25 +260,6 @@ impl VolumeActor {
             checkpoint: Lsn(store.superblock().checkpoint),
             checkpoint_trusted: true,
             newest_epoch: wal.newest_epoch().map(transport::engine_epoch),
-        }
-    }
-
-    fn assignment(&self, epoch: u64) -> Assignment {
-        Assignment {
-            epoch: Epoch(epoch),
-            commit_mode: self.config.commit_mode,
-            replicas: self
-                .config
-                .replicas
-                .iter()
-                .filter_map(|spec| {
-                    let id = ReplicaId::new(&self.config.volume, &spec.server).ok()?;
-                    Some(ReplicaAssignment {
-                        id,
-                        endpoint: Endpoint::new(spec.addr.clone(), spec.version),
-                    })
-                })
-                .collect(),
         }
     }
 
@@ -622,4 +605,37 @@ impl Handler<EngineInput> for VolumeActor {
         }
         self.run_commands(ctx);
     }
+}
+
+/// Refuses, typed, an assignment the engine would refuse (an impossible
+/// quorum, a replica twice, a name that cannot name a replica), before
+/// the volume's store is opened: an engine as new as the volume's (epoch
+/// 0, no replicas yet) takes it, so the rules are the engine's own. Taken
+/// as it was, the refusal was only logged, and every write then failed.
+pub(crate) fn check_assignment(config: &PrimaryConfig) -> Result<(), VolumeError> {
+    let assignment = assignment_of(config)?;
+    Engine::new(EngineConfig::new(config.volume.clone())).handle_assignment(assignment)?;
+    Ok(())
+}
+
+/// The assignment `config` describes; a replica whose server name cannot
+/// make a replica id is refused (it was dropped without a word before).
+fn assignment_of(config: &PrimaryConfig) -> Result<Assignment, VolumeError> {
+    let replicas = config
+        .replicas
+        .iter()
+        .map(|spec| {
+            let id = ReplicaId::new(&config.volume, &spec.server)
+                .map_err(|e| VolumeError::InvalidReplica(e.to_string()))?;
+            Ok(ReplicaAssignment {
+                id,
+                endpoint: Endpoint::new(spec.addr.clone(), spec.version),
+            })
+        })
+        .collect::<Result<_, VolumeError>>()?;
+    Ok(Assignment {
+        epoch: Epoch(config.epoch),
+        commit_mode: config.commit_mode,
+        replicas,
+    })
 }

@@ -1,0 +1,100 @@
+//! `spawn_volume` refuses, typed and before any write, an assignment the
+//! engine would refuse; the refused volume leaves its store free, and the
+//! same directory opens with a good one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+use walship::actors::{PrimaryConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig, VolumeError};
+use walship::engine::{CommitError, CommitMode, EngineError};
+use walship::io::StoreOptions;
+
+fn primary(dir: &Path, epoch: u64, mode: CommitMode, servers: &[&str]) -> VolumeConfig {
+    VolumeConfig::Primary(PrimaryConfig {
+        cluster: "spawn".into(),
+        volume: "v".into(),
+        dir: dir.to_path_buf(),
+        store: StoreOptions {
+            lock_wait: Duration::ZERO,
+            ..StoreOptions::new(256)
+        },
+        epoch,
+        commit_mode: mode,
+        replicas: servers
+            .iter()
+            .map(|server| ReplicaSpec {
+                server: (*server).to_owned(),
+                addr: "127.0.0.1:9".into(),
+                version: 1,
+            })
+            .collect(),
+        tuning: Tuning::default(),
+        on_replica_states: None,
+        peering: Default::default(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_the_engine_would_refuse_is_refused_at_spawn_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start().unwrap();
+    let at = dir.path().join("v");
+    // sync_quorum with two members: any one failure blocks every write.
+    let refused = rt
+        .spawn_volume(primary(&at, 1, CommitMode::SyncQuorum, &["r1"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            VolumeError::Engine(EngineError::Commit(CommitError::ImpossibleQuorum {
+                members: 2,
+                quorum: 2
+            }))
+        ),
+        "{refused:?}"
+    );
+    // The same replica twice.
+    let refused = rt
+        .spawn_volume(primary(&at, 1, CommitMode::SyncAll, &["r1", "r1"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            VolumeError::Engine(EngineError::DuplicateReplica(_))
+        ),
+        "{refused:?}"
+    );
+    // A server name that cannot name a replica (it was dropped silently).
+    let refused = rt
+        .spawn_volume(primary(&at, 1, CommitMode::SyncAll, &["r1", "a/b"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, VolumeError::InvalidReplica(_)),
+        "{refused:?}"
+    );
+    // Nothing was written and the store is free: a good assignment opens
+    // the same directory and takes a write.
+    let volume = rt
+        .spawn_volume(primary(&at, 1, CommitMode::BestEffort, &[]))
+        .await
+        .unwrap();
+    let lsn = volume
+        .write(0, bytes::Bytes::from(vec![1u8; 4096]))
+        .await
+        .unwrap();
+    assert_eq!(lsn, 1, "the refused spawns wrote nothing");
+    volume.stop().await;
+    // An epoch not newer than the WAL's.
+    let refused = rt
+        .spawn_volume(primary(&at, 1, CommitMode::BestEffort, &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, VolumeError::EpochNotNewer { .. }),
+        "{refused:?}"
+    );
+    rt.shutdown();
+}
