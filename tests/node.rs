@@ -857,3 +857,65 @@ async fn a_healthy_volume_under_fio_verifies_clean_twenty_times_in_a_row() {
     );
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
+
+/// The value of the series `name` whose labels include every one of
+/// `labels` in a Prometheus text scrape.
+fn series(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_fio_did_to_the_export() {
+    let mut cluster = NodeCluster::start_nodes(VolumeOptions::default(), 1).await;
+    let admin = cluster.nodes[0].admin_addr();
+    let out = run_ok(
+        "fio",
+        &[
+            "--name=counted",
+            "--ioengine=nbd",
+            &format!("--uri={}", cluster.nodes[0].uri("vol0")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=4M",
+            "--end_fsync=1",
+            "--output-format=json",
+        ],
+        CLIENT,
+    )
+    .await;
+    // fio prints its JSON after whatever it says first.
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let write = &json["jobs"][0]["write"];
+    let (ios, bytes) = (
+        write["total_ios"].as_u64().unwrap(),
+        write["io_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(bytes, 4 << 20, "{write}");
+    let text = admin_get(&admin, "/metrics").await;
+    let of = |name: &str, op: &str| {
+        series(&text, name, &["volume=\"vol0\"", &format!("op=\"{op}\"")])
+            .unwrap_or_else(|| panic!("no {name} for {op}:\n{text}"))
+    };
+    assert_eq!(of("walship_nbd_requests_total", "write"), ios as f64);
+    assert_eq!(of("walship_nbd_bytes_total", "write"), bytes as f64);
+    assert_eq!(of("walship_nbd_request_seconds_count", "write"), ios as f64);
+    assert_eq!(of("walship_nbd_errors_total", "write"), 0.0);
+    assert!(
+        of("walship_nbd_requests_total", "flush") >= 1.0,
+        "end_fsync"
+    );
+    assert_eq!(of("walship_nbd_requests_total", "read"), 0.0);
+    // Every series says what it is.
+    for typed in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = typed.split(' ').next().unwrap();
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP line:\n{text}"
+        );
+    }
+    cluster.stop_cleanly(&[0]).await;
+}

@@ -151,6 +151,7 @@ pub(crate) fn prometheus() -> Option<&'static PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()?;
+            crate::help::describe();
             let upkept = handle.clone();
             let spawned = std::thread::Builder::new()
                 .name("metrics-upkeep".into())

@@ -13,6 +13,7 @@ pub mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fence;
+mod help;
 pub mod nbd;
 mod node;
 mod serving;

@@ -17,6 +17,7 @@
 //! like qemu, align on their side).
 
 mod handshake;
+pub(crate) mod metrics;
 mod proto;
 mod transmission;
 

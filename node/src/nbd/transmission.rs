@@ -81,6 +81,7 @@ where
         });
         (ending, rx)
     };
+    let io = Arc::new(super::metrics::IoMetrics::new(&export.name));
     let export = Arc::new(export);
     let (replies, queue) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(write, queue));
@@ -139,12 +140,14 @@ where
         } else {
             Bytes::new()
         };
-        let (export, replies) = (Arc::clone(&export), replies.clone());
+        let (export, replies, io) = (Arc::clone(&export), replies.clone(), Arc::clone(&io));
         running.spawn(async move {
+            let started = std::time::Instant::now();
             let (error, data) = match carry_out(&export, request, data).await {
                 Ok(data) => (0, data),
                 Err(error) => (error, None),
             };
+            io.record(request.kind, request.length, error == 0, started.elapsed());
             let _ = replies.send(Reply {
                 handle: request.handle,
                 error,
