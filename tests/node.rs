@@ -757,6 +757,17 @@ async fn a_replica_behind_a_slow_link_is_named_not_converging_by_the_node() {
     );
     let table = run_ok(nodes::WALSHIP, &["status", "--admin", &admin], CLIENT).await;
     assert!(table.contains("NOT CONVERGING: "), "{table}");
+    // What only grows is a counter (`_total`), and it grew.
+    assert!(
+        metrics.contains("# TYPE walship_replica_shipped_bytes_total counter"),
+        "{metrics}"
+    );
+    let shipped = series(
+        &metrics,
+        "walship_replica_shipped_bytes_total",
+        &["vol0/node2"],
+    );
+    assert!(shipped.is_some_and(|bytes| bytes > 0.0), "{metrics}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     relay.limit_rate(None);

@@ -176,20 +176,22 @@ const MAILBOX_KINDS: [&str; 3] = ["volume", "sender", "receiver"];
 /// Prometheus counter must never go back, so it grows by what each engine's
 /// total grew since the last scrape. (What a replaced engine decided after
 /// the last scrape goes uncounted.)
-static DECISIONS_SEEN: DecisionsSeen = DecisionsSeen(Mutex::new(BTreeMap::new()));
+/// The same goes for every total the node reports (a volume's bytes
+/// shipped, the budget's bytes sent): each is a counter grown by what the
+/// total grew, keyed by the instance that keeps it (a volume reopened in a
+/// new term starts a new total).
+static TOTALS_SEEN: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
 
-/// An engine: node, volume, term.
-type EngineKey = (String, String, u64);
-
-struct DecisionsSeen(Mutex<BTreeMap<(EngineKey, &'static str), u64>>);
-
-impl DecisionsSeen {
-    /// How much `total` grew since the last scrape.
-    fn grown(&self, engine: EngineKey, event: &'static str, total: u64) -> u64 {
-        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let last = seen.insert((engine, event), total).unwrap_or(0);
-        total.saturating_sub(last)
-    }
+/// Grows the counter `name` with `labels` by what `total`, kept by
+/// `instance`, grew since the last scrape.
+fn count_total(name: &'static str, labels: &[(&'static str, String)], instance: &str, total: u64) {
+    let key = format!("{name}{labels:?}@{instance}");
+    let last = TOTALS_SEEN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key, total)
+        .unwrap_or(0);
+    metrics::counter!(name, labels).increment(total.saturating_sub(last));
 }
 
 /// The per-replica recovery series the last scrape set, by labels
@@ -430,15 +432,14 @@ async fn metrics(node: &Node) -> String {
                 gauge("walship_volume_snapshot_pins", status.snapshot_pins as u64);
                 // Recoveries by outcome: every plan, completion, abort and
                 // invalidation the engine decided, counted since it opened.
+                let engine = format!(
+                    "{}/{volume}/{}",
+                    node.config().node,
+                    report.assignment.term()
+                );
                 for (event, count) in &status.registry.decision_totals {
-                    let engine = (
-                        node.config().node.clone(),
-                        volume.clone(),
-                        report.assignment.term(),
-                    );
-                    let grown = DECISIONS_SEEN.grown(engine, event, *count);
                     let labels = [("volume", volume.clone()), ("event", (*event).to_owned())];
-                    metrics::counter!("walship_recovery_decisions_total", &labels).increment(grown);
+                    count_total("walship_recovery_decisions_total", &labels, &engine, *count);
                 }
                 for sender in &status.registry.senders {
                     let labels = [
@@ -472,10 +473,6 @@ async fn metrics(node: &Node) -> String {
                 let limit = held.limit.map_or(-1.0, |rate| rate as f64);
                 metrics::gauge!("walship_volume_write_limit_bytes_per_second", "volume" => volume.clone())
                     .set(limit);
-                metrics::gauge!("walship_volume_writes_delayed", "volume" => volume.clone())
-                    .set(held.delayed_writes as f64);
-                metrics::gauge!("walship_volume_write_delay_seconds", "volume" => volume.clone())
-                    .set(held.delay_seconds);
                 for progress in &status.recovery {
                     recovering.insert([
                         volume.clone(),
@@ -503,7 +500,12 @@ async fn metrics(node: &Node) -> String {
                 }
                 for (replica, sent) in &status.bytes_sent {
                     let labels = [("volume", volume.clone()), ("replica", replica.to_string())];
-                    metrics::gauge!("walship_replica_bytes_shipped", &labels).set(*sent as f64);
+                    count_total(
+                        "walship_replica_shipped_bytes_total",
+                        &labels,
+                        &engine,
+                        *sent,
+                    );
                 }
             }
             NodeStatus::Replica(status) => {
@@ -523,12 +525,27 @@ async fn metrics(node: &Node) -> String {
     metrics::gauge!("walship_recovery_rebuilds_running")
         .set(recovery.rebuilds_running.len() as f64);
     metrics::gauge!("walship_recovery_rebuilds_queued").set(recovery.rebuilds_queued.len() as f64);
-    metrics::gauge!("walship_recovery_bytes_sent").set(recovery.bytes_sent as f64);
+    count_total(
+        "walship_recovery_sent_bytes_total",
+        &[],
+        "node",
+        recovery.bytes_sent,
+    );
     let receive = recovery.limits.receive_rate.unwrap_or(0) as f64;
     metrics::gauge!("walship_recovery_receive_rate_limit_bytes_per_second").set(receive);
     metrics::gauge!("walship_recovery_receiving").set(recovery.receiving as f64);
-    metrics::gauge!("walship_recovery_bytes_received").set(recovery.bytes_received as f64);
-    metrics::gauge!("walship_recovery_boosted_bytes_sent").set(recovery.boosted_bytes as f64);
+    count_total(
+        "walship_recovery_received_bytes_total",
+        &[],
+        "node",
+        recovery.bytes_received,
+    );
+    count_total(
+        "walship_recovery_boosted_bytes_total",
+        &[],
+        "node",
+        recovery.boosted_bytes,
+    );
     for (kind, (depth, oldest_us)) in mailboxes {
         metrics::gauge!("walship_mailbox_depth", "actor" => kind).set(depth as f64);
         metrics::gauge!("walship_mailbox_oldest_age_seconds", "actor" => kind)

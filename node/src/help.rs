@@ -79,14 +79,10 @@ pub(crate) fn describe() {
         "walship_volume_write_limit_bytes_per_second",
         "The rate the volume's writes are held to for a replica that is not converging (-1: free)"
     );
-    describe_gauge!(
-        "walship_volume_writes_delayed",
-        "Writes whose answer waited for backpressure since the volume opened"
-    );
-    describe_gauge!(
+    describe_histogram!(
         "walship_volume_write_delay_seconds",
         Unit::Seconds,
-        "Backpressure delays of the volume's writes, summed, since it opened"
+        "How long the answer of each write held back by backpressure waited"
     );
     // Replicas, as their primary sees them.
     describe_gauge!(
@@ -101,8 +97,9 @@ pub(crate) fn describe() {
         "walship_replica_lag_bytes",
         "WAL bytes after what the replica acknowledged durable"
     );
-    describe_gauge!(
-        "walship_replica_bytes_shipped",
+    describe_counter!(
+        "walship_replica_shipped_bytes_total",
+        Unit::Bytes,
         "Bytes the primary sent the replica (WAL batches and image chunks)"
     );
     describe_gauge!(
@@ -159,16 +156,19 @@ pub(crate) fn describe() {
         "walship_recovery_rebuilds_queued",
         "Rebuilds waiting for one of the node's slots"
     );
-    describe_gauge!(
-        "walship_recovery_bytes_sent",
+    describe_counter!(
+        "walship_recovery_sent_bytes_total",
+        Unit::Bytes,
         "Bytes recoveries sent through the node's budget"
     );
-    describe_gauge!(
-        "walship_recovery_bytes_received",
+    describe_counter!(
+        "walship_recovery_received_bytes_total",
+        Unit::Bytes,
         "Bytes recoveries received through the node's budget"
     );
-    describe_gauge!(
-        "walship_recovery_boosted_bytes_sent",
+    describe_counter!(
+        "walship_recovery_boosted_bytes_total",
+        Unit::Bytes,
         "Of the bytes sent, those of boosted catch-ups (first call on the rate)"
     );
     describe_counter!(

@@ -25,6 +25,8 @@ pub(super) struct Converging {
     epoch: Instant,
     delayed_writes: u64,
     delayed_for: Duration,
+    /// Each delay, for `/metrics` (`walship_volume_write_delay_seconds`).
+    delays: metrics::Histogram,
 }
 
 /// The volume's writes held back for a replica that is not converging.
@@ -39,8 +41,12 @@ pub struct WriteBackpressure {
 }
 
 impl Converging {
-    pub(super) fn new(head: u64) -> Self {
+    pub(super) fn new(volume: &str, head: u64) -> Self {
         Self {
+            delays: metrics::histogram!(
+                "walship_volume_write_delay_seconds",
+                "volume" => volume.to_owned()
+            ),
             ingested: 0,
             head,
             boosts: HashMap::new(),
@@ -87,6 +93,7 @@ impl Converging {
         if !wait.is_zero() {
             self.delayed_writes += 1;
             self.delayed_for += wait;
+            self.delays.record(wait.as_secs_f64());
         }
         wait
     }

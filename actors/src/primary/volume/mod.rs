@@ -197,7 +197,7 @@ impl VolumeActor {
             Lsn(committed),
         )?;
         tracing::info!(volume = %config.volume, ?report, backend = ?reader.choice(), "primary opened");
-        let converging = converging::Converging::new(wal.head());
+        let converging = converging::Converging::new(&config.volume, wal.head());
         let (head_tx, _) = watch::channel(wal.head());
         let (committed_tx, _) = watch::channel(committed);
         Ok(Self {
