@@ -797,22 +797,22 @@ impl VolumeHandle {
     }
 
     /// Makes the volume's next WAL sync fail with EIO, as a failing disk
-    /// would. For tests of the storage-failure path (feature `testing`).
-    #[cfg(feature = "testing")]
+    /// would. For tests of the storage-failure path (feature `faults`).
+    #[cfg(feature = "faults")]
     pub async fn inject_storage_failure(&self) -> Result<(), VolumeError> {
         self.inject(crate::testing::StorageFault::FailNextSync)
             .await
     }
 
     /// Makes every WAL sync of the volume take `delay` longer, as a slow
-    /// disk would. For tests of what waits on a sync (feature `testing`).
-    #[cfg(feature = "testing")]
+    /// disk would. For tests of what waits on a sync (feature `faults`).
+    #[cfg(feature = "faults")]
     pub async fn slow_syncs(&self, delay: std::time::Duration) -> Result<(), VolumeError> {
         self.inject(crate::testing::StorageFault::SlowSyncs(delay))
             .await
     }
 
-    #[cfg(feature = "testing")]
+    #[cfg(feature = "faults")]
     async fn inject(&self, fault: crate::testing::StorageFault) -> Result<(), VolumeError> {
         let msg = crate::testing::InjectStorageFault(fault);
         match &self.inner {

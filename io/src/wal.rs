@@ -29,7 +29,9 @@ use crate::pins::{PinInfo, PinTable, WalPin};
 use crate::segment::{self, ScanEnd, Segment};
 use bytes::{Bytes, BytesMut};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(feature = "faults")]
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::watch;
 
@@ -342,8 +344,10 @@ struct Inner {
     synced: Condvar,
     durable_tx: watch::Sender<u64>,
     pins: Arc<PinTable>,
+    #[cfg(feature = "faults")]
     fail_next_sync: AtomicBool,
     /// Microseconds every sync waits first, as a slow disk would (tests).
+    #[cfg(feature = "faults")]
     sync_delay_us: AtomicU64,
     syncs: AtomicU64,
     /// Why the WAL refuses everything, once a sync failed: after a failed
@@ -524,7 +528,9 @@ impl Wal {
                 synced: Condvar::new(),
                 durable_tx,
                 pins: Arc::new(PinTable::default()),
+                #[cfg(feature = "faults")]
                 fail_next_sync: AtomicBool::new(false),
+                #[cfg(feature = "faults")]
                 sync_delay_us: AtomicU64::new(0),
                 syncs: AtomicU64::new(0),
                 poison: std::sync::OnceLock::new(),
@@ -913,27 +919,30 @@ impl Wal {
 
     fn sync_file(&self, file: &dyn FsFile) -> std::io::Result<()> {
         self.inner.syncs.fetch_add(1, Ordering::Relaxed);
-        if self.inner.fail_next_sync.swap(false, Ordering::SeqCst) {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        let delay = self.inner.sync_delay_us.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(std::time::Duration::from_micros(delay));
+        #[cfg(feature = "faults")]
+        {
+            if self.inner.fail_next_sync.swap(false, Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            let delay = self.inner.sync_delay_us.load(Ordering::Relaxed);
+            if delay > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(delay));
+            }
         }
         self.inner.options.sync.sync(file)
     }
 
     /// Makes the next sync fail with EIO, as a disk error would. For tests of
-    /// the poisoning path (feature `testing`).
-    #[cfg(feature = "testing")]
+    /// the poisoning path (feature `faults`).
+    #[cfg(feature = "faults")]
     pub fn inject_sync_failure(&self) {
         self.inner.fail_next_sync.store(true, Ordering::SeqCst);
     }
 
     /// Makes every sync from now on take `delay` longer, as a slow disk
     /// would (zero: as fast as the disk). For tests of what waits on a sync
-    /// (feature `testing`).
-    #[cfg(feature = "testing")]
+    /// (feature `faults`).
+    #[cfg(feature = "faults")]
     pub fn inject_sync_delay(&self, delay: std::time::Duration) {
         let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.inner.sync_delay_us.store(micros, Ordering::Relaxed);

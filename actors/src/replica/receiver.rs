@@ -121,7 +121,7 @@ impl Metered for ReceiverActor {
     }
 }
 
-metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, #[cfg(feature = "testing")] crate::testing::InjectStorageFault, StopReceiver);
+metered!(ReceiverActor: Inbound, ConnClosed, GetReplicaStatus, ReplicaRead, ReplicaChecksum, #[cfg(feature = "faults")] crate::testing::InjectStorageFault, StopReceiver);
 
 /// A primary pulling this replica's whole volume at its durable LSN (see
 /// `Message::PullImage`): chunks go out in order, their crc32c kept.
@@ -917,7 +917,7 @@ impl Handler<ReplicaChecksum> for ReceiverActor {
     }
 }
 
-#[cfg(feature = "testing")]
+#[cfg(feature = "faults")]
 impl Handler<crate::testing::InjectStorageFault> for ReceiverActor {
     type Result = ();
 

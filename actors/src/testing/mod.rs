@@ -29,7 +29,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 use walship_io::BLOCK_SIZE;
 
-/// A storage fault a test injects into a volume's WAL.
+/// A storage fault a test injects into a volume's WAL (feature `faults`).
+#[cfg(feature = "faults")]
 #[derive(Debug, Clone, Copy)]
 pub enum StorageFault {
     /// The next sync fails with EIO: the WAL is poisoned.
@@ -38,6 +39,7 @@ pub enum StorageFault {
     SlowSyncs(Duration),
 }
 
+#[cfg(feature = "faults")]
 impl StorageFault {
     pub(crate) fn inject(self, wal: &walship_io::Wal) {
         match self {
@@ -48,6 +50,7 @@ impl StorageFault {
 }
 
 /// Injects a storage fault into a volume (primary or replica).
+#[cfg(feature = "faults")]
 #[derive(Debug, actix::Message)]
 #[rtype(result = "()")]
 pub(crate) struct InjectStorageFault(pub(crate) StorageFault);

@@ -1055,7 +1055,9 @@ pub const FAILPOINT_HOLD_ENV: &str = "WALSHIP_FAILPOINT_HOLD";
 /// reached `name` and stalls there (three seconds, or while its
 /// [`FAILPOINT_HOLD_ENV`] file exists), for a test to stop, kill or hold
 /// it at a known point (the controller between its decision and its
-/// transaction). Costs one environment lookup where it is placed.
+/// transaction). Compiled only with the feature `failpoints` (the tests
+/// turn it on); a release binary carries none.
+#[cfg(feature = "failpoints")]
 async fn failpoint(name: &str, me: &str) {
     if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
         tracing::warn!(failpoint = name, "failpoint reached");
@@ -1071,6 +1073,10 @@ async fn failpoint(name: &str, me: &str) {
         tracing::warn!(failpoint = name, "failpoint released");
     }
 }
+
+/// Without the feature `failpoints`, nothing.
+#[cfg(not(feature = "failpoints"))]
+async fn failpoint(_name: &str, _me: &str) {}
 
 /// This controller's election key and its revision.
 type Leader = (Vec<u8>, i64);

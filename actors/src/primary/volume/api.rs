@@ -409,7 +409,7 @@ impl Handler<Stop> for VolumeActor {
     }
 }
 
-#[cfg(feature = "testing")]
+#[cfg(feature = "faults")]
 impl Handler<crate::testing::InjectStorageFault> for VolumeActor {
     type Result = ();
 

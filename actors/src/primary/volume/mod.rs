@@ -137,7 +137,7 @@ impl Metered for VolumeActor {
     }
 }
 
-metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, verifying::Verify, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "testing")] crate::testing::InjectStorageFault);
+metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, verifying::Verify, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "faults")] crate::testing::InjectStorageFault);
 
 impl VolumeActor {
     /// Opens the store and prepares the actor (started by the runtime).
