@@ -178,20 +178,38 @@ const MAILBOX_KINDS: [&str; 3] = ["volume", "sender", "receiver"];
 /// the last scrape goes uncounted.)
 /// The same goes for every total the node reports (a volume's bytes
 /// shipped, the budget's bytes sent): each is a counter grown by what the
-/// total grew, keyed by the instance that keeps it (a volume reopened in a
-/// new term starts a new total).
-static TOTALS_SEEN: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+/// total grew, kept per instance (`<node>/<volume>/<term>`, or
+/// `<node>/budget`) and per series; a volume reopened in a new term starts
+/// a new total, and its older terms' are let go.
+static TOTALS_SEEN: Mutex<BTreeMap<String, BTreeMap<String, u64>>> = Mutex::new(BTreeMap::new());
 
 /// Grows the counter `name` with `labels` by what `total`, kept by
-/// `instance`, grew since the last scrape.
+/// `instance`, grew since the last scrape. Only forward: two scrapes at
+/// once, one holding an older status, must not count a step twice.
 fn count_total(name: &'static str, labels: &[(&'static str, String)], instance: &str, total: u64) {
-    let key = format!("{name}{labels:?}@{instance}");
-    let last = TOTALS_SEEN
+    let series = format!("{name}{labels:?}");
+    let grown = {
+        let mut seen = TOTALS_SEEN.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = seen
+            .entry(instance.to_owned())
+            .or_default()
+            .entry(series)
+            .or_insert(0);
+        let grown = total.saturating_sub(*last);
+        *last = (*last).max(total);
+        grown
+    };
+    metrics::counter!(name, labels).increment(grown);
+}
+
+/// Lets go of the totals of `volume`'s terms on `node` other than
+/// `current` (`<node>/<volume>/<term>`).
+fn forget_older_terms(node: &str, volume: &str, current: &str) {
+    let prefix = format!("{node}/{volume}/");
+    TOTALS_SEEN
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(key, total)
-        .unwrap_or(0);
-    metrics::counter!(name, labels).increment(total.saturating_sub(last));
+        .retain(|instance, _| !instance.starts_with(&prefix) || instance == current);
 }
 
 /// The per-replica recovery series the last scrape set, by labels
@@ -437,6 +455,7 @@ async fn metrics(node: &Node) -> String {
                     node.config().node,
                     report.assignment.term()
                 );
+                forget_older_terms(&node.config().node, &volume, &engine);
                 for (event, count) in &status.registry.decision_totals {
                     let labels = [("volume", volume.clone()), ("event", (*event).to_owned())];
                     count_total("walship_recovery_decisions_total", &labels, &engine, *count);
@@ -519,6 +538,7 @@ async fn metrics(node: &Node) -> String {
     clear_ended_recoveries(recovering);
     // The node's recovery budget.
     let recovery = node.recovery().status();
+    let budget = format!("{}/budget", node.config().node);
     let rate = recovery.limits.rate.unwrap_or(0) as f64;
     metrics::gauge!("walship_recovery_rate_limit_bytes_per_second").set(rate);
     metrics::gauge!("walship_recovery_sending").set(recovery.recovering as f64);
@@ -528,7 +548,7 @@ async fn metrics(node: &Node) -> String {
     count_total(
         "walship_recovery_sent_bytes_total",
         &[],
-        "node",
+        &budget,
         recovery.bytes_sent,
     );
     let receive = recovery.limits.receive_rate.unwrap_or(0) as f64;
@@ -537,13 +557,13 @@ async fn metrics(node: &Node) -> String {
     count_total(
         "walship_recovery_received_bytes_total",
         &[],
-        "node",
+        &budget,
         recovery.bytes_received,
     );
     count_total(
         "walship_recovery_boosted_bytes_total",
         &[],
-        "node",
+        &budget,
         recovery.boosted_bytes,
     );
     for (kind, (depth, oldest_us)) in mailboxes {

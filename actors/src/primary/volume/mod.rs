@@ -112,10 +112,10 @@ impl Actor for VolumeActor {
         let me = MeteredAddr::new(ctx.address(), Arc::clone(&self.metrics));
         self.me = Some(me.clone());
         // Checked before the store was opened (`check_assignment`): taken.
-        if let Ok(assignment) = assignment_of(&self.config) {
-            if let Err(error) = self.engine.handle_assignment(assignment) {
-                tracing::error!(%error, "initial assignment refused");
-            }
+        let applied = assignment_of(&self.config)
+            .and_then(|assignment| Ok(self.engine.handle_assignment(assignment)?));
+        if let Err(error) = applied {
+            tracing::error!(%error, "initial assignment refused");
         }
         self.note_commit_mode();
         self.run_commands(ctx);
