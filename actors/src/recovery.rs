@@ -391,9 +391,13 @@ impl RecoveryBudget {
 
     /// Counts a recovery as running while the guard lives (the floor is
     /// per running recovery).
-    pub(crate) fn recovering(&self) -> Recovering {
-        self.lock().recovering += 1;
-        Recovering(self.clone())
+    pub(crate) fn recovering(&self) -> Counted {
+        self.count(Way::Sending)
+    }
+
+    fn count(&self, way: Way) -> Counted {
+        *self.lock().running(way) += 1;
+        Counted(self.clone(), way)
     }
 
     /// Waits until `bytes` may be sent under the shared rate.
@@ -457,9 +461,8 @@ impl RecoveryBudget {
 
     /// Counts a recovery as being received while the guard lives (the
     /// floor is per recovery received).
-    pub(crate) fn receiving(&self) -> Receiving {
-        self.lock().receiving += 1;
-        Receiving(self.clone())
+    pub(crate) fn receiving(&self) -> Counted {
+        self.count(Way::Receiving)
     }
 
     /// Reserves `bytes` under the shared rate; returns the wait.
@@ -540,41 +543,56 @@ impl Shared {
     /// The rate in force, bytes per second: the limit, raised to the floor
     /// of every recovery running; `None` is unlimited.
     fn rate(&self) -> Option<f64> {
-        let rate = self.limits.rate?;
-        let running = self.recovering.max(1) as u64;
-        Some(rate.max(self.limits.floor.saturating_mul(running)) as f64)
+        self.rate_of(Way::Sending)
     }
 
     /// The receive rate in force, raised likewise to the floor of every
     /// recovery received.
     fn receive_rate(&self) -> Option<f64> {
-        let rate = self.limits.receive_rate?;
-        let running = self.receiving.max(1) as u64;
+        self.rate_of(Way::Receiving)
+    }
+
+    fn rate_of(&self, way: Way) -> Option<f64> {
+        let rate = match way {
+            Way::Sending => self.limits.rate,
+            Way::Receiving => self.limits.receive_rate,
+        }?;
+        let running = match way {
+            Way::Sending => self.recovering,
+            Way::Receiving => self.receiving,
+        };
+        let running = running.max(1) as u64;
         Some(rate.max(self.limits.floor.saturating_mul(running)) as f64)
     }
-}
 
-/// A recovery being received, counted for the floor. Dropping it uncounts it.
-#[must_use = "the recovery is counted only while this lives"]
-#[derive(Debug)]
-pub(crate) struct Receiving(RecoveryBudget);
-
-impl Drop for Receiving {
-    fn drop(&mut self) {
-        let mut shared = self.0.lock();
-        shared.receiving = shared.receiving.saturating_sub(1);
+    /// The count of recoveries running `way`.
+    fn running(&mut self, way: Way) -> &mut usize {
+        match way {
+            Way::Sending => &mut self.recovering,
+            Way::Receiving => &mut self.receiving,
+        }
     }
 }
 
-/// A running recovery, counted for the floor. Dropping it uncounts it.
+/// Which way a recovery's bytes go, for its rate and its floor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Way {
+    /// What this runtime's primaries send.
+    Sending,
+    /// What its replicas receive.
+    Receiving,
+}
+
+/// A recovery counted for the floor of its way. Dropping it uncounts it.
 #[must_use = "the recovery is counted only while this lives"]
 #[derive(Debug)]
-pub(crate) struct Recovering(RecoveryBudget);
+pub(crate) struct Counted(RecoveryBudget, Way);
 
-impl Drop for Recovering {
+impl Drop for Counted {
     fn drop(&mut self) {
         let mut shared = self.0.lock();
-        shared.recovering = shared.recovering.saturating_sub(1);
+        let running = shared.running(self.1);
+        *running = running.saturating_sub(1);
     }
 }
 

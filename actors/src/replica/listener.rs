@@ -347,7 +347,7 @@ struct Received {
     /// loop sends heartbeats, barriers and batches of session 0, and it
     /// probes at once), a frame with no recovery in it a second after the
     /// last that had one, or the end.
-    counted: Option<(crate::recovery::Receiving, std::time::Instant)>,
+    counted: Option<(crate::recovery::Counted, std::time::Instant)>,
 }
 
 impl Received {

@@ -71,7 +71,7 @@ pub(super) struct Shipper<'a> {
     pub(super) acked: u64,
     window: AckWindow,
     /// Counted as a running recovery (for the budget's floor) while shipping.
-    _recovering: crate::recovery::Recovering,
+    _recovering: crate::recovery::Counted,
 }
 
 impl<'a> Shipper<'a> {
