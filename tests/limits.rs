@@ -71,6 +71,19 @@ async fn replica(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
     .unwrap()
 }
 
+/// A primaries' runtime holding `VOLUMES` written volumes, and an empty
+/// replicas' runtime, in a temporary directory.
+async fn nodes_with_volumes() -> (tempfile::TempDir, Runtime, Runtime, Vec<VolumeHandle>) {
+    let dir = tempfile::tempdir().unwrap();
+    let primaries_rt = Runtime::start().unwrap();
+    let replicas_rt = Runtime::start().unwrap();
+    let mut primaries = Vec::new();
+    for v in 0..VOLUMES {
+        primaries.push(primary(&primaries_rt, dir.path(), v).await);
+    }
+    (dir, primaries_rt, replicas_rt, primaries)
+}
+
 /// A replica of every primary's volume on `replicas_rt`, each primary
 /// told of it: each is rebuilt.
 async fn join(primaries: &[VolumeHandle], replicas_rt: &Runtime, dir: &Path) -> Vec<VolumeHandle> {
@@ -124,13 +137,7 @@ async fn all_in_sync_and_equal(primaries: &[VolumeHandle], replicas: &[VolumeHan
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end_in_sync() {
-    let dir = tempfile::tempdir().unwrap();
-    let primaries_rt = Runtime::start().unwrap();
-    let replicas_rt = Runtime::start().unwrap();
-    let mut primaries = Vec::new();
-    for v in 0..VOLUMES {
-        primaries.push(primary(&primaries_rt, dir.path(), v).await);
-    }
+    let (dir, primaries_rt, replicas_rt, primaries) = nodes_with_volumes().await;
     let budget = primaries_rt.recovery();
     // Bad limits are refused, and nothing of them is applied.
     let bad = RecoveryLimits::unlimited()
@@ -232,13 +239,7 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_node_receives_recoveries_within_its_receive_rate() {
-    let dir = tempfile::tempdir().unwrap();
-    let primaries_rt = Runtime::start().unwrap();
-    let replicas_rt = Runtime::start().unwrap();
-    let mut primaries = Vec::new();
-    for v in 0..VOLUMES {
-        primaries.push(primary(&primaries_rt, dir.path(), v).await);
-    }
+    let (dir, primaries_rt, replicas_rt, primaries) = nodes_with_volumes().await;
     // The senders are free (three rebuilds at once, no rate); the replica
     // node takes what it receives at its own rate.
     primaries_rt
