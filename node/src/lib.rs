@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod assignment;
 pub mod config;
+pub mod control;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fence;

@@ -3,17 +3,13 @@
 //! in it): a node that lost its disk still opens in a newer term than any
 //! used (see [`crate::terms`]).
 
-use super::{not_answering, prefix};
+use super::keys::term_key;
+use super::session::not_answering;
 use crate::terms::TermKeeper;
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use futures::future::BoxFuture;
 use std::io;
 use std::time::Duration;
-
-/// A record's key.
-pub fn term_key(cluster: &str, volume: &str) -> String {
-    format!("{}terms/{volume}", prefix(cluster))
-}
 
 /// Raising a record that others raise at once: tries, each a read and a
 /// compare-and-swap on its revision.

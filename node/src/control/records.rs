@@ -1,0 +1,250 @@
+//! What crosses etcd: every record a node or the controller writes, as
+//! typed values (the keys they live under are `etcd::keys`'s).
+
+use crate::assignment::Applied;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use walship_engine::CommitMode;
+
+/// A volume's record in etcd: its assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecord {
+    /// Epoch: a newer record has a higher one.
+    pub epoch: u64,
+    /// The primary's node.
+    pub primary: String,
+    /// Commit mode.
+    pub commit_mode: CommitMode,
+    /// Size in bytes.
+    pub size: u64,
+    /// Replicas: node name → that node's replication address.
+    pub replicas: BTreeMap<String, String>,
+    /// Lost primaries waiting to come back (node → replication address):
+    /// left out of the replicas, which under sync_all would stop every
+    /// commit until they return; the controller adds each back, in a new
+    /// epoch, once it registers again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub departed: BTreeMap<String, String>,
+}
+
+impl VolumeRecord {
+    /// The record as the assignment a node applies.
+    pub fn applied(&self) -> Applied {
+        Applied::new(self.epoch, &self.primary, self.commit_mode, &self.replicas)
+    }
+}
+
+/// A node's entry under `nodes/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Replication listener.
+    pub replication: String,
+    /// Admin endpoint, if any.
+    pub admin: Option<String>,
+    /// NBD listener, if any.
+    pub nbd: Option<String>,
+    /// Its volumes are open and it serves (written again once they are):
+    /// a lost primary back is added as a replica only then.
+    #[serde(default)]
+    pub ready: bool,
+}
+
+/// One replica as its primary last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaProgress {
+    /// Its durable LSN.
+    pub flushed: u64,
+    /// Its state (`in_sync`, `catching_up`...).
+    pub state: String,
+}
+
+/// A primary's report of its volume (`progress/<volume>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    /// The epoch of the assignment it is primary in.
+    pub epoch: u64,
+    /// The reporting node.
+    pub primary: String,
+    /// Its committed LSN.
+    pub committed: u64,
+    /// Its replicas by node name.
+    pub replicas: BTreeMap<String, ReplicaProgress>,
+}
+
+/// A replica's own report of its volume (`replicas/<volume>/<node>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    /// The epoch of the term it accepts.
+    pub epoch: u64,
+    /// That term (`epoch << 20 | the primary's incarnation`).
+    pub term: u64,
+    /// Its durable LSN.
+    pub durable: u64,
+    /// Whether a primary is connected to it.
+    pub connected: bool,
+    /// The revision of the last probe of the controller's about this
+    /// volume it has seen: this report was written after it.
+    #[serde(default)]
+    pub answered: i64,
+}
+
+/// The controller's question to a lost primary's replicas
+/// (`probes/<volume>`): each answers with a fresh report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The epoch whose primary was lost.
+    pub epoch: u64,
+    /// That primary.
+    pub lost_primary: String,
+    /// The revision of its last start (its address key's, rewritten at
+    /// each): a primary back and lost again in the same epoch is a new
+    /// loss, asked again.
+    pub registered: i64,
+}
+
+/// A controller's decision about a volume whose primary was lost
+/// (`decisions/<volume>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The epoch whose primary was lost.
+    pub epoch: u64,
+    /// That primary.
+    pub lost_primary: String,
+    /// The committed LSN the candidates were judged against.
+    pub committed: u64,
+    /// What was decided.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// Every candidate rejected, with every reason.
+    pub rejected: BTreeMap<String, Vec<String>>,
+    /// The controller (or operator) that decided.
+    pub by: String,
+}
+
+/// What a [`Decision`] decided: one of three outcomes, each with what
+/// only it has. Flattened into the decision's JSON (`"outcome":
+/// "promoted"`, `"promoted": "node2"`...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// This node is primary in `epoch + 1`: it held every committed write.
+    Promoted {
+        /// The node promoted.
+        promoted: String,
+    },
+    /// An operator's promotion (the desperate path): this node is primary
+    /// in `epoch + 1`, and what it lacks is lost.
+    AcceptedLoss {
+        /// The node promoted.
+        promoted: String,
+        /// What was given up.
+        data_loss: DataLoss,
+    },
+    /// Nobody was promoted: the volume stays down.
+    Down {
+        /// Why nobody was promoted although a candidate was eligible (too
+        /// few replicas answered for a sync_quorum volume; best_effort).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocked: Option<String>,
+        /// Why this is over (its primary serves again in the same epoch),
+        /// written by a later controller's pass.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        over: Option<String>,
+    },
+}
+
+impl Decision {
+    /// The node promoted, if one was.
+    pub fn promoted(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Promoted { promoted } | Outcome::AcceptedLoss { promoted, .. } => {
+                Some(promoted)
+            }
+            Outcome::Down { .. } => None,
+        }
+    }
+
+    /// Why an eligible replica was not promoted, if that is why the volume
+    /// is down.
+    pub fn blocked(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Down { blocked, .. } => blocked.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Why a "down" decision is over, once it is.
+    pub fn over(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Down { over, .. } => over.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// What an operator's promotion gave up.
+    pub fn data_loss(&self) -> Option<&DataLoss> {
+        match &self.outcome {
+            Outcome::AcceptedLoss { data_loss, .. } => Some(data_loss),
+            _ => None,
+        }
+    }
+
+    /// Whether the volume is down by this decision, and still is.
+    pub fn keeps_down(&self) -> bool {
+        matches!(self.outcome, Outcome::Down { over: None, .. })
+    }
+}
+
+/// Committed writes an operator's promotion gave up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataLoss {
+    /// The promoted replica holds committed LSNs up to this one.
+    pub after: u64,
+    /// The last committed LSN reported: `(after, through]` is lost.
+    pub through: u64,
+    /// The promotion rules waived for it.
+    pub waived: Vec<String>,
+    /// What may be lost besides, that no report shows: under best_effort,
+    /// writes the lost primary acknowledged after its last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beyond: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_is_flat_json_with_its_outcome_named() {
+        let decision = Decision {
+            epoch: 3,
+            lost_primary: "node1".into(),
+            committed: 40,
+            outcome: Outcome::Down {
+                blocked: Some("why".into()),
+                over: None,
+            },
+            rejected: BTreeMap::new(),
+            by: "node2".into(),
+        };
+        let json: serde_json::Value = serde_json::to_value(&decision).unwrap();
+        assert_eq!(json["outcome"], "down");
+        assert_eq!(json["blocked"], "why");
+        assert!(json.get("over").is_none(), "{json}");
+        let back: Decision = serde_json::from_value(json).unwrap();
+        assert_eq!(back, decision);
+        let promoted = Decision {
+            outcome: Outcome::Promoted {
+                promoted: "node3".into(),
+            },
+            ..decision
+        };
+        let json = serde_json::to_value(&promoted).unwrap();
+        assert_eq!(
+            (&json["outcome"], &json["promoted"]),
+            (&"promoted".into(), &"node3".into())
+        );
+        assert_eq!(serde_json::from_value::<Decision>(json).unwrap(), promoted);
+    }
+}

@@ -1,0 +1,276 @@
+//! The controller's shell: every node campaigns in an etcd election on
+//! its lease; the leader, alone, reads the cluster every
+//! [`CONTROL_EVERY`], lets [`Controller::decide`] judge it and carries out
+//! each action as one guarded transaction ([`Store`]). An operator's
+//! promotion accepting data loss ([`promote_accepting_loss`]) judges by
+//! the same rules ([`accept_loss`]) and writes through the same store.
+
+use super::keys::election_key;
+use super::session::stopping;
+use super::store::{Leader, Store};
+use crate::control::{
+    accept_loss, asked, judge, probe_of, promotion, Action, Controller, Decision, Write,
+};
+use std::time::Duration;
+use tokio::sync::watch;
+use walship_engine::DataLossAccepted;
+
+/// How often the elected controller looks at the records.
+pub const CONTROL_EVERY: Duration = Duration::from_millis(250);
+/// How soon it looks again while replicas have yet to answer its probe.
+pub const ANSWER_EVERY: Duration = Duration::from_millis(20);
+
+/// Campaigns for the controller's seat on `lease`; once elected, looks at
+/// the records every [`CONTROL_EVERY`].
+pub(super) async fn control(
+    mut client: etcd_client::Client,
+    cluster: String,
+    me: String,
+    (lease, ttl): (i64, Duration),
+    mut stopped: watch::Receiver<bool>,
+) -> Option<String> {
+    let election = election_key(&cluster);
+    // A campaign waits until this node leads; the client's request timeout
+    // cuts each wait short, and the node campaigns again (on the same
+    // lease: the same candidacy). Losing the lease ends the node anyway.
+    let leader: Leader = loop {
+        let elected = tokio::select! {
+            () = stopping(&mut stopped) => return None,
+            elected = client.campaign(election.as_str(), me.as_str(), lease) => elected,
+        };
+        match elected {
+            Ok(elected) => match elected.leader() {
+                Some(leader) => break (leader.key().to_vec(), leader.rev()),
+                None => return Some("controller election: elected without a leader key".into()),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd: controller campaign: again");
+                tokio::select! {
+                    () = stopping(&mut stopped) => return None,
+                    () = tokio::time::sleep(CONTROL_EVERY) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(controller = %me, "etcd: elected controller");
+    let mut store = Store::new(client, &cluster, Some(leader));
+    let mut controller = Controller::new(&me, ttl);
+    let mut pause = CONTROL_EVERY;
+    loop {
+        tokio::select! {
+            () = stopping(&mut stopped) => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = match pass(&mut store, &mut controller, &me).await {
+            Ok(true) => ANSWER_EVERY,
+            Ok(false) => CONTROL_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd: controller pass failed");
+                CONTROL_EVERY
+            }
+        };
+    }
+}
+
+/// One pass: reads the cluster, decides, carries out each action; whether
+/// to look again soon (answers awaited).
+async fn pass(
+    store: &mut Store,
+    controller: &mut Controller,
+    me: &str,
+) -> Result<bool, etcd_client::Error> {
+    let view = store.read().await?;
+    let actions = controller.decide(&view, std::time::Instant::now());
+    let mut soon = false;
+    for action in actions {
+        soon |= action.soon();
+        if matches!(action, Action::Promote(_)) {
+            failpoint("controller-before-promote", me).await;
+        }
+        let held = store.apply(&action).await?.is_some();
+        said(store, &action, held).await?;
+    }
+    Ok(soon)
+}
+
+/// Says what `action` did (`held`: its transaction's guards held).
+async fn said(store: &mut Store, action: &Action, held: bool) -> Result<(), etcd_client::Error> {
+    let volume = action.volume();
+    match action {
+        Action::Probe { probe, .. } if held => tracing::info!(volume, epoch = probe.epoch,
+            lost = %probe.lost_primary, "etcd controller: primary lost; asking its replicas"),
+        Action::Await { unanswered, .. } => tracing::debug!(volume, ?unanswered,
+            "etcd controller: waiting for replicas to answer"),
+        Action::Promote(p) if held => {
+            if !p.lost_primary_kept {
+                tracing::warn!(volume, lost = %p.decision.lost_primary,
+                    "etcd: the lost primary's address is unknown; it is left out");
+            }
+            tracing::warn!(volume, epoch = p.record.epoch, primary = %p.record.primary,
+                lost = %p.decision.lost_primary, rejected = ?p.decision.rejected,
+                "etcd controller: promoted")
+        }
+        Action::Promote(_) if !store.still_leader().await? => tracing::warn!(
+            volume,
+            "etcd controller: this node is no longer the controller; not promoted"
+        ),
+        Action::Promote(_) => tracing::info!(volume,
+            "etcd controller: the record changed or the lost primary registered again meanwhile; not promoted"),
+        Action::RecordDown { decision, .. } if held => tracing::warn!(volume,
+            epoch = decision.epoch, reasons = ?decision.rejected, blocked = ?decision.blocked(),
+            "etcd controller: no eligible replica; the volume stays down"),
+        Action::EndDown { decision, .. } if held => tracing::info!(volume,
+            primary = %decision.lost_primary,
+            "etcd controller: the primary is back; the volume is no longer down"),
+        Action::Readmit { node, record, .. } if held => tracing::info!(volume,
+            epoch = record.epoch, node, "etcd controller: added back as a replica"),
+        _ => tracing::debug!(volume, ?action, "etcd controller: not applied (a guard failed)"),
+    }
+    Ok(())
+}
+
+/// Why an operator's promotion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// etcd refused or could not be reached.
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    /// The volume has no record.
+    #[error("volume {0} has no record in etcd")]
+    NoRecord(String),
+    /// The primary is registered: nothing to fail over.
+    #[error("{volume}'s primary {primary} is registered (alive): nothing to fail over")]
+    PrimaryAlive {
+        /// The volume.
+        volume: String,
+        /// Its primary.
+        primary: String,
+    },
+    /// No replica can take it, not even losing data.
+    #[error("{volume}: {source}")]
+    NoCandidate {
+        /// The volume.
+        volume: String,
+        /// Why, for each replica.
+        source: walship_engine::PromotionError,
+    },
+    /// The promotion cannot be written as judged.
+    #[error("{volume}: {why}")]
+    Blocked {
+        /// The volume.
+        volume: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// The record or the registrations changed while deciding.
+    #[error("{0}: the record changed or the primary registered meanwhile; nothing written")]
+    Raced(String),
+}
+
+/// How long an operator's promotion waits for the live replicas to
+/// answer its probe before it judges by what there is.
+const ANSWERS_WAITED: Duration = Duration::from_secs(5);
+
+/// The desperate path, an operator's explicit act (`walship promote
+/// --accept-data-loss`), never the controller's: `volume`'s primary is
+/// lost and no replica is eligible; the running replica with the most
+/// data, whatever its state or epoch short of a partial image, becomes
+/// primary in the next epoch ([`accept_loss`]). The decision, written with
+/// it, says which committed LSNs it lacks (lost) and which rules were
+/// waived.
+pub async fn promote_accepting_loss(
+    client: &mut etcd_client::Client,
+    cluster: &str,
+    volume: &str,
+    by: &str,
+    accepted: DataLossAccepted,
+) -> Result<Decision, PromoteError> {
+    let mut store = Store::new(client.clone(), cluster, None);
+    let view = store.read().await?;
+    let Some(record) = view.volumes.get(volume).cloned() else {
+        return Err(PromoteError::NoRecord(volume.to_owned()));
+    };
+    if view.registered(&record.value.primary) {
+        return Err(PromoteError::PrimaryAlive {
+            volume: volume.to_owned(),
+            primary: record.value.primary,
+        });
+    }
+    // Fresh answers from the live replicas, as the controller asks; after
+    // a few seconds, what there is.
+    let asked = match asked(&view, volume, &record.value) {
+        Some(revision) => revision,
+        None => {
+            let probe = probe_of(&view, &record.value);
+            store.write(&Write::Probe(volume.to_owned(), probe)).await?
+        }
+    };
+    let deadline = tokio::time::Instant::now() + ANSWERS_WAITED;
+    let view = loop {
+        let view = store.read().await?;
+        let answered = judge(&view, volume, &record.value, asked, by)
+            .unsettled
+            .is_empty();
+        if answered || tokio::time::Instant::now() >= deadline {
+            break view;
+        }
+        tokio::time::sleep(ANSWER_EVERY).await;
+    };
+    let decision =
+        accept_loss(&view, volume, &record.value, asked, (by, accepted)).map_err(|source| {
+            PromoteError::NoCandidate {
+                volume: volume.to_owned(),
+                source,
+            }
+        })?;
+    // Only about the record as first read, its primary still lost.
+    let promotion =
+        promotion(&view, volume, &record, decision, []).map_err(|why| PromoteError::Blocked {
+            volume: volume.to_owned(),
+            why,
+        })?;
+    let action = Action::Promote(promotion);
+    if store.apply(&action).await?.is_none() {
+        return Err(PromoteError::Raced(volume.to_owned()));
+    }
+    let Action::Promote(promotion) = action else {
+        unreachable!("built as a promotion above")
+    };
+    tracing::warn!(volume, primary = %promotion.record.primary,
+        loss = ?promotion.decision.data_loss(), "etcd: promoted by an operator, accepting data loss");
+    Ok(promotion.decision)
+}
+
+/// The environment variable that names a [`failpoint`] to stop at.
+pub const FAILPOINT_ENV: &str = "WALSHIP_FAILPOINT";
+
+/// With [`FAILPOINT_ENV`] set, where node `<me>` holds at the failpoint:
+/// for as long as `<this path>.<me>` exists (at most a minute).
+pub const FAILPOINT_HOLD_ENV: &str = "WALSHIP_FAILPOINT_HOLD";
+
+/// A test hook: with [`FAILPOINT_ENV`] set to `name`, node `me` says it
+/// reached `name` and stalls there (three seconds, or while its
+/// [`FAILPOINT_HOLD_ENV`] file exists), for a test to stop, kill or hold
+/// it at a known point (the controller between its decision and its
+/// transaction). Compiled only with the feature `failpoints` (the tests
+/// turn it on); a release binary carries none.
+#[cfg(feature = "failpoints")]
+async fn failpoint(name: &str, me: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
+        tracing::warn!(failpoint = name, "failpoint reached");
+        let Ok(hold) = std::env::var(FAILPOINT_HOLD_ENV) else {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return;
+        };
+        let file = std::path::PathBuf::from(format!("{hold}.{me}"));
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while file.exists() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(failpoint = name, "failpoint released");
+    }
+}
+
+/// Without the feature `failpoints`, nothing.
+#[cfg(not(feature = "failpoints"))]
+async fn failpoint(_name: &str, _me: &str) {}

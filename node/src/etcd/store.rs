@@ -1,0 +1,185 @@
+//! The controller's store: a [`ClusterView`] read from etcd in one range
+//! read (one revision), and each [`Action`] carried out as one
+//! transaction under its guards.
+
+use super::keys::{decision_key, node_key, prefix, probe_key, progress_key, volume_key, Key};
+use crate::control::{Action, ClusterView, Guard, Versioned, Write};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
+
+/// An elected controller's election key and its revision: a compare on
+/// them holds while it is still the controller.
+pub(super) type Leader = (Vec<u8>, i64);
+
+/// A cluster's records in etcd, as the controller (or an operator) reads
+/// and writes them.
+pub(super) struct Store {
+    client: Client,
+    cluster: String,
+    /// The controller's seat, if this store's writer holds it.
+    leader: Option<Leader>,
+}
+
+impl Store {
+    /// `cluster`'s records through `client`; `leader`: the seat held.
+    pub(super) fn new(client: Client, cluster: &str, leader: Option<Leader>) -> Self {
+        Self {
+            client,
+            cluster: cluster.to_owned(),
+            leader,
+        }
+    }
+
+    /// Every record of the cluster, at one revision. A value that does not
+    /// parse is left out (and said).
+    pub(super) async fn read(&mut self) -> Result<ClusterView, etcd_client::Error> {
+        let prefix = prefix(&self.cluster);
+        let all = Some(GetOptions::new().with_prefix());
+        let response = self.client.get(prefix.as_str(), all).await?;
+        let mut view = ClusterView::default();
+        for kv in response.kvs() {
+            let Ok(key) = kv.key_str() else { continue };
+            let revision = kv.mod_revision();
+            let value = kv.value();
+            match Key::parse(&prefix, key) {
+                Some(Key::Volume(volume)) => {
+                    if let Some(record) = typed(key, value) {
+                        let record = Versioned::new(record, revision);
+                        view.volumes.insert(volume.to_owned(), record);
+                    }
+                }
+                Some(Key::Node(node)) => {
+                    if let Some(entry) = typed(key, value) {
+                        view.nodes.insert(node.to_owned(), entry);
+                    }
+                }
+                Some(Key::Address(node)) => {
+                    let address = String::from_utf8_lossy(value).into_owned();
+                    let address = Versioned::new(address, revision);
+                    view.addresses.insert(node.to_owned(), address);
+                }
+                Some(Key::Progress(volume)) => {
+                    if let Some(progress) = typed(key, value) {
+                        view.progress.insert(volume.to_owned(), progress);
+                    }
+                }
+                Some(Key::Report(volume, node)) => {
+                    if let Some(report) = typed(key, value) {
+                        let reports = view.reports.entry(volume.to_owned()).or_default();
+                        reports.insert(node.to_owned(), report);
+                    }
+                }
+                Some(Key::Probe(volume)) => {
+                    if let Some(probe) = typed(key, value) {
+                        let probe = Versioned::new(probe, revision);
+                        view.probes.insert(volume.to_owned(), probe);
+                    }
+                }
+                Some(Key::Decision(volume)) => {
+                    if let Some(decision) = typed(key, value) {
+                        let decision = Versioned::new(decision, revision);
+                        view.decisions.insert(volume.to_owned(), decision);
+                    }
+                }
+                Some(Key::Other) | None => {}
+            }
+        }
+        Ok(view)
+    }
+
+    /// Carries out `action` as one transaction: its writes if every guard
+    /// holds. The revision it was written at if it held; `None` if a guard
+    /// failed (or it writes nothing).
+    pub(super) async fn apply(
+        &mut self,
+        action: &Action,
+    ) -> Result<Option<i64>, etcd_client::Error> {
+        let Some((guards, writes)) = action.transaction() else {
+            return Ok(None);
+        };
+        let when = guards
+            .iter()
+            .map(|guard| self.compare(guard))
+            .collect::<Result<Vec<_>, _>>()?;
+        let puts = writes
+            .iter()
+            .map(|write| self.put(write))
+            .collect::<Result<Vec<_>, _>>()?;
+        let response = self
+            .client
+            .txn(Txn::new().when(when).and_then(puts))
+            .await?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(i64::MAX, |h| h.revision())))
+    }
+
+    /// Writes `write` whatever is there; the revision it was written at.
+    pub(super) async fn write(&mut self, write: &Write) -> Result<i64, etcd_client::Error> {
+        let put = self.put(write)?;
+        let response = self.client.txn(Txn::new().and_then([put])).await?;
+        Ok(response.header().map_or(i64::MAX, |h| h.revision()))
+    }
+
+    /// Whether this store's writer still holds the controller's seat.
+    pub(super) async fn still_leader(&mut self) -> Result<bool, etcd_client::Error> {
+        let Some((key, _)) = &self.leader else {
+            return Ok(false);
+        };
+        let held = self.client.get(key.clone(), None).await?;
+        Ok(!held.kvs().is_empty())
+    }
+
+    /// The compare that holds while `guard` does.
+    fn compare(&self, guard: &Guard) -> Result<Compare, etcd_client::Error> {
+        let cluster = &self.cluster;
+        Ok(match guard {
+            Guard::RecordAt { volume, revision } => {
+                Compare::mod_revision(volume_key(cluster, volume), CompareOp::Equal, *revision)
+            }
+            Guard::DecisionAt { volume, revision } => {
+                Compare::mod_revision(decision_key(cluster, volume), CompareOp::Equal, *revision)
+            }
+            Guard::Registered(node) => {
+                Compare::create_revision(node_key(cluster, node), CompareOp::NotEqual, 0)
+            }
+            Guard::Unregistered(node) => {
+                Compare::create_revision(node_key(cluster, node), CompareOp::Equal, 0)
+            }
+            Guard::Controller => {
+                let Some((key, rev)) = &self.leader else {
+                    return Err(etcd_client::Error::InvalidArgs(
+                        "a controller's action without the controller's seat".into(),
+                    ));
+                };
+                Compare::create_revision(key.clone(), CompareOp::Equal, *rev)
+            }
+        })
+    }
+
+    /// The put that writes `write`.
+    fn put(&self, write: &Write) -> Result<TxnOp, etcd_client::Error> {
+        let cluster = &self.cluster;
+        let (key, value) = match write {
+            Write::Record(volume, record) => (volume_key(cluster, volume), json(record)?),
+            Write::Decision(volume, decision) => (decision_key(cluster, volume), json(decision)?),
+            Write::Progress(volume, progress) => (progress_key(cluster, volume), json(progress)?),
+            Write::Probe(volume, probe) => (probe_key(cluster, volume), json(probe)?),
+        };
+        Ok(TxnOp::put(key, value, None))
+    }
+}
+
+/// `value` as JSON.
+fn json(value: &impl serde::Serialize) -> Result<Vec<u8>, etcd_client::Error> {
+    serde_json::to_vec(value).map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))
+}
+
+/// `value` read as a `T`; `None`, said, if it is not one.
+fn typed<T: DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+    serde_json::from_slice(value)
+        .inspect_err(
+            |e| tracing::debug!(key, error = %e, "etcd: a record that does not parse is left out"),
+        )
+        .ok()
+}
