@@ -55,11 +55,19 @@ async fn cluster_on_etcd() -> (Etcd, NodeCluster) {
 /// node1 reaches etcd through a proxy the test controls, the others
 /// directly.
 async fn node1_through_a_proxy(lease_ms: &str) -> (Etcd, proxy::Proxy, NodeCluster) {
+    node1_through_a_proxy_with(lease_ms, VolumeOptions::default()).await
+}
+
+/// [`node1_through_a_proxy`] with `volume`.
+async fn node1_through_a_proxy_with(
+    lease_ms: &str,
+    volume: VolumeOptions,
+) -> (Etcd, proxy::Proxy, NodeCluster) {
     let etcd = Etcd::start().await;
     let target: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
     let proxy = proxy::Proxy::start(target).await;
     let through_proxy = format!("http://{}", proxy.addr);
-    let cluster = NodeCluster::start_with(VolumeOptions::default(), 3, |name| {
+    let cluster = NodeCluster::start_with(volume, 3, |name| {
         let endpoint = if name == "node1" {
             through_proxy.clone()
         } else {
@@ -253,22 +261,19 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     cluster.stop_cleanly(&[2]).await;
     assert!(
         entry_gone(&etcd, "node3", Duration::from_millis(500)).await,
-        "node3's entry outlived its stop"
+        "node3's entry outlived its stop:\n{}",
+        cluster.log(2)
     );
 
-    // etcd goes away: the nodes can neither keep their leases nor hear of
-    // assignments, and stop rather than serve on outside the cluster.
+    // etcd goes away for good: the nodes notice, fence their writes and
+    // serve on, waiting to rejoin; asked to stop, they stop at once
+    // (nothing to revoke the lease with).
     drop(etcd);
     for i in [0, 1] {
-        let mut child = cluster.nodes[i].child.take().unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("node{} serves on without etcd", i + 1))
-            .unwrap();
-        assert!(!status.success(), "node{} exited {status}", i + 1);
-        let log = cluster.log(i);
-        assert!(log.contains("etcd control plane ended"), "{log}");
+        logged_times(&cluster, i, "etcd: session lost", 1).await;
+        assert!(still_running(&mut cluster, i), "node{} exited", i + 1);
     }
+    cluster.stop_cleanly(&[0, 1]).await;
 }
 
 /// etcd is killed and started again under a FUA writer: the nodes ride
@@ -487,10 +492,12 @@ async fn a_watch_that_cannot_resume_past_a_compaction_reads_the_records_again() 
 /// primary; meanwhile a client tries the other nodes' exports, as a
 /// multipath client would, and the first write one of them acknowledges
 /// comes after node1's last. Every write node1 acknowledged is on the
-/// new primary. node1 stops on its own; restarted, it rejoins as a
-/// replica whose export refuses writes, and the exports end identical.
+/// new primary. node1 notices within its lease and serves on, fenced;
+/// healed, it rejoins without a restart as a replica of the new primary
+/// whose export refuses writes, and the exports end identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expires() {
+async fn a_primary_cut_off_from_etcd_is_fenced_before_its_lease_expires_then_rejoins_as_a_replica()
+{
     let (etcd, proxy, mut cluster) = node1_through_a_proxy("2000").await;
 
     // A client writes blocks with FUA, one after the other, noting when
@@ -546,6 +553,15 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
     );
     proxy.pause();
     let paused = Instant::now();
+    // When node1 says it lost its session, watched from now on.
+    let log = cluster.nodes[0].log.clone();
+    let noticed = tokio::spawn(within(Duration::from_secs(20), move || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("etcd: session lost").then(Instant::now)
+        }
+    }));
     // The multipath client: node2's and node3's exports in turn, one FUA
     // write each, until one acknowledges (replicas' exports refuse).
     let others = [nbd_addr(&cluster.nodes[1]), nbd_addr(&cluster.nodes[2])];
@@ -623,20 +639,47 @@ async fn a_primary_cut_off_from_etcd_stops_acknowledging_before_its_lease_expire
         &[node1_acked.clone(), vec![first_block]].concat(),
     )
     .await;
-    // node1 stopped on its own, saying why.
-    let mut node1 = cluster.nodes[0].child.take().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), node1.wait())
+    // node1 noticed within its lease that it lost it (the connection
+    // blackholed, not reset: no request answered, none refused), and
+    // serves on, its writes fenced.
+    let noticed = noticed
         .await
-        .expect("node1 serves on cut off from etcd")
-        .unwrap();
-    assert!(!status.success());
+        .unwrap()
+        .unwrap_or_else(|| panic!("node1 never noticed:\n{}", cluster.log(0)));
+    assert!(
+        noticed - paused < Duration::from_secs(2),
+        "node1 noticed {:?} after the partition, past its 2 s lease:\n{}",
+        noticed - paused,
+        cluster.log(0)
+    );
+    eprintln!("node1 noticed {:?} after the partition", noticed - paused);
     let log = cluster.log(0);
     assert!(log.contains("not renewed within its time to live"), "{log}");
+    let node1 = cluster.nodes[0].child.as_mut().unwrap();
+    assert!(
+        node1.try_wait().unwrap().is_none(),
+        "node1 exited:\n{}",
+        cluster.log(0)
+    );
 
-    // Back, through the proxy again: a replica, added back in epoch 3,
-    // whose export refuses writes; caught up, the exports are identical.
+    // Healed, through the proxy again: node1 rejoins without a restart and
+    // becomes what its record says, a replica of the new primary, added
+    // back in epoch 3, whose export refuses writes; caught up, the exports
+    // are identical.
     proxy.restore();
-    back_as_replica(&mut cluster, 0).await;
+    let rejoined = within(Duration::from_secs(30), || async {
+        let volume = cluster.status(0).await["volumes"][0].clone();
+        (cluster.log(0).contains("etcd: rejoined") && volume["role"] == "replica").then_some(())
+    })
+    .await;
+    assert!(
+        rejoined.is_some(),
+        "{:#}\n{}",
+        cluster.status(0).await,
+        cluster.log(0)
+    );
+    let node1 = cluster.nodes[0].child.as_mut().unwrap();
+    assert!(node1.try_wait().unwrap().is_none(), "node1 restarted");
     let mut stale = Haggle::connect(nbd_addr(&cluster.nodes[0]))
         .await
         .go("vol0")
@@ -868,10 +911,11 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
 /// The controller stops (SIGSTOP) between its decision and its
 /// transaction (a failpoint holds every node there while its hold file
 /// exists). Its lease expires and another node is elected, decides the
-/// same failover and is held too. The first, resumed and released, finds
-/// its transaction refused although the record has not moved: it is no
-/// longer the controller. It stops; the second, released, promotes. The
-/// epoch moves exactly once.
+/// same failover and is held too. The first, resumed and released, has
+/// lost its session with its lease: its pass ends with the session (or
+/// its transaction is refused although the record has not moved: it is no
+/// longer the controller), and it rejoins as a plain member; the second,
+/// released, promotes. The epoch moves exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once() {
     let etcd = Etcd::start().await;
@@ -964,18 +1008,14 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     // lease is gone, so it stops.
     std::fs::remove_file(hold_of(&cluster.nodes[controller].name)).unwrap();
     cluster.signal(controller, "CONT").await;
-    let mut stale = cluster.nodes[controller].child.take().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), stale.wait())
-        .await
-        .expect("the stale controller serves on")
-        .unwrap();
-    assert!(!status.success());
+    // Its session went with its lease: it notices and rejoins. Its pass
+    // ends with the session, or, if its transaction runs first, the
+    // transaction is refused by the leadership guard; the record does
+    // not move either way.
+    logged_times(&cluster, controller, "etcd: rejoined", 1).await;
     let log = cluster.log(controller);
-    assert!(
-        log.contains("failpoint released")
-            && log.contains("no longer the controller; not promoted"),
-        "{log}"
-    );
+    assert!(!log.contains("etcd controller: promoted"), "{log}");
+    assert!(still_running(&mut cluster, controller), "{log}");
     assert_eq!(volume_record(&mut client).await.epoch, epoch);
 
     // Released, the new controller promotes `other` in the next epoch.
@@ -998,7 +1038,7 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     assert_eq!(response.kvs()[0].version(), before + 1);
     assert_eq!(volume_record(&mut client).await, promoted);
     assert_blocks(nbd_addr(&cluster.nodes[other]), &done).await;
-    cluster.stop_cleanly(&[other]).await;
+    cluster.stop_cleanly(&[controller, other]).await;
 }
 
 /// [`down_without_an_eligible_replica`], then the desperate path, which
@@ -1238,5 +1278,261 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
             .any(|e| e["event"] == "primary_behind"),
         "{log:#}"
     );
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// Whether node `i`'s process is still the one started (it has not
+/// exited).
+fn still_running(cluster: &mut NodeCluster, i: usize) -> bool {
+    let child = cluster.nodes[i].child.as_mut().expect("started");
+    child.try_wait().expect("wait").is_none()
+}
+
+/// Waits until node `i` has logged `what` at least `times` times.
+async fn logged_times(cluster: &NodeCluster, i: usize, what: &str, times: usize) {
+    let seen = within(Duration::from_secs(30), || async {
+        (cluster.log(i).matches(what).count() >= times).then_some(())
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "node{} never logged {what:?}:\n{}",
+        i + 1,
+        cluster.log(i)
+    );
+}
+
+/// best_effort: a primary cut off from etcd past its lease is never
+/// replaced automatically, so its record still names it. Healed, it
+/// rejoins without a restart as the primary again, acknowledges writes
+/// again, and the controller marks its "down" decision over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_past_its_lease_that_nobody_replaced_rejoins_as_the_primary() {
+    let volume = VolumeOptions {
+        commit_mode: "best_effort".into(),
+        ..VolumeOptions::default()
+    };
+    let (etcd, proxy, mut cluster) = node1_through_a_proxy_with("2000", volume).await;
+    let before = write_all_fua(nbd_addr(&cluster.nodes[0]), 0..32).await;
+    proxy.pause();
+    logged_times(&cluster, 0, "etcd: session lost", 1).await;
+    // Its entry expires at etcd; the controller finds nobody to promote.
+    assert!(entry_gone(&etcd, "node1", Duration::from_secs(20)).await);
+    let down = decision(&etcd).await;
+    assert!(
+        down.blocked().is_some_and(|b| b.starts_with("best_effort")),
+        "{down:?}"
+    );
+    // Fenced meanwhile: a write is refused, the node still runs.
+    let mut client = Haggle::connect(nbd_addr(&cluster.nodes[0]))
+        .await
+        .go("vol0")
+        .await;
+    assert_eq!(client.try_write(0, &block_of(0), FLAG_FUA).await, Some(EIO));
+    assert!(still_running(&mut cluster, 0));
+
+    proxy.cut();
+    proxy.restore();
+    logged_times(&cluster, 0, "etcd: rejoined", 1).await;
+    wait_serving(&cluster, 0).await;
+    let after = write_all_fua(nbd_addr(&cluster.nodes[0]), 32..64).await;
+    let over = within(Duration::from_secs(20), || async {
+        let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
+        serde_json::from_slice::<Decision>(&value)
+            .ok()?
+            .over()
+            .map(str::to_owned)
+    })
+    .await;
+    assert_eq!(over.as_deref(), Some("node1 serves again"));
+    assert!(still_running(&mut cluster, 0), "node1 restarted");
+    assert_eq!(volume_record(&mut etcd.client().await).await.epoch, 1);
+    cluster.wait_converged(CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[1]), &[before, after].concat()).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// etcd is down for longer than the nodes' leases while a client writes:
+/// every node notices, its writes fenced (the client's writes fail, the
+/// nodes run on); etcd back, every node rejoins without a restart, the
+/// primary (its record unchanged) acknowledges writes again, and every
+/// acknowledged write ends on the replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_past_the_leases_under_load_fences_writes_and_every_node_rejoins() {
+    let (mut etcd, mut cluster) = cluster_on_etcd().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_until(
+        nbd_addr(&cluster.nodes[0]),
+        0..16_000,
+        Arc::clone(&stop),
+        Arc::clone(&acked),
+        Duration::from_secs(90),
+    ));
+    wait_acked(&acked, 20, CLIENT).await;
+    etcd.kill().await;
+    for i in 0..3 {
+        logged_times(&cluster, i, "etcd: session lost", 1).await;
+    }
+    // Fenced: nothing is acknowledged while etcd is away.
+    let fenced = acked.load(Ordering::SeqCst);
+    let mut client = Haggle::connect(nbd_addr(&cluster.nodes[0]))
+        .await
+        .go("vol0")
+        .await;
+    assert_eq!(client.try_write(0, &block_of(0), FLAG_FUA).await, Some(EIO));
+    assert!(acked.load(Ordering::SeqCst) <= fenced + 1);
+    for i in 0..3 {
+        assert!(still_running(&mut cluster, i), "node{} exited", i + 1);
+    }
+
+    etcd.start_again().await;
+    for i in 0..3 {
+        logged_times(&cluster, i, "etcd: rejoined", 1).await;
+    }
+    wait_acked(&acked, fenced + 100, CLIENT).await;
+    stop.store(true, Ordering::SeqCst);
+    let done = writer.await.unwrap();
+    for i in 0..3 {
+        assert!(still_running(&mut cluster, i), "node{} restarted", i + 1);
+    }
+    let record = volume_record(&mut etcd.client().await).await;
+    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+    cluster.wait_converged(CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[2]), &done).await;
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// The primary is paused (SIGSTOP) under a writing client until another
+/// node is promoted. Woken (SIGCONT), its lease long lapsed, it fails the
+/// client's write at once with the fence's error (EIO); it notices its
+/// lost session, steps down without a restart to what its record says
+/// (a replica of the new primary), is added back, and the exports end
+/// identical. (A write that waits on a barrier when the fence lapses:
+/// the next test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_primary_woken_from_a_pause_fails_its_writes_at_once_and_rejoins_as_a_replica() {
+    let (etcd, mut cluster) = cluster_on_etcd().await;
+    let addr = nbd_addr(&cluster.nodes[0]);
+    let writer = tokio::spawn(async move {
+        let mut client = Haggle::connect(addr).await.go("vol0").await;
+        let mut acked = Vec::new();
+        for block in 0..PARTITION_BLOCKS {
+            let data = block_of(block);
+            let done = client.try_write(block * 4096, &data, FLAG_FUA);
+            match tokio::time::timeout(Duration::from_secs(30), done).await {
+                Ok(Some(0)) => acked.push(block),
+                Ok(refused) => return (acked, refused, Instant::now()),
+                Err(_) => return (acked, None, Instant::now()),
+            }
+        }
+        panic!("writes never stopped");
+    });
+    etcd.wait_reported_in_sync(&cluster, 0).await;
+    cluster.signal(0, "STOP").await;
+    let promoted = decision(&etcd).await;
+    let new = match promoted.promoted() {
+        Some("node2") => 1,
+        Some("node3") => 2,
+        other => panic!("promoted {other:?}"),
+    };
+    wait_serving(&cluster, new).await;
+    let woken = Instant::now();
+    cluster.signal(0, "CONT").await;
+    let (acked, refused, at) = writer.await.unwrap();
+    assert_eq!(refused, Some(EIO), "{}", cluster.log(0));
+    assert!(
+        at - woken < Duration::from_secs(2),
+        "the write was failed {:?} after node1 woke",
+        at - woken
+    );
+    eprintln!("node1's write failed {:?} after it woke", at - woken);
+    logged_times(&cluster, 0, "etcd: rejoined", 1).await;
+    let replica = within(Duration::from_secs(20), || async {
+        (cluster.status(0).await["volumes"][0]["role"] == "replica").then_some(())
+    })
+    .await;
+    assert!(replica.is_some(), "{:#}", cluster.status(0).await);
+    assert!(still_running(&mut cluster, 0), "node1 restarted");
+    let mut client = etcd.client().await;
+    readmitted(&client, "node1", 3).await;
+    cluster.wait_converged_on(new, CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[new]), &acked).await;
+    assert_replicas_identical(&cluster, new).await;
+    assert_eq!(volume_record(&mut client).await.epoch, 3);
+    cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// A FUA write waits for a barrier that cannot complete (a replica
+/// paused, SIGSTOP; sync_all waits for it up to the barrier timeout, 10 s)
+/// when the primary is cut off from etcd: the write fails with EIO once
+/// the primary's fence lapses, within its 2 s lease, not when the
+/// barrier times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_on_a_barrier_fails_when_the_fence_lapses_not_at_the_barriers_timeout() {
+    // Barriers and peers given 10 s: a write failing sooner was failed by
+    // the fence.
+    let volume = VolumeOptions {
+        tuning: "barrier_timeout_ms = 10000\nnetwork_retry_max_ms = 300\npeer_timeout_ms = 10000\n\
+                 segment_bytes = 1048576\n"
+            .into(),
+        ..VolumeOptions::default()
+    };
+    let (etcd, proxy, mut cluster) = node1_through_a_proxy_with("2000", volume).await;
+    let addr = nbd_addr(&cluster.nodes[0]);
+    let writer = tokio::spawn(async move {
+        let mut client = Haggle::connect(addr).await.go("vol0").await;
+        let mut acked = Vec::new();
+        for block in 0..PARTITION_BLOCKS {
+            let data = block_of(block);
+            let done = client.try_write(block * 4096, &data, FLAG_FUA);
+            match tokio::time::timeout(Duration::from_secs(30), done).await {
+                Ok(Some(0)) => acked.push(block),
+                Ok(refused) => return (acked, refused, Instant::now()),
+                Err(_) => return (acked, None, Instant::now()),
+            }
+        }
+        panic!("writes never stopped");
+    });
+    etcd.wait_reported_in_sync(&cluster, 0).await;
+    // From now on each write waits for node3.
+    cluster.signal(2, "STOP").await;
+    proxy.pause();
+    let cut = Instant::now();
+    let (acked, refused, at) = writer.await.unwrap();
+    proxy.cut();
+    assert_eq!(refused, Some(EIO), "{}", cluster.log(0));
+    assert!(
+        at - cut < Duration::from_millis(2500),
+        "the waiting write failed {:?} after the partition",
+        at - cut
+    );
+    eprintln!(
+        "the waiting write failed {:?} after the partition",
+        at - cut
+    );
+    // Healed, every node in the cluster again: every write node1
+    // acknowledged is on the primary the records name, and the exports
+    // end identical.
+    cluster.signal(2, "CONT").await;
+    proxy.restore();
+    logged_times(&cluster, 0, "etcd: rejoined", 1).await;
+    let record = within(CONVERGE, || async {
+        let record = volume_record(&mut etcd.client().await).await;
+        (record.replicas.len() == 2).then_some(record)
+    })
+    .await
+    .expect("every node a member again");
+    let primary = cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == record.primary)
+        .unwrap();
+    cluster.wait_converged_on(primary, CONVERGE).await;
+    assert_blocks(nbd_addr(&cluster.nodes[primary]), &acked).await;
+    assert_replicas_identical(&cluster, primary).await;
+    for i in 0..3 {
+        assert!(still_running(&mut cluster, i), "node{} exited", i + 1);
+    }
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }

@@ -13,6 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// The deadline past which writes are refused.
 #[derive(Debug)]
@@ -22,6 +23,8 @@ pub struct WriteFence {
     until: AtomicU64,
     /// Closed for good: the lease is being given up.
     closed: AtomicBool,
+    /// Woken when the fence is held or closed before its deadline.
+    shut: Notify,
 }
 
 impl Default for WriteFence {
@@ -37,6 +40,7 @@ impl WriteFence {
             origin: Instant::now(),
             until: AtomicU64::new(u64::MAX),
             closed: AtomicBool::new(false),
+            shut: Notify::new(),
         }
     }
 
@@ -44,6 +48,7 @@ impl WriteFence {
     /// [`renewed`](Self::renewed) says the lease is alive.
     pub fn hold(&self) {
         self.until.store(0, Ordering::Release);
+        self.shut.notify_waiters();
     }
 
     /// A renewal sent at `sent` was granted `ttl`: writes may be
@@ -60,6 +65,32 @@ impl WriteFence {
     /// reopens it.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.shut.notify_waiters();
+    }
+
+    /// Resolves once writes are no longer allowed: the deadline passed
+    /// with no renewal moving it, or the fence was held or closed. Never,
+    /// without a deadline. A request that waits (a barrier whose replicas
+    /// now answer another primary) fails then, not when it times out.
+    pub async fn lapsed(&self) {
+        loop {
+            let shut = self.shut.notified();
+            tokio::pin!(shut);
+            // Registered before the state is read: a hold in between wakes it.
+            shut.as_mut().enable();
+            let left = self.remaining();
+            if left.is_zero() {
+                return;
+            }
+            if left == Duration::MAX {
+                shut.await;
+                continue;
+            }
+            tokio::select! {
+                () = shut => {}
+                () = tokio::time::sleep(left) => {}
+            }
+        }
     }
 
     /// Whether a write may be acknowledged now.
@@ -113,5 +144,37 @@ mod tests {
         assert!(!fence.allows());
         fence.renewed(Instant::now(), Duration::from_secs(2));
         assert!(!fence.allows());
+    }
+
+    /// Real time (the fence reads the monotonic clock): the sleeps are
+    /// what is under test, each far from the deadline it straddles.
+    #[tokio::test]
+    async fn lapsed_resolves_at_the_deadline_a_renewal_moves_or_at_once_when_held() {
+        let ms = Duration::from_millis;
+        let fence = std::sync::Arc::new(WriteFence::open());
+        // No deadline: never.
+        assert!(tokio::time::timeout(ms(50), fence.lapsed()).await.is_err());
+        fence.hold();
+        fence.renewed(Instant::now(), ms(1000));
+        let waiter = tokio::spawn({
+            let fence = std::sync::Arc::clone(&fence);
+            async move { fence.lapsed().await }
+        });
+        tokio::time::sleep(ms(400)).await;
+        // A renewal moves the deadline: still waiting past the old one.
+        fence.renewed(Instant::now(), ms(1000));
+        tokio::time::sleep(ms(700)).await;
+        assert!(!waiter.is_finished());
+        // Held: at once.
+        fence.hold();
+        tokio::time::timeout(ms(100), waiter)
+            .await
+            .expect("held: lapsed at once")
+            .unwrap();
+        // A deadline passing with nothing moving it.
+        fence.renewed(Instant::now(), ms(300));
+        tokio::time::timeout(ms(2000), fence.lapsed())
+            .await
+            .expect("lapsed at its deadline");
     }
 }

@@ -117,7 +117,18 @@ impl Etcd {
     /// Kills etcd (SIGKILL) and starts it again on the same ports and data;
     /// returns once it answers.
     pub async fn restart(&mut self) {
+        self.kill().await;
+        self.start_again().await;
+    }
+
+    /// Kills etcd (SIGKILL).
+    pub async fn kill(&mut self) {
         self.child.kill().await.expect("kill etcd");
+    }
+
+    /// Starts etcd again after a [`kill`](Self::kill), on the same ports
+    /// and data; returns once it answers.
+    pub async fn start_again(&mut self) {
         self.child = spawn(&self.args, self.dir.path());
         self.wait_answering().await;
     }

@@ -55,15 +55,7 @@ pub(super) async fn read_records(
                 what: "exists but could not be read".into(),
             });
         };
-        let mut record = parse(&key, &stored)?;
-        if let Some(addr) = record.departed.get(&config.node).cloned() {
-            // A lost primary back: it opens as a replica of the current
-            // primary, which connects to it once the controller adds it
-            // back in the next epoch.
-            tracing::info!(volume = %spec.name, epoch = record.epoch, primary = %record.primary,
-                "etcd: this node lost the primary's seat; back as a replica, waiting to be added");
-            record.replicas.insert(config.node.clone(), addr);
-        }
+        let record = as_assigned(parse(&key, &stored)?, &config.node);
         check(&key, &spec.name, &record, &config.node, spec.size)?;
         if record != from_config {
             tracing::info!(volume = %spec.name, epoch = record.epoch,
@@ -129,6 +121,8 @@ pub(super) async fn notes_feed(
     Feed::open(client, prefix, after).await
 }
 
+/// Applies each newer record of a hosted volume, and notes each decision
+/// and probe about one. Ends when a watch does.
 pub(super) async fn follow(
     node: Arc<Node>,
     (mut records, watch_prefix): (Feed, String),
@@ -151,35 +145,108 @@ pub(super) async fn follow(
     }
 }
 
-/// Applies the record of `volume` if this node hosts it and it is newer.
+/// Applies the record of `volume` if this node hosts it and it is newer,
+/// saying what came of it.
 async fn apply(node: &Node, key: &str, volume: &str, value: &[u8]) {
+    match take(node, key, volume, value).await {
+        Ok(Some(record)) => tracing::info!(volume, epoch = record.epoch, primary = %record.primary,
+            "etcd: assignment applied"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, volume, "etcd: record not applied"),
+    }
+}
+
+/// Applies the record of `volume` if this node hosts it and it is newer:
+/// the record applied; `None` if not hosted or not newer.
+async fn take(
+    node: &Node,
+    key: &str,
+    volume: &str,
+    value: &[u8],
+) -> Result<Option<VolumeRecord>, String> {
     if node.volume(volume).is_none() {
-        return;
+        return Ok(None);
     }
     let config = node.config();
     let Some(spec) = config.volumes.iter().find(|v| v.name == volume) else {
-        return;
+        return Ok(None);
     };
-    let checked = parse(key, value).and_then(|record| {
-        check(key, volume, &record, node.name(), spec.size)?;
-        Ok(record)
-    });
-    let record = match checked {
-        Ok(record) => record,
-        Err(e) => return tracing::error!(error = %e, "etcd: record ignored"),
-    };
+    let record = parse(key, value).map_err(|e| e.to_string())?;
+    let record = as_assigned(record, node.name());
+    check(key, volume, &record, node.name(), spec.size).map_err(|e| e.to_string())?;
     match node.apply_assignment(volume, record.applied()).await {
-        Ok(()) => tracing::info!(volume, epoch = record.epoch, primary = %record.primary,
-            "etcd: assignment applied"),
+        Ok(()) => Ok(Some(record)),
         Err(NodeError::Fenced { .. }) => {
             tracing::debug!(
                 volume,
                 epoch = record.epoch,
                 "etcd: record not newer than the applied"
-            )
+            );
+            Ok(None)
         }
-        Err(e) => tracing::error!(error = %e, volume, "etcd: assignment refused"),
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// A node whose session was lost brings every volume it hosts in line
+/// with its record, whatever happened meanwhile (a promotion away from
+/// it, a readmission): each applied if newer. The revision to watch the
+/// records after. Fails if a record cannot be applied: the node stays
+/// fenced and tries again.
+pub(super) async fn resync(
+    client: &mut Client,
+    cluster: &str,
+    node: &Node,
+) -> Result<i64, EtcdError> {
+    let refused = |key: &str, what: String| EtcdError::Record {
+        key: key.to_owned(),
+        what,
+    };
+    let mut revision = i64::MAX;
+    let hosted: Vec<String> = node
+        .config()
+        .volumes
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    for volume in hosted {
+        let key = volume_key(cluster, &volume);
+        let response = client
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| refused(&key, e.to_string()))?;
+        revision = revision.min(response.header().map_or(0, |h| h.revision()));
+        let Some(kv) = response.kvs().first() else {
+            continue;
+        };
+        if let Some(record) = take(node, &key, &volume, kv.value())
+            .await
+            .map_err(|what| refused(&key, what))?
+        {
+            tracing::info!(volume, epoch = record.epoch, primary = %record.primary,
+                "etcd: assignment applied on rejoining");
+        }
+    }
+    if revision == i64::MAX {
+        let now = client
+            .get("/", None)
+            .await
+            .map_err(|e| refused("/", e.to_string()))?;
+        revision = now.header().map_or(0, |h| h.revision());
+    }
+    Ok(revision)
+}
+
+/// `record` as `node` takes it: a lost primary back (departed) opens as a
+/// replica of the current primary, which connects to it once the
+/// controller adds it back in the next epoch.
+fn as_assigned(mut record: VolumeRecord, node: &str) -> VolumeRecord {
+    if let Some(addr) = record.departed.get(node).cloned() {
+        tracing::info!(epoch = record.epoch, primary = %record.primary,
+            "etcd: this node lost the primary's seat; a replica, waiting to be added back");
+        record.replicas.insert(node.to_owned(), addr);
+    }
+    record
 }
 
 pub(super) fn parse(key: &str, value: &[u8]) -> Result<VolumeRecord, EtcdError> {

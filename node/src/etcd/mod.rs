@@ -63,8 +63,8 @@ use crate::fence::WriteFence;
 use crate::node::Node;
 use etcd_client::{Client, PutOptions};
 use feed::Feed;
-use follower::{follow, notes_feed, read_records, Notes};
-use session::{client, keep, not_answering, Task, CONNECT_RETRY, STOP_GRACE};
+use follower::{follow, notes_feed, read_records, resync, Notes};
+use session::{client, keep, not_answering, stopping, Session, Task, CONNECT_RETRY, STOP_GRACE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,31 +118,231 @@ impl EtcdOptions {
     }
 }
 
+/// What every session of the node with etcd shares: the client (it
+/// reconnects on its own), where and who the node is, its fence.
+#[derive(Clone)]
+struct Plane {
+    client: Client,
+    options: EtcdOptions,
+    cluster: String,
+    /// This node's name.
+    node: String,
+    /// This node's registration (not yet ready).
+    entry: NodeRecord,
+    fence: Arc<WriteFence>,
+}
+
+impl Plane {
+    fn failed(&self) -> impl Fn(etcd_client::Error) -> EtcdError + '_ {
+        |source| EtcdError::Client {
+            endpoints: self.options.endpoints.join(","),
+            source,
+        }
+    }
+
+    /// The lease asked for: etcd grants whole seconds, at least its
+    /// minimum (1.5 election timeouts: 2 s by default); renewals follow
+    /// what it granted.
+    fn asked(&self) -> i64 {
+        self.options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64
+    }
+
+    /// Registers the node on `lease` (`ready`: its volumes open and in
+    /// line with their records), and its replication address, kept after
+    /// the lease (a lost primary is added back at it; its revision marks
+    /// this start).
+    async fn register(&self, lease: i64, ready: bool) -> Result<(), EtcdError> {
+        let mut client = self.client.clone();
+        let entry = NodeRecord {
+            ready,
+            ..self.entry.clone()
+        };
+        let with_lease = Some(PutOptions::new().with_lease(lease));
+        let key = node_key(&self.cluster, &self.node);
+        client
+            .put(key, serde_json::to_vec(&entry)?, with_lease)
+            .await
+            .map_err(self.failed())?;
+        if !ready {
+            let address = address_key(&self.cluster, &self.node);
+            client
+                .put(address, self.entry.replication.clone(), None)
+                .await
+                .map_err(self.failed())?;
+        }
+        Ok(())
+    }
+
+    /// Follows `node`'s volumes from `revision` on, reports, campaigns for
+    /// the controller's seat, and says the node serves: the session on
+    /// `lease`, whose renewals `keeping` already runs.
+    async fn serve(
+        &self,
+        node: &Arc<Node>,
+        (lease, ttl, keeping): (i64, Duration, Task),
+        revision: i64,
+    ) -> Result<Session, EtcdError> {
+        match self.start(node, (lease, ttl), revision).await {
+            Ok((watching, reporting, controlling)) => {
+                let session = Session {
+                    lease,
+                    keeping,
+                    watching,
+                    reporting,
+                    controlling,
+                };
+                // Serving: the registration says so.
+                match self.register(lease, true).await {
+                    Ok(()) => Ok(session),
+                    Err(e) => {
+                        session.abort().await;
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => {
+                keeping.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The follower, the reporter and the controller's campaign of the
+    /// session on `lease`.
+    async fn start(
+        &self,
+        node: &Arc<Node>,
+        (lease, ttl): (i64, Duration),
+        revision: i64,
+    ) -> Result<(Task, Task, Task), EtcdError> {
+        let mut client = self.client.clone();
+        let watch_prefix = format!("{}volumes/", prefix(&self.cluster));
+        let records = Feed::open(&client, watch_prefix.clone(), revision + 1)
+            .await
+            .map_err(self.failed())?;
+        // The decisions and probes so far, then every later one.
+        let (probes_tx, probes) = watch::channel(BTreeMap::new());
+        let notes = Notes {
+            decisions: format!("{}decisions/", prefix(&self.cluster)),
+            probes: probe_key(&self.cluster, ""),
+            node: Arc::clone(node),
+            probes_tx,
+        };
+        let decisions = notes_feed(&mut client, &notes, notes.decisions.clone())
+            .await
+            .map_err(self.failed())?;
+        let probes_feed = notes_feed(&mut client, &notes, notes.probes.clone())
+            .await
+            .map_err(self.failed())?;
+        let watching = Task::spawn({
+            let node = Arc::clone(node);
+            move |stopped| {
+                follow(
+                    node,
+                    (records, watch_prefix),
+                    (notes, decisions, probes_feed),
+                    stopped,
+                )
+            }
+        });
+        let reporting = Task::spawn({
+            let (client, cluster, node) = (client.clone(), self.cluster.clone(), Arc::clone(node));
+            let every = self.options.progress_every;
+            move |stopped| reporter::report(client, (cluster, every), node, probes, stopped)
+        });
+        let controlling = Task::spawn({
+            let (client, cluster) = (client.clone(), self.cluster.clone());
+            let me = node.name().to_owned();
+            move |stopped| controller::control(client, cluster, me, (lease, ttl), stopped)
+        });
+        Ok((watching, reporting, controlling))
+    }
+
+    /// A new session after one was lost (the node's writes fenced since):
+    /// a new lease, the node registered again (the old lease revoked: its
+    /// controller candidacy goes with it), every hosted volume's record
+    /// read and applied (primary again only if the record still names
+    /// this node, else a replica of the one it names), and only then the
+    /// fence renewed and the session served.
+    async fn rejoin(&self, node: &Arc<Node>, old: i64) -> Result<Session, EtcdError> {
+        let mut client = self.client.clone();
+        let granted = client
+            .lease_grant(self.asked(), None)
+            .await
+            .map_err(self.failed())?;
+        let (lease, ttl) = (
+            granted.id(),
+            Duration::from_secs(granted.ttl().max(1) as u64),
+        );
+        // Given up if this attempt fails: no registration outlives it.
+        let mut guard = LeaseGuard(Some((client.clone(), lease)));
+        self.register(lease, false).await?;
+        let _ = tokio::time::timeout(STOP_GRACE, client.lease_revoke(old)).await;
+        let revision = resync(&mut client, &self.cluster, node).await?;
+        // The first renewal after the records are applied opens the fence.
+        // A stream's answer has no request timeout: bounded by the lease.
+        let sent = Instant::now();
+        let renewal = async {
+            let (mut keeper, mut renewed) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            let answer = renewed.message().await?;
+            Ok((keeper, renewed, answer))
+        };
+        let unanswered =
+            || etcd_client::Error::LeaseKeepAliveError("no answer within the lease".into());
+        let (keeper, renewed, answer) = tokio::time::timeout(ttl, renewal)
+            .await
+            .unwrap_or_else(|_| Err(unanswered()))
+            .map_err(self.failed())?;
+        let Some(answer) = answer.filter(|a| a.ttl() > 0) else {
+            return Err(EtcdError::Record {
+                key: node_key(&self.cluster, &self.node),
+                what: format!("lease {lease} expired before the node rejoined"),
+            });
+        };
+        self.fence
+            .renewed(sent, Duration::from_secs(answer.ttl() as u64));
+        let keeping = Task::spawn({
+            let (client, fence) = (client.clone(), Arc::clone(&self.fence));
+            move |stopped| keep(lease, ttl, client, (keeper, renewed), fence, stopped)
+        });
+        let session = self.serve(node, (lease, ttl, keeping), revision).await?;
+        guard.0 = None;
+        Ok(session)
+    }
+}
+
+/// Revokes a lease granted by an attempt that failed.
+struct LeaseGuard(Option<(Client, i64)>);
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some((mut client, lease)) = self.0.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(STOP_GRACE, client.lease_revoke(lease)).await;
+            });
+        }
+    }
+}
+
 /// A connection to etcd, before the node runs: the records read, and the
 /// node's lease granted and kept alive from then on (a node may take long
 /// to open its volumes), its renewals holding the node's [`WriteFence`].
 pub struct ControlPlane {
-    client: Client,
-    options: EtcdOptions,
-    /// This node's registration.
-    entry: NodeRecord,
-    cluster: String,
-    /// This node's name.
-    node: String,
+    plane: Plane,
     /// The revision the records were read at: the watch starts after it.
     revision: i64,
     lease: i64,
     /// The lease's time to live, as granted.
     ttl: Duration,
-    fence: Arc<WriteFence>,
     keeping: Task,
 }
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
-            .field("endpoints", &self.options.endpoints)
-            .field("cluster", &self.cluster)
+            .field("endpoints", &self.plane.options.endpoints)
+            .field("cluster", &self.plane.cluster)
             .field("revision", &self.revision)
             .field("lease", &self.lease)
             .finish()
@@ -156,19 +356,18 @@ impl ControlPlane {
     /// one takes its assignment (epoch, primary, replicas, commit mode)
     /// from it. Call before [`Node::start`].
     pub async fn connect(options: EtcdOptions, config: &mut NodeConfig) -> Result<Self, EtcdError> {
+        let endpoints = options.endpoints.join(",");
         let failed = |source| EtcdError::Client {
-            endpoints: options.endpoints.join(","),
+            endpoints: endpoints.clone(),
             source,
         };
-        // etcd grants whole seconds, at least its minimum (1.5 election
-        // timeouts: 2 s by default); renewals follow what it granted.
-        let asked = options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64;
         let fence = Arc::new(WriteFence::open());
         fence.hold();
         // A node started with (or before) etcd waits for it a while, as
         // nodes started together by a service manager would need.
         let patience = Instant::now() + CONNECT_PATIENCE;
-        let (mut client, granted, sent) = loop {
+        let asked = options.lease_ttl.as_millis().div_ceil(1000).max(1) as i64;
+        let (client, granted, sent) = loop {
             let attempt = async {
                 let mut client = client(&options.endpoints).await?;
                 let sent = Instant::now();
@@ -195,43 +394,40 @@ impl ControlPlane {
             granted_s = ttl.as_secs(),
             "etcd: lease granted"
         );
-        let renewals = client.lease_keep_alive(lease).await.map_err(failed)?;
-        let keeping = Task::spawn(|stopped| {
-            keep(
-                lease,
-                ttl,
-                client.clone(),
-                renewals,
-                Arc::clone(&fence),
-                stopped,
-            )
+        let mut renewing = client.clone();
+        let renewals = renewing.lease_keep_alive(lease).await.map_err(failed)?;
+        let keeping = Task::spawn({
+            let (client, fence) = (client.clone(), Arc::clone(&fence));
+            move |stopped| keep(lease, ttl, client, renewals, fence, stopped)
         });
+        let plane = Plane {
+            client,
+            options,
+            cluster: config.cluster.clone(),
+            node: config.node.clone(),
+            entry: NodeRecord {
+                replication: config.replication.to_string(),
+                admin: config.admin.map(|a| a.to_string()),
+                nbd: config.nbd.map(|a| a.to_string()),
+                ready: false,
+            },
+            fence,
+        };
         // Registered before the records are read: a controller never takes
         // a node that is starting (and about to serve) for a lost one, and
         // a promotion away from this node either committed before the
         // registration (the reads below see it) or fails (its transaction
         // requires the lost primary unregistered).
-        let entry = NodeRecord {
-            replication: config.replication.to_string(),
-            admin: config.admin.map(|a| a.to_string()),
-            nbd: config.nbd.map(|a| a.to_string()),
-            ready: false,
+        let mut client = plane.client.clone();
+        let read = match plane.register(lease, false).await {
+            Ok(()) => read_records(&mut client, config, &failed).await,
+            Err(e) => Err(e),
         };
-        let value = serde_json::to_vec(&entry)?;
-        let with_lease = Some(PutOptions::new().with_lease(lease));
-        let key = node_key(&config.cluster, &config.node);
-        client.put(key, value, with_lease).await.map_err(failed)?;
-        // Kept after the lease: a lost primary is added back at it.
-        let address = address_key(&config.cluster, &config.node);
-        client
-            .put(address, entry.replication.clone(), None)
-            .await
-            .map_err(failed)?;
-        let revision = match read_records(&mut client, config, &failed).await {
+        let revision = match read {
             Ok(revision) => revision,
             Err(e) => {
                 // Refused: the registration goes now, not a lease later.
-                fence.close();
+                plane.fence.close();
                 keeping.stop().await;
                 let revoke = client.lease_revoke(lease);
                 let _ = tokio::time::timeout(STOP_GRACE, revoke).await;
@@ -239,15 +435,10 @@ impl ControlPlane {
             }
         };
         Ok(Self {
-            client,
-            options,
-            entry,
-            cluster: config.cluster.clone(),
-            node: config.node.clone(),
+            plane,
             revision,
             lease,
             ttl,
-            fence,
             keeping,
         })
     }
@@ -255,151 +446,168 @@ impl ControlPlane {
     /// The fence the lease holds: the node must acknowledge writes only
     /// while it allows them ([`Node::start_fenced`]).
     pub fn fence(&self) -> Arc<WriteFence> {
-        Arc::clone(&self.fence)
+        Arc::clone(&self.plane.fence)
     }
 
     /// Where the node records every term its primaries open in
     /// (`terms/<volume>`), read before each opening.
     pub fn terms(&self) -> Arc<dyn crate::TermKeeper> {
         Arc::new(EtcdTerms::new(
-            self.client.clone(),
-            &self.cluster,
-            &self.node,
+            self.plane.client.clone(),
+            &self.plane.cluster,
+            &self.plane.node,
         ))
     }
 
     /// What the node's status calls this control plane (`etcd at URL`).
     pub fn describe(&self) -> String {
-        format!("etcd at {}", self.options.endpoints.join(","))
+        format!("etcd at {}", self.plane.options.endpoints.join(","))
     }
 
     /// Follows `node`'s volumes: applies every newer record as it is
     /// written, shows decisions, answers probes, reports, and campaigns
-    /// for the controller's seat. Runs until [`Running::stop`], or until
-    /// the lease lapses or a watch cannot resume ([`Running::ended`]).
-    pub async fn run(mut self, node: Arc<Node>) -> Result<Running, EtcdError> {
-        let failed = |source| EtcdError::Client {
-            endpoints: self.options.endpoints.join(","),
-            source,
-        };
-        let watch_prefix = format!("{}volumes/", prefix(&self.cluster));
-        let records = Feed::open(&self.client, watch_prefix.clone(), self.revision + 1)
-            .await
-            .map_err(failed)?;
-        // The decisions and probes so far, then every later one.
-        let (probes_tx, probes) = watch::channel(BTreeMap::new());
-        let notes = Notes {
-            decisions: format!("{}decisions/", prefix(&self.cluster)),
-            probes: probe_key(&self.cluster, ""),
-            node: Arc::clone(&node),
-            probes_tx,
-        };
-        let decisions = notes_feed(&mut self.client, &notes, notes.decisions.clone())
-            .await
-            .map_err(failed)?;
-        let probes_feed = notes_feed(&mut self.client, &notes, notes.probes.clone())
-            .await
-            .map_err(failed)?;
-        let watching = Task::spawn({
-            let node = Arc::clone(&node);
-            move |stopped| {
-                follow(
-                    node,
-                    (records, watch_prefix),
-                    (notes, decisions, probes_feed),
-                    stopped,
-                )
+    /// for the controller's seat. A session lost (the lease not renewed
+    /// in time, a watch that cannot resume) is ridden out: the node's
+    /// writes are fenced, and it rejoins as soon as etcd answers
+    /// ([`Plane::rejoin`]), without a restart. Runs until
+    /// [`Running::stop`].
+    pub async fn run(self, node: Arc<Node>) -> Result<Running, EtcdError> {
+        let Self {
+            plane,
+            revision,
+            lease,
+            ttl,
+            keeping,
+        } = self;
+        // A session that cannot start (etcd lost meanwhile) is ridden out
+        // like one lost later.
+        let session = match plane.serve(&node, (lease, ttl, keeping), revision).await {
+            Ok(session) => Some(session),
+            Err(e) => {
+                tracing::error!(why = %e, "etcd: session lost before it served; writes fenced until this node rejoins");
+                None
             }
-        });
-        let reporting = Task::spawn({
-            let (client, cluster, node) =
-                (self.client.clone(), self.cluster.clone(), Arc::clone(&node));
-            let every = self.options.progress_every;
-            move |stopped| reporter::report(client, (cluster, every), node, probes, stopped)
-        });
-        let controlling = Task::spawn({
-            let (client, cluster) = (self.client.clone(), self.cluster.clone());
-            let (me, lease) = (node.name().to_owned(), (self.lease, self.ttl));
-            move |stopped| controller::control(client, cluster, me, lease, stopped)
-        });
-        // Serving: the registration says so.
-        let ready = NodeRecord {
-            ready: true,
-            ..self.entry.clone()
         };
-        let with_lease = Some(PutOptions::new().with_lease(self.lease));
-        let key = node_key(&self.cluster, node.name());
-        self.client
-            .put(key, serde_json::to_vec(&ready)?, with_lease)
-            .await
-            .map_err(failed)?;
+        let current = Arc::new(tokio::sync::Mutex::new(session));
+        let supervising = Task::spawn({
+            let (plane, current) = (plane.clone(), Arc::clone(&current));
+            move |stopped| supervise(plane, node, (current, lease), stopped)
+        });
         Ok(Running {
-            client: self.client,
-            lease: self.lease,
-            fence: self.fence,
-            keeping: self.keeping,
-            watching,
-            reporting,
-            controlling,
+            plane,
+            current,
+            supervising,
         })
+    }
+
+    /// Gives up before the node ran: stops renewing and revokes the lease.
+    pub async fn abandon(self) {
+        self.plane.fence.close();
+        self.keeping.stop().await;
+        let mut client = self.plane.client.clone();
+        let _ = tokio::time::timeout(STOP_GRACE, client.lease_revoke(self.lease)).await;
+    }
+}
+
+/// How soon a node whose session was lost tries to rejoin, at first; each
+/// failed attempt doubles it, up to [`REJOIN_AT_MOST`].
+const REJOIN_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between two attempts to rejoin.
+const REJOIN_AT_MOST: Duration = Duration::from_secs(5);
+
+/// Keeps the node in the cluster: when its session ends on its own (or
+/// never started: `current` empty, on lease `first`), fences the node's
+/// writes, ends the session, and rejoins until it can.
+async fn supervise(
+    plane: Plane,
+    node: Arc<Node>,
+    (current, first): (Arc<tokio::sync::Mutex<Option<Session>>>, i64),
+    mut stopped: watch::Receiver<bool>,
+) -> Option<String> {
+    let mut session = current.lock().await;
+    let mut old = first;
+    loop {
+        if let Some(live) = session.as_mut() {
+            let why = tokio::select! {
+                () = stopping(&mut stopped) => return None,
+                why = live.ended() => why,
+            };
+            old = live.lease;
+            // Every task of the lost session ends here, its renewals
+            // first: none moves the fence once it is held.
+            if let Some(lost) = session.take() {
+                lost.abort().await;
+            }
+            tracing::error!(
+                why,
+                "etcd: session lost; writes fenced until this node rejoins"
+            );
+        }
+        plane.fence.hold();
+        let lost = Instant::now();
+        let mut wait = REJOIN_FIRST;
+        let rejoined = loop {
+            let attempt = tokio::select! {
+                () = stopping(&mut stopped) => return None,
+                attempt = plane.rejoin(&node, old) => attempt,
+            };
+            match attempt {
+                Ok(rejoined) => break rejoined,
+                Err(e) => tracing::warn!(error = %e, "etcd: not rejoined yet; trying again"),
+            }
+            tokio::select! {
+                () = stopping(&mut stopped) => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(REJOIN_AT_MOST);
+        };
+        tracing::info!(
+            lease = rejoined.lease,
+            after_ms = lost.elapsed().as_millis() as u64,
+            "etcd: rejoined; serving as the records say"
+        );
+        old = rejoined.lease;
+        *session = Some(rejoined);
     }
 }
 
 /// The control plane running beside a node.
 pub struct Running {
-    client: Client,
-    lease: i64,
-    fence: Arc<WriteFence>,
-    keeping: Task,
-    watching: Task,
-    reporting: Task,
-    controlling: Task,
+    plane: Plane,
+    /// The session (none while the node rejoins).
+    current: Arc<tokio::sync::Mutex<Option<Session>>>,
+    supervising: Task,
 }
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Running")
-            .field("lease", &self.lease)
-            .finish()
+            .field("cluster", &self.plane.cluster)
+            .finish_non_exhaustive()
     }
 }
 
 impl Running {
-    /// Returns why, once the control plane ended on its own: the lease
-    /// could not be kept or the watch failed. The node is then neither
-    /// registered nor told of new assignments, and its writes are fenced
-    /// once the lease lapses: it must not go on serving as if it were in
-    /// the cluster (`walship serve` stops and exits non-zero).
+    /// Returns why, if the control plane ended on its own: not for a lost
+    /// session (ridden out), only if its supervisor failed. The node is
+    /// then deaf to new assignments and its writes fenced once the lease
+    /// lapses: `walship serve` stops and exits non-zero.
     pub async fn ended(&mut self) -> String {
-        tokio::select! {
-            why = self.keeping.ended() => why,
-            why = self.watching.ended() => why,
-            why = self.controlling.ended() => why,
-        }
+        self.supervising.ended().await
     }
 
     /// Stops watching and renewing, and revokes the node's lease (its
     /// entry goes at once, not a lease later).
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        // The supervisor first: it would take the fence closing below for
+        // a lost session and rejoin.
+        self.supervising.stop().await;
         // No write acknowledged once the lease may be gone: a revoked
         // lease lets the controller promote another node at once.
-        self.fence.close();
-        self.controlling.stop().await;
-        self.reporting.stop().await;
-        self.watching.stop().await;
-        self.keeping.stop().await;
-        let revoked = tokio::time::timeout(STOP_GRACE, self.client.lease_revoke(self.lease)).await;
-        if !matches!(revoked, Ok(Ok(_))) {
-            tracing::warn!(lease = self.lease, "etcd: lease not revoked (it expires)");
+        self.plane.fence.close();
+        let session = self.current.lock().await.take();
+        if let Some(session) = session {
+            session.stop(self.plane.client.clone()).await;
         }
-    }
-}
-
-impl ControlPlane {
-    /// Gives up before the node ran: stops renewing and revokes the lease.
-    pub async fn abandon(mut self) {
-        self.fence.close();
-        self.keeping.stop().await;
-        let _ = tokio::time::timeout(STOP_GRACE, self.client.lease_revoke(self.lease)).await;
     }
 }

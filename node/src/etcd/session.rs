@@ -83,7 +83,7 @@ impl Task {
         let handle = tokio::spawn(async move {
             let why = body.await;
             if let Some(why) = &why {
-                tracing::error!(why, "etcd: the control plane ended");
+                tracing::warn!(why, "etcd: a task of the control plane ended");
             }
             ended_tx.send_replace(why);
         });
@@ -100,6 +100,13 @@ impl Task {
             Ok(why) => why.clone().unwrap_or_default(),
             Err(_) => "the control plane's task ended".into(),
         }
+    }
+
+    /// Ends it at once, and waits until it has: nothing it does (a
+    /// renewal moving the fence) happens after this returns.
+    pub(super) async fn abort(mut self) {
+        self.handle.abort();
+        let _ = (&mut self.handle).await;
     }
 
     /// Stops it; a task still inside a request to an etcd it cannot reach
@@ -132,22 +139,30 @@ pub(super) async fn keep(
     let mut sent: VecDeque<Instant> = VecDeque::new();
     let mut stream = Some(renewals);
     let mut trouble = String::new();
+    // Noticed when the fence lapses, whatever the renewals wait for: a
+    // connection blackholed (no reset) holds a request until the client's
+    // timeout, longer than a short lease.
+    let lost = |trouble: &str| {
+        let why = if trouble.is_empty() {
+            String::new()
+        } else {
+            format!(" ({trouble})")
+        };
+        Some(format!(
+            "lease {lease} not renewed within its time to live{why}: writes fenced"
+        ))
+    };
     loop {
         // A broken stream (etcd restarting) is opened again for as long as
         // the lease may be alive: the fence says until when.
         let Some((keeper, renewed)) = stream.as_mut() else {
-            if !fence.allows() {
-                return Some(format!(
-                    "lease {lease} not renewed within its time to live ({trouble}): writes fenced"
-                ));
-            }
-            tokio::select! {
-                () = stopping(&mut stopped) => return None,
-                () = tokio::time::sleep(REOPEN_EVERY) => {}
-            }
             let reopened = tokio::select! {
                 () = stopping(&mut stopped) => return None,
-                reopened = client.lease_keep_alive(lease) => reopened,
+                () = fence.lapsed() => return lost(&trouble),
+                reopened = async {
+                    tokio::time::sleep(REOPEN_EVERY).await;
+                    client.lease_keep_alive(lease).await
+                } => reopened,
             };
             match reopened {
                 Ok(reopened) => {
@@ -162,10 +177,8 @@ pub(super) async fn keep(
         };
         tokio::select! {
             () = stopping(&mut stopped) => return None,
+            () = fence.lapsed() => return lost(&trouble),
             _ = renew.tick() => {
-                if !fence.allows() {
-                    return Some(format!("lease {lease} not renewed within its time to live: writes fenced"));
-                }
                 let at = Instant::now();
                 match keeper.keep_alive().await {
                     Ok(()) => sent.push_back(at),
@@ -195,6 +208,60 @@ pub(super) async fn keep(
                     stream = None;
                 }
             },
+        }
+    }
+}
+
+/// One session of the node with etcd, on one lease: its renewals, the
+/// follower, the reporter and the controller's campaign. Aborted, every
+/// task ends at once (a lost session); stopped, each is given
+/// [`STOP_GRACE`] and the lease is revoked.
+pub(super) struct Session {
+    /// Its lease.
+    pub(super) lease: i64,
+    pub(super) keeping: Task,
+    pub(super) watching: Task,
+    pub(super) reporting: Task,
+    pub(super) controlling: Task,
+}
+
+impl Session {
+    /// Why it ended on its own: its lease not renewed in time, a watch
+    /// that cannot resume, the controller's election.
+    pub(super) async fn ended(&mut self) -> String {
+        tokio::select! {
+            why = self.keeping.ended() => why,
+            why = self.watching.ended() => why,
+            why = self.controlling.ended() => why,
+        }
+    }
+
+    /// Ends every task at once (a lost session), and waits until each
+    /// has: no renewal of this session moves the fence afterwards.
+    pub(super) async fn abort(self) {
+        self.keeping.abort().await;
+        self.watching.abort().await;
+        self.reporting.abort().await;
+        self.controlling.abort().await;
+    }
+
+    /// Stops every task, then revokes the lease (the node's entry goes at
+    /// once, not a lease later).
+    pub(super) async fn stop(self, mut client: Client) {
+        let Self {
+            lease,
+            keeping,
+            watching,
+            reporting,
+            controlling,
+        } = self;
+        controlling.stop().await;
+        reporting.stop().await;
+        watching.stop().await;
+        keeping.stop().await;
+        let revoked = tokio::time::timeout(STOP_GRACE, client.lease_revoke(lease)).await;
+        if !matches!(revoked, Ok(Ok(_))) {
+            tracing::warn!(lease, "etcd: lease not revoked (it expires)");
         }
     }
 }

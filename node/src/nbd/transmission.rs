@@ -231,7 +231,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 
 /// Carries out one request; the data of a read, or the NBD error. On a
 /// primary's export a request (a write, a flush, a read too) is answered
-/// only while the node's write fence allows it, checked before and after:
+/// only while the node's write fence allows it, checked before, during and after:
 /// a node held to a lease it could not renew answers EIO, whatever the
 /// volume did. A read answered is then no older than any write another
 /// primary could have acknowledged (none can be made before the lease
@@ -246,7 +246,16 @@ async fn carry_out(export: &Export, request: Request, data: Bytes) -> Result<Opt
     if fenced && !export.fence.allows() {
         return refuse(export, request, EIO, why);
     }
-    let done = carry_out_request(export, request, data).await;
+    // A request still waiting when the fence lapses (a barrier whose
+    // replicas now answer another primary) fails then, not at its timeout.
+    let done = if fenced {
+        tokio::select! {
+            done = carry_out_request(export, request, data) => done,
+            () = export.fence.lapsed() => return refuse(export, request, EIO, why),
+        }
+    } else {
+        carry_out_request(export, request, data).await
+    };
     if fenced && done.is_ok() && !export.fence.allows() {
         return refuse(export, request, EIO, why);
     }

@@ -94,9 +94,10 @@ pub async fn run(
         descriptors,
         "serving"
     );
-    // With etcd, the control plane ending on its own (a lost lease, a
-    // failed watch) stops the node too: unregistered and deaf to new
-    // assignments, it must not serve on as if it were in the cluster.
+    // With etcd, a lost session (a lease not renewed in time, a watch that
+    // cannot resume) is ridden out: writes fenced, the node rejoins once
+    // etcd answers. Only the control plane failing (its supervisor) stops
+    // the node: deaf to new assignments, it must not serve on.
     #[cfg(feature = "etcd")]
     let plane_ended = async {
         match plane.as_mut() {
