@@ -10,10 +10,9 @@
 
 use crate::epochs::{self, EpochStart};
 use crate::extent::ExtentFile;
-use crate::frame::{FrameKind, BLOCK_SIZE};
-use crate::segment::{self, ScanEnd};
+use crate::frame::BLOCK_SIZE;
 use crate::superblock::Superblock;
-use bytes::Bytes;
+use crate::wal::{TornTail, WalError};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
@@ -30,17 +29,6 @@ pub struct SegmentReport {
     pub bytes: u64,
 }
 
-/// A torn tail: where the last segment's valid frames end.
-#[derive(Debug, Clone)]
-pub struct TornTail {
-    /// The segment.
-    pub path: PathBuf,
-    /// Offset of the first byte `open` would cut.
-    pub offset: u64,
-    /// Bytes it would cut.
-    pub bytes: u64,
-}
-
 /// What a store directory holds.
 #[derive(Debug, Clone)]
 pub struct Inspection {
@@ -52,7 +40,7 @@ pub struct Inspection {
     pub superblock: Option<Superblock>,
     /// WAL segments of the superblock's generation, in LSN order.
     pub segments: Vec<SegmentReport>,
-    /// Segments of other generations (`open` removes older ones).
+    /// Segments of older generations (`open` removes them).
     pub other_generations: Vec<String>,
     /// The WAL's tail (last recycled LSN) and head (last valid frame).
     pub tail: u64,
@@ -200,101 +188,61 @@ fn locked(path: &Path) -> bool {
     }
 }
 
+/// Fills `report` with what opening the WAL in `wal` would find and do:
+/// the WAL's own open plan ([`crate::wal::plan`]), one set of rules.
 fn scan_wal(wal: &Path, generation: u64, checkpoint: u64, report: &mut Inspection) {
-    let entries = match fs::read_dir(wal) {
-        Ok(entries) => entries,
-        Err(e) => {
-            report.problems.push(format!("wal {}: {e}", wal.display()));
-            return;
-        }
+    let plan = crate::wal::plan(crate::fs::real(), wal, generation, checkpoint);
+    let name = |path: &Path| {
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        match segment::parse_segment_name(&name) {
-            Some((g, first)) if g == generation => found.push((first, entry.path(), name)),
-            Some(_) => report.other_generations.push(name),
-            None => {}
-        }
+    report.other_generations = plan.stale.iter().map(|p| name(p)).collect();
+    report.segments = plan
+        .segments()
+        .map(|(path, first, frames, bytes)| SegmentReport {
+            name: name(path),
+            first,
+            frames,
+            bytes,
+        })
+        .collect();
+    report.tail = plan.tail();
+    report.head = plan.head();
+    report.frames_by_kind = plan.frames_by_kind;
+    report.epochs_in_frames = plan.runs.clone();
+    report.torn = plan.torn.clone();
+    if let Some(first_kept) = report
+        .segments
+        .first()
+        .filter(|_| !plan.superseded.is_empty())
+    {
+        report.notes.push(format!(
+            "segments before {} end below the checkpoint {checkpoint}: open removes them",
+            first_kept.name
+        ));
     }
-    found.sort();
-    let last_non_empty = found
-        .iter()
-        .rposition(|(_, path, _)| fs::metadata(path).map(|m| m.len() > 0).unwrap_or(true));
-    report.tail = found.first().map_or(0, |(first, _, _)| first - 1);
-    report.head = report.tail;
-    let mut expected_first = None;
-    for (index, (first, path, name)) in found.iter().enumerate() {
-        if let Some(expected) = expected_first {
-            if *first != expected && *first <= checkpoint + 1 {
-                // As `Wal::open`: what comes before is below the checkpoint.
-                report.notes.push(format!(
-                    "segments before {name} end below the checkpoint {checkpoint}: open removes them"
-                ));
-                report.segments.clear();
-                report.frames_by_kind = [0; 3];
-                report.epochs_in_frames.clear();
-                report.torn = None;
-                report.tail = first - 1;
-                report.head = report.tail;
-            } else if *first != expected {
-                report.problems.push(format!(
-                    "{name}: starts at {first}, the previous segment ends at {}",
-                    expected - 1
-                ));
-                return;
-            }
-        }
-        let data = match fs::read(path) {
-            Ok(data) => Bytes::from(data),
-            Err(e) => {
-                report.problems.push(format!("{name}: {e}"));
-                return;
-            }
-        };
-        let kinds = &mut report.frames_by_kind;
-        let runs = &mut report.epochs_in_frames;
-        let may_be_torn = Some(index) == last_non_empty;
-        let scanned = segment::scan(path, *first, &data, may_be_torn, |frame| {
-            let kind = match frame.kind {
-                FrameKind::Write => 0,
-                FrameKind::Trim => 1,
-                FrameKind::Barrier => 2,
-            };
-            kinds[kind] += 1;
-            if runs.last().is_none_or(|run| run.epoch != frame.epoch) {
-                runs.push(EpochStart {
-                    epoch: frame.epoch,
-                    first_lsn: frame.lsn,
-                });
-            }
+    if let Some(refused) = &plan.refused {
+        report.problems.push(match refused {
+            WalError::Corrupt {
+                path,
+                offset,
+                lsn,
+                error,
+            } => format!(
+                "{}: corrupt at offset {offset} (LSN {lsn}): {error}",
+                name(path)
+            ),
+            WalError::SegmentGap {
+                path,
+                expected,
+                found,
+            } => format!(
+                "{}: starts at {found}, the previous segment ends at {}",
+                name(path),
+                expected - 1
+            ),
+            other => other.to_string(),
         });
-        match scanned {
-            Ok((segment, end)) => {
-                report.segments.push(SegmentReport {
-                    name: name.clone(),
-                    first: *first,
-                    frames: segment.offsets.len() as u64,
-                    bytes: segment.bytes,
-                });
-                report.head = segment.last();
-                expected_first = Some(segment.last() + 1);
-                if let ScanEnd::Torn { offset } = end {
-                    report.torn = Some(TornTail {
-                        path: path.clone(),
-                        offset,
-                        bytes: segment::torn_bytes(&data, offset),
-                    });
-                }
-            }
-            Err(failure) => {
-                report.problems.push(format!(
-                    "{name}: corrupt at offset {} (LSN {}): {}",
-                    failure.offset, failure.lsn, failure.error
-                ));
-                return;
-            }
-        }
     }
 }
 
@@ -302,6 +250,7 @@ fn scan_wal(wal: &Path, generation: u64, checkpoint: u64, report: &mut Inspectio
 mod tests {
     use super::*;
     use crate::{Store, StoreOptions};
+    use bytes::Bytes;
     use std::time::Duration;
 
     fn store_with_frames(dir: &Path, epochs: &[(u64, u64)]) {
@@ -335,6 +284,19 @@ mod tests {
         files
     }
 
+    /// Writes `bytes` of garbage where the last segment's next frame
+    /// would have gone (before the zeroes written ahead): a torn write.
+    /// The segment, and where its valid frames end.
+    fn tear_last_segment(dir: &Path, bytes: usize) -> (PathBuf, u64) {
+        let (last, _) = segment_files(dir).last().unwrap().clone();
+        let end = inspect(dir).segments.last().unwrap().bytes;
+        let mut data = fs::read(&last).unwrap();
+        data.truncate(end as usize);
+        data.extend(std::iter::repeat_n(0xab, bytes));
+        fs::write(&last, &data).unwrap();
+        (last, end)
+    }
+
     #[test]
     fn a_clean_store_is_described_and_left_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
@@ -363,13 +325,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         store_with_frames(dir.path(), &[(1, 40)]);
         let files = segment_files(dir.path());
-        let (last, _) = files.last().unwrap().clone();
-        // Where the next frame would have gone (before zeroes written ahead).
-        let end = inspect(dir.path()).segments.last().unwrap().bytes;
-        let mut data = fs::read(&last).unwrap();
-        data.truncate(end as usize);
-        data.extend_from_slice(&[0xab; 100]);
-        fs::write(&last, &data).unwrap();
+        let (last, end) = tear_last_segment(dir.path(), 100);
         let report = inspect(dir.path());
         let torn = report.torn.expect("a torn tail");
         assert_eq!((torn.offset, torn.bytes), (end, 100));
@@ -390,6 +346,33 @@ mod tests {
             "{:?}",
             report.problems
         );
+    }
+
+    /// The inspection is the WAL's own open plan: a torn tail and a
+    /// segment of an older generation are reported as what open then cuts
+    /// and removes, byte for byte.
+    #[test]
+    fn what_inspect_reports_is_what_open_then_does() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_frames(dir.path(), &[(1, 40)]);
+        tear_last_segment(dir.path(), 77);
+        let generation = Superblock::load(dir.path()).unwrap().generation;
+        let stale = format!("{:010}-{:020}.wal", generation - 1, 1);
+        fs::write(dir.path().join("wal").join(&stale), b"").unwrap();
+        let report = inspect(dir.path());
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.other_generations, vec![stale.clone()]);
+        let torn = report.torn.clone().expect("a torn tail");
+        let options = StoreOptions {
+            segment_bytes: 64 << 10,
+            lock_wait: Duration::ZERO,
+            ..StoreOptions::new(64)
+        };
+        let (_store, opened) = Store::open(dir.path(), options).unwrap();
+        assert_eq!(opened.torn_bytes_dropped, torn.bytes);
+        assert_eq!(opened.head, report.head);
+        assert_eq!(fs::metadata(&torn.path).unwrap().len(), torn.offset);
+        assert!(!dir.path().join("wal").join(&stale).exists());
     }
 
     #[test]

@@ -31,7 +31,7 @@ mod wire;
 pub use epochs::{EpochError, EpochStart, MAX_EPOCHS};
 pub use extent::{ApplyStats, ExtentError, ExtentFile, COALESCE_BYTES};
 pub use frame::{Frame, FrameError, FrameKind, BLOCK_SIZE};
-pub use inspect::{inspect, Inspection, SegmentReport, TornTail};
+pub use inspect::{inspect, Inspection, SegmentReport};
 pub use pins::{PinInfo, WalPin};
 pub use reader::{
     probe_uring, Backend, BackendChoice, BackendRequest, FrameBatch, FrameStream, LogReader,
@@ -43,8 +43,8 @@ pub use store::{
 };
 pub use superblock::{Superblock, SuperblockError};
 pub use wal::{
-    PinReport, PinStats, ReadChunk, RecoveryReport, RecycleReport, RetentionReport, SyncMode, Wal,
-    WalError, WalOptions,
+    plan as plan_wal_open, OpenPlan, PinReport, PinStats, ReadChunk, RecoveryReport, RecycleReport,
+    RetentionReport, SyncMode, TornTail, Wal, WalError, WalOptions,
 };
 pub use wire::{
     Envelope, ImageKind, Install, Message, WireCodec, WireError, CODE_BASE, CODE_IDENTITY,
