@@ -1,0 +1,313 @@
+//! A node's life: its volumes opened (each in the term it chose), the
+//! NBD and admin listeners started; and its stop.
+
+use super::*;
+
+impl Node {
+    /// Starts every volume of `config`, the replication listener and the
+    /// NBD server. Refuses a config the stores on disk contradict.
+    pub async fn start(config: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        Self::start_fenced(config, Arc::new(WriteFence::open()), None, None).await
+    }
+
+    /// [`start`](Self::start), with NBD clients' writes acknowledged only
+    /// while `fence` allows them (a control plane's lease), assignments
+    /// from `control_plane` (named: `etcd at URL`) rather than the admin
+    /// API, when there is one, and every term a primary opens in recorded
+    /// with `terms` (the control plane's) before any replica hears it.
+    pub async fn start_fenced(
+        config: NodeConfig,
+        fence: Arc<WriteFence>,
+        control_plane: Option<String>,
+        terms: Option<Arc<dyn TermKeeper>>,
+    ) -> Result<Arc<Self>, NodeError> {
+        if config.admin.is_some() {
+            // Before any actor registers a metric with the recorder.
+            crate::admin::prometheus();
+        }
+        walship_io::durable::create_dir_all(&config.data_dir)
+            .map_err(io(format!("create {}", config.data_dir.display())))?;
+        let data_dir_lock = lock_data_dir(&config.data_dir).await?;
+        let runtime = Runtime::start().map_err(|source| NodeError::Volume {
+            volume: "(runtime)".into(),
+            source,
+        })?;
+        let recovery = runtime.recovery();
+        recovery.set_limits(config.recovery).map_err(|e| {
+            NodeError::Config(crate::config::ConfigError::Invalid {
+                file: config.file.clone(),
+                line: 0,
+                what: format!("[recovery]: {e}"),
+            })
+        })?;
+        let listener = runtime
+            .replication_listener(&config.cluster, &config.replication.to_string())
+            .map_err(|source| NodeError::Volume {
+                volume: "(replication listener)".into(),
+                source,
+            })?;
+        let mut node = Self {
+            recovery,
+            runtime: Mutex::new(Some(Arc::new(runtime))),
+            listener,
+            table: Arc::default(),
+            changing: tokio::sync::Mutex::new(()),
+            nbd: Mutex::new(None),
+            nbd_addr: None,
+            admin: Mutex::new(None),
+            admin_addr: Mutex::new(None),
+            data_dir_lock: Mutex::new(Some(data_dir_lock)),
+            control_decisions: Mutex::default(),
+            replica_states: Arc::default(),
+            control_plane,
+            terms,
+            config,
+        };
+        let mut startings = Vec::new();
+        for spec in node.config.volumes.clone() {
+            let dir = node.volume_dir(&spec.name);
+            let starting = match assignment::start(&dir, &node.config.node, &spec) {
+                Ok(starting) => starting,
+                Err(e) => {
+                    node.stop().await;
+                    return Err(match e {
+                        StartError::Io(e) => io(format!("assignment of {}", spec.name))(e),
+                        refusal => NodeError::Config(ConfigError::Invalid {
+                            file: node.config.file.clone(),
+                            line: spec.line,
+                            what: refusal.to_string(),
+                        }),
+                    });
+                }
+            };
+            tracing::info!(volume = %spec.name, epoch = starting.applied.epoch,
+                primary = %starting.applied.primary, "assignment: {}", starting.reason);
+            startings.push((spec, starting.applied));
+        }
+        // Replicas first: a primary peers with its replicas before it
+        // serves, and another node's primary may be waiting for ours.
+        startings.sort_by_key(|(_, applied)| applied.is_primary(&node.config.node));
+        for (spec, applied) in startings {
+            let handle = match node.open(&spec, &applied).await {
+                Ok(handle) => handle,
+                Err(e) => {
+                    node.stop().await;
+                    return Err(e);
+                }
+            };
+            node.table.put(Hosted {
+                spec,
+                applied,
+                handle,
+            });
+        }
+        if let Some(addr) = node.config.nbd {
+            let exports = Arc::new(NodeExports {
+                node: node.config.node.clone(),
+                table: Arc::clone(&node.table),
+                fence,
+            });
+            let volumes = node.runtime().ok().map(|runtime| runtime.volume_thread());
+            let started = match (tokio::net::TcpListener::bind(addr).await, volumes) {
+                (Ok(listener), Some(volumes)) => NbdServer::start(listener, exports, volumes),
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Err(std::io::Error::other("the runtime has stopped")),
+            };
+            match started {
+                Ok(server) => {
+                    node.nbd_addr = Some(server.local_addr());
+                    node.nbd = Mutex::new(Some(Arc::new(server)));
+                }
+                Err(e) => {
+                    node.stop().await;
+                    return Err(io(format!("nbd listener on {addr}"))(e));
+                }
+            }
+        }
+        let node = Arc::new(node);
+        if let Some(addr) = node.config.admin {
+            let started = match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => AdminServer::start(listener, Arc::clone(&node)),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(server) => {
+                    *lock(&node.admin_addr) = Some(server.local_addr());
+                    *lock(&node.admin) = Some(Arc::new(server));
+                }
+                Err(e) => {
+                    node.stop().await;
+                    return Err(io(format!("admin listener on {addr}"))(e));
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    /// Opens `spec`'s volume in the role `applied` gives this node. A
+    /// primary peers with its replicas first (see `walship_engine::
+    /// decide_peering`, after this returns: the handle's requests wait for
+    /// it); the term it chooses is persisted in the volume's assignment
+    /// before any replica hears it.
+    pub(super) async fn open(
+        &self,
+        spec: &VolumeSpec,
+        applied: &Applied,
+    ) -> Result<VolumeHandle, NodeError> {
+        let config = &self.config;
+        let store = StoreOptions {
+            segment_bytes: config.tuning.segment_bytes,
+            // The node's lock on its data dir covers every store, and the
+            // node never opens a store before its previous instance stopped.
+            lock: false,
+            ..StoreOptions::new(spec.blocks())
+        };
+        let dir = self.volume_dir(&spec.name).join("store");
+        let volume = if applied.is_primary(&config.node) {
+            // The newest term the control plane knows was used: one this
+            // node's disk may have lost, or another node's.
+            let floor = match &self.terms {
+                Some(terms) => terms
+                    .newest(&spec.name)
+                    .await
+                    .map_err(io(format!("read the newest term of {}", spec.name)))?,
+                None => 0,
+            };
+            VolumeConfig::Primary(PrimaryConfig {
+                cluster: config.cluster.clone(),
+                volume: spec.name.clone(),
+                dir,
+                store,
+                epoch: applied.term(),
+                commit_mode: applied.commit_mode,
+                replicas: applied
+                    .replicas
+                    .iter()
+                    .map(|(server, endpoint)| ReplicaSpec {
+                        server: server.clone(),
+                        addr: endpoint.addr.clone(),
+                        version: endpoint.version,
+                    })
+                    .collect(),
+                tuning: config.tuning.tuning(),
+                on_replica_states: Some(self.replica_states.signal(&spec.name)),
+                peering: Peering::enabled(
+                    Applied::term_ceiling(applied.epoch),
+                    Some(self.persist_term(&spec.name, applied)),
+                )
+                .with_term_floor(floor),
+            })
+        } else {
+            VolumeConfig::Replica(ReplicaConfig {
+                cluster: config.cluster.clone(),
+                volume: spec.name.clone(),
+                server: config.node.clone(),
+                dir,
+                store,
+                listen: Listen::Shared(self.listener.clone()),
+                checkpoint_every_lsns: config.tuning.tuning().checkpoint_every_lsns,
+            })
+        };
+        let spawned = match self.runtime() {
+            Ok(runtime) => runtime.spawn_volume(volume).await,
+            Err(e) => Err(e),
+        };
+        spawned.map_err(|source| match source {
+            VolumeError::Store(StoreError::SizeMismatch {
+                on_disk,
+                configured,
+            }) => NodeError::Config(ConfigError::Invalid {
+                file: config.file.clone(),
+                line: spec.size_line,
+                what: format!(
+                    "volume {}: size {} bytes, but its store on disk holds {} bytes",
+                    spec.name,
+                    configured * walship_io::BLOCK_SIZE as u64,
+                    on_disk * walship_io::BLOCK_SIZE as u64
+                ),
+            }),
+            source => NodeError::Volume {
+                volume: spec.name.clone(),
+                source,
+            },
+        })
+    }
+
+    /// What persists a term peering chose for `volume`: its assignment,
+    /// with the term's incarnation, replaced durably, then the control
+    /// plane's record of terms, if there is one.
+    /// The assignment on disk is read again when the term is chosen: a
+    /// newer one may have been persisted meanwhile, and is never replaced
+    /// by the one this opening started with.
+    pub(super) fn persist_term(&self, volume: &str, applied: &Applied) -> TermChosen {
+        let dir = self.volume_dir(volume);
+        let applied = applied.clone();
+        let (volume, terms) = (volume.to_owned(), self.terms.clone());
+        TermChosen(Arc::new(move |term| {
+            let (dir, applied) = (dir.clone(), applied.clone());
+            // The file's fsyncs block: off the volume's thread.
+            let local = tokio::task::spawn_blocking(move || {
+                let loaded = assignment::load(&dir)?;
+                let mut chosen = loaded.clone().unwrap_or(applied);
+                if chosen.epoch != Applied::epoch_of(term) {
+                    return Ok(());
+                }
+                chosen.incarnation = chosen.incarnation.max(Applied::incarnation_of(term));
+                match loaded == Some(chosen.clone()) {
+                    true => Ok(()),
+                    false => assignment::save(&dir, &chosen),
+                }
+            });
+            let recorded = terms.as_ref().map(|terms| terms.record(&volume, term));
+            Box::pin(async move {
+                local.await.map_err(std::io::Error::other)??;
+                match recorded {
+                    Some(recorded) => recorded.await,
+                    None => Ok(()),
+                }
+            })
+        }))
+    }
+
+    /// Stops the node: the admin endpoint stops, the NBD server stops accepting and answers every
+    /// request it read, each primary checkpoints what it holds (an fsync),
+    /// then every volume stops, the replication listener closes, and the
+    /// runtime ends. Returns when all of it has.
+    pub async fn stop(&self) {
+        let admin = lock(&self.admin).take();
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
+        let _no_more_changes = self.changing.lock().await;
+        // A primary still peering has nothing to checkpoint, and the NBD
+        // requests waiting for it are answered ESHUTDOWN once it stops.
+        for hosted in self.table.all() {
+            if hosted.handle.is_peering() {
+                hosted.handle.stop().await;
+            }
+        }
+        let nbd = lock(&self.nbd).take();
+        if let Some(nbd) = nbd {
+            nbd.stop().await;
+        }
+        let volumes = self.table.all();
+        for hosted in &volumes {
+            if hosted.handle.is_primary() && !hosted.handle.is_stopping() {
+                if let Err(e) = hosted.handle.checkpoint().await {
+                    tracing::warn!(volume = %hosted.spec.name, error = %e, "final checkpoint");
+                }
+            }
+        }
+        self.listener.close().await;
+        for hosted in &volumes {
+            hosted.handle.stop().await;
+        }
+        let runtime = lock(&self.runtime).take();
+        if let Some(runtime) = runtime {
+            // The last clone's drop joins the runtime's thread: not on an
+            // async worker.
+            let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
+        }
+        lock(&self.data_dir_lock).take();
+    }
+}
