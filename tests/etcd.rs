@@ -646,9 +646,12 @@ async fn a_primary_cut_off_from_etcd_is_fenced_before_its_lease_expires_then_rej
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("node1 never noticed:\n{}", cluster.log(0)));
+    // The fence lapses at most 1.8 s after the cut (a tenth short of the
+    // lease); a quarter of the lease more for a loaded machine. Before
+    // issue 26 the node stopped 7.4 s after the cut.
     assert!(
-        noticed - paused < Duration::from_secs(2),
-        "node1 noticed {:?} after the partition, past its 2 s lease:\n{}",
+        noticed - paused < Duration::from_millis(2500),
+        "node1 noticed {:?} after the partition, well past its 2 s lease:\n{}",
         noticed - paused,
         cluster.log(0)
     );
@@ -1374,14 +1377,20 @@ async fn etcd_down_past_the_leases_under_load_fences_writes_and_every_node_rejoi
     for i in 0..3 {
         logged_times(&cluster, i, "etcd: session lost", 1).await;
     }
-    // Fenced: nothing is acknowledged while etcd is away.
+    // Fenced: nothing is acknowledged while etcd is away (a write in
+    // flight when the primary noticed may just have been), for a second
+    // of the writer trying.
     let fenced = acked.load(Ordering::SeqCst);
     let mut client = Haggle::connect(nbd_addr(&cluster.nodes[0]))
         .await
         .go("vol0")
         .await;
     assert_eq!(client.try_write(0, &block_of(0), FLAG_FUA).await, Some(EIO));
-    assert!(acked.load(Ordering::SeqCst) <= fenced + 1);
+    let moved = within(Duration::from_secs(1), || async {
+        (acked.load(Ordering::SeqCst) > fenced + 1).then_some(())
+    })
+    .await;
+    assert!(moved.is_none(), "a write was acknowledged with etcd away");
     for i in 0..3 {
         assert!(still_running(&mut cluster, i), "node{} exited", i + 1);
     }

@@ -93,6 +93,12 @@ impl WriteFence {
         }
     }
 
+    /// Whether a lease holds it (a control plane's), rather than no
+    /// deadline at all: only then can it lapse under a waiting request.
+    pub fn leased(&self) -> bool {
+        self.until.load(Ordering::Acquire) != u64::MAX
+    }
+
     /// Whether a write may be acknowledged now.
     pub fn allows(&self) -> bool {
         if self.closed.load(Ordering::Acquire) {
@@ -155,15 +161,17 @@ mod tests {
         // No deadline: never.
         assert!(tokio::time::timeout(ms(50), fence.lapsed()).await.is_err());
         fence.hold();
-        fence.renewed(Instant::now(), ms(1000));
+        // Deadlines a tenth short of the TTL: 1.8 s after each renewal.
+        fence.renewed(Instant::now(), ms(2000));
         let waiter = tokio::spawn({
             let fence = std::sync::Arc::clone(&fence);
             async move { fence.lapsed().await }
         });
-        tokio::time::sleep(ms(400)).await;
-        // A renewal moves the deadline: still waiting past the old one.
-        fence.renewed(Instant::now(), ms(1000));
-        tokio::time::sleep(ms(700)).await;
+        tokio::time::sleep(ms(800)).await;
+        // A renewal moves the deadline: still waiting past the old one
+        // (at 2 s or later; the new one is at 2.6 s).
+        fence.renewed(Instant::now(), ms(2000));
+        tokio::time::sleep(ms(1200)).await;
         assert!(!waiter.is_finished());
         // Held: at once.
         fence.hold();

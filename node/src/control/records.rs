@@ -104,8 +104,10 @@ pub struct Probe {
 }
 
 /// A controller's decision about a volume whose primary was lost
-/// (`decisions/<volume>`).
+/// (`decisions/<volume>`). Read through [`StoredDecision`]: a decision
+/// written before its outcome was named reads the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredDecision")]
 pub struct Decision {
     /// The epoch whose primary was lost.
     pub epoch: u64,
@@ -152,6 +154,50 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         over: Option<String>,
     },
+}
+
+/// A decision as stored, old or new: one written before the outcome was
+/// named (issue 26) has the outcome's fields and no `outcome`; what it
+/// decided follows from which it has.
+#[derive(Deserialize)]
+struct StoredDecision {
+    epoch: u64,
+    lost_primary: String,
+    committed: u64,
+    #[serde(default)]
+    promoted: Option<String>,
+    #[serde(default)]
+    data_loss: Option<DataLoss>,
+    #[serde(default)]
+    blocked: Option<String>,
+    #[serde(default)]
+    over: Option<String>,
+    rejected: BTreeMap<String, Vec<String>>,
+    by: String,
+}
+
+impl From<StoredDecision> for Decision {
+    fn from(stored: StoredDecision) -> Self {
+        let outcome = match (stored.promoted, stored.data_loss) {
+            (Some(promoted), Some(data_loss)) => Outcome::AcceptedLoss {
+                promoted,
+                data_loss,
+            },
+            (Some(promoted), None) => Outcome::Promoted { promoted },
+            (None, _) => Outcome::Down {
+                blocked: stored.blocked,
+                over: stored.over,
+            },
+        };
+        Self {
+            epoch: stored.epoch,
+            lost_primary: stored.lost_primary,
+            committed: stored.committed,
+            outcome,
+            rejected: stored.rejected,
+            by: stored.by,
+        }
+    }
 }
 
 impl Decision {
@@ -246,5 +292,41 @@ mod tests {
             (&"promoted".into(), &"node3".into())
         );
         assert_eq!(serde_json::from_value::<Decision>(json).unwrap(), promoted);
+    }
+
+    /// Decisions written before the outcome was named (four options)
+    /// read as the outcome they were.
+    #[test]
+    fn a_decision_written_before_outcomes_were_named_reads_the_same() {
+        let old = |extra: &str| {
+            let json = format!(
+                r#"{{"epoch":1,"lost_primary":"node1","committed":9,"promoted":null,"rejected":{{}},"by":"node2"{extra}}}"#
+            );
+            serde_json::from_str::<Decision>(&json).unwrap().outcome
+        };
+        assert_eq!(
+            old(r#","over":"node1 serves again""#),
+            Outcome::Down {
+                blocked: None,
+                over: Some("node1 serves again".into())
+            }
+        );
+        assert_eq!(
+            old(r#","blocked":"best_effort: …""#),
+            Outcome::Down {
+                blocked: Some("best_effort: …".into()),
+                over: None
+            }
+        );
+        let promoted = r#"{"epoch":1,"lost_primary":"node1","committed":9,"promoted":"node3","rejected":{},"by":"node2"}"#;
+        assert_eq!(
+            serde_json::from_str::<Decision>(promoted)
+                .unwrap()
+                .promoted(),
+            Some("node3")
+        );
+        let desperate = r#"{"epoch":1,"lost_primary":"node1","committed":9,"promoted":"node3","rejected":{},"by":"operator","data_loss":{"after":5,"through":9,"waived":[]}}"#;
+        let loss = serde_json::from_str::<Decision>(desperate).unwrap();
+        assert_eq!(loss.data_loss().map(|l| (l.after, l.through)), Some((5, 9)));
     }
 }

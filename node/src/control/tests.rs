@@ -576,3 +576,102 @@ fn sync_quorum_needs_enough_answers_that_every_majority_meets_one() {
         .1
         .is_some());
 }
+
+#[test]
+fn a_departed_node_back_is_readmitted_before_a_lost_primary_is_judged() {
+    let mut view = cluster(CommitMode::SyncAll, &[replica("a", "in_sync", 40)]);
+    view.volumes
+        .get_mut("vol0")
+        .unwrap()
+        .value
+        .departed
+        .insert("d".into(), "d:1".into());
+    view.nodes.insert("d".into(), entry(true));
+    // The primary p is lost too: the readmission comes first, alone (the
+    // next pass judges the record it wrote).
+    let actions = decide_once(&view, TTL);
+    assert!(
+        matches!(&actions[..], [Action::Readmit { node, .. }] if node == "d"),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_down_decision_about_another_primary_or_a_later_epoch_is_not_ended() {
+    let mut view = cluster(CommitMode::BestEffort, &[replica("a", "in_sync", 40)]);
+    let down = down_of(&decide_once(&view, TTL)).clone();
+    view.nodes.insert("p".into(), entry(true));
+    for stale in [
+        Decision {
+            lost_primary: "someone-else".into(),
+            ..down.clone()
+        },
+        Decision {
+            epoch: 4,
+            ..down.clone()
+        },
+    ] {
+        view.decisions
+            .insert("vol0".into(), Versioned::new(stale.clone(), 300));
+        assert_eq!(decide_once(&view, TTL), vec![], "{stale:?}");
+    }
+}
+
+#[test]
+fn a_changed_down_decision_is_written_again() {
+    let mut view = cluster(CommitMode::SyncAll, &[replica("a", "catching_up", 40)]);
+    let first = down_of(&decide_once(&view, TTL)).clone();
+    view.decisions
+        .insert("vol0".into(), Versioned::new(first.clone(), 300));
+    assert_eq!(decide_once(&view, TTL), vec![]);
+    // The replica now reports another state: other reasons, written.
+    view.progress
+        .get_mut("vol0")
+        .unwrap()
+        .replicas
+        .get_mut("a")
+        .unwrap()
+        .state = "rebuilding".into();
+    let second = down_of(&decide_once(&view, TTL)).clone();
+    assert_ne!(second, first);
+}
+
+#[test]
+fn a_live_replica_without_any_report_is_unanswered() {
+    let silent = Replica {
+        own: None,
+        ..replica("b", "in_sync", 40)
+    };
+    let view = cluster(CommitMode::SyncAll, &[replica("a", "in_sync", 40), silent]);
+    let actions = decide_once(&view, Duration::ZERO);
+    assert!(
+        matches!(&actions[..], [Action::Await { unanswered, .. }] if unanswered == &["b".to_owned()]),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_primary_that_registers_again_is_lost_afresh_when_it_goes_again() {
+    let mut view = cluster(
+        CommitMode::SyncAll,
+        &[replica("a", "in_sync", 40), {
+            let mut slow = replica("b", "in_sync", 40);
+            slow.own = None;
+            slow
+        }],
+    );
+    let mut c = controller();
+    let start = Instant::now();
+    // Lost a lease ago: settled, judged without the silent replica.
+    let _ = c.decide(&view, start);
+    assert!(matches!(
+        &c.decide(&view, start + TTL)[..],
+        [Action::Promote(_)]
+    ));
+    // Back, then gone again: its absence counts from then.
+    view.nodes.insert("p".into(), entry(true));
+    let _ = c.decide(&view, start + TTL * 2);
+    view.nodes.remove("p");
+    let again = c.decide(&view, start + TTL * 2 + Duration::from_millis(1));
+    assert!(matches!(&again[..], [Action::Await { .. }]), "{again:?}");
+}

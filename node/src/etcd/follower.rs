@@ -147,7 +147,7 @@ pub(super) async fn follow(
 
 /// Applies the record of `volume` if this node hosts it and it is newer,
 /// saying what came of it.
-async fn apply(node: &Node, key: &str, volume: &str, value: &[u8]) {
+async fn apply(node: &Arc<Node>, key: &str, volume: &str, value: &[u8]) {
     match take(node, key, volume, value).await {
         Ok(Some(record)) => tracing::info!(volume, epoch = record.epoch, primary = %record.primary,
             "etcd: assignment applied"),
@@ -159,7 +159,7 @@ async fn apply(node: &Node, key: &str, volume: &str, value: &[u8]) {
 /// Applies the record of `volume` if this node hosts it and it is newer:
 /// the record applied; `None` if not hosted or not newer.
 async fn take(
-    node: &Node,
+    node: &Arc<Node>,
     key: &str,
     volume: &str,
     value: &[u8],
@@ -174,7 +174,16 @@ async fn take(
     let record = parse(key, value).map_err(|e| e.to_string())?;
     let record = as_assigned(record, node.name());
     check(key, volume, &record, node.name(), spec.size).map_err(|e| e.to_string())?;
-    match node.apply_assignment(volume, record.applied()).await {
+    // Carried out on a task of its own: a role change stops the volume and
+    // opens it again, and must not be cut short when the session that
+    // asked for it ends (a lost session is aborted). A later apply waits
+    // for it (`Node::apply_assignment` takes one change at a time).
+    let applying = tokio::spawn({
+        let (node, volume, applied) = (Arc::clone(node), volume.to_owned(), record.applied());
+        async move { node.apply_assignment(&volume, applied).await }
+    });
+    let applied = applying.await.map_err(|e| e.to_string())?;
+    match applied {
         Ok(()) => Ok(Some(record)),
         Err(NodeError::Fenced { .. }) => {
             tracing::debug!(
@@ -196,7 +205,7 @@ async fn take(
 pub(super) async fn resync(
     client: &mut Client,
     cluster: &str,
-    node: &Node,
+    node: &Arc<Node>,
 ) -> Result<i64, EtcdError> {
     let refused = |key: &str, what: String| EtcdError::Record {
         key: key.to_owned(),

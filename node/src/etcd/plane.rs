@@ -192,9 +192,20 @@ impl Plane {
             let (client, fence) = (client.clone(), Arc::clone(&self.fence));
             move |stopped| keep(lease, ttl, client, (keeper, renewed), fence, stopped)
         });
-        let session = self.serve(node, (lease, ttl, keeping), revision).await?;
-        guard.0 = None;
-        Ok(session)
+        // The fence is open from here: an attempt that fails now holds it
+        // again before its lease is revoked (`serve` has ended its
+        // renewals), or the controller could promote another node while
+        // this one still acknowledges.
+        match self.serve(node, (lease, ttl, keeping), revision).await {
+            Ok(session) => {
+                guard.0 = None;
+                Ok(session)
+            }
+            Err(e) => {
+                self.fence.hold();
+                Err(e)
+            }
+        }
     }
 }
 

@@ -19,11 +19,15 @@ pub(super) async fn stopping(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-/// A client of `endpoints`.
+/// A client of `endpoints`. HTTP/2 pings every 5 s (etcd's least
+/// interval it tolerates: `--grpc-keepalive-min-time`) tear down a
+/// connection that went silent (blackholed), so the channel reconnects
+/// instead of holding every request until its timeout.
 pub(super) async fn client(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
     let connect = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5));
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
     Client::connect(endpoints, Some(connect)).await
 }
 
@@ -196,7 +200,11 @@ pub(super) async fn keep(
                         fence.renewed(at, Duration::from_secs(answer.ttl() as u64));
                     }
                 }
-                Ok(Some(_)) => return Some(format!("lease {lease} expired")),
+                Ok(Some(_)) => {
+                    // Gone at etcd: another node may be promoted now.
+                    fence.hold();
+                    return Some(format!("lease {lease} expired"));
+                }
                 Ok(None) => {
                     trouble = "renewals closed".into();
                     tracing::warn!(lease, "etcd: renewals closed; reopening");

@@ -3,7 +3,7 @@
 //! transaction under its guards.
 
 use super::keys::{decision_key, node_key, prefix, probe_key, progress_key, volume_key, Key};
-use crate::control::{Action, ClusterView, Guard, Versioned, Write};
+use crate::control::{Action, ClusterView, Guard, NodeRecord, Versioned, Write};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 
@@ -49,9 +49,16 @@ impl Store {
                     }
                 }
                 Some(Key::Node(node)) => {
-                    if let Some(entry) = typed(key, value) {
-                        view.nodes.insert(node.to_owned(), entry);
-                    }
+                    // Registered whatever its value says: an entry that does
+                    // not parse is a live node all the same (not one to
+                    // fail over from), only not known to serve.
+                    let entry = typed(key, value).unwrap_or(NodeRecord {
+                        replication: String::new(),
+                        admin: None,
+                        nbd: None,
+                        ready: false,
+                    });
+                    view.nodes.insert(node.to_owned(), entry);
                 }
                 Some(Key::Address(node)) => {
                     let address = String::from_utf8_lossy(value).into_owned();

@@ -248,7 +248,7 @@ async fn carry_out(export: &Export, request: Request, data: Bytes) -> Result<Opt
     }
     // A request still waiting when the fence lapses (a barrier whose
     // replicas now answer another primary) fails then, not at its timeout.
-    let done = if fenced {
+    let done = if fenced && export.fence.leased() {
         tokio::select! {
             done = carry_out_request(export, request, data) => done,
             () = export.fence.lapsed() => return refuse(export, request, EIO, why),
