@@ -84,10 +84,11 @@ struct Bench {
 
 impl Bench {
     async fn start(dir: &Path, blocks: u64) -> anyhow::Result<Self> {
-        let tuning = Tuning {
+        let tuning = {
+            let mut made = Tuning::default();
             // A replica away loses its hold at once: the WAL moves on.
-            retention_max_bytes: Some(0),
-            ..Tuning::default()
+            made.retention_max_bytes = Some(0);
+            made
         };
         let cluster = LoopbackCluster::start(ClusterOptions {
             cluster: "bench".into(),

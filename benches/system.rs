@@ -418,9 +418,10 @@ const TRANSFER_REPLICAS: [&str; 6] = ["r1", "r2", "r3", "r4", "r5", "r6"];
 async fn p1(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     let blocks = options.size_mib * 256;
     let volume_blocks = blocks.min(256 * 256);
-    let tuning = Tuning {
-        checkpoint_every_lsns: u64::MAX,
-        ..Tuning::default()
+    let tuning = {
+        let mut made = Tuning::default();
+        made.checkpoint_every_lsns = u64::MAX;
+        made
     };
     let servers = TRANSFER_REPLICAS;
     let mut setup =
@@ -440,11 +441,12 @@ async fn p2(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     let blocks = options.size_mib * 256;
     // Replaced disks hold nothing: no retention hold keeps the WAL for them,
     // so the checkpoint below recycles it and each comes back by full base.
-    let tuning = Tuning {
-        checkpoint_every_lsns: u64::MAX,
-        snapshot_rebuilds: false,
-        retention_max_bytes: Some(0),
-        ..Tuning::default()
+    let tuning = {
+        let mut made = Tuning::default();
+        made.checkpoint_every_lsns = u64::MAX;
+        made.snapshot_rebuilds = false;
+        made.retention_max_bytes = Some(0);
+        made
     };
     let servers = TRANSFER_REPLICAS;
     let mut setup = Setup::start(dir, CommitMode::BestEffort, &servers, blocks, tuning).await?;
@@ -1078,14 +1080,15 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<u64> {
 
 /// P6 volumes' replica config.
 fn p6_replica(dir: &Path, volume: u64, server: &str, store: &StoreOptions) -> VolumeConfig {
-    VolumeConfig::Replica(ReplicaConfig {
-        cluster: "bench".into(),
-        volume: format!("v{volume}"),
-        server: server.into(),
-        dir: dir.join(format!("v{volume}")).join(server),
-        store: store.clone(),
-        listen: "127.0.0.1:0".into(),
-        checkpoint_every_lsns: 16 * 1024,
+    VolumeConfig::Replica({
+        let mut made = ReplicaConfig::new(
+            ("bench", format!("v{volume}"), server),
+            dir.join(format!("v{volume}")).join(server),
+            store.clone(),
+            "127.0.0.1:0",
+        );
+        made.checkpoint_every_lsns = 16 * 1024;
+        made
     })
 }
 
@@ -1100,9 +1103,10 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     // each, 2 replica listeners, 2 connections with both ends here.
     let limit = raise_fd_limit(volumes * 12 + 512)?;
     let rt = Runtime::start()?;
-    let tuning = Tuning {
-        heartbeat_every_ticks: 100, // 1 Hz with 10 ms ticks
-        ..Tuning::default()
+    let tuning = {
+        let mut made = Tuning::default();
+        made.heartbeat_every_ticks = 100;
+        made
     };
     let store = StoreOptions {
         segment_bytes: 1 << 20,
@@ -1123,17 +1127,17 @@ async fn p6(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     let mut primaries = Vec::new();
     for v in 0..volumes {
         let primary = rt
-            .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-                cluster: "bench".into(),
-                volume: format!("v{v}"),
-                dir: dir.join(format!("v{v}")).join("primary"),
-                store: store.clone(),
-                epoch: 1,
-                commit_mode: CommitMode::BestEffort,
-                replicas: Vec::new(),
-                tuning: tuning.clone(),
-                on_replica_states: None,
-                peering: Default::default(),
+            .spawn_volume(VolumeConfig::Primary({
+                let mut made = PrimaryConfig::new(
+                    ("bench", format!("v{v}")),
+                    dir.join(format!("v{v}")).join("primary"),
+                    store.clone(),
+                    1,
+                    CommitMode::BestEffort,
+                    Vec::new(),
+                );
+                made.tuning = tuning.clone();
+                made
             }))
             .await?;
         primaries.push(primary);

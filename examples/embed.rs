@@ -5,7 +5,7 @@
 //! Run: `cargo run --example embed`
 
 use std::time::Duration;
-use walship::actors::{PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig};
+use walship::actors::{PrimaryConfig, ReplicaConfig, ReplicaSpec, Runtime, VolumeConfig};
 use walship::engine::{CommitMode, ReplicaState};
 use walship::io::{StoreOptions, BLOCK_SIZE};
 
@@ -16,15 +16,12 @@ async fn main() -> anyhow::Result<()> {
     let store = StoreOptions::new(1024);
 
     let replica = runtime
-        .spawn_volume(VolumeConfig::Replica(ReplicaConfig {
-            cluster: "demo".into(),
-            volume: "vol1".into(),
-            server: "r1".into(),
-            dir: dir.path().join("r1"),
-            store: store.clone(),
-            listen: "127.0.0.1:0".into(),
-            checkpoint_every_lsns: 1024,
-        }))
+        .spawn_volume(VolumeConfig::Replica(ReplicaConfig::new(
+            ("demo", "vol1", "r1"),
+            dir.path().join("r1"),
+            store.clone(),
+            "127.0.0.1:0",
+        )))
         .await?;
     let replica_addr = replica
         .listen_addr()
@@ -32,22 +29,14 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
 
     let primary = runtime
-        .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-            cluster: "demo".into(),
-            volume: "vol1".into(),
-            dir: dir.path().join("primary"),
+        .spawn_volume(VolumeConfig::Primary(PrimaryConfig::new(
+            ("demo", "vol1"),
+            dir.path().join("primary"),
             store,
-            epoch: 1,
-            commit_mode: CommitMode::SyncAll,
-            replicas: vec![ReplicaSpec {
-                server: "r1".into(),
-                addr: replica_addr,
-                version: 1,
-            }],
-            tuning: Tuning::default(),
-            on_replica_states: None,
-            peering: Default::default(),
-        }))
+            1,
+            CommitMode::SyncAll,
+            vec![ReplicaSpec::new("r1", replica_addr, 1)],
+        )))
         .await?;
 
     // Under sync_all a write commits once r1 holds it durably: wait until

@@ -19,9 +19,10 @@ async fn cluster(mode: CommitMode, servers: &[&str]) -> anyhow::Result<LoopbackC
     let cluster = LoopbackCluster::start(ClusterOptions {
         cluster: "figures".into(),
         mode,
-        tuning: Tuning {
-            checkpoint_every_lsns: 1 << 30,
-            ..Tuning::default()
+        tuning: {
+            let mut made = Tuning::default();
+            made.checkpoint_every_lsns = 1 << 30;
+            made
         },
         store: StoreOptions::new(BLOCKS),
         replica_checkpoint_every: 1 << 30,

@@ -151,9 +151,10 @@ async fn a4_short_gap_recovers_by_catch_up_over_tcp() {
 /// carries a whole catch-up when asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a4_catch_up_through_the_io_uring_reader() {
-    let tuning = Tuning {
-        backend: walship::io::BackendRequest::Uring,
-        ..support::tuning()
+    let tuning = {
+        let mut made = support::tuning();
+        made.backend = walship::io::BackendRequest::Uring;
+        made
     };
     let cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], tuning).await;
     let NodeStatus::Primary(status) = cluster.primary.status().await.unwrap() else {
@@ -471,11 +472,12 @@ async fn fc8_refused_snapshot_pin_falls_back_to_full_base() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fua_writes_resolve_on_the_last_durability_without_other_wake_ups() {
     const DEADLINE: Duration = Duration::from_secs(5);
-    let tuning = Tuning {
-        heartbeat_every_ticks: 1_000_000,
-        barrier_timeout_ticks: 3_000,
-        peer_timeout: Duration::from_secs(30),
-        ..tuning()
+    let tuning = {
+        let mut made = tuning();
+        made.heartbeat_every_ticks = 1_000_000;
+        made.barrier_timeout_ticks = 3_000;
+        made.peer_timeout = Duration::from_secs(30);
+        made
     };
     for (mode, servers) in [
         (CommitMode::BestEffort, &[][..]),

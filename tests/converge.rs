@@ -27,17 +27,16 @@ const LINK: u64 = 512 * KIB;
 const BUDGET: Duration = Duration::from_secs(4);
 
 fn converge_tuning(backpressure: Option<u8>) -> Tuning {
-    Tuning {
-        // Little in flight: the backlog waits in the WAL, where it is
-        // measured (caught up at 2 x 64 KiB).
-        max_inflight_bytes: 64 * KIB as usize,
-        batch_bytes: 32 * KIB as usize,
-        convergence_window: Duration::from_millis(500),
-        converge_within: Some(BUDGET),
-        write_backpressure_percent: backpressure,
-        max_write_delay: Duration::from_millis(60),
-        ..tuning()
-    }
+    let mut made = tuning();
+    // Little in flight: the backlog waits in the WAL, where it is
+    // measured (caught up at 2 x 64 KiB).
+    made.max_inflight_bytes = 64 * KIB as usize;
+    made.batch_bytes = 32 * KIB as usize;
+    made.convergence_window = Duration::from_millis(500);
+    made.converge_within = Some(BUDGET);
+    made.write_backpressure_percent = backpressure;
+    made.max_write_delay = Duration::from_millis(60);
+    made
 }
 
 /// Writes 16 KiB every 5 ms (about 3 MiB/s, six times the link) until

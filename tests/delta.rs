@@ -11,7 +11,6 @@ mod support;
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 use support::*;
-use walship::actors::Tuning;
 use walship::engine::{CommitMode, ReplicaState};
 use walship::io::StoreOptions;
 
@@ -29,15 +28,12 @@ fn cluster_options(blocks: u64, mode: CommitMode, servers: &[&str]) -> ClusterOp
             block_count: blocks,
             ..store_options()
         },
-        ..options(
-            mode,
-            servers,
-            Tuning {
-                // Away replicas lose their hold at once: the WAL moves on.
-                retention_max_bytes: Some(0),
-                ..tuning()
-            },
-        )
+        ..options(mode, servers, {
+            let mut made = tuning();
+            // Away replicas lose their hold at once: the WAL moves on.
+            made.retention_max_bytes = Some(0);
+            made
+        })
     }
 }
 
@@ -269,17 +265,17 @@ async fn a_store_holding_part_of_an_image_does_not_serve_as_a_primary() {
     }
     let rt = Runtime::start().unwrap();
     let opened = rt
-        .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-            cluster: "test".into(),
-            volume: VOLUME.into(),
-            dir: dir.path().to_path_buf(),
-            store: store_options(),
-            epoch: 2,
-            commit_mode: CommitMode::BestEffort,
-            replicas: Vec::new(),
-            tuning: tuning(),
-            on_replica_states: None,
-            peering: Default::default(),
+        .spawn_volume(VolumeConfig::Primary({
+            let mut made = PrimaryConfig::new(
+                ("test", VOLUME),
+                dir.path().to_path_buf(),
+                store_options(),
+                2,
+                CommitMode::BestEffort,
+                Vec::new(),
+            );
+            made.tuning = tuning();
+            made
         }))
         .await;
     assert!(

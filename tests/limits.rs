@@ -9,8 +9,8 @@ use bytes::Bytes;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use walship::actors::{
-    LimitsError, Listen, PrimaryConfig, RecoveryLimits, ReplicaConfig, Runtime, Tuning,
-    VolumeConfig, VolumeHandle,
+    LimitsError, Listen, PrimaryConfig, RecoveryLimits, ReplicaConfig, Runtime, VolumeConfig,
+    VolumeHandle,
 };
 use walship::engine::{
     Assignment, CommitMode, Endpoint, Epoch, ReplicaAssignment, ReplicaId, ReplicaState,
@@ -32,18 +32,14 @@ fn store() -> StoreOptions {
 
 async fn primary(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
     let handle = rt
-        .spawn_volume(VolumeConfig::Primary(PrimaryConfig {
-            cluster: "limits".into(),
-            volume: format!("v{v}"),
-            dir: dir.join(format!("v{v}-primary")),
-            store: store(),
-            epoch: 1,
-            commit_mode: CommitMode::BestEffort,
-            replicas: Vec::new(),
-            tuning: Tuning::default(),
-            on_replica_states: None,
-            peering: Default::default(),
-        }))
+        .spawn_volume(VolumeConfig::Primary(PrimaryConfig::new(
+            ("limits", format!("v{v}")),
+            dir.join(format!("v{v}-primary")),
+            store(),
+            1,
+            CommitMode::BestEffort,
+            Vec::new(),
+        )))
         .await
         .unwrap();
     // Its whole volume written, and the WAL recycled past it: a replica
@@ -58,14 +54,15 @@ async fn primary(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
 }
 
 async fn replica(rt: &Runtime, dir: &Path, v: u64) -> VolumeHandle {
-    rt.spawn_volume(VolumeConfig::Replica(ReplicaConfig {
-        cluster: "limits".into(),
-        volume: format!("v{v}"),
-        server: "r1".into(),
-        dir: dir.join(format!("v{v}-r1")),
-        store: store(),
-        listen: Listen::Addr("127.0.0.1:0".into()),
-        checkpoint_every_lsns: 16 * 1024,
+    rt.spawn_volume(VolumeConfig::Replica({
+        let mut made = ReplicaConfig::new(
+            ("limits", format!("v{v}"), "r1"),
+            dir.join(format!("v{v}-r1")),
+            store(),
+            Listen::Addr("127.0.0.1:0".into()),
+        );
+        made.checkpoint_every_lsns = 16 * 1024;
+        made
     }))
     .await
     .unwrap()

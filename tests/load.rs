@@ -165,17 +165,15 @@ async fn catch_up_under_load(mode: CommitMode, expected: &str) {
 
 /// Only explicit checkpoints: the snapshot a plan binds stays where it is.
 fn snapshot_tuning() -> Tuning {
-    Tuning {
-        checkpoint_every_lsns: 1 << 20,
-        ..tuning_without_holds()
-    }
+    let mut made = tuning_without_holds();
+    made.checkpoint_every_lsns = 1 << 20;
+    made
 }
 
 fn full_base_tuning() -> Tuning {
-    Tuning {
-        snapshot_rebuilds: false,
-        ..tuning_without_holds()
-    }
+    let mut made = tuning_without_holds();
+    made.snapshot_rebuilds = false;
+    made
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

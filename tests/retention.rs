@@ -16,10 +16,9 @@ const LONG: Duration = Duration::from_secs(20);
 
 /// Checkpoints (and recycles) every 16 LSNs; segments hold about 15 frames.
 fn eager_checkpoints() -> Tuning {
-    Tuning {
-        checkpoint_every_lsns: 16,
-        ..tuning()
-    }
+    let mut made = tuning();
+    made.checkpoint_every_lsns = 16;
+    made
 }
 
 async fn away_and_back(cluster: &mut Cluster, server: &str, from: u64, writes: u64) {
@@ -80,9 +79,10 @@ async fn a4_short_outages_always_come_back_by_catch_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a6_an_outage_within_the_byte_budget_catches_up_and_one_past_it_rebuilds() {
     // 100 frames of 4 KiB fit in the budget, 300 do not.
-    let tuning = Tuning {
-        retention_max_bytes: Some(200 * 4130),
-        ..eager_checkpoints()
+    let tuning = {
+        let mut made = eager_checkpoints();
+        made.retention_max_bytes = Some(200 * 4130);
+        made
     };
     let mut cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], tuning).await;
     cluster
@@ -120,11 +120,12 @@ async fn a6_an_outage_within_the_byte_budget_catches_up_and_one_past_it_rebuilds
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a6_an_outage_past_the_time_budget_rebuilds() {
-    let tuning = Tuning {
+    let tuning = {
+        let mut made = eager_checkpoints();
         // Wide enough that the first outage (~100 ms here) stays within it
         // on a loaded CI machine too; the second waits it out.
-        retention_max_away: Some(Duration::from_secs(4)),
-        ..eager_checkpoints()
+        made.retention_max_away = Some(Duration::from_secs(4));
+        made
     };
     let mut cluster = start_with(CommitMode::BestEffort, &["r1", "r2"], tuning).await;
     cluster

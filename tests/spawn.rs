@@ -5,33 +5,25 @@
 
 use std::path::Path;
 use std::time::Duration;
-use walship::actors::{PrimaryConfig, ReplicaSpec, Runtime, Tuning, VolumeConfig, VolumeError};
+use walship::actors::{PrimaryConfig, ReplicaSpec, Runtime, VolumeConfig, VolumeError};
 use walship::engine::{CommitError, CommitMode, EngineError};
 use walship::io::StoreOptions;
 
 fn primary(dir: &Path, epoch: u64, mode: CommitMode, servers: &[&str]) -> VolumeConfig {
-    VolumeConfig::Primary(PrimaryConfig {
-        cluster: "spawn".into(),
-        volume: "v".into(),
-        dir: dir.to_path_buf(),
-        store: StoreOptions {
+    VolumeConfig::Primary(PrimaryConfig::new(
+        ("spawn", "v"),
+        dir.to_path_buf(),
+        StoreOptions {
             lock_wait: Duration::ZERO,
             ..StoreOptions::new(256)
         },
         epoch,
-        commit_mode: mode,
-        replicas: servers
+        mode,
+        servers
             .iter()
-            .map(|server| ReplicaSpec {
-                server: (*server).to_owned(),
-                addr: "127.0.0.1:9".into(),
-                version: 1,
-            })
+            .map(|server| ReplicaSpec::new((*server).to_owned(), "127.0.0.1:9", 1))
             .collect(),
-        tuning: Tuning::default(),
-        on_replica_states: None,
-        peering: Default::default(),
-    })
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,10 +18,9 @@ const LONG: Duration = Duration::from_secs(20);
 /// Barriers fail after 300 ms; a replica whose storage failed is retried
 /// after 200 ms, then 400, 800, ... at most 2 s.
 fn tuning_for_failures() -> Tuning {
-    Tuning {
-        barrier_timeout_ticks: 60,
-        ..tuning()
-    }
+    let mut made = tuning();
+    made.barrier_timeout_ticks = 60;
+    made
 }
 
 /// Waits until the primary counts `attempts` storage failures of `server`

@@ -7,8 +7,9 @@ use std::time::Duration;
 use walship_engine::{Backoff, CatchUpBudget, CommitMode, RetentionBudget, RetryPolicy};
 use walship_io::{BackendRequest, StoreOptions};
 
-/// One replica of a primary's assignment.
+/// One replica of a primary's assignment ([`ReplicaSpec::new`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReplicaSpec {
     /// Server name; the replica id is `<volume>/<server>`.
     pub server: String,
@@ -16,6 +17,13 @@ pub struct ReplicaSpec {
     pub addr: String,
     /// Endpoint version; bump it when the address changes.
     pub version: u64,
+    /// Not a knob: present only under `--cfg walship_probe_new_field`, as
+    /// a field added in a later release would be. `.ci/run` builds an
+    /// embedder outside the workspace (`compat/embedder`) so, to prove it
+    /// compiles unchanged.
+    #[cfg(walship_probe_new_field)]
+    #[doc(hidden)]
+    pub probe_new_field: u8,
 }
 
 /// An exponential backoff: `first`, doubling per failure in a row, at most `max`.
@@ -27,8 +35,11 @@ pub struct BackoffTuning {
     pub max: Duration,
 }
 
-/// Tuning shared by primaries.
+/// Tuning shared by primaries. `#[non_exhaustive]`: an embedder starts
+/// from [`Tuning::default`] and sets the fields it wants, so a new knob
+/// breaks nobody.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Tuning {
     /// Length of one engine tick.
     pub tick: Duration,
@@ -94,6 +105,13 @@ pub struct Tuning {
     /// connection per replica address (a node's listener takes both kinds;
     /// a replica listening on its own takes plain connections only).
     pub multiplex: bool,
+    /// Not a knob: present only under `--cfg walship_probe_new_field`, as
+    /// a field added in a later release would be. `.ci/run` builds an
+    /// embedder outside the workspace (`compat/embedder`) so, to prove it
+    /// compiles unchanged.
+    #[cfg(walship_probe_new_field)]
+    #[doc(hidden)]
+    pub probe_new_field: u8,
 }
 
 impl Default for Tuning {
@@ -133,6 +151,8 @@ impl Default for Tuning {
             write_backpressure_percent: None,
             max_write_delay: Duration::from_millis(20),
             multiplex: false,
+            #[cfg(walship_probe_new_field)]
+            probe_new_field: 0,
         }
     }
 }
@@ -252,8 +272,11 @@ impl Peering {
     }
 }
 
-/// A primary volume.
+/// A primary volume. Made with [`PrimaryConfig::new`] and the `with_`
+/// methods; `#[non_exhaustive]`, so a field added later breaks no
+/// embedder (its default applies).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PrimaryConfig {
     /// Cluster name, sent in every hello.
     pub cluster: String,
@@ -279,10 +302,19 @@ pub struct PrimaryConfig {
     pub on_replica_states: Option<ReplicaStatesChanged>,
     /// Peering before serving (off by default).
     pub peering: Peering,
+    /// Not a knob: present only under `--cfg walship_probe_new_field`, as
+    /// a field added in a later release would be. `.ci/run` builds an
+    /// embedder outside the workspace (`compat/embedder`) so, to prove it
+    /// compiles unchanged.
+    #[cfg(walship_probe_new_field)]
+    #[doc(hidden)]
+    pub probe_new_field: u8,
 }
 
-/// A replica volume.
+/// A replica volume. Made with [`ReplicaConfig::new`];
+/// `#[non_exhaustive]`, so a field added later breaks no embedder.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ReplicaConfig {
     /// Cluster name.
     pub cluster: String,
@@ -298,6 +330,103 @@ pub struct ReplicaConfig {
     pub listen: Listen,
     /// Checkpoint when this many committed LSNs are past the checkpoint.
     pub checkpoint_every_lsns: u64,
+    /// Not a knob: present only under `--cfg walship_probe_new_field`, as
+    /// a field added in a later release would be. `.ci/run` builds an
+    /// embedder outside the workspace (`compat/embedder`) so, to prove it
+    /// compiles unchanged.
+    #[cfg(walship_probe_new_field)]
+    #[doc(hidden)]
+    pub probe_new_field: u8,
+}
+
+impl PrimaryConfig {
+    /// The primary of `volume` in `cluster`, its store in `dir`, opening in
+    /// `epoch` under `commit_mode` with `replicas`: default tuning, no
+    /// peering, nobody told of its replicas' states.
+    pub fn new(
+        (cluster, volume): (impl Into<String>, impl Into<String>),
+        dir: impl Into<PathBuf>,
+        store: StoreOptions,
+        epoch: u64,
+        commit_mode: CommitMode,
+        replicas: Vec<ReplicaSpec>,
+    ) -> Self {
+        Self {
+            cluster: cluster.into(),
+            volume: volume.into(),
+            dir: dir.into(),
+            store,
+            epoch,
+            commit_mode,
+            replicas,
+            tuning: Tuning::default(),
+            on_replica_states: None,
+            peering: Peering::default(),
+            #[cfg(walship_probe_new_field)]
+            probe_new_field: 0,
+        }
+    }
+
+    /// With `tuning`.
+    pub fn with_tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// Peering before it serves ([`Peering::enabled`]).
+    pub fn with_peering(mut self, peering: Peering) -> Self {
+        self.peering = peering;
+        self
+    }
+
+    /// Telling `on` when its replicas' states change.
+    pub fn with_replica_states(mut self, on: ReplicaStatesChanged) -> Self {
+        self.on_replica_states = Some(on);
+        self
+    }
+}
+
+impl ReplicaConfig {
+    /// Replica `server` of `volume` in `cluster`, its store in `dir`,
+    /// taking its primary's connections at `listen`; a checkpoint every
+    /// 1024 committed LSNs.
+    pub fn new(
+        (cluster, volume, server): (impl Into<String>, impl Into<String>, impl Into<String>),
+        dir: impl Into<PathBuf>,
+        store: StoreOptions,
+        listen: impl Into<Listen>,
+    ) -> Self {
+        Self {
+            cluster: cluster.into(),
+            volume: volume.into(),
+            server: server.into(),
+            dir: dir.into(),
+            store,
+            listen: listen.into(),
+            checkpoint_every_lsns: 1024,
+            #[cfg(walship_probe_new_field)]
+            probe_new_field: 0,
+        }
+    }
+
+    /// Checkpointing when `lsns` committed LSNs are past the checkpoint.
+    pub fn with_checkpoint_every_lsns(mut self, lsns: u64) -> Self {
+        self.checkpoint_every_lsns = lsns;
+        self
+    }
+}
+
+impl ReplicaSpec {
+    /// Replica `server` at `addr`, endpoint version `version`.
+    pub fn new(server: impl Into<String>, addr: impl Into<String>, version: u64) -> Self {
+        Self {
+            server: server.into(),
+            addr: addr.into(),
+            version,
+            #[cfg(walship_probe_new_field)]
+            probe_new_field: 0,
+        }
+    }
 }
 
 /// Where a replica takes its primary's connections.

@@ -278,6 +278,7 @@ impl SlotQueue {
 
 /// The budget and queue as operators see them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RecoveryStatus {
     /// The limits in force.
     pub limits: RecoveryLimits,

@@ -385,6 +385,7 @@ enum Opening {
 /// A primary still peering with its replicas, for operators: it takes no
 /// request until it has heard from the replicas its mode needs.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct PeeringStatus {
     /// Role (`primary`).
     pub role: &'static str,

@@ -220,6 +220,7 @@ impl Watch {
 
 /// A watched replica as status shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ConvergenceStatus {
     /// Its backlog at the last report, bytes.
     pub backlog_bytes: u64,

@@ -70,6 +70,7 @@ impl SessionSnapshot {
 
 /// One replica's sender.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct SenderStatus {
     /// Stable identity.
     pub replica: ReplicaId,
@@ -95,6 +96,7 @@ pub struct SenderStatus {
 
 /// The whole registry of one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RegistryStatus {
     /// Volume name.
     pub volume: String,

@@ -17,10 +17,9 @@ pub const REPLICA_CHECKPOINT_EVERY: u64 = 64;
 /// A tuning whose away replicas lose their retention hold at once: the
 /// checkpointer then recycles past them, as tests of rebuilds need.
 pub fn tuning_without_holds() -> Tuning {
-    Tuning {
-        retention_max_bytes: Some(0),
-        ..tuning()
-    }
+    let mut made = tuning();
+    made.retention_max_bytes = Some(0);
+    made
 }
 
 /// Small segments, and no waiting for a previous instance's lock: a

@@ -26,6 +26,7 @@ use walship_io::{
 
 /// A replica's state, for operators.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
+#[non_exhaustive]
 pub struct ReplicaStatus {
     /// Role.
     pub role: &'static str,

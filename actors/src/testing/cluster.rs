@@ -430,14 +430,15 @@ fn replica_config(
     dir: &Path,
     listen: &str,
 ) -> VolumeConfig {
-    VolumeConfig::Replica(ReplicaConfig {
-        cluster: options.cluster.clone(),
-        volume: options.volume.clone(),
-        server: server.into(),
-        dir: dir.to_path_buf(),
-        store: options.store_of(server),
-        listen: listen.into(),
-        checkpoint_every_lsns: options.replica_checkpoint_every,
+    VolumeConfig::Replica({
+        let mut made = ReplicaConfig::new(
+            (options.cluster.clone(), options.volume.clone(), server),
+            dir.to_path_buf(),
+            options.store_of(server),
+            listen,
+        );
+        made.checkpoint_every_lsns = options.replica_checkpoint_every;
+        made
     })
 }
 
@@ -449,23 +450,20 @@ fn primary_config(
     mode: CommitMode,
     replicas: &[Node],
 ) -> VolumeConfig {
-    VolumeConfig::Primary(PrimaryConfig {
-        cluster: options.cluster.clone(),
-        volume: options.volume.clone(),
-        dir: dir.to_path_buf(),
-        store: options.store_of(server),
-        epoch,
-        commit_mode: mode,
-        replicas: replicas
-            .iter()
-            .map(|n| ReplicaSpec {
-                server: n.server.clone(),
-                addr: n.addr.clone(),
-                version: n.version,
-            })
-            .collect(),
-        tuning: options.tuning.clone(),
-        on_replica_states: None,
-        peering: options.peering.clone(),
+    VolumeConfig::Primary({
+        let mut made = PrimaryConfig::new(
+            (options.cluster.clone(), options.volume.clone()),
+            dir.to_path_buf(),
+            options.store_of(server),
+            epoch,
+            mode,
+            replicas
+                .iter()
+                .map(|n| ReplicaSpec::new(n.server.clone(), n.addr.clone(), n.version))
+                .collect(),
+        );
+        made.tuning = options.tuning.clone();
+        made.peering = options.peering.clone();
+        made
     })
 }

@@ -173,40 +173,46 @@ impl Node {
                     .map_err(io(format!("read the newest term of {}", spec.name)))?,
                 None => 0,
             };
-            VolumeConfig::Primary(PrimaryConfig {
-                cluster: config.cluster.clone(),
-                volume: spec.name.clone(),
+            let replicas = applied
+                .replicas
+                .iter()
+                .map(|(server, endpoint)| {
+                    ReplicaSpec::new(server.clone(), endpoint.addr.clone(), endpoint.version)
+                })
+                .collect();
+            let peering = Peering::enabled(
+                Applied::term_ceiling(applied.epoch),
+                Some(self.persist_term(&spec.name, applied)),
+            )
+            .with_term_floor(floor);
+            let primary = PrimaryConfig::new(
+                (config.cluster.clone(), spec.name.clone()),
                 dir,
                 store,
-                epoch: applied.term(),
-                commit_mode: applied.commit_mode,
-                replicas: applied
-                    .replicas
-                    .iter()
-                    .map(|(server, endpoint)| ReplicaSpec {
-                        server: server.clone(),
-                        addr: endpoint.addr.clone(),
-                        version: endpoint.version,
-                    })
-                    .collect(),
-                tuning: config.tuning.tuning(),
-                on_replica_states: Some(self.replica_states.signal(&spec.name)),
-                peering: Peering::enabled(
-                    Applied::term_ceiling(applied.epoch),
-                    Some(self.persist_term(&spec.name, applied)),
-                )
-                .with_term_floor(floor),
-            })
+                applied.term(),
+                applied.commit_mode,
+                replicas,
+            );
+            VolumeConfig::Primary(
+                primary
+                    .with_tuning(config.tuning.tuning())
+                    .with_replica_states(self.replica_states.signal(&spec.name))
+                    .with_peering(peering),
+            )
         } else {
-            VolumeConfig::Replica(ReplicaConfig {
-                cluster: config.cluster.clone(),
-                volume: spec.name.clone(),
-                server: config.node.clone(),
+            let replica = ReplicaConfig::new(
+                (
+                    config.cluster.clone(),
+                    spec.name.clone(),
+                    config.node.clone(),
+                ),
                 dir,
                 store,
-                listen: Listen::Shared(self.listener.clone()),
-                checkpoint_every_lsns: config.tuning.tuning().checkpoint_every_lsns,
-            })
+                Listen::Shared(self.listener.clone()),
+            );
+            VolumeConfig::Replica(
+                replica.with_checkpoint_every_lsns(config.tuning.tuning().checkpoint_every_lsns),
+            )
         };
         let spawned = match self.runtime() {
             Ok(runtime) => runtime.spawn_volume(volume).await,

@@ -132,10 +132,11 @@ impl Demo {
         // The demo checkpoints explicitly, so the story decides when the WAL
         // recycles. An away replica may hold twice the catch-up gap: the
         // first outage stays within it, the second goes past it.
-        let tuning = Tuning {
-            checkpoint_every_lsns: u64::MAX,
-            retention_max_bytes: Some(2 * plan.catch_up_gap * BLOCK_SIZE as u64),
-            ..Tuning::default()
+        let tuning = {
+            let mut made = Tuning::default();
+            made.checkpoint_every_lsns = u64::MAX;
+            made.retention_max_bytes = Some(2 * plan.catch_up_gap * BLOCK_SIZE as u64);
+            made
         };
         let cluster = LoopbackCluster::start(ClusterOptions {
             cluster: "demo".into(),

@@ -105,14 +105,15 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
     let store = Arc::new(primary_store(&tmp.path().join("primary")));
     let rt = Runtime::start().unwrap();
     let replica = rt
-        .spawn_volume_blocking(VolumeConfig::Replica(ReplicaConfig {
-            cluster: "test".into(),
-            volume: "vol".into(),
-            server: "r1".into(),
-            dir: tmp.path().join("r1"),
-            store: StoreOptions::new(BLOCKS),
-            listen: "127.0.0.1:0".into(),
-            checkpoint_every_lsns: 1 << 30,
+        .spawn_volume_blocking(VolumeConfig::Replica({
+            let mut made = ReplicaConfig::new(
+                ("test", "vol", "r1"),
+                tmp.path().join("r1"),
+                StoreOptions::new(BLOCKS),
+                "127.0.0.1:0",
+            );
+            made.checkpoint_every_lsns = 1 << 30;
+            made
         }))
         .unwrap();
     let endpoint = Endpoint::new(replica.listen_addr().unwrap().to_string(), 1);

@@ -15,6 +15,7 @@ use walship_io::{BackendChoice, Store, StoreError};
 
 /// Everything an operator sees of a primary.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
+#[non_exhaustive]
 pub struct VolumeStatus {
     /// Role.
     pub role: &'static str,
