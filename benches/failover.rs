@@ -79,14 +79,17 @@ async fn failover(etcd: &Etcd, cluster: &mut NodeCluster) -> anyhow::Result<Roun
     let primary = cluster
         .nodes
         .iter()
-        .position(|n| n.name == before.primary)
+        .position(|n| n.name == before.assignment.primary)
         .context("the primary is not one of the nodes")?;
     // Both replicas in sync (the last round's dead node added back).
     cluster
         .wait_converged_on(primary, Duration::from_secs(60))
         .await;
     let before = record(etcd).await?;
-    anyhow::ensure!(before.primary == cluster.nodes[primary].name, "{before:?}");
+    anyhow::ensure!(
+        before.assignment.primary == cluster.nodes[primary].name,
+        "{before:?}"
+    );
     // Writes flow until the kill.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn({
@@ -127,7 +130,7 @@ async fn failover(etcd: &Etcd, cluster: &mut NodeCluster) -> anyhow::Result<Roun
             );
             if lease.is_none()
                 && etcd
-                    .value(&node_key("test", &before.primary))
+                    .value(&node_key("test", &before.assignment.primary))
                     .await
                     .is_none()
             {
@@ -136,7 +139,7 @@ async fn failover(etcd: &Etcd, cluster: &mut NodeCluster) -> anyhow::Result<Roun
             if moved.is_none()
                 && record(etcd)
                     .await
-                    .is_ok_and(|r| r.primary != before.primary)
+                    .is_ok_and(|r| r.assignment.primary != before.assignment.primary)
             {
                 moved = Some(killed.elapsed());
             }
@@ -150,7 +153,10 @@ async fn failover(etcd: &Etcd, cluster: &mut NodeCluster) -> anyhow::Result<Roun
         anyhow::bail!("ran out of blocks");
     };
     let after = record(etcd).await?;
-    anyhow::ensure!(after.epoch == before.epoch + 1, "{before:?} → {after:?}");
+    anyhow::ensure!(
+        after.assignment.epoch == before.assignment.epoch + 1,
+        "{before:?} → {after:?}"
+    );
     // The dead node restarts and rejoins as a replica.
     cluster.spawn(primary);
     cluster.wait_up(primary, Duration::from_secs(20)).await;

@@ -29,6 +29,7 @@ use walship::node::etcd::{
     decision_key, node_key, progress_key, volume_key, Decision, NodeRecord, ProgressRecord,
     ReplicaProgress, VolumeRecord, FAILPOINT_ENV, FAILPOINT_HOLD_ENV,
 };
+use walship::node::Assignment;
 use workload::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -149,11 +150,15 @@ async fn back_as_replica(cluster: &mut NodeCluster, i: usize) -> serde_json::Val
 async fn readmitted(client: &Client, node: &str, epoch: u64) {
     let record = within(CONVERGE, || async {
         let record = volume_record(&mut client.clone()).await;
-        record.replicas.contains_key(node).then_some(record)
+        record
+            .assignment
+            .replicas
+            .contains_key(node)
+            .then_some(record)
     })
     .await
     .unwrap_or_else(|| panic!("{node} was not added back"));
-    assert_eq!(record.epoch, epoch, "{record:?}");
+    assert_eq!(record.assignment.epoch, epoch, "{record:?}");
 }
 
 async fn volume_record(client: &mut Client) -> VolumeRecord {
@@ -175,12 +180,12 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
         .map(|n| (n.name.clone(), format!("127.0.0.1:{}", n.replication)))
         .collect();
     let record = volume_record(&mut client).await;
-    assert_eq!(record.epoch, 1);
-    assert_eq!(record.primary, "node1");
+    assert_eq!(record.assignment.epoch, 1);
+    assert_eq!(record.assignment.primary, "node1");
     assert_eq!(record.size, 64 << 20);
     let mut expected = replica_addrs.clone();
     expected.remove("node1");
-    assert_eq!(record.replicas, expected);
+    assert_eq!(record.assignment.replicas, expected);
     // Each node registered, under a lease, and says it serves.
     for node in &cluster.nodes {
         let key = node_key("test", &node.name);
@@ -210,9 +215,12 @@ async fn records_come_from_the_config_once_then_etcd_moves_the_primary_and_wins_
     let mut replicas = replica_addrs.clone();
     replicas.remove("node2");
     let moved = VolumeRecord {
-        epoch: 2,
-        primary: "node2".into(),
-        replicas,
+        assignment: Assignment {
+            epoch: 2,
+            primary: "node2".into(),
+            replicas,
+            ..record.assignment
+        },
         ..record
     };
     client
@@ -309,7 +317,13 @@ async fn the_nodes_ride_out_an_etcd_restart() {
     // were, so each applies it.
     let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
-    let bumped = VolumeRecord { epoch: 2, ..record };
+    let bumped = VolumeRecord {
+        assignment: Assignment {
+            epoch: 2,
+            ..record.assignment
+        },
+        ..record
+    };
     let value = serde_json::to_vec(&bumped).unwrap();
     client
         .put(volume_key("test", "vol0"), value, None::<PutOptions>)
@@ -455,7 +469,13 @@ async fn a_watch_that_cannot_resume_past_a_compaction_reads_the_records_again() 
     assert!(broken.is_some(), "{}", cluster.log(0));
     let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
-    let bumped = VolumeRecord { epoch: 2, ..record };
+    let bumped = VolumeRecord {
+        assignment: Assignment {
+            epoch: 2,
+            ..record.assignment
+        },
+        ..record
+    };
     let put = client
         .put(
             volume_key("test", "vol0"),
@@ -696,7 +716,7 @@ async fn a_primary_cut_off_from_etcd_is_fenced_before_its_lease_expires_then_rej
     cluster.wait_converged_on(new, CONVERGE).await;
     assert_blocks(nbd_addr(&cluster.nodes[0]), &node1_acked).await;
     assert_replicas_identical(&cluster, new).await;
-    assert_eq!(volume_record(&mut client).await.epoch, 3);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, 3);
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
@@ -743,12 +763,15 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     assert!(decision.rejected.is_empty(), "{decision:?}");
     let record = volume_record(&mut client).await;
     assert_eq!(
-        (record.epoch, record.primary.as_str()),
+        (record.assignment.epoch, record.assignment.primary.as_str()),
         (2, promoted.as_str())
     );
     // The lost primary waits outside the replicas: under sync_all a
     // replica away would stop every commit.
-    assert!(!record.replicas.contains_key("node1"), "{record:?}");
+    assert!(
+        !record.assignment.replicas.contains_key("node1"),
+        "{record:?}"
+    );
     assert!(record.departed.contains_key("node1"), "{record:?}");
     let shown = within(Duration::from_secs(10), || async {
         let volume = cluster.status(new).await["volumes"][0].clone();
@@ -785,7 +808,7 @@ async fn killing_the_primary_promotes_a_replica_and_the_old_primary_rejoins_as_o
     stop.store(true, Ordering::SeqCst);
     let during = during.await.unwrap();
     cluster.wait_converged_on(new, CONVERGE).await;
-    assert_eq!(volume_record(&mut client).await.epoch, 3);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, 3);
     assert_blocks(nbd_addr(&cluster.nodes[0]), &[done, more, during].concat()).await;
     assert_replicas_identical(&cluster, new).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
@@ -880,7 +903,10 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     );
     let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
-    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+    assert_eq!(
+        (record.assignment.epoch, record.assignment.primary.as_str()),
+        (1, "node1")
+    );
     // node2's status shows the decision with the volume it hosts.
     let shown = within(Duration::from_secs(10), || async {
         let volume = cluster.status(1).await["volumes"][0].clone();
@@ -905,7 +931,7 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     cluster.spawn(2);
     cluster.wait_up(2, Duration::from_secs(20)).await;
     cluster.wait_converged(CONVERGE).await;
-    assert_eq!(volume_record(&mut client).await.epoch, 1);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, 1);
     assert_blocks(nbd_addr(&cluster.nodes[1]), &done).await;
     assert_replicas_identical(&cluster, 0).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
@@ -956,16 +982,19 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     // record moves the primary to node2 (epoch 2).
     let mut record = volume_record(&mut client).await;
     let primary = if controller == 0 {
-        let mut replicas = record.replicas.clone();
+        let mut replicas = record.assignment.replicas.clone();
         replicas.remove("node2");
         replicas.insert(
             "node1".into(),
             format!("127.0.0.1:{}", cluster.nodes[0].replication),
         );
         record = VolumeRecord {
-            epoch: 2,
-            primary: "node2".into(),
-            replicas,
+            assignment: Assignment {
+                epoch: 2,
+                primary: "node2".into(),
+                replicas,
+                ..record.assignment
+            },
             ..record
         };
         let value = serde_json::to_vec(&record).unwrap();
@@ -1003,8 +1032,8 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     cluster.signal(controller, "STOP").await;
     // Its lease expires; `other` is elected and holds at the same point.
     held(other).await;
-    let epoch = record.epoch;
-    assert_eq!(volume_record(&mut client).await.epoch, epoch);
+    let epoch = record.assignment.epoch;
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, epoch);
 
     // Resumed and released, the stale controller's transaction is refused
     // with the record as it read it: by the leadership guard alone. Its
@@ -1019,18 +1048,21 @@ async fn a_controller_stopped_mid_failover_is_replaced_and_the_epoch_moves_once(
     let log = cluster.log(controller);
     assert!(!log.contains("etcd controller: promoted"), "{log}");
     assert!(still_running(&mut cluster, controller), "{log}");
-    assert_eq!(volume_record(&mut client).await.epoch, epoch);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, epoch);
 
     // Released, the new controller promotes `other` in the next epoch.
     std::fs::remove_file(hold_of(&cluster.nodes[other].name)).unwrap();
     let promoted = within(Duration::from_secs(20), || async {
         let record = volume_record(&mut client.clone()).await;
-        (record.epoch > epoch).then_some(record)
+        (record.assignment.epoch > epoch).then_some(record)
     })
     .await
     .unwrap_or_else(|| panic!("nobody finished the failover:\n{}", cluster.log(other)));
     assert_eq!(
-        (promoted.epoch, promoted.primary.as_str()),
+        (
+            promoted.assignment.epoch,
+            promoted.assignment.primary.as_str()
+        ),
         (epoch + 1, cluster.nodes[other].name.as_str())
     );
     let decision = decision(&etcd).await;
@@ -1088,7 +1120,10 @@ async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
     );
     let mut client = etcd.client().await;
     let record = volume_record(&mut client).await;
-    assert_eq!((record.epoch, record.primary.as_str()), (2, "node2"));
+    assert_eq!(
+        (record.assignment.epoch, record.assignment.primary.as_str()),
+        (2, "node2")
+    );
     // Shown with the volume, and the controller leaves it be.
     wait_serving(&cluster, 1).await;
     let shown = within(Duration::from_secs(10), || async {
@@ -1115,7 +1150,7 @@ async fn the_desperate_path_is_an_operators_promotion_that_says_what_is_lost() {
     cluster.spawn(2);
     cluster.wait_up(2, Duration::from_secs(20)).await;
     cluster.wait_converged_on(1, CONVERGE).await;
-    assert_eq!(volume_record(&mut client).await.epoch, 2);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, 2);
     let kept: Vec<u64> = done.iter().copied().filter(|&b| b < 64).collect();
     assert_blocks(nbd_addr(&cluster.nodes[0]), &[kept, more].concat()).await;
     // Blocks 64..128, acknowledged by node1 alone, are gone everywhere.
@@ -1164,20 +1199,23 @@ async fn under_sync_quorum_a_promotion_waits_until_every_majority_meets_an_answe
         "{blocked:?}"
     );
     let mut client = etcd.client().await;
-    assert_eq!(volume_record(&mut client).await.epoch, 1);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, 1);
 
     // node3 comes back and answers: node2 has the most, and is promoted.
     cluster.spawn(2);
     cluster.wait_up(2, Duration::from_secs(20)).await;
     let record = within(Duration::from_secs(30), || async {
         let record = volume_record(&mut client.clone()).await;
-        (record.epoch == 2).then_some(record)
+        (record.assignment.epoch == 2).then_some(record)
     })
     .await
     .unwrap_or_else(|| panic!("no promotion:\n{}", cluster.log(1)));
-    assert_eq!(record.primary, "node2", "{record:?}");
+    assert_eq!(record.assignment.primary, "node2", "{record:?}");
     // The lost primary stays a replica (sync_quorum needs three members).
-    assert!(record.replicas.contains_key("node1"), "{record:?}");
+    assert!(
+        record.assignment.replicas.contains_key("node1"),
+        "{record:?}"
+    );
     let promoted = decision(&etcd).await;
     assert!(promoted.blocked().is_none(), "{promoted:?}");
     assert!(
@@ -1259,7 +1297,10 @@ async fn a_primary_back_within_its_lease_without_its_data_recovers_it_from_a_rep
     cluster.spawn(0);
     cluster.wait_up(0, Duration::from_secs(30)).await;
     let record = volume_record(&mut client).await;
-    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+    assert_eq!(
+        (record.assignment.epoch, record.assignment.primary.as_str()),
+        (1, "node1")
+    );
     wait_serving(&cluster, 0).await;
     cluster.wait_converged_on(0, CONVERGE).await;
     for node in &cluster.nodes {
@@ -1349,7 +1390,13 @@ async fn a_primary_cut_off_past_its_lease_that_nobody_replaced_rejoins_as_the_pr
     .await;
     assert_eq!(over.as_deref(), Some("node1 serves again"));
     assert!(still_running(&mut cluster, 0), "node1 restarted");
-    assert_eq!(volume_record(&mut etcd.client().await).await.epoch, 1);
+    assert_eq!(
+        volume_record(&mut etcd.client().await)
+            .await
+            .assignment
+            .epoch,
+        1
+    );
     cluster.wait_converged(CONVERGE).await;
     assert_blocks(nbd_addr(&cluster.nodes[1]), &[before, after].concat()).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
@@ -1406,7 +1453,10 @@ async fn etcd_down_past_the_leases_under_load_fences_writes_and_every_node_rejoi
         assert!(still_running(&mut cluster, i), "node{} restarted", i + 1);
     }
     let record = volume_record(&mut etcd.client().await).await;
-    assert_eq!((record.epoch, record.primary.as_str()), (1, "node1"));
+    assert_eq!(
+        (record.assignment.epoch, record.assignment.primary.as_str()),
+        (1, "node1")
+    );
     cluster.wait_converged(CONVERGE).await;
     assert_blocks(nbd_addr(&cluster.nodes[2]), &done).await;
     cluster.stop_cleanly(&[0, 1, 2]).await;
@@ -1468,7 +1518,7 @@ async fn a_deposed_primary_woken_from_a_pause_fails_its_writes_at_once_and_rejoi
     cluster.wait_converged_on(new, CONVERGE).await;
     assert_blocks(nbd_addr(&cluster.nodes[new]), &acked).await;
     assert_replicas_identical(&cluster, new).await;
-    assert_eq!(volume_record(&mut client).await.epoch, 3);
+    assert_eq!(volume_record(&mut client).await.assignment.epoch, 3);
     cluster.stop_cleanly(&[0, 1, 2]).await;
 }
 
@@ -1528,14 +1578,14 @@ async fn a_write_waiting_on_a_barrier_fails_when_the_fence_lapses_not_at_the_bar
     logged_times(&cluster, 0, "etcd: rejoined", 1).await;
     let record = within(CONVERGE, || async {
         let record = volume_record(&mut etcd.client().await).await;
-        (record.replicas.len() == 2).then_some(record)
+        (record.assignment.replicas.len() == 2).then_some(record)
     })
     .await
     .expect("every node a member again");
     let primary = cluster
         .nodes
         .iter()
-        .position(|n| n.name == record.primary)
+        .position(|n| n.name == record.assignment.primary)
         .unwrap();
     cluster.wait_converged_on(primary, CONVERGE).await;
     assert_blocks(nbd_addr(&cluster.nodes[primary]), &acked).await;

@@ -21,6 +21,11 @@ const VOLUMES: u64 = 20;
 const BLOCKS: u64 = 512; // 2 MiB each
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(60);
+/// How close a measured recovery rate must come to its limit. Bytes move
+/// in 1 MiB chunks and are sampled every 20 ms (later on a loaded
+/// machine): a 10 % window failed now and then at 1.12x; unlimited runs
+/// many times faster.
+const RATE_HELD: std::ops::RangeInclusive<f64> = 0.85..=1.15;
 
 fn store() -> StoreOptions {
     StoreOptions {
@@ -222,7 +227,7 @@ async fn twenty_rebuilds_run_at_most_the_cap_at_once_within_the_rate_and_all_end
         started.elapsed()
     );
     assert!(
-        (0.9..=1.1).contains(&ratio),
+        RATE_HELD.contains(&ratio),
         "{measured:.0} B/s against {rate} B/s"
     );
     all_in_sync_and_equal(&primaries, &replicas).await;
@@ -281,7 +286,7 @@ async fn a_replica_node_receives_recoveries_within_its_receive_rate() {
         rate / MIB
     );
     assert!(
-        (0.9..=1.1).contains(&ratio),
+        RATE_HELD.contains(&ratio),
         "{measured:.0} B/s against {rate} B/s"
     );
     // The senders were not limited: what they sent waited on the replicas.

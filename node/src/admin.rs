@@ -10,7 +10,7 @@
 //! | `POST /recovery` | changes the limits ([`RecoveryRequest`] as JSON); 400 with why when refused, nothing applied |
 //! | `GET /metrics` | Prometheus text: mailboxes per actor, WAL sync latency, per-volume LSNs, lag in LSNs and bytes, states, pins, bytes shipped |
 
-use crate::assignment::Applied;
+use crate::assignment::Assignment;
 use crate::node::{Node, NodeError, VolumeReport};
 use crate::serving::Serving;
 use bytes::Bytes;
@@ -25,33 +25,15 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use walship_actors::NodeStatus;
-use walship_engine::CommitMode;
 
 mod scrape;
 
 use scrape::metrics;
 pub(crate) use scrape::prometheus;
 
-/// A new assignment, as `POST /volumes/{name}/assignment` takes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AssignmentRequest {
-    /// Epoch: newer than the applied one, or the request is fenced.
-    pub epoch: u64,
-    /// The primary's node.
-    pub primary: String,
-    /// Commit mode.
-    pub commit_mode: CommitMode,
-    /// Replicas: node name → its replication address.
-    pub replicas: BTreeMap<String, String>,
-}
-
-impl AssignmentRequest {
-    /// As an assignment to apply (endpoint versions are the node's to set).
-    pub fn applied(&self) -> Applied {
-        Applied::new(self.epoch, &self.primary, self.commit_mode, &self.replicas)
-    }
-}
+/// A new assignment, as `POST /volumes/{name}/assignment` takes it: the
+/// one [`Assignment`] type (JSON: epoch, primary, commit_mode, replicas).
+pub type AssignmentRequest = Assignment;
 
 /// A change of the recovery budget, as `POST /recovery` takes it: each
 /// field left out keeps its value; sizes per second like `"200MiB"`, or

@@ -19,9 +19,151 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use walship_engine::{
-    Assignment, CommitMode, Endpoint, Epoch, InvalidReplicaId, ReplicaAssignment, ReplicaId,
+    Assignment as EngineAssignment, CommitError, CommitMode, Endpoint, Epoch, InvalidReplicaId,
+    ReplicaAssignment, ReplicaId,
 };
 use walship_io::fs::Fs;
+
+/// A volume's assignment: who is primary in which epoch, under which
+/// commit mode, with which replicas (node → replication address). The one
+/// type a config's `[[volume]]`, the admin API (`POST
+/// /volumes/{name}/assignment`) and etcd's records (`volumes/<name>`)
+/// carry, checked by one [`validate`](Self::validate); [`Applied`] is what
+/// a node made of one (endpoint versions, incarnation), persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    /// Epoch: a newer assignment has a higher one.
+    pub epoch: u64,
+    /// The primary's node.
+    pub primary: String,
+    /// Commit mode.
+    pub commit_mode: CommitMode,
+    /// Replicas: node name → that node's replication address.
+    pub replicas: BTreeMap<String, String>,
+}
+
+/// Why an assignment cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssignmentError {
+    /// Epoch 0.
+    #[error("epochs start at 1")]
+    EpochZero,
+    /// The primary's name cannot name a replica.
+    #[error("primary {name:?}: {why}")]
+    PrimaryName {
+        /// The name.
+        name: String,
+        /// Why not.
+        why: String,
+    },
+    /// The primary is among the replicas.
+    #[error("{0} is its primary and cannot also be a replica")]
+    PrimaryIsReplica(String),
+    /// A replica's name cannot name a replica.
+    #[error("replica {name:?}: {why}")]
+    ReplicaName {
+        /// The name.
+        name: String,
+        /// Why not.
+        why: String,
+    },
+    /// A replica's address is not `host:port`.
+    #[error("replica {name} at {addr:?}: {why}")]
+    ReplicaAddress {
+        /// The replica.
+        name: String,
+        /// Its address.
+        addr: String,
+        /// Why it does not parse.
+        why: String,
+    },
+    /// The commit mode cannot be met by these members.
+    #[error(transparent)]
+    Topology(#[from] CommitError),
+    /// The node taking it is neither primary nor replica.
+    #[error("this node ({0}) is neither its primary nor one of its replicas")]
+    LeavesOut(String),
+}
+
+/// The part of an assignment an [`AssignmentError`] is about: where a
+/// config's refusal points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignmentField {
+    /// `epoch`.
+    Epoch,
+    /// `primary`.
+    Primary,
+    /// `replicas`.
+    Replicas,
+    /// `commit_mode`.
+    CommitMode,
+    /// The volume as a whole (this node's place in it).
+    Volume,
+}
+
+impl AssignmentError {
+    /// The part of the assignment it is about.
+    pub fn field(&self) -> AssignmentField {
+        match self {
+            Self::EpochZero => AssignmentField::Epoch,
+            Self::PrimaryName { .. } => AssignmentField::Primary,
+            Self::PrimaryIsReplica(_) | Self::ReplicaName { .. } | Self::ReplicaAddress { .. } => {
+                AssignmentField::Replicas
+            }
+            Self::Topology(_) => AssignmentField::CommitMode,
+            Self::LeavesOut(_) => AssignmentField::Volume,
+        }
+    }
+}
+
+impl Assignment {
+    /// Whether node `node` can take this assignment of `volume`: epochs
+    /// start at 1; every member's name makes a replica id with the
+    /// volume's; the primary is not a replica; every replica's address is
+    /// `host:port`; the commit mode can be met by the members
+    /// (sync_quorum needs three); `node` is primary or a replica.
+    pub fn validate(&self, volume: &str, node: &str) -> Result<(), AssignmentError> {
+        if self.epoch == 0 {
+            return Err(AssignmentError::EpochZero);
+        }
+        if let Err(e) = ReplicaId::new(volume, &self.primary) {
+            return Err(AssignmentError::PrimaryName {
+                name: self.primary.clone(),
+                why: e.to_string(),
+            });
+        }
+        for (name, addr) in &self.replicas {
+            if *name == self.primary {
+                return Err(AssignmentError::PrimaryIsReplica(name.clone()));
+            }
+            if let Err(e) = ReplicaId::new(volume, name) {
+                return Err(AssignmentError::ReplicaName {
+                    name: name.clone(),
+                    why: e.to_string(),
+                });
+            }
+            if let Err(e) = addr.parse::<std::net::SocketAddr>() {
+                return Err(AssignmentError::ReplicaAddress {
+                    name: name.clone(),
+                    addr: addr.clone(),
+                    why: e.to_string(),
+                });
+            }
+        }
+        walship_engine::check_topology(self.commit_mode, self.replicas.len())?;
+        if self.primary != node && !self.replicas.contains_key(node) {
+            return Err(AssignmentError::LeavesOut(node.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// As a node applies it, every replica at endpoint version 1
+    /// ([`Applied::successor`] carries versions on).
+    pub fn applied(&self) -> Applied {
+        Applied::new(self.epoch, &self.primary, self.commit_mode, &self.replicas)
+    }
+}
 
 /// One replica's endpoint in an applied assignment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,7 +260,12 @@ impl Applied {
 
     /// The config's assignment.
     pub fn from_spec(spec: &VolumeSpec) -> Self {
-        Self::new(spec.epoch, &spec.primary, spec.commit_mode, &spec.replicas)
+        Self::new(
+            spec.assignment.epoch,
+            &spec.assignment.primary,
+            spec.assignment.commit_mode,
+            &spec.assignment.replicas,
+        )
     }
 
     /// `next` with endpoint versions carried over from `self`: kept where
@@ -139,26 +286,22 @@ impl Applied {
     /// persisted: what the engine would refuse, and one that leaves `node`
     /// out. (The config's loader checks the same of each volume, with the
     /// line of the key at fault.)
-    pub fn check(&self, volume: &str, node: &str) -> Result<(), String> {
-        if self.epoch == 0 {
-            return Err("epochs start at 1".into());
+    pub fn check(&self, volume: &str, node: &str) -> Result<(), AssignmentError> {
+        self.assignment().validate(volume, node)
+    }
+
+    /// The assignment this applies (addresses without their versions).
+    pub fn assignment(&self) -> Assignment {
+        Assignment {
+            epoch: self.epoch,
+            primary: self.primary.clone(),
+            commit_mode: self.commit_mode,
+            replicas: self
+                .replicas
+                .iter()
+                .map(|(name, endpoint)| (name.clone(), endpoint.addr.clone()))
+                .collect(),
         }
-        if self.replicas.contains_key(&self.primary) {
-            return Err(format!("{} cannot be primary and replica", self.primary));
-        }
-        if !self.is_primary(node) && !self.replicas.contains_key(node) {
-            return Err(format!("it leaves out this node ({node})"));
-        }
-        for (server, endpoint) in &self.replicas {
-            if let Err(e) = endpoint.addr.parse::<std::net::SocketAddr>() {
-                return Err(format!("replica {server} at {:?}: {e}", endpoint.addr));
-            }
-        }
-        walship_engine::check_topology(self.commit_mode, self.replicas.len())
-            .map_err(|e| e.to_string())?;
-        self.engine(volume)
-            .map(|_| ())
-            .map_err(|e| format!("replica id: {e}"))
     }
 
     /// Whether `node` is the primary.
@@ -167,7 +310,7 @@ impl Applied {
     }
 
     /// The engine's assignment for the primary of `volume`.
-    pub fn engine(&self, volume: &str) -> Result<Assignment, InvalidReplicaId> {
+    pub fn engine(&self, volume: &str) -> Result<EngineAssignment, InvalidReplicaId> {
         let replicas = self
             .replicas
             .iter()
@@ -178,7 +321,7 @@ impl Applied {
                 })
             })
             .collect::<Result<_, InvalidReplicaId>>()?;
-        Ok(Assignment {
+        Ok(EngineAssignment {
             epoch: Epoch(self.term()),
             commit_mode: self.commit_mode,
             replicas,
@@ -220,16 +363,16 @@ pub fn start(dir: &Path, node: &str, spec: &VolumeSpec) -> Result<Starting, Star
             reason: "the config's (nothing applied before)".to_owned(),
         });
     };
-    if spec.epoch > last.epoch {
+    if spec.assignment.epoch > last.epoch {
         let applied = last.successor(configured);
         save(dir, &applied)?;
         let reason = format!(
             "the config's epoch {} is newer than {}",
-            spec.epoch, last.epoch
+            spec.assignment.epoch, last.epoch
         );
         return Ok(Starting { applied, reason });
     }
-    if spec.epoch == last.epoch && !last.same_as(&configured) {
+    if spec.assignment.epoch == last.epoch && !last.same_as(&configured) {
         return Err(StartError::Conflict(format!(
             "volume {}: the config's assignment differs from the one applied at epoch {} (primary {}); an assignment changes only with a newer epoch",
             spec.name, last.epoch, last.primary
@@ -238,7 +381,7 @@ pub fn start(dir: &Path, node: &str, spec: &VolumeSpec) -> Result<Starting, Star
     let mut applied = last;
     let mut reason = format!(
         "the one applied last (epoch {}; the config's epoch {} is not newer)",
-        applied.epoch, spec.epoch
+        applied.epoch, spec.assignment.epoch
     );
     if applied.is_primary(node) {
         applied.incarnation += 1;
@@ -299,16 +442,18 @@ mod tests {
 
     fn spec(epoch: u64, primary: &str) -> VolumeSpec {
         VolumeSpec {
+            assignment: Assignment {
+                commit_mode: CommitMode::SyncAll,
+                epoch,
+                primary: primary.into(),
+                replicas: [("node2", "127.0.0.1:7402"), ("node3", "127.0.0.1:7403")]
+                    .into_iter()
+                    .filter(|(n, _)| *n != primary)
+                    .map(|(n, a)| (n.to_owned(), a.to_owned()))
+                    .collect(),
+            },
             name: "vol0".into(),
             size: 1 << 20,
-            commit_mode: CommitMode::SyncAll,
-            epoch,
-            primary: primary.into(),
-            replicas: [("node2", "127.0.0.1:7402"), ("node3", "127.0.0.1:7403")]
-                .into_iter()
-                .filter(|(n, _)| *n != primary)
-                .map(|(n, a)| (n.to_owned(), a.to_owned()))
-                .collect(),
             export_replicas: false,
             line: 1,
             size_line: 2,
@@ -396,6 +541,7 @@ mod tests {
         start(dir.path(), "node1", &spec(1, "node1")).unwrap();
         let mut moved = spec(5, "node1");
         moved
+            .assignment
             .replicas
             .insert("node3".into(), "127.0.0.1:7503".into());
         let next = start(dir.path(), "node1", &moved).unwrap();

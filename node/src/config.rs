@@ -25,6 +25,7 @@
 //! max_rebuilds = 2                    # rebuilds at once; the rest queue
 //! ```
 
+use crate::assignment::{Assignment, AssignmentField};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -90,14 +91,8 @@ pub struct VolumeSpec {
     pub name: String,
     /// Size in bytes, a multiple of 4 KiB.
     pub size: u64,
-    /// Commit mode.
-    pub commit_mode: CommitMode,
-    /// The assignment's epoch.
-    pub epoch: u64,
-    /// The primary's node.
-    pub primary: String,
-    /// Replicas: node name → that node's replication address.
-    pub replicas: BTreeMap<String, String>,
+    /// Its assignment (epoch, primary, commit mode, replicas).
+    pub assignment: Assignment,
     /// Whether replicas export the volume read-only over NBD.
     pub export_replicas: bool,
     /// Line of the volume's `name`, for messages.
@@ -440,56 +435,30 @@ fn check_volume(
                 format!("volume {name}: commit_mode: {e}"),
             )
         })?;
-    if *raw.epoch.get_ref() == 0 {
-        return Err(at(
-            raw.epoch.span(),
-            format!("volume {name}: epochs start at 1"),
-        ));
-    }
-    let primary =
-        server_name(&raw.primary, "primary").map_err(|what| at(raw.primary.span(), what))?;
-    let replicas = raw.replicas.get_ref().clone();
-    let replicas_at = raw.replicas.span();
-    for (server, addr) in &replicas {
-        if *server == primary {
-            return Err(at(
-                replicas_at,
-                format!("volume {name}: {server} is its primary and cannot also be a replica"),
-            ));
-        }
-        if let Err(e) = ReplicaId::new(&name, server) {
-            return Err(at(
-                replicas_at,
-                format!("volume {name}: replica {server:?}: {e}"),
-            ));
-        }
-        if let Err(e) = addr.parse::<SocketAddr>() {
-            return Err(at(
-                replicas_at,
-                format!("volume {name}: replica {server} at {addr:?}: {e}"),
-            ));
-        }
-    }
-    if let Err(e) = walship_engine::check_topology(commit_mode, replicas.len()) {
-        return Err(at(raw.commit_mode.span(), format!("volume {name}: {e}")));
-    }
-    if primary != node && !replicas.contains_key(node) {
-        return Err(at(
-            raw.name.span(),
-            format!(
-                "volume {name}: this node ({node}) is neither its primary nor one of its replicas"
-            ),
-        ));
+    let assignment = Assignment {
+        epoch: *raw.epoch.get_ref(),
+        primary: raw.primary.get_ref().clone(),
+        commit_mode,
+        replicas: raw.replicas.get_ref().clone(),
+    };
+    // One set of rules for every assignment (the admin API's and etcd's
+    // too); the refusal points at the key at fault.
+    if let Err(e) = assignment.validate(&name, node) {
+        let span = match e.field() {
+            AssignmentField::Epoch => raw.epoch.span(),
+            AssignmentField::Primary => raw.primary.span(),
+            AssignmentField::Replicas => raw.replicas.span(),
+            AssignmentField::CommitMode => raw.commit_mode.span(),
+            AssignmentField::Volume => raw.name.span(),
+        };
+        return Err(at(span, format!("volume {name}: {e}")));
     }
     Ok(VolumeSpec {
         line: source.line(raw.name.span()),
         size_line: source.line(raw.size.span()),
         name,
         size,
-        commit_mode,
-        epoch: *raw.epoch.get_ref(),
-        primary,
-        replicas,
+        assignment,
         export_replicas: raw.export_replicas,
     })
 }

@@ -21,7 +21,7 @@ mod serving;
 pub mod terms;
 
 pub use admin::{AdminClientError, AdminServer, AssignmentRequest, StatusReport};
-pub use assignment::{Applied, ReplicaEndpoint};
+pub use assignment::{Applied, Assignment, AssignmentError, AssignmentField, ReplicaEndpoint};
 pub use config::{parse_rate, ConfigError, NodeConfig, TuningSpec, VolumeSpec};
 pub use fence::WriteFence;
 pub use node::{Node, NodeError, VolumeReport};

@@ -75,9 +75,9 @@ fn a_three_node_volume_parses() {
     let volume = &config.volumes[0];
     assert_eq!(volume.size, 256 << 20);
     assert_eq!(volume.blocks(), 65536);
-    assert_eq!(volume.commit_mode, CommitMode::SyncAll);
-    assert_eq!(volume.epoch, 1);
-    assert_eq!(volume.replicas.len(), 2);
+    assert_eq!(volume.assignment.commit_mode, CommitMode::SyncAll);
+    assert_eq!(volume.assignment.epoch, 1);
+    assert_eq!(volume.assignment.replicas.len(), 2);
     assert_eq!((volume.line, volume.size_line), (8, 9));
     assert!(!volume.export_replicas);
 }

@@ -5,6 +5,7 @@
 use super::judge::{asked, judge, probe_of};
 use super::records::{Decision, Outcome, Probe, ProgressRecord, VolumeRecord};
 use super::view::{ClusterView, Versioned};
+use crate::assignment::Assignment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use walship_engine::CommitMode;
@@ -212,36 +213,39 @@ pub fn promotion(
 ) -> Result<Promotion, &'static str> {
     let current = &record.value;
     let next_primary = decision.promoted().unwrap_or_default().to_owned();
-    let mut replicas = current.replicas.clone();
+    let mut replicas = current.assignment.replicas.clone();
     replicas.remove(&next_primary);
     let mut departed = current.departed.clone();
     let lost_at = view
         .addresses
-        .get(&current.primary)
+        .get(&current.assignment.primary)
         .map(|a| a.value.clone());
     let lost_primary_kept = lost_at.is_some();
     match lost_at {
-        Some(addr) if current.commit_mode == CommitMode::SyncAll => {
-            departed.insert(current.primary.clone(), addr);
+        Some(addr) if current.assignment.commit_mode == CommitMode::SyncAll => {
+            departed.insert(current.assignment.primary.clone(), addr);
         }
         Some(addr) => {
-            replicas.insert(current.primary.clone(), addr);
+            replicas.insert(current.assignment.primary.clone(), addr);
         }
-        None if current.commit_mode == CommitMode::SyncQuorum && replicas.len() < 2 => {
+        None if current.assignment.commit_mode == CommitMode::SyncQuorum && replicas.len() < 2 => {
             return Err(ADDRESS_UNKNOWN);
         }
         None => {}
     }
     let next = VolumeRecord {
-        epoch: current.epoch + 1,
-        primary: next_primary,
-        replicas,
+        assignment: Assignment {
+            epoch: current.assignment.epoch + 1,
+            primary: next_primary,
+            replicas,
+            ..current.assignment.clone()
+        },
         departed,
         ..current.clone()
     };
     let baseline = ProgressRecord {
-        epoch: next.epoch,
-        primary: next.primary.clone(),
+        epoch: next.assignment.epoch,
+        primary: next.assignment.primary.clone(),
         committed: decision
             .data_loss()
             .map_or(decision.committed, |loss| loss.after),
@@ -252,7 +256,7 @@ pub fn promotion(
             volume: volume.to_owned(),
             revision: record.revision,
         },
-        Guard::Unregistered(current.primary.clone()),
+        Guard::Unregistered(current.assignment.primary.clone()),
     ];
     held.extend(guards);
     Ok(Promotion {
@@ -305,15 +309,15 @@ impl Controller {
                 actions.push(readmit(volume, record, back));
                 continue;
             }
-            let Some(lost_for) = self.lost(&current.primary, view, now) else {
+            let Some(lost_for) = self.lost(&current.assignment.primary, view, now) else {
                 // The primary serves again (registered, and marked ready
                 // once its volumes are open), in the epoch it was lost in
                 // or a later one of its own (a readmission since).
                 let down = view.decisions.get(volume).filter(|d| {
                     d.value.keeps_down()
-                        && view.ready(&current.primary)
-                        && d.value.lost_primary == current.primary
-                        && d.value.epoch <= current.epoch
+                        && view.ready(&current.assignment.primary)
+                        && d.value.lost_primary == current.assignment.primary
+                        && d.value.epoch <= current.assignment.epoch
                 });
                 if let Some(down) = down {
                     actions.push(end_down(volume, down));
@@ -450,9 +454,9 @@ fn end_down(volume: &str, down: &Versioned<Decision>) -> Action {
 fn readmit(volume: &str, record: &Versioned<VolumeRecord>, back: &str) -> Action {
     let mut next = record.value.clone();
     if let Some(addr) = next.departed.remove(back) {
-        next.replicas.insert(back.to_owned(), addr);
+        next.assignment.replicas.insert(back.to_owned(), addr);
     }
-    next.epoch += 1;
+    next.assignment.epoch += 1;
     Action::Readmit {
         volume: volume.to_owned(),
         node: back.to_owned(),

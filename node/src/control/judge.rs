@@ -22,11 +22,11 @@ pub const UNANSWERED: &str = "unanswered: no report of its own since the control
 /// rewritten at its start, is asked about again).
 pub fn probe_of(view: &ClusterView, record: &VolumeRecord) -> Probe {
     Probe {
-        epoch: record.epoch,
-        lost_primary: record.primary.clone(),
+        epoch: record.assignment.epoch,
+        lost_primary: record.assignment.primary.clone(),
         registered: view
             .addresses
-            .get(&record.primary)
+            .get(&record.assignment.primary)
             .map_or(0, |a| a.revision),
     }
 }
@@ -69,11 +69,11 @@ pub fn candidates(
     let progress = view
         .progress
         .get(volume)
-        .filter(|p| p.epoch == record.epoch && p.primary == record.primary);
+        .filter(|p| p.epoch == record.assignment.epoch && p.primary == record.assignment.primary);
     let own = view.reports.get(volume);
     let mut list = Vec::new();
     let mut unsettled = BTreeMap::new();
-    for server in record.replicas.keys() {
+    for server in record.assignment.replicas.keys() {
         let Ok(replica) = ReplicaId::new(volume, server) else {
             continue;
         };
@@ -131,7 +131,7 @@ pub fn judge(
         unsettled,
         reported_committed,
     } = candidates(view, volume, record, asked);
-    let (committed, blocked) = match record.commit_mode {
+    let (committed, blocked) = match record.assignment.commit_mode {
         CommitMode::SyncQuorum => quorum_judgement(record, &list, &unsettled, reported_committed),
         CommitMode::SyncAll => (reported_committed, None),
         CommitMode::BestEffort => (
@@ -145,7 +145,7 @@ pub fn judge(
             )),
         ),
     };
-    let report = evaluate_promotion(&list, Epoch(record.epoch), Lsn(committed));
+    let report = evaluate_promotion(&list, Epoch(record.assignment.epoch), Lsn(committed));
     let mut rejected = reasons_by_node(&report.rejected);
     for (server, reason) in &unsettled {
         rejected
@@ -169,8 +169,8 @@ pub fn judge(
     };
     Judgement {
         decision: Decision {
-            epoch: record.epoch,
-            lost_primary: record.primary.clone(),
+            epoch: record.assignment.epoch,
+            lost_primary: record.assignment.primary.clone(),
             committed,
             outcome,
             rejected,
@@ -197,11 +197,11 @@ pub fn accept_loss(
         ..
     } = candidates(view, volume, record, asked);
     let committed = Lsn(reported_committed);
-    let report = evaluate_promotion(&list, Epoch(record.epoch), committed);
-    let pick = select_desperate(&list, Epoch(record.epoch), committed, accepted)?;
+    let report = evaluate_promotion(&list, Epoch(record.assignment.epoch), committed);
+    let pick = select_desperate(&list, Epoch(record.assignment.epoch), committed, accepted)?;
     Ok(Decision {
-        epoch: record.epoch,
-        lost_primary: record.primary.clone(),
+        epoch: record.assignment.epoch,
+        lost_primary: record.assignment.primary.clone(),
         committed: committed.get(),
         outcome: Outcome::AcceptedLoss {
             promoted: pick.replica.server().to_owned(),
@@ -209,11 +209,11 @@ pub fn accept_loss(
                 after: pick.lost_from_exclusive.get(),
                 through: pick.lost_to_inclusive.get(),
                 waived: pick.waived.iter().map(ToString::to_string).collect(),
-                beyond: (record.commit_mode == CommitMode::BestEffort).then(|| {
+                beyond: (record.assignment.commit_mode == CommitMode::BestEffort).then(|| {
                     format!(
                         "best_effort: any write {} acknowledged after its last report \
                          (committed {}), on its own disk alone; how many, no report shows",
-                        record.primary,
+                        record.assignment.primary,
                         committed.get()
                     )
                 }),
@@ -248,7 +248,7 @@ pub(super) fn quorum_judgement(
     unsettled: &BTreeMap<String, &str>,
     reported_committed: u64,
 ) -> (u64, Option<String>) {
-    let replicas = record.replicas.len();
+    let replicas = record.assignment.replicas.len();
     let members = replicas + 1;
     let quorum = members / 2 + 1;
     let needed = replicas + 2 - quorum;
@@ -258,7 +258,7 @@ pub(super) fn quorum_judgement(
         .collect();
     let highest = answered
         .iter()
-        .filter(|c| c.epoch == Epoch(record.epoch))
+        .filter(|c| c.epoch == Epoch(record.assignment.epoch))
         .map(|c| c.flushed.get())
         .fold(reported_committed, u64::max);
     let blocked = (answered.len() < needed).then(|| {

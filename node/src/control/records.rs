@@ -1,25 +1,21 @@
 //! What crosses etcd: every record a node or the controller writes, as
 //! typed values (the keys they live under are `etcd::keys`'s).
 
-use crate::assignment::Applied;
+use crate::assignment::{Applied, Assignment};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use walship_engine::CommitMode;
 
-/// A volume's record in etcd: its assignment.
+/// A volume's record in etcd: its [`Assignment`] (JSON: its fields, flat),
+/// the volume's size, and its departed primaries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "StoredRecord")]
 pub struct VolumeRecord {
-    /// Epoch: a newer record has a higher one.
-    pub epoch: u64,
-    /// The primary's node.
-    pub primary: String,
-    /// Commit mode.
-    pub commit_mode: CommitMode,
+    /// Who is primary in which epoch, under which mode, with which
+    /// replicas.
+    #[serde(flatten)]
+    pub assignment: Assignment,
     /// Size in bytes.
     pub size: u64,
-    /// Replicas: node name → that node's replication address.
-    pub replicas: BTreeMap<String, String>,
     /// Lost primaries waiting to come back (node → replication address):
     /// left out of the replicas, which under sync_all would stop every
     /// commit until they return; the controller adds each back, in a new
@@ -28,10 +24,40 @@ pub struct VolumeRecord {
     pub departed: BTreeMap<String, String>,
 }
 
+/// A record as stored: flat, and a field this version does not know is
+/// refused (a newer one's may change what the record means). Serde's
+/// `flatten` cannot deny unknown fields, hence this.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredRecord {
+    epoch: u64,
+    primary: String,
+    commit_mode: walship_engine::CommitMode,
+    size: u64,
+    replicas: BTreeMap<String, String>,
+    #[serde(default)]
+    departed: BTreeMap<String, String>,
+}
+
+impl From<StoredRecord> for VolumeRecord {
+    fn from(stored: StoredRecord) -> Self {
+        Self {
+            assignment: Assignment {
+                epoch: stored.epoch,
+                primary: stored.primary,
+                commit_mode: stored.commit_mode,
+                replicas: stored.replicas,
+            },
+            size: stored.size,
+            departed: stored.departed,
+        }
+    }
+}
+
 impl VolumeRecord {
     /// The record as the assignment a node applies.
     pub fn applied(&self) -> Applied {
-        Applied::new(self.epoch, &self.primary, self.commit_mode, &self.replicas)
+        self.assignment.applied()
     }
 }
 
@@ -292,6 +318,26 @@ mod tests {
             (&"promoted".into(), &"node3".into())
         );
         assert_eq!(serde_json::from_value::<Decision>(json).unwrap(), promoted);
+    }
+
+    /// A record is its assignment's fields, flat, with the size and the
+    /// departed beside them, as before the assignment was one type; a
+    /// field nobody knows is refused.
+    #[test]
+    fn a_volume_record_is_flat_json_and_refuses_unknown_fields() {
+        let json = r#"{"epoch":2,"primary":"n1","commit_mode":"sync_all","size":4096,"replicas":{"n2":"127.0.0.1:1"},"departed":{"n3":"127.0.0.1:2"}}"#;
+        let record: VolumeRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            (record.assignment.epoch, record.size, record.departed.len()),
+            (2, 4096, 1)
+        );
+        let back = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(json).unwrap()
+        );
+        let unknown = json.replace(r#""size":4096"#, r#""size":4096,"sise":1"#);
+        assert!(serde_json::from_str::<VolumeRecord>(&unknown).is_err());
     }
 
     /// Decisions written before the outcome was named (four options)

@@ -3,6 +3,7 @@
 
 use super::judge::quorum_judgement;
 use super::*;
+use crate::assignment::Assignment;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use walship_engine::{
@@ -44,14 +45,16 @@ fn replica(name: &'static str, state: &'static str, durable: u64) -> Replica {
 fn cluster(mode: CommitMode, replicas: &[Replica]) -> ClusterView {
     let mut view = ClusterView::default();
     let record = VolumeRecord {
-        epoch: 3,
-        primary: "p".into(),
-        commit_mode: mode,
+        assignment: Assignment {
+            epoch: 3,
+            primary: "p".into(),
+            commit_mode: mode,
+            replicas: replicas
+                .iter()
+                .map(|r| (r.name.to_owned(), format!("{}:1", r.name)))
+                .collect(),
+        },
         size: 1 << 20,
-        replicas: replicas
-            .iter()
-            .map(|r| (r.name.to_owned(), format!("{}:1", r.name)))
-            .collect(),
         departed: BTreeMap::new(),
     };
     view.volumes
@@ -211,7 +214,7 @@ fn a_live_replica_that_has_not_answered_is_awaited_until_a_lease_has_passed() {
     assert_eq!(actions[0].transaction(), None);
     // After a lease, judged without it: rejected as unanswered.
     let p = promotion_of(&decide_once(&view, TTL)).clone();
-    assert_eq!(p.record.primary, "a");
+    assert_eq!(p.record.assignment.primary, "a");
     assert_eq!(p.decision.rejected["b"], vec![UNANSWERED.to_owned()]);
 }
 
@@ -225,10 +228,10 @@ fn under_sync_all_the_best_in_sync_replica_is_promoted_and_the_lost_primary_depa
     let p = promotion_of(&actions);
     // The highest durable LSN first.
     assert_eq!(p.decision.promoted(), Some("b"));
-    assert_eq!(p.record.epoch, 4);
-    assert_eq!(p.record.primary, "b");
+    assert_eq!(p.record.assignment.epoch, 4);
+    assert_eq!(p.record.assignment.primary, "b");
     assert_eq!(
-        p.record.replicas.keys().collect::<Vec<_>>(),
+        p.record.assignment.replicas.keys().collect::<Vec<_>>(),
         vec!["a"],
         "{p:?}"
     );
@@ -346,7 +349,7 @@ fn sync_quorum_promotes_once_every_majority_meets_an_answer_and_keeps_the_lost_p
     );
     assert!(p.decision.rejected["a"][0].starts_with("behind_committed"));
     // Not departed: a replica at once.
-    assert_eq!(p.record.replicas["p"], "p:1");
+    assert_eq!(p.record.assignment.replicas["p"], "p:1");
     assert!(p.record.departed.is_empty());
 }
 
@@ -370,10 +373,15 @@ fn a_lost_primary_whose_address_is_unknown_is_left_out_unless_sync_quorum_needs_
     let down = down_of(&c.decide(&view, start)).clone();
     assert_eq!(down.blocked(), Some(ADDRESS_UNKNOWN));
     // Under sync_all it is simply left out.
-    view.volumes.get_mut("vol0").unwrap().value.commit_mode = CommitMode::SyncAll;
+    view.volumes
+        .get_mut("vol0")
+        .unwrap()
+        .value
+        .assignment
+        .commit_mode = CommitMode::SyncAll;
     let p = promotion_of(&c.decide(&view, start)).clone();
     assert!(!p.lost_primary_kept);
-    assert!(p.record.departed.is_empty() && !p.record.replicas.contains_key("p"));
+    assert!(p.record.departed.is_empty() && !p.record.assignment.replicas.contains_key("p"));
 }
 
 #[test]
@@ -391,7 +399,7 @@ fn a_primary_that_never_registered_is_lost_only_after_two_lease_times() {
         vec![]
     );
     let p = promotion_of(&c.decide(&view, start + TTL * 2)).clone();
-    assert_eq!(p.record.primary, "a");
+    assert_eq!(p.record.assignment.primary, "a");
 }
 
 #[test]
@@ -451,8 +459,8 @@ fn a_departed_primary_is_readmitted_in_the_next_epoch_once_it_serves() {
     // a is primary now; p departed.
     {
         let record = &mut view.volumes.get_mut("vol0").unwrap().value;
-        record.primary = "a".into();
-        record.replicas.clear();
+        record.assignment.primary = "a".into();
+        record.assignment.replicas.clear();
         record.departed.insert("p".into(), "p:1".into());
     }
     view.nodes.insert("p".into(), entry(false));
@@ -469,8 +477,8 @@ fn a_departed_primary_is_readmitted_in_the_next_epoch_once_it_serves() {
         panic!("{actions:?}")
     };
     assert_eq!(node, "p");
-    assert_eq!(record.epoch, 4);
-    assert_eq!(record.replicas["p"], "p:1");
+    assert_eq!(record.assignment.epoch, 4);
+    assert_eq!(record.assignment.replicas["p"], "p:1");
     assert!(record.departed.is_empty());
     assert_eq!(guards, &vec![Guard::Controller, record_at()]);
 }
@@ -527,14 +535,16 @@ fn candidate(server: &str, running: bool, epoch: u64, flushed: u64) -> Promotion
 
 fn quorum_record(replicas: &[&str]) -> VolumeRecord {
     VolumeRecord {
-        epoch: 3,
-        primary: "p".into(),
-        commit_mode: CommitMode::SyncQuorum,
+        assignment: Assignment {
+            epoch: 3,
+            primary: "p".into(),
+            commit_mode: CommitMode::SyncQuorum,
+            replicas: replicas
+                .iter()
+                .map(|r| ((*r).to_owned(), format!("{r}:1")))
+                .collect(),
+        },
         size: 1 << 20,
-        replicas: replicas
-            .iter()
-            .map(|r| ((*r).to_owned(), format!("{r}:1")))
-            .collect(),
         departed: BTreeMap::new(),
     }
 }

@@ -106,7 +106,7 @@ async fn said(store: &mut Store, action: &Action, held: bool) -> Result<(), etcd
                 tracing::warn!(volume, lost = %p.decision.lost_primary,
                     "etcd: the lost primary's address is unknown; it is left out");
             }
-            tracing::warn!(volume, epoch = p.record.epoch, primary = %p.record.primary,
+            tracing::warn!(volume, epoch = p.record.assignment.epoch, primary = %p.record.assignment.primary,
                 lost = %p.decision.lost_primary, rejected = ?p.decision.rejected,
                 "etcd controller: promoted")
         }
@@ -123,7 +123,7 @@ async fn said(store: &mut Store, action: &Action, held: bool) -> Result<(), etcd
             primary = %decision.lost_primary,
             "etcd controller: the primary is back; the volume is no longer down"),
         Action::Readmit { node, record, .. } if held => tracing::info!(volume,
-            epoch = record.epoch, node, "etcd controller: added back as a replica"),
+            epoch = record.assignment.epoch, node, "etcd controller: added back as a replica"),
         _ => tracing::debug!(volume, ?action, "etcd controller: not applied (a guard failed)"),
     }
     Ok(())
@@ -190,10 +190,10 @@ pub async fn promote_accepting_loss(
     let Some(record) = view.volumes.get(volume).cloned() else {
         return Err(PromoteError::NoRecord(volume.to_owned()));
     };
-    if view.registered(&record.value.primary) {
+    if view.registered(&record.value.assignment.primary) {
         return Err(PromoteError::PrimaryAlive {
             volume: volume.to_owned(),
-            primary: record.value.primary,
+            primary: record.value.assignment.primary,
         });
     }
     // Fresh answers from the live replicas, as the controller asks; after
@@ -236,7 +236,7 @@ pub async fn promote_accepting_loss(
     let Action::Promote(promotion) = action else {
         unreachable!("built as a promotion above")
     };
-    tracing::warn!(volume, primary = %promotion.record.primary,
+    tracing::warn!(volume, primary = %promotion.record.assignment.primary,
         loss = ?promotion.decision.data_loss(), "etcd: promoted by an operator, accepting data loss");
     Ok(promotion.decision)
 }

@@ -26,11 +26,8 @@ pub(super) async fn read_records(
     for spec in &mut config.volumes {
         let key = volume_key(&config.cluster, &spec.name);
         let from_config = VolumeRecord {
-            epoch: spec.epoch,
-            primary: spec.primary.clone(),
-            commit_mode: spec.commit_mode,
+            assignment: spec.assignment.clone(),
             size: spec.size,
-            replicas: spec.replicas.clone(),
             departed: BTreeMap::new(),
         };
         let value = serde_json::to_vec(&from_config)?;
@@ -42,7 +39,7 @@ pub(super) async fn read_records(
         let response = client.txn(txn).await.map_err(failed)?;
         revision = revision.min(response.header().map_or(0, |h| h.revision()));
         if response.succeeded() {
-            tracing::info!(volume = %spec.name, epoch = spec.epoch, "etcd: record created from the config");
+            tracing::info!(volume = %spec.name, epoch = spec.assignment.epoch, "etcd: record created from the config");
             continue;
         }
         let stored = response.op_responses().into_iter().find_map(|op| match op {
@@ -58,13 +55,10 @@ pub(super) async fn read_records(
         let record = as_assigned(parse(&key, &stored)?, &config.node);
         check(&key, &spec.name, &record, &config.node, spec.size)?;
         if record != from_config {
-            tracing::info!(volume = %spec.name, epoch = record.epoch,
-                primary = %record.primary, "etcd: the record overrides the config");
+            tracing::info!(volume = %spec.name, epoch = record.assignment.epoch,
+                primary = %record.assignment.primary, "etcd: the record overrides the config");
         }
-        spec.epoch = record.epoch;
-        spec.primary = record.primary;
-        spec.commit_mode = record.commit_mode;
-        spec.replicas = record.replicas;
+        spec.assignment = record.assignment;
     }
     if revision == i64::MAX {
         // No volumes: watch from now.
@@ -149,8 +143,10 @@ pub(super) async fn follow(
 /// saying what came of it.
 async fn apply(node: &Arc<Node>, key: &str, volume: &str, value: &[u8]) {
     match take(node, key, volume, value).await {
-        Ok(Some(record)) => tracing::info!(volume, epoch = record.epoch, primary = %record.primary,
-            "etcd: assignment applied"),
+        Ok(Some(record)) => {
+            tracing::info!(volume, epoch = record.assignment.epoch, primary = %record.assignment.primary,
+            "etcd: assignment applied")
+        }
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, volume, "etcd: record not applied"),
     }
@@ -188,7 +184,7 @@ async fn take(
         Err(NodeError::Fenced { .. }) => {
             tracing::debug!(
                 volume,
-                epoch = record.epoch,
+                epoch = record.assignment.epoch,
                 "etcd: record not newer than the applied"
             );
             Ok(None)
@@ -232,7 +228,7 @@ pub(super) async fn resync(
             .await
             .map_err(|what| refused(&key, what))?
         {
-            tracing::info!(volume, epoch = record.epoch, primary = %record.primary,
+            tracing::info!(volume, epoch = record.assignment.epoch, primary = %record.assignment.primary,
                 "etcd: assignment applied on rejoining");
         }
     }
@@ -251,9 +247,9 @@ pub(super) async fn resync(
 /// controller adds it back in the next epoch.
 fn as_assigned(mut record: VolumeRecord, node: &str) -> VolumeRecord {
     if let Some(addr) = record.departed.get(node).cloned() {
-        tracing::info!(epoch = record.epoch, primary = %record.primary,
+        tracing::info!(epoch = record.assignment.epoch, primary = %record.assignment.primary,
             "etcd: this node lost the primary's seat; a replica, waiting to be added back");
-        record.replicas.insert(node.to_owned(), addr);
+        record.assignment.replicas.insert(node.to_owned(), addr);
     }
     record
 }
@@ -283,5 +279,8 @@ fn check(
     if record.size != size {
         return refuse(format!("size {} where the config says {size}", record.size));
     }
-    record.applied().check(volume, node).or_else(refuse)
+    record
+        .applied()
+        .check(volume, node)
+        .or_else(|e| refuse(e.to_string()))
 }

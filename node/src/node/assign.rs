@@ -25,7 +25,7 @@ impl Node {
             volume: name.into(),
             what,
         };
-        next.check(name, node).map_err(bad)?;
+        next.check(name, node).map_err(|e| bad(e.to_string()))?;
         let next = hosted.applied.successor(next);
         let engine = next
             .engine(name)
