@@ -1473,20 +1473,7 @@ async fn etcd_down_past_the_leases_under_load_fences_writes_and_every_node_rejoi
 async fn a_deposed_primary_woken_from_a_pause_fails_its_writes_at_once_and_rejoins_as_a_replica() {
     let (etcd, mut cluster) = cluster_on_etcd().await;
     let addr = nbd_addr(&cluster.nodes[0]);
-    let writer = tokio::spawn(async move {
-        let mut client = Haggle::connect(addr).await.go("vol0").await;
-        let mut acked = Vec::new();
-        for block in 0..PARTITION_BLOCKS {
-            let data = block_of(block);
-            let done = client.try_write(block * 4096, &data, FLAG_FUA);
-            match tokio::time::timeout(Duration::from_secs(30), done).await {
-                Ok(Some(0)) => acked.push(block),
-                Ok(refused) => return (acked, refused, Instant::now()),
-                Err(_) => return (acked, None, Instant::now()),
-            }
-        }
-        panic!("writes never stopped");
-    });
+    let writer = fua_until_refused(addr);
     etcd.wait_reported_in_sync(&cluster, 0).await;
     cluster.signal(0, "STOP").await;
     let promoted = decision(&etcd).await;
@@ -1539,20 +1526,7 @@ async fn a_write_waiting_on_a_barrier_fails_when_the_fence_lapses_not_at_the_bar
     };
     let (etcd, proxy, mut cluster) = node1_through_a_proxy_with("2000", volume).await;
     let addr = nbd_addr(&cluster.nodes[0]);
-    let writer = tokio::spawn(async move {
-        let mut client = Haggle::connect(addr).await.go("vol0").await;
-        let mut acked = Vec::new();
-        for block in 0..PARTITION_BLOCKS {
-            let data = block_of(block);
-            let done = client.try_write(block * 4096, &data, FLAG_FUA);
-            match tokio::time::timeout(Duration::from_secs(30), done).await {
-                Ok(Some(0)) => acked.push(block),
-                Ok(refused) => return (acked, refused, Instant::now()),
-                Err(_) => return (acked, None, Instant::now()),
-            }
-        }
-        panic!("writes never stopped");
-    });
+    let writer = fua_until_refused(addr);
     etcd.wait_reported_in_sync(&cluster, 0).await;
     // From now on each write waits for node3.
     cluster.signal(2, "STOP").await;
@@ -1594,4 +1568,26 @@ async fn a_write_waiting_on_a_barrier_fails_when_the_fence_lapses_not_at_the_bar
         assert!(still_running(&mut cluster, i), "node{} exited", i + 1);
     }
     cluster.stop_cleanly(&[0, 1, 2]).await;
+}
+
+/// A client writing blocks with FUA to `addr`'s vol0, one after the
+/// other, until a write fails: the blocks acknowledged, how the last one
+/// failed (`None`: no answer within 30 s) and when.
+fn fua_until_refused(
+    addr: SocketAddr,
+) -> tokio::task::JoinHandle<(Vec<u64>, Option<u32>, Instant)> {
+    tokio::spawn(async move {
+        let mut client = Haggle::connect(addr).await.go("vol0").await;
+        let mut acked = Vec::new();
+        for block in 0..PARTITION_BLOCKS {
+            let data = block_of(block);
+            let done = client.try_write(block * 4096, &data, FLAG_FUA);
+            match tokio::time::timeout(Duration::from_secs(30), done).await {
+                Ok(Some(0)) => acked.push(block),
+                Ok(refused) => return (acked, refused, Instant::now()),
+                Err(_) => return (acked, None, Instant::now()),
+            }
+        }
+        panic!("writes never stopped");
+    })
 }

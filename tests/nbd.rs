@@ -22,7 +22,8 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use walship::engine::CommitMode;
 use walship::io::{Envelope, Message, WireCodec};
-use walship::node::{config, Node, WriteFence};
+use walship::node::config::NodeConfig;
+use walship::node::{config, AssignmentSource, Node, NodeProcess, WriteFence};
 
 /// A replica that answers a primary's peering, holding nothing, and
 /// closes every other connection (a session never starts): for a primary
@@ -61,6 +62,13 @@ async fn start_node(dir: &std::path::Path) -> Arc<Node> {
 
 /// [`start_node`] held to `fence`.
 async fn start_node_fenced(dir: &std::path::Path, fence: Arc<WriteFence>) -> Arc<Node> {
+    let config = solo_config(dir).await;
+    Node::start_fenced(config, fence, None, None).await.unwrap()
+}
+
+/// The config of node "solo", its volume "strict" replicated to a ghost
+/// that holds nothing (started here).
+async fn solo_config(dir: &std::path::Path) -> NodeConfig {
     let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ghost_addr = ghost.local_addr().unwrap();
     tokio::spawn(empty_replica(ghost, "strict/ghost"));
@@ -105,8 +113,7 @@ replicas = { solo = "127.0.0.1:0" }
 export_replicas = true
 "#;
     let text = text.replace("GHOST", &ghost_addr.to_string());
-    let config = config::parse("test.toml", &text, Some(dir)).unwrap();
-    Node::start_fenced(config, fence, None, None).await.unwrap()
+    config::parse("test.toml", &text, Some(dir)).unwrap()
 }
 
 /// A sync_all primary on a store created at this start cannot tell a new
@@ -600,8 +607,13 @@ async fn a_size_the_store_on_disk_contradicts_is_refused_with_its_line() {
 async fn the_admin_endpoint_reports_status_and_metrics_and_fences_assignments() {
     use walship::node::admin::request;
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path()).await;
-    let admin = node.admin_addr().unwrap().to_string();
+    // The admin endpoint is the node process's (it holds the node).
+    let config = solo_config(dir.path()).await;
+    let process = NodeProcess::start(config, AssignmentSource::Static)
+        .await
+        .unwrap();
+    let node = Arc::clone(process.node());
+    let admin = process.admin_addr().unwrap().to_string();
     let mut client = Haggle::connect(node.nbd_addr().unwrap())
         .await
         .go("fast")
@@ -683,7 +695,8 @@ async fn the_admin_endpoint_reports_status_and_metrics_and_fences_assignments() 
     ] {
         assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
     }
-    node.stop().await;
+    drop(node);
+    process.stop().await;
 }
 
 /// Established TCP connections whose local port is `port` (from

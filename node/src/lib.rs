@@ -17,6 +17,7 @@ pub mod fence;
 mod help;
 pub mod nbd;
 mod node;
+pub mod process;
 mod serving;
 pub mod terms;
 
@@ -25,4 +26,5 @@ pub use assignment::{Applied, Assignment, AssignmentError, AssignmentField, Repl
 pub use config::{parse_rate, ConfigError, NodeConfig, TuningSpec, VolumeSpec};
 pub use fence::WriteFence;
 pub use node::{Node, NodeError, VolumeReport};
+pub use process::{AssignmentSource, EtcdSource, NodeProcess, ProcessError};
 pub use terms::TermKeeper;

@@ -6,7 +6,6 @@
 //! persisted before it is carried out, and one that is not newer than the
 //! last is fenced, so the node never goes back to an older epoch.
 
-use crate::admin::AdminServer;
 use crate::assignment::{self, Applied, StartError};
 use crate::config::{ConfigError, NodeConfig, VolumeSpec};
 use crate::fence::WriteFence;
@@ -234,10 +233,6 @@ pub struct Node {
     changing: tokio::sync::Mutex<()>,
     nbd: Mutex<Option<Arc<NbdServer>>>,
     nbd_addr: Option<SocketAddr>,
-    /// The admin endpoint holds the node: the stop takes it, which ends
-    /// the cycle.
-    admin: Mutex<Option<Arc<AdminServer>>>,
-    admin_addr: Mutex<Option<SocketAddr>>,
     /// `<data_dir>/walship-node.lock`, locked while the node runs: one
     /// lock for all its stores (which then hold no descriptor for one each).
     /// Released by the stop, after every store has closed.
@@ -315,11 +310,6 @@ impl Node {
             Ok(runtime) => runtime.peer_links().await,
             Err(_) => 0,
         }
-    }
-
-    /// Where the admin endpoint listens, if it runs.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        *lock(&self.admin_addr)
     }
 
     /// The handle of volume `name`.

@@ -1,5 +1,6 @@
 //! A node's life: its volumes opened (each in the term it chose), the
-//! NBD and admin listeners started; and its stop.
+//! NBD listener started; and its stop. (The admin endpoint, which holds
+//! the node, is the [`NodeProcess`](crate::NodeProcess)'s.)
 
 use super::*;
 
@@ -54,8 +55,6 @@ impl Node {
             changing: tokio::sync::Mutex::new(()),
             nbd: Mutex::new(None),
             nbd_addr: None,
-            admin: Mutex::new(None),
-            admin_addr: Mutex::new(None),
             data_dir_lock: Mutex::new(Some(data_dir_lock)),
             control_decisions: Mutex::default(),
             replica_states: Arc::default(),
@@ -124,24 +123,7 @@ impl Node {
                 }
             }
         }
-        let node = Arc::new(node);
-        if let Some(addr) = node.config.admin {
-            let started = match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => AdminServer::start(listener, Arc::clone(&node)),
-                Err(e) => Err(e),
-            };
-            match started {
-                Ok(server) => {
-                    *lock(&node.admin_addr) = Some(server.local_addr());
-                    *lock(&node.admin) = Some(Arc::new(server));
-                }
-                Err(e) => {
-                    node.stop().await;
-                    return Err(io(format!("admin listener on {addr}"))(e));
-                }
-            }
-        }
-        Ok(node)
+        Ok(Arc::new(node))
     }
 
     /// Opens `spec`'s volume in the role `applied` gives this node. A
@@ -275,15 +257,12 @@ impl Node {
         }))
     }
 
-    /// Stops the node: the admin endpoint stops, the NBD server stops accepting and answers every
+    /// Stops the node (its admin endpoint, a [`NodeProcess`](crate::NodeProcess)'s, stopped
+    /// first): the NBD server stops accepting and answers every
     /// request it read, each primary checkpoints what it holds (an fsync),
     /// then every volume stops, the replication listener closes, and the
     /// runtime ends. Returns when all of it has.
     pub async fn stop(&self) {
-        let admin = lock(&self.admin).take();
-        if let Some(admin) = admin {
-            admin.stop().await;
-        }
         let _no_more_changes = self.changing.lock().await;
         // A primary still peering has nothing to checkpoint, and the NBD
         // requests waiting for it are answered ESHUTDOWN once it stops.
