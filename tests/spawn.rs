@@ -67,6 +67,18 @@ async fn an_assignment_the_engine_would_refuse_is_refused_at_spawn_typed() {
         matches!(refused, VolumeError::InvalidReplica(_)),
         "{refused:?}"
     );
+    // A replica named like the primary itself (a node's name).
+    let VolumeConfig::Primary(config) = primary(&at, 1, CommitMode::SyncAll, &["n1", "r1"]) else {
+        unreachable!()
+    };
+    let refused = rt
+        .spawn_volume(VolumeConfig::Primary(config.with_server("n1")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, VolumeError::InvalidReplica(why) if why.contains("the primary's own name")),
+        "{refused:?}"
+    );
     // Nothing was written and the store is free: a good assignment opens
     // the same directory and takes a write.
     let volume = rt

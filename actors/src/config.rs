@@ -302,6 +302,10 @@ pub struct PrimaryConfig {
     pub on_replica_states: Option<ReplicaStatesChanged>,
     /// Peering before serving (off by default).
     pub peering: Peering,
+    /// This primary's own server name, if it has one (a node's name): a
+    /// replica named like it is refused at spawn. Added after the config
+    /// types became `#[non_exhaustive]`: no embedder had to change.
+    pub server: Option<String>,
     /// Not a knob: present only under `--cfg walship_probe_new_field`, as
     /// a field added in a later release would be. `.ci/run` builds an
     /// embedder outside the workspace (`compat/embedder`) so, to prove it
@@ -362,6 +366,7 @@ impl PrimaryConfig {
             tuning: Tuning::default(),
             on_replica_states: None,
             peering: Peering::default(),
+            server: None,
             #[cfg(walship_probe_new_field)]
             probe_new_field: 0,
         }
@@ -376,6 +381,12 @@ impl PrimaryConfig {
     /// Peering before it serves ([`Peering::enabled`]).
     pub fn with_peering(mut self, peering: Peering) -> Self {
         self.peering = peering;
+        self
+    }
+
+    /// Named `server` (its node's name): no replica may be named so.
+    pub fn with_server(mut self, server: impl Into<String>) -> Self {
+        self.server = Some(server.into());
         self
     }
 

@@ -177,6 +177,7 @@ impl Node {
             );
             VolumeConfig::Primary(
                 primary
+                    .with_server(config.node.clone())
                     .with_tuning(config.tuning.tuning())
                     .with_replica_states(self.replica_states.signal(&spec.name))
                     .with_peering(peering),

@@ -619,12 +619,19 @@ pub(crate) fn check_assignment(config: &PrimaryConfig) -> Result<(), VolumeError
 }
 
 /// The assignment `config` describes; a replica whose server name cannot
-/// make a replica id is refused (it was dropped without a word before).
+/// make a replica id is refused (it was dropped without a word before),
+/// as is one named like the primary itself.
 fn assignment_of(config: &PrimaryConfig) -> Result<Assignment, VolumeError> {
     let replicas = config
         .replicas
         .iter()
         .map(|spec| {
+            if config.server.as_deref() == Some(spec.server.as_str()) {
+                return Err(VolumeError::InvalidReplica(format!(
+                    "{} is the primary's own name",
+                    spec.server
+                )));
+            }
             let id = ReplicaId::new(&config.volume, &spec.server)
                 .map_err(|e| VolumeError::InvalidReplica(e.to_string()))?;
             Ok(ReplicaAssignment {
