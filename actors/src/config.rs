@@ -7,7 +7,16 @@ use std::time::Duration;
 use walship_engine::{Backoff, CatchUpBudget, CommitMode, RetentionBudget, RetryPolicy};
 use walship_io::{BackendRequest, StoreOptions};
 
-/// One replica of a primary's assignment ([`ReplicaSpec::new`]).
+/// One replica of a primary's assignment ([`ReplicaSpec::new`]). No
+/// struct literal outside this crate (a field added later breaks nobody):
+///
+/// ```compile_fail,E0639
+/// let _ = walship_actors::ReplicaSpec {
+///     server: "r1".into(),
+///     addr: "127.0.0.1:1".into(),
+///     version: 1,
+/// };
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReplicaSpec {
@@ -37,7 +46,14 @@ pub struct BackoffTuning {
 
 /// Tuning shared by primaries. `#[non_exhaustive]`: an embedder starts
 /// from [`Tuning::default`] and sets the fields it wants, so a new knob
-/// breaks nobody.
+/// breaks nobody; not even the struct update form compiles outside:
+///
+/// ```compile_fail,E0639
+/// let _ = walship_actors::Tuning {
+///     batch_bytes: 1 << 16,
+///     ..Default::default()
+/// };
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Tuning {
@@ -274,7 +290,23 @@ impl Peering {
 
 /// A primary volume. Made with [`PrimaryConfig::new`] and the `with_`
 /// methods; `#[non_exhaustive]`, so a field added later breaks no
-/// embedder (its default applies).
+/// embedder (its default applies):
+///
+/// ```compile_fail,E0639
+/// let _ = walship_actors::PrimaryConfig {
+///     cluster: "c".into(),
+///     volume: "v".into(),
+///     dir: "/tmp/v".into(),
+///     store: walship_io::StoreOptions::new(16),
+///     epoch: 1,
+///     commit_mode: walship_engine::CommitMode::BestEffort,
+///     replicas: Vec::new(),
+///     tuning: Default::default(),
+///     on_replica_states: None,
+///     peering: Default::default(),
+///     server: None,
+/// };
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PrimaryConfig {
@@ -316,7 +348,19 @@ pub struct PrimaryConfig {
 }
 
 /// A replica volume. Made with [`ReplicaConfig::new`];
-/// `#[non_exhaustive]`, so a field added later breaks no embedder.
+/// `#[non_exhaustive]`, so a field added later breaks no embedder:
+///
+/// ```compile_fail,E0639
+/// let _ = walship_actors::ReplicaConfig {
+///     cluster: "c".into(),
+///     volume: "v".into(),
+///     server: "r1".into(),
+///     dir: "/tmp/r1".into(),
+///     store: walship_io::StoreOptions::new(16),
+///     listen: "127.0.0.1:0".into(),
+///     checkpoint_every_lsns: 64,
+/// };
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReplicaConfig {

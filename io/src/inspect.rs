@@ -40,7 +40,8 @@ pub struct Inspection {
     pub superblock: Option<Superblock>,
     /// WAL segments of the superblock's generation, in LSN order.
     pub segments: Vec<SegmentReport>,
-    /// Segments of older generations (`open` removes them).
+    /// Segments of older generations (`open` removes them, unless it
+    /// refuses the store: then it changes nothing).
     pub other_generations: Vec<String>,
     /// The WAL's tail (last recycled LSN) and head (last valid frame).
     pub tail: u64,
@@ -109,7 +110,7 @@ pub fn inspect(dir: &Path) -> Inspection {
             .push(format!("extent {}: {e}", extent.display())),
     }
     let wal = dir.join("wal");
-    scan_wal(
+    let restarts = scan_wal(
         &wal,
         superblock.generation,
         superblock.checkpoint,
@@ -119,7 +120,7 @@ pub fn inspect(dir: &Path) -> Inspection {
         Ok(history) => report.epochs = history,
         Err(e) => report.problems.push(format!("epoch history: {e}")),
     }
-    if report.head < superblock.checkpoint {
+    if restarts {
         // Committed frames went straight to the extent and the WAL's
         // restart after them was cut by a crash (`Wal::restart_after`).
         report.notes.push(format!(
@@ -190,7 +191,9 @@ fn locked(path: &Path) -> bool {
 
 /// Fills `report` with what opening the WAL in `wal` would find and do:
 /// the WAL's own open plan ([`crate::wal::plan`]), one set of rules.
-fn scan_wal(wal: &Path, generation: u64, checkpoint: u64, report: &mut Inspection) {
+/// Whether open starts the log over after the checkpoint (every frame
+/// found is at or below it).
+fn scan_wal(wal: &Path, generation: u64, checkpoint: u64, report: &mut Inspection) -> bool {
     let plan = crate::wal::plan(crate::fs::real(), wal, generation, checkpoint);
     let name = |path: &Path| {
         path.file_name()
@@ -244,6 +247,8 @@ fn scan_wal(wal: &Path, generation: u64, checkpoint: u64, report: &mut Inspectio
             other => other.to_string(),
         });
     }
+    let empty = plan.segments().next().is_none();
+    plan.refused.is_none() && (plan.restarts || (empty && checkpoint > 0))
 }
 
 #[cfg(test)]
@@ -373,6 +378,42 @@ mod tests {
         assert_eq!(opened.head, report.head);
         assert_eq!(fs::metadata(&torn.path).unwrap().len(), torn.offset);
         assert!(!dir.path().join("wal").join(&stale).exists());
+    }
+
+    /// A segment of a newer generation: open refuses the store and
+    /// changes nothing; inspect says so, still lists the older ones, and
+    /// notes no restart.
+    #[test]
+    fn a_newer_generation_is_refused_as_open_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_frames(dir.path(), &[(1, 10)]);
+        let generation = Superblock::load(dir.path()).unwrap().generation;
+        let wal = dir.path().join("wal");
+        let stale = format!("{:010}-{:020}.wal", generation - 1, 1);
+        fs::write(wal.join(&stale), b"").unwrap();
+        fs::write(
+            wal.join(format!("{:010}-{:020}.wal", generation + 1, 1)),
+            b"",
+        )
+        .unwrap();
+        let report = inspect(dir.path());
+        assert!(
+            report.problems.iter().any(|p| p.contains("newer")),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(report.other_generations, vec![stale.clone()]);
+        assert!(
+            report.notes.iter().all(|n| !n.contains("restarts")),
+            "{:?}",
+            report.notes
+        );
+        let options = StoreOptions {
+            lock_wait: Duration::ZERO,
+            ..StoreOptions::new(64)
+        };
+        assert!(Store::open(dir.path(), options).is_err());
+        assert!(wal.join(&stale).exists(), "a refused open removed nothing");
     }
 
     #[test]

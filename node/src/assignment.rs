@@ -45,6 +45,7 @@ pub struct Assignment {
 
 /// Why an assignment cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AssignmentError {
     /// Epoch 0.
     #[error("epochs start at 1")]
@@ -89,6 +90,7 @@ pub enum AssignmentError {
 /// The part of an assignment an [`AssignmentError`] is about: where a
 /// config's refusal points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AssignmentField {
     /// `epoch`.
     Epoch,
@@ -439,6 +441,85 @@ pub fn save_in(fs: &dyn Fs, dir: &Path, applied: &Applied) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every rule of [`Assignment::validate`], each broken once, with the
+    /// field a config's refusal points at.
+    #[test]
+    fn validate_refuses_each_broken_rule_and_names_its_field() {
+        let good = Assignment {
+            epoch: 2,
+            primary: "n1".into(),
+            commit_mode: CommitMode::SyncQuorum,
+            replicas: [("n2", "127.0.0.1:1"), ("n3", "127.0.0.1:2")]
+                .into_iter()
+                .map(|(n, a)| (n.to_owned(), a.to_owned()))
+                .collect(),
+        };
+        assert_eq!(good.validate("v", "n1"), Ok(()));
+        assert_eq!(good.validate("v", "n3"), Ok(()));
+        let with = |change: &dyn Fn(&mut Assignment)| {
+            let mut a = good.clone();
+            change(&mut a);
+            a
+        };
+        let table: Vec<(Assignment, &str, AssignmentField, &str)> = vec![
+            (
+                with(&|a| a.epoch = 0),
+                "n1",
+                AssignmentField::Epoch,
+                "epochs start at 1",
+            ),
+            (
+                with(&|a| a.primary = "a/b".into()),
+                "n2",
+                AssignmentField::Primary,
+                "primary \"a/b\"",
+            ),
+            (
+                with(&|a| {
+                    a.replicas.insert("n1".into(), "127.0.0.1:3".into());
+                }),
+                "n1",
+                AssignmentField::Replicas,
+                "n1 is its primary",
+            ),
+            (
+                with(&|a| {
+                    a.replicas.insert("x/y".into(), "127.0.0.1:3".into());
+                }),
+                "n1",
+                AssignmentField::Replicas,
+                "replica \"x/y\"",
+            ),
+            (
+                with(&|a| {
+                    a.replicas.insert("n4".into(), "nowhere".into());
+                }),
+                "n1",
+                AssignmentField::Replicas,
+                "replica n4 at \"nowhere\"",
+            ),
+            (
+                with(&|a| {
+                    a.replicas.remove("n3");
+                }),
+                "n1",
+                AssignmentField::CommitMode,
+                "quorum",
+            ),
+            (
+                good.clone(),
+                "n9",
+                AssignmentField::Volume,
+                "this node (n9)",
+            ),
+        ];
+        for (assignment, node, field, says) in table {
+            let refused = assignment.validate("v", node).unwrap_err();
+            assert_eq!(refused.field(), field, "{refused}");
+            assert!(refused.to_string().contains(says), "{refused}");
+        }
+    }
 
     fn spec(epoch: u64, primary: &str) -> VolumeSpec {
         VolumeSpec {

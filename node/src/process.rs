@@ -14,6 +14,7 @@ use std::time::Duration;
 
 /// Where a node's assignments come from.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum AssignmentSource {
     /// Its config, then the admin API (`POST /volumes/{name}/assignment`).
     Static,
@@ -23,8 +24,9 @@ pub enum AssignmentSource {
     Etcd(EtcdSource),
 }
 
-/// Where etcd is, and the node's lease.
+/// Where etcd is, and the node's lease ([`EtcdSource::new`]).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EtcdSource {
     /// Client URLs (`http://127.0.0.1:2379`).
     pub endpoints: Vec<String>,
@@ -34,8 +36,21 @@ pub struct EtcdSource {
     pub progress_every: Duration,
 }
 
+impl EtcdSource {
+    /// etcd at `endpoints`, a lease of `lease_ttl`, LSNs reported every
+    /// `progress_every`.
+    pub fn new(endpoints: Vec<String>, lease_ttl: Duration, progress_every: Duration) -> Self {
+        Self {
+            endpoints,
+            lease_ttl,
+            progress_every,
+        }
+    }
+}
+
 /// Why a node process could not start or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProcessError {
     /// The node refused (its config, its stores).
     #[error(transparent)]
@@ -59,6 +74,7 @@ pub enum ProcessError {
 
 /// Why a node process stopped serving.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Ended {
     /// A signal asked it to (`SIGTERM`, `SIGINT`).
     Signal(&'static str),
@@ -101,6 +117,39 @@ pub struct NodeProcess {
     node: Arc<Node>,
     admin: Option<AdminServer>,
     control: Control,
+    /// Installed before anything starts: a signal during a long start is
+    /// kept, and the stop that follows is an orderly one.
+    signals: Signals,
+}
+
+/// `SIGTERM` and `SIGINT`.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, ProcessError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |kind, what: &str| {
+            signal(kind).map_err(|source| ProcessError::Io {
+                what: format!("{what} handler"),
+                source,
+            })
+        };
+        Ok(Self {
+            terminate: handler(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: handler(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    /// The next one.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }
 
 impl std::fmt::Debug for NodeProcess {
@@ -119,7 +168,19 @@ impl NodeProcess {
     /// plane's follower, reporter and campaign. Whatever started is
     /// stopped again if a later part fails.
     pub async fn start(config: NodeConfig, source: AssignmentSource) -> Result<Self, ProcessError> {
-        let admin_at = config.admin;
+        let signals = Signals::install()?;
+        // Bound before anything is announced: a port in use refuses the
+        // start before the cluster hears of this node.
+        let admin =
+            match config.admin {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| ProcessError::Io {
+                        what: format!("admin listener on {addr}"),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         let (node, control) = match source {
             AssignmentSource::Static => (Node::start(config).await?, Control::Static),
             #[cfg(feature = "etcd")]
@@ -131,18 +192,16 @@ impl NodeProcess {
             node,
             admin: None,
             control,
+            signals,
         };
-        if let Some(addr) = admin_at {
-            let started = match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => AdminServer::start(listener, Arc::clone(&process.node)),
-                Err(e) => Err(e),
-            };
-            match started {
+        if let Some(listener) = admin {
+            let at = listener.local_addr().ok();
+            match AdminServer::start(listener, Arc::clone(&process.node)) {
                 Ok(admin) => process.admin = Some(admin),
                 Err(source) => {
                     process.stop().await;
                     return Err(ProcessError::Io {
-                        what: format!("admin listener on {addr}"),
+                        what: format!("admin endpoint on {at:?}"),
                         source,
                     });
                 }
@@ -161,23 +220,13 @@ impl NodeProcess {
         self.admin.as_ref().map(AdminServer::local_addr)
     }
 
-    /// Serves until `SIGTERM` or `SIGINT`, or until the control plane ends
-    /// on its own; says which.
-    pub async fn serve_until_signal(&mut self) -> Result<Ended, ProcessError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let handler = |kind, what: &str| {
-            signal(kind).map_err(|source| ProcessError::Io {
-                what: format!("{what} handler"),
-                source,
-            })
-        };
-        let mut terminate = handler(SignalKind::terminate(), "SIGTERM")?;
-        let mut interrupt = handler(SignalKind::interrupt(), "SIGINT")?;
-        Ok(tokio::select! {
-            _ = terminate.recv() => Ended::Signal("SIGTERM"),
-            _ = interrupt.recv() => Ended::Signal("SIGINT"),
+    /// Serves until `SIGTERM` or `SIGINT` (one received while it started
+    /// included), or until the control plane ends on its own; says which.
+    pub async fn serve_until_signal(&mut self) -> Ended {
+        tokio::select! {
+            signal = self.signals.next() => Ended::Signal(signal),
             why = self.control.ended() => Ended::ControlPlane(why),
-        })
+        }
     }
 
     /// Stops everything, in order: the control plane (writes fenced, the

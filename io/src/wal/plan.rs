@@ -94,22 +94,27 @@ fn scan(
     plan: &mut OpenPlan,
 ) -> Result<(), WalError> {
     let mut found = Vec::new();
+    let mut newer = None;
     for name in fs.list(dir).map_err(io_err("list", dir))? {
         let Some((found_generation, first)) = segment::parse_segment_name(&name) else {
             continue;
         };
         let path = dir.join(&name);
         if found_generation > generation {
-            return Err(WalError::NewerGeneration {
-                expected: generation,
-                found: found_generation,
-            });
-        }
-        if found_generation < generation {
+            newer = newer.max(Some(found_generation));
+        } else if found_generation < generation {
             plan.stale.push(path);
-            continue;
+        } else {
+            found.push((first, path));
         }
-        found.push((first, path));
+    }
+    plan.stale.sort();
+    // Refused, with every older segment listed (open removes nothing).
+    if let Some(found) = newer {
+        return Err(WalError::NewerGeneration {
+            expected: generation,
+            found,
+        });
     }
     found.sort();
     let last_non_empty = found

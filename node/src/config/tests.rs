@@ -145,6 +145,25 @@ fn bad_values_are_refused_with_their_line() {
             "neither its primary",
         ),
         ("name = \"vol0\"", "name = \"a/b\"", 8, "volume name"),
+        // The assignment's own rules (Assignment::validate), each at its key.
+        (
+            "primary = \"node1\"",
+            "epoch = 0\nprimary = \"node1\"",
+            12,
+            "epochs start at 1",
+        ),
+        (
+            "primary = \"node1\"",
+            "primary = \"a/b\"",
+            12,
+            "primary \"a/b\"",
+        ),
+        (
+            "node2 = \"127.0.0.1:7402\"",
+            "node1 = \"127.0.0.1:7402\"",
+            13,
+            "node1 is its primary",
+        ),
     ] {
         assert!(NODE1.contains(from), "{from}");
         let (got, what) = refusal(&NODE1.replacen(from, to, 1));

@@ -26,11 +26,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = config::load(config_path, data_dir)?;
     let source = match etcd {
-        Some(args) => AssignmentSource::Etcd(EtcdSource {
-            endpoints: args.endpoints,
-            lease_ttl: args.lease_ttl,
-            progress_every: args.progress_every,
-        }),
+        Some(args) => AssignmentSource::Etcd(EtcdSource::new(
+            args.endpoints,
+            args.lease_ttl,
+            args.progress_every,
+        )),
         None => AssignmentSource::Static,
     };
     // Every volume holds files and connections: take all the descriptors
@@ -52,16 +52,14 @@ pub async fn run(
     // serve on.
     let ended = process.serve_until_signal().await;
     match &ended {
-        Ok(Ended::Signal(signal)) => tracing::info!(signal, "stopping"),
-        Ok(Ended::ControlPlane(why)) => {
-            tracing::error!(why, "etcd control plane ended: stopping")
-        }
-        Err(e) => tracing::error!(error = %e, "stopping"),
+        Ended::Signal(signal) => tracing::info!(signal, "stopping"),
+        Ended::ControlPlane(why) => tracing::error!(why, "etcd control plane ended: stopping"),
+        other => tracing::error!(?other, "stopping"),
     }
     process.stop().await;
     tracing::info!("stopped");
-    match ended? {
-        Ended::Signal(_) => Ok(()),
+    match ended {
         Ended::ControlPlane(why) => anyhow::bail!("the etcd control plane ended: {why}"),
+        _ => Ok(()),
     }
 }

@@ -96,7 +96,7 @@ fn render(report: &Inspection) -> String {
     if !report.other_generations.is_empty() {
         let _ = writeln!(
             out,
-            "segments of other generations (an open removes older ones): {}",
+            "segments of older generations (an open removes them): {}",
             report.other_generations.join(", ")
         );
     }
