@@ -23,6 +23,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio_util::codec::{Decoder, Encoder};
 
+mod body;
 mod buffer;
 mod codec;
 
