@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use walship::actors::testing::within;
+use walship::engine::ReplicaState;
 use walship::node::etcd::etcd_client::{Client, PutOptions};
 use walship::node::etcd::{
     decision_key, node_key, progress_key, volume_key, Decision, NodeRecord, ProgressRecord,
@@ -385,8 +386,8 @@ async fn replica_state_changes_are_reported_at_once() {
                 let (value, _) =
                     get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
                 let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
-                let state = &progress.replicas.get("node3")?.state;
-                ((state == "in_sync") == in_sync).then_some(())
+                let state = progress.replicas.get("node3")?.state;
+                ((state == ReplicaState::InSync) == in_sync).then_some(())
             })
             .await
             .is_some()
@@ -553,8 +554,12 @@ async fn a_primary_cut_off_from_etcd_is_fenced_before_its_lease_expires_then_rej
     let reported = within(Duration::from_secs(10), || async {
         let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
         let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
-        (progress.replicas.len() == 2 && progress.replicas.values().all(|r| r.state == "in_sync"))
-            .then_some(progress)
+        (progress.replicas.len() == 2
+            && progress
+                .replicas
+                .values()
+                .all(|r| r.state == ReplicaState::InSync))
+        .then_some(progress)
     })
     .await;
     assert!(
@@ -867,7 +872,9 @@ async fn with_no_eligible_replica_nobody_is_promoted_and_the_status_says_why() {
     let reported = within(Duration::from_secs(20), || async {
         let (value, _) = get(&mut etcd.client().await, &progress_key("test", "vol0")).await?;
         let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
-        let out = |r: &ReplicaProgress| r.state != "in_sync" && r.state != "degraded";
+        let out = |r: &ReplicaProgress| {
+            r.state != ReplicaState::InSync && r.state != ReplicaState::Degraded
+        };
         (progress.replicas.len() == 2 && progress.replicas.values().all(out)).then_some(())
     })
     .await;

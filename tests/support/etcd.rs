@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 use walship::actors::testing::within;
+use walship::engine::ReplicaState;
 use walship::node::etcd::etcd_client::Client;
 use walship::node::etcd::{progress_key, ProgressRecord};
 
@@ -168,7 +169,10 @@ impl Etcd {
             let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
             let synced = progress.committed >= head
                 && progress.replicas.len() == 2
-                && progress.replicas.values().all(|r| r.state == "in_sync");
+                && progress
+                    .replicas
+                    .values()
+                    .all(|r| r.state == ReplicaState::InSync);
             synced.then_some(())
         })
         .await;

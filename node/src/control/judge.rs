@@ -79,12 +79,7 @@ pub fn candidates(
         };
         let state = progress
             .and_then(|p| p.replicas.get(server))
-            .and_then(|r| {
-                ReplicaState::ALL
-                    .into_iter()
-                    .find(|s| s.as_str() == r.state)
-            })
-            .unwrap_or(ReplicaState::Disconnected);
+            .map_or(ReplicaState::Disconnected, |r| r.state);
         let mine = own.and_then(|own| own.get(server));
         let running = view.registered(server);
         if running && mine.is_none_or(|mine| mine.answered < asked) {

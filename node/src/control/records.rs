@@ -4,6 +4,7 @@
 use crate::assignment::{Applied, Assignment};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use walship_engine::ReplicaState;
 
 /// A volume's record in etcd: its [`Assignment`] (JSON: its fields, flat),
 /// the volume's size, and its departed primaries.
@@ -81,8 +82,19 @@ pub struct NodeRecord {
 pub struct ReplicaProgress {
     /// Its durable LSN.
     pub flushed: u64,
-    /// Its state (`in_sync`, `catching_up`...).
-    pub state: String,
+    /// Its state (`in_sync`, `catching_up`...), typed; one this version
+    /// does not know reads as `disconnected` (never eligible).
+    #[serde(deserialize_with = "known_state")]
+    pub state: ReplicaState,
+}
+
+/// A replica state by its name; an unknown one as disconnected.
+fn known_state<'de, D: serde::Deserializer<'de>>(names: D) -> Result<ReplicaState, D::Error> {
+    let name = String::deserialize(names)?;
+    Ok(ReplicaState::ALL
+        .into_iter()
+        .find(|state| state.as_str() == name)
+        .unwrap_or(ReplicaState::Disconnected))
 }
 
 /// A primary's report of its volume (`progress/<volume>`).
@@ -338,6 +350,22 @@ mod tests {
         );
         let unknown = json.replace(r#""size":4096"#, r#""size":4096,"sise":1"#);
         assert!(serde_json::from_str::<VolumeRecord>(&unknown).is_err());
+    }
+
+    /// A replica's state crosses etcd typed, by the same name as in the
+    /// status; a name this version does not know is never eligible.
+    #[test]
+    fn replica_states_cross_etcd_typed() {
+        let known: ReplicaProgress =
+            serde_json::from_str(r#"{"flushed":3,"state":"in_sync"}"#).unwrap();
+        assert_eq!(known.state, ReplicaState::InSync);
+        assert_eq!(
+            serde_json::to_string(&known).unwrap(),
+            r#"{"flushed":3,"state":"in_sync"}"#
+        );
+        let unknown: ReplicaProgress =
+            serde_json::from_str(r#"{"flushed":3,"state":"resting"}"#).unwrap();
+        assert_eq!(unknown.state, ReplicaState::Disconnected);
     }
 
     /// Decisions written before the outcome was named (four options)

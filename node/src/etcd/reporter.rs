@@ -80,7 +80,7 @@ pub(super) async fn report(
                             .map(|s| {
                                 let progress = ReplicaProgress {
                                     flushed: s.flushed.get(),
-                                    state: s.state.as_str().to_owned(),
+                                    state: s.state,
                                 };
                                 (s.replica.server().to_owned(), progress)
                             })

@@ -138,7 +138,7 @@ fn a_changed_down_decision_is_written_again() {
         .replicas
         .get_mut("a")
         .unwrap()
-        .state = "rebuilding".into();
+        .state = ReplicaState::Rebuilding;
     let second = down_of(&decide_once(&view, TTL)).clone();
     assert_ne!(second, first);
 }

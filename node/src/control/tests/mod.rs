@@ -31,6 +31,14 @@ struct Replica {
     own: Option<(u64, u64, i64)>,
 }
 
+/// The state of that name (`in_sync`...).
+fn named(state: &str) -> ReplicaState {
+    ReplicaState::ALL
+        .into_iter()
+        .find(|s| s.as_str() == state)
+        .unwrap_or_else(|| panic!("no state {state}"))
+}
+
 fn replica(name: &'static str, state: &'static str, durable: u64) -> Replica {
     Replica {
         name,
@@ -77,7 +85,7 @@ fn cluster(mode: CommitMode, replicas: &[Replica]) -> ClusterView {
             r.name.into(),
             ReplicaProgress {
                 flushed: 0,
-                state: r.state.into(),
+                state: named(r.state),
             },
         );
         if let Some((epoch, durable, answered)) = r.own {
