@@ -300,15 +300,7 @@ async fn the_nodes_ride_out_an_etcd_restart() {
     })
     .await;
     cluster.wait_converged(CONVERGE).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_until(
-        nbd_addr(&cluster.nodes[0]),
-        0..16_000,
-        Arc::clone(&stop),
-        Arc::clone(&acked),
-        Duration::from_secs(60),
-    ));
+    let (stop, acked, writer) = fua_writer(&cluster, Duration::from_secs(60));
     wait_acked(&acked, 20, CLIENT).await;
     etcd.restart().await;
     let back = acked.load(Ordering::SeqCst);
@@ -1417,15 +1409,7 @@ async fn a_primary_cut_off_past_its_lease_that_nobody_replaced_rejoins_as_the_pr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_past_the_leases_under_load_fences_writes_and_every_node_rejoins() {
     let (mut etcd, mut cluster) = cluster_on_etcd().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_until(
-        nbd_addr(&cluster.nodes[0]),
-        0..16_000,
-        Arc::clone(&stop),
-        Arc::clone(&acked),
-        Duration::from_secs(90),
-    ));
+    let (stop, acked, writer) = fua_writer(&cluster, Duration::from_secs(90));
     wait_acked(&acked, 20, CLIENT).await;
     etcd.kill().await;
     for i in 0..3 {
@@ -1597,4 +1581,27 @@ fn fua_until_refused(
         }
         panic!("writes never stopped");
     })
+}
+
+/// A FUA writer on node1's vol0 (blocks 0..16000, reconnecting after a
+/// failure, for at most `limit`): its stop switch, its count of
+/// acknowledged blocks, and its task (the blocks acknowledged).
+fn fua_writer(
+    cluster: &NodeCluster,
+    limit: Duration,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<Vec<u64>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_until(
+        nbd_addr(&cluster.nodes[0]),
+        0..16_000,
+        Arc::clone(&stop),
+        Arc::clone(&acked),
+        limit,
+    ));
+    (stop, acked, writer)
 }
