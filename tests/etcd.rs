@@ -120,11 +120,9 @@ async fn wait_serving(cluster: &NodeCluster, i: usize) {
     );
 }
 
-/// Restarts node1, vol0's primary that was lost with nobody promoted:
-/// the controller marks its "down" decision over.
-async fn primary_back_in_its_epoch(etcd: &Etcd, cluster: &mut NodeCluster) {
-    cluster.spawn(0);
-    cluster.wait_up(0, Duration::from_secs(20)).await;
+/// Waits until the controller marks vol0's "down" decision over: node1,
+/// its primary, serves again.
+async fn decision_over(etcd: &Etcd) {
     let over = within(Duration::from_secs(20), || async {
         let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
         serde_json::from_slice::<Decision>(&value)
@@ -134,6 +132,14 @@ async fn primary_back_in_its_epoch(etcd: &Etcd, cluster: &mut NodeCluster) {
     })
     .await;
     assert_eq!(over.as_deref(), Some("node1 serves again"));
+}
+
+/// Restarts node1, vol0's primary that was lost with nobody promoted:
+/// the controller marks its "down" decision over.
+async fn primary_back_in_its_epoch(etcd: &Etcd, cluster: &mut NodeCluster) {
+    cluster.spawn(0);
+    cluster.wait_up(0, Duration::from_secs(20)).await;
+    decision_over(etcd).await;
 }
 
 /// Restarts node `i`, which must come back as vol0's replica; its status
@@ -1379,15 +1385,7 @@ async fn a_primary_cut_off_past_its_lease_that_nobody_replaced_rejoins_as_the_pr
     logged_times(&cluster, 0, "etcd: rejoined", 1).await;
     wait_serving(&cluster, 0).await;
     let after = write_all_fua(nbd_addr(&cluster.nodes[0]), 32..64).await;
-    let over = within(Duration::from_secs(20), || async {
-        let (value, _) = get(&mut etcd.client().await, &decision_key("test", "vol0")).await?;
-        serde_json::from_slice::<Decision>(&value)
-            .ok()?
-            .over()
-            .map(str::to_owned)
-    })
-    .await;
-    assert_eq!(over.as_deref(), Some("node1 serves again"));
+    decision_over(&etcd).await;
     assert!(still_running(&mut cluster, 0), "node1 restarted");
     assert_eq!(
         volume_record(&mut etcd.client().await)
