@@ -88,8 +88,15 @@ pub struct Tuning {
     pub checkpoint_every_lsns: u64,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
-    /// A connection with no traffic from the peer for this long is dead.
+    /// A session waiting for its replica's answer (a batch or barrier
+    /// unacknowledged), or a plain connection, hearing nothing for this
+    /// long is dead.
     pub peer_timeout: Duration,
+    /// A multiplexed link whose peer node sends nothing for this long is
+    /// dead, and every session on it with it: the link probes every
+    /// quarter of this, so a peer paused or cut off is found within it,
+    /// busy or idle (sessions on a live link are silent while idle).
+    pub link_timeout: Duration,
     /// Log reader backend.
     pub backend: BackendRequest,
     /// Whether rebuilds may use a snapshot of the extent at the checkpoint.
@@ -158,6 +165,7 @@ impl Default for Tuning {
             checkpoint_every_lsns: 16 * 1024,
             connect_timeout: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(5),
+            link_timeout: Duration::from_secs(2),
             backend: BackendRequest::Auto,
             snapshot_rebuilds: true,
             delta_rebuilds: true,

@@ -9,11 +9,26 @@
 //! that starts with the preamble is served by [`serve`]: each stream it
 //! carries is one replication connection, routed by its hello like a plain
 //! one.
+//!
+//! Liveness belongs to the link, not to its sessions (CockroachDB's
+//! heartbeats per node pair, Ceph's per peer OSD). The first stream the
+//! primary's side opens (yamux stream 1) is the link's probe: the driver
+//! writes 8 bytes on it every quarter of [`Liveness::silent_after`] and
+//! the peer's [`serve`] echoes them. Any byte read from the peer's socket
+//! counts as hearing from it; a peer silent for `silent_after` (paused,
+//! partitioned, its host gone) ends the link, and the link's end closes
+//! every stream on it at once, so each session's executor sees its
+//! connection close and the engine retries it. Sessions on a live link
+//! send nothing while idle.
 
 use crate::error::ExecError;
 use crate::transport::Io;
 use futures::future::poll_fn;
+use futures::{AsyncRead as _, AsyncWrite as _, Future as _};
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -24,7 +39,27 @@ use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 /// Sent first on a multiplexed connection. Its first four bytes, read as
 /// a plain connection's frame length, are far past the largest frame, so
 /// a listener tells the two kinds apart without guessing.
-pub(crate) const PREAMBLE: [u8; 8] = [0xff, 0xff, 0xff, 0xff, b'w', b'm', b'u', b'x'];
+/// (Version 2: its stream 1 is the link's probe. A listener of version 1
+/// took `wmux`; one of either version refuses the other's preamble.)
+pub(crate) const PREAMBLE: [u8; 8] = [0xff, 0xff, 0xff, 0xff, b'w', b'm', b'x', b'2'];
+
+/// The probe stream's id: the first stream a client opens.
+const PROBE_STREAM: u32 = 1;
+
+/// How a link checks that its peer is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Liveness {
+    /// A peer not heard from (no byte read) for this long is gone: the
+    /// link ends, and every session on it with it.
+    pub(crate) silent_after: Duration,
+}
+
+impl Liveness {
+    /// How often the probe asks.
+    fn every(self) -> Duration {
+        (self.silent_after / 4).max(Duration::from_millis(1))
+    }
+}
 
 fn config() -> yamux::Config {
     /// Sessions one link may carry at once: every volume two nodes share.
@@ -51,8 +86,14 @@ pub(crate) struct PeerLinks {
 impl PeerLinks {
     /// A new stream to `addr`, on its link (connected first if there is
     /// none, or if it died), within `limit`.
-    pub(crate) async fn open(&self, addr: &str, limit: Duration) -> Result<Box<dyn Io>, ExecError> {
-        let stream = tokio::time::timeout(limit, self.open_stream(addr))
+    /// A link made for it checks its peer as `liveness` says.
+    pub(crate) async fn open(
+        &self,
+        addr: &str,
+        limit: Duration,
+        liveness: Liveness,
+    ) -> Result<Box<dyn Io>, ExecError> {
+        let stream = tokio::time::timeout(limit, self.open_stream(addr, liveness))
             .await
             .map_err(|_| ExecError::Timeout(limit))??;
         Ok(Box::new(stream.compat()))
@@ -64,10 +105,14 @@ impl PeerLinks {
         links.values().filter(|link| !link.is_closed()).count()
     }
 
-    async fn open_stream(&self, addr: &str) -> Result<yamux::Stream, ExecError> {
+    async fn open_stream(
+        &self,
+        addr: &str,
+        liveness: Liveness,
+    ) -> Result<yamux::Stream, ExecError> {
         // At most one retry: a link found dead is replaced once.
         for _ in 0..2 {
-            let link = self.link(addr).await?;
+            let link = self.link(addr, liveness).await?;
             let (asked, answer) = oneshot::channel();
             if link.send(asked).is_err() {
                 self.forget(addr, &link).await;
@@ -86,7 +131,11 @@ impl PeerLinks {
     }
 
     /// The link to `addr`, connected now if there is none alive.
-    async fn link(&self, addr: &str) -> Result<mpsc::UnboundedSender<OpenRequest>, ExecError> {
+    async fn link(
+        &self,
+        addr: &str,
+        liveness: Liveness,
+    ) -> Result<mpsc::UnboundedSender<OpenRequest>, ExecError> {
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(addr).filter(|link| !link.is_closed()) {
             return Ok(link.clone());
@@ -95,9 +144,11 @@ impl PeerLinks {
         let mut stream = TcpStream::connect(addr).await.map_err(wire)?;
         stream.set_nodelay(true).map_err(wire)?;
         stream.write_all(&PREAMBLE).await.map_err(wire)?;
-        let connection = yamux::Connection::new(stream.compat(), config(), yamux::Mode::Client);
+        let socket = Heard::new(stream);
+        let heard = socket.clock();
+        let connection = yamux::Connection::new(socket.compat(), config(), yamux::Mode::Client);
         let (link, requests) = mpsc::unbounded_channel();
-        tokio::spawn(drive(connection, requests));
+        tokio::spawn(drive(connection, requests, heard, liveness));
         links.insert(addr.to_owned(), link.clone());
         Ok(link)
     }
@@ -110,14 +161,28 @@ impl PeerLinks {
     }
 }
 
-/// Runs a link until its connection ends: opens the streams asked for and
-/// moves every stream's bytes (yamux makes progress only while polled).
+/// Runs a link until its connection ends or its peer falls silent: opens
+/// the streams asked for, moves every stream's bytes (yamux makes
+/// progress only while polled) and probes the peer. Returning drops the
+/// connection, which closes every stream on it.
 async fn drive(
-    mut connection: yamux::Connection<tokio_util::compat::Compat<TcpStream>>,
+    mut connection: yamux::Connection<tokio_util::compat::Compat<Heard>>,
     mut requests: mpsc::UnboundedReceiver<OpenRequest>,
+    heard: HeardClock,
+    liveness: Liveness,
 ) {
     let mut waiting: VecDeque<OpenRequest> = VecDeque::new();
     let mut asking = true;
+    // Opened first, so it is stream 1, whatever opens next.
+    let mut probe = match poll_fn(|cx| connection.poll_new_outbound(cx)).await {
+        Ok(probe) => probe,
+        Err(e) => return fail_waiting(&mut requests, waiting, e.to_string()),
+    };
+    let mut ping = tokio::time::interval(liveness.every());
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pings = 0u64;
+    let mut echoes = [0u8; 64];
+    let mut silence = std::pin::pin!(tokio::time::sleep(liveness.silent_after));
     let failure = poll_fn(|cx| {
         while asking {
             match requests.poll_recv(cx) {
@@ -138,35 +203,215 @@ async fn drive(
                 Poll::Pending => break,
             }
         }
+        while ping.poll_tick(cx).is_ready() {
+            pings += 1;
+            // A probe the stream cannot take now (its window full: the
+            // peer reads nothing) is skipped; the silence says the rest.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut probe).poll_write(cx, &pings.to_be_bytes()) {
+                return Poll::Ready(format!("probe: {e}"));
+            }
+        }
+        // The echoes only keep the probe's window open: the socket's
+        // clock already heard them.
+        loop {
+            match Pin::new(&mut probe).poll_read(cx, &mut echoes) {
+                Poll::Ready(Ok(0)) => return Poll::Ready("probe closed".to_owned()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(format!("probe: {e}")),
+                Poll::Pending => break,
+            }
+        }
         loop {
             match connection.poll_next_inbound(cx) {
                 // A peer does not open streams to the primary's side.
                 Poll::Ready(Some(Ok(stream))) => drop(stream),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(e.to_string()),
                 Poll::Ready(None) => return Poll::Ready("closed".to_owned()),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => break,
             }
         }
+        // After the socket was read: a driver polled late does not take
+        // what waits in the socket for silence.
+        while silence.as_mut().poll(cx).is_ready() {
+            let due = heard.last() + liveness.silent_after;
+            if due <= tokio::time::Instant::now() {
+                return Poll::Ready(format!("peer silent for {:?}", liveness.silent_after));
+            }
+            silence.as_mut().reset(due);
+        }
+        Poll::Pending
     })
     .await;
     tracing::debug!(%failure, "peer link ended");
+    fail_waiting(&mut requests, waiting, failure);
+}
+
+/// Answers every open request waiting, or already asked, with `failure`.
+fn fail_waiting(
+    requests: &mut mpsc::UnboundedReceiver<OpenRequest>,
+    mut waiting: VecDeque<OpenRequest>,
+    failure: String,
+) {
+    requests.close();
+    while let Ok(request) = requests.try_recv() {
+        waiting.push_back(request);
+    }
     for request in waiting {
         let _ = request.send(Err(failure.clone()));
     }
 }
 
-/// Serves a multiplexed connection (its preamble already read): each
-/// stream the peer opens goes to `accept`, until the connection ends.
+/// A link's socket, noting when a byte last came from the peer.
+struct Heard {
+    socket: TcpStream,
+    clock: HeardClock,
+}
+
+/// When a link last heard from its peer, shared by its socket and driver.
+#[derive(Clone)]
+struct HeardClock {
+    since: tokio::time::Instant,
+    /// Milliseconds after `since`.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl HeardClock {
+    fn last(&self) -> tokio::time::Instant {
+        self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    fn now(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl Heard {
+    fn new(socket: TcpStream) -> Self {
+        let clock = HeardClock {
+            since: tokio::time::Instant::now(),
+            last_ms: Arc::default(),
+        };
+        Self { socket, clock }
+    }
+
+    fn clock(&self) -> HeardClock {
+        self.clock.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for Heard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.socket).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.now();
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for Heard {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
+}
+
+/// Serves a multiplexed connection (its preamble already read): stream 1
+/// is the link's probe, echoed here; every other stream the peer opens
+/// goes to `accept`, until the connection ends.
 pub(crate) async fn serve(stream: TcpStream, mut accept: impl FnMut(Box<dyn Io>)) {
     let mut connection = yamux::Connection::new(stream.compat(), config(), yamux::Mode::Server);
-    loop {
-        match poll_fn(|cx| connection.poll_next_inbound(cx)).await {
-            Some(Ok(stream)) => accept(Box::new(stream.compat())),
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "multiplexed connection ended");
-                return;
+    let mut probe: Option<Echo> = None;
+    let ended = poll_fn(|cx| loop {
+        if let Some(echo) = probe.as_mut() {
+            if let Err(e) = echo.poll(cx) {
+                tracing::debug!(error = %e, "link probe ended");
+                probe = None;
             }
-            None => return,
+        }
+        match connection.poll_next_inbound(cx) {
+            Poll::Ready(Some(Ok(stream))) if stream.id().val() == PROBE_STREAM => {
+                probe = Some(Echo::new(stream));
+            }
+            Poll::Ready(Some(Ok(stream))) => accept(Box::new(stream.compat())),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(e.to_string()),
+            Poll::Ready(None) => return Poll::Ready("closed".to_owned()),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await;
+    tracing::debug!(%ended, "multiplexed connection ended");
+}
+
+/// The probe's far end: writes back what it reads.
+struct Echo {
+    stream: yamux::Stream,
+    buf: [u8; 64],
+    /// What was read and is not yet written back.
+    unsent: std::ops::Range<usize>,
+}
+
+impl Echo {
+    fn new(stream: yamux::Stream) -> Self {
+        Self {
+            stream,
+            buf: [0; 64],
+            unsent: 0..0,
+        }
+    }
+
+    /// Echoes what it can; an error or the stream's end ends the probe.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        loop {
+            if !self.unsent.is_empty() {
+                match Pin::new(&mut self.stream).poll_write(cx, &self.buf[self.unsent.clone()]) {
+                    Poll::Ready(Ok(n)) => self.unsent.start += n,
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => return Ok(()),
+                }
+                continue;
+            }
+            match Pin::new(&mut self.stream).poll_read(cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Poll::Ready(Ok(n)) => self.unsent = 0..n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(()),
+            }
         }
     }
 }

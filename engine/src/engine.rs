@@ -249,6 +249,28 @@ impl Engine {
         self.timers.keys().next().map(|(at, _)| *at)
     }
 
+    /// Whether the volume is quiescent: nothing for a shell to do until an
+    /// input arrives. Every replica is in sync and holds the whole log
+    /// durably, everything is committed and locally durable, no barrier
+    /// waits, no timer is armed, no command is queued and no write limit
+    /// is in force. A shell may then stop waking on its own (no heartbeat,
+    /// no timer): the next write, assignment or report is what wakes it,
+    /// and this turns false with it. A volume with no replicas is
+    /// quiescent once its own log is durable.
+    pub fn quiescent(&self) -> bool {
+        let head = self.wal.head;
+        self.timers.is_empty()
+            && self.commands.is_empty()
+            && self.commit.pending_barriers() == 0
+            && self.commit.local_durable() >= head
+            && self.commit.committed() >= head
+            && self.write_limit.is_none()
+            && self
+                .senders
+                .values()
+                .all(|s| s.state() == ReplicaState::InSync && s.flushed >= head)
+    }
+
     /// Drains the commands to execute, in order.
     pub fn take_commands(&mut self) -> Vec<Command> {
         std::mem::take(&mut self.commands)

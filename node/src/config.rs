@@ -116,8 +116,13 @@ pub struct TuningSpec {
     /// A barrier not committed within this long fails (the client's
     /// FLUSH/FUA gets an error).
     pub barrier_timeout_ms: u64,
-    /// A peer silent for this long is dead.
+    /// A replica that leaves a batch or barrier unanswered for this long
+    /// is taken as lost.
     pub peer_timeout_ms: u64,
+    /// A peer node that sends nothing on its link for this long is lost,
+    /// with every session on the link (the link probes it every quarter
+    /// of this; idle sessions send nothing).
+    pub link_timeout_ms: u64,
     /// The longest wait before retrying a replica that went away.
     pub network_retry_max_ms: u64,
     /// WAL segment size.
@@ -160,6 +165,7 @@ impl Default for TuningSpec {
         Self {
             barrier_timeout_ms: 5_000,
             peer_timeout_ms: 5_000,
+            link_timeout_ms: 2_000,
             network_retry_max_ms: 2_000,
             segment_bytes: 64 << 20,
             retention_max_bytes: 1 << 30,
@@ -182,6 +188,7 @@ impl TuningSpec {
         let mut tuning = walship_actors::Tuning::default();
         tuning.barrier_timeout_ticks = tuning.ticks(Duration::from_millis(self.barrier_timeout_ms));
         tuning.peer_timeout = Duration::from_millis(self.peer_timeout_ms);
+        tuning.link_timeout = Duration::from_millis(self.link_timeout_ms.max(1));
         tuning.network_retry.max =
             Duration::from_millis(self.network_retry_max_ms).max(tuning.network_retry.first);
         tuning.retention_max_bytes = Some(self.retention_max_bytes);

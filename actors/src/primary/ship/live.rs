@@ -1,6 +1,6 @@
 //! Live shipping to an in-sync replica: new WAL as it is written, barrier
 //! requests once what they cover is shipped, the replica's durable acks back
-//! to the engine, probes when idle.
+//! to the engine; silent when idle on a multiplexed link (the link probes).
 
 use super::window::AckWindow;
 use super::SenderContext;
@@ -15,8 +15,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use walship_engine::Input;
 use walship_io::{Envelope, Message};
 
-/// Ships new WAL frames to an InSync replica as they are written, relays its
-/// durable acks, and probes it when idle. Returns why it stopped.
+/// Ships new WAL frames to an InSync replica as they are written and relays
+/// its durable acks. Returns why it stopped.
 pub(crate) async fn live_ship(
     conn: Conn,
     c: SenderContext,
@@ -88,6 +88,16 @@ impl BarrierLine {
 /// acknowledged, so what is shipped next is never recycled under the loop.
 /// A barrier request goes out once the WAL up to its LSN is shipped, so the
 /// ack that names it covers that LSN.
+///
+/// Idle, the loop arms no timer: on a multiplexed link, liveness is the
+/// link's (`mux`: one probe per node pair, and a link found dead closes
+/// every stream on it, this one's too). It keeps one check only while it
+/// waits for an answer (batches or barriers unacknowledged: silent past
+/// `peer_timeout`, the replica is taken as lost) or owes the replica the
+/// committed LSN (what it holds was committed after it was shipped: one
+/// heartbeat tells it, a heartbeat interval later). A plain connection is
+/// its own link: there the loop probes every quarter of `peer_timeout`,
+/// idle or not.
 async fn live_loop(
     conn: Conn,
     c: &SenderContext,
@@ -100,9 +110,33 @@ async fn live_loop(
     let wal = c.store.wal();
     let mut shipped = from;
     let mut window = AckWindow::new(c.tuning.max_inflight_bytes);
-    let mut last_heard = Instant::now();
-    let mut probe = tokio::time::interval(c.tuning.peer_timeout / 4);
-    let mut seq = 0u64;
+    let probing = !c.tuning.multiplex;
+    let every = if probing {
+        c.tuning.peer_timeout / 4
+    } else {
+        c.tuning
+            .tick
+            .saturating_mul(u32::try_from(c.tuning.heartbeat_every_ticks).unwrap_or(u32::MAX))
+    };
+    // Silence is measured from here: the last frame heard, or when the
+    // loop began to wait for one.
+    let mut heard = Instant::now();
+    let mut check = std::pin::pin!(tokio::time::sleep(every));
+    let mut armed = true;
+    let mut seq = 1u64;
+    // The first heartbeat goes out at once: it tells the replica what is
+    // committed, and ends its count of this connection as a recovery.
+    let mut told = *c.committed_rx.borrow();
+    sink.send(Envelope {
+        epoch,
+        message: Message::Heartbeat {
+            seq,
+            committed: told,
+        },
+    })
+    .await?;
+    let mut barriers_sent = 0u64;
+    let mut barriers_answered = 0u64;
     let mut waiting: VecDeque<BarrierRequest> = VecDeque::new();
     let mut barriers_open = true;
     loop {
@@ -114,21 +148,24 @@ async fn live_loop(
                 Err(TryRecvError::Disconnected) => barriers_open = false,
             }
         }
+        let answered = window.is_empty() && barriers_sent == barriers_answered;
         // Everything due is fed, then written with one flush.
         let mut fed = false;
         let head = *head_rx.borrow_and_update();
         while shipped < head && !window.is_full() {
             let (frames, last) = wal.read_raw(shipped, head, c.tuning.batch_bytes)?;
             let len = frames.len();
+            let committed = *c.committed_rx.borrow();
             let message = Message::WalBatch {
                 session: 0,
                 first_lsn: shipped + 1,
                 last_lsn: last,
-                committed: *c.committed_rx.borrow(),
+                committed,
                 frames,
             };
             sink.feed(Envelope { epoch, message }).await?;
             fed = true;
+            told = told.max(committed);
             c.count_sent(len);
             window.shipped(last, len);
             shipped = last;
@@ -143,9 +180,19 @@ async fn live_loop(
             })
             .await?;
             fed = true;
+            told = told.max(committed);
+            barriers_sent = barriers_sent.max(id);
         }
         if fed {
             sink.flush().await?;
+            if answered {
+                heard = Instant::now();
+            }
+        }
+        let owed = window.is_empty() && barriers_sent == barriers_answered;
+        if !armed && (probing || !owed || told < shipped) {
+            check.as_mut().reset(tokio::time::Instant::now() + every);
+            armed = true;
         }
         tokio::select! {
             request = barriers.recv(), if barriers_open => match request {
@@ -162,10 +209,13 @@ async fn live_loop(
                     None => return Err(ExecError::Closed),
                     Some(frame) => frame?,
                 };
-                last_heard = Instant::now();
+                heard = Instant::now();
                 match envelope.message {
                     Message::DurableAck { durable, barrier, committed } => {
                         window.acked(durable);
+                        if let Some(id) = barrier {
+                            barriers_answered = barriers_answered.max(id);
+                        }
                         let ack = transport::engine_ack(envelope.epoch, durable, barrier, committed);
                         c.report(Input::Ack { replica: c.replica.clone(), ack });
                     }
@@ -175,13 +225,19 @@ async fn live_loop(
                     other => return Err(ExecError::Protocol(format!("unexpected {other:?} while live"))),
                 }
             }
-            _ = probe.tick() => {
-                if last_heard.elapsed() > c.tuning.peer_timeout {
+            () = check.as_mut(), if armed => {
+                armed = false;
+                let waits = !(window.is_empty() && barriers_sent == barriers_answered);
+                if (probing || waits) && heard.elapsed() > c.tuning.peer_timeout {
                     return Err(ExecError::Timeout(c.tuning.peer_timeout));
                 }
-                seq += 1;
-                let message = Message::Heartbeat { seq, committed: *c.committed_rx.borrow() };
-                sink.send(Envelope { epoch, message }).await?;
+                let committed = *c.committed_rx.borrow();
+                if probing || committed > told {
+                    seq += 1;
+                    told = told.max(committed);
+                    let message = Message::Heartbeat { seq, committed };
+                    sink.send(Envelope { epoch, message }).await?;
+                }
             }
         }
     }

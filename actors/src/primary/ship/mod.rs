@@ -65,7 +65,10 @@ pub(crate) async fn connect(
 ) -> Result<Conn, ExecError> {
     let limit = tuning.connect_timeout;
     Ok(if tuning.multiplex {
-        framed(links.open(addr, limit).await?)
+        let liveness = crate::mux::Liveness {
+            silent_after: tuning.link_timeout,
+        };
+        framed(links.open(addr, limit, liveness).await?)
     } else {
         let stream = tokio::time::timeout(limit, TcpStream::connect(addr))
             .await

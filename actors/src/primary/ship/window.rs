@@ -33,6 +33,11 @@ impl AckWindow {
         self.inflight.is_empty() || self.bytes + len <= self.limit
     }
 
+    /// Whether every batch shipped is acknowledged.
+    pub(super) fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
     /// Whether the window is at its limit (for a loop that reads the next
     /// batch only when it may send it).
     pub(super) fn is_full(&self) -> bool {

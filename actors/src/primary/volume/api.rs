@@ -60,6 +60,10 @@ pub struct VolumeStatus {
     pub write_backpressure: super::converging::WriteBackpressure,
     /// Mailbox metrics: the volume actor, then each sender.
     pub mailboxes: Vec<MailboxSnapshot>,
+    /// The volume sleeps: every replica holds the whole log, committed and
+    /// durable, with nothing waiting, so it arms no timer and sends no
+    /// heartbeat until a write (or any other input) wakes it.
+    pub asleep: bool,
 }
 
 impl VolumeActor {
@@ -112,6 +116,7 @@ impl VolumeActor {
                 sent
             },
             mailboxes,
+            asleep: self.asleep(),
         }
     }
 }

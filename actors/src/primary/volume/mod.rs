@@ -40,6 +40,11 @@ use walship_engine::{
 };
 use walship_io::{LogReader, Store, WalPin};
 
+/// Heartbeats in a row that must find a volume quiescent before it
+/// sleeps: the first after the last write still samples what it ingested
+/// (convergence) and what its senders sent.
+const QUIET_HEARTBEATS: u32 = 2;
+
 /// Label prefix of the WAL pins that are replicas' retention holds.
 const HOLD_PIN_PREFIX: &str = "hold ";
 
@@ -78,6 +83,9 @@ pub struct VolumeActor {
     checkpoints_waiting: Vec<(u64, CheckpointReply)>,
     started: std::time::Instant,
     last_heartbeat: u64,
+    /// Heartbeats in a row that found the volume quiescent; from
+    /// [`QUIET_HEARTBEATS`] on, the volume sleeps (no wake armed).
+    quiet_heartbeats: u32,
     wake: Option<(u64, SpawnHandle)>,
     /// Queued rebuilds' places, and slots not yet taken by an execution.
     slots: slots::Slots,
@@ -225,6 +233,7 @@ impl VolumeActor {
             checkpoints_waiting: Vec::new(),
             started: std::time::Instant::now(),
             last_heartbeat: 0,
+            quiet_heartbeats: 0,
             wake: None,
             slots: slots::Slots::new(),
             send_rates: progress::SendRates::default(),
@@ -295,11 +304,50 @@ impl VolumeActor {
             // Holds over budget go before the checkpointer recycles.
             self.report_retention(ctx);
             self.maybe_checkpoint();
+            if self.quiescent() {
+                self.quiet_heartbeats = self.quiet_heartbeats.saturating_add(1);
+            } else {
+                self.quiet_heartbeats = 0;
+            }
         }
         self.run_commands(ctx);
     }
 
+    /// The engine finds nothing to do (every replica holds the whole log,
+    /// all of it committed and durable, no barrier, no timer) and neither
+    /// does the actor (no checkpoint or verify running).
+    fn quiescent(&self) -> bool {
+        self.engine.quiescent()
+            && !self.checkpoint_in_flight
+            && self.checkpoints_waiting.is_empty()
+            && !self.verify_running
+            && !self.poisoned
+    }
+
+    /// Whether the volume sleeps: quiescent for [`QUIET_HEARTBEATS`]
+    /// heartbeats in a row and still. It then arms no wake: a write, an
+    /// assignment, a sender's report or a status is what it handles next.
+    pub(super) fn asleep(&self) -> bool {
+        self.quiet_heartbeats >= QUIET_HEARTBEATS
+    }
+
     fn reschedule(&mut self, ctx: &mut Context<Self>) {
+        if self.asleep() {
+            if self.quiescent() {
+                if let Some((_, handle)) = self.wake.take() {
+                    ctx.cancel_future(handle);
+                }
+                return;
+            }
+            // Woken (a write, most often): heartbeats resume one interval
+            // from now, so the write that woke it is not followed at once
+            // by a heartbeat's round of messages.
+            self.last_heartbeat = self.now_ticks();
+            tracing::trace!(volume = %self.config.volume, "volume woken");
+        }
+        if !self.quiescent() {
+            self.quiet_heartbeats = 0;
+        }
         let heartbeat = self.last_heartbeat + self.config.tuning.heartbeat_every_ticks;
         let target = self
             .engine

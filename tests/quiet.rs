@@ -1,0 +1,237 @@
+//! Quiet at scale, over node processes: liveness belongs to the link
+//! between two nodes (one probe per node pair; sessions on a live link
+//! silent while idle), and a volume whose replicas hold everything sleeps
+//! until a write wakes it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/nodes.rs"]
+mod nodes;
+
+use nodes::{run_ok, NodeCluster, VolumeOptions};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use walship::actors::testing::within;
+
+const CLIENT: Duration = Duration::from_secs(60);
+const VOLUMES: usize = 12;
+
+/// `VOLUMES` volumes (vol0 and v1..), node1 primary of all, node2 and
+/// node3 replicas, with `tuning` in each node's `[tuning]`.
+async fn cluster(commit_mode: &str, tuning: &str) -> NodeCluster {
+    let volume = VolumeOptions {
+        size_mib: 4,
+        commit_mode: commit_mode.into(),
+        export_replicas: false,
+        tuning: tuning.into(),
+        extra_volumes: (1..VOLUMES).map(|i| (format!("v{i}"), 4)).collect(),
+        ..VolumeOptions::default()
+    };
+    NodeCluster::start(volume).await
+}
+
+/// node1's primary volumes, from its status.
+async fn primaries(cluster: &NodeCluster) -> Vec<Value> {
+    let status = cluster.status(0).await;
+    status["volumes"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter(|v| v["role"] == "primary")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The state node1 sees for `node`'s replica of each primary volume.
+async fn states_of(cluster: &NodeCluster, node: &str) -> Vec<String> {
+    primaries(cluster)
+        .await
+        .iter()
+        .filter_map(|v| {
+            let senders = v["status"]["registry"]["senders"].as_array()?;
+            let suffix = format!("/{node}");
+            let sender = senders
+                .iter()
+                .find(|s| s["replica"].as_str().is_some_and(|r| r.ends_with(&suffix)))?;
+            Some(sender["state"].as_str()?.to_owned())
+        })
+        .collect()
+}
+
+/// Waits until every one of the volumes has both replicas in sync, each
+/// holding everything, and sleeps.
+async fn wait_all_asleep(cluster: &NodeCluster, limit: Duration) -> Vec<Value> {
+    let asleep = within(limit, || async {
+        let volumes = primaries(cluster).await;
+        let all = volumes.len() == VOLUMES
+            && volumes.iter().all(|v| {
+                let status = &v["status"];
+                let head = status["head"].as_u64();
+                let senders = status["registry"]["senders"].as_array();
+                status["asleep"] == true
+                    && senders.is_some_and(|s| {
+                        s.len() == 2
+                            && s.iter()
+                                .all(|s| s["state"] == "in_sync" && s["flushed"].as_u64() == head)
+                    })
+            });
+        all.then_some(volumes)
+    })
+    .await;
+    match asleep {
+        Some(volumes) => volumes,
+        None => panic!(
+            "not every volume asleep within {limit:?}: {:#}",
+            primaries(cluster)
+                .await
+                .iter()
+                .map(|v| (v["name"].clone(), v["status"]["asleep"].clone()))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|(n, a)| format!("{n}: {a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Messages each actor has handled, by (kind, instance), on node `i`.
+async fn handled(cluster: &NodeCluster, i: usize) -> Vec<(String, u64)> {
+    let status = cluster.status(i).await;
+    let mut counts = Vec::new();
+    for volume in status["volumes"].as_array().into_iter().flatten() {
+        let status = &volume["status"];
+        let boxes: Vec<Value> = match status["mailboxes"].as_array() {
+            Some(boxes) => boxes.clone(),
+            None => vec![status["mailbox"].clone()],
+        };
+        for mailbox in boxes {
+            let kind = mailbox["kind"].as_str().unwrap_or("?");
+            let name = format!("{kind} {}", mailbox["instance"]);
+            counts.push((name, mailbox["handled"].as_u64().unwrap_or(0)));
+        }
+    }
+    counts.sort();
+    counts
+}
+
+/// Idle volumes cost no messages: once every replica holds everything,
+/// each primary volume sleeps (no heartbeat to its senders), each sender
+/// sits in its live state sending nothing, and each replica's receiver
+/// gets nothing. A write wakes its volume: acknowledged, shipped, and the
+/// volume sleeps again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_volumes_sleep_their_actors_handle_nothing_and_a_write_wakes_one() {
+    let cluster = cluster(
+        "sync_all",
+        "peer_timeout_ms = 2000\nsegment_bytes = 1048576\n",
+    )
+    .await;
+    cluster.wait_converged(Duration::from_secs(60)).await;
+    wait_all_asleep(&cluster, Duration::from_secs(30)).await;
+
+    // Over a second, asleep: only the status request itself reaches the
+    // volume actors (its status and its recovery log) and receivers;
+    // senders get nothing.
+    let mut counts = Vec::new();
+    for i in 0..3 {
+        counts.push(handled(&cluster, i).await);
+    }
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, first) in counts.iter().enumerate() {
+        let second = handled(&cluster, i).await;
+        assert_eq!(
+            first.len(),
+            second.len(),
+            "node{}: the actors changed",
+            i + 1
+        );
+        for ((name, a), (_, b)) in first.iter().zip(&second) {
+            let allowed = match name.split(' ').next() {
+                Some("sender") => 0,
+                Some("volume") => 2,
+                _ => 1,
+            };
+            assert!(
+                b - a <= allowed,
+                "node{}: {name} handled {} messages in {:?} asleep",
+                i + 1,
+                b - a,
+                window.elapsed()
+            );
+        }
+    }
+
+    // One write with FUA to vol0 wakes it; it is acknowledged (sync_all:
+    // both replicas hold it), and the volume sleeps again.
+    let head = cluster.primary_volume().await["status"]["head"]
+        .as_u64()
+        .unwrap();
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -f -P 0x5c 0 64k",
+            "-c",
+            "read -P 0x5c 0 64k",
+            &cluster.nodes[0].uri("vol0"),
+        ],
+        CLIENT,
+    )
+    .await;
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let volumes = wait_all_asleep(&cluster, Duration::from_secs(30)).await;
+    let vol0 = volumes.iter().find(|v| v["name"] == "vol0").unwrap();
+    assert!(vol0["status"]["head"].as_u64().unwrap() > head, "{vol0:#}");
+}
+
+/// A replica node paused (SIGSTOP) is found by every volume on it within
+/// the link's timeout, whatever the sessions' own timeout (30 s here):
+/// the link's probe goes unanswered, the link ends, and each session on
+/// it sees its stream close at once. Woken, the node's replicas all come
+/// back in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_is_found_by_every_volume_on_it_within_the_link_timeout() {
+    let cluster = cluster(
+        "sync_quorum",
+        "peer_timeout_ms = 30000\nlink_timeout_ms = 2000\nnetwork_retry_max_ms = 300\n\
+         segment_bytes = 1048576\n",
+    )
+    .await;
+    cluster.wait_converged(Duration::from_secs(60)).await;
+    wait_all_asleep(&cluster, Duration::from_secs(30)).await;
+
+    cluster.signal(2, "STOP").await;
+    let paused = Instant::now();
+    let found = within(Duration::from_secs(10), || async {
+        let states = states_of(&cluster, "node3").await;
+        (states.len() == VOLUMES && states.iter().all(|s| s != "in_sync")).then_some(states)
+    })
+    .await;
+    let took = paused.elapsed();
+    cluster.signal(2, "CONT").await;
+    let states =
+        found.unwrap_or_else(|| panic!("node3's replicas still in sync 10 s after it was paused"));
+    eprintln!("{VOLUMES} volumes found node3 paused after {took:?}: {states:?}");
+    // 2 s of silence after the last echo heard (up to a probe interval
+    // before the pause), and the status polls' own pace.
+    assert!(
+        took < Duration::from_millis(2_500),
+        "found after {took:?}, past the 2 s link timeout"
+    );
+
+    let back = within(Duration::from_secs(30), || async {
+        let states = states_of(&cluster, "node3").await;
+        (states.len() == VOLUMES && states.iter().all(|s| s == "in_sync")).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "node3's replicas not back in sync: {:?}",
+        states_of(&cluster, "node3").await
+    );
+}
