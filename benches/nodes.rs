@@ -26,6 +26,10 @@ struct Options {
     /// Volumes (each with a primary and two replicas over the three nodes).
     #[arg(long, default_value_t = 1000)]
     volumes: usize,
+    /// Keep the nodes' data and logs here (default: a temporary directory,
+    /// removed at the end).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Seconds of idle CPU measured.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
@@ -151,7 +155,17 @@ async fn wait_in_sync(node: &NodeProcess, limit: Duration) -> anyhow::Result<usi
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse();
-    let dir = tempfile::tempdir()?;
+    let temp = tempfile::tempdir()?;
+    let dir = match &options.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile::Builder::new()
+                .prefix("nodes-")
+                .tempdir_in(dir)?
+                .keep()
+        }
+        None => temp.path().to_owned(),
+    };
     let names = ["node1", "node2", "node3"];
     let ports: Vec<(u16, u16, u16)> = names
         .iter()
@@ -173,11 +187,11 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut nodes = Vec::new();
     for (name, ports) in names.iter().zip(&ports) {
-        nodes.push(spawn(dir.path(), name, &config(name, *ports, &volumes), ports.1).await?);
+        nodes.push(spawn(&dir, name, &config(name, *ports, &volumes), ports.1).await?);
     }
     let empty_ports = (free_port(), free_port(), 0);
     let mut empty = spawn(
-        dir.path(),
+        &dir,
         "empty",
         &config("empty", empty_ports, ""),
         empty_ports.1,

@@ -4,6 +4,9 @@
 //! until a write wakes it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[cfg(feature = "etcd")]
+#[path = "support/etcd.rs"]
+mod etcd;
 #[path = "support/nodes.rs"]
 mod nodes;
 
@@ -18,15 +21,19 @@ const VOLUMES: usize = 12;
 /// `VOLUMES` volumes (vol0 and v1..), node1 primary of all, node2 and
 /// node3 replicas, with `tuning` in each node's `[tuning]`.
 async fn cluster(commit_mode: &str, tuning: &str) -> NodeCluster {
-    let volume = VolumeOptions {
+    NodeCluster::start(volumes(commit_mode, tuning)).await
+}
+
+/// The volumes [`cluster`] starts.
+fn volumes(commit_mode: &str, tuning: &str) -> VolumeOptions {
+    VolumeOptions {
         size_mib: 4,
         commit_mode: commit_mode.into(),
         export_replicas: false,
         tuning: tuning.into(),
         extra_volumes: (1..VOLUMES).map(|i| (format!("v{i}"), 4)).collect(),
         ..VolumeOptions::default()
-    };
-    NodeCluster::start(volume).await
+    }
 }
 
 /// node1's primary volumes, from its status.
@@ -131,17 +138,28 @@ async fn idle_volumes_sleep_their_actors_handle_nothing_and_a_write_wakes_one() 
     cluster.wait_converged(Duration::from_secs(60)).await;
     wait_all_asleep(&cluster, Duration::from_secs(30)).await;
 
-    // Over a second, asleep: only the status request itself reaches the
-    // volume actors (its status and its recovery log) and receivers;
-    // senders get nothing.
+    asked_nothing_for(&cluster, Duration::from_secs(1)).await;
+
+    // One write with FUA to vol0 wakes it; it is acknowledged (sync_all:
+    // both replicas hold it), and the volume sleeps again.
+    let head = fua_write(&cluster).await;
+    let volumes = wait_all_asleep(&cluster, Duration::from_secs(30)).await;
+    let vol0 = volumes.iter().find(|v| v["name"] == "vol0").unwrap();
+    assert!(vol0["status"]["head"].as_u64().unwrap() > head, "{vol0:#}");
+}
+
+/// Over `window`, asleep: only the status request itself reaches the
+/// volume actors (its status and its recovery log) and receivers on
+/// each node; senders get nothing.
+async fn asked_nothing_for(cluster: &NodeCluster, window: Duration) {
     let mut counts = Vec::new();
     for i in 0..3 {
-        counts.push(handled(&cluster, i).await);
+        counts.push(handled(cluster, i).await);
     }
-    let window = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    tokio::time::sleep(window).await;
     for (i, first) in counts.iter().enumerate() {
-        let second = handled(&cluster, i).await;
+        let second = handled(cluster, i).await;
         assert_eq!(
             first.len(),
             second.len(),
@@ -159,13 +177,15 @@ async fn idle_volumes_sleep_their_actors_handle_nothing_and_a_write_wakes_one() 
                 "node{}: {name} handled {} messages in {:?} asleep",
                 i + 1,
                 b - a,
-                window.elapsed()
+                started.elapsed()
             );
         }
     }
+}
 
-    // One write with FUA to vol0 wakes it; it is acknowledged (sync_all:
-    // both replicas hold it), and the volume sleeps again.
+/// One 64 KiB write with FUA to vol0 on node1, read back; returns vol0's
+/// head before it.
+async fn fua_write(cluster: &NodeCluster) -> u64 {
     let head = cluster.primary_volume().await["status"]["head"]
         .as_u64()
         .unwrap();
@@ -184,9 +204,7 @@ async fn idle_volumes_sleep_their_actors_handle_nothing_and_a_write_wakes_one() 
     )
     .await;
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    let volumes = wait_all_asleep(&cluster, Duration::from_secs(30)).await;
-    let vol0 = volumes.iter().find(|v| v["name"] == "vol0").unwrap();
-    assert!(vol0["status"]["head"].as_u64().unwrap() > head, "{vol0:#}");
+    head
 }
 
 /// A replica node paused (SIGSTOP) is found by every volume on it within
@@ -234,4 +252,50 @@ async fn a_paused_node_is_found_by_every_volume_on_it_within_the_link_timeout() 
         "node3's replicas not back in sync: {:?}",
         states_of(&cluster, "node3").await
     );
+}
+
+/// Under etcd, idle volumes are asked nothing by the node's reporter and
+/// write nothing: etcd's revision stands still (lease renewals do not
+/// move it). A write is reported at the next pass, in one transaction.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_etcd_idle_volumes_are_asked_nothing_and_write_nothing() {
+    use walship::node::etcd::{progress_key, ProgressRecord};
+    let etcd = etcd::Etcd::start().await;
+    let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+    let volume = volumes(
+        "sync_all",
+        "peer_timeout_ms = 2000\nsegment_bytes = 1048576\n",
+    );
+    let cluster =
+        NodeCluster::start_with(volume, 3, |_| args.iter().map(|a| a.to_string()).collect()).await;
+    cluster.wait_converged(Duration::from_secs(60)).await;
+    wait_all_asleep(&cluster, Duration::from_secs(30)).await;
+    // The reports of the last writes may still be on their way: from
+    // when etcd's revision stands still for a pass or two.
+    let revision = || async {
+        let mut client = etcd.client().await;
+        let response = client.get("revision", None).await.ok()?;
+        Some(response.header()?.revision())
+    };
+    let before = within(Duration::from_secs(10), || async {
+        let first = revision().await?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        (revision().await? == first).then_some(first)
+    })
+    .await
+    .expect("etcd's revision never stood still");
+    asked_nothing_for(&cluster, Duration::from_secs(2)).await;
+    let after = revision().await.expect("etcd answers");
+    assert_eq!(before, after, "etcd written while every volume slept");
+
+    let head = fua_write(&cluster).await;
+    let reported = within(Duration::from_secs(5), || async {
+        let mut client = etcd.client().await;
+        let (value, _) = etcd::get(&mut client, &progress_key("test", "vol0")).await?;
+        let progress: ProgressRecord = serde_json::from_slice(&value).ok()?;
+        (progress.committed > head).then_some(())
+    })
+    .await;
+    assert!(reported.is_some(), "the write's progress was not reported");
 }

@@ -8,6 +8,7 @@
 //!
 //! It is the only crate that knows both the engine and io.
 
+mod activity;
 mod config;
 mod error;
 pub mod metrics;

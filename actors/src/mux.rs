@@ -242,7 +242,8 @@ async fn drive(
         Poll::Pending
     })
     .await;
-    tracing::debug!(%failure, "peer link ended");
+    // Every session on the link ends with it: worth an operator's line.
+    tracing::warn!(%failure, "peer link ended");
     fail_waiting(&mut requests, waiting, failure);
 }
 

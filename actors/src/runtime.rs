@@ -194,14 +194,17 @@ async fn start_volume(
     if let VolumeConfig::Primary(config) = &config {
         crate::primary::check_assignment(config)?;
     }
+    let activity = crate::activity::Activity::default();
     match config {
         VolumeConfig::Primary(config) if !config.peering.enabled => {
-            let actor = VolumeActor::open(config, pools, tasks.clone())?;
+            let actor =
+                VolumeActor::open(config, pools, tasks.clone())?.with_activity(activity.clone());
             let metrics = actor.metrics_arc();
             let addr = MeteredAddr::new(actor.start(), metrics);
             let (_, opening) = watch::channel(Opening::Open(addr));
             Ok(VolumeHandle {
                 inner: Inner::Primary(PrimaryRef::new(opening, Duration::ZERO)),
+                activity,
                 tasks,
                 stopping: Arc::new(watch::channel(false).0),
             })
@@ -217,10 +220,17 @@ async fn start_volume(
             let mut stop = stopping.subscribe();
             let token = tasks.token();
             let volume_tasks = tasks.clone();
+            let opened_activity = activity.clone();
             actix::spawn(async move {
                 let _token = token;
                 let volume = config.volume.clone();
-                let open = open_after_peering(config, opened, pools, volume_tasks, &opening_tx);
+                let open = open_after_peering(
+                    config,
+                    opened,
+                    (pools, volume_tasks),
+                    opened_activity,
+                    &opening_tx,
+                );
                 tokio::select! {
                     opened = open => {
                         let _ = opening_tx.send(match opened {
@@ -239,6 +249,7 @@ async fn start_volume(
             });
             Ok(VolumeHandle {
                 inner: Inner::Primary(PrimaryRef::new(opening, patience)),
+                activity,
                 tasks,
                 stopping,
             })
@@ -265,7 +276,8 @@ async fn start_volume(
                 Arc::clone(&metrics),
                 pools.blocking.clone(),
                 tasks.clone(),
-            );
+            )
+            .with_activity(activity.clone());
             // The receiver, its accept loop and its connection tasks share
             // one arbiter: the connection task's socket reads then run beside
             // the receiver's writes instead of on the thread of the primaries
@@ -316,6 +328,7 @@ async fn start_volume(
                     listen,
                     shared: shared.map(Arc::new),
                 },
+                activity,
                 tasks,
                 stopping: Arc::new(shutdown),
             })
@@ -328,8 +341,8 @@ async fn start_volume(
 async fn open_after_peering(
     mut config: crate::config::PrimaryConfig,
     (store, report): (Store, walship_io::StoreReport),
-    pools: Pools,
-    tasks: TaskTracker,
+    (pools, tasks): (Pools, TaskTracker),
+    activity: crate::activity::Activity,
     opening: &watch::Sender<Opening>,
 ) -> Result<MeteredAddr<VolumeActor>, VolumeError> {
     let waiting = |round, have, need, reason: &str| {
@@ -352,7 +365,8 @@ async fn open_after_peering(
         waiting,
     )
     .await?;
-    let mut actor = VolumeActor::with_store(config, (store, report), pools, tasks)?;
+    let mut actor =
+        VolumeActor::with_store(config, (store, report), pools, tasks)?.with_activity(activity);
     actor.note_peered(&peered);
     let metrics = actor.metrics_arc();
     Ok(MeteredAddr::new(actor.start(), metrics))
@@ -480,6 +494,8 @@ impl NodeStatus {
 #[derive(Debug, Clone)]
 pub struct VolumeHandle {
     inner: Inner,
+    /// Moves when what the volume's status reports may have changed.
+    activity: crate::activity::Activity,
     /// Everything that holds the volume's store or a connection holds a
     /// token of it: [`stop`](VolumeHandle::stop) waits for the last one.
     tasks: TaskTracker,
@@ -534,6 +550,16 @@ impl VolumeHandle {
     pub async fn stopping(&self) {
         let mut stopping = self.stopping.subscribe();
         let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
+
+    /// A count that moves whenever what this volume's
+    /// [`status`](Self::status) reports may have changed: a primary's
+    /// committed LSN, its replicas' states or acknowledgements, its
+    /// opening after peering; a replica's frames received or connection
+    /// closed. An idle volume's stays put, so a reporter that compares it
+    /// with what it last saw asks idle volumes nothing.
+    pub fn activity(&self) -> u64 {
+        self.activity.get()
     }
 
     /// Whether [`stop`](Self::stop) has begun.

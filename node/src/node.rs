@@ -12,7 +12,7 @@ use crate::fence::WriteFence;
 use crate::nbd::{Export, Exports, NbdServer};
 use crate::terms::TermKeeper;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};

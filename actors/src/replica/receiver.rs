@@ -91,6 +91,8 @@ pub struct ReceiverActor {
     /// A pull a primary that lost its log is making of this replica's image.
     pull: Option<Pull>,
     metrics: Arc<MailboxMetrics>,
+    /// Moves with every burst received and connection closed.
+    activity: crate::activity::Activity,
     /// Seconds each WAL sync took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
 }
@@ -206,7 +208,14 @@ impl ReceiverActor {
             committed: 0,
             sync_seconds: metrics::histogram!("walship_wal_sync_seconds", "role" => "replica"),
             metrics,
+            activity: crate::activity::Activity::default(),
         }
+    }
+
+    /// Shares `activity` with the volume's handle (before it starts).
+    pub(crate) fn with_activity(mut self, activity: crate::activity::Activity) -> Self {
+        self.activity = activity;
+        self
     }
 
     /// Makes the WAL durable up to `lsn`, timing the sync.
@@ -691,6 +700,7 @@ impl Handler<Inbound> for ReceiverActor {
     type Result = Reply;
 
     fn handle(&mut self, msg: Inbound, _: &mut Context<Self>) -> Self::Result {
+        self.activity.bump();
         let mut out = Reply::default();
         let mut unsynced = false;
         for envelope in msg.envelopes {
@@ -856,6 +866,7 @@ impl Handler<ConnClosed> for ReceiverActor {
         if self.active_conn == Some(msg.0) {
             self.active_conn = None;
             self.install = None;
+            self.activity.bump();
         }
     }
 }

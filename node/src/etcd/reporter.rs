@@ -9,14 +9,20 @@
 //! a change of a primary's replicas' states is written at once, so that a
 //! primary lost right after one is judged by it; a probe is answered at
 //! once.
+//!
+//! At 10,000 volumes a node asks only the volumes whose activity count
+//! moved since it last looked (`VolumeHandle::activity`): an idle volume
+//! is asked nothing and written nothing. What changed in one pass goes
+//! out as one transaction (of at most [`PUTS_PER_TXN`] puts, under etcd's
+//! default limit of 128 operations), not a put per volume.
 
 use super::keys::{progress_key, replica_report_key};
 use super::session::stopping;
 use crate::assignment::Applied;
 use crate::control::{ProgressRecord, ReplicaProgress, ReplicaReport};
 use crate::node::Node;
-use etcd_client::Client;
-use std::collections::BTreeMap;
+use etcd_client::{Client, Txn, TxnOp};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -25,6 +31,10 @@ use walship_actors::NodeStatus;
 /// How often a primary's progress (its LSNs) may be written by default;
 /// its replicas' state changes are written at once.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Puts in one transaction of reports (etcd refuses more than 128
+/// operations in one by default).
+pub const PUTS_PER_TXN: usize = 100;
 
 /// Writes each hosted volume's report when it changed: a primary's
 /// progress, a replica's own view.
@@ -37,11 +47,16 @@ pub(super) async fn report(
 ) -> Option<String> {
     // The last value written under each key.
     let mut last: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Each volume's activity count when it was last asked.
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    // The probes answered so far, by volume.
+    let mut probed: BTreeMap<String, i64> = BTreeMap::new();
     let mut every = tokio::time::interval(every.max(Duration::from_millis(10)));
     let mut probes_open = true;
     loop {
-        // Every volume, or only primaries whose replicas changed state.
-        let named = tokio::select! {
+        // The volumes to ask: those whose activity moved (a tick), those
+        // a new probe names, or primaries whose replicas changed state.
+        let states_changed = tokio::select! {
             () = stopping(&mut stopped) => return None,
             _ = every.tick() => None,
             // A probe is answered at once. Closed once the watches end
@@ -58,15 +73,29 @@ pub(super) async fn report(
         // The probes asked so far, read before any status below: a report
         // says it answers a probe only if it was taken after it. A pass
         // over a few primaries leaves a new probe for the pass it starts.
-        let answered = match &named {
+        let answered = match &states_changed {
             None => probes.borrow_and_update().clone(),
             Some(_) => probes.borrow().clone(),
         };
-        let statuses = match &named {
-            None => node.statuses().await,
-            Some(named) => node.statuses_named(named).await,
+        let names: BTreeSet<String> = match states_changed {
+            Some(named) => named,
+            None => {
+                let mut names = node.moved_since(&mut seen);
+                names.extend(
+                    answered
+                        .iter()
+                        .filter(|(volume, probe)| probed.get(*volume) != Some(probe))
+                        .map(|(volume, _)| volume.clone()),
+                );
+                probed.clone_from(&answered);
+                names
+            }
         };
-        for (name, status) in statuses {
+        if names.is_empty() {
+            continue;
+        }
+        let mut puts = Vec::new();
+        for (name, status) in node.statuses_named(&names).await {
             let (key, value) = match &status {
                 NodeStatus::Primary(status) => {
                     let progress = ProgressRecord {
@@ -99,21 +128,37 @@ pub(super) async fn report(
                     let key = replica_report_key(&cluster, &name, node.name());
                     (key, serde_json::to_vec(&own))
                 }
-                // Nothing to report until it serves.
-                NodeStatus::Peering(_) => continue,
+                // Nothing to report until it serves (its opening moves
+                // its activity).
+                NodeStatus::Peering(_) => {
+                    seen.remove(&name);
+                    continue;
+                }
             };
             let Ok(value) = value else {
                 continue;
             };
-            if last.get(&key) == Some(&value) {
-                continue;
+            if last.get(&key) != Some(&value) {
+                puts.push((name, key, value));
             }
-            match client.put(key.as_str(), value.clone(), None).await {
+        }
+        for batch in puts.chunks(PUTS_PER_TXN) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(_, key, value)| TxnOp::put(key.as_str(), value.clone(), None))
+                .collect();
+            match client.txn(Txn::new().and_then(ops)).await {
                 Ok(_) => {
-                    last.insert(key, value);
+                    for (_, key, value) in batch {
+                        last.insert(key.clone(), value.clone());
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, volume = %name, "etcd: report not written")
+                    tracing::warn!(error = %e, volumes = batch.len(), "etcd: reports not written");
+                    // Asked again at the next pass.
+                    for (name, _, _) in batch {
+                        seen.remove(name);
+                    }
                 }
             }
         }

@@ -17,6 +17,34 @@ impl Node {
         self.statuses_of(hosted.collect()).await
     }
 
+    /// The volumes whose activity count moved since `seen` last recorded
+    /// it (every volume `seen` does not know yet); records the counts
+    /// read, before any status is asked, so a change after this is seen
+    /// by the next call. Forgets volumes no longer hosted.
+    pub fn moved_since(&self, seen: &mut HashMap<String, u64>) -> BTreeSet<String> {
+        let volumes = self
+            .table
+            .volumes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.len() > volumes.len() {
+            seen.retain(|name, _| volumes.contains_key(name));
+        }
+        let mut moved = BTreeSet::new();
+        for (name, hosted) in volumes.iter() {
+            let now = hosted.handle.activity();
+            match seen.get_mut(name) {
+                Some(count) if *count == now => continue,
+                Some(count) => *count = now,
+                None => {
+                    seen.insert(name.clone(), now);
+                }
+            }
+            moved.insert(name.clone());
+        }
+        moved
+    }
+
     pub(super) async fn statuses_of(&self, hosted: Vec<Hosted>) -> Vec<(String, NodeStatus)> {
         let mut statuses = Vec::new();
         for hosted in hosted {

@@ -96,6 +96,8 @@ pub struct VolumeActor {
     /// What the volume ingests, each replica's boost, the writes' limit.
     converging: converging::Converging,
     metrics: Arc<MailboxMetrics>,
+    /// Moves when what the volume's status reports may have changed.
+    activity: crate::activity::Activity,
     /// Seconds each group-commit sync of the WAL took (`walship_wal_sync_seconds`).
     sync_seconds: metrics::Histogram,
     me: Option<MeteredAddr<VolumeActor>>,
@@ -210,6 +212,7 @@ impl VolumeActor {
         let (committed_tx, _) = watch::channel(committed);
         Ok(Self {
             metrics: MailboxMetrics::new("volume", config.volume.clone()),
+            activity: crate::activity::Activity::default(),
             sync_seconds: metrics::histogram!("walship_wal_sync_seconds", "role" => "primary"),
             config,
             store,
@@ -243,6 +246,13 @@ impl VolumeActor {
             _alive: tasks.token(),
             tasks,
         })
+    }
+
+    /// Shares `activity` with the volume's handle (before it starts).
+    pub(crate) fn with_activity(mut self, activity: crate::activity::Activity) -> Self {
+        activity.bump();
+        self.activity = activity;
+        self
     }
 
     /// Tells the senders' hellos whether committed is durable on replicas.
@@ -473,8 +483,10 @@ impl VolumeActor {
                 self.execute(command);
             }
         }
-        self.committed_tx
-            .send_replace(self.engine.committed().get());
+        let committed = self.engine.committed().get();
+        if self.committed_tx.send_replace(committed) != committed {
+            self.activity.bump();
+        }
         self.tell_replica_states();
         self.arm_local_wake();
         self.reschedule(ctx);
@@ -482,10 +494,8 @@ impl VolumeActor {
 
     /// Tells `on_replica_states`, if set, when the replicas or their
     /// states differ from what it was last told.
+    /// (The activity count moves with them.)
     fn tell_replica_states(&mut self) {
-        let Some(changed) = &self.config.on_replica_states else {
-            return;
-        };
         let engine = &self.engine;
         let now = || engine.replicas().map(|r| (r, engine.replica_state(r)));
         let told = self.states_told.iter().map(|(r, state)| (r, *state));
@@ -493,7 +503,10 @@ impl VolumeActor {
             return;
         }
         self.states_told = now().map(|(r, state)| (r.clone(), state)).collect();
-        (changed.0)();
+        self.activity.bump();
+        if let Some(changed) = &self.config.on_replica_states {
+            (changed.0)();
+        }
     }
 
     fn execute(&mut self, command: Command) {
@@ -636,6 +649,8 @@ impl Handler<EngineInput> for VolumeActor {
 
     fn handle(&mut self, EngineInput(input): EngineInput, ctx: &mut Context<Self>) {
         self.clock();
+        // An ack moves a replica's flushed LSN, which reports carry.
+        self.activity.bump();
         if matches!(input, Input::Handshake { .. }) {
             // Plan against the WAL as it is now: a checkpoint that finished
             // on the pool meanwhile moved the snapshot a plan would bind,
