@@ -102,3 +102,73 @@ async fn an_assignment_the_engine_would_refuse_is_refused_at_spawn_typed() {
     );
     rt.shutdown();
 }
+
+/// The first frame a replication connection would get for `hello`'s
+/// volume on `addr`: whatever the listener answers.
+async fn answer_to_hello(addr: std::net::SocketAddr, volume: &str) -> walship::io::Message {
+    use futures::{SinkExt, StreamExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut framed = tokio_util::codec::Framed::new(stream, walship::io::WireCodec::default());
+    let hello = walship::io::Message::Hello {
+        cluster: "spawn".into(),
+        volume: volume.into(),
+        replica: format!("{volume}/r1"),
+        session: 1,
+        durable_commits: true,
+    };
+    framed
+        .send(walship::io::Envelope {
+            epoch: 1,
+            message: hello,
+        })
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(15), framed.next()).await;
+    answer.expect("an answer").unwrap().unwrap().message
+}
+
+/// A node opens its replication listener before its volumes: while it
+/// starts, a hello for a volume still opening waits for it and is
+/// answered (a primary whose link is back need not back off); once the
+/// node says its volumes started, a hello for a volume it lacks is
+/// refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_for_a_volume_still_opening_waits_for_it_while_the_node_starts() {
+    use walship::actors::{Listen, ReplicaConfig};
+    use walship::io::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::start().unwrap();
+    let listener = rt.replication_listener("spawn", "127.0.0.1:0").unwrap();
+    listener.wait_for_volumes();
+    let addr = listener.local_addr();
+    let asked = tokio::spawn(answer_to_hello(addr, "late"));
+    // The hello is in before the volume opens (its refusal would be back
+    // by now).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!asked.is_finished(), "refused while the node starts");
+    let replica = rt
+        .spawn_volume(VolumeConfig::Replica(ReplicaConfig::new(
+            ("spawn", "late", "r1"),
+            dir.path().join("late"),
+            StoreOptions::new(256),
+            Listen::Shared(listener.clone()),
+        )))
+        .await
+        .unwrap();
+    let answer = asked.await.unwrap();
+    assert!(
+        matches!(answer, Message::HelloAck { ref replica, .. } if replica == "late/r1"),
+        "{answer:?}"
+    );
+    listener.volumes_started();
+    let refused = tokio::time::timeout(Duration::from_secs(2), answer_to_hello(addr, "nope"))
+        .await
+        .expect("refused at once once the volumes started");
+    assert!(
+        matches!(refused, Message::Error { ref message, .. } if message.contains("no replica of volume nope")),
+        "{refused:?}"
+    );
+    replica.stop().await;
+    listener.close().await;
+    rt.shutdown();
+}

@@ -29,11 +29,12 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::PoisonError;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 /// Sent first on a multiplexed connection. Its first four bytes, read as
@@ -81,7 +82,15 @@ type OpenRequest = oneshot::Sender<Result<yamux::Stream, String>>;
 #[derive(Debug, Default)]
 pub(crate) struct PeerLinks {
     links: Mutex<HashMap<String, mpsc::UnboundedSender<OpenRequest>>>,
+    /// Peers found unreachable, each watched by a redial that says when
+    /// it answers again (see [`when_back`](Self::when_back)).
+    away: Arc<std::sync::Mutex<HashMap<String, watch::Sender<()>>>>,
 }
+
+/// How often a redial knocks on an unreachable peer's port.
+const REDIAL_EVERY: Duration = Duration::from_millis(100);
+/// How long a redial goes on with nobody waiting for its answer.
+const REDIAL_UNWATCHED: Duration = Duration::from_secs(2);
 
 impl PeerLinks {
     /// A new stream to `addr`, on its link (connected first if there is
@@ -141,7 +150,13 @@ impl PeerLinks {
             return Ok(link.clone());
         }
         let wire = |e: std::io::Error| ExecError::Wire(e.into());
-        let mut stream = TcpStream::connect(addr).await.map_err(wire)?;
+        let mut stream = match TcpStream::connect(addr).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.redial(addr);
+                return Err(wire(e));
+            }
+        };
         stream.set_nodelay(true).map_err(wire)?;
         stream.write_all(&PREAMBLE).await.map_err(wire)?;
         let socket = Heard::new(stream);
@@ -153,11 +168,69 @@ impl PeerLinks {
         Ok(link)
     }
 
+    /// A watch that changes once `addr`, found unreachable, answers again
+    /// (a TCP connect to it succeeds): a session waiting out its backoff
+    /// retries then, not at the end of it. `None` if `addr` is not known
+    /// to be away.
+    pub(crate) fn when_back(&self, addr: &str) -> Option<watch::Receiver<()>> {
+        let away = self.away.lock().unwrap_or_else(PoisonError::into_inner);
+        away.get(addr).map(watch::Sender::subscribe)
+    }
+
+    /// Starts watching for `addr`'s return, unless a redial already does:
+    /// one per address, however many sessions wait for it.
+    fn redial(&self, addr: &str) {
+        let mut away = self.away.lock().unwrap_or_else(PoisonError::into_inner);
+        if away.contains_key(addr) {
+            return;
+        }
+        let (back, _) = watch::channel(());
+        away.insert(addr.to_owned(), back.clone());
+        tokio::spawn(redial(addr.to_owned(), back, Arc::clone(&self.away)));
+    }
+
     async fn forget(&self, addr: &str, dead: &mpsc::UnboundedSender<OpenRequest>) {
         let mut links = self.links.lock().await;
         if links.get(addr).is_some_and(|link| link.same_channel(dead)) {
             links.remove(addr);
         }
+    }
+}
+
+/// Knocks on `addr` every [`REDIAL_EVERY`] until it answers (then tells
+/// `back`'s watchers) or nobody has waited for it for
+/// [`REDIAL_UNWATCHED`]; either way it leaves `away`.
+async fn redial(
+    addr: String,
+    back: watch::Sender<()>,
+    away: Arc<std::sync::Mutex<HashMap<String, watch::Sender<()>>>>,
+) {
+    let mut unwatched_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(REDIAL_EVERY).await;
+        if back.receiver_count() > 0 {
+            unwatched_since = tokio::time::Instant::now();
+        } else if unwatched_since.elapsed() >= REDIAL_UNWATCHED {
+            break;
+        }
+        // A peer that drops packets rather than refusing: one knock at a
+        // time, each within the knocking interval's tenfold.
+        let knock = tokio::time::timeout(REDIAL_EVERY * 10, TcpStream::connect(&addr)).await;
+        if let Ok(Ok(stream)) = knock {
+            // The listener reads a preamble first: a bare close is
+            // nothing to it.
+            drop(stream);
+            tracing::info!(%addr, "peer answers again");
+            back.send_replace(());
+            break;
+        }
+    }
+    let mut away = away.lock().unwrap_or_else(PoisonError::into_inner);
+    if away
+        .get(&addr)
+        .is_some_and(|watched| watched.same_channel(&back))
+    {
+        away.remove(&addr);
     }
 }
 

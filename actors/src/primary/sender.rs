@@ -72,6 +72,10 @@ impl Link {
 pub struct SenderActor {
     context: SenderContext,
     link: Link,
+    /// Waiting for the replica's node to answer again after a connect
+    /// failed (a multiplexed link's redial says when): the engine then
+    /// retries at once rather than at the end of its backoff.
+    returning: Option<SpawnHandle>,
     metrics: Arc<MailboxMetrics>,
 }
 
@@ -101,13 +105,43 @@ impl SenderActor {
         Self {
             context,
             link: Link::Idle,
+            returning: None,
             metrics,
         }
+    }
+
+    /// After a failed connect to `addr`: once the peer answers again,
+    /// tells the engine to retry the replica now (its backoff skipped
+    /// once) and says the sender is idle, which starts a session.
+    fn await_return(&mut self, addr: &str, epoch: u64, ctx: &mut Context<Self>) {
+        let Some(mut back) = self.context.links.when_back(addr) else {
+            return;
+        };
+        let waiting = async move { back.changed().await.is_ok() };
+        let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(waiting).map(
+            move |answered, act, _| {
+                act.returning = None;
+                if answered && matches!(act.link, Link::Idle) {
+                    let replica = act.context.replica.clone();
+                    act.context.report(Input::RetryNow {
+                        replica: replica.clone(),
+                    });
+                    act.context.report(Input::Heartbeat {
+                        replica,
+                        epoch: Epoch(epoch),
+                    });
+                }
+            },
+        ));
+        self.returning = Some(handle);
     }
 
     /// Drops the link: a running task's future (with its connection and
     /// lease) is dropped on the actor's next poll, a held connection now.
     fn drop_link(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.returning.take() {
+            ctx.cancel_future(handle);
+        }
         if let Link::Busy { handle, .. } = std::mem::replace(&mut self.link, Link::Idle) {
             ctx.cancel_future(handle);
         }
@@ -170,10 +204,11 @@ impl Handler<Assignment> for SenderActor {
             epoch,
             endpoint,
         } = msg;
+        let addr = endpoint.data_addr.clone();
         let fut =
             async move { executor::connect_and_hello(&context, session, epoch, &endpoint).await };
         let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(fut).map(
-            move |result, act, _| match result {
+            move |result, act, ctx| match result {
                 Ok((conn, reply)) => {
                     act.link = Link::Ready { session, conn };
                     let replica = act.context.replica.clone();
@@ -191,6 +226,7 @@ impl Handler<Assignment> for SenderActor {
                     act.link = Link::Idle;
                     let failure = act.failure("connect", &error);
                     act.context.failed(session, failure);
+                    act.await_return(&addr, epoch, ctx);
                 }
             },
         ));

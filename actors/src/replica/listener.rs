@@ -145,6 +145,10 @@ struct Shared {
     routes: Mutex<HashMap<String, Route>>,
     next_conn: AtomicU64,
     closed: watch::Sender<bool>,
+    /// Bumped at each volume routed; while `starting`, a hello naming a
+    /// volume not routed yet waits on it.
+    registered: watch::Sender<u64>,
+    starting: std::sync::atomic::AtomicBool,
     /// The accept loop and the tasks reading hellos.
     tasks: TaskTracker,
 }
@@ -164,6 +168,8 @@ impl ReplicationListener {
             routes: Mutex::default(),
             next_conn: AtomicU64::new(0),
             closed,
+            registered: watch::channel(0).0,
+            starting: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
         });
         let accepting = Arc::clone(&shared);
@@ -205,7 +211,26 @@ impl ReplicationListener {
             return false;
         }
         routes.insert(volume.to_owned(), route);
+        drop(routes);
+        self.shared.registered.send_modify(|n| *n += 1);
         true
+    }
+
+    /// Until [`volumes_started`](Self::volumes_started), a hello naming a
+    /// volume not routed here yet waits for it (as long as a hello may
+    /// take) rather than being refused: a node opens its listener before
+    /// its volumes, so that a peer whose link is back is answered at
+    /// once, and a primary that says hello to a replica still opening
+    /// waits for it instead of backing off.
+    pub fn wait_for_volumes(&self) {
+        self.shared.starting.store(true, Ordering::SeqCst);
+    }
+
+    /// Every volume the node starts with is routed: a hello naming
+    /// another is refused at once from now on.
+    pub fn volumes_started(&self) {
+        self.shared.starting.store(false, Ordering::SeqCst);
+        self.shared.registered.send_modify(|n| *n += 1);
     }
 
     /// Stops routing `volume`'s connections.
@@ -310,8 +335,7 @@ impl Shared {
                         ),
                     ),
                     Some((_, volume)) => {
-                        let route = self.routes().get(&volume).cloned();
-                        let Some(route) = route else {
+                        let Some(route) = self.route_of(&volume).await else {
                             let refusal = format!("this node has no replica of volume {volume}");
                             return self.refuse(framed, CODE_IDENTITY, refusal).await;
                         };
@@ -322,6 +346,24 @@ impl Shared {
             }
         };
         self.refuse(framed, refusal.0, refusal.1).await;
+    }
+
+    /// Where `volume`'s connections go; while the node starts, once the
+    /// volume is routed (within [`HELLO_WAIT`]).
+    async fn route_of(&self, volume: &str) -> Option<Route> {
+        let mut registered = self.registered.subscribe();
+        let wait = async {
+            loop {
+                if let Some(route) = self.routes().get(volume).cloned() {
+                    return Some(route);
+                }
+                if !self.starting.load(Ordering::SeqCst) {
+                    return None;
+                }
+                registered.changed().await.ok()?;
+            }
+        };
+        tokio::time::timeout(HELLO_WAIT, wait).await.ok().flatten()
     }
 
     async fn refuse<C: AsyncRead + AsyncWrite + Unpin>(

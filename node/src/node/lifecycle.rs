@@ -47,6 +47,8 @@ impl Node {
                 volume: "(replication listener)".into(),
                 source,
             })?;
+        // Open before the volumes: a hello for one still opening waits.
+        listener.wait_for_volumes();
         let mut node = Self {
             recovery,
             runtime: Mutex::new(Some(Arc::new(runtime))),
@@ -100,6 +102,7 @@ impl Node {
                 handle,
             });
         }
+        node.listener.volumes_started();
         if let Some(addr) = node.config.nbd {
             let exports = Arc::new(NodeExports {
                 node: node.config.node.clone(),
