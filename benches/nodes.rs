@@ -8,6 +8,13 @@
 //!
 //! `cargo bench --bench nodes -- --volumes 1000` (default 1000). With
 //! `NODES_WRAP="heaptrack -o /tmp/node1"`, node1 runs under that command.
+//! `cargo bench --features walship/etcd --bench nodes -- --etcd` runs
+//! every node (the empty one too) under a real etcd, and says what etcd
+//! was written and what it cost over the idle window.
+
+#[cfg(feature = "etcd")]
+#[path = "../tests/support/etcd.rs"]
+mod etcd;
 
 #[path = "../tests/support/nodes.rs"]
 mod nodes;
@@ -30,6 +37,10 @@ struct Options {
     /// removed at the end).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Every node under a real etcd (`walship serve --etcd`; needs the
+    /// `etcd` feature).
+    #[arg(long)]
+    etcd: bool,
     /// Seconds of idle CPU measured.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
@@ -89,7 +100,12 @@ fn config(name: &str, ports: (u16, u16, u16), volumes: &str) -> String {
     )
 }
 
-async fn spawn(dir: &Path, name: &str, text: &str, admin: u16) -> anyhow::Result<NodeProcess> {
+async fn spawn(
+    dir: &Path,
+    name: &str,
+    (text, extra): (&str, &[String]),
+    admin: u16,
+) -> anyhow::Result<NodeProcess> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text)?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
@@ -113,6 +129,7 @@ async fn spawn(dir: &Path, name: &str, text: &str, admin: u16) -> anyhow::Result
         .arg(&path)
         .arg("--data-dir")
         .arg(dir.join(name))
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -184,16 +201,19 @@ async fn main() -> anyhow::Result<()> {
             replicas.join(", ")
         ));
     }
+    let control = EtcdUnder::start(options.etcd).await?;
+    let extra = control.args();
     let started = Instant::now();
     let mut nodes = Vec::new();
     for (name, ports) in names.iter().zip(&ports) {
-        nodes.push(spawn(&dir, name, &config(name, *ports, &volumes), ports.1).await?);
+        let text = config(name, *ports, &volumes);
+        nodes.push(spawn(&dir, name, (&text, &extra), ports.1).await?);
     }
     let empty_ports = (free_port(), free_port(), 0);
     let mut empty = spawn(
         &dir,
         "empty",
-        &config("empty", empty_ports, ""),
+        (&config("empty", empty_ports, ""), &extra),
         empty_ports.1,
     )
     .await?;
@@ -227,12 +247,14 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|&p| usage(p))
         .collect::<anyhow::Result<_>>()?;
+    let etcd_before = control.measure().await?;
     // The measurement window: the nodes idle with heartbeats meanwhile.
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
     let after: Vec<Usage> = pids
         .iter()
         .map(|&p| usage(p))
         .collect::<anyhow::Result<_>>()?;
+    let etcd_after = control.measure().await?;
     let ticks_per_s = 100.0;
     let cpu = |i: usize| {
         (after[i].cpu_ticks - before[i].cpu_ticks) as f64
@@ -265,6 +287,16 @@ async fn main() -> anyhow::Result<()> {
             (cpu(i) - cpu(3)).max(0.0) * 1e6 / senders.max(1.0),
         );
     }
+    if let (Some((rev0, cpu0)), Some((rev1, cpu1))) = (etcd_before, etcd_after) {
+        let seconds = options.idle_seconds as f64;
+        let writes = (rev1 - rev0) as f64;
+        println!(
+            "  etcd over the idle window: {writes} writes ({:.2} per node per second; target <= 1), \
+             CPU {:.3} of a core",
+            writes / seconds / 4.0,
+            (cpu1 - cpu0) as f64 / 100.0 / seconds,
+        );
+    }
     // SIGTERM to each walship process (found by its config file, in this
     // run's temp dir: under a wrapper, the child's pid is the wrapper's),
     // so it ends cleanly and a profiler around it writes its output.
@@ -282,4 +314,54 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The control plane the nodes run under: none, or a real etcd.
+struct EtcdUnder {
+    #[cfg(feature = "etcd")]
+    etcd: Option<etcd::Etcd>,
+}
+
+impl EtcdUnder {
+    async fn start(wanted: bool) -> anyhow::Result<Self> {
+        #[cfg(feature = "etcd")]
+        {
+            let etcd = if wanted {
+                Some(etcd::Etcd::start().await)
+            } else {
+                None
+            };
+            Ok(Self { etcd })
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            if wanted {
+                bail!("--etcd needs `cargo bench --features walship/etcd`");
+            }
+            Ok(Self {})
+        }
+    }
+
+    /// What each `walship serve` gets on its command line.
+    fn args(&self) -> Vec<String> {
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &self.etcd {
+            let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+            return args.iter().map(|a| a.to_string()).collect();
+        }
+        Vec::new()
+    }
+
+    /// etcd's revision and CPU ticks now, if there is an etcd.
+    async fn measure(&self) -> anyhow::Result<Option<(i64, u64)>> {
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &self.etcd {
+            let mut client = etcd.client().await;
+            let response = client.get("revision", None).await?;
+            let revision = response.header().map_or(0, |h| h.revision());
+            let cpu = usage(etcd.pid().context("etcd pid")?)?.cpu_ticks;
+            return Ok(Some((revision, cpu)));
+        }
+        Ok(None)
+    }
 }

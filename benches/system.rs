@@ -40,11 +40,12 @@ mod stats;
 use stats::median;
 
 /// Whole-system benchmarks against same-run baselines: P1 catch-up, P2
-/// full-base rebuild, P4 replication tax, P5 mailbox, P6 scale.
+/// full-base rebuild, P4 replication tax (P4q: on a volume that slept),
+/// P5 mailbox, P6 scale.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "system")]
 struct BenchOptions {
-    /// Which: p1, p2, p4, p5, p6 (default: all).
+    /// Which: p1, p2, p4, p4q, p5, p6 (default: all but p4q).
     #[arg(value_delimiter = ',')]
     which: Vec<String>,
     /// Data size for P1 and P2, MiB.
@@ -784,6 +785,73 @@ async fn p4(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow:
     Ok(())
 }
 
+/// P4 on a volume that slept: QD1 FUA writes to a replicated sync_all
+/// volume, each made once the volume fell asleep (its replicas hold
+/// everything; it arms no timer, its senders send nothing), against the
+/// same volume kept busy, alternated round by round. A write that wakes
+/// a volume should cost no more than one busy write (target: p50 within
+/// 10%).
+async fn p4q(options: &BenchOptions, dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    const ROUNDS: u64 = 6;
+    const WOKEN_PER_ROUND: usize = 10;
+    let setup = Setup::start(
+        &dir.join("p4q"),
+        CommitMode::SyncAll,
+        &["r1", "r2"],
+        4096,
+        Tuning::default(),
+    )
+    .await?;
+    let primary = setup.primary().clone();
+    let busy_per_round = (options.p4_ops / ROUNDS).max(50);
+    let (mut busy, mut woken) = (Latencies::default(), Vec::new());
+    let data = Bytes::from(vec![0x22u8; BLOCK_SIZE]);
+    let woken_start = Instant::now();
+    for round in 0..ROUNDS {
+        for k in 0..2 {
+            if (round + k) % 2 == 0 {
+                busy.merge(fua_write_load(&primary, busy_per_round, 1).await?);
+                continue;
+            }
+            for i in 0..WOKEN_PER_ROUND {
+                asleep(&primary).await?;
+                let t = Instant::now();
+                primary.write_committed(i as u64, data.clone()).await?;
+                woken.push(t.elapsed());
+            }
+        }
+    }
+    let woken = Latencies::new(woken, woken_start.elapsed());
+    setup.stop().await;
+    writeln!(
+        out,
+        "P4 QD1 on a volume that slept: p50 {:?} p99 {:?} ({} writes, each after the volume fell asleep); busy: p50 {:?} p99 {:?}; ratio of p50s {:.3} (target <= 1.10; {ROUNDS} alternating rounds)",
+        woken.p50(),
+        woken.p99(),
+        woken.all.len(),
+        busy.p50(),
+        busy.p99(),
+        woken.p50().as_secs_f64() / busy.p50().as_secs_f64()
+    )?;
+    Ok(())
+}
+
+/// Waits until `primary` sleeps (within 10 s).
+async fn asleep(primary: &VolumeHandle) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let walship_actors::NodeStatus::Primary(status) = primary.status().await? {
+            if status.asleep {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the volume did not fall asleep within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[derive(Debug)]
 struct Count(u64);
 
@@ -1258,9 +1326,10 @@ async fn run(options: BenchOptions, out: &mut impl Write) -> anyhow::Result<()> 
             "p1" => p1(&options, &dir, out).await?,
             "p2" => p2(&options, &dir, out).await?,
             "p4" => p4(&options, &dir, out).await?,
+            "p4q" => p4q(&options, &dir, out).await?,
             "p5" => p5(&options, &dir, out).await?,
             "p6" => p6(&options, &dir, out).await?,
-            other => bail!("unknown benchmark {other}: expected p1, p2, p4, p5, p6"),
+            other => bail!("unknown benchmark {other}: expected p1, p2, p4, p4q, p5, p6"),
         }
         let _ = fs::remove_dir_all(&dir);
     }

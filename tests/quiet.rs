@@ -350,9 +350,18 @@ async fn under_etcd_idle_volumes_are_asked_nothing_and_write_nothing() {
     })
     .await
     .expect("etcd's revision never stood still");
+    let ranges_before = ranges(&etcd).await;
     asked_nothing_for(&cluster, Duration::from_secs(2)).await;
     let after = revision().await.expect("etcd answers");
+    let ranges_after = ranges(&etcd).await;
     assert_eq!(before, after, "etcd written while every volume slept");
+    // The controller keeps its view by a watch: no range read per pass
+    // (8 in 2 s before), only the test's own read of the revision.
+    assert!(
+        ranges_after - ranges_before <= 2,
+        "{} range reads of etcd in 2 s idle",
+        ranges_after - ranges_before
+    );
 
     let head = fua_write(&cluster).await;
     let reported = within(Duration::from_secs(5), || async {
@@ -363,4 +372,17 @@ async fn under_etcd_idle_volumes_are_asked_nothing_and_write_nothing() {
     })
     .await;
     assert!(reported.is_some(), "the write's progress was not reported");
+}
+
+/// The range reads etcd has served (`etcd_mvcc_range_total`).
+#[cfg(feature = "etcd")]
+async fn ranges(etcd: &etcd::Etcd) -> u64 {
+    let addr = etcd.endpoint.trim_start_matches("http://");
+    let (_, body) = walship::node::admin::request(addr, "/metrics", None)
+        .await
+        .expect("etcd's metrics");
+    body.lines()
+        .find_map(|line| line.strip_prefix("etcd_mvcc_range_total "))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .expect("etcd_mvcc_range_total") as u64
 }

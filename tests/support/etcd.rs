@@ -65,6 +65,11 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Its process id (for what it costs: `/proc/<pid>`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Starts etcd and returns once it answers a read.
     pub async fn start() -> Self {
         Self::start_with(&[]).await

@@ -1,13 +1,15 @@
 //! The controller's shell: every node campaigns in an etcd election on
-//! its lease; the leader, alone, reads the cluster every
-//! [`CONTROL_EVERY`], lets [`Controller::decide`] judge it and carries out
-//! each action as one guarded transaction ([`Store`]). An operator's
+//! its lease; the leader, alone, looks at the cluster every
+//! [`CONTROL_EVERY`] (a view kept by a watch: one range read when elected,
+//! then only the changes), lets [`Controller::decide`] judge it and
+//! carries out each action as one guarded transaction ([`Store`]). An operator's
 //! promotion accepting data loss ([`promote_accepting_loss`]) judges by
 //! the same rules ([`accept_loss`]) and writes through the same store.
 
 use super::keys::election_key;
 use super::session::stopping;
 use super::store::{Leader, Store};
+use super::watched::WatchedView;
 use crate::control::{
     accept_loss, asked, judge, probe_of, promotion, Action, Controller, Decision, Write,
 };
@@ -54,6 +56,7 @@ pub(super) async fn control(
     };
     tracing::info!(controller = %me, "etcd: elected controller");
     let mut store = Store::new(client, &cluster, Some(leader));
+    let mut view = WatchedView::new();
     let mut controller = Controller::new(&me, ttl);
     let mut pause = CONTROL_EVERY;
     loop {
@@ -61,7 +64,7 @@ pub(super) async fn control(
             () = stopping(&mut stopped) => return None,
             () = tokio::time::sleep(pause) => {}
         }
-        pause = match pass(&mut store, &mut controller, &me).await {
+        pause = match pass(&mut store, &mut view, &mut controller, &me).await {
             Ok(true) => ANSWER_EVERY,
             Ok(false) => CONTROL_EVERY,
             Err(e) => {
@@ -72,23 +75,27 @@ pub(super) async fn control(
     }
 }
 
-/// One pass: reads the cluster, decides, carries out each action; whether
-/// to look again soon (answers awaited).
+/// One pass: brings the view up to date, decides, carries out each
+/// action (and waits for its own write to reach the view); whether to
+/// look again soon (answers awaited).
 async fn pass(
     store: &mut Store,
+    view: &mut WatchedView,
     controller: &mut Controller,
     me: &str,
 ) -> Result<bool, etcd_client::Error> {
-    let view = store.read().await?;
-    let actions = controller.decide(&view, std::time::Instant::now());
+    let actions = controller.decide(view.current(store).await?, std::time::Instant::now());
     let mut soon = false;
     for action in actions {
         soon |= action.soon();
         if matches!(action, Action::Promote(_)) {
             failpoint("controller-before-promote", me).await;
         }
-        let held = store.apply(&action).await?.is_some();
-        said(store, &action, held).await?;
+        let written = store.apply(&action).await?;
+        if let Some(revision) = written {
+            view.catch_up(store, revision).await;
+        }
+        said(store, &action, written.is_some()).await?;
     }
     Ok(soon)
 }

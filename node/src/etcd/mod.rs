@@ -42,6 +42,7 @@ mod reporter;
 mod session;
 mod store;
 mod terms;
+mod watched;
 
 pub use crate::control::{
     DataLoss, Decision, NodeRecord, Outcome, ProgressRecord, ReplicaProgress, ReplicaReport,

@@ -1,10 +1,11 @@
 //! The controller's store: a [`ClusterView`] read from etcd in one range
-//! read (one revision), and each [`Action`] carried out as one
-//! transaction under its guards.
+//! read (one revision), or kept by a watch after it ([`put`], [`delete`]:
+//! `etcd/watched.rs`), and each [`Action`] carried out as one transaction
+//! under its guards.
 
 use super::keys::{decision_key, node_key, prefix, probe_key, progress_key, volume_key, Key};
 use crate::control::{Action, ClusterView, Guard, NodeRecord, Versioned, Write};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use serde::de::DeserializeOwned;
 
 /// An elected controller's election key and its revision: a compare on
@@ -33,65 +34,36 @@ impl Store {
     /// Every record of the cluster, at one revision. A value that does not
     /// parse is left out (and said).
     pub(super) async fn read(&mut self) -> Result<ClusterView, etcd_client::Error> {
+        Ok(self.read_at().await?.0)
+    }
+
+    /// [`read`](Self::read), and the revision it read at.
+    pub(super) async fn read_at(&mut self) -> Result<(ClusterView, i64), etcd_client::Error> {
         let prefix = prefix(&self.cluster);
         let all = Some(GetOptions::new().with_prefix());
         let response = self.client.get(prefix.as_str(), all).await?;
         let mut view = ClusterView::default();
         for kv in response.kvs() {
             let Ok(key) = kv.key_str() else { continue };
-            let revision = kv.mod_revision();
-            let value = kv.value();
-            match Key::parse(&prefix, key) {
-                Some(Key::Volume(volume)) => {
-                    if let Some(record) = typed(key, value) {
-                        let record = Versioned::new(record, revision);
-                        view.volumes.insert(volume.to_owned(), record);
-                    }
-                }
-                Some(Key::Node(node)) => {
-                    // Registered whatever its value says: an entry that does
-                    // not parse is a live node all the same (not one to
-                    // fail over from), only not known to serve.
-                    let entry = typed(key, value).unwrap_or(NodeRecord {
-                        replication: String::new(),
-                        admin: None,
-                        nbd: None,
-                        ready: false,
-                    });
-                    view.nodes.insert(node.to_owned(), entry);
-                }
-                Some(Key::Address(node)) => {
-                    let address = String::from_utf8_lossy(value).into_owned();
-                    let address = Versioned::new(address, revision);
-                    view.addresses.insert(node.to_owned(), address);
-                }
-                Some(Key::Progress(volume)) => {
-                    if let Some(progress) = typed(key, value) {
-                        view.progress.insert(volume.to_owned(), progress);
-                    }
-                }
-                Some(Key::Report(volume, node)) => {
-                    if let Some(report) = typed(key, value) {
-                        let reports = view.reports.entry(volume.to_owned()).or_default();
-                        reports.insert(node.to_owned(), report);
-                    }
-                }
-                Some(Key::Probe(volume)) => {
-                    if let Some(probe) = typed(key, value) {
-                        let probe = Versioned::new(probe, revision);
-                        view.probes.insert(volume.to_owned(), probe);
-                    }
-                }
-                Some(Key::Decision(volume)) => {
-                    if let Some(decision) = typed(key, value) {
-                        let decision = Versioned::new(decision, revision);
-                        view.decisions.insert(volume.to_owned(), decision);
-                    }
-                }
-                Some(Key::Other) | None => {}
-            }
+            put(&mut view, &prefix, key, kv.value(), kv.mod_revision());
         }
-        Ok(view)
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok((view, revision))
+    }
+
+    /// The cluster's prefix, watched from `from` (a revision).
+    pub(super) async fn watch_from(
+        &mut self,
+        from: i64,
+    ) -> Result<etcd_client::WatchStream, etcd_client::Error> {
+        let prefix = prefix(&self.cluster);
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        self.client.watch(prefix.as_str(), Some(options)).await
+    }
+
+    /// The cluster's key prefix.
+    pub(super) fn prefix(&self) -> String {
+        prefix(&self.cluster)
     }
 
     /// Carries out `action` as one transaction: its writes if every guard
@@ -174,6 +146,81 @@ impl Store {
             Write::Probe(volume, probe) => (probe_key(cluster, volume), json(probe)?),
         };
         Ok(TxnOp::put(key, value, None))
+    }
+}
+
+/// `key` (under `prefix`) now holds `value`, written at `revision`: the
+/// view takes it as one range read would.
+pub(super) fn put(view: &mut ClusterView, prefix: &str, key: &str, value: &[u8], revision: i64) {
+    match Key::parse(prefix, key) {
+        Some(Key::Volume(volume)) => {
+            if let Some(record) = typed(key, value) {
+                let record = Versioned::new(record, revision);
+                view.volumes.insert(volume.to_owned(), record);
+            }
+        }
+        Some(Key::Node(node)) => {
+            // Registered whatever its value says: an entry that does not
+            // parse is a live node all the same (not one to fail over
+            // from), only not known to serve.
+            let entry = typed(key, value).unwrap_or(NodeRecord {
+                replication: String::new(),
+                admin: None,
+                nbd: None,
+                ready: false,
+            });
+            view.nodes.insert(node.to_owned(), entry);
+        }
+        Some(Key::Address(node)) => {
+            let address = String::from_utf8_lossy(value).into_owned();
+            let address = Versioned::new(address, revision);
+            view.addresses.insert(node.to_owned(), address);
+        }
+        Some(Key::Progress(volume)) => {
+            if let Some(progress) = typed(key, value) {
+                view.progress.insert(volume.to_owned(), progress);
+            }
+        }
+        Some(Key::Report(volume, node)) => {
+            if let Some(report) = typed(key, value) {
+                let reports = view.reports.entry(volume.to_owned()).or_default();
+                reports.insert(node.to_owned(), report);
+            }
+        }
+        Some(Key::Probe(volume)) => {
+            if let Some(probe) = typed(key, value) {
+                let probe = Versioned::new(probe, revision);
+                view.probes.insert(volume.to_owned(), probe);
+            }
+        }
+        Some(Key::Decision(volume)) => {
+            if let Some(decision) = typed(key, value) {
+                let decision = Versioned::new(decision, revision);
+                view.decisions.insert(volume.to_owned(), decision);
+            }
+        }
+        Some(Key::Other) | None => {}
+    }
+}
+
+/// `key` (under `prefix`) is gone: a node's lease ended, most often.
+pub(super) fn delete(view: &mut ClusterView, prefix: &str, key: &str) {
+    match Key::parse(prefix, key) {
+        Some(Key::Volume(volume)) => drop(view.volumes.remove(volume)),
+        Some(Key::Node(node)) => drop(view.nodes.remove(node)),
+        Some(Key::Address(node)) => drop(view.addresses.remove(node)),
+        Some(Key::Progress(volume)) => drop(view.progress.remove(volume)),
+        Some(Key::Report(volume, node)) => {
+            if let Some(reports) = view.reports.get_mut(volume) {
+                reports.remove(node);
+                if reports.is_empty() {
+                    view.reports.remove(volume);
+                }
+            }
+        }
+        Some(Key::Probe(volume)) => drop(view.probes.remove(volume)),
+        Some(Key::Decision(volume)) => drop(view.decisions.remove(volume)),
+        Some(Key::Other) | None => {}
     }
 }
 
