@@ -3,6 +3,12 @@
 //! the node, is the [`NodeProcess`](crate::NodeProcess)'s.)
 
 use super::*;
+use futures::StreamExt;
+
+/// Assignments read and persisted at once while a node starts (each its
+/// own fsyncs; 4 to 16 at once made them 2 to 2.5 times faster on this
+/// machine's disk than one at a time).
+const ASSIGNMENTS_AT_ONCE: usize = 16;
 
 impl Node {
     /// Starts every volume of `config`, the replication listener and the
@@ -64,10 +70,30 @@ impl Node {
             terms,
             config,
         };
+        // Each volume's assignment is read and persisted (fsyncs) on a
+        // blocking thread, several at once: one after the other, 10,000
+        // volumes took 20 s of a node's start (three nodes on one disk).
+        let node_name = node.config.node.clone();
+        let persisted: Vec<_> = futures::stream::iter(node.config.volumes.clone())
+            .map(|spec| {
+                let dir = node.volume_dir(&spec.name);
+                let me = node_name.clone();
+                async move {
+                    let started = tokio::task::spawn_blocking({
+                        let spec = spec.clone();
+                        move || assignment::start(&dir, &me, &spec)
+                    })
+                    .await;
+                    (spec, started)
+                }
+            })
+            .buffered(ASSIGNMENTS_AT_ONCE)
+            .collect()
+            .await;
         let mut startings = Vec::new();
-        for spec in node.config.volumes.clone() {
-            let dir = node.volume_dir(&spec.name);
-            let starting = match assignment::start(&dir, &node.config.node, &spec) {
+        for (spec, started) in persisted {
+            let started = started.unwrap_or_else(|e| Err(StartError::Io(std::io::Error::other(e))));
+            let starting = match started {
                 Ok(starting) => starting,
                 Err(e) => {
                     node.stop().await;
