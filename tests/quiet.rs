@@ -242,11 +242,12 @@ async fn a_paused_node_is_found_by_every_volume_on_it_within_the_link_timeout() 
     let states =
         found.unwrap_or_else(|| panic!("node3's replicas still in sync 10 s after it was paused"));
     eprintln!("{VOLUMES} volumes found node3 paused after {took:?}: {states:?}");
-    // 2 s of silence after the last echo heard (up to a probe interval
-    // before the pause), and the status polls' own pace.
+    // 2 s of silence after the last byte heard (up to a probe interval
+    // before the pause), and the status polls' own pace on a loaded
+    // machine.
     assert!(
-        took < Duration::from_millis(2_500),
-        "found after {took:?}, past the 2 s link timeout"
+        took < Duration::from_millis(3_000),
+        "found after {took:?}, well past the 2 s link timeout"
     );
 
     let back = within(Duration::from_secs(30), || async {

@@ -142,9 +142,12 @@ async fn a_hello_for_a_volume_still_opening_waits_for_it_while_the_node_starts()
     listener.wait_for_volumes();
     let addr = listener.local_addr();
     let asked = tokio::spawn(answer_to_hello(addr, "late"));
-    // The hello is in before the volume opens (its refusal would be back
-    // by now).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The hello is in, held, before the volume opens.
+    let held = walship::actors::testing::within(Duration::from_secs(10), || async {
+        (listener.hellos_held() == 1).then_some(())
+    })
+    .await;
+    assert!(held.is_some(), "the hello was not held");
     assert!(!asked.is_finished(), "refused while the node starts");
     let replica = rt
         .spawn_volume(VolumeConfig::Replica(ReplicaConfig::new(
@@ -156,6 +159,7 @@ async fn a_hello_for_a_volume_still_opening_waits_for_it_while_the_node_starts()
         .await
         .unwrap();
     let answer = asked.await.unwrap();
+    assert_eq!(listener.hellos_held(), 0);
     assert!(
         matches!(answer, Message::HelloAck { ref replica, .. } if replica == "late/r1"),
         "{answer:?}"

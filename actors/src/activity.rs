@@ -10,8 +10,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Shared by a volume's handle and its actor; cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Activity(Arc<AtomicU64>);
+
+impl Default for Activity {
+    /// Each count starts where no other handle's was: a volume reopened
+    /// (a role change, a restart in the same process) never reads as the
+    /// count a reporter saw for its last handle.
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(Arc::new(AtomicU64::new(
+            NEXT.fetch_add(1 << 32, Ordering::Relaxed),
+        )))
+    }
+}
 
 impl Activity {
     /// Something a report would say may have changed.

@@ -128,6 +128,12 @@ pub struct Tuning {
     /// connection per replica address (a node's listener takes both kinds;
     /// a replica listening on its own takes plain connections only).
     pub multiplex: bool,
+    /// Whether an idle volume sleeps: once every replica holds the whole
+    /// log, committed and durable, with nothing waiting, the volume arms
+    /// no timer and heartbeats nothing until an input wakes it (DESIGN
+    /// 4c). Off, it heartbeats its senders every `heartbeat_every_ticks`
+    /// whatever it holds, as before issue 27.
+    pub quiesce: bool,
     /// Not a knob: present only under `--cfg walship_probe_new_field`, as
     /// a field added in a later release would be. `.ci/run` builds an
     /// embedder outside the workspace (`compat/embedder`) so, to prove it
@@ -175,6 +181,7 @@ impl Default for Tuning {
             write_backpressure_percent: None,
             max_write_delay: Duration::from_millis(20),
             multiplex: false,
+            quiesce: true,
             #[cfg(walship_probe_new_field)]
             probe_new_field: 0,
         }

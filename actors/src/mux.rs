@@ -15,8 +15,9 @@
 //! primary's side opens (yamux stream 1) is the link's probe: the driver
 //! writes 8 bytes on it every quarter of [`Liveness::silent_after`] and
 //! the peer's [`serve`] echoes them. Any byte read from the peer's socket
-//! counts as hearing from it; a peer silent for `silent_after` (paused,
-//! partitioned, its host gone) ends the link, and the link's end closes
+//! counts as hearing from it; a peer silent for `silent_after` against a
+//! probe it had half that long to answer (paused, partitioned, its host
+//! gone) ends the link, and the link's end closes
 //! every stream on it at once, so each session's executor sees its
 //! connection close and the engine retries it. Sessions on a live link
 //! send nothing while idle.
@@ -256,6 +257,8 @@ async fn drive(
     let mut pings = 0u64;
     let mut echoes = [0u8; 64];
     let mut silence = std::pin::pin!(tokio::time::sleep(liveness.silent_after));
+    // When the oldest probe not yet answered (nothing heard since) went out.
+    let mut asked: Option<tokio::time::Instant> = None;
     let failure = poll_fn(|cx| {
         while asking {
             match requests.poll_recv(cx) {
@@ -280,8 +283,12 @@ async fn drive(
             pings += 1;
             // A probe the stream cannot take now (its window full: the
             // peer reads nothing) is skipped; the silence says the rest.
-            if let Poll::Ready(Err(e)) = Pin::new(&mut probe).poll_write(cx, &pings.to_be_bytes()) {
-                return Poll::Ready(format!("probe: {e}"));
+            match Pin::new(&mut probe).poll_write(cx, &pings.to_be_bytes()) {
+                Poll::Ready(Ok(_)) => {
+                    asked.get_or_insert_with(tokio::time::Instant::now);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(format!("probe: {e}")),
+                Poll::Pending => {}
             }
         }
         // The echoes only keep the probe's window open: the socket's
@@ -304,13 +311,23 @@ async fn drive(
             }
         }
         // After the socket was read: a driver polled late does not take
-        // what waits in the socket for silence.
-        while silence.as_mut().poll(cx).is_ready() {
-            let due = heard.last() + liveness.silent_after;
-            if due <= tokio::time::Instant::now() {
-                return Poll::Ready(format!("peer silent for {:?}", liveness.silent_after));
+        // what waits in the socket for silence. The peer is silent only
+        // against a probe it was sent and had time to answer (half the
+        // timeout): a driver that was itself stalled (its thread busy)
+        // sends one first, and does not take its own silence for the
+        // peer's.
+        let now = tokio::time::Instant::now();
+        match judge(heard.last(), &mut asked, now, liveness.silent_after) {
+            Verdict::Alive => {}
+            Verdict::Silent(for_) => return Poll::Ready(format!("peer silent for {for_:?}")),
+            Verdict::Due(due) => {
+                if silence.deadline() != due {
+                    silence.as_mut().reset(due);
+                }
+                if silence.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
             }
-            silence.as_mut().reset(due);
         }
         Poll::Pending
     })
@@ -318,6 +335,44 @@ async fn drive(
     // Every session on the link ends with it: worth an operator's line.
     tracing::warn!(%failure, "peer link ended");
     fail_waiting(&mut requests, waiting, failure);
+}
+
+/// What a link's clock says of its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Heard since the last probe went out, or no probe out.
+    Alive,
+    /// A probe is out: silent if nothing is heard by then.
+    Due(tokio::time::Instant),
+    /// Silent this long, against a probe it had time to answer.
+    Silent(Duration),
+}
+
+/// Judges a link's peer at `now`: `last`, when a byte of it was last
+/// read; `asked`, when the oldest probe not answered since went out
+/// (cleared here once something was heard after it). The peer is silent
+/// only once nothing was heard for `silent_after` and the probe has been
+/// out for half of that: a driver that was itself stalled (its thread
+/// busy) sends a probe first and does not take its own silence for the
+/// peer's.
+fn judge(
+    last: tokio::time::Instant,
+    asked: &mut Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+    silent_after: Duration,
+) -> Verdict {
+    if asked.is_some_and(|sent| last >= sent) {
+        *asked = None;
+    }
+    let Some(sent) = *asked else {
+        return Verdict::Alive;
+    };
+    let due = (last + silent_after).max(sent + silent_after / 2);
+    if due <= now {
+        Verdict::Silent(now.saturating_duration_since(last))
+    } else {
+        Verdict::Due(due)
+    }
 }
 
 /// Answers every open request waiting, or already asked, with `failure`.
@@ -345,18 +400,18 @@ struct Heard {
 #[derive(Clone)]
 struct HeardClock {
     since: tokio::time::Instant,
-    /// Milliseconds after `since`.
-    last_ms: Arc<AtomicU64>,
+    /// Microseconds after `since`.
+    last_us: Arc<AtomicU64>,
 }
 
 impl HeardClock {
     fn last(&self) -> tokio::time::Instant {
-        self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        self.since + Duration::from_micros(self.last_us.load(Ordering::Relaxed))
     }
 
     fn now(&self) {
-        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        let us = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_us.store(us, Ordering::Relaxed);
     }
 }
 
@@ -364,7 +419,7 @@ impl Heard {
     fn new(socket: TcpStream) -> Self {
         let clock = HeardClock {
             since: tokio::time::Instant::now(),
-            last_ms: Arc::default(),
+            last_us: Arc::default(),
         };
         Self { socket, clock }
     }
@@ -486,6 +541,61 @@ impl Echo {
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Ok(()),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    fn at(ms: u64) -> tokio::time::Instant {
+        static ZERO: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+        *ZERO.get_or_init(tokio::time::Instant::now) + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_peer_is_silent_only_against_a_probe_it_had_time_to_answer() {
+        // (last heard, probe out since, now) -> verdict, probe still out
+        let cases = [
+            // No probe out: a driver stalled for 5 s judges nobody.
+            (0, None, 5_000, Verdict::Alive, None),
+            // Its first probe after the stall: due half a timeout later.
+            (0, Some(5_000), 5_000, Verdict::Due(at(6_000)), Some(5_000)),
+            (0, Some(5_000), 5_999, Verdict::Due(at(6_000)), Some(5_000)),
+            (
+                0,
+                Some(5_000),
+                6_000,
+                Verdict::Silent(Duration::from_secs(6)),
+                Some(5_000),
+            ),
+            // Answered: alive, the probe no longer out.
+            (5_010, Some(5_000), 6_000, Verdict::Alive, None),
+            // A paused peer: last heard at 1 s, the next probe at 1.5 s
+            // unanswered: silent at 3 s, 2 s after the last byte.
+            (
+                1_000,
+                Some(1_500),
+                2_999,
+                Verdict::Due(at(3_000)),
+                Some(1_500),
+            ),
+            (
+                1_000,
+                Some(1_500),
+                3_000,
+                Verdict::Silent(TIMEOUT),
+                Some(1_500),
+            ),
+        ];
+        for (last, sent, now, verdict, left) in cases {
+            let mut asked = sent.map(at);
+            let judged = judge(at(last), &mut asked, at(now), TIMEOUT);
+            assert_eq!(judged, verdict, "last {last}, sent {sent:?}, now {now}");
+            assert_eq!(asked, left.map(at), "last {last}, sent {sent:?}, now {now}");
         }
     }
 }

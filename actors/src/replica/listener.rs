@@ -149,6 +149,8 @@ struct Shared {
     /// volume not routed yet waits on it.
     registered: watch::Sender<u64>,
     starting: std::sync::atomic::AtomicBool,
+    /// Hellos waiting for their volume to be routed.
+    held: AtomicU64,
     /// The accept loop and the tasks reading hellos.
     tasks: TaskTracker,
 }
@@ -170,6 +172,7 @@ impl ReplicationListener {
             closed,
             registered: watch::channel(0).0,
             starting: std::sync::atomic::AtomicBool::new(false),
+            held: AtomicU64::new(0),
             tasks: TaskTracker::new(),
         });
         let accepting = Arc::clone(&shared);
@@ -197,6 +200,8 @@ impl ReplicationListener {
     /// connection still saying hello have ended. Connections already
     /// handed to a volume end with the volume.
     pub async fn close(&self) {
+        // Hellos held for volumes still opening are refused now.
+        self.volumes_started();
         // send_replace: the value changes even before the loop subscribed.
         self.shared.closed.send_replace(true);
         self.shared.tasks.close();
@@ -224,6 +229,11 @@ impl ReplicationListener {
     /// waits for it instead of backing off.
     pub fn wait_for_volumes(&self) {
         self.shared.starting.store(true, Ordering::SeqCst);
+    }
+
+    /// Hellos waiting now for a volume still opening.
+    pub fn hellos_held(&self) -> u64 {
+        self.shared.held.load(Ordering::SeqCst)
     }
 
     /// Every volume the node starts with is routed: a hello naming
@@ -352,6 +362,18 @@ impl Shared {
     /// volume is routed (within [`HELLO_WAIT`]).
     async fn route_of(&self, volume: &str) -> Option<Route> {
         let mut registered = self.registered.subscribe();
+        if let Some(route) = self.routes().get(volume).cloned() {
+            return Some(route);
+        }
+        /// Counts a hello as held while it waits.
+        struct Held<'a>(&'a AtomicU64);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let _held = Held(&self.held);
         let wait = async {
             loop {
                 if let Some(route) = self.routes().get(volume).cloned() {

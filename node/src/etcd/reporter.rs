@@ -95,7 +95,16 @@ pub(super) async fn report(
             continue;
         }
         let mut puts = Vec::new();
-        for (name, status) in node.statuses_named(&names).await {
+        let statuses = node.statuses_named(&names).await;
+        // A volume asked that gave no status (stopping, mid role change)
+        // is asked again at the next pass, and so is its probe.
+        for name in &names {
+            if !statuses.iter().any(|(asked, _)| asked == name) {
+                seen.remove(name);
+                probed.remove(name);
+            }
+        }
+        for (name, status) in statuses {
             let (key, value) = match &status {
                 NodeStatus::Primary(status) => {
                     let progress = ProgressRecord {

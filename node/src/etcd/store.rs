@@ -152,6 +152,9 @@ impl Store {
 /// `key` (under `prefix`) now holds `value`, written at `revision`: the
 /// view takes it as one range read would.
 pub(super) fn put(view: &mut ClusterView, prefix: &str, key: &str, value: &[u8], revision: i64) {
+    // A value that does not parse leaves the key out, as a range read
+    // would, not the value it replaced.
+    delete(view, prefix, key);
     match Key::parse(prefix, key) {
         Some(Key::Volume(volume)) => {
             if let Some(record) = typed(key, value) {

@@ -95,7 +95,7 @@ impl BarrierLine {
 /// waits for an answer (batches or barriers unacknowledged: silent past
 /// `peer_timeout`, the replica is taken as lost) or owes the replica the
 /// committed LSN (what it holds was committed after it was shipped: one
-/// heartbeat tells it, a heartbeat interval later). A plain connection is
+/// heartbeat tells it, a quarter of `peer_timeout` later). A plain connection is
 /// its own link: there the loop probes every quarter of `peer_timeout`,
 /// idle or not.
 async fn live_loop(
@@ -111,13 +111,10 @@ async fn live_loop(
     let mut shipped = from;
     let mut window = AckWindow::new(c.tuning.max_inflight_bytes);
     let probing = !c.tuning.multiplex;
-    let every = if probing {
-        c.tuning.peer_timeout / 4
-    } else {
-        c.tuning
-            .tick
-            .saturating_mul(u32::try_from(c.tuning.heartbeat_every_ticks).unwrap_or(u32::MAX))
-    };
+    // The pace of the probes before issue 27, also for telling committed:
+    // a busy session's batches carry it, so a heartbeat for it goes out
+    // at most this often.
+    let every = c.tuning.peer_timeout / 4;
     // Silence is measured from here: the last frame heard, or when the
     // loop began to wait for one.
     let mut heard = Instant::now();

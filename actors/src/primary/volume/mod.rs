@@ -327,7 +327,8 @@ impl VolumeActor {
     /// all of it committed and durable, no barrier, no timer) and neither
     /// does the actor (no checkpoint or verify running).
     fn quiescent(&self) -> bool {
-        self.engine.quiescent()
+        self.config.tuning.quiesce
+            && self.engine.quiescent()
             && !self.checkpoint_in_flight
             && self.checkpoints_waiting.is_empty()
             && !self.verify_running
