@@ -1580,26 +1580,3 @@ fn fua_until_refused(
         panic!("writes never stopped");
     })
 }
-
-/// A FUA writer on node1's vol0 (blocks 0..16000, reconnecting after a
-/// failure, for at most `limit`): its stop switch, its count of
-/// acknowledged blocks, and its task (the blocks acknowledged).
-fn fua_writer(
-    cluster: &NodeCluster,
-    limit: Duration,
-) -> (
-    Arc<AtomicBool>,
-    Arc<AtomicU64>,
-    tokio::task::JoinHandle<Vec<u64>>,
-) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_until(
-        nbd_addr(&cluster.nodes[0]),
-        0..16_000,
-        Arc::clone(&stop),
-        Arc::clone(&acked),
-        limit,
-    ));
-    (stop, acked, writer)
-}

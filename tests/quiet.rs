@@ -16,11 +16,10 @@ mod workload;
 
 use nodes::{run_ok, NodeCluster, VolumeOptions};
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use walship::actors::testing::within;
-use workload::{assert_replicas_identical, nbd_addr, wait_acked, write_until};
+use workload::{assert_replicas_identical, fua_writer, wait_acked};
 
 const CLIENT: Duration = Duration::from_secs(60);
 const VOLUMES: usize = 12;
@@ -271,22 +270,13 @@ async fn a_paused_node_is_found_by_every_volume_on_it_within_the_link_timeout() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_resume_at_once_when_a_killed_replica_nodes_listener_is_back() {
     let volume = VolumeOptions {
-        size_mib: 16,
         tuning: "barrier_timeout_ms = 10000\npeer_timeout_ms = 2000\nsegment_bytes = 1048576\n"
             .into(),
         ..VolumeOptions::default()
     };
     let mut cluster = NodeCluster::start(volume).await;
     cluster.wait_converged(Duration::from_secs(60)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_until(
-        nbd_addr(&cluster.nodes[0]),
-        0..4_000,
-        Arc::clone(&stop),
-        Arc::clone(&acked),
-        Duration::from_secs(120),
-    ));
+    let (stop, acked, writer) = fua_writer(&cluster, Duration::from_secs(120));
     wait_acked(&acked, 20, Duration::from_secs(20)).await;
 
     cluster.kill(2).await;

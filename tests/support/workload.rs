@@ -6,7 +6,7 @@
 
 use crate::nbd_client::*;
 use crate::nodes::{run_ok, NodeCluster, NodeProc};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -183,4 +183,27 @@ pub async fn wait_acked(acked: &AtomicU64, at_least: u64, limit: Duration) {
         "{} writes acknowledged, wanted {at_least}",
         acked.load(Ordering::SeqCst)
     );
+}
+
+/// A FUA writer on node1's vol0 (blocks 0..16000, reconnecting after a
+/// failure, for at most `limit`): its stop switch, its count of
+/// acknowledged blocks, and its task (the blocks acknowledged).
+pub fn fua_writer(
+    cluster: &NodeCluster,
+    limit: Duration,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<Vec<u64>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_until(
+        nbd_addr(&cluster.nodes[0]),
+        0..16_000,
+        Arc::clone(&stop),
+        Arc::clone(&acked),
+        limit,
+    ));
+    (stop, acked, writer)
 }
