@@ -9,6 +9,9 @@ use futures::StreamExt;
 /// own fsyncs; 4 to 16 at once made them 2 to 2.5 times faster on this
 /// machine's disk than one at a time).
 const ASSIGNMENTS_AT_ONCE: usize = 16;
+/// Volumes opened at once while a node starts (their stores created or
+/// opened on blocking threads).
+const VOLUMES_AT_ONCE: usize = 16;
 
 impl Node {
     /// Starts every volume of `config`, the replication listener and the
@@ -113,20 +116,41 @@ impl Node {
         }
         // Replicas first: a primary peers with its replicas before it
         // serves, and another node's primary may be waiting for ours.
-        startings.sort_by_key(|(_, applied)| applied.is_primary(&node.config.node));
-        for (spec, applied) in startings {
-            let handle = match node.open(&spec, &applied).await {
-                Ok(handle) => handle,
-                Err(e) => {
-                    node.stop().await;
-                    return Err(e);
+        // Within each, several at once: a store created is its fsyncs, on
+        // a blocking thread (one after the other, 10,000 took a minute).
+        let me = node.config.node.clone();
+        let (replicas, primaries): (Vec<_>, Vec<_>) = startings
+            .into_iter()
+            .partition(|(_, applied)| !applied.is_primary(&me));
+        for group in [replicas, primaries] {
+            let opened: Vec<_> = futures::stream::iter(group)
+                .map(|(spec, applied)| {
+                    let node = &node;
+                    async move {
+                        let opened = node.open(&spec, &applied).await;
+                        (spec, applied, opened)
+                    }
+                })
+                .buffer_unordered(VOLUMES_AT_ONCE)
+                .collect()
+                .await;
+            let mut failed = None;
+            for (spec, applied, opened) in opened {
+                match opened {
+                    Ok(handle) => node.table.put(Hosted {
+                        spec,
+                        applied,
+                        handle,
+                    }),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
-            };
-            node.table.put(Hosted {
-                spec,
-                applied,
-                handle,
-            });
+            }
+            if let Some(e) = failed {
+                node.stop().await;
+                return Err(e);
+            }
         }
         node.listener.volumes_started();
         if let Some(addr) = node.config.nbd {

@@ -150,17 +150,8 @@ impl Metered for VolumeActor {
 metered!(VolumeActor: Write, Trim, Barrier, Read, ApplyAssignment, Heartbeat, GetStatus, GetRecoveryLog, Checkpoint, CheckpointDone, ResourcesPinned, slots::SlotGranted, verifying::Verify, ContentChecksum, #[cfg(feature = "testing")] GetSender, Stop, LocalDurable, EngineInput, #[cfg(feature = "faults")] crate::testing::InjectStorageFault);
 
 impl VolumeActor {
-    /// Opens the store and prepares the actor (started by the runtime).
-    pub(crate) fn open(
-        config: PrimaryConfig,
-        pools: Pools,
-        tasks: TaskTracker,
-    ) -> Result<Self, VolumeError> {
-        let (store, report) = Store::open(&config.dir, config.store.clone())?;
-        Self::with_store(config, (Arc::new(store), report), pools, tasks)
-    }
-
-    /// [`open`](Self::open) on a store already opened (peering opens it first).
+    /// Prepares the actor on its store, opened (the runtime opens it off
+    /// the actor thread; peering opens it first).
     pub(crate) fn with_store(
         config: PrimaryConfig,
         (store, report): (Arc<Store>, walship_io::StoreReport),
