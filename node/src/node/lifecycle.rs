@@ -123,31 +123,42 @@ impl Node {
             .into_iter()
             .partition(|(_, applied)| !applied.is_primary(&me));
         for group in [replicas, primaries] {
-            let opened: Vec<_> = futures::stream::iter(group)
-                .map(|(spec, applied)| {
-                    let node = &node;
+            // Once one fails, no other starts opening (those opening
+            // finish, and are stopped with the rest); the failure said is
+            // the earliest in the config's order of those tried.
+            let failing = std::sync::atomic::AtomicBool::new(false);
+            let opened: Vec<_> = futures::stream::iter(group.into_iter().enumerate())
+                .map(|(at, (spec, applied))| {
+                    let (node, failing) = (&node, &failing);
                     async move {
+                        if failing.load(std::sync::atomic::Ordering::SeqCst) {
+                            return (at, spec, applied, None);
+                        }
                         let opened = node.open(&spec, &applied).await;
-                        (spec, applied, opened)
+                        if opened.is_err() {
+                            failing.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        (at, spec, applied, Some(opened))
                     }
                 })
                 .buffer_unordered(VOLUMES_AT_ONCE)
                 .collect()
                 .await;
-            let mut failed = None;
-            for (spec, applied, opened) in opened {
+            let mut failed: Option<(usize, NodeError)> = None;
+            for (at, spec, applied, opened) in opened {
                 match opened {
-                    Ok(handle) => node.table.put(Hosted {
+                    Some(Ok(handle)) => node.table.put(Hosted {
                         spec,
                         applied,
                         handle,
                     }),
-                    Err(e) => {
-                        failed.get_or_insert(e);
+                    Some(Err(e)) if failed.as_ref().is_none_or(|(first, _)| at < *first) => {
+                        failed = Some((at, e));
                     }
+                    Some(Err(_)) | None => {}
                 }
             }
-            if let Some(e) = failed {
+            if let Some((_, e)) = failed {
                 node.stop().await;
                 return Err(e);
             }
