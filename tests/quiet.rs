@@ -95,14 +95,11 @@ async fn wait_all_asleep(cluster: &NodeCluster, limit: Duration) -> Vec<Value> {
     match asleep {
         Some(volumes) => volumes,
         None => panic!(
-            "not every volume asleep within {limit:?}: {:#}",
+            "not every volume asleep within {limit:?}: {}",
             primaries(cluster)
                 .await
                 .iter()
-                .map(|v| (v["name"].clone(), v["status"]["asleep"].clone()))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(|(n, a)| format!("{n}: {a}"))
+                .map(|v| format!("{}: {}", v["name"], v["status"]["asleep"]))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
