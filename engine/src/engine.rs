@@ -271,6 +271,61 @@ impl Engine {
                 .all(|s| s.state() == ReplicaState::InSync && s.flushed >= head)
     }
 
+    /// When the volume next has anything to do, if all it waits for is the
+    /// retry of replicas without a session: every other replica in sync,
+    /// holding the whole log; everything committed and locally durable; no
+    /// barrier, command or write limit; each replica not in sync idle
+    /// (disconnected, degraded or needing a rebuild, no session) with a
+    /// failure's backoff armed. Its heartbeats would only be refused by
+    /// that backoff until then (a heartbeat starts a replica's session once
+    /// its retry time has come): a shell may skip them until the earliest
+    /// retry time returned (with the engine's own timers, as always).
+    /// Replicas for which `told` holds are the shell's to retry when it
+    /// learns they can be reached (a redial of their node answering:
+    /// [`handle_retry_now`](Self::handle_retry_now)); their retry times do
+    /// not count, and if only they wait the answer is `Tick(u64::MAX)`.
+    /// `None` otherwise, and when no replica waits to be retried (then see
+    /// [`quiescent`](Self::quiescent)).
+    ///
+    /// With a node down at 10,000 volumes, the 6,666 volumes with a
+    /// replica there heartbeated every 200 ms to be refused by a backoff
+    /// of up to 5 s, then retried a connect the node's redial already
+    /// knocked for: most of the surviving nodes' CPU in a failover.
+    pub fn idle_until_retry(&self, told: impl Fn(&ReplicaId) -> bool) -> Option<Tick> {
+        let head = self.wal.head;
+        let idle = self.commands.is_empty()
+            && self.commit.pending_barriers() == 0
+            && self.commit.local_durable() >= head
+            && self.commit.committed() >= head
+            && self.write_limit.is_none();
+        if !idle {
+            return None;
+        }
+        let mut retry: Option<Tick> = None;
+        for (replica, sender) in &self.senders {
+            if sender.state() == ReplicaState::InSync && sender.flushed >= head {
+                continue;
+            }
+            let waiting = sender.active_session().is_none()
+                && matches!(
+                    sender.state(),
+                    ReplicaState::Disconnected
+                        | ReplicaState::Degraded
+                        | ReplicaState::NeedsRebuild
+                );
+            if !waiting {
+                return None;
+            }
+            let at = match sender.failure.as_ref() {
+                Some(_) if told(replica) => Tick(u64::MAX),
+                Some(failure) => failure.retry_at,
+                None => return None,
+            };
+            retry = Some(retry.map_or(at, |r| r.min(at)));
+        }
+        retry
+    }
+
     /// Drains the commands to execute, in order.
     pub fn take_commands(&mut self) -> Vec<Command> {
         std::mem::take(&mut self.commands)

@@ -1,5 +1,7 @@
-//! When a volume may sleep: `Engine::quiescent`, case by case. A shell
-//! stops waking on its own only while this holds, so each case that must
+//! When a volume may sleep: `Engine::quiescent`, case by case, and when
+//! all it waits for is a replica's retry (`Engine::idle_until_retry`). A
+//! shell stops waking on its own only while the first holds, and skips
+//! heartbeats only until the time the second says, so each case that must
 //! keep it awake is here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -110,4 +112,86 @@ fn a_volume_with_no_replicas_sleeps_once_its_log_is_durable() {
     shell.assign(assignment(1, CommitMode::BestEffort, &[]));
     shell.wal(0, 10, 0, true);
     assert!(shell.engine.quiescent());
+}
+
+/// `c` lost (its connection refused): the failure's backoff armed.
+fn c_away() -> Shell {
+    let mut shell = settled();
+    shell.tick(100);
+    shell
+        .engine
+        .handle_disconnected(
+            &rid("c"),
+            &ExecutionFailure::Transient("connection refused".into()),
+        )
+        .unwrap();
+    shell.pump();
+    shell
+}
+
+#[test]
+fn a_volume_in_sync_waits_for_no_retry() {
+    let shell = settled();
+    assert!(shell.engine.quiescent());
+    assert_eq!(shell.engine.idle_until_retry(|_| false), None);
+}
+
+#[test]
+fn a_volume_waiting_only_for_a_replicas_retry_needs_no_heartbeat_before_it() {
+    let mut shell = c_away();
+    assert!(!shell.engine.quiescent());
+    let retry = shell
+        .engine
+        .idle_until_retry(|_| false)
+        .expect("all it waits for is c's retry");
+    assert!(retry > shell.engine.now(), "{retry:?}");
+    // A heartbeat before then starts nothing: the backoff refuses it.
+    let away = shell.state("c");
+    shell.heartbeat("c");
+    assert_eq!(shell.state("c"), away);
+    assert_eq!(shell.engine.idle_until_retry(|_| false), Some(retry));
+    // At the retry time, the heartbeat starts a session: it runs now.
+    shell.tick(retry.get());
+    shell.heartbeat("c");
+    assert_eq!(shell.state("c"), ReplicaState::Connecting);
+    assert_eq!(
+        shell.engine.idle_until_retry(|_| false),
+        None,
+        "a session runs"
+    );
+}
+
+#[test]
+fn a_write_with_a_replica_away_keeps_the_heartbeats() {
+    let mut shell = c_away();
+    assert!(shell.engine.idle_until_retry(|_| false).is_some());
+    shell.wal(0, 51, 0, true);
+    assert_eq!(shell.engine.idle_until_retry(|_| false), None, "b lacks it");
+    shell.ack("b", 51, None).unwrap();
+    assert_eq!(
+        shell.engine.idle_until_retry(|_| false),
+        None,
+        "not committed without c (sync_all)"
+    );
+    shell.barrier(51);
+    assert_eq!(
+        shell.engine.idle_until_retry(|_| false),
+        None,
+        "a barrier waits"
+    );
+}
+
+#[test]
+fn a_replica_the_shell_retries_when_its_node_answers_waits_for_no_time() {
+    let shell = c_away();
+    let c = rid("c");
+    assert_eq!(
+        shell.engine.idle_until_retry(|r| *r == c),
+        Some(Tick(u64::MAX)),
+        "only c waits, and the shell says when to retry it"
+    );
+    assert!(
+        matches!(shell.engine.idle_until_retry(|_| false), Some(t) if t < Tick(u64::MAX)),
+        "its own retry time, when the shell does not retry it"
+    );
 }
