@@ -43,6 +43,9 @@ pub(crate) struct SenderContext {
     pub(crate) boosted: Arc<std::sync::atomic::AtomicBool>,
     /// Where the volume's barrier requests reach this sender's live task.
     pub(crate) barrier_line: Arc<crate::primary::ship::BarrierLine>,
+    /// Set while the replica's node is away and the sender waits for it to
+    /// answer again (its volume need not heartbeat it meanwhile).
+    pub(crate) away: Arc<std::sync::atomic::AtomicBool>,
     /// Held by the sender and every executor future (each has a clone of
     /// the context): the volume's stop waits until all of them are gone.
     pub(crate) _alive: Arc<TaskTrackerToken>,

@@ -21,6 +21,7 @@ use crate::metered;
 use crate::metrics::{MailboxMetrics, Metered};
 use crate::transport::Conn;
 use actix::prelude::*;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use walship_engine::{
     Endpoint, Epoch, ExecutionFailure, Input, RecoveryPlan, ResourceGrant, SessionId,
@@ -117,11 +118,20 @@ impl SenderActor {
         let Some(mut back) = self.context.links.when_back(addr) else {
             return;
         };
+        if let Some(handle) = self.returning.take() {
+            ctx.cancel_future(handle);
+        }
+        self.context.away.store(true, Ordering::Relaxed);
         let waiting = async move { back.changed().await.is_ok() };
         let handle = ctx.spawn(actix::fut::wrap_future::<_, Self>(waiting).map(
-            move |answered, act, _| {
+            move |_answered, act, _| {
                 act.returning = None;
-                if answered && matches!(act.link, Link::Idle) {
+                act.context.away.store(false, Ordering::Relaxed);
+                // Answered, or the redial ended without saying so (it
+                // went between this sender's subscribing and its last
+                // word): either way retry now, since the volume may wait
+                // for nothing else.
+                if matches!(act.link, Link::Idle) {
                     let replica = act.context.replica.clone();
                     act.context.report(Input::RetryNow {
                         replica: replica.clone(),
@@ -141,6 +151,7 @@ impl SenderActor {
     fn drop_link(&mut self, ctx: &mut Context<Self>) {
         if let Some(handle) = self.returning.take() {
             ctx.cancel_future(handle);
+            self.context.away.store(false, Ordering::Relaxed);
         }
         if let Link::Busy { handle, .. } = std::mem::replace(&mut self.link, Link::Idle) {
             ctx.cancel_future(handle);
@@ -413,7 +424,9 @@ impl Handler<Heartbeat> for SenderActor {
     type Result = ();
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) {
-        if !matches!(self.link, Link::Busy { .. }) {
+        // While its node is away the redial knocks for it, and its return
+        // retries the replica: a session now would only be refused.
+        if !matches!(self.link, Link::Busy { .. }) && self.returning.is_none() {
             let replica = self.context.replica.clone();
             self.context.report(Input::Heartbeat {
                 replica,

@@ -163,6 +163,7 @@ fn cancel_everywhere(plan_kind: impl Fn() -> PlanKind, what: &str) {
             bytes_sent: Arc::new(AtomicU64::new(0)),
             boosted: Arc::default(),
             barrier_line: Arc::default(),
+            away: Arc::default(),
             _alive: Arc::new(tasks.token()),
         };
         let mut cancels = 0;

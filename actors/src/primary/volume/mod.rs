@@ -30,7 +30,7 @@ use api::*;
 use durability::{CheckpointDone, CheckpointReply, LocalDurable, SyncLoop};
 use pins::ResourcesPinned;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
@@ -59,6 +59,10 @@ pub struct VolumeActor {
     bytes_sent: HashMap<ReplicaId, Arc<AtomicU64>>,
     /// Each sender's barrier line (a new sender gets a new one).
     barrier_lines: HashMap<ReplicaId, Arc<BarrierLine>>,
+    /// Set by each sender while its replica's node is away (a redial of it
+    /// watched): the sender says when it answers again, so the volume
+    /// heartbeats nothing for that replica meanwhile.
+    away: HashMap<ReplicaId, Arc<std::sync::atomic::AtomicBool>>,
     resources: ResourceTable,
     next_resource: u64,
     /// Each replica's retention hold, as the engine placed it.
@@ -83,6 +87,10 @@ pub struct VolumeActor {
     checkpoints_waiting: Vec<(u64, CheckpointReply)>,
     started: std::time::Instant,
     last_heartbeat: u64,
+    /// The WAL head at the last heartbeat: a volume whose head moved since
+    /// heartbeats once more (its checkpoint and retention budget are
+    /// judged there) before it waits out a retry without them.
+    heartbeat_head: u64,
     /// Heartbeats in a row that found the volume quiescent; from
     /// [`QUIET_HEARTBEATS`] on, the volume sleeps (no wake armed).
     quiet_heartbeats: u32,
@@ -211,6 +219,7 @@ impl VolumeActor {
             engine,
             senders: HashMap::new(),
             bytes_sent: HashMap::new(),
+            away: HashMap::new(),
             barrier_lines: HashMap::new(),
             resources: ResourceTable::default(),
             next_resource: 1,
@@ -227,6 +236,7 @@ impl VolumeActor {
             checkpoints_waiting: Vec::new(),
             started: std::time::Instant::now(),
             last_heartbeat: 0,
+            heartbeat_head: 0,
             quiet_heartbeats: 0,
             wake: None,
             slots: slots::Slots::new(),
@@ -299,6 +309,7 @@ impl VolumeActor {
         let now = self.now_ticks();
         if now >= self.last_heartbeat + self.config.tuning.heartbeat_every_ticks {
             self.last_heartbeat = now;
+            self.heartbeat_head = *self.head_tx.borrow();
             self.heartbeat_senders();
             self.sample_send_rates();
             self.report_lag();
@@ -326,6 +337,27 @@ impl VolumeActor {
             && !self.poisoned
     }
 
+    /// The tick of the earliest retry, if that is all the volume waits
+    /// for (`Engine::idle_until_retry`), the actor has nothing running
+    /// either, and no write came since the last heartbeat (which runs the
+    /// checkpointer and the retention budget).
+    fn idle_until_retry(&self) -> Option<u64> {
+        let still = self.config.tuning.quiesce
+            && *self.head_tx.borrow() == self.heartbeat_head
+            && !self.checkpoint_in_flight
+            && self.checkpoints_waiting.is_empty()
+            && !self.verify_running
+            && !self.poisoned;
+        let told = |replica: &ReplicaId| {
+            self.away
+                .get(replica)
+                .is_some_and(|away| away.load(Ordering::Relaxed))
+        };
+        still
+            .then(|| self.engine.idle_until_retry(told))?
+            .map(|t| t.get())
+    }
+
     /// Whether the volume sleeps: quiescent for [`QUIET_HEARTBEATS`]
     /// heartbeats in a row and still. It then arms no wake: a write, an
     /// assignment, a sender's report or a status is what it handles next.
@@ -350,11 +382,24 @@ impl VolumeActor {
         if !self.quiescent() {
             self.quiet_heartbeats = 0;
         }
-        let heartbeat = self.last_heartbeat + self.config.tuning.heartbeat_every_ticks;
+        let mut heartbeat = self.last_heartbeat + self.config.tuning.heartbeat_every_ticks;
+        if let Some(retry) = self.idle_until_retry() {
+            // Nothing for a heartbeat to do before a replica's retry falls
+            // due (the sender waiting on its peer's return says so sooner).
+            heartbeat = heartbeat.max(retry);
+        }
         let target = self
             .engine
             .next_timer()
             .map_or(heartbeat, |t| t.get().min(heartbeat));
+        if target == u64::MAX {
+            // Only replicas whose node is away wait: their senders say
+            // when it answers (a retry, which wakes the volume).
+            if let Some((_, handle)) = self.wake.take() {
+                ctx.cancel_future(handle);
+            }
+            return;
+        }
         if self.wake.is_some_and(|(at, _)| at <= target) {
             return;
         }
@@ -421,7 +466,7 @@ impl VolumeActor {
     fn sender_context(
         &self,
         replica: &ReplicaId,
-        barrier_line: Arc<BarrierLine>,
+        (barrier_line, away): (Arc<BarrierLine>, Arc<std::sync::atomic::AtomicBool>),
     ) -> Option<SenderContext> {
         Some(SenderContext {
             replica: replica.clone(),
@@ -438,6 +483,7 @@ impl VolumeActor {
             bytes_sent: Arc::clone(self.bytes_sent.get(replica)?),
             boosted: self.converging.boost_flag_made(replica)?,
             barrier_line,
+            away,
             _alive: Arc::new(self.tasks.token()),
         })
     }
@@ -449,12 +495,14 @@ impl VolumeActor {
         self.bytes_sent.entry(replica.clone()).or_default();
         self.converging.boost_flag(replica);
         let line = Arc::new(BarrierLine::default());
-        let context = self.sender_context(replica, Arc::clone(&line))?;
+        let away = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let context = self.sender_context(replica, (Arc::clone(&line), Arc::clone(&away)))?;
         let metrics = MailboxMetrics::new("sender", replica.as_str());
         let addr = SenderActor::new(context, Arc::clone(&metrics)).start();
         let sender = MeteredAddr::new(addr, metrics);
         self.senders.insert(replica.clone(), sender.clone());
         self.barrier_lines.insert(replica.clone(), line);
+        self.away.insert(replica.clone(), away);
         Some(sender)
     }
 
@@ -527,6 +575,7 @@ impl VolumeActor {
             Command::ForgetDirty { replica } => self.store.forget_dirty(replica.as_str()),
             Command::Disconnect { replica, .. } => {
                 self.barrier_lines.remove(&replica);
+                self.away.remove(&replica);
                 if let Some(sender) = self.senders.remove(&replica) {
                     sender.do_send(sender::Shutdown);
                 }
