@@ -86,6 +86,74 @@ pub(crate) struct PeerLinks {
     /// Peers found unreachable, each watched by a redial that says when
     /// it answers again (see [`when_back`](Self::when_back)).
     away: Arc<std::sync::Mutex<HashMap<String, watch::Sender<()>>>>,
+    /// The thread every link's connection is driven on (and the node's
+    /// listener serves them on), away from the volumes' threads: a
+    /// receiver's synchronous fsyncs, thousands of them in a failover at
+    /// scale, held up the probe's echo beside them past `link_timeout`,
+    /// and healthy links were cut as silent. `None`: the caller's.
+    thread: Option<actix::ArbiterHandle>,
+    /// Per peer address, the places of sessions whose streams wait for
+    /// their first answer ([`OPENING_PER_LINK`]).
+    opening: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// Sessions to one peer that may wait for their first answer at once.
+/// A peer acknowledges a stream with its first answer, and yamux opens no
+/// more than 256 streams a peer has not acknowledged: past that, an open
+/// waits in the driver, and it waited there against the session's connect
+/// timeout. In a failover at 10,000 volumes, 1,667 new primaries peered
+/// with one node at once; those queued behind the 256 timed out after 2
+/// s, retried after a backoff, and queued again, for 20 s. Queued here
+/// instead, a session's timeouts start when its turn comes, and the peer
+/// answers them in the order they asked.
+pub(crate) const OPENING_PER_LINK: usize = 128;
+
+/// A stream whose session holds a place among those opening to its peer
+/// ([`OPENING_PER_LINK`]) until the peer's first answer (or the end of
+/// the stream, or its drop).
+#[derive(Debug)]
+struct Opening {
+    stream: tokio_util::compat::Compat<yamux::Stream>,
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl tokio::io::AsyncRead for Opening {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if read.is_ready() {
+            // Answered (or ended): the peer acknowledged the stream.
+            self.turn = None;
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for Opening {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// How often a redial knocks on an unreachable peer's port.
@@ -94,8 +162,32 @@ const REDIAL_EVERY: Duration = Duration::from_millis(100);
 const REDIAL_UNWATCHED: Duration = Duration::from_secs(2);
 
 impl PeerLinks {
+    /// Links driven on `thread` (an arbiter of their own).
+    pub(crate) fn on(thread: actix::ArbiterHandle) -> Self {
+        Self {
+            thread: Some(thread),
+            ..Self::default()
+        }
+    }
+
+    /// Runs `fut` on the links' thread; false if it has stopped.
+    pub(crate) fn spawn(
+        &self,
+        fut: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> bool {
+        match &self.thread {
+            Some(thread) => thread.spawn(fut),
+            None => {
+                tokio::spawn(fut);
+                true
+            }
+        }
+    }
+
     /// A new stream to `addr`, on its link (connected first if there is
-    /// none, or if it died), within `limit`.
+    /// none, or if it died), within `limit` once its turn came: at most
+    /// [`OPENING_PER_LINK`] sessions to one peer wait for their first
+    /// answer at once, the others queue, unhurried, for a place.
     /// A link made for it checks its peer as `liveness` says.
     pub(crate) async fn open(
         &self,
@@ -103,10 +195,24 @@ impl PeerLinks {
         limit: Duration,
         liveness: Liveness,
     ) -> Result<Box<dyn Io>, ExecError> {
-        let stream = tokio::time::timeout(limit, self.open_stream(addr, liveness))
+        let turn = self.opening(addr).acquire_owned().await;
+        let turn = turn.map_err(|_| ExecError::Closed)?;
+        let stream = tokio::time::timeout(limit, self.open_stream(addr, limit, liveness))
             .await
             .map_err(|_| ExecError::Timeout(limit))??;
-        Ok(Box::new(stream.compat()))
+        Ok(Box::new(Opening {
+            stream: stream.compat(),
+            turn: Some(turn),
+        }))
+    }
+
+    /// The places of sessions opening to `addr`.
+    fn opening(&self, addr: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut opening = self.opening.lock().unwrap_or_else(PoisonError::into_inner);
+        let places = opening
+            .entry(addr.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(OPENING_PER_LINK)));
+        Arc::clone(places)
     }
 
     /// How many links are up.
@@ -118,11 +224,12 @@ impl PeerLinks {
     async fn open_stream(
         &self,
         addr: &str,
+        limit: Duration,
         liveness: Liveness,
     ) -> Result<yamux::Stream, ExecError> {
         // At most one retry: a link found dead is replaced once.
         for _ in 0..2 {
-            let link = self.link(addr, liveness).await?;
+            let link = self.link(addr, limit, liveness).await?;
             let (asked, answer) = oneshot::channel();
             if link.send(asked).is_err() {
                 self.forget(addr, &link).await;
@@ -144,29 +251,43 @@ impl PeerLinks {
     async fn link(
         &self,
         addr: &str,
+        limit: Duration,
         liveness: Liveness,
     ) -> Result<mpsc::UnboundedSender<OpenRequest>, ExecError> {
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(addr).filter(|link| !link.is_closed()) {
             return Ok(link.clone());
         }
-        let wire = |e: std::io::Error| ExecError::Wire(e.into());
-        let mut stream = match TcpStream::connect(addr).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                self.redial(addr);
-                return Err(wire(e));
+        // Connected on the links' thread, so the socket is registered with
+        // its reactor, and driven there.
+        let (made, connected) = oneshot::channel();
+        let dialing = dial(addr.to_owned(), limit, liveness);
+        let spawned = self.spawn(async move {
+            match dialing.await {
+                Ok((link, driving)) => {
+                    // Nobody waits for it (timed out): no link.
+                    if made.send(Ok(link)).is_ok() {
+                        driving.await;
+                    }
+                }
+                Err(e) => drop(made.send(Err(e))),
             }
-        };
-        stream.set_nodelay(true).map_err(wire)?;
-        stream.write_all(&PREAMBLE).await.map_err(wire)?;
-        let socket = Heard::new(stream);
-        let heard = socket.clock();
-        let connection = yamux::Connection::new(socket.compat(), config(), yamux::Mode::Client);
-        let (link, requests) = mpsc::unbounded_channel();
-        tokio::spawn(drive(connection, requests, heard, liveness));
-        links.insert(addr.to_owned(), link.clone());
-        Ok(link)
+        });
+        if !spawned {
+            return Err(ExecError::Closed);
+        }
+        match connected.await.map_err(|_| ExecError::Closed)? {
+            Ok(link) => {
+                links.insert(addr.to_owned(), link.clone());
+                Ok(link)
+            }
+            Err((refused, e)) => {
+                if refused {
+                    self.redial(addr);
+                }
+                Err(ExecError::Wire(e.into()))
+            }
+        }
     }
 
     /// A watch that changes once `addr`, found unreachable, answers again
@@ -196,6 +317,35 @@ impl PeerLinks {
             links.remove(addr);
         }
     }
+}
+
+/// A new link to `addr`: its handle, and its driver to run where the
+/// connection was made. An error says whether the connect itself failed
+/// (the peer is away: a redial watches for it).
+/// The connect is given up after `limit` (it runs on the links' thread,
+/// where the caller's own timeout does not reach).
+async fn dial(
+    addr: String,
+    limit: Duration,
+    liveness: Liveness,
+) -> Result<
+    (
+        mpsc::UnboundedSender<OpenRequest>,
+        impl std::future::Future<Output = ()>,
+    ),
+    (bool, std::io::Error),
+> {
+    let failed = |e| (false, e);
+    let connect = tokio::time::timeout(limit, TcpStream::connect(&addr)).await;
+    let connected = connect.map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?;
+    let mut stream = connected.map_err(|e| (true, e))?;
+    stream.set_nodelay(true).map_err(failed)?;
+    stream.write_all(&PREAMBLE).await.map_err(failed)?;
+    let socket = Heard::new(stream);
+    let heard = socket.clock();
+    let connection = yamux::Connection::new(socket.compat(), config(), yamux::Mode::Client);
+    let (link, requests) = mpsc::unbounded_channel();
+    Ok((link, drive(connection, requests, heard, liveness)))
 }
 
 /// Knocks on `addr` every [`REDIAL_EVERY`] until it answers (then tells

@@ -170,7 +170,7 @@ impl Pools {
             blocking,
             receivers,
             readers: Arc::default(),
-            links: Arc::default(),
+            links: Arc::new(crate::mux::PeerLinks::on(actix::Arbiter::new().handle())),
             recovery: crate::recovery::RecoveryBudget::default(),
         }
     }

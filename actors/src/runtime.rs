@@ -118,7 +118,9 @@ impl Runtime {
     ) -> Result<ReplicationListener, VolumeError> {
         let (listener, run) = ReplicationListener::new(cluster.to_owned(), bind(listen)?)
             .map_err(|e| listen_error(listen, &e))?;
-        if !self.pools.receivers.pick().spawn(run) {
+        // On the links' thread: it serves every multiplexed connection
+        // (and its probe's echo) where the link's own driver runs.
+        if !self.pools.links.spawn(run) {
             return Err(VolumeError::Stopped);
         }
         Ok(listener)

@@ -281,8 +281,10 @@ async fn ask(
     let tuning = &config.tuning;
     let id = replica_id(config, spec)?;
     let limit = tuning.peer_timeout;
+    // Connected first: a session waiting for its turn among those opening
+    // to the peer (`mux::OPENING_PER_LINK`) is queued, not late.
+    let mut conn = connect(tuning, links, &spec.addr).await?;
     let exchange = async {
-        let mut conn = connect(tuning, links, &spec.addr).await?;
         let message = Message::Peer {
             cluster: config.cluster.clone(),
             volume: config.volume.clone(),
