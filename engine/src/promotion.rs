@@ -3,8 +3,9 @@
 //! A candidate is eligible only when it is running, in the current epoch, in
 //! an eligible state (InSync or Degraded) and holds the committed prefix
 //! (`flushed >= committed`). Every rejection carries each reason that applies.
-//! Eligible candidates rank by flushed LSN, then freshest heartbeat, then id,
-//! so the choice is deterministic.
+//! Eligible candidates rank by flushed LSN, then freshest heartbeat, then a
+//! fixed hash of their id (so that equal replicas share a lost node's
+//! volumes), then id: the choice is deterministic.
 //!
 //! The "desperate" path is separate and explicit: it needs a
 //! [`DataLossAccepted`] token, never considers a replica with a partial image
@@ -129,8 +130,24 @@ fn rank(candidates: &mut [&PromotionCandidate]) {
         b.flushed
             .cmp(&a.flushed)
             .then(b.last_heartbeat.cmp(&a.last_heartbeat))
+            .then(spread(&a.replica).cmp(&spread(&b.replica)))
             .then(a.replica.cmp(&b.replica))
     });
+}
+
+/// Where a tie between equal candidates falls: a fixed hash (FNV-1a, 64
+/// bits) of the replica's id, which names its volume. Tied by id alone,
+/// the node whose name sorts first took every volume a lost node was
+/// primary for (all 3,334 at 10,000 volumes, and the failover's tail with
+/// them); by this, each surviving node takes its share. The same on every
+/// controller and every release: no per-process seed.
+fn spread(replica: &ReplicaId) -> u64 {
+    replica
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 /// Evaluates and ranks every candidate.
@@ -242,6 +259,30 @@ mod tests {
         let report = evaluate(&cands, Epoch(3), Lsn(100));
         let names: Vec<&str> = report.ranked.iter().map(|r| r.server()).collect();
         assert_eq!(names, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn equal_candidates_share_the_volumes_of_a_lost_primary() {
+        let mut chosen: std::collections::BTreeMap<String, usize> = Default::default();
+        for v in 0..1000 {
+            let volume = format!("v{v}");
+            let cands: Vec<PromotionCandidate> = ["node2", "node3"]
+                .iter()
+                .map(|node| PromotionCandidate {
+                    replica: ReplicaId::new(&volume, node).unwrap(),
+                    ..candidate(node, ReplicaState::InSync, 100)
+                })
+                .collect();
+            let pick = select(&cands, Epoch(3), Lsn(100)).unwrap();
+            // The same choice whatever order they come in.
+            let reversed: Vec<PromotionCandidate> = cands.iter().rev().cloned().collect();
+            assert_eq!(select(&reversed, Epoch(3), Lsn(100)).unwrap(), pick);
+            *chosen.entry(pick.server().to_owned()).or_default() += 1;
+        }
+        assert!(
+            chosen.values().all(|&n| (400..=600).contains(&n)),
+            "{chosen:?}"
+        );
     }
 
     #[test]
