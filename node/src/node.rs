@@ -229,8 +229,14 @@ pub struct Node {
     recovery: walship_actors::RecoveryBudget,
     listener: ReplicationListener,
     table: Arc<Table>,
-    /// Serialises changes of assignment (and the stop, after them).
-    changing: tokio::sync::Mutex<()>,
+    /// Held shared by each change of assignment, whole by the stop (which
+    /// waits for the changes under way).
+    changing: tokio::sync::RwLock<()>,
+    /// Set by the stop, under `changing`: a change that was waiting for
+    /// it is refused, not carried out on a stopped node.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Changes of one volume one at a time.
+    change_locks: assign::ChangeLocks,
     nbd: Mutex<Option<Arc<NbdServer>>>,
     nbd_addr: Option<SocketAddr>,
     /// `<data_dir>/walship-node.lock`, locked while the node runs: one
@@ -315,6 +321,13 @@ impl Node {
     /// The handle of volume `name`.
     pub fn volume(&self, name: &str) -> Option<VolumeHandle> {
         self.table.get(name).map(|hosted| hosted.handle)
+    }
+
+    /// The size of volume `name`, if hosted (from the node's table, not a
+    /// scan of the config: a failover at 10,000 volumes asks it thousands
+    /// of times).
+    pub fn volume_size(&self, name: &str) -> Option<u64> {
+        self.table.get(name).map(|hosted| hosted.spec.size)
     }
 }
 

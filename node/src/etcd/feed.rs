@@ -1,7 +1,8 @@
 //! A watch that resumes where it was.
 
 use super::session::REOPEN_EVERY;
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use super::store::range;
+use etcd_client::{Client, EventType, WatchOptions};
 
 /// A watch of a prefix that resumes where it was when its stream breaks
 /// (etcd restarting, a connection reset): each put under the prefix is
@@ -68,13 +69,11 @@ impl Feed {
                     tracing::warn!(prefix = %self.prefix, from = self.next,
                         compacted = response.compact_revision(),
                         "etcd: watch cannot resume past a compaction; reading the prefix again");
-                    let all = Some(GetOptions::new().with_prefix());
-                    match self.client.get(self.prefix.as_str(), all).await {
-                        Ok(now) => {
-                            self.next = now.header().map_or(self.next, |h| h.revision() + 1);
+                    match range(&mut self.client, &self.prefix).await {
+                        Ok((kvs, revision)) => {
+                            self.next = revision + 1;
                             self.stream = None;
                             self.retry_at = tokio::time::Instant::now();
-                            let kvs = now.kvs().to_vec();
                             if kvs.is_empty() {
                                 continue;
                             }

@@ -4,12 +4,14 @@
 
 use super::feed::Feed;
 use super::keys::volume_key;
+use super::store::range;
 use super::{session::stopping, EtcdError};
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, VolumeSpec};
 use crate::control::VolumeRecord;
 use crate::node::{Node, NodeError};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
-use std::collections::BTreeMap;
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use futures::{StreamExt, TryStreamExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -20,52 +22,100 @@ pub(super) async fn read_records(
     config: &mut NodeConfig,
     failed: &impl Fn(etcd_client::Error) -> EtcdError,
 ) -> Result<i64, EtcdError> {
-    // The watch starts after the oldest read: a record written between
-    // two reads is seen again (and fenced, if not newer), never missed.
-    let mut revision = i64::MAX;
-    for spec in &mut config.volumes {
-        let key = volume_key(&config.cluster, &spec.name);
-        let from_config = VolumeRecord {
-            assignment: spec.assignment.clone(),
-            size: spec.size,
-            departed: BTreeMap::new(),
-        };
-        let value = serde_json::to_vec(&from_config)?;
-        // Written only if nobody wrote it first; read otherwise.
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), value, None)])
-            .or_else([TxnOp::get(key.as_str(), None)]);
-        let response = client.txn(txn).await.map_err(failed)?;
-        revision = revision.min(response.header().map_or(0, |h| h.revision()));
-        if response.succeeded() {
-            tracing::info!(volume = %spec.name, epoch = spec.assignment.epoch, "etcd: record created from the config");
-            continue;
+    // Every record in one range read (10,000 reads one after the other
+    // took a node's start 30 s at 10,000 volumes). The watch starts after
+    // it: a record written since is seen again (and fenced, if not
+    // newer), never missed.
+    let prefix = volume_key(&config.cluster, "");
+    let (kvs, revision) = range(client, &prefix).await.map_err(failed)?;
+    let mut stored: HashMap<String, Vec<u8>> = kvs
+        .into_iter()
+        .filter_map(|kv| {
+            let volume = kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned();
+            Some((volume, kv.value().to_vec()))
+        })
+        .collect();
+    // The missing ones written from the config, a few at a time; one
+    // another node wrote first is read instead.
+    let missing: Vec<(String, VolumeRecord)> = config
+        .volumes
+        .iter()
+        .filter(|spec| !stored.contains_key(&spec.name))
+        .map(|spec| (spec.name.clone(), from_config(spec)))
+        .collect();
+    let created: Vec<(String, Option<Vec<u8>>)> =
+        futures::stream::iter(missing.into_iter().map(|(volume, record)| {
+            let (mut client, key) = (client.clone(), volume_key(&config.cluster, &volume));
+            async move {
+                let found = create(&mut client, &key, &record, failed).await?;
+                Ok::<_, EtcdError>((volume, found))
+            }
+        }))
+        .buffer_unordered(RECORDS_AT_ONCE)
+        .try_collect()
+        .await?;
+    for (volume, found) in created {
+        match found {
+            Some(value) => drop(stored.insert(volume, value)),
+            None => tracing::info!(volume, "etcd: record created from the config"),
         }
-        let stored = response.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        });
-        let Some(stored) = stored else {
-            return Err(EtcdError::Record {
-                key,
-                what: "exists but could not be read".into(),
-            });
+    }
+    for spec in &mut config.volumes {
+        let Some(value) = stored.get(&spec.name) else {
+            continue;
         };
-        let record = as_assigned(parse(&key, &stored)?, &config.node);
+        let key = volume_key(&config.cluster, &spec.name);
+        let record = as_assigned(parse(&key, value)?, &config.node);
         check(&key, &spec.name, &record, &config.node, spec.size)?;
-        if record != from_config {
+        if record != from_config(spec) {
             tracing::info!(volume = %spec.name, epoch = record.assignment.epoch,
                 primary = %record.assignment.primary, "etcd: the record overrides the config");
         }
         spec.assignment = record.assignment;
     }
-    if revision == i64::MAX {
-        // No volumes: watch from now.
-        let now = client.get("/", None).await.map_err(failed)?;
-        revision = now.header().map_or(0, |h| h.revision());
-    }
     Ok(revision)
+}
+
+/// How many records a node creates, or applies, at once.
+const RECORDS_AT_ONCE: usize = 16;
+
+/// A volume's record as its config says it.
+fn from_config(spec: &VolumeSpec) -> VolumeRecord {
+    VolumeRecord {
+        assignment: spec.assignment.clone(),
+        size: spec.size,
+        departed: BTreeMap::new(),
+    }
+}
+
+/// Writes `record` at `key` unless there is one: `None` if written, the
+/// value there if not.
+async fn create(
+    client: &mut Client,
+    key: &str,
+    record: &VolumeRecord,
+    failed: &impl Fn(etcd_client::Error) -> EtcdError,
+) -> Result<Option<Vec<u8>>, EtcdError> {
+    let value = serde_json::to_vec(record)?;
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, value, None)])
+        .or_else([TxnOp::get(key, None)]);
+    let response = client.txn(txn).await.map_err(failed)?;
+    if response.succeeded() {
+        return Ok(None);
+    }
+    let stored = response.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+        _ => None,
+    });
+    match stored {
+        Some(stored) => Ok(Some(stored)),
+        None => Err(EtcdError::Record {
+            key: key.to_owned(),
+            what: "exists but could not be read".into(),
+        }),
+    }
 }
 
 /// What a node takes from the controller's keys: decisions, shown in its
@@ -105,14 +155,11 @@ pub(super) async fn notes_feed(
     notes: &Notes,
     prefix: String,
 ) -> Result<Feed, etcd_client::Error> {
-    let known = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    for kv in known.kvs() {
+    let (known, revision) = range(client, &prefix).await?;
+    for kv in &known {
         notes.take(kv);
     }
-    let after = known.header().map_or(0, |h| h.revision()) + 1;
-    Feed::open(client, prefix, after).await
+    Feed::open(client, prefix, revision + 1).await
 }
 
 /// Applies each newer record of a hosted volume, and notes each decision
@@ -123,6 +170,13 @@ pub(super) async fn follow(
     (notes, mut decisions, mut probes): (Notes, Feed, Feed),
     mut stopped: watch::Receiver<bool>,
 ) -> Option<String> {
+    // Records are applied [`RECORDS_AT_ONCE`] at a time, each on a task of
+    // its own: a failover at 10,000 volumes hands a node 1,667 promotions,
+    // and one after the other (a store reopened, peered, its term
+    // recorded) the last waited 33 s. Two records of one volume need no
+    // order: the node takes one change of a volume at a time, and one not
+    // newer than the applied is refused.
+    let at_once = Arc::new(tokio::sync::Semaphore::new(RECORDS_AT_ONCE));
     loop {
         tokio::select! {
             () = stopping(&mut stopped) => return None,
@@ -131,8 +185,13 @@ pub(super) async fn follow(
             puts = records.puts() => {
                 for kv in puts {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let Some(volume) = key.strip_prefix(&watch_prefix) else { continue };
-                    apply(&node, &key, volume, kv.value()).await;
+                    let Some(volume) = key.strip_prefix(&watch_prefix).map(str::to_owned) else { continue };
+                    let Ok(permit) = Arc::clone(&at_once).acquire_owned().await else { continue };
+                    let node = Arc::clone(&node);
+                    tokio::spawn(async move {
+                        apply(&node, &key, &volume, kv.value()).await;
+                        drop(permit);
+                    });
                 }
             },
         }
@@ -160,20 +219,17 @@ async fn take(
     volume: &str,
     value: &[u8],
 ) -> Result<Option<VolumeRecord>, String> {
-    if node.volume(volume).is_none() {
-        return Ok(None);
-    }
-    let config = node.config();
-    let Some(spec) = config.volumes.iter().find(|v| v.name == volume) else {
+    let Some(size) = node.volume_size(volume) else {
         return Ok(None);
     };
     let record = parse(key, value).map_err(|e| e.to_string())?;
     let record = as_assigned(record, node.name());
-    check(key, volume, &record, node.name(), spec.size).map_err(|e| e.to_string())?;
+    check(key, volume, &record, node.name(), size).map_err(|e| e.to_string())?;
     // Carried out on a task of its own: a role change stops the volume and
     // opens it again, and must not be cut short when the session that
     // asked for it ends (a lost session is aborted). A later apply waits
-    // for it (`Node::apply_assignment` takes one change at a time).
+    // for it (`Node::apply_assignment` takes one change of a volume at a
+    // time).
     let applying = tokio::spawn({
         let (node, volume, applied) = (Arc::clone(node), volume.to_owned(), record.applied());
         async move { node.apply_assignment(&volume, applied).await }
@@ -203,43 +259,52 @@ pub(super) async fn resync(
     cluster: &str,
     node: &Arc<Node>,
 ) -> Result<i64, EtcdError> {
-    let refused = |key: &str, what: String| EtcdError::Record {
-        key: key.to_owned(),
-        what,
-    };
-    let mut revision = i64::MAX;
-    let hosted: Vec<String> = node
+    let prefix = volume_key(cluster, "");
+    let (kvs, revision) = range(client, &prefix)
+        .await
+        .map_err(|e| EtcdError::Record {
+            key: prefix.clone(),
+            what: e.to_string(),
+        })?;
+    let hosted: BTreeSet<&str> = node
         .config()
         .volumes
         .iter()
-        .map(|v| v.name.clone())
+        .map(|v| v.name.as_str())
         .collect();
-    for volume in hosted {
-        let key = volume_key(cluster, &volume);
-        let response = client
-            .get(key.as_str(), None)
-            .await
-            .map_err(|e| refused(&key, e.to_string()))?;
-        revision = revision.min(response.header().map_or(0, |h| h.revision()));
-        let Some(kv) = response.kvs().first() else {
-            continue;
-        };
-        if let Some(record) = take(node, &key, &volume, kv.value())
-            .await
-            .map_err(|what| refused(&key, what))?
-        {
-            tracing::info!(volume, epoch = record.assignment.epoch, primary = %record.assignment.primary,
-                "etcd: assignment applied on rejoining");
-        }
-    }
-    if revision == i64::MAX {
-        let now = client
-            .get("/", None)
-            .await
-            .map_err(|e| refused("/", e.to_string()))?;
-        revision = now.header().map_or(0, |h| h.revision());
-    }
+    // Owned, and collected first: a stream over borrowing closures is not
+    // known to be Send for every lifetime (rust#102211).
+    let applying: Vec<_> = kvs
+        .into_iter()
+        .filter_map(|kv| {
+            let key = kv.key_str().ok()?.to_owned();
+            let volume = key.strip_prefix(&prefix).filter(|v| hosted.contains(v))?;
+            let volume = volume.to_owned();
+            Some(rejoin(Arc::clone(node), key, volume, kv.value().to_vec()))
+        })
+        .collect();
+    futures::stream::iter(applying)
+        .buffer_unordered(RECORDS_AT_ONCE)
+        .try_collect::<()>()
+        .await?;
     Ok(revision)
+}
+
+/// Applies `volume`'s record (`value`, at `key`) on rejoining, if newer.
+async fn rejoin(
+    node: Arc<Node>,
+    key: String,
+    volume: String,
+    value: Vec<u8>,
+) -> Result<(), EtcdError> {
+    let record = take(&node, &key, &volume, &value)
+        .await
+        .map_err(|what| EtcdError::Record { key, what })?;
+    if let Some(record) = record {
+        tracing::info!(volume, epoch = record.assignment.epoch, primary = %record.assignment.primary,
+            "etcd: assignment applied on rejoining");
+    }
+    Ok(())
 }
 
 /// `record` as `node` takes it: a lost primary back (departed) opens as a

@@ -5,7 +5,7 @@
 
 use super::keys::{decision_key, node_key, prefix, probe_key, progress_key, volume_key, Key};
 use crate::control::{Action, ClusterView, Guard, NodeRecord, Versioned, Write};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, WatchOptions};
 use serde::de::DeserializeOwned;
 
 /// An elected controller's election key and its revision: a compare on
@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 pub(super) type Leader = (Vec<u8>, i64);
 
 /// A cluster's records in etcd, as the controller (or an operator) reads
-/// and writes them.
+/// and writes them. A clone shares its client's connection.
+#[derive(Clone)]
 pub(super) struct Store {
     client: Client,
     cluster: String,
@@ -40,14 +41,12 @@ impl Store {
     /// [`read`](Self::read), and the revision it read at.
     pub(super) async fn read_at(&mut self) -> Result<(ClusterView, i64), etcd_client::Error> {
         let prefix = prefix(&self.cluster);
-        let all = Some(GetOptions::new().with_prefix());
-        let response = self.client.get(prefix.as_str(), all).await?;
+        let (kvs, revision) = range(&mut self.client, &prefix).await?;
         let mut view = ClusterView::default();
-        for kv in response.kvs() {
+        for kv in &kvs {
             let Ok(key) = kv.key_str() else { continue };
             put(&mut view, &prefix, key, kv.value(), kv.mod_revision());
         }
-        let revision = response.header().map_or(0, |h| h.revision());
         Ok((view, revision))
     }
 
@@ -73,17 +72,28 @@ impl Store {
         &mut self,
         action: &Action,
     ) -> Result<Option<i64>, etcd_client::Error> {
-        let Some((guards, writes)) = action.transaction() else {
+        self.apply_all(&[action]).await
+    }
+
+    /// Carries out `actions` as one transaction: all their writes if every
+    /// guard of every one holds, none otherwise. The revision they were
+    /// written at if they held; `None` if a guard failed (or none writes).
+    pub(super) async fn apply_all(
+        &mut self,
+        actions: &[&Action],
+    ) -> Result<Option<i64>, etcd_client::Error> {
+        let (mut when, mut puts) = (Vec::new(), Vec::new());
+        for (guards, writes) in actions.iter().filter_map(|a| a.transaction()) {
+            for guard in &guards {
+                when.push(self.compare(guard)?);
+            }
+            for write in &writes {
+                puts.push(self.put(write)?);
+            }
+        }
+        if puts.is_empty() {
             return Ok(None);
-        };
-        let when = guards
-            .iter()
-            .map(|guard| self.compare(guard))
-            .collect::<Result<Vec<_>, _>>()?;
-        let puts = writes
-            .iter()
-            .map(|write| self.put(write))
-            .collect::<Result<Vec<_>, _>>()?;
+        }
         let response = self
             .client
             .txn(Txn::new().when(when).and_then(puts))
@@ -146,6 +156,46 @@ impl Store {
             Write::Probe(volume, probe) => (probe_key(cluster, volume), json(probe)?),
         };
         Ok(TxnOp::put(key, value, None))
+    }
+}
+
+/// Keys a range read asks for at once. A cluster of 10,000 volumes holds
+/// some 50,000 keys, over 4 MiB: more than one gRPC message may carry.
+const PAGE: i64 = 1000;
+
+/// Everything under `prefix`, at one revision (read a [`PAGE`] at a
+/// time), and that revision.
+pub(super) async fn range(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(Vec<KeyValue>, i64), etcd_client::Error> {
+    // The end of the prefix's range: its last byte one higher (a prefix
+    // of ours ends in '/').
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let page = client.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        kvs.extend_from_slice(page.kvs());
+        match kvs.last() {
+            Some(last) if page.more() => {
+                // Just after the last key read.
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((kvs, revision)),
+        }
     }
 }
 

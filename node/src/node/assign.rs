@@ -3,12 +3,64 @@
 
 use super::*;
 
+/// Changes of one volume's assignment are carried out one at a time,
+/// changes of different volumes at once (a failover at scale promotes
+/// thousands; one at a time, the last waited for all the others' store
+/// reopens and peerings). A lock exists only while its volume changes.
+#[derive(Debug, Default)]
+pub(super) struct ChangeLocks {
+    held: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ChangeLocks {
+    /// Waits until no other change of `name` is under way; holds it until
+    /// the guard drops.
+    async fn one(&self, name: &str) -> ChangeGuard<'_> {
+        let mutex = Arc::clone(lock(&self.held).entry(name.to_owned()).or_default());
+        ChangeGuard {
+            locks: self,
+            name: name.to_owned(),
+            guard: Some(mutex.lock_owned().await),
+        }
+    }
+}
+
+/// A change of one volume under way; its lock goes when the last change
+/// waiting for it is done.
+struct ChangeGuard<'a> {
+    locks: &'a ChangeLocks,
+    name: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = lock(&self.locks.held);
+        drop(self.guard.take());
+        // Only the map's own reference left: nobody waits for it.
+        if held
+            .get(&self.name)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            held.remove(&self.name);
+        }
+    }
+}
+
 impl Node {
     /// Applies a new assignment to volume `name`: fenced unless its epoch
     /// is newer than the one applied; persisted before it is carried out;
     /// a role change reopens the volume's store in its new role.
     pub async fn apply_assignment(&self, name: &str, next: Applied) -> Result<(), NodeError> {
-        let _one_at_a_time = self.changing.lock().await;
+        // Shared with every other change; the stop takes it whole.
+        let _not_stopping = self.changing.read().await;
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(NodeError::Volume {
+                volume: name.into(),
+                source: VolumeError::Stopped,
+            });
+        }
+        let _one_at_a_time = self.change_locks.one(name).await;
         let hosted = self
             .table
             .get(name)
@@ -30,7 +82,8 @@ impl Node {
         let engine = next
             .engine(name)
             .map_err(|e| bad(format!("replica id: {e}")))?;
-        assignment::save(&self.volume_dir(name), &next)
+        save(self.volume_dir(name), &next)
+            .await
             .map_err(io(format!("persist the assignment of {name}")))?;
         let was_primary = hosted.applied.is_primary(node);
         // A primary still peering (or that failed to open) reopens in the
@@ -79,7 +132,8 @@ impl Node {
                                 .map_or(0, |a| a.incarnation);
                             back.incarnation = back.incarnation.max(persisted) + 1;
                         }
-                        assignment::save(&dir, &back)
+                        save(dir, &back)
+                            .await
                             .map_err(io(format!("persist the assignment of {name}")))?;
                         let handle = self.open(&hosted.spec, &back).await?;
                         self.table.put(Hosted {
@@ -101,4 +155,14 @@ impl Node {
         });
         Ok(())
     }
+}
+
+/// [`assignment::save`] on a blocking thread: its fsyncs would hold up the
+/// async worker it ran on, and with it the node's etcd lease and every
+/// other change under way.
+async fn save(dir: PathBuf, applied: &Applied) -> std::io::Result<()> {
+    let applied = applied.clone();
+    tokio::task::spawn_blocking(move || assignment::save(&dir, &applied))
+        .await
+        .map_err(std::io::Error::other)?
 }

@@ -63,7 +63,9 @@ impl Node {
             runtime: Mutex::new(Some(Arc::new(runtime))),
             listener,
             table: Arc::default(),
-            changing: tokio::sync::Mutex::new(()),
+            changing: tokio::sync::RwLock::new(()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            change_locks: assign::ChangeLocks::default(),
             nbd: Mutex::new(None),
             nbd_addr: None,
             data_dir_lock: Mutex::new(Some(data_dir_lock)),
@@ -328,7 +330,9 @@ impl Node {
     /// then every volume stops, the replication listener closes, and the
     /// runtime ends. Returns when all of it has.
     pub async fn stop(&self) {
-        let _no_more_changes = self.changing.lock().await;
+        let _no_more_changes = self.changing.write().await;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // A primary still peering has nothing to checkpoint, and the NBD
         // requests waiting for it are answered ESHUTDOWN once it stops.
         for hosted in self.table.all() {
