@@ -10,14 +10,27 @@
 //! `NODES_WRAP="heaptrack -o /tmp/node1"`, node1 runs under that command.
 //! `cargo bench --features walship/etcd --bench nodes -- --etcd` runs
 //! every node (the empty one too) under a real etcd, and says what etcd
-//! was written and what it cost over the idle window.
+//! was written and what it cost over the idle window. `--etcd --failover`
+//! then runs P9 at this scale: etcd with 1 s leases, node1 (primary of a
+//! third of the volumes) killed with SIGKILL, and the times from the kill
+//! to its lease expiring, to the first and the last of its volumes'
+//! records naming a new primary, and to the first FUA write acknowledged
+//! by the new primary of each of nine of its volumes (v0, the last, and
+//! seven spread between).
 
 #[cfg(feature = "etcd")]
 #[path = "../tests/support/etcd.rs"]
 mod etcd;
 
+#[cfg(feature = "etcd")]
+#[path = "../tests/support/nbd_client.rs"]
+mod nbd_client;
 #[path = "../tests/support/nodes.rs"]
 mod nodes;
+#[cfg(feature = "etcd")]
+#[path = "../tests/support/workload.rs"]
+#[allow(clippy::unwrap_used)] // test support: a failed read panics
+mod workload;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
@@ -41,6 +54,10 @@ struct Options {
     /// `etcd` feature).
     #[arg(long)]
     etcd: bool,
+    /// After the idle window, kill node1 and time its volumes' failover
+    /// (P9 at scale; with `--etcd`).
+    #[arg(long, requires = "etcd")]
+    failover: bool,
     /// Seconds of idle CPU measured.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
@@ -92,11 +109,17 @@ struct NodeProcess {
     config: std::path::PathBuf,
 }
 
+/// A node's config; with an NBD port (not 0), it exports its volumes.
 fn config(name: &str, ports: (u16, u16, u16), volumes: &str) -> String {
-    let (replication, admin, _) = ports;
+    let (replication, admin, nbd) = ports;
+    let nbd = if nbd == 0 {
+        String::new()
+    } else {
+        format!("nbd = \"127.0.0.1:{nbd}\"\n")
+    };
     format!(
         "node = \"{name}\"\ncluster = \"scale\"\nreplication = \"127.0.0.1:{replication}\"\n\
-         admin = \"127.0.0.1:{admin}\"\n\n[tuning]\nsegment_bytes = 1048576\n\n{volumes}"
+         admin = \"127.0.0.1:{admin}\"\n{nbd}\n[tuning]\nsegment_bytes = 1048576\n\n{volumes}"
     )
 }
 
@@ -130,7 +153,11 @@ async fn spawn(
         .arg("--data-dir")
         .arg(dir.join(name))
         .args(extra)
-        .env("RUST_LOG", "warn")
+        // NODES_RUST_LOG="walship_node::etcd=info,warn": more in the logs.
+        .env(
+            "RUST_LOG",
+            std::env::var("NODES_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)
@@ -193,7 +220,10 @@ async fn main() -> anyhow::Result<()> {
     let names = ["node1", "node2", "node3"];
     let ports: Vec<(u16, u16, u16)> = names
         .iter()
-        .map(|_| (free_port(), free_port(), 0))
+        .map(|_| {
+            let nbd = if options.failover { free_port() } else { 0 };
+            (free_port(), free_port(), nbd)
+        })
         .collect();
     let mut volumes = String::new();
     for v in 0..options.volumes {
@@ -208,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
             replicas.join(", ")
         ));
     }
-    let control = EtcdUnder::start(options.etcd).await?;
+    let control = EtcdUnder::start(options.etcd, options.failover).await?;
     let extra = control.args();
     let started = Instant::now();
     let mut nodes = Vec::new();
@@ -304,6 +334,14 @@ async fn main() -> anyhow::Result<()> {
             (cpu1 - cpu0) as f64 / 100.0 / seconds,
         );
     }
+    if options.failover {
+        let nbd = [ports[1].2, ports[2].2];
+        let others = [("node2", pids[1]), ("node3", pids[2]), ("empty", pids[3])];
+        let (node1, _) = nodes.split_at_mut(1);
+        control
+            .failover(&mut node1[0], nbd, &others, options.volumes)
+            .await?;
+    }
     // SIGTERM to each walship process (found by its config file, in this
     // run's temp dir: under a wrapper, the child's pid is the wrapper's),
     // so it ends cleanly and a profiler around it writes its output.
@@ -327,25 +365,30 @@ async fn main() -> anyhow::Result<()> {
 struct EtcdUnder {
     #[cfg(feature = "etcd")]
     etcd: Option<etcd::Etcd>,
+    /// The nodes' lease, in milliseconds.
+    lease_ms: u64,
 }
 
 impl EtcdUnder {
-    async fn start(wanted: bool) -> anyhow::Result<Self> {
+    /// `fast`: etcd with a 500 ms election timeout and the nodes on 1 s
+    /// leases, as P9 runs (2 s otherwise: etcd's shortest by default).
+    async fn start(wanted: bool, fast: bool) -> anyhow::Result<Self> {
+        let lease_ms = if fast { 1000 } else { 2000 };
         #[cfg(feature = "etcd")]
         {
-            let etcd = if wanted {
-                Some(etcd::Etcd::start().await)
-            } else {
-                None
+            let etcd = match (wanted, fast) {
+                (false, _) => None,
+                (true, false) => Some(etcd::Etcd::start().await),
+                (true, true) => Some(etcd::Etcd::start_fast().await),
             };
-            Ok(Self { etcd })
+            Ok(Self { etcd, lease_ms })
         }
         #[cfg(not(feature = "etcd"))]
         {
             if wanted {
                 bail!("--etcd needs `cargo bench --features walship/etcd`");
             }
-            Ok(Self {})
+            Ok(Self { lease_ms })
         }
     }
 
@@ -353,7 +396,8 @@ impl EtcdUnder {
     fn args(&self) -> Vec<String> {
         #[cfg(feature = "etcd")]
         if let Some(etcd) = &self.etcd {
-            let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", "2000"];
+            let lease = self.lease_ms.to_string();
+            let args = ["--etcd", &etcd.endpoint, "--etcd-lease-ms", &lease];
             return args.iter().map(|a| a.to_string()).collect();
         }
         Vec::new()
@@ -370,5 +414,160 @@ impl EtcdUnder {
             return Ok(Some((revision, cpu)));
         }
         Ok(None)
+    }
+
+    /// P9 at scale: kills `node1` (SIGKILL) and times the failover of the
+    /// volumes it was primary for (every third, from v0) until each
+    /// record names another primary and each sampled volume's new primary
+    /// (on the NBD ports `nbd` of node2 and node3) acknowledges a write.
+    #[cfg(feature = "etcd")]
+    async fn failover(
+        &self,
+        node1: &mut NodeProcess,
+        nbd: [u16; 2],
+        others: &[(&str, u32)],
+        volumes: usize,
+    ) -> anyhow::Result<()> {
+        use std::collections::BTreeMap;
+        use walship::node::etcd::etcd_client::WatchOptions;
+        use walship::node::etcd::{node_key, volume_key, VolumeRecord};
+        let etcd = self.etcd.as_ref().context("--failover needs --etcd")?;
+        let lost: Vec<usize> = (0..volumes).step_by(3).collect();
+        let mut samples: Vec<String> = (0..=8)
+            .map(|k| format!("v{}", lost[k * (lost.len() - 1) / 8]))
+            .collect();
+        samples.dedup();
+        let addrs = nbd.map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        let mut client = etcd.client().await;
+        let prefix = volume_key("scale", "");
+        let mut watched: Vec<(&str, u32)> = others.to_vec();
+        watched.push(("etcd", etcd.pid().context("etcd pid")?));
+        let ticks = |pid| usage(pid).map_or(0, |u| u.cpu_ticks);
+        let before: Vec<u64> = watched.iter().map(|&(_, pid)| ticks(pid)).collect();
+        let revision = client
+            .get("revision", None)
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        let killed = Instant::now();
+        node1.child.start_kill()?;
+        // The records that name a new primary, seen on a watch (a range
+        // read of 10,000 records every 250 ms cost etcd more CPU than the
+        // failover did).
+        let moving = tokio::spawn({
+            let (mut client, prefix) = (client.clone(), prefix.clone());
+            let lost: std::collections::BTreeSet<String> = lost
+                .iter()
+                .map(|v| volume_key("scale", &format!("v{v}")))
+                .collect();
+            async move {
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1);
+                let mut stream = client.watch(prefix.as_str(), Some(options)).await?;
+                let mut moved = std::collections::BTreeSet::new();
+                let mut first = None;
+                while moved.len() < lost.len() {
+                    let Some(response) = stream.message().await? else {
+                        bail!("the watch of the records ended");
+                    };
+                    for kv in response.events().iter().filter_map(|e| e.kv()) {
+                        let Ok(key) = kv.key_str() else { continue };
+                        let record = serde_json::from_slice::<VolumeRecord>(kv.value());
+                        if lost.contains(key)
+                            && record.is_ok_and(|r| r.assignment.primary != "node1")
+                        {
+                            moved.insert(key.to_owned());
+                            first.get_or_insert_with(|| killed.elapsed());
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>((first, killed.elapsed()))
+            }
+        });
+        let mut lease = None;
+        let mut acks: BTreeMap<String, Duration> = BTreeMap::new();
+        let deadline = killed + Duration::from_secs(600);
+        while !moving.is_finished() || acks.len() < samples.len() {
+            if Instant::now() > deadline {
+                bail!("failover not done within 600 s: acknowledged {acks:?}");
+            }
+            if lease.is_none() && etcd.value(&node_key("scale", "node1")).await.is_none() {
+                lease = Some(killed.elapsed());
+            }
+            let pending: Vec<&String> = samples.iter().filter(|v| !acks.contains_key(*v)).collect();
+            let tried = futures::future::join_all(pending.iter().map(|volume| async {
+                for addr in addrs {
+                    if workload::fua_write_acknowledged_to(addr, volume, 1).await {
+                        return true;
+                    }
+                }
+                false
+            }))
+            .await;
+            for (volume, acked) in pending.into_iter().zip(tried) {
+                if acked {
+                    acks.insert(volume.clone(), killed.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (first, all) = moving.await??;
+        let all = Some(all);
+        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        println!(
+            "  P9 at scale: node1 (primary of {} volumes, {} ms leases) killed; after the kill: \
+             lease expired {:.0} ms, first record moved {:.0} ms, last {:.0} ms",
+            lost.len(),
+            self.lease_ms,
+            ms(lease),
+            ms(first),
+            ms(all),
+        );
+        let mut times: Vec<Duration> = acks.values().copied().collect();
+        times.sort();
+        println!(
+            "  first write acknowledged by the new primary: v0 {:.0} ms; over {} sampled volumes \
+             min {:.0} ms, median {:.0} ms, max {:.0} ms (P9 target <= 2000 ms)",
+            ms(acks.get("v0").copied()),
+            times.len(),
+            ms(times.first().copied()),
+            ms(times.get(times.len() / 2).copied()),
+            ms(times.last().copied()),
+        );
+        for (volume, at) in &acks {
+            println!("    {volume}: {:.0} ms", ms(Some(*at)));
+        }
+        let spent: Vec<String> = watched
+            .iter()
+            .zip(before)
+            .map(|(&(name, pid), before)| {
+                let seconds = ticks(pid).saturating_sub(before) as f64 / 100.0;
+                format!("{name} {seconds:.1} s")
+            })
+            .collect();
+        println!(
+            "  CPU over the {:.1} s from the kill to the last acknowledgement (this machine has 2 cores): {}",
+            killed.elapsed().as_secs_f64(),
+            spent.join(", ")
+        );
+        // Idle again, node1 still down: what a node with a peer away costs.
+        let window = Duration::from_secs(10);
+        tokio::time::sleep(window).await;
+        let before: Vec<u64> = watched.iter().map(|&(_, pid)| ticks(pid)).collect();
+        tokio::time::sleep(window).await;
+        let idle: Vec<String> = watched
+            .iter()
+            .zip(before)
+            .map(|(&(name, pid), before)| {
+                let cores = ticks(pid).saturating_sub(before) as f64 / 100.0 / window.as_secs_f64();
+                format!("{name} {cores:.3}")
+            })
+            .collect();
+        println!(
+            "  idle CPU with node1 down (10 s, from 10 s after the failover), in cores: {}",
+            idle.join(", ")
+        );
+        Ok(())
     }
 }

@@ -128,8 +128,17 @@ pub async fn write_until(
 /// export refuses writes; a node down or changing roles does not answer).
 /// How a multipath client finds the primary.
 pub async fn fua_write_acknowledged(addr: std::net::SocketAddr, block: u64) -> bool {
+    fua_write_acknowledged_to(addr, "vol0", block).await
+}
+
+/// [`fua_write_acknowledged`] to `export`.
+pub async fn fua_write_acknowledged_to(
+    addr: std::net::SocketAddr,
+    export: &str,
+    block: u64,
+) -> bool {
     let attempt = async {
-        let mut client = Haggle::try_open(addr, "vol0").await?;
+        let mut client = Haggle::try_open(addr, export).await?;
         client
             .try_write(block * 4096, &block_of(block), FLAG_FUA)
             .await
