@@ -365,7 +365,8 @@ async fn main() -> anyhow::Result<()> {
 struct EtcdUnder {
     #[cfg(feature = "etcd")]
     etcd: Option<etcd::Etcd>,
-    /// The nodes' lease, in milliseconds.
+    /// The nodes' lease, in milliseconds (read only with etcd).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     lease_ms: u64,
 }
 
@@ -414,6 +415,18 @@ impl EtcdUnder {
             return Ok(Some((revision, cpu)));
         }
         Ok(None)
+    }
+
+    /// Without the `etcd` feature there is no failover to time.
+    #[cfg(not(feature = "etcd"))]
+    async fn failover(
+        &self,
+        _node1: &mut NodeProcess,
+        _nbd: [u16; 2],
+        _others: &[(&str, u32)],
+        _volumes: usize,
+    ) -> anyhow::Result<()> {
+        bail!("--failover needs `cargo bench --features walship/etcd`")
     }
 
     /// P9 at scale: kills `node1` (SIGKILL) and times the failover of the
