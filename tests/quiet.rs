@@ -230,7 +230,12 @@ async fn with_a_replica_node_down_its_volumes_wait_for_it_without_waking() {
     let after = handled(&cluster, 0).await;
     assert_eq!(before.len(), after.len(), "node1's actors changed");
     for ((name, a), (_, b)) in before.iter().zip(&after) {
-        let allowed = if name.starts_with("volume") { 2 } else { 0 };
+        // A volume: the status requests (2). Margin for one retry still
+        // due from the backoff of a failure before the kill (a quiet second
+        // cannot tell it from waiting on the redial): one heartbeat to each
+        // sender, and the refused connect's reports to the volume. Without
+        // the skip, each sender gets 10 heartbeats in the window.
+        let allowed = if name.starts_with("volume") { 4 } else { 1 };
         assert!(
             b - a <= allowed,
             "node1: {name} handled {} messages in {window:?} with node3 down",

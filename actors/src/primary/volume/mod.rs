@@ -87,8 +87,9 @@ pub struct VolumeActor {
     checkpoints_waiting: Vec<(u64, CheckpointReply)>,
     started: std::time::Instant,
     last_heartbeat: u64,
-    /// The WAL head at the last heartbeat: a volume whose head moved since
-    /// heartbeats once more (its checkpoint and retention budget are
+    /// The WAL head at the last heartbeat that judged the checkpoint of
+    /// all of it (durable, no checkpoint running): a volume whose head
+    /// moved since heartbeats on (its checkpoint and retention budget are
     /// judged there) before it waits out a retry without them.
     heartbeat_head: u64,
     /// Heartbeats in a row that found the volume quiescent; from
@@ -309,13 +310,21 @@ impl VolumeActor {
         let now = self.now_ticks();
         if now >= self.last_heartbeat + self.config.tuning.heartbeat_every_ticks {
             self.last_heartbeat = now;
-            self.heartbeat_head = *self.head_tx.borrow();
+            // This heartbeat judges the checkpoint (and the retention
+            // budget) of everything written so far only if the WAL is
+            // durable that far and no checkpoint runs: then the volume may
+            // wait out a retry without heartbeats (`idle_until_retry`).
+            let head = *self.head_tx.borrow();
+            let judged = !self.checkpoint_in_flight && self.store.wal().durable() >= head;
             self.heartbeat_senders();
             self.sample_send_rates();
             self.report_lag();
             // Holds over budget go before the checkpointer recycles.
             self.report_retention(ctx);
             self.maybe_checkpoint();
+            if judged {
+                self.heartbeat_head = head;
+            }
             if self.quiescent() {
                 self.quiet_heartbeats = self.quiet_heartbeats.saturating_add(1);
             } else {
@@ -393,8 +402,9 @@ impl VolumeActor {
             .next_timer()
             .map_or(heartbeat, |t| t.get().min(heartbeat));
         if target == u64::MAX {
-            // Only replicas whose node is away wait: their senders say
-            // when it answers (a retry, which wakes the volume).
+            // Only replicas whose node is away wait (and no engine timer
+            // is armed): their senders say when it answers (a retry,
+            // which wakes the volume).
             if let Some((_, handle)) = self.wake.take() {
                 ctx.cancel_future(handle);
             }
